@@ -1,0 +1,228 @@
+"""Typed configuration (model / data / editor / training / evaluation), loaded from YAML with overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from instructedit.records import TASKS
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _check(cond: bool, field_name: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"config field '{field_name}': {message}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL  # "smollm2-135m-instruct", a local HF folder, or a hub name
+    dtype: str = "float32"
+    max_length: int = 128  # longest edit input (instruction + prompt + target) in tokens
+    last_n_layers: int = 3  # editable MLP weights: those of the last N blocks ...
+    edit_weights: list[str] = field(default_factory=list)  # ... unless named here explicitly
+    architecture: dict[str, Any] | None = None  # {layers, final_norm, mlp_modules} for unknown model types
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.name", "must name a model (e.g. smollm2-135m-instruct)")
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"{self.dtype!r} is not one of float32, bfloat16, float16")
+        _check(self.max_length >= 8, "model.max_length", f"{self.max_length} is too small (>= 8)")
+        _check(self.last_n_layers >= 1, "model.last_n_layers", "must be >= 1")
+        if self.architecture is not None:
+            missing = {"layers", "final_norm", "mlp_modules"} - set(self.architecture)
+            _check(not missing, "model.architecture", f"missing keys {sorted(missing)}")
+
+
+@dataclass
+class DataConfig:
+    data_dir: str | None = None  # default: $INSTRUCTEDIT_DATA, else ../shared/data beside the repo
+    tasks: list[str] = field(default_factory=lambda: ["counterfact", "wikirecent", "convsent"])
+    instructions: bool = True  # False: multi-task / single-task MEND without instructions
+    instruction_pool: str | None = None  # a pool JSON file; None: the project's own descriptions
+    instruction_seed: int = 0  # picks one seen description per training record
+    split_seed: int = 0
+    split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
+    balance: bool = True  # cap ConvSent at the size of the largest other task (the paper's balancing)
+    max_per_task: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(len(self.tasks) > 0, "data.tasks", "needs at least one task")
+        for t in self.tasks:
+            _check(t in TASKS, "data.tasks", f"unknown task {t!r}; valid tasks: {list(TASKS)}")
+        _check(len(self.split_fractions) == 3 and all(f > 0 for f in self.split_fractions), "data.split_fractions", "needs three positive fractions (train, val, test)")
+        _check(abs(sum(self.split_fractions) - 1.0) < 1e-6, "data.split_fractions", f"{self.split_fractions} must sum to 1")
+        _check(self.max_per_task is None or self.max_per_task > 0, "data.max_per_task", "must be positive or null")
+
+
+@dataclass
+class EditorConfig:
+    method: str = "mend"
+    rank: int = 1920  # low-rank width of the MEND layers: min(rank, d_in + d_out)
+    n_hidden: int = 1  # residual layers = n_hidden + 1
+    init_edit_lr: float = 1e-4  # initial learned step size α per inner weight
+    eps: float = 1e-7  # added to the running std
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "editor.rank", "must be >= 1")
+        _check(self.n_hidden >= 0, "editor.n_hidden", "must be >= 0")
+        _check(self.init_edit_lr > 0, "editor.init_edit_lr", "must be > 0")
+
+
+@dataclass
+class TrainingConfig:
+    lr: float = 1e-6  # Adam on the MEND network and α
+    lr_lr: float = 1e-4  # second Adam on α only
+    c_edit: float = 0.1
+    c_loc: float = 1.0
+    batch_size: int = 1
+    grad_accumulation: int = 2
+    grad_clip: float = 100.0
+    max_steps: int = 30000  # optimizer steps
+    edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input) or "edit_input"
+    val_every: int = 500
+    val_size: int = 200
+    early_stop_patience: int = 10  # validations without improvement before stopping; 0 disables
+    log_every: int = 10
+    checkpoint_every: int = 500
+    seed: int = 0
+    device: str = "auto"
+    tensorboard: bool = False
+    max_bad_steps: int = 50  # consecutive NaN/Inf losses before training gives up
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0 and self.lr_lr >= 0, "training.lr", "learning rates must be positive")
+        _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
+        _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
+        _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
+        _check(self.edit_loss_on in ("rephrase", "edit_input"), "training.edit_loss_on", f"{self.edit_loss_on!r} is not 'rephrase' or 'edit_input'")
+        _check(self.val_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1, "training.val_every", "intervals must be >= 1")
+
+
+@dataclass
+class EvaluationConfig:
+    instruction: str = "seen"  # "seen" (description 0), "unseen" (the held-out one) or an index
+    limit: int | None = None
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        ok = self.instruction in ("seen", "unseen") or str(self.instruction).isdigit()
+        _check(ok, "evaluation.instruction", f"{self.instruction!r} is not 'seen', 'unseen' or a description index")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    editor: EditorConfig = field(default_factory=EditorConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config section '{where}' must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}.{k}' if where else k for k in unknown]}; valid keys: {sorted(known)}")
+    kwargs = {}
+    for key, value in values.items():
+        hint = hints[key]
+        name = f"{where}.{key}" if where else key
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, name)
+        else:
+            kwargs[key] = _coerce(value, hint, name)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check a YAML value against its annotation; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args or hint is Any:
+            return None
+        raise ValueError(f"config field '{name}' may not be null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0])
+    if hint is Any:
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"config field '{name}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], name) for v in value] if args else value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"config field '{name}' must be a mapping, got {value!r}")
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"config field '{name}' must be {hint.__name__}, got {value!r}")
+    return value
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], YAML-parsed value)."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    values = {k: dict(v) if isinstance(v, dict) else v for k, v in (values or {}).items()}
+    for text in overrides or []:
+        path, value = parse_override(text)
+        if len(path) != 2:
+            raise ValueError(f"override {text!r} must name section.key (e.g. training.lr=1e-5)")
+        values.setdefault(path[0], {})
+        if not isinstance(values[path[0]], dict):
+            raise ValueError(f"override {text!r}: '{path[0]}' is not a config section")
+        values[path[0]][path[1]] = value
+    return _build(Config, values, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must hold a mapping of sections")
+    try:
+        return config_from_dict(values, overrides)
+    except ValueError as e:
+        where = f"{path}: " if path is not None else ""
+        raise ValueError(f"{where}{e}") from None
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

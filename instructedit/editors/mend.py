@@ -1,0 +1,237 @@
+"""MEND: a hypernetwork that maps the rank-1 gradient factors (u, δ) of an edit to a weight update.
+
+DESIGN.md §3. One ``GradientTransform`` per weight shape (shared across the layers of that shape,
+told apart by per-layer scale/shift), fed the running-normalized concatenation [u; δ], two
+low-rank residual layers with identity initialization; the update of weight W is
+α_W · Σ_t δ̃_t ũ_tᵀ with one learned α_W per weight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from instructedit.config import EditorConfig
+from instructedit.editors.base import EditHandle, EditResult, apply_in_place
+from instructedit.editors.hooks import Factors, capture_factors
+from instructedit.io import atomic_write, write_json
+from instructedit.losses import masked_nll
+from instructedit.models.architectures import ArchSpec, EditableWeight, arch_spec
+from instructedit.models.split import PrefixState, SplitModel
+from instructedit.records import TokenBatch
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "editor_config.json"
+WEIGHTS_NAME = "editor.safetensors"
+
+
+class RunningNorm(nn.Module):
+    """Standardize with the running mean/std of every row seen in training (Chan/Welford merge)."""
+
+    def __init__(self, dim: int, eps: float = 1e-7) -> None:
+        super().__init__()
+        self.eps = eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("m2", torch.zeros(dim))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        n_new = x.shape[0]
+        if n_new == 0:
+            return
+        mean_new = x.mean(0)
+        m2_new = ((x - mean_new) ** 2).sum(0)
+        n_old = float(self.count)
+        total = n_old + n_new
+        delta = mean_new - self.mean
+        self.mean += delta * (n_new / total)
+        self.m2 += m2_new + delta**2 * (n_old * n_new / total)
+        self.count.fill_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(self.count) < 2:
+            return x - self.mean
+        std = (self.m2 / (float(self.count) - 1)).sqrt()
+        return (x - self.mean) / (std + self.eps)
+
+
+class LowRankResidual(nn.Module):
+    """h ↦ act(A(B h') + b) + h' with h' = h·scale[mode] + shift[mode]; A = 0 makes it the identity."""
+
+    def __init__(self, dim: int, rank: int, n_modes: int, relu: bool) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.zeros(dim, rank))
+        self.B = nn.Parameter(torch.randn(rank, dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.scale = nn.Parameter(torch.ones(n_modes, dim))
+        self.shift = nn.Parameter(torch.zeros(n_modes, dim))
+        self.relu = relu
+
+    def forward(self, h: torch.Tensor, mode: torch.Tensor) -> torch.Tensor:
+        h = h * self.scale[mode] + self.shift[mode]  # (n_tokens, dim)
+        out = (h @ self.B.T) @ self.A.T + self.bias
+        return (torch.relu(out) if self.relu else out) + h
+
+
+class GradientTransform(nn.Module):
+    """The MEND network shared by all editable weights of one shape (d_out, d_in)."""
+
+    def __init__(self, d_out: int, d_in: int, rank: int, n_hidden: int, n_modes: int, eps: float) -> None:
+        super().__init__()
+        self.d_in, self.d_out = d_in, d_out
+        dim = d_in + d_out
+        self.norm_u = RunningNorm(d_in, eps)
+        self.norm_delta = RunningNorm(d_out, eps)
+        # MEND's IDMLP: ReLU on the hidden layers, a linear last layer, each residual.
+        self.layers = nn.ModuleList(LowRankResidual(dim, min(rank, dim), n_modes, relu=i < n_hidden) for i in range(n_hidden + 1))
+
+    def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.training:
+            self.norm_u.update(u)
+            self.norm_delta.update(delta)
+        h = torch.cat([self.norm_u(u), self.norm_delta(delta)], dim=-1)  # (n_tokens, d_in + d_out)
+        for layer in self.layers:
+            h = layer(h, mode)
+        return h[:, : self.d_in], h[:, self.d_in :]
+
+
+def _shape_key(weight: EditableWeight) -> str:
+    return f"{weight.shape[0]}x{weight.shape[1]}"
+
+
+class MENDEditor(nn.Module):
+    """Turns one forward/backward on an edit example into functional weight updates."""
+
+    def __init__(self, weights: list[EditableWeight], config: EditorConfig | None = None, architecture: ArchSpec | None = None, model_name: str = "") -> None:
+        super().__init__()
+        if not weights:
+            raise ValueError("MENDEditor needs at least one editable weight")
+        self.config = config or EditorConfig()
+        self.weights = list(weights)
+        self.architecture = architecture
+        self.model_name = model_name
+        self.groups: dict[str, list[EditableWeight]] = {}
+        for w in self.weights:
+            self.groups.setdefault(_shape_key(w), []).append(w)
+        self.transforms = nn.ModuleDict(
+            {
+                key: GradientTransform(ws[0].shape[0], ws[0].shape[1], self.config.rank, self.config.n_hidden, len(ws), self.config.eps)
+                for key, ws in self.groups.items()
+            }
+        )
+        self.edit_lrs = nn.Parameter(torch.full((len(self.weights),), self.config.init_edit_lr))
+        self._split_cache: tuple[int, SplitModel] | None = None
+
+    @property
+    def network_parameters(self) -> list[nn.Parameter]:
+        return list(self.transforms.parameters())
+
+    def split(self, model: nn.Module | SplitModel) -> SplitModel:
+        """The model cut at the first edited block (cached per model object)."""
+        if isinstance(model, SplitModel):
+            return model
+        if self._split_cache is None or self._split_cache[0] != id(model):
+            self._check_model(model)
+            spec = arch_spec(model, self.architecture)
+            self._split_cache = (id(model), SplitModel(model, spec, min(w.layer for w in self.weights)))
+        return self._split_cache[1]
+
+    def _check_model(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for w in self.weights:
+            if w.name not in params:
+                raise ValueError(f"this editor edits {w.name!r}, which the model does not have (editor trained for {self.model_name or 'another model'})")
+            stored = tuple(params[w.name].shape)
+            expected = (w.shape[1], w.shape[0]) if w.transposed else w.shape
+            if stored != tuple(expected):
+                raise ValueError(f"weight {w.name!r} has shape {stored}, the editor expects {tuple(expected)}")
+
+    def transform(self, factors: dict[str, Factors]) -> dict[str, torch.Tensor]:
+        """α · Σ_t δ̃_t ũ_tᵀ per weight, in the parameter's storage orientation."""
+        updates: dict[str, torch.Tensor] = {}
+        index = {w.name: i for i, w in enumerate(self.weights)}
+        for key, ws in self.groups.items():
+            us = [factors[w.name].u.float() for w in ws]
+            deltas = [factors[w.name].delta.float() for w in ws]
+            counts = [u.shape[0] for u in us]
+            mode = torch.repeat_interleave(torch.arange(len(ws), device=us[0].device), torch.tensor(counts, device=us[0].device))
+            u_t, delta_t = self.transforms[key](torch.cat(us), torch.cat(deltas), mode)
+            for w, u_w, d_w in zip(ws, u_t.split(counts), delta_t.split(counts)):
+                grad = d_w.T @ u_w  # (d_out, d_in)
+                updates[w.name] = self.edit_lrs[index[w.name]] * (grad.T if w.transposed else grad)
+        return updates
+
+    def edit(self, model: nn.Module | SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> EditResult:
+        """One MEND edit on ``batch`` (its labelled tokens are the targets); the model is not modified."""
+        split = self.split(model)
+        state = state if state is not None else split.prefix(batch)
+        mask = batch.label_mask
+        if not bool(mask.any()):
+            raise ValueError("the edit batch has no target tokens to learn")
+        with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
+            logits = split.logits_at(split.suffix(state), mask)
+            loss = masked_nll(logits, batch.labels[mask])
+            factors = capture.factors(loss)
+        updates = self.transform(factors)
+        new_params = {}
+        for w in self.weights:
+            param = split.model.get_parameter(w.name)
+            new_params[w.name] = param + updates[w.name].to(param.dtype)
+        return EditResult(new_params=new_params, updates=updates, pre_edit_loss=loss.detach())
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, batch: TokenBatch) -> EditHandle:
+        """Edit ``model`` in place; the handle (also a context manager) rolls back bit-exactly."""
+        was_training = self.training
+        self.eval()
+        try:
+            result = self.edit(model, batch)
+        finally:
+            self.train(was_training)
+        return apply_in_place(model, result)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def editor_config(self) -> dict:
+        return {
+            "method": "mend",
+            "model_name": self.model_name,
+            "editor": dataclasses.asdict(self.config),
+            "weights": [dataclasses.asdict(w) for w in self.weights],
+            "architecture": dataclasses.asdict(self.architecture) if self.architecture else None,
+        }
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write ``editor_config.json`` + ``editor.safetensors`` (network, α, normalization statistics)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.editor_config() | (extra or {})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+        write_json(directory / CONFIG_NAME, config)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MENDEditor":
+        directory = Path(directory)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved editor: {CONFIG_NAME} is missing")
+        data = json.loads(config_path.read_text())
+        if data.get("method") != "mend":
+            raise ValueError(f"{config_path}: method {data.get('method')!r} is not 'mend'")
+        weights = [EditableWeight(**{**w, "shape": tuple(w["shape"])}) for w in data["weights"]]
+        arch = data.get("architecture")
+        arch_obj = ArchSpec(**{**arch, "mlp_modules": tuple(arch["mlp_modules"])}) if arch else None
+        editor = cls(weights, EditorConfig(**data["editor"]), arch_obj, data.get("model_name", ""))
+        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        editor.load_state_dict(state, strict=True)
+        return editor.to(device)
+

@@ -1,0 +1,48 @@
+"""Pure loss and accuracy functions on logits gathered at the scored positions.
+
+Every function takes ``logits`` of shape (n_positions, vocab) — only the positions that carry a
+label — and the matching ``targets`` (n_positions,); ``rows`` (n_positions,) says which sequence
+each position belongs to, for per-case aggregation.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of the target tokens (averaged over all scored tokens)."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def unlikelihood(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of -log(1 - p(target)): pushes probability away from the given tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+    # log(1 - p) computed stably from log p: log(-expm1(log p)); clamp keeps p = 1 finite.
+    return -torch.log(-torch.expm1(logp.clamp(max=-1e-6))).mean()
+
+
+def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_pre || p_post) summed over the vocabulary, averaged over positions."""
+    pre = torch.log_softmax(pre_logits.float(), dim=-1)
+    post = torch.log_softmax(post_logits.float(), dim=-1)
+    return (pre.exp() * (pre - post)).sum(-1).mean()
+
+
+def per_row_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Average ``values`` (n_positions,) within each row -> (n_rows,)."""
+    values = values.float()
+    sums = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+    counts = torch.zeros(n_rows, dtype=values.dtype, device=values.device).index_add_(0, rows, torch.ones_like(values))
+    return sums / counts.clamp(min=1)
+
+
+def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Teacher-forced argmax accuracy over the answer tokens, per row -> (n_rows,) in [0, 1]."""
+    return per_row_mean(logits.argmax(-1) == targets, rows, n_rows)
+
+
+def unchanged_share(pre_logits: torch.Tensor, post_logits: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Locality: share of answer tokens whose argmax the edit left unchanged, per row."""
+    return per_row_mean(pre_logits.argmax(-1) == post_logits.argmax(-1), rows, n_rows)

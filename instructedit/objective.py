@@ -1,0 +1,60 @@
+"""The InstructEdit / MEND meta-objective for one batch: edit, score, L = c_edit·L_e + c_loc·L_loc.
+
+DESIGN.md §4. The frozen prefix of the base model runs once per input (``SplitModel.prefix``); the
+pre-edit locality logits, the edit gradient, the post-edit edit loss and the post-edit locality all
+reuse it, and only the edited blocks are re-run and back-propagated through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from instructedit.editors.mend import MENDEditor
+from instructedit.losses import locality_kl, masked_nll, token_accuracy, unchanged_share, unlikelihood
+from instructedit.models.split import PrefixState, SplitModel
+from instructedit.records import MetaBatch, TokenBatch
+
+
+def _rows(batch: TokenBatch) -> torch.Tensor:
+    """Row index of every labelled position, in ``label_mask`` order."""
+    return batch.label_mask.nonzero()[:, 0]
+
+
+def _scored(split: SplitModel, state: PrefixState, batch: TokenBatch, params: dict | None) -> torch.Tensor:
+    return split.logits_at(split.suffix(state, params), batch.label_mask)
+
+
+def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """One meta-training loss; gradients reach only the MEND network and the step sizes α."""
+    inner = split.prefix(batch.edit_inner)
+    same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
+    outer = inner if same_outer else split.prefix(batch.edit_outer)
+    loc = split.prefix(batch.loc)
+    with torch.no_grad():
+        pre_loc = split.logits_at(loc.final_hidden, batch.loc.label_mask)
+        pre_outer = split.logits_at(outer.final_hidden, batch.edit_outer.label_mask)
+
+    edit = editor.edit(split, batch.edit_inner, inner)
+
+    post_outer = _scored(split, outer, batch.edit_outer, edit.new_params)
+    outer_targets = batch.edit_outer.labels[batch.edit_outer.label_mask]
+    l_edit = masked_nll(post_outer, outer_targets)
+    if batch.unlikely is not None:  # ConvSent: push the opposite sentiment's responses down
+        unlikely_state = split.prefix(batch.unlikely)
+        post_unlikely = _scored(split, unlikely_state, batch.unlikely, edit.new_params)
+        l_edit = l_edit + unlikelihood(post_unlikely, batch.unlikely.labels[batch.unlikely.label_mask])
+    post_loc = _scored(split, loc, batch.loc, edit.new_params)
+    l_loc = locality_kl(pre_loc, post_loc)
+    loss = c_edit * l_edit + c_loc * l_loc
+
+    n_outer, n_loc = batch.edit_outer.input_ids.shape[0], batch.loc.input_ids.shape[0]
+    metrics = {
+        "loss": loss.item(),
+        "l_edit": l_edit.item(),
+        "l_loc": l_loc.item(),
+        "pre_edit_loss": float(edit.pre_edit_loss),
+        "edit_acc_pre": token_accuracy(pre_outer, outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),
+        "edit_acc": token_accuracy(post_outer.detach(), outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),
+        "locality": unchanged_share(pre_loc, post_loc.detach(), _rows(batch.loc), n_loc).mean().item(),
+    }
+    return loss, metrics

@@ -1,0 +1,102 @@
+"""EditRecord, the one normalized editing example every loader produces, and the batch types."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+TASKS = ("counterfact", "wikirecent", "convsent", "zsre")
+SENTIMENTS = ("positive", "negative")
+
+
+@dataclass(frozen=True)
+class QAItem:
+    """A prompt with its answer, e.g. one locality or portability probe.
+
+    ``answer`` is the first non-empty alias; ``aliases`` keeps every alias the source gave.
+    ``kind`` is the source's sub-key (``Relation_Specificity``, ``Subject_Aliasing``, ...).
+    """
+
+    prompt: str
+    answer: str
+    kind: str = "default"
+    aliases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ConvSentExtras:
+    """ConvSent edit: make the model talk about ``topic`` with sentiment ``label``.
+
+    ``target_responses`` have the target sentiment (likelihood), ``opposite_responses`` the other
+    one (unlikelihood).
+    """
+
+    topic: str
+    label: str
+    target_responses: tuple[str, ...]
+    opposite_responses: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class EditRecord:
+    """One normalized edit example, whatever file format it came from."""
+
+    task: str
+    prompt: str
+    target_new: str
+    subject: str = ""
+    ground_truth: str | None = None
+    rephrase: tuple[str, ...] = ()
+    locality: tuple[QAItem, ...] = ()
+    portability: tuple[QAItem, ...] = ()
+    convsent: ConvSentExtras | None = None
+    source: str = ""  # "file.json#index", for error messages and provenance
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise ValueError(f"EditRecord {self.source or '?'}: field 'prompt' is empty")
+        if not self.target_new.strip():
+            raise ValueError(f"EditRecord {self.source or '?'}: field 'target_new' is empty")
+
+
+@dataclass
+class TokenBatch:
+    """Right-padded token ids with a per-position label mask.
+
+    ``labels`` holds the token id to predict at each position (already shifted: the logits at
+    position t are scored against ``labels[:, t]``) and -100 where nothing is scored.
+    """
+
+    input_ids: torch.Tensor  # (batch, seq)
+    attention_mask: torch.Tensor  # (batch, seq)
+    labels: torch.Tensor  # (batch, seq)
+
+    def to(self, device: torch.device | str) -> "TokenBatch":
+        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
+
+    @property
+    def label_mask(self) -> torch.Tensor:
+        return self.labels != -100
+
+
+@dataclass
+class MetaBatch:
+    """Everything one meta-training step needs for one or more records.
+
+    edit_inner: the input the edit gradient is taken on (wrapped prompt + target);
+    edit_outer: the input the post-edit edit loss is scored on (rephrase, else edit_inner; for
+      ConvSent the responses with the target sentiment);
+    loc: the unwrapped locality input whose answer positions must not change;
+    unlikely: ConvSent responses with the opposite sentiment, scored with unlikelihood.
+    """
+
+    edit_inner: TokenBatch
+    edit_outer: TokenBatch
+    loc: TokenBatch
+    unlikely: TokenBatch | None = None
+    tasks: list[str] = field(default_factory=list)
+
+    def to(self, device: torch.device | str) -> "MetaBatch":
+        unlikely = self.unlikely.to(device) if self.unlikely is not None else None
+        return MetaBatch(self.edit_inner.to(device), self.edit_outer.to(device), self.loc.to(device), unlikely, self.tasks)

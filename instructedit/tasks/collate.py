@@ -1,0 +1,142 @@
+"""The one tokenize/collate module: prompt + answer inputs with answer-only labels, and meta-batches.
+
+Padding is on the right everywhere (decided here, once). Labels are stored shifted: the input is the
+sequence without its last token and ``labels[t]`` is the token that follows position t, so the
+logits at t are scored against ``labels[t]`` directly.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from instructedit.records import EditRecord, MetaBatch, QAItem, TokenBatch
+from instructedit.tasks.instructions import InstructionPool
+
+IGNORE = -100
+
+
+class PromptTooLongError(ValueError):
+    """An input does not fit into ``model.max_length`` tokens."""
+
+
+def encode_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
+    """Token ids of ``prompt + " " + answer`` and the number of prompt tokens.
+
+    The prompt is tokenized as the tokenizer does by default (BOS included where it adds one); the
+    answer is taken from the joint tokenization when the prompt's tokens are a prefix of it, else
+    tokenized on its own *without special tokens*, so a BOS never lands inside the labels.
+    """
+    answer = answer.strip()
+    if not answer:
+        raise ValueError(f"empty answer for prompt {prompt[:60]!r}")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    joint = tokenizer(f"{prompt} {answer}")["input_ids"]
+    if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
+        answer_ids = joint[len(prompt_ids) :]
+    else:
+        answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is not None and answer_ids and answer_ids[-1] == eos and not answer.endswith(tokenizer.eos_token or "\0"):
+        answer_ids = answer_ids[:-1]  # tokenizers that append EOS by default: keep it out of the labels
+    return prompt_ids + answer_ids, len(prompt_ids)
+
+
+class Collator:
+    """Turns records into padded TokenBatches / MetaBatches for one tokenizer."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int = 128,
+        pool: InstructionPool | None = None,
+        convsent_pairs: int = 2,
+        fallback_locality: Sequence[QAItem] = (),
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pool = pool
+        self.convsent_pairs = convsent_pairs
+        self.fallback_locality = tuple(fallback_locality)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        self.pad_id = pad
+
+    # -- single inputs -------------------------------------------------------------------------
+    def wrap(self, record: EditRecord, prompt: str, instruction: int | None) -> str:
+        """The instruction-wrapped prompt, or the raw prompt when ``instruction`` is None."""
+        if instruction is None:
+            return prompt
+        if self.pool is None:
+            raise ValueError("an instruction index was given but the collator has no instruction pool")
+        return self.pool.render(record, prompt, instruction)
+
+    def qa_batch(self, pairs: Sequence[tuple[str, str]], where: str = "") -> TokenBatch:
+        """Right-padded batch of ``prompt + " " + answer`` with labels on the answer tokens only."""
+        if not pairs:
+            raise ValueError(f"{where or 'qa_batch'}: no inputs to collate")
+        rows = []
+        for prompt, answer in pairs:
+            ids, n_prompt = encode_answer(self.tokenizer, prompt, answer)
+            if len(ids) > self.max_length:
+                raise PromptTooLongError(
+                    f"{where or 'input'}: {len(ids)} tokens (prompt {prompt[:50]!r}...) exceed model.max_length={self.max_length}"
+                )
+            labels = [IGNORE] * (n_prompt - 1) + ids[n_prompt:]  # shifted: position t predicts ids[t+1]
+            rows.append((ids[:-1], labels))
+        width = max(len(r[0]) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention[i, : len(ids)] = 1
+            labels[i, : len(lab)] = torch.tensor(lab)
+        return TokenBatch(input_ids, attention, labels)
+
+    # -- meta-training -------------------------------------------------------------------------
+    def locality_item(self, record: EditRecord) -> QAItem:
+        """The record's first locality probe, else a fixed one drawn from the fallback pool."""
+        if record.locality:
+            return record.locality[0]
+        if not self.fallback_locality:
+            raise ValueError(f"record {record.source} has no locality item and the collator has no fallback pool")
+        return random.Random(record.source or record.prompt).choice(self.fallback_locality)
+
+    def meta_batch(
+        self,
+        records: Sequence[EditRecord],
+        instructions: Sequence[int | None],
+        edit_loss_on: str = "rephrase",
+    ) -> MetaBatch:
+        """edit_inner / edit_outer / loc (and ConvSent's unlikely) inputs for ``records``."""
+        inner, outer, loc, unlikely = [], [], [], []
+        for record, idx in zip(records, instructions, strict=True):
+            wrapped = self.wrap(record, record.prompt, idx)
+            if record.convsent is not None:
+                k = self.convsent_pairs
+                cs = record.convsent
+                inner += [(wrapped, r) for r in cs.target_responses[:k]]
+                held = cs.target_responses[k : 2 * k] or cs.target_responses[:k]
+                outer += [(wrapped, r) for r in held]
+                unlikely += [(wrapped, r) for r in cs.opposite_responses[:k]]
+            else:
+                inner.append((wrapped, record.target_new))
+                if edit_loss_on == "rephrase" and record.rephrase:
+                    outer.append((self.wrap(record, record.rephrase[0], idx), record.target_new))
+                else:
+                    outer.append((wrapped, record.target_new))
+            item = self.locality_item(record)
+            loc.append((item.prompt, item.answer))  # locality inputs are never wrapped
+        where = ", ".join(r.source for r in records[:3])
+        return MetaBatch(
+            edit_inner=self.qa_batch(inner, where),
+            edit_outer=self.qa_batch(outer, where),
+            loc=self.qa_batch(loc, where),
+            unlikely=self.qa_batch(unlikely, where) if unlikely else None,
+            tasks=[r.task for r in records],
+        )

