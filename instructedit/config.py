@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,15 @@ import yaml
 from instructedit.records import TASKS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+class YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-5`` as a float: PyYAML follows YAML 1.1, where a float needs a dot."""
+
+
+YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def _check(cond: bool, field_name: str, message: str) -> None:
@@ -176,6 +186,11 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return value
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # PyYAML reads "1e-4" (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"config field '{name}' must be a number, got {value!r}") from None
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -188,7 +203,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), yaml.load(raw, Loader=YAMLLoader) if raw.strip() else ""
 
 
 def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None) -> Config:
@@ -212,7 +227,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.load(path.read_text(), Loader=YAMLLoader) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {path} is not valid YAML: {e}") from e
         if not isinstance(values, dict):

@@ -1,11 +1,20 @@
-"""What every editor returns, and applying an edit to a model in place with exact rollback."""
+"""The editor protocol, what editors return, and in-place edits with exact rollback.
+
+Every editor (MEND, FT-L, GRACE, CaliNet, ...) implements ``apply(model, batch) -> EditHandle``:
+the model is edited in place and the handle restores it exactly (``rollback()``, or leaving the
+``with`` block), unless ``keep()`` makes the edit permanent. Weight editors return a
+``WeightEditHandle``; editors that add modules or hooks subclass ``EditHandle``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from instructedit.records import TokenBatch
 
 
 @dataclass
@@ -22,36 +31,30 @@ class EditResult:
 
 
 class EditHandle:
-    """Edited weights written into a model; ``rollback()`` restores the originals bit for bit.
+    """An edit applied to a model. Subclasses implement ``_restore``; the rest is shared."""
 
-    Usable as a context manager: the weights are restored on exit unless ``keep()`` was called.
-    """
-
-    def __init__(self, model: nn.Module, result: EditResult) -> None:
-        self.model = model
-        self._originals: dict[str, torch.Tensor] = {}
+    def __init__(self) -> None:
         self._active = True
-        with torch.no_grad():
-            for name, value in result.new_params.items():
-                param = model.get_parameter(name)
-                self._originals[name] = param.detach().clone()
-                param.copy_(value.detach().to(param.dtype))
 
     @property
     def active(self) -> bool:
         return self._active
 
+    def _restore(self) -> None:
+        raise NotImplementedError
+
+    def _forget(self) -> None:
+        """Drop what ``_restore`` would need (the edit becomes permanent)."""
+
     def rollback(self) -> None:
-        if not self._active:
-            return
-        with torch.no_grad():
-            for name, original in self._originals.items():
-                self.model.get_parameter(name).copy_(original)
-        self._active = False
+        """Undo the edit exactly; a second call does nothing."""
+        if self._active:
+            self._restore()
+            self._active = False
 
     def keep(self) -> None:
-        """Make the edit permanent: exiting the context no longer restores the weights."""
-        self._originals.clear()
+        """Make the edit permanent: exiting the context no longer restores the model."""
+        self._forget()
         self._active = False
 
     def __enter__(self) -> "EditHandle":
@@ -61,6 +64,37 @@ class EditHandle:
         self.rollback()
 
 
-def apply_in_place(model: nn.Module, result: EditResult) -> EditHandle:
+class WeightEditHandle(EditHandle):
+    """Edited weights written into a model; rollback copies the originals back bit for bit."""
+
+    def __init__(self, model: nn.Module, result: EditResult) -> None:
+        super().__init__()
+        self.model = model
+        self._originals: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, value in result.new_params.items():
+                param = model.get_parameter(name)
+                self._originals[name] = param.detach().clone()
+                param.copy_(value.detach().to(param.dtype))
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for name, original in self._originals.items():
+                self.model.get_parameter(name).copy_(original)
+
+    def _forget(self) -> None:
+        self._originals.clear()
+
+
+def apply_in_place(model: nn.Module, result: EditResult) -> WeightEditHandle:
     """Write ``result``'s weights into ``model``; the returned handle rolls them back exactly."""
-    return EditHandle(model, result)
+    return WeightEditHandle(model, result)
+
+
+@runtime_checkable
+class Editor(Protocol):
+    """What the evaluation runner and the user API need from any editor."""
+
+    def apply(self, model: nn.Module, batch: TokenBatch) -> EditHandle:
+        """Edit ``model`` in place so it produces ``batch``'s labelled targets; return the undo handle."""
+        ...

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from instructedit.config import EditorConfig
-from instructedit.editors.base import EditHandle, EditResult, apply_in_place
+from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import atomic_write, write_json
 from instructedit.losses import masked_nll
@@ -188,7 +188,7 @@ class MENDEditor(nn.Module):
         return EditResult(new_params=new_params, updates=updates, pre_edit_loss=loss.detach())
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, batch: TokenBatch) -> EditHandle:
+    def apply(self, model: nn.Module, batch: TokenBatch) -> WeightEditHandle:
         """Edit ``model`` in place; the handle (also a context manager) rolls back bit-exactly."""
         was_training = self.training
         self.eval()

@@ -34,6 +34,8 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) 
     if not answer:
         raise ValueError(f"empty answer for prompt {prompt[:60]!r}")
     prompt_ids = tokenizer(prompt)["input_ids"]
+    if not prompt_ids:  # no position would predict the first answer token: the labels could not be shifted
+        raise ValueError(f"empty prompt for answer {answer[:60]!r}: the answer needs a prompt token before it")
     joint = tokenizer(f"{prompt} {answer}")["input_ids"]
     if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
         answer_ids = joint[len(prompt_ids) :]

@@ -1,0 +1,177 @@
+"""Speed of MEND on the default model, side by side in one process; writes benchmarks/results/mend.json.
+
+(a) one plain forward pass over the edit example (full vocabulary logits: the floor),
+(b) one MEND edit of that example (frozen prefix once, gradient factors, MEND network, new weights),
+(c) one meta-training step (edit + edit loss + locality, backward into MEND) — what training runs,
+(d) the same step computed naively, as the reference implementation does: full forward passes of
+    the whole model for the pre-edit locality, the edit gradient and each post-edit input, logits at
+    every position, weight gradients from a backward pass.
+Medians over --reps repetitions after warm-up. Peak RSS of training is measured in a separate
+process that only trains (model + editor + optimizers, --rss-steps steps).
+
+    .venv/bin/python benchmarks/bench_mend.py [--reps 20] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.func import functional_call
+
+from instructedit.config import load_config
+from instructedit.editors.hooks import Factors, capture_factors
+from instructedit.io import write_json
+from instructedit.losses import locality_kl, masked_nll
+from instructedit.models.loading import load_model
+from instructedit.objective import meta_loss
+from instructedit.records import MetaBatch, TokenBatch
+from instructedit.training import Trainer, build_editor, prepare_data
+
+RESULTS = Path(__file__).resolve().parent / "results" / "mend.json"
+
+
+def _full_logits(model, batch: TokenBatch, params: dict | None = None) -> torch.Tensor:
+    kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "use_cache": False}
+    out = functional_call(model, params, (), kwargs) if params else model(**kwargs)
+    return out.logits  # (batch, seq, vocab): every position, as the reference computes it
+
+
+def naive_step(editor, model, batch: MetaBatch, c_edit: float, c_loc: float) -> torch.Tensor:
+    """The meta-loss without frozen-prefix reuse or position-selective projection."""
+    with torch.no_grad():
+        pre_loc = _full_logits(model, batch.loc)[batch.loc.label_mask]
+    inner_params = [model.get_parameter(w.name) for w in editor.weights]
+    for p in inner_params:
+        p.requires_grad_(True)
+    try:
+        # one full forward + one backward giving both the weight gradients and the factors, as the
+        # reference's hooks + loss.backward() do
+        with capture_factors(model, editor.weights) as capture:
+            logits = _full_logits(model, batch.edit_inner)
+            loss = masked_nll(logits[batch.edit_inner.label_mask], batch.edit_inner.labels[batch.edit_inner.label_mask])
+            outputs = [capture.outputs[w.name] for w in editor.weights]
+            grads = torch.autograd.grad(loss, outputs + inner_params)
+        factors = {}
+        for w, grad in zip(editor.weights, grads[: len(outputs)]):
+            u = capture.inputs[w.name].reshape(-1, capture.inputs[w.name].shape[-1])
+            delta = grad.reshape(-1, grad.shape[-1])
+            keep = delta.ne(0).any(-1)
+            factors[w.name] = Factors(u=u[keep], delta=delta[keep])
+    finally:
+        for p in inner_params:
+            p.requires_grad_(False)
+    updates = editor.transform(factors)
+    params = {w.name: model.get_parameter(w.name) + updates[w.name] for w in editor.weights}
+    post_outer = _full_logits(model, batch.edit_outer, params)[batch.edit_outer.label_mask]
+    l_edit = masked_nll(post_outer, batch.edit_outer.labels[batch.edit_outer.label_mask])
+    post_loc = _full_logits(model, batch.loc, params)[batch.loc.label_mask]
+    total = c_edit * l_edit + c_loc * locality_kl(pre_loc, post_loc)
+    total.backward()
+    return total
+
+
+def rss_only(steps: int, threads: int) -> None:
+    """Child process: train ``steps`` steps on the default model, print peak RSS (GiB)."""
+    import tempfile
+
+    torch.set_num_threads(threads)
+    config = load_config(None, [f"training.max_steps={steps}", "training.val_size=2", f"training.val_every={steps}", "training.checkpoint_every=100000", "model.max_length=160"])
+    with tempfile.TemporaryDirectory() as out:
+        Trainer(config, out, show_progress=False).run()
+    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rss-steps", type=int, default=20)
+    parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.rss_only:
+        rss_only(args.rss_steps, args.threads)
+        return
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = load_config(None, ["model.max_length=160"])
+    model, tok = load_model(config.model.name)
+    data = prepare_data(config, tok)
+    record = next(r for r in data.train if r.task == "counterfact")
+    batch = data.collator.meta_batch([record], [data.pool.training_index(record, 0)], "rephrase")
+    editor = build_editor(model, config)
+    split = editor.split(model)
+    c_edit, c_loc = config.training.c_edit, config.training.c_loc
+
+    def forward() -> None:
+        with torch.no_grad():
+            _full_logits(model, batch.edit_inner)
+
+    def edit() -> None:
+        editor.eval()
+        with torch.no_grad():
+            editor.edit(split, batch.edit_inner)
+
+    def step() -> None:
+        editor.train()
+        loss, _ = meta_loss(editor, split, batch, c_edit, c_loc)
+        loss.backward()
+        editor.zero_grad(set_to_none=True)
+
+    def naive() -> None:
+        editor.train()
+        naive_step(editor, model, batch, c_edit, c_loc)
+        editor.zero_grad(set_to_none=True)
+
+    # interleave the four measurements so machine noise hits them alike
+    results: dict[str, list[float]] = {k: [] for k in ("forward", "edit", "step", "naive_step")}
+    fns = {"forward": forward, "edit": edit, "step": step, "naive_step": naive}
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    for _ in range(args.reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            results[name].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) for k, v in results.items()}
+    child = subprocess.run([sys.executable, __file__, "--rss-only", "--rss-steps", str(args.rss_steps), "--threads", str(args.threads)], capture_output=True, text=True, check=True)
+    rss = json.loads(child.stdout.strip().splitlines()[-1])["peak_rss_gib"]
+    report = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "model": config.model.name,
+        "edited_weights": [w.name for w in editor.weights],
+        "editor_rank": config.editor.rank,
+        "example": {"source": record.source, "edit_tokens": int(batch.edit_inner.input_ids.shape[1]), "loc_tokens": int(batch.loc.input_ids.shape[1])},
+        "reps": args.reps,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "median_s": {"a_forward": med["forward"], "b_edit": med["edit"], "c_train_step": med["step"], "d_naive_train_step": med["naive_step"]},
+        "ratios": {
+            "b_over_a": med["edit"] / med["forward"],
+            "c_over_a": med["step"] / med["forward"],
+            "c_over_d": med["step"] / med["naive_step"],
+            "d_over_a": med["naive_step"] / med["forward"],
+        },
+        "targets": {"b_over_a": "<= 2.0 (BENCHMARKS.md goal 1.5)", "c_over_d": "<= 0.5", "peak_rss_train_gib": "< 4 (BENCHMARKS.md goal 1.5)"},
+        "peak_rss_train_gib": rss,
+        "rss_steps": args.rss_steps,
+        "all_times_s": results,
+    }
+    write_json(args.output, report)
+    print(json.dumps({k: report[k] for k in ("median_s", "ratios", "peak_rss_train_gib")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

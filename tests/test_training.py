@@ -1,0 +1,124 @@
+"""Meta-training loop: exact resume, early stopping, NaN skipping, the three modes, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from instructedit import training
+from instructedit.cli import main
+from instructedit.config import load_config
+from instructedit.editors.mend import MENDEditor
+from instructedit.training import Trainer
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _config(model_dir: Path, *overrides: str):
+    return load_config(TINY, [f"model.name={model_dir}", *overrides])
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {e["step"]: e["loss"] for e in lines if e["split"] == "train"}
+
+
+def test_resume_gives_identical_subsequent_losses(tiny_model_dir: Path, tmp_path: Path) -> None:
+    straight = Trainer(_config(tiny_model_dir, "training.max_steps=6"), tmp_path / "a", show_progress=False)
+    straight.run()
+    Trainer(_config(tiny_model_dir, "training.max_steps=3"), tmp_path / "b", show_progress=False).run()
+    resumed = Trainer(_config(tiny_model_dir, "training.max_steps=6"), tmp_path / "b", show_progress=False)
+    resumed.run()
+    a, b = _train_losses(tmp_path / "a"), _train_losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]  # no duplicated or lost log lines
+    for step in (4, 5, 6):
+        assert math.isclose(a[step], b[step], rel_tol=1e-6, abs_tol=1e-9), (step, a[step], b[step])
+    ea, eb = MENDEditor.from_pretrained(tmp_path / "a" / "last"), MENDEditor.from_pretrained(tmp_path / "b" / "last")
+    for key, value in ea.state_dict().items():
+        assert torch.allclose(value, eb.state_dict()[key], atol=1e-6), key
+
+
+def test_checkpoints_are_complete_and_atomic(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    summary = Trainer(_config(tiny_gpt2_dir), tmp_path, show_progress=False).run()
+    for name in ("best", "last"):
+        assert (tmp_path / name / "editor.safetensors").is_file()
+        assert (tmp_path / name / "editor_config.json").is_file()
+    assert (tmp_path / "last" / "optimizer.safetensors").is_file()
+    assert not list(tmp_path.glob(".*tmp")) and not list(tmp_path.glob(".*old"))
+    assert summary["steps"] == 6 and Path(summary["best_checkpoint"]).is_dir()
+    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "summary.json").is_file()
+    data = json.loads((tmp_path / "data.json").read_text())
+    assert data["train"]["seed"] == 0 and set(data["train"]["counts"]) == {"counterfact", "wikirecent", "convsent"}
+    MENDEditor.from_pretrained(tmp_path / "best")  # loadable
+
+
+def test_early_stopping_really_stops_and_keeps_the_best(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    losses = iter([1.0, 0.9, 0.95, 0.97, 0.5, 0.4])
+
+    def fake_eval(self: Trainer, records: list) -> dict[str, float]:
+        return {"loss": next(losses), "edit_acc": 0.0, "edit_acc_pre": 0.0, "locality": 1.0, "n": len(records)}
+
+    monkeypatch.setattr(Trainer, "evaluate_records", fake_eval)
+    config = _config(tiny_gpt2_dir, "training.max_steps=20", "training.val_every=1", "training.early_stop_patience=2")
+    summary = Trainer(config, tmp_path, show_progress=False).run()
+    # validations at steps 0 (1.0), 1 (0.9), 2 (0.95), 3 (0.97): two without improvement -> stop at 3
+    assert summary["stopped_early"] and summary["steps"] == 3
+    assert summary["best_step"] == 1 and summary["best_val_loss"] == pytest.approx(0.9)
+    best = json.loads((tmp_path / "best" / "editor_config.json").read_text())
+    assert best["training"]["step"] == 1
+
+
+def test_nonfinite_losses_are_skipped_and_counted(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = training.meta_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            return loss * float("nan"), metrics
+        return loss, metrics
+
+    monkeypatch.setattr(training, "meta_loss", sometimes_nan)
+    trainer = Trainer(_config(tiny_gpt2_dir), tmp_path, show_progress=False)
+    summary = trainer.run()
+    assert summary["skipped_nonfinite"] >= 2
+    assert all(torch.isfinite(p).all() for p in trainer.editor.parameters())
+
+
+def test_too_many_nonfinite_losses_stop_with_a_clear_error(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = training.meta_loss
+    monkeypatch.setattr(training, "meta_loss", lambda *a, **k: (lambda lm: (lm[0] * float("inf"), lm[1]))(real(*a, **k)))
+    config = _config(tiny_gpt2_dir, "training.max_bad_steps=3")
+    with pytest.raises(FloatingPointError, match="non-finite losses"):
+        Trainer(config, tmp_path, show_progress=False).run()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tasks", "wrapped"),
+    [
+        (["data.tasks=[counterfact]", "data.instructions=false"], {"counterfact"}, False),  # single-task MEND
+        (["data.instructions=false"], {"counterfact", "wikirecent", "convsent"}, False),  # multi-task MEND
+        ([], {"counterfact", "wikirecent", "convsent"}, True),  # InstructEdit
+    ],
+)
+def test_three_modes_share_one_code_path(tiny_llama_dir: Path, tmp_path: Path, overrides: list[str], tasks: set[str], wrapped: bool) -> None:
+    trainer = Trainer(_config(tiny_llama_dir, "training.max_steps=2", *overrides), tmp_path, show_progress=False)
+    assert {r.task for r in trainer.data.train} == tasks
+    batch = trainer._batch([trainer.data.train[0]])
+    text = trainer.tokenizer.decode(batch.edit_inner.input_ids[0])
+    assert ("Task: " in text) == wrapped
+    assert "Task: " not in trainer.tokenizer.decode(batch.loc.input_ids[0])
+    summary = trainer.run()
+    assert summary["steps"] == 2
+
+
+def test_cli_train_runs_and_reports(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    code = main(["train", "--config", str(TINY), "--set", f"model.name={tiny_gpt2_dir}", "--set", "training.max_steps=3", "--output", str(tmp_path), "--no-progress"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "best checkpoint" in out and "locality" in out
