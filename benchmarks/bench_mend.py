@@ -1,5 +1,6 @@
 """Speed of MEND on the default model, side by side in one process; writes benchmarks/results/mend.json.
 
+Config: configs/smollm2-135m/instructedit.yaml (the editor trained on the default model).
 (a) one plain forward pass over the edit example (full vocabulary logits: the floor),
 (b) one MEND edit of that example (frozen prefix once, gradient factors, MEND network, new weights),
 (c) one meta-training step (edit + edit loss + locality, backward into MEND) — what training runs,
@@ -38,6 +39,7 @@ from instructedit.records import MetaBatch, TokenBatch
 from instructedit.training import Trainer, build_editor, prepare_data
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mend.json"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m" / "instructedit.yaml"
 
 
 def _full_logits(model, batch: TokenBatch, params: dict | None = None) -> torch.Tensor:
@@ -85,7 +87,7 @@ def rss_only(steps: int, threads: int) -> None:
     import tempfile
 
     torch.set_num_threads(threads)
-    config = load_config(None, [f"training.max_steps={steps}", "training.val_size=2", f"training.val_every={steps}", "training.checkpoint_every=100000", "model.max_length=160"])
+    config = load_config(CONFIG, [f"training.max_steps={steps}", "training.val_size=2", f"training.val_every={steps}", "training.checkpoint_every=100000"])
     with tempfile.TemporaryDirectory() as out:
         Trainer(config, out, show_progress=False).run()
     print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -104,7 +106,7 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    config = load_config(None, ["model.max_length=160"])
+    config = load_config(CONFIG)
     model, tok = load_model(config.model.name)
     data = prepare_data(config, tok)
     record = next(r for r in data.train if r.task == "counterfact")

@@ -12,6 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from instructedit.analysis.commands import add_analysis_parsers
+from instructedit.evaluation.commands import add_evaluate_parser
+from instructedit.experiments import add_experiment_parser
+
 logger = logging.getLogger("instructedit")
 
 
@@ -75,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--output", required=True, help="run folder: checkpoints (best/, last/), metrics.jsonl, summary.json; resumes if it holds a checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
+
+    add_evaluate_parser(sub)
+    add_experiment_parser(sub)
+    add_analysis_parsers(sub)
 
     config = sub.add_parser("config", help="show the effective configuration")
     config.add_argument("--config", default=None)

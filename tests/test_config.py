@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from instructedit.analysis.instructions_study import load_balance_config
+from instructedit.analysis.scaling import load_scaling_config
 from instructedit.config import Config, YAMLLoader, config_from_dict, load_config, parse_override, save_config
 from instructedit.editors.calinet import CaliNetConfig
 from instructedit.editors.ft import FTConfig
 from instructedit.editors.grace import GRACEConfig
 from instructedit.editors.registry import EDITORS
+from instructedit.experiments import ExperimentConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
@@ -174,5 +177,14 @@ def test_shipped_config_validates(path: Path) -> None:
         assert raw["method"] in EDITORS, f"{path}: unknown method {raw['method']!r}"
         assert raw["method"] in METHOD_OPTIONS, f"{path}: add the options class of {raw['method']!r} to this test"
         METHOD_OPTIONS[raw["method"]].from_options(raw.get("options") or {})
+    elif path.parent.name == "analysis":  # configs/analysis/*.yaml: studies (instructedit analyze scaling/balance)
+        loader = load_balance_config if path.stem.startswith("balance") else load_scaling_config
+        study, base = loader(path)
+        assert isinstance(load_config(base), Config), base
+    elif path.parent.name == "experiments":  # configs/experiments/*.yaml: whole experiments (instructedit experiment)
+        experiment = ExperimentConfig.from_yaml(path)
+        assert experiment.rows and experiment.tasks
+        for run in experiment.editors:
+            assert isinstance(load_config(CONFIG_DIR.parent / run.config, run.overrides), Config), run.name
     else:
         assert isinstance(load_config(path), Config)

@@ -1,0 +1,182 @@
+"""Figures of the analysis studies as PNG files (matplotlib's object API on the Agg canvas; no pyplot state)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from instructedit.io import atomic_write
+
+# One colour per task in every figure, so panels and studies can be compared at a glance.
+TASK_COLORS = {"counterfact": "tab:blue", "wikirecent": "tab:orange", "convsent": "tab:green", "zsre": "tab:red"}
+METRIC_COLORS = {"reliability": "tab:blue", "generalization": "tab:orange", "locality": "tab:green", "portability": "tab:purple"}
+SEEN_COLOR, UNSEEN_COLOR = "tab:blue", "tab:red"
+DPI = 150
+
+
+def _figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+
+
+def _task_color(task: str, index: int) -> str:
+    return TASK_COLORS.get(task, f"C{index % 10}")
+
+
+def scatter_tasks(ax: Any, coords: np.ndarray, tasks: Sequence[str], title: str, subtitle: str = "", axis_name: str = "dim") -> None:
+    """One point per edit in 2-D, coloured by task, with a legend giving each task's count."""
+    tasks_arr = np.asarray(tasks)
+    for i, task in enumerate(dict.fromkeys(tasks)):
+        mask = tasks_arr == task
+        ax.scatter(coords[mask, 0], coords[mask, 1], s=14, alpha=0.75, color=_task_color(task, i),
+                   label=f"{task} (n={int(mask.sum())})", edgecolors="none")
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
+    ax.set_xlabel(f"{axis_name} 1")
+    ax.set_ylabel(f"{axis_name} 2")
+    ax.legend(fontsize=8, loc="best", frameon=True, markerscale=1.5)
+    ax.grid(alpha=0.25)
+
+
+def gradient_scatter(path: str | Path, coords: np.ndarray, tasks: Sequence[str], title: str, subtitle: str, axis_name: str) -> Path:
+    """A single editor's embedded MEND updates."""
+    fig = _figure(6.0, 5.2)
+    scatter_tasks(fig.add_subplot(1, 1, 1), coords, tasks, title, subtitle, axis_name)
+    return _save(fig, path)
+
+
+def gradient_comparison(path: str | Path, panels: Sequence[Mapping[str, Any]], suptitle: str, axis_name: str) -> Path:
+    """Several editors side by side; each panel: {coords, tasks, title, subtitle}."""
+    if not panels:
+        raise ValueError("gradient_comparison needs at least one panel")
+    n = len(panels)
+    cols = min(n, 4)
+    rows = (n + cols - 1) // cols
+    fig = _figure(4.6 * cols, 4.4 * rows)
+    for i, panel in enumerate(panels):
+        scatter_tasks(fig.add_subplot(rows, cols, i + 1), panel["coords"], panel["tasks"], panel["title"], panel.get("subtitle", ""), axis_name)
+    fig.suptitle(suptitle, fontsize=13)
+    return _save(fig, path)
+
+
+def scaling_plot(path: str | Path, points: Sequence[Mapping[str, Any]], eval_task: str,
+                 metrics: Sequence[str] = ("reliability", "generalization")) -> Path:
+    """Post-edit metrics (%) on the held-out task against the number of training tasks; pre-edit dashed."""
+    fig = _figure(6.4, 4.6)
+    ax = fig.add_subplot(1, 1, 1)
+    x = [p["n_tasks"] for p in points]
+    for k, metric in enumerate(metrics):
+        color = METRIC_COLORS.get(metric, None)
+        post = [100 * p["post"][metric] if p["post"].get(metric) is not None else np.nan for p in points]
+        ax.plot(x, post, marker="o", color=color, label=f"{metric} (post-edit)")
+        for xi, yi in zip(x, post):
+            if not np.isnan(yi):
+                ax.annotate(f"{yi:.1f}", (xi, yi), textcoords="offset points", xytext=(0, 7 if k % 2 == 0 else -13), ha="center",
+                            fontsize=8, color=color)  # alternate above / below so close values stay readable
+        pre = [100 * p["pre"][metric] if p["pre"].get(metric) is not None else np.nan for p in points]
+        if not all(np.isnan(pre)):
+            ax.plot(x, pre, linestyle="--", marker=".", color=color, alpha=0.5, label=f"{metric} (pre-edit)")
+    ax.set_xticks(x, [f"{p['n_tasks']}\n" + "+".join(p["tasks"]) for p in points], fontsize=8)
+    ax.set_xlim(min(x) - 0.5, max(x) + 0.5)
+    ax.set_xlabel("training tasks")
+    ax.set_ylabel(f"held-out {eval_task} score (%)")
+    ax.set_ylim(-6, 105)  # room below 0 for the annotations of near-zero points
+    ax.set_title(f"Task scaling: editors trained on 1..{max(x)} tasks, tested on {eval_task}")
+    ax.legend(fontsize=8, loc="best")
+    ax.grid(alpha=0.25)
+    return _save(fig, path)
+
+
+def description_bars(path: str | Path, rows: Sequence[Mapping[str, Any]], task: str, metrics: Sequence[str]) -> Path:
+    """One group of bars per description; seen ones in one colour, unseen ones in another; seen mean as a line."""
+    fig = _figure(max(7.0, 0.6 * len(rows) * len(metrics)), 4.8)
+    axes = [fig.add_subplot(1, len(metrics), i + 1) for i in range(len(metrics))]
+    idx = np.arange(len(rows))
+    for ax, metric in zip(axes, metrics):
+        values = [100 * r["metrics"][metric] if r["metrics"].get(metric) is not None else 0.0 for r in rows]
+        colors = [SEEN_COLOR if r["seen"] else UNSEEN_COLOR for r in rows]
+        ax.bar(idx, values, color=colors, edgecolor="black", linewidth=0.5)
+        for i, v in zip(idx, values):
+            ax.annotate(f"{v:.0f}", (i, v), textcoords="offset points", xytext=(0, 2), ha="center", fontsize=7)
+        seen_values = [v for v, r in zip(values, rows) if r["seen"]]
+        if seen_values:
+            ax.axhline(float(np.mean(seen_values)), color=SEEN_COLOR, linestyle="--", linewidth=1, label="seen mean")
+        ax.set_xticks(idx, [str(r["index"]) for r in rows])
+        ax.set_xlabel("description index")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title(f"{metric}")
+        ax.grid(axis="y", alpha=0.25)
+        # Proxy artists so the legend explains the colours even when one group is absent.
+        ax.bar([0], [0], color=SEEN_COLOR, label="seen in training")
+        ax.bar([0], [0], color=UNSEEN_COLOR, label="unseen (held out)")
+        ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{task}: post-edit scores per instruction description", fontsize=12)
+    return _save(fig, path)
+
+
+def balance_plot(path: str | Path, variants: Sequence[Mapping[str, Any]], tasks: Sequence[str]) -> Path:
+    """Left: per-task post-edit reliability per mixture variant. Right: gradient silhouette per variant."""
+    fig = _figure(11.0, 4.6)
+    ax = fig.add_subplot(1, 2, 1)
+    width = 0.8 / max(1, len(variants))
+    idx = np.arange(len(tasks))
+    for j, variant in enumerate(variants):
+        values = [100 * (variant["reliability"].get(t) or 0.0) for t in tasks]
+        ax.bar(idx + (j - (len(variants) - 1) / 2) * width, values, width, label=variant["name"], color=f"C{j}", edgecolor="black", linewidth=0.5)
+    ax.set_xticks(idx, list(tasks))
+    ax.set_xlabel("task (test split)")
+    ax.set_ylabel("post-edit reliability (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Reliability per task")
+    ax.legend(fontsize=8, title="training mixture", title_fontsize=8)
+    ax.grid(axis="y", alpha=0.25)
+    ax2 = fig.add_subplot(1, 2, 2)
+    names = [v["name"] for v in variants]
+    scores = [v.get("silhouette") if v.get("silhouette") is not None else 0.0 for v in variants]
+    ax2.bar(np.arange(len(names)), scores, color=[f"C{j}" for j in range(len(names))], edgecolor="black", linewidth=0.5)
+    for j, s in enumerate(scores):
+        ax2.annotate(f"{s:.3f}", (j, s), textcoords="offset points", xytext=(0, 4 if s >= 0 else -12), ha="center", fontsize=8)
+    ax2.axhline(0, color="black", linewidth=0.5)
+    ax2.set_xticks(np.arange(len(names)), names)
+    ax2.set_xlabel("training mixture")
+    ax2.set_ylabel("silhouette of task clusters (PCA space)")
+    ax2.set_title("Gradient separation by task")
+    ax2.grid(axis="y", alpha=0.25)
+    fig.suptitle("ConvSent balancing in the training mixture", fontsize=12)
+    return _save(fig, path)
+
+
+def optimization_plot(path: str | Path, rounds: Sequence[Mapping[str, Any]], metric: str) -> Path:
+    """Every candidate's score per round (dots) and the best score so far (line)."""
+    fig = _figure(6.4, 4.4)
+    ax = fig.add_subplot(1, 1, 1)
+    xs, ys = [], []
+    for r in rounds:
+        for c in r["candidates"]:
+            value = c["metrics"].get(metric)
+            if value is not None:
+                xs.append(r["round"])
+                ys.append(100 * value)
+    ax.scatter(xs, ys, s=18, alpha=0.6, color="tab:gray", label="candidate")
+    best = [(r["round"], 100 * r["best"]["metrics"][metric]) for r in rounds if r.get("best") and r["best"]["metrics"].get(metric) is not None]
+    if best:
+        ax.plot([b[0] for b in best], [b[1] for b in best], marker="o", color="tab:blue", label="best so far")
+    ax.set_xticks([r["round"] for r in rounds])
+    ax.set_xlabel("round (0 = the base pool's descriptions)")
+    ax.set_ylabel(f"{metric} on the scoring records (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Instruction construction")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.25)
+    return _save(fig, path)

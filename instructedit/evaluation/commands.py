@@ -1,0 +1,154 @@
+"""The ``instructedit evaluate`` subcommand: load model, editor and records, run the evaluation, write JSON + Markdown."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from instructedit.config import DEFAULT_MODEL
+from instructedit.records import EditRecord, TASKS
+from instructedit.tasks.instructions import InstructionPool
+
+logger = logging.getLogger(__name__)
+
+EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
+EDITOR_WEIGHTS = "editor.safetensors"
+
+
+def add_evaluate_parser(subparsers: Any) -> None:
+    """Register ``evaluate`` on an ``add_subparsers()`` object; its ``func(args) -> int`` runs it."""
+    p = subparsers.add_parser(
+        "evaluate", help="edit each test case and report reliability / generalization / locality / portability",
+        description="Single edits, rolled back after each case (or kept, with --sequential); writes FILE.json and FILE.md.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--editor", metavar="DIR", help="a trained MEND/InstructEdit editor folder (method 'mend')")
+    which.add_argument("--method", metavar="NAME", help="an editing method from the editor registry (e.g. ft, grace)")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="editor option (repeatable; values parsed as YAML)")
+    p.add_argument("--task", required=True, help=f"task name, one of {', '.join(TASKS)}")
+    p.add_argument("--data", metavar="FILE", help="evaluate this data file (format auto-detected) instead of the task's split")
+    p.add_argument("--data-dir", default=None, help="data folder for the task splits (default: $INSTRUCTEDIT_DATA or ../shared/data)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split of the task (default: test)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="first N records only")
+    p.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none' (no instruction)")
+    p.add_argument("--instruction-pool", metavar="FILE", default=None, help="instruction pool JSON (default: the project's descriptions)")
+    p.add_argument("--model", default=None, help=f"model (default: the editor's model_name, else {DEFAULT_MODEL})")
+    p.add_argument("--sequential", action="store_true", help="keep every edit and report how earlier edits decay")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="most probe rows per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="split seed (and torch seed)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    p.add_argument("--output", required=True, metavar="FILE.json", help="report path; the Markdown table goes beside it as FILE.md")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_evaluate)
+
+
+def parse_options(items: list[str]) -> dict[str, Any]:
+    """``["k=v", ...]`` -> {k: YAML-parsed v}."""
+    options: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--method-option {item!r} must look like KEY=VALUE")
+        options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return options
+
+
+def editor_model_name(directory: str | Path) -> str | None:
+    """The ``model_name`` an editor folder was trained for, if it records one."""
+    path = Path(directory) / EDITOR_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"--editor {directory}: {EDITOR_CONFIG} is missing; pass a folder written by save_pretrained (e.g. RUN/best)")
+    try:
+        return json.loads(path.read_text()).get("model_name") or None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_instruction(value: str, pool: InstructionPool) -> int | None:
+    """'none' -> None; 'seen' / 'unseen' / an index -> a checked description index."""
+    if value.lower() == "none":
+        return None
+    if value not in ("seen", "unseen") and not value.isdigit():
+        raise ValueError(f"--instruction {value!r} is not 'seen', 'unseen', a description index or 'none'")
+    return pool.evaluation_index(value)
+
+
+def load_eval_records(task: str, data: str | None, data_dir: str | None, split: str, seed: int) -> tuple[list[EditRecord], dict[str, Any]]:
+    """Records of ``--data FILE`` (format auto-detected, records labelled ``task``) or of the task's split."""
+    from instructedit.tasks.loaders import load_records
+    from instructedit.tasks.splits import load_task_splits
+
+    if data is not None:
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {path} does not exist")
+        result = load_records(path, task=task)
+        return result.records, {"data_file": str(path), "split": None, "split_seed": None}
+    splits = load_task_splits(task, data_dir, seed=seed)
+    return splits.split(split), {"data_file": None, "split": split, "split_seed": seed}
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from instructedit.editors.registry import EDITORS, make_editor
+    from instructedit.evaluation.report import EvalSettings, write_markdown, write_report_json
+    from instructedit.evaluation.runner import evaluate
+    from instructedit.models.loading import load_model
+
+    # Everything that can be checked without loading a model fails first.
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
+    method = "mend" if args.editor else args.method
+    if method not in EDITORS:
+        raise ValueError(f"unknown editing method {method!r}; valid methods: {sorted(EDITORS)}")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    output = Path(args.output)
+    if output.suffix != ".json":
+        raise ValueError(f"--output {output} must end in .json (the Markdown goes beside it as {output.with_suffix('.md').name})")
+    options = parse_options(args.method_option)
+    editor_path = args.editor or options.get("path")
+    if args.editor:
+        options["path"] = args.editor
+    model_name = args.model or (editor_model_name(editor_path) if args.editor else None) or DEFAULT_MODEL
+    pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
+    instruction = resolve_instruction(args.instruction, pool)
+    records, where = load_eval_records(args.task, args.data, args.data_dir, args.split, args.seed)
+    records = records[: args.limit] if args.limit is not None else records
+    if not records:
+        raise ValueError(f"no records to evaluate for task {args.task!r} ({args.data or args.split})")
+
+    torch.manual_seed(args.seed)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tokenizer = load_model(model_name, device=device)
+    editor = make_editor(method, model, tokenizer, options)
+    weights = Path(editor_path) / EDITOR_WEIGHTS if editor_path else None
+    settings = EvalSettings(
+        task=args.task, method=method, method_options={k: v for k, v in options.items() if k != "path"},
+        editor_path=str(editor_path) if editor_path else None,
+        editor_sha256=file_sha256(weights) if weights is not None and weights.is_file() else None,
+        model_name=model_name, limit=args.limit, **where,
+    )
+    report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
+                      sequential=args.sequential, progress=not args.no_progress, settings=settings)
+    write_report_json(report, output)
+    markdown = write_markdown([report], output.with_suffix(".md"))
+    post = report.aggregates.get(args.task, {}).get("post", {})
+    summary = ", ".join(f"{k} {100 * post[k].mean:.1f} (n={post[k].n})" for k in ("reliability", "generalization", "locality", "portability") if k in post)
+    print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {summary}; {report.timing['cases_per_s']:.2f} cases/s")
+    print(f"wrote {output} and {markdown}")
+    return 0

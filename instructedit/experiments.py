@@ -1,0 +1,227 @@
+"""The paper's main experiment (Table 3) as one resumable command: train the MEND variants, evaluate every method.
+
+``instructedit experiment table3 --config configs/experiments/table3-smollm2.yaml``. Each editor
+trains into its own run folder (the Trainer resumes from ``last/``; a finished run is reused) and
+each (row, task) evaluation is cached as JSON, so an interrupted experiment picks up where it was.
+The result is one Markdown table and one JSON file: a row per method, reliability /
+generalization / locality / portability per task, and the average over tasks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from instructedit.config import load_config
+from instructedit.editors.mend import MENDEditor
+from instructedit.editors.registry import make_editor
+from instructedit.evaluation.commands import file_sha256
+from instructedit.evaluation.metrics import FAMILIES, task_average
+from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
+from instructedit.evaluation.runner import evaluate
+from instructedit.io import atomic_write, write_json
+from instructedit.models.loading import load_model
+from instructedit.tasks.instructions import InstructionPool
+from instructedit.tasks.splits import load_task_splits
+from instructedit.training import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EditorRun:
+    """A MEND editor to train: a training config, overrides, and where it trains."""
+
+    name: str
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    run_dir: str | None = None  # default: <runs_dir>/<name>
+    max_steps: int | None = None  # default: the experiment's budget
+
+
+@dataclass
+class Row:
+    """One table row: a trained editor (by name) or a registry baseline, with its instruction setting."""
+
+    label: str
+    editor: str | None = None  # name of an EditorRun
+    method: str | None = None  # registry method (ft, grace, calinet)
+    options: dict[str, Any] = field(default_factory=dict)
+    instruction: str = "none"  # "seen", "unseen", an index, or "none"
+    tasks: list[str] | None = None  # default: every task of the experiment
+    editor_per_task: dict[str, str] = field(default_factory=dict)  # task -> EditorRun name (single-task MEND)
+    limit: int | None = None  # default: the experiment's limit
+
+
+@dataclass
+class ExperimentConfig:
+    output: str  # results/table3-smollm2 -> .md and .json
+    runs_dir: str = "runs/table3"
+    model: str = "smollm2-135m-instruct"
+    budget_steps: int = 1000
+    tasks: list[str] = field(default_factory=lambda: ["counterfact", "wikirecent", "convsent", "zsre"])
+    limit: int = 30
+    split_seed: int = 0
+    batch_size: int = 16
+    editors: list[EditorRun] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"experiment config {path} does not exist")
+        data = yaml.safe_load(path.read_text()) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        try:
+            editors = [EditorRun(**e) for e in data.pop("editors", [])]
+            rows = [Row(**r) for r in data.pop("rows", [])]
+        except TypeError as e:
+            raise ValueError(f"{path}: bad editor or row entry: {e}") from None
+        config = cls(**data, editors=editors, rows=rows)
+        names = {e.name for e in editors}
+        for row in rows:
+            wanted = [row.editor] if row.editor else list(row.editor_per_task.values())
+            missing = [n for n in wanted if n not in names]
+            if missing or (not wanted and not row.method):
+                raise ValueError(f"{path}: row {row.label!r} needs an editor from {sorted(names)} or a method (missing: {missing})")
+        return config
+
+
+def train_editors(config: ExperimentConfig, show_progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Train (or resume, or reuse) every editor; returns name -> run summary."""
+    summaries = {}
+    for run in config.editors:
+        steps = run.max_steps or config.budget_steps
+        run_dir = Path(run.run_dir or Path(config.runs_dir) / run.name)
+        done = run_dir / "summary.json"
+        if done.is_file() and json.loads(done.read_text())["steps"] >= steps:
+            logger.info("editor %s: reusing the finished run in %s", run.name, run_dir)
+            summaries[run.name] = json.loads(done.read_text())
+            continue
+        logger.info("editor %s: training %d steps into %s", run.name, steps, run_dir)
+        train_config = load_config(run.config, [*run.overrides, f"training.max_steps={steps}"])
+        summaries[run.name] = Trainer(train_config, run_dir, show_progress=show_progress).run()
+    return summaries
+
+
+def _instruction(value: str, pool: InstructionPool) -> int | None:
+    return None if value == "none" else pool.evaluation_index(value)
+
+
+def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate every row on every task (cached), and write ``<output>.md`` / ``.json``."""
+    started = time.time()
+    summaries = train_editors(config, show_progress)
+    model, tokenizer = load_model(config.model)
+    pool = InstructionPool.default()
+    records = {t: load_task_splits(t, seed=config.split_seed).test for t in config.tasks}
+    cache = Path(config.runs_dir) / "evals"
+    results: dict[str, dict[str, EvalReport]] = {}
+    for row in config.rows:
+        results[row.label] = {}
+        for task in row.tasks or config.tasks:
+            editor_name = row.editor or row.editor_per_task.get(task)
+            if row.editor_per_task and editor_name is None:
+                continue  # a single-task editor exists only for its own task
+            path = cache / f"{_slug(row.label)}-{task}.json"
+            if path.is_file():
+                results[row.label][task] = load_report_json(path)
+                continue
+            limit = row.limit or config.limit
+            if editor_name:
+                run_dir = Path(next(e.run_dir or Path(config.runs_dir) / e.name for e in config.editors if e.name == editor_name))
+                editor = MENDEditor.from_pretrained(run_dir / "best").eval()
+                settings = EvalSettings(method=row.label, editor_path=str(run_dir / "best"), editor_sha256=file_sha256(run_dir / "best" / "editor.safetensors"))
+            else:
+                editor = make_editor(row.method, model, tokenizer, row.options)
+                settings = EvalSettings(method=row.label, method_options=row.options)
+            settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
+            logger.info("evaluating %s on %s (%d cases)", row.label, task, min(limit, len(records[task])))
+            report = evaluate(model, tokenizer, editor, records[task][:limit], pool, _instruction(row.instruction, pool),
+                              batch_size=config.batch_size, progress=show_progress, settings=settings)
+            write_report_json(report, path)
+            results[row.label][task] = report
+    table = _table(config, results)
+    payload = {
+        "experiment": dataclasses.asdict(config),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "elapsed_s": time.time() - started,
+        "budgets": {name: {"steps": s["steps"], "best_step": s["best_step"], "stopped_early": s["stopped_early"]} for name, s in summaries.items()},
+        "training_data": {name: s.get("data") for name, s in summaries.items()},
+        "rows": {label: {task: _post(r) | {"n": len(r.cases)} for task, r in per_task.items()} for label, per_task in results.items()},
+        "pre_edit": {label: {task: _phase(r, "pre") for task, r in per_task.items()} for label, per_task in results.items()},
+    }
+    write_json(f"{config.output}.json", payload)
+    atomic_write(f"{config.output}.md", lambda tmp: Path(tmp).write_text(table))
+    return payload
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _phase(report: EvalReport, phase: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for phases in report.aggregates.values():
+        for key, summary in phases.get(phase, {}).items():
+            if key in FAMILIES and summary.mean is not None:
+                out[key] = summary.mean
+    return out
+
+
+def _post(report: EvalReport) -> dict[str, float]:
+    return _phase(report, "post")
+
+
+def _table(config: ExperimentConfig, results: dict[str, dict[str, EvalReport]]) -> str:
+    short = {"reliability": "Rel", "generalization": "Gen", "locality": "Loc", "portability": "Port"}
+    header = ["method"] + [f"{t} {short[f]}" for t in config.tasks for f in FAMILIES] + [f"avg {short[f]}" for f in FAMILIES]
+    lines = [f"# Table 3 on {config.model}", "", "Post-edit metrics in % (teacher-forced token accuracy; locality = share of answer tokens "
+             "whose argmax is unchanged). Averages are over the tasks a row was evaluated on.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, per_task in results.items():
+        cells = [label]
+        merged = {}
+        for task in config.tasks:
+            report = per_task.get(task)
+            metrics = _post(report) if report else {}
+            cells += [f"{100 * metrics[f]:.1f}" if f in metrics else "–" for f in FAMILIES]
+            if report:
+                merged[task] = {k: v for k, v in next(iter(report.aggregates.values())).get("post", {}).items()}
+        cells += [f"{100 * v:.1f}" if (v := task_average(merged, f)) is not None else "–" for f in FAMILIES]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Cases per task: {config.limit} (rows may set their own limit), test splits with seed {config.split_seed}; "
+              f"ZsRE is the held-out file. Editors trained for up to {config.budget_steps} optimizer steps each "
+              "(see the JSON for each run's steps, best step and data)."]
+    return "\n".join(lines) + "\n"
+
+
+def add_experiment_parser(subparsers: Any) -> None:
+    p = subparsers.add_parser("experiment", help="run one of the paper's experiments end to end (resumable)")
+    p.add_argument("name", choices=["table3"], help="which experiment")
+    p.add_argument("--config", required=True, help="experiment YAML (see configs/experiments/)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd)
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    config = ExperimentConfig.from_yaml(args.config)
+    payload = run_experiment(config, show_progress=not args.no_progress)
+    print(Path(f"{config.output}.md").read_text())
+    logger.info("wrote %s.md and %s.json (%.0f s)", config.output, config.output, payload["elapsed_s"])
+    return 0

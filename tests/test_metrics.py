@@ -1,0 +1,96 @@
+"""The evaluation metrics pinned on hand-built logits (DESIGN.md §5)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from instructedit.evaluation.metrics import (
+    MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin, task_average, unchanged_tokens,
+)
+from instructedit.losses import unchanged_share
+
+VOCAB = 5
+
+
+def one_hot_logits(argmax: list[int]) -> torch.Tensor:
+    """Logits (n, VOCAB) whose argmax at each position is the given id."""
+    logits = torch.zeros(len(argmax), VOCAB)
+    logits[torch.arange(len(argmax)), torch.tensor(argmax)] = 3.0
+    return logits
+
+
+def test_accuracy_two_of_three_answer_tokens() -> None:
+    logits = one_hot_logits([1, 2, 4])
+    targets = torch.tensor([1, 2, 3])
+    acc = answer_accuracy(logits, targets, torch.zeros(3, dtype=torch.long), 1)
+    assert acc.tolist() == pytest.approx([2 / 3])
+
+
+def test_accuracy_is_per_probe_then_averaged_not_pooled() -> None:
+    # probe 0: 1 token right of 1; probe 1: 1 right of 3 -> per-probe 1 and 1/3; pooled would be 2/4
+    logits = one_hot_logits([0, 1, 0, 0])
+    targets = torch.tensor([0, 1, 2, 2])
+    rows = torch.tensor([0, 1, 1, 1])
+    acc = answer_accuracy(logits, targets, rows, 2)
+    assert acc.tolist() == pytest.approx([1.0, 1 / 3])
+    assert family_means(acc.tolist(), ["portability"] * 2, ["Reasoning"] * 2)["portability"] == pytest.approx(2 / 3)
+
+
+def test_locality_one_flipped_argmax() -> None:
+    n = 4
+    pre = one_hot_logits([1, 2, 3, 4])
+    post = one_hot_logits([1, 2, 0, 4])  # one argmax flips; the gold answer plays no part
+    rows = torch.zeros(n, dtype=torch.long)
+    same = unchanged_tokens(pre.argmax(-1), post.argmax(-1), rows, 1)
+    assert same.tolist() == pytest.approx([1 - 1 / n])
+    assert torch.equal(same, unchanged_share(pre, post, rows, 1))
+
+
+def test_locality_ignores_logit_changes_that_keep_the_argmax() -> None:
+    pre = one_hot_logits([1, 2])
+    post = pre * 5 + 0.5
+    assert unchanged_tokens(pre.argmax(-1), post.argmax(-1), torch.zeros(2, dtype=torch.long), 1).item() == 1.0
+
+
+def test_mean_logprob_is_length_normalized() -> None:
+    logits = torch.zeros(3, VOCAB)  # uniform: log p = -log V at every token
+    rows = torch.tensor([0, 1, 1])
+    lp = mean_logprob(logits, torch.tensor([0, 1, 2]), rows, 2)
+    assert lp.tolist() == pytest.approx([-math.log(VOCAB)] * 2)
+
+
+def test_sentiment_margin() -> None:
+    assert sentiment_margin([-1.0, -3.0, -4.0], [True, True, False]) == pytest.approx(-2.0 - -4.0)
+    assert sentiment_margin([-1.0], [True]) is None
+
+
+def test_family_means_and_subkeys() -> None:
+    metrics = family_means(
+        [1.0, 0.0, 0.5, 1.0],
+        ["locality", "locality", "locality", "reliability"],
+        ["Relation_Specificity", "Relation_Specificity", "Forgetfulness", "default"],
+    )
+    assert metrics == pytest.approx({
+        "locality": 0.5, "locality/Relation_Specificity": 0.5, "locality/Forgetfulness": 0.5, "reliability": 1.0,
+    })
+    assert "reliability/default" not in metrics  # sub-keys only for locality and portability
+
+
+def test_aggregate_excludes_cases_without_a_family_and_reports_n() -> None:
+    cases = [
+        ("counterfact", {"reliability": 1.0, "portability": 0.5, "portability/Reasoning": 0.5}),
+        ("counterfact", {"reliability": 0.0}),  # no portability probe: not counted as 0
+        ("zsre", {"reliability": 0.5, "locality": 1.0}),
+    ]
+    agg = aggregate(cases)
+    assert agg["counterfact"]["reliability"] == MetricSummary(0.5, 2)
+    assert agg["counterfact"]["portability"] == MetricSummary(0.5, 1)
+    assert agg["counterfact"]["portability/Reasoning"].n == 1
+    assert "locality" not in agg["counterfact"]
+    assert agg["zsre"]["locality"] == MetricSummary(1.0, 1)
+    assert list(agg["counterfact"]) == ["reliability", "portability", "portability/Reasoning"]
+    assert task_average(agg, "reliability") == pytest.approx((0.5 + 0.5) / 2)
+    assert task_average(agg, "generalization") is None
