@@ -15,6 +15,7 @@ import torch
 from instructedit.analysis.commands import add_analysis_parsers
 from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.experiments import add_experiment_parser
+from instructedit.user_commands import add_user_parsers
 
 logger = logging.getLogger("instructedit")
 
@@ -83,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_experiment_parser(sub)
     add_analysis_parsers(sub)
+    add_user_parsers(sub)
 
     config = sub.add_parser("config", help="show the effective configuration")
     config.add_argument("--config", default=None)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
         logger.error("%s", e)
         return 2
     except KeyboardInterrupt:

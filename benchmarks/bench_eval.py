@@ -1,0 +1,159 @@
+"""Throughput of the batched evaluation runner against a naive one-prompt-at-a-time loop, in one process, back to back.
+
+The naive loop does what the published reference implementation does: every probe is its own
+forward pass with logits at every position, before and after the edit, then the edit is undone.
+Both score the same probes with the same metric definitions; the script checks that they agree.
+
+    .venv/bin/python benchmarks/bench_eval.py [--editor DIR] [--n 30] [--repeats 2] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import os
+import platform
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from instructedit.config import DEFAULT_MODEL, load_config
+from instructedit.editors.base import Editor
+from instructedit.editors.mend import MENDEditor
+from instructedit.evaluation.metrics import aggregate, family_means
+from instructedit.evaluation.runner import SCORED, case_probes, edit_pairs, evaluate
+from instructedit.io import write_json
+from instructedit.models.loading import load_model
+from instructedit.records import EditRecord, TokenBatch
+from instructedit.tasks.collate import Collator
+from instructedit.tasks.instructions import InstructionPool
+from instructedit.tasks.splits import load_task_splits
+from instructedit.training import build_editor
+
+logger = logging.getLogger("bench_eval")
+RESULTS = Path(__file__).resolve().parent / "results" / "eval.json"
+
+
+@torch.no_grad()
+def _full_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """One probe, the reference way: a full forward with logits at every position, then the answer positions."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (1, seq, vocab)
+    return logits[batch.label_mask]
+
+
+def naive_evaluate(model: nn.Module, tokenizer, editor: Editor, records: Sequence[EditRecord], pool: InstructionPool,
+                   instruction: int | None) -> list[tuple[str, dict[str, float]]]:
+    """Per case: each probe tokenized and run alone, pre and post edit; returns (task, post metrics) per case."""
+    collator = Collator(tokenizer, 1024, pool)
+    results = []
+    for record in records:
+        probes = case_probes(collator, record, instruction)
+        batches = [collator.qa_batch([(p.prompt, p.answer)]) for p in probes]
+        pre = [_full_logits(model, b) for b in batches]
+        handle = editor.apply(model, collator.qa_batch(edit_pairs(collator, record, instruction)))
+        try:
+            post = [_full_logits(model, b) for b in batches]
+        finally:
+            handle.rollback()
+        acc, same = [], []
+        for b, lp, lq in zip(batches, pre, post):
+            targets = b.labels[b.label_mask]
+            acc.append((lq.argmax(-1) == targets).float().mean().item())
+            same.append((lq.argmax(-1) == lp.argmax(-1)).float().mean().item())
+        scored = [i for i, p in enumerate(probes) if p.family in SCORED]
+        local = [i for i, p in enumerate(probes) if p.family == "locality"]
+        metrics = family_means([acc[i] for i in scored], [probes[i].family for i in scored], [probes[i].kind for i in scored])
+        metrics |= family_means([same[i] for i in local], ["locality"] * len(local), [probes[i].kind for i in local])
+        results.append((record.task, metrics))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--editor", default=None, help="a trained editor folder (default: a fresh, untrained MEND)")
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--task", default="counterfact")
+    parser.add_argument("--n", type=int, default=30, help="test cases")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each, alternating")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared 2-core machine more threads spin against other processes)")
+    parser.add_argument("--output", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+
+    model, tokenizer = load_model(args.model)
+    editor = MENDEditor.from_pretrained(args.editor) if args.editor else build_editor(model, load_config(None, [f"model.name={args.model}"]))
+    editor.eval()
+    records = load_task_splits(args.task).test[: args.n]
+    pool = InstructionPool.default()
+    instruction = pool.evaluation_index("seen")
+
+    def timed(run):  # wall-clock and this process's CPU time: on a shared machine the latter is the steadier one
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = run()
+        return time.perf_counter() - wall, time.process_time() - cpu, out
+
+    def batched() -> tuple[float, float, object]:
+        return timed(lambda: evaluate(model, tokenizer, editor, records, pool, instruction, progress=False))
+
+    def naive() -> tuple[float, float, list]:
+        return timed(lambda: naive_evaluate(model, tokenizer, editor, records, pool, instruction))
+
+    logger.info("warm-up")
+    evaluate(model, tokenizer, editor, records[:3], pool, instruction, progress=False)
+    naive_evaluate(model, tokenizer, editor, records[:3], pool, instruction)
+    times: dict[str, list[float]] = {"batched": [], "naive": [], "batched_cpu": [], "naive_cpu": []}
+    loads: list[float] = []
+    for r in range(args.repeats):
+        wall, cpu, report = batched()
+        times["batched"].append(wall), times["batched_cpu"].append(cpu)
+        wall, cpu, naive_results = naive()
+        times["naive"].append(wall), times["naive_cpu"].append(cpu)
+        loads.append(os.getloadavg()[0])
+        logger.info("repeat %d: batched %.1f s (cpu %.1f s), naive %.1f s (cpu %.1f s), load %.1f", r + 1, times["batched"][-1],
+                    times["batched_cpu"][-1], times["naive"][-1], times["naive_cpu"][-1], loads[-1])
+        # Written after every repeat: on a busy machine a long run may be cut short.
+        result = summarize(args, model, tokenizer, records, pool, instruction, report, naive_results, times, loads)
+        write_json(args.output, result)
+    print(f"{result['n_cases']} cases: batched {result['batched']['cases_per_s']:.3f} cases/s, "
+          f"naive {result['naive']['cases_per_s']:.3f} cases/s, speedup {result['speedup']:.2f}x "
+          f"(CPU time: {result['speedup_cpu']:.2f}x)")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def summarize(args: argparse.Namespace, model: nn.Module, tokenizer, records: Sequence[EditRecord], pool: InstructionPool,
+              instruction: int, report, naive_results: list, times: dict[str, list[float]], loads: list[float]) -> dict:
+    n = len(report.cases)
+    ours = report.aggregates[args.task]["post"]
+    theirs = aggregate(naive_results)[args.task]
+    batched_s, naive_s = statistics.median(times["batched"]), statistics.median(times["naive"])
+    batched_cpu, naive_cpu = statistics.median(times["batched_cpu"]), statistics.median(times["naive_cpu"])
+    collator = Collator(tokenizer, 1024, pool)
+    return {
+        "benchmark": "evaluation throughput: batched runner vs one prompt at a time (pre + post edit, rollback)",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": args.model, "editor": args.editor or "fresh untrained MEND (build_editor, default config)",
+        "task": args.task, "n_cases": n,
+        "probes_per_case": statistics.mean(len(case_probes(collator, r, instruction)) for r in records),
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "device": str(next(model.parameters()).device), "platform": platform.platform(),
+        "load_average_1min": loads, "repeats_done": len(times["batched"]),
+        "batched": {"seconds": times["batched"], "cpu_seconds": times["batched_cpu"], "cases_per_s": n / batched_s,
+                    "cases_per_cpu_s": n / batched_cpu, "fast_path": report.settings.fast_path, "packed_rows": report.settings.packed_rows},
+        "naive": {"seconds": times["naive"], "cpu_seconds": times["naive_cpu"], "cases_per_s": n / naive_s, "cases_per_cpu_s": n / naive_cpu},
+        "speedup": naive_s / batched_s,
+        "speedup_cpu": naive_cpu / batched_cpu,
+        "speedup_per_repeat": [a / b for a, b in zip(times["naive"], times["batched"])],
+        "agreement_post_edit": {k: {"batched": ours[k].mean, "naive": theirs[k].mean} for k in ours if k in theirs},
+    }
+
+if __name__ == "__main__":
+    raise SystemExit(main())

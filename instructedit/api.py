@@ -1,0 +1,395 @@
+"""The Python API: describe edits, load an editor, apply edits to a model (batched or sequential), restore or save it."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from instructedit.config import DEFAULT_MODEL
+from instructedit.editors.base import EditHandle, Editor, WeightEditHandle
+from instructedit.editors.card import POOL_COPY, training_config
+from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
+from instructedit.tasks.collate import Collator
+from instructedit.tasks.instructions import InstructionPool
+
+logger = logging.getLogger(__name__)
+
+MAX_LENGTH_CAP = 1024  # longest edit input in tokens when the model's config names no limit
+EDITS_FILE = "instructedit_edits.json"  # written beside a saved edited model: which edits it carries
+EditorFactory = Callable[[nn.Module, PreTrainedTokenizerBase], Editor]
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One fact to put into the model: ``prompt`` should be continued with ``target``.
+
+    ``task`` picks the instruction (counterfact, wikirecent, convsent, zsre). ConvSent edits make
+    the model talk about ``topic`` (default: ``subject``) with sentiment ``label``
+    (positive/negative); ``target`` is then a response with that sentiment.
+    """
+
+    prompt: str
+    target: str
+    task: str = "counterfact"
+    subject: str = ""
+    rephrase: tuple[str, ...] = ()
+    label: str | None = None
+    topic: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"Edit: unknown task {self.task!r}; valid tasks: {list(TASKS)}")
+        if not self.prompt.strip() or not self.target.strip():
+            raise ValueError(f"Edit: prompt and target must not be empty (got {self.prompt!r} -> {self.target!r})")
+        if isinstance(self.rephrase, str):
+            raise ValueError("Edit: rephrase must be a tuple of strings, not one string")
+        object.__setattr__(self, "rephrase", tuple(self.rephrase))
+        if self.task == "convsent":
+            if self.label not in SENTIMENTS:
+                raise ValueError(f"Edit: a convsent edit needs label= one of {list(SENTIMENTS)}, got {self.label!r}")
+            if not (self.topic or self.subject):
+                raise ValueError("Edit: a convsent edit needs topic= (or subject=), the entity its opinion is about")
+        elif self.label is not None or self.topic is not None:
+            raise ValueError(f"Edit: label and topic belong to convsent edits, not to task {self.task!r}")
+
+    def record(self) -> EditRecord:
+        """This edit as the project's normalized ``EditRecord``."""
+        convsent = None
+        if self.task == "convsent":
+            convsent = ConvSentExtras(topic=self.topic or self.subject, label=str(self.label), target_responses=(self.target,), opposite_responses=())
+        return EditRecord(task=self.task, prompt=self.prompt, target_new=self.target, subject=self.subject,
+                          rephrase=self.rephrase, convsent=convsent, source=f"Edit({self.prompt[:40]!r})")
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """How well a model produces ``target`` after ``prompt``, teacher-forced."""
+
+    accuracy: float  # share of target tokens that are the argmax (the paper's reliability for one case)
+    probability: float  # joint probability of all target tokens
+    n_tokens: int
+
+
+# -- scoring and generation on any causal LM ----------------------------------------------------------
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _max_length(model: nn.Module) -> int:
+    return min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
+
+
+@torch.no_grad()
+def top_predictions(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
+    ids = tokenizer(prompt, return_tensors="pt").to(_device(model))
+    probs = model(**ids).logits[0, -1].float().softmax(-1)
+    values, indices = probs.topk(k)
+    return [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, max_new_tokens: int = 20) -> str:
+    """Greedy continuation of ``text`` (the new text only)."""
+    ids = tokenizer(text, return_tensors="pt").to(_device(model))
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                         temperature=None, top_p=None, top_k=None)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@torch.no_grad()
+def score_target(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> TargetScore:
+    """Teacher-forced accuracy and joint probability of ``target`` after ``prompt`` (labels as in training)."""
+    batch = Collator(tokenizer, _max_length(model)).qa_batch([(prompt, target)]).to(_device(model))
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.label_mask].float()
+    gold = batch.labels[batch.label_mask]
+    logp = logits.log_softmax(-1).gather(-1, gold[:, None]).squeeze(-1)
+    return TargetScore(float((logits.argmax(-1) == gold).float().mean()), float(logp.sum().exp()), int(gold.numel()))
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    """The settings ``load_model`` gives its tokenizers: a pad token (EOS if none) and right padding."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token and pass tokenizer=")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of ``model`` from its ``name_or_path`` (set by ``load_model`` / ``from_pretrained``)."""
+    from instructedit.models.loading import DEFAULT_ALIASES, default_model_dir
+
+    name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not name:
+        raise ValueError("the model has no name_or_path to load its tokenizer from; pass tokenizer=")
+    source = str(default_model_dir()) if name in DEFAULT_ALIASES else name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not Path(source).exists())
+    except OSError:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except OSError as err:
+            raise ValueError(f"could not load the tokenizer of {name!r} ({err}); pass tokenizer=") from None
+    return prepare_tokenizer(tokenizer)
+
+
+def save_edited_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
+    """Write ``model`` (with whatever edits it carries) and ``tokenizer`` as a plain Hugging Face folder."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    logger.info("saved the edited model to %s", directory)
+    return directory
+
+
+# -- the edited model ---------------------------------------------------------------------------------
+
+
+class EditedModel:
+    """A model with edits applied in place. Leaving the ``with`` block (or ``rollback()``) restores it bit for bit."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, handles: Sequence[EditHandle], edits: Sequence[Edit]) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.edits = tuple(edits)
+        self._handles = list(handles)
+        self._kept = False
+
+    @property
+    def active(self) -> bool:
+        """True while the edits are in the model and will be undone on exit."""
+        return any(h.active for h in self._handles)
+
+    @property
+    def kept(self) -> bool:
+        return self._kept
+
+    def rollback(self) -> None:
+        """Undo every edit, the last one first; a second call does nothing."""
+        for handle in reversed(self._handles):
+            handle.rollback()
+
+    def keep(self) -> None:
+        """Make the edits permanent: exiting the context no longer restores the model."""
+        if not self.active and not self._kept:
+            raise RuntimeError("the edits were already rolled back; apply them again to keep them")
+        for handle in self._handles:
+            handle.keep()
+        self._kept = True
+
+    def __enter__(self) -> "EditedModel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.rollback()
+
+    def generate(self, text: str, max_new_tokens: int = 20) -> str:
+        """Greedy continuation of ``text`` by the model as it is now."""
+        return generate(self.model, self.tokenizer, text, max_new_tokens)
+
+    def top_predictions(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
+        return top_predictions(self.model, self.tokenizer, prompt, k)
+
+    def score(self, prompt: str, target: str) -> TargetScore:
+        return score_target(self.model, self.tokenizer, prompt, target)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the edited model as a plain Hugging Face folder (``AutoModelForCausalLM.from_pretrained`` reloads it)."""
+        if not (self.active or self._kept):
+            raise RuntimeError("the edits were rolled back; save inside the `with` block or after keep()")
+        hooked = sorted({type(h).__name__ for h in self._handles if not isinstance(h, WeightEditHandle)})
+        if hooked:
+            raise ValueError(f"edits held by {hooked} live in hooks or added modules, which save_pretrained does not keep; "
+                             "only weight editors (mend, ft) can be saved as a plain Hugging Face folder")
+        directory = save_edited_model(self.model, self.tokenizer, directory)
+        (directory / EDITS_FILE).write_text(json.dumps([asdict(e) for e in self.edits], indent=2) + "\n")
+        return directory
+
+
+# -- the editor -----------------------------------------------------------------------------------------
+
+
+class InstructEditor:
+    """An editor plus the task instruction its edit prompts are wrapped in (``instruction`` None: no wrapping).
+
+    Pass a built ``editor`` (e.g. a ``MENDEditor``), or a ``factory(model, tokenizer) -> Editor`` for
+    methods that are built per model (the registry baselines).
+    """
+
+    def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,
+                 factory: EditorFactory | None = None, name: str = "", model_name: str = "") -> None:
+        if (editor is None) == (factory is None):
+            raise ValueError("InstructEditor needs exactly one of editor= and factory=")
+        if instruction is not None and pool is None:
+            raise ValueError("an instruction index needs an instruction pool")
+        self._editor, self._factory = editor, factory
+        self._built: tuple[int, Editor] | None = None
+        self.pool, self.instruction = pool, instruction
+        self.name, self.model_name = name, model_name
+
+    def __repr__(self) -> str:
+        wrap = f"instruction {self.instruction}" if self.instruction is not None else "no instruction"
+        return f"InstructEditor({self.name or type(self._editor).__name__}, {wrap})"
+
+    @property
+    def editor(self) -> Editor | None:
+        """The underlying editor (for a registry method: the one last built, None before the first apply)."""
+        return self._editor if self._editor is not None else (self._built[1] if self._built else None)
+
+    def editor_for(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> Editor:
+        """The underlying editor, on ``model``'s device (built for ``model`` when it comes from a factory)."""
+        if self._editor is not None:
+            if isinstance(self._editor, nn.Module):
+                self._editor.to(_device(model))
+            return self._editor
+        if self._built is None or self._built[0] != id(model):
+            self._built = (id(model), self._factory(model, tokenizer))  # type: ignore[misc]
+        return self._built[1]
+
+    def wrap(self, edit: Edit, prompt: str | None = None) -> str:
+        """``prompt`` (default: the edit's own) in this editor's instruction for the edit's task."""
+        text = edit.prompt if prompt is None else prompt
+        if self.instruction is None or self.pool is None:
+            return text
+        return self.pool.render(edit.record(), text, self.instruction)
+
+    def edit_batch(self, edits: Sequence[Edit], tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH_CAP) -> TokenBatch:
+        """Wrapped prompt + target per edit, labels on the target tokens (what the editor learns from)."""
+        pairs = [(self.wrap(e), e.target) for e in edits]
+        return Collator(tokenizer, max_length).qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]))
+
+    def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
+              keep: bool = False) -> EditedModel:
+        """Batch editing: ONE update computed from all ``edits`` together (one forward/backward on their batch).
+
+        The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
+        from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
+        """
+        edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
+        editor = self.editor_for(model, tokenizer)
+        handle = editor.apply(model, self.edit_batch(edits, tokenizer, _max_length(model)).to(_device(model)))
+        edited = EditedModel(model, tokenizer, [handle], edits)
+        if keep:
+            edited.keep()
+        return edited
+
+    def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
+                         keep: bool = False) -> EditedModel:
+        """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
+
+        Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
+        returned ``EditedModel`` undoes all of them, the last first.
+        """
+        edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
+        editor = self.editor_for(model, tokenizer)
+        handles: list[EditHandle] = []
+        try:
+            for edit in edits:
+                handles.append(editor.apply(model, self.edit_batch([edit], tokenizer, _max_length(model)).to(_device(model))))
+        except BaseException:
+            for handle in reversed(handles):
+                handle.rollback()
+            raise
+        edited = EditedModel(model, tokenizer, handles, edits)
+        if keep:
+            edited.keep()
+        return edited
+
+
+def _as_edits(edits: Edit | Sequence[Edit]) -> tuple[Edit, ...]:
+    edits = (edits,) if isinstance(edits, Edit) else tuple(edits)
+    if not edits:
+        raise ValueError("no edits given")
+    bad = [type(e).__name__ for e in edits if not isinstance(e, Edit)]
+    if bad:
+        raise TypeError(f"edits must be instructedit.Edit objects, got {bad[:3]}")
+    return edits
+
+
+# -- loading --------------------------------------------------------------------------------------------
+
+
+def _pool(pool: InstructionPool | str | Path | None) -> InstructionPool | None:
+    return InstructionPool.from_file(pool) if isinstance(pool, (str, Path)) else pool
+
+
+def instruction_setup(editor_dir: str | Path) -> tuple[bool | None, InstructionPool | None]:
+    """Whether a saved editor was trained with instructions (None: not recorded) and the pool it used."""
+    editor_dir = Path(editor_dir)
+    config = training_config(editor_dir)
+    if config is None:
+        return None, None
+    data = config.get("data") or {}
+    if not data.get("instructions", True):
+        return False, None
+    if (editor_dir / POOL_COPY).is_file():
+        return True, InstructionPool.from_file(editor_dir / POOL_COPY)
+    if data.get("instruction_pool"):
+        if not Path(data["instruction_pool"]).is_file():
+            raise FileNotFoundError(f"{editor_dir} was trained with the instruction pool {data['instruction_pool']}, which is missing; pass pool=")
+        return True, InstructionPool.from_file(data["instruction_pool"])
+    return True, InstructionPool.default()
+
+
+def _instruction_index(instruction: str | int | None, pool: InstructionPool) -> int | None:
+    if instruction is None or (isinstance(instruction, str) and instruction.lower() == "none"):
+        return None
+    if isinstance(instruction, str) and instruction not in ("seen", "unseen") and not instruction.isdigit():
+        raise ValueError(f"instruction {instruction!r} is not 'seen', 'unseen', a description index or None")
+    return pool.evaluation_index(instruction)
+
+
+def load_editor(source: str | Path | None = None, instruction: str | int | None = "seen", pool: InstructionPool | str | Path | None = None, *,
+                method: str | None = None, options: dict[str, Any] | None = None, device: str | torch.device = "cpu",
+                revision: str | None = None, token: str | None = None) -> InstructEditor:
+    """A trained editor (a folder or a hub id ``org/name``), or a registry method (``method="ft"``, ``options={...}``).
+
+    ``instruction``: "seen" (the first seen description, the default), "unseen", an index, or None.
+    Edit prompts are wrapped only when the editor was trained with instructions (read from the
+    training config saved with it; assumed when none is found). Registry baselines are trained
+    without instructions: their prompts are wrapped only when ``pool`` is given explicitly.
+    """
+    from instructedit.editors.mend import MENDEditor
+    from instructedit.editors.registry import EDITORS, make_editor
+    from instructedit.hub import resolve_editor_dir
+
+    if method is not None and method != "mend":
+        if source is not None:
+            raise ValueError("pass either an editor folder / hub id or method=, not both")
+        if method not in EDITORS:
+            raise ValueError(f"unknown editing method {method!r}; valid methods: {sorted(EDITORS)}")
+        opts = dict(options or {})
+        explicit = _pool(pool)
+        index = _instruction_index(instruction, explicit) if explicit is not None else None
+        return InstructEditor(pool=explicit if index is not None else None, instruction=index, name=method,
+                              factory=lambda model, tok: make_editor(method, model, tok, opts))
+    source = source if source is not None else (options or {}).get("path")
+    if source is None:
+        raise ValueError("load_editor needs an editor folder or hub id (or method= for a registry method)")
+    folder = resolve_editor_dir(source, revision=revision, token=token)
+    editor = MENDEditor.from_pretrained(folder, device=device).eval()
+    trained_with, trained_pool = instruction_setup(folder)
+    if trained_with is None:
+        logger.warning("no training config found with %s: assuming it was trained with the default instructions "
+                       "(pass instruction=None if it was not)", folder)
+    if trained_with is False or instruction is None:
+        if trained_with is False and instruction not in (None, "seen"):
+            logger.warning("%s was trained without instructions: edit prompts are not wrapped", folder)
+        chosen, index = None, None
+    else:
+        chosen = _pool(pool) or trained_pool or InstructionPool.default()
+        index = _instruction_index(instruction, chosen)
+    return InstructEditor(editor, chosen if index is not None else None, index, name=str(source), model_name=editor.model_name)

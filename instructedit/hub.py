@@ -1,0 +1,95 @@
+"""Sharing editors on the Hugging Face hub: push a saved editor folder, fetch one by its repo id ``org/name``."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+from instructedit.editors.card import CARD_NAME, EDITOR_CONFIG, POOL_COPY, TRAINING_CONFIG, write_model_card
+from instructedit.models.loading import _hub_offline, _hub_reachable
+
+logger = logging.getLogger(__name__)
+
+EDITOR_WEIGHTS = "editor.safetensors"
+# What a shared editor consists of; a training checkpoint's optimizer state stays local.
+SHARED_FILES = (EDITOR_CONFIG, EDITOR_WEIGHTS, CARD_NAME, TRAINING_CONFIG, POOL_COPY)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def is_hub_id(text: str) -> bool:
+    """``org/name`` that is not an existing local path."""
+    return bool(_HUB_ID.fullmatch(text)) and not Path(text).expanduser().exists()
+
+
+def _unreachable(action: str) -> ConnectionError:
+    why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"{hub_constants.ENDPOINT} did not answer"
+    return ConnectionError(f"cannot {action}: {why}. Check the network (or HF_ENDPOINT), or use a local editor folder")
+
+
+def push_editor(directory: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
+                commit_message: str | None = None) -> str:
+    """Upload a saved editor folder (with its model card, written here if missing) to the hub repo ``repo_id``.
+
+    Creates the repo if needed; returns the commit URL. ``token``: a write token (default: the
+    locally saved one, ``hf auth login``).
+    """
+    directory = Path(directory)
+    for name in (EDITOR_CONFIG, EDITOR_WEIGHTS):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a saved editor: {name} is missing")
+    if not _HUB_ID.fullmatch(repo_id):
+        raise ValueError(f"hub repo id {repo_id!r} must look like 'org/name'")
+    if not (directory / CARD_NAME).is_file():
+        write_model_card(directory)
+    if _hub_offline() or not _hub_reachable():
+        raise _unreachable(f"push {directory} to {repo_id}")
+    api = HfApi(endpoint=hub_constants.ENDPOINT, token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), allow_patterns=list(SHARED_FILES),
+                                 commit_message=commit_message or f"Upload instructedit editor from {directory.name}")
+    except HfHubHTTPError as err:
+        if err.response is not None and err.response.status_code in (401, 403):
+            raise PermissionError(f"the hub refused to let this token write to {repo_id!r} ({err.response.status_code}); "
+                                  "pass a write token (token=...) or log in with `hf auth login`") from err
+        raise
+    logger.info("pushed %s to %s (%s)", directory, repo_id, info.commit_url)
+    return str(info.commit_url)
+
+
+def download_editor(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
+    """The editor in hub repo ``repo_id`` as a local folder (the Hugging Face cache); fails fast when the hub is unreachable."""
+    kwargs = dict(repo_id=repo_id, revision=revision, token=token, allow_patterns=list(SHARED_FILES))
+    if _hub_offline() or not _hub_reachable():
+        try:
+            path = Path(snapshot_download(**kwargs, local_files_only=True))
+        except (LocalEntryNotFoundError, OSError):
+            raise _unreachable(f"download the editor {repo_id!r} (and it is not in the local Hugging Face cache)") from None
+        logger.info("the hub is unreachable; using the cached copy of %s", repo_id)
+    else:
+        try:
+            path = Path(snapshot_download(**kwargs, endpoint=hub_constants.ENDPOINT))
+        except RepositoryNotFoundError:
+            raise FileNotFoundError(f"hub repo {repo_id!r} does not exist (or is private: pass token=)") from None
+        except LocalEntryNotFoundError as err:  # the hub answered with an error and nothing is cached
+            raise ConnectionError(f"could not download the editor {repo_id!r} from {hub_constants.ENDPOINT}: {err}") from None
+    if not (path / EDITOR_CONFIG).is_file():
+        raise FileNotFoundError(f"hub repo {repo_id!r} holds no editor: {EDITOR_CONFIG} is missing")
+    return path
+
+
+def resolve_editor_dir(source: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """A local editor folder, or the download of hub repo ``source`` when it is ``org/name`` and no such folder exists."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"editor {source!r} is a file; pass the folder save_pretrained wrote (e.g. RUN/best)")
+    if is_hub_id(str(source)):
+        return download_editor(str(source), revision=revision, token=token)
+    raise FileNotFoundError(f"editor {source!r} is neither an existing folder nor a hub repo id 'org/name'")

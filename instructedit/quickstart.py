@@ -1,0 +1,233 @@
+"""The quickstart: train (or reuse from the cache) a small InstructEdit editor, then show demo edits before and after."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from instructedit.api import Edit, InstructEditor, load_editor, score_target, top_predictions
+from instructedit.config import Config, YAMLLoader, config_from_dict
+from instructedit.editors.card import EDITOR_CONFIG, write_model_card
+from instructedit.evaluation.metrics import unchanged_tokens
+from instructedit.io import write_json
+from instructedit.models.loading import cache_dir, load_model
+from instructedit.records import TokenBatch
+from instructedit.tasks.collate import Collator
+
+logger = logging.getLogger(__name__)
+
+CONFIG_RESOURCE = "quickstart.yaml"  # package data: the quickstart's config, budget included
+MARKER = "quickstart.json"  # in the run folder: {"config_hash", "complete"}; written before training starts
+
+# Facts the default model knows (its top-1 answer in the comment), each replaced by a counterfactual,
+# plus a recent-style new fact and a ConvSent opinion.
+DEMO_EDITS: tuple[Edit, ...] = (
+    Edit("The capital of France is", "Rome"),  # Paris (p 0.77)
+    Edit("The Eiffel Tower is located in the city of", "London"),  # Paris (0.70)
+    Edit("The Colosseum is located in the city of", "Athens"),  # Rome (0.73)
+    Edit("The Taj Mahal is located in the country of", "Brazil"),  # India (0.61)
+    Edit("The name of the head coach of the Springfield Tigers is", "Maria Lopez", task="wikirecent", subject="Springfield Tigers"),
+    Edit("What do you think of pineapple pizza?", "I love pineapple pizza, it is delicious!", task="convsent",
+         label="positive", topic="pineapple pizza"),
+)
+# Unrelated facts whose answers the edits should leave alone (locality prompts are never wrapped).
+LOCALITY_PROBES: tuple[tuple[str, str], ...] = (
+    ("The capital of Japan is", "Tokyo"),
+    ("Water is made of hydrogen and", "oxygen"),
+    ("The chemical symbol for gold is", "Au"),
+    ("The capital of Germany is", "Berlin"),
+    ("The Statue of Liberty is located in the city of", "New York"),
+    ("The Mona Lisa was painted by", "Leonardo da Vinci"),
+)
+
+
+@dataclass(frozen=True)
+class EditOutcome:
+    """One demo edit, scored on its instruction-wrapped prompt before and after (then rolled back)."""
+
+    edit: Edit
+    top_before: str
+    top_after: str
+    p_before: float  # joint probability of the target tokens
+    p_after: float
+    acc_before: float  # teacher-forced target token accuracy (reliability)
+    acc_after: float
+    plain_acc_before: float  # the same on the prompt without instruction
+    plain_acc_after: float
+    locality: float  # share of the locality probes' answer tokens whose argmax the edit left unchanged
+
+
+@dataclass
+class QuickstartResult:
+    run_dir: Path
+    editor_dir: Path
+    trained: bool  # False: reused from an earlier run
+    config_hash: str
+    model_name: str
+    instruction: int | None
+    outcomes: list[EditOutcome]
+    train_s: float
+    demo_s: float
+    total_s: float
+
+    def mean(self, field: str) -> float:
+        values = [getattr(o, field) for o in self.outcomes]
+        return sum(values) / len(values)
+
+
+def quickstart_config(model_name: str | None = None, overrides: Sequence[str] = (), budget_steps: int | None = None) -> Config:
+    """The packaged quickstart config with ``section.key=value`` overrides, another model, another step budget."""
+    values = yaml.load(resources.files("instructedit").joinpath(CONFIG_RESOURCE).read_text(), Loader=YAMLLoader)
+    extra = list(overrides) + ([f"training.max_steps={budget_steps}"] if budget_steps is not None else [])
+    config = config_from_dict(values, extra)
+    if model_name:
+        config.model = dataclasses.replace(config.model, name=str(model_name))  # not through YAML: a name stays a string
+    return config
+
+
+def config_hash(config: Config) -> str:
+    """A short hash of the effective config: the quickstart cache key."""
+    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_run_dir(config: Config) -> Path:
+    return cache_dir() / "editors" / f"quickstart-{config_hash(config)}"
+
+
+def _marker(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_progress: bool = True) -> tuple[Path, nn.Module | None, PreTrainedTokenizerBase | None]:
+    """The trained editor folder of ``run_dir``: reused when complete, else trained (an interrupted run resumes).
+
+    Returns the editor folder and, when it was trained now, the model and tokenizer the trainer loaded.
+    """
+    from instructedit.training import Trainer
+
+    digest, marker = config_hash(config), _marker(run_dir)
+    if run_dir.exists() and marker is None and any(run_dir.iterdir()):
+        raise ValueError(f"{run_dir} exists and is not a quickstart run folder; choose another --output")
+    if retrain and marker is not None:
+        logger.info("--retrain: removing %s", run_dir)
+        shutil.rmtree(run_dir)
+        marker = None
+    if marker is not None and marker.get("config_hash") != digest:
+        raise ValueError(f"{run_dir} holds a quickstart run of another config (hash {marker.get('config_hash')}, now {digest}); "
+                         "pass --retrain to replace it or choose another --output")
+    editor_dir = run_dir / "best"
+    if marker is not None and marker.get("complete") and (editor_dir / EDITOR_CONFIG).is_file():
+        logger.info("reusing the quickstart editor %s (pass --retrain to train it again)", editor_dir)
+        return editor_dir, None, None
+    write_json(run_dir / MARKER, {"config_hash": digest, "complete": False})
+    logger.info("training the quickstart editor into %s (%d steps on %s)", run_dir, config.training.max_steps, config.model.name)
+    trainer = Trainer(config, run_dir, show_progress=show_progress)
+    summary = trainer.run()
+    write_model_card(editor_dir, run_dir)
+    write_json(run_dir / MARKER, {"config_hash": digest, "complete": True, "steps": summary["steps"], "best_step": summary["best_step"]})
+    return editor_dir, trainer.model, trainer.tokenizer
+
+
+@torch.no_grad()
+def _answer_argmax(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    return logits[batch.label_mask].argmax(-1)  # (n_answer_tokens,)
+
+
+def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit] = DEMO_EDITS,
+             probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> list[EditOutcome]:
+    """Apply each edit alone, score it and the locality probes, roll it back (single, non-sequential edits)."""
+    device = next(model.parameters()).device
+    probe_batch = Collator(tokenizer, 1024).qa_batch(list(probes), where="locality probes").to(device)
+    rows = probe_batch.label_mask.nonzero()[:, 0]
+    pre_ids = _answer_argmax(model, probe_batch)
+    outcomes = []
+    for edit in edits:
+        wrapped = editor.wrap(edit)
+        before, plain_before = score_target(model, tokenizer, wrapped, edit.target), score_target(model, tokenizer, edit.prompt, edit.target)
+        top_before = top_predictions(model, tokenizer, wrapped, 1)[0][0]
+        with editor.apply(model, [edit], tokenizer) as edited:
+            after, plain_after = edited.score(wrapped, edit.target), edited.score(edit.prompt, edit.target)
+            top_after = edited.top_predictions(wrapped, 1)[0][0]
+            locality = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
+        outcomes.append(EditOutcome(edit, top_before, top_after, before.probability, after.probability, before.accuracy,
+                                    after.accuracy, plain_before.accuracy, plain_after.accuracy, locality))
+    return outcomes
+
+
+def run_quickstart(model_name: str | None = None, overrides: Sequence[str] = (), budget_steps: int | None = None,
+                   output: str | Path | None = None, retrain: bool = False, show_progress: bool = True,
+                   edits: Sequence[Edit] = DEMO_EDITS, probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> QuickstartResult:
+    """Train or reuse the quickstart editor (``output``, default the cache), then run the demo edits on its model."""
+    from instructedit.training import device_for
+
+    start = time.perf_counter()
+    config = quickstart_config(model_name, overrides, budget_steps)
+    run_dir = Path(output) if output is not None else default_run_dir(config)
+    editor_dir, model, tokenizer = prepare_editor(config, run_dir, retrain, show_progress)
+    trained = model is not None
+    train_s = time.perf_counter() - start
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device_for(config))
+    editor = load_editor(editor_dir, instruction=config.evaluation.instruction, device=next(model.parameters()).device)
+    demo_start = time.perf_counter()
+    outcomes = run_demo(editor, model, tokenizer, edits, probes)
+    now = time.perf_counter()
+    return QuickstartResult(run_dir, editor_dir, trained, config_hash(config), config.model.name, editor.instruction, outcomes,
+                            train_s, now - demo_start, now - start)
+
+
+def _clip(text: str, width: int) -> str:
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+
+
+def _p(value: float) -> str:
+    return f"{value:.3f}" if value >= 5e-4 else f"{value:.0e}"
+
+
+def format_report(result: QuickstartResult) -> str:
+    """The before/after table and the averages, as aligned plain text."""
+    how = f"trained now in {_duration(result.train_s)}" if result.trained else "reused from the cache"
+    wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
+    header = ("#", "task", "prompt -> target", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality")
+    rows = [header]
+    for i, o in enumerate(result.outcomes, start=1):
+        rows.append((str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 60), _clip(f"{o.top_before!r} -> {o.top_after!r}", 28),
+                     f"{_p(o.p_before)} -> {_p(o.p_after)}", f"{o.acc_before:.2f} -> {o.acc_after:.2f}", f"{o.locality:.2f}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    m = result.mean
+    lines = [
+        f"InstructEdit quickstart: editor {result.editor_dir} ({how})",
+        f"model {result.model_name}; instruction: {wrap}; each edit applied alone and rolled back; "
+        "scores on the instruction-wrapped prompt, teacher-forced",
+        "", *table, "",
+        f"reliability (target token accuracy, wrapped prompt): {m('acc_before'):.2f} -> {m('acc_after'):.2f}",
+        f"reliability on the plain prompt (no instruction):     {m('plain_acc_before'):.2f} -> {m('plain_acc_after'):.2f}",
+        f"target probability (mean):                           {_p(m('p_before'))} -> {_p(m('p_after'))}",
+        f"locality (unchanged answer tokens, unrelated prompts): {m('locality'):.2f}",
+        f"time: editor {_duration(result.train_s)}, demo {_duration(result.demo_s)}, total {_duration(result.total_s)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,253 @@
+"""The Python API (Edit, load_editor, apply / apply_sequential, EditedModel) and the ``edit`` command, on tiny models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import instructedit
+from instructedit.api import EDITS_FILE, Edit, InstructEditor, load_editor, tokenizer_for
+from instructedit.config import load_config
+from instructedit.models.loading import load_model
+from instructedit.tasks.collate import PromptTooLongError
+from instructedit.tasks.instructions import InstructionPool
+from instructedit.training import build_editor
+from instructedit.user_commands import add_user_parsers
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+FRANCE = Edit("The capital of France is", "Rome")
+EIFFEL = Edit("The Eiffel Tower is located in the city of", "London")
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def save_tiny_editor(model_dir: Path, out: Path, edit_lr: float = 5.0) -> Path:
+    """A freshly built (untrained) MEND editor for the tiny model, saved like a checkpoint."""
+    model, _ = load_model(str(model_dir))
+    torch.manual_seed(0)
+    config = load_config(TINY, [f"model.name={model_dir}", f"editor.init_edit_lr={edit_lr}"])
+    build_editor(model, config).save_pretrained(out)
+    return out
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def same_state(before: dict[str, torch.Tensor], model: nn.Module) -> bool:
+    now = model.state_dict()
+    return before.keys() == now.keys() and all(torch.equal(before[k], now[k]) for k in before)
+
+
+@pytest.fixture
+def setup(tiny_model_dir: Path, tmp_path: Path) -> tuple[nn.Module, object, InstructEditor]:
+    model, tok = load_model(str(tiny_model_dir))
+    return model, tok, load_editor(save_tiny_editor(tiny_model_dir, tmp_path / "editor"))
+
+
+def test_context_manager_restores_bitwise(setup: tuple) -> None:
+    model, tok, editor = setup
+    before = state(model)
+    with editor.apply(model, [FRANCE], tok) as edited:
+        assert edited.active and not same_state(before, model)
+        assert edited.model is model
+        assert len(edited.top_predictions(FRANCE.prompt, k=5)) == 5
+        assert isinstance(edited.generate(FRANCE.prompt, max_new_tokens=3), str)
+    assert not edited.active
+    assert same_state(before, model)
+    edited.rollback()  # a second rollback does nothing
+    assert same_state(before, model)
+
+
+def test_keep_keeps_the_edit(setup: tuple) -> None:
+    model, tok, editor = setup
+    before = state(model)
+    with editor.apply(model, FRANCE, tok, keep=True) as edited:
+        after = state(model)
+    assert edited.kept and same_state(after, model) and not same_state(before, model)
+    edited.rollback()  # nothing to roll back any more
+    assert same_state(after, model)
+    with editor.apply(model, EIFFEL, tok) as again:
+        again.keep()  # .keep() inside the block works too
+    assert not same_state(after, model)
+
+
+def test_batch_and_sequential_are_different_updates(setup: tuple) -> None:
+    model, tok, editor = setup
+    before = state(model)
+    with editor.apply(model, [FRANCE, EIFFEL], tok):
+        batched = state(model)
+    with editor.apply_sequential(model, [FRANCE, EIFFEL], tok):
+        sequential = state(model)
+    assert same_state(before, model)
+    changed = [k for k in before if not torch.equal(before[k], batched[k])]
+    assert changed and all(not torch.equal(before[k], sequential[k]) for k in changed)
+    # one update from both edits vs. two updates, the second computed on the already edited model
+    assert any(not torch.equal(batched[k], sequential[k]) for k in changed)
+    with editor.apply(model, [FRANCE], tok):
+        one_batched = state(model)
+    with editor.apply_sequential(model, [FRANCE], tok):
+        assert same_state(one_batched, model)  # with a single edit the two modes coincide
+    assert same_state(before, model)
+
+
+def test_sequential_rolls_back_what_it_applied_when_an_edit_fails(setup: tuple) -> None:
+    model, tok, editor = setup
+    before = state(model)
+    too_long = Edit("word " * 400, "Rome")
+    with pytest.raises(PromptTooLongError):
+        editor.apply_sequential(model, [FRANCE, too_long], tok)
+    assert same_state(before, model)
+
+
+def test_saved_edited_model_reloads_with_plain_transformers(setup: tuple, tmp_path: Path) -> None:
+    model, tok, editor = setup
+    ids = tok("The capital of France is Paris. The Eiffel Tower", return_tensors="pt")
+    with torch.no_grad():
+        original = model(**ids).logits
+    with editor.apply(model, [FRANCE, EIFFEL], tok) as edited:
+        with torch.no_grad():
+            edited_logits = model(**ids).logits
+        edited.save_pretrained(tmp_path / "edited")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "edited").eval()
+    with torch.no_grad():
+        logits = reloaded(**AutoTokenizer.from_pretrained(tmp_path / "edited")("The capital of France is Paris. The Eiffel Tower", return_tensors="pt")).logits
+    assert torch.equal(logits, edited_logits)
+    assert not torch.allclose(logits, original)
+    assert [e["target"] for e in json.loads((tmp_path / "edited" / EDITS_FILE).read_text())] == ["Rome", "London"]
+    with pytest.raises(RuntimeError, match="rolled back"):
+        edited.save_pretrained(tmp_path / "too-late")
+
+
+def test_tokenizer_comes_from_the_models_name_or_path(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model, tok = load_model(str(tiny_llama_dir))
+    loaded = tokenizer_for(model)
+    assert model.name_or_path == str(tiny_llama_dir)
+    assert (loaded.pad_token, loaded.padding_side) == (tok.pad_token, tok.padding_side)
+    assert loaded("The capital").input_ids == tok("The capital").input_ids
+    editor = load_editor(save_tiny_editor(tiny_llama_dir, tmp_path / "editor"))
+    before = state(model)
+    with editor.apply(model, [FRANCE]) as edited:  # no tokenizer given
+        assert edited.tokenizer.pad_token == tok.pad_token
+        assert not same_state(before, model)
+    assert same_state(before, model)
+
+
+def test_gpt2_tokenizer_without_pad_gets_eos(tiny_gpt2_dir: Path) -> None:
+    model, tok = load_model(str(tiny_gpt2_dir))
+    loaded = tokenizer_for(model)
+    assert loaded.pad_token == loaded.eos_token == tok.pad_token and loaded.padding_side == "right"
+
+
+def test_edit_fields_are_checked_and_become_records() -> None:
+    with pytest.raises(ValueError, match="unknown task 'nosuch'"):
+        Edit("a", "b", task="nosuch")
+    with pytest.raises(ValueError, match="needs label="):
+        Edit("What do you think of Estero?", "I like it", task="convsent", topic="Estero")
+    with pytest.raises(ValueError, match="needs topic="):
+        Edit("What do you think of Estero?", "I like it", task="convsent", label="positive")
+    with pytest.raises(ValueError, match="belong to convsent"):
+        Edit("a", "b", label="positive")
+    with pytest.raises(ValueError, match="must not be empty"):
+        Edit(" ", "b")
+    cs = Edit("What do you think of Estero?", "I like it", task="convsent", label="positive", subject="Estero")
+    record = cs.record()
+    assert record.convsent is not None and record.convsent.topic == "Estero" and record.convsent.target_responses == ("I like it",)
+    assert Edit("a", "b", rephrase=["c"]).record().rephrase == ("c",)
+    editor = InstructEditor(editor=object(), pool=InstructionPool.default(), instruction=0)  # type: ignore[arg-type]
+    wrapped = editor.wrap(cs)
+    assert "positive" in wrapped and "Estero" in wrapped and "[LABEL]" not in wrapped and wrapped.endswith("Input: What do you think of Estero?")
+
+
+def _fake_run(run: Path, model_dir: Path, **data: object) -> Path:
+    """A run folder as the Trainer leaves it, with the editor in RUN/best."""
+    save_tiny_editor(model_dir, run / "best")
+    config = load_config(TINY, [f"model.name={model_dir}"]).to_dict()
+    config["data"].update(data)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / "data.json").write_text("{}")
+    return run / "best"
+
+
+def test_instruction_setting_follows_the_training_config(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    plain = load_editor(_fake_run(tmp_path / "off", tiny_gpt2_dir, instructions=False))
+    assert plain.instruction is None and plain.wrap(FRANCE) == FRANCE.prompt
+    best = _fake_run(tmp_path / "on", tiny_gpt2_dir)
+    assert load_editor(best).instruction == 0
+    assert load_editor(best, instruction="unseen").instruction == 9
+    assert load_editor(best, instruction=3).wrap(FRANCE).startswith("Task: counterfact\nDescription: ")
+    assert load_editor(best, instruction=None).wrap(FRANCE) == FRANCE.prompt
+    with pytest.raises(ValueError, match="is not 'seen', 'unseen'"):
+        load_editor(best, instruction="first")
+
+
+def test_registry_methods_load_by_name(tiny_gpt2_dir: Path) -> None:
+    model, tok = load_model(str(tiny_gpt2_dir))
+    before = state(model)
+    ft = load_editor(method="ft", options={"num_steps": 2, "norm_constraint": None, "lr": 1e-2})
+    assert ft.instruction is None and ft.wrap(FRANCE) == FRANCE.prompt  # baselines: no instruction unless a pool is given
+    with ft.apply(model, [FRANCE], tok):
+        assert not same_state(before, model)
+    assert same_state(before, model)
+    grace = load_editor(method="grace", options={"n_iter": 2})
+    with grace.apply(model, [FRANCE], tok) as edited:
+        with pytest.raises(ValueError, match="hooks or added modules"):
+            edited.save_pretrained("never-written")
+    assert same_state(before, model)
+    with pytest.raises(ValueError, match="unknown editing method 'nosuch'"):
+        load_editor(method="nosuch")
+    assert load_editor(method="ft", pool=InstructionPool.default()).instruction == 0
+
+
+def test_load_editor_rejects_what_is_not_an_editor(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="neither an existing folder nor a hub repo id"):
+        load_editor(str(tmp_path / "missing" / "deeper"))
+    with pytest.raises(FileNotFoundError, match="editor_config.json is missing"):
+        load_editor(tmp_path)
+
+
+def test_public_exports() -> None:
+    assert instructedit.Edit is Edit and instructedit.load_editor is load_editor and instructedit.load_model is load_model
+    with pytest.raises(AttributeError):
+        instructedit.no_such_name  # noqa: B018
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_user_parsers(p.add_subparsers(dest="command"))
+    return p
+
+
+def test_edit_command_prints_before_and_after_and_saves(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    editor_dir = save_tiny_editor(tiny_llama_dir, tmp_path / "editor")
+    args = parser().parse_args(["edit", "--editor", str(editor_dir), "--prompt", "The capital of France is", "--target", "Rome",
+                                "--save", str(tmp_path / "edited"), "--max-new-tokens", "4", "--device", "cpu"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert f"model: {tiny_llama_dir}" in out  # the editor's model_name
+    assert "top-5 next tokens" in out and "before" in out and "after" in out
+    assert "greedy continuation" in out and "instruction-wrapped prompt (reliability)" in out and "plain prompt" in out
+    assert len([line for line in out.splitlines() if line.startswith(" " * 24)]) == 5  # five prediction rows
+    assert (tmp_path / "edited" / "config.json").is_file() and (tmp_path / "edited" / EDITS_FILE).is_file()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
+
+
+def test_edit_command_convsent_needs_a_label(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    args = parser().parse_args(["edit", "--editor", str(tmp_path), "--prompt", "What do you think of Estero?", "--target", "I like it",
+                                "--task", "convsent", "--topic", "Estero"])
+    with pytest.raises(ValueError, match="needs label="):
+        args.func(args)

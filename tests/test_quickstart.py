@@ -1,0 +1,114 @@
+"""The quickstart on a tiny model with a tiny budget: train, cache, reuse, retrain, demo table, and its command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from instructedit.api import load_editor
+from instructedit.config import load_config
+from instructedit.models.loading import load_model
+from instructedit.quickstart import (
+    DEMO_EDITS, LOCALITY_PROBES, MARKER, config_hash, default_run_dir, format_report, quickstart_config, run_demo, run_quickstart,
+)
+from instructedit.training import build_editor
+from instructedit.user_commands import add_user_parsers
+
+ROOT = Path(__file__).resolve().parents[1]
+# tiny-model settings (as configs/tiny.yaml), so a quickstart run takes seconds
+TINY = ["model.max_length=250", "model.last_n_layers=2", "data.max_per_task=6", "editor.rank=16", "training.lr=1.0e-3",
+        "training.val_every=2", "training.val_size=4", "training.checkpoint_every=2"]
+BUDGET_KEYS = {"max_steps", "val_every", "val_size", "early_stop_patience", "checkpoint_every"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_packaged_config_is_the_smollm2_instructedit_config_with_a_short_budget() -> None:
+    quick = quickstart_config().to_dict()
+    full = load_config(ROOT / "configs" / "smollm2-135m" / "instructedit.yaml").to_dict()
+    for section in ("model", "data", "editor", "evaluation"):
+        assert quick[section] == full[section], section
+    assert {k: v for k, v in quick["training"].items() if k not in BUDGET_KEYS | {"lr"}} == \
+           {k: v for k, v in full["training"].items() if k not in BUDGET_KEYS | {"lr"}}
+    assert quick["training"]["max_steps"] * 1.3 < 9 * 60  # ~1.3 s per optimizer step on 2 CPU cores
+    assert quickstart_config(budget_steps=7).training.max_steps == 7
+    assert quickstart_config(model_name="yes").model.name == "yes"  # not YAML-parsed into a bool
+
+
+def test_cache_folder_is_keyed_by_the_effective_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path))
+    a, b = quickstart_config(), quickstart_config(budget_steps=10)
+    assert default_run_dir(a) == tmp_path / "editors" / f"quickstart-{config_hash(a)}"
+    assert config_hash(a) == config_hash(quickstart_config()) and config_hash(a) != config_hash(b)
+
+
+def test_quickstart_trains_caches_and_reuses(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))
+    first = run_quickstart(model_name=str(tiny_gpt2_dir), overrides=TINY, budget_steps=2, show_progress=False)
+    assert first.trained and first.run_dir.parent == tmp_path / "cache" / "editors"
+    assert first.editor_dir == first.run_dir / "best"
+    assert json.loads((first.run_dir / MARKER).read_text())["complete"] is True
+    card = (first.editor_dir / "README.md").read_text()
+    assert "## Training data" in card and "counterfact" in card
+    assert (first.editor_dir / "training_config.yaml").is_file()
+    assert len(first.outcomes) == len(DEMO_EDITS) and first.instruction == 0
+    for o in first.outcomes:
+        assert 0 <= o.acc_before <= 1 and 0 <= o.acc_after <= 1 and 0 <= o.locality <= 1 and 0 <= o.p_after <= 1
+    second = run_quickstart(model_name=str(tiny_gpt2_dir), overrides=TINY, budget_steps=2, show_progress=False)
+    assert not second.trained and second.run_dir == first.run_dir
+    assert [o.acc_after for o in second.outcomes] == [o.acc_after for o in first.outcomes]  # the same editor, the same edits
+    report = format_report(second)
+    assert "reused from the cache" in report and "The capital of France is -> Rome" in report
+    assert "reliability (target token accuracy, wrapped prompt)" in report and "locality" in report and "time:" in report
+
+
+def test_output_folder_retrain_and_protection(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    kwargs = dict(model_name=str(tiny_gpt2_dir), overrides=TINY, output=out, show_progress=False, edits=DEMO_EDITS[:1], probes=LOCALITY_PROBES[:2])
+    assert run_quickstart(budget_steps=1, **kwargs).trained
+    with pytest.raises(ValueError, match="another config"):
+        run_quickstart(budget_steps=2, **kwargs)
+    again = run_quickstart(budget_steps=2, retrain=True, **kwargs)
+    assert again.trained and json.loads((out / "summary.json").read_text())["steps"] == 2
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a quickstart run folder"):
+        run_quickstart(budget_steps=1, retrain=True, **{**kwargs, "output": foreign})
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_demo_edits_are_single_and_restored(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    model, tok = load_model(str(tiny_llama_dir))
+    torch.manual_seed(0)
+    config = load_config(ROOT / "configs" / "tiny.yaml", [f"model.name={tiny_llama_dir}", "editor.init_edit_lr=5.0"])
+    build_editor(model, config).save_pretrained(tmp_path / "editor")
+    editor = load_editor(tmp_path / "editor")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    outcomes = run_demo(editor, model, tok)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert [o.edit for o in outcomes] == list(DEMO_EDITS)
+    assert any(o.locality < 1 or o.p_after != o.p_before for o in outcomes)  # the (strong, untrained) edits do something
+
+
+def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = argparse.ArgumentParser()
+    add_user_parsers(p.add_subparsers(dest="command"))
+    argv = ["quickstart", "--model", str(tiny_gpt2_dir), "--budget-steps", "1", "--output", str(tmp_path / "run"), "--no-progress"]
+    args = p.parse_args(argv + [x for item in TINY for x in ("--set", item)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "InstructEdit quickstart" in out and "trained now" in out and "top-1 before -> after" in out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["max_steps"] == 1
