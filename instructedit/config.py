@@ -14,6 +14,7 @@ import yaml
 from instructedit.records import TASKS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained(device_map=...) accepts
 
 
 class YAMLLoader(yaml.SafeLoader):
@@ -38,9 +39,13 @@ class ModelConfig:
     last_n_layers: int = 3  # editable MLP weights: those of the last N blocks ...
     edit_weights: list[str] = field(default_factory=list)  # ... unless named here explicitly
     architecture: dict[str, Any] | None = None  # {layers, final_norm, mlp_modules} for unknown model types
+    device_map: str | dict[str, Any] | None = None  # "auto" etc.: spread the frozen base over this process's GPUs
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "model.name", "must name a model (e.g. smollm2-135m-instruct)")
+        if isinstance(self.device_map, str):
+            ok = self.device_map in DEVICE_MAP_STRATEGIES or re.fullmatch(r"cpu|cuda(:\d+)?", self.device_map) is not None
+            _check(ok, "model.device_map", f"{self.device_map!r} is not one of {list(DEVICE_MAP_STRATEGIES)}, a device, a mapping or null")
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"{self.dtype!r} is not one of float32, bfloat16, float16")
         _check(self.max_length >= 8, "model.max_length", f"{self.max_length} is too small (>= 8)")
         _check(self.last_n_layers >= 1, "model.last_n_layers", "must be >= 1")
@@ -104,6 +109,7 @@ class TrainingConfig:
     device: str = "auto"
     tensorboard: bool = False
     max_bad_steps: int = 50  # consecutive NaN/Inf losses before training gives up
+    activation_checkpointing: bool = False  # recompute the edited blocks in backward instead of keeping their activations
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and self.lr_lr >= 0, "training.lr", "learning rates must be positive")

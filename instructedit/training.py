@@ -1,9 +1,13 @@
 """Meta-training loop: the editor learns from a task mixture; validation, early stopping, checkpoints, resume.
 
 One code path serves the three modes: single-task MEND (one task, no instructions), multi-task
-MEND (several tasks, no instructions) and InstructEdit (several tasks, instructions).
+MEND (several tasks, no instructions) and InstructEdit (several tasks, instructions), in one
+process or data-parallel under ``accelerate launch`` (``instructedit.distributed``; docs/distributed.md).
+An optimizer step consumes ``batch_size × grad_accumulation × processes`` records of one endless,
+seeded record stream; process p takes micro-batches p, p+P, p+2P, ... of each step, so P processes
+with ``grad_accumulation`` g/P reproduce one process with g.
 Checkpoints go to ``OUTPUT/last`` (every ``checkpoint_every`` steps and at the end) and
-``OUTPUT/best`` (lowest validation loss); both are written to a temporary folder and renamed.
+``OUTPUT/best`` (lowest validation loss); both are written (by rank 0) to a temporary folder and renamed.
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from instructedit.config import Config, save_config
+from instructedit.distributed import Distributed, device_map_placement
 from instructedit.editors.mend import MENDEditor
 from instructedit.io import atomic_write, write_json
+from instructedit.memory import CheckpointedSplitModel, estimate_memory
 from instructedit.models.architectures import ArchSpec, arch_spec, resolve_editable_weights
 from instructedit.models.loading import load_model
 from instructedit.objective import meta_loss
@@ -34,6 +40,13 @@ from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import build_mixture
 
 logger = logging.getLogger(__name__)
+
+FP16_INITIAL_LOSS_SCALE = 2.0**16
+FP16_SCALE_GROWTH_INTERVAL = 2000  # overflow-free steps before the loss scale doubles (torch.amp's default)
+
+
+class NoValidationRecords(ValueError):
+    """None of the validation records fits ``model.max_length``."""
 
 
 @dataclass
@@ -50,12 +63,15 @@ class TrainState:
     """Everything besides tensors needed to resume exactly."""
 
     step: int = 0  # optimizer steps done
+    records_seen: int = -1  # position in the training record stream; -1: step × records per step (older checkpoints)
     best_val_loss: float = math.inf
     best_step: int = -1
     validations_since_best: int = 0
     skipped_nonfinite: int = 0
     skipped_too_long: int = 0
     stopped_early: bool = False
+    loss_scale: float = 1.0  # float16 base models: dynamic loss scale of the meta-loss
+    steps_since_overflow: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # validation results
 
 
@@ -98,26 +114,50 @@ def prepare_data(config: Config, tokenizer) -> TrainData:
 
 
 class Trainer:
-    """Runs meta-training for ``config`` into ``output_dir``; resumes from ``output_dir/last``."""
+    """Runs meta-training for ``config`` into ``output_dir``; resumes from ``output_dir/last``.
+
+    In a data-parallel run (``accelerate launch``) every process builds its own Trainer; see the
+    module docstring for how they share the work.
+    """
 
     def __init__(self, config: Config, output_dir: str | Path, model=None, tokenizer=None, show_progress: bool = True) -> None:
         self.config = config
         self.output = Path(output_dir)
+        self.dist = Distributed.from_environment(cpu=config.training.device == "cpu")
+        device_map = config.model.device_map
+        if device_map is not None and self.dist.local_world_size > 1:
+            raise ValueError(
+                f"config field 'model.device_map': {device_map!r} spreads the model over this machine's GPUs, but "
+                f"{self.dist.local_world_size} processes run on it; launch one process per machine, or set model.device_map=null"
+            )
         self.output.mkdir(parents=True, exist_ok=True)
-        self.device = device_for(config)
+        self.device = self.dist.device if self.dist.enabled and device_map is None else device_for(config)
         if model is None:
-            model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=str(self.device))
+            model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=str(self.device), device_map=device_map)
         self.model, self.tokenizer = model, tokenizer
         self.data = prepare_data(config, tokenizer)
         torch.manual_seed(config.training.seed)
-        self.editor = build_editor(model, config).to(self.device)
+        self.editor = build_editor(model, config)
+        if device_map is not None:
+            self.device, editor_device = device_map_placement(model, self.editor)
+        else:
+            editor_device = self.device
+        self.editor.to(editor_device)
+        self.dist.attach(self.editor)
         self.split = self.editor.split(model)
         t = config.training
+        if t.activation_checkpointing:
+            self.split = CheckpointedSplitModel(model, self.split.spec, self.split.first_layer)
         self.opt = torch.optim.Adam(self.editor.network_parameters + [self.editor.edit_lrs], lr=t.lr)
         self.lr_opt = torch.optim.Adam([self.editor.edit_lrs], lr=t.lr_lr) if t.lr_lr > 0 else None
-        self.state = TrainState()
-        self.show_progress = show_progress
+        self.state = TrainState(loss_scale=FP16_INITIAL_LOSS_SCALE if config.model.dtype == "float16" else 1.0)
+        self.show_progress = show_progress and self.dist.is_main
         self._tb = None
+
+    @property
+    def records_per_step(self) -> int:
+        t = self.config.training
+        return t.batch_size * t.grad_accumulation * self.dist.world_size
 
     # -- data ----------------------------------------------------------------------------------
     def _instruction(self, record: EditRecord) -> int | None:
@@ -140,9 +180,15 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         t = self.config.training
         resumed = self._maybe_resume()
+        self.dist.broadcast_module(self.editor)  # identical by construction; this makes it certain
+        if self.dist.is_main:
+            self._log_memory_estimate()
+            if self.dist.enabled:
+                logger.info("data parallel over %d processes: %d records per optimizer step", self.dist.world_size, self.records_per_step)
         if not resumed:
-            save_config(self.config, self.output / "config.yaml")
-            write_json(self.output / "data.json", self.data.info)
+            if self.dist.is_main:
+                save_config(self.config, self.output / "config.yaml")
+                write_json(self.output / "data.json", self.data.info)
             self.validate()  # the starting point: pre-training editor
         self._open_logs()
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="meta-train", disable=not self.show_progress, dynamic_ncols=True)
@@ -167,52 +213,94 @@ class Trainer:
             self.validate()
         self.save_checkpoint()
         summary = self.summary()
-        write_json(self.output / "summary.json", summary)
+        if self.dist.is_main:
+            write_json(self.output / "summary.json", summary)
+        self.dist.barrier()  # every process returns once the run folder is complete
         return summary
 
+    def _log_memory_estimate(self) -> None:
+        device = "cuda" if self.device.type == "cuda" else "cpu"
+        try:
+            estimate = estimate_memory(self.config, self.model, device)
+        except (AttributeError, ValueError) as e:  # an architecture the estimate does not know; training does not need it
+            logger.warning("no memory estimate for %s: %s", self.config.model.name, e)
+            return
+        logger.info("memory estimate per process (%s):\n%s", device, estimate.format())
+
     def train_step(self) -> dict[str, float] | None:
-        """One optimizer step over ``grad_accumulation`` batches; None if every batch was skipped."""
+        """One optimizer step over ``grad_accumulation`` batches per process; None if every batch was skipped."""
         t = self.config.training
+        world, rank = self.dist.world_size, self.dist.rank
         self.editor.train()
         self.opt.zero_grad(set_to_none=True)
         if self.lr_opt:
             self.lr_opt.zero_grad(set_to_none=True)
+        if self.state.records_seen < 0:
+            self.state.records_seen = self.state.step * self.records_per_step
         totals: dict[str, float] = {}
-        used = 0
+        used = nonfinite = too_long = 0
         for micro in range(t.grad_accumulation):
-            start = (self.state.step * t.grad_accumulation + micro) * t.batch_size
+            start = self.state.records_seen + (micro * world + rank) * t.batch_size  # global micro-batch micro·P + rank
             records = [self._record_at(start + i) for i in range(t.batch_size)]
             try:
                 batch = self._batch(records)
             except PromptTooLongError as e:
-                self.state.skipped_too_long += 1
+                too_long += 1
                 logger.warning("skipping a batch: %s", e)
+                self.dist.skip_statistics(self.editor)  # the other processes merge their statistics of this round
                 continue
             loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc)
             if not torch.isfinite(loss):
-                self.state.skipped_nonfinite += 1
-                logger.warning("non-finite loss at step %d (%s); skipped (%d so far)", self.state.step, records[0].source, self.state.skipped_nonfinite)
-                if self.state.skipped_nonfinite >= t.max_bad_steps:
-                    raise FloatingPointError(f"{self.state.skipped_nonfinite} non-finite losses; stopping (lower training.lr?)")
+                nonfinite += 1
+                logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
                 continue
-            (loss / t.grad_accumulation).backward()
+            scaled = loss * self.state.loss_scale if self.state.loss_scale != 1.0 else loss
+            (scaled / t.grad_accumulation).backward()
             used += 1
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
+        self.state.records_seen += self.records_per_step  # consumed even when skipped: a bad record cannot loop forever
+        used, nonfinite, too_long = self.dist.sum({"used": used, "nonfinite": nonfinite, "too_long": too_long}).values()
+        totals = self.dist.sum(totals)
+        self.state.skipped_too_long += too_long
+        if nonfinite:
+            self.state.skipped_nonfinite += nonfinite
+            if self.state.skipped_nonfinite >= t.max_bad_steps:
+                raise FloatingPointError(f"{self.state.skipped_nonfinite} non-finite losses; stopping (lower training.lr?)")
         if used == 0:
-            self.state.step += 1  # the step's records are consumed; move on so a bad record cannot loop forever
+            self.state.step += 1
             return None
         params = self.editor.network_parameters + [self.editor.edit_lrs]
+        self.dist.average_gradients(params)
+        if self.state.loss_scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(self.state.loss_scale)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         if not torch.isfinite(grad_norm):
             self.state.skipped_nonfinite += 1
-            logger.warning("non-finite gradient norm at step %d; step skipped", self.state.step)
+            self._overflow()
             self.state.step += 1
             return None
         self.opt.step()
         if self.lr_opt:
             self.lr_opt.step()
+        self._no_overflow()
         return {k: v / used for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
+
+    def _overflow(self) -> None:
+        if self.config.model.dtype == "float16":
+            self.state.loss_scale = max(self.state.loss_scale / 2, 1.0)
+            self.state.steps_since_overflow = 0
+            logger.info("float16 gradient overflow at step %d: loss scale lowered to %g", self.state.step, self.state.loss_scale)
+        else:
+            logger.warning("non-finite gradient norm at step %d; step skipped", self.state.step)
+
+    def _no_overflow(self) -> None:
+        if self.config.model.dtype == "float16":
+            self.state.steps_since_overflow += 1
+            if self.state.steps_since_overflow % FP16_SCALE_GROWTH_INTERVAL == 0:
+                self.state.loss_scale *= 2
 
     @torch.no_grad()
     def evaluate_records(self, records: list[EditRecord]) -> dict[str, float]:
@@ -231,15 +319,25 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
         if n == 0:
-            raise ValueError(f"none of the {len(records)} validation records fits model.max_length={self.config.model.max_length} tokens")
+            raise NoValidationRecords(f"none of the {len(records)} validation records fits model.max_length={self.config.model.max_length} tokens")
         return {k: v / n for k, v in totals.items()} | {"n": n}
 
     def validate(self) -> dict[str, float]:
-        metrics = self.evaluate_records(self.data.val)
+        shard = self.data.val[self.dist.rank :: self.dist.world_size]  # every P-th record (all of them in one process)
+        try:
+            local = self.evaluate_records(shard)
+        except NoValidationRecords:
+            if not self.dist.enabled:
+                raise
+            local = {"n": 0}
+        metrics = self.dist.mean(local)  # the same on every process: early stopping agrees
+        if metrics["n"] == 0:
+            raise NoValidationRecords(f"none of the {len(self.data.val)} validation records fits model.max_length={self.config.model.max_length} tokens")
         entry = {"step": self.state.step, "split": "val", **metrics}
         self.state.history.append(entry)
         self._log(entry)
-        logger.info("validation @%d: loss %.4f edit_acc %.3f (pre %.3f) locality %.3f", self.state.step, metrics["loss"], metrics["edit_acc"], metrics["edit_acc_pre"], metrics["locality"])
+        if self.dist.is_main:
+            logger.info("validation @%d: loss %.4f edit_acc %.3f (pre %.3f) locality %.3f", self.state.step, metrics["loss"], metrics["edit_acc"], metrics["edit_acc_pre"], metrics["locality"])
         if metrics["loss"] < self.state.best_val_loss:
             self.state.best_val_loss = metrics["loss"]
             self.state.best_step = self.state.step
@@ -249,7 +347,8 @@ class Trainer:
             self.state.validations_since_best += 1
             patience = self.config.training.early_stop_patience
             if patience and self.state.validations_since_best >= patience:
-                logger.info("early stopping at step %d: no validation improvement in %d validations", self.state.step, patience)
+                if self.dist.is_main:
+                    logger.info("early stopping at step %d: no validation improvement in %d validations", self.state.step, patience)
                 self.state.stopped_early = True
         return metrics
 
@@ -258,6 +357,8 @@ class Trainer:
         self._save_dir("last", with_optimizer=True)
 
     def _save_dir(self, name: str, with_optimizer: bool) -> None:
+        if not self.dist.is_main:  # every process holds the same editor and optimizer state
+            return
         final = self.output / name
         tmp = self.output / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -286,18 +387,22 @@ class Trainer:
 
     def _maybe_resume(self) -> bool:
         last = self.output / "last"
-        if not (last / "trainer_state.json").is_file():
+        if self.dist.is_main and not (last / "trainer_state.json").is_file():
             old = self.output / ".last.old"  # interrupted between the two renames
             if (old / "trainer_state.json").is_file():
                 old.rename(last)
-            else:
-                return False
-        loaded = MENDEditor.from_pretrained(last, device=self.device)
+        self.dist.barrier()
+        found = (last / "trainer_state.json").is_file()
+        self.dist.check_same(found, f"whether {last} holds a checkpoint (a multi-machine run needs --output on a shared filesystem)")
+        if not found:
+            return False
+        editor_device = self.editor.edit_lrs.device
+        loaded = MENDEditor.from_pretrained(last, device=editor_device)
         self.editor.load_state_dict(loaded.state_dict())
         raw = json.loads((last / "trainer_state.json").read_text())
         groups = raw.pop("param_groups")
         self.state = TrainState(**raw)
-        tensors = load_file(str(last / "optimizer.safetensors"), device=str(self.device))
+        tensors = load_file(str(last / "optimizer.safetensors"), device=str(editor_device))
         for key, opt in (("opt", self.opt), ("lr_opt", self.lr_opt)):
             if opt is None:
                 continue
@@ -307,12 +412,14 @@ class Trainer:
                 if prefix == key:
                     state.setdefault(int(pid), {})[k] = value
             opt.load_state_dict({"state": state, "param_groups": groups[key]})
-        self._truncate_log()
-        logger.info("resumed from %s at step %d", last, self.state.step)
+        self.dist.check_same(self.state.step, f"the step of the checkpoint in {last}")
+        if self.dist.is_main:
+            self._truncate_log()
+            logger.info("resumed from %s at step %d", last, self.state.step)
         return True
 
     def _open_logs(self) -> None:
-        if self.config.training.tensorboard and self._tb is None:
+        if self.config.training.tensorboard and self._tb is None and self.dist.is_main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
@@ -320,6 +427,8 @@ class Trainer:
             self._tb = SummaryWriter(str(self.output / "tensorboard"))
 
     def _log(self, entry: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.output / "metrics.jsonl", "a") as f:
             f.write(json.dumps(entry) + "\n")
         if self._tb is not None:
@@ -348,6 +457,8 @@ class Trainer:
             "last_validation": vals[-1] if vals else None,
             "skipped_nonfinite": self.state.skipped_nonfinite,
             "skipped_too_long": self.state.skipped_too_long,
+            "processes": self.dist.world_size,
+            "records_per_step": self.records_per_step,
             "data": self.data.info,
         }
 

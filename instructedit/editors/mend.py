@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -31,6 +32,10 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "editor_config.json"
 WEIGHTS_NAME = "editor.safetensors"
 
+Moments = tuple[int, torch.Tensor, torch.Tensor]  # (count, mean, summed squared deviations)
+# Gets this process's (u, δ) moments; returns every process's, in rank order, and this process's rank.
+StatisticsExchange = Callable[[tuple[Moments, Moments]], tuple[list[tuple[Moments, Moments]], int]]
+
 
 class RunningNorm(nn.Module):
     """Standardize with the running mean/std of every row seen in training (Chan/Welford merge)."""
@@ -42,19 +47,30 @@ class RunningNorm(nn.Module):
         self.register_buffer("m2", torch.zeros(dim))
         self.register_buffer("count", torch.zeros((), dtype=torch.float64))
 
+    @staticmethod
     @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        n_new = x.shape[0]
+    def moments(x: torch.Tensor) -> Moments:
+        """(count, mean, summed squared deviations) of the rows of ``x``: one contribution to merge."""
+        n = x.shape[0]
+        if n == 0:
+            return 0, x.new_zeros(x.shape[1:]), x.new_zeros(x.shape[1:])
+        mean = x.mean(0)
+        return n, mean, ((x - mean) ** 2).sum(0)
+
+    @torch.no_grad()
+    def merge(self, n_new: int, mean_new: torch.Tensor, m2_new: torch.Tensor) -> None:
+        """Chan's parallel update: fold one contribution into the running statistics."""
         if n_new == 0:
             return
-        mean_new = x.mean(0)
-        m2_new = ((x - mean_new) ** 2).sum(0)
         n_old = float(self.count)
         total = n_old + n_new
         delta = mean_new - self.mean
         self.mean += delta * (n_new / total)
         self.m2 += m2_new + delta**2 * (n_old * n_new / total)
         self.count.fill_(total)
+
+    def update(self, x: torch.Tensor) -> None:
+        self.merge(*self.moments(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if float(self.count) < 2:
@@ -92,15 +108,33 @@ class GradientTransform(nn.Module):
         self.norm_delta = RunningNorm(d_out, eps)
         # MEND's IDMLP: ReLU on the hidden layers, a linear last layer, each residual.
         self.layers = nn.ModuleList(LowRankResidual(dim, min(rank, dim), n_modes, relu=i < n_hidden) for i in range(n_hidden + 1))
+        # Data-parallel training sets this (instructedit.distributed), so that every process holds the
+        # statistics of every process's tokens; None: a single process.
+        self.exchange: StatisticsExchange | None = None
 
     def forward(self, u: torch.Tensor, delta: torch.Tensor, mode: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.training:
-            self.norm_u.update(u)
-            self.norm_delta.update(delta)
-        h = torch.cat([self.norm_u(u), self.norm_delta(delta)], dim=-1)  # (n_tokens, d_in + d_out)
+        if not self.training:
+            h = self._normalized(u, delta)
+        else:
+            local = (RunningNorm.moments(u), RunningNorm.moments(delta))
+            everyone, rank = self.exchange(local) if self.exchange is not None else ([local], 0)
+            # Lower ranks' micro-batches first, then ours, then the rest: the order in which one
+            # process running all of them one after the other would have merged them.
+            self.merge_statistics(everyone[: rank + 1])
+            h = self._normalized(u, delta)
+            self.merge_statistics(everyone[rank + 1 :])
         for layer in self.layers:
             h = layer(h, mode)
         return h[:, : self.d_in], h[:, self.d_in :]
+
+    def _normalized(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.norm_u(u), self.norm_delta(delta)], dim=-1)  # (n_tokens, d_in + d_out)
+
+    def merge_statistics(self, contributions: list[tuple[Moments, Moments]]) -> None:
+        """Fold (u moments, δ moments) contributions into the running statistics, in list order."""
+        for moments_u, moments_delta in contributions:
+            self.norm_u.merge(*moments_u)
+            self.norm_delta.merge(*moments_delta)
 
 
 def _shape_key(weight: EditableWeight) -> str:
@@ -159,8 +193,10 @@ class MENDEditor(nn.Module):
         updates: dict[str, torch.Tensor] = {}
         index = {w.name: i for i, w in enumerate(self.weights)}
         for key, ws in self.groups.items():
-            us = [factors[w.name].u.float() for w in ws]
-            deltas = [factors[w.name].delta.float() for w in ws]
+            # The network and its statistics stay float32 on the editor's device whatever the base model's dtype.
+            device = self.edit_lrs.device
+            us = [factors[w.name].u.to(device=device, dtype=torch.float32) for w in ws]
+            deltas = [factors[w.name].delta.to(device=device, dtype=torch.float32) for w in ws]
             counts = [u.shape[0] for u in us]
             mode = torch.repeat_interleave(torch.arange(len(ws), device=us[0].device), torch.tensor(counts, device=us[0].device))
             u_t, delta_t = self.transforms[key](torch.cat(us), torch.cat(deltas), mode)
@@ -184,7 +220,8 @@ class MENDEditor(nn.Module):
         new_params = {}
         for w in self.weights:
             param = split.model.get_parameter(w.name)
-            new_params[w.name] = param + updates[w.name].to(param.dtype)
+            # Add in float32, round once: a bf16/fp16 weight would otherwise also round the small update.
+            new_params[w.name] = (param.float() + updates[w.name].to(param.device)).to(param.dtype)
         return EditResult(new_params=new_params, updates=updates, pre_edit_loss=loss.detach())
 
     @torch.no_grad()

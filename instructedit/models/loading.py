@@ -110,11 +110,13 @@ def load_model(
     spec: str | ModelConfig,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    device_map: str | dict[str, Any] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a frozen causal LM in eval mode and its tokenizer (pad token set, right padding).
 
     ``spec``: the default name, a local folder, a hub name, or a ``ModelConfig`` (whose ``name`` and,
-    unless ``dtype`` is given, ``dtype`` are used). ``dtype`` defaults to float32.
+    unless ``dtype`` is given, ``dtype`` are used). ``dtype`` defaults to float32. ``device_map``
+    (passed to ``from_pretrained``, e.g. "auto") places the weights instead of ``device``.
     """
     name = spec.name if isinstance(spec, ModelConfig) else str(spec)
     if dtype is None:
@@ -122,18 +124,18 @@ def load_model(
     torch_dtype = _torch_dtype(dtype)
     if name in DEFAULT_ALIASES:
         folder = default_model_dir()
-        model, tok = _from_pretrained(str(folder), torch_dtype)
+        model, tok = _from_pretrained(str(folder), torch_dtype, device_map)
         _check_default(model.config, tok, where=str(folder))
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()
         if not folder.is_dir():
             raise ValueError(f"model {name!r} is a file; expected {_ACCEPTED}")
-        model, tok = _from_pretrained(str(folder), torch_dtype)
+        model, tok = _from_pretrained(str(folder), torch_dtype, device_map)
     elif _HUB_NAME.fullmatch(name):
-        model, tok = _from_hub(name, torch_dtype)
+        model, tok = _from_hub(name, torch_dtype, device_map)
     else:
         raise ValueError(f"model {name!r} is neither a local folder nor a hub name; expected {_ACCEPTED}")
-    return _prepare(model, tok, torch_dtype, device)
+    return _prepare(model, tok, torch_dtype, device if device_map is None else None)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -147,19 +149,20 @@ def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _from_pretrained(path: str, dtype: torch.dtype, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+def _from_pretrained(path: str, dtype: torch.dtype, device_map: str | dict[str, Any] | None = None, **kwargs: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, device_map=device_map, **kwargs)
     tok = AutoTokenizer.from_pretrained(path, **kwargs)
     return model, tok
 
 
 def _prepare(
-    model: PreTrainedModel, tok: PreTrainedTokenizerBase, dtype: torch.dtype, device: str | torch.device
+    model: PreTrainedModel, tok: PreTrainedTokenizerBase, dtype: torch.dtype, device: str | torch.device | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model is frozen: editors create their own trainable parameters."""
+    """The base model is frozen: editors create their own trainable parameters. ``device`` None: already placed."""
     model.eval()
     model.requires_grad_(False)
-    model.to(device=device, dtype=dtype)
+    if device is not None:
+        model.to(device=device, dtype=dtype)
     if tok.pad_token is None:  # decided once, here: padded positions are masked out of every loss anyway
         if tok.eos_token is None:
             raise ValueError(f"tokenizer of {model.name_or_path!r} has neither a pad nor an eos token; add a pad token")
@@ -198,11 +201,11 @@ def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     return reached.is_set()
 
 
-def _from_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _from_hub(name: str, dtype: torch.dtype, device_map: str | dict[str, Any] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     offline = _hub_offline()
     if offline or not _hub_reachable():
         try:
-            return _from_pretrained(name, dtype, local_files_only=True)
+            return _from_pretrained(name, dtype, device_map, local_files_only=True)
         except OSError:
             why = "HF_HUB_OFFLINE is set" if offline else f"{hub_constants.ENDPOINT} did not answer"
             raise ConnectionError(
@@ -210,7 +213,7 @@ def _from_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTraine
                 f"Hugging Face cache) and no local folder {name!r} exists; pass a local folder or use the "
                 f"default {DEFAULT_MODEL}"
             ) from None
-    return _from_pretrained(name, dtype)
+    return _from_pretrained(name, dtype, device_map)
 
 
 def _rope_theta(config: transformers.PretrainedConfig) -> float | None:

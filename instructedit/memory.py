@@ -1,0 +1,275 @@
+"""Memory of meta-training: the estimate per process before anything is loaded, and activation checkpointing.
+
+The terms follow what a training step keeps alive (training.py, objective.py, editors/mend.py):
+
+- **base model**: the frozen weights, in ``model.dtype`` (spread over a process's GPUs by ``model.device_map``);
+- **MEND network**: its parameters, normalization statistics and step sizes α, float32 whatever the base dtype;
+- **gradients** and **Adam** (two float32 moments per trainable value, plus the α-only optimizer);
+- **edit tensors**: per edited weight W (d_out × d_in), Σ δ̃ ũᵀ and α·Σ δ̃ ũᵀ in float32 (the first is
+  kept for α's gradient), W + ΔW in the model dtype, and W + ΔW's gradient during backward; and the
+  MEND network's activations (one row of width d_in + d_out per edit token and edited weight);
+- **activations**: the edited blocks for every post-edit input (edit_outer and loc, plus ConvSent's
+  unlikely responses) at ``max_length`` tokens — only the blocks' input with activation
+  checkpointing — and vocabulary logits at the scored positions; the prefix runs without grad and
+  keeps only the hidden states entering the edited blocks;
+- **optimizer step**: temporaries of the Adam update (foreach on GPUs: one copy of every trainable
+  tensor; per tensor on CPUs);
+- **runtime**: the CUDA context on a GPU; the interpreter with torch and transformers on a CPU.
+
+peak = runtime + base + MEND + gradients + Adam + max(edit tensors + activations, optimizer step).
+Data parallelism does not change it: every process holds all of this. Architectures come from the
+model's ``config.json`` (or, for the presets, a table here) and are instantiated on the meta device,
+so no weights are read or downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from instructedit.config import DEFAULT_MODEL, Config, load_config
+from instructedit.editors.mend import MENDEditor
+from instructedit.models.split import PrefixState, SplitModel
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+RUNTIME_BYTES = {"cuda": int(0.5 * GIB), "cpu": int(0.45 * GIB)}  # CUDA context / python + torch + transformers RSS
+SCORED_SHARE = 0.25  # share of a row's positions that carry a label (answer tokens)
+
+# config.json numbers of the presets' models (configs/presets/), so their estimates need no download.
+KNOWN_ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "openai-community/gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, vocab_size=50257, n_positions=1024),
+    "EleutherAI/gpt-j-6b": dict(model_type="gptj", n_embd=4096, n_layer=28, n_head=16, rotary_dim=64, vocab_size=50400, n_positions=2048),
+    "meta-llama/Llama-2-7b-hf": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False,
+    ),
+    "meta-llama/Meta-Llama-3-8B": dict(
+        model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
+    ),
+    "Qwen/Qwen2.5-7B": dict(
+        model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False,
+    ),
+    "mistralai/Mistral-7B-v0.1": dict(
+        model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per process, by term; ``peak`` is what must fit."""
+
+    model: str
+    dtype: str
+    device: str
+    base_params: int
+    trainable_params: int
+    edited_weights: int
+    base: int
+    mend: int
+    gradients: int
+    adam: int
+    edit_tensors: int
+    activations: int
+    optimizer_step: int
+    runtime: int
+
+    @property
+    def peak(self) -> int:
+        common = self.runtime + self.base + self.mend + self.gradients + self.adam
+        return common + max(self.edit_tensors + self.activations, self.optimizer_step)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"peak": self.peak}
+
+    def format(self) -> str:
+        rows = [
+            (f"base model ({self.base_params / 1e9:.2f}B params, {self.dtype})", self.base),
+            (f"MEND network + statistics + α ({self.trainable_params / 1e6:.1f}M params, float32)", self.mend),
+            ("MEND gradients", self.gradients),
+            ("Adam moments", self.adam),
+            (f"edit tensors ({self.edited_weights} edited weights)", self.edit_tensors),
+            ("activations of the edited blocks + scored logits", self.activations),
+            ("optimizer-step temporaries", self.optimizer_step),
+            ("runtime (CUDA context)" if self.device == "cuda" else "runtime (interpreter, libraries)", self.runtime),
+        ]
+        width = max(len(name) for name, _ in rows)
+        lines = [f"  {name:<{width}}  {value / GIB:8.2f} GiB" for name, value in rows]
+        lines.append(f"  {'peak (per process)':<{width}}  {self.peak / GIB:8.2f} GiB")
+        return "\n".join(lines)
+
+
+def meta_skeleton(config: Config) -> nn.Module:
+    """The base model's architecture on the meta device (no weights): from the preset table or its config.json."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    name = config.model.name
+    if name in KNOWN_ARCHITECTURES:
+        known = dict(KNOWN_ARCHITECTURES[name])
+        hf_config = AutoConfig.for_model(known.pop("model_type"), **known)
+    else:
+        if name in (DEFAULT_MODEL, "default"):
+            from instructedit.models.loading import default_model_dir
+
+            name = str(default_model_dir())
+        try:
+            hf_config = AutoConfig.from_pretrained(name)
+        except OSError as e:
+            raise ValueError(
+                f"model {config.model.name!r}: cannot read its config.json ({e}); use a local folder, a reachable hub "
+                f"name, or one of the models with known shapes: {sorted(KNOWN_ARCHITECTURES)}"
+            ) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(hf_config)
+
+
+def estimate_memory(config: Config, model: nn.Module | None = None, device: str = "cuda") -> MemoryEstimate:
+    """Peak memory of one training process for ``config`` on ``device`` ("cuda" or "cpu").
+
+    ``model``: the loaded base model, if there is one; else its architecture is built on the meta device.
+    """
+    from instructedit.training import build_editor  # training imports this module
+
+    if device not in RUNTIME_BYTES:
+        raise ValueError(f"device {device!r} is not one of {list(RUNTIME_BYTES)}")
+    model = model if model is not None else meta_skeleton(config)
+    with torch.device("meta"):
+        editor = build_editor(model, config)
+    b = DTYPE_BYTES[config.model.dtype]
+    base_params = sum(p.numel() for p in model.parameters())  # tied weights count once
+    trainable = sum(p.numel() for p in editor.parameters())
+    statistics = sum(buf.numel() * buf.element_size() for buf in editor.buffers())
+    step = trainable * 4 if device == "cuda" else max(p.numel() for p in editor.parameters()) * 4
+    return MemoryEstimate(
+        model=config.model.name,
+        dtype=config.model.dtype,
+        device=device,
+        base_params=base_params,
+        trainable_params=trainable,
+        edited_weights=len(editor.weights),
+        base=base_params * b,
+        mend=trainable * 4 + statistics,
+        gradients=trainable * 4,
+        adam=2 * trainable * 4 + 2 * len(editor.weights) * 4,
+        edit_tensors=_edit_tensor_bytes(config, editor),
+        activations=_activation_bytes(config, model, editor),
+        optimizer_step=step,
+        runtime=RUNTIME_BYTES[device],
+    )
+
+
+def _rows(config: Config) -> tuple[int, int]:
+    """(edit-input rows, post-edit rows kept for backward) per micro-batch.
+
+    ConvSent records bring 2 edit responses, 2 held-out (outer) + 2 opposite (unlikely) responses and 1
+    locality input; the other tasks 1 edit input, 1 outer and 1 locality input.
+    """
+    convsent = "convsent" in config.data.tasks
+    return config.training.batch_size * (2 if convsent else 1), config.training.batch_size * (5 if convsent else 2)
+
+
+def _edit_tensor_bytes(config: Config, editor: MENDEditor) -> int:
+    """Full-size update matrices of one edit, and the MEND network's activations on its tokens."""
+    b = DTYPE_BYTES[config.model.dtype]
+    sizes = [w.shape[0] * w.shape[1] for w in editor.weights]
+    # Σ δ̃ũᵀ and α·Σ δ̃ũᵀ (float32), W + ΔW and its gradient (model dtype); float32 temporaries of one weight in backward
+    matrices = sum(sizes) * (4 + 4 + 2 * b) + max(sizes) * 8
+    # every edit token up to the last target has a non-zero gradient (attention carries it back):
+    # one row of width d_in + d_out per token and edited weight
+    edit_rows, _ = _rows(config)
+    network = 0
+    for ws in editor.groups.values():
+        dim = ws[0].shape[0] + ws[0].shape[1]
+        per_row = (config.editor.n_hidden + 1) * (3 * dim + min(config.editor.rank, dim)) + dim  # per layer: input, scaled, low-rank, output
+        network += len(ws) * edit_rows * config.model.max_length * per_row * 4
+    return matrices + network
+
+
+def _activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> int:
+    """The edited blocks' activations kept for backward, the scored logits, the prefix's hand-over states."""
+    m, t = config.model, config.training
+    b = DTYPE_BYTES[m.dtype]
+    hidden = model.config.hidden_size
+    inner = max(max(w.shape) for w in editor.weights)  # the MLP width
+    n_blocks = len(editor.split(model).suffix_indices)
+    edit_rows, kept_rows = _rows(config)
+    per_token_block = (10 * hidden + 4 * inner) * b  # what one block keeps for backward, per token
+    if t.activation_checkpointing:  # one input's suffix recomputed at a time; the (unchecked) edit pass is as large
+        blocks = edit_rows * m.max_length * n_blocks * per_token_block
+    else:
+        blocks = kept_rows * m.max_length * n_blocks * per_token_block
+    scored = int(kept_rows * m.max_length * SCORED_SHARE)
+    logits = scored * model.config.vocab_size * (b + 8)  # head output + float32 log-softmax kept for backward
+    prefix = 4 * t.batch_size * m.max_length * 2 * hidden * b  # hidden entering the suffix + final hidden, per input
+    return blocks + logits + prefix
+
+
+class CheckpointedSplitModel(SplitModel):
+    """Activation checkpointing of the edited blocks: post-edit passes keep only the blocks' input.
+
+    The whole suffix is one checkpoint segment, recomputed in backward with the same edited weights
+    (they are inputs of the segment, so their gradients flow). The edit pass itself (no ``params``)
+    is not checkpointed: its activations are freed as soon as the gradient factors are taken, and
+    the factor hooks must not fire again during a recomputation.
+    """
+
+    def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if not params or not torch.is_grad_enabled():
+            return super().suffix(state, params)
+        names = list(params)
+
+        def run(hidden: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+            return SplitModel.suffix(self, dataclasses.replace(state, hidden=hidden), dict(zip(names, values)))
+
+        return checkpoint(run, state.hidden, *params.values(), use_reentrant=False)
+
+
+def markdown_table(paths: list[Path]) -> str:
+    """The docs' preset table: one row per config file, GPU estimates."""
+    lines = [
+        "| preset | model | dtype | base | MEND (params + stats) | grads + Adam | edit tensors + activations | peak per GPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        e = estimate_memory(load_config(path))
+        g = lambda n: f"{n / GIB:.1f} GiB"  # noqa: E731
+        lines.append(
+            f"| `{path.stem}` | {e.model} ({e.base_params / 1e9:.2f}B) | {e.dtype} | {g(e.base)} | {g(e.mend)} "
+            f"({e.trainable_params / 1e6:.0f}M) | {g(e.gradients + e.adam)} | {g(e.edit_tensors + e.activations)} | **{g(e.peak)}** |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    config = load_config(args.config, args.set)
+    estimate = estimate_memory(config, device=args.device)
+    if args.json:
+        print(json.dumps(estimate.to_dict(), indent=2))
+    else:
+        print(f"memory estimate per training process: {config.model.name} on {args.device}")
+        print(estimate.format())
+    return 0
+
+
+def add_memory_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """``instructedit memory --config FILE``: the estimate, without loading the model."""
+    parser = subparsers.add_parser("memory", help="estimate the memory a training run needs (nothing is loaded)")
+    parser.add_argument("--config", required=True, help="YAML config (see configs/ and configs/presets/)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    parser.add_argument("--device", choices=sorted(RUNTIME_BYTES), default="cuda", help="where training would run (default: cuda)")
+    parser.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
+    parser.set_defaults(func=cmd_memory)
+    return parser
+
