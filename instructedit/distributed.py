@@ -23,26 +23,18 @@ hooks; ``device_map_placement`` says where the batches and the editor must then 
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from instructedit.editors.mend import MENDEditor, Moments, RunningNorm
 
-logger = logging.getLogger(__name__)
-
 _TRUE = {"1", "true", "yes", "on"}
-
-
-def _dist():
-    import torch.distributed as dist  # imported late: torch builds without distributed support exist
-
-    return dist
 
 
 @dataclass(frozen=True)
@@ -84,14 +76,14 @@ class Distributed:
     # -- generic collectives -------------------------------------------------------------------
     def barrier(self) -> None:
         if self.enabled:
-            _dist().barrier()
+            dist.barrier()
 
     def gather(self, value: Any) -> list[Any]:
         """Every process's ``value`` (picklable, small), in rank order, on every process."""
         if not self.enabled:
             return [value]
         out: list[Any] = [None] * self.world_size
-        _dist().all_gather_object(out, value)
+        dist.all_gather_object(out, value)
         return out
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
@@ -126,7 +118,7 @@ class Distributed:
             return
         with torch.no_grad():
             for tensor in module.state_dict().values():
-                _dist().broadcast(tensor, src=0)
+                dist.broadcast(tensor, src=0)
 
     # -- MEND --------------------------------------------------------------------------------
     def average_gradients(self, params: Sequence[nn.Parameter]) -> None:
@@ -137,7 +129,6 @@ class Distributed:
         """
         if not self.enabled:
             return
-        dist = _dist()
         device = params[0].device
         present = torch.tensor([float(p.grad is not None) for p in params], device=device)
         dist.all_reduce(present)
@@ -162,7 +153,7 @@ class Distributed:
         # float64 carries the float32 moments and the counts exactly
         flat = torch.cat([mean_u.new_tensor([n_u]), mean_u, m2_u, mean_d.new_tensor([n_d]), mean_d, m2_d]).double()
         gathered = [torch.empty_like(flat) for _ in range(self.world_size)]
-        _dist().all_gather(gathered, flat)
+        dist.all_gather(gathered, flat)
         everyone = []
         for row in gathered:
             u, d = row[: 1 + 2 * d_in], row[1 + 2 * d_in :]
