@@ -15,6 +15,7 @@ from instructedit.config import load_config
 from instructedit.editors.base import EditHandle
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.commands import add_evaluate_parser
+from instructedit.evaluation import runner
 from instructedit.evaluation.report import EvalReport, load_report_json, markdown_report
 from instructedit.evaluation.runner import (
     RestorationError, case_probes, edit_pairs, evaluate, pack, scored_logits, sequential_schedule,
@@ -200,6 +201,23 @@ def test_packed_row_gives_the_padded_logits(tiny_model_dir: Path) -> None:
         expected = scored_logits(model, batch)
         got = scored_logits(model, packed, positions)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_packing_falls_back_to_padded_rows_when_the_model_disagrees(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer, editor = setup(tiny_llama_dir)
+    plain = evaluate(model, tokenizer, editor, records(), InstructionPool.default(), 0, progress=False, pack_rows=False)
+
+    real_pack = runner.pack
+
+    def ignored_mask(*args, **kwargs):  # as if the architecture ignored the packed row's mask and positions
+        packed, positions, owner = real_pack(*args, **kwargs)
+        see_all = TokenBatch(packed.input_ids, torch.zeros_like(packed.attention_mask), packed.labels)
+        return see_all, torch.zeros_like(positions), owner
+
+    monkeypatch.setattr(runner, "pack", ignored_mask)
+    report = evaluate(model, tokenizer, editor, records(), InstructionPool.default(), 0, progress=False)
+    assert report.settings.fast_path and not report.settings.packed_rows
+    assert [c.post for c in report.cases] == [c.post for c in plain.cases]
 
 
 def test_guard_catches_an_edit_that_is_not_rolled_back(tiny_gpt2_dir: Path) -> None:
