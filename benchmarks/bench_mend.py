@@ -6,7 +6,9 @@ Config: configs/smollm2-135m/instructedit.yaml (the editor trained on the defaul
 (c) one meta-training step (edit + edit loss + locality, backward into MEND) — what training runs,
 (d) the same step computed naively, as the reference implementation does: full forward passes of
     the whole model for the pre-edit locality, the edit gradient and each post-edit input, logits at
-    every position, weight gradients from a backward pass.
+    every position, and full backward passes: the reference leaves the base model's parameters
+    requiring gradients, so both its gradient pass and its meta-loss backward run through every
+    block down to the embeddings and fill a gradient for every base weight.
 Medians over --reps repetitions after warm-up. Peak RSS of training is measured in a separate
 process that only trains (model + editor + optimizers, --rss-steps steps).
 
@@ -49,11 +51,11 @@ def _full_logits(model, batch: TokenBatch, params: dict | None = None) -> torch.
 
 
 def naive_step(editor, model, batch: MetaBatch, c_edit: float, c_loc: float) -> torch.Tensor:
-    """The meta-loss without frozen-prefix reuse or position-selective projection."""
+    """The meta-loss without frozen-prefix reuse, position-selective projection or a frozen base model."""
     with torch.no_grad():
         pre_loc = _full_logits(model, batch.loc)[batch.loc.label_mask]
-    inner_params = [model.get_parameter(w.name) for w in editor.weights]
-    for p in inner_params:
+    base_params = list(model.parameters())
+    for p in base_params:  # the reference never freezes the base model: every backward is a full one
         p.requires_grad_(True)
     try:
         # one full forward + one backward giving both the weight gradients and the factors, as the
@@ -62,23 +64,24 @@ def naive_step(editor, model, batch: MetaBatch, c_edit: float, c_loc: float) -> 
             logits = _full_logits(model, batch.edit_inner)
             loss = masked_nll(logits[batch.edit_inner.label_mask], batch.edit_inner.labels[batch.edit_inner.label_mask])
             outputs = [capture.outputs[w.name] for w in editor.weights]
-            grads = torch.autograd.grad(loss, outputs + inner_params)
+            grads = torch.autograd.grad(loss, outputs + base_params)  # = loss.backward() on an unfrozen model
         factors = {}
         for w, grad in zip(editor.weights, grads[: len(outputs)]):
             u = capture.inputs[w.name].reshape(-1, capture.inputs[w.name].shape[-1])
             delta = grad.reshape(-1, grad.shape[-1])
             keep = delta.ne(0).any(-1)
             factors[w.name] = Factors(u=u[keep], delta=delta[keep])
+        updates = editor.transform(factors)
+        params = {w.name: model.get_parameter(w.name) + updates[w.name] for w in editor.weights}
+        post_outer = _full_logits(model, batch.edit_outer, params)[batch.edit_outer.label_mask]
+        l_edit = masked_nll(post_outer, batch.edit_outer.labels[batch.edit_outer.label_mask])
+        post_loc = _full_logits(model, batch.loc, params)[batch.loc.label_mask]
+        total = c_edit * l_edit + c_loc * locality_kl(pre_loc, post_loc)
+        total.backward()
     finally:
-        for p in inner_params:
+        for p in base_params:
             p.requires_grad_(False)
-    updates = editor.transform(factors)
-    params = {w.name: model.get_parameter(w.name) + updates[w.name] for w in editor.weights}
-    post_outer = _full_logits(model, batch.edit_outer, params)[batch.edit_outer.label_mask]
-    l_edit = masked_nll(post_outer, batch.edit_outer.labels[batch.edit_outer.label_mask])
-    post_loc = _full_logits(model, batch.loc, params)[batch.loc.label_mask]
-    total = c_edit * l_edit + c_loc * locality_kl(pre_loc, post_loc)
-    total.backward()
+            p.grad = None
     return total
 
 
