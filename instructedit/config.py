@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import typing
 from dataclasses import dataclass, field
@@ -247,3 +248,34 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+# What may differ between a run folder's saved config and the config that resumes it: the budget and
+# patience, checkpoint cadence, placement and logging. Everything else changes what is trained.
+RESUMABLE_CHANGES = {"training": ("max_steps", "early_stop_patience", "checkpoint_every", "device", "tensorboard", "log_every")}
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Fields set in both configs that differ, ignoring what may change between resumes (and fields one
+    version of the code does not know)."""
+    diffs = []
+    for section, values in current.items():
+        old = saved.get(section)
+        if not isinstance(values, dict) or not isinstance(old, dict):
+            continue
+        for key, value in values.items():
+            if key in old and key not in RESUMABLE_CHANGES.get(section, ()) and json.dumps(old[key]) != json.dumps(value):
+                diffs.append(f"{section}.{key}: {old[key]!r} there, {value!r} now")
+    return diffs
+
+
+def check_resumable(config: Config, run_dir: str | Path) -> None:
+    """Raise ValueError if ``run_dir`` holds a run trained with a different configuration than ``config``."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.is_file():
+        return
+    saved = yaml.load(saved_path.read_text(), Loader=YAMLLoader) or {}
+    diffs = config_differences(saved, config.to_dict())
+    if diffs:
+        raise ValueError(f"{run_dir} holds a run with a different configuration ({'; '.join(diffs[:3])}); "
+                         "use another --output folder or delete that run")

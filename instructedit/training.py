@@ -26,8 +26,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from instructedit.config import Config, save_config
+from instructedit.config import Config, check_resumable, save_config
 from instructedit.distributed import Distributed, device_map_placement
+from instructedit.editors.card import EDITOR_CONFIG, write_model_card
 from instructedit.editors.mend import MENDEditor
 from instructedit.io import atomic_write, write_json
 from instructedit.memory import CheckpointedSplitModel, estimate_memory
@@ -179,6 +180,7 @@ class Trainer:
     # -- loop ----------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         t = self.config.training
+        check_resumable(self.config, self.output)  # never continue a run with another recipe
         resumed = self._maybe_resume()
         self.dist.broadcast_module(self.editor)  # identical by construction; this makes it certain
         if self.dist.is_main:
@@ -215,6 +217,9 @@ class Trainer:
         summary = self.summary()
         if self.dist.is_main:
             write_json(self.output / "summary.json", summary)
+            for name in ("best", "last"):  # shareable folders: README.md model card + the run's config
+                if (self.output / name / EDITOR_CONFIG).is_file():
+                    write_model_card(self.output / name, self.output)
         self.dist.barrier()  # every process returns once the run folder is complete
         return summary
 

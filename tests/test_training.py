@@ -54,6 +54,17 @@ def test_checkpoints_are_complete_and_atomic(tiny_gpt2_dir: Path, tmp_path: Path
     data = json.loads((tmp_path / "data.json").read_text())
     assert data["train"]["seed"] == 0 and set(data["train"]["counts"]) == {"counterfact", "wikirecent", "convsent"}
     MENDEditor.from_pretrained(tmp_path / "best")  # loadable
+    card = (tmp_path / "best" / "README.md").read_text()  # shareable as it is: a model card beside the weights
+    assert str(tiny_gpt2_dir) in card and "counterfact" in card
+
+
+def test_resume_refuses_a_run_trained_with_another_recipe(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    Trainer(_config(tiny_gpt2_dir, "training.max_steps=2"), tmp_path, show_progress=False).run()
+    with pytest.raises(ValueError, match=r"different configuration \(training.lr: 0.001 there, 0.5 now"):
+        Trainer(_config(tiny_gpt2_dir, "training.max_steps=4", "training.lr=0.5"), tmp_path, show_progress=False).run()
+    # a longer budget and another patience are what resuming is for
+    summary = Trainer(_config(tiny_gpt2_dir, "training.max_steps=4", "training.early_stop_patience=9"), tmp_path, show_progress=False).run()
+    assert summary["steps"] == 4
 
 
 def test_early_stopping_really_stops_and_keeps_the_best(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

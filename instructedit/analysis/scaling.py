@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from instructedit.analysis import plots
-from instructedit.config import Config, YAMLLoader, load_config
+from instructedit.config import Config, YAMLLoader, check_resumable, load_config
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.commands import file_sha256
 from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
@@ -121,34 +121,11 @@ def load_scaling_config(path: str | Path) -> tuple[ScalingConfig, Path]:
 # --- resumable training, cached evaluation -------------------------------------------------------------
 
 
-_MAY_CHANGE = {"training": ("max_steps", "device", "tensorboard", "log_every")}  # budget, placement, logging
-
-
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Fields set in both configs that differ, ignoring what may change between resumes (and fields one
-    version of the code does not know)."""
-    diffs = []
-    for section, values in current.items():
-        old = saved.get(section)
-        if not isinstance(values, dict) or not isinstance(old, dict):
-            continue
-        for key, value in values.items():
-            if key in old and key not in _MAY_CHANGE.get(section, ()) and json.dumps(old[key]) != json.dumps(value):
-                diffs.append(f"{section}.{key}: {old[key]!r} there, {value!r} now")
-    return diffs
-
-
 def train_resumable(config: Config, run_dir: str | Path, model: Any, tokenizer: Any, progress: bool = True,
                     trainer_cls: type[Trainer] = Trainer, **trainer_kwargs: Any) -> dict[str, Any]:
     """Train into ``run_dir`` unless a finished run is there; resume an interrupted one."""
     run_dir = Path(run_dir)
-    saved_config = run_dir / "config.yaml"
-    if saved_config.is_file():
-        saved = yaml.load(saved_config.read_text(), Loader=YAMLLoader) or {}
-        diffs = config_differences(saved, config.to_dict())
-        if diffs:
-            raise ValueError(f"{run_dir} holds a run with a different configuration ({'; '.join(diffs[:3])}); "
-                             "use another --output folder or delete that run")
+    check_resumable(config, run_dir)
     summary_path = run_dir / "summary.json"
     if summary_path.is_file():
         summary = json.loads(summary_path.read_text())
