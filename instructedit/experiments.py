@@ -138,18 +138,21 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
             if row.editor_per_task and editor_name is None:
                 continue  # a single-task editor exists only for its own task
             path = cache / f"{_slug(row.label)}-{task}.json"
-            if path.is_file():
-                results[row.label][task] = load_report_json(path)
-                continue
             limit = row.limit or config.limit
             if editor_name:
                 run_dir = Path(next(e.run_dir or Path(config.runs_dir) / e.name for e in config.editors if e.name == editor_name))
-                editor = MENDEditor.from_pretrained(run_dir / "best").eval()
                 settings = EvalSettings(method=row.label, editor_path=str(run_dir / "best"), editor_sha256=file_sha256(run_dir / "best" / "editor.safetensors"))
             else:
-                editor = make_editor(row.method, model, tokenizer, row.options)
                 settings = EvalSettings(method=row.label, method_options=row.options)
             settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
+            cached = _cached_report(path, settings)
+            if cached is not None:
+                results[row.label][task] = cached
+                continue
+            if editor_name:
+                editor = MENDEditor.from_pretrained(run_dir / "best").eval()
+            else:
+                editor = make_editor(row.method, model, tokenizer, row.options)
             logger.info("evaluating %s on %s (%d cases)", row.label, task, min(limit, len(records[task])))
             report = evaluate(model, tokenizer, editor, records[task][:limit], pool, _instruction(row.instruction, pool),
                               batch_size=config.batch_size, progress=show_progress, settings=settings)
@@ -169,6 +172,19 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     write_json(f"{config.output}.json", payload)
     atomic_write(f"{config.output}.md", lambda tmp: Path(tmp).write_text(table))
     return payload
+
+
+def _cached_report(path: Path, settings: EvalSettings) -> EvalReport | None:
+    """The cached evaluation at ``path`` if it was run with these settings; None if absent or stale."""
+    if not path.is_file():
+        return None
+    report = load_report_json(path)
+    keys = ("editor_sha256", "method_options", "split_seed", "limit")
+    stale = [k for k in keys if getattr(report.settings, k) != getattr(settings, k)]
+    if stale:
+        logger.info("re-evaluating %s: %s changed since it was cached", path, ", ".join(stale))
+        return None
+    return report
 
 
 def _slug(text: str) -> str:
