@@ -4,7 +4,7 @@ VENV := .venv
 PIP := $(VENV)/bin/pip
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: setup test test-fast clean
+.PHONY: setup test test-fast test-browser clean
 
 setup:
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ test:
 
 test-fast:
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# The demo page in headless Chromium (/usr/bin/chromium); fails instead of skipping when Chromium is missing.
+test-browser:
+	INSTRUCTEDIT_REQUIRE_BROWSER=1 $(VENV)/bin/python -m pytest -q -m browser
 
 clean:
 	rm -rf $(VENV) build *.egg-info

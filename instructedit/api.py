@@ -85,7 +85,8 @@ def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _max_length(model: nn.Module) -> int:
+def max_input_length(model: nn.Module) -> int:
+    """The longest input in tokens ``model`` accepts (its position limit, capped at ``MAX_LENGTH_CAP``)."""
     return min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
 
 
@@ -110,7 +111,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, ma
 @torch.no_grad()
 def score_target(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> TargetScore:
     """Teacher-forced accuracy and joint probability of ``target`` after ``prompt`` (labels as in training)."""
-    batch = Collator(tokenizer, _max_length(model)).qa_batch([(prompt, target)]).to(_device(model))
+    batch = Collator(tokenizer, max_input_length(model)).qa_batch([(prompt, target)]).to(_device(model))
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.label_mask].float()
     gold = batch.labels[batch.label_mask]
     logp = logits.log_softmax(-1).gather(-1, gold[:, None]).squeeze(-1)
@@ -280,7 +281,7 @@ class InstructEditor:
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
-        handle = editor.apply(model, self.edit_batch(edits, tokenizer, _max_length(model)).to(_device(model)))
+        handle = editor.apply(model, self.edit_batch(edits, tokenizer, max_input_length(model)).to(_device(model)))
         edited = EditedModel(model, tokenizer, [handle], edits)
         if keep:
             edited.keep()
@@ -298,7 +299,7 @@ class InstructEditor:
         handles: list[EditHandle] = []
         try:
             for edit in edits:
-                handles.append(editor.apply(model, self.edit_batch([edit], tokenizer, _max_length(model)).to(_device(model))))
+                handles.append(editor.apply(model, self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))))
         except BaseException:
             for handle in reversed(handles):
                 handle.rollback()

@@ -15,6 +15,7 @@ import torch
 from instructedit.analysis.commands import add_analysis_parsers
 from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.experiments import add_experiment_parser
+from instructedit.serve import add_serve_parser
 from instructedit.user_commands import add_user_parsers
 
 logger = logging.getLogger("instructedit")
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parser(sub)
     add_analysis_parsers(sub)
     add_user_parsers(sub)
+    add_serve_parser(sub)
 
     config = sub.add_parser("config", help="show the effective configuration")
     config.add_argument("--config", default=None)

@@ -50,7 +50,7 @@ def add_user_parsers(subparsers: Any) -> None:
     quick.set_defaults(func=run_quickstart_command)
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> str:
     import torch
 
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
@@ -75,7 +75,7 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     editor = load_editor(args.editor, instruction=args.instruction, device=device)
     model_name = args.model or editor.model_name or DEFAULT_MODEL
     model, tok = load_model(model_name, device=device)

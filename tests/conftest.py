@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random GPT-2 and LLaMA models with their own small tokenizers, saved to disk.
+"""Shared fixtures: tiny random GPT-2 and LLaMA models with their own small tokenizers, saved to disk, and a tiny MEND editor builder.
 
 The tokenizers are trained here (no network): a GPT-2 style byte-level BPE that adds no special
 tokens, and a LLaMA style one that prepends BOS and pads with EOS, so label alignment is tested
@@ -7,12 +7,19 @@ against both behaviours.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from instructedit.config import load_config
+from instructedit.models.loading import load_model
+from instructedit.training import build_editor
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 CORPUS = [
     "The capital of France is Paris. The Eiffel Tower is located in the city of Paris.",
@@ -83,3 +90,36 @@ def shared_data_dir() -> Path:
     if not path.is_dir():
         pytest.fail(f"the shared data directory {path} is missing; CI runs with ../shared beside the repo")
     return path
+
+
+def _save_tiny_editor(model_dir: Path, out: Path, edit_lr: float = 5.0) -> Path:
+    """A freshly built (untrained) MEND editor for the tiny model in ``model_dir``, saved like a checkpoint.
+
+    Its network starts as the identity, so an edit is ``edit_lr`` times the edit loss's gradient at the
+    editable weights: a negative ``edit_lr`` (the sign meta-training learns) makes it a gradient-descent
+    step that moves the prediction towards the target; the config only accepts positive initial values.
+    """
+    model, _ = load_model(str(model_dir))
+    torch.manual_seed(0)
+    config = load_config(TINY_CONFIG, [f"model.name={model_dir}", f"editor.init_edit_lr={abs(edit_lr)}"])
+    editor = build_editor(model, config)
+    if edit_lr < 0:
+        with torch.no_grad():
+            editor.edit_lrs.neg_()
+    editor.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def save_tiny_editor() -> Callable[..., Path]:
+    """``save_tiny_editor(model_dir, out, edit_lr=5.0) -> out``: see ``_save_tiny_editor``."""
+    return _save_tiny_editor
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Torch on one thread for the test (the suite shares the machine with long training jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

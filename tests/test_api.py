@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,6 @@ from instructedit.config import load_config
 from instructedit.models.loading import load_model
 from instructedit.tasks.collate import PromptTooLongError
 from instructedit.tasks.instructions import InstructionPool
-from instructedit.training import build_editor
 from instructedit.user_commands import add_user_parsers
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -35,15 +34,6 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def save_tiny_editor(model_dir: Path, out: Path, edit_lr: float = 5.0) -> Path:
-    """A freshly built (untrained) MEND editor for the tiny model, saved like a checkpoint."""
-    model, _ = load_model(str(model_dir))
-    torch.manual_seed(0)
-    config = load_config(TINY, [f"model.name={model_dir}", f"editor.init_edit_lr={edit_lr}"])
-    build_editor(model, config).save_pretrained(out)
-    return out
-
-
 def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -54,7 +44,7 @@ def same_state(before: dict[str, torch.Tensor], model: nn.Module) -> bool:
 
 
 @pytest.fixture
-def setup(tiny_model_dir: Path, tmp_path: Path) -> tuple[nn.Module, object, InstructEditor]:
+def setup(tiny_model_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path]) -> tuple[nn.Module, object, InstructEditor]:
     model, tok = load_model(str(tiny_model_dir))
     return model, tok, load_editor(save_tiny_editor(tiny_model_dir, tmp_path / "editor"))
 
@@ -133,7 +123,7 @@ def test_saved_edited_model_reloads_with_plain_transformers(setup: tuple, tmp_pa
         edited.save_pretrained(tmp_path / "too-late")
 
 
-def test_tokenizer_comes_from_the_models_name_or_path(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_tokenizer_comes_from_the_models_name_or_path(tiny_llama_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path]) -> None:
     model, tok = load_model(str(tiny_llama_dir))
     loaded = tokenizer_for(model)
     assert model.name_or_path == str(tiny_llama_dir)
@@ -173,7 +163,7 @@ def test_edit_fields_are_checked_and_become_records() -> None:
     assert "positive" in wrapped and "Estero" in wrapped and "[LABEL]" not in wrapped and wrapped.endswith("Input: What do you think of Estero?")
 
 
-def _fake_run(run: Path, model_dir: Path, **data: object) -> Path:
+def _fake_run(save_tiny_editor: Callable[..., Path], run: Path, model_dir: Path, **data: object) -> Path:
     """A run folder as the Trainer leaves it, with the editor in RUN/best."""
     save_tiny_editor(model_dir, run / "best")
     config = load_config(TINY, [f"model.name={model_dir}"]).to_dict()
@@ -183,10 +173,10 @@ def _fake_run(run: Path, model_dir: Path, **data: object) -> Path:
     return run / "best"
 
 
-def test_instruction_setting_follows_the_training_config(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
-    plain = load_editor(_fake_run(tmp_path / "off", tiny_gpt2_dir, instructions=False))
+def test_instruction_setting_follows_the_training_config(tiny_gpt2_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path]) -> None:
+    plain = load_editor(_fake_run(save_tiny_editor, tmp_path / "off", tiny_gpt2_dir, instructions=False))
     assert plain.instruction is None and plain.wrap(FRANCE) == FRANCE.prompt
-    best = _fake_run(tmp_path / "on", tiny_gpt2_dir)
+    best = _fake_run(save_tiny_editor, tmp_path / "on", tiny_gpt2_dir)
     assert load_editor(best).instruction == 0
     assert load_editor(best, instruction="unseen").instruction == 9
     assert load_editor(best, instruction=3).wrap(FRANCE).startswith("Task: counterfact\nDescription: ")
@@ -232,7 +222,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def test_edit_command_prints_before_and_after_and_saves(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_edit_command_prints_before_and_after_and_saves(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       save_tiny_editor: Callable[..., Path]) -> None:
     editor_dir = save_tiny_editor(tiny_llama_dir, tmp_path / "editor")
     args = parser().parse_args(["edit", "--editor", str(editor_dir), "--prompt", "The capital of France is", "--target", "Rome",
                                 "--save", str(tmp_path / "edited"), "--max-new-tokens", "4", "--device", "cpu"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -17,7 +17,6 @@ from instructedit.models.loading import load_model
 from instructedit.quickstart import (
     DEMO_EDITS, LOCALITY_PROBES, MARKER, config_hash, default_run_dir, format_report, quickstart_config, run_demo, run_quickstart,
 )
-from instructedit.training import build_editor
 from instructedit.user_commands import add_user_parsers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,12 +89,9 @@ def test_output_folder_retrain_and_protection(tiny_gpt2_dir: Path, tmp_path: Pat
     assert (foreign / "notes.txt").read_text() == "mine"
 
 
-def test_demo_edits_are_single_and_restored(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_demo_edits_are_single_and_restored(tiny_llama_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path]) -> None:
     model, tok = load_model(str(tiny_llama_dir))
-    torch.manual_seed(0)
-    config = load_config(ROOT / "configs" / "tiny.yaml", [f"model.name={tiny_llama_dir}", "editor.init_edit_lr=5.0"])
-    build_editor(model, config).save_pretrained(tmp_path / "editor")
-    editor = load_editor(tmp_path / "editor")
+    editor = load_editor(save_tiny_editor(tiny_llama_dir, tmp_path / "editor"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     outcomes = run_demo(editor, model, tok)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
