@@ -15,6 +15,7 @@ import torch
 from instructedit.analysis.commands import add_analysis_parsers
 from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.experiments import add_experiment_parser
+from instructedit.memory import add_memory_parser
 from instructedit.serve import add_serve_parser
 from instructedit.user_commands import add_user_parsers
 
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     add_experiment_parser(sub)
+    add_memory_parser(sub)
     add_analysis_parsers(sub)
     add_user_parsers(sub)
     add_serve_parser(sub)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from instructedit.config import load_config
+from instructedit.cli import main
 from instructedit.memory import GIB, KNOWN_ARCHITECTURES, add_memory_parser, estimate_memory, markdown_table
 from instructedit.models.loading import load_model
 from instructedit.training import build_editor
@@ -76,11 +77,10 @@ def test_docs_table_is_current() -> None:
 
 
 def test_memory_command(capsys: pytest.CaptureFixture) -> None:
+    assert main(["memory", "--config", str(REPO / "configs" / "presets" / "llama-2-7b.yaml"), "--set", "training.batch_size=2"]) == 0
+    assert "peak (per process)" in capsys.readouterr().out
     parser = argparse.ArgumentParser()
     add_memory_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["memory", "--config", str(REPO / "configs" / "presets" / "llama-2-7b.yaml"), "--set", "training.batch_size=2"])
-    assert args.func(args) == 0
-    assert "peak (per process)" in capsys.readouterr().out
     args = parser.parse_args(["memory", "--config", str(PRESETS[0]), "--json"])
     assert args.func(args) == 0
     assert json.loads(capsys.readouterr().out)["peak"] > 0
