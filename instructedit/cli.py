@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import sys
 from pathlib import Path
@@ -48,6 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     _seed(config.training.seed)
     summary = train(config, args.output, show_progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under accelerate/torchrun, one process reports
+        return 0
     first, last = summary["first_validation"], summary["last_validation"]
     print(f"trained {summary['steps']} steps{' (stopped early)' if summary['stopped_early'] else ''}; best checkpoint: {summary['best_checkpoint']} (step {summary['best_step']})")
     for name, v in (("start", first), ("end", last)):
