@@ -11,7 +11,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from instructedit.editors.card import CARD_NAME, EDITOR_CONFIG, POOL_COPY, TRAINING_CONFIG, write_model_card
-from instructedit.models.loading import _hub_offline, _hub_reachable
+from instructedit.models.loading import hub_offline, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ def is_hub_id(text: str) -> bool:
 
 
 def _unreachable(action: str) -> ConnectionError:
-    why = "HF_HUB_OFFLINE is set" if _hub_offline() else f"{hub_constants.ENDPOINT} did not answer"
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{hub_constants.ENDPOINT} did not answer"
     return ConnectionError(f"cannot {action}: {why}. Check the network (or HF_ENDPOINT), or use a local editor folder")
 
 
@@ -46,7 +46,7 @@ def push_editor(directory: str | Path, repo_id: str, token: str | None = None, p
         raise ValueError(f"hub repo id {repo_id!r} must look like 'org/name'")
     if not (directory / CARD_NAME).is_file():
         write_model_card(directory)
-    if _hub_offline() or not _hub_reachable():
+    if hub_offline() or not hub_reachable():
         raise _unreachable(f"push {directory} to {repo_id}")
     api = HfApi(endpoint=hub_constants.ENDPOINT, token=token)
     try:
@@ -65,7 +65,7 @@ def push_editor(directory: str | Path, repo_id: str, token: str | None = None, p
 def download_editor(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
     """The editor in hub repo ``repo_id`` as a local folder (the Hugging Face cache); fails fast when the hub is unreachable."""
     kwargs = dict(repo_id=repo_id, revision=revision, token=token, allow_patterns=list(SHARED_FILES))
-    if _hub_offline() or not _hub_reachable():
+    if hub_offline() or not hub_reachable():
         try:
             path = Path(snapshot_download(**kwargs, local_files_only=True))
         except (LocalEntryNotFoundError, OSError):

@@ -173,13 +173,13 @@ def _prepare(
     return model, tok
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     """huggingface_hub reads HF_HUB_OFFLINE at import; read the environment too, so later changes count."""
     flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
     return hub_constants.HF_HUB_OFFLINE or any(f and f.upper() in hub_constants.ENV_VARS_TRUE_VALUES for f in flags)
 
 
-def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
     """A TCP connect to the configured endpoint, bounded in a thread because DNS ignores socket timeouts."""
     url = urlsplit(hub_constants.ENDPOINT)
     if url.hostname is None:
@@ -202,8 +202,8 @@ def _hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
 
 
 def _from_hub(name: str, dtype: torch.dtype, device_map: str | dict[str, Any] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    offline = _hub_offline()
-    if offline or not _hub_reachable():
+    offline = hub_offline()
+    if offline or not hub_reachable():
         try:
             return _from_pretrained(name, dtype, device_map, local_files_only=True)
         except OSError:
