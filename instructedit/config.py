@@ -226,19 +226,23 @@ def config_from_dict(values: dict[str, Any], overrides: list[str] | None = None)
     return _build(Config, values, "")
 
 
+def read_yaml_mapping(path: str | Path, what: str, shape: str = "a mapping") -> dict[str, Any]:
+    """The mapping a YAML file holds (numbers like ``1e-5`` read as floats); errors name ``what`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        values = yaml.load(path.read_text(), Loader=YAMLLoader) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{what} {path} is not valid YAML: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{what} {path} must hold {shape}")
+    return values
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config file (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            values = yaml.load(path.read_text(), Loader=YAMLLoader) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path} is not valid YAML: {e}") from e
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must hold a mapping of sections")
+    values = read_yaml_mapping(path, "config file", "a mapping of sections") if path is not None else {}
     try:
         return config_from_dict(values, overrides)
     except ValueError as e:

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from instructedit.config import load_config
+from instructedit.config import load_config, read_yaml_mapping
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import make_editor
 from instructedit.evaluation.commands import file_sha256
@@ -78,10 +77,7 @@ class ExperimentConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"experiment config {path} does not exist")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = read_yaml_mapping(path, "experiment config")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

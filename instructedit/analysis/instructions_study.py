@@ -24,7 +24,7 @@ import numpy as np
 from instructedit.analysis import plots
 from instructedit.analysis.gradients import GradientSettings, analyze_updates, collect_updates, slug, study_records
 from instructedit.analysis.scaling import (
-    CHECKPOINTS, build_study, eval_records, evaluate_cached, post_pre, read_study_yaml, resolve_base_config, train_resumable,
+    CHECKPOINTS, build_study, eval_records, evaluate_cached, load_study, post_pre, train_resumable,
 )
 from instructedit.config import Config, load_config
 from instructedit.editors.mend import MENDEditor
@@ -191,12 +191,8 @@ class BalanceConfig:
 
 
 def load_balance_config(path: str | Path) -> tuple[BalanceConfig, Path]:
-    values, yaml_dir = read_study_yaml(path)
-    cfg = build_study(BalanceConfig, values, f"study config {path}")
-    base = resolve_base_config(cfg.base_config, yaml_dir)
-    if not base.is_file():
-        raise FileNotFoundError(f"study config {path}: base_config {cfg.base_config} does not exist")
-    return cfg, base
+    """The balance study config and the resolved path of its base training config."""
+    return load_study(BalanceConfig, path)
 
 
 def cached_gradients(cache: Path, editor_dir: Path, model: Any, tokenizer: Any, records: Sequence[EditRecord],

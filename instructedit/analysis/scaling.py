@@ -14,12 +14,11 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import yaml
 
 from instructedit.analysis import plots
-from instructedit.config import Config, YAMLLoader, check_resumable, load_config
+from instructedit.config import Config, check_resumable, load_config, read_yaml_mapping
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.commands import file_sha256
 from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
@@ -31,6 +30,7 @@ from instructedit.tasks.splits import load_task_splits
 from instructedit.training import Trainer, device_for, instruction_pool
 
 logger = logging.getLogger(__name__)
+StudyT = TypeVar("StudyT")
 
 CHECKPOINTS = ("best", "last")
 METRICS = ("reliability", "generalization", "locality", "portability")
@@ -40,16 +40,7 @@ METRICS = ("reliability", "generalization", "locality", "portability")
 
 
 def read_study_yaml(path: str | Path) -> tuple[dict[str, Any], Path]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"study config {path} does not exist")
-    try:
-        values = yaml.load(path.read_text(), Loader=YAMLLoader) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"study config {path} is not valid YAML: {e}") from None
-    if not isinstance(values, dict):
-        raise ValueError(f"study config {path} must hold a mapping")
-    return values, path.parent
+    return read_yaml_mapping(path, "study config"), Path(path).parent
 
 
 def resolve_base_config(value: str, yaml_dir: Path | None) -> Path:
@@ -108,14 +99,19 @@ class ScalingConfig:
             raise ValueError(f"checkpoint {self.checkpoint!r} must be one of {list(CHECKPOINTS)}")
 
 
-def load_scaling_config(path: str | Path) -> tuple[ScalingConfig, Path]:
-    """The study config and the resolved path of its base training config."""
+def load_study(cls: type[StudyT], path: str | Path) -> tuple[StudyT, Path]:
+    """A study config of type ``cls`` read from ``path``, and the resolved path of its base training config."""
     values, yaml_dir = read_study_yaml(path)
-    cfg = build_study(ScalingConfig, values, f"study config {path}")
+    cfg = build_study(cls, values, f"study config {path}")
     base = resolve_base_config(cfg.base_config, yaml_dir)
     if not base.is_file():
         raise FileNotFoundError(f"study config {path}: base_config {cfg.base_config} does not exist (relative paths: from the working directory or beside the study YAML)")
     return cfg, base
+
+
+def load_scaling_config(path: str | Path) -> tuple[ScalingConfig, Path]:
+    """The scaling study config and the resolved path of its base training config."""
+    return load_study(ScalingConfig, path)
 
 
 # --- resumable training, cached evaluation -------------------------------------------------------------
