@@ -24,6 +24,7 @@ from instructedit.api import Edit, EditedModel, InstructEditor, generate, max_in
 from instructedit.config import DEFAULT_MODEL
 from instructedit.records import SENTIMENTS, TASKS
 from instructedit.tasks.collate import encode_answer
+from instructedit.user_commands import add_editor_arguments, resolve_device
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -328,8 +329,7 @@ def add_serve_parser(subparsers: Any) -> None:
         description="Starts a local web app (FastAPI + uvicorn) where edits are entered, applied to the model and rolled back. "
                     "It binds to 127.0.0.1 by default: anyone who can reach the port can edit the model.",
     )
-    serve.add_argument("--editor", required=True, metavar="DIR|ORG/NAME", help="a trained editor folder (e.g. RUN/best) or a hub repo id")
-    serve.add_argument("--model", default=None, help=f"model to edit (default: the editor's model_name, else {DEFAULT_MODEL})")
+    add_editor_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none'")
@@ -340,7 +340,6 @@ def add_serve_parser(subparsers: Any) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from instructedit.api import load_editor
     from instructedit.models.loading import load_model
-    from instructedit.user_commands import resolve_device
 
     try:
         import uvicorn

@@ -14,6 +14,12 @@ from instructedit.records import SENTIMENTS, TASKS
 logger = logging.getLogger(__name__)
 
 
+def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--editor`` and ``--model``, as every command that applies a trained editor takes them."""
+    parser.add_argument("--editor", required=True, metavar="DIR|ORG/NAME", help="a trained editor folder (e.g. RUN/best) or a hub repo id")
+    parser.add_argument("--model", default=None, help=f"model to edit (default: the editor's model_name, else {DEFAULT_MODEL})")
+
+
 def add_user_parsers(subparsers: Any) -> None:
     """Register ``edit`` and ``quickstart`` on an ``add_subparsers()`` object; each ``func(args) -> int`` runs it."""
     edit = subparsers.add_parser(
@@ -21,8 +27,7 @@ def add_user_parsers(subparsers: Any) -> None:
         description="Edits the model with a trained editor, prints the top next tokens, a greedy continuation and the "
                     "teacher-forced target accuracy before and after; the model is restored afterwards unless --save.",
     )
-    edit.add_argument("--editor", required=True, metavar="DIR|ORG/NAME", help="a trained editor folder (e.g. RUN/best) or a hub repo id")
-    edit.add_argument("--model", default=None, help=f"model to edit (default: the editor's model_name, else {DEFAULT_MODEL})")
+    add_editor_arguments(edit)
     edit.add_argument("--prompt", required=True, help="the text the model should continue differently")
     edit.add_argument("--target", required=True, help="the new continuation")
     edit.add_argument("--task", default="counterfact", choices=TASKS, help="which task's instruction wraps the prompt (default: counterfact)")
