@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import threading
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
@@ -26,12 +25,7 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 BASE = InstructionPool.default()
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread
 
 
 # --- parsing ----------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,12 +26,7 @@ TINY = ["model.max_length=250", "model.last_n_layers=2", "data.max_per_task=6", 
 BUDGET_KEYS = {"max_steps", "val_every", "val_size", "early_stop_patience", "checkpoint_every"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread
 
 
 def test_packaged_config_is_the_smollm2_instructedit_config_with_a_short_budget() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from instructedit.editors.base import EditHandle
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.evaluation import runner
-from instructedit.evaluation.report import EvalReport, load_report_json, markdown_report
+from instructedit.evaluation.report import load_report_json, markdown_report
 from instructedit.evaluation.runner import (
     RestorationError, case_probes, edit_pairs, evaluate, pack, scored_logits, sequential_schedule,
 )
@@ -29,13 +28,7 @@ from instructedit.training import build_editor
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread; on a busy 2-core machine more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread
 
 
 def records() -> list[EditRecord]:
