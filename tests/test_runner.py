@@ -13,7 +13,7 @@ from torch import nn
 from instructedit.config import load_config
 from instructedit.editors.base import EditHandle
 from instructedit.editors.mend import MENDEditor
-from instructedit.evaluation.commands import add_evaluate_parser
+from instructedit.evaluation.commands import add_evaluate_parser, parse_options
 from instructedit.evaluation import runner
 from instructedit.evaluation.report import load_report_json, markdown_report
 from instructedit.evaluation.runner import (
@@ -327,3 +327,9 @@ def test_evaluate_command_rejects_bad_names(argv: list[str], message: str, tmp_p
     args = parser().parse_args(["evaluate", *argv, "--output", str(tmp_path / "x.json")])
     with pytest.raises(ValueError, match=message):
         args.func(args)
+
+
+def test_method_options_parse_numbers_as_the_config_overrides_do() -> None:
+    assert parse_options(["lr=1e-5", "layer=-2", "module=down_proj", "empty="]) == {"lr": 1e-5, "layer": -2, "module": "down_proj", "empty": ""}
+    with pytest.raises(ValueError, match="must look like KEY=VALUE"):
+        parse_options(["lr"])

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import yaml
 
-from instructedit.config import DEFAULT_MODEL
+from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.records import EditRecord, TASKS
 from instructedit.tasks.instructions import InstructionPool
 
@@ -56,7 +56,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--method-option {item!r} must look like KEY=VALUE")
-        options[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        options[key.strip()] = yaml.load(raw, Loader=YAMLLoader) if raw.strip() else ""  # as --set: 1e-5 is a float
     return options
 
 
