@@ -96,6 +96,7 @@ class TrainingConfig:
     lr_lr: float = 1e-4  # second Adam on α only
     c_edit: float = 0.1
     c_loc: float = 1.0
+    c_margin: float = 0.0  # optional hinge keeping the locality inputs' top-1 answers ahead (objective.py); 0 = DESIGN.md §4
     batch_size: int = 1
     grad_accumulation: int = 2
     grad_clip: float = 100.0
@@ -114,6 +115,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and self.lr_lr >= 0, "training.lr", "learning rates must be positive")
+        _check(min(self.c_edit, self.c_loc, self.c_margin) >= 0, "training.c_margin", "loss coefficients c_edit, c_loc, c_margin must be >= 0")
         _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")

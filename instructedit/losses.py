@@ -30,6 +30,24 @@ def locality_kl(pre_logits: torch.Tensor, post_logits: torch.Tensor) -> torch.Te
     return (pre.exp() * (pre - post)).sum(-1).mean()
 
 
+def locality_margin(pre_logits: torch.Tensor, post_logits: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Hinge on the pre-edit top-1 token keeping its lead: mean of relu(min(m_pre, cap) - m_post).
+
+    ``m`` is the logit of the pre-edit argmax minus the largest other logit. The term is zero while
+    the edit leaves every top-1 answer at least as far ahead as before (or ``cap`` ahead), and grows
+    as soon as an edit erodes a lead — the argmax flips that the locality metric counts, which a
+    small KL does not rule out when the pre-edit distribution is nearly tied.
+    """
+    pre, post = pre_logits.float(), post_logits.float()
+    top = pre.argmax(-1, keepdim=True)
+
+    def lead(z: torch.Tensor) -> torch.Tensor:
+        others = z.scatter(-1, top, float("-inf")).amax(-1)
+        return z.gather(-1, top).squeeze(-1) - others
+
+    return torch.relu(lead(pre).clamp(max=cap) - lead(post)).mean()
+
+
 def per_row_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Average ``values`` (n_positions,) within each row -> (n_rows,)."""
     values = values.float()

@@ -1,8 +1,12 @@
-"""The InstructEdit / MEND meta-objective for one batch: edit, score, L = c_edit·L_e + c_loc·L_loc.
+"""The InstructEdit / MEND meta-objective for one batch: edit, score, L = c_edit·L_e + c_loc·L_loc (+ c_margin·L_margin).
 
 DESIGN.md §4. The frozen prefix of the base model runs once per input (``SplitModel.prefix``); the
 pre-edit locality logits, the edit gradient, the post-edit edit loss and the post-edit locality all
 reuse it, and only the edited blocks are re-run and back-propagated through.
+
+``c_margin`` (0 by default, i.e. DESIGN.md §4 exactly) adds ``losses.locality_margin`` on the
+locality positions: a hinge that keeps each pre-edit top-1 answer ahead, which is what the
+locality metric counts.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from instructedit.editors.mend import MENDEditor
-from instructedit.losses import locality_kl, masked_nll, token_accuracy, unchanged_share, unlikelihood
+from instructedit.losses import locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import MetaBatch, TokenBatch
 
@@ -24,7 +28,7 @@ def _scored(split: SplitModel, state: PrefixState, batch: TokenBatch, params: di
     return split.logits_at(split.suffix(state, params), batch.label_mask)
 
 
-def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float) -> tuple[torch.Tensor, dict[str, float]]:
+def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """One meta-training loss; gradients reach only the MEND network and the step sizes α."""
     inner = split.prefix(batch.edit_inner)
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
@@ -46,12 +50,16 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
     post_loc = _scored(split, loc, batch.loc, edit.new_params)
     l_loc = locality_kl(pre_loc, post_loc)
     loss = c_edit * l_edit + c_loc * l_loc
+    l_margin = locality_margin(pre_loc, post_loc) if c_margin else None
+    if l_margin is not None:
+        loss = loss + c_margin * l_margin
 
     n_outer, n_loc = batch.edit_outer.input_ids.shape[0], batch.loc.input_ids.shape[0]
     metrics = {
         "loss": loss.item(),
         "l_edit": l_edit.item(),
         "l_loc": l_loc.item(),
+        **({"l_margin": l_margin.item()} if l_margin is not None else {}),
         "pre_edit_loss": float(edit.pre_edit_loss),
         "edit_acc_pre": token_accuracy(pre_outer, outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),
         "edit_acc": token_accuracy(post_outer.detach(), outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),

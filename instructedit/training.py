@@ -254,7 +254,7 @@ class Trainer:
                 logger.warning("skipping a batch: %s", e)
                 self.dist.skip_statistics(self.editor)  # the other processes merge their statistics of this round
                 continue
-            loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc)
+            loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin)
             if not torch.isfinite(loss):
                 nonfinite += 1
                 logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
@@ -319,7 +319,7 @@ class Trainer:
                 batch = self._batch([record])
             except PromptTooLongError:
                 continue
-            _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc)  # edit() takes its own grad
+            _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin)  # edit() takes its own grad
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1

@@ -10,7 +10,7 @@ import torch
 from instructedit.evaluation.metrics import (
     MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin, task_average, unchanged_tokens,
 )
-from instructedit.losses import unchanged_share
+from instructedit.losses import locality_margin, unchanged_share
 
 VOCAB = 5
 
@@ -94,3 +94,17 @@ def test_aggregate_excludes_cases_without_a_family_and_reports_n() -> None:
     assert list(agg["counterfact"]) == ["reliability", "portability", "portability/Reasoning"]
     assert task_average(agg, "reliability") == pytest.approx((0.5 + 0.5) / 2)
     assert task_average(agg, "generalization") is None
+
+
+def test_locality_margin_is_zero_while_every_lead_holds() -> None:
+    pre = torch.tensor([[2.0, 1.0, 0.0], [0.0, 5.0, 0.0]])
+    assert locality_margin(pre, pre).item() == 0.0
+    assert locality_margin(pre, pre + torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])).item() == 0.0  # lead grew
+
+
+def test_locality_margin_counts_an_eroded_lead_up_to_the_cap() -> None:
+    pre = torch.tensor([[2.0, 1.0, 0.0], [0.0, 5.0, 0.0]])
+    flipped = torch.tensor([[1.0, 2.0, 0.0], [0.0, 5.0, 0.0]])  # row 0: lead 1 -> -1
+    assert locality_margin(pre, flipped).item() == pytest.approx((2.0 + 0.0) / 2)
+    shrunk = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # row 1: lead 5 (capped at 2) -> 1
+    assert locality_margin(pre, shrunk, cap=2.0).item() == pytest.approx((0.0 + 1.0) / 2)

@@ -133,3 +133,23 @@ def test_cli_train_runs_and_reports(tiny_gpt2_dir: Path, tmp_path: Path, capsys:
     assert code == 0
     out = capsys.readouterr().out
     assert "best checkpoint" in out and "locality" in out
+
+
+def test_margin_term_is_optional_and_trains_the_editor(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    from instructedit.objective import meta_loss
+
+    trainer = Trainer(_config(tiny_gpt2_dir), tmp_path, show_progress=False)
+    batch = trainer._batch([trainer.data.train[0]])
+    _, metrics = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0)
+    assert "l_margin" not in metrics  # c_margin = 0: DESIGN.md §4's objective exactly
+    with torch.no_grad():  # a larger step size makes the edit move the locality answers
+        trainer.editor.edit_lrs.fill_(10.0)
+    with_margin, metrics = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, c_margin=2.0)
+    without, _ = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0)
+    assert metrics["l_margin"] > 0
+    assert with_margin.item() == pytest.approx(without.item() + 2.0 * metrics["l_margin"], rel=1e-5)
+    with_margin.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.editor.network_parameters)
+    assert load_config(TINY, ["training.c_margin=0.5"]).training.c_margin == 0.5
+    with pytest.raises(ValueError, match="c_margin"):
+        load_config(TINY, ["training.c_margin=-1"])

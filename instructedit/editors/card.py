@@ -192,7 +192,7 @@ def _training_section(config: dict[str, Any] | None, summary: dict[str, Any] | N
     lines = ["## Training and validation", ""]
     t = (config or {}).get("training") or {}
     if t:
-        keys = ("lr", "lr_lr", "c_edit", "c_loc", "batch_size", "grad_accumulation", "max_steps", "edit_loss_on", "seed")
+        keys = ("lr", "lr_lr", "c_edit", "c_loc", "c_margin", "batch_size", "grad_accumulation", "max_steps", "edit_loss_on", "seed")
         lines.append("- " + ", ".join(f"{k} {t[k]}" for k in keys if k in t))
     if summary:
         lines.append(f"- trained {summary.get('steps')} optimizer steps{' (stopped early)' if summary.get('stopped_early') else ''}; "
