@@ -97,6 +97,10 @@ class TrainingConfig:
     c_edit: float = 0.1
     c_loc: float = 1.0
     c_margin: float = 0.0  # optional hinge keeping the locality inputs' top-1 answers ahead (objective.py); 0 = DESIGN.md §4
+    # Optional locality constraint: the locality terms' weight w (c_loc·w, c_margin·w) rises while a running
+    # mean of the training locality is under this target and falls while it is over (w ← w·exp(rate·gap)).
+    locality_target: float | None = None
+    locality_target_rate: float = 0.2
     batch_size: int = 1
     grad_accumulation: int = 2
     grad_clip: float = 100.0
@@ -116,6 +120,8 @@ class TrainingConfig:
     def __post_init__(self) -> None:
         _check(self.lr > 0 and self.lr_lr >= 0, "training.lr", "learning rates must be positive")
         _check(min(self.c_edit, self.c_loc, self.c_margin) >= 0, "training.c_margin", "loss coefficients c_edit, c_loc, c_margin must be >= 0")
+        _check(self.locality_target is None or 0 < self.locality_target <= 1, "training.locality_target", "must be in (0, 1] or null")
+        _check(self.locality_target_rate > 0, "training.locality_target_rate", "must be > 0")
         _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")

@@ -42,6 +42,7 @@ from instructedit.tasks.splits import build_mixture
 
 logger = logging.getLogger(__name__)
 
+LOC_WEIGHT_RANGE = (0.01, 1000.0)  # bounds of the locality_target multiplier
 FP16_INITIAL_LOSS_SCALE = 2.0**16
 FP16_SCALE_GROWTH_INTERVAL = 2000  # overflow-free steps before the loss scale doubles (torch.amp's default)
 
@@ -73,6 +74,8 @@ class TrainState:
     stopped_early: bool = False
     loss_scale: float = 1.0  # float16 base models: dynamic loss scale of the meta-loss
     steps_since_overflow: int = 0
+    loc_weight: float = 1.0  # training.locality_target: multiplier of the locality terms
+    loc_running: float | None = None  # running mean of the training locality the multiplier follows
     history: list[dict[str, float]] = field(default_factory=list)  # validation results
 
 
@@ -203,7 +206,7 @@ class Trainer:
             self.state.step += 1
             running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in metrics.items()}
             bar.update(1)
-            bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "l_edit", "l_loc", "edit_acc")})
+            bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "l_edit", "l_loc", "edit_acc", "locality", "loc_weight") if k in running})
             if self.state.step % t.log_every == 0:
                 self._log({"step": self.state.step, "split": "train", **metrics, "elapsed_s": time.time() - started})
             if self.state.step % t.val_every == 0:
@@ -254,7 +257,8 @@ class Trainer:
                 logger.warning("skipping a batch: %s", e)
                 self.dist.skip_statistics(self.editor)  # the other processes merge their statistics of this round
                 continue
-            loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin)
+            w = self.state.loc_weight
+            loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w)
             if not torch.isfinite(loss):
                 nonfinite += 1
                 logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
@@ -291,7 +295,19 @@ class Trainer:
         if self.lr_opt:
             self.lr_opt.step()
         self._no_overflow()
-        return {k: v / used for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
+        metrics = {k: v / used for k, v in totals.items()} | {"grad_norm": float(grad_norm)}
+        if t.locality_target is not None:
+            metrics["loc_weight"] = self.state.loc_weight  # the weight this step trained with
+            self._follow_locality_target(metrics["locality"])
+        return metrics
+
+    def _follow_locality_target(self, locality: float) -> None:
+        """Multiplicative update of the locality weight toward ``training.locality_target`` (a Lagrange-style constraint)."""
+        t = self.config.training
+        running = locality if self.state.loc_running is None else 0.95 * self.state.loc_running + 0.05 * locality
+        self.state.loc_running = running
+        weight = self.state.loc_weight * math.exp(t.locality_target_rate * (t.locality_target - running))
+        self.state.loc_weight = min(max(weight, LOC_WEIGHT_RANGE[0]), LOC_WEIGHT_RANGE[1])
 
     def _overflow(self) -> None:
         if self.config.model.dtype == "float16":

@@ -153,3 +153,31 @@ def test_margin_term_is_optional_and_trains_the_editor(tiny_gpt2_dir: Path, tmp_
     assert load_config(TINY, ["training.c_margin=0.5"]).training.c_margin == 0.5
     with pytest.raises(ValueError, match="c_margin"):
         load_config(TINY, ["training.c_margin=-1"])
+
+
+def test_locality_target_moves_the_locality_weight_and_survives_resume(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    config = _config(tiny_gpt2_dir, "training.locality_target=0.9", "training.locality_target_rate=0.5")
+    trainer = Trainer(config, tmp_path / "unit", show_progress=False)
+    trainer._follow_locality_target(0.5)  # under the target: the weight rises
+    assert trainer.state.loc_weight == pytest.approx(math.exp(0.5 * 0.4)) and trainer.state.loc_running == 0.5
+    trainer._follow_locality_target(1.0)  # running mean 0.525, still under
+    assert trainer.state.loc_weight > math.exp(0.5 * 0.4)
+    trainer.state.loc_running, trainer.state.loc_weight = 1.0, 1.0
+    trainer._follow_locality_target(1.0)  # over the target: it falls
+    assert trainer.state.loc_weight == pytest.approx(math.exp(-0.05))
+    for _ in range(2000):
+        trainer._follow_locality_target(0.0)
+    assert trainer.state.loc_weight == training.LOC_WEIGHT_RANGE[1]  # bounded
+    with pytest.raises(ValueError, match="locality_target"):
+        _config(tiny_gpt2_dir, "training.locality_target=1.5")
+    assert _config(tiny_gpt2_dir).training.locality_target is None
+
+    straight = Trainer(_config(tiny_gpt2_dir, "training.locality_target=1.0", "training.max_steps=6"), tmp_path / "a", show_progress=False)
+    straight.run()
+    Trainer(_config(tiny_gpt2_dir, "training.locality_target=1.0", "training.max_steps=3"), tmp_path / "b", show_progress=False).run()
+    resumed = Trainer(_config(tiny_gpt2_dir, "training.locality_target=1.0", "training.max_steps=6"), tmp_path / "b", show_progress=False)
+    resumed.run()
+    assert resumed.state.loc_weight == pytest.approx(straight.state.loc_weight)
+    assert resumed.state.loc_running == pytest.approx(straight.state.loc_running)
+    logged = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert all("loc_weight" in e for e in logged if e["split"] == "train")
