@@ -94,6 +94,8 @@ class EditorConfig:
 class TrainingConfig:
     lr: float = 1e-6  # Adam on the MEND network and α
     lr_lr: float = 1e-4  # second Adam on α only
+    lr_schedule: str = "constant"  # or "linear": both learning rates fall linearly to lr_final_ratio × at max_steps
+    lr_final_ratio: float = 0.1
     c_edit: float = 0.1
     c_loc: float = 1.0
     c_margin: float = 0.0  # optional hinge keeping the locality inputs' top-1 answers ahead (objective.py); 0 = DESIGN.md §4
@@ -122,6 +124,8 @@ class TrainingConfig:
         _check(min(self.c_edit, self.c_loc, self.c_margin) >= 0, "training.c_margin", "loss coefficients c_edit, c_loc, c_margin must be >= 0")
         _check(self.locality_target is None or 0 < self.locality_target <= 1, "training.locality_target", "must be in (0, 1] or null")
         _check(self.locality_target_rate > 0, "training.locality_target_rate", "must be > 0")
+        _check(self.lr_schedule in ("constant", "linear"), "training.lr_schedule", f"{self.lr_schedule!r} is not 'constant' or 'linear'")
+        _check(0 <= self.lr_final_ratio <= 1, "training.lr_final_ratio", "must be in [0, 1]")
         _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")

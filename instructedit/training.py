@@ -291,6 +291,7 @@ class Trainer:
             self._overflow()
             self.state.step += 1
             return None
+        self._set_learning_rates()
         self.opt.step()
         if self.lr_opt:
             self.lr_opt.step()
@@ -300,6 +301,20 @@ class Trainer:
             metrics["loc_weight"] = self.state.loc_weight  # the weight this step trained with
             self._follow_locality_target(metrics["locality"])
         return metrics
+
+    def lr_factor(self) -> float:
+        """The learning-rate multiplier of the step about to be taken (a function of the step alone: resume stays exact)."""
+        t = self.config.training
+        if t.lr_schedule == "constant":
+            return 1.0
+        return 1.0 - (1.0 - t.lr_final_ratio) * min(self.state.step / max(t.max_steps - 1, 1), 1.0)
+
+    def _set_learning_rates(self) -> None:
+        t, factor = self.config.training, self.lr_factor()
+        for opt, base in ((self.opt, t.lr), (self.lr_opt, t.lr_lr)):
+            if opt is not None:
+                for group in opt.param_groups:
+                    group["lr"] = base * factor
 
     def _follow_locality_target(self, locality: float) -> None:
         """Multiplicative update of the locality weight toward ``training.locality_target`` (a Lagrange-style constraint)."""

@@ -181,3 +181,19 @@ def test_locality_target_moves_the_locality_weight_and_survives_resume(tiny_gpt2
     assert resumed.state.loc_running == pytest.approx(straight.state.loc_running)
     logged = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert all("loc_weight" in e for e in logged if e["split"] == "train")
+
+
+def test_linear_schedule_lowers_both_learning_rates_to_the_final_ratio(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    trainer = Trainer(_config(tiny_gpt2_dir, "training.lr_schedule=linear", "training.lr_final_ratio=0.25", "training.max_steps=5",
+                              "training.lr=1e-3", "training.lr_lr=1e-2"), tmp_path, show_progress=False)
+    factors = []
+    for step in range(5):
+        trainer.state.step = step
+        factors.append(trainer.lr_factor())
+    assert factors == pytest.approx([1.0, 0.8125, 0.625, 0.4375, 0.25])
+    trainer.state.step = 4
+    trainer._set_learning_rates()
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(0.25e-3) and trainer.lr_opt.param_groups[0]["lr"] == pytest.approx(0.25e-2)
+    assert Trainer(_config(tiny_gpt2_dir), tmp_path / "c", show_progress=False).lr_factor() == 1.0  # constant by default
+    with pytest.raises(ValueError, match="lr_schedule"):
+        _config(tiny_gpt2_dir, "training.lr_schedule=cosine")
