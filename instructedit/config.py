@@ -121,7 +121,8 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and self.lr_lr >= 0, "training.lr", "learning rates must be positive")
-        _check(min(self.c_edit, self.c_loc, self.c_margin) >= 0, "training.c_margin", "loss coefficients c_edit, c_loc, c_margin must be >= 0")
+        for name in ("c_edit", "c_loc", "c_margin"):
+            _check(getattr(self, name) >= 0, f"training.{name}", "loss coefficients must be >= 0")
         _check(self.locality_target is None or 0 < self.locality_target <= 1, "training.locality_target", "must be in (0, 1] or null")
         _check(self.locality_target_rate > 0, "training.locality_target_rate", "must be > 0")
         _check(self.lr_schedule in ("constant", "linear"), "training.lr_schedule", f"{self.lr_schedule!r} is not 'constant' or 'linear'")

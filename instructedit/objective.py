@@ -50,8 +50,9 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
     post_loc = _scored(split, loc, batch.loc, edit.new_params)
     l_loc = locality_kl(pre_loc, post_loc)
     loss = c_edit * l_edit + c_loc * l_loc
-    l_margin = locality_margin(pre_loc, post_loc) if c_margin else None
-    if l_margin is not None:
+    l_margin = None
+    if c_margin:
+        l_margin = locality_margin(pre_loc, post_loc)
         loss = loss + c_margin * l_margin
 
     n_outer, n_loc = batch.edit_outer.input_ids.shape[0], batch.loc.input_ids.shape[0]
