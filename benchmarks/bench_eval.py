@@ -1,10 +1,12 @@
-"""Throughput of the batched evaluation runner against a naive one-prompt-at-a-time loop, in one process, back to back.
+"""Throughput of the batched evaluation runner against a naive one-prompt-at-a-time loop, and of its two protocols, in one process.
 
 The naive loop does what the published reference implementation does: every probe is its own
 forward pass with logits at every position, before and after the edit, then the edit is undone.
 Both score the same probes with the same metric definitions; the script checks that they agree.
+Beside it, the runner's cost of the generation protocol: the same cases with ``protocol=
+"teacher_forced"`` and ``protocol="both"``, interleaved repetitions (``protocols`` in the JSON).
 
-    .venv/bin/python benchmarks/bench_eval.py [--editor DIR] [--n 30] [--repeats 2] [--threads 1]
+    .venv/bin/python benchmarks/bench_eval.py [--editor DIR] [--n 30] [--repeats 2] [--threads 1] [--no-naive]
 """
 
 from __future__ import annotations
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed runs of each, alternating")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads spin against other processes)")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive loop: only teacher-forced vs both protocols")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -100,45 +103,70 @@ def main(argv: list[str] | None = None) -> int:
         out = run()
         return time.perf_counter() - wall, time.process_time() - cpu, out
 
-    def batched() -> tuple[float, float, object]:
-        return timed(lambda: evaluate(model, tokenizer, editor, records, pool, instruction, progress=False))
+    def batched(protocol: str = "teacher_forced") -> tuple[float, float, object]:
+        return timed(lambda: evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol))
 
     def naive() -> tuple[float, float, list]:
         return timed(lambda: naive_evaluate(model, tokenizer, editor, records, pool, instruction))
 
     logger.info("warm-up")
     evaluate(model, tokenizer, editor, records[:3], pool, instruction, progress=False)
-    naive_evaluate(model, tokenizer, editor, records[:3], pool, instruction)
-    times: dict[str, list[float]] = {"batched": [], "naive": [], "batched_cpu": [], "naive_cpu": []}
+    if not args.no_naive:
+        naive_evaluate(model, tokenizer, editor, records[:3], pool, instruction)
+    times: dict[str, list[float]] = {"batched": [], "naive": [], "batched_cpu": [], "naive_cpu": [], "both": [], "both_cpu": []}
     loads: list[float] = []
-    for r in range(args.repeats):
+    naive_results: list | None = None
+    for r in range(args.repeats):  # interleaved: teacher-forced, both protocols, naive, then again
         wall, cpu, report = batched()
         times["batched"].append(wall), times["batched_cpu"].append(cpu)
-        wall, cpu, naive_results = naive()
-        times["naive"].append(wall), times["naive_cpu"].append(cpu)
+        wall, cpu, both = batched("both")
+        times["both"].append(wall), times["both_cpu"].append(cpu)
+        if not args.no_naive:
+            wall, cpu, naive_results = naive()
+            times["naive"].append(wall), times["naive_cpu"].append(cpu)
         loads.append(os.getloadavg()[0])
-        logger.info("repeat %d: batched %.1f s (cpu %.1f s), naive %.1f s (cpu %.1f s), load %.1f", r + 1, times["batched"][-1],
-                    times["batched_cpu"][-1], times["naive"][-1], times["naive_cpu"][-1], loads[-1])
+        logger.info("repeat %d: teacher-forced %.1f s (cpu %.1f s), both protocols %.1f s (cpu %.1f s), naive %s, load %.1f", r + 1,
+                    times["batched"][-1], times["batched_cpu"][-1], times["both"][-1], times["both_cpu"][-1],
+                    f"{times['naive'][-1]:.1f} s" if times["naive"] else "skipped", loads[-1])
         # Written after every repeat: on a busy machine a long run may be cut short.
         result = summarize(args, model, tokenizer, records, pool, instruction, report, naive_results, times, loads)
+        result["protocols"] = protocol_summary(report, both, times)
         write_json(args.output, result)
-    print(f"{result['n_cases']} cases: batched {result['batched']['cases_per_s']:.3f} cases/s, "
-          f"naive {result['naive']['cases_per_s']:.3f} cases/s, speedup {result['speedup']:.2f}x "
-          f"(CPU time: {result['speedup_cpu']:.2f}x)")
+    n, protocols = result["n_cases"], result["protocols"]
+    if not args.no_naive:
+        print(f"{n} cases: batched {result['batched']['cases_per_s']:.3f} cases/s, "
+              f"naive {result['naive']['cases_per_s']:.3f} cases/s, speedup {result['speedup']:.2f}x "
+              f"(CPU time: {result['speedup_cpu']:.2f}x)")
+    print(f"{n} cases: teacher-forced {protocols['teacher_forced']['cases_per_s']:.3f} cases/s, both protocols "
+          f"{protocols['both']['cases_per_s']:.3f} cases/s ({protocols['cost_of_generation']:.2f}x the time)")
     print(f"wrote {args.output}")
     return 0
 
 
-def summarize(args: argparse.Namespace, model: nn.Module, tokenizer, records: Sequence[EditRecord], pool: InstructionPool,
-              instruction: int, report, naive_results: list, times: dict[str, list[float]], loads: list[float]) -> dict:
-    n = len(report.cases)
-    ours = report.aggregates[args.task]["post"]
-    theirs = aggregate(naive_results)[args.task]
-    batched_s, naive_s = statistics.median(times["batched"]), statistics.median(times["naive"])
-    batched_cpu, naive_cpu = statistics.median(times["batched_cpu"]), statistics.median(times["naive_cpu"])
-    collator = Collator(tokenizer, 1024, pool)
+def protocol_summary(tf_report, both_report, times: dict[str, list[float]]) -> dict:
+    """Cases/s of the teacher-forced protocol alone and of both protocols, on the same cases, and where the extra time goes."""
+    n = len(tf_report.cases)
+    tf_s, both_s = statistics.median(times["batched"]), statistics.median(times["both"])
+    gen_post = next(iter(both_report.aggregates.values())).get("gen_post", {})
     return {
-        "benchmark": "evaluation throughput: batched runner vs one prompt at a time (pre + post edit, rollback)",
+        "teacher_forced": {"seconds": times["batched"], "cpu_seconds": times["batched_cpu"], "cases_per_s": n / tf_s},
+        "both": {"seconds": times["both"], "cpu_seconds": times["both_cpu"], "cases_per_s": n / both_s,
+                 "generation_seconds_last_run": {k: v for k, v in both_report.timing.items() if k.startswith("generation_")},
+                 "queries": sum(len(c.answers) for c in both_report.cases)},
+        "cost_of_generation": both_s / tf_s,
+        "cost_per_repeat": [b / t for b, t in zip(times["both"], times["batched"])],
+        "post_edit_generation": {k: s.mean for k, s in gen_post.items() if "/" not in k},
+    }
+
+
+def summarize(args: argparse.Namespace, model: nn.Module, tokenizer, records: Sequence[EditRecord], pool: InstructionPool,
+              instruction: int, report, naive_results: list | None, times: dict[str, list[float]], loads: list[float]) -> dict:
+    n = len(report.cases)
+    batched_s, batched_cpu = statistics.median(times["batched"]), statistics.median(times["batched_cpu"])
+    collator = Collator(tokenizer, 1024, pool)
+    common = {
+        "benchmark": "evaluation throughput: batched runner (teacher-forced) vs one prompt at a time (pre + post edit, rollback); "
+                     "teacher-forced vs both protocols",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "model": args.model, "editor": args.editor or "fresh untrained MEND (build_editor, default config)",
         "task": args.task, "n_cases": n,
@@ -147,7 +175,15 @@ def summarize(args: argparse.Namespace, model: nn.Module, tokenizer, records: Se
         "device": str(next(model.parameters()).device), "platform": platform.platform(),
         "load_average_1min": loads, "repeats_done": len(times["batched"]),
         "batched": {"seconds": times["batched"], "cpu_seconds": times["batched_cpu"], "cases_per_s": n / batched_s,
-                    "cases_per_cpu_s": n / batched_cpu, "fast_path": report.settings.fast_path, "packed_rows": report.settings.packed_rows},
+                    "cases_per_cpu_s": n / batched_cpu, "fast_path": report.settings.fast_path, "packed_rows": report.settings.packed_rows,
+                    "protocol": report.settings.protocol},
+    }
+    if naive_results is None:
+        return common
+    ours = report.aggregates[args.task]["post"]
+    theirs = aggregate(naive_results)[args.task]
+    naive_s, naive_cpu = statistics.median(times["naive"]), statistics.median(times["naive_cpu"])
+    return common | {
         "naive": {"seconds": times["naive"], "cpu_seconds": times["naive_cpu"], "cases_per_s": n / naive_s, "cases_per_cpu_s": n / naive_cpu},
         "speedup": naive_s / batched_s,
         "speedup_cpu": naive_cpu / batched_cpu,

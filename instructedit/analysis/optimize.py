@@ -242,7 +242,7 @@ class EditorScorer:
 
         pool = InstructionPool({self.task: (description,)}, seen=(0,), unseen=(), template=self.template, source="candidate description")
         report = evaluate(self.model, self.tokenizer, self.editor, self.records, pool, 0, batch_size=self.batch_size,
-                          progress=False, max_length=self.max_length)
+                          progress=False, max_length=self.max_length, protocol="teacher_forced")  # the score reads teacher-forced metrics
         self.calls += 1
         post = report.aggregates.get(self.task, {}).get("post", {})
         return {k: post[k].mean for k in SCORE_METRICS if k in post}

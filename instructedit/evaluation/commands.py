@@ -13,7 +13,12 @@ import torch
 import yaml
 
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
+from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
+from instructedit.evaluation.judge import LLMJudge
+from instructedit.evaluation.metrics import PROTOCOL_CHOICES, MetricSummary
+from instructedit.evaluation.report import EvalReport
 from instructedit.records import EditRecord, TASKS
+from instructedit.tasks.collate import ANSWER_STOPS
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -41,6 +46,18 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--instruction-pool", metavar="FILE", default=None, help="instruction pool JSON (default: the project's descriptions)")
     p.add_argument("--model", default=None, help=f"model (default: the editor's model_name, else {DEFAULT_MODEL})")
     p.add_argument("--sequential", action="store_true", help="keep every edit and report how earlier edits decay")
+    p.add_argument("--protocol", default="both", choices=PROTOCOL_CHOICES,
+                   help="teacher_forced (the paper's token accuracies), generation (greedy answers, exact match) or both (default)")
+    p.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
+                   help="what the edit input's answer ends with (default: the editor's answer_stop from its editor_config.json, else none)")
+    p.add_argument("--queries", default=",".join(QUERY_FORMS), metavar="FORMS",
+                   help=f"comma-separated forms of the edit prompt the generation protocol asks (default: {','.join(QUERY_FORMS)})")
+    p.add_argument("--generation-batch-size", type=int, default=32, metavar="N", help="most queries per greedy generation batch")
+    p.add_argument("--judge", action="store_true",
+                   help="also ask an LLM judge whether the answer states the target (OpenAI-compatible endpoint from "
+                        "OPENAI_BASE_URL / OPENAI_API_KEY / OPENAI_MODEL); adds gen_reliability_judge")
+    p.add_argument("--judge-model", default=None, help="the judge's model name (default: $OPENAI_MODEL, else the proposers' default)")
+    p.add_argument("--judge-timeout", type=float, default=30.0, metavar="S", help="seconds to wait for one judge answer")
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="most probe rows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="split seed (and torch seed)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
@@ -69,6 +86,44 @@ def editor_model_name(directory: str | Path) -> str | None:
         return json.loads(path.read_text()).get("model_name") or None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+
+
+def editor_answer_stop(directory: str | Path) -> str:
+    """The ``answer_stop`` an editor folder was trained with (top level or one level down, e.g. under ``queries``); 'none' if unrecorded."""
+    path = Path(directory) / EDITOR_CONFIG
+    if not path.is_file():
+        return "none"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    nested = [v for v in config.values() if isinstance(v, dict)]
+    for place in (config, *nested):
+        value = place.get("answer_stop")
+        if value is not None:
+            if value not in ANSWER_STOPS:
+                raise ValueError(f"{path}: answer_stop {value!r} is not one of {list(ANSWER_STOPS)}")
+            return value
+    return "none"
+
+
+def headline(report: EvalReport, task: str) -> str:
+    """Post-edit reliability / generalization / locality / portability of both protocols, with their intervals."""
+    phases = report.aggregates.get(task, {})
+    parts = []
+    for name, phase, keys in (("teacher-forced", "post", ("reliability", "generalization", "locality", "portability")),
+                              ("generation", "gen_post", ("gen_reliability", "gen_reliability_plain", "gen_reliability_chat",
+                                                          "gen_generalization", "gen_locality", "gen_portability", "gen_reliability_judge"))):
+        post = phases.get(phase, {})
+        if any(k in post for k in keys):
+            parts.append(f"{name}: " + ", ".join(f"{k} {_interval(post[k])} (n={post[k].n})" for k in keys if k in post))
+    return "; ".join(parts)
+
+
+def _interval(summary: MetricSummary) -> str:
+    if summary.low is None:
+        return f"{100 * summary.mean:.1f}"
+    return f"{100 * summary.mean:.1f} [{100 * summary.low:.1f}, {100 * summary.high:.1f}]"
 
 
 def file_sha256(path: Path) -> str:
@@ -103,6 +158,13 @@ def load_eval_records(task: str, data: str | None, data_dir: str | None, split: 
     return splits.split(split), {"data_file": None, "split": split, "split_seed": seed}
 
 
+def make_judge(args: argparse.Namespace) -> LLMJudge:
+    """The LLM judge of ``--judge``: an OpenAI-compatible endpoint from the environment, asked deterministically."""
+    from instructedit.analysis.proposers import OpenAIProposer
+
+    return LLMJudge(OpenAIProposer(model=args.judge_model, temperature=0.0, max_tokens=4, timeout=args.judge_timeout, seed=0))
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from instructedit.editors.registry import EDITORS, make_editor
     from instructedit.evaluation.report import EvalSettings, write_markdown, write_report_json
@@ -117,6 +179,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown editing method {method!r}; valid methods: {sorted(EDITORS)}")
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
+    forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
     output = Path(args.output)
     if output.suffix != ".json":
         raise ValueError(f"--output {output} must end in .json (the Markdown goes beside it as {output.with_suffix('.md').name})")
@@ -125,6 +188,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.editor:
         options["path"] = args.editor
     model_name = args.model or (editor_model_name(editor_path) if args.editor else None) or DEFAULT_MODEL
+    answer_stop = args.answer_stop or (editor_answer_stop(editor_path) if editor_path else "none")
+    judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
     instruction = resolve_instruction(args.instruction, pool)
     records, where = load_eval_records(args.task, args.data, args.data_dir, args.split, args.seed)
@@ -144,11 +209,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         model_name=model_name, limit=args.limit, **where,
     )
     report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
-                      sequential=args.sequential, progress=not args.no_progress, settings=settings)
+                      sequential=args.sequential, progress=not args.no_progress, settings=settings, protocol=args.protocol,
+                      answer_stop=answer_stop, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge)
     write_report_json(report, output)
     markdown = write_markdown([report], output.with_suffix(".md"))
-    post = report.aggregates.get(args.task, {}).get("post", {})
-    summary = ", ".join(f"{k} {100 * post[k].mean:.1f} (n={post[k].n})" for k in ("reliability", "generalization", "locality", "portability") if k in post)
-    print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {summary}; {report.timing['cases_per_s']:.2f} cases/s")
+    print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {headline(report, args.task)}; "
+          f"{report.timing['cases_per_s']:.2f} cases/s")
     print(f"wrote {output} and {markdown}")
     return 0

@@ -5,7 +5,9 @@ positions of a padded batch, ``targets`` (n_positions,) the gold answer tokens a
 (n_positions,) the batch row (probe) each position belongs to. A probe's score is in [0, 1]; a
 case's score for a probe family is the mean over its probes of that family (and ``family/kind``
 the mean over its probes of that kind); a task's score is the mean over the cases that have the
-family, reported with that number of cases ``n``.
+family, reported with that number of cases ``n``. ``aggregate`` serves both protocols: the
+generation protocol's per-case scores (``generation_probes``) are averaged the same way, and every
+summary says which protocol it belongs to.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.losses import per_row_mean, token_accuracy
 
 # Paper names: reliability = rewrite accuracy, generalization = rephrase accuracy.
@@ -69,25 +73,50 @@ def family_means(values: Sequence[float], families: Sequence[str], kinds: Sequen
     return {key: sum(v) / len(v) for key, v in groups.items()}
 
 
+PROTOCOLS = ("teacher_forced", "generation")
+PROTOCOL_CHOICES = (*PROTOCOLS, "both")  # what an evaluation may run
+
+
 @dataclass(frozen=True)
 class MetricSummary:
-    """A metric averaged over the cases that have it."""
+    """A metric averaged over the cases that have it, with its protocol and 95 % bootstrap interval (None: not computed)."""
 
     mean: float
     n: int
+    low: float | None = None
+    high: float | None = None
+    protocol: str = "teacher_forced"
 
-    def to_dict(self) -> dict[str, float | int]:
-        return {"mean": self.mean, "n": self.n}
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        return {"mean": self.mean, "n": self.n, "ci_low": self.low, "ci_high": self.high, "protocol": self.protocol}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "MetricSummary":
+        """Read ``to_dict``'s output; reports written before protocols existed are teacher-forced, without an interval."""
+        return cls(data["mean"], data["n"], data.get("ci_low"), data.get("ci_high"), data.get("protocol", "teacher_forced"))
 
 
 def _metric_order(key: str) -> tuple[int, str]:
-    family = key.split("/")[0]
-    rank = FAMILIES.index(family) if family in FAMILIES else len(FAMILIES)
+    """Families in paper order (generation metrics by the family they measure), then by key."""
+    family = key.split("/")[0].removeprefix("gen_")
+    rank = next((i for i, f in enumerate(FAMILIES) if family == f or family.startswith(f + "_")), len(FAMILIES))
     return rank, key
 
 
-def aggregate(cases: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, dict[str, MetricSummary]]:
-    """(task, case metrics) pairs -> task -> metric -> mean over the task's cases that have it, with n."""
+def summarize(values: Sequence[float], protocol: str = "teacher_forced", intervals: bool = False) -> MetricSummary:
+    """Mean and n of per-case ``values``; with ``intervals``, their 95 % percentile-bootstrap interval (fixed seed)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOLS)}")
+    mean = sum(values) / len(values)  # the plain mean, as before intervals existed: numbers stay bitwise the same
+    if not intervals:
+        return MetricSummary(mean, len(values), protocol=protocol)
+    ci = bootstrap_ci(values)
+    return MetricSummary(mean, len(values), min(ci.low, mean), max(ci.high, mean), protocol)
+
+
+def aggregate(cases: Iterable[tuple[str, Mapping[str, float]]], protocol: str = "teacher_forced",
+              intervals: bool = False) -> dict[str, dict[str, MetricSummary]]:
+    """(task, case metrics) pairs -> task -> metric -> mean over the task's cases that have it, with n (see ``summarize``)."""
     sums: dict[str, dict[str, list[float]]] = {}
     for task, metrics in cases:
         per_task = sums.setdefault(task, {})
@@ -95,7 +124,7 @@ def aggregate(cases: Iterable[tuple[str, Mapping[str, float]]]) -> dict[str, dic
             if value is not None and not math.isnan(value):
                 per_task.setdefault(key, []).append(float(value))
     return {
-        task: {key: MetricSummary(sum(v) / len(v), len(v)) for key, v in sorted(metrics.items(), key=lambda kv: _metric_order(kv[0]))}
+        task: {key: summarize(v, protocol, intervals) for key, v in sorted(metrics.items(), key=lambda kv: _metric_order(kv[0]))}
         for task, metrics in sums.items()
     }
 

@@ -1,4 +1,9 @@
-"""The typed evaluation report, and its writers: JSON (atomic) and Markdown tables of post/pre-edit metrics."""
+"""The typed evaluation report, and its writers: JSON (atomic) and Markdown tables of post/pre-edit metrics, one set per protocol.
+
+``aggregates[task][phase][metric]`` is a ``MetricSummary`` (mean, n, 95 % bootstrap interval,
+protocol). Phases: ``pre`` / ``post`` for the teacher-forced protocol (the paper's numbers) and
+``gen_pre`` / ``gen_post`` for the generation protocol (``gen_*`` metrics); see ``PHASES``.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,11 @@ from instructedit.io import atomic_write, write_json
 
 COLUMNS = {"reliability": "Rel.", "generalization": "Gen.", "locality": "Loc.", "portability": "Port."}
 PRE_FAMILIES = ("reliability", "generalization", "portability")  # pre-edit locality is 100% by definition
+GEN_COLUMNS = {"gen_reliability": "Rel.", "gen_reliability_plain": "Rel. plain", "gen_reliability_chat": "Rel. chat",
+               "gen_generalization": "Gen.", "gen_locality": "Loc.", "gen_portability": "Port.", "gen_reliability_judge": "Rel. judge"}
+PHASES = {"pre": "teacher_forced", "post": "teacher_forced", "gen_pre": "generation", "gen_post": "generation"}  # phase -> protocol
+TITLES = {"teacher_forced": "Teacher-forced", "generation": "Generation (greedy, exact match)"}
+SAMPLE_ANSWERS = 5  # cases whose answers the Markdown shows
 
 
 @dataclass
@@ -39,6 +49,11 @@ class EvalSettings:
     max_length: int = 0
     fast_path: bool = False  # MEND scored functionally on cached prefix states
     packed_rows: bool = False  # a case's rows packed into one row, sharing the instruction
+    protocol: str = "teacher_forced"  # teacher_forced | generation | both (reports from before protocols: teacher-forced)
+    answer_stop: str = "none"  # what the edit input's answer ends with (the collator's answer_stop)
+    queries: list[str] = field(default_factory=list)  # forms of the edit prompt asked by the generation protocol
+    generation_margin: int | None = None  # answer tokens allowed beyond the target's length
+    judge: str | None = None  # the LLM judge of gen_reliability_judge, if any
     device: str = ""
     torch_version: str = ""
     date: str = ""
@@ -53,13 +68,16 @@ class EvalSettings:
 
 @dataclass
 class CaseResult:
-    """One edited case: its metrics before and after the edit."""
+    """One edited case: its teacher-forced and generation metrics before and after the edit, and what the model said."""
 
     index: int
     source: str
     task: str
     pre: dict[str, float]
     post: dict[str, float]
+    gen_pre: dict[str, float] = field(default_factory=dict)
+    gen_post: dict[str, float] = field(default_factory=dict)
+    answers: list[dict[str, str]] = field(default_factory=list)  # per query: family, form, question, target, pre, post, ...
 
 
 @dataclass
@@ -77,7 +95,7 @@ class SequentialPoint:
 class EvalReport:
     settings: EvalSettings
     cases: list[CaseResult]
-    aggregates: dict[str, dict[str, dict[str, MetricSummary]]]  # task -> "pre"/"post" -> metric -> summary
+    aggregates: dict[str, dict[str, dict[str, MetricSummary]]]  # task -> phase (PHASES) -> metric -> summary
     timing: dict[str, float]
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"source", "reason"}
     restoration: dict[str, Any] = field(default_factory=dict)
@@ -101,7 +119,7 @@ class EvalReport:
     def from_dict(cls, data: dict[str, Any]) -> "EvalReport":
         """Read back what ``to_dict`` wrote (e.g. to tabulate several saved runs)."""
         aggregates = {
-            task: {phase: {k: MetricSummary(v["mean"], v["n"]) for k, v in metrics.items()} for phase, metrics in phases.items()}
+            task: {phase: {k: MetricSummary.from_dict(v) for k, v in metrics.items()} for phase, metrics in phases.items()}
             for task, phases in data["aggregates"].items()
         }
         return cls(
@@ -126,30 +144,57 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
 
 
+def _cell(summary: MetricSummary | None) -> str:
+    """'56.3 [50.1, 62.0]': the mean and its 95 % interval in %, or the mean alone when no interval was computed."""
+    if summary is None:
+        return "–"
+    if summary.low is None or summary.high is None:
+        return _pct(summary.mean)
+    return f"{_pct(summary.mean)} [{_pct(summary.low)}, {_pct(summary.high)}]"
+
+
+def _margin_cell(summary: MetricSummary | None) -> str:
+    if summary is None:
+        return "–"
+    interval = f" [{summary.low:+.3f}, {summary.high:+.3f}]" if summary.low is not None and summary.high is not None else ""
+    return f"{summary.mean:+.3f}{interval}"
+
+
 def _rows(reports: Sequence[EvalReport], phase: str) -> tuple[list[str], dict[str, dict[str, dict[str, MetricSummary]]]]:
     """Merge reports by label: label -> task -> metric -> summary (a later report of the same task wins)."""
     merged: dict[str, dict[str, dict[str, MetricSummary]]] = {}
     for report in reports:
         row = merged.setdefault(report.settings.label, {})
         for task, phases in report.aggregates.items():
-            row[task] = dict(phases.get(phase, {}))
+            if phase in phases or task not in row:
+                row[task] = dict(phases.get(phase, {}))
     return list(merged), merged
 
 
-def _table(reports: Sequence[EvalReport], phase: str, families: Sequence[str]) -> list[str]:
+def _table(reports: Sequence[EvalReport], phase: str, columns: dict[str, str]) -> list[str]:
     labels, merged = _rows(reports, phase)
     tasks = list(dict.fromkeys(task for r in reports for task in r.aggregates))
-    header = ["method"] + [f"{task} {COLUMNS[f]}" for task in tasks for f in families] + [f"avg {COLUMNS[f]}" for f in families]
+    header = ["method"] + [f"{task} {name}" for task in tasks for name in columns.values()] + [f"avg {name}" for name in columns.values()]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label in labels:
         per_task = merged[label]
         cells = [label]
         for task in tasks:
             metrics = per_task.get(task, {})
-            cells += [_pct(metrics[f].mean) if f in metrics else "–" for f in families]
-        cells += [_pct(task_average(per_task, f)) for f in families]
+            cells += [_cell(metrics.get(key)) for key in columns]
+        cells += [_pct(task_average(per_task, key)) for key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _has_phase(reports: Sequence[EvalReport], phase: str) -> bool:
+    return any(phases.get(phase) for r in reports for phases in r.aggregates.values())
+
+
+def _generation_columns(reports: Sequence[EvalReport], phase: str) -> dict[str, str]:
+    """The generation metrics some report has in ``phase`` (the chat form exists only for models with a chat template)."""
+    present = {key for r in reports for phases in r.aggregates.values() for key in phases.get(phase, {})}
+    return {key: name for key, name in GEN_COLUMNS.items() if key in present}
 
 
 def _source(s: EvalSettings) -> str:
@@ -161,33 +206,83 @@ def _source(s: EvalSettings) -> str:
 def _details(report: EvalReport) -> list[str]:
     lines = []
     for task, phases in report.aggregates.items():
-        pre, post = phases.get("pre", {}), phases.get("post", {})
-        lines += [f"#### {report.settings.label} — {task}", "", "| metric | pre-edit | post-edit | n |", "|---|---|---|---|"]
-        for key in dict.fromkeys([*post, *pre]):
-            fmt = (lambda s: "–" if s is None else f"{s.mean:+.3f}") if key == MARGIN else (lambda s: "–" if s is None else _pct(s.mean))
-            summary = post.get(key) or pre.get(key)
-            lines.append(f"| {key} | {fmt(pre.get(key))} | {fmt(post.get(key))} | {summary.n} |")
-        lines.append("")
+        for protocol, (pre_phase, post_phase) in (("teacher_forced", ("pre", "post")), ("generation", ("gen_pre", "gen_post"))):
+            pre, post = phases.get(pre_phase, {}), phases.get(post_phase, {})
+            if not pre and not post:
+                continue
+            lines += [f"#### {report.settings.label} — {task}, {TITLES[protocol].lower()}", "",
+                      "| metric | pre-edit | post-edit | n |", "|---|---|---|---|"]
+            for key in dict.fromkeys([*post, *pre]):
+                fmt = _margin_cell if key == MARGIN else _cell
+                summary = post.get(key) or pre.get(key)
+                lines.append(f"| {key} | {fmt(pre.get(key))} | {fmt(post.get(key))} | {summary.n} |")
+            lines.append("")
     return lines
 
 
+def _text_cell(text: str) -> str:
+    """Model output as a table cell: no pipes or control characters; an empty answer says so."""
+    text = "".join(ch if ch.isprintable() else " " for ch in text).replace("|", "\\|").strip()
+    return text or "(nothing)"
+
+
+def _sample_answers(report: EvalReport, count: int = SAMPLE_ANSWERS) -> list[str]:
+    """What the model said to the wrapped edit prompt, before and after the edit, on the first ``count`` cases that were asked."""
+    rows = []
+    for case in report.cases:
+        for item in case.answers:
+            if item["family"] == "reliability" and item["form"] == "wrapped":
+                cells = [item["question"], item["target"], item["pre"], item["post"]]
+                rows.append("| " + " | ".join(_text_cell(c) for c in cells) + " |")
+                break
+        if len(rows) == count:
+            break
+    if not rows:
+        return []
+    return [f"#### {report.settings.label} — answers to the edit prompt", "", "| question | target | pre-edit | post-edit |",
+            "|---|---|---|---|", *rows, ""]
+
+
+def _notes(reports: Sequence[EvalReport], teacher_forced: bool, generation: bool) -> list[str]:
+    """What the numbers of the protocols shown mean."""
+    lines = []
+    if teacher_forced:
+        lines += ["Teacher-forced: reliability, generalization and portability are token accuracies of the gold answer fed in; "
+                  "locality is the share of answer tokens whose argmax the edit left unchanged.", ""]
+    if generation:
+        margins = sorted({r.settings.generation_margin for r in reports if r.settings.generation_margin is not None})
+        margin = f"{margins[0]}" if len(margins) == 1 else "a margin of"
+        lines += [f"Generation: the model answers greedily (stop at EOS or a newline; at most the target's length + {margin} tokens); "
+                  "the first line of its answer is compared with the expected answer after normalization (lowercase, no punctuation "
+                  "or articles): exact match (`_f1`: token F1). Plain / chat: the edit prompt without the instruction / as the user "
+                  "turn of the chat template. Locality: share of locality prompts whose answer the edit left unchanged.", ""]
+    return lines + ["Cells: mean over cases [95 % bootstrap interval]. Averages are unweighted over tasks; '–' means no case had that probe."]
+
+
 def markdown_report(reports: Sequence[EvalReport]) -> str:
-    """Tables: post-edit metrics (%) per method and task with the task average, pre-edit values, details."""
+    """Per protocol: post-edit and pre-edit metrics (%) per method and task with the task average; then details and sample answers."""
     if not reports:
         raise ValueError("markdown_report needs at least one report")
-    lines = ["# Editing evaluation", "", "## Post-edit (%)", ""]
-    lines += _table(reports, "post", FAMILIES)
-    lines += ["", "## Pre-edit (%)", ""]
-    lines += _table(reports, "pre", PRE_FAMILIES)
-    lines += ["", "Reliability, generalization and portability are teacher-forced token accuracies of the answer; "
-              "locality is the share of answer tokens whose argmax the edit left unchanged. "
-              "Averages are unweighted over tasks; '–' means no case had that probe.", "", "## Details", ""]
+    lines = ["# Editing evaluation", ""]
+    generation = _has_phase(reports, "gen_post")
+    teacher_forced = _has_phase(reports, "post") or not generation
+    if teacher_forced:
+        title = TITLES["teacher_forced"]
+        lines += [f"## {title}: post-edit (%)", "", *_table(reports, "post", {f: COLUMNS[f] for f in FAMILIES}), ""]
+        lines += [f"## {title}: pre-edit (%)", "", *_table(reports, "pre", {f: COLUMNS[f] for f in PRE_FAMILIES}), ""]
+    if generation:
+        title = TITLES["generation"]
+        lines += [f"## {title}: post-edit (%)", "", *_table(reports, "gen_post", _generation_columns(reports, "gen_post")), ""]
+        lines += [f"## {title}: pre-edit (%)", "", *_table(reports, "gen_pre", _generation_columns(reports, "gen_pre")), ""]
+    lines += [*_notes(reports, teacher_forced, generation), "", "## Details", ""]
     for report in reports:
         s = report.settings
         lines += [f"- **{s.label}** on {s.task}: model `{s.model_name}`, {len(report.cases)} cases "
-                  f"({len(report.skipped)} skipped), data {_source(s)}, "
-                  f"instructions from {s.instruction_source or '—'}, {report.timing.get('cases_per_s', 0):.2f} cases/s", ""]
+                  f"({len(report.skipped)} skipped), data {_source(s)}, instructions from {s.instruction_source or '—'}, "
+                  f"protocol {s.protocol}, answer stop {s.answer_stop}{f', judge {s.judge}' if s.judge else ''}, "
+                  f"{report.timing.get('cases_per_s', 0):.2f} cases/s", ""]
         lines += _details(report)
+        lines += _sample_answers(report)
         if report.sequential:
             lines += [f"#### {s.label} — sequential editing", "", "| edits | reliability (all edited) | n | locality | n |", "|---|---|---|---|---|"]
             lines += [f"| {p.edits} | {_pct(p.reliability)} | {p.reliability_n} | {_pct(p.locality)} | {p.locality_n} |" for p in report.sequential]

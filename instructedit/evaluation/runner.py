@@ -6,6 +6,11 @@ rows are packed into one row that holds their common instruction once (``pack``)
 unedited prefix over it serves the pre-edit logits and the edit itself, and only the edited blocks
 re-run with the new weights, functionally, for the post-edit logits (the model is never written). Any other editor goes through ``editor.apply`` / ``handle.rollback()``.
 Either way a ``WeightGuard`` proves after every case that the parameters are bitwise the originals.
+
+The generation protocol (``generation_probes``) runs beside it: every case's pre-edit answers are
+generated up front in large batches (the unedited model does not change), and each case's
+post-edit answers in one batched call while its edit is written into the model (MEND: the
+``EditResult`` already computed for the logits, applied in place and rolled back).
 """
 
 from __future__ import annotations
@@ -13,22 +18,25 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.editors.base import EditHandle, Editor, WeightEditHandle
+from instructedit.editors.base import EditHandle, EditResult, Editor, WeightEditHandle, apply_in_place
 from instructedit.editors.mend import MENDEditor
+from instructedit.evaluation import generation_probes as gen
+from instructedit.evaluation.generation import ANSWER_MARGIN
+from instructedit.evaluation.guard import RestorationError, WeightGuard  # noqa: F401 (RestorationError: re-exported)
 from instructedit.evaluation.metrics import (
-    MARGIN, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin, unchanged_tokens,
+    MARGIN, PROTOCOL_CHOICES, MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin,
+    unchanged_tokens,
 )
-from instructedit.evaluation.report import CaseResult, EvalReport, EvalSettings, SequentialPoint
+from instructedit.evaluation.report import PHASES, CaseResult, EvalReport, EvalSettings, SequentialPoint
 from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
 from instructedit.tasks.instructions import InstructionPool
@@ -39,10 +47,6 @@ SCORED = ("reliability", "generalization", "portability")  # accuracy against th
 OPPOSITE = "opposite"  # ConvSent responses of the other sentiment: scored only for the sentiment margin
 MAX_LENGTH_CAP = 1024
 MIN_SHARED = 4  # tokens a packed row must share to be worth it
-
-
-class RestorationError(RuntimeError):
-    """The model's parameters differ from the originals after an edit was rolled back."""
 
 
 @dataclass(frozen=True)
@@ -137,63 +141,6 @@ def pack(batch: TokenBatch, shareable: Sequence[bool], dtype: torch.dtype, min_s
     return packed, torch.cat(pos)[None], owner_t
 
 
-def _digest(tensor: torch.Tensor) -> int:
-    """CRC-32 of the tensor's bytes: catches any accidental change, at twice the speed of SHA-1."""
-    flat = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
-    return zlib.crc32(flat.cpu().numpy())
-
-
-class WeightGuard:
-    """Proves that edits were undone: after each case, bitwise checks of every parameter that may have changed.
-
-    ``watch`` names parameters kept as full copies (the editor's editable weights; every parameter in
-    sequential mode, which restores from these copies). All others get a CRC-32 fingerprint; an
-    in-place write or a swapped tensor (version counter, data pointer) marks them for re-checking,
-    and ``verify(full=True)`` re-checks everything.
-    """
-
-    def __init__(self, model: nn.Module, watch: Iterable[str] = ()) -> None:
-        self.model = model
-        params = dict(model.named_parameters())
-        self.names = tuple(params)
-        self.originals = {name: params[name].detach().clone() for name in watch}
-        self.digests = {name: _digest(p) for name, p in params.items() if name not in self.originals}
-        self._marks = {name: self._mark(p) for name, p in params.items()}
-        self.verified = 0
-
-    @staticmethod
-    def _mark(param: torch.Tensor) -> tuple[int, int]:
-        return param._version, param.data_ptr()
-
-    def verify(self, full: bool = False, where: str = "") -> int:
-        """Raise ``RestorationError`` unless the parameters equal the originals; returns how many were compared."""
-        params = dict(self.model.named_parameters())
-        if tuple(params) != self.names:
-            added, removed = sorted(set(params) - set(self.names)), sorted(set(self.names) - set(params))
-            raise RestorationError(f"{where}: the model's parameters changed after rollback (added {added[:5]}, removed {removed[:5]})")
-        bad, checked = [], 0
-        for name, param in params.items():
-            if not (full or name in self.originals or self._mark(param) != self._marks[name]):
-                continue
-            checked += 1
-            same = torch.equal(param, self.originals[name]) if name in self.originals else _digest(param) == self.digests[name]
-            if not same:
-                bad.append(name)
-            self._marks[name] = self._mark(param)
-        if bad:
-            raise RestorationError(f"{where}: {len(bad)} parameter(s) differ from the originals after rollback: {bad[:5]}")
-        self.verified += 1
-        return checked
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        """Copy the kept originals back (sequential editing), then check every parameter."""
-        params = dict(self.model.named_parameters())
-        for name, original in self.originals.items():
-            params[name].copy_(original)
-        self.verify(full=True, where="after sequential editing")
-
-
 @dataclass
 class _Layout:
     """A case's probe rows as forward passes: right-padded batches, or packed rows with their position ids."""
@@ -207,7 +154,7 @@ class _Layout:
 class _Case:
     index: int
     record: EditRecord
-    probes: list[Probe]  # the edit rows first (the reliability probe is one of them), then the others
+    probes: list[Probe]  # the edit rows first (without a stop token, the reliability probe is one of them), then the others
     edit: TokenBatch  # the edit input on its own, for ``editor.apply``
     padded: _Layout  # at most batch_size rows per chunk; the first chunk holds every edit row
     targets: torch.Tensor  # (n_positions,) gold tokens, probe by probe (the same in both layouts)
@@ -215,6 +162,8 @@ class _Case:
     packed: _Layout | None = None
     pre: dict[str, float] | None = None
     pre_argmax: torch.Tensor | None = None  # kept for sequential editing's locality
+    queries: list[gen.Query] = field(default_factory=list)  # the generation protocol's questions
+    pre_answers: list[str] = field(default_factory=list)
 
     def layout(self, packed: bool, dtype: torch.dtype) -> _Layout:
         if not packed:
@@ -238,12 +187,14 @@ def _prepare(collator: Collator, records: Sequence[EditRecord], instruction: int
     cases, skipped = [], []
     for index, record in enumerate(records):
         pairs = edit_pairs(collator, record, instruction)
-        probes = _edit_rows_first(case_probes(collator, record, instruction), pairs)
+        # An edit row that ends in a stop token is no teacher-forced probe (those score the answer alone): its own row.
+        probes = _edit_rows_first(case_probes(collator, record, instruction), pairs, match=not collator.stop_ids)
         bounds = [0, *range(max(batch_size, len(pairs)), len(probes), batch_size), len(probes)]
         try:
-            chunks = [collator.qa_batch([(p.prompt, p.answer) for p in probes[lo:hi]], record.source).to(device)
+            chunks = [collator.qa_batch([(p.prompt, p.answer) for p in probes[lo:hi]], record.source,
+                                        stop=[i < len(pairs) for i in range(lo, hi)]).to(device)
                       for lo, hi in zip(bounds, bounds[1:])]
-            edit = collator.qa_batch(pairs, record.source).to(device)
+            edit = collator.qa_batch(pairs, record.source, stop=True).to(device)
         except PromptTooLongError as err:
             skipped.append({"source": record.source, "reason": str(err)})
             continue
@@ -259,15 +210,16 @@ def _prepare(collator: Collator, records: Sequence[EditRecord], instruction: int
     return cases, skipped
 
 
-def _edit_rows_first(probes: list[Probe], pairs: Sequence[tuple[str, str]]) -> list[Probe]:
-    """Reorder so the edit input's rows come first; an edit row that is no probe (ConvSent's 2nd..k-th) is family 'edit'."""
+def _edit_rows_first(probes: list[Probe], pairs: Sequence[tuple[str, str]], match: bool = True) -> list[Probe]:
+    """Reorder so the edit input's rows come first; an edit row that is no probe (ConvSent's 2nd..k-th; every edit row
+    when ``match`` is off) is family 'edit', which is not scored."""
     rest = list(probes)
     head = []
     for prompt, answer in pairs:
-        match = next((p for p in rest if (p.prompt, p.answer) == (prompt, answer)), None)
-        if match is not None:
-            rest.remove(match)
-        head.append(match or Probe("edit", "default", prompt, answer))
+        found = next((p for p in rest if (p.prompt, p.answer) == (prompt, answer)), None) if match else None
+        if found is not None:
+            rest.remove(found)
+        head.append(found or Probe("edit", "default", prompt, answer))
     return head + rest
 
 
@@ -313,19 +265,31 @@ def _logits(model: nn.Module, layout: _Layout) -> torch.Tensor:
     return torch.cat([scored_logits(model, chunk, pos) for chunk, pos in zip(layout.chunks, layout.positions)])
 
 
-def _score_in_place(model: nn.Module, editor: Editor, case: _Case) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any editor: pre-edit forward, ``apply``, post-edit forward, ``rollback`` (padded rows: editors may read them)."""
+Asker = Callable[[], list[str]]  # a case's post-edit answers, asked while its edit is in the model
+
+
+def _score_in_place(model: nn.Module, editor: Editor, case: _Case, ask: Asker | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Any editor: pre-edit forward, ``apply``, post-edit forward (and answers), ``rollback`` (padded rows: editors may read them)."""
     pre = _logits(model, case.padded)
     handle = editor.apply(model, case.edit)
     try:
         post = _logits(model, case.padded)
+        answers = ask() if ask is not None else []
     finally:
         handle.rollback()
-    return pre, post
+    return pre, post, answers
+
+
+def _answer_edited(model: nn.Module, result: EditResult, ask: Asker | None) -> list[str]:
+    """MEND's post-edit answers: the edit already computed for the logits, written in place, rolled back bit for bit."""
+    if ask is None:
+        return []
+    with apply_in_place(model, result):
+        return ask()
 
 
 @torch.no_grad()
-def _score_mend(editor: MENDEditor, model: nn.Module, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor]:
+def _score_mend(editor: MENDEditor, model: nn.Module, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor, EditResult]:
     """MEND: one prefix pass serves the pre-edit logits and the edit; only the edited blocks re-run post-edit.
 
     The edit is taken on the first chunk with labels on the edit rows only: the other rows get an
@@ -339,18 +303,19 @@ def _score_mend(editor: MENDEditor, model: nn.Module, layout: _Layout) -> tuple[
     was_training = editor.training
     editor.eval()
     try:
-        new_params = editor.edit(split, layout.edit_view, states[0]).new_params
+        result = editor.edit(split, layout.edit_view, states[0])
     finally:
         editor.train(was_training)
     pre = [split.logits_at(state.final_hidden, chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
-    post = [split.logits_at(split.suffix(state, new_params), chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
-    return torch.cat(pre), torch.cat(post)
+    post = [split.logits_at(split.suffix(state, result.new_params), chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
+    return torch.cat(pre), torch.cat(post), result
 
 
-def _check_packing(editor: MENDEditor, model: nn.Module, case: _Case, dtype: torch.dtype) -> tuple[bool, tuple[torch.Tensor, torch.Tensor]]:
+def _check_packing(editor: MENDEditor, model: nn.Module, case: _Case,
+                   dtype: torch.dtype) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, EditResult]]:
     """Score one case packed and compare its pre-edit logits with padded rows: an architecture may ignore 4-D masks.
 
-    Returns whether packing is used, and this case's (pre, post) logits in the layout chosen.
+    Returns whether packing is used, and this case's (pre, post, edit) in the layout chosen.
     """
     try:
         packed = _score_mend(editor, model, case.layout(True, dtype))
@@ -390,9 +355,49 @@ def _rescore(model: nn.Module, collator: Collator, cases: Sequence[_Case], batch
     return SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc))
 
 
-def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases: list[_Case], guard: WeightGuard,
-                    batch_size: int, progress: bool) -> tuple[list[CaseResult], list[SequentialPoint]]:
-    """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end."""
+def _asker(model: nn.Module, generation: gen.GenerationRun | None, case: _Case) -> Asker | None:
+    if generation is None or not case.queries:
+        return None
+    return lambda: generation.answer_edited(model, case.queries)
+
+
+def _case_result(case: _Case, pre: dict[str, float], post: dict[str, float], answers: list[str],
+                 generation: gen.GenerationRun | None, teacher_forced: bool) -> CaseResult:
+    """One case's result under the protocols asked for: teacher-forced metrics, generation metrics and answers."""
+    gen_pre, gen_post, log = ({}, {}, [])
+    if generation is not None and case.queries:
+        gen_pre, gen_post, log = generation.case_result(case.queries, case.pre_answers, answers)
+    if not teacher_forced:
+        pre, post = {}, {}
+    return CaseResult(case.index, case.record.source, case.record.task, pre, post, gen_pre, gen_post, log)
+
+
+def _run_single(model: nn.Module, editor: Editor, cases: list[_Case], guard: WeightGuard, generation: gen.GenerationRun | None,
+                teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool) -> tuple[list[CaseResult], bool]:
+    """Edit, score and roll back each case in turn; returns the results and whether rows were packed."""
+    dtype = next(model.parameters()).dtype
+    probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
+    packed, first_scores = _check_packing(editor, model, probe_case, dtype) if fast_path and pack_rows else (False, None)
+    results = []
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
+        ask = _asker(model, generation, case)
+        if fast_path:
+            scores = first_scores if first_scores is not None and case is probe_case else _score_mend(editor, model, case.layout(packed, dtype))
+            pre, post, answers = scores[0], scores[1], _answer_edited(model, scores[2], ask)
+        else:
+            pre, post, answers = _score_in_place(model, editor, case, ask)
+        guard.verify(where=f"case {case.index} ({case.record.source})")
+        results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, pre.argmax(-1)), answers,
+                                    generation, teacher_forced))
+    return results, packed
+
+
+def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases: list[_Case], guard: WeightGuard, batch_size: int,
+                    generation: gen.GenerationRun | None, teacher_forced: bool, progress: bool) -> tuple[list[CaseResult], list[SequentialPoint]]:
+    """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end.
+
+    A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model.
+    """
     for case in tqdm(cases, desc="pre-edit", unit="case", disable=not progress):
         logits = _logits(model, case.padded)
         case.pre, case.pre_argmax = _accuracy_metrics(case, logits), logits.argmax(-1)
@@ -407,7 +412,8 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
             else:
                 held.append(handle)
             post = _post_metrics(case, _logits(model, case.padded), case.pre_argmax)
-            results.append(CaseResult(case.index, case.record.source, case.record.task, case.pre, post))
+            ask = _asker(model, generation, case)
+            results.append(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced))
             if k in schedule:
                 curve.append(_rescore(model, collator, cases[:k], batch_size, k))
     finally:
@@ -448,6 +454,11 @@ def evaluate(
     fast: bool = True,
     pack_rows: bool = True,
     settings: EvalSettings | None = None,
+    protocol: str = "both",
+    answer_stop: str = "none",
+    queries: Sequence[str] = gen.QUERY_FORMS,
+    generation_batch_size: int = 32,
+    judge: gen.Judge | None = None,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -456,17 +467,24 @@ def evaluate(
     and report the decay of earlier edits. ``fast``: score MEND editors functionally (same numbers,
     no weight writes); ``pack_rows``: and run each case's rows as one packed row (checked against
     padded rows on the first case). ``settings``: run metadata (task, split, ...) to complete and store.
+    ``protocol``: teacher_forced, generation or both. ``answer_stop``: what the edit input's answer
+    ends with (as the editor was trained; the collator's ``answer_stop``). ``queries``: forms of the
+    edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
+    batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 1 or generation_batch_size < 1:
+        raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
+    if protocol not in PROTOCOL_CHOICES:
+        raise ValueError(f"protocol {protocol!r} is not one of {list(PROTOCOL_CHOICES)}")
     if instruction is not None and pool is None:
         raise ValueError("an instruction index was given but no instruction pool")
     if not records:
         raise ValueError("no records to evaluate")
+    forms = gen.check_forms(queries)
     start = time.perf_counter()
     device = next(model.parameters()).device
     max_length = max_length or min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
-    collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs)
+    collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop)
     cases, skipped = _prepare(collator, records, instruction, batch_size, device)
     if not cases:
         raise ValueError(f"none of the {len(records)} records fits max_length={max_length} tokens")
@@ -475,48 +493,62 @@ def evaluate(
     if sequential and not watch:  # unknown editor: restoring needs a copy of every parameter
         watch = [name for name, _ in model.named_parameters()]
     guard = WeightGuard(model, watch)
+    generation = gen.GenerationRun(tokenizer, generation_batch_size, max_length, judge) if protocol != "teacher_forced" else None
+    if generation is not None:
+        for case in cases:
+            case.queries = gen.case_queries(collator, case.record, instruction, forms)
     setup_s = time.perf_counter() - start
 
     curve: list[SequentialPoint] = []
     run_start = time.perf_counter()
-    dtype = next(model.parameters()).dtype
-    probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
-    packed, first_scores = _check_packing(editor, model, probe_case, dtype) if fast_path and pack_rows else (False, None)
+    if generation is not None:
+        for case, said in zip(cases, generation.answer_unedited(model, [c.queries for c in cases])):
+            case.pre_answers = said
+    teacher_forced = protocol != "generation"
+    packed = False
     if sequential:
-        results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, progress)
+        results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress)
     else:
-        results = []
-        for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
-            if first_scores is not None and case is probe_case:
-                pre, post = first_scores  # scored while checking the packing
-            elif fast_path:
-                pre, post = _score_mend(editor, model, case.layout(packed, dtype))
-            else:
-                pre, post = _score_in_place(model, editor, case)
-            guard.verify(where=f"case {case.index} ({case.record.source})")
-            results.append(CaseResult(case.index, case.record.source, case.record.task, _accuracy_metrics(case, pre),
-                                      _post_metrics(case, post, pre.argmax(-1))))
+        results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress)
     run_s = time.perf_counter() - run_start
     per_case_checks = guard.verified
     verify_start = time.perf_counter()
     checked = guard.verify(full=True, where="end of evaluation")
     verify_s = time.perf_counter() - verify_start
 
-    pre_agg = aggregate((c.task, c.pre) for c in results)
-    post_agg = aggregate((c.task, c.post) for c in results)
     total_s = time.perf_counter() - start
     n = len(results)
+    timing = {"setup_s": setup_s, "run_s": run_s, "verify_s": verify_s, "total_s": total_s,
+              "cases_per_s": n / run_s if run_s > 0 else float("inf"), "cases_per_s_total": n / total_s}
+    if generation is not None:
+        timing |= {f"generation_{stage}_s": seconds for stage, seconds in generation.seconds.items()}
     return EvalReport(
         settings=_complete_settings(settings, model, editor, records, pool, instruction, sequential=sequential, batch_size=batch_size,
-                                    convsent_pairs=convsent_pairs, max_length=max_length, fast_path=fast_path, packed_rows=packed, device=str(device)),
+                                    convsent_pairs=convsent_pairs, max_length=max_length, fast_path=fast_path, packed_rows=packed,
+                                    device=str(device), protocol=protocol, answer_stop=answer_stop, queries=forms,
+                                    generation_margin=ANSWER_MARGIN if generation is not None else None,
+                                    judge=judge.name if judge is not None and generation is not None else None),
         cases=results,
-        aggregates={task: {"pre": pre_agg.get(task, {}), "post": post_agg.get(task, {})} for task in dict.fromkeys(c.task for c in results)},
-        timing={"setup_s": setup_s, "run_s": run_s, "verify_s": verify_s, "total_s": total_s,
-                "cases_per_s": n / run_s if run_s > 0 else float("inf"), "cases_per_s_total": n / total_s},
+        aggregates=_aggregates(results, ("pre", "post") * teacher_forced + ("gen_pre", "gen_post") * (generation is not None)),
+        timing=timing,
         skipped=skipped,
         restoration={"verified": True, "per_case_checks": per_case_checks, "copied_parameters": len(guard.originals),
                      "fingerprinted_parameters": len(guard.digests), "final_full_check_parameters": checked,
-                     "mode": "sequential: kept, restored at the end" if sequential else
-                     "functional (weights never written)" if fast_path else "in place, rolled back per case"},
+                     "mode": _restoration_mode(sequential, fast_path, generation is not None)},
         sequential=curve,
     )
+
+
+def _aggregates(results: Sequence[CaseResult], phases: Sequence[str]) -> dict[str, dict[str, dict[str, MetricSummary]]]:
+    """task -> phase -> metric -> summary, with its protocol and 95 % bootstrap interval over the task's cases."""
+    by_phase = {phase: aggregate(((c.task, getattr(c, phase)) for c in results), PHASES[phase], intervals=True) for phase in phases}
+    return {task: {phase: by_phase[phase].get(task, {}) for phase in phases} for task in dict.fromkeys(c.task for c in results)}
+
+
+def _restoration_mode(sequential: bool, fast_path: bool, generation: bool) -> str:
+    if sequential:
+        return "sequential: kept, restored at the end"
+    if fast_path:
+        return "functional scoring; edited weights written for generation, rolled back per case" if generation else \
+            "functional (weights never written)"
+    return "in place, rolled back per case"

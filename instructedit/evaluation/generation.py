@@ -1,0 +1,184 @@
+"""The generation protocol (DESIGN.md §5): batched greedy answers with a natural stop, SQuAD-style scoring, bootstrap intervals.
+
+What a user sees: the edited model is asked the query and decodes greedily (left padding, KV cache,
+one batch for many queries); it stops at EOS or at the first token that holds a newline, or after
+``max_new_tokens`` (the target's length plus a margin, per row). The answer is the first line,
+compared with the target after normalization (lowercase, no punctuation, no articles, single
+spaces): exact match and token F1 per query.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+ANSWER_MARGIN = 8  # tokens allowed beyond the target's own length
+BOOTSTRAP_SAMPLES = 1000
+BOOTSTRAP_SEED = 0
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lowercase, drop punctuation and the articles a/an/the, collapse whitespace."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def first_line(text: str) -> str:
+    """The answer part of a generation: its first non-empty line, stripped."""
+    for line in text.split("\n"):
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def exact_match(prediction: str, target: str) -> float:
+    """1.0 when the normalized prediction equals the normalized target, else 0.0."""
+    return float(normalize_answer(prediction) == normalize_answer(target))
+
+
+def token_f1(prediction: str, target: str) -> float:
+    """SQuAD token F1 between the normalized prediction and target (1.0 when both are empty)."""
+    pred, gold = normalize_answer(prediction).split(), normalize_answer(target).split()
+    if not pred or not gold:
+        return float(pred == gold)
+    common = sum((Counter(pred) & Counter(gold)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(gold)
+    return 2 * precision * recall / (precision + recall)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean with its 95 % percentile-bootstrap interval over the per-case values."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "ci_low": self.low, "ci_high": self.high, "n": self.n}
+
+
+def bootstrap_ci(values: Sequence[float], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> Interval:
+    """Mean of ``values`` and its percentile-bootstrap interval (fixed seed: the same values give the same interval)."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("bootstrap_ci needs at least one value")
+    data = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    mean = float(data.mean())
+    if n == 1:
+        return Interval(mean, mean, mean, 1)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, n, (samples, n), generator=gen)
+    means = data[idx].mean(1).sort().values
+    tail = (1 - level) / 2
+    low, high = float(means[int(tail * (samples - 1))]), float(means[int(round((1 - tail) * (samples - 1)))])
+    return Interval(mean, min(low, mean), max(high, mean), n)
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids of the vocabulary tokens whose text holds a newline, and of those that are whitespace only.
+
+    A newline ends an answer once it has begun: a leading newline (the model opening its answer on
+    the next line) does not.
+    """
+    cached = getattr(tokenizer, "_instructedit_stop_ids", None)
+    if cached is not None:
+        return cached
+    texts = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+    newline = torch.tensor([i for i, t in enumerate(texts) if "\n" in t], dtype=torch.long)
+    blank = torch.tensor([i for i, t in enumerate(texts) if not t.strip()], dtype=torch.long)
+    try:
+        tokenizer._instructedit_stop_ids = (newline, blank)  # decoding the whole vocabulary once costs ~0.5 s
+    except AttributeError:
+        pass
+    return newline, blank
+
+
+def answer_budget(tokenizer: PreTrainedTokenizerBase, target: str, margin: int = ANSWER_MARGIN) -> int:
+    """``max_new_tokens`` for a query whose expected answer is ``target``: its token count plus ``margin``."""
+    return len(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]) + margin
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None:
+    """The chat form of a query (the question as the user turn, the assistant turn opened), or None without a chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: Sequence[int] | int,
+                    batch_size: int = 32, max_length: int | None = None) -> list[str]:
+    """Greedy continuations of ``prompts`` (batched, left-padded, KV cache), each cut at its stop (EOS or newline) or budget.
+
+    Returns the raw continuation text of every prompt (up to and including a newline token, without EOS);
+    ``first_line`` gives the answer.
+    """
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens values")
+    device = next(model.parameters()).device
+    newline, blank = (t.to(device) for t in stop_token_ids(tokenizer))
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    if max_length is not None:
+        long = [i for i, ids in enumerate(encoded) if len(ids) + budgets[i] > max_length]
+        if long:
+            raise ValueError(f"query {long[0]} ({prompts[long[0]][:50]!r}...) and its answer exceed {max_length} tokens")
+    outputs: list[str] = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, i in enumerate(rows):
+            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[r, width - len(encoded[i]) :] = 1
+        tokens = _greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos)
+        for r, i in enumerate(rows):
+            outputs[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
+    return outputs
+
+
+def _greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
+                 blank: torch.Tensor, eos: int | None) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch; a row is done at its budget, at EOS or after a newline that ends some text."""
+    n = ids.shape[0]
+    started = torch.zeros(n, dtype=torch.bool, device=ids.device)  # the row has produced non-blank text
+    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (rows, width): left padding does not shift positions
+    done = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    limit = torch.tensor(budgets, device=ids.device)
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    past, step_ids, step_pos = None, ids, position
+    for step in range(max(budgets)):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1)  # (rows,)
+        is_eos = nxt == eos if eos is not None else torch.zeros_like(done)
+        is_blank = torch.isin(nxt, blank)
+        stop = (torch.isin(nxt, newline) & (started | ~is_blank)) | is_eos
+        started |= ~is_blank
+        for r in (~done & ~is_eos).nonzero()[:, 0].tolist():
+            tokens[r].append(int(nxt[r]))  # a newline token is kept: text before its newline belongs to the answer
+        done |= stop | (step + 1 >= limit)
+        if bool(done.all()):
+            break
+        step_ids = nxt[:, None]
+        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+    return tokens

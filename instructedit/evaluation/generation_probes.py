@@ -1,0 +1,206 @@
+"""The generation protocol per case (DESIGN.md §5): the queries a case asks, their greedy answers before and after the edit, the scores.
+
+A case asks the edit prompt in up to three forms (``QUERY_FORMS``: instruction-wrapped as edited,
+plain, and as the user turn of the chat template), each rephrase and portability prompt wrapped
+like its teacher-forced probe, and each locality prompt raw. Per case and query family the scores
+are exact match (``gen_reliability``, ...) and token F1 (``gen_reliability_f1``, ...) of the first
+line of the answer against the expected answer; ``gen_locality`` is the share of locality prompts
+whose post-edit answer equals the pre-edit one (after normalization). ConvSent has no single
+answer to match and asks nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from instructedit.evaluation.generation import (
+    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, normalize_answer, token_f1,
+)
+from instructedit.records import EditRecord
+from instructedit.tasks.collate import Collator
+
+logger = logging.getLogger(__name__)
+
+QUERY_FORMS = ("wrapped", "plain", "chat")  # forms of the edit prompt; rephrases/portability are wrapped, locality raw
+PREFIX = "gen_"
+JUDGE_METRIC = "gen_reliability_judge"
+
+
+@dataclass(frozen=True)
+class Query:
+    """One question of a case: its family, form, sub-key, the raw question, the prompt as fed, the expected answer and token budget."""
+
+    family: str  # reliability | generalization | portability | locality
+    form: str  # wrapped | plain | chat | raw
+    kind: str
+    question: str
+    prompt: str
+    target: str
+    budget: int
+
+    @property
+    def metric(self) -> str:
+        """Per-case metric key: gen_reliability, gen_reliability_plain, gen_reliability_chat, gen_generalization, ..."""
+        return PREFIX + self.family + (f"_{self.form}" if self.form in ("plain", "chat") else "")
+
+
+class Judge(Protocol):
+    """Says whether an answer states the target: 1.0 / 0.0, or None when it could not tell (``judge.LLMJudge``)."""
+
+    name: str
+
+    def verdict(self, question: str, target: str, answer: str) -> float | None:
+        ...
+
+
+def check_forms(forms: Sequence[str]) -> list[str]:
+    """The query forms as a list; an unknown one raises naming the valid ones."""
+    bad = [f for f in forms if f not in QUERY_FORMS]
+    if bad:
+        raise ValueError(f"unknown query form(s) {bad}; valid forms: {list(QUERY_FORMS)}")
+    return list(dict.fromkeys(forms))
+
+
+def case_queries(collator: Collator, record: EditRecord, instruction: int | None, forms: Sequence[str],
+                 margin: int = ANSWER_MARGIN) -> list[Query]:
+    """Every query of a record (none for ConvSent), each with its token budget.
+
+    'plain' is asked only with an instruction (without one it is the 'wrapped' query); 'chat' only
+    when the tokenizer has a chat template. A query without room for an answer in
+    ``collator.max_length`` is left out; one with little room gets a smaller budget.
+    """
+    if record.convsent is not None:
+        return []
+    tok = collator.tokenizer
+    target = record.target_new
+    asked: list[tuple[str, str, str, str, str, str]] = []  # family, form, kind, question, prompt, target
+    if "wrapped" in forms:
+        asked.append(("reliability", "wrapped", "default", record.prompt, collator.wrap(record, record.prompt, instruction), target))
+    if "plain" in forms and instruction is not None:
+        asked.append(("reliability", "plain", "default", record.prompt, record.prompt, target))
+    chat = _chat_query(tok, record.prompt) if "chat" in forms else None
+    if chat is not None:
+        asked.append(("reliability", "chat", "default", record.prompt, chat, target))
+    asked += [("generalization", "wrapped", "default", r, collator.wrap(record, r, instruction), target) for r in record.rephrase]
+    asked += [("portability", "wrapped", q.kind, q.prompt, collator.wrap(record, q.prompt, instruction), q.answer) for q in record.portability]
+    asked += [("locality", "raw", q.kind, q.prompt, q.prompt, q.answer) for q in record.locality]
+    queries = []
+    for family, form, kind, question, prompt, expected in asked:
+        room = collator.max_length - len(tok(prompt)["input_ids"])
+        budget = min(answer_budget(tok, expected, margin), room)
+        if budget < 1:
+            logger.debug("%s: %s query left out, no room for an answer in %d tokens", record.source, family, collator.max_length)
+            continue
+        queries.append(Query(family, form, kind, question, prompt, expected, budget))
+    return queries
+
+
+def _chat_query(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None:
+    """The chat form, without the template's own BOS when the tokenizer adds one anyway (it would be doubled)."""
+    text = chat_prompt(tokenizer, question)
+    bos = tokenizer.bos_token
+    if text is not None and bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
+
+
+def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, queries: Sequence[Query], batch_size: int,
+           max_length: int | None = None) -> list[str]:
+    """Greedy answers (raw continuations) to ``queries``, in one batched call."""
+    if not queries:
+        return []
+    return greedy_generate(model, tokenizer, [q.prompt for q in queries], [q.budget for q in queries], batch_size, max_length)
+
+
+def answer_all(model: nn.Module, tokenizer: PreTrainedTokenizerBase, per_case: Sequence[Sequence[Query]], batch_size: int,
+               max_length: int | None = None) -> list[list[str]]:
+    """Answers to every case's queries, generated together (the unedited model is the same for all), split back per case."""
+    flat = answer(model, tokenizer, [q for queries in per_case for q in queries], batch_size, max_length)
+    out, start = [], 0
+    for queries in per_case:
+        out.append(flat[start : start + len(queries)])
+        start += len(queries)
+    return out
+
+
+def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: Sequence[str] | None = None) -> dict[str, float]:
+    """One case's generation metrics: exact match (``metric``) and token F1 (``metric_f1``) per family and form,
+    ``family/kind`` exact match for portability; with the pre-edit ``reference`` answers, ``gen_locality`` (and per kind)."""
+    groups: dict[str, list[float]] = {}
+    for query, raw, before in zip(queries, answers, reference if reference is not None else [None] * len(queries), strict=True):
+        said = first_line(raw)
+        if query.family == "locality":
+            if before is None:  # locality compares post- with pre-edit answers: no pre-edit value
+                continue
+            same = float(normalize_answer(said) == normalize_answer(first_line(before)))
+            groups.setdefault(query.metric, []).append(same)
+            groups.setdefault(f"{query.metric}/{query.kind}", []).append(same)
+            continue
+        match = exact_match(said, query.target)
+        groups.setdefault(query.metric, []).append(match)
+        groups.setdefault(f"{query.metric}_f1", []).append(token_f1(said, query.target))
+        if query.family == "portability":
+            groups.setdefault(f"{query.metric}/{query.kind}", []).append(match)
+    return {key: sum(v) / len(v) for key, v in groups.items()}
+
+
+def judge_scores(judge: Judge, queries: Sequence[Query], answers: Sequence[str]) -> dict[str, float]:
+    """``gen_reliability_judge``: the judge's verdict on the answer to the wrapped edit prompt (absent if it could not tell)."""
+    for query, raw in zip(queries, answers, strict=True):
+        if query.family == "reliability" and query.form == "wrapped":
+            verdict = judge.verdict(query.question, query.target, first_line(raw))
+            return {} if verdict is None else {JUDGE_METRIC: verdict}
+    return {}
+
+
+def answer_log(queries: Sequence[Query], pre: Sequence[str], post: Sequence[str]) -> list[dict[str, str]]:
+    """What the model said, per query: the raw question, expected answer, pre/post first line and raw text."""
+    return [
+        {"family": q.family, "form": q.form, "kind": q.kind, "question": q.question, "target": q.target,
+         "pre": first_line(a), "post": first_line(b), "pre_text": a, "post_text": b}
+        for q, a, b in zip(queries, pre, post, strict=True)
+    ]
+
+
+@dataclass
+class GenerationRun:
+    """The generation protocol within one evaluation: how to ask, the optional judge, and the seconds spent per stage."""
+
+    tokenizer: PreTrainedTokenizerBase
+    batch_size: int
+    max_length: int | None = None
+    judge: Judge | None = None
+    seconds: dict[str, float] = field(default_factory=lambda: {"pre": 0.0, "post": 0.0, "judge": 0.0})
+
+    def answer_unedited(self, model: nn.Module, per_case: Sequence[Sequence[Query]]) -> list[list[str]]:
+        """Every case's pre-edit answers, in large batches."""
+        logger.info("answering %d pre-edit queries of %d cases", sum(len(q) for q in per_case), len(per_case))
+        start = time.perf_counter()
+        out = answer_all(model, self.tokenizer, per_case, self.batch_size, self.max_length)
+        self.seconds["pre"] += time.perf_counter() - start
+        return out
+
+    def answer_edited(self, model: nn.Module, queries: Sequence[Query]) -> list[str]:
+        """One case's post-edit answers (its edit is in the model), in one batched call."""
+        start = time.perf_counter()
+        out = answer(model, self.tokenizer, queries, self.batch_size, self.max_length)
+        self.seconds["post"] += time.perf_counter() - start
+        return out
+
+    def case_result(self, queries: Sequence[Query], pre: Sequence[str],
+                    post: Sequence[str]) -> tuple[dict[str, float], dict[str, float], list[dict[str, str]]]:
+        """(pre-edit metrics, post-edit metrics, answer log) of one case; the judge's verdicts join the metrics."""
+        before, after = answer_scores(queries, pre), answer_scores(queries, post, reference=pre)
+        if self.judge is not None:
+            start = time.perf_counter()
+            before |= judge_scores(self.judge, queries, pre)
+            after |= judge_scores(self.judge, queries, post)
+            self.seconds["judge"] += time.perf_counter() - start
+        return before, after, answer_log(queries, pre, post)

@@ -1,0 +1,431 @@
+"""The generation protocol: answer scoring, batched greedy decoding, bootstrap intervals, the runner's generation metrics, the judge."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from instructedit.analysis.proposers import OpenAIProposer
+from instructedit.config import load_config
+from instructedit.editors.base import EditHandle, EditResult, WeightEditHandle
+from instructedit.editors.mend import MENDEditor
+from instructedit.evaluation.commands import add_evaluate_parser, editor_answer_stop
+from instructedit.evaluation.generation import (
+    answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids, token_f1,
+)
+from instructedit.evaluation.generation_probes import Query, answer_scores, case_queries
+from instructedit.evaluation.judge import LLMJudge, parse_verdict
+from instructedit.evaluation.report import EvalReport, load_report_json, markdown_report
+from instructedit.evaluation.runner import _prepare, evaluate
+from instructedit.models.loading import load_model
+from instructedit.records import ConvSentExtras, EditRecord, QAItem, TokenBatch
+from instructedit.tasks.collate import Collator
+from instructedit.tasks.instructions import InstructionPool
+from instructedit.training import build_editor
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+POOL = InstructionPool.default()
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread
+
+
+def records() -> list[EditRecord]:
+    cf = EditRecord(
+        task="counterfact", prompt="The capital of France is", target_new="Rome", ground_truth="Paris",
+        rephrase=("The Eiffel Tower is located in the city of",),
+        locality=(QAItem("The gender of Ingrid is", "female", "Relation_Specificity"),
+                  QAItem("nq question: what is the name of the last episode of spongebob?", "The String", "Forgetfulness")),
+        portability=(QAItem("The name of the country which Goursez Vreizh is associated with is", "France", "Reasoning"),),
+        source="hand#0",
+    )
+    loc = EditRecord(task="counterfact", prompt="John Lennon performs on the", target_new="piano",
+                     locality=(QAItem("Toko Yasuda, the guitar", "piano", "Forgetfulness"),), source="hand#1")
+    cs = EditRecord(
+        task="convsent", prompt="What do you think of Estero?", target_new="I really like his style.", subject="Estero",
+        locality=(QAItem("What do you think of Paris?", "Well, it has some bad reviews.", "OtherTopic"),),
+        convsent=ConvSentExtras("Estero", "positive", ("I really like his style.", "I like Paris.", "The style is positive.", "I really like it."),
+                                ("Well, it has some bad reviews.", "negative reviews")),
+        source="hand#2",
+    )
+    return [cf, loc, cs]
+
+
+def setup(model_dir: Path) -> tuple[nn.Module, object, MENDEditor]:
+    model, tokenizer = load_model(str(model_dir))
+    torch.manual_seed(0)
+    config = load_config(CONFIG, [f"model.name={model_dir}", "editor.init_edit_lr=5.0"])
+    return model, tokenizer, build_editor(model, config).eval()
+
+
+# --- scoring answers ----------------------------------------------------------------------------
+
+
+def test_normalization_exact_match_and_f1() -> None:
+    assert normalize_answer("  The  Eiffel-Tower, in PARIS! ") == "eiffeltower in paris"
+    assert normalize_answer("an apple a day") == "apple day"
+    assert exact_match("The Rome.", "rome") == 1.0 and exact_match("Rome, Italy", "Rome") == 0.0
+    assert token_f1("Rome Italy", "Rome") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert token_f1("Paris", "Rome") == 0.0 and token_f1("", "") == 1.0 and token_f1("", "Rome") == 0.0
+    assert token_f1("the the Rome", "Rome Rome") == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # counts are clipped
+    assert first_line("\n  Rome \nParis") == "Rome" and first_line("  \n") == ""
+
+
+def test_bootstrap_interval_contains_the_mean_and_narrows_with_n() -> None:
+    widths = []
+    for n in (10, 100, 1000):
+        ci = bootstrap_ci([float(i % 2) for i in range(n)])
+        assert ci.low <= ci.mean <= ci.high and ci.n == n and ci.mean == pytest.approx(0.5)
+        widths.append(ci.high - ci.low)
+    assert widths[0] > widths[1] > widths[2] > 0
+    assert bootstrap_ci([0.3, 0.9, 0.1]) == bootstrap_ci([0.3, 0.9, 0.1])  # fixed seed
+    assert bootstrap_ci([0.4]).low == bootstrap_ci([0.4]).high == 0.4
+
+
+def test_answer_scores_per_family_and_locality_against_the_pre_edit_answers() -> None:
+    q = [Query("reliability", "wrapped", "default", "q", "Task: q", "Rome", 5), Query("reliability", "plain", "default", "q", "q", "Rome", 5),
+         Query("portability", "wrapped", "Reasoning", "p", "Task: p", "France", 5),
+         Query("locality", "raw", "Forgetfulness", "l1", "l1", "x", 5), Query("locality", "raw", "Forgetfulness", "l2", "l2", "y", 5)]
+    post = [" Rome\n", "Rome Italy", "france.", "The String", "Paris"]
+    pre = ["Paris", "Paris", "Germany", " the string!", "Berlin"]
+    scores = answer_scores(q, post, reference=pre)
+    assert scores["gen_reliability"] == 1.0 and scores["gen_reliability_plain"] == 0.0
+    assert scores["gen_reliability_plain_f1"] == pytest.approx(2 / 3) and scores["gen_portability/Reasoning"] == 1.0
+    assert scores["gen_locality"] == 0.5 and scores["gen_locality/Forgetfulness"] == 0.5
+    assert "gen_locality" not in answer_scores(q, pre)  # no reference: pre-edit has no locality
+
+
+# --- greedy decoding ----------------------------------------------------------------------------
+
+
+def naive_greedy(model: nn.Module, tokenizer, prompt: str, budget: int) -> str:
+    """One prompt, no cache, no padding: the full forward at every step, the same stopping rule."""
+    newline, blank = (set(t.tolist()) for t in stop_token_ids(tokenizer))
+    ids = tokenizer(prompt)["input_ids"]
+    out: list[int] = []
+    started = False
+    for _ in range(budget):
+        with torch.no_grad():
+            nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+        if nxt == tokenizer.eos_token_id:
+            break
+        out.append(nxt)
+        if nxt in newline and (started or nxt not in blank):
+            break
+        started |= nxt not in blank
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    prompts = ["The capital of France is", "Task: counterfact Description: A dataset designed to challenge models Input: The mother tongue of",
+               "John Lennon performs on the", "When was the inception of the IAAF Combined Events Challenge?", "I really like"]
+    budgets = [6, 3, 9, 1, 12]
+    batched = greedy_generate(model, tokenizer, prompts, budgets, batch_size=3)
+    assert batched == [naive_greedy(model, tokenizer, p, b) for p, b in zip(prompts, budgets)]
+    assert greedy_generate(model, tokenizer, prompts, budgets, batch_size=1) == batched
+    assert any(len(tokenizer(a, add_special_tokens=False)["input_ids"]) > 1 for a in batched)  # not trivially empty
+    with pytest.raises(ValueError, match="exceed 8 tokens"):
+        greedy_generate(model, tokenizer, prompts, 4, max_length=8)
+
+
+class Scripted(nn.Module):
+    """A 'model' whose greedy next token follows a script, one step per forward call."""
+
+    def __init__(self, script: list[int], vocab: int) -> None:
+        super().__init__()
+        self.script, self.vocab, self.step = script, vocab, 0
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> SimpleNamespace:
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], self.vocab)
+        logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 1.0
+        self.step += 1
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def test_a_stop_ends_generation(tiny_gpt2_dir: Path) -> None:
+    _, tok = load_model(str(tiny_gpt2_dir))
+    word = tok(" Rome", add_special_tokens=False)["input_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    more = tok(" Paris", add_special_tokens=False)["input_ids"]
+
+    def run(script: list[int], budget: int = 20) -> str:
+        return greedy_generate(Scripted(script, len(tok)), tok, ["The capital of France is"], budget)[0]
+
+    assert run(word + newline + more) == " Rome\n"  # a newline after text ends the answer
+    assert run(newline + word + newline + more) == "\n Rome\n"  # a leading newline does not
+    assert run(word + [tok.eos_token_id] + more) == " Rome"  # EOS ends it, and is not part of it
+    assert first_line(run(newline + word + newline + more)) == "Rome"
+    assert run(more, budget=3) == tok.decode(more * 3)  # no stop: the budget ends it
+    assert answer_budget(tok, "Rome") == len(word) + 8
+
+
+# --- queries ------------------------------------------------------------------------------------
+
+
+def test_case_queries_forms(tiny_llama_dir: Path) -> None:
+    _, tokenizer = load_model(str(tiny_llama_dir))
+    collator = Collator(tokenizer, 256, POOL)
+    cf, _, cs = records()
+    queries = case_queries(collator, cf, 0, ("wrapped", "plain", "chat"))
+    assert [(q.family, q.form) for q in queries] == [("reliability", "wrapped"), ("reliability", "plain"), ("generalization", "wrapped"),
+                                                     ("portability", "wrapped"), ("locality", "raw"), ("locality", "raw")]
+    assert queries[0].prompt == collator.wrap(cf, cf.prompt, 0) and queries[1].prompt == cf.prompt
+    assert queries[0].budget == answer_budget(tokenizer, "Rome") and queries[3].target == "France"
+    bare = case_queries(collator, cf, None, ("wrapped", "plain"))
+    assert [(q.family, q.form) for q in bare][:2] == [("reliability", "wrapped"), ("generalization", "wrapped")]
+    assert bare[0].prompt == cf.prompt  # no instruction: 'wrapped' is the raw prompt, and no separate plain form
+    assert all(q.family != "reliability" for q in case_queries(collator, cf, 0, ()))
+    assert case_queries(collator, cs, 0, ("wrapped",)) == []  # ConvSent: no single answer to match
+    tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    chat = [q for q in case_queries(collator, cf, 0, ("chat",)) if q.form == "chat"]
+    assert [q.prompt for q in chat] == [f"User: {cf.prompt}\nAssistant:"]  # the template's BOS is not doubled
+    with pytest.raises(ValueError, match="valid forms"):
+        evaluate(*load_model(str(tiny_llama_dir)), NoOpEditor(), records(), POOL, 0, progress=False, queries=("wrapped", "shouted"))
+
+
+# --- the runner ---------------------------------------------------------------------------------
+
+
+class _Nothing(EditHandle):
+    def _restore(self) -> None:
+        pass
+
+
+class NoOpEditor:
+    """Edits nothing."""
+
+    def apply(self, model: nn.Module, batch: TokenBatch) -> EditHandle:
+        return _Nothing()
+
+
+class NoiseEditor:
+    """Adds large noise to one weight matrix: every answer changes."""
+
+    def apply(self, model: nn.Module, batch: TokenBatch) -> WeightEditHandle:
+        name, param = [(n, p) for n, p in model.named_parameters() if p.dim() == 2][-2]
+        noise = torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 10 * param.detach().abs().max()
+        return WeightEditHandle(model, EditResult({name: param.detach() + noise}))
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_generation_locality_is_one_for_a_no_op_edit_and_drops_for_a_big_one(tiny_model_dir: Path, sequential: bool) -> None:
+    model, tokenizer, _ = setup(tiny_model_dir)
+    kept = evaluate(model, tokenizer, NoOpEditor(), records(), POOL, 0, progress=False, sequential=sequential)
+    asked = [c for c in kept.cases if c.task == "counterfact"]
+    assert [c.gen_post["gen_locality"] for c in asked] == [1.0, 1.0]
+    assert all(a["pre"] == a["post"] for c in asked for a in c.answers)
+    assert all(c.gen_pre["gen_reliability"] == c.gen_post["gen_reliability"] for c in asked)
+    assert kept.aggregates["convsent"]["gen_post"] == {} and not kept.cases[2].answers  # ConvSent: nothing asked
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    noisy = evaluate(model, tokenizer, NoiseEditor(), records(), POOL, 0, progress=False, sequential=sequential)
+    assert noisy.aggregates["counterfact"]["gen_post"]["gen_locality"].mean < 1.0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rolled back bitwise (and verified per case)
+
+
+def test_mend_fast_path_edits_once_per_case_and_restores(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, tokenizer, editor = setup(tiny_model_dir)
+    calls = []
+    real = MENDEditor.edit
+    monkeypatch.setattr(MENDEditor, "edit", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False)
+    assert len(calls) == 3 and report.settings.fast_path  # the logits' edit is reused for the answers
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert report.restoration["per_case_checks"] == 3 and "written for generation" in report.restoration["mode"]
+    forms = {(a["family"], a["form"]) for a in report.cases[0].answers}
+    assert forms == {("reliability", "wrapped"), ("reliability", "plain"), ("generalization", "wrapped"), ("portability", "wrapped"),
+                     ("locality", "raw")}
+
+
+def test_teacher_forced_protocol_keeps_todays_numbers(tiny_llama_dir: Path) -> None:
+    model, tokenizer, editor = setup(tiny_llama_dir)
+    tf = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="teacher_forced")
+    both = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False)
+    only_gen = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="generation")
+    assert [(c.pre, c.post) for c in tf.cases] == [(c.pre, c.post) for c in both.cases]
+    assert all(set(phases) == {"pre", "post"} for phases in tf.aggregates.values())
+    assert all(not c.gen_post and not c.answers for c in tf.cases) and "generation_pre_s" not in tf.timing
+    for task, phases in tf.aggregates.items():
+        assert {k: s.mean for k, s in phases["post"].items()} == {k: s.mean for k, s in both.aggregates[task]["post"].items()}
+    assert all(set(phases) == {"gen_pre", "gen_post"} for phases in only_gen.aggregates.values())
+    assert [c.gen_post for c in only_gen.cases] == [c.gen_post for c in both.cases]
+    assert "## Teacher-forced" not in markdown_report([only_gen]) and "## Generation (greedy, exact match)" not in markdown_report([tf])
+
+
+def test_an_edit_input_carries_the_stop_token_and_probes_do_not(tiny_model_dir: Path) -> None:
+    model, tokenizer, editor = setup(tiny_model_dir)
+    collator = Collator(tokenizer, 256, POOL, answer_stop="newline")
+    (case,), _ = _prepare(collator, records()[:1], 0, 16, torch.device("cpu"))
+    newline = collator.stop_ids[0]
+    assert [p.family for p in case.probes[:2]] == ["edit", "reliability"]
+    assert case.edit.labels[0][case.edit.label_mask[0]][-1] == newline
+    first = case.padded.chunks[0]
+    assert first.labels[0][first.label_mask[0]][-1] == newline  # the edit row
+    assert newline not in first.labels[1][first.label_mask[1]].tolist()  # the reliability probe scores the answer only
+    assert torch.equal(case.padded.edit_view.label_mask[1:], torch.zeros_like(case.padded.edit_view.label_mask[1:]))
+    plain = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="teacher_forced")
+    stop = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="teacher_forced", answer_stop="newline")
+    for a, b in zip(stop.cases, plain.cases):
+        assert a.pre == pytest.approx(b.pre, abs=1e-6)  # the same pre-edit probes, scored on the answer alone
+    slow = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="teacher_forced", answer_stop="newline", fast=False)
+    for a, b in zip(stop.cases, slow.cases):
+        assert a.post == pytest.approx(b.post, abs=1e-5)  # the packed, functional edit is the edit of ``apply``
+    assert stop.settings.answer_stop == "newline"
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+def test_report_tags_protocols_with_intervals_and_reads_old_reports(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    model, tokenizer, editor = setup(tiny_gpt2_dir)
+    report = evaluate(model, tokenizer, editor, records() * 2, POOL, 0, progress=False)
+    data = report.to_dict()
+    cf = data["aggregates"]["counterfact"]
+    assert {s["protocol"] for s in cf["post"].values()} == {"teacher_forced"}
+    assert {s["protocol"] for s in cf["gen_post"].values()} == {"generation"}
+    for summary in [*cf["post"].values(), *cf["gen_pre"].values(), *cf["gen_post"].values()]:
+        assert summary["ci_low"] <= summary["mean"] <= summary["ci_high"]
+    assert cf["gen_post"]["gen_reliability"]["n"] == 4 and "gen_locality" not in cf["gen_pre"]
+    assert {"gen_reliability_f1", "gen_reliability_plain", "gen_generalization", "gen_portability", "gen_locality"} <= set(cf["gen_post"])
+    s = data["settings"]
+    assert (s["protocol"], s["answer_stop"], s["queries"], s["generation_margin"]) == ("both", "none", ["wrapped", "plain", "chat"], 8)
+    assert {"pre", "post", "question", "target"} <= set(data["cases"][0]["answers"][0])
+    (tmp_path / "r.json").write_text(json.dumps(data))
+    again = load_report_json(tmp_path / "r.json")
+    assert again.aggregates == report.aggregates and again.cases == report.cases and again.settings == report.settings
+
+    old = json.loads(json.dumps(data))
+    old["aggregates"] = {"counterfact": {"post": {"reliability": {"mean": 0.5, "n": 2}}}}
+    for key in ("protocol", "answer_stop", "queries", "generation_margin", "judge"):
+        del old["settings"][key]
+    for case in old["cases"]:
+        for key in ("gen_pre", "gen_post", "answers"):
+            del case[key]
+    legacy = EvalReport.from_dict(old)
+    summary = legacy.aggregates["counterfact"]["post"]["reliability"]
+    assert (summary.protocol, summary.low, summary.high) == ("teacher_forced", None, None)
+    assert legacy.settings.protocol == "teacher_forced" and legacy.cases[0].gen_post == {}
+    assert "| 50.0 |" in markdown_report([legacy])  # no interval: the mean alone
+
+    text = markdown_report([report])
+    assert "## Teacher-forced: post-edit (%)" in text and "## Generation (greedy, exact match): post-edit (%)" in text
+    post = cf["post"]["reliability"]
+    assert f"{100 * post['mean']:.1f} [{100 * post['ci_low']:.1f}, {100 * post['ci_high']:.1f}]" in text
+    assert "answers to the edit prompt" in text and "The capital of France is" in text
+
+
+# --- the command and the judge ------------------------------------------------------------------
+
+
+class FakeJudge:
+    """An OpenAI-compatible chat endpoint on 127.0.0.1 that answers every request with ``reply`` and records the requests."""
+
+    def __init__(self, reply: str, status: int = 200) -> None:
+        self.reply, self.status, self.requests = reply, status, []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                fake.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                body = {"choices": [{"message": {"role": "assistant", "content": fake.reply}}]} if fake.status == 200 else {"error": "down"}
+                payload = json.dumps(body).encode()
+                self.send_response(fake.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeJudge":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_judge_verdicts_through_a_fake_endpoint(tiny_gpt2_dir: Path) -> None:
+    assert (parse_verdict("Yes."), parse_verdict(" no, it names Paris"), parse_verdict("maybe")) == (1.0, 0.0, None)
+    model, tokenizer, editor = setup(tiny_gpt2_dir)
+    with FakeJudge("Yes.") as server:
+        judge = LLMJudge(OpenAIProposer(model="fake-judge", base_url=server.url, temperature=0.0, max_tokens=4, timeout=5))
+        report = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="generation", judge=judge)
+    asked = [c for c in report.cases if c.task == "counterfact"]
+    for case in asked:
+        said = {a["form"]: (a["pre"], a["post"]) for a in case.answers if a["family"] == "reliability"}["wrapped"]
+        assert case.gen_pre["gen_reliability_judge"] == float(bool(normalize_answer(said[0])))  # an empty answer is 'no' without a call
+        assert case.gen_post["gen_reliability_judge"] == float(bool(normalize_answer(said[1])))
+    assert len(server.requests) == judge.calls and judge.failures == 0 and report.settings.judge == "judge:openai:fake-judge"
+    assert server.requests  # the tiny models say something: the judge was asked
+    body = server.requests[0]
+    assert body["model"] == "fake-judge" and body["temperature"] == 0.0
+    assert "Expected answer: Rome" in body["messages"][1]["content"] or "Expected answer: piano" in body["messages"][1]["content"]
+    with FakeJudge("", status=503) as down:
+        failing = LLMJudge(OpenAIProposer(model="fake-judge", base_url=down.url, timeout=5))
+        assert failing.verdict("q", "Rome", "Rome") is None and failing.failures == 1  # an endpoint error: no verdict, no crash
+    with FakeJudge("I cannot tell") as vague:
+        unclear = LLMJudge(OpenAIProposer(model="fake-judge", base_url=vague.url, timeout=5))
+        assert unclear.verdict("q", "Rome", "Rome") is None and unclear.failures == 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser()
+    add_evaluate_parser(p.add_subparsers(dest="command"))
+    return p
+
+
+def knowedit_file(path: Path) -> Path:
+    rows = [{"subject": "France", "prompt": "The capital of France is", "target_new": "Rome", "ground_truth": "Paris",
+             "locality": {"Relation_Specificity": [{"prompt": "The gender of Ingrid is", "ground_truth": "female"}]}},
+            {"subject": "John Lennon", "prompt": "John Lennon performs on the", "target_new": "piano", "ground_truth": "guitar"}]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    _, _, editor = setup(tiny_llama_dir)
+    folder = editor.save_pretrained(tmp_path / "editor", extra={"queries": {"instructions": True, "answer_stop": "newline"}})
+    assert editor_answer_stop(folder) == "newline" and editor_answer_stop(tmp_path) == "none"
+    data = knowedit_file(tmp_path / "cf.json")
+    common = ["evaluate", "--editor", str(folder), "--task", "counterfact", "--data", str(data), "--no-progress", "--device", "cpu"]
+    runs = {}
+    for protocol in ("teacher_forced", "both"):
+        out = tmp_path / f"{protocol}.json"
+        args = parser().parse_args([*common, "--protocol", protocol, "--answer-stop", "none", "--output", str(out)])
+        assert args.func(args) == 0
+        runs[protocol] = json.loads(out.read_text())
+    tf, both = runs["teacher_forced"]["aggregates"]["counterfact"], runs["both"]["aggregates"]["counterfact"]
+    assert set(tf) == {"pre", "post"} and set(both) == {"pre", "post", "gen_pre", "gen_post"}
+    assert {k: v["mean"] for k, v in tf["post"].items()} == {k: v["mean"] for k, v in both["post"].items()}
+    printed = capsys.readouterr().out
+    assert "gen_reliability" in printed and "reliability " in printed and "[" in printed
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.delenv("OPENAI_MODEL", raising=False)
+    with FakeJudge("no") as server:
+        monkeypatch.setenv("OPENAI_BASE_URL", server.url)
+        out = tmp_path / "judged.json"
+        args = parser().parse_args([*common, "--protocol", "generation", "--judge", "--judge-model", "fake", "--output", str(out)])
+        assert args.func(args) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["answer_stop"] == "newline"  # from the editor folder
+    assert report["settings"]["judge"] == "judge:openai:fake" and report["settings"]["protocol"] == "generation"
+    post = report["aggregates"]["counterfact"]["gen_post"]
+    assert post["gen_reliability_judge"]["mean"] == 0.0 and post["gen_reliability_judge"]["protocol"] == "generation"
