@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
@@ -108,6 +109,13 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, text: str, ma
     return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 24) -> str:
+    """What the model says to ``prompt``: the first line of its greedy answer (stops at EOS or a newline after text)."""
+    from instructedit.evaluation.generation import first_line, greedy_generate
+
+    return first_line(greedy_generate(model, tokenizer, [prompt], max_new_tokens)[0])
+
+
 @torch.no_grad()
 def score_target(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> TargetScore:
     """Teacher-forced accuracy and joint probability of ``target`` after ``prompt`` (labels as in training)."""
@@ -201,6 +209,10 @@ class EditedModel:
         """Greedy continuation of ``text`` by the model as it is now."""
         return generate(self.model, self.tokenizer, text, max_new_tokens)
 
+    def answer(self, prompt: str, max_new_tokens: int = 24) -> str:
+        """The first line of the model's greedy answer to ``prompt`` (the generation protocol's answer)."""
+        return answer(self.model, self.tokenizer, prompt, max_new_tokens)
+
     def top_predictions(self, prompt: str, k: int = 5) -> list[tuple[str, float]]:
         return top_predictions(self.model, self.tokenizer, prompt, k)
 
@@ -227,11 +239,12 @@ class InstructEditor:
     """An editor plus the task instruction its edit prompts are wrapped in (``instruction`` None: no wrapping).
 
     Pass a built ``editor`` (e.g. a ``MENDEditor``), or a ``factory(model, tokenizer) -> Editor`` for
-    methods that are built per model (the registry baselines).
+    methods that are built per model (the registry baselines). ``answer_stop``: the token the edit's
+    target is followed by ("newline", "eos"; "none"), as the editor was trained.
     """
 
     def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,
-                 factory: EditorFactory | None = None, name: str = "", model_name: str = "") -> None:
+                 factory: EditorFactory | None = None, name: str = "", model_name: str = "", answer_stop: str = "none") -> None:
         if (editor is None) == (factory is None):
             raise ValueError("InstructEditor needs exactly one of editor= and factory=")
         if instruction is not None and pool is None:
@@ -240,6 +253,7 @@ class InstructEditor:
         self._built: tuple[int, Editor] | None = None
         self.pool, self.instruction = pool, instruction
         self.name, self.model_name = name, model_name
+        self.answer_stop = answer_stop
 
     def __repr__(self) -> str:
         wrap = f"instruction {self.instruction}" if self.instruction is not None else "no instruction"
@@ -268,9 +282,10 @@ class InstructEditor:
         return self.pool.render(edit.record(), text, self.instruction)
 
     def edit_batch(self, edits: Sequence[Edit], tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH_CAP) -> TokenBatch:
-        """Wrapped prompt + target per edit, labels on the target tokens (what the editor learns from)."""
+        """Wrapped prompt + target (+ the stop token) per edit, labels on the target tokens (what the editor learns from)."""
         pairs = [(self.wrap(e), e.target) for e in edits]
-        return Collator(tokenizer, max_length).qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]))
+        collator = Collator(tokenizer, max_length, answer_stop=self.answer_stop)
+        return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
               keep: bool = False) -> EditedModel:
@@ -345,6 +360,23 @@ def instruction_setup(editor_dir: str | Path) -> tuple[bool | None, InstructionP
     return True, InstructionPool.default()
 
 
+def query_setup(editor_dir: str | Path) -> dict[str, Any]:
+    """How a saved editor's edits are queried: its template (None: the pool's) and answer stop.
+
+    Read from ``editor_config.json`` (``queries``, written since the generation protocol) or else
+    from the training config saved with the editor; older editors get the paper's template and no stop.
+    """
+    editor_dir = Path(editor_dir)
+    try:
+        saved = json.loads((editor_dir / "editor_config.json").read_text()).get("queries")
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict):
+        return {"template": saved.get("template"), "answer_stop": saved.get("answer_stop") or "none"}
+    config = training_config(editor_dir) or {}
+    return {"template": (config.get("data") or {}).get("template"), "answer_stop": (config.get("training") or {}).get("answer_stop") or "none"}
+
+
 def _instruction_index(instruction: str | int | None, pool: InstructionPool) -> int | None:
     if instruction is None or (isinstance(instruction, str) and instruction.lower() == "none"):
         return None
@@ -393,4 +425,8 @@ def load_editor(source: str | Path | None = None, instruction: str | int | None 
     else:
         chosen = _pool(pool) or trained_pool or InstructionPool.default()
         index = _instruction_index(instruction, chosen)
-    return InstructEditor(editor, chosen if index is not None else None, index, name=str(source), model_name=editor.model_name)
+    queries = query_setup(folder)
+    if chosen is not None and queries["template"] and pool is None:
+        chosen = dataclasses.replace(chosen, template=queries["template"])  # the template it was trained with
+    return InstructEditor(editor, chosen if index is not None else None, index, name=str(source), model_name=editor.model_name,
+                          answer_stop=queries["answer_stop"])

@@ -62,6 +62,10 @@ class DataConfig:
     instructions: bool = True  # False: multi-task / single-task MEND without instructions
     instruction_pool: str | None = None  # a pool JSON file; None: the project's own descriptions
     instruction_seed: int = 0  # picks one seen description per training record
+    # The instruction template (slots {task}, {description}, {prompt}); None: DESIGN.md §2's, where the answer
+    # follows the prompt directly. An answer prefix ("...Input: {prompt}\nOutput:") puts the answer where the
+    # model itself continues the template.
+    template: str | None = None
     split_seed: int = 0
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     balance: bool = True  # cap ConvSent at the size of the largest other task (the paper's balancing)
@@ -74,6 +78,9 @@ class DataConfig:
         _check(len(self.split_fractions) == 3 and all(f > 0 for f in self.split_fractions), "data.split_fractions", "needs three positive fractions (train, val, test)")
         _check(abs(sum(self.split_fractions) - 1.0) < 1e-6, "data.split_fractions", f"{self.split_fractions} must sum to 1")
         _check(self.max_per_task is None or self.max_per_task > 0, "data.max_per_task", "must be positive or null")
+        if self.template is not None:
+            missing = [slot for slot in ("{task}", "{description}", "{prompt}") if slot not in self.template]
+            _check(not missing, "data.template", f"lacks the slot(s) {missing}")
 
 
 @dataclass
@@ -108,6 +115,18 @@ class TrainingConfig:
     grad_clip: float = 100.0
     max_steps: int = 30000  # optimizer steps
     edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input) or "edit_input"
+    # Generation (DESIGN.md §5): what an edit input's answer ends with ("newline"/"eos" teach the edited model
+    # to stop after the answer), and a hinge that keeps every answer token (and the stop) ahead of the best
+    # other token by answer_margin_cap logits: the condition for greedy decoding to say the answer.
+    answer_stop: str = "none"
+    c_answer_margin: float = 0.0
+    answer_margin_cap: float = 2.0
+    # Validation by generation: greedy answers of the edited model (reliability: exact match on the wrapped edit
+    # prompt; locality: unchanged answers). select_on "generation" keeps as best/ the checkpoint with the highest
+    # generation reliability among those whose generation locality is >= locality_floor (else the highest locality).
+    val_generation: bool = False
+    select_on: str = "loss"
+    locality_floor: float = 0.9
     val_every: int = 500
     val_size: int = 200
     early_stop_patience: int = 10  # validations without improvement before stopping; 0 disables
@@ -121,7 +140,7 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _check(self.lr > 0 and self.lr_lr >= 0, "training.lr", "learning rates must be positive")
-        for name in ("c_edit", "c_loc", "c_margin"):
+        for name in ("c_edit", "c_loc", "c_margin", "c_answer_margin"):
             _check(getattr(self, name) >= 0, f"training.{name}", "loss coefficients must be >= 0")
         _check(self.locality_target is None or 0 < self.locality_target <= 1, "training.locality_target", "must be in (0, 1] or null")
         _check(self.locality_target_rate > 0, "training.locality_target_rate", "must be > 0")
@@ -131,6 +150,10 @@ class TrainingConfig:
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in ("rephrase", "edit_input"), "training.edit_loss_on", f"{self.edit_loss_on!r} is not 'rephrase' or 'edit_input'")
+        _check(self.answer_stop in ("none", "newline", "eos"), "training.answer_stop", f"{self.answer_stop!r} is not 'none', 'newline' or 'eos'")
+        _check(self.answer_margin_cap > 0, "training.answer_margin_cap", "must be > 0")
+        _check(self.select_on in ("loss", "generation"), "training.select_on", f"{self.select_on!r} is not 'loss' or 'generation'")
+        _check(0 <= self.locality_floor <= 1, "training.locality_floor", "must be in [0, 1]")
         _check(self.val_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1, "training.val_every", "intervals must be >= 1")
 
 

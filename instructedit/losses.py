@@ -48,6 +48,19 @@ def locality_margin(pre_logits: torch.Tensor, post_logits: torch.Tensor, cap: fl
     return torch.relu(lead(pre).clamp(max=cap) - lead(post)).mean()
 
 
+def answer_margin(logits: torch.Tensor, targets: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Hinge on each target token leading the best other token: mean of relu(cap - (z_target - max_other)).
+
+    Zero once every target token is the argmax by ``cap`` logits, the condition for greedy decoding
+    to produce the answer (and its stop token) after the prompt; the NLL alone keeps pushing easy
+    tokens while a hard first token stays second.
+    """
+    z = logits.float()
+    target = z.gather(-1, targets[:, None]).squeeze(-1)
+    others = z.scatter(-1, targets[:, None], float("-inf")).amax(-1)
+    return torch.relu(cap - (target - others)).mean()
+
+
 def per_row_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Average ``values`` (n_positions,) within each row -> (n_rows,)."""
     values = values.float()

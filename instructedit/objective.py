@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from instructedit.editors.mend import MENDEditor
-from instructedit.losses import locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
+from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import MetaBatch, TokenBatch
 
@@ -28,8 +28,12 @@ def _scored(split: SplitModel, state: PrefixState, batch: TokenBatch, params: di
     return split.logits_at(split.suffix(state, params), batch.label_mask)
 
 
-def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """One meta-training loss; gradients reach only the MEND network and the step sizes α."""
+def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0,
+              c_answer: float = 0.0, answer_cap: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """One meta-training loss; gradients reach only the MEND network and the step sizes α.
+
+    ``c_answer`` weighs ``losses.answer_margin`` on the edit_outer answer tokens (0: DESIGN.md §4 exactly).
+    """
     inner = split.prefix(batch.edit_inner)
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
     outer = inner if same_outer else split.prefix(batch.edit_outer)
@@ -43,6 +47,7 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
     post_outer = _scored(split, outer, batch.edit_outer, edit.new_params)
     outer_targets = batch.edit_outer.labels[batch.edit_outer.label_mask]
     l_edit = masked_nll(post_outer, outer_targets)
+    l_answer = answer_margin(post_outer, outer_targets, answer_cap) if c_answer else None
     if batch.unlikely is not None:  # ConvSent: push the opposite sentiment's responses down
         unlikely_state = split.prefix(batch.unlikely)
         post_unlikely = _scored(split, unlikely_state, batch.unlikely, edit.new_params)
@@ -50,6 +55,8 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
     post_loc = _scored(split, loc, batch.loc, edit.new_params)
     l_loc = locality_kl(pre_loc, post_loc)
     loss = c_edit * l_edit + c_loc * l_loc
+    if l_answer is not None:
+        loss = loss + c_answer * l_answer
     l_margin = None
     if c_margin:
         l_margin = locality_margin(pre_loc, post_loc)
@@ -61,6 +68,7 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
         "l_edit": l_edit.item(),
         "l_loc": l_loc.item(),
         **({"l_margin": l_margin.item()} if l_margin is not None else {}),
+        **({"l_answer": l_answer.item()} if l_answer is not None else {}),
         "pre_edit_loss": float(edit.pre_edit_loss),
         "edit_acc_pre": token_accuracy(pre_outer, outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),
         "edit_acc": token_accuracy(post_outer.detach(), outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.api import Edit, InstructEditor, load_editor, score_target, top_predictions
 from instructedit.config import Config, YAMLLoader, config_from_dict
 from instructedit.editors.card import EDITOR_CONFIG, write_model_card
+from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.io import write_json
 from instructedit.models.loading import cache_dir, load_model
@@ -56,9 +57,16 @@ LOCALITY_PROBES: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class EditOutcome:
-    """One demo edit, scored on its instruction-wrapped prompt before and after (then rolled back)."""
+    """One demo edit, asked and scored on its instruction-wrapped prompt before and after (then rolled back)."""
 
     edit: Edit
+    said_before: str  # the model's greedy answer (first line) to the wrapped prompt
+    said_after: str
+    plain_said_before: str  # ... to the plain prompt (no instruction)
+    plain_said_after: str
+    exact_after: float  # 1.0 when the edited model's answer to the wrapped prompt is the target (normalized)
+    plain_exact_after: float
+    gen_locality: float  # share of the locality probes whose greedy answer the edit left unchanged
     top_before: str
     top_after: str
     p_before: float  # joint probability of the target tokens
@@ -150,23 +158,35 @@ def _answer_argmax(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     return logits[batch.label_mask].argmax(-1)  # (n_answer_tokens,)
 
 
+def _answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], budgets: Sequence[int]) -> list[str]:
+    return [first_line(text) for text in greedy_generate(model, tokenizer, list(prompts), list(budgets))]
+
+
 def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit] = DEMO_EDITS,
              probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> list[EditOutcome]:
-    """Apply each edit alone, score it and the locality probes, roll it back (single, non-sequential edits)."""
+    """Apply each edit alone, ask and score it and the locality probes, roll it back (single, non-sequential edits)."""
     device = next(model.parameters()).device
     probe_batch = Collator(tokenizer, 1024).qa_batch(list(probes), where="locality probes").to(device)
     rows = probe_batch.label_mask.nonzero()[:, 0]
     pre_ids = _answer_argmax(model, probe_batch)
+    probe_budgets = [answer_budget(tokenizer, a) for _, a in probes]
+    probe_said = _answers(model, tokenizer, [p for p, _ in probes], probe_budgets)
     outcomes = []
     for edit in edits:
         wrapped = editor.wrap(edit)
+        budget = answer_budget(tokenizer, edit.target)
+        said = _answers(model, tokenizer, [wrapped, edit.prompt], [budget, budget])
         before, plain_before = score_target(model, tokenizer, wrapped, edit.target), score_target(model, tokenizer, edit.prompt, edit.target)
         top_before = top_predictions(model, tokenizer, wrapped, 1)[0][0]
         with editor.apply(model, [edit], tokenizer) as edited:
+            said_after = _answers(model, tokenizer, [wrapped, edit.prompt, *(p for p, _ in probes)], [budget, budget, *probe_budgets])
             after, plain_after = edited.score(wrapped, edit.target), edited.score(edit.prompt, edit.target)
             top_after = edited.top_predictions(wrapped, 1)[0][0]
             locality = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
-        outcomes.append(EditOutcome(edit, top_before, top_after, before.probability, after.probability, before.accuracy,
+        same = [normalize_answer(a) == normalize_answer(b) for a, b in zip(probe_said, said_after[2:])]
+        outcomes.append(EditOutcome(edit, said[0], said_after[0], said[1], said_after[1], exact_match(said_after[0], edit.target),
+                                    exact_match(said_after[1], edit.target), sum(same) / len(same),
+                                    top_before, top_after, before.probability, after.probability, before.accuracy,
                                     after.accuracy, plain_before.accuracy, plain_after.accuracy, locality))
     return outcomes
 
@@ -206,24 +226,32 @@ def _p(value: float) -> str:
     return f"{value:.3f}" if value >= 5e-4 else f"{value:.0e}"
 
 
-def format_report(result: QuickstartResult) -> str:
-    """The before/after table and the averages, as aligned plain text."""
-    how = f"trained now in {_duration(result.train_s)}" if result.trained else "reused from the cache"
-    wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
-    header = ("#", "task", "prompt -> target", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality")
-    rows = [header]
-    for i, o in enumerate(result.outcomes, start=1):
-        rows.append((str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 60), _clip(f"{o.top_before!r} -> {o.top_after!r}", 28),
-                     f"{_p(o.p_before)} -> {_p(o.p_after)}", f"{o.acc_before:.2f} -> {o.acc_after:.2f}", f"{o.locality:.2f}"))
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
+    rows = [header, *rows]
     widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     table.insert(1, "  ".join("-" * w for w in widths))
+    return table
+
+
+def format_report(result: QuickstartResult) -> str:
+    """What the model says before and after each edit (the headline), then the teacher-forced scores, as plain text."""
+    how = f"trained now in {_duration(result.train_s)}" if result.trained else "reused from the cache"
+    wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
+    said = _table(("#", "task", "prompt -> target", "the model says before -> after (instruction-wrapped prompt)", "plain prompt, after"),
+                  [(str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 52), _clip(f"{o.said_before!r} -> {o.said_after!r}", 64),
+                    _clip(repr(o.plain_said_after), 36)) for i, o in enumerate(result.outcomes, start=1)])
+    forced = _table(("#", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality"),
+                    [(str(i), _clip(f"{o.top_before!r} -> {o.top_after!r}", 28), f"{_p(o.p_before)} -> {_p(o.p_after)}",
+                      f"{o.acc_before:.2f} -> {o.acc_after:.2f}", f"{o.locality:.2f}") for i, o in enumerate(result.outcomes, start=1)])
     m = result.mean
     lines = [
         f"InstructEdit quickstart: editor {result.editor_dir} ({how})",
-        f"model {result.model_name}; instruction: {wrap}; each edit applied alone and rolled back; "
-        "scores on the instruction-wrapped prompt, teacher-forced",
-        "", *table, "",
+        f"model {result.model_name}; instruction: {wrap}; each edit applied alone and rolled back",
+        "", "What the edited model says (greedy decoding, first line):", "", *said, "",
+        f"says the target (exact match), wrapped prompt: {m('exact_after'):.2f}   plain prompt: {m('plain_exact_after'):.2f}",
+        f"unrelated prompts whose answer is unchanged (generation locality): {m('gen_locality'):.2f}",
+        "", "Teacher-forced scores (the target fed in; the paper's protocol):", "", *forced, "",
         f"reliability (target token accuracy, wrapped prompt): {m('acc_before'):.2f} -> {m('acc_after'):.2f}",
         f"reliability on the plain prompt (no instruction):     {m('plain_acc_before'):.2f} -> {m('plain_acc_after'):.2f}",
         f"target probability (mean):                           {_p(m('p_before'))} -> {_p(m('p_after'))}",

@@ -12,6 +12,7 @@ Checkpoints go to ``OUTPUT/last`` (every ``checkpoint_every`` steps and at the e
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -68,6 +69,7 @@ class TrainState:
     records_seen: int = -1  # position in the training record stream; -1: step × records per step (older checkpoints)
     best_val_loss: float = math.inf
     best_step: int = -1
+    best_score: float = -math.inf  # training.select_on "generation": the selection score of best/
     validations_since_best: int = 0
     skipped_nonfinite: int = 0
     skipped_too_long: int = 0
@@ -97,11 +99,18 @@ def build_editor(model: torch.nn.Module, config: Config) -> MENDEditor:
 
 
 def instruction_pool(config: Config) -> InstructionPool | None:
+    """The training pool of ``config`` (None without instructions), with ``data.template`` if it sets one."""
     if not config.data.instructions:
         return None
-    if config.data.instruction_pool:
-        return InstructionPool.from_file(config.data.instruction_pool)
-    return InstructionPool.default()
+    pool = InstructionPool.from_file(config.data.instruction_pool) if config.data.instruction_pool else InstructionPool.default()
+    return dataclasses.replace(pool, template=config.data.template) if config.data.template else pool
+
+
+def instruction_setup(config: Config) -> dict[str, Any]:
+    """What evaluating an editor needs to query it as it was trained; saved in its editor_config.json."""
+    pool = instruction_pool(config)
+    return {"instructions": config.data.instructions, "instruction_pool": config.data.instruction_pool,
+            "template": pool.template if pool else None, "answer_stop": config.training.answer_stop}
 
 
 def prepare_data(config: Config, tokenizer) -> TrainData:
@@ -111,7 +120,7 @@ def prepare_data(config: Config, tokenizer) -> TrainData:
     val = build_mixture(d.tasks, "val", **common)
     pool = instruction_pool(config)
     fallback = [item for r in train.records for item in r.locality]
-    collator = Collator(tokenizer, config.model.max_length, pool, fallback_locality=fallback)
+    collator = Collator(tokenizer, config.model.max_length, pool, fallback_locality=fallback, answer_stop=config.training.answer_stop)
     val_records = val.records[: config.training.val_size]
     info = {"train": train.to_dict(), "val": val.to_dict() | {"used": len(val_records)}, "instructions": pool.source if pool else None}
     return TrainData(train.records, val_records, collator, pool, info)
@@ -258,7 +267,7 @@ class Trainer:
                 self.dist.skip_statistics(self.editor)  # the other processes merge their statistics of this round
                 continue
             w = self.state.loc_weight
-            loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w)
+            loss, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin, t.answer_margin_cap)
             if not torch.isfinite(loss):
                 nonfinite += 1
                 logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
@@ -350,7 +359,7 @@ class Trainer:
                 batch = self._batch([record])
             except PromptTooLongError:
                 continue
-            _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin)  # edit() takes its own grad
+            _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin, t.c_answer_margin, t.answer_margin_cap)  # edit() takes its own grad
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1
@@ -369,13 +378,17 @@ class Trainer:
         metrics = self.dist.mean(local)  # the same on every process: early stopping agrees
         if metrics["n"] == 0:
             raise NoValidationRecords(f"none of the {len(self.data.val)} validation records fits model.max_length={self.config.model.max_length} tokens")
+        t = self.config.training
+        if t.val_generation or t.select_on == "generation":  # every process: selection and early stopping agree
+            metrics |= self._generation_validation()
         entry = {"step": self.state.step, "split": "val", **metrics}
         self.state.history.append(entry)
         self._log(entry)
         if self.dist.is_main:
-            logger.info("validation @%d: loss %.4f edit_acc %.3f (pre %.3f) locality %.3f", self.state.step, metrics["loss"], metrics["edit_acc"], metrics["edit_acc_pre"], metrics["locality"])
-        if metrics["loss"] < self.state.best_val_loss:
-            self.state.best_val_loss = metrics["loss"]
+            gen = f" | generation: reliability {metrics['gen_reliability']:.3f} locality {metrics['gen_locality']:.3f}" if "gen_reliability" in metrics else ""
+            logger.info("validation @%d: loss %.4f edit_acc %.3f (pre %.3f) locality %.3f%s", self.state.step, metrics["loss"], metrics["edit_acc"], metrics["edit_acc_pre"], metrics["locality"], gen)
+        if self._improves(metrics):
+            self.state.best_val_loss = min(self.state.best_val_loss, metrics["loss"])
             self.state.best_step = self.state.step
             self.state.validations_since_best = 0
             self._save_dir("best", with_optimizer=False)
@@ -388,6 +401,27 @@ class Trainer:
                 self.state.stopped_early = True
         return metrics
 
+    def _generation_validation(self) -> dict[str, float]:
+        """Generation reliability / locality of the current editor on the validation records (rank 0)."""
+        from instructedit.evaluation.generation_check import generation_scores
+
+        records = self.data.val
+        scores = generation_scores(self.model, self.tokenizer, self.editor, self.data.collator, records, [self._instruction(r) for r in records])
+        return scores if scores.get("gen_n") else {}
+
+    def _improves(self, metrics: dict[str, float]) -> bool:
+        """Whether this validation's editor becomes best/: lowest loss, or (select_on generation) highest
+        generation reliability among checkpoints at or above the generation-locality floor."""
+        t = self.config.training
+        if t.select_on == "loss" or "gen_reliability" not in metrics:
+            return metrics["loss"] < self.state.best_val_loss
+        floor_met = metrics["gen_locality"] >= t.locality_floor
+        score = 1.0 + metrics["gen_reliability"] if floor_met else metrics["gen_locality"]  # any floor-meeting one wins
+        if score > self.state.best_score:
+            self.state.best_score = score
+            return True
+        return False
+
     # -- persistence ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         self._save_dir("last", with_optimizer=True)
@@ -398,7 +432,8 @@ class Trainer:
         final = self.output / name
         tmp = self.output / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        extra = {"training": {"step": self.state.step, "best_step": self.state.best_step, "best_val_loss": self.state.best_val_loss}}
+        extra = {"training": {"step": self.state.step, "best_step": self.state.best_step, "best_val_loss": self.state.best_val_loss},
+                 "queries": instruction_setup(self.config)}
         self.editor.save_pretrained(tmp, extra=extra)
         if with_optimizer:
             tensors: dict[str, torch.Tensor] = {}

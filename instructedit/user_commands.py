@@ -74,7 +74,7 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from instructedit.api import Edit, generate, load_editor, score_target, top_predictions
+    from instructedit.api import Edit, answer, generate, load_editor, score_target, top_predictions
     from instructedit.models.loading import load_model
 
     if args.top_k < 1 or args.max_new_tokens < 1:
@@ -87,7 +87,9 @@ def run_edit(args: argparse.Namespace) -> int:
     wrapped = editor.wrap(edit)
 
     def snapshot(m: Any) -> dict[str, Any]:
-        return {"top": _predictions(top_predictions(m, tok, edit.prompt, args.top_k)),
+        return {"says": json.dumps(answer(m, tok, wrapped, args.max_new_tokens), ensure_ascii=False),
+                "says_plain": json.dumps(answer(m, tok, edit.prompt, args.max_new_tokens), ensure_ascii=False),
+                "top": _predictions(top_predictions(m, tok, edit.prompt, args.top_k)),
                 "text": json.dumps(generate(m, tok, edit.prompt, args.max_new_tokens), ensure_ascii=False),
                 "wrapped": score_target(m, tok, wrapped, edit.target), "plain": score_target(m, tok, edit.prompt, edit.target)}
 
@@ -100,8 +102,11 @@ def run_edit(args: argparse.Namespace) -> int:
     lines = [
         f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
         f"edit [{edit.task}]: {edit.prompt!r} -> {edit.target!r}", "",
+        "what the model says (greedy decoding, first line):",
+        f"  instruction-wrapped prompt:  {before['says']}  ->  {after['says']}",
+        f"  plain prompt:                {before['says_plain']}  ->  {after['says_plain']}", "",
         *_side_by_side(f"top-{args.top_k} next tokens", before["top"], after["top"]), "",
-        "greedy continuation:", f"  before: {before['text']}", f"  after:  {after['text']}", "",
+        "greedy continuation of the plain prompt:", f"  before: {before['text']}", f"  after:  {after['text']}", "",
         "target accuracy (teacher-forced token accuracy of the target):",
         f"  instruction-wrapped prompt (reliability): {before['wrapped'].accuracy:.2f} -> {after['wrapped'].accuracy:.2f}"
         f"   p(target) {before['wrapped'].probability:.4f} -> {after['wrapped'].probability:.4f}",

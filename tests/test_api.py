@@ -227,6 +227,7 @@ def test_edit_command_prints_before_and_after_and_saves(tiny_llama_dir: Path, tm
     assert f"model: {tiny_llama_dir}" in out  # the editor's model_name
     assert "top-5 next tokens" in out and "before" in out and "after" in out
     assert "greedy continuation" in out and "instruction-wrapped prompt (reliability)" in out and "plain prompt" in out
+    assert out.index("what the model says") < out.index("target accuracy")
     assert len([line for line in out.splitlines() if line.startswith(" " * 24)]) == 5  # five prediction rows
     assert (tmp_path / "edited" / "config.json").is_file() and (tmp_path / "edited" / EDITS_FILE).is_file()
     AutoModelForCausalLM.from_pretrained(tmp_path / "edited")

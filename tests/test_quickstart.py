@@ -60,12 +60,17 @@ def test_quickstart_trains_caches_and_reuses(tiny_gpt2_dir: Path, tmp_path: Path
     assert len(first.outcomes) == len(DEMO_EDITS) and first.instruction == 0
     for o in first.outcomes:
         assert 0 <= o.acc_before <= 1 and 0 <= o.acc_after <= 1 and 0 <= o.locality <= 1 and 0 <= o.p_after <= 1
+        assert isinstance(o.said_before, str) and isinstance(o.said_after, str) and "\n" not in o.said_after
+        assert o.exact_after in (0.0, 1.0) and 0 <= o.gen_locality <= 1
     second = run_quickstart(model_name=str(tiny_gpt2_dir), overrides=TINY, budget_steps=2, show_progress=False)
     assert not second.trained and second.run_dir == first.run_dir
     assert [o.acc_after for o in second.outcomes] == [o.acc_after for o in first.outcomes]  # the same editor, the same edits
     report = format_report(second)
     assert "reused from the cache" in report and "The capital of France is -> Rome" in report
     assert "reliability (target token accuracy, wrapped prompt)" in report and "locality" in report and "time:" in report
+    # the headline is what the model says, above the teacher-forced scores
+    assert report.index("the model says before -> after") < report.index("Teacher-forced scores")
+    assert repr(second.outcomes[0].said_after) in report and "generation locality" in report
 
 
 def test_output_folder_retrain_and_protection(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
@@ -92,6 +97,8 @@ def test_demo_edits_are_single_and_restored(tiny_llama_dir: Path, tmp_path: Path
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert [o.edit for o in outcomes] == list(DEMO_EDITS)
     assert any(o.locality < 1 or o.p_after != o.p_before for o in outcomes)  # the (strong, untrained) edits do something
+    unedited = run_demo(load_editor(save_tiny_editor(tiny_llama_dir, tmp_path / "zero", edit_lr=1e-9)), model, tok)
+    assert all(o.said_after == o.said_before and o.gen_locality == 1.0 for o in unedited)  # a no-op edit says the same
 
 
 def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -17,6 +17,7 @@ from instructedit.records import EditRecord, MetaBatch, QAItem, TokenBatch
 from instructedit.tasks.instructions import InstructionPool
 
 IGNORE = -100
+ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
 
 
 class PromptTooLongError(ValueError):
@@ -57,8 +58,12 @@ class Collator:
         pool: InstructionPool | None = None,
         convsent_pairs: int = 2,
         fallback_locality: Sequence[QAItem] = (),
+        answer_stop: str = "none",
     ) -> None:
+        if answer_stop not in ANSWER_STOPS:
+            raise ValueError(f"answer_stop {answer_stop!r} is not one of {list(ANSWER_STOPS)}")
         self.tokenizer = tokenizer
+        self.answer_stop = answer_stop
         self.max_length = max_length
         self.pool = pool
         self.convsent_pairs = convsent_pairs
@@ -67,6 +72,21 @@ class Collator:
         if pad is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
         self.pad_id = pad
+        self.stop_ids = self._stop_ids(tokenizer, answer_stop)
+
+    @staticmethod
+    def _stop_ids(tokenizer: PreTrainedTokenizerBase, answer_stop: str) -> list[int]:
+        """The token(s) an edit input's answer ends with, so that the edited model stops after the answer."""
+        if answer_stop == "none":
+            return []
+        if answer_stop == "eos":
+            if tokenizer.eos_token_id is None:
+                raise ValueError("answer_stop 'eos': the tokenizer has no EOS token")
+            return [tokenizer.eos_token_id]
+        ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"answer_stop 'newline': the tokenizer encodes a newline as {len(ids)} tokens, expected one")
+        return ids
 
     # -- single inputs -------------------------------------------------------------------------
     def wrap(self, record: EditRecord, prompt: str, instruction: int | None) -> str:
@@ -77,13 +97,20 @@ class Collator:
             raise ValueError("an instruction index was given but the collator has no instruction pool")
         return self.pool.render(record, prompt, instruction)
 
-    def qa_batch(self, pairs: Sequence[tuple[str, str]], where: str = "") -> TokenBatch:
-        """Right-padded batch of ``prompt + " " + answer`` with labels on the answer tokens only."""
+    def qa_batch(self, pairs: Sequence[tuple[str, str]], where: str = "", stop: bool | Sequence[bool] = False) -> TokenBatch:
+        """Right-padded batch of ``prompt + " " + answer`` with labels on the answer tokens only.
+
+        ``stop`` (one flag, or one per pair): the answer is followed by the collator's stop token
+        (``answer_stop``), labelled too. Edit inputs carry it; teacher-forced probes do not.
+        """
         if not pairs:
             raise ValueError(f"{where or 'qa_batch'}: no inputs to collate")
+        stops = [stop] * len(pairs) if isinstance(stop, bool) else list(stop)
         rows = []
-        for prompt, answer in pairs:
+        for (prompt, answer), with_stop in zip(pairs, stops, strict=True):
             ids, n_prompt = encode_answer(self.tokenizer, prompt, answer)
+            if with_stop:
+                ids = ids + self.stop_ids
             if len(ids) > self.max_length:
                 raise PromptTooLongError(
                     f"{where or 'input'}: {len(ids)} tokens (prompt {prompt[:50]!r}...) exceed model.max_length={self.max_length}"
@@ -136,8 +163,8 @@ class Collator:
             loc.append((item.prompt, item.answer))  # locality inputs are never wrapped
         where = ", ".join(r.source for r in records[:3])
         return MetaBatch(
-            edit_inner=self.qa_batch(inner, where),
-            edit_outer=self.qa_batch(outer, where),
+            edit_inner=self.qa_batch(inner, where, stop=True),
+            edit_outer=self.qa_batch(outer, where, stop=True),
             loc=self.qa_batch(loc, where),
             unlikely=self.qa_batch(unlikely, where) if unlikely else None,
             tasks=[r.task for r in records],
