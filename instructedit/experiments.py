@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from instructedit.config import load_config, read_yaml_mapping
+from instructedit.api import query_setup
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import make_editor
 from instructedit.evaluation.commands import file_sha256
@@ -69,7 +70,9 @@ class ExperimentConfig:
     model: str = "smollm2-135m-instruct"
     budget_steps: int = 1000
     tasks: list[str] = field(default_factory=lambda: ["counterfact", "wikirecent", "convsent", "zsre"])
-    limit: int = 30
+    limit: int | None = 30  # test cases per task; None: the whole test split
+    limits: dict[str, int | None] = field(default_factory=dict)  # per-task limits (e.g. {zsre: 300}); override ``limit``
+    protocol: str = "both"  # teacher_forced | generation | both (DESIGN.md §5)
     split_seed: int = 0
     batch_size: int = 16
     editors: list[EditorRun] = field(default_factory=list)
@@ -88,6 +91,8 @@ class ExperimentConfig:
         except TypeError as e:
             raise ValueError(f"{path}: bad editor or row entry: {e}") from None
         config = cls(**data, editors=editors, rows=rows)
+        if config.protocol not in ("teacher_forced", "generation", "both"):
+            raise ValueError(f"{path}: protocol {config.protocol!r} is not teacher_forced, generation or both")
         names = {e.name for e in editors}
         for row in rows:
             wanted = [row.editor] if row.editor else list(row.editor_per_task.values())
@@ -134,24 +139,30 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
             if row.editor_per_task and editor_name is None:
                 continue  # a single-task editor exists only for its own task
             path = cache / f"{_slug(row.label)}-{task}.json"
-            limit = row.limit or config.limit
+            limit = row.limit or config.limits.get(task, config.limit)
             if editor_name:
                 run_dir = Path(next(e.run_dir or Path(config.runs_dir) / e.name for e in config.editors if e.name == editor_name))
                 settings = EvalSettings(method=row.label, editor_path=str(run_dir / "best"), editor_sha256=file_sha256(run_dir / "best" / "editor.safetensors"))
             else:
                 settings = EvalSettings(method=row.label, method_options=row.options)
             settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
+            settings.protocol = config.protocol
             cached = _cached_report(path, settings)
             if cached is not None:
                 results[row.label][task] = cached
                 continue
+            queries = {"template": None, "answer_stop": "none"}
             if editor_name:
                 editor = MENDEditor.from_pretrained(run_dir / "best").eval()
+                queries = query_setup(run_dir / "best")  # asked as it was trained: its template and answer stop
             else:
                 editor = make_editor(row.method, model, tokenizer, row.options)
-            logger.info("evaluating %s on %s (%d cases)", row.label, task, min(limit, len(records[task])))
-            report = evaluate(model, tokenizer, editor, records[task][:limit], pool, _instruction(row.instruction, pool),
-                              batch_size=config.batch_size, progress=show_progress, settings=settings)
+            row_pool = dataclasses.replace(pool, template=queries["template"]) if queries["template"] else pool
+            cases = records[task][:limit]
+            logger.info("evaluating %s on %s (%d cases)", row.label, task, len(cases))
+            report = evaluate(model, tokenizer, editor, cases, row_pool, _instruction(row.instruction, pool),
+                              batch_size=config.batch_size, progress=show_progress, settings=settings, protocol=config.protocol,
+                              answer_stop=queries["answer_stop"])
             write_report_json(report, path)
             results[row.label][task] = report
     table = _table(config, results)
@@ -164,6 +175,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
         "training_data": {name: s.get("data") for name, s in summaries.items()},
         "rows": {label: {task: _post(r) | {"n": len(r.cases)} for task, r in per_task.items()} for label, per_task in results.items()},
         "pre_edit": {label: {task: _phase(r, "pre") for task, r in per_task.items()} for label, per_task in results.items()},
+        "intervals": {label: {task: _summaries(r) for task, r in per_task.items()} for label, per_task in results.items()},
     }
     write_json(f"{config.output}.json", payload)
     atomic_write(f"{config.output}.md", lambda tmp: Path(tmp).write_text(table))
@@ -175,7 +187,7 @@ def _cached_report(path: Path, settings: EvalSettings) -> EvalReport | None:
     if not path.is_file():
         return None
     report = load_report_json(path)
-    keys = ("editor_sha256", "method_options", "split_seed", "limit")
+    keys = ("editor_sha256", "method_options", "split_seed", "limit", "protocol")
     stale = [k for k in keys if getattr(report.settings, k) != getattr(settings, k)]
     if stale:
         logger.info("re-evaluating %s: %s changed since it was cached", path, ", ".join(stale))
@@ -200,10 +212,47 @@ def _post(report: EvalReport) -> dict[str, float]:
     return _phase(report, "post")
 
 
+def _summaries(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
+    """phase -> metric -> {mean, ci_low, ci_high, n, protocol}, for every phase the report has."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for phases in report.aggregates.values():
+        for phase, metrics in phases.items():
+            out.setdefault(phase, {}).update({k: s.to_dict() for k, s in metrics.items()})
+    return out
+
+
+GEN_COLUMNS = (("gen_reliability", "Rel"), ("gen_reliability_plain", "Rel plain"), ("gen_reliability_chat", "Rel chat"),
+               ("gen_generalization", "Gen"), ("gen_locality", "Loc"), ("gen_portability", "Port"))
+
+
+def _ci(summary: Any) -> str:
+    if summary is None:
+        return "–"
+    interval = f" [{100 * summary.low:.1f}, {100 * summary.high:.1f}]" if summary.low is not None else ""
+    return f"{100 * summary.mean:.1f}{interval}"
+
+
+def _generation_table(config: ExperimentConfig, results: dict[str, dict[str, EvalReport]]) -> list[str]:
+    """Per task: one row per method, the generation protocol's post-edit exact match (%) with 95 % intervals."""
+    lines = []
+    for task in config.tasks:
+        reports = {label: per_task[task] for label, per_task in results.items() if task in per_task}
+        post = {label: next(iter(r.aggregates.values())).get("gen_post", {}) for label, r in reports.items()}
+        columns = [(k, name) for k, name in GEN_COLUMNS if any(k in p for p in post.values())]
+        if not columns:
+            continue
+        lines += [f"### {task} (n = {', '.join(sorted({str(len(r.cases)) for r in reports.values()}))})", "",
+                  "| method | " + " | ".join(name for _, name in columns) + " |", "|---|" + "---|" * len(columns)]
+        lines += ["| " + label + " | " + " | ".join(_ci(p.get(k)) for k, _ in columns) + " |" for label, p in post.items()]
+        lines.append("")
+    return lines
+
+
 def _table(config: ExperimentConfig, results: dict[str, dict[str, EvalReport]]) -> str:
     short = {"reliability": "Rel", "generalization": "Gen", "locality": "Loc", "portability": "Port"}
     header = ["method"] + [f"{t} {short[f]}" for t in config.tasks for f in FAMILIES] + [f"avg {short[f]}" for f in FAMILIES]
-    lines = [f"# Table 3 on {config.model}", "", "Post-edit metrics in % (teacher-forced token accuracy; locality = share of answer tokens "
+    lines = [f"# Table 3 on {config.model}", "", "## Teacher-forced protocol (the paper's)", "",
+             "Post-edit metrics in % (teacher-forced token accuracy; locality = share of answer tokens "
              "whose argmax is unchanged). Averages are over the tasks a row was evaluated on.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, per_task in results.items():
@@ -217,9 +266,18 @@ def _table(config: ExperimentConfig, results: dict[str, dict[str, EvalReport]]) 
                 merged[task] = {k: v for k, v in next(iter(report.aggregates.values())).get("post", {}).items()}
         cells += [f"{100 * v:.1f}" if (v := task_average(merged, f)) is not None else "–" for f in FAMILIES]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Cases per task: {config.limit} (rows may set their own limit), test splits with seed {config.split_seed}; "
-              f"ZsRE is the held-out file. Editors trained for up to {config.budget_steps} optimizer steps each "
-              "(see the JSON for each run's steps, best step and data)."]
+    limits = {t: config.limits.get(t, config.limit) for t in config.tasks}
+    sizes = ", ".join(f"{t} {v or 'all'}" for t, v in limits.items())
+    lines += ["", f"Cases per task: {sizes} (test splits with seed {config.split_seed}; "
+              f"ZsRE is the held-out file). Editors trained for up to {config.budget_steps} optimizer steps each "
+              "(see the JSON for each run's steps, best step and data; 95 % bootstrap intervals are in the JSON)."]
+    if config.protocol != "teacher_forced":
+        lines += ["", "## Generation protocol (what the edited model says)", "",
+                  "Greedy decoding, stop at EOS or a newline, first line compared with the target after normalization: exact match (%) "
+                  "with 95 % bootstrap intervals. Rel = the instruction-wrapped edit prompt (as edited), Rel plain = the prompt without "
+                  "instruction, Rel chat = the question as the user turn of the chat template, Gen = rephrases, Loc = locality prompts "
+                  "whose answer the edit left unchanged, Port = portability questions. ConvSent has no single answer and is not asked.", ""]
+        lines += _generation_table(config, results)
     return "\n".join(lines) + "\n"
 
 

@@ -237,13 +237,25 @@ def test_mend_fast_path_edits_once_per_case_and_restores(tiny_model_dir: Path, m
     real = MENDEditor.edit
     monkeypatch.setattr(MENDEditor, "edit", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    report = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False)
+    report = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, cases_together=1)
     assert len(calls) == 3 and report.settings.fast_path  # the logits' edit is reused for the answers
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert report.restoration["per_case_checks"] == 3 and "written for generation" in report.restoration["mode"]
     forms = {(a["family"], a["form"]) for a in report.cases[0].answers}
     assert forms == {("reliability", "wrapped"), ("reliability", "plain"), ("generalization", "wrapped"), ("portability", "wrapped"),
                      ("locality", "raw")}
+
+
+def test_cases_answered_together_equal_one_case_at_a_time(tiny_model_dir: Path) -> None:
+    model, tokenizer, editor = setup(tiny_model_dir)
+    many = records() * 3  # nine cases: two full groups of four and one of one
+    alone = evaluate(model, tokenizer, editor, many, POOL, 0, progress=False, cases_together=1)
+    versions = {name: p._version for name, p in model.named_parameters()}
+    together = evaluate(model, tokenizer, editor, many, POOL, 0, progress=False, cases_together=4)
+    assert [c.answers for c in together.cases] == [c.answers for c in alone.cases]
+    assert [c.gen_post for c in together.cases] == [c.gen_post for c in alone.cases]
+    assert any(a["pre"] != a["post"] for c in together.cases for a in c.answers)  # the (strong) edits change answers
+    assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
 
 
 def test_teacher_forced_protocol_keeps_todays_numbers(tiny_llama_dir: Path) -> None:

@@ -9,11 +9,12 @@ spaces): exact match and token F1 per query.
 
 from __future__ import annotations
 
-import random
+import inspect
 import re
 import string
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -121,11 +122,13 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None
 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: Sequence[int] | int,
-                    batch_size: int = 32, max_length: int | None = None) -> list[str]:
+                    batch_size: int = 32, max_length: int | None = None,
+                    rows_context: Callable[[list[int]], AbstractContextManager] | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded, KV cache), each cut at its stop (EOS or newline) or budget.
 
     Returns the raw continuation text of every prompt (up to and including a newline token, without EOS);
-    ``first_line`` gives the answer.
+    ``first_line`` gives the answer. ``rows_context(prompt indices)``: a context each batch is decoded
+    in (``row_edits.per_row_updates``: every row with its own edit).
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
@@ -149,10 +152,21 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
         for r, i in enumerate(rows):
             ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
             mask[r, width - len(encoded[i]) :] = 1
-        tokens = _greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos)
+        with rows_context(rows) if rows_context is not None else nullcontext():
+            tokens = _greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos)
         for r, i in enumerate(rows):
             outputs[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
     return outputs
+
+
+def _last_logits_only(model: nn.Module) -> dict[str, int]:
+    """The forward argument that projects only the last position onto the vocabulary (the prompt's other positions
+    would cost a (tokens × vocab) projection for nothing), under the name this transformers version uses."""
+    parameters = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in parameters:
+            return {name: 1}
+    return {}
 
 
 def _greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
@@ -165,8 +179,9 @@ def _greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budget
     limit = torch.tensor(budgets, device=ids.device)
     tokens: list[list[int]] = [[] for _ in range(n)]
     past, step_ids, step_pos = None, ids, position
+    keep = _last_logits_only(model)
     for step in range(max(budgets)):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True)
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True, **keep)
         past = out.past_key_values
         nxt = out.logits[:, -1].argmax(-1)  # (rows,)
         is_eos = nxt == eos if eos is not None else torch.zeros_like(done)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.evaluation.generation import (
     ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, normalize_answer, token_f1,
 )
+from instructedit.evaluation.row_edits import Updates, per_row_updates
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator
 
@@ -192,6 +193,21 @@ class GenerationRun:
         start = time.perf_counter()
         out = answer(model, self.tokenizer, queries, self.batch_size, self.max_length)
         self.seconds["post"] += time.perf_counter() - start
+        return out
+
+    def answer_edited_together(self, model: nn.Module, per_case: Sequence[Sequence[Query]], updates: Sequence[Updates],
+                               transposed: Mapping[str, bool]) -> list[list[str]]:
+        """Post-edit answers of several cases decoded together, each row with its own case's update (``row_edits``)."""
+        start = time.perf_counter()
+        flat = [q for queries in per_case for q in queries]
+        owner = [c for c, queries in enumerate(per_case) for _ in queries]
+        said = greedy_generate(model, self.tokenizer, [q.prompt for q in flat], [q.budget for q in flat], self.batch_size, self.max_length,
+                               rows_context=lambda rows: per_row_updates(model, [updates[owner[i]] for i in rows], transposed))
+        self.seconds["post"] += time.perf_counter() - start
+        out, begin = [], 0
+        for queries in per_case:
+            out.append(said[begin : begin + len(queries)])
+            begin += len(queries)
         return out
 
     def case_result(self, queries: Sequence[Query], pre: Sequence[str],

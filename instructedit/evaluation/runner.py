@@ -373,22 +373,46 @@ def _case_result(case: _Case, pre: dict[str, float], post: dict[str, float], ans
 
 
 def _run_single(model: nn.Module, editor: Editor, cases: list[_Case], guard: WeightGuard, generation: gen.GenerationRun | None,
-                teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool) -> tuple[list[CaseResult], bool]:
-    """Edit, score and roll back each case in turn; returns the results and whether rows were packed."""
+                teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool,
+                cases_together: int = 1) -> tuple[list[CaseResult], bool]:
+    """Edit, score and roll back each case in turn; returns the results and whether rows were packed.
+
+    MEND (fast path): the post-edit answers of ``cases_together`` cases are decoded in one batch, each
+    row with its own case's weight update added by hooks (``row_edits``); the weights are never written.
+    """
     dtype = next(model.parameters()).dtype
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
     packed, first_scores = _check_packing(editor, model, probe_case, dtype) if fast_path and pack_rows else (False, None)
-    results = []
+    together = fast_path and generation is not None and cases_together > 1
+    results: list[CaseResult] = []
+    pending: list[tuple[_Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []  # case, pre, post, ΔW
+
+    def flush() -> None:
+        answers = generation.answer_edited_together(model, [c.queries for c, *_ in pending], [u for *_, u in pending],
+                                                    {w.name: w.transposed for w in editor.weights})
+        for (case, pre, post, _), said in zip(pending, answers):
+            guard.verify(where=f"case {case.index} ({case.record.source})")
+            results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, pre.argmax(-1)), said,
+                                        generation, teacher_forced))
+        pending.clear()
+
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
         ask = _asker(model, generation, case)
         if fast_path:
             scores = first_scores if first_scores is not None and case is probe_case else _score_mend(editor, model, case.layout(packed, dtype))
+            if together:
+                pending.append((case, scores[0], scores[1], scores[2].updates))
+                if len(pending) >= cases_together:
+                    flush()
+                continue
             pre, post, answers = scores[0], scores[1], _answer_edited(model, scores[2], ask)
         else:
             pre, post, answers = _score_in_place(model, editor, case, ask)
         guard.verify(where=f"case {case.index} ({case.record.source})")
         results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, pre.argmax(-1)), answers,
                                     generation, teacher_forced))
+    if pending:
+        flush()
     return results, packed
 
 
@@ -459,6 +483,7 @@ def evaluate(
     queries: Sequence[str] = gen.QUERY_FORMS,
     generation_batch_size: int = 32,
     judge: gen.Judge | None = None,
+    cases_together: int = 16,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -470,7 +495,9 @@ def evaluate(
     ``protocol``: teacher_forced, generation or both. ``answer_stop``: what the edit input's answer
     ends with (as the editor was trained; the collator's ``answer_stop``). ``queries``: forms of the
     edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
-    batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``.
+    batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``. ``cases_together``:
+    MEND's post-edit answers of this many cases decode in one batch (each row with its own edit added by
+    hooks; equal to one case at a time up to float rounding; 1: each case's edit written into the model).
     """
     if batch_size < 1 or generation_batch_size < 1:
         raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
@@ -509,7 +536,8 @@ def evaluate(
     if sequential:
         results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress)
     else:
-        results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress)
+        results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
+                                      cases_together)
     run_s = time.perf_counter() - run_start
     per_case_checks = guard.verified
     verify_start = time.perf_counter()
@@ -534,7 +562,7 @@ def evaluate(
         skipped=skipped,
         restoration={"verified": True, "per_case_checks": per_case_checks, "copied_parameters": len(guard.originals),
                      "fingerprinted_parameters": len(guard.digests), "final_full_check_parameters": checked,
-                     "mode": _restoration_mode(sequential, fast_path, generation is not None)},
+                     "mode": _restoration_mode(sequential, fast_path, generation is not None, cases_together > 1)},
         sequential=curve,
     )
 
@@ -545,9 +573,11 @@ def _aggregates(results: Sequence[CaseResult], phases: Sequence[str]) -> dict[st
     return {task: {phase: by_phase[phase].get(task, {}) for phase in phases} for task in dict.fromkeys(c.task for c in results)}
 
 
-def _restoration_mode(sequential: bool, fast_path: bool, generation: bool) -> str:
+def _restoration_mode(sequential: bool, fast_path: bool, generation: bool, together: bool = False) -> str:
     if sequential:
         return "sequential: kept, restored at the end"
+    if fast_path and together:
+        return "functional (weights never written; post-edit answers decoded with per-row weight updates)"
     if fast_path:
         return "functional scoring; edited weights written for generation, rolled back per case" if generation else \
             "functional (weights never written)"

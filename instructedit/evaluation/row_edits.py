@@ -1,0 +1,55 @@
+"""Many single edits answered in one batch: each row of a forward pass sees its own case's weight update.
+
+The generation protocol asks every case's queries after that case's edit alone. Writing each edit
+into the model and decoding its few queries costs one decoding loop per case; here the updates
+ΔW of several cases are added by forward hooks on the edited modules, row by row
+(``out[rows of case c] += x[rows of case c] · ΔW_c``), so their queries decode together and the
+model's weights are never written. The result equals decoding with W + ΔW_c up to float rounding
+(x·W + x·ΔW instead of x·(W + ΔW)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+Updates = Mapping[str, torch.Tensor]  # parameter name -> ΔW in the parameter's storage orientation
+
+
+@contextmanager
+def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed: Mapping[str, bool]) -> Iterator[None]:
+    """Within the block, row ``i`` of every forward of ``model`` runs with its weights plus ``rows[i]`` (None: unedited).
+
+    ``transposed[name]``: the weight is stored (d_in, d_out) (GPT-2 ``Conv1D``), so the added output
+    is ``x · ΔW``; otherwise (``nn.Linear``, (d_out, d_in)) it is ``x · ΔWᵀ``.
+    """
+    groups: dict[int, tuple[Updates, list[int]]] = {}
+    for i, updates in enumerate(rows):
+        if updates is not None:
+            groups.setdefault(id(updates), (updates, []))[1].append(i)
+    names = sorted({name for updates, _ in groups.values() for name in updates})
+    handles = []
+    try:
+        for name in names:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            parts = [(torch.tensor(index, device=updates[name].device), updates[name] if transposed[name] else updates[name].T)
+                     for updates, index in groups.values() if name in updates]
+            handles.append(module.register_forward_hook(_adder(parts)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _adder(parts: list[tuple[torch.Tensor, torch.Tensor]]):
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        x = args[0]  # (rows, seq, d_in)
+        output = output.clone()
+        for index, delta in parts:  # delta: (d_in, d_out)
+            output[index] += (x[index].to(delta.dtype) @ delta).to(output.dtype)
+        return output
+
+    return hook
