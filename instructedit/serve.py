@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.api import Edit, EditedModel, InstructEditor, generate, max_input_length, score_target, top_predictions
+from instructedit.api import Edit, EditedModel, InstructEditor, answer, generate, max_input_length, score_target, top_predictions
 from instructedit.config import DEFAULT_MODEL
 from instructedit.records import SENTIMENTS, TASKS
 from instructedit.tasks.collate import encode_answer
@@ -97,16 +97,18 @@ def parse_edit(payload: Mapping[str, Any], limits: ServeLimits) -> Edit:
     if task not in TASKS:
         raise InputError("task", f"unknown task {str(task)[:40]!r}; valid tasks: {', '.join(TASKS)}")
     subject = _text(payload, "subject", limits.max_subject_chars, required=False)
+    paraphrase = _text(payload, "paraphrase", limits.max_prompt_chars, required=False)
+    rephrase = (paraphrase,) if paraphrase else ()
     label = payload.get("label") or None
     if task == "convsent":
         if label not in SENTIMENTS:
             raise InputError("label", f"a convsent edit needs a label, one of: {', '.join(SENTIMENTS)}")
         if not subject:
             raise InputError("subject", "a convsent edit needs the subject its opinion is about")
-        return Edit(prompt, target, task, subject=subject, label=label)
+        return Edit(prompt, target, task, subject=subject, label=label, rephrase=rephrase)
     if label is not None:
         raise InputError("label", f"a label belongs to convsent edits, not to task {task!r}")
-    return Edit(prompt, target, task, subject=subject)
+    return Edit(prompt, target, task, subject=subject, rephrase=rephrase)
 
 
 def is_loopback(host: str) -> bool:
@@ -173,8 +175,15 @@ class EditSession:
         return {"top": [{"token": token, "probability": p} for token, p in top],
                 "continuation": generate(self.model, self.tokenizer, prompt, self.limits.max_new_tokens)}
 
+    def _says(self, edit: Edit) -> list[dict[str, str]]:
+        """The greedy answers (first line) the headline shows: the edit prompt as the editor wraps it, and the paraphrase."""
+        asked = [("edit prompt", self.editor.wrap(edit))] + [("paraphrase", self.editor.wrap(edit, r)) for r in edit.rephrase]
+        return [{"query": name, "prompt": prompt, "answer": answer(self.model, self.tokenizer, prompt, self.limits.max_new_tokens)}
+                for name, prompt in asked]
+
     def _snapshot(self, edit: Edit) -> dict[str, Any]:
         view = self._predict(edit.prompt)
+        view["says"] = self._says(edit)
         view["target"] = asdict(score_target(self.model, self.tokenizer, edit.prompt, edit.target))
         if self.editor.instruction is not None:  # what the editor was trained to make true (reliability)
             view["target_with_instruction"] = asdict(score_target(self.model, self.tokenizer, self.editor.wrap(edit), edit.target))

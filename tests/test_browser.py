@@ -111,6 +111,7 @@ def test_edit_predict_and_roll_back_in_the_browser(chromium: Browser, server: st
     assert page.text_content("#error") == ""
     assert first_token(page, "#before-top") == original
     assert first_token(page, "#after-top") == " guitar"
+    assert page.text_content("#after-says li").startswith("The model says (edit prompt): ")  # the greedy answer, the headline
     assert page.locator("#edits li").count() == 1
     assert f"{PROMPT} → {TARGET}" in page.text_content("#edits li")
 

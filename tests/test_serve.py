@@ -86,6 +86,11 @@ def test_apply_changes_the_prediction_and_rollback_restores_bitwise(client: tupl
     assert before["top"][0]["token"] != " guitar" and after["top"][0]["token"] == " guitar"
     assert after["target"]["probability"] > before["target"]["probability"] and after["target"]["accuracy"] == 1.0
     assert "target_with_instruction" in after and isinstance(after["continuation"], str)
+    assert [s["query"] for s in after["says"]] == ["edit prompt"] and "\n" not in after["says"][0]["answer"]
+    with_paraphrase = ok(http.post("/api/edits", json={**EDIT, "paraphrase": "Toko Yasuda plays the"}))
+    assert [s["query"] for s in with_paraphrase["after"]["says"]] == ["edit prompt", "paraphrase"]
+    assert with_paraphrase["after"]["says"][1]["prompt"].endswith("Toko Yasuda plays the")
+    ok(http.delete("/api/edits/2"))
     assert result["edit"] == {"id": 1, "prompt": PROMPT, "target": "guitar", "task": "counterfact", "subject": "", "label": None,
                               "top_before": before["top"][0]["token"], "top_after": " guitar"}
     assert ok(http.get("/api/edits"))["edits"] == [result["edit"]]
