@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from instructedit.analysis.commands import add_analysis_parsers
+from instructedit.calibration import add_calibrate_parser
 from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.experiments import add_experiment_parser
 from instructedit.memory import add_memory_parser
@@ -87,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     add_evaluate_parser(sub)
+    add_calibrate_parser(sub)
     add_experiment_parser(sub)
     add_memory_parser(sub)
     add_analysis_parsers(sub)

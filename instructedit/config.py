@@ -127,6 +127,9 @@ class TrainingConfig:
     val_generation: bool = False
     select_on: str = "loss"
     locality_floor: float = 0.9
+    # Multipliers of the learned step sizes α tried at each generation validation; best/ is saved with the one that
+    # validates best (the meta-objective is teacher-forced and can leave α too small for greedy decoding).
+    edit_scales: list[float] = field(default_factory=lambda: [1.0])
     val_every: int = 500
     val_size: int = 200
     early_stop_patience: int = 10  # validations without improvement before stopping; 0 disables
@@ -154,6 +157,7 @@ class TrainingConfig:
         _check(self.answer_margin_cap > 0, "training.answer_margin_cap", "must be > 0")
         _check(self.select_on in ("loss", "generation"), "training.select_on", f"{self.select_on!r} is not 'loss' or 'generation'")
         _check(0 <= self.locality_floor <= 1, "training.locality_floor", "must be in [0, 1]")
+        _check(len(self.edit_scales) > 0 and all(s > 0 for s in self.edit_scales), "training.edit_scales", "needs positive multipliers (e.g. [1.0])")
         _check(self.val_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1, "training.val_every", "intervals must be >= 1")
 
 

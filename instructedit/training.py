@@ -391,7 +391,7 @@ class Trainer:
             self.state.best_val_loss = min(self.state.best_val_loss, metrics["loss"])
             self.state.best_step = self.state.step
             self.state.validations_since_best = 0
-            self._save_dir("best", with_optimizer=False)
+            self._save_dir("best", with_optimizer=False, edit_scale=metrics.get("edit_scale", 1.0))
         else:
             self.state.validations_since_best += 1
             patience = self.config.training.early_stop_patience
@@ -402,21 +402,28 @@ class Trainer:
         return metrics
 
     def _generation_validation(self) -> dict[str, float]:
-        """Generation reliability / locality of the current editor on the validation records (rank 0)."""
-        from instructedit.evaluation.generation_check import generation_scores
+        """Generation reliability / locality of the current editor on the validation records, at the α multiplier
+        (``training.edit_scales``) that validates best; the per-multiplier results are logged too."""
+        from instructedit.evaluation.generation_check import choose_scale, generation_scores
 
-        records = self.data.val
-        scores = generation_scores(self.model, self.tokenizer, self.editor, self.data.collator, records, [self._instruction(r) for r in records])
-        return scores if scores.get("gen_n") else {}
+        t, records = self.config.training, self.data.val
+        per_scale = generation_scores(self.model, self.tokenizer, self.editor, self.data.collator, records,
+                                      [self._instruction(r) for r in records], t.edit_scales)
+        scale = choose_scale(per_scale, t.locality_floor)
+        if not per_scale[scale].get("gen_n"):
+            return {}
+        extra = {f"{k}@{s:g}": v for s, scores in per_scale.items() for k, v in scores.items() if k != "gen_n"} if len(per_scale) > 1 else {}
+        return per_scale[scale] | {"edit_scale": scale} | extra
 
     def _improves(self, metrics: dict[str, float]) -> bool:
         """Whether this validation's editor becomes best/: lowest loss, or (select_on generation) highest
         generation reliability among checkpoints at or above the generation-locality floor."""
+        from instructedit.evaluation.generation_check import selection_score
+
         t = self.config.training
         if t.select_on == "loss" or "gen_reliability" not in metrics:
             return metrics["loss"] < self.state.best_val_loss
-        floor_met = metrics["gen_locality"] >= t.locality_floor
-        score = 1.0 + metrics["gen_reliability"] if floor_met else metrics["gen_locality"]  # any floor-meeting one wins
+        score = selection_score(metrics, t.locality_floor)
         if score > self.state.best_score:
             self.state.best_score = score
             return True
@@ -426,15 +433,20 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self._save_dir("last", with_optimizer=True)
 
-    def _save_dir(self, name: str, with_optimizer: bool) -> None:
+    def _save_dir(self, name: str, with_optimizer: bool, edit_scale: float = 1.0) -> None:
+        """Write the editor (its step sizes × ``edit_scale``, the generation-calibrated multiplier) into OUTPUT/name."""
+        from instructedit.evaluation.generation_check import scaled_step_sizes
+
         if not self.dist.is_main:  # every process holds the same editor and optimizer state
             return
         final = self.output / name
         tmp = self.output / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        extra = {"training": {"step": self.state.step, "best_step": self.state.best_step, "best_val_loss": self.state.best_val_loss},
+        extra = {"training": {"step": self.state.step, "best_step": self.state.best_step, "best_val_loss": self.state.best_val_loss,
+                              "edit_scale": edit_scale},
                  "queries": instruction_setup(self.config)}
-        self.editor.save_pretrained(tmp, extra=extra)
+        with scaled_step_sizes(self.editor, edit_scale):
+            self.editor.save_pretrained(tmp, extra=extra)
         if with_optimizer:
             tensors: dict[str, torch.Tensor] = {}
             groups: dict[str, Any] = {}

@@ -37,7 +37,7 @@ def test_help_lists_the_subcommands(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: instructedit")
-    for command in ("data", "train", "evaluate", "experiment", "analyze", "instructions", "edit", "quickstart", "serve", "memory", "config"):
+    for command in ("data", "train", "evaluate", "calibrate", "experiment", "analyze", "instructions", "edit", "quickstart", "serve", "memory", "config"):
         assert re.search(rf"^\s+{command}\s+\S", out, re.MULTILINE), f"subcommand {command!r} missing from:\n{out}"
 
 

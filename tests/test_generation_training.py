@@ -103,3 +103,62 @@ def test_load_editor_queries_as_the_editor_was_trained(tiny_llama_dir: Path, tmp
     assert batch.labels[batch.label_mask][-1].item() == tok("\n", add_special_tokens=False)["input_ids"][0]
     with editor.apply(model, [edit], tok) as edited:
         assert "\n" not in edited.answer(editor.wrap(edit), max_new_tokens=5)
+
+
+def test_choose_scale_prefers_reliability_above_the_locality_floor() -> None:
+    from instructedit.evaluation.generation_check import choose_scale
+
+    per_scale = {1.0: {"gen_reliability": 0.1, "gen_locality": 1.0}, 2.0: {"gen_reliability": 0.5, "gen_locality": 0.95},
+                 3.0: {"gen_reliability": 0.8, "gen_locality": 0.7}}
+    assert choose_scale(per_scale, 0.9) == 2.0
+    assert choose_scale(per_scale, 0.6) == 3.0
+    assert choose_scale(per_scale, 1.0) == 1.0
+    assert choose_scale({1.0: {"gen_reliability": 0.0, "gen_locality": 0.5}, 2.0: {"gen_reliability": 0.3, "gen_locality": 0.4}}, 0.9) == 1.0
+    tie = {1.0: {"gen_reliability": 0.5, "gen_locality": 1.0}, 2.0: {"gen_reliability": 0.5, "gen_locality": 1.0}}
+    assert choose_scale(tie, 0.9) == 1.0  # the smaller step on ties
+
+
+def test_scaled_step_sizes_restore_bitwise(tiny_llama_dir: Path) -> None:
+    from instructedit.evaluation.generation_check import scaled_step_sizes
+    from instructedit.training import build_editor
+
+    model, _ = load_model(str(tiny_llama_dir))
+    editor = build_editor(model, load_config(TINY, [f"model.name={tiny_llama_dir}"]))
+    before = editor.edit_lrs.detach().clone()
+    with scaled_step_sizes(editor, 3.0):
+        assert torch.allclose(editor.edit_lrs, before * 3)
+    assert torch.equal(editor.edit_lrs, before)
+
+
+def test_best_checkpoint_carries_the_calibrated_step_sizes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from instructedit.editors.mend import MENDEditor
+
+    config = load_config(TINY, [f"model.name={tiny_llama_dir}", "training.answer_stop=newline", "training.select_on=generation",
+                                "training.locality_floor=0.0", "training.edit_scales=[1.0, 4.0]", "training.max_steps=3"])
+    Trainer(config, tmp_path, show_progress=False).run()
+    vals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines() if '"val"' in x]
+    assert all(v["edit_scale"] in (1.0, 4.0) and "gen_reliability@4" in v and "gen_locality@1" in v for v in vals)
+    best = json.loads((tmp_path / "best" / "editor_config.json").read_text())["training"]
+    chosen = next(v for v in vals if v["step"] == best["best_step"])["edit_scale"]
+    assert best["edit_scale"] == chosen
+    if best["best_step"] == 3:  # the same editor as last/, with α × the chosen multiplier
+        last, saved = MENDEditor.from_pretrained(tmp_path / "last"), MENDEditor.from_pretrained(tmp_path / "best")
+        assert torch.allclose(saved.edit_lrs, last.edit_lrs * chosen)
+
+
+def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from instructedit.cli import main
+    from instructedit.editors.mend import MENDEditor
+
+    config = load_config(TINY, [f"model.name={tiny_llama_dir}", "training.max_steps=2", "training.val_every=2"])
+    Trainer(config, tmp_path / "run", show_progress=False).run()
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,2", "--locality-floor", "0", "--output", str(out),
+                 "--device", "cpu"]) == 0
+    report = json.loads((out / "calibration.json").read_text())
+    assert set(report["scales"]) == {"1", "2"} and report["chosen"] in (1.0, 2.0) and "<- chosen" in capsys.readouterr().out
+    source, calibrated = MENDEditor.from_pretrained(tmp_path / "run" / "best"), MENDEditor.from_pretrained(out)
+    assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
+    assert json.loads((out / "editor_config.json").read_text())["calibration"]["chosen"] == report["chosen"]
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--output", str(out)]) == 2  # an existing folder is refused
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,-2", "--output", str(tmp_path / "x")]) == 2
