@@ -25,7 +25,7 @@ def _config(tmp_path: Path, model_dir: Path, protocol: str = "both") -> Path:
         "tasks": ["counterfact", "zsre"], "limit": 2, "limits": {"zsre": 3}, "protocol": protocol,
         "editors": [
             {"name": "paper", "config": str(ROOT / "configs/smollm2-135m/instructedit-kl.yaml"), "overrides": tiny},
-            {"name": "gen", "config": str(ROOT / "configs/smollm2-135m/instructedit-gen.yaml"),
+            {"name": "gen", "config": str(ROOT / "configs/smollm2-135m/instructedit.yaml"),
              "overrides": tiny + ["training.select_on=loss"]},
         ],
         "rows": [{"label": "InstructEdit (paper recipe)", "editor": "paper", "instruction": "seen"},
