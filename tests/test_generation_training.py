@@ -162,3 +162,25 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, tmp_path
     assert json.loads((out / "editor_config.json").read_text())["calibration"]["chosen"] == report["chosen"]
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--output", str(out)]) == 2  # an existing folder is refused
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,-2", "--output", str(tmp_path / "x")]) == 2
+
+
+@pytest.mark.parametrize("instructions", [False, True])
+def test_evaluate_follows_how_the_editor_was_trained(tiny_gpt2_dir: Path, tmp_path: Path, instructions: bool) -> None:
+    from instructedit.cli import main
+    from instructedit.evaluation.report import load_report_json
+
+    config = load_config(TINY, [f"model.name={tiny_gpt2_dir}", f"data.instructions={str(instructions).lower()}", "training.max_steps=1",
+                                "training.val_every=1"])
+    Trainer(config, tmp_path / "run", show_progress=False).run()
+    out = tmp_path / "report.json"
+    args = ["evaluate", "--editor", str(tmp_path / "run" / "best"), "--task", "counterfact", "--limit", "2", "--output", str(out),
+            "--device", "cpu", "--no-progress", "--protocol", "teacher_forced"]
+    assert main(args) == 0
+    settings = load_report_json(out).settings
+    if instructions:
+        assert settings.instruction == 0 and settings.instruction_reason == "the editor was trained with instructions"
+    else:
+        assert settings.instruction is None and settings.instruction_reason == "the editor was trained without instructions"
+        assert "(the editor was trained without instructions)" in out.with_suffix(".md").read_text()
+    assert main([*args, "--instruction", "unseen"]) == 0  # an explicit setting wins
+    assert load_report_json(out).settings.instruction == 9 and load_report_json(out).settings.instruction_reason == "given with --instruction"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -42,7 +43,9 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--data-dir", default=None, help="data folder for the task splits (default: $INSTRUCTEDIT_DATA or ../shared/data)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split of the task (default: test)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N records only")
-    p.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none' (no instruction)")
+    p.add_argument("--instruction", default=None,
+                   help="'seen', 'unseen', a description index, or 'none' (no instruction); default: 'seen' for an editor trained "
+                        "with instructions (and for registry methods), 'none' for one trained without")
     p.add_argument("--instruction-pool", metavar="FILE", default=None, help="instruction pool JSON (default: the project's descriptions)")
     p.add_argument("--model", default=None, help=f"model (default: the editor's model_name, else {DEFAULT_MODEL})")
     p.add_argument("--sequential", action="store_true", help="keep every edit and report how earlier edits decay")
@@ -191,7 +194,21 @@ def run_evaluate(args: argparse.Namespace) -> int:
     answer_stop = args.answer_stop or (editor_answer_stop(editor_path) if editor_path else "none")
     judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
-    instruction = resolve_instruction(args.instruction, pool)
+    which, why = args.instruction, "given with --instruction"
+    if args.editor:
+        from instructedit.api import instruction_setup, query_setup
+
+        trained_with, _ = instruction_setup(args.editor)
+        if which is None:
+            which, why = ("none", "the editor was trained without instructions") if trained_with is False else \
+                ("seen", "the editor was trained with instructions" if trained_with else "no training config found: assumed with instructions")
+        template = query_setup(args.editor)["template"]
+        if template and not args.instruction_pool:
+            pool = dataclasses.replace(pool, template=template)  # asked in the template it was trained with
+    elif which is None:
+        which, why = "seen", "the default for registry methods"
+    instruction = resolve_instruction(which, pool)
+    logger.info("instruction: %s (%s)", which, why)
     records, where = load_eval_records(args.task, args.data, args.data_dir, args.split, args.seed)
     records = records[: args.limit] if args.limit is not None else records
     if not records:
@@ -203,6 +220,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     editor = make_editor(method, model, tokenizer, options)
     weights = Path(editor_path) / EDITOR_WEIGHTS if editor_path else None
     settings = EvalSettings(
+        instruction_reason=why,
         task=args.task, method=method, method_options={k: v for k, v in options.items() if k != "path"},
         editor_path=str(editor_path) if editor_path else None,
         editor_sha256=file_sha256(weights) if weights is not None and weights.is_file() else None,

@@ -39,6 +39,7 @@ class EvalSettings:
     instruction: int | None = None  # description index; None: no instruction (plain MEND baselines)
     instruction_text: str | None = None  # the raw description (ConvSent's [LABEL]/[TOPIC] are filled per record)
     instruction_source: str | None = None  # which instruction pool
+    instruction_reason: str | None = None  # why this instruction setting (e.g. "the editor was trained without instructions")
     data_file: str | None = None
     split: str | None = None
     split_seed: int | None = None
@@ -278,7 +279,8 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
     for report in reports:
         s = report.settings
         lines += [f"- **{s.label}** on {s.task}: model `{s.model_name}`, {len(report.cases)} cases "
-                  f"({len(report.skipped)} skipped), data {_source(s)}, instructions from {s.instruction_source or '—'}, "
+                  f"({len(report.skipped)} skipped), data {_source(s)}, instructions from {s.instruction_source or '—'}"
+                  f"{f' ({s.instruction_reason})' if s.instruction_reason else ''}, "
                   f"protocol {s.protocol}, answer stop {s.answer_stop}{f', judge {s.judge}' if s.judge else ''}, "
                   f"{report.timing.get('cases_per_s', 0):.2f} cases/s", ""]
         lines += _details(report)
