@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 ANSWER_MARGIN = 8  # tokens allowed beyond the target's own length
@@ -123,12 +124,12 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: Sequence[int] | int,
                     batch_size: int = 32, max_length: int | None = None,
-                    rows_context: Callable[[list[int]], AbstractContextManager] | None = None) -> list[str]:
+                    rows_context: Callable[[list[int]], AbstractContextManager] | None = None, progress: str | None = None) -> list[str]:
     """Greedy continuations of ``prompts`` (batched, left-padded, KV cache), each cut at its stop (EOS or newline) or budget.
 
     Returns the raw continuation text of every prompt (up to and including a newline token, without EOS);
     ``first_line`` gives the answer. ``rows_context(prompt indices)``: a context each batch is decoded
-    in (``row_edits.per_row_updates``: every row with its own edit).
+    in (``row_edits.per_row_updates``: every row with its own edit). ``progress``: a progress bar with this label.
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
@@ -144,7 +145,7 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
             raise ValueError(f"query {long[0]} ({prompts[long[0]][:50]!r}...) and its answer exceed {max_length} tokens")
     outputs: list[str] = [""] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None or len(order) <= batch_size):
         rows = order[start : start + batch_size]
         width = max(len(encoded[i]) for i in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)

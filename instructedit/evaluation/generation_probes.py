@@ -113,17 +113,18 @@ def _chat_query(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None
 
 
 def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, queries: Sequence[Query], batch_size: int,
-           max_length: int | None = None) -> list[str]:
-    """Greedy answers (raw continuations) to ``queries``, in one batched call."""
+           max_length: int | None = None, progress: str | None = None) -> list[str]:
+    """Greedy answers (raw continuations) to ``queries``, in one batched call (``progress``: a bar with this label)."""
     if not queries:
         return []
-    return greedy_generate(model, tokenizer, [q.prompt for q in queries], [q.budget for q in queries], batch_size, max_length)
+    return greedy_generate(model, tokenizer, [q.prompt for q in queries], [q.budget for q in queries], batch_size, max_length,
+                           progress=progress)
 
 
 def answer_all(model: nn.Module, tokenizer: PreTrainedTokenizerBase, per_case: Sequence[Sequence[Query]], batch_size: int,
-               max_length: int | None = None) -> list[list[str]]:
+               max_length: int | None = None, progress: str | None = None) -> list[list[str]]:
     """Answers to every case's queries, generated together (the unedited model is the same for all), split back per case."""
-    flat = answer(model, tokenizer, [q for queries in per_case for q in queries], batch_size, max_length)
+    flat = answer(model, tokenizer, [q for queries in per_case for q in queries], batch_size, max_length, progress)
     out, start = [], 0
     for queries in per_case:
         out.append(flat[start : start + len(queries)])
@@ -178,13 +179,14 @@ class GenerationRun:
     batch_size: int
     max_length: int | None = None
     judge: Judge | None = None
+    progress: bool = False
     seconds: dict[str, float] = field(default_factory=lambda: {"pre": 0.0, "post": 0.0, "judge": 0.0})
 
     def answer_unedited(self, model: nn.Module, per_case: Sequence[Sequence[Query]]) -> list[list[str]]:
         """Every case's pre-edit answers, in large batches."""
         logger.info("answering %d pre-edit queries of %d cases", sum(len(q) for q in per_case), len(per_case))
         start = time.perf_counter()
-        out = answer_all(model, self.tokenizer, per_case, self.batch_size, self.max_length)
+        out = answer_all(model, self.tokenizer, per_case, self.batch_size, self.max_length, "pre-edit answers" if self.progress else None)
         self.seconds["pre"] += time.perf_counter() - start
         return out
 

@@ -520,7 +520,7 @@ def evaluate(
     if sequential and not watch:  # unknown editor: restoring needs a copy of every parameter
         watch = [name for name, _ in model.named_parameters()]
     guard = WeightGuard(model, watch)
-    generation = gen.GenerationRun(tokenizer, generation_batch_size, max_length, judge) if protocol != "teacher_forced" else None
+    generation = gen.GenerationRun(tokenizer, generation_batch_size, max_length, judge, progress) if protocol != "teacher_forced" else None
     if generation is not None:
         for case in cases:
             case.queries = gen.case_queries(collator, case.record, instruction, forms)
