@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from instructedit.tasks.loaders import LOADERS, detect_format, load_records, normalize_aliases
+from instructedit.tasks import loaders
+from instructedit.tasks.loaders import LOADERS, RECORD_KEYS, detect_format, load_records, normalize_aliases
 
 # file -> (format, default task, records in file, records loaded, probes dropped)
 REAL_FILES = {
@@ -43,6 +44,15 @@ def test_real_file_loads_with_its_loader(shared_data_dir: Path, rel: str) -> Non
     skipped = {index for index, _ in result.skipped}
     assert sources == [f"{path.name}#{i}" for i in range(in_file) if i not in skipped]
     assert all(record.task == task and record.prompt and record.target_new for record in result.records)
+
+
+def test_real_files_have_no_unknown_keys(shared_data_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    for rel, (fmt, *_) in sorted(REAL_FILES.items()):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="instructedit.tasks.loaders"):
+            result = LOADERS[fmt](shared_data_dir / rel, None)
+        assert result.ignored_keys == {}, rel
+        assert "ignored record keys" not in caplog.text, rel
 
 
 def test_every_data_file_is_auto_detected(shared_data_dir: Path) -> None:
@@ -232,3 +242,84 @@ def test_undetectable_format(tmp_path: Path) -> None:
         detect_format(path)
     with pytest.raises(ValueError, match=r"empty\.json: no records, cannot detect the format"):
         load_records(write_json(tmp_path / "empty.json", []))
+
+
+def test_knowedit_rephrase_prompt_is_the_paraphrase(tmp_path: Path) -> None:
+    rows = [
+        # KnowEdit's ZsRE test file: 'rephrase_prompt', a list of old answers, and 'cond'
+        {"subject": "s", "prompt": "p0", "target_new": "t0", "ground_truth": ["old"], "rephrase_prompt": " r0 ",
+         "cond": "old >> t0 || p0"},
+        {"subject": "s", "prompt": "p1", "target_new": "t1", "rephrase_prompt": ["r1", "r2"]},
+        {"subject": "s", "prompt": "p2", "target_new": "t2", "rephrase": ["a", "b"], "rephrase_prompt": ["b", "c"]},
+        {"subject": "s", "prompt": "p3", "target_new": "t3", "rephrase_prompt": 3},
+    ]
+    result = load_records(write_json(tmp_path / "zsre_knowedit.json", rows))
+    assert result.format == "knowedit" and result.ignored_keys == {}
+    assert [r.rephrase for r in result.records] == [("r0",), ("r1", "r2"), ("a", "b", "c")]
+    assert result.skipped == [(3, "field 'rephrase_prompt': expected a string or a list of strings, got int")]
+
+
+def test_unknown_keys_warn_once_per_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"subject": "s", "prompt": f"p{i}", "target_new": "t", "extra_probe": "x"} for i in range(50)]
+    rows[0]["note"] = "n"
+    with caplog.at_level(logging.WARNING, logger="instructedit.tasks.loaders"):
+        result = load_records(write_json(tmp_path / "odd_keys.json", rows))
+    assert len(result.records) == 50 and result.ignored_keys == {"extra_probe": 50, "note": 1}
+    (warning,) = caplog.records
+    message = warning.getMessage()
+    assert warning.levelno == logging.WARNING and "odd_keys.json" in message
+    assert "'extra_probe' (50 of 50 records), 'note' (1 of 50 records)" in message
+
+
+class _Tracked(dict):  # type: ignore[type-arg]
+    """A record that notes every key the converter looks up, so RECORD_KEYS can be checked against the code."""
+
+    def __init__(self, row: dict[str, Any], touched: set[str]) -> None:
+        super().__init__(row)
+        self.touched = touched
+
+    def __getitem__(self, key: str) -> Any:
+        self.touched.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.touched.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key: object) -> bool:
+        self.touched.add(str(key))
+        return super().__contains__(key)
+
+
+FULL_ROWS: dict[str, dict[str, Any]] = {
+    "knowedit": {"subject": "s", "prompt": "p", "target_new": "t", "ground_truth": "g", "rephrase": "r",
+                 "rephrase_prompt": "rp", "locality": {"Forgetfulness": [{"prompt": "lp", "ground_truth": "la"}]},
+                 "portability": {"Reasoning": [{"prompt": "pp", "ground_truth": "pa"}]}, "cond": "g >> t || p"},
+    "zsre": {"subject": "s", "src": "p", "alt": "t", "answers": ["g"], "rephrase": "r", "loc": "l", "loc_ans": "la",
+             "portability": {"New Question": "q", "New Answer": "a"}, "pred": "g", "cond": "g >> t || p", "case_id": 1},
+    "easyedit-counterfact": {"case_id": 1, "subject": "s", "prompt": "p", "target_new": "t", "ground_truth": "g",
+                             "rephrase_prompt": "r", "locality_prompt": "l", "locality_ground_truth": "la"},
+    "convsent": {"ent": "e", "pos": ["y"], "neg": ["n"]},
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(RECORD_KEYS))
+def test_record_keys_match_what_the_converter_reads(tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    full = FULL_ROWS[fmt]
+    assert set(full) == RECORD_KEYS[fmt].known
+    assert not RECORD_KEYS[fmt].read & set(RECORD_KEYS[fmt].unused)
+    touched: set[str] = set()
+    other = dict(full, **{"ent": "f"}) if fmt == "convsent" else full  # a second topic, for ConvSent's locality
+    rows = [_Tracked(full, touched), _Tracked(other, touched)]
+    monkeypatch.setattr(loaders, "read_json_records", lambda path: rows)
+    result = LOADERS[fmt](tmp_path / "unused.json", None)
+    assert len(result.records) == 2 and result.ignored_keys == {}
+    assert touched == RECORD_KEYS[fmt].read
+
+
+def test_known_keys_do_not_warn(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="instructedit.tasks.loaders"):
+        for fmt, row in FULL_ROWS.items():
+            result = load_records(write_json(tmp_path / f"{fmt}.json", [row]), fmt=fmt)
+            assert len(result.records) == 1 and result.ignored_keys == {}
+    assert caplog.records == []

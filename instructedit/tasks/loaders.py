@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,9 +38,47 @@ SIGNATURES: dict[str, frozenset[str]] = {
 }
 
 
+@dataclass(frozen=True)
+class RecordKeys:
+    """The top-level record keys of one format: those its converter reads, and those it knows and leaves out (key -> why)."""
+
+    read: frozenset[str]
+    unused: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def known(self) -> frozenset[str]:
+        return self.read | frozenset(self.unused)
+
+
+_CASE_ID = "ROME's case number; a record is identified by its file and index instead (EditRecord.source)"
+_COND = "MEND/SERAC's conditioning string 'pred >> alt || prompt', a rendering of fields already read"
+# Any other key is reported once per file (LoadResult.ignored_keys and a warning), never dropped silently.
+RECORD_KEYS: dict[str, RecordKeys] = {
+    "knowedit": RecordKeys(
+        read=frozenset({"subject", "prompt", "target_new", "ground_truth", "rephrase", "rephrase_prompt",
+                        "locality", "portability"}),
+        unused={"cond": _COND},  # KnowEdit's ZsRE test file carries it
+    ),
+    "zsre": RecordKeys(
+        read=frozenset({"subject", "src", "alt", "answers", "rephrase", "loc", "loc_ans", "portability"}),
+        unused={
+            "pred": "the answer MEND's base model gave before the edit: a model output, not a fact of the data",
+            "cond": _COND,
+            "case_id": _CASE_ID,
+        },
+    ),
+    "easyedit-counterfact": RecordKeys(
+        read=frozenset({"subject", "prompt", "target_new", "ground_truth", "rephrase_prompt", "locality_prompt",
+                        "locality_ground_truth"}),
+        unused={"case_id": _CASE_ID},
+    ),
+    "convsent": RecordKeys(read=frozenset({"ent", "pos", "neg"})),
+}
+
+
 @dataclass
 class LoadResult:
-    """The records one file gave, the records it skipped (index, reason) and the probes it dropped."""
+    """The records one file gave, the records it skipped (index, reason), the probes it dropped and the keys it ignored."""
 
     records: list[EditRecord]
     skipped: list[tuple[int, str]]
@@ -47,6 +86,7 @@ class LoadResult:
     path: Path
     task: str = ""
     dropped_items: int = 0  # locality/portability probes whose prompt or answer was empty
+    ignored_keys: dict[str, int] = field(default_factory=dict)  # unknown top-level key -> records carrying it
 
     @property
     def n_in_file(self) -> int:
@@ -199,11 +239,13 @@ def _knowedit_record(rows: list[Row], index: int, task: str, source: str) -> tup
     prompt = _required_text(row, "prompt")
     target = _required_text(row, "target_new")
     truth = _aliases(row.get("ground_truth"), "'ground_truth'")
+    # KnowEdit's WikiData files name the paraphrase 'rephrase', its ZsRE file 'rephrase_prompt'; keep both.
+    rephrase = _aliases(row.get("rephrase"), "'rephrase'") + _aliases(row.get("rephrase_prompt"), "'rephrase_prompt'")
     locality, dropped_loc = _keep(_knowedit_probes(row, "locality"))
     portability, dropped_port = _keep(_knowedit_probes(row, "portability"))
     record = EditRecord(
         task=task, prompt=prompt, target_new=target, subject=_optional_text(row, "subject"),
-        ground_truth=truth[0] if truth else None, rephrase=_aliases(row.get("rephrase"), "'rephrase'"),
+        ground_truth=truth[0] if truth else None, rephrase=tuple(dict.fromkeys(rephrase)),
         locality=locality, portability=portability, source=source,
     )
     return record, dropped_loc + dropped_port
@@ -321,10 +363,25 @@ def _check_task(task: str) -> str:
     return task
 
 
+def _ignored_keys(path: Path, fmt: str, rows: list[Row]) -> dict[str, int]:
+    """Count the records carrying each top-level key the format's loader does not know; warn once if any."""
+    known = RECORD_KEYS[fmt].known
+    counts = Counter(key for row in rows for key in row if key not in known)
+    ignored = dict(sorted(counts.items()))
+    if ignored:
+        listed = ", ".join(f"'{key}' ({n} of {len(rows)} records)" for key, n in ignored.items())
+        logger.warning(
+            "%s: ignored record keys the %s loader does not read: %s; it knows %s (see RECORD_KEYS)",
+            path, fmt, listed, ", ".join(sorted(known)),
+        )
+    return ignored
+
+
 def _load(path: Path, fmt: str, task: str | None, default_task: Callable[[list[Row]], str], convert: Converter) -> LoadResult:
     path = Path(path)
     rows = read_json_records(path)
     task = _check_task(task) if task is not None else default_task(rows)
+    ignored = _ignored_keys(path, fmt, rows)
     records: list[EditRecord] = []
     skipped: list[tuple[int, str]] = []
     dropped = 0
@@ -341,11 +398,13 @@ def _load(path: Path, fmt: str, task: str | None, default_task: Callable[[list[R
         logger.warning("%s: skipped %d of %d records (%s)", path, len(skipped), len(rows), examples)
     if dropped:
         logger.info("%s: dropped %d locality/portability probes with an empty prompt or answer", path, dropped)
-    return LoadResult(records=records, skipped=skipped, format=fmt, path=path, task=task, dropped_items=dropped)
+    return LoadResult(
+        records=records, skipped=skipped, format=fmt, path=path, task=task, dropped_items=dropped, ignored_keys=ignored
+    )
 
 
 def load_knowedit(path: Path, task: str | None = None) -> LoadResult:
-    """KnowEdit ``{subject, prompt, target_new, ground_truth?, rephrase?, portability?, locality?}``.
+    """KnowEdit ``{subject, prompt, target_new, ground_truth?, rephrase?, rephrase_prompt?, portability?, locality?}``.
 
     Default task: ``counterfact`` when the file's records carry ``ground_truth`` (WikiData
     CounterFact), else ``wikirecent`` (WikiData Recent edits add facts and have no old answer).

@@ -66,6 +66,7 @@ class TaskSplits:
     skipped: dict[str, list[tuple[int, str]]]  # file -> (record index, reason)
     dropped_items: int = 0
     loaded: dict[str, int] = field(default_factory=dict)  # file -> records loaded from it
+    ignored_keys: dict[str, dict[str, int]] = field(default_factory=dict)  # file -> unknown key -> records with it
 
     def split(self, name: str) -> list[EditRecord]:
         if name not in SPLITS:
@@ -181,6 +182,7 @@ def load_task_splits(
         skipped={rel: list(result.skipped) for rel, result in results.items()},
         dropped_items=sum(result.dropped_items for result in results.values()),
         loaded={rel: len(result.records) for rel, result in results.items()},
+        ignored_keys={rel: dict(result.ignored_keys) for rel, result in results.items() if result.ignored_keys},
     )
 
 
@@ -221,7 +223,15 @@ def build_mixture(
     root = _data_dir(data_dir)
     fractions = _check_fractions(fractions)
     ordered = tuple(task for task in TASK_SOURCES if task in requested)
-    pools = {task: load_task_splits(task, root, seed, fractions).split(split) for task in ordered}
+    loaded = {task: load_task_splits(task, root, seed, fractions) for task in ordered}
+    for task, splits in loaded.items():  # a configured task is never dropped quietly
+        for rel in splits.files:
+            if not splits.loaded.get(rel):
+                skipped = splits.skipped.get(rel, [])
+                why = f"all {len(skipped)} records were skipped (e.g. #{skipped[0][0]}: {skipped[0][1]})" if skipped else "it is an empty list"
+                raise ValueError(f"task {task!r}: data file {root / rel} holds no usable records ({why}); "
+                                 f"fix the file, or drop {task!r} from the tasks (data.tasks)")
+    pools = {task: splits.split(split) for task, splits in loaded.items()}
 
     caps: dict[str, int | None] = {task: max_per_task for task in ordered}
     if balance:
@@ -246,7 +256,7 @@ def build_mixture(
 
 @dataclass(frozen=True)
 class FileStats:
-    """How one data file loaded: records in it, loaded, skipped (reason -> count)."""
+    """How one data file loaded: records in it, loaded, skipped (reason -> count), unknown keys ignored (key -> count)."""
 
     file: str
     used_by: str | None  # the task that reads it, None for files no task uses
@@ -257,6 +267,7 @@ class FileStats:
     skipped: int
     reasons: dict[str, int]
     error: str = ""  # why an unused file could not be loaded at all
+    ignored_keys: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -282,6 +293,7 @@ def collect_stats(
             files.append(FileStats(
                 file=rel, used_by=task, format=TASK_SOURCES[task].fmt, task=task, in_file=splits.loaded[rel] + len(skipped),
                 loaded=splits.loaded[rel], skipped=len(skipped), reasons=dict(Counter(reason for _, reason in skipped)),
+                ignored_keys=splits.ignored_keys.get(rel, {}),
             ))
     used = {stats.file for stats in files}
     for path in sorted(root.rglob("*.json")):
@@ -296,7 +308,7 @@ def collect_stats(
         files.append(FileStats(
             file=rel.as_posix(), used_by=None, format=result.format, task=result.task, in_file=result.n_in_file,
             loaded=len(result.records), skipped=len(result.skipped),
-            reasons=dict(Counter(reason for _, reason in result.skipped)),
+            reasons=dict(Counter(reason for _, reason in result.skipped)), ignored_keys=dict(result.ignored_keys),
         ))
     return DataStats(data_dir=root, seed=seed, fractions=fractions, tasks=tasks, files=files)
 
@@ -321,7 +333,8 @@ def format_stats(data_dir: Path | str | None = None, seed: int = 0) -> str:
     ]
     file_rows = [
         [f.file, f.used_by or "(unused)", f.format, f.task, f.in_file, f.loaded, f.skipped,
-         f.error or "; ".join(f"{reason} x{n}" for reason, n in sorted(f.reasons.items()))]
+         f.error or "; ".join([f"{reason} x{n}" for reason, n in sorted(f.reasons.items())]
+                              + [f"ignored key '{key}' x{n}" for key, n in f.ignored_keys.items()])]
         for f in stats.files
     ]
     fractions = "/".join(f"{f:g}" for f in stats.fractions)
@@ -333,5 +346,6 @@ def format_stats(data_dir: Path | str | None = None, seed: int = 0) -> str:
         _table(["task", *SPLITS, "total", "dropped probes", "held out"], task_rows),
         "",
         "Records per file (in file = loaded + skipped; '(unused)' files are read by no task)",
-        _table(["file", "used by", "format", "task", "in file", "loaded", "skipped", "skip reasons"], file_rows),
+        _table(["file", "used by", "format", "task", "in file", "loaded", "skipped", "skip reasons, ignored keys"],
+               file_rows),
     ])
