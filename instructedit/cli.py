@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError, ConnectionError) as e:
+    except (ValueError, FileNotFoundError, PermissionError, ConnectionError, FloatingPointError) as e:  # FloatingPointError: training diverged
         logger.error("%s", e)
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -95,6 +96,8 @@ class EditorConfig:
         _check(self.rank >= 1, "editor.rank", "must be >= 1")
         _check(self.n_hidden >= 0, "editor.n_hidden", "must be >= 0")
         _check(self.init_edit_lr > 0, "editor.init_edit_lr", "must be > 0")
+        _check(self.method == "mend", "editor.method", f"{self.method!r}: training meta-trains MEND editors only, so it must be 'mend'; "
+               "the baselines (ft, grace, calinet) need no training: run `instructedit evaluate --method NAME`")
 
 
 @dataclass
@@ -142,7 +145,9 @@ class TrainingConfig:
     activation_checkpointing: bool = False  # recompute the edited blocks in backward instead of keeping their activations
 
     def __post_init__(self) -> None:
-        _check(self.lr > 0 and self.lr_lr >= 0, "training.lr", "learning rates must be positive")
+        _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", f"{self.lr}: must be positive and finite (e.g. 1e-6)")
+        _check(math.isfinite(self.lr_lr) and self.lr_lr >= 0, "training.lr_lr", f"{self.lr_lr}: must be finite and >= 0 (0: no second optimizer on α)")
+        _check(self.grad_clip > 0, "training.grad_clip", f"{self.grad_clip}: the largest gradient norm must be > 0 (.inf: no clipping)")
         for name in ("c_edit", "c_loc", "c_margin", "c_answer_margin"):
             _check(getattr(self, name) >= 0, f"training.{name}", "loss coefficients must be >= 0")
         _check(self.locality_target is None or 0 < self.locality_target <= 1, "training.locality_target", "must be in (0, 1] or null")
@@ -158,6 +163,7 @@ class TrainingConfig:
         _check(self.select_on in ("loss", "generation"), "training.select_on", f"{self.select_on!r} is not 'loss' or 'generation'")
         _check(0 <= self.locality_floor <= 1, "training.locality_floor", "must be in [0, 1]")
         _check(len(self.edit_scales) > 0 and all(s > 0 for s in self.edit_scales), "training.edit_scales", "needs positive multipliers (e.g. [1.0])")
+        _check(self.val_size >= 1, "training.val_size", f"{self.val_size}: validation needs at least 1 record")
         _check(self.val_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1, "training.val_every", "intervals must be >= 1")
 
 

@@ -1,7 +1,8 @@
-"""Atomic file writes: results and checkpoints are never left half-written."""
+"""Atomic file writes (results and checkpoints are never left half-written) and file fingerprints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -29,3 +30,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
 def write_json(path: str | Path, data: Any) -> Path:
     """Atomically write ``data`` as indented JSON."""
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n"))
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -76,6 +76,10 @@ def _text(payload: Mapping[str, Any], field: str, max_chars: int, required: bool
         value = ""
     if not isinstance(value, str):
         raise InputError(field, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer or reply can encode
+        raise InputError(field, f"is not valid Unicode text (a lone surrogate {value[err.start]!r} at character {err.start})") from None
     value = value.strip()
     if required and not value:
         raise InputError(field, "must not be empty")

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 from instructedit.config import Config, check_resumable, save_config
 from instructedit.distributed import Distributed, device_map_placement
 from instructedit.editors.card import EDITOR_CONFIG, write_model_card
-from instructedit.editors.mend import MENDEditor
-from instructedit.io import atomic_write, write_json
+from instructedit.editors.mend import MENDEditor, nonfinite_tensors
+from instructedit.io import atomic_write, file_sha256, write_json
 from instructedit.memory import CheckpointedSplitModel, estimate_memory
 from instructedit.models.architectures import ArchSpec, arch_spec, resolve_editable_weights
 from instructedit.models.loading import load_model
@@ -122,7 +122,9 @@ def prepare_data(config: Config, tokenizer) -> TrainData:
     fallback = [item for r in train.records for item in r.locality]
     collator = Collator(tokenizer, config.model.max_length, pool, fallback_locality=fallback, answer_stop=config.training.answer_stop)
     val_records = val.records[: config.training.val_size]
-    info = {"train": train.to_dict(), "val": val.to_dict() | {"used": len(val_records)}, "instructions": pool.source if pool else None}
+    hashes = {rel: file_sha256(Path(train.data_dir) / rel) for files in train.files.values() for rel in files}
+    info = {"train": train.to_dict(), "val": val.to_dict() | {"used": len(val_records)}, "instructions": pool.source if pool else None,
+            "file_sha256": hashes}
     return TrainData(train.records, val_records, collator, pool, info)
 
 
@@ -200,7 +202,9 @@ class Trainer:
             if self.dist.enabled:
                 logger.info("data parallel over %d processes: %d records per optimizer step", self.dist.world_size, self.records_per_step)
         if not resumed:
+            self._check_fresh_start()
             if self.dist.is_main:
+                self._rotate_log()
                 save_config(self.config, self.output / "config.yaml")
                 write_json(self.output / "data.json", self.data.info)
             self.validate()  # the starting point: pre-training editor
@@ -284,7 +288,9 @@ class Trainer:
         if nonfinite:
             self.state.skipped_nonfinite += nonfinite
             if self.state.skipped_nonfinite >= t.max_bad_steps:
-                raise FloatingPointError(f"{self.state.skipped_nonfinite} non-finite losses; stopping (lower training.lr?)")
+                raise FloatingPointError(
+                    f"{self.state.skipped_nonfinite} non-finite losses by step {self.state.step} (training.max_bad_steps="
+                    f"{t.max_bad_steps}); stopping: lower training.lr or check the data. {self.output / 'last'} holds the last checkpoint, if any")
         if used == 0:
             self.state.step += 1
             return None
@@ -437,6 +443,10 @@ class Trainer:
         """Write the editor (its step sizes × ``edit_scale``, the generation-calibrated multiplier) into OUTPUT/name."""
         from instructedit.evaluation.generation_check import scaled_step_sizes
 
+        bad = nonfinite_tensors(self.editor.state_dict())
+        if bad:  # checked on every process (they hold the same editor), so all of them stop
+            raise FloatingPointError(f"the editor's tensors {bad[:3]} hold NaN/Inf at step {self.state.step}; not saving "
+                                     f"{self.output / name} (lower training.lr or training.lr_lr)")
         if not self.dist.is_main:  # every process holds the same editor and optimizer state
             return
         final = self.output / name
@@ -479,6 +489,7 @@ class Trainer:
         self.dist.check_same(found, f"whether {last} holds a checkpoint (a multi-machine run needs --output on a shared filesystem)")
         if not found:
             return False
+        self._check_same_data()
         editor_device = self.editor.edit_lrs.device
         loaded = MENDEditor.from_pretrained(last, device=editor_device)
         self.editor.load_state_dict(loaded.state_dict())
@@ -500,6 +511,40 @@ class Trainer:
             self._truncate_log()
             logger.info("resumed from %s at step %d", last, self.state.step)
         return True
+
+    def _check_same_data(self) -> None:
+        """A resumed run reads the data files it started with (data.json records their SHA-256 since it started doing so)."""
+        path = self.output / "data.json"
+        saved = json.loads(path.read_text()).get("file_sha256") if path.is_file() else None
+        if not saved:
+            return
+        now = self.data.info["file_sha256"]
+        changed = sorted(rel for rel in saved.keys() | now.keys() if saved.get(rel) != now.get(rel))
+        if changed:
+            raise ValueError(f"{self.output} was trained on other contents of the data file(s) {changed[:3]} (SHA-256 in {path}); "
+                             "restore those files to resume, or train in another --output folder")
+
+    def _check_fresh_start(self) -> None:
+        """A fresh start writes over OUTPUT/best and OUTPUT/last: refuse unless they are this recipe's own
+        checkpoints (a run stopped before its first checkpoint), never delete someone's files silently."""
+        ours = (self.output / "config.yaml").is_file()  # check_resumable compared it with this config
+        for name, needs in (("best", EDITOR_CONFIG), ("last", "trainer_state.json")):
+            folder = self.output / name
+            if folder.exists() and not (ours and (folder / needs).is_file()):
+                raise ValueError(f"{folder} exists but is not a checkpoint of this run (no {needs}"
+                                 f"{'' if ours else ' and no config.yaml beside it'}); training would overwrite it: "
+                                 "use another --output folder, or move that folder away")
+
+    def _rotate_log(self) -> None:
+        """Keep a stale metrics.jsonl of a run that never reached a checkpoint as metrics.jsonl.N (not appended to)."""
+        path = self.output / "metrics.jsonl"
+        if not path.is_file():
+            return
+        n = 1
+        while path.with_name(f"{path.name}.{n}").exists():
+            n += 1
+        path.rename(path.with_name(f"{path.name}.{n}"))
+        logger.info("starting afresh: the previous %s is kept as %s.%d", path.name, path.name, n)
 
     def _open_logs(self) -> None:
         if self.config.training.tensorboard and self._tb is None and self.dist.is_main:

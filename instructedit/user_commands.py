@@ -56,9 +56,22 @@ def add_user_parsers(subparsers: Any) -> None:
 
 
 def resolve_device(name: str) -> str:
+    """``auto`` -> cuda if available, else cpu; a device this machine does not have is a ValueError naming it."""
     import torch
 
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+    return name
 
 
 def _predictions(pairs: list[tuple[str, float]]) -> list[str]:
@@ -79,12 +92,15 @@ def run_edit(args: argparse.Namespace) -> int:
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
+    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
+        raise ValueError(f"--save {args.save} is an existing file; name a folder for the edited model")
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
     device = resolve_device(args.device)
     editor = load_editor(args.editor, instruction=args.instruction, device=device)
     model_name = args.model or editor.model_name or DEFAULT_MODEL
     model, tok = load_model(model_name, device=device)
     wrapped = editor.wrap(edit)
+    _check_fits(model, tok, editor, edit, args)  # before the model runs
 
     def snapshot(m: Any) -> dict[str, Any]:
         return {"says": json.dumps(answer(m, tok, wrapped, args.max_new_tokens), ensure_ascii=False),
@@ -118,6 +134,22 @@ def run_edit(args: argparse.Namespace) -> int:
     lines.append("the in-memory model was restored after the edit")
     print("\n".join(lines))
     return 0
+
+
+def _check_fits(model: Any, tok: Any, editor: Any, edit: Any, args: argparse.Namespace) -> None:
+    """The edit input, the prompts with their continuation and --top-k fit the model: ValueError naming the option if not."""
+    from instructedit.api import max_input_length
+
+    limit = max_input_length(model)
+    editor.edit_batch([edit], tok, limit)  # PromptTooLongError (a ValueError) names the length and the limit
+    for what, text in (("--prompt", edit.prompt), ("--prompt with the task instruction", editor.wrap(edit))):
+        n = len(tok(text)["input_ids"])
+        if n + args.max_new_tokens > limit:
+            raise ValueError(f"{what} is {n} tokens; with --max-new-tokens {args.max_new_tokens} this model accepts "
+                             f"at most {limit - args.max_new_tokens}: shorten the prompt or lower --max-new-tokens")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if args.top_k > vocab:
+        raise ValueError(f"--top-k {args.top_k} is more than the model's vocabulary ({vocab} tokens)")
 
 
 def run_quickstart_command(args: argparse.Namespace) -> int:

@@ -162,6 +162,21 @@ def test_bad_requests_to_predict_and_malformed_bodies(client: tuple[TestClient, 
     assert http.delete("/api/edits/first").status_code == 422
 
 
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/api/edits", '{"prompt": "\\ud800", "target": "Rome"}', "prompt"),
+    ("/api/edits", '{"prompt": "The capital of France is", "target": "Ro\\udfffme"}', "target"),
+    ("/api/edits", '{"prompt": "The capital of France is", "target": "Rome", "subject": "\\ud800"}', "subject"),
+    ("/api/predict", '{"prompt": "x \\ud800"}', "prompt"),
+])
+def test_a_lone_surrogate_is_422_naming_the_field(client: tuple[TestClient, nn.Module], path: str, body: str, field: str) -> None:
+    http, model = client
+    original = weights(model)
+    response = http.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == field and "lone surrogate" in response.json()["detail"]
+    assert same_weights(original, model)
+
+
 def test_inputs_longer_than_the_model_accepts_are_422(tiny_gpt2_dir: Path, gpt2_editor: Path) -> None:
     http, model = serve(tiny_gpt2_dir, gpt2_editor, max_prompt_chars=5000, max_target_chars=5000)
     original = weights(model)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -248,27 +249,67 @@ class MENDEditor(nn.Module):
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
         """Write ``editor_config.json`` + ``editor.safetensors`` (network, α, normalization statistics)."""
         directory = Path(directory)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        bad = nonfinite_tensors(tensors)
+        if bad:  # a diverged editor is never written: it would only fail later, far from the cause
+            raise FloatingPointError(f"not saving the editor to {directory}: {bad[:3]} hold NaN/Inf values")
         directory.mkdir(parents=True, exist_ok=True)
         config = self.editor_config() | (extra or {})
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
         write_json(directory / CONFIG_NAME, config)
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MENDEditor":
+        """Load what ``save_pretrained`` wrote; a damaged folder raises one ValueError naming the folder and the file."""
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise FileNotFoundError(f"{directory} is not a saved editor: {CONFIG_NAME} is missing")
-        data = json.loads(config_path.read_text())
+        try:
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise _corrupt(directory, CONFIG_NAME, f"is not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise _corrupt(directory, CONFIG_NAME, f"holds a JSON {type(data).__name__}, not an object")
         if data.get("method") != "mend":
             raise ValueError(f"{config_path}: method {data.get('method')!r} is not 'mend'")
-        weights = [EditableWeight(**{**w, "shape": tuple(w["shape"])}) for w in data["weights"]]
-        arch = data.get("architecture")
-        arch_obj = ArchSpec(**{**arch, "mlp_modules": tuple(arch["mlp_modules"])}) if arch else None
-        editor = cls(weights, EditorConfig(**data["editor"]), arch_obj, data.get("model_name", ""))
-        state = load_file(str(directory / WEIGHTS_NAME), device=str(device))
+        missing = [key for key in ("weights", "editor") if key not in data]
+        if missing:
+            raise _corrupt(directory, CONFIG_NAME, f"lacks the field(s) {missing}")
+        try:
+            weights = [EditableWeight(**{**w, "shape": tuple(w["shape"])}) for w in data["weights"]]
+            arch = data.get("architecture")
+            arch_obj = ArchSpec(**{**arch, "mlp_modules": tuple(arch["mlp_modules"])}) if arch else None
+            editor = cls(weights, EditorConfig(**data["editor"]), arch_obj, data.get("model_name", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            raise _corrupt(directory, CONFIG_NAME, f"describes no valid editor ({type(e).__name__}: {e})") from None
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise _corrupt(directory, WEIGHTS_NAME, "is missing")
+        try:
+            state = load_file(str(weights_path), device=str(device))
+        except SafetensorError as e:
+            raise _corrupt(directory, WEIGHTS_NAME, f"is not a readable safetensors file ({e})") from None
+        expected = editor.state_dict()
+        absent, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        problems = [f"{what} tensor(s) {names[:3]}" for what, names in (("missing", absent), ("unexpected", unexpected)) if names]
+        problems += [f"{k} has shape {tuple(state[k].shape)}, {CONFIG_NAME} implies {tuple(v.shape)}"
+                     for k, v in expected.items() if k in state and state[k].shape != v.shape][:3]
+        if problems:
+            raise _corrupt(directory, WEIGHTS_NAME, f"does not match {CONFIG_NAME}: {'; '.join(problems)}")
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise _corrupt(directory, WEIGHTS_NAME, f"holds NaN/Inf values in {bad[:3]} (a diverged training run?)")
         editor.load_state_dict(state, strict=True)
         return editor.to(device)
 
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _corrupt(directory: Path, file: str, why: str) -> ValueError:
+    return ValueError(f"{directory} holds an incomplete or corrupt editor: {directory / file} {why}; "
+                      "save or download it again, or use another checkpoint")
