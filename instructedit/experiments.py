@@ -222,7 +222,7 @@ def _summaries(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 GEN_COLUMNS = (("gen_reliability", "Rel"), ("gen_reliability_plain", "Rel plain"), ("gen_reliability_chat", "Rel chat"),
-               ("gen_generalization", "Gen"), ("gen_locality", "Loc"), ("gen_portability", "Port"))
+               ("gen_generalization", "Gen"), ("gen_locality", "Loc"), ("gen_portability", "Port"), ("gen_fluency", "Fluency (×100)"))
 
 
 def _ci(summary: Any) -> str:
@@ -276,7 +276,9 @@ def _table(config: ExperimentConfig, results: dict[str, dict[str, EvalReport]]) 
                   "Greedy decoding, stop at EOS or a newline, first line compared with the target after normalization: exact match (%) "
                   "with 95 % bootstrap intervals. Rel = the instruction-wrapped edit prompt (as edited), Rel plain = the prompt without "
                   "instruction, Rel chat = the question as the user turn of the chat template, Gen = rephrases, Loc = locality prompts "
-                  "whose answer the edit left unchanged, Port = portability questions. ConvSent has no single answer and is not asked.", ""]
+                  "whose answer the edit left unchanged, Port = portability questions. ConvSent has no single answer: its response to the "
+                  "wrapped question (up to 48 tokens) is scored for Fluency, the weighted bi-/tri-gram entropy ×100 (ROME, EasyEdit), "
+                  "pre-edit and post-edit in the JSON.", ""]
         lines += _generation_table(config, results)
     return "\n".join(lines) + "\n"
 

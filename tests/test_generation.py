@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,6 +77,16 @@ def test_normalization_exact_match_and_f1() -> None:
     assert token_f1("Paris", "Rome") == 0.0 and token_f1("", "") == 1.0 and token_f1("", "Rome") == 0.0
     assert token_f1("the the Rome", "Rome Rome") == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # counts are clipped
     assert first_line("\n  Rome \nParis") == "Rome" and first_line("  \n") == ""
+
+
+def test_ngram_entropy_is_rome_fluency() -> None:
+    from instructedit.evaluation.generation import ngram_entropy
+
+    assert ngram_entropy("") == 0.0 and ngram_entropy("word") == 0.0
+    # four distinct bigrams (2 bits) and three distinct trigrams (log2 3 bits), weighted 2/3 and 4/3
+    assert ngram_entropy("a b c d e") == pytest.approx((2 / 3 * 2.0 + 4 / 3 * math.log2(3)) / 2)
+    assert ngram_entropy("the cat sat on the mat, happily.") > ngram_entropy("the the the the the the the the")
+    assert ngram_entropy("I love it, I love it, I love it.") < ngram_entropy("I love it, the crust is crisp and the sauce sweet.")
 
 
 def test_bootstrap_interval_contains_the_mean_and_narrows_with_n() -> None:
@@ -184,7 +195,8 @@ def test_case_queries_forms(tiny_llama_dir: Path) -> None:
     assert [(q.family, q.form) for q in bare][:2] == [("reliability", "wrapped"), ("generalization", "wrapped")]
     assert bare[0].prompt == cf.prompt  # no instruction: 'wrapped' is the raw prompt, and no separate plain form
     assert all(q.family != "reliability" for q in case_queries(collator, cf, 0, ()))
-    assert case_queries(collator, cs, 0, ("wrapped",)) == []  # ConvSent: no single answer to match
+    fluency = case_queries(collator, cs, 0, ("wrapped",))  # ConvSent: no single answer to match; one response for fluency
+    assert [(q.family, q.budget) for q in fluency] == [("fluency", 48)] and fluency[0].prompt.endswith("Input: What do you think of Estero?")
     tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
     chat = [q for q in case_queries(collator, cf, 0, ("chat",)) if q.form == "chat"]
     assert [q.prompt for q in chat] == [f"User: {cf.prompt}\nAssistant:"]  # the template's BOS is not doubled
@@ -224,7 +236,9 @@ def test_generation_locality_is_one_for_a_no_op_edit_and_drops_for_a_big_one(tin
     assert [c.gen_post["gen_locality"] for c in asked] == [1.0, 1.0]
     assert all(a["pre"] == a["post"] for c in asked for a in c.answers)
     assert all(c.gen_pre["gen_reliability"] == c.gen_post["gen_reliability"] for c in asked)
-    assert kept.aggregates["convsent"]["gen_post"] == {} and not kept.cases[2].answers  # ConvSent: nothing asked
+    # ConvSent: no answer to match; its response is scored for fluency only, the same before and after a no-op edit
+    assert set(kept.aggregates["convsent"]["gen_post"]) == {"gen_fluency"} and [a["family"] for a in kept.cases[2].answers] == ["fluency"]
+    assert kept.cases[2].gen_pre["gen_fluency"] == kept.cases[2].gen_post["gen_fluency"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     noisy = evaluate(model, tokenizer, NoiseEditor(), records(), POOL, 0, progress=False, sequential=sequential)
     assert noisy.aggregates["counterfact"]["gen_post"]["gen_locality"].mean < 1.0

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.evaluation.generation import (
-    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, normalize_answer, token_f1,
+    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, normalize_answer, token_f1,
 )
 from instructedit.evaluation.row_edits import Updates, per_row_updates
 from instructedit.records import EditRecord
@@ -29,6 +29,7 @@ from instructedit.tasks.collate import Collator
 
 logger = logging.getLogger(__name__)
 
+FLUENCY_TOKENS = 48  # length of a ConvSent response generated for the fluency score
 QUERY_FORMS = ("wrapped", "plain", "chat")  # forms of the edit prompt; rephrases/portability are wrapped, locality raw
 PREFIX = "gen_"
 JUDGE_METRIC = "gen_reliability_judge"
@@ -77,8 +78,10 @@ def case_queries(collator: Collator, record: EditRecord, instruction: int | None
     when the tokenizer has a chat template. A query without room for an answer in
     ``collator.max_length`` is left out; one with little room gets a smaller budget.
     """
-    if record.convsent is not None:
-        return []
+    if record.convsent is not None:  # no single answer: the response is scored for fluency only
+        prompt = collator.wrap(record, record.prompt, instruction) if "wrapped" in forms else record.prompt
+        budget = min(FLUENCY_TOKENS, collator.max_length - len(collator.tokenizer(prompt)["input_ids"]))
+        return [Query("fluency", "wrapped", "default", record.prompt, prompt, record.target_new, budget)] if budget >= 1 else []
     tok = collator.tokenizer
     target = record.target_new
     asked: list[tuple[str, str, str, str, str, str]] = []  # family, form, kind, question, prompt, target
@@ -138,6 +141,9 @@ def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: S
     groups: dict[str, list[float]] = {}
     for query, raw, before in zip(queries, answers, reference if reference is not None else [None] * len(queries), strict=True):
         said = first_line(raw)
+        if query.family == "fluency":  # ConvSent: n-gram entropy of the response (reported ×100, as the paper does)
+            groups.setdefault(query.metric, []).append(ngram_entropy(raw))
+            continue
         if query.family == "locality":
             if before is None:  # locality compares post- with pre-edit answers: no pre-edit value
                 continue

@@ -20,7 +20,8 @@ from instructedit.io import atomic_write, write_json
 COLUMNS = {"reliability": "Rel.", "generalization": "Gen.", "locality": "Loc.", "portability": "Port."}
 PRE_FAMILIES = ("reliability", "generalization", "portability")  # pre-edit locality is 100% by definition
 GEN_COLUMNS = {"gen_reliability": "Rel.", "gen_reliability_plain": "Rel. plain", "gen_reliability_chat": "Rel. chat",
-               "gen_generalization": "Gen.", "gen_locality": "Loc.", "gen_portability": "Port.", "gen_reliability_judge": "Rel. judge"}
+               "gen_generalization": "Gen.", "gen_locality": "Loc.", "gen_portability": "Port.", "gen_reliability_judge": "Rel. judge",
+               "gen_fluency": "Fluency (×100)"}
 PHASES = {"pre": "teacher_forced", "post": "teacher_forced", "gen_pre": "generation", "gen_post": "generation"}  # phase -> protocol
 TITLES = {"teacher_forced": "Teacher-forced", "generation": "Generation (greedy, exact match)"}
 SAMPLE_ANSWERS = 5  # cases whose answers the Markdown shows
