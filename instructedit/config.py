@@ -302,7 +302,9 @@ def save_config(config: Config, path: str | Path) -> None:
 
 # What may differ between a run folder's saved config and the config that resumes it: the budget and
 # patience, checkpoint cadence, placement and logging. Everything else changes what is trained.
-RESUMABLE_CHANGES = {"training": ("max_steps", "early_stop_patience", "checkpoint_every", "device", "tensorboard", "log_every")}
+SELECTION_FIELDS = ("locality_floor", "edit_scales")  # how best/ is chosen; greedy validation leaves the training path unchanged
+RESUMABLE_CHANGES = {"training": ("max_steps", "early_stop_patience", "checkpoint_every", "device", "tensorboard", "log_every",
+                                  *SELECTION_FIELDS)}
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from instructedit.config import Config, check_resumable, save_config
+from instructedit.config import SELECTION_FIELDS, Config, check_resumable, read_yaml_mapping, save_config
 from instructedit.distributed import Distributed, device_map_placement
 from instructedit.editors.card import EDITOR_CONFIG, write_model_card
 from instructedit.editors.mend import MENDEditor, nonfinite_tensors
@@ -196,6 +196,8 @@ class Trainer:
         t = self.config.training
         check_resumable(self.config, self.output)  # never continue a run with another recipe
         resumed = self._maybe_resume()
+        if resumed:
+            self._reselect_if_changed()
         self.dist.broadcast_module(self.editor)  # identical by construction; this makes it certain
         if self.dist.is_main:
             self._log_memory_estimate()
@@ -406,6 +408,19 @@ class Trainer:
                     logger.info("early stopping at step %d: no validation improvement in %d validations", self.state.step, patience)
                 self.state.stopped_early = True
         return metrics
+
+    def _reselect_if_changed(self) -> None:
+        """A resume that changes how best/ is chosen (locality_floor, edit_scales) re-selects it from the next validation on."""
+        saved = read_yaml_mapping(self.output / "config.yaml", "run config").get("training", {})
+        current = self.config.to_dict()["training"]
+        changed = [k for k in SELECTION_FIELDS if k in saved and json.dumps(saved[k]) != json.dumps(current[k])]
+        if not changed:
+            return
+        if self.dist.is_main:
+            logger.warning("resuming %s with another selection (%s): best/ is chosen again from the next validation on",
+                           self.output, ", ".join(f"{k} {saved[k]} -> {current[k]}" for k in changed))
+            save_config(self.config, self.output / "config.yaml")
+        self.state.best_score = -math.inf
 
     def _generation_validation(self) -> dict[str, float]:
         """Generation reliability / locality of the current editor on the validation records, at the α multiplier

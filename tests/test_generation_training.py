@@ -184,3 +184,18 @@ def test_evaluate_follows_how_the_editor_was_trained(tiny_gpt2_dir: Path, tmp_pa
         assert "(the editor was trained without instructions)" in out.with_suffix(".md").read_text()
     assert main([*args, "--instruction", "unseen"]) == 0  # an explicit setting wins
     assert load_report_json(out).settings.instruction == 9 and load_report_json(out).settings.instruction_reason == "given with --instruction"
+
+
+def test_a_resume_may_change_the_selection_but_not_the_recipe(tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    base = [f"model.name={tiny_llama_dir}", "training.select_on=generation", "training.locality_floor=0.9"]
+    Trainer(load_config(TINY, [*base, "training.max_steps=3"]), tmp_path, show_progress=False).run()
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(load_config(TINY, [*base, "training.max_steps=6", "training.locality_floor=0.5", "training.edit_scales=[1.0, 2.0]"]),
+                          tmp_path, show_progress=False)
+        trainer.run()
+    assert "another selection" in caplog.text and "locality_floor 0.9 -> 0.5" in caplog.text
+    saved = load_config(tmp_path / "config.yaml")
+    assert saved.training.locality_floor == 0.5 and saved.training.edit_scales == [1.0, 2.0]  # the run folder says what chose best/
+    with pytest.raises(ValueError, match="different configuration"):
+        Trainer(load_config(TINY, [*base, "training.max_steps=9", "training.locality_floor=0.5", "training.edit_scales=[1.0, 2.0]",
+                                   "training.c_answer_margin=0.3"]), tmp_path, show_progress=False).run()
