@@ -387,7 +387,9 @@ class Trainer:
         if metrics["n"] == 0:
             raise NoValidationRecords(f"none of the {len(self.data.val)} validation records fits model.max_length={self.config.model.max_length} tokens")
         t = self.config.training
-        if t.val_generation or t.select_on == "generation":  # every process: selection and early stopping agree
+        # Every process (selection and early stopping agree); not at step 0, where the identity-initialized network's
+        # tiny step sizes edit nothing yet and asking the model would only cost time.
+        if (t.val_generation or t.select_on == "generation") and self.state.step > 0:
             metrics |= self._generation_validation()
         entry = {"step": self.state.step, "split": "val", **metrics}
         self.state.history.append(entry)
