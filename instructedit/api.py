@@ -18,7 +18,7 @@ from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.base import EditHandle, Editor, WeightEditHandle
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
-from instructedit.tasks.collate import Collator
+from instructedit.tasks.collate import ANSWER_STOPS, Collator
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -372,9 +372,13 @@ def query_setup(editor_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         saved = None
     if isinstance(saved, dict):
-        return {"template": saved.get("template"), "answer_stop": saved.get("answer_stop") or "none"}
-    config = training_config(editor_dir) or {}
-    return {"template": (config.get("data") or {}).get("template"), "answer_stop": (config.get("training") or {}).get("answer_stop") or "none"}
+        setup = {"template": saved.get("template"), "answer_stop": saved.get("answer_stop") or "none"}
+    else:
+        config = training_config(editor_dir) or {}
+        setup = {"template": (config.get("data") or {}).get("template"), "answer_stop": (config.get("training") or {}).get("answer_stop") or "none"}
+    if setup["answer_stop"] not in ANSWER_STOPS:
+        raise ValueError(f"{editor_dir}: answer_stop {setup['answer_stop']!r} is not one of {list(ANSWER_STOPS)}")
+    return setup
 
 
 def _instruction_index(instruction: str | int | None, pool: InstructionPool) -> int | None:

@@ -18,7 +18,8 @@ from instructedit.analysis.proposers import OpenAIProposer
 from instructedit.config import load_config
 from instructedit.editors.base import EditHandle, EditResult, WeightEditHandle
 from instructedit.editors.mend import MENDEditor
-from instructedit.evaluation.commands import add_evaluate_parser, editor_answer_stop
+from instructedit.api import query_setup
+from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.evaluation.generation import (
     answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids, token_f1,
 )
@@ -428,7 +429,7 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
                                                           capsys: pytest.CaptureFixture) -> None:
     _, _, editor = setup(tiny_llama_dir)
     folder = editor.save_pretrained(tmp_path / "editor", extra={"queries": {"instructions": True, "answer_stop": "newline"}})
-    assert editor_answer_stop(folder) == "newline" and editor_answer_stop(tmp_path) == "none"
+    assert query_setup(folder)["answer_stop"] == "newline" and query_setup(tmp_path)["answer_stop"] == "none"
     data = knowedit_file(tmp_path / "cf.json")
     common = ["evaluate", "--editor", str(folder), "--task", "counterfact", "--data", str(data), "--no-progress", "--device", "cpu"]
     runs = {}

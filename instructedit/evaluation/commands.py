@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import yaml
 
+from instructedit.api import instruction_setup, query_setup
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
@@ -89,25 +90,6 @@ def editor_model_name(directory: str | Path) -> str | None:
         return json.loads(path.read_text()).get("model_name") or None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
-def editor_answer_stop(directory: str | Path) -> str:
-    """The ``answer_stop`` an editor folder was trained with (top level or one level down, e.g. under ``queries``); 'none' if unrecorded."""
-    path = Path(directory) / EDITOR_CONFIG
-    if not path.is_file():
-        return "none"
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    nested = [v for v in config.values() if isinstance(v, dict)]
-    for place in (config, *nested):
-        value = place.get("answer_stop")
-        if value is not None:
-            if value not in ANSWER_STOPS:
-                raise ValueError(f"{path}: answer_stop {value!r} is not one of {list(ANSWER_STOPS)}")
-            return value
-    return "none"
 
 
 def headline(report: EvalReport, task: str) -> str:
@@ -191,13 +173,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.editor:
         options["path"] = args.editor
     model_name = args.model or (editor_model_name(editor_path) if args.editor else None) or DEFAULT_MODEL
-    answer_stop = args.answer_stop or (editor_answer_stop(editor_path) if editor_path else "none")
+    answer_stop = args.answer_stop or (query_setup(editor_path)["answer_stop"] if editor_path else "none")
     judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
     which, why = args.instruction, "given with --instruction"
     if args.editor:
-        from instructedit.api import instruction_setup, query_setup
-
         trained_with, _ = instruction_setup(args.editor)
         if which is None:
             which, why = ("none", "the editor was trained without instructions") if trained_with is False else \
