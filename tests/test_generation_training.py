@@ -14,7 +14,8 @@ from instructedit.models.loading import load_model
 from instructedit.records import EditRecord, QAItem
 from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
-from instructedit.training import Trainer, instruction_pool
+from instructedit.tasks.instructions import instruction_pool
+from instructedit.training import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 PREFIX_TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {prompt}\nOutput:"
@@ -121,7 +122,7 @@ def test_choose_scale_prefers_reliability_above_the_locality_floor() -> None:
 
 def test_scaled_step_sizes_restore_bitwise(tiny_llama_dir: Path) -> None:
     from instructedit.evaluation.generation_check import scaled_step_sizes
-    from instructedit.training import build_editor
+    from instructedit.editors.registry import build_editor
 
     model, _ = load_model(str(tiny_llama_dir))
     editor = build_editor(model, load_config(TINY, [f"model.name={tiny_llama_dir}"]))
@@ -200,3 +201,38 @@ def test_a_resume_may_change_the_selection_but_not_the_recipe(tiny_llama_dir: Pa
     with pytest.raises(ValueError, match="different configuration"):
         Trainer(load_config(TINY, [*base, "training.max_steps=9", "training.locality_floor=0.5", "training.edit_scales=[1.0, 2.0]",
                                    "training.c_answer_margin=0.3"]), tmp_path, show_progress=False).run()
+
+
+def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from instructedit.editors.base import apply_in_place
+    from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
+    from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes
+
+    config = load_config(TINY, [f"model.name={tiny_llama_dir}", f"data.template={json.dumps(PREFIX_TEMPLATE)}", "training.answer_stop=newline"])
+    trainer = Trainer(config, tmp_path, show_progress=False)
+    model, tok, editor, collator = trainer.model, trainer.tokenizer, trainer.editor, trainer.data.collator
+    with torch.no_grad():
+        editor.edit_lrs.fill_(1.0)  # strong enough that some edits change the locality answer
+    records = [r for r in trainer.data.val if r.convsent is None][:10]
+    instructions = [0] * len(records)
+    scales = (0.01, 0.3, 1.0, 10.0)
+
+    def one_at_a_time(scale: float) -> dict[str, float]:
+        rel, same = [], []
+        for r in records:
+            prompt = collator.wrap(r, r.prompt, 0)
+            loc = r.locality[0]
+            before = greedy_generate(model, tok, [loc.prompt], answer_budget(tok, loc.answer))[0]
+            with scaled_step_sizes(editor, scale):
+                result = editor.edit(model, collator.qa_batch([(prompt, r.target_new)], r.source, stop=True))
+            with apply_in_place(model, result), torch.no_grad():
+                said = greedy_generate(model, tok, [prompt], answer_budget(tok, r.target_new))[0]
+                after = greedy_generate(model, tok, [loc.prompt], answer_budget(tok, loc.answer))[0]
+            rel.append(exact_match(first_line(said), r.target_new))
+            same.append(float(normalize_answer(first_line(after)) == normalize_answer(first_line(before))))
+        return {"gen_reliability": sum(rel) / len(rel), "gen_locality": sum(same) / len(same), "gen_n": len(rel)}
+
+    editor.eval()
+    expected = {scale: one_at_a_time(scale) for scale in scales}
+    assert generation_scores(model, tok, editor, collator, records, instructions, scales) == expected
+    assert len({v["gen_locality"] for v in expected.values()}) > 1  # the scales differ: the comparison is not trivial

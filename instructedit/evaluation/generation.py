@@ -15,7 +15,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +141,10 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None
     return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
 
 
+MIN_SHARED_PREFIX = 8  # a batch whose prompts share at least this many leading tokens computes them once
+PRUNE_SHARE = 0.25  # finished rows leave the batch once they are this share of it
+
+
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: Sequence[int] | int,
                     batch_size: int = 32, max_length: int | None = None,
@@ -149,7 +153,12 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
 
     Returns the raw continuation text of every prompt (up to and including a newline token, without EOS);
     ``first_line`` gives the answer. ``rows_context(prompt indices)``: a context each batch is decoded
-    in (``row_edits.per_row_updates``: every row with its own edit). ``progress``: a progress bar with this label.
+    in (``row_edits.per_row_updates``: every row with its own edit); it is entered again for the rows
+    still decoding when finished rows leave the batch. ``progress``: a progress bar with this label.
+
+    Work that does not change the answers is skipped: prompts are batched by shared leading tokens (an
+    instruction template) and, without ``rows_context`` (whose per-row edits change every position),
+    a batch's shared prefix passes the model once; rows that have stopped leave the batch.
     """
     budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if len(budgets) != len(prompts):
@@ -164,20 +173,46 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
         if long:
             raise ValueError(f"query {long[0]} ({prompts[long[0]][:50]!r}...) and its answer exceed {max_length} tokens")
     outputs: list[str] = [""] * len(prompts)
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths share a batch: less padding
+    order = _batch_order(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None or len(order) <= batch_size):
         rows = order[start : start + batch_size]
-        width = max(len(encoded[i]) for i in rows)
+        shared = 0 if rows_context is not None else _shared_prefix([encoded[i] for i in rows])
+        width = max(len(encoded[i]) for i in rows) - shared
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, i in enumerate(rows):
-            ids[r, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[r, width - len(encoded[i]) :] = 1
-        with rows_context(rows) if rows_context is not None else nullcontext():
-            tokens = _greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos)
+            ids[r, width - len(encoded[i]) + shared :] = torch.tensor(encoded[i][shared:])
+            mask[r, width - len(encoded[i]) + shared :] = 1
+        context = (lambda active, rows=rows: rows_context([rows[a] for a in active])) if rows_context is not None else None
+        tokens = _greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos,
+                              prefix=encoded[rows[0]][:shared], context=context)
         for r, i in enumerate(rows):
             outputs[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
     return outputs
+
+
+def _batch_order(encoded: Sequence[Sequence[int]], key_tokens: int = MIN_SHARED_PREFIX) -> list[int]:
+    """Prompt indices in decoding order: prompts that share their first ``key_tokens`` tokens together, then by length."""
+    heads = Counter(tuple(ids[:key_tokens]) for ids in encoded if len(ids) > key_tokens)
+
+    def key(i: int) -> tuple:
+        head = tuple(encoded[i][:key_tokens])
+        return (head if heads.get(head, 0) > 1 and len(encoded[i]) > key_tokens else (), len(encoded[i]))
+
+    return sorted(range(len(encoded)), key=key)
+
+
+def _shared_prefix(encoded: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all rows of a batch share (0 below ``MIN_SHARED_PREFIX`` or for one row); every row keeps one of its own."""
+    if len(encoded) < 2:
+        return 0
+    n = min(len(ids) for ids in encoded) - 1
+    first = encoded[0]
+    for k in range(n):
+        if any(ids[k] != first[k] for ids in encoded[1:]):
+            n = k
+            break
+    return n if n >= MIN_SHARED_PREFIX else 0
 
 
 def _last_logits_only(model: nn.Module) -> dict[str, int]:
@@ -190,31 +225,64 @@ def _last_logits_only(model: nn.Module) -> dict[str, int]:
     return {}
 
 
+def _cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 def _greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
-                 blank: torch.Tensor, eos: int | None) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch; a row is done at its budget, at EOS or after a newline that ends some text."""
+                 blank: torch.Tensor, eos: int | None, prefix: Sequence[int] = (),
+                 context: Callable[[list[int]], AbstractContextManager] | None = None) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch; a row is done at its budget, at EOS or after a newline that ends some text.
+
+    ``prefix``: tokens every row begins with, before its own (left-padded) ``ids``: they pass the model
+    once and their cache is shared. ``context(active rows)``: entered around the forward passes.
+    """
     n = ids.shape[0]
+    keep = _last_logits_only(model)
+    cache_arg = _cache_argument(model)
+    past = None
+    if len(prefix):
+        past = _returned_cache(model(input_ids=torch.tensor([list(prefix)], device=ids.device), use_cache=True, **keep))
+        past.batch_repeat_interleave(n)
+        mask = torch.cat([torch.ones((n, len(prefix)), dtype=mask.dtype, device=mask.device), mask], dim=1)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]  # left padding does not shift positions
     started = torch.zeros(n, dtype=torch.bool, device=ids.device)  # the row has produced non-blank text
-    position = (mask.cumsum(-1) - 1).clamp(min=0)  # (rows, width): left padding does not shift positions
     done = torch.zeros(n, dtype=torch.bool, device=ids.device)
     limit = torch.tensor(budgets, device=ids.device)
+    active = list(range(n))  # batch row -> row of the caller's batch
     tokens: list[list[int]] = [[] for _ in range(n)]
-    past, step_ids, step_pos = None, ids, position
-    keep = _last_logits_only(model)
-    for step in range(max(budgets)):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past, use_cache=True, **keep)
-        past = out.past_key_values
-        nxt = out.logits[:, -1].argmax(-1)  # (rows,)
-        is_eos = nxt == eos if eos is not None else torch.zeros_like(done)
-        is_blank = torch.isin(nxt, blank)
-        stop = (torch.isin(nxt, newline) & (started | ~is_blank)) | is_eos
-        started |= ~is_blank
-        for r in (~done & ~is_eos).nonzero()[:, 0].tolist():
-            tokens[r].append(int(nxt[r]))  # a newline token is kept: text before its newline belongs to the answer
-        done |= stop | (step + 1 >= limit)
-        if bool(done.all()):
-            break
-        step_ids = nxt[:, None]
-        step_pos = step_pos[:, -1:] + 1
-        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=mask.device)], dim=1)
+    step_ids, step_pos = ids, position
+    with ExitStack() as stack:
+        if context is not None:
+            stack.enter_context(context(active))
+        for step in range(max(budgets)):
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past}, **keep)
+            past = _returned_cache(out)
+            nxt = out.logits[:, -1].argmax(-1)  # (rows,)
+            is_eos = nxt == eos if eos is not None else torch.zeros_like(done)
+            is_blank = torch.isin(nxt, blank)
+            stop = (torch.isin(nxt, newline) & (started | ~is_blank)) | is_eos
+            started |= ~is_blank
+            for r in (~done & ~is_eos).nonzero()[:, 0].tolist():
+                tokens[active[r]].append(int(nxt[r]))  # a newline token is kept: text before its newline belongs to the answer
+            done |= stop | (step + 1 >= limit)
+            if bool(done.all()):
+                break
+            step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            if past is not None and int(done.sum()) >= PRUNE_SHARE * len(active):  # finished rows leave the batch
+                still = (~done).nonzero()[:, 0]
+                past.batch_select_indices(still)
+                step_ids, step_pos, mask = step_ids[still], step_pos[still], mask[still]
+                started, done, limit = started[still], done[still], limit[still]
+                active = [active[i] for i in still.tolist()]
+                if context is not None:
+                    stack.close()
+                    stack.enter_context(context(active))
     return tokens

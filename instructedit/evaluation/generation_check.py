@@ -1,8 +1,8 @@
 """Generation scores of an editor on a few records, for training validation: does the edited model say the answer?
 
-Per record (ConvSent has no single answer and is left out): the edit is written into the model,
-the wrapped edit prompt and the raw locality prompt are answered greedily (``generation``), and the
-weights are restored bit for bit. Reliability is exact match with the target; locality is whether
+Per record (ConvSent has no single answer and is left out): the model with the record's edit
+answers the wrapped edit prompt and the raw locality prompt greedily (``generation``); the edit is
+added by hooks, row by row, and the weights are never written. Reliability is exact match with the target; locality is whether
 the locality answer is the one the unedited model gave.
 
 ``choose_scale`` calibrates the editor's step sizes α for generation: the meta-objective is
@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.editors.base import apply_in_place
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
+from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
 
@@ -43,10 +43,18 @@ def scaled_step_sizes(editor: MENDEditor, scale: float) -> Iterator[MENDEditor]:
             editor.edit_lrs.copy_(original)
 
 
+CASES_TOGETHER = 8  # records whose edits are held at once; their queries decode in one batch, each row with its own edit
+
+
 def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,
                       records: Sequence[EditRecord], instructions: Sequence[int | None],
                       scales: Sequence[float] = (1.0,)) -> dict[float, dict[str, float]]:
-    """Per α multiplier: mean generation reliability (exact match, wrapped prompt) and generation locality over ``records``, with n."""
+    """Per α multiplier: mean generation reliability (exact match, wrapped prompt) and generation locality over ``records``, with n.
+
+    Each record's edit is computed once: the update is linear in α, so a multiplier scales it. The
+    queries of ``CASES_TOGETHER`` records decode together, every row with its own record's scaled
+    update added by hooks (``row_edits``); the model's weights are never written.
+    """
     cases = []
     for record, index in zip(records, instructions, strict=True):
         if record.convsent is not None or not record.locality:
@@ -62,24 +70,29 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     device = next(model.parameters()).device
     loc = [(r.locality[0].prompt, answer_budget(tokenizer, r.locality[0].answer)) for r, _, _ in cases]
     pre_loc = greedy_generate(model, tokenizer, [p for p, _ in loc], [b for _, b in loc])
+    transposed = {w.name: w.transposed for w in editor.weights}
+    rel: dict[float, list[float]] = {scale: [] for scale in scales}
+    same: dict[float, list[float]] = {scale: [] for scale in scales}
     was_training = editor.training
     editor.eval()
-    out = {}
     try:
-        for scale in scales:
-            rel, same = [], []
-            with scaled_step_sizes(editor, scale):
-                for (record, prompt, batch), (loc_prompt, loc_budget), before in zip(cases, loc, pre_loc):
-                    result = editor.edit(model, batch.to(device))
-                    with apply_in_place(model, result), torch.no_grad():
-                        said, after = greedy_generate(model, tokenizer, [prompt, loc_prompt],
-                                                      [answer_budget(tokenizer, record.target_new), loc_budget])
-                    rel.append(exact_match(first_line(said), record.target_new))
-                    same.append(float(normalize_answer(first_line(after)) == normalize_answer(first_line(before))))
-            out[scale] = {"gen_reliability": sum(rel) / len(rel), "gen_locality": sum(same) / len(same), "gen_n": len(rel)}
+        for start in range(0, len(cases), CASES_TOGETHER):
+            group = range(start, min(start + CASES_TOGETHER, len(cases)))
+            updates = [{k: v.detach() for k, v in editor.edit(model, cases[i][2].to(device)).updates.items()} for i in group]
+            prompts = [q for i in group for q in (cases[i][1], loc[i][0])]
+            budgets = [b for i in group for b in (answer_budget(tokenizer, cases[i][0].target_new), loc[i][1])]
+            for scale in scales:
+                scaled = [{k: v * scale for k, v in u.items()} if scale != 1.0 else u for u in updates]
+                said = greedy_generate(model, tokenizer, prompts, budgets,
+                                       rows_context=lambda rows: per_row_updates(model, [scaled[r // 2] for r in rows], transposed))
+                for j, i in enumerate(group):
+                    rel[scale].append(exact_match(first_line(said[2 * j]), cases[i][0].target_new))
+                    same[scale].append(float(normalize_answer(first_line(said[2 * j + 1])) == normalize_answer(first_line(pre_loc[i]))))
+                del scaled
     finally:
         editor.train(was_training)
-    return out
+    return {scale: {"gen_reliability": sum(rel[scale]) / len(cases), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}
+            for scale in scales}
 
 
 def selection_score(scores: dict[str, float], locality_floor: float) -> float:
@@ -92,3 +105,16 @@ def selection_score(scores: dict[str, float], locality_floor: float) -> float:
 def choose_scale(per_scale: dict[float, dict[str, float]], locality_floor: float) -> float:
     """The α multiplier with the best ``selection_score`` (the smallest one on ties)."""
     return max(sorted(per_scale), key=lambda s: (selection_score(per_scale[s], locality_floor), -s))
+
+
+def validation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,
+                      records: Sequence[EditRecord], instructions: Sequence[int | None], scales: Sequence[float],
+                      locality_floor: float) -> dict[str, float]:
+    """Generation reliability / locality on validation records at the α multiplier of ``scales`` that validates best
+    (as ``edit_scale``), and, when several are tried, every multiplier's scores as ``gen_reliability@1.5`` etc."""
+    per_scale = generation_scores(model, tokenizer, editor, collator, records, instructions, scales)
+    scale = choose_scale(per_scale, locality_floor)
+    if not per_scale[scale].get("gen_n"):
+        return {}
+    extra = {f"{k}@{s:g}": v for s, scores in per_scale.items() for k, v in scores.items() if k != "gen_n"} if len(per_scale) > 1 else {}
+    return per_scale[scale] | {"edit_scale": scale} | extra
