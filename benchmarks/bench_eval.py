@@ -27,6 +27,7 @@ from torch import nn
 from instructedit.config import DEFAULT_MODEL, load_config
 from instructedit.editors.base import Editor
 from instructedit.editors.mend import MENDEditor
+from instructedit.editors.registry import build_editor
 from instructedit.evaluation.metrics import aggregate, family_means
 from instructedit.evaluation.runner import SCORED, case_probes, edit_pairs, evaluate
 from instructedit.io import write_json
@@ -35,7 +36,6 @@ from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
-from instructedit.training import build_editor
 
 logger = logging.getLogger("bench_eval")
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.json"

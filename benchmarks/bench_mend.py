@@ -33,12 +33,14 @@ from torch.func import functional_call
 
 from instructedit.config import load_config
 from instructedit.editors.hooks import Factors, capture_factors
+from instructedit.editors.registry import build_editor
 from instructedit.io import write_json
 from instructedit.losses import locality_kl, masked_nll
 from instructedit.models.loading import load_model
 from instructedit.objective import meta_loss
 from instructedit.records import MetaBatch, TokenBatch
-from instructedit.training import Trainer, build_editor, prepare_data
+from instructedit.tasks.prepare import prepare_data
+from instructedit.training import Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mend.json"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m" / "instructedit.yaml"

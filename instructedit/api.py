@@ -15,7 +15,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL
-from instructedit.editors.base import EditHandle, Editor, WeightEditHandle
+from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
 from instructedit.tasks.collate import ANSWER_STOPS, Collator
@@ -138,18 +138,28 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 def tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
     """Load the tokenizer of ``model`` from its ``name_or_path`` (set by ``load_model`` / ``from_pretrained``)."""
+    from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
     from instructedit.models.loading import DEFAULT_ALIASES, default_model_dir
 
     name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
     if not name:
         raise ValueError("the model has no name_or_path to load its tokenizer from; pass tokenizer=")
     source = str(default_model_dir()) if name in DEFAULT_ALIASES else name
+    local = Path(source).exists()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not Path(source).exists())
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not local)
     except OSError:
+        action = f"download the tokenizer of {name!r} from the Hugging Face hub"
+        if not local and (hub_offline() or not hub_reachable()):
+            raise unreachable(action, "tokenizer=") from None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source)
-        except OSError as err:
+            with hub_timeouts():
+                tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as err:
+            if timed_out(err):
+                raise unreachable(action, "tokenizer=") from err
+            if not isinstance(err, OSError):
+                raise
             raise ValueError(f"could not load the tokenizer of {name!r} ({err}); pass tokenizer=") from None
     return prepare_tokenizer(tokenizer)
 
@@ -191,6 +201,29 @@ class EditedModel:
         for handle in reversed(self._handles):
             handle.rollback()
 
+    def rollback_to(self, k: int) -> None:
+        """Undo the edits after the first ``k``, bit for bit, and keep the first ``k`` (``k=0``: undo all, as ``rollback()``).
+
+        Edits from ``apply_sequential`` can be undone back to any ``k``; a batch from ``apply`` is one
+        update, undone whole. For weight editors this re-applies the first ``k`` edits to the original
+        weights (see ``apply_sequential``), so it costs ``k`` edit computations.
+        """
+        if not 0 <= k <= len(self.edits):
+            raise ValueError(f"rollback_to({k}): {len(self.edits)} edits are applied")
+        if k == len(self.edits) or not self.active:
+            return
+        if k == 0:
+            self.rollback()
+        elif len(self._handles) == 1 and isinstance(self._handles[0], SequentialWeightEdits):
+            self._handles[0].rollback_to(k)
+        elif len(self._handles) == len(self.edits):  # one handle per edit (hook editors such as GRACE)
+            for handle in reversed(self._handles[k:]):
+                handle.rollback()
+            self._handles = self._handles[:k]
+        else:
+            raise ValueError(f"these {len(self.edits)} edits were applied as one batch update; only rollback() undoes it")
+        self.edits = self.edits[:k]
+
     def keep(self) -> None:
         """Make the edits permanent: exiting the context no longer restores the model."""
         if not self.active and not self._kept:
@@ -223,7 +256,7 @@ class EditedModel:
         """Write the edited model as a plain Hugging Face folder (``AutoModelForCausalLM.from_pretrained`` reloads it)."""
         if not (self.active or self._kept):
             raise RuntimeError("the edits were rolled back; save inside the `with` block or after keep()")
-        hooked = sorted({type(h).__name__ for h in self._handles if not isinstance(h, WeightEditHandle)})
+        hooked = sorted({type(h).__name__ for h in self._handles if not isinstance(h, (WeightEditHandle, SequentialWeightEdits))})
         if hooked:
             raise ValueError(f"edits held by {hooked} live in hooks or added modules, which save_pretrained does not keep; "
                              "only weight editors (mend, ft) can be saved as a plain Hugging Face folder")
@@ -289,7 +322,11 @@ class InstructEditor:
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
               keep: bool = False) -> EditedModel:
-        """Batch editing: ONE update computed from all ``edits`` together (one forward/backward on their batch).
+        """Batch editing: ONE update computed from all ``edits`` together, as the editor aggregates them.
+
+        A MEND editor sums the edits' updates (``editor.aggregation: sum``) or solves one least-squares
+        shift per weight for all of them (``least_squares``, DESIGN.md §9: any number of edits, in
+        chunks of ``editor.chunk_edits``, so memory does not grow with their number).
 
         The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
         from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
@@ -307,19 +344,36 @@ class InstructEditor:
         """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
 
         Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
-        returned ``EditedModel`` undoes all of them, the last first.
+        returned ``EditedModel`` undoes all of them bit for bit (``rollback()``), or those after the
+        first ``k`` (``rollback_to(k)``).
+
+        What the kept edits cost (weight editors: MEND, FT-L): one copy of each edited weight as it
+        was before the sequence, whatever the number of edits (about 30 MiB for MEND on the default
+        model), plus per edit its token ids and one CRC-32 per edited weight (kilobytes). Undoing all
+        edits copies the originals back; ``rollback_to(k)`` copies them back and re-applies the first
+        ``k`` edits (``k`` edit computations). Editors that add hooks or modules (GRACE, CaliNet)
+        keep one undo handle per edit, which holds what that editor needs.
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
-        handles: list[EditHandle] = []
+        handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
+        weights = SequentialWeightEdits(model, editor)
         try:
             for edit in edits:
-                handles.append(editor.apply(model, self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))))
+                batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
+                handle = editor.apply(model, batch)
+                if isinstance(handle, WeightEditHandle) and not handles:
+                    weights.add(handle, batch)  # the sequence keeps one copy of the originals, not one per edit
+                else:
+                    handles.append(handle)
+            if handles and len(weights):
+                raise TypeError(f"{type(editor).__name__} returned both weight edits and hook edits; cannot keep them as one sequence")
         except BaseException:
             for handle in reversed(handles):
                 handle.rollback()
+            weights.rollback()
             raise
-        edited = EditedModel(model, tokenizer, handles, edits)
+        edited = EditedModel(model, tokenizer, handles or [weights], edits)
         if keep:
             edited.keep()
         return edited

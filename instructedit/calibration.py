@@ -49,9 +49,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from instructedit.config import load_config
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import choose_scale, generation_scores, scaled_step_sizes
-    from instructedit.models.loading import load_model
-    from instructedit.training import prepare_data
-    from instructedit.user_commands import resolve_device
+    from instructedit.models.loading import load_model, resolve_device
+    from instructedit.tasks.prepare import prepare_data
 
     scales = parse_scales(args.scales)
     if not 0 <= args.locality_floor <= 1:
@@ -67,7 +66,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device)
     data = prepare_data(config, tokenizer)
     editor = MENDEditor.from_pretrained(source, device=device).eval()
-    instructions = [data.pool.training_index(r, config.data.instruction_seed) if data.pool else None for r in data.val]
+    instructions = data.instructions(data.val, config.data.instruction_seed)
     per_scale = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales)
     chosen = choose_scale(per_scale, args.locality_floor)
     saved = json.loads((source / "editor_config.json").read_text())

@@ -17,7 +17,7 @@ from instructedit.analysis.commands import add_analysis_parsers
 from instructedit.calibration import add_calibrate_parser
 from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.experiments import add_experiment_parser
-from instructedit.memory import add_memory_parser
+from instructedit.commands.memory import add_memory_parser
 from instructedit.serve import add_serve_parser
 from instructedit.user_commands import add_user_parsers
 

@@ -17,6 +17,7 @@ from instructedit.records import TASKS
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained(device_map=...) accepts
+AGGREGATIONS = ("sum", "least_squares")  # editor.aggregation: how the edits of one call combine (editors/aggregation.py)
 
 
 class YAMLLoader(yaml.SafeLoader):
@@ -71,6 +72,7 @@ class DataConfig:
     split_fractions: list[float] = field(default_factory=lambda: [0.8, 0.1, 0.1])
     balance: bool = True  # cap ConvSent at the size of the largest other task (the paper's balancing)
     max_per_task: int | None = None
+    oversample: dict[str, float] = field(default_factory=dict)  # task -> repeat its training records this many times (e.g. {convsent: 4})
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "data.tasks", "needs at least one task")
@@ -79,6 +81,10 @@ class DataConfig:
         _check(len(self.split_fractions) == 3 and all(f > 0 for f in self.split_fractions), "data.split_fractions", "needs three positive fractions (train, val, test)")
         _check(abs(sum(self.split_fractions) - 1.0) < 1e-6, "data.split_fractions", f"{self.split_fractions} must sum to 1")
         _check(self.max_per_task is None or self.max_per_task > 0, "data.max_per_task", "must be positive or null")
+        for task, factor in self.oversample.items():
+            _check(task in self.tasks, "data.oversample", f"{task!r} is not one of data.tasks {self.tasks}")
+            ok = isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0
+            _check(ok, "data.oversample", f"the factor of {task!r} must be a positive number, got {factor!r}")
         if self.template is not None:
             missing = [slot for slot in ("{task}", "{description}", "{prompt}") if slot not in self.template]
             _check(not missing, "data.template", f"lacks the slot(s) {missing}")
@@ -91,9 +97,15 @@ class EditorConfig:
     n_hidden: int = 1  # residual layers = n_hidden + 1
     init_edit_lr: float = 1e-4  # initial learned step size α per inner weight
     eps: float = 1e-7  # added to the running std
+    # How the per-token updates of the edits in one call combine (DESIGN.md §9): "sum" (MEND, the paper) or
+    # "least_squares" (MALMEN: one ridge-regression shift per weight, with a learned λ per weight).
+    aggregation: str = "sum"
+    chunk_edits: int = 64  # least_squares: edit inputs per forward/backward while accumulating KᵀK and KᵀD
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "editor.rank", "must be >= 1")
+        _check(self.aggregation in AGGREGATIONS, "editor.aggregation", f"{self.aggregation!r} is not one of {list(AGGREGATIONS)}")
+        _check(self.chunk_edits >= 1, "editor.chunk_edits", f"{self.chunk_edits}: must be >= 1")
         _check(self.n_hidden >= 0, "editor.n_hidden", "must be >= 0")
         _check(self.init_edit_lr > 0, "editor.init_edit_lr", "must be > 0")
         _check(self.method == "mend", "editor.method", f"{self.method!r}: training meta-trains MEND editors only, so it must be 'mend'; "
@@ -114,6 +126,9 @@ class TrainingConfig:
     locality_target: float | None = None
     locality_target_rate: float = 0.2
     batch_size: int = 1
+    # Edits per aggregated edit in a micro-batch (DESIGN.md §9): n_edits > 1 trains on N records edited in one call
+    # (objective.many_edits_loss) and takes the place of batch_size, which must then be 1.
+    n_edits: int = 1
     grad_accumulation: int = 2
     grad_clip: float = 100.0
     max_steps: int = 30000  # optimizer steps
@@ -155,6 +170,9 @@ class TrainingConfig:
         _check(self.lr_schedule in ("constant", "linear"), "training.lr_schedule", f"{self.lr_schedule!r} is not 'constant' or 'linear'")
         _check(0 <= self.lr_final_ratio <= 1, "training.lr_final_ratio", "must be in [0, 1]")
         _check(self.batch_size >= 1, "training.batch_size", "must be >= 1")
+        _check(self.n_edits >= 1, "training.n_edits", f"{self.n_edits}: must be >= 1")
+        _check(self.n_edits == 1 or self.batch_size == 1, "training.n_edits",
+               f"{self.n_edits} edits per call already make the micro-batch: set training.batch_size to 1 (it is {self.batch_size})")
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in ("rephrase", "edit_input"), "training.edit_loss_on", f"{self.edit_loss_on!r} is not 'rephrase' or 'edit_input'")
@@ -165,6 +183,11 @@ class TrainingConfig:
         _check(len(self.edit_scales) > 0 and all(s > 0 for s in self.edit_scales), "training.edit_scales", "needs positive multipliers (e.g. [1.0])")
         _check(self.val_size >= 1, "training.val_size", f"{self.val_size}: validation needs at least 1 record")
         _check(self.val_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1, "training.val_every", "intervals must be >= 1")
+
+    @property
+    def edits_per_call(self) -> int:
+        """Records in one micro-batch, all edited by one (aggregated) edit: batch_size, or n_edits."""
+        return self.batch_size * self.n_edits
 
 
 @dataclass
@@ -305,6 +328,13 @@ def save_config(config: Config, path: str | Path) -> None:
 SELECTION_FIELDS = ("locality_floor", "edit_scales")  # how best/ is chosen; greedy validation leaves the training path unchanged
 RESUMABLE_CHANGES = {"training": ("max_steps", "early_stop_patience", "checkpoint_every", "device", "tensorboard", "log_every",
                                   *SELECTION_FIELDS)}
+
+
+def selection_changes(run_dir: str | Path, config: Config) -> list[str]:
+    """The ``SELECTION_FIELDS`` (how best/ is chosen) in which ``config`` differs from ``run_dir``'s saved config, as "key old -> new"."""
+    saved = read_yaml_mapping(Path(run_dir) / "config.yaml", "run config").get("training", {})
+    current = config.to_dict()["training"]
+    return [f"{k} {saved[k]} -> {current[k]}" for k in SELECTION_FIELDS if k in saved and json.dumps(saved[k]) != json.dumps(current[k])]
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

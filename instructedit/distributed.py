@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from instructedit.editors.mend import MENDEditor, Moments, RunningNorm
+from instructedit.models.loading import resolve_device
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -63,6 +64,18 @@ class Distributed:
             )
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         return cls(rank=state.process_index, world_size=state.num_processes, local_world_size=local, device=state.device)
+
+    def model_device(self, training_device: str, device_map: str | dict[str, Any] | None) -> torch.device:
+        """Where this process loads its model: the launcher's device, else ``training.device``. A ``model.device_map``
+        places the weights itself and needs the machine's GPUs to itself: one process per machine."""
+        if device_map is not None and self.local_world_size > 1:
+            raise ValueError(
+                f"config field 'model.device_map': {device_map!r} spreads the model over this machine's GPUs, but "
+                f"{self.local_world_size} processes run on it; launch one process per machine, or set model.device_map=null"
+            )
+        if self.enabled and device_map is None:
+            return self.device
+        return torch.device(resolve_device(training_device, "training.device"))
 
     @property
     def enabled(self) -> bool:

@@ -25,11 +25,10 @@ from instructedit.config import load_config, read_yaml_mapping
 from instructedit.api import query_setup
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import make_editor
-from instructedit.evaluation.commands import file_sha256
 from instructedit.evaluation.metrics import FAMILIES, task_average
 from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
 from instructedit.evaluation.runner import evaluate
-from instructedit.io import atomic_write, write_json
+from instructedit.io import atomic_write, file_sha256, write_json
 from instructedit.models.loading import load_model
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits

@@ -11,7 +11,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from instructedit.editors.card import CARD_NAME, EDITOR_CONFIG, POOL_COPY, TRAINING_CONFIG, write_model_card
-from instructedit.models.loading import hub_offline, hub_reachable
+from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -24,11 +24,6 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 def is_hub_id(text: str) -> bool:
     """``org/name`` that is not an existing local path."""
     return bool(_HUB_ID.fullmatch(text)) and not Path(text).expanduser().exists()
-
-
-def _unreachable(action: str) -> ConnectionError:
-    why = "HF_HUB_OFFLINE is set" if hub_offline() else f"{hub_constants.ENDPOINT} did not answer"
-    return ConnectionError(f"cannot {action}: {why}. Check the network (or HF_ENDPOINT), or use a local editor folder")
 
 
 def push_editor(directory: str | Path, repo_id: str, token: str | None = None, private: bool | None = None,
@@ -47,12 +42,13 @@ def push_editor(directory: str | Path, repo_id: str, token: str | None = None, p
     if not (directory / CARD_NAME).is_file():
         write_model_card(directory)
     if hub_offline() or not hub_reachable():
-        raise _unreachable(f"push {directory} to {repo_id}")
+        raise unreachable(f"push {directory} to {repo_id}", local=None)
     api = HfApi(endpoint=hub_constants.ENDPOINT, token=token)
     try:
-        api.create_repo(repo_id, exist_ok=True, private=private)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), allow_patterns=list(SHARED_FILES),
-                                 commit_message=commit_message or f"Upload instructedit editor from {directory.name}")
+        with hub_timeouts():
+            api.create_repo(repo_id, exist_ok=True, private=private)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(directory), allow_patterns=list(SHARED_FILES),
+                                     commit_message=commit_message or f"Upload instructedit editor from {directory.name}")
     except HfHubHTTPError as err:
         if err.response is not None and err.response.status_code in (401, 403):
             raise PermissionError(f"the hub refused to let this token write to {repo_id!r} ({err.response.status_code}); "
@@ -69,14 +65,18 @@ def download_editor(repo_id: str, revision: str | None = None, token: str | None
         try:
             path = Path(snapshot_download(**kwargs, local_files_only=True))
         except (LocalEntryNotFoundError, OSError):
-            raise _unreachable(f"download the editor {repo_id!r} (and it is not in the local Hugging Face cache)") from None
+            raise unreachable(f"download the editor {repo_id!r} (it is not in the local Hugging Face cache)",
+                              "a local editor folder") from None
         logger.info("the hub is unreachable; using the cached copy of %s", repo_id)
     else:
         try:
-            path = Path(snapshot_download(**kwargs, endpoint=hub_constants.ENDPOINT))
+            with hub_timeouts():  # a hub that stops answering mid-download ends in an error, not a hang
+                path = Path(snapshot_download(**kwargs, endpoint=hub_constants.ENDPOINT))
         except RepositoryNotFoundError:
             raise FileNotFoundError(f"hub repo {repo_id!r} does not exist (or is private: pass token=)") from None
-        except LocalEntryNotFoundError as err:  # the hub answered with an error and nothing is cached
+        except LocalEntryNotFoundError as err:  # the hub answered with an error (or stopped answering) and nothing is cached
+            if timed_out(err):
+                raise unreachable(f"download the editor {repo_id!r}", "a local editor folder") from err
             raise ConnectionError(f"could not download the editor {repo_id!r} from {hub_constants.ENDPOINT}: {err}") from None
     if not (path / EDITOR_CONFIG).is_file():
         raise FileNotFoundError(f"hub repo {repo_id!r} holds no editor: {EDITOR_CONFIG} is missing")

@@ -69,6 +69,11 @@ def per_row_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch
     return sums / counts.clamp(min=1)
 
 
+def per_row_nll(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean negative log-likelihood of each row's target tokens -> (n_rows,)."""
+    return per_row_mean(F.cross_entropy(logits.float(), targets, reduction="none"), rows, n_rows)
+
+
 def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Teacher-forced argmax accuracy over the answer tokens, per row -> (n_rows,) in [0, 1]."""
     return per_row_mean(logits.argmax(-1) == targets, rows, n_rows)

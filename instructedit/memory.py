@@ -1,4 +1,4 @@
-"""Memory of meta-training: the estimate per process before anything is loaded, and activation checkpointing.
+"""Memory of meta-training: the estimate per process, before anything is loaded.
 
 The terms follow what a training step keeps alive (training.py, objective.py, editors/mend.py):
 
@@ -24,20 +24,20 @@ so no weights are read or downloaded.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from instructedit.config import DEFAULT_MODEL, Config, load_config
 from instructedit.editors.mend import MENDEditor
-from instructedit.models.split import PrefixState, SplitModel
+from instructedit.editors.registry import build_editor
+
+logger = logging.getLogger(__name__)
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -140,8 +140,6 @@ def estimate_memory(config: Config, model: nn.Module | None = None, device: str 
 
     ``model``: the loaded base model, if there is one; else its architecture is built on the meta device.
     """
-    from instructedit.training import build_editor  # training imports this module
-
     if device not in RUNTIME_BYTES:
         raise ValueError(f"device {device!r} is not one of {list(RUNTIME_BYTES)}")
     model = model if model is not None else meta_skeleton(config)
@@ -216,26 +214,6 @@ def _activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> i
     return blocks + logits + prefix
 
 
-class CheckpointedSplitModel(SplitModel):
-    """Activation checkpointing of the edited blocks: post-edit passes keep only the blocks' input.
-
-    The whole suffix is one checkpoint segment, recomputed in backward with the same edited weights
-    (they are inputs of the segment, so their gradients flow). The edit pass itself (no ``params``)
-    is not checkpointed: its activations are freed as soon as the gradient factors are taken, and
-    the factor hooks must not fire again during a recomputation.
-    """
-
-    def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        if not params or not torch.is_grad_enabled():
-            return super().suffix(state, params)
-        names = list(params)
-
-        def run(hidden: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
-            return SplitModel.suffix(self, dataclasses.replace(state, hidden=hidden), dict(zip(names, values)))
-
-        return checkpoint(run, state.hidden, *params.values(), use_reentrant=False)
-
-
 def markdown_table(paths: list[Path]) -> str:
     """The docs' preset table: one row per config file, GPU estimates."""
     lines = [
@@ -252,24 +230,11 @@ def markdown_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
-def cmd_memory(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.set)
-    estimate = estimate_memory(config, device=args.device)
-    if args.json:
-        print(json.dumps(estimate.to_dict(), indent=2))
-    else:
-        print(f"memory estimate per training process: {config.model.name} on {args.device}")
-        print(estimate.format())
-    return 0
-
-
-def add_memory_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """``instructedit memory --config FILE``: the estimate, without loading the model."""
-    parser = subparsers.add_parser("memory", help="estimate the memory a training run needs (nothing is loaded)")
-    parser.add_argument("--config", required=True, help="YAML config (see configs/ and configs/presets/)")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
-    parser.add_argument("--device", choices=sorted(RUNTIME_BYTES), default="cuda", help="where training would run (default: cuda)")
-    parser.add_argument("--json", action="store_true", help="print the terms as JSON (bytes)")
-    parser.set_defaults(func=cmd_memory)
-    return parser
-
+def log_estimate(config: Config, model: nn.Module, device: str) -> None:
+    """Log the estimate for a loaded model; an architecture the estimate does not know only gets a warning."""
+    try:
+        estimate = estimate_memory(config, model, device)
+    except (AttributeError, ValueError) as e:  # training does not need the estimate
+        logger.warning("no memory estimate for %s: %s", config.model.name, e)
+        return
+    logger.info("memory estimate per process (%s):\n%s", device, estimate.format())

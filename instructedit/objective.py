@@ -7,21 +7,22 @@ reuse it, and only the edited blocks are re-run and back-propagated through.
 ``c_margin`` (0 by default, i.e. DESIGN.md §4 exactly) adds ``losses.locality_margin`` on the
 locality positions: a hinge that keeps each pre-edit top-1 answer ahead, which is what the
 locality metric counts.
+
+``many_edits_loss`` is the same objective for N edits made by one aggregated edit
+(``training.n_edits``, DESIGN.md §9), with every scored input run in chunks recomputed in backward.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from instructedit.editors.mend import MENDEditor
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import MetaBatch, TokenBatch
-
-
-def _rows(batch: TokenBatch) -> torch.Tensor:
-    """Row index of every labelled position, in ``label_mask`` order."""
-    return batch.label_mask.nonzero()[:, 0]
 
 
 def _scored(split: SplitModel, state: PrefixState, batch: TokenBatch, params: dict | None) -> torch.Tensor:
@@ -70,8 +71,83 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
         **({"l_margin": l_margin.item()} if l_margin is not None else {}),
         **({"l_answer": l_answer.item()} if l_answer is not None else {}),
         "pre_edit_loss": float(edit.pre_edit_loss),
-        "edit_acc_pre": token_accuracy(pre_outer, outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),
-        "edit_acc": token_accuracy(post_outer.detach(), outer_targets, _rows(batch.edit_outer), n_outer).mean().item(),
-        "locality": unchanged_share(pre_loc, post_loc.detach(), _rows(batch.loc), n_loc).mean().item(),
+        "edit_acc_pre": token_accuracy(pre_outer, outer_targets, batch.edit_outer.label_rows, n_outer).mean().item(),
+        "edit_acc": token_accuracy(post_outer.detach(), outer_targets, batch.edit_outer.label_rows, n_outer).mean().item(),
+        "locality": unchanged_share(pre_loc, post_loc.detach(), batch.loc.label_rows, n_loc).mean().item(),
+    }
+    return loss, metrics
+
+
+# (pre-edit logits, post-edit logits, targets) at the scored positions -> named mean terms
+Terms = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _chunk_sums(split: SplitModel, batch: TokenBatch, params: dict, terms: Terms) -> dict[str, torch.Tensor]:
+    """Sums over one chunk's scored positions of ``terms``, and of the per-row accuracies (no grad)."""
+    state = split.prefix(batch)
+    with torch.no_grad():
+        pre = split.logits_at(state.final_hidden, batch.label_mask)
+    post = _scored(split, state, batch, params)
+    targets = batch.labels[batch.label_mask]
+    sums = {name: value * targets.numel() for name, value in terms(pre, post, targets).items()}
+    with torch.no_grad():
+        rows, n_rows = batch.label_rows, batch.n_rows
+        sums["acc_pre"] = token_accuracy(pre, targets, rows, n_rows).sum()
+        sums["acc"] = token_accuracy(post, targets, rows, n_rows).sum()
+        sums["unchanged"] = unchanged_share(pre, post, rows, n_rows).sum()
+    return sums
+
+
+def _scored_means(split: SplitModel, batch: TokenBatch, params: dict, terms: Terms, chunk: int) -> dict[str, torch.Tensor]:
+    """``terms`` averaged over all scored positions of ``batch``, accuracies over its rows; run ``chunk`` rows at a time.
+
+    Under autograd each chunk is one checkpoint segment (prefix, post-edit suffix, logits, terms):
+    backward recomputes it, so what is kept between forward and backward does not grow with the rows.
+    """
+    totals: dict[str, torch.Tensor] = {}
+    for piece in batch.chunks(chunk):
+        sums = (checkpoint(_chunk_sums, split, piece, params, terms, use_reentrant=False) if torch.is_grad_enabled()
+                else _chunk_sums(split, piece, params, terms))
+        totals = {k: totals[k] + v for k, v in sums.items()} if totals else sums
+    n_positions, n_rows = int(batch.label_mask.sum()), batch.n_rows
+    return {k: v / (n_rows if k in ("acc_pre", "acc", "unchanged") else n_positions) for k, v in totals.items()}
+
+
+def many_edits_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0,
+                    c_answer: float = 0.0, answer_cap: float = 2.0, chunk: int = 16) -> tuple[torch.Tensor, dict[str, float]]:
+    """``meta_loss`` for the N records of ``batch`` edited by ONE aggregated edit (``training.n_edits``).
+
+    The editor combines the N edits as ``editor.aggregation`` says (least squares: in chunks of
+    ``editor.chunk_edits``); the edit loss of all N and the locality loss are then the token means of
+    ``meta_loss``, computed ``chunk`` rows at a time. For a summing editor it equals ``meta_loss``.
+    Backward keeps the edit's graph (the network on every edit token, KᵀD, the solve) and each
+    chunk's inputs, not the scored inputs' activations or vocabulary logits.
+    """
+    edit = editor.edit(split, batch.edit_inner)
+    params = edit.new_params
+
+    def edit_terms(pre: torch.Tensor, post: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        answer = {"l_answer": answer_margin(post, targets, answer_cap)} if c_answer else {}
+        return {"l_edit": masked_nll(post, targets), **answer}
+
+    def loc_terms(pre: torch.Tensor, post: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"l_loc": locality_kl(pre, post), **({"l_margin": locality_margin(pre, post)} if c_margin else {})}
+
+    outer = _scored_means(split, batch.edit_outer, params, edit_terms, chunk)
+    loc = _scored_means(split, batch.loc, params, loc_terms, chunk)
+    l_edit = outer["l_edit"]
+    if batch.unlikely is not None:  # ConvSent: push the opposite sentiment's responses down
+        l_edit = l_edit + _scored_means(split, batch.unlikely, params, lambda pre, post, t: {"l": unlikelihood(post, t)}, chunk)["l"]
+    loss = c_edit * l_edit + c_loc * loc["l_loc"] + c_answer * outer.get("l_answer", 0.0) + c_margin * loc.get("l_margin", 0.0)
+    optional = {"l_margin": loc.get("l_margin"), "l_answer": outer.get("l_answer")}
+    metrics = {
+        "loss": loss.item(),
+        "l_edit": l_edit.item(),
+        "l_loc": loc["l_loc"].item(),
+        **{k: v.item() for k, v in optional.items() if v is not None},
+        "pre_edit_loss": float(edit.pre_edit_loss),
+        "edit_acc_pre": outer["acc_pre"].item(),
+        "edit_acc": outer["acc"].item(),
+        "locality": loc["unchanged"].item(),
     }
     return loss, metrics

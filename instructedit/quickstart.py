@@ -24,7 +24,7 @@ from instructedit.editors.card import EDITOR_CONFIG, write_model_card
 from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.io import write_json
-from instructedit.models.loading import cache_dir, load_model
+from instructedit.models.loading import cache_dir, load_model, resolve_device
 from instructedit.records import TokenBatch
 from instructedit.tasks.collate import Collator
 
@@ -106,9 +106,16 @@ def quickstart_config(model_name: str | None = None, overrides: Sequence[str] = 
     return config
 
 
+LATER_FIELDS = {("data", "oversample"): {}, ("editor", "aggregation"): "sum", ("editor", "chunk_edits"): 64, ("training", "n_edits"): 1}
+
+
 def config_hash(config: Config) -> str:
     """A short hash of the effective config: the quickstart cache key."""
-    return hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+    values = config.to_dict()
+    for (section, name), default in LATER_FIELDS.items():  # at their default, fields added later keep cached editors' key
+        if values[section].get(name, default) == default:
+            values[section].pop(name, None)
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_run_dir(config: Config) -> Path:
@@ -195,8 +202,6 @@ def run_quickstart(model_name: str | None = None, overrides: Sequence[str] = (),
                    output: str | Path | None = None, retrain: bool = False, show_progress: bool = True,
                    edits: Sequence[Edit] = DEMO_EDITS, probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> QuickstartResult:
     """Train or reuse the quickstart editor (``output``, default the cache), then run the demo edits on its model."""
-    from instructedit.training import device_for
-
     start = time.perf_counter()
     config = quickstart_config(model_name, overrides, budget_steps)
     run_dir = Path(output) if output is not None else default_run_dir(config)
@@ -204,7 +209,7 @@ def run_quickstart(model_name: str | None = None, overrides: Sequence[str] = (),
     trained = model is not None
     train_s = time.perf_counter() - start
     if model is None or tokenizer is None:
-        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device_for(config))
+        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=resolve_device(config.training.device, "training.device"))
     editor = load_editor(editor_dir, instruction=config.evaluation.instruction, device=next(model.parameters()).device)
     demo_start = time.perf_counter()
     outcomes = run_demo(editor, model, tokenizer, edits, probes)

@@ -79,6 +79,25 @@ class TokenBatch:
     def label_mask(self) -> torch.Tensor:
         return self.labels != -100
 
+    @property
+    def label_rows(self) -> torch.Tensor:
+        """Row index of every labelled position, in ``label_mask`` order: (n_positions,)."""
+        return self.label_mask.nonzero()[:, 0]
+
+    @property
+    def n_rows(self) -> int:
+        return self.input_ids.shape[0]
+
+    def rows(self, start: int, stop: int) -> "TokenBatch":
+        """Rows ``start`` .. ``stop`` - 1 (views, still padded to this batch's length)."""
+        return TokenBatch(self.input_ids[start:stop], self.attention_mask[start:stop], self.labels[start:stop])
+
+    def chunks(self, size: int) -> list["TokenBatch"]:
+        """This batch in consecutive pieces of at most ``size`` rows (itself when it fits in one)."""
+        if self.n_rows <= size:
+            return [self]
+        return [self.rows(i, i + size) for i in range(0, self.n_rows, size)]
+
 
 @dataclass
 class MetaBatch:

@@ -22,9 +22,10 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.api import Edit, EditedModel, InstructEditor, answer, generate, max_input_length, score_target, top_predictions
 from instructedit.config import DEFAULT_MODEL
+from instructedit.models.loading import resolve_device
 from instructedit.records import SENTIMENTS, TASKS
 from instructedit.tasks.collate import encode_answer
-from instructedit.user_commands import add_editor_arguments, resolve_device
+from instructedit.user_commands import add_editor_arguments
 
 if TYPE_CHECKING:
     from fastapi import FastAPI

@@ -55,25 +55,6 @@ def add_user_parsers(subparsers: Any) -> None:
     quick.set_defaults(func=run_quickstart_command)
 
 
-def resolve_device(name: str) -> str:
-    """``auto`` -> cuda if available, else cpu; a device this machine does not have is a ValueError naming it."""
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ValueError(f"--device {name}: this machine has no usable CUDA GPU; use --device cpu (or auto)")
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"--device {name}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
-    return name
-
-
 def _predictions(pairs: list[tuple[str, float]]) -> list[str]:
     return [f"{json.dumps(token, ensure_ascii=False):<16} {p:.3f}" for token, p in pairs]
 
@@ -88,7 +69,7 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 
 def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, generate, load_editor, score_target, top_predictions
-    from instructedit.models.loading import load_model
+    from instructedit.models.loading import load_model, resolve_device
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")

@@ -11,19 +11,21 @@ import pytest
 import torch
 import yaml
 
+from instructedit import runs
 from instructedit.analysis import scaling
 from instructedit.analysis.commands import add_analysis_parsers
 from instructedit.analysis.gradients import (
     GradientSettings, MatrixSketch, editor_spec, embed_2d, pca_reduce, recorded_instructions, resolve_weight, separation_scores,
 )
 from instructedit.analysis.instructions_study import (
-    BalanceConfig, OversampledTrainer, load_balance_config, oversample, run_balance, seen_unseen_summary, write_description_outputs,
+    BalanceConfig, load_balance_config, run_balance, seen_unseen_summary, write_description_outputs,
 )
 from instructedit.config import load_config, save_config
+from instructedit.editors.registry import build_editor
 from instructedit.evaluation.report import EvalSettings
 from instructedit.models.loading import load_model
 from instructedit.records import EditRecord
-from instructedit.training import build_editor
+from instructedit.tasks.prepare import oversample
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -188,7 +190,7 @@ def test_scaling_trains_evaluates_plots_and_skips_finished_work(tiny_gpt2_dir: P
         raise AssertionError("finished work was redone")
 
     monkeypatch.setattr(scaling, "evaluate", forbidden)
-    monkeypatch.setattr(scaling.Trainer, "run", forbidden)
+    monkeypatch.setattr(runs.Trainer, "run", forbidden)
     assert args.func(args) == 0
     assert json.loads((out / "scaling.json").read_text())["points"] == result["points"]
 
@@ -211,7 +213,7 @@ def test_a_run_folder_with_another_configuration_is_refused(tiny_gpt2_dir: Path,
     save_config(load_config(TINY, [f"model.name={tiny_gpt2_dir}", "data.tasks=[counterfact]"]), run / "config.yaml")
     config = load_config(TINY, [f"model.name={tiny_gpt2_dir}", "data.tasks=[wikirecent]"])
     with pytest.raises(ValueError, match="different configuration"):
-        scaling.train_resumable(config, run, None, None)
+        runs.train_resumable(config, run, None, None)
 
 
 # --- seen vs unseen -------------------------------------------------------------------------------------
@@ -282,4 +284,4 @@ def test_balance_study_with_an_oversampled_variant(tiny_gpt2_dir: Path, tmp_path
         assert (tmp_path / "out" / name).is_file()
     with pytest.raises(ValueError, match="unique names"):
         BalanceConfig(base_config="x", max_steps=1, variants=[{"name": "a"}, {"name": "a"}])
-    assert issubclass(OversampledTrainer, scaling.Trainer)
+    assert yaml.safe_load((tmp_path / "out" / "convsent-x3" / "config.yaml").read_text())["data"]["oversample"] == {"convsent": 3}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import json
 import threading
@@ -15,13 +16,15 @@ import torch
 from torch import nn
 
 from instructedit.analysis.proposers import OpenAIProposer
+from instructedit.api import query_setup
 from instructedit.config import load_config
 from instructedit.editors.base import EditHandle, EditResult, WeightEditHandle
 from instructedit.editors.mend import MENDEditor
-from instructedit.api import query_setup
+from instructedit.editors.registry import build_editor
 from instructedit.evaluation.commands import add_evaluate_parser
 from instructedit.evaluation.generation import (
-    answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids, token_f1,
+    _batch_order, _shared_prefix, answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids,
+    token_f1,
 )
 from instructedit.evaluation.generation_probes import Query, answer_scores, case_queries
 from instructedit.evaluation.judge import LLMJudge, parse_verdict
@@ -31,7 +34,6 @@ from instructedit.models.loading import load_model
 from instructedit.records import ConvSentExtras, EditRecord, QAItem, TokenBatch
 from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
-from instructedit.training import build_editor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 POOL = InstructionPool.default()
@@ -146,6 +148,29 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_model_dir: P
     assert any(len(tokenizer(a, add_special_tokens=False)["input_ids"]) > 1 for a in batched)  # not trivially empty
     with pytest.raises(ValueError, match="exceed 8 tokens"):
         greedy_generate(model, tokenizer, prompts, 4, max_length=8)
+
+
+def test_a_shared_prefix_and_finished_rows_leaving_the_batch_change_no_answer(tiny_model_dir: Path) -> None:
+    model, tokenizer = load_model(str(tiny_model_dir))
+    template = "Task: zsre\nDescription: Answer the question about the entity with a short phrase.\nInput: {}\nOutput:"
+    questions = ["Who founded Rome?", "What is the capital of the country where the Danube river flows into the sea?", "Who?",
+                 "When was the inception of the IAAF Combined Events Challenge?", "Which river?", "Name the author of the book."]
+    prompts = [template.format(q) for q in questions] + ["The capital of France is", "I really like"]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    assert _shared_prefix(encoded[:6]) >= 8 and _shared_prefix(encoded) == 0  # the templated ones share their head
+    assert _batch_order(encoded)[-6:] == sorted(range(6), key=lambda i: len(encoded[i]))  # grouped, then by length
+    budgets = [1, 12, 3, 9, 2, 7, 5, 11]  # rows finish at different steps: finished ones leave the batch
+    expected = [naive_greedy(model, tokenizer, p, b) for p, b in zip(prompts, budgets)]
+    assert greedy_generate(model, tokenizer, prompts, budgets, batch_size=6) == expected
+    assert greedy_generate(model, tokenizer, prompts, budgets, batch_size=8) == expected
+    entered: list[list[int]] = []  # a rows_context is entered again for the rows still decoding
+
+    def context(rows: list[int]):
+        entered.append(rows)
+        return contextlib.nullcontext()
+
+    assert greedy_generate(model, tokenizer, prompts, budgets, batch_size=8, rows_context=context) == expected
+    assert len(entered) > 1 and set(entered[-1]) < set(entered[0]) and 1 in entered[-1] and 0 not in entered[-1]
 
 
 class Scripted(nn.Module):

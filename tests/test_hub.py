@@ -9,7 +9,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,9 +22,10 @@ from instructedit.api import Edit, load_editor
 from instructedit.config import load_config
 from instructedit.editors.card import TRAINING_CONFIG, render_model_card, write_model_card
 from instructedit.editors.mend import MENDEditor
+from instructedit.editors.registry import build_editor
 from instructedit.hub import push_editor
 from instructedit.models.loading import load_model
-from instructedit.training import Trainer, build_editor
+from instructedit.training import Trainer
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 TOKEN = "hf_test_token"
@@ -161,27 +162,16 @@ def make_handler(hub: FakeHub, base: list[str]) -> type[BaseHTTPRequestHandler]:
 
 
 @pytest.fixture
-def fake_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, FakeHub]]:
+def fake_hub(point_hub_at: Callable[[str], None]) -> Iterator[tuple[str, FakeHub]]:
     hub, base = FakeHub(), [""]
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(hub, base))
     base[0] = url = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    _point_hub_at(url, tmp_path, monkeypatch)
+    point_hub_at(url)
     yield url, hub
     server.shutdown()
     server.server_close()
-
-
-def _point_hub_at(url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """What HF_ENDPOINT=url does when set before huggingface_hub is imported; plus a private cache."""
-    monkeypatch.setenv("HF_ENDPOINT", url)
-    monkeypatch.setattr(hub_constants, "ENDPOINT", url)
-    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
 
 
 @pytest.fixture(scope="module")
@@ -255,11 +245,12 @@ def test_unknown_hub_repo_fails_clearly(tmp_path: Path, fake_hub: tuple[str, Fak
         load_editor("someone/missing")
 
 
-def test_unreachable_hub_fails_fast(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unreachable_hub_fails_fast(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    point_hub_at: Callable[[str], None]) -> None:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    _point_hub_at(f"http://127.0.0.1:{port}", tmp_path, monkeypatch)
+    point_hub_at(f"http://127.0.0.1:{port}")
     start = time.perf_counter()
     with pytest.raises(ConnectionError, match="did not answer"):
         load_editor("someone/tiny-editor")

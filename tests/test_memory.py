@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from instructedit.config import load_config
 from instructedit.cli import main
-from instructedit.memory import GIB, KNOWN_ARCHITECTURES, add_memory_parser, estimate_memory, markdown_table
+from instructedit.commands.memory import add_memory_parser
+from instructedit.config import load_config
+from instructedit.editors.registry import build_editor
+from instructedit.memory import GIB, KNOWN_ARCHITECTURES, estimate_memory, markdown_table
 from instructedit.models.loading import load_model
-from instructedit.training import build_editor
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "tiny.yaml"

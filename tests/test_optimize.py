@@ -16,10 +16,10 @@ from instructedit.analysis.commands import add_analysis_parsers
 from instructedit.analysis.optimize import EditorScorer, OptimizeSettings, improves, optimize_instructions, result_pool
 from instructedit.analysis.proposers import LocalProposer, OpenAIProposer, ProposerError, make_proposer, parse_candidates
 from instructedit.config import load_config, save_config
+from instructedit.editors.registry import build_editor
 from instructedit.models.loading import load_model
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
-from instructedit.training import build_editor
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 BASE = InstructionPool.default()

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx2
 import pytest
 import torch
+from huggingface_hub.utils import get_session
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from instructedit import training
+from instructedit.api import Edit, InstructEditor, load_editor
 from instructedit.cli import main
 from instructedit.editors.mend import CONFIG_NAME, WEIGHTS_NAME, MENDEditor
+from instructedit.models.hub_access import hub_timeouts
+from instructedit.models.loading import load_model
 from instructedit.tasks.splits import build_mixture
 from instructedit.training import Trainer
 
@@ -125,6 +133,90 @@ def test_resume_refuses_changed_data_files(tiny_gpt2_dir: Path, tmp_path: Path, 
     assert (run / "metrics.jsonl").read_text() == before
 
 
+# -- 6: records the loader skipped reach the evaluation report --------------------------------------------
+
+
+def test_the_evaluation_report_lists_the_records_the_loader_skipped(tiny_gpt2_dir: Path, gpt2_editor: Path, tmp_path: Path) -> None:
+    rows = json.loads((SHARED_DATA / "counterfact" / "train_cf.json").read_text())[:3]
+    del rows[1]["target_new"]
+    data = tmp_path / "cases.json"
+    data.write_text(json.dumps(rows))
+    output = tmp_path / "report.json"
+    assert main(["evaluate", "--editor", str(gpt2_editor), "--model", str(tiny_gpt2_dir), "--device", "cpu", "--task", "counterfact",
+                 "--data", str(data), "--protocol", "teacher_forced", "--output", str(output), "--no-progress"]) == 0
+    report = json.loads(output.read_text())
+    assert len(report["cases"]) == 2
+    assert report["skipped"] == [{"source": "cases.json#1", "reason": "missing field 'target_new'", "stage": "load",
+                                  "file": str(data), "index": 1}]
+    markdown = output.with_suffix(".md").read_text()
+    assert "2 cases (1 skipped: 1 by the data loader)" in markdown
+    assert "| cases.json#1 | data loader | missing field 'target_new' |" in markdown
+
+
+# -- 7: a hub that accepts the connection and never answers --------------------------------------------------
+
+
+@pytest.fixture
+def silent_hub(point_hub_at: Callable[[str], None], monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """The hub endpoint pointed at a server on 127.0.0.1 that accepts every connection and never answers; 0.5 s hub timeout."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except (TimeoutError, OSError):
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    point_hub_at(url)
+    monkeypatch.setenv("INSTRUCTEDIT_HUB_TIMEOUT", "0.5")
+    yield url
+    stop.set()
+    thread.join()
+    for conn in [*accepted, server]:
+        conn.close()
+
+
+def error_within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """Run ``call`` in a thread; the error it raised, after asserting it returned within ``seconds`` (a hang fails, not blocks, the test)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as err:  # noqa: BLE001 (handed to the test)
+            outcome.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"still waiting for the hub after {seconds} s"
+    return outcome[0]
+
+
+@pytest.mark.parametrize("what", ["model", "editor"])
+def test_a_hub_that_never_answers_is_a_clear_error_not_a_hang(silent_hub: str, what: str) -> None:
+    call = {"model": lambda: load_model("someone/model"), "editor": lambda: load_editor("someone/editor")}[what]
+    err = error_within(8, call)
+    assert isinstance(err, ConnectionError), err
+    assert f"{silent_hub} did not answer within 0.5 s" in str(err)
+    assert "to work offline set HF_HUB_OFFLINE=1" in str(err) and "INSTRUCTEDIT_HUB_TIMEOUT" in str(err)
+
+
+def test_hub_requests_without_a_timeout_get_one(silent_hub: str) -> None:
+    with hub_timeouts(0.5):  # huggingface_hub's API calls pass timeout=None: without the cap they wait forever
+        err = error_within(5, lambda: get_session().get(f"{silent_hub}/api/models/someone/model", timeout=None))
+    assert isinstance(err, httpx2.ReadTimeout), err
+    assert not any(hook.__qualname__.startswith("hub_timeouts") for hook in get_session().event_hooks["request"])
+
+
 # -- 8: damaged editor folders ----------------------------------------------------------------------------
 
 
@@ -226,3 +318,69 @@ def test_edit_on_cuda_without_a_gpu(tiny_gpt2_dir: Path, gpt2_editor: Path, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert edit_cli(gpt2_editor, tiny_gpt2_dir, "--device", "cuda") == 2
     assert "--device cuda: this machine has no usable CUDA GPU" in caplog.text
+
+
+# -- 11: the memory of kept sequential edits ---------------------------------------------------------------
+
+CITIES = ["Rome", "London", "Paris", "Berlin", "Madrid", "Vienna", "Oslo", "Lisbon", "Prague", "Dublin"]
+
+
+def sequential_edits(n: int) -> list[Edit]:
+    return [Edit(f"The capital of country number {i} is", CITIES[i % len(CITIES)]) for i in range(n)]
+
+
+def held_tensor_bytes(root: object, skip: tuple[object, ...]) -> int:
+    """Bytes of the distinct tensor storages reachable from ``root``'s attributes and containers, not entering ``skip``."""
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or any(obj is s for s in skip) or isinstance(obj, nn.Module):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storages[obj.untyped_storage().data_ptr()] = obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            stack += list(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack += list(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            stack += list(vars(obj).values())
+    return sum(storages.values())
+
+
+@pytest.fixture
+def sequential_setup(tiny_gpt2_dir: Path, gpt2_editor: Path) -> tuple[nn.Module, object, InstructEditor, dict[str, torch.Tensor]]:
+    model, tok = load_model(str(tiny_gpt2_dir))
+    return model, tok, load_editor(gpt2_editor), {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_sequential_edits_roll_back_bitwise_all_at_once_and_from_the_middle(sequential_setup: tuple) -> None:
+    model, tok, editor, original = sequential_setup
+    edits = sequential_edits(20)
+    with editor.apply_sequential(model, edits[:10], tok):
+        middle = {k: v.clone() for k, v in model.state_dict().items()}
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    edited = editor.apply_sequential(model, edits, tok)
+    assert any(not torch.equal(v, middle[k]) for k, v in model.state_dict().items())
+    edited.rollback_to(10)
+    assert edited.active and edited.edits == tuple(edits[:10])
+    assert all(torch.equal(v, middle[k]) for k, v in model.state_dict().items())
+    edited.rollback()
+    assert all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+    with editor.apply_sequential(model, edits, tok) as again:
+        pass
+    assert not again.active and all(torch.equal(v, original[k]) for k, v in model.state_dict().items())
+
+
+def test_kept_sequential_edits_hold_one_copy_of_the_weights_not_one_per_edit(sequential_setup: tuple) -> None:
+    model, tok, editor, _ = sequential_setup
+    weights = sum(model.get_parameter(w.name).nbytes for w in editor.editor.weights)
+    held = {}
+    for n in (2, 20):
+        with editor.apply_sequential(model, sequential_edits(n), tok) as edited:
+            held[n] = held_tensor_bytes(edited, skip=(model, tok, editor))
+    assert weights <= held[2] < 2 * weights  # the originals, once
+    per_edit = (held[20] - held[2]) / 18  # an edit's token ids and checksums, not a copy of the edited weights
+    assert per_edit < weights / 8, (held, weights)

@@ -13,8 +13,9 @@ from torch import nn
 from instructedit.config import load_config
 from instructedit.editors.base import EditHandle
 from instructedit.editors.mend import MENDEditor
-from instructedit.evaluation.commands import add_evaluate_parser, parse_options
+from instructedit.editors.registry import build_editor
 from instructedit.evaluation import runner
+from instructedit.evaluation.commands import add_evaluate_parser, parse_options
 from instructedit.evaluation.report import load_report_json, markdown_report
 from instructedit.evaluation.runner import (
     RestorationError, case_probes, edit_pairs, evaluate, pack, scored_logits, sequential_schedule,
@@ -23,7 +24,6 @@ from instructedit.models.loading import load_model
 from instructedit.records import ConvSentExtras, EditRecord, QAItem, TokenBatch
 from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
-from instructedit.training import build_editor
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 

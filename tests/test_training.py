@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from instructedit import training
+from instructedit import train_state, training
 from instructedit.cli import main
 from instructedit.config import load_config
 from instructedit.editors.mend import MENDEditor
@@ -158,16 +158,16 @@ def test_margin_term_is_optional_and_trains_the_editor(tiny_gpt2_dir: Path, tmp_
 def test_locality_target_moves_the_locality_weight_and_survives_resume(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     config = _config(tiny_gpt2_dir, "training.locality_target=0.9", "training.locality_target_rate=0.5")
     trainer = Trainer(config, tmp_path / "unit", show_progress=False)
-    trainer._follow_locality_target(0.5)  # under the target: the weight rises
+    trainer.state.follow_locality_target(0.5, trainer.config.training)  # under the target: the weight rises
     assert trainer.state.loc_weight == pytest.approx(math.exp(0.5 * 0.4)) and trainer.state.loc_running == 0.5
-    trainer._follow_locality_target(1.0)  # running mean 0.525, still under
+    trainer.state.follow_locality_target(1.0, trainer.config.training)  # running mean 0.525, still under
     assert trainer.state.loc_weight > math.exp(0.5 * 0.4)
     trainer.state.loc_running, trainer.state.loc_weight = 1.0, 1.0
-    trainer._follow_locality_target(1.0)  # over the target: it falls
+    trainer.state.follow_locality_target(1.0, trainer.config.training)  # over the target: it falls
     assert trainer.state.loc_weight == pytest.approx(math.exp(-0.05))
     for _ in range(2000):
-        trainer._follow_locality_target(0.0)
-    assert trainer.state.loc_weight == training.LOC_WEIGHT_RANGE[1]  # bounded
+        trainer.state.follow_locality_target(0.0, trainer.config.training)
+    assert trainer.state.loc_weight == train_state.LOC_WEIGHT_RANGE[1]  # bounded
     with pytest.raises(ValueError, match="locality_target"):
         _config(tiny_gpt2_dir, "training.locality_target=1.5")
     assert _config(tiny_gpt2_dir).training.locality_target is None

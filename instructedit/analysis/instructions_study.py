@@ -4,7 +4,7 @@ Seen vs unseen (DESIGN.md §6, "comparable results"): one trained editor evaluat
 description of a task in turn; the unseen description's scores are compared with the spread of the
 seen ones. Balance ("unbalanced mixing blurs the gradient clusters"): editors trained on the same
 tasks with ConvSent capped (``data.balance``), uncapped, or oversampled by repeating its records
-(``OversampledTrainer``), compared on per-task reliability and on the gradient separation score.
+(``data.oversample``), compared on per-task reliability and on the gradient separation score.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,18 +22,15 @@ import numpy as np
 
 from instructedit.analysis import plots
 from instructedit.analysis.gradients import GradientSettings, analyze_updates, collect_updates, slug, study_records
-from instructedit.analysis.scaling import (
-    CHECKPOINTS, build_study, eval_records, evaluate_cached, load_study, post_pre, train_resumable,
-)
-from instructedit.config import Config, load_config
+from instructedit.analysis.scaling import CHECKPOINTS, build_study, eval_records, evaluate_cached, load_study, post_pre
+from instructedit.config import load_config
 from instructedit.editors.mend import MENDEditor
-from instructedit.evaluation.commands import file_sha256
 from instructedit.evaluation.report import EvalSettings
-from instructedit.io import write_json
-from instructedit.models.loading import load_model
+from instructedit.io import file_sha256, write_json
+from instructedit.models.loading import load_model, resolve_device
 from instructedit.records import EditRecord
-from instructedit.tasks.instructions import InstructionPool
-from instructedit.training import Trainer, TrainData, device_for, instruction_pool
+from instructedit.runs import train_resumable
+from instructedit.tasks.instructions import InstructionPool, instruction_pool
 
 logger = logging.getLogger(__name__)
 
@@ -104,37 +100,6 @@ def write_description_outputs(rows: list[dict[str, Any]], task: str, output: Pat
 
 
 # --- ConvSent balance ---------------------------------------------------------------------------------
-
-
-def oversample(records: Sequence[EditRecord], factors: Mapping[str, float]) -> list[EditRecord]:
-    """Each task's records repeated ``factor`` times (a fractional part takes a prefix); order is irrelevant
-    to the Trainer, which reshuffles every epoch."""
-    out: list[EditRecord] = []
-    for task in dict.fromkeys(r.task for r in records):
-        group = [r for r in records if r.task == task]
-        factor = float(factors.get(task, 1.0))
-        if factor <= 0 or not math.isfinite(factor):
-            raise ValueError(f"oversampling factor of {task!r} must be a positive number, got {factor}")
-        total = round(len(group) * factor)
-        out += [group[i % len(group)] for i in range(total)]
-    return out
-
-
-class OversampledTrainer(Trainer):
-    """The Trainer with some tasks' training records repeated (e.g. ConvSent x4); validation is untouched."""
-
-    def __init__(self, config: Config, output_dir: str | Path, factors: Mapping[str, float], **kwargs: Any) -> None:
-        super().__init__(config, output_dir, **kwargs)
-        self.data = oversampled_data(self.data, factors)
-
-
-def oversampled_data(data: TrainData, factors: Mapping[str, float]) -> TrainData:
-    train = oversample(data.train, factors)
-    counts = {task: sum(r.task == task for r in train) for task in dict.fromkeys(r.task for r in train)}
-    info = dict(data.info)
-    info["train"] = dict(info["train"]) | {"counts_before_oversampling": info["train"].get("counts"), "counts": counts,
-                                           "oversampling": dict(factors)}
-    return dataclasses.replace(data, train=train, info=info)
 
 
 @dataclass
@@ -220,13 +185,14 @@ def run_balance(cfg: BalanceConfig, base: Path, output: str | Path, device: str 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     extra = [f"training.device={device}"] if device is not None else []
-    configs = [(v, load_config(base, [*cfg.overrides, f"data.balance={str(v.balance).lower()}", f"training.max_steps={cfg.max_steps}", *extra]))
+    configs = [(v, load_config(base, [*cfg.overrides, f"data.balance={str(v.balance).lower()}", f"training.max_steps={cfg.max_steps}",
+                                      *([f"data.oversample={{convsent: {v.convsent_factor}}}"] if v.convsent_factor != 1.0 else []), *extra]))
                for v in cfg.variants]
     first = configs[0][1]
     if "convsent" not in first.data.tasks:
         raise ValueError(f"the balance study needs convsent in data.tasks of {base}, got {first.data.tasks}")
     if model is None:
-        model, tokenizer = load_model(first.model.name, dtype=first.model.dtype, device=str(device_for(first)))
+        model, tokenizer = load_model(first.model.name, dtype=first.model.dtype, device=resolve_device(first.training.device, "training.device"))
     pool = instruction_pool(first)
     instruction = pool.evaluation_index(cfg.instruction) if pool is not None else None
     tasks = list(first.data.tasks)
@@ -236,11 +202,7 @@ def run_balance(cfg: BalanceConfig, base: Path, output: str | Path, device: str 
     variants, panels = [], []
     for variant, config in configs:
         run_dir = output / variant.name
-        factors = {"convsent": variant.convsent_factor} if variant.convsent_factor != 1.0 else {}
-        if factors:
-            summary = train_resumable(config, run_dir, model, tokenizer, progress, trainer_cls=OversampledTrainer, factors=factors)
-        else:
-            summary = train_resumable(config, run_dir, model, tokenizer, progress)
+        summary = train_resumable(config, run_dir, model, tokenizer, progress)
         editor_dir = run_dir / cfg.checkpoint
         reliability, per_task = {}, {}
         for task in tasks:

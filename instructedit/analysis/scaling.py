@@ -1,15 +1,14 @@
 """Task scaling: editors trained on 1, 2, 3 tasks with equal budgets, each tested on the held-out task (ZsRE).
 
 DESIGN.md §6 (published, GPT-2 XL: hold-out ZsRE reliability ≈ 6 → 49 → 81). Every editor trains into
-``OUTPUT/<n>-tasks/`` (the Trainer resumes from ``last/``); a finished run (``summary.json``) is not
-retrained and an evaluation whose settings match its cached JSON is not rerun. Also home of the
-resumable train / cached evaluate helpers the balance study shares.
+``OUTPUT/<n>-tasks/`` (``runs.train_resumable``: a finished run is not retrained, an interrupted one
+resumes) and an evaluation whose settings match its cached JSON is not rerun. Also home of the
+cached evaluate helpers the balance study shares.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,16 +17,16 @@ from typing import Any, TypeVar
 
 
 from instructedit.analysis import plots
-from instructedit.config import Config, check_resumable, load_config, read_yaml_mapping
+from instructedit.config import Config, load_config, read_yaml_mapping
 from instructedit.editors.mend import MENDEditor
-from instructedit.evaluation.commands import file_sha256
 from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
 from instructedit.evaluation.runner import evaluate
-from instructedit.io import write_json
-from instructedit.models.loading import load_model
+from instructedit.io import file_sha256, write_json
+from instructedit.models.loading import load_model, resolve_device
 from instructedit.records import TASKS, EditRecord
+from instructedit.tasks.instructions import instruction_pool
 from instructedit.tasks.splits import load_task_splits
-from instructedit.training import Trainer, device_for, instruction_pool
+from instructedit.runs import train_resumable
 
 logger = logging.getLogger(__name__)
 StudyT = TypeVar("StudyT")
@@ -114,22 +113,7 @@ def load_scaling_config(path: str | Path) -> tuple[ScalingConfig, Path]:
     return load_study(ScalingConfig, path)
 
 
-# --- resumable training, cached evaluation -------------------------------------------------------------
-
-
-def train_resumable(config: Config, run_dir: str | Path, model: Any, tokenizer: Any, progress: bool = True,
-                    trainer_cls: type[Trainer] = Trainer, **trainer_kwargs: Any) -> dict[str, Any]:
-    """Train into ``run_dir`` unless a finished run is there; resume an interrupted one."""
-    run_dir = Path(run_dir)
-    check_resumable(config, run_dir)
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("stopped_early") or summary.get("steps", 0) >= config.training.max_steps:
-            logger.info("%s: finished run found (%d steps); not retraining", run_dir, summary.get("steps", 0))
-            return summary
-    logger.info("training into %s (tasks %s, %d steps)", run_dir, config.data.tasks, config.training.max_steps)
-    return trainer_cls(config, run_dir, model=model, tokenizer=tokenizer, show_progress=progress, **trainer_kwargs).run()
+# --- cached evaluation ------------------------------------------------------------------------------
 
 
 def _same_evaluation(cached: EvalSettings, wanted: EvalSettings) -> bool:
@@ -192,7 +176,7 @@ def run_scaling(cfg: ScalingConfig, base: Path, output: str | Path, device: str 
     configs = [(tasks, scaling_run_config(base, cfg, tasks, device)) for tasks in sorted(cfg.task_sets, key=len)]
     first = configs[0][1]
     if model is None:
-        model, tokenizer = load_model(first.model.name, dtype=first.model.dtype, device=str(device_for(first)))
+        model, tokenizer = load_model(first.model.name, dtype=first.model.dtype, device=resolve_device(first.training.device, "training.device"))
     pool = instruction_pool(first)
     instruction = pool.evaluation_index(cfg.instruction)
     records = eval_records(cfg.eval_task, cfg.eval_split, cfg.eval_limit, first.data.data_dir, first.data.split_seed)

@@ -3,7 +3,8 @@
 DESIGN.md §3. One ``GradientTransform`` per weight shape (shared across the layers of that shape,
 told apart by per-layer scale/shift), fed the running-normalized concatenation [u; δ], two
 low-rank residual layers with identity initialization; the update of weight W is
-α_W · Σ_t δ̃_t ũ_tᵀ with one learned α_W per weight.
+α_W · Σ_t δ̃_t ũ_tᵀ with one learned α_W per weight (``editor.aggregation: sum``), or, with
+``least_squares``, the ridge-regression shift of ``editors/aggregation.py`` (DESIGN.md §9).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -19,12 +20,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from instructedit.config import EditorConfig
+from instructedit.config import EditorConfig, ModelConfig
+from instructedit.editors.aggregation import NormalEquations, value_differences
 from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import atomic_write, write_json
-from instructedit.losses import masked_nll
-from instructedit.models.architectures import ArchSpec, EditableWeight, arch_spec
+from instructedit.losses import masked_nll, per_row_nll
+from instructedit.models.architectures import ArchSpec, EditableWeight, arch_spec, resolve_editable_weights
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import TokenBatch
 
@@ -163,11 +165,24 @@ class MENDEditor(nn.Module):
             }
         )
         self.edit_lrs = nn.Parameter(torch.full((len(self.weights),), self.config.init_edit_lr))
+        if self.config.aggregation == "least_squares":
+            # λ per weight, the ridge strength being e^λ; only least-squares editors have (and save) it.
+            self.lambdas = nn.Parameter(torch.zeros(len(self.weights)))
         self._split_cache: tuple[int, SplitModel] | None = None
+
+    @classmethod
+    def for_model(cls, model: nn.Module, model_config: ModelConfig, editor_config: EditorConfig) -> "MENDEditor":
+        """A fresh (identity-initialized) editor of ``model``'s inner weights as ``model_config`` names them."""
+        override = ArchSpec.from_dict(model_config.architecture) if model_config.architecture else None
+        spec = arch_spec(model, override)
+        weights = resolve_editable_weights(model, spec, model_config.edit_weights or None, model_config.last_n_layers)
+        return cls(weights, editor_config, override, model_config.name)
 
     @property
     def network_parameters(self) -> list[nn.Parameter]:
-        return list(self.transforms.parameters())
+        """What meta-training's first optimizer trains besides the step sizes α: the networks (and λ)."""
+        ridge = [self.lambdas] if self.config.aggregation == "least_squares" else []
+        return list(self.transforms.parameters()) + ridge
 
     def split(self, model: nn.Module | SplitModel) -> SplitModel:
         """The model cut at the first edited block (cached per model object)."""
@@ -192,6 +207,13 @@ class MENDEditor(nn.Module):
     def transform(self, factors: dict[str, Factors]) -> dict[str, torch.Tensor]:
         """α · Σ_t δ̃_t ũ_tᵀ per weight, in the parameter's storage orientation."""
         updates: dict[str, torch.Tensor] = {}
+        for i, w, _, u_w, d_w in self.network_outputs(factors):
+            grad = d_w.T @ u_w  # (d_out, d_in)
+            updates[w.name] = self.edit_lrs[i] * (grad.T if w.transposed else grad)
+        return updates
+
+    def network_outputs(self, factors: dict[str, Factors]) -> Iterator[tuple[int, EditableWeight, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(index, weight, u, ũ, δ̃) per weight: the float32 keys and the network's outputs, (n_tokens, d)."""
         index = {w.name: i for i, w in enumerate(self.weights)}
         for key, ws in self.groups.items():
             # The network and its statistics stay float32 on the editor's device whatever the base model's dtype.
@@ -201,23 +223,59 @@ class MENDEditor(nn.Module):
             counts = [u.shape[0] for u in us]
             mode = torch.repeat_interleave(torch.arange(len(ws), device=us[0].device), torch.tensor(counts, device=us[0].device))
             u_t, delta_t = self.transforms[key](torch.cat(us), torch.cat(deltas), mode)
-            for w, u_w, d_w in zip(ws, u_t.split(counts), delta_t.split(counts)):
-                grad = d_w.T @ u_w  # (d_out, d_in)
-                updates[w.name] = self.edit_lrs[index[w.name]] * (grad.T if w.transposed else grad)
-        return updates
+            for w, u, u_w, d_w in zip(ws, us, u_t.split(counts), delta_t.split(counts)):
+                yield index[w.name], w, u, u_w, d_w
+
+    def solve(self, split: SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Least-squares updates (storage orientation) from every edit of ``batch``, and the mean pre-edit NLL per edit.
+
+        ``editor.chunk_edits`` edit inputs at a time: capture their factors (δ from the sum of each
+        edit's mean NLL), run the network, fold keys and value differences into KᵀK and KᵀD; then
+        solve once per weight (editors/aggregation.py). ``state`` is used when the batch is one chunk.
+        """
+        systems = {w.name: NormalEquations() for w in self.weights}
+        chunks = batch.chunks(self.config.chunk_edits)
+        if len(chunks) > 1 and self.training and any(t.exchange is not None for t in self.transforms.values()):
+            # Each chunk is one statistics exchange round; processes with other row counts would wait forever.
+            raise ValueError(f"data-parallel training with editor.aggregation least_squares needs editor.chunk_edits >= the "
+                             f"{batch.n_rows} edit inputs of a micro-batch (it is {self.config.chunk_edits})")
+        whole = state if state is not None and len(chunks) == 1 else None
+        total = sum(self._accumulate(split, chunk, whole, systems) for chunk in chunks)
+        updates = {}
+        for i, w in enumerate(self.weights):
+            shift = systems[w.name].solve(self.lambdas[i])  # (d_in, d_out): Conv1D's storage orientation
+            updates[w.name] = shift if w.transposed else shift.T
+        return updates, total / batch.n_rows
+
+    def _accumulate(self, split: SplitModel, chunk: TokenBatch, state: PrefixState | None, systems: dict[str, NormalEquations]) -> torch.Tensor:
+        """Fold one chunk of edits into ``systems``; returns the sum of their pre-edit NLLs. Its activations die on return."""
+        state = state if state is not None else split.prefix(chunk)
+        with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
+            logits = split.logits_at(split.suffix(state), chunk.label_mask)
+            losses = per_row_nll(logits, chunk.labels[chunk.label_mask], chunk.label_rows, chunk.n_rows)  # (rows,)
+            factors = capture.factors(losses.sum())
+        for i, w, keys, keys_t, deltas_t in self.network_outputs(factors):
+            systems[w.name].add(keys, value_differences(keys, keys_t, deltas_t, self.edit_lrs[i]))
+        return losses.detach().sum()
 
     def edit(self, model: nn.Module | SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> EditResult:
-        """One MEND edit on ``batch`` (its labelled tokens are the targets); the model is not modified."""
+        """One MEND edit from all rows of ``batch`` (its labelled tokens are the targets); the model is not modified.
+
+        The rows' updates are summed or solved for by least squares, as ``editor.aggregation`` says.
+        """
         split = self.split(model)
-        state = state if state is not None else split.prefix(batch)
         mask = batch.label_mask
         if not bool(mask.any()):
             raise ValueError("the edit batch has no target tokens to learn")
-        with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
-            logits = split.logits_at(split.suffix(state), mask)
-            loss = masked_nll(logits, batch.labels[mask])
-            factors = capture.factors(loss)
-        updates = self.transform(factors)
+        if self.config.aggregation == "least_squares":
+            updates, loss = self.solve(split, batch, state)
+        else:
+            state = state if state is not None else split.prefix(batch)
+            with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
+                logits = split.logits_at(split.suffix(state), mask)
+                loss = masked_nll(logits, batch.labels[mask])
+                factors = capture.factors(loss)
+            updates = self.transform(factors)
         new_params = {}
         for w in self.weights:
             param = split.model.get_parameter(w.name)
@@ -280,7 +338,7 @@ class MENDEditor(nn.Module):
         try:
             weights = [EditableWeight(**{**w, "shape": tuple(w["shape"])}) for w in data["weights"]]
             arch = data.get("architecture")
-            arch_obj = ArchSpec(**{**arch, "mlp_modules": tuple(arch["mlp_modules"])}) if arch else None
+            arch_obj = ArchSpec.from_dict(arch) if arch else None
             editor = cls(weights, EditorConfig(**data["editor"]), arch_obj, data.get("model_name", ""))
         except (KeyError, TypeError, ValueError) as e:
             raise _corrupt(directory, CONFIG_NAME, f"describes no valid editor ({type(e).__name__}: {e})") from None

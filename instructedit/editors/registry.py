@@ -1,14 +1,22 @@
-"""Editor registry: method name -> factory. Unknown names fail with the list of valid ones."""
+"""Editor registry: method name -> factory. Unknown names fail with the list of valid ones.
+
+``EDITORS`` builds a ready editor (a trained one loaded from its folder, or a baseline);
+``LEARNED_EDITORS`` names the classes meta-training can start fresh, each through its ``for_model``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from instructedit.config import Config
 from instructedit.editors.base import Editor
+
+if TYPE_CHECKING:
+    from instructedit.editors.mend import MENDEditor
 
 EditorFactory = Callable[[nn.Module, Any, dict[str, Any]], Editor]  # (model, tokenizer, options) -> editor
 
@@ -59,3 +67,23 @@ def make_editor(name: str, model: nn.Module, tokenizer: Any, options: dict[str, 
     if name not in EDITORS:
         raise ValueError(f"unknown editing method {name!r}; valid methods: {sorted(EDITORS)}")
     return EDITORS[name](model, tokenizer, dict(options or {}))
+
+
+def _mend_class() -> type[MENDEditor]:
+    from instructedit.editors.mend import MENDEditor
+
+    return MENDEditor
+
+
+# editor.method -> the class whose ``for_model(model, model_config, editor_config)`` builds a fresh, trainable editor
+LEARNED_EDITORS: dict[str, Callable[[], type[MENDEditor]]] = {
+    "mend": _mend_class,
+}
+
+
+def build_editor(model: nn.Module, config: Config) -> MENDEditor:
+    """A fresh editor of ``config.editor.method`` for ``model``'s inner weights, as meta-training starts it."""
+    name = config.editor.method
+    if name not in LEARNED_EDITORS:
+        raise ValueError(f"editor.method {name!r} cannot be meta-trained; trainable methods: {sorted(LEARNED_EDITORS)}")
+    return LEARNED_EDITORS[name]().for_model(model, config.model, config.editor)

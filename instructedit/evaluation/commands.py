@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -18,7 +17,8 @@ from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES, MetricSummary
-from instructedit.evaluation.report import EvalReport
+from instructedit.evaluation.report import EvalReport, load_skips
+from instructedit.io import file_sha256
 from instructedit.records import EditRecord, TASKS
 from instructedit.tasks.collate import ANSWER_STOPS
 from instructedit.tasks.instructions import InstructionPool
@@ -111,14 +111,6 @@ def _interval(summary: MetricSummary) -> str:
     return f"{100 * summary.mean:.1f} [{100 * summary.low:.1f}, {100 * summary.high:.1f}]"
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def resolve_instruction(value: str, pool: InstructionPool) -> int | None:
     """'none' -> None; 'seen' / 'unseen' / an index -> a checked description index."""
     if value.lower() == "none":
@@ -128,19 +120,27 @@ def resolve_instruction(value: str, pool: InstructionPool) -> int | None:
     return pool.evaluation_index(value)
 
 
-def load_eval_records(task: str, data: str | None, data_dir: str | None, split: str, seed: int) -> tuple[list[EditRecord], dict[str, Any]]:
-    """Records of ``--data FILE`` (format auto-detected, records labelled ``task``) or of the task's split."""
+def load_eval_records(task: str, data: str | None, data_dir: str | None, split: str,
+                      seed: int) -> tuple[list[EditRecord], dict[str, Any], list[dict[str, Any]]]:
+    """Records of ``--data FILE`` (format auto-detected, records labelled ``task``) or of the task's split.
+
+    Also returns the records the loader skipped (report entries, ``report.load_skips``): for a split,
+    those of the files it is drawn from.
+    """
     from instructedit.tasks.loaders import load_records
-    from instructedit.tasks.splits import load_task_splits
+    from instructedit.tasks.splits import TASK_SOURCES, load_task_splits
 
     if data is not None:
         path = Path(data)
         if not path.is_file():
             raise FileNotFoundError(f"--data {path} does not exist")
         result = load_records(path, task=task)
-        return result.records, {"data_file": str(path), "split": None, "split_seed": None}
+        return result.records, {"data_file": str(path), "split": None, "split_seed": None}, load_skips(path, result.skipped)
     splits = load_task_splits(task, data_dir, seed=seed)
-    return splits.split(split), {"data_file": None, "split": split, "split_seed": seed}
+    source = TASK_SOURCES[task]
+    files = source.test if split == "test" and source.test else source.pool
+    skipped = [entry for rel in files for entry in load_skips(rel, splits.skipped.get(rel, []))]
+    return splits.split(split), {"data_file": None, "split": split, "split_seed": seed}, skipped
 
 
 def make_judge(args: argparse.Namespace) -> LLMJudge:
@@ -189,7 +189,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         which, why = "seen", "the default for registry methods"
     instruction = resolve_instruction(which, pool)
     logger.info("instruction: %s (%s)", which, why)
-    records, where = load_eval_records(args.task, args.data, args.data_dir, args.split, args.seed)
+    records, where, load_skipped = load_eval_records(args.task, args.data, args.data_dir, args.split, args.seed)
     records = records[: args.limit] if args.limit is not None else records
     if not records:
         raise ValueError(f"no records to evaluate for task {args.task!r} ({args.data or args.split})")
@@ -209,6 +209,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
                       sequential=args.sequential, progress=not args.no_progress, settings=settings, protocol=args.protocol,
                       answer_stop=answer_stop, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge)
+    report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
     markdown = write_markdown([report], output.with_suffix(".md"))
     print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {headline(report, args.task)}; "

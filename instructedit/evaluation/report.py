@@ -25,6 +25,8 @@ GEN_COLUMNS = {"gen_reliability": "Rel.", "gen_reliability_plain": "Rel. plain",
 PHASES = {"pre": "teacher_forced", "post": "teacher_forced", "gen_pre": "generation", "gen_post": "generation"}  # phase -> protocol
 TITLES = {"teacher_forced": "Teacher-forced", "generation": "Generation (greedy, exact match)"}
 SAMPLE_ANSWERS = 5  # cases whose answers the Markdown shows
+SKIPPED_SHOWN = 20  # skipped records the Markdown lists (the JSON has all)
+LOAD_STAGE = "load"  # a record the data loader skipped (malformed); the runner's own skips carry no stage
 
 
 @dataclass
@@ -99,7 +101,8 @@ class EvalReport:
     cases: list[CaseResult]
     aggregates: dict[str, dict[str, dict[str, MetricSummary]]]  # task -> phase (PHASES) -> metric -> summary
     timing: dict[str, float]
-    skipped: list[dict[str, str]] = field(default_factory=list)  # {"source", "reason"}
+    # {"source", "reason"}: records the runner skipped; the loader's also carry "stage": "load", "file", "index"
+    skipped: list[dict[str, Any]] = field(default_factory=list)
     restoration: dict[str, Any] = field(default_factory=dict)
     sequential: list[SequentialPoint] = field(default_factory=list)
 
@@ -129,6 +132,13 @@ class EvalReport:
             aggregates=aggregates, timing=data.get("timing", {}), skipped=data.get("skipped", []),
             restoration=data.get("restoration", {}), sequential=[SequentialPoint(**p) for p in data.get("sequential", [])],
         )
+
+
+def load_skips(file: str | Path, skipped: Sequence[tuple[int, str]]) -> list[dict[str, Any]]:
+    """The records a data loader skipped in ``file`` ((record index, reason) pairs) as report entries."""
+    name = Path(file).name
+    return [{"source": f"{name}#{index}", "reason": reason, "stage": LOAD_STAGE, "file": str(file), "index": index}
+            for index, reason in skipped]
 
 
 def write_report_json(report: EvalReport, path: str | Path) -> Path:
@@ -245,6 +255,16 @@ def _sample_answers(report: EvalReport, count: int = SAMPLE_ANSWERS) -> list[str
             "|---|---|---|---|", *rows, ""]
 
 
+def _skipped(report: EvalReport, count: int = SKIPPED_SHOWN) -> list[str]:
+    """The skipped records: where each was dropped (data loader or evaluation) and why."""
+    if not report.skipped:
+        return []
+    rows = [f"| {_text_cell(str(s.get('source', '')))} | {'data loader' if s.get('stage') == LOAD_STAGE else 'evaluation'} | "
+            f"{_text_cell(str(s.get('reason', '')))} |" for s in report.skipped[:count]]
+    more = [f"... and {len(report.skipped) - count} more (all are in the JSON report's `skipped`)", ""] if len(report.skipped) > count else []
+    return [f"#### {report.settings.label} — skipped records", "", "| record | skipped by | reason |", "|---|---|---|", *rows, "", *more]
+
+
 def _notes(reports: Sequence[EvalReport], teacher_forced: bool, generation: bool) -> list[str]:
     """What the numbers of the protocols shown mean."""
     lines = []
@@ -279,13 +299,15 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
     lines += [*_notes(reports, teacher_forced, generation), "", "## Details", ""]
     for report in reports:
         s = report.settings
+        loader = sum(1 for x in report.skipped if x.get("stage") == LOAD_STAGE)
         lines += [f"- **{s.label}** on {s.task}: model `{s.model_name}`, {len(report.cases)} cases "
-                  f"({len(report.skipped)} skipped), data {_source(s)}, instructions from {s.instruction_source or '—'}"
+                  f"({len(report.skipped)} skipped{f': {loader} by the data loader' if loader else ''}), data {_source(s)}, instructions from {s.instruction_source or '—'}"
                   f"{f' ({s.instruction_reason})' if s.instruction_reason else ''}, "
                   f"protocol {s.protocol}, answer stop {s.answer_stop}{f', judge {s.judge}' if s.judge else ''}, "
                   f"{report.timing.get('cases_per_s', 0):.2f} cases/s", ""]
         lines += _details(report)
         lines += _sample_answers(report)
+        lines += _skipped(report)
         if report.sequential:
             lines += [f"#### {s.label} — sequential editing", "", "| edits | reliability (all edited) | n | locality | n |", "|---|---|---|---|---|"]
             lines += [f"| {p.edits} | {_pct(p.reliability)} | {p.reliability_n} | {_pct(p.locality)} | {p.locality_n} |" for p in report.sequential]

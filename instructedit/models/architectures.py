@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -22,6 +24,11 @@ class ArchSpec:
     final_norm: str
     mlp_modules: tuple[str, ...]
     conv1d: bool = False
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ArchSpec":
+        """The spec a config's ``model.architecture`` or an ``editor_config.json``'s ``architecture`` spells out."""
+        return cls(values["layers"], values["final_norm"], tuple(values["mlp_modules"]), bool(values.get("conv1d", False)))
 
 
 _LLAMA_LIKE = ArchSpec("model.layers", "model.norm", ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))

@@ -12,21 +12,18 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import torch
 import transformers
-from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL, ModelConfig
+from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
 
 try:  # POSIX only; elsewhere the atomic rename alone keeps racing conversions safe
     import fcntl
@@ -44,7 +41,6 @@ ROPE_THETA = 100000.0  # SmolLM2's; older transformers silently fell back to 100
 MARKER = "instructedit.json"
 MARKER_FORMAT = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-HUB_TIMEOUT_S = 3.0
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _ACCEPTED = (
     f"the default model ({DEFAULT_MODEL!r} or 'default'), an existing local Hugging Face folder "
@@ -138,6 +134,24 @@ def load_model(
     return _prepare(model, tok, torch_dtype, device if device_map is None else None)
 
 
+def resolve_device(name: str, where: str = "--device") -> str:
+    """``auto`` -> cuda if available, else cpu; a device this machine does not have is a ValueError naming ``where``
+    (the option or config field it came from)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{where} {name!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{where} {name}: this machine has no usable CUDA GPU; use {where} cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{where} {name}: this machine has {count} CUDA GPU(s) (cuda:0 to cuda:{count - 1})")
+    return name
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 
 
@@ -173,47 +187,21 @@ def _prepare(
     return model, tok
 
 
-def hub_offline() -> bool:
-    """huggingface_hub reads HF_HUB_OFFLINE at import; read the environment too, so later changes count."""
-    flags = (os.environ.get("HF_HUB_OFFLINE"), os.environ.get("TRANSFORMERS_OFFLINE"))
-    return hub_constants.HF_HUB_OFFLINE or any(f and f.upper() in hub_constants.ENV_VARS_TRUE_VALUES for f in flags)
-
-
-def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
-    """A TCP connect to the configured endpoint, bounded in a thread because DNS ignores socket timeouts."""
-    url = urlsplit(hub_constants.ENDPOINT)
-    if url.hostname is None:
-        return False
-    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
-    finished, reached = threading.Event(), threading.Event()
-
-    def connect() -> None:
-        try:
-            with socket.create_connection(address, timeout=timeout):
-                reached.set()
-        except OSError:
-            pass
-        finally:
-            finished.set()
-
-    threading.Thread(target=connect, daemon=True).start()
-    finished.wait(timeout)
-    return reached.is_set()
-
-
 def _from_hub(name: str, dtype: torch.dtype, device_map: str | dict[str, Any] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    offline = hub_offline()
-    if offline or not hub_reachable():
+    action = f"reach the Hugging Face hub to download the model {name!r} (no local folder {name!r} exists)"
+    local = f"a local folder (or use the default {DEFAULT_MODEL})"
+    if hub_offline() or not hub_reachable():
         try:
             return _from_pretrained(name, dtype, device_map, local_files_only=True)
         except OSError:
-            why = "HF_HUB_OFFLINE is set" if offline else f"{hub_constants.ENDPOINT} did not answer"
-            raise ConnectionError(
-                f"cannot reach the Hugging Face hub to download {name!r} ({why}, and it is not in the local "
-                f"Hugging Face cache) and no local folder {name!r} exists; pass a local folder or use the "
-                f"default {DEFAULT_MODEL}"
-            ) from None
-    return _from_pretrained(name, dtype, device_map)
+            raise unreachable(action, local) from None
+    with hub_timeouts():  # a hub that stops answering mid-download ends in an error, not a hang
+        try:
+            return _from_pretrained(name, dtype, device_map)
+        except Exception as err:
+            if not timed_out(err):
+                raise
+            raise unreachable(action, local) from err
 
 
 def _rope_theta(config: transformers.PretrainedConfig) -> float | None:

@@ -6,10 +6,12 @@ for every block from the first edited one on, the exact positional and keyword a
 architecture's own forward passed to it (causal mask, rotary embeddings, ...), plus the unedited
 final hidden states. ``SplitModel.suffix`` then re-runs only those blocks, optionally with edited
 weights applied functionally, and ``logits_at`` projects to the vocabulary only where asked.
+``CheckpointedSplitModel`` is the same view with activation checkpointing of the edited blocks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 
 from instructedit.models.architectures import ArchSpec
 from instructedit.records import TokenBatch
@@ -111,3 +114,23 @@ class SplitModel:
     def logits_at(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (n_positions, vocab) only at the positions where ``mask`` is True."""
         return self.head(hidden[mask])
+
+
+class CheckpointedSplitModel(SplitModel):
+    """Activation checkpointing of the edited blocks: post-edit passes keep only the blocks' input.
+
+    The whole suffix is one checkpoint segment, recomputed in backward with the same edited weights
+    (they are inputs of the segment, so their gradients flow). The edit pass itself (no ``params``)
+    is not checkpointed: its activations are freed as soon as the gradient factors are taken, and
+    the factor hooks must not fire again during a recomputation.
+    """
+
+    def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        if not params or not torch.is_grad_enabled():
+            return super().suffix(state, params)
+        names = list(params)
+
+        def run(hidden: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+            return SplitModel.suffix(self, dataclasses.replace(state, hidden=hidden), dict(zip(names, values)))
+
+        return checkpoint(run, state.hidden, *params.values(), use_reentrant=False)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from instructedit.config import Config
 from instructedit.records import EditRecord
 
 TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {prompt}"
@@ -96,3 +99,18 @@ class InstructionPool:
         if not 0 <= index < n:
             raise ValueError(f"instruction index {index} is out of range 0..{n - 1}")
         return index
+
+
+def instruction_pool(config: Config) -> InstructionPool | None:
+    """The training pool of ``config`` (None without instructions), with ``data.template`` if it sets one."""
+    if not config.data.instructions:
+        return None
+    pool = InstructionPool.from_file(config.data.instruction_pool) if config.data.instruction_pool else InstructionPool.default()
+    return dataclasses.replace(pool, template=config.data.template) if config.data.template else pool
+
+
+def trained_query_setup(config: Config) -> dict[str, Any]:
+    """What evaluating an editor needs to query it as it was trained; saved as "queries" in its editor_config.json."""
+    pool = instruction_pool(config)
+    return {"instructions": config.data.instructions, "instruction_pool": config.data.instruction_pool,
+            "template": pool.template if pool else None, "answer_stop": config.training.answer_stop}

@@ -1,0 +1,64 @@
+"""Least-squares aggregation of many edits (MALMEN; DESIGN.md §9): one ridge-regression shift per weight.
+
+Derivation for this project's network. MEND's update of a weight W (output orientation, d_out × d_in)
+from the answer tokens of one call is ΔW = α Σ_i δ̃_i ũ_iᵀ: one rank-1 term per token i, with ũ_i, δ̃_i
+the network's outputs for the token's layer input k_i (the key, = u_i) and output gradient δ_i, and α
+the learned step size of W (negative after training: α carries the descent direction). Token i's own
+term changes the layer's output at its own key by
+
+    d_i = α δ̃_i (ũ_iᵀ k_i) = α (k_i · ũ_i) δ̃_i        (d_out,)
+
+— the value change the network asks for there (MALMEN's d_i = −η (k_i·k̃_i) g̃_i with this sign
+convention). The sum also changes token j's output by the cross terms α (k_j · ũ_i) δ̃_i, i ≠ j: the
+edits' interference, which grows with their number. Least squares asks one shift to produce every d_i
+at its own key and nothing else:
+
+    S = argmin_S ‖K S − D‖² + e^λ ‖S‖² = (KᵀK + e^λ I)⁻¹ KᵀD,    ΔW = Sᵀ
+
+with K (n_tokens × d_in) the keys, D (n_tokens × d_out) the value changes and λ learned per weight
+(init 0); for GPT-2's Conv1D, which stores W transposed, S is the stored update itself. The δ_i come
+from the sum over edits of each edit's mean answer NLL, so that every edit asks for what it would ask
+alone (one mean over all the call's tokens would shrink every d_i by the number of edits).
+
+KᵀK and KᵀD are sums over tokens, so ``NormalEquations`` accumulates them chunk by chunk: besides one
+chunk, the solve holds O(d_in² + d_in·d_out) numbers whatever the number of edits. Everything is
+differentiable (autograd through ``torch.linalg.solve``), so meta-training learns the network, α and λ
+through the solve.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def value_differences(keys: torch.Tensor, keys_t: torch.Tensor, deltas_t: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+    """d_i = α (k_i · ũ_i) δ̃_i for every token: keys, keys_t (n_tokens, d_in), deltas_t (n_tokens, d_out) -> (n_tokens, d_out)."""
+    return lr * (keys * keys_t).sum(-1, keepdim=True) * deltas_t
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
+    """(KᵀK + e^λ I)⁻¹ KᵀD from gram = KᵀK (d_in, d_in) and cross = KᵀD (d_in, d_out) -> S (d_in, d_out)."""
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    return torch.linalg.solve(gram + log_lambda.exp() * eye, cross)
+
+
+class NormalEquations:
+    """KᵀK and KᵀD of one weight's ridge regression, summed over chunks of tokens as they arrive."""
+
+    def __init__(self) -> None:
+        self.gram: torch.Tensor | None = None  # (d_in, d_in)
+        self.cross: torch.Tensor | None = None  # (d_in, d_out)
+        self.n_tokens = 0
+
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Fold in one chunk: keys (n, d_in), values (n, d_out). Out of place, so autograd sees every chunk."""
+        gram, cross = keys.T @ keys, keys.T @ values
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.n_tokens += keys.shape[0]
+
+    def solve(self, log_lambda: torch.Tensor) -> torch.Tensor:
+        """The ridge solution S (d_in, d_out) of every chunk added so far."""
+        if self.gram is None or self.cross is None:
+            raise ValueError("no tokens were added to the normal equations")
+        return ridge_solve(self.gram, self.cross, log_lambda)

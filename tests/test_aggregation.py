@@ -1,0 +1,307 @@
+"""Least-squares aggregation of many edits (editors/aggregation.py, DESIGN.md §9) on tiny GPT-2 and LLaMA models.
+
+Oracles: the chunked ridge solve equals ``torch.linalg.lstsq`` of the augmented system; its gradients
+match finite differences; the peak memory of a 512-edit call does not grow with the number of edits;
+``sum`` is bitwise the MEND update; rollback is bitwise; λ and the aggregation survive save/load.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from instructedit.api import Edit, load_editor
+from instructedit.config import EditorConfig, TrainingConfig, load_config
+from instructedit.editors.aggregation import NormalEquations, ridge_solve, value_differences
+from instructedit.editors.hooks import capture_factors
+from instructedit.editors.mend import CONFIG_NAME, MENDEditor
+from instructedit.losses import masked_nll, per_row_nll
+from instructedit.models.architectures import arch_spec, resolve_editable_weights
+from instructedit.models.loading import load_model
+from instructedit.objective import many_edits_loss, meta_loss
+from instructedit.records import EditRecord, QAItem
+from instructedit.tasks.collate import Collator
+from instructedit.training import Trainer
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread
+
+PAIRS = [("The capital of France is", "Paris"), ("Toko Yasuda, the", "piano guitar"), ("BBC One, by", "Sega"),
+         ("The mother tongue of Danielle Darrieux is", "French"), ("The gender of Ingrid is", "female")]
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _editor(model: torch.nn.Module, model_dir: Path, **config: object) -> MENDEditor:
+    """A tiny editor whose network is perturbed away from the identity (so ũ ≠ u and δ̃ ≠ δ)."""
+    torch.manual_seed(0)
+    weights = resolve_editable_weights(model, arch_spec(model), last_n_layers=2)
+    editor = MENDEditor(weights, EditorConfig(rank=8, init_edit_lr=1e-2, **config), model_name=str(model_dir))  # type: ignore[arg-type]
+    with torch.no_grad():
+        for p in editor.transforms.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        if hasattr(editor, "lambdas"):
+            editor.lambdas.copy_(torch.linspace(-1.0, 1.0, len(editor.weights)))
+    return editor.eval()
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same(before: dict[str, torch.Tensor], model: torch.nn.Module) -> bool:
+    return all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _many_pairs(n: int) -> list[tuple[str, str]]:
+    return [(f"{PAIRS[i % len(PAIRS)][0]} number {i}", f"{PAIRS[(i * 3 + 1) % len(PAIRS)][1]} {i % 7}") for i in range(n)]
+
+
+# -- the solve -------------------------------------------------------------------------------------------
+
+
+def test_least_squares_update_equals_lstsq_of_the_augmented_system(tiny_model_dir: Path) -> None:
+    """Per weight: the editor's update is argmin ‖K S − D‖² + e^λ‖S‖², solved directly as [K; e^{λ/2} I] S = [D; 0]."""
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=2)  # 5 edits: 3 chunks
+    batch = Collator(tok, max_length=64).qa_batch(PAIRS)
+    updates = editor.edit(model, batch).updates
+    # K and D from one forward/backward of the whole model, δ from the sum of each edit's mean NLL
+    with capture_factors(model, editor.weights) as capture:
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.label_mask]
+        factors = capture.factors(per_row_nll(logits, batch.labels[batch.label_mask], batch.label_rows, batch.n_rows).sum())
+    with torch.no_grad():
+        for i, w, keys, keys_t, deltas_t in editor.network_outputs(factors):
+            values = value_differences(keys, keys_t, deltas_t, editor.edit_lrs[i]).double()  # D (n_tokens, d_out)
+            keys = keys.double()  # K (n_tokens, d_in)
+            ridge = editor.lambdas[i].double().exp().sqrt() * torch.eye(keys.shape[1], dtype=torch.float64)
+            augmented_k = torch.cat([keys, ridge])
+            augmented_d = torch.cat([values, values.new_zeros(keys.shape[1], values.shape[1])])
+            expected = torch.linalg.lstsq(augmented_k, augmented_d).solution  # (d_in, d_out)
+            expected = expected if w.transposed else expected.T  # the parameter's storage orientation
+            assert updates[w.name].shape == model.get_parameter(w.name).shape
+            scale = float(expected.abs().max())
+            assert scale > 0, w.name
+            torch.testing.assert_close(updates[w.name].double(), expected, rtol=1e-3, atol=1e-3 * scale, msg=w.name)
+
+
+def test_chunked_normal_equations_equal_the_closed_form() -> None:
+    torch.manual_seed(0)
+    keys, values = torch.randn(23, 6, dtype=torch.float64), torch.randn(23, 4, dtype=torch.float64)
+    system = NormalEquations()
+    for k, d in zip(keys.split(5), values.split(5)):
+        system.add(k, d)
+    log_lambda = torch.tensor(0.7, dtype=torch.float64)
+    closed = torch.linalg.inv(keys.T @ keys + log_lambda.exp() * torch.eye(6, dtype=torch.float64)) @ keys.T @ values
+    assert system.n_tokens == 23
+    torch.testing.assert_close(system.solve(log_lambda), closed)
+
+
+def test_gradients_through_the_solve_match_finite_differences() -> None:
+    """d S / d (keys, ũ, δ̃, α, λ) through value differences, chunked accumulation and the solve, in double precision."""
+    torch.manual_seed(0)
+    n, d_in, d_out = 9, 4, 3
+
+    def shift(keys: torch.Tensor, keys_t: torch.Tensor, deltas_t: torch.Tensor, lr: torch.Tensor, log_lambda: torch.Tensor) -> torch.Tensor:
+        system = NormalEquations()
+        for k, kt, dt in zip(keys.split(4), keys_t.split(4), deltas_t.split(4)):
+            system.add(k, value_differences(k, kt, dt, lr))
+        return system.solve(log_lambda)
+
+    inputs = (torch.randn(n, d_in), torch.randn(n, d_in), torch.randn(n, d_out), torch.tensor(0.3), torch.tensor(-0.2))
+    inputs = tuple(t.double().requires_grad_(True) for t in inputs)
+    assert torch.autograd.gradcheck(shift, inputs, eps=1e-6, atol=1e-6)
+    gram, cross = torch.randn(5, 5, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    gram = (gram @ gram.T).requires_grad_(True)
+    assert torch.autograd.gradcheck(ridge_solve, (gram, cross.requires_grad_(True), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)))
+
+
+# -- memory ----------------------------------------------------------------------------------------------
+
+
+def _peak_bytes(fn: object) -> int:
+    """Peak of the CPU bytes allocated and not yet freed while ``fn()`` runs (PyTorch profiler's memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()  # type: ignore[operator]
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def test_memory_of_a_512_edit_call_does_not_grow_with_the_number_of_edits(tiny_gpt2_dir: Path) -> None:
+    model, tok = load_model(str(tiny_gpt2_dir))
+    collator = Collator(tok, max_length=64)
+    batches = {n: collator.qa_batch(_many_pairs(n)) for n in (128, 512)}
+    peaks = {}
+    for aggregation in ("least_squares", "sum"):
+        editor = _editor(model, tiny_gpt2_dir, aggregation=aggregation, chunk_edits=64)
+        for n, batch in batches.items():
+            peaks[aggregation, n] = _peak_bytes(lambda: editor.apply(model, batch).rollback())
+    # the summing editor runs all edits at once: its peak grows with N, which shows the measure sees it
+    assert peaks["sum", 512] > 3 * peaks["sum", 128], peaks
+    # least squares runs 64 edits at a time into d_in × d_in and d_in × d_out sums: 4× the edits, the same peak
+    assert peaks["least_squares", 512] < 1.1 * peaks["least_squares", 128], peaks
+
+
+# -- sum unchanged, rollback, persistence ----------------------------------------------------------------
+
+
+def test_sum_is_bitwise_the_mend_update(tiny_model_dir: Path) -> None:
+    """The default editor's update is α Σ_t δ̃_t ũ_tᵀ of the batch's mean NLL, bit for bit (the pre-aggregation code)."""
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir)
+    assert editor.config.aggregation == "sum" and not hasattr(editor, "lambdas")
+    assert not any("lambdas" in k for k in editor.state_dict())
+    batch = Collator(tok, max_length=64).qa_batch(PAIRS)
+    split = editor.split(model)
+    state = split.prefix(batch)
+    with torch.enable_grad(), capture_factors(model, editor.weights) as capture:
+        loss = masked_nll(split.logits_at(split.suffix(state), batch.label_mask), batch.labels[batch.label_mask])
+        factors = capture.factors(loss)
+    expected = {}  # the grouped computation exactly as the editor did it before aggregation existed
+    index = {w.name: i for i, w in enumerate(editor.weights)}
+    for key, ws in editor.groups.items():
+        us = [factors[w.name].u.float() for w in ws]
+        deltas = [factors[w.name].delta.float() for w in ws]
+        counts = [u.shape[0] for u in us]
+        mode = torch.repeat_interleave(torch.arange(len(ws)), torch.tensor(counts))
+        u_t, delta_t = editor.transforms[key](torch.cat(us), torch.cat(deltas), mode)
+        for w, u_w, d_w in zip(ws, u_t.split(counts), delta_t.split(counts)):
+            grad = d_w.T @ u_w
+            expected[w.name] = editor.edit_lrs[index[w.name]] * (grad.T if w.transposed else grad)
+    result = editor.edit(model, batch)
+    assert result.updates.keys() == expected.keys()
+    for name, update in expected.items():
+        assert torch.equal(result.updates[name], update), name
+    assert torch.equal(result.pre_edit_loss, loss.detach())
+
+
+def test_many_edit_call_through_the_api_rolls_back_bitwise(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model, tok = load_model(str(tiny_model_dir))
+    _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=16).save_pretrained(tmp_path / "ls")
+    _editor(model, tiny_model_dir).save_pretrained(tmp_path / "sum")
+    edits = [Edit(prompt, target) for prompt, target in _many_pairs(96)]
+    before = _state(model)
+    with load_editor(tmp_path / "ls", instruction=None).apply(model, edits, tok) as edited:
+        least_squares = _state(model)
+        assert not _same(before, model) and edited.active
+    assert _same(before, model)
+    with load_editor(tmp_path / "sum", instruction=None).apply(model, edits, tok):
+        summed = _state(model)
+    assert _same(before, model)
+    assert any(not torch.equal(least_squares[k], summed[k]) for k in before), "the two aggregations gave the same weights"
+
+
+def test_save_load_round_trip_keeps_lambda_and_aggregation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=3)
+    assert any(p is editor.lambdas for p in editor.network_parameters)  # meta-training's optimizer learns λ
+    editor.save_pretrained(tmp_path / "ed")
+    saved = json.loads((tmp_path / "ed" / CONFIG_NAME).read_text())
+    assert saved["editor"]["aggregation"] == "least_squares" and saved["editor"]["chunk_edits"] == 3
+    loaded = MENDEditor.from_pretrained(tmp_path / "ed").eval()
+    assert loaded.config.aggregation == "least_squares"
+    original, restored = editor.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys() and "lambdas" in restored
+    assert all(torch.equal(original[k], restored[k]) for k in original)
+    batch = Collator(tok, max_length=64).qa_batch(PAIRS)
+    a, b = editor.edit(model, batch), loaded.edit(model, batch)
+    assert all(torch.equal(a.updates[k], b.updates[k]) for k in a.updates)
+
+
+def test_editor_folder_without_aggregation_loads_as_sum(tiny_model_dir: Path, tmp_path: Path) -> None:
+    model, _ = load_model(str(tiny_model_dir))
+    _editor(model, tiny_model_dir).save_pretrained(tmp_path / "old")
+    path = tmp_path / "old" / CONFIG_NAME
+    data = json.loads(path.read_text())
+    for key in ("aggregation", "chunk_edits"):  # written before aggregation existed
+        del data["editor"][key]
+    path.write_text(json.dumps(data))
+    loaded = MENDEditor.from_pretrained(tmp_path / "old")
+    assert loaded.config.aggregation == "sum" and not hasattr(loaded, "lambdas")
+
+
+def test_config_validates_aggregation_and_n_edits() -> None:
+    with pytest.raises(ValueError, match="editor.aggregation"):
+        EditorConfig(aggregation="mean")
+    with pytest.raises(ValueError, match="editor.chunk_edits"):
+        EditorConfig(chunk_edits=0)
+    with pytest.raises(ValueError, match="training.n_edits"):
+        TrainingConfig(n_edits=0)
+    with pytest.raises(ValueError, match="training.n_edits.*batch_size"):
+        TrainingConfig(n_edits=8, batch_size=2)
+    assert TrainingConfig().n_edits == 1 and TrainingConfig(n_edits=8).edits_per_call == 8
+    assert TrainingConfig(batch_size=3).edits_per_call == 3
+
+
+# -- the meta-loss of N edits ----------------------------------------------------------------------------
+
+
+def _meta_batch(tok: object, n: int):
+    records = [EditRecord(task="counterfact", prompt=p, target_new=t, rephrase=(f"{p} indeed",),
+                          locality=(QAItem(PAIRS[(i + 2) % len(PAIRS)][0], PAIRS[(i + 2) % len(PAIRS)][1]),), source=f"test#{i}")
+               for i, (p, t) in enumerate(_many_pairs(n))]
+    return Collator(tok, max_length=64).meta_batch(records, [None] * n)  # type: ignore[arg-type]
+
+
+def test_many_edits_loss_equals_meta_loss_for_a_summing_editor(tiny_model_dir: Path) -> None:
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir)
+    split, batch = editor.split(model), _meta_batch(tok, 6)
+    results = []
+    for objective, kwargs in ((meta_loss, {}), (many_edits_loss, {"chunk": 4})):
+        editor.zero_grad()
+        loss, metrics = objective(editor, split, batch, 0.1, 1.0, c_margin=0.5, c_answer=0.2, **kwargs)
+        loss.backward()
+        results.append((loss.detach(), metrics, [p.grad.clone() for p in editor.network_parameters + [editor.edit_lrs]]))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    assert metrics_a.keys() == metrics_b.keys()
+    for key in metrics_a:
+        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-4, abs=1e-6), key
+    for grad_a, grad_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
+
+
+def test_many_edits_loss_trains_network_alpha_and_lambda(tiny_model_dir: Path) -> None:
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=3).train()
+    loss, metrics = many_edits_loss(editor, editor.split(model), _meta_batch(tok, 8), 0.1, 1.0, chunk=3)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= metrics["locality"] <= 1
+    for name, p in [("lambdas", editor.lambdas), ("edit_lrs", editor.edit_lrs), *editor.transforms.named_parameters()]:
+        if name.endswith(("scale", "shift")):  # only the modes (layers) that exist in the group get gradients
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert all(float(t.norm_u.count) > 0 for t in editor.transforms.values())  # training mode merges statistics
+
+
+def test_data_parallel_training_needs_one_chunk_per_micro_batch(tiny_gpt2_dir: Path) -> None:
+    """Each chunk is one statistics exchange round: processes with other row counts must not wait forever."""
+    model, tok = load_model(str(tiny_gpt2_dir))
+    editor = _editor(model, tiny_gpt2_dir, aggregation="least_squares", chunk_edits=2).train()
+    for transform in editor.transforms.values():
+        transform.exchange = lambda local: ([local], 0)
+    with pytest.raises(ValueError, match="editor.chunk_edits >= the 5 edit inputs"):
+        editor.edit(model, Collator(tok, max_length=64).qa_batch(PAIRS))
+
+
+def test_training_with_n_edits_per_call_learns_lambda_and_saves_a_least_squares_editor(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    config = load_config(TINY, [f"model.name={tiny_gpt2_dir}", "editor.aggregation=least_squares", "editor.chunk_edits=2",
+                                "training.n_edits=3", "training.max_steps=3", "training.val_every=3"])
+    trainer = Trainer(config, tmp_path / "run", show_progress=False)
+    lam = trainer.editor.lambdas.detach().clone()
+    trainer.run()
+    assert trainer.records_per_step == 3 * config.training.grad_accumulation  # n_edits records per micro-batch
+    assert trainer.state.records_seen == 3 * trainer.records_per_step
+    assert not torch.equal(lam, trainer.editor.lambdas.detach())  # λ is trained
+    saved = MENDEditor.from_pretrained(tmp_path / "run" / "last")
+    assert saved.config.aggregation == "least_squares"
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in rows if r["split"] == "train")
