@@ -12,6 +12,7 @@ Beside it, the runner's cost of the generation protocol: the same cases with ``p
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import os
@@ -24,12 +25,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from instructedit.api import query_setup
 from instructedit.config import DEFAULT_MODEL, load_config
 from instructedit.editors.base import Editor
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
 from instructedit.evaluation.metrics import aggregate, family_means
-from instructedit.evaluation.runner import SCORED, case_probes, edit_pairs, evaluate
+from instructedit.evaluation.probes import SCORED, case_probes
+from instructedit.evaluation.runner import evaluate
 from instructedit.io import write_json
 from instructedit.models.loading import load_model
 from instructedit.records import EditRecord, TokenBatch
@@ -57,7 +60,7 @@ def naive_evaluate(model: nn.Module, tokenizer, editor: Editor, records: Sequenc
         probes = case_probes(collator, record, instruction)
         batches = [collator.qa_batch([(p.prompt, p.answer)]) for p in probes]
         pre = [_full_logits(model, b) for b in batches]
-        handle = editor.apply(model, collator.qa_batch(edit_pairs(collator, record, instruction)))
+        handle = editor.apply(model, collator.qa_batch(collator.edit_pairs(record, instruction)))
         try:
             post = [_full_logits(model, b) for b in batches]
         finally:
@@ -95,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     editor = MENDEditor.from_pretrained(args.editor) if args.editor else build_editor(model, load_config(None, [f"model.name={args.model}"]))
     editor.eval()
     records = load_task_splits(args.task).test[: args.n]
-    pool = InstructionPool.default()
+    pool, answer_stop = InstructionPool.default(), "none"
+    if args.editor:  # asked as the editor was trained: its template and answer stop
+        setup = query_setup(args.editor)
+        pool = dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool
+        answer_stop = setup["answer_stop"]
     instruction = pool.evaluation_index("seen")
 
     def timed(run):  # wall-clock and this process's CPU time: on a shared machine the latter is the steadier one
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - wall, time.process_time() - cpu, out
 
     def batched(protocol: str = "teacher_forced") -> tuple[float, float, object]:
-        return timed(lambda: evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol))
+        return timed(lambda: evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol,
+                                      answer_stop=answer_stop))
 
     def naive() -> tuple[float, float, list]:
         return timed(lambda: naive_evaluate(model, tokenizer, editor, records, pool, instruction))

@@ -1,4 +1,7 @@
-"""The Python API: describe edits, load an editor, apply edits to a model (batched or sequential), restore or save it."""
+"""The Python API: describe edits, load an editor, apply edits to a model (batched or sequential), restore or save it.
+
+Over 400 lines: it is the one public surface users import, kept in one module so ``instructedit.api`` documents it whole.
+"""
 
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle
 from instructedit.editors.card import POOL_COPY, training_config
+from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
+from instructedit.runs import EDITOR_CONFIG
 from instructedit.tasks.collate import ANSWER_STOPS, Collator
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
 
-MAX_LENGTH_CAP = 1024  # longest edit input in tokens when the model's config names no limit
 EDITS_FILE = "instructedit_edits.json"  # written beside a saved edited model: which edits it carries
 EditorFactory = Callable[[nn.Module, PreTrainedTokenizerBase], Editor]
 
@@ -84,11 +88,6 @@ class TargetScore:
 
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def max_input_length(model: nn.Module) -> int:
-    """The longest input in tokens ``model`` accepts (its position limit, capped at ``MAX_LENGTH_CAP``)."""
-    return min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
 
 
 @torch.no_grad()
@@ -422,7 +421,7 @@ def query_setup(editor_dir: str | Path) -> dict[str, Any]:
     """
     editor_dir = Path(editor_dir)
     try:
-        saved = json.loads((editor_dir / "editor_config.json").read_text()).get("queries")
+        saved = json.loads((editor_dir / EDITOR_CONFIG).read_text()).get("queries")
     except (OSError, ValueError):
         saved = None
     if isinstance(saved, dict):
@@ -453,11 +452,10 @@ def load_editor(source: str | Path | None = None, instruction: str | int | None 
     training config saved with it; assumed when none is found). Registry baselines are trained
     without instructions: their prompts are wrapped only when ``pool`` is given explicitly.
     """
-    from instructedit.editors.mend import MENDEditor
-    from instructedit.editors.registry import EDITORS, make_editor
+    from instructedit.editors.registry import EDITORS, LEARNED_EDITORS, load_trained_editor, make_editor
     from instructedit.hub import resolve_editor_dir
 
-    if method is not None and method != "mend":
+    if method is not None and method not in LEARNED_EDITORS:
         if source is not None:
             raise ValueError("pass either an editor folder / hub id or method=, not both")
         if method not in EDITORS:
@@ -471,7 +469,7 @@ def load_editor(source: str | Path | None = None, instruction: str | int | None 
     if source is None:
         raise ValueError("load_editor needs an editor folder or hub id (or method= for a registry method)")
     folder = resolve_editor_dir(source, revision=revision, token=token)
-    editor = MENDEditor.from_pretrained(folder, device=device).eval()
+    editor = load_trained_editor(folder, device=device, method=method)
     trained_with, trained_pool = instruction_setup(folder)
     if trained_with is None:
         logger.warning("no training config found with %s: assuming it was trained with the default instructions "

@@ -19,21 +19,22 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.amp import GradScaler
 
-from instructedit.editors.card import EDITOR_CONFIG, write_model_card
-from instructedit.editors.mend import MENDEditor, nonfinite_tensors
+from instructedit.config import Config, save_config
+from instructedit.editors.card import write_model_card
+from instructedit.editors.learned import LearnedEditor, nonfinite_tensors
 from instructedit.evaluation.generation_check import scaled_step_sizes
 from instructedit.io import atomic_write, write_json
+from instructedit.runs import BEST, CHECKPOINTS, CONFIG, DATA, EDITOR_CONFIG, LAST, METRICS, SUMMARY
 from instructedit.train_state import TrainState
 
 logger = logging.getLogger(__name__)
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
-METRICS_LOG = "metrics.jsonl"
 Optimizers = Mapping[str, torch.optim.Optimizer | None]  # name in the checkpoint -> optimizer (None: not used by this run)
 
 
-def check_finite(editor: MENDEditor, step: int, folder: Path) -> None:
+def check_finite(editor: LearnedEditor, step: int, folder: Path) -> None:
     """Refuse to write a diverged editor (checked on every process: they hold the same editor, so all of them stop)."""
     bad = nonfinite_tensors(editor.state_dict())
     if bad:
@@ -41,7 +42,7 @@ def check_finite(editor: MENDEditor, step: int, folder: Path) -> None:
                                  f"{folder} (lower training.lr or training.lr_lr)")
 
 
-def write_checkpoint(folder: Path, editor: MENDEditor, extra: dict[str, Any], edit_scale: float = 1.0,
+def write_checkpoint(folder: Path, editor: LearnedEditor, extra: dict[str, Any], edit_scale: float = 1.0,
                      optimizers: Optimizers | None = None, state: TrainState | None = None, scaler: GradScaler | None = None) -> None:
     """Write the editor (its step sizes × ``edit_scale``) into ``folder``; with ``optimizers``, also what resuming needs."""
     tmp = folder.with_name(f".{folder.name}.tmp")
@@ -82,10 +83,10 @@ def recover_interrupted(folder: Path) -> None:
         old.rename(folder)
 
 
-def read_checkpoint(folder: Path, editor: MENDEditor, optimizers: Optimizers, scaler: GradScaler) -> TrainState:
+def read_checkpoint(folder: Path, editor: LearnedEditor, optimizers: Optimizers, scaler: GradScaler) -> TrainState:
     """Load ``folder``'s editor, optimizer and loss-scaler states into the objects given; return the loop's state."""
     device = editor.edit_lrs.device
-    editor.load_state_dict(MENDEditor.from_pretrained(folder, device=device).state_dict())
+    editor.load_state_dict(type(editor).from_pretrained(folder, device=device).state_dict())
     raw = json.loads((folder / TRAINER_STATE).read_text())
     groups = raw.pop("param_groups")
     tensors = load_file(str(folder / OPTIMIZER_STATE), device=str(device))
@@ -118,7 +119,7 @@ def _pop_scaler_state(raw: dict[str, Any]) -> dict[str, Any] | None:
 
 def check_same_data(output: Path, file_sha256: Mapping[str, str]) -> None:
     """A resumed run reads the data files it started with (data.json records their SHA-256 since it started doing so)."""
-    path = output / "data.json"
+    path = output / DATA
     saved = json.loads(path.read_text()).get("file_sha256") if path.is_file() else None
     if not saved:
         return
@@ -131,13 +132,19 @@ def check_same_data(output: Path, file_sha256: Mapping[str, str]) -> None:
 def check_fresh_start(output: Path) -> None:
     """A fresh start writes over OUTPUT/best and OUTPUT/last: refuse unless they are this recipe's own
     checkpoints (a run stopped before its first checkpoint), never delete someone's files silently."""
-    ours = (output / "config.yaml").is_file()  # check_resumable compared it with this config
-    for name, needs in (("best", EDITOR_CONFIG), ("last", TRAINER_STATE)):
+    ours = (output / CONFIG).is_file()  # check_resumable compared it with this config
+    for name, needs in ((BEST, EDITOR_CONFIG), (LAST, TRAINER_STATE)):
         folder = output / name
         if folder.exists() and not (ours and (folder / needs).is_file()):
             raise ValueError(f"{folder} exists but is not a checkpoint of this run (no {needs}"
-                             f"{'' if ours else ' and no config.yaml beside it'}); training would overwrite it: "
+                             f"{'' if ours else f' and no {CONFIG} beside it'}); training would overwrite it: "
                              "use another --output folder, or move that folder away")
+
+
+def start_run(output: Path, config: Config, data_info: dict[str, Any]) -> None:
+    """A fresh run's record of what it trains: OUTPUT/config.yaml and OUTPUT/data.json."""
+    save_config(config, output / CONFIG)
+    write_json(output / DATA, data_info)
 
 
 def run_summary(state: TrainState, output: Path, processes: int, records_per_step: int, data_info: dict[str, Any]) -> dict[str, Any]:
@@ -148,8 +155,8 @@ def run_summary(state: TrainState, output: Path, processes: int, records_per_ste
         "stopped_early": state.stopped_early,
         "best_step": state.best_step,
         "best_val_loss": state.best_val_loss,
-        "best_checkpoint": str(output / "best"),
-        "last_checkpoint": str(output / "last"),
+        "best_checkpoint": str(output / BEST),
+        "last_checkpoint": str(output / LAST),
         "first_validation": vals[0] if vals else None,
         "last_validation": vals[-1] if vals else None,
         "skipped_nonfinite": state.skipped_nonfinite,
@@ -162,8 +169,8 @@ def run_summary(state: TrainState, output: Path, processes: int, records_per_ste
 
 def finish_run(output: Path, summary: dict[str, Any]) -> None:
     """Write summary.json, and make best/ and last/ shareable folders (README.md model card + the run's config)."""
-    write_json(output / "summary.json", summary)
-    for name in ("best", "last"):
+    write_json(output / SUMMARY, summary)
+    for name in CHECKPOINTS:
         if (output / name / EDITOR_CONFIG).is_file():
             write_model_card(output / name, output)
 
@@ -175,7 +182,7 @@ class MetricsLog:
     """
 
     def __init__(self, output: Path, enabled: bool = True) -> None:
-        self.path = output / METRICS_LOG
+        self.path = output / METRICS
         self.enabled = enabled
         self._tb: Any = None
 

@@ -14,10 +14,12 @@ from typing import Any
 import yaml
 
 from instructedit.records import TASKS
+from instructedit.runs import CONFIG as RUN_CONFIG
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained(device_map=...) accepts
 AGGREGATIONS = ("sum", "least_squares")  # editor.aggregation: how the edits of one call combine (editors/aggregation.py)
+LEARNED_METHODS = ("mend", "ke")  # editor.method: the editors meta-training trains (editors/registry.py LEARNED_EDITORS)
 
 
 class YAMLLoader(yaml.SafeLoader):
@@ -101,6 +103,11 @@ class EditorConfig:
     # "least_squares" (MALMEN: one ridge-regression shift per weight, with a learned λ per weight).
     aggregation: str = "sum"
     chunk_edits: int = 64  # least_squares: edit inputs per forward/backward while accumulating KᵀK and KᵀD
+    # KE (editors/ke.py): BiLSTM width per direction over the edit's token embeddings, width of the edit
+    # encoding, and hidden width of each edited weight's conditioner (De Cao et al. 2021 use 256, 1024, 128).
+    lstm_dim: int = 256
+    condition_dim: int = 1024
+    conditioner_dim: int = 128
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "editor.rank", "must be >= 1")
@@ -108,8 +115,12 @@ class EditorConfig:
         _check(self.chunk_edits >= 1, "editor.chunk_edits", f"{self.chunk_edits}: must be >= 1")
         _check(self.n_hidden >= 0, "editor.n_hidden", "must be >= 0")
         _check(self.init_edit_lr > 0, "editor.init_edit_lr", "must be > 0")
-        _check(self.method == "mend", "editor.method", f"{self.method!r}: training meta-trains MEND editors only, so it must be 'mend'; "
-               "the baselines (ft, grace, calinet) need no training: run `instructedit evaluate --method NAME`")
+        for name in ("lstm_dim", "condition_dim", "conditioner_dim"):
+            _check(getattr(self, name) >= 1, f"editor.{name}", f"{getattr(self, name)}: must be >= 1")
+        _check(self.method == "mend" or self.aggregation == "sum", "editor.aggregation",
+               f"{self.aggregation!r} is implemented for MEND only; editor.method {self.method!r} sums its edits' updates: use 'sum'")
+        _check(self.method in LEARNED_METHODS, "editor.method", f"{self.method!r}: training meta-trains learned editors only, so it must be "
+               f"one of {list(LEARNED_METHODS)}; the baselines (ft, grace, calinet) need no training: run `instructedit evaluate --method NAME`")
 
 
 @dataclass
@@ -332,7 +343,7 @@ RESUMABLE_CHANGES = {"training": ("max_steps", "early_stop_patience", "checkpoin
 
 def selection_changes(run_dir: str | Path, config: Config) -> list[str]:
     """The ``SELECTION_FIELDS`` (how best/ is chosen) in which ``config`` differs from ``run_dir``'s saved config, as "key old -> new"."""
-    saved = read_yaml_mapping(Path(run_dir) / "config.yaml", "run config").get("training", {})
+    saved = read_yaml_mapping(Path(run_dir) / RUN_CONFIG, "run config").get("training", {})
     current = config.to_dict()["training"]
     return [f"{k} {saved[k]} -> {current[k]}" for k in SELECTION_FIELDS if k in saved and json.dumps(saved[k]) != json.dumps(current[k])]
 
@@ -353,7 +364,7 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
 
 def check_resumable(config: Config, run_dir: str | Path) -> None:
     """Raise ValueError if ``run_dir`` holds a run trained with a different configuration than ``config``."""
-    saved_path = Path(run_dir) / "config.yaml"
+    saved_path = Path(run_dir) / RUN_CONFIG
     if not saved_path.is_file():
         return
     saved = yaml.load(saved_path.read_text(), Loader=YAMLLoader) or {}

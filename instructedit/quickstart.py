@@ -20,12 +20,13 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.api import Edit, InstructEditor, load_editor, score_target, top_predictions
 from instructedit.config import Config, YAMLLoader, config_from_dict
-from instructedit.editors.card import EDITOR_CONFIG, write_model_card
+from instructedit.editors.card import write_model_card
 from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.io import write_json
 from instructedit.models.loading import cache_dir, load_model, resolve_device
 from instructedit.records import TokenBatch
+from instructedit.runs import BEST
 from instructedit.tasks.collate import Collator
 
 logger = logging.getLogger(__name__)
@@ -130,11 +131,12 @@ def _marker(run_dir: Path) -> dict | None:
 
 
 def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_progress: bool = True) -> tuple[Path, nn.Module | None, PreTrainedTokenizerBase | None]:
-    """The trained editor folder of ``run_dir``: reused when complete, else trained (an interrupted run resumes).
+    """The trained editor folder of ``run_dir``: reused when finished, else trained (an interrupted run resumes).
 
     Returns the editor folder and, when it was trained now, the model and tokenizer the trainer loaded.
+    The marker file claims the folder for this config before training starts.
     """
-    from instructedit.training import Trainer
+    from instructedit.experiments.reuse import train_or_reuse
 
     digest, marker = config_hash(config), _marker(run_dir)
     if run_dir.exists() and marker is None and any(run_dir.iterdir()):
@@ -146,17 +148,17 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
     if marker is not None and marker.get("config_hash") != digest:
         raise ValueError(f"{run_dir} holds a quickstart run of another config (hash {marker.get('config_hash')}, now {digest}); "
                          "pass --retrain to replace it or choose another --output")
-    editor_dir = run_dir / "best"
-    if marker is not None and marker.get("complete") and (editor_dir / EDITOR_CONFIG).is_file():
+    editor_dir = run_dir / BEST
+    complete = marker is not None and bool(marker.get("complete"))
+    if not complete:
+        write_json(run_dir / MARKER, {"config_hash": digest, "complete": False})
+    summary, trainer = train_or_reuse(config, run_dir, progress=show_progress)
+    if trainer is None and complete:
         logger.info("reusing the quickstart editor %s (pass --retrain to train it again)", editor_dir)
         return editor_dir, None, None
-    write_json(run_dir / MARKER, {"config_hash": digest, "complete": False})
-    logger.info("training the quickstart editor into %s (%d steps on %s)", run_dir, config.training.max_steps, config.model.name)
-    trainer = Trainer(config, run_dir, show_progress=show_progress)
-    summary = trainer.run()
     write_model_card(editor_dir, run_dir)
     write_json(run_dir / MARKER, {"config_hash": digest, "complete": True, "steps": summary["steps"], "best_step": summary["best_step"]})
-    return editor_dir, trainer.model, trainer.tokenizer
+    return editor_dir, (trainer.model if trainer else None), (trainer.tokenizer if trainer else None)
 
 
 @torch.no_grad()

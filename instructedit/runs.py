@@ -1,27 +1,39 @@
-"""Training run folders that studies reuse: train into a folder unless a finished run is there, resume an interrupted one."""
+"""The run folder's layout, named once, and the one rule that says a training run is finished.
+
+A training run folder (``instructedit train --output RUN``)::
+
+    RUN/config.yaml        the effective training config (check_resumable compares a resume with it)
+    RUN/data.json          what was trained on: records per task and split
+    RUN/metrics.jsonl      one JSON line per logged step and validation
+    RUN/summary.json       written when training ends: steps, best step, stopped early, ...
+    RUN/best/  RUN/last/   saved editors (``editor_config.json`` + ``editor.safetensors``); last/ also the trainer state
+
+A leaf module: everything that reads or writes these names imports them from here.
+"""
 
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
-from instructedit.config import Config, check_resumable
-from instructedit.training import Trainer
+CONFIG = "config.yaml"
+DATA = "data.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+BEST = "best"
+LAST = "last"
+CHECKPOINTS = (BEST, LAST)
+EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
+EDITOR_WEIGHTS = "editor.safetensors"
 
-logger = logging.getLogger(__name__)
 
-
-def train_resumable(config: Config, run_dir: str | Path, model: Any, tokenizer: Any, progress: bool = True) -> dict[str, Any]:
-    """Train into ``run_dir`` unless a finished run is there; resume an interrupted one."""
-    run_dir = Path(run_dir)
-    check_resumable(config, run_dir)
-    summary_path = run_dir / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
-        if summary.get("stopped_early") or summary.get("steps", 0) >= config.training.max_steps:
-            logger.info("%s: finished run found (%d steps); not retraining", run_dir, summary.get("steps", 0))
-            return summary
-    logger.info("training into %s (tasks %s, %d steps)", run_dir, config.data.tasks, config.training.max_steps)
-    return Trainer(config, run_dir, model=model, tokenizer=tokenizer, show_progress=progress).run()
+def finished_summary(run_dir: str | Path, max_steps: int) -> dict[str, Any] | None:
+    """The summary of a finished run in ``run_dir`` (stopped early, or at least ``max_steps`` steps), else None."""
+    path = Path(run_dir) / SUMMARY
+    if not path.is_file():
+        return None
+    summary = json.loads(path.read_text())
+    if summary.get("stopped_early") or summary.get("steps", 0) >= max_steps:
+        return summary
+    return None

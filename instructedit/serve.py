@@ -1,4 +1,4 @@
-"""``instructedit serve``: a local demo web page to apply fact edits to one model, compare predictions, and roll edits back.
+"""The demo web app of ``instructedit serve``: a local page to apply fact edits to one model, compare predictions, and roll edits back.
 
 The edit logic (``EditSession``: validation, the stack of active edits, one lock around the model)
 is plain Python; ``create_app`` wraps it in a FastAPI app. FastAPI and uvicorn are imported only
@@ -7,7 +7,6 @@ when the app is built, so the rest of the CLI works without the ``serve`` extra.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import itertools
 import logging
@@ -21,11 +20,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.api import Edit, EditedModel, InstructEditor, answer, generate, max_input_length, score_target, top_predictions
-from instructedit.config import DEFAULT_MODEL
-from instructedit.models.loading import resolve_device
 from instructedit.records import SENTIMENTS, TASKS
 from instructedit.tasks.collate import encode_answer
-from instructedit.user_commands import add_editor_arguments
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -331,47 +327,3 @@ def create_app(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTo
         return session.rollback(None)
 
     return app
-
-
-# -- the command ------------------------------------------------------------------------------------
-
-
-def add_serve_parser(subparsers: Any) -> None:
-    """Register ``serve`` on an ``add_subparsers()`` object; ``func(args) -> int`` runs it."""
-    serve = subparsers.add_parser(
-        "serve", help="a local demo web page: apply edits, compare predictions before/after, roll back",
-        description="Starts a local web app (FastAPI + uvicorn) where edits are entered, applied to the model and rolled back. "
-                    "It binds to 127.0.0.1 by default: anyone who can reach the port can edit the model.",
-    )
-    add_editor_arguments(serve)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none'")
-    serve.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
-    serve.set_defaults(func=run_serve)
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from instructedit.api import load_editor
-    from instructedit.models.loading import load_model
-
-    try:
-        import uvicorn
-    except ModuleNotFoundError:
-        raise ValueError(INSTALL_HINT) from None
-    if not 0 < args.port < 65536:
-        raise ValueError(f"--port must be in 1..65535, got {args.port}")
-    loopback = is_loopback(args.host)
-    if not loopback:
-        logger.warning("--host %s is not a loopback address: anyone who can reach port %d can edit this model, and there is no "
-                       "authentication; use --host 127.0.0.1 unless you mean it", args.host, args.port)
-    device = resolve_device(args.device)
-    editor = load_editor(args.editor, instruction=args.instruction, device=device)
-    model_name = args.model or editor.model_name or DEFAULT_MODEL
-    model, tokenizer = load_model(model_name, device=device)
-    app = create_app(editor, model, tokenizer, model_name=model_name, editor_name=str(args.editor),
-                     allowed_hosts=[*LOOPBACK_HOSTS, args.host.lower()] if loopback else None)
-    shown = f"[{args.host}]" if ":" in args.host else args.host
-    logger.info("demo page: http://%s:%d/  (Ctrl+C stops the server)", shown, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    return 0

@@ -22,18 +22,18 @@ from tqdm.auto import tqdm
 
 from instructedit.checkpoints import (
     MetricsLog, check_finite, check_fresh_start, check_same_data, finish_run, is_resumable, read_checkpoint, recover_interrupted,
-    run_summary, write_checkpoint,
+    run_summary, start_run, write_checkpoint,
 )
 from instructedit.config import Config, check_resumable, save_config, selection_changes
 from instructedit.distributed import Distributed, device_map_placement
 from instructedit.editors.registry import build_editor
 from instructedit.evaluation.generation_check import validation_scores
-from instructedit.io import write_json
 from instructedit.memory import log_estimate
 from instructedit.models.loading import load_model
 from instructedit.models.split import CheckpointedSplitModel
 from instructedit.objective import many_edits_loss, meta_loss
 from instructedit.records import EditRecord, MetaBatch
+from instructedit.runs import BEST, CONFIG, LAST
 from instructedit.tasks.collate import PromptTooLongError
 from instructedit.tasks.instructions import trained_query_setup
 from instructedit.tasks.prepare import prepare_data, record_at
@@ -107,8 +107,7 @@ class Trainer:
             check_fresh_start(self.output)
             if self.dist.is_main:
                 self.log.rotate()
-                save_config(self.config, self.output / "config.yaml")
-                write_json(self.output / "data.json", self.data.info)
+                start_run(self.output, self.config, self.data.info)
             self.validate()  # the starting point: pre-training editor
         if t.tensorboard:
             self.log.open_tensorboard()
@@ -162,7 +161,7 @@ class Trainer:
                 totals[k] = totals.get(k, 0.0) + v
         self.state.records_seen += self.records_per_step  # consumed even when skipped: a bad record cannot loop forever
         counts, totals = self.dist.sum(counts), self.dist.sum(totals)
-        self.state.count_skipped(counts["nonfinite"], counts["too_long"], t, self.output / "last")
+        self.state.count_skipped(counts["nonfinite"], counts["too_long"], t, self.output / LAST)
         if counts["used"] == 0:
             self.state.step += 1
             return None
@@ -266,7 +265,7 @@ class Trainer:
             gen = f" | generation: reliability {metrics['gen_reliability']:.3f} locality {metrics['gen_locality']:.3f}" if "gen_reliability" in metrics else ""
             logger.info("validation @%d: loss %.4f edit_acc %.3f (pre %.3f) locality %.3f%s", self.state.step, metrics["loss"], metrics["edit_acc"], metrics["edit_acc_pre"], metrics["locality"], gen)
         if self.state.record_validation(metrics, t):
-            self._save_dir("best", with_optimizer=False, edit_scale=metrics.get("edit_scale", 1.0))
+            self._save_dir(BEST, with_optimizer=False, edit_scale=metrics.get("edit_scale", 1.0))
         elif self.state.stopped_early and self.dist.is_main:
             logger.info("early stopping at step %d: no validation improvement in %d validations", self.state.step, t.early_stop_patience)
         return metrics
@@ -278,12 +277,12 @@ class Trainer:
         if self.dist.is_main:
             logger.warning("resuming %s with another selection (%s): best/ is chosen again from the next validation on",
                            self.output, ", ".join(changed))
-            save_config(self.config, self.output / "config.yaml")
+            save_config(self.config, self.output / CONFIG)
         self.state.best_score = -math.inf
 
     # -- persistence ---------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
-        self._save_dir("last", with_optimizer=True)
+        self._save_dir(LAST, with_optimizer=True)
 
     def _save_dir(self, name: str, with_optimizer: bool, edit_scale: float = 1.0) -> None:
         """Write the editor (its step sizes × ``edit_scale``, the generation-calibrated multiplier) into OUTPUT/name."""
@@ -297,7 +296,7 @@ class Trainer:
         write_checkpoint(self.output / name, self.editor, extra, edit_scale, *resume)
 
     def _maybe_resume(self) -> bool:
-        last = self.output / "last"
+        last = self.output / LAST
         if self.dist.is_main:
             recover_interrupted(last)
         self.dist.barrier()

@@ -11,17 +11,17 @@ import pytest
 import torch
 import yaml
 
-from instructedit import runs
-from instructedit.analysis import scaling
-from instructedit.analysis.commands import add_analysis_parsers
+from instructedit.experiments import reuse, scaling
+from instructedit.commands.analyze import add_analyze_parser
+from instructedit.commands.instructions import add_instructions_parser
 from instructedit.analysis.gradients import (
     GradientSettings, MatrixSketch, editor_spec, embed_2d, pca_reduce, recorded_instructions, resolve_weight, separation_scores,
 )
-from instructedit.analysis.instructions_study import (
-    BalanceConfig, load_balance_config, run_balance, seen_unseen_summary, write_description_outputs,
-)
+from instructedit.analysis.instructions_study import seen_unseen_summary, write_description_outputs
+from instructedit.experiments.balance import BalanceConfig, load_balance_config, run_balance
 from instructedit.config import load_config, save_config
 from instructedit.editors.registry import build_editor
+from instructedit.evaluation import cache
 from instructedit.evaluation.report import EvalSettings
 from instructedit.models.loading import load_model
 from instructedit.records import EditRecord
@@ -36,7 +36,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny mo
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="instructedit")
-    add_analysis_parsers(parser.add_subparsers(dest="command"))
+    sub = parser.add_subparsers(dest="command")
+    add_analyze_parser(sub)
+    add_instructions_parser(sub)
     return parser.parse_args(argv)
 
 
@@ -189,8 +191,8 @@ def test_scaling_trains_evaluates_plots_and_skips_finished_work(tiny_gpt2_dir: P
     def forbidden(*args, **kwargs):
         raise AssertionError("finished work was redone")
 
-    monkeypatch.setattr(scaling, "evaluate", forbidden)
-    monkeypatch.setattr(runs.Trainer, "run", forbidden)
+    monkeypatch.setattr(cache, "evaluate", forbidden)
+    monkeypatch.setattr(reuse.Trainer, "run", forbidden)
     assert args.func(args) == 0
     assert json.loads((out / "scaling.json").read_text())["points"] == result["points"]
 
@@ -213,7 +215,7 @@ def test_a_run_folder_with_another_configuration_is_refused(tiny_gpt2_dir: Path,
     save_config(load_config(TINY, [f"model.name={tiny_gpt2_dir}", "data.tasks=[counterfact]"]), run / "config.yaml")
     config = load_config(TINY, [f"model.name={tiny_gpt2_dir}", "data.tasks=[wikirecent]"])
     with pytest.raises(ValueError, match="different configuration"):
-        runs.train_resumable(config, run, None, None)
+        reuse.train_or_reuse(config, run, None, None)
 
 
 # --- seen vs unseen -------------------------------------------------------------------------------------

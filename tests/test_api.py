@@ -19,7 +19,8 @@ from instructedit.config import load_config
 from instructedit.models.loading import load_model
 from instructedit.tasks.collate import PromptTooLongError
 from instructedit.tasks.instructions import InstructionPool
-from instructedit.user_commands import add_user_parsers
+from instructedit.commands.edit import add_edit_parser
+from instructedit.commands.quickstart import add_quickstart_parser
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 FRANCE = Edit("The capital of France is", "Rome")
@@ -213,7 +214,9 @@ def test_public_exports() -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser()
-    add_user_parsers(p.add_subparsers(dest="command"))
+    sub = p.add_subparsers(dest="command")
+    add_edit_parser(sub)
+    add_quickstart_parser(sub)
     return p
 
 

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from instructedit.analysis.instructions_study import load_balance_config
-from instructedit.analysis.scaling import load_scaling_config
+from instructedit.experiments.balance import load_balance_config
+from instructedit.experiments.scaling import load_scaling_config
 from instructedit.config import Config, YAMLLoader, config_from_dict, load_config, parse_override, save_config
 from instructedit.editors.calinet import CaliNetConfig
 from instructedit.editors.ft import FTConfig
 from instructedit.editors.grace import GRACEConfig
 from instructedit.editors.registry import EDITORS
-from instructedit.experiments import ExperimentConfig
+from instructedit.experiments.table3 import ExperimentConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
@@ -111,7 +111,8 @@ def test_wrong_type_names_the_field(override: str, field: str) -> None:
         ("training.grad_clip=.nan", "training.grad_clip", "must be > 0"),
         ("training.val_size=0", "training.val_size", "at least 1 record"),
         ("training.val_size=-5", "training.val_size", "at least 1 record"),
-        ("editor.method=ft", "editor.method", "'ft': training meta-trains MEND editors only"),
+        ("editor.method=ft", "editor.method", "'ft': training meta-trains learned editors only"),
+        ("editor.condition_dim=0", "editor.condition_dim", "0: must be >= 1"),
         ("model.architecture={layers: x}", "model.architecture", "missing keys"),
     ],
 )

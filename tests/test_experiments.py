@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from instructedit.evaluation.report import load_report_json
-from instructedit.experiments import ExperimentConfig, run_experiment
+from instructedit.experiments.table3 import ExperimentConfig, run_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX_TEMPLATE = "Task: {task}\nDescription: {description}\nInput: {prompt}\nOutput:"

@@ -21,7 +21,7 @@ from instructedit.config import load_config
 from instructedit.editors.base import EditHandle, EditResult, WeightEditHandle
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
-from instructedit.evaluation.commands import add_evaluate_parser
+from instructedit.commands.evaluate import add_evaluate_parser
 from instructedit.evaluation.generation import (
     _batch_order, _shared_prefix, answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids,
     token_f1,
@@ -29,7 +29,8 @@ from instructedit.evaluation.generation import (
 from instructedit.evaluation.generation_probes import Query, answer_scores, case_queries
 from instructedit.evaluation.judge import LLMJudge, parse_verdict
 from instructedit.evaluation.report import EvalReport, load_report_json, markdown_report
-from instructedit.evaluation.runner import _prepare, evaluate
+from instructedit.evaluation.packing import prepare_cases
+from instructedit.evaluation.runner import evaluate
 from instructedit.models.loading import load_model
 from instructedit.records import ConvSentExtras, EditRecord, QAItem, TokenBatch
 from instructedit.tasks.collate import Collator
@@ -316,7 +317,7 @@ def test_teacher_forced_protocol_keeps_todays_numbers(tiny_llama_dir: Path) -> N
 def test_an_edit_input_carries_the_stop_token_and_probes_do_not(tiny_model_dir: Path) -> None:
     model, tokenizer, editor = setup(tiny_model_dir)
     collator = Collator(tokenizer, 256, POOL, answer_stop="newline")
-    (case,), _ = _prepare(collator, records()[:1], 0, 16, torch.device("cpu"))
+    (case,), _ = prepare_cases(collator, records()[:1], 0, 16, torch.device("cpu"))
     newline = collator.stop_ids[0]
     assert [p.family for p in case.probes[:2]] == ["edit", "reliability"]
     assert case.edit.labels[0][case.edit.label_mask[0]][-1] == newline

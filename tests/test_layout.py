@@ -1,11 +1,10 @@
 """The package's import rules (STYLE.md, "the orchestration layer"), read from the source with ``ast``.
 
 1. No import circle between the package's modules.
-2. ``analysis/`` reads reports and checkpoints: none of its modules imports the training loop.
+2. ``analysis/`` reads reports and checkpoints: none of its modules reaches the training loop, not
+   even through other modules (studies that train editors live in ``experiments/``).
 3. Library modules never import a command module. Command modules are the ones that parse a
-   subcommand's arguments and run it: ``cli.py``, the ``commands/`` package, ``user_commands.py``
-   (``edit``, and ``quickstart``'s command part; the quickstart itself is ``quickstart.py``),
-   ``calibration.py``, ``serve.py``, ``evaluation/commands.py`` and ``analysis/commands.py``.
+   subcommand's arguments and run it: ``cli.py`` (which assembles them) and the ``commands/`` package.
 
 Every import counts, also one inside a function; ``from package import module`` counts as an import
 of that module.
@@ -18,8 +17,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "instructedit"
 TRAINING_LOOP = "instructedit.training"
-COMMAND_MODULES = {"instructedit.cli", "instructedit.user_commands", "instructedit.calibration", "instructedit.serve",
-                   "instructedit.evaluation.commands", "instructedit.analysis.commands"}
+COMMAND_MODULES = {"instructedit.cli", "instructedit.commands"}
 
 
 def _module_name(path: Path) -> str:
@@ -53,6 +51,18 @@ def is_command_module(name: str) -> bool:
     return name in COMMAND_MODULES or name.startswith("instructedit.commands")
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others."""
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo.extend(graph.get(name, ()))
+    return seen
+
+
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import circle as [a, b, ..., a], or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -78,10 +88,11 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_the_graph_sees_the_package() -> None:
     graph = import_graph()
-    assert TRAINING_LOOP in graph and "instructedit.analysis.scaling" in graph
+    assert TRAINING_LOOP in graph and "instructedit.experiments.scaling" in graph
     assert "instructedit.objective" in graph[TRAINING_LOOP]
     assert "instructedit.commands.memory" in graph["instructedit.cli"]  # a function-level import would count as well
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert reachable({"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a"}}, "a") == {"b", "c"}
 
 
 def test_no_import_circle() -> None:
@@ -89,10 +100,10 @@ def test_no_import_circle() -> None:
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
-def test_analysis_never_imports_the_training_loop() -> None:
-    offenders = sorted(name for name, imported in import_graph().items()
-                       if name.startswith("instructedit.analysis.") and TRAINING_LOOP in imported)
-    assert not offenders, f"{offenders} import {TRAINING_LOOP}; analysis reads reports and checkpoints (STYLE.md)"
+def test_analysis_never_reaches_the_training_loop() -> None:
+    graph = import_graph()
+    offenders = sorted(name for name in graph if name.startswith("instructedit.analysis.") and TRAINING_LOOP in reachable(graph, name))
+    assert not offenders, f"{offenders} reach {TRAINING_LOOP} through their imports; analysis reads reports and checkpoints (STYLE.md)"
 
 
 def test_library_modules_never_import_a_command_module() -> None:
@@ -101,3 +112,17 @@ def test_library_modules_never_import_a_command_module() -> None:
     offenders = sorted(f"{name} -> {imported}" for name, targets in graph.items() if not is_command_module(name)
                        for imported in targets if is_command_module(imported))
     assert not offenders, f"library modules import command modules: {offenders}"
+
+
+def test_only_command_modules_build_parsers() -> None:
+    """The command line lives in one place: argparse parsers are built in ``cli.py`` and ``commands/`` only."""
+    builders = {"add_parser", "add_argument", "add_subparsers", "ArgumentParser"}
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        name = _module_name(path)
+        if is_command_module(name):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) in builders:
+                offenders.append(f"{name}:{node.lineno}")
+    assert not offenders, f"argument parsing outside the command modules: {offenders}"

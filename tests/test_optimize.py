@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from instructedit.analysis.commands import add_analysis_parsers
+from instructedit.commands.analyze import add_analyze_parser
+from instructedit.commands.instructions import add_instructions_parser
 from instructedit.analysis.optimize import EditorScorer, OptimizeSettings, improves, optimize_instructions, result_pool
 from instructedit.analysis.proposers import LocalProposer, OpenAIProposer, ProposerError, make_proposer, parse_candidates
 from instructedit.config import load_config, save_config
@@ -238,7 +239,9 @@ def save_run(model_dir: Path, run: Path) -> Path:
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="instructedit")
-    add_analysis_parsers(parser.add_subparsers(dest="command"))
+    sub = parser.add_subparsers(dest="command")
+    add_analyze_parser(sub)
+    add_instructions_parser(sub)
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,8 @@ from instructedit.models.loading import load_model
 from instructedit.quickstart import (
     DEMO_EDITS, LOCALITY_PROBES, MARKER, config_hash, default_run_dir, format_report, quickstart_config, run_demo, run_quickstart,
 )
-from instructedit.user_commands import add_user_parsers
+from instructedit.commands.edit import add_edit_parser
+from instructedit.commands.quickstart import add_quickstart_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 # tiny-model settings (as configs/tiny.yaml), so a quickstart run takes seconds
@@ -104,7 +105,9 @@ def test_demo_edits_are_single_and_restored(tiny_llama_dir: Path, tmp_path: Path
 
 def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = argparse.ArgumentParser()
-    add_user_parsers(p.add_subparsers(dest="command"))
+    sub = p.add_subparsers(dest="command")
+    add_edit_parser(sub)
+    add_quickstart_parser(sub)
     argv = ["quickstart", "--model", str(tiny_gpt2_dir), "--budget-steps", "1", "--output", str(tmp_path / "run"), "--no-progress"]
     args = p.parse_args(argv + [x for item in TINY for x in ("--set", item)])
     assert args.func(args) == 0

@@ -14,12 +14,12 @@ from instructedit.config import load_config
 from instructedit.editors.base import EditHandle
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
-from instructedit.evaluation import runner
-from instructedit.evaluation.commands import add_evaluate_parser, parse_options
+from instructedit.evaluation import packing
+from instructedit.commands.evaluate import add_evaluate_parser, parse_options
 from instructedit.evaluation.report import load_report_json, markdown_report
-from instructedit.evaluation.runner import (
-    RestorationError, case_probes, edit_pairs, evaluate, pack, scored_logits, sequential_schedule,
-)
+from instructedit.evaluation.packing import pack, scored_logits
+from instructedit.evaluation.probes import case_probes
+from instructedit.evaluation.runner import RestorationError, evaluate, sequential_schedule
 from instructedit.models.loading import load_model
 from instructedit.records import ConvSentExtras, EditRecord, QAItem, TokenBatch
 from instructedit.tasks.collate import Collator
@@ -123,7 +123,7 @@ def test_edit_input_is_meta_batch_edit_inner(tiny_llama_dir: Path) -> None:
     collator = Collator(tokenizer, 256, InstructionPool.default(), convsent_pairs=2)
     for record in records():
         meta = collator.meta_batch([record], [0], "rephrase").edit_inner if record.locality else None
-        ours = collator.qa_batch(edit_pairs(collator, record, 0))
+        ours = collator.qa_batch(collator.edit_pairs(record, 0))
         if meta is not None:
             assert torch.equal(meta.input_ids, ours.input_ids) and torch.equal(meta.labels, ours.labels)
 
@@ -200,14 +200,14 @@ def test_packing_falls_back_to_padded_rows_when_the_model_disagrees(tiny_llama_d
     model, tokenizer, editor = setup(tiny_llama_dir)
     plain = evaluate(model, tokenizer, editor, records(), InstructionPool.default(), 0, progress=False, pack_rows=False)
 
-    real_pack = runner.pack
+    real_pack = packing.pack
 
     def ignored_mask(*args, **kwargs):  # as if the architecture ignored the packed row's mask and positions
         packed, positions, owner = real_pack(*args, **kwargs)
         see_all = TokenBatch(packed.input_ids, torch.zeros_like(packed.attention_mask), packed.labels)
         return see_all, torch.zeros_like(positions), owner
 
-    monkeypatch.setattr(runner, "pack", ignored_mask)
+    monkeypatch.setattr(packing, "pack", ignored_mask)
     report = evaluate(model, tokenizer, editor, records(), InstructionPool.default(), 0, progress=False)
     assert report.settings.fast_path and not report.settings.packed_rows
     assert [c.post for c in report.cases] == [c.post for c in plain.cases]

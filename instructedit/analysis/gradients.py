@@ -30,19 +30,18 @@ from tqdm.auto import tqdm
 
 from instructedit.analysis import plots
 from instructedit.config import DEFAULT_MODEL
-from instructedit.editors.mend import CONFIG_NAME, MENDEditor
-from instructedit.evaluation.runner import MAX_LENGTH_CAP, edit_pairs
+from instructedit.editors.mend import MENDEditor
 from instructedit.io import write_json
-from instructedit.models.loading import load_model
+from instructedit.models.loading import load_model, max_input_length
 from instructedit.records import TASKS, EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
+from instructedit.runs import CHECKPOINTS, CONFIG as RUN_CONFIG, EDITOR_CONFIG as CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
 EMBEDDINGS = ("tsne", "pca")
-RUN_CONFIG = "config.yaml"  # written by the Trainer into the run folder; best/ and last/ sit inside it
 ModelLoader = Callable[[str, str], tuple[Any, Any]]  # (model name, device) -> (model, tokenizer)
 
 
@@ -82,7 +81,7 @@ def recorded_instructions(editor_dir: str | Path) -> tuple[bool | None, str]:
 def default_label(editor_dir: str | Path) -> str:
     """``runs/instructedit/best`` -> ``instructedit``: the run folder's name for checkpoint folders."""
     path = Path(editor_dir).resolve()
-    return path.parent.name if path.name in ("best", "last") else path.name
+    return path.parent.name if path.name in CHECKPOINTS else path.name
 
 
 def editor_spec(path: str | Path, label: str | None = None, instructions: str = "auto", model: str | None = None) -> EditorSpec:
@@ -185,7 +184,7 @@ def collect_updates(
     name = resolve_weight(editor, weight)
     shape = tuple(editor.split(model).model.get_parameter(name).shape)
     sketch = MatrixSketch(shape, projection_dim, seed)  # type: ignore[arg-type]
-    max_length = max_length or min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
+    max_length = max_length or max_input_length(model)
     collator = Collator(tokenizer, max_length, pool)
     device = next(model.parameters()).device
     split = editor.split(model)
@@ -195,7 +194,7 @@ def collect_updates(
     try:
         for record in tqdm(records, desc="updates", unit="edit", disable=not progress):
             try:
-                batch = collator.qa_batch(edit_pairs(collator, record, instruction), record.source).to(device)
+                batch = collator.qa_batch(collator.edit_pairs(record, instruction), record.source).to(device)
             except PromptTooLongError as err:
                 skipped.append({"source": record.source, "reason": str(err)})
                 continue

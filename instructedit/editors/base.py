@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
 from instructedit.records import TokenBatch
+
+if TYPE_CHECKING:
+    from instructedit.models.architectures import EditableWeight
+    from instructedit.models.split import PrefixState, SplitModel
 
 
 @dataclass
@@ -184,4 +188,30 @@ class Editor(Protocol):
 
     def apply(self, model: nn.Module, batch: TokenBatch) -> EditHandle:
         """Edit ``model`` in place so it produces ``batch``'s labelled targets; return the undo handle."""
+        ...
+
+
+@runtime_checkable
+class FunctionalEditor(Editor, Protocol):
+    """An editor whose edit is a function of the model: new weights from a split model and a batch, nothing written.
+
+    The evaluation runner scores such an editor on cached prefix states (one prefix pass serves the
+    pre-edit logits and the edit; only the edited blocks re-run) and tries packing a case's rows into
+    one (checked against padded rows); any other ``Editor`` goes through ``apply`` / ``rollback``.
+    MEND implements it.
+    """
+
+    method: str  # the registry name a report records
+    weights: list[EditableWeight]  # the weights an edit writes (``.name``, ``.transposed``)
+    training: bool
+
+    def split(self, model: nn.Module) -> SplitModel:
+        """The model as frozen prefix + functional suffix, cut below the first edited block."""
+        ...
+
+    def edit(self, model: nn.Module | SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> EditResult:
+        """New weights that make ``model`` produce ``batch``'s labelled targets; ``state``: ``split.prefix(batch)`` if known."""
+        ...
+
+    def train(self, mode: bool = True) -> Any:
         ...

@@ -13,14 +13,13 @@ import yaml
 
 from instructedit.config import DEFAULT_MODEL
 from instructedit.io import atomic_write
+from instructedit.runs import CONFIG as RUN_CONFIG, DATA, EDITOR_CONFIG, METRICS, SUMMARY
 
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
 TRAINING_CONFIG = "training_config.yaml"  # a copy of the run's config.yaml, so a shared editor carries its settings
 POOL_COPY = "instruction_pool.json"  # a copy of a custom instruction pool the editor was trained with
-RUN_CONFIG = "config.yaml"  # what the Trainer writes into its run folder, beside best/ and last/
 DEFAULT_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the hub id of the bundled default model
 MAX_HISTORY_ROWS = 12
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -29,7 +28,7 @@ _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 def find_run_dir(editor_dir: str | Path) -> Path | None:
     """The Trainer run folder an editor checkpoint came from (``RUN/best`` -> ``RUN``), if it is still beside it."""
     run = Path(editor_dir).resolve().parent
-    return run if (run / RUN_CONFIG).is_file() and (run / "data.json").is_file() else None
+    return run if (run / RUN_CONFIG).is_file() and (run / DATA).is_file() else None
 
 
 def training_config(editor_dir: str | Path) -> dict[str, Any] | None:
@@ -44,6 +43,17 @@ def training_config(editor_dir: str | Path) -> dict[str, Any] | None:
                 raise ValueError(f"{path} is not valid YAML: {err}") from None
             return values if isinstance(values, dict) else None
     return None
+
+
+def editor_model_name(directory: str | Path) -> str | None:
+    """The ``model_name`` an editor folder was trained for, if it records one."""
+    path = Path(directory) / EDITOR_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"--editor {directory}: {EDITOR_CONFIG} is missing; pass a folder written by save_pretrained (e.g. RUN/best)")
+    try:
+        return json.loads(path.read_text()).get("model_name") or None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
 def base_model_id(model_name: str) -> str | None:
@@ -71,9 +81,9 @@ def write_model_card(editor_dir: str | Path, run_dir: str | Path | None = None) 
     if run is not None and not run.is_dir():
         raise FileNotFoundError(f"run folder {run} does not exist")
     config = _copy_run_config(editor_dir, run)
-    data = _read_json(run / "data.json") if run else None
-    summary = _read_json(run / "summary.json") if run else None
-    history = _validation_history(run / "metrics.jsonl") if run else []
+    data = _read_json(run / DATA) if run else None
+    summary = _read_json(run / SUMMARY) if run else None
+    history = _validation_history(run / METRICS) if run else []
     if not history and summary:
         history = [v for v in (summary.get("first_validation"), summary.get("last_validation")) if v]
     text = render_model_card(editor_config, config, data, summary, history)

@@ -23,6 +23,7 @@ class Factors:
 
     u: torch.Tensor  # (n_tokens, d_in)
     delta: torch.Tensor  # (n_tokens, d_out)
+    rows: torch.Tensor | None = None  # (n_tokens,): the batch row each token comes from
 
 
 class FactorCapture:
@@ -58,7 +59,8 @@ class FactorCapture:
             u = self.inputs[name].reshape(-1, self.inputs[name].shape[-1])
             delta = grad.reshape(-1, grad.shape[-1])
             keep = delta.ne(0).any(-1)  # tokens that do not influence the loss carry no gradient
-            result[name] = Factors(u=u[keep], delta=delta[keep])
+            rows = torch.arange(grad.shape[0], device=grad.device)[:, None].expand(grad.shape[:-1]).reshape(-1)  # (batch·seq,)
+            result[name] = Factors(u=u[keep], delta=delta[keep], rows=rows[keep])
         return result
 
 

@@ -9,31 +9,24 @@ low-rank residual layers with identity initialization; the update of weight W is
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from instructedit.config import EditorConfig, ModelConfig
+from instructedit.config import EditorConfig
 from instructedit.editors.aggregation import NormalEquations, value_differences
-from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place
+from instructedit.editors.base import EditResult
 from instructedit.editors.hooks import Factors, capture_factors
-from instructedit.io import atomic_write, write_json
-from instructedit.losses import masked_nll, per_row_nll
-from instructedit.models.architectures import ArchSpec, EditableWeight, arch_spec, resolve_editable_weights
+# CONFIG_NAME, WEIGHTS_NAME and nonfinite_tensors are imported from here by older modules: they live in editors/learned.py
+from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEditor, nonfinite_tensors  # noqa: F401
+from instructedit.losses import per_row_nll
+from instructedit.models.architectures import ArchSpec, EditableWeight
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import TokenBatch
 
 logger = logging.getLogger(__name__)
-
-CONFIG_NAME = "editor_config.json"
-WEIGHTS_NAME = "editor.safetensors"
 
 Moments = tuple[int, torch.Tensor, torch.Tensor]  # (count, mean, summed squared deviations)
 # Gets this process's (u, δ) moments; returns every process's, in rank order, and this process's rank.
@@ -144,17 +137,13 @@ def _shape_key(weight: EditableWeight) -> str:
     return f"{weight.shape[0]}x{weight.shape[1]}"
 
 
-class MENDEditor(nn.Module):
+class MENDEditor(LearnedEditor):
     """Turns one forward/backward on an edit example into functional weight updates."""
 
+    method = "mend"
+
     def __init__(self, weights: list[EditableWeight], config: EditorConfig | None = None, architecture: ArchSpec | None = None, model_name: str = "") -> None:
-        super().__init__()
-        if not weights:
-            raise ValueError("MENDEditor needs at least one editable weight")
-        self.config = config or EditorConfig()
-        self.weights = list(weights)
-        self.architecture = architecture
-        self.model_name = model_name
+        super().__init__(weights, config, architecture, model_name)
         self.groups: dict[str, list[EditableWeight]] = {}
         for w in self.weights:
             self.groups.setdefault(_shape_key(w), []).append(w)
@@ -168,41 +157,12 @@ class MENDEditor(nn.Module):
         if self.config.aggregation == "least_squares":
             # λ per weight, the ridge strength being e^λ; only least-squares editors have (and save) it.
             self.lambdas = nn.Parameter(torch.zeros(len(self.weights)))
-        self._split_cache: tuple[int, SplitModel] | None = None
-
-    @classmethod
-    def for_model(cls, model: nn.Module, model_config: ModelConfig, editor_config: EditorConfig) -> "MENDEditor":
-        """A fresh (identity-initialized) editor of ``model``'s inner weights as ``model_config`` names them."""
-        override = ArchSpec.from_dict(model_config.architecture) if model_config.architecture else None
-        spec = arch_spec(model, override)
-        weights = resolve_editable_weights(model, spec, model_config.edit_weights or None, model_config.last_n_layers)
-        return cls(weights, editor_config, override, model_config.name)
 
     @property
     def network_parameters(self) -> list[nn.Parameter]:
         """What meta-training's first optimizer trains besides the step sizes α: the networks (and λ)."""
         ridge = [self.lambdas] if self.config.aggregation == "least_squares" else []
         return list(self.transforms.parameters()) + ridge
-
-    def split(self, model: nn.Module | SplitModel) -> SplitModel:
-        """The model cut at the first edited block (cached per model object)."""
-        if isinstance(model, SplitModel):
-            return model
-        if self._split_cache is None or self._split_cache[0] != id(model):
-            self._check_model(model)
-            spec = arch_spec(model, self.architecture)
-            self._split_cache = (id(model), SplitModel(model, spec, min(w.layer for w in self.weights)))
-        return self._split_cache[1]
-
-    def _check_model(self, model: nn.Module) -> None:
-        params = dict(model.named_parameters())
-        for w in self.weights:
-            if w.name not in params:
-                raise ValueError(f"this editor edits {w.name!r}, which the model does not have (editor trained for {self.model_name or 'another model'})")
-            stored = tuple(params[w.name].shape)
-            expected = (w.shape[1], w.shape[0]) if w.transposed else w.shape
-            if stored != tuple(expected):
-                raise ValueError(f"weight {w.name!r} has shape {stored}, the editor expects {tuple(expected)}")
 
     def transform(self, factors: dict[str, Factors]) -> dict[str, torch.Tensor]:
         """α · Σ_t δ̃_t ũ_tᵀ per weight, in the parameter's storage orientation."""
@@ -270,104 +230,7 @@ class MENDEditor(nn.Module):
         if self.config.aggregation == "least_squares":
             updates, loss = self.solve(split, batch, state)
         else:
-            state = state if state is not None else split.prefix(batch)
-            with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
-                logits = split.logits_at(split.suffix(state), mask)
-                loss = masked_nll(logits, batch.labels[mask])
-                factors = capture.factors(loss)
+            factors, loss = self.edit_factors(split, batch, state)
             updates = self.transform(factors)
-        new_params = {}
-        for w in self.weights:
-            param = split.model.get_parameter(w.name)
-            # Add in float32, round once: a bf16/fp16 weight would otherwise also round the small update.
-            new_params[w.name] = (param.float() + updates[w.name].to(param.device)).to(param.dtype)
-        return EditResult(new_params=new_params, updates=updates, pre_edit_loss=loss.detach())
+        return EditResult(new_params=self.edited_params(split, updates), updates=updates, pre_edit_loss=loss.detach())
 
-    @torch.no_grad()
-    def apply(self, model: nn.Module, batch: TokenBatch) -> WeightEditHandle:
-        """Edit ``model`` in place; the handle (also a context manager) rolls back bit-exactly."""
-        was_training = self.training
-        self.eval()
-        try:
-            result = self.edit(model, batch)
-        finally:
-            self.train(was_training)
-        return apply_in_place(model, result)
-
-    # -- persistence ---------------------------------------------------------------------------
-    def editor_config(self) -> dict:
-        return {
-            "method": "mend",
-            "model_name": self.model_name,
-            "editor": dataclasses.asdict(self.config),
-            "weights": [dataclasses.asdict(w) for w in self.weights],
-            "architecture": dataclasses.asdict(self.architecture) if self.architecture else None,
-        }
-
-    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """Write ``editor_config.json`` + ``editor.safetensors`` (network, α, normalization statistics)."""
-        directory = Path(directory)
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        bad = nonfinite_tensors(tensors)
-        if bad:  # a diverged editor is never written: it would only fail later, far from the cause
-            raise FloatingPointError(f"not saving the editor to {directory}: {bad[:3]} hold NaN/Inf values")
-        directory.mkdir(parents=True, exist_ok=True)
-        config = self.editor_config() | (extra or {})
-        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
-        write_json(directory / CONFIG_NAME, config)
-        return directory
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "MENDEditor":
-        """Load what ``save_pretrained`` wrote; a damaged folder raises one ValueError naming the folder and the file."""
-        directory = Path(directory)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise FileNotFoundError(f"{directory} is not a saved editor: {CONFIG_NAME} is missing")
-        try:
-            data = json.loads(config_path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
-            raise _corrupt(directory, CONFIG_NAME, f"is not valid JSON ({e})") from None
-        if not isinstance(data, dict):
-            raise _corrupt(directory, CONFIG_NAME, f"holds a JSON {type(data).__name__}, not an object")
-        if data.get("method") != "mend":
-            raise ValueError(f"{config_path}: method {data.get('method')!r} is not 'mend'")
-        missing = [key for key in ("weights", "editor") if key not in data]
-        if missing:
-            raise _corrupt(directory, CONFIG_NAME, f"lacks the field(s) {missing}")
-        try:
-            weights = [EditableWeight(**{**w, "shape": tuple(w["shape"])}) for w in data["weights"]]
-            arch = data.get("architecture")
-            arch_obj = ArchSpec.from_dict(arch) if arch else None
-            editor = cls(weights, EditorConfig(**data["editor"]), arch_obj, data.get("model_name", ""))
-        except (KeyError, TypeError, ValueError) as e:
-            raise _corrupt(directory, CONFIG_NAME, f"describes no valid editor ({type(e).__name__}: {e})") from None
-        weights_path = directory / WEIGHTS_NAME
-        if not weights_path.is_file():
-            raise _corrupt(directory, WEIGHTS_NAME, "is missing")
-        try:
-            state = load_file(str(weights_path), device=str(device))
-        except SafetensorError as e:
-            raise _corrupt(directory, WEIGHTS_NAME, f"is not a readable safetensors file ({e})") from None
-        expected = editor.state_dict()
-        absent, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        problems = [f"{what} tensor(s) {names[:3]}" for what, names in (("missing", absent), ("unexpected", unexpected)) if names]
-        problems += [f"{k} has shape {tuple(state[k].shape)}, {CONFIG_NAME} implies {tuple(v.shape)}"
-                     for k, v in expected.items() if k in state and state[k].shape != v.shape][:3]
-        if problems:
-            raise _corrupt(directory, WEIGHTS_NAME, f"does not match {CONFIG_NAME}: {'; '.join(problems)}")
-        bad = nonfinite_tensors(state)
-        if bad:
-            raise _corrupt(directory, WEIGHTS_NAME, f"holds NaN/Inf values in {bad[:3]} (a diverged training run?)")
-        editor.load_state_dict(state, strict=True)
-        return editor.to(device)
-
-
-def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors holding NaN or Inf."""
-    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-
-
-def _corrupt(directory: Path, file: str, why: str) -> ValueError:
-    return ValueError(f"{directory} holds an incomplete or corrupt editor: {directory / file} {why}; "
-                      "save or download it again, or use another checkpoint")

@@ -59,9 +59,10 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     for record, index in zip(records, instructions, strict=True):
         if record.convsent is not None or not record.locality:
             continue
-        prompt = collator.wrap(record, record.prompt, index)
+        pairs = collator.edit_pairs(record, index)
+        prompt = pairs[0][0]
         try:
-            batch = collator.qa_batch([(prompt, record.target_new)], record.source, stop=True)
+            batch = collator.qa_batch(pairs, record.source, stop=True)
         except PromptTooLongError:
             continue
         cases.append((record, prompt, batch))

@@ -141,6 +141,17 @@ def load_skips(file: str | Path, skipped: Sequence[tuple[int, str]]) -> list[dic
             for index, reason in skipped]
 
 
+def post_pre(report: EvalReport, task: str) -> dict[str, dict[str, float | None]]:
+    """{"post": {metric: mean}, "pre": {...}, "n": {...}} of one task of a report."""
+    phases = report.aggregates.get(task, {})
+    out: dict[str, dict[str, Any]] = {}
+    for phase in ("post", "pre"):
+        values = phases.get(phase, {})
+        out[phase] = {m: values[m].mean if m in values else None for m in FAMILIES}
+    out["n"] = {m: phases.get("post", {})[m].n for m in FAMILIES if m in phases.get("post", {})}
+    return out
+
+
 def write_report_json(report: EvalReport, path: str | Path) -> Path:
     return write_json(path, report.to_dict())
 

@@ -1,8 +1,9 @@
 """The evaluation runner: per case one batched pre/post-edit scoring of all its probes, the edit, a verified exact rollback.
 
 Speed (BENCHMARKS.md): a case's probes (rewrite, rephrases, portability, locality) form one padded
-batch; the vocabulary projection runs only at the labelled answer positions. For a MEND editor the
-rows are packed into one row that holds their common instruction once (``pack``), one pass of the
+batch (``probes``); the vocabulary projection runs only at the labelled answer positions. For a functional
+editor (``FunctionalEditor``: MEND) the rows are packed into one row that holds their common instruction once
+(``packing``), one pass of the
 unedited prefix over it serves the pre-edit logits and the edit itself, and only the edited blocks
 re-run with the new weights, functionally, for the post-edit logits (the model is never written). Any other editor goes through ``editor.apply`` / ``handle.rollback()``.
 Either way a ``WeightGuard`` proves after every case that the parameters are bitwise the originals.
@@ -18,17 +19,15 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.editors.base import EditHandle, EditResult, Editor, WeightEditHandle, apply_in_place
-from instructedit.editors.mend import MENDEditor
+from instructedit.editors.base import EditHandle, EditResult, Editor, FunctionalEditor, WeightEditHandle, apply_in_place
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.generation import ANSWER_MARGIN
 from instructedit.evaluation.guard import RestorationError, WeightGuard  # noqa: F401 (RestorationError: re-exported)
@@ -36,55 +35,16 @@ from instructedit.evaluation.metrics import (
     MARGIN, PROTOCOL_CHOICES, MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin,
     unchanged_tokens,
 )
+from instructedit.evaluation.packing import Case, check_packing, layout_logits, prepare_cases, score_functional, scored_logits
+from instructedit.evaluation.probes import OPPOSITE, SCORED
 from instructedit.evaluation.report import PHASES, CaseResult, EvalReport, EvalSettings, SequentialPoint
-from instructedit.records import EditRecord, TokenBatch
-from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
+from instructedit.models.loading import max_input_length
+from instructedit.records import EditRecord
+from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
 
-SCORED = ("reliability", "generalization", "portability")  # accuracy against the gold answer
-OPPOSITE = "opposite"  # ConvSent responses of the other sentiment: scored only for the sentiment margin
-MAX_LENGTH_CAP = 1024
-MIN_SHARED = 4  # tokens a packed row must share to be worth it
-
-
-@dataclass(frozen=True)
-class Probe:
-    """One scored input of a case: its family (reliability, ...), sub-key, prompt (as fed) and answer."""
-
-    family: str
-    kind: str
-    prompt: str
-    answer: str
-
-
-def case_probes(collator: Collator, record: EditRecord, instruction: int | None) -> list[Probe]:
-    """Every probe of a record. Edit, rephrase and portability prompts are wrapped; locality never is.
-
-    ConvSent: reliability = the first target response (part of the edit), generalization = the
-    held-out target responses ``[k:2k]`` (as ``Collator.meta_batch``'s edit_outer), plus the first
-    ``k`` opposite responses for the sentiment margin.
-    """
-    prompt = collator.wrap(record, record.prompt, instruction)
-    probes = [Probe("reliability", "default", prompt, record.target_new)]
-    if record.convsent is not None:
-        k, cs = collator.convsent_pairs, record.convsent
-        probes += [Probe("generalization", "default", prompt, r) for r in cs.target_responses[k : 2 * k]]
-        probes += [Probe(OPPOSITE, "default", prompt, r) for r in cs.opposite_responses[:k]]
-    else:
-        probes += [Probe("generalization", "default", collator.wrap(record, r, instruction), record.target_new) for r in record.rephrase]
-        probes += [Probe("portability", q.kind, collator.wrap(record, q.prompt, instruction), q.answer) for q in record.portability]
-    probes += [Probe("locality", q.kind, q.prompt, q.answer) for q in record.locality]
-    return probes
-
-
-def edit_pairs(collator: Collator, record: EditRecord, instruction: int | None) -> list[tuple[str, str]]:
-    """The edit input, as ``Collator.meta_batch``'s edit_inner: wrapped prompt + target (ConvSent: the first k responses)."""
-    prompt = collator.wrap(record, record.prompt, instruction)
-    if record.convsent is not None:
-        return [(prompt, r) for r in record.convsent.target_responses[: collator.convsent_pairs]]
-    return [(prompt, record.target_new)]
 
 
 def sequential_schedule(n: int) -> list[int]:
@@ -96,134 +56,7 @@ def sequential_schedule(n: int) -> list[int]:
     return points + [n] if n > 0 else []
 
 
-def scored_logits(model: nn.Module, batch: TokenBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits (n_positions, vocab) at the labelled positions only: decoder hidden states, then the head on those rows."""
-    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False)
-    return model.get_output_embeddings()(out.last_hidden_state[batch.label_mask])
-
-
-def pack(batch: TokenBatch, shareable: Sequence[bool], dtype: torch.dtype, min_shared: int = MIN_SHARED) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
-    """All rows of a right-padded ``batch`` as one row; shareable rows that start alike hold their common start once.
-
-    The wrapped probes of a case all begin with the same instruction, so it is run once. Each row
-    keeps its own positions and sees only itself (and the shared start, if it shares it), so every
-    logit equals the unpacked one up to float rounding. Returns the packed batch, whose
-    ``attention_mask`` is a 4-D additive mask (1, 1, L, L), its position ids (1, L) and the owner
-    row of each position (L,), -1 on the shared start.
-    """
-    lengths = batch.attention_mask.sum(1).tolist()
-    rows = [batch.input_ids[i, :n] for i, n in enumerate(lengths)]
-    labels = [batch.labels[i, :n] for i, n in enumerate(lengths)]
-    group = [i for i, row in enumerate(rows) if shareable[i] and len(row) > min_shared and torch.equal(row[:min_shared], rows[0][:min_shared])]
-    shared = 0
-    if len(group) >= 2:
-        limit = min(int((labels[i] != IGNORE).nonzero()[0]) for i in group)  # a label never falls in the shared part
-        same = torch.stack([rows[i][:limit] == rows[group[0]][:limit] for i in group]).all(0)
-        shared = int(same.long().cumprod(0).sum())
-    if shared < min_shared:
-        group, shared = [], 0
-    device = batch.input_ids.device
-    start_ids = rows[group[0]][:shared] if group else rows[0][:0]
-    ids, pos = [start_ids], [torch.arange(shared, device=device)]
-    lab, owner = [torch.full_like(start_ids, IGNORE)], [torch.full_like(start_ids, -1)]
-    for i, row in enumerate(rows):
-        start = shared if i in group else 0
-        ids.append(row[start:])
-        pos.append(torch.arange(start, len(row), device=device))
-        lab.append(labels[i][start:])
-        owner.append(torch.full((len(row) - start,), i, device=device))
-    owner_t = torch.cat(owner)
-    sees_shared = torch.tensor([i in group for i in range(len(rows))] + [True], device=device)[owner_t]  # -1 -> last
-    visible = (owner_t[:, None] == owner_t[None, :]) | ((owner_t[None, :] == -1) & sees_shared[:, None])
-    visible &= torch.ones_like(visible).tril()  # causal in packed order; the shared start comes first
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
-    packed = TokenBatch(torch.cat(ids)[None], mask[None, None], torch.cat(lab)[None])
-    return packed, torch.cat(pos)[None], owner_t
-
-
-@dataclass
-class _Layout:
-    """A case's probe rows as forward passes: right-padded batches, or packed rows with their position ids."""
-
-    chunks: list[TokenBatch]
-    positions: list[torch.Tensor | None]
-    edit_view: TokenBatch  # the first chunk labelled on the edit rows only: MEND edits on the shared prefix pass
-
-
-@dataclass
-class _Case:
-    index: int
-    record: EditRecord
-    probes: list[Probe]  # the edit rows first (without a stop token, the reliability probe is one of them), then the others
-    edit: TokenBatch  # the edit input on its own, for ``editor.apply``
-    padded: _Layout  # at most batch_size rows per chunk; the first chunk holds every edit row
-    targets: torch.Tensor  # (n_positions,) gold tokens, probe by probe (the same in both layouts)
-    rows: torch.Tensor  # (n_positions,) probe index of each position
-    packed: _Layout | None = None
-    pre: dict[str, float] | None = None
-    pre_argmax: torch.Tensor | None = None  # kept for sequential editing's locality
-    queries: list[gen.Query] = field(default_factory=list)  # the generation protocol's questions
-    pre_answers: list[str] = field(default_factory=list)
-
-    def layout(self, packed: bool, dtype: torch.dtype) -> _Layout:
-        if not packed:
-            return self.padded
-        if self.packed is None:
-            n_edit = self.edit.input_ids.shape[0]
-            chunks, positions, owners = [], [], []
-            for c, chunk in enumerate(self.padded.chunks):
-                # Only one edit row may share the instruction: MEND transforms each token's (u, δ) on
-                # its own, so two edit rows must not merge their instruction tokens into one.
-                shareable = [not (c == 0 and 1 <= r < n_edit) for r in range(chunk.input_ids.shape[0])]
-                packed_chunk, pos, owner = pack(chunk, shareable, dtype)
-                chunks.append(packed_chunk), positions.append(pos), owners.append(owner)
-            first, not_edit = chunks[0], (owners[0] >= n_edit)[None]
-            self.packed = _Layout(chunks, positions, TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)))
-        return self.packed
-
-
-def _prepare(collator: Collator, records: Sequence[EditRecord], instruction: int | None, batch_size: int,
-             device: torch.device) -> tuple[list[_Case], list[dict[str, str]]]:
-    cases, skipped = [], []
-    for index, record in enumerate(records):
-        pairs = edit_pairs(collator, record, instruction)
-        # An edit row that ends in a stop token is no teacher-forced probe (those score the answer alone): its own row.
-        probes = _edit_rows_first(case_probes(collator, record, instruction), pairs, match=not collator.stop_ids)
-        bounds = [0, *range(max(batch_size, len(pairs)), len(probes), batch_size), len(probes)]
-        try:
-            chunks = [collator.qa_batch([(p.prompt, p.answer) for p in probes[lo:hi]], record.source,
-                                        stop=[i < len(pairs) for i in range(lo, hi)]).to(device)
-                      for lo, hi in zip(bounds, bounds[1:])]
-            edit = collator.qa_batch(pairs, record.source, stop=True).to(device)
-        except PromptTooLongError as err:
-            skipped.append({"source": record.source, "reason": str(err)})
-            continue
-        first = chunks[0]
-        not_edit = torch.arange(first.input_ids.shape[0], device=device)[:, None] >= len(pairs)  # (rows, 1)
-        padded = _Layout(chunks, [None] * len(chunks), TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)))
-        targets = torch.cat([c.labels[c.label_mask] for c in chunks])
-        rows = torch.cat([c.label_mask.nonzero()[:, 0] + lo for c, lo in zip(chunks, bounds)])
-        cases.append(_Case(index, record, probes, edit, padded, targets, rows))
-    if skipped:
-        logger.warning("skipped %d of %d records that exceed max_length=%d tokens (e.g. %s)", len(skipped), len(records),
-                       collator.max_length, skipped[0]["source"])
-    return cases, skipped
-
-
-def _edit_rows_first(probes: list[Probe], pairs: Sequence[tuple[str, str]], match: bool = True) -> list[Probe]:
-    """Reorder so the edit input's rows come first; an edit row that is no probe (ConvSent's 2nd..k-th; every edit row
-    when ``match`` is off) is family 'edit', which is not scored."""
-    rest = list(probes)
-    head = []
-    for prompt, answer in pairs:
-        found = next((p for p in rest if (p.prompt, p.answer) == (prompt, answer)), None) if match else None
-        if found is not None:
-            rest.remove(found)
-        head.append(found or Probe("edit", "default", prompt, answer))
-    return head + rest
-
-
-def _accuracy_metrics(case: _Case, logits: torch.Tensor) -> dict[str, float]:
+def _accuracy_metrics(case: Case, logits: torch.Tensor) -> dict[str, float]:
     """Reliability / generalization / portability (+ ConvSent's sentiment margin) of one case."""
     n = len(case.probes)
     acc = answer_accuracy(logits, case.targets, case.rows, n).tolist()
@@ -239,7 +72,7 @@ def _accuracy_metrics(case: _Case, logits: torch.Tensor) -> dict[str, float]:
     return metrics
 
 
-def _post_metrics(case: _Case, logits: torch.Tensor, pre_argmax: torch.Tensor) -> dict[str, float]:
+def _post_metrics(case: Case, logits: torch.Tensor, pre_argmax: torch.Tensor) -> dict[str, float]:
     metrics = _accuracy_metrics(case, logits)
     same = unchanged_tokens(pre_argmax, logits.argmax(-1), case.rows, len(case.probes)).tolist()
     local = [i for i, p in enumerate(case.probes) if p.family == "locality"]
@@ -247,33 +80,15 @@ def _post_metrics(case: _Case, logits: torch.Tensor, pre_argmax: torch.Tensor) -
     return metrics
 
 
-@contextmanager
-def _positions(model: nn.Module, positions: torch.Tensor | None) -> Iterator[None]:
-    """Feed ``position_ids`` to every forward of ``model`` (SplitModel.prefix calls the model itself)."""
-    if positions is None:
-        yield
-        return
-    handle = model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "position_ids": positions}), with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@torch.no_grad()
-def _logits(model: nn.Module, layout: _Layout) -> torch.Tensor:
-    return torch.cat([scored_logits(model, chunk, pos) for chunk, pos in zip(layout.chunks, layout.positions)])
-
-
 Asker = Callable[[], list[str]]  # a case's post-edit answers, asked while its edit is in the model
 
 
-def _score_in_place(model: nn.Module, editor: Editor, case: _Case, ask: Asker | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _score_in_place(model: nn.Module, editor: Editor, case: Case, ask: Asker | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Any editor: pre-edit forward, ``apply``, post-edit forward (and answers), ``rollback`` (padded rows: editors may read them)."""
-    pre = _logits(model, case.padded)
+    pre = layout_logits(model, case.padded)
     handle = editor.apply(model, case.edit)
     try:
-        post = _logits(model, case.padded)
+        post = layout_logits(model, case.padded)
         answers = ask() if ask is not None else []
     finally:
         handle.rollback()
@@ -288,52 +103,7 @@ def _answer_edited(model: nn.Module, result: EditResult, ask: Asker | None) -> l
         return ask()
 
 
-@torch.no_grad()
-def _score_mend(editor: MENDEditor, model: nn.Module, layout: _Layout) -> tuple[torch.Tensor, torch.Tensor, EditResult]:
-    """MEND: one prefix pass serves the pre-edit logits and the edit; only the edited blocks re-run post-edit.
-
-    The edit is taken on the first chunk with labels on the edit rows only: the other rows get an
-    exactly zero output gradient, so their tokens drop out of the gradient factors.
-    """
-    split = editor.split(model)
-    states = []
-    for chunk, pos in zip(layout.chunks, layout.positions):
-        with _positions(model, pos):
-            states.append(split.prefix(chunk))
-    was_training = editor.training
-    editor.eval()
-    try:
-        result = editor.edit(split, layout.edit_view, states[0])
-    finally:
-        editor.train(was_training)
-    pre = [split.logits_at(state.final_hidden, chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
-    post = [split.logits_at(split.suffix(state, result.new_params), chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
-    return torch.cat(pre), torch.cat(post), result
-
-
-def _check_packing(editor: MENDEditor, model: nn.Module, case: _Case,
-                   dtype: torch.dtype) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, EditResult]]:
-    """Score one case packed and compare its pre-edit logits with padded rows: an architecture may ignore 4-D masks.
-
-    Returns whether packing is used, and this case's (pre, post, edit) in the layout chosen.
-    """
-    try:
-        packed = _score_mend(editor, model, case.layout(True, dtype))
-    except (RuntimeError, ValueError, TypeError) as err:  # e.g. an attention kernel without 4-D mask support
-        logger.warning("packed rows failed on %s (%s); using padded batches", case.record.source, err)
-        return False, _score_mend(editor, model, case.padded)
-    split = editor.split(model)
-    with torch.no_grad():
-        padded = torch.cat([split.logits_at(split.prefix(c).final_hidden, c.label_mask) for c in case.padded.chunks])
-    tol = (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, float(padded.abs().max()))  # float32 rounding: ~1e-6
-    worst = float((packed[0] - padded).abs().max())
-    if worst > tol:
-        logger.warning("packed rows differ from padded ones by %.3g (> %.3g) on %s; using padded batches", worst, tol, case.record.source)
-        return False, _score_mend(editor, model, case.padded)
-    return True, packed
-
-
-def _rescore(model: nn.Module, collator: Collator, cases: Sequence[_Case], batch_size: int, edits: int) -> SequentialPoint:
+def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_size: int, edits: int) -> SequentialPoint:
     """Reliability of every case edited so far and their locality against the unedited model."""
     items = [(c, i) for c in cases for i, p in enumerate(c.probes) if p.family in ("reliability", "locality")]
     device = cases[0].edit.input_ids.device
@@ -355,13 +125,13 @@ def _rescore(model: nn.Module, collator: Collator, cases: Sequence[_Case], batch
     return SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc))
 
 
-def _asker(model: nn.Module, generation: gen.GenerationRun | None, case: _Case) -> Asker | None:
+def _asker(model: nn.Module, generation: gen.GenerationRun | None, case: Case) -> Asker | None:
     if generation is None or not case.queries:
         return None
     return lambda: generation.answer_edited(model, case.queries)
 
 
-def _case_result(case: _Case, pre: dict[str, float], post: dict[str, float], answers: list[str],
+def _case_result(case: Case, pre: dict[str, float], post: dict[str, float], answers: list[str],
                  generation: gen.GenerationRun | None, teacher_forced: bool) -> CaseResult:
     """One case's result under the protocols asked for: teacher-forced metrics, generation metrics and answers."""
     gen_pre, gen_post, log = ({}, {}, [])
@@ -372,7 +142,7 @@ def _case_result(case: _Case, pre: dict[str, float], post: dict[str, float], ans
     return CaseResult(case.index, case.record.source, case.record.task, pre, post, gen_pre, gen_post, log)
 
 
-def _run_single(model: nn.Module, editor: Editor, cases: list[_Case], guard: WeightGuard, generation: gen.GenerationRun | None,
+def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: WeightGuard, generation: gen.GenerationRun | None,
                 teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool,
                 cases_together: int = 1) -> tuple[list[CaseResult], bool]:
     """Edit, score and roll back each case in turn; returns the results and whether rows were packed.
@@ -382,10 +152,10 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[_Case], guard: Wei
     """
     dtype = next(model.parameters()).dtype
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
-    packed, first_scores = _check_packing(editor, model, probe_case, dtype) if fast_path and pack_rows else (False, None)
+    packed, first_scores = check_packing(editor, model, probe_case, dtype) if fast_path and pack_rows else (False, None)
     together = fast_path and generation is not None and cases_together > 1
     results: list[CaseResult] = []
-    pending: list[tuple[_Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []  # case, pre, post, ΔW
+    pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []  # case, pre, post, ΔW
 
     def flush() -> None:
         answers = generation.answer_edited_together(model, [c.queries for c, *_ in pending], [u for *_, u in pending],
@@ -399,7 +169,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[_Case], guard: Wei
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
         ask = _asker(model, generation, case)
         if fast_path:
-            scores = first_scores if first_scores is not None and case is probe_case else _score_mend(editor, model, case.layout(packed, dtype))
+            scores = first_scores if first_scores is not None and case is probe_case else score_functional(editor, model, case.layout(packed, dtype))
             if together:
                 pending.append((case, scores[0], scores[1], scores[2].updates))
                 if len(pending) >= cases_together:
@@ -416,14 +186,14 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[_Case], guard: Wei
     return results, packed
 
 
-def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases: list[_Case], guard: WeightGuard, batch_size: int,
+def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases: list[Case], guard: WeightGuard, batch_size: int,
                     generation: gen.GenerationRun | None, teacher_forced: bool, progress: bool) -> tuple[list[CaseResult], list[SequentialPoint]]:
     """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end.
 
     A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model.
     """
     for case in tqdm(cases, desc="pre-edit", unit="case", disable=not progress):
-        logits = _logits(model, case.padded)
+        logits = layout_logits(model, case.padded)
         case.pre, case.pre_argmax = _accuracy_metrics(case, logits), logits.argmax(-1)
     schedule = set(sequential_schedule(len(cases)))
     held: list[EditHandle] = []  # editors that add modules/hooks: undone last-in first-out at the end
@@ -435,7 +205,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                 handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
             else:
                 held.append(handle)
-            post = _post_metrics(case, _logits(model, case.padded), case.pre_argmax)
+            post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
             ask = _asker(model, generation, case)
             results.append(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced))
             if k in schedule:
@@ -455,7 +225,7 @@ def _complete_settings(settings: EvalSettings | None, model: nn.Module, editor: 
     if pool is not None and instruction is not None and len(tasks) == 1 and tasks[0] in pool.descriptions:
         text = pool.descriptions[tasks[0]][instruction]
     return replace(
-        base, task=base.task or ",".join(tasks), method=base.method or ("mend" if isinstance(editor, MENDEditor) else type(editor).__name__),
+        base, task=base.task or ",".join(tasks), method=base.method or (editor.method if isinstance(editor, FunctionalEditor) else type(editor).__name__),
         model_name=base.model_name or str(getattr(model, "name_or_path", "")), instruction=instruction, instruction_text=text,
         instruction_source=pool.source if pool is not None and instruction is not None else None,
         torch_version=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **values,
@@ -510,13 +280,14 @@ def evaluate(
     forms = gen.check_forms(queries)
     start = time.perf_counter()
     device = next(model.parameters()).device
-    max_length = max_length or min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
+    max_length = max_length or max_input_length(model)
     collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop)
-    cases, skipped = _prepare(collator, records, instruction, batch_size, device)
+    cases, skipped = prepare_cases(collator, records, instruction, batch_size, device)
     if not cases:
         raise ValueError(f"none of the {len(records)} records fits max_length={max_length} tokens")
-    fast_path = fast and not sequential and isinstance(editor, MENDEditor)
-    watch = [w.name for w in editor.weights] if isinstance(editor, MENDEditor) else []
+    functional = editor if isinstance(editor, FunctionalEditor) else None  # scored on cached prefix states, weights never written
+    fast_path = fast and not sequential and functional is not None
+    watch = [w.name for w in functional.weights] if functional is not None else []
     if sequential and not watch:  # unknown editor: restoring needs a copy of every parameter
         watch = [name for name, _ in model.named_parameters()]
     guard = WeightGuard(model, watch)

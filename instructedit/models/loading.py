@@ -134,6 +134,14 @@ def load_model(
     return _prepare(model, tok, torch_dtype, device if device_map is None else None)
 
 
+MAX_LENGTH_CAP = 1024  # longest input in tokens when the model's config names no limit
+
+
+def max_input_length(model: torch.nn.Module) -> int:
+    """The longest input in tokens ``model`` accepts (its position limit, capped at ``MAX_LENGTH_CAP``)."""
+    return min(getattr(model.config, "max_position_embeddings", None) or MAX_LENGTH_CAP, MAX_LENGTH_CAP)
+
+
 def resolve_device(name: str, where: str = "--device") -> str:
     """``auto`` -> cuda if available, else cpu; a device this machine does not have is a ValueError naming ``where``
     (the option or config field it came from)."""

@@ -97,6 +97,13 @@ class Collator:
             raise ValueError("an instruction index was given but the collator has no instruction pool")
         return self.pool.render(record, prompt, instruction)
 
+    def edit_pairs(self, record: EditRecord, instruction: int | None) -> list[tuple[str, str]]:
+        """The edit input (edit_inner) of ``record``: wrapped prompt + target (ConvSent: the first k target responses)."""
+        wrapped = self.wrap(record, record.prompt, instruction)
+        if record.convsent is not None:
+            return [(wrapped, r) for r in record.convsent.target_responses[: self.convsent_pairs]]
+        return [(wrapped, record.target_new)]
+
     def qa_batch(self, pairs: Sequence[tuple[str, str]], where: str = "", stop: bool | Sequence[bool] = False) -> TokenBatch:
         """Right-padded batch of ``prompt + " " + answer`` with labels on the answer tokens only.
 
@@ -146,19 +153,17 @@ class Collator:
         inner, outer, loc, unlikely = [], [], [], []
         for record, idx in zip(records, instructions, strict=True):
             wrapped = self.wrap(record, record.prompt, idx)
+            inner += self.edit_pairs(record, idx)
             if record.convsent is not None:
                 k = self.convsent_pairs
                 cs = record.convsent
-                inner += [(wrapped, r) for r in cs.target_responses[:k]]
                 held = cs.target_responses[k : 2 * k] or cs.target_responses[:k]
                 outer += [(wrapped, r) for r in held]
                 unlikely += [(wrapped, r) for r in cs.opposite_responses[:k]]
+            elif edit_loss_on == "rephrase" and record.rephrase:
+                outer.append((self.wrap(record, record.rephrase[0], idx), record.target_new))
             else:
-                inner.append((wrapped, record.target_new))
-                if edit_loss_on == "rephrase" and record.rephrase:
-                    outer.append((self.wrap(record, record.rephrase[0], idx), record.target_new))
-                else:
-                    outer.append((wrapped, record.target_new))
+                outer.append((wrapped, record.target_new))
             item = self.locality_item(record)
             loc.append((item.prompt, item.answer))  # locality inputs are never wrapped
         where = ", ".join(r.source for r in records[:3])

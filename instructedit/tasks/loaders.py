@@ -1,4 +1,7 @@
-"""One loader per source file format (KnowEdit, MEND zsRE, EasyEdit CounterFact, SERAC ConvSent), each producing EditRecords."""
+"""One loader per source file format (KnowEdit, MEND zsRE, EasyEdit CounterFact, SERAC ConvSent), each producing EditRecords.
+
+Over 400 lines: four small format readers and their shared validation, one concept (files -> EditRecord).
+"""
 
 from __future__ import annotations
 

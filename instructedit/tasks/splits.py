@@ -349,3 +349,9 @@ def format_stats(data_dir: Path | str | None = None, seed: int = 0) -> str:
         _table(["file", "used by", "format", "task", "in file", "loaded", "skipped", "skip reasons, ignored keys"],
                file_rows),
     ])
+
+
+def eval_records(task: str, split: str, limit: int | None, data_dir: str | None, seed: int) -> list[EditRecord]:
+    """The first ``limit`` records (all when None) of ``task``'s ``split``."""
+    records = load_task_splits(task, data_dir, seed=seed).split(split)
+    return records[:limit] if limit is not None else records

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.io import write_json
+from instructedit.runs import CONFIG, EDITOR_CONFIG
 
 logger = logging.getLogger(__name__)
 
 
 def add_calibrate_parser(subparsers: Any) -> None:
+    """Register ``calibrate`` on an ``add_subparsers()`` object."""
     p = subparsers.add_parser("calibrate", help="choose an editor's step-size multiplier for generation on its validation split",
                               description="Tries multipliers of the learned step sizes on the run's validation records and writes "
                                           "the editor with the best one (highest generation reliability at or above the locality floor).")
@@ -57,11 +59,11 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ValueError(f"--locality-floor must be in [0, 1], got {args.locality_floor}")
     run, output = Path(args.run), Path(args.output)
     source = run / args.checkpoint
-    if not (run / "config.yaml").is_file() or not (source / "editor_config.json").is_file():
-        raise FileNotFoundError(f"--run {run}: needs config.yaml and {args.checkpoint}/editor_config.json (a training run folder)")
+    if not (run / CONFIG).is_file() or not (source / EDITOR_CONFIG).is_file():
+        raise FileNotFoundError(f"--run {run}: needs {CONFIG} and {args.checkpoint}/{EDITOR_CONFIG} (a training run folder)")
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output {output} exists and is not empty; choose a new folder")
-    config = load_config(run / "config.yaml")
+    config = load_config(run / CONFIG)
     device = resolve_device(args.device)
     model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device)
     data = prepare_data(config, tokenizer)
@@ -69,7 +71,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     instructions = data.instructions(data.val, config.data.instruction_seed)
     per_scale = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales)
     chosen = choose_scale(per_scale, args.locality_floor)
-    saved = json.loads((source / "editor_config.json").read_text())
+    saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
                             "locality_floor": args.locality_floor, "records": "validation split of the run"}

@@ -1,4 +1,4 @@
-"""The ``analyze`` (gradients, scaling, balance, instructions) and ``instructions optimize`` subcommands."""
+"""``instructedit analyze``: studies of trained editors (gradients, seen vs unseen instructions; scaling and balance train theirs)."""
 
 from __future__ import annotations
 
@@ -7,18 +7,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from instructedit.commands.common import load_editor_model
 from instructedit.records import TASKS
 
 logger = logging.getLogger(__name__)
 
 
-def _device(value: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if value == "auto" else value
-
-
-def _tasks(value: str) -> tuple[str, ...]:
+def parse_tasks(value: str) -> tuple[str, ...]:
+    """``a,b`` -> the task names, each checked (an argparse ``type``)."""
     tasks = tuple(t.strip() for t in value.split(",") if t.strip())
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
@@ -26,8 +22,8 @@ def _tasks(value: str) -> tuple[str, ...]:
     return tasks
 
 
-def add_analysis_parsers(subparsers: Any) -> None:
-    """Register ``analyze`` and ``instructions`` on an ``add_subparsers()`` object; each leaf's ``func(args) -> int`` runs it."""
+def add_analyze_parser(subparsers: Any) -> None:
+    """Register ``analyze`` (its studies) on an ``add_subparsers()`` object; each leaf's ``func(args) -> int`` runs it."""
     analyze = subparsers.add_parser("analyze", help="studies of trained editors: gradients, task scaling, balance, instructions")
     studies = analyze.add_subparsers(dest="analyze_command", metavar="STUDY")
     studies.required = True
@@ -39,7 +35,7 @@ def add_analysis_parsers(subparsers: Any) -> None:
     g.add_argument("--label", action="append", default=[], metavar="NAME", help="name of each --editor in figures (default: the run folder's name)")
     g.add_argument("--instructions", action="append", default=[], choices=("auto", "on", "off"),
                    help="per --editor: wrap edit inputs in the task instruction or not (default auto: the run's data.instructions)")
-    g.add_argument("--tasks", type=_tasks, default=("counterfact", "wikirecent", "convsent", "zsre"), help="comma-separated tasks (default: all four)")
+    g.add_argument("--tasks", type=parse_tasks, default=("counterfact", "wikirecent", "convsent", "zsre"), help="comma-separated tasks (default: all four)")
     g.add_argument("--n", type=int, default=200, help="edits per task: the first N of its split (default 200)")
     g.add_argument("--split", default="test", choices=("train", "val", "test"), help="split to draw edits from (default: test; ZsRE's is the held-out file)")
     g.add_argument("--weight", default=None, metavar="NAME", help="editable weight (full name or unique suffix; default: the last inner weight)")
@@ -49,7 +45,7 @@ def add_analysis_parsers(subparsers: Any) -> None:
     g.add_argument("--no-normalize", action="store_true", help="keep update magnitudes (default: unit-length directions)")
     g.add_argument("--instruction", default="seen", help="description for instruction editors: seen (default), unseen or an index")
     g.add_argument("--instruction-pool", default=None, metavar="FILE", help="instruction pool JSON (default: the project's descriptions)")
-    _common(g)
+    add_study_arguments(g)
     g.set_defaults(func=run_gradients)
 
     s = studies.add_parser("scaling", help="train editors on 1, 2, 3 tasks and test each on held-out ZsRE (resumable)")
@@ -75,42 +71,12 @@ def add_analysis_parsers(subparsers: Any) -> None:
     i.add_argument("--split", default="test", choices=("train", "val", "test"))
     i.add_argument("--instruction-pool", default=None, metavar="FILE", help="instruction pool JSON (default: the project's descriptions)")
     i.add_argument("--batch-size", type=int, default=16)
-    _common(i)
+    add_study_arguments(i)
     i.set_defaults(func=run_instruction_study)
 
-    instructions = subparsers.add_parser("instructions", help="instruction pools: construct descriptions with a proposer LLM")
-    isub = instructions.add_subparsers(dest="instructions_command", metavar="SUBCOMMAND")
-    isub.required = True
-    o = isub.add_parser("optimize", help="propose / score / improve task descriptions until no improvement (DESIGN §6)",
-                        description="A proposer LLM writes candidate descriptions, the trial editor scores each on the task's "
-                                    "validation split, the proposer sees the scores and improves. Writes descriptions.json "
-                                    "(a pool file), rounds.jsonl, optimize.json and optimize.png.")
-    o.add_argument("--task", required=True, choices=TASKS)
-    o.add_argument("--editor", required=True, metavar="DIR", help="the trial editor (an InstructEdit RUN/best)")
-    o.add_argument("--proposer", required=True, choices=("openai", "local"))
-    o.add_argument("--proposer-model", default=None, metavar="NAME",
-                   help="openai: model name (default $OPENAI_MODEL or gpt-4o-mini); local: model (default the bundled SmolLM2-135M-Instruct)")
-    o.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint (default $OPENAI_BASE_URL, else https://api.openai.com/v1)")
-    o.add_argument("--api-key", default=None, help="API key (default $OPENAI_API_KEY)")
-    o.add_argument("--timeout", type=float, default=60.0, help="seconds per proposer request (default 60)")
-    o.add_argument("--temperature", type=float, default=0.9)
-    o.add_argument("--rounds", type=int, default=10, help="most proposal rounds (default 10)")
-    o.add_argument("--patience", type=int, default=2, help="stop after K rounds without a better candidate (default 2)")
-    o.add_argument("--candidates", type=int, default=5, help="candidates per round (default 5)")
-    o.add_argument("--limit", type=int, default=50, metavar="N", help="validation records each candidate is scored on (default 50)")
-    o.add_argument("--split", default="val", choices=("train", "val", "test"), help="split to score on (default val)")
-    o.add_argument("--metric", default="reliability", choices=("reliability", "generalization", "locality", "portability"))
-    o.add_argument("--tie-break", default="locality", choices=("reliability", "generalization", "locality", "portability", "none"))
-    o.add_argument("--keep", type=int, default=10, help="best descriptions written for the task (default 10)")
-    o.add_argument("--mode", default="replace", choices=("replace", "extend"), help="replace the task's descriptions or append new ones")
-    o.add_argument("--no-baseline", action="store_true", help="do not score the base pool's descriptions first (round 0)")
-    o.add_argument("--instruction-pool", default=None, metavar="FILE", help="base pool JSON (default: the project's descriptions)")
-    o.add_argument("--batch-size", type=int, default=16)
-    _common(o)
-    o.set_defaults(func=run_optimize)
 
-
-def _common(p: argparse.ArgumentParser) -> None:
+def add_study_arguments(p: argparse.ArgumentParser) -> None:
+    """The model, data, seeds, device and output folder of a study of saved editors."""
     p.add_argument("--model", default=None, help="model (default: the editor's model_name)")
     p.add_argument("--data-dir", default=None, help="data folder (default: $INSTRUCTEDIT_DATA or ../shared/data)")
     p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test splits: the one the editor was trained with (default 0)")
@@ -130,6 +96,7 @@ def _per_editor(values: list[str], editors: list[str], flag: str, default: Any) 
 
 def run_gradients(args: argparse.Namespace) -> int:
     from instructedit.analysis.gradients import GradientSettings, editor_spec, gradient_study
+    from instructedit.models.loading import resolve_device
 
     labels = _per_editor(args.label, args.editor, "--label", None)
     modes = _per_editor(args.instructions, args.editor, "--instructions", "auto")
@@ -139,7 +106,7 @@ def run_gradients(args: argparse.Namespace) -> int:
         normalize=not args.no_normalize, pca_components=args.pca_components, embedding=args.embedding,
         instruction=args.instruction, instruction_pool=args.instruction_pool, data_dir=args.data_dir, split_seed=args.split_seed, seed=args.seed,
     )
-    result = gradient_study(specs, settings, args.output, device=_device(args.device), progress=not args.no_progress)
+    result = gradient_study(specs, settings, args.output, device=resolve_device(args.device), progress=not args.no_progress)
     for label, s in result["summary"].items():
         sil = "–" if s["silhouette"] is None else f"{s['silhouette']:.3f}"
         ratio = "–" if s["between_within_ratio"] is None else f"{s['between_within_ratio']:.2f}"
@@ -149,7 +116,7 @@ def run_gradients(args: argparse.Namespace) -> int:
 
 
 def run_scaling(args: argparse.Namespace) -> int:
-    from instructedit.analysis import scaling
+    from instructedit.experiments import scaling
 
     cfg, base = scaling.load_scaling_config(args.config)
     result = scaling.run_scaling(cfg, base, args.output, device=args.device, progress=not args.no_progress)
@@ -162,14 +129,14 @@ def run_scaling(args: argparse.Namespace) -> int:
 
 
 def run_balance(args: argparse.Namespace) -> int:
-    from instructedit.analysis import instructions_study
+    from instructedit.experiments import balance
 
-    cfg, base = instructions_study.load_balance_config(args.config)
+    cfg, base = balance.load_balance_config(args.config)
     if args.convsent_factor is not None:
         if args.convsent_factor <= 0:
             raise ValueError(f"--convsent-factor must be > 0, got {args.convsent_factor}")
         cfg = cfg.with_factor(args.convsent_factor)
-    result = instructions_study.run_balance(cfg, base, args.output, device=args.device, progress=not args.no_progress)
+    result = balance.run_balance(cfg, base, args.output, device=args.device, progress=not args.no_progress)
     for v in result["variants"]:
         rel = ", ".join(f"{t} {100 * r:.1f}" for t, r in v["reliability"].items() if r is not None)
         sil = "–" if v["silhouette"] is None else f"{v['silhouette']:.3f}"
@@ -178,22 +145,13 @@ def run_balance(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_editor_model(editor_dir: str, model: str | None, device: str) -> tuple[Any, Any, str]:
-    from instructedit.config import DEFAULT_MODEL
-    from instructedit.evaluation.commands import editor_model_name
-    from instructedit.models.loading import load_model
-
-    name = model or editor_model_name(editor_dir) or DEFAULT_MODEL
-    m, tok = load_model(name, device=device)
-    return m, tok, name
-
-
 def run_instruction_study(args: argparse.Namespace) -> int:
     from instructedit.analysis.gradients import recorded_instructions
     from instructedit.analysis.instructions_study import description_study
-    from instructedit.analysis.scaling import eval_records
     from instructedit.evaluation.report import EvalSettings
+    from instructedit.models.loading import resolve_device
     from instructedit.tasks.instructions import InstructionPool
+    from instructedit.tasks.splits import eval_records
 
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
@@ -202,7 +160,7 @@ def run_instruction_study(args: argparse.Namespace) -> int:
         logger.warning("%s was trained without instructions; comparing descriptions says little about it", args.editor)
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
     records = eval_records(args.task, args.split, args.limit, args.data_dir, args.split_seed)
-    model, tokenizer, name = _load_editor_model(args.editor, args.model, _device(args.device))
+    model, tokenizer, name = load_editor_model(args.editor, args.model, resolve_device(args.device))
     settings = EvalSettings(task=args.task, model_name=name, limit=args.limit, split=args.split, split_seed=args.split_seed, batch_size=args.batch_size)
     result = description_study(model, tokenizer, args.editor, records, pool, args.task, args.output, settings, args.batch_size, not args.no_progress)
     for row in result["descriptions"]:
@@ -214,44 +172,4 @@ def run_instruction_study(args: argparse.Namespace) -> int:
         print(f"seen reliability {100 * seen['mean']:.1f} ± {100 * seen['std']:.1f} (range {100 * seen['min']:.1f}-{100 * seen['max']:.1f}); "
               + "; ".join(f"unseen {u['index']}: {100 * u['value']:.1f} ({100 * u['minus_seen_mean']:+.1f})" for u in rel["unseen"]))
     print(f"wrote {Path(args.output) / result['figure']} and its JSON")
-    return 0
-
-
-def run_optimize(args: argparse.Namespace) -> int:
-    from instructedit.analysis.optimize import EditorScorer, OptimizeSettings, optimize_instructions
-    from instructedit.analysis.proposers import ProposerError, make_proposer
-    from instructedit.analysis.scaling import eval_records
-    from instructedit.editors.mend import MENDEditor
-    from instructedit.tasks.instructions import InstructionPool
-
-    settings = OptimizeSettings(
-        task=args.task, rounds=args.rounds, patience=args.patience, candidates=args.candidates, metric=args.metric,
-        tie_break=None if args.tie_break == "none" else args.tie_break, keep=args.keep, mode=args.mode, baseline=not args.no_baseline,
-    )
-    if args.limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {args.limit}")
-    records = eval_records(args.task, args.split, args.limit, args.data_dir, args.split_seed)
-    pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
-    device = _device(args.device)
-    if args.proposer == "openai":  # fail on a missing key before loading any model
-        proposer = make_proposer("openai", model=args.proposer_model, base_url=args.base_url, api_key=args.api_key,
-                                 temperature=args.temperature, timeout=args.timeout, seed=args.seed)
-    model, tokenizer, name = _load_editor_model(args.editor, args.model, device)
-    if args.proposer == "local":
-        proposer_name = args.proposer_model or name
-        same = proposer_name == name
-        proposer = make_proposer("local", model=model if same else None, tokenizer=tokenizer if same else None,
-                                 model_name=proposer_name, device=device, temperature=args.temperature, seed=args.seed)
-    editor = MENDEditor.from_pretrained(args.editor, device=next(model.parameters()).device).eval()
-    scorer = EditorScorer(model, tokenizer, editor, records, args.task, pool.template, batch_size=args.batch_size)
-    extra = {"editor": args.editor, "model_name": name, "split": args.split, "limit": args.limit, "split_seed": args.split_seed}
-    try:
-        result = optimize_instructions(proposer, scorer, settings, args.output, args.instruction_pool, extra)
-    except ProposerError as err:
-        logger.error("%s", err)
-        return 2
-    best = result["best"]
-    print(f"{result['rounds_run']} round(s), stopped by {result['stop_reason']}; best: {best['text']!r} "
-          + ", ".join(f"{k} {100 * v:.1f}" for k, v in best["metrics"].items() if v is not None))
-    print(f"wrote {Path(args.output) / result['pool_file']}, {result['log_file']}, optimize.json, {result['figure']}")
     return 0

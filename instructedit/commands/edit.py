@@ -1,27 +1,19 @@
-"""The ``edit`` and ``quickstart`` subcommands: one edit before/after on any model, and the end-to-end demo."""
+"""``instructedit edit``: apply one edit with a trained editor and show the model's predictions before and after."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
+from instructedit.commands.common import add_editor_arguments
 from instructedit.config import DEFAULT_MODEL
 from instructedit.records import SENTIMENTS, TASKS
 
-logger = logging.getLogger(__name__)
 
-
-def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--editor`` and ``--model``, as every command that applies a trained editor takes them."""
-    parser.add_argument("--editor", required=True, metavar="DIR|ORG/NAME", help="a trained editor folder (e.g. RUN/best) or a hub repo id")
-    parser.add_argument("--model", default=None, help=f"model to edit (default: the editor's model_name, else {DEFAULT_MODEL})")
-
-
-def add_user_parsers(subparsers: Any) -> None:
-    """Register ``edit`` and ``quickstart`` on an ``add_subparsers()`` object; each ``func(args) -> int`` runs it."""
+def add_edit_parser(subparsers: Any) -> None:
+    """Register ``edit`` on an ``add_subparsers()`` object."""
     edit = subparsers.add_parser(
         "edit", help="apply one edit and show the model's predictions before and after",
         description="Edits the model with a trained editor, prints the top next tokens, a greedy continuation and the "
@@ -40,19 +32,6 @@ def add_user_parsers(subparsers: Any) -> None:
     edit.add_argument("--top-k", type=int, default=5, metavar="K", help="next-token predictions to show (default 5)")
     edit.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     edit.set_defaults(func=run_edit)
-
-    quick = subparsers.add_parser(
-        "quickstart", help="train (or reuse) a small InstructEdit editor on the default model and show a few edits",
-        description="The first run trains a short-budget editor (300 steps, about 10-15 minutes on 2 quiet CPU cores) into the cache; later "
-                    "runs reuse it and take seconds. Then a few edits are applied one at a time and rolled back.",
-    )
-    quick.add_argument("--budget-steps", type=int, default=None, metavar="N", help="optimizer steps (default: the packaged quickstart.yaml's)")
-    quick.add_argument("--output", default=None, metavar="DIR", help="run folder (default: the cache, keyed by the config's hash)")
-    quick.add_argument("--retrain", action="store_true", help="train again even if a finished editor is there")
-    quick.add_argument("--model", default=None, help=f"model to train the editor for (default: {DEFAULT_MODEL})")
-    quick.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a quickstart config value (repeatable)")
-    quick.add_argument("--no-progress", action="store_true", help="no progress bar")
-    quick.set_defaults(func=run_quickstart_command)
 
 
 def _predictions(pairs: list[tuple[str, float]]) -> list[str]:
@@ -119,7 +98,7 @@ def run_edit(args: argparse.Namespace) -> int:
 
 def _check_fits(model: Any, tok: Any, editor: Any, edit: Any, args: argparse.Namespace) -> None:
     """The edit input, the prompts with their continuation and --top-k fit the model: ValueError naming the option if not."""
-    from instructedit.api import max_input_length
+    from instructedit.models.loading import max_input_length
 
     limit = max_input_length(model)
     editor.edit_batch([edit], tok, limit)  # PromptTooLongError (a ValueError) names the length and the limit
@@ -131,14 +110,3 @@ def _check_fits(model: Any, tok: Any, editor: Any, edit: Any, args: argparse.Nam
     vocab = model.get_output_embeddings().weight.shape[0]
     if args.top_k > vocab:
         raise ValueError(f"--top-k {args.top_k} is more than the model's vocabulary ({vocab} tokens)")
-
-
-def run_quickstart_command(args: argparse.Namespace) -> int:
-    from instructedit.quickstart import format_report, run_quickstart
-
-    if args.budget_steps is not None and args.budget_steps < 1:
-        raise ValueError(f"--budget-steps must be >= 1, got {args.budget_steps}")
-    result = run_quickstart(model_name=args.model, overrides=args.set, budget_steps=args.budget_steps, output=args.output,
-                            retrain=args.retrain, show_progress=not args.no_progress)
-    print(format_report(result))
-    return 0

@@ -9,10 +9,8 @@ generalization / locality / portability per task, and the average over tasks.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -26,13 +24,14 @@ from instructedit.api import query_setup
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import make_editor
 from instructedit.evaluation.metrics import FAMILIES, task_average
-from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
-from instructedit.evaluation.runner import evaluate
+from instructedit.evaluation.cache import evaluate_cached
+from instructedit.evaluation.report import EvalReport, EvalSettings
+from instructedit.experiments.reuse import train_or_reuse
 from instructedit.io import atomic_write, file_sha256, write_json
 from instructedit.models.loading import load_model
+from instructedit.runs import BEST, EDITOR_WEIGHTS
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
-from instructedit.training import Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +106,9 @@ def train_editors(config: ExperimentConfig, show_progress: bool = True) -> dict[
     for run in config.editors:
         steps = run.max_steps or config.budget_steps
         run_dir = Path(run.run_dir or Path(config.runs_dir) / run.name)
-        done = run_dir / "summary.json"
-        if done.is_file() and json.loads(done.read_text())["steps"] >= steps:
-            logger.info("editor %s: reusing the finished run in %s", run.name, run_dir)
-            summaries[run.name] = json.loads(done.read_text())
-            continue
-        logger.info("editor %s: training %d steps into %s", run.name, steps, run_dir)
         train_config = load_config(run.config, [*run.overrides, f"training.max_steps={steps}"])
-        summaries[run.name] = Trainer(train_config, run_dir, show_progress=show_progress).run()
+        logger.info("editor %s: %d steps in %s", run.name, steps, run_dir)
+        summaries[run.name], _ = train_or_reuse(train_config, run_dir, progress=show_progress)
     return summaries
 
 
@@ -141,29 +135,23 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
             limit = row.limit or config.limits.get(task, config.limit)
             if editor_name:
                 run_dir = Path(next(e.run_dir or Path(config.runs_dir) / e.name for e in config.editors if e.name == editor_name))
-                settings = EvalSettings(method=row.label, editor_path=str(run_dir / "best"), editor_sha256=file_sha256(run_dir / "best" / "editor.safetensors"))
+                settings = EvalSettings(method=row.label, editor_path=str(run_dir / BEST), editor_sha256=file_sha256(run_dir / BEST / EDITOR_WEIGHTS))
             else:
                 settings = EvalSettings(method=row.label, method_options=row.options)
             settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
             settings.protocol = config.protocol
-            cached = _cached_report(path, settings)
-            if cached is not None:
-                results[row.label][task] = cached
-                continue
-            queries = {"template": None, "answer_stop": "none"}
-            if editor_name:
-                editor = MENDEditor.from_pretrained(run_dir / "best").eval()
-                queries = query_setup(run_dir / "best")  # asked as it was trained: its template and answer stop
-            else:
-                editor = make_editor(row.method, model, tokenizer, row.options)
+            # asked as the editor was trained: its template and answer stop
+            queries = query_setup(run_dir / BEST) if editor_name else {"template": None, "answer_stop": "none"}
             row_pool = dataclasses.replace(pool, template=queries["template"]) if queries["template"] else pool
-            cases = records[task][:limit]
-            logger.info("evaluating %s on %s (%d cases)", row.label, task, len(cases))
-            report = evaluate(model, tokenizer, editor, cases, row_pool, _instruction(row.instruction, pool),
-                              batch_size=config.batch_size, progress=show_progress, settings=settings, protocol=config.protocol,
-                              answer_stop=queries["answer_stop"])
-            write_report_json(report, path)
-            results[row.label][task] = report
+
+            def load() -> Any:  # called at once by evaluate_cached, only when the cache is stale
+                if editor_name:
+                    return MENDEditor.from_pretrained(run_dir / BEST).eval()
+                return make_editor(row.method, model, tokenizer, row.options)
+
+            results[row.label][task] = evaluate_cached(
+                path, model, tokenizer, load, records[task][:limit], row_pool, _instruction(row.instruction, pool), settings,
+                batch_size=config.batch_size, progress=show_progress, protocol=config.protocol, answer_stop=queries["answer_stop"])
     table = _table(config, results)
     payload = {
         "experiment": dataclasses.asdict(config),
@@ -179,19 +167,6 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     write_json(f"{config.output}.json", payload)
     atomic_write(f"{config.output}.md", lambda tmp: Path(tmp).write_text(table))
     return payload
-
-
-def _cached_report(path: Path, settings: EvalSettings) -> EvalReport | None:
-    """The cached evaluation at ``path`` if it was run with these settings; None if absent or stale."""
-    if not path.is_file():
-        return None
-    report = load_report_json(path)
-    keys = ("editor_sha256", "method_options", "split_seed", "limit", "protocol")
-    stale = [k for k in keys if getattr(report.settings, k) != getattr(settings, k)]
-    if stale:
-        logger.info("re-evaluating %s: %s changed since it was cached", path, ", ".join(stale))
-        return None
-    return report
 
 
 def _slug(text: str) -> str:
@@ -280,19 +255,3 @@ def _table(config: ExperimentConfig, results: dict[str, dict[str, EvalReport]]) 
                   "pre-edit and post-edit in the JSON.", ""]
         lines += _generation_table(config, results)
     return "\n".join(lines) + "\n"
-
-
-def add_experiment_parser(subparsers: Any) -> None:
-    p = subparsers.add_parser("experiment", help="run one of the paper's experiments end to end (resumable)")
-    p.add_argument("name", choices=["table3"], help="which experiment")
-    p.add_argument("--config", required=True, help="experiment YAML (see configs/experiments/)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd)
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    config = ExperimentConfig.from_yaml(args.config)
-    payload = run_experiment(config, show_progress=not args.no_progress)
-    print(Path(f"{config.output}.md").read_text())
-    logger.info("wrote %s.md and %s.json (%.0f s)", config.output, config.output, payload["elapsed_s"])
-    return 0

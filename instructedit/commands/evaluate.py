@@ -1,10 +1,9 @@
-"""The ``instructedit evaluate`` subcommand: load model, editor and records, run the evaluation, write JSON + Markdown."""
+"""``instructedit evaluate``: load model, editor and records, run the evaluation, write JSON + Markdown."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -14,20 +13,18 @@ import yaml
 
 from instructedit.api import instruction_setup, query_setup
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
+from instructedit.editors.card import editor_model_name
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES, MetricSummary
 from instructedit.evaluation.report import EvalReport, load_skips
 from instructedit.io import file_sha256
 from instructedit.records import EditRecord, TASKS
+from instructedit.runs import EDITOR_WEIGHTS
 from instructedit.tasks.collate import ANSWER_STOPS
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
-
-EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
-EDITOR_WEIGHTS = "editor.safetensors"
-
 
 def add_evaluate_parser(subparsers: Any) -> None:
     """Register ``evaluate`` on an ``add_subparsers()`` object; its ``func(args) -> int`` runs it."""
@@ -36,7 +33,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
         description="Single edits, rolled back after each case (or kept, with --sequential); writes FILE.json and FILE.md.",
     )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--editor", metavar="DIR", help="a trained MEND/InstructEdit editor folder (method 'mend')")
+    which.add_argument("--editor", metavar="DIR", help="a trained editor folder (MEND/InstructEdit or KE: the method its editor_config.json names)")
     which.add_argument("--method", metavar="NAME", help="an editing method from the editor registry (e.g. ft, grace)")
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE", help="editor option (repeatable; values parsed as YAML)")
     p.add_argument("--task", required=True, help=f"task name, one of {', '.join(TASKS)}")
@@ -79,17 +76,6 @@ def parse_options(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"--method-option {item!r} must look like KEY=VALUE")
         options[key.strip()] = yaml.load(raw, Loader=YAMLLoader) if raw.strip() else ""  # as --set: 1e-5 is a float
     return options
-
-
-def editor_model_name(directory: str | Path) -> str | None:
-    """The ``model_name`` an editor folder was trained for, if it records one."""
-    path = Path(directory) / EDITOR_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"--editor {directory}: {EDITOR_CONFIG} is missing; pass a folder written by save_pretrained (e.g. RUN/best)")
-    try:
-        return json.loads(path.read_text()).get("model_name") or None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
 
 
 def headline(report: EvalReport, task: str) -> str:
@@ -151,15 +137,15 @@ def make_judge(args: argparse.Namespace) -> LLMJudge:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from instructedit.editors.registry import EDITORS, make_editor
+    from instructedit.editors.registry import EDITORS, make_editor, saved_method
     from instructedit.evaluation.report import EvalSettings, write_markdown, write_report_json
     from instructedit.evaluation.runner import evaluate
-    from instructedit.models.loading import load_model
+    from instructedit.models.loading import load_model, resolve_device
 
     # Everything that can be checked without loading a model fails first.
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; valid tasks: {', '.join(TASKS)}")
-    method = "mend" if args.editor else args.method
+    method = saved_method(args.editor) if args.editor else args.method
     if method not in EDITORS:
         raise ValueError(f"unknown editing method {method!r}; valid methods: {sorted(EDITORS)}")
     if args.limit is not None and args.limit < 1:
@@ -195,7 +181,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"no records to evaluate for task {args.task!r} ({args.data or args.split})")
 
     torch.manual_seed(args.seed)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
     model, tokenizer = load_model(model_name, device=device)
     editor = make_editor(method, model, tokenizer, options)
     weights = Path(editor_path) / EDITOR_WEIGHTS if editor_path else None

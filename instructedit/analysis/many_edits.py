@@ -1,0 +1,223 @@
+"""Many edits at once and in sequence (issue "Many edits"): batch-editing and lifelong studies, both protocols.
+
+``batch_study``: for each N, the first N cases are edited in **one** call (the editor's aggregation:
+MEND sums the per-edit updates, ``least_squares`` solves for one shift, DESIGN.md §9), then every
+case is scored on the edited model: teacher-forced reliability / generalization (answer-token
+accuracy) and locality (answer-token argmax unchanged), and under generation exact match of the
+greedy answer (wrapped prompt, rephrases) and generation locality (answer unchanged). Seconds per
+edit are the edit call's wall time over N. The weights are restored bit for bit after each N (checked).
+
+``sequential_study``: edits applied one call after another (``batch`` cases per call); after 1, 2,
+4, ..., T edits, the reliability of every edit so far (both protocols), the locality of a fixed
+probe set, and capability retention: the perplexity of a fixed held-out text sample (the locality
+prompts and answers of cases not edited). Rolled back at the end, bit for bit (checked).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+
+from instructedit.editors.base import Editor
+from instructedit.evaluation.generation import bootstrap_ci
+from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
+from instructedit.evaluation.guard import WeightGuard
+from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
+from instructedit.evaluation.packing import scored_logits
+from instructedit.losses import masked_nll
+from instructedit.records import EditRecord
+from instructedit.tasks.collate import Collator
+
+FAMILIES = ("reliability", "generalization", "locality")
+GEN_BATCH = 32
+
+
+@dataclass
+class _Probes:
+    """The teacher-forced probes of some cases: (case, family, prompt, answer), and their pre-edit argmax ids."""
+
+    items: list[tuple[int, str, str, str]]
+    pre_argmax: list[torch.Tensor] | None = None
+
+
+def _probes(collator: Collator, records: Sequence[EditRecord], instruction: int | None) -> _Probes:
+    items = []
+    for c, r in enumerate(records):
+        items.append((c, "reliability", collator.wrap(r, r.prompt, instruction), r.target_new))
+        items += [(c, "generalization", collator.wrap(r, p, instruction), r.target_new) for p in r.rephrase]
+        items += [(c, "locality", q.prompt, q.answer) for q in r.locality]
+    return _Probes(items)
+
+
+@torch.no_grad()
+def _score(model: nn.Module, collator: Collator, probes: _Probes, batch_size: int) -> list[dict[str, list[float]]]:
+    """Per case, per family: answer-token accuracy (reliability, generalization) or unchanged share (locality, against
+    ``probes.pre_argmax``); stores the argmax ids as ``pre_argmax`` when there are none yet."""
+    device = next(model.parameters()).device
+    first = probes.pre_argmax is None
+    argmaxes: list[torch.Tensor] = []
+    per_case: dict[int, dict[str, list[float]]] = {}
+    for start in range(0, len(probes.items), batch_size):
+        part = probes.items[start : start + batch_size]
+        batch = collator.qa_batch([(p, a) for _, _, p, a in part]).to(device)
+        logits = scored_logits(model, batch)
+        rows, n = batch.label_mask.nonzero()[:, 0], len(part)
+        ids = logits.argmax(-1)
+        acc = answer_accuracy(logits, batch.labels[batch.label_mask], rows, n).tolist()
+        pre = torch.cat([probes.pre_argmax[start + j] for j in range(n)]) if not first else ids
+        same = unchanged_tokens(pre, ids, rows, n).tolist()
+        argmaxes += [ids[rows == j].cpu() for j in range(n)]
+        for j, (c, family, _, _) in enumerate(part):
+            per_case.setdefault(c, {}).setdefault(family, []).append(same[j] if family == "locality" else acc[j])
+    if first:
+        probes.pre_argmax = argmaxes
+    return [per_case.get(c, {}) for c in range(max((c for c, *_ in probes.items), default=-1) + 1)]
+
+
+def _summary(values: Sequence[float], protocol: str) -> dict[str, float | int | str] | None:
+    return {**bootstrap_ci(values).to_dict(), "protocol": protocol} if values else None
+
+
+def _aggregate(tf: Sequence[dict[str, list[float]]], gen: Sequence[dict[str, float]] | None) -> dict[str, dict | None]:
+    """Mean over cases (each case's mean over its probes) with 95 % intervals, per family and protocol."""
+    out: dict[str, dict | None] = {}
+    for family in FAMILIES:
+        out[family] = _summary([sum(v[family]) / len(v[family]) for v in tf if v.get(family)], "teacher_forced")
+    if gen is not None:
+        for family in FAMILIES:
+            key = f"gen_{family}"
+            out[key] = _summary([g[key] for g in gen if key in g], "generation")
+    return out
+
+
+class _Generation:
+    """Greedy answers (wrapped edit prompt, rephrases, locality) of some cases, before and after edits."""
+
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, collator: Collator, records: Sequence[EditRecord],
+                 instruction: int | None) -> None:
+        self.model, self.tokenizer = model, tokenizer
+        self.queries = [case_queries(collator, r, instruction, ("wrapped",)) for r in records]
+        self.pre = answer_all(model, tokenizer, self.queries, GEN_BATCH, collator.max_length)
+
+    def scores(self, cases: Sequence[int] | None = None) -> list[dict[str, float]]:
+        cases = range(len(self.queries)) if cases is None else cases
+        queries = [self.queries[c] for c in cases]
+        post = answer_all(self.model, self.tokenizer, queries, GEN_BATCH, None)
+        return [answer_scores(q, a, reference=self.pre[c]) for c, q, a in zip(cases, queries, post, strict=True)]
+
+
+def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: int | None):
+    pairs = [pair for r in records for pair in collator.edit_pairs(r, instruction)]
+    return collator.qa_batch(pairs, "edit inputs", stop=True)
+
+
+def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
+                instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
+                progress: bool = True) -> dict:
+    """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring."""
+    sizes = sorted(set(sizes))
+    if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
+        raise ValueError(f"sizes must be between 1 and the {len(records)} records given, got {sizes}")
+    device = next(model.parameters()).device
+    records = list(records[: sizes[-1]])
+    probes = _probes(collator, records, instruction)
+    pre = _score(model, collator, probes, batch_size)
+    asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
+    guard = WeightGuard(model)
+    points = []
+    for n in tqdm(sizes, desc="batch sizes", disable=not progress):
+        batch = _edit_batch(collator, records[:n], instruction).to(device)
+        start = time.perf_counter()
+        handle = editor.apply(model, batch)
+        seconds = time.perf_counter() - start
+        try:
+            tf = _score(model, collator, _Probes([p for p in probes.items if p[0] < n], probes.pre_argmax[: _count(probes, n)]), batch_size)
+            gen = asker.scores(range(n)) if asker is not None else None
+        finally:
+            handle.rollback()
+        guard.verify(full=True, where=f"after the {n}-edit call")
+        points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
+    return {"pre": _aggregate(pre, None), "points": points}
+
+
+def _count(probes: _Probes, n: int) -> int:
+    return sum(1 for c, *_ in probes.items if c < n)
+
+
+def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
+    """exp of the mean answer-token NLL of (prompt, continuation) pairs: the capability-retention sample."""
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = collator.qa_batch(list(texts[start : start + batch_size])).to(device)
+            logits = scored_logits(model, batch)
+            count = int(batch.label_mask.sum())
+            total += float(masked_nll(logits, batch.labels[batch.label_mask])) * count
+            tokens += count
+    return math.exp(total / tokens)
+
+
+def schedule(total: int) -> list[int]:
+    """1, 2, 4, ... and ``total``: the edit counts at which the lifelong study scores."""
+    points, k = [], 1
+    while k < total:
+        points.append(k)
+        k *= 2
+    return points + [total]
+
+
+def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator,
+                     records: Sequence[EditRecord], held_out: Sequence[EditRecord], instruction: int | None, edits: int,
+                     batch: int = 1, generation: bool = True, batch_size: int = 16, progress: bool = True,
+                     on_point: Callable[[dict], None] | None = None) -> dict:
+    """Lifelong editing: ``edits`` cases edited ``batch`` per call, scored at ``schedule(edits)``; see the module docstring.
+
+    ``held_out``: cases never edited; their locality prompt + answer form the perplexity sample.
+    ``on_point``: called with each scored point (to save partial results of a long run).
+    """
+    if edits < 1 or edits > len(records):
+        raise ValueError(f"edits must be between 1 and the {len(records)} records given, got {edits}")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    device = next(model.parameters()).device
+    records = list(records[:edits])
+    texts = [(q.prompt, q.answer) for r in held_out for q in r.locality]
+    if not texts:
+        raise ValueError("the held-out cases have no locality prompts to measure perplexity on")
+    probes = _probes(collator, records, instruction)
+    _score(model, collator, probes, batch_size)  # pre-edit argmax ids, for locality
+    asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
+    guard = WeightGuard(model)
+    base_ppl = perplexity(model, collator, texts, batch_size)
+    handles, points, done = [], [], 0
+    marks = schedule(edits)
+    bar = tqdm(total=edits, desc="sequential edits", disable=not progress)
+    try:
+        while done < edits:
+            upto = min(done + batch, edits, next(m for m in marks if m > done))
+            handles.append(editor.apply(model, _edit_batch(collator, records[done:upto], instruction).to(device)))
+            bar.update(upto - done)
+            done = upto
+            if done in marks:
+                tf = _score(model, collator, _Probes([p for p in probes.items if p[0] < done], probes.pre_argmax[: _count(probes, done)]),
+                            batch_size)
+                gen = asker.scores(range(done)) if asker is not None else None
+                ppl = perplexity(model, collator, texts, batch_size)
+                point = {"n_edits": done, **_aggregate(tf, gen), "perplexity": ppl, "perplexity_ratio": ppl / base_ppl}
+                points.append(point)
+                if on_point is not None:
+                    on_point(point)
+    finally:
+        bar.close()
+        for handle in reversed(handles):
+            handle.rollback()
+    guard.verify(full=True, where=f"after rolling back {len(handles)} sequential edit calls")
+    return {"base_perplexity": base_ppl, "perplexity_texts": len(texts), "batch": batch, "points": points, "rolled_back_bitwise": True}

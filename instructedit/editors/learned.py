@@ -1,0 +1,217 @@
+"""What every meta-trained editor (MEND, KE) shares: its editable weights, the split model, in-place edits, save/load.
+
+A subclass names its ``method`` (the ``editor.method`` it is trained as, and what ``editor_config.json``
+records), builds its networks in ``__init__(weights, config, architecture, model_name, **dimensions)``
+(``model_dimensions``: what it needs to know of the model beyond its edited weights), lists what
+meta-training trains besides the step sizes in ``network_parameters``, keeps one learned step size per
+weight in ``edit_lrs`` (the loop's second optimizer and the generation ``edit_scale`` multiply it),
+and implements ``edit(model, batch, state) -> EditResult`` (functional: the model is not modified).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import ClassVar, TypeVar
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from instructedit.config import EditorConfig, ModelConfig
+from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place
+from instructedit.editors.hooks import Factors, capture_factors
+from instructedit.io import atomic_write, write_json
+from instructedit.losses import masked_nll
+from instructedit.models.architectures import ArchSpec, EditableWeight, arch_spec, resolve_editable_weights
+from instructedit.models.split import PrefixState, SplitModel
+from instructedit.records import TokenBatch
+from instructedit.runs import EDITOR_CONFIG, EDITOR_WEIGHTS
+
+CONFIG_NAME, WEIGHTS_NAME = EDITOR_CONFIG, EDITOR_WEIGHTS  # the names older modules import from editors/mend.py
+
+E = TypeVar("E", bound="LearnedEditor")
+
+
+class LearnedEditor(nn.Module):
+    """A trainable editor of ``weights``: the protocol meta-training, evaluation and the API use."""
+
+    method: ClassVar[str]
+    edit_lrs: nn.Parameter  # one learned step size per weight, in ``weights`` order
+
+    def __init__(self, weights: list[EditableWeight], config: EditorConfig | None = None, architecture: ArchSpec | None = None, model_name: str = "") -> None:
+        super().__init__()
+        if not weights:
+            raise ValueError(f"{type(self).__name__} needs at least one editable weight")
+        self.config = config or EditorConfig(method=self.method)
+        self.weights = list(weights)
+        self.architecture = architecture
+        self.model_name = model_name
+        self._split_cache: tuple[int, SplitModel] | None = None
+
+    @classmethod
+    def for_model(cls: type[E], model: nn.Module, model_config: ModelConfig, editor_config: EditorConfig) -> E:
+        """A fresh (untrained) editor of ``model``'s inner weights as ``model_config`` names them."""
+        override = ArchSpec.from_dict(model_config.architecture) if model_config.architecture else None
+        spec = arch_spec(model, override)
+        weights = resolve_editable_weights(model, spec, model_config.edit_weights or None, model_config.last_n_layers)
+        return cls(weights, editor_config, override, model_config.name, **cls.model_dimensions(model))
+
+    @classmethod
+    def model_dimensions(cls, model: nn.Module) -> dict[str, int]:
+        """Sizes of ``model`` other than its edited weights' that the networks are built for: keyword arguments of
+        ``__init__``, saved in ``editor_config.json`` as "dimensions" (none for MEND)."""
+        return {}
+
+    @property
+    def dimensions(self) -> dict[str, int]:
+        """This editor's ``model_dimensions``."""
+        return {}
+
+    @property
+    def network_parameters(self) -> list[nn.Parameter]:
+        """What meta-training's first optimizer trains besides the step sizes ``edit_lrs``."""
+        raise NotImplementedError
+
+    def edit(self, model: nn.Module | SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> EditResult:
+        """Edited weights from ``batch`` (its labelled tokens are the targets); the model is not modified."""
+        raise NotImplementedError
+
+    def split(self, model: nn.Module | SplitModel) -> SplitModel:
+        """The model cut at the first edited block (cached per model object)."""
+        if isinstance(model, SplitModel):
+            return model
+        if self._split_cache is None or self._split_cache[0] != id(model):
+            self._check_model(model)
+            spec = arch_spec(model, self.architecture)
+            self._split_cache = (id(model), SplitModel(model, spec, min(w.layer for w in self.weights)))
+        return self._split_cache[1]
+
+    def _check_model(self, model: nn.Module) -> None:
+        params = dict(model.named_parameters())
+        for w in self.weights:
+            if w.name not in params:
+                raise ValueError(f"this editor edits {w.name!r}, which the model does not have (editor trained for {self.model_name or 'another model'})")
+            stored = tuple(params[w.name].shape)
+            expected = (w.shape[1], w.shape[0]) if w.transposed else w.shape
+            if stored != tuple(expected):
+                raise ValueError(f"weight {w.name!r} has shape {stored}, the editor expects {tuple(expected)}")
+
+    def edit_factors(self, split: SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> tuple[dict[str, Factors], torch.Tensor]:
+        """One forward/backward of the edit NLL of ``batch`` (mean over its labelled tokens): the gradient factors
+        (u, δ) of every edited weight, and the NLL (detached). ``state``: ``split.prefix(batch)``, if already run."""
+        mask = batch.label_mask
+        if not bool(mask.any()):
+            raise ValueError("the edit batch has no target tokens to learn")
+        state = state if state is not None else split.prefix(batch)
+        with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
+            logits = split.logits_at(split.suffix(state), mask)
+            loss = masked_nll(logits, batch.labels[mask])
+            factors = capture.factors(loss)
+        return factors, loss.detach()
+
+    def edited_params(self, split: SplitModel, updates: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """W + ΔW per weight, added in float32 and rounded once (a bf16/fp16 weight would otherwise also round the small update)."""
+        new_params = {}
+        for w in self.weights:
+            param = split.model.get_parameter(w.name)
+            new_params[w.name] = (param.float() + updates[w.name].to(param.device)).to(param.dtype)
+        return new_params
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module, batch: TokenBatch) -> WeightEditHandle:
+        """Edit ``model`` in place; the handle (also a context manager) rolls back bit-exactly."""
+        was_training = self.training
+        self.eval()
+        try:
+            result = self.edit(model, batch)
+        finally:
+            self.train(was_training)
+        return apply_in_place(model, result)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def editor_config(self) -> dict:
+        return {
+            "method": self.method,
+            "model_name": self.model_name,
+            "editor": dataclasses.asdict(self.config),
+            "weights": [dataclasses.asdict(w) for w in self.weights],
+            "architecture": dataclasses.asdict(self.architecture) if self.architecture else None,
+        } | ({"dimensions": self.dimensions} if self.dimensions else {})
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """Write ``editor_config.json`` + ``editor.safetensors`` (networks, step sizes, statistics)."""
+        directory = Path(directory)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        bad = nonfinite_tensors(tensors)
+        if bad:  # a diverged editor is never written: it would only fail later, far from the cause
+            raise FloatingPointError(f"not saving the editor to {directory}: {bad[:3]} hold NaN/Inf values")
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self.editor_config() | (extra or {})
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp))
+        write_json(directory / CONFIG_NAME, config)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls: type[E], directory: str | Path, device: str | torch.device = "cpu") -> E:
+        """Load what ``save_pretrained`` wrote; a damaged folder raises one ValueError naming the folder and the file."""
+        directory = Path(directory)
+        data = read_editor_config(directory)
+        if data.get("method") != cls.method:
+            raise ValueError(f"{directory / CONFIG_NAME}: method {data.get('method')!r} is not {cls.method!r}")
+        missing = [key for key in ("weights", "editor") if key not in data]
+        if missing:
+            raise _corrupt(directory, CONFIG_NAME, f"lacks the field(s) {missing}")
+        try:
+            weights = [EditableWeight(**{**w, "shape": tuple(w["shape"])}) for w in data["weights"]]
+            arch = data.get("architecture")
+            arch_obj = ArchSpec.from_dict(arch) if arch else None
+            editor = cls(weights, EditorConfig(**data["editor"]), arch_obj, data.get("model_name", ""), **data.get("dimensions", {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise _corrupt(directory, CONFIG_NAME, f"describes no valid editor ({type(e).__name__}: {e})") from None
+        weights_path = directory / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise _corrupt(directory, WEIGHTS_NAME, "is missing")
+        try:
+            state = load_file(str(weights_path), device=str(device))
+        except SafetensorError as e:
+            raise _corrupt(directory, WEIGHTS_NAME, f"is not a readable safetensors file ({e})") from None
+        expected = editor.state_dict()
+        absent, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        problems = [f"{what} tensor(s) {names[:3]}" for what, names in (("missing", absent), ("unexpected", unexpected)) if names]
+        problems += [f"{k} has shape {tuple(state[k].shape)}, {CONFIG_NAME} implies {tuple(v.shape)}"
+                     for k, v in expected.items() if k in state and state[k].shape != v.shape][:3]
+        if problems:
+            raise _corrupt(directory, WEIGHTS_NAME, f"does not match {CONFIG_NAME}: {'; '.join(problems)}")
+        bad = nonfinite_tensors(state)
+        if bad:
+            raise _corrupt(directory, WEIGHTS_NAME, f"holds NaN/Inf values in {bad[:3]} (a diverged training run?)")
+        editor.load_state_dict(state, strict=True)
+        return editor.to(device)
+
+
+def read_editor_config(directory: str | Path) -> dict:
+    """The JSON object of ``directory/editor_config.json``; a missing or damaged file fails naming it."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved editor: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise _corrupt(directory, CONFIG_NAME, f"is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise _corrupt(directory, CONFIG_NAME, f"holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors holding NaN or Inf."""
+    return [name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def _corrupt(directory: Path, file: str, why: str) -> ValueError:
+    return ValueError(f"{directory} holds an incomplete or corrupt editor: {directory / file} {why}; "
+                      "save or download it again, or use another checkpoint")

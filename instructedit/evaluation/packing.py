@@ -1,0 +1,204 @@
+"""A case as forward passes: its probe rows padded into batches, or packed into one row that holds their shared instruction once.
+
+Also how a functional editor (``FunctionalEditor``, e.g. MEND) is scored on such a layout: one pass
+of the unedited prefix serves the pre-edit logits and the edit, and only the edited blocks re-run
+with the new weights, functionally. ``check_packing`` compares packed with padded rows on one case,
+since an architecture may ignore 4-D attention masks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from instructedit.editors.base import EditResult, FunctionalEditor
+from instructedit.evaluation import generation_probes as gen
+from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
+from instructedit.records import EditRecord, TokenBatch
+from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
+
+logger = logging.getLogger(__name__)
+
+MIN_SHARED = 4  # tokens a packed row must share to be worth it
+
+
+def scored_logits(model: nn.Module, batch: TokenBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (n_positions, vocab) at the labelled positions only: decoder hidden states, then the head on those rows."""
+    out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False)
+    return model.get_output_embeddings()(out.last_hidden_state[batch.label_mask])
+
+
+def pack(batch: TokenBatch, shareable: Sequence[bool], dtype: torch.dtype, min_shared: int = MIN_SHARED) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+    """All rows of a right-padded ``batch`` as one row; shareable rows that start alike hold their common start once.
+
+    The wrapped probes of a case all begin with the same instruction, so it is run once. Each row
+    keeps its own positions and sees only itself (and the shared start, if it shares it), so every
+    logit equals the unpacked one up to float rounding. Returns the packed batch, whose
+    ``attention_mask`` is a 4-D additive mask (1, 1, L, L), its position ids (1, L) and the owner
+    row of each position (L,), -1 on the shared start.
+    """
+    lengths = batch.attention_mask.sum(1).tolist()
+    rows = [batch.input_ids[i, :n] for i, n in enumerate(lengths)]
+    labels = [batch.labels[i, :n] for i, n in enumerate(lengths)]
+    group = [i for i, row in enumerate(rows) if shareable[i] and len(row) > min_shared and torch.equal(row[:min_shared], rows[0][:min_shared])]
+    shared = 0
+    if len(group) >= 2:
+        limit = min(int((labels[i] != IGNORE).nonzero()[0]) for i in group)  # a label never falls in the shared part
+        same = torch.stack([rows[i][:limit] == rows[group[0]][:limit] for i in group]).all(0)
+        shared = int(same.long().cumprod(0).sum())
+    if shared < min_shared:
+        group, shared = [], 0
+    device = batch.input_ids.device
+    start_ids = rows[group[0]][:shared] if group else rows[0][:0]
+    ids, pos = [start_ids], [torch.arange(shared, device=device)]
+    lab, owner = [torch.full_like(start_ids, IGNORE)], [torch.full_like(start_ids, -1)]
+    for i, row in enumerate(rows):
+        start = shared if i in group else 0
+        ids.append(row[start:])
+        pos.append(torch.arange(start, len(row), device=device))
+        lab.append(labels[i][start:])
+        owner.append(torch.full((len(row) - start,), i, device=device))
+    owner_t = torch.cat(owner)
+    sees_shared = torch.tensor([i in group for i in range(len(rows))] + [True], device=device)[owner_t]  # -1 -> last
+    visible = (owner_t[:, None] == owner_t[None, :]) | ((owner_t[None, :] == -1) & sees_shared[:, None])
+    visible &= torch.ones_like(visible).tril()  # causal in packed order; the shared start comes first
+    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
+    packed = TokenBatch(torch.cat(ids)[None], mask[None, None], torch.cat(lab)[None])
+    return packed, torch.cat(pos)[None], owner_t
+
+
+@dataclass
+class Layout:
+    """A case's probe rows as forward passes: right-padded batches, or packed rows with their position ids."""
+
+    chunks: list[TokenBatch]
+    positions: list[torch.Tensor | None]
+    edit_view: TokenBatch  # the first chunk labelled on the edit rows only: MEND edits on the shared prefix pass
+
+
+@dataclass
+class Case:
+    index: int
+    record: EditRecord
+    probes: list[Probe]  # the edit rows first (without a stop token, the reliability probe is one of them), then the others
+    edit: TokenBatch  # the edit input on its own, for ``editor.apply``
+    padded: Layout  # at most batch_size rows per chunk; the first chunk holds every edit row
+    targets: torch.Tensor  # (n_positions,) gold tokens, probe by probe (the same in both layouts)
+    rows: torch.Tensor  # (n_positions,) probe index of each position
+    packed: Layout | None = None
+    pre: dict[str, float] | None = None
+    pre_argmax: torch.Tensor | None = None  # kept for sequential editing's locality
+    queries: list[gen.Query] = field(default_factory=list)  # the generation protocol's questions
+    pre_answers: list[str] = field(default_factory=list)
+
+    def layout(self, packed: bool, dtype: torch.dtype) -> Layout:
+        if not packed:
+            return self.padded
+        if self.packed is None:
+            n_edit = self.edit.input_ids.shape[0]
+            chunks, positions, owners = [], [], []
+            for c, chunk in enumerate(self.padded.chunks):
+                # Only one edit row may share the instruction: MEND transforms each token's (u, δ) on
+                # its own, so two edit rows must not merge their instruction tokens into one.
+                shareable = [not (c == 0 and 1 <= r < n_edit) for r in range(chunk.input_ids.shape[0])]
+                packed_chunk, pos, owner = pack(chunk, shareable, dtype)
+                chunks.append(packed_chunk), positions.append(pos), owners.append(owner)
+            first, not_edit = chunks[0], (owners[0] >= n_edit)[None]
+            self.packed = Layout(chunks, positions, TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)))
+        return self.packed
+
+
+def prepare_cases(collator: Collator, records: Sequence[EditRecord], instruction: int | None, batch_size: int,
+             device: torch.device) -> tuple[list[Case], list[dict[str, str]]]:
+    cases, skipped = [], []
+    for index, record in enumerate(records):
+        pairs = collator.edit_pairs(record, instruction)
+        # An edit row that ends in a stop token is no teacher-forced probe (those score the answer alone): its own row.
+        probes = edit_rows_first(case_probes(collator, record, instruction), pairs, match=not collator.stop_ids)
+        bounds = [0, *range(max(batch_size, len(pairs)), len(probes), batch_size), len(probes)]
+        try:
+            chunks = [collator.qa_batch([(p.prompt, p.answer) for p in probes[lo:hi]], record.source,
+                                        stop=[i < len(pairs) for i in range(lo, hi)]).to(device)
+                      for lo, hi in zip(bounds, bounds[1:])]
+            edit = collator.qa_batch(pairs, record.source, stop=True).to(device)
+        except PromptTooLongError as err:
+            skipped.append({"source": record.source, "reason": str(err)})
+            continue
+        first = chunks[0]
+        not_edit = torch.arange(first.input_ids.shape[0], device=device)[:, None] >= len(pairs)  # (rows, 1)
+        padded = Layout(chunks, [None] * len(chunks), TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)))
+        targets = torch.cat([c.labels[c.label_mask] for c in chunks])
+        rows = torch.cat([c.label_mask.nonzero()[:, 0] + lo for c, lo in zip(chunks, bounds)])
+        cases.append(Case(index, record, probes, edit, padded, targets, rows))
+    if skipped:
+        logger.warning("skipped %d of %d records that exceed max_length=%d tokens (e.g. %s)", len(skipped), len(records),
+                       collator.max_length, skipped[0]["source"])
+    return cases, skipped
+
+
+@contextmanager
+def _positions(model: nn.Module, positions: torch.Tensor | None) -> Iterator[None]:
+    """Feed ``position_ids`` to every forward of ``model`` (SplitModel.prefix calls the model itself)."""
+    if positions is None:
+        yield
+        return
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "position_ids": positions}), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def layout_logits(model: nn.Module, layout: Layout) -> torch.Tensor:
+    return torch.cat([scored_logits(model, chunk, pos) for chunk, pos in zip(layout.chunks, layout.positions)])
+
+
+@torch.no_grad()
+def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, EditResult]:
+    """One prefix pass serves the pre-edit logits and the edit; only the edited blocks re-run post-edit.
+
+    The edit is taken on the first chunk with labels on the edit rows only: the other rows get an
+    exactly zero output gradient, so their tokens drop out of the gradient factors.
+    """
+    split = editor.split(model)
+    states = []
+    for chunk, pos in zip(layout.chunks, layout.positions):
+        with _positions(model, pos):
+            states.append(split.prefix(chunk))
+    was_training = editor.training
+    editor.eval()
+    try:
+        result = editor.edit(split, layout.edit_view, states[0])
+    finally:
+        editor.train(was_training)
+    pre = [split.logits_at(state.final_hidden, chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
+    post = [split.logits_at(split.suffix(state, result.new_params), chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
+    return torch.cat(pre), torch.cat(post), result
+
+
+def check_packing(editor: FunctionalEditor, model: nn.Module, case: Case,
+                   dtype: torch.dtype) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, EditResult]]:
+    """Score one case packed and compare its pre-edit logits with padded rows: an architecture may ignore 4-D masks.
+
+    Returns whether packing is used, and this case's (pre, post, edit) in the layout chosen.
+    """
+    try:
+        packed = score_functional(editor, model, case.layout(True, dtype))
+    except (RuntimeError, ValueError, TypeError) as err:  # e.g. an attention kernel without 4-D mask support
+        logger.warning("packed rows failed on %s (%s); using padded batches", case.record.source, err)
+        return False, score_functional(editor, model, case.padded)
+    split = editor.split(model)
+    with torch.no_grad():
+        padded = torch.cat([split.logits_at(split.prefix(c).final_hidden, c.label_mask) for c in case.padded.chunks])
+    tol = (1e-4 if dtype == torch.float32 else 5e-2) * max(1.0, float(padded.abs().max()))  # float32 rounding: ~1e-6
+    worst = float((packed[0] - padded).abs().max())
+    if worst > tol:
+        logger.warning("packed rows differ from padded ones by %.3g (> %.3g) on %s; using padded batches", worst, tol, case.record.source)
+        return False, score_functional(editor, model, case.padded)
+    return True, packed

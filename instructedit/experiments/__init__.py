@@ -1,0 +1,1 @@
+"""Experiments and studies that train editors (resumable): Table 3, task scaling, ConvSent balance."""
