@@ -25,7 +25,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.activations import ACT2FN
 
 from instructedit.editors.base import EditHandle
-from instructedit.editors.ft import check_batch, check_field, config_from_options, edit_loss, resolve_mlp_weight
+from instructedit.editors.ft import check_batch, check_field, config_from_options, fit_edit_loss, resolve_mlp_weight
 from instructedit.models.architectures import ArchSpec, arch_spec
 from instructedit.records import TokenBatch
 
@@ -136,17 +136,5 @@ class CaliNetEditor:
 
     def _train(self, model: nn.Module, batch: TokenBatch, slots: CalibrationSlots) -> None:
         cfg = self.config
-        opt = torch.optim.Adam(slots.parameters(), lr=cfg.lr)
-        first = last = float("nan")
-        with torch.enable_grad():
-            for step in range(cfg.num_steps):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = edit_loss(logits, batch)
-                first = loss.item() if step == 0 else first
-                last = loss.item()
-                if last < cfg.early_stop_loss:
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        first, last = fit_edit_loss(model, batch, list(slots.parameters()), cfg.lr, cfg.num_steps, cfg.early_stop_loss)
         logger.debug("calinet: %d slots, loss %.4g -> %.4g", cfg.n_slots, first, last)

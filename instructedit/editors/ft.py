@@ -94,6 +94,26 @@ def edit_loss(logits: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
     return masked_nll(logits[mask], batch.labels[mask])
 
 
+def fit_edit_loss(model: nn.Module, batch: TokenBatch, params: list[torch.Tensor], lr: float, steps: int,
+                  early_stop_loss: float) -> tuple[float, float]:
+    """Adam on ``params`` (new memory: CaliNet's slots, GRACE's values) against the batch's edit loss, for at most ``steps``
+    steps or until the loss is below ``early_stop_loss``; returns the first and the last loss."""
+    opt = torch.optim.Adam(params, lr=lr)
+    first = last = float("nan")
+    with torch.enable_grad():
+        for step in range(steps):
+            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+            loss = edit_loss(logits, batch)
+            first = loss.item() if step == 0 else first
+            last = loss.item()
+            if last < early_stop_loss:
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return first, last
+
+
 def check_batch(batch: TokenBatch, method: str) -> None:
     if not bool(batch.label_mask.any()):
         raise ValueError(f"{method}: the edit batch has no target tokens to learn")

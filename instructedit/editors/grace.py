@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from instructedit.editors.base import EditHandle
-from instructedit.editors.ft import check_batch, check_field, config_from_options, edit_loss, resolve_mlp_weight
+from instructedit.editors.ft import check_batch, check_field, config_from_options, fit_edit_loss, resolve_mlp_weight
 from instructedit.models.architectures import ArchSpec
 from instructedit.records import TokenBatch
 
@@ -247,17 +247,5 @@ class GRACEEditor:
     def _train(self, model: nn.Module, batch: TokenBatch, codebook: Codebook, trained: list[int]) -> None:
         cfg = self.config
         values = [codebook.entries[j].value for j in trained]
-        opt = torch.optim.Adam(values, lr=cfg.lr)
-        first = last = float("nan")
-        with torch.enable_grad():
-            for step in range(cfg.n_iter):
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = edit_loss(logits, batch)
-                first = loss.item() if step == 0 else first
-                last = loss.item()
-                if last < cfg.early_stop_loss:
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+        first, last = fit_edit_loss(model, batch, values, cfg.lr, cfg.n_iter, cfg.early_stop_loss)
         logger.debug("grace: %d entries, trained %d values, loss %.4g -> %.4g", len(codebook.entries), len(values), first, last)
