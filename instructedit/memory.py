@@ -115,6 +115,8 @@ def meta_skeleton(config: Config) -> nn.Module:
     """The base model's architecture on the meta device (no weights): from the preset table or its config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
+
     name = config.model.name
     if name in KNOWN_ARCHITECTURES:
         known = dict(KNOWN_ARCHITECTURES[name])
@@ -124,9 +126,16 @@ def meta_skeleton(config: Config) -> nn.Module:
             from instructedit.models.loading import default_model_dir
 
             name = str(default_model_dir())
+        cache_only = not Path(name).exists() and (hub_offline() or not hub_reachable())  # an unreachable hub: the local cache
+        action = f"reach the Hugging Face hub to read the config.json of {config.model.name!r}"
         try:
-            hf_config = AutoConfig.from_pretrained(name)
-        except OSError as e:
+            with hub_timeouts():  # a hub that stops answering is an error, not a hang
+                hf_config = AutoConfig.from_pretrained(name, local_files_only=cache_only)
+        except Exception as e:
+            if timed_out(e) or (cache_only and isinstance(e, OSError)):
+                raise unreachable(action) from None
+            if not isinstance(e, OSError):
+                raise
             raise ValueError(
                 f"model {config.model.name!r}: cannot read its config.json ({e}); use a local folder, a reachable hub "
                 f"name, or one of the models with known shapes: {sorted(KNOWN_ARCHITECTURES)}"
