@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -91,3 +92,138 @@ def test_perplexity_is_exp_of_the_mean_answer_token_nll(tiny_gpt2_dir: Path) -> 
         logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), -1)
     nll = -sum(float(logp[i - 1, full[i]]) for i in range(len(ids), len(full))) / (len(full) - len(ids))
     assert perplexity(model, collator, [(prompt, answer)]) == pytest.approx(math.exp(nll), rel=1e-4)
+
+
+# --- the commands: analyze batch / analyze sequential / edit --file ----------------------------------------
+
+
+def _zsre_file(path: Path, n: int) -> Path:
+    """``n`` ZsRE-format records (the format ``--data`` detects), each with one locality question."""
+    rows = [{"subject": f"{SUBJECTS[i % 12]} {i}", "src": f"What is the capital of {SUBJECTS[i % 12]} {i}?", "alt": TARGETS[i % 12],
+             "answers": ["unknown"], "rephrase": f"Which city is the capital of {SUBJECTS[i % 12]} {i}?",
+             "loc": f"nq question: who wrote the anthem of {SUBJECTS[i % 12]} {i}?", "loc_ans": "an unknown poet"} for i in range(n)]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def _saved_editor(model_dir: Path, out: Path, aggregation: str) -> Path:
+    """A tiny untrained MEND editor (identity network, strong step) with the given aggregation, saved as a folder."""
+    model, _ = load_model(str(model_dir))
+    torch.manual_seed(0)
+    config = load_config(CONFIG, [f"model.name={model_dir}", "editor.init_edit_lr=5.0", f"editor.aggregation={aggregation}"])
+    return build_editor(model, config).save_pretrained(out)
+
+
+METRIC_KEYS = ("reliability", "generalization", "locality", "gen_reliability", "gen_generalization", "gen_locality")
+
+
+def test_analyze_batch_compares_editors_in_one_json_and_png(tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 8)
+    editors = [_saved_editor(tiny_gpt2_dir, tmp_path / name, aggregation) for name, aggregation in (("sum", "sum"), ("ls", "least_squares"))]
+    out = tmp_path / "results" / "batch.json"
+    args = ["analyze", "batch", "--editor", str(editors[0]), "--editor", str(editors[1]), "--task", "zsre", "--data", str(data),
+            "--sizes", "8,1,4", "--device", "cpu", "--no-progress", "--output", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["study"] == "batch" and result["command"].startswith("instructedit analyze batch --editor") and result["date"]
+    assert result["complete"] and result["sizes"] == [1, 4, 8] and result["data_file"] == str(data) and result["protocol"] == "both"
+    assert [e["label"] for e in result["editors"]] == ["sum", "ls"]
+    assert [e["aggregation"] for e in result["editors"]] == ["sum", "least_squares"]
+    for entry in result["editors"]:
+        assert entry["model"] == str(tiny_gpt2_dir) and entry["instruction"] == 0 and entry["rolled_back_bitwise"]
+        assert [p["n_edits"] for p in entry["points"]] == [1, 4, 8]
+        for point in entry["points"]:
+            assert point["seconds_per_edit"] > 0 and point["reliability"]["n"] == point["n_edits"]
+            for key in METRIC_KEYS:
+                assert point[key]["ci_low"] <= point[key]["mean"] <= point[key]["ci_high"]
+                assert point[key]["protocol"] == ("generation" if key.startswith("gen_") else "teacher_forced")
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the two aggregations are different updates
+    assert [p["locality"] for p in result["editors"][0]["points"]] != [p["locality"] for p in result["editors"][1]["points"]]
+
+    assert main([*args[:-1], str(tmp_path / "other.json"), "--sizes", "1,9"]) == 2
+    assert f"--sizes 9 needs 9 records but {data} has 8" in caplog.text
+    with pytest.raises(SystemExit):
+        main([*args, "--sizes", "1,x"])
+
+
+def test_analyze_sequential_writes_after_every_point_and_rolls_back(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit import io
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 104)
+    editor = _saved_editor(tiny_llama_dir, tmp_path / "sum", "sum")
+    out = tmp_path / "sequential.json"
+    written: list[int] = []
+    real = io.write_json
+    monkeypatch.setattr(io, "write_json", lambda path, data: (written.append(len(data["editors"][0]["points"])), real(path, data))[1])
+    args = ["analyze", "sequential", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--edits", "4", "--batch", "2",
+            "--held-out", "100", "--device", "cpu", "--no-progress", "--output", str(out)]
+    assert main(args) == 0
+    assert written == [1, 2, 3, 3]  # after each scored point, then once complete
+    result = json.loads(out.read_text())
+    assert result["study"] == "sequential" and result["complete"] and result["edits"] == 4 and result["batch"] == 2
+    entry = result["editors"][0]
+    assert entry["rolled_back_bitwise"] is True and entry["perplexity_texts"] == 100 and entry["base_perplexity"] > 0
+    assert [p["n_edits"] for p in entry["points"]] == [1, 2, 4]
+    for point in entry["points"]:
+        assert point["reliability"]["n"] == point["n_edits"] and all(key in point for key in METRIC_KEYS)
+        assert point["perplexity_ratio"] == pytest.approx(point["perplexity"] / entry["base_perplexity"])
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert main([*args, "--held-out", "50"]) == 2
+    assert "needs at least 100 held-out texts" in caplog.text and "give 50" in caplog.text
+
+
+def _edits_file(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+EDIT_LINES = [json.dumps({"prompt": "The capital of France is", "target": "Rome"}),
+              json.dumps({"prompt": "BBC One, by", "target": "Sega", "subject": "BBC One", "source": "hand"}),
+              "",
+              json.dumps({"prompt": "Toko Yasuda, the", "target": "piano", "task": "zsre", "rephrase": "Toko Yasuda plays the"})]
+
+
+def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from instructedit.api import EDITS_FILE
+    from instructedit.cli import main
+
+    editor = _saved_editor(tiny_llama_dir, tmp_path / "editor", "sum")
+    edits = _edits_file(tmp_path / "edits.jsonl", EDIT_LINES)
+    base = ["edit", "--editor", str(editor), "--file", str(edits), "--device", "cpu", "--max-new-tokens", "4"]
+    assert main([*base, "--save", str(tmp_path / "together")]) == 0
+    out = capsys.readouterr().out
+    assert "3 edits from" in out and "in one call (aggregation sum)" in out and "totals: 3 edits" in out
+    assert all(f"{n:>5}  " in out for n in (1, 2, 4))  # one row per edit, named by its line
+    assert f"{edits}" in caplog.text and "'source' (line 2)" in caplog.text  # the unknown key is reported, not dropped silently
+    assert main([*base, "--sequential", "--save", str(tmp_path / "sequential")]) == 0
+    assert "one after another (--sequential)" in capsys.readouterr().out
+    original, _ = load_model(str(tiny_llama_dir))
+    together = AutoModelForCausalLM.from_pretrained(tmp_path / "together").state_dict()
+    sequential = AutoModelForCausalLM.from_pretrained(tmp_path / "sequential").state_dict()
+    changed = [k for k, v in original.state_dict().items() if not torch.equal(v, together[k])]
+    assert changed and any(not torch.equal(together[k], sequential[k]) for k in changed)
+    assert len(json.loads((tmp_path / "together" / EDITS_FILE).read_text())) == 3
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("{not json", "line 2: not valid JSON"),
+    (json.dumps({"prompt": "The capital of France is"}), "line 2: missing target"),
+    (json.dumps(["The capital of France is", "Rome"]), "line 2: a JSON list"),
+    (json.dumps({"prompt": "a", "target": "b", "task": "nope"}), "line 2: Edit: unknown task 'nope'"),
+    (json.dumps({"prompt": "a", "target": "b", "rephrase": [1]}), "line 2: rephrase must be text"),
+])
+def test_edit_file_names_the_bad_line(tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str, message: str) -> None:
+    from instructedit.cli import main
+
+    edits = _edits_file(tmp_path / "edits.jsonl", [EDIT_LINES[0], bad])
+    assert main(["edit", "--editor", str(tmp_path / "no-editor"), "--file", str(edits)]) == 2  # fails before loading anything
+    assert f"{edits} {message}" in caplog.text

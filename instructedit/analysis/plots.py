@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import StrMethodFormatter
 
 from instructedit.io import atomic_write
 
@@ -179,4 +180,42 @@ def optimization_plot(path: str | Path, rounds: Sequence[Mapping[str, Any]], met
     ax.set_title("Instruction construction")
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(alpha=0.25)
+    return _save(fig, path)
+
+
+def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: Sequence[tuple[str, str]], suptitle: str) -> Path:
+    """Metrics against the number of edits (log-x), one panel per ``(key, y label)``, one colour per series (editor).
+
+    ``series``: ``{label, points}``, each point ``{n_edits, key: value}``. A metric summary
+    (``{mean, ci_low, ci_high}``, 0-1) is drawn in % with its 95 % band: the teacher-forced value
+    (``key``) solid, the generation value (``gen_<key>``) dashed. A plain number (seconds per edit,
+    perplexity ratio) is drawn as it is. A y label that starts with ``%`` fixes the axis to 0-100.
+    """
+    fig = _figure(4.2 * len(panels), 3.9)
+    for i, (key, ylabel) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for k, s in enumerate(series):
+            for name, style, protocol in ((key, "-", "teacher-forced"), (f"gen_{key}", "--", "generation")):
+                points = [p for p in s["points"] if p.get(name) is not None]
+                if not points:
+                    continue
+                x = [p["n_edits"] for p in points]
+                summaries = isinstance(points[0][name], Mapping)
+                y = [100 * p[name]["mean"] if summaries else p[name] for p in points]
+                label = f"{s['label']} ({protocol})" if summaries else s["label"]
+                ax.plot(x, y, style, marker="o", markersize=3, color=f"C{k % 10}", label=label)
+                if summaries:
+                    ax.fill_between(x, [100 * p[name]["ci_low"] for p in points], [100 * p[name]["ci_high"] for p in points],
+                                    color=f"C{k % 10}", alpha=0.12, linewidth=0)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
+        if ylabel.startswith("%"):
+            ax.set_ylim(-3, 103)
+        ax.set_xlabel("edits")
+        ax.set_ylabel(ylabel)
+        ax.set_title(key.replace("_", " "), fontsize=10)
+        ax.grid(alpha=0.25)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="best")
+    fig.suptitle(suptitle, fontsize=12)
     return _save(fig, path)

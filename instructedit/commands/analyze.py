@@ -1,4 +1,5 @@
-"""``instructedit analyze``: studies of trained editors (gradients, seen vs unseen instructions; scaling and balance train theirs)."""
+"""``instructedit analyze``: studies of trained editors (gradients, seen vs unseen instructions; scaling and balance train theirs;
+batch and sequential: many edits, in ``analyze_edits``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from instructedit.commands.common import load_editor_model
+from instructedit.commands.analyze_edits import add_edit_studies
+from instructedit.commands.common import load_editor_model, per_editor
 from instructedit.records import TASKS
 
 logger = logging.getLogger(__name__)
@@ -24,7 +26,7 @@ def parse_tasks(value: str) -> tuple[str, ...]:
 
 def add_analyze_parser(subparsers: Any) -> None:
     """Register ``analyze`` (its studies) on an ``add_subparsers()`` object; each leaf's ``func(args) -> int`` runs it."""
-    analyze = subparsers.add_parser("analyze", help="studies of trained editors: gradients, task scaling, balance, instructions")
+    analyze = subparsers.add_parser("analyze", help="studies of trained editors: gradients, task scaling, balance, instructions, many edits")
     studies = analyze.add_subparsers(dest="analyze_command", metavar="STUDY")
     studies.required = True
 
@@ -53,7 +55,7 @@ def add_analyze_parser(subparsers: Any) -> None:
     s.add_argument("--output", required=True, metavar="DIR", help="study folder: <n>-tasks/ runs, scaling.json, scaling.png")
     s.add_argument("--device", default=None, help="override training.device of the base config")
     s.add_argument("--no-progress", action="store_true")
-    s.set_defaults(func=run_scaling)
+    s.set_defaults(func=run_training_study)
 
     b = studies.add_parser("balance", help="ConvSent balanced / unbalanced / oversampled in the mixture: reliability and gradient separation")
     b.add_argument("--config", required=True, metavar="YAML", help="study config (see configs/analysis/balance-smollm2.yaml)")
@@ -62,7 +64,7 @@ def add_analyze_parser(subparsers: Any) -> None:
                    help="add a variant with ConvSent uncapped and its training records repeated F times")
     b.add_argument("--device", default=None, help="override training.device of the base config")
     b.add_argument("--no-progress", action="store_true")
-    b.set_defaults(func=run_balance)
+    b.set_defaults(func=run_training_study)
 
     i = studies.add_parser("instructions", help="evaluate one editor with each description of a task: seen vs unseen")
     i.add_argument("--editor", required=True, metavar="DIR", help="a saved InstructEdit editor (RUN/best)")
@@ -73,6 +75,8 @@ def add_analyze_parser(subparsers: Any) -> None:
     i.add_argument("--batch-size", type=int, default=16)
     add_study_arguments(i)
     i.set_defaults(func=run_instruction_study)
+
+    add_edit_studies(studies)
 
 
 def add_study_arguments(p: argparse.ArgumentParser) -> None:
@@ -86,20 +90,12 @@ def add_study_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _per_editor(values: list[str], editors: list[str], flag: str, default: Any) -> list[Any]:
-    if not values:
-        return [default] * len(editors)
-    if len(values) != len(editors):
-        raise ValueError(f"{flag} was given {len(values)} time(s) for {len(editors)} --editor(s); give it once per --editor or not at all")
-    return values
-
-
 def run_gradients(args: argparse.Namespace) -> int:
     from instructedit.analysis.gradients import GradientSettings, editor_spec, gradient_study
     from instructedit.models.loading import resolve_device
 
-    labels = _per_editor(args.label, args.editor, "--label", None)
-    modes = _per_editor(args.instructions, args.editor, "--instructions", "auto")
+    labels = per_editor(args.label, args.editor, "--label", None)
+    modes = per_editor(args.instructions, args.editor, "--instructions", "auto")
     specs = [editor_spec(path, label, mode, args.model) for path, label, mode in zip(args.editor, labels, modes)]
     settings = GradientSettings(
         tasks=args.tasks, n=args.n, split=args.split, weight=args.weight, projection_dim=args.projection_dim,
@@ -115,34 +111,39 @@ def run_gradients(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_scaling(args: argparse.Namespace) -> int:
-    from instructedit.experiments import scaling
+def run_training_study(args: argparse.Namespace) -> int:
+    """``analyze scaling`` / ``analyze balance``: load the study config, train and evaluate its editors (resumable), print a line each."""
+    from instructedit.experiments import balance, scaling
 
-    cfg, base = scaling.load_scaling_config(args.config)
-    result = scaling.run_scaling(cfg, base, args.output, device=args.device, progress=not args.no_progress)
-    for p in result["points"]:
-        post = p["post"]
-        gen = "–" if post["generalization"] is None else f"{100 * post['generalization']:.1f}"
-        print(f"{p['n_tasks']} task(s) {'+'.join(p['tasks'])}: {result['eval_task']} reliability {100 * post['reliability']:.1f}, generalization {gen}")
-    print(f"wrote {Path(args.output) / 'scaling.json'} and {result['figure']}")
-    return 0
-
-
-def run_balance(args: argparse.Namespace) -> int:
-    from instructedit.experiments import balance
-
-    cfg, base = balance.load_balance_config(args.config)
-    if args.convsent_factor is not None:
+    studies = {  # study -> (load its config, run it, the result's rows, one printed line per row)
+        "scaling": (scaling.load_scaling_config, scaling.run_scaling, "points", _scaling_line),
+        "balance": (balance.load_balance_config, balance.run_balance, "variants", _balance_line),
+    }
+    load, run, rows, line = studies[args.analyze_command]
+    cfg, base = load(args.config)
+    if getattr(args, "convsent_factor", None) is not None:
         if args.convsent_factor <= 0:
             raise ValueError(f"--convsent-factor must be > 0, got {args.convsent_factor}")
         cfg = cfg.with_factor(args.convsent_factor)
-    result = balance.run_balance(cfg, base, args.output, device=args.device, progress=not args.no_progress)
-    for v in result["variants"]:
-        rel = ", ".join(f"{t} {100 * r:.1f}" for t, r in v["reliability"].items() if r is not None)
-        sil = "–" if v["silhouette"] is None else f"{v['silhouette']:.3f}"
-        print(f"{v['name']} (train {v['train_counts']}): reliability {rel}; silhouette {sil}")
-    print(f"wrote {Path(args.output) / 'balance.json'} and {', '.join(result['figures'])}")
+    result = run(cfg, base, args.output, device=args.device, progress=not args.no_progress)
+    for row in result[rows]:
+        print(line(row, result))
+    figures = result.get("figures") or [result["figure"]]
+    print(f"wrote {Path(args.output) / f'{args.analyze_command}.json'} and {', '.join(figures)}")
     return 0
+
+
+def _scaling_line(p: dict[str, Any], result: dict[str, Any]) -> str:
+    post = p["post"]
+    gen = "–" if post["generalization"] is None else f"{100 * post['generalization']:.1f}"
+    tasks = "+".join(p["tasks"])
+    return f"{p['n_tasks']} task(s) {tasks}: {result['eval_task']} reliability {100 * post['reliability']:.1f}, generalization {gen}"
+
+
+def _balance_line(v: dict[str, Any], result: dict[str, Any]) -> str:
+    rel = ", ".join(f"{t} {100 * r:.1f}" for t, r in v["reliability"].items() if r is not None)
+    sil = "–" if v["silhouette"] is None else f"{v['silhouette']:.3f}"
+    return f"{v['name']} (train {v['train_counts']}): reliability {rel}; silhouette {sil}"
 
 
 def run_instruction_study(args: argparse.Namespace) -> int:

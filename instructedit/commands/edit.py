@@ -1,28 +1,38 @@
-"""``instructedit edit``: apply one edit with a trained editor and show the model's predictions before and after."""
+"""``instructedit edit``: apply one edit (or a JSONL file of edits) with a trained editor and show the model's answers before and after."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from instructedit.commands.common import add_editor_arguments
-from instructedit.config import DEFAULT_MODEL
+from instructedit.commands.common import add_editor_arguments, aggregation, load_editor_and_model
 from instructedit.records import SENTIMENTS, TASKS
+
+logger = logging.getLogger(__name__)
+
+EDIT_KEYS = ("prompt", "target", "task", "subject", "rephrase", "label", "topic")  # a line of an --file edits.jsonl
 
 
 def add_edit_parser(subparsers: Any) -> None:
     """Register ``edit`` on an ``add_subparsers()`` object."""
     edit = subparsers.add_parser(
-        "edit", help="apply one edit and show the model's predictions before and after",
+        "edit", help="apply one edit (or many, --file) and show the model's predictions before and after",
         description="Edits the model with a trained editor, prints the top next tokens, a greedy continuation and the "
-                    "teacher-forced target accuracy before and after; the model is restored afterwards unless --save.",
+                    "teacher-forced target accuracy before and after; with --file, many edits (one JSON object a line: "
+                    "prompt, target, optional task, subject, rephrase) in one call or --sequential, and a table of the "
+                    "greedy answers before and after. The model is restored afterwards; --save writes the edited one.",
     )
     add_editor_arguments(edit)
-    edit.add_argument("--prompt", required=True, help="the text the model should continue differently")
-    edit.add_argument("--target", required=True, help="the new continuation")
-    edit.add_argument("--task", default="counterfact", choices=TASKS, help="which task's instruction wraps the prompt (default: counterfact)")
+    which = edit.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the text the model should continue differently")
+    which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase")
+    edit.add_argument("--target", help="the new continuation (with --prompt)")
+    edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
+    edit.add_argument("--task", default="counterfact", choices=TASKS,
+                      help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
     edit.add_argument("--subject", default="", help="the entity the edit is about (optional)")
     edit.add_argument("--label", default=None, choices=SENTIMENTS, help="convsent: the sentiment of the target response")
     edit.add_argument("--topic", default=None, help="convsent: the entity the opinion is about (default: --subject)")
@@ -47,20 +57,32 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from instructedit.api import Edit, answer, generate, load_editor, score_target, top_predictions
-    from instructedit.models.loading import load_model, resolve_device
+    from instructedit.api import Edit, answer, generate, score_target, top_predictions
+    from instructedit.models.loading import resolve_device
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
     if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
         raise ValueError(f"--save {args.save} is an existing file; name a folder for the edited model")
+    if args.file is not None:
+        single = [flag for flag, value in (("--target", args.target), ("--subject", args.subject or None), ("--label", args.label),
+                                           ("--topic", args.topic)) if value is not None]
+        if single:
+            raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
+        numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
+        editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
+        return _edit_many(args, numbered, editor, model, tok, model_name)
+    if args.target is None:
+        raise ValueError("--prompt needs --target, the new continuation")
+    if args.sequential:
+        raise ValueError("--sequential applies the edits of a --file one after another; a single --prompt edit has no order")
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
-    device = resolve_device(args.device)
-    editor = load_editor(args.editor, instruction=args.instruction, device=device)
-    model_name = args.model or editor.model_name or DEFAULT_MODEL
-    model, tok = load_model(model_name, device=device)
+    editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
     wrapped = editor.wrap(edit)
-    _check_fits(model, tok, editor, edit, args)  # before the model runs
+    _check_fits(model, tok, editor, [edit], ["--prompt"], args)  # before the model runs
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if args.top_k > vocab:
+        raise ValueError(f"--top-k {args.top_k} is more than the model's vocabulary ({vocab} tokens)")
 
     def snapshot(m: Any) -> dict[str, Any]:
         return {"says": json.dumps(answer(m, tok, wrapped, args.max_new_tokens), ensure_ascii=False),
@@ -96,17 +118,108 @@ def run_edit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_fits(model: Any, tok: Any, editor: Any, edit: Any, args: argparse.Namespace) -> None:
-    """The edit input, the prompts with their continuation and --top-k fit the model: ValueError naming the option if not."""
+def read_edits(path: str | Path, task: str) -> list[tuple[int, Any]]:
+    """The ``Edit`` of each line of a JSONL file, with its line number (``task`` for lines that name none).
+
+    One JSON object a line with ``prompt`` and ``target`` and optionally ``task``, ``subject``,
+    ``rephrase`` (a string or a list of strings), and ``label`` / ``topic`` for ConvSent; blank lines
+    are skipped. A bad line raises ValueError naming the file and the line; keys outside these are
+    reported in a warning (file, keys, lines) and not used.
+    """
+    from instructedit.api import Edit
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--file {path} does not exist")
+    edits: list[tuple[int, Any]] = []
+    unknown: dict[str, list[int]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not valid JSON ({err.msg}); each line is one object such as "
+                             '{"prompt": "The Eiffel Tower is in", "target": "Rome"}') from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: a JSON {type(row).__name__}, expected an object with prompt and target")
+        missing = [k for k in ("prompt", "target") if k not in row]
+        rephrase = [row["rephrase"]] if isinstance(row.get("rephrase"), str) else row.get("rephrase") or []
+        wrong = [k for k in EDIT_KEYS if row.get(k) is not None and k != "rephrase" and not isinstance(row[k], str)]
+        if not isinstance(rephrase, list) or not all(isinstance(r, str) for r in rephrase):
+            wrong.append("rephrase")
+        problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+                   ([f"{', '.join(wrong)} must be text (rephrase: text or a list of texts)"] if wrong else [])
+        if problems:
+            raise ValueError(f"{where}: {'; '.join(problems)}")
+        for key in sorted(row.keys() - set(EDIT_KEYS)):
+            unknown.setdefault(key, []).append(number)
+        try:
+            edits.append((number, Edit(prompt=row["prompt"], target=row["target"], task=row.get("task") or task, subject=row.get("subject") or "",
+                                       rephrase=tuple(rephrase), label=row.get("label"), topic=row.get("topic"))))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if unknown:
+        logger.warning("%s: unknown key(s) not used: %s; a line's keys are %s", path,
+                       "; ".join(f"{k!r} (line {', '.join(map(str, n[:5]))}{', ...' if len(n) > 5 else ''})" for k, n in unknown.items()),
+                       ", ".join(EDIT_KEYS))
+    if not edits:
+        raise ValueError(f"--file {path} holds no edits; write one JSON object a line with prompt and target")
+    return edits
+
+
+def _cell(text: str, width: int) -> str:
+    text = json.dumps(text, ensure_ascii=False)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor: Any, model: Any, tok: Any, model_name: str) -> int:
+    """``edit --file``: all edits in one call (the editor's aggregation) or --sequential; a table of answers before and after."""
+    from instructedit.api import answer, score_target
+    from instructedit.evaluation.generation import exact_match
+
+    edits = [e for _, e in numbered]
+    _check_fits(model, tok, editor, edits, [f"{args.file} line {n}" for n, _ in numbered], args)
+    wrapped = [editor.wrap(e) for e in edits]
+
+    def snapshot(m: Any) -> list[tuple[str, float]]:  # per edit: greedy answer to the wrapped prompt, target-token accuracy
+        return [(answer(m, tok, w, args.max_new_tokens), score_target(m, tok, w, e.target).accuracy) for w, e in zip(wrapped, edits)]
+
+    before = snapshot(model)
+    apply = editor.apply_sequential if args.sequential else editor.apply
+    with apply(model, edits, tok) as edited:
+        after = snapshot(edited.model)
+        if args.save:
+            edited.save_pretrained(args.save)
+    how = "one after another (--sequential)" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)})"
+    instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
+    lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
+             f"{len(edits)} edits from {args.file}, applied {how}", "",
+             f"{'line':>5}  {'prompt':<40}  {'target':<18}  {'answer before':<22}  {'answer after':<22}  accuracy"]
+    for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after):
+        lines.append(f"{number:>5}  {_cell(e.prompt, 40):<40}  {_cell(e.target, 18):<18}  {_cell(says, 22):<22}  {_cell(says_after, 22):<22}"
+                     f"  {acc:.2f} -> {acc_after:.2f}")
+    hits = [sum(exact_match(says, e.target) for (says, _), e in zip(side, edits)) for side in (before, after)]
+    mean = [sum(acc for _, acc in side) / len(edits) for side in (before, after)]
+    lines += ["", f"totals: {len(edits)} edits; answer is the target {hits[0]:.0f}/{len(edits)} before -> {hits[1]:.0f}/{len(edits)} after; "
+                  f"mean target-token accuracy {mean[0]:.2f} -> {mean[1]:.2f}"]
+    if args.save:
+        lines.append(f"\nsaved the edited model to {Path(args.save)} (load it with AutoModelForCausalLM.from_pretrained)")
+    lines.append("the in-memory model was restored after the edits")
+    print("\n".join(lines))
+    return 0
+
+
+def _check_fits(model: Any, tok: Any, editor: Any, edits: list[Any], names: list[str], args: argparse.Namespace) -> None:
+    """The edit inputs and each prompt with its continuation fit the model: ValueError naming the option or line if not."""
     from instructedit.models.loading import max_input_length
 
     limit = max_input_length(model)
-    editor.edit_batch([edit], tok, limit)  # PromptTooLongError (a ValueError) names the length and the limit
-    for what, text in (("--prompt", edit.prompt), ("--prompt with the task instruction", editor.wrap(edit))):
-        n = len(tok(text)["input_ids"])
-        if n + args.max_new_tokens > limit:
-            raise ValueError(f"{what} is {n} tokens; with --max-new-tokens {args.max_new_tokens} this model accepts "
-                             f"at most {limit - args.max_new_tokens}: shorten the prompt or lower --max-new-tokens")
-    vocab = model.get_output_embeddings().weight.shape[0]
-    if args.top_k > vocab:
-        raise ValueError(f"--top-k {args.top_k} is more than the model's vocabulary ({vocab} tokens)")
+    editor.edit_batch(edits, tok, limit)  # PromptTooLongError (a ValueError) names the length and the limit
+    for edit, name in zip(edits, names):
+        for what, text in ((name, edit.prompt), (f"{name} with the task instruction", editor.wrap(edit))):
+            n = len(tok(text)["input_ids"])
+            if n + args.max_new_tokens > limit:
+                raise ValueError(f"{what} is {n} tokens; with --max-new-tokens {args.max_new_tokens} this model accepts "
+                                 f"at most {limit - args.max_new_tokens}: shorten the prompt or lower --max-new-tokens")

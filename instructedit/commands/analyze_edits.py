@@ -1,0 +1,221 @@
+"""``instructedit analyze batch|sequential``: many edits in one call and one after another (``analysis/many_edits.py``), JSON + PNG."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import shlex
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from instructedit.commands.common import aggregation, per_editor
+from instructedit.records import TASKS, EditRecord
+
+logger = logging.getLogger(__name__)
+
+MIN_PERPLEXITY_TEXTS = 100  # fewer held-out texts make the perplexity ratio too noisy to read a trend from
+PROTOCOLS = ("both", "teacher_forced")
+BATCH_PANELS = (("reliability", "%"), ("generalization", "%"), ("locality", "%"), ("seconds_per_edit", "seconds per edit (one call)"))
+SEQUENTIAL_PANELS = (("reliability", "% (all edits so far)"), ("locality", "%"), ("perplexity_ratio", "held-out perplexity / unedited"))
+
+
+def parse_sizes(value: str) -> tuple[int, ...]:
+    """``1,8,64`` -> (1, 8, 64), each a whole number >= 1 (an argparse ``type``)."""
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in parts if not p.isdigit() or int(p) < 1]
+    if bad or not parts:
+        raise argparse.ArgumentTypeError(f"size {bad[0] if bad else value!r} is not a whole number >= 1; give e.g. --sizes 1,8,64,256")
+    return tuple(sorted({int(p) for p in parts}))
+
+
+def add_edit_studies(studies: Any) -> None:
+    """Register ``analyze batch`` and ``analyze sequential`` on the ``analyze`` subparsers."""
+    b = studies.add_parser("batch", help="N edits in one call (the editor's aggregation): quality and seconds per edit against N",
+                           description="For each N in --sizes, the first N records are edited in ONE call, then scored (teacher-forced "
+                                       "and, with --protocol both, greedy answers); the weights are restored bit for bit after each N. "
+                                       "Writes FILE.json and FILE.png.")
+    _study_arguments(b, "batch")
+    b.add_argument("--sizes", type=parse_sizes, default=(1, 8, 64, 256, 512), metavar="N,N,...",
+                   help="comma-separated numbers of edits per call (default 1,8,64,256,512)")
+    b.set_defaults(func=run_batch)
+
+    s = studies.add_parser("sequential", help="lifelong editing: reliability of all edits so far, locality and perplexity against edits",
+                           description="Applies --edits records one call after another (--batch per call); after 1, 2, 4, ... edits "
+                                       "scores every edit so far, the locality and the perplexity of a held-out text sample; rolls back "
+                                       "bit for bit at the end (checked). FILE.json is rewritten after every scored point.")
+    _study_arguments(s, "sequential")
+    s.add_argument("--edits", type=int, default=1000, metavar="T", help="edits in total (default 1000)")
+    s.add_argument("--batch", type=int, default=1, metavar="K", help="edits per call (default 1: one after another)")
+    s.add_argument("--held-out", type=int, default=200, metavar="N",
+                   help="records after the edited ones whose locality prompts + answers form the perplexity sample "
+                        f"(default 200; at least {MIN_PERPLEXITY_TEXTS} texts)")
+    s.add_argument("--held-out-data", default=None, metavar="FILE",
+                   help="take the perplexity sample from the first --held-out records of this data file instead")
+    s.set_defaults(func=run_sequential)
+
+
+def _study_arguments(p: argparse.ArgumentParser, study: str) -> None:
+    p.add_argument("--editor", action="append", required=True, metavar="DIR",
+                   help="a trained editor folder (RUN/best); repeat to compare editors, e.g. a sum and a least_squares one")
+    p.add_argument("--label", action="append", default=[], metavar="NAME", help="name of each --editor (default: the run folder's name)")
+    p.add_argument("--model", default=None, help="model to edit (default: the editor's model_name)")
+    p.add_argument("--task", default="zsre", choices=TASKS, help="task of the records and their instruction (default zsre)")
+    p.add_argument("--data", default=None, metavar="FILE", help="edit the records of this data file (format auto-detected) instead of the split")
+    p.add_argument("--data-dir", default=None, help="data folder (default: $INSTRUCTEDIT_DATA or ../shared/data)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split of the task (default test; ZsRE's is the held-out file)")
+    p.add_argument("--split-seed", type=int, default=0, help="seed of the train/val/test splits (default 0)")
+    p.add_argument("--instruction", default="seen", help="'seen' (default, as the editor was trained), 'unseen', a description index, or 'none'")
+    p.add_argument("--protocol", default="both", choices=PROTOCOLS, help="both (default) or teacher_forced only (no greedy answers)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N", help="most probe rows per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    p.add_argument("--output", default=None, metavar="FILE.json",
+                   help=f"results file (default results/analysis/{study}-<label>.json); the figure goes beside it as FILE.png")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@dataclass
+class _Loaded:
+    """One ``--editor``, ready: its editor, the model it edits, how its edit inputs are built, and its entry in the JSON."""
+
+    editor: Any
+    model: Any
+    tokenizer: Any
+    collator: Any
+    instruction: int | None
+    entry: dict[str, Any]
+
+
+def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
+    """The editor with the instruction, template and answer stop it was trained with, and its model (``--model`` or its own)."""
+    from instructedit.commands.common import load_editor_and_model
+    from instructedit.models.loading import max_input_length, resolve_device
+    from instructedit.tasks.collate import Collator
+
+    wrapper, model, tokenizer, name = load_editor_and_model(path, args.model, args.instruction, resolve_device(args.device))
+    editor = wrapper.editor_for(model, tokenizer)
+    collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop)
+    entry = {"label": label, "editor": str(path), "aggregation": aggregation(editor), "model": name, "instruction": wrapper.instruction,
+             "answer_stop": wrapper.answer_stop, "points": []}
+    logger.info("%s: %s editor (aggregation %s) on %s, instruction %s", label, type(editor).__name__, entry["aggregation"], name, wrapper.instruction)
+    return _Loaded(editor, model, tokenizer, collator, wrapper.instruction, entry)
+
+
+def _records(args: argparse.Namespace, data: str | None, needed: int, option: str) -> tuple[list[EditRecord], dict[str, Any]]:
+    """The task's records (``data``: a file instead of the split); ValueError naming ``option`` when fewer than ``needed``."""
+    from instructedit.commands.evaluate import load_eval_records
+
+    records, where, _ = load_eval_records(args.task, data, args.data_dir, args.split, args.split_seed)
+    if len(records) < needed:
+        source = data or f"the {args.task} {args.split} split"
+        raise ValueError(f"{option} needs {needed} records but {source} has {len(records)}: use at most {len(records)} or give a larger --data FILE")
+    return records, where
+
+
+def _output(args: argparse.Namespace, study: str, labels: list[str]) -> Path:
+    path = Path(args.output) if args.output else Path("results") / "analysis" / f"{study}-{'+'.join(labels)}.json"
+    if path.suffix != ".json":
+        raise ValueError(f"--output {path} must end in .json (the figure goes beside it as {path.with_suffix('.png').name})")
+    return path
+
+
+def _labels(args: argparse.Namespace) -> list[str]:
+    from instructedit.analysis.gradients import default_label
+
+    return [label or default_label(path) for path, label in zip(args.editor, per_editor(args.label, args.editor, "--label", None))]
+
+
+def _header(args: argparse.Namespace, study: str, where: dict[str, Any]) -> dict[str, Any]:
+    argv = getattr(args, "argv", None)  # set by cli.main
+    return {"study": study, "command": shlex.join(["instructedit", *argv]) if argv is not None else None,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "task": args.task, **where,
+            "protocol": args.protocol, "seed": args.seed, "complete": False, "editors": []}
+
+
+def _write(path: Path, result: dict[str, Any], panels: tuple[tuple[str, str], ...], title: str) -> None:
+    from instructedit.analysis.plots import edits_curves
+    from instructedit.io import write_json
+
+    write_json(path, result)
+    edits_curves(path.with_suffix(".png"), result["editors"], panels, title)
+
+
+def _pct(summary: dict[str, Any] | None) -> str:
+    return "–" if summary is None else f"{100 * summary['mean']:.1f}"
+
+
+def _line(label: str, p: dict[str, Any]) -> str:
+    scores = ", ".join(f"{k} {_pct(p.get(k))}/{_pct(p.get('gen_' + k))}" for k in ("reliability", "generalization", "locality"))
+    extra = f"{p['seconds_per_edit']:.4f} s/edit" if "seconds_per_edit" in p else f"perplexity ×{p['perplexity_ratio']:.3f}"
+    return f"{label} N={p['n_edits']}: {scores} (teacher-forced/generation %), {extra}"
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    import torch
+
+    from instructedit.analysis.many_edits import batch_study
+
+    labels = _labels(args)
+    output = _output(args, "batch", labels)
+    records, where = _records(args, args.data, max(args.sizes), f"--sizes {max(args.sizes)}")
+    result = {**_header(args, "batch", where), "sizes": list(args.sizes)}
+    for path, label in zip(args.editor, labels):
+        torch.manual_seed(args.seed)
+        loaded = _load(args, path, label)
+        out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
+                          generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress)
+        result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
+        for p in out["points"]:
+            print(_line(label, p))
+    result["complete"] = True
+    _write(output, result, BATCH_PANELS, f"{args.task}: N edits in one call")
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+    return 0
+
+
+def run_sequential(args: argparse.Namespace) -> int:
+    import torch
+
+    from instructedit.analysis.many_edits import sequential_study
+
+    for option, value in (("--edits", args.edits), ("--batch", args.batch), ("--held-out", args.held_out)):
+        if value < 1:
+            raise ValueError(f"{option} must be >= 1, got {value}")
+    labels = _labels(args)
+    output = _output(args, "sequential", labels)
+    if args.held_out_data:
+        records, where = _records(args, args.data, args.edits, "--edits")
+        held_out = _records(args, args.held_out_data, 0, "--held-out")[0][: args.held_out]
+        source = f"the first {len(held_out)} records of --held-out-data {args.held_out_data}"
+    else:
+        records, where = _records(args, args.data, args.edits, "--edits")
+        held_out = records[args.edits : args.edits + args.held_out]
+        source = f"the {len(held_out)} records after the {args.edits} edited ones"
+    texts = sum(len(r.locality) for r in held_out)
+    if texts < MIN_PERPLEXITY_TEXTS:
+        more = "raise --held-out, " if len(held_out) == args.held_out else ""
+        raise ValueError(f"the perplexity sample needs at least {MIN_PERPLEXITY_TEXTS} held-out texts; {source} give {texts} "
+                         f"locality prompts: {more}lower --edits or pass --held-out-data FILE (records never edited, e.g. another split's file)")
+    result = {**_header(args, "sequential", where), "edits": args.edits, "batch": args.batch, "held_out": source}
+    title = f"{args.task}: {args.edits} edits, {args.batch} per call"
+    for path, label in zip(args.editor, labels):
+        torch.manual_seed(args.seed)
+        loaded = _load(args, path, label)
+        entry = loaded.entry
+        result["editors"].append(entry)
+
+        def on_point(point: dict[str, Any], entry: dict[str, Any] = entry, label: str = label) -> None:
+            entry["points"].append(point)
+            _write(output, result, SEQUENTIAL_PANELS, title)  # a long run keeps what it has scored
+            print(_line(label, point), flush=True)
+
+        out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
+                               args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,
+                               progress=not args.no_progress, on_point=on_point)
+        entry.update({k: v for k, v in out.items() if k != "points"})  # base perplexity, texts, rolled_back_bitwise (checked)
+    result["complete"] = True
+    _write(output, result, SEQUENTIAL_PANELS, title)
+    print(f"wrote {output} and {output.with_suffix('.png')}")
+    return 0
