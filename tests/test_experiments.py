@@ -64,3 +64,18 @@ def test_experiment_protocol_is_validated(tmp_path: Path, tiny_gpt2_dir: Path) -
     path = _config(tmp_path, tiny_gpt2_dir, "greedy")
     with pytest.raises(ValueError, match="protocol 'greedy'"):
         ExperimentConfig.from_yaml(path)
+
+
+def test_table3_trains_and_evaluates_a_ke_row(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    path = _config(tmp_path, tiny_llama_dir)
+    config = yaml.safe_load(path.read_text())
+    tiny_ke = [o for o in config["editors"][0]["overrides"] if not o.startswith("editor.rank")] + [
+        "editor.lstm_dim=8", "editor.condition_dim=16", "editor.conditioner_dim=8"]
+    config["editors"] = [{"name": "ke", "config": str(ROOT / "configs/smollm2-135m/ke.yaml"), "overrides": tiny_ke}]
+    config["rows"] = [{"label": "KE", "editor": "ke", "instruction": "none"}]
+    path.write_text(yaml.safe_dump(config))
+    payload = run_experiment(ExperimentConfig.from_yaml(path), show_progress=False)
+    assert payload["rows"]["KE"]["zsre"]["n"] == 3 and payload["budgets"]["ke"]["steps"] == 2
+    report = load_report_json(tmp_path / "runs" / "evals" / "ke-zsre.json")
+    assert report.settings.instruction is None and "gen_post" in payload["intervals"]["KE"]["zsre"]
+    assert json.loads((tmp_path / "runs" / "ke" / "best" / "editor_config.json").read_text())["method"] == "ke"

@@ -21,8 +21,7 @@ import torch
 
 from instructedit.config import load_config, read_yaml_mapping
 from instructedit.api import query_setup
-from instructedit.editors.mend import MENDEditor
-from instructedit.editors.registry import make_editor
+from instructedit.editors.registry import load_trained_editor, make_editor
 from instructedit.evaluation.metrics import FAMILIES, task_average
 from instructedit.evaluation.cache import evaluate_cached
 from instructedit.evaluation.report import EvalReport, EvalSettings
@@ -139,6 +138,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
             else:
                 settings = EvalSettings(method=row.label, method_options=row.options)
             settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
+            settings.model_name = config.model  # the name asked for, as `evaluate` records it (not the loaded folder's path)
             settings.protocol = config.protocol
             # asked as the editor was trained: its template and answer stop
             queries = query_setup(run_dir / BEST) if editor_name else {"template": None, "answer_stop": "none"}
@@ -146,7 +146,7 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
 
             def load() -> Any:  # called at once by evaluate_cached, only when the cache is stale
                 if editor_name:
-                    return MENDEditor.from_pretrained(run_dir / BEST).eval()
+                    return load_trained_editor(run_dir / BEST)  # MEND or KE, as the folder says
                 return make_editor(row.method, model, tokenizer, row.options)
 
             results[row.label][task] = evaluate_cached(
