@@ -207,6 +207,16 @@ def test_model_card_without_a_run_and_for_the_default_model() -> None:
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in card and "Not recorded" in card
 
 
+def test_model_card_names_the_editor_method() -> None:
+    ke = {"model_name": "smollm2-135m-instruct", "method": "ke", "weights": [],
+          "editor": {"lstm_dim": 256, "condition_dim": 1024, "conditioner_dim": 128, "init_edit_lr": 1.0}}
+    card = render_model_card(ke, {"data": {"instructions": False, "tasks": ["counterfact"]}}, None, None, [])
+    assert "# KE (Knowledge Editor) editor for `smollm2-135m-instruct`" in card and "De Cao" in card and "MEND-style" not in card
+    assert "- ke\n" in card and "BiLSTM 256, condition 1024" in card
+    mend = render_model_card({"model_name": "m", "weights": [], "editor": {"rank": 8, "n_hidden": 1, "init_edit_lr": 1e-4}}, None, None, None, [])
+    assert "MEND-style hypernetwork" in mend and "- mend\n" in mend and "rank 8" in mend
+
+
 def test_push_and_load_round_trip(tiny_llama_dir: Path, trained_best: Path, tmp_path: Path, fake_hub: tuple[str, FakeHub],
                                   monkeypatch: pytest.MonkeyPatch) -> None:
     url, hub = fake_hub

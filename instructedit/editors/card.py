@@ -145,15 +145,21 @@ def render_model_card(
     cfg_data = (config or {}).get("data") or {}
     instructions = cfg_data.get("instructions")
     tasks = cfg_data.get("tasks") or ((data or {}).get("train") or {}).get("tasks") or []
-    kind = {True: "InstructEdit (instruction-wrapped multi-task MEND)", False: "MEND without instructions"}.get(instructions, "MEND")
-    meta: dict[str, Any] = {"library_name": "instructedit", "tags": ["knowledge-editing", "model-editing", "mend", "instructedit"]}
+    method = editor_config.get("method", "mend")
+    if method == "ke":
+        kind = "KE (Knowledge Editor)" + {True: " with instructions", False: ""}.get(instructions, "")
+        about = ("A KE editor (De Cao, Aziz and Titov, EMNLP 2021): a BiLSTM encoding of the edit conditions a gate on the "
+                 "fine-tuning gradient of a few MLP matrices, meta-trained with the InstructEdit objective")
+    else:
+        kind = {True: "InstructEdit (instruction-wrapped multi-task MEND)", False: "MEND without instructions"}.get(instructions, "MEND")
+        about = ("A MEND-style hypernetwork (Mitchell et al., ICLR 2022) that turns the fine-tuning gradient of an edit into a "
+                 "weight update of a few MLP matrices, meta-trained as in InstructEdit (Tian et al., IJCAI 2024)")
+    meta: dict[str, Any] = {"library_name": "instructedit", "tags": ["knowledge-editing", "model-editing", method, "instructedit"]}
     if base := base_model_id(str(model_name)):
         meta["base_model"] = base
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
              f"# {kind} editor for `{model_name}`", "",
-             "A MEND-style hypernetwork (Mitchell et al., ICLR 2022) that turns the fine-tuning gradient of an edit into a "
-             "weight update of a few MLP matrices, meta-trained as in InstructEdit (Tian et al., IJCAI 2024)"
-             + (f" on {', '.join(tasks)}." if tasks else "."), "",
+             about + (f" on {', '.join(tasks)}." if tasks else "."), "",
              "## Usage", "", "```python", "import instructedit", "from instructedit import Edit", "",
              'editor = instructedit.load_editor("THIS-FOLDER-OR-HUB-ID")',
              f'model, tok = instructedit.load_model("{model_name}")',
@@ -164,7 +170,10 @@ def render_model_card(
     if weights:
         lines.append(f"- edited weights ({len(weights)}): " + ", ".join(f"`{w['name']}` {tuple(w['shape'])}" for w in weights))
     net = editor_config.get("editor") or {}
-    if net:
+    if net and method == "ke":
+        lines.append(f"- editor network: BiLSTM {net.get('lstm_dim')}, condition {net.get('condition_dim')}, conditioners "
+                     f"{net.get('conditioner_dim')} wide, initial step size {net.get('init_edit_lr')}")
+    elif net:
         lines.append(f"- editor network: rank {net.get('rank')}, {net.get('n_hidden')} hidden layer(s), initial step size {net.get('init_edit_lr')}")
     lines.append("")
     lines += _data_section(cfg_data, data, instructions)
