@@ -211,6 +211,8 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
         if ylabel.startswith("%"):
             ax.set_ylim(-3, 103)
+        elif key.startswith("perplexity"):  # a collapsing model multiplies it by orders of magnitude
+            ax.set_yscale("log")
         ax.set_xlabel("edits")
         ax.set_ylabel(ylabel)
         ax.set_title(key.replace("_", " "), fontsize=10)
