@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from instructedit.analysis.many_edits import batch_study, perplexity, schedule, sequential_study
+from instructedit.analysis.many_edits import batch_study, perplexity, sequential_study
 from instructedit.config import load_config
 from instructedit.editors.registry import build_editor
-from instructedit.evaluation.runner import evaluate
+from instructedit.evaluation.runner import evaluate, sequential_schedule
 from instructedit.models.loading import load_model
 from instructedit.records import EditRecord, QAItem
 from instructedit.tasks.collate import Collator
@@ -76,7 +76,7 @@ def test_sequential_study_scores_at_powers_of_two_and_rolls_back_bitwise(tiny_mo
     result = sequential_study(model, tokenizer, editor, collator, records[:6], records[6:], 0, edits=6, batch=batch,
                               progress=False, on_point=lambda p: seen.append(p["n_edits"]))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and result["rolled_back_bitwise"]
-    assert [p["n_edits"] for p in result["points"]] == seen == schedule(6) == [1, 2, 4, 6]
+    assert [p["n_edits"] for p in result["points"]] == seen == sequential_schedule(6) == [1, 2, 4, 6]
     assert result["points"][0]["reliability"]["n"] == 1 and result["points"][-1]["reliability"]["n"] == 6
     assert result["base_perplexity"] == pytest.approx(perplexity(model, collator, [(q.prompt, q.answer) for r in records[6:] for q in r.locality]))
     assert all(p["perplexity_ratio"] == pytest.approx(p["perplexity"] / result["base_perplexity"]) for p in result["points"])

@@ -31,6 +31,8 @@ from instructedit.evaluation.generation_probes import answer_all, answer_scores,
 from instructedit.evaluation.guard import WeightGuard
 from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
 from instructedit.evaluation.packing import scored_logits
+from instructedit.evaluation.probes import case_probes
+from instructedit.evaluation.runner import sequential_schedule
 from instructedit.losses import masked_nll
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator
@@ -46,14 +48,16 @@ class _Probes:
     items: list[tuple[int, str, str, str]]
     pre_argmax: list[torch.Tensor] | None = None
 
+    def upto(self, n: int) -> _Probes:
+        """The probes of the first ``n`` cases (items are in case order), with their pre-edit argmax ids."""
+        kept = [item for item in self.items if item[0] < n]
+        return _Probes(kept, self.pre_argmax[: len(kept)])
+
 
 def _probes(collator: Collator, records: Sequence[EditRecord], instruction: int | None) -> _Probes:
-    items = []
-    for c, r in enumerate(records):
-        items.append((c, "reliability", collator.wrap(r, r.prompt, instruction), r.target_new))
-        items += [(c, "generalization", collator.wrap(r, p, instruction), r.target_new) for p in r.rephrase]
-        items += [(c, "locality", q.prompt, q.answer) for q in r.locality]
-    return _Probes(items)
+    """The runner's probes of each case (``case_probes``) in the studied families."""
+    return _Probes([(c, p.family, p.prompt, p.answer) for c, r in enumerate(records)
+                    for p in case_probes(collator, r, instruction) if p.family in FAMILIES])
 
 
 @torch.no_grad()
@@ -138,17 +142,13 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
         handle = editor.apply(model, batch)
         seconds = time.perf_counter() - start
         try:
-            tf = _score(model, collator, _Probes([p for p in probes.items if p[0] < n], probes.pre_argmax[: _count(probes, n)]), batch_size)
+            tf = _score(model, collator, probes.upto(n), batch_size)
             gen = asker.scores(range(n)) if asker is not None else None
         finally:
             handle.rollback()
         guard.verify(full=True, where=f"after the {n}-edit call")
         points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
     return {"pre": _aggregate(pre, None), "points": points}
-
-
-def _count(probes: _Probes, n: int) -> int:
-    return sum(1 for c, *_ in probes.items if c < n)
 
 
 def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
@@ -165,20 +165,12 @@ def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, 
     return math.exp(total / tokens)
 
 
-def schedule(total: int) -> list[int]:
-    """1, 2, 4, ... and ``total``: the edit counts at which the lifelong study scores."""
-    points, k = [], 1
-    while k < total:
-        points.append(k)
-        k *= 2
-    return points + [total]
-
-
 def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator,
                      records: Sequence[EditRecord], held_out: Sequence[EditRecord], instruction: int | None, edits: int,
                      batch: int = 1, generation: bool = True, batch_size: int = 16, progress: bool = True,
                      on_point: Callable[[dict], None] | None = None) -> dict:
-    """Lifelong editing: ``edits`` cases edited ``batch`` per call, scored at ``schedule(edits)``; see the module docstring.
+    """Lifelong editing: ``edits`` cases edited ``batch`` per call, scored after 1, 2, 4, ... and ``edits``
+    (``sequential_schedule``); see the module docstring.
 
     ``held_out``: cases never edited; their locality prompt + answer form the perplexity sample.
     ``on_point``: called with each scored point (to save partial results of a long run).
@@ -198,7 +190,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
     guard = WeightGuard(model)
     base_ppl = perplexity(model, collator, texts, batch_size)
     handles, points, done = [], [], 0
-    marks = schedule(edits)
+    marks = sequential_schedule(edits)
     bar = tqdm(total=edits, desc="sequential edits", disable=not progress)
     try:
         while done < edits:
@@ -207,8 +199,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
             bar.update(upto - done)
             done = upto
             if done in marks:
-                tf = _score(model, collator, _Probes([p for p in probes.items if p[0] < done], probes.pre_argmax[: _count(probes, done)]),
-                            batch_size)
+                tf = _score(model, collator, probes.upto(done), batch_size)
                 gen = asker.scores(range(done)) if asker is not None else None
                 ppl = perplexity(model, collator, texts, batch_size)
                 point = {"n_edits": done, **_aggregate(tf, gen), "perplexity": ppl, "perplexity_ratio": ppl / base_ppl}
