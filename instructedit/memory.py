@@ -115,7 +115,7 @@ def meta_skeleton(config: Config) -> nn.Module:
     """The base model's architecture on the meta device (no weights): from the preset table or its config.json."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
+    from instructedit.models.hub_access import HubUnreachable, hub_fetch
 
     name = config.model.name
     if name in KNOWN_ARCHITECTURES:
@@ -126,16 +126,15 @@ def meta_skeleton(config: Config) -> nn.Module:
             from instructedit.models.loading import default_model_dir
 
             name = str(default_model_dir())
-        cache_only = not Path(name).exists() and (hub_offline() or not hub_reachable())  # an unreachable hub: the local cache
         action = f"reach the Hugging Face hub to read the config.json of {config.model.name!r}"
         try:
-            with hub_timeouts():  # a hub that stops answering is an error, not a hang
-                hf_config = AutoConfig.from_pretrained(name, local_files_only=cache_only)
-        except Exception as e:
-            if timed_out(e) or (cache_only and isinstance(e, OSError)):
-                raise unreachable(action) from None
-            if not isinstance(e, OSError):
-                raise
+            if Path(name).exists():
+                hf_config = AutoConfig.from_pretrained(name)
+            else:  # a hub name: the hub's rules (cache when unreachable, timeouts)
+                hf_config = hub_fetch(lambda cache_only: AutoConfig.from_pretrained(name, local_files_only=cache_only), action)
+        except HubUnreachable:  # the hub did not answer: the message says what to set for offline use
+            raise
+        except OSError as e:
             raise ValueError(
                 f"model {config.model.name!r}: cannot read its config.json ({e}); use a local folder, a reachable hub "
                 f"name, or one of the models with known shapes: {sorted(KNOWN_ARCHITECTURES)}"

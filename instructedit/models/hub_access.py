@@ -6,7 +6,8 @@ import contextlib
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import httpx2
 from huggingface_hub import constants as hub_constants
@@ -93,7 +94,11 @@ def timed_out(error: BaseException) -> bool:
     return False
 
 
-def unreachable(action: str, local: str | None = "a local folder") -> ConnectionError:
+class HubUnreachable(ConnectionError):
+    """The hub is off or did not answer (``unreachable``), as opposed to an error it answered with."""
+
+
+def unreachable(action: str, local: str | None = "a local folder") -> HubUnreachable:
     """The error for a hub that is off or does not answer: what failed, why, and what to set to work offline.
 
     ``local``: what to pass instead of a hub name (None: the action needs the hub, e.g. a push).
@@ -101,8 +106,29 @@ def unreachable(action: str, local: str | None = "a local folder") -> Connection
     if hub_offline():
         instead = f"pass {local}, or unset HF_HUB_OFFLINE to download it" if local else "unset HF_HUB_OFFLINE"
         cached = " and it is not in the local Hugging Face cache" if local else ""
-        return ConnectionError(f"cannot {action}: HF_HUB_OFFLINE is set{cached}; {instead}")
+        return HubUnreachable(f"cannot {action}: HF_HUB_OFFLINE is set{cached}; {instead}")
     offline = (f"to work offline set HF_HUB_OFFLINE=1 (files already in the local Hugging Face cache are used) or pass {local}; "
                if local else "")
-    return ConnectionError(f"cannot {action}: {hub_constants.ENDPOINT} did not answer within {hub_timeout():g} s. Check the network "
+    return HubUnreachable(f"cannot {action}: {hub_constants.ENDPOINT} did not answer within {hub_timeout():g} s. Check the network "
                            f"(or HF_ENDPOINT); {offline}{TIMEOUT_ENV} sets the wait in seconds")
+
+
+T = TypeVar("T")
+
+
+def hub_fetch(fetch: Callable[[bool], T], action: str, local: str | None = "a local folder") -> T:
+    """``fetch(local_files_only)`` under the hub rules: an offline or unreachable hub reads the local Hugging Face cache
+    only (nothing there: ``unreachable``); a reachable one is asked under ``hub_timeouts``, and a request that stops
+    answering is ``unreachable`` too (a ``HubUnreachable``, what to set for offline use in its message)."""
+    if hub_offline() or not hub_reachable():
+        try:
+            return fetch(True)
+        except OSError:
+            raise unreachable(action, local) from None
+    with hub_timeouts():  # a hub that stops answering mid-download ends in an error, not a hang
+        try:
+            return fetch(False)
+        except Exception as err:
+            if not timed_out(err):
+                raise
+            raise unreachable(action, local) from err

@@ -23,7 +23,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL, ModelConfig
-from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
+from instructedit.models.hub_access import hub_fetch
 
 try:  # POSIX only; elsewhere the atomic rename alone keeps racing conversions safe
     import fcntl
@@ -198,18 +198,7 @@ def _prepare(
 def _from_hub(name: str, dtype: torch.dtype, device_map: str | dict[str, Any] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     action = f"reach the Hugging Face hub to download the model {name!r} (no local folder {name!r} exists)"
     local = f"a local folder (or use the default {DEFAULT_MODEL})"
-    if hub_offline() or not hub_reachable():
-        try:
-            return _from_pretrained(name, dtype, device_map, local_files_only=True)
-        except OSError:
-            raise unreachable(action, local) from None
-    with hub_timeouts():  # a hub that stops answering mid-download ends in an error, not a hang
-        try:
-            return _from_pretrained(name, dtype, device_map)
-        except Exception as err:
-            if not timed_out(err):
-                raise
-            raise unreachable(action, local) from err
+    return hub_fetch(lambda cache_only: _from_pretrained(name, dtype, device_map, local_files_only=cache_only), action, local)
 
 
 def _rope_theta(config: transformers.PretrainedConfig) -> float | None:
