@@ -75,6 +75,9 @@ class DataConfig:
     balance: bool = True  # cap ConvSent at the size of the largest other task (the paper's balancing)
     max_per_task: int | None = None
     oversample: dict[str, float] = field(default_factory=dict)  # task -> repeat its training records this many times (e.g. {convsent: 4})
+    # Train on a held-out task (ZsRE): only a single-task editor without instructions may (Table 1's transfer matrix);
+    # InstructEdit and multi-task editors never see it, so their ZsRE scores stay a transfer test.
+    allow_held_out: bool = False
 
     def __post_init__(self) -> None:
         _check(len(self.tasks) > 0, "data.tasks", "needs at least one task")
@@ -87,6 +90,9 @@ class DataConfig:
             _check(task in self.tasks, "data.oversample", f"{task!r} is not one of data.tasks {self.tasks}")
             ok = isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor) and factor > 0
             _check(ok, "data.oversample", f"the factor of {task!r} must be a positive number, got {factor!r}")
+        _check(not self.allow_held_out or (len(self.tasks) == 1 and not self.instructions), "data.allow_held_out",
+               f"only a single-task editor without instructions may train on a held-out task (tasks {self.tasks}, instructions "
+               f"{self.instructions}); InstructEdit and multi-task editors keep the held-out task unseen: set it to false")
         if self.template is not None:
             missing = [slot for slot in ("{task}", "{description}", "{prompt}") if slot not in self.template]
             _check(not missing, "data.template", f"lacks the slot(s) {missing}")

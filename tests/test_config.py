@@ -16,6 +16,7 @@ from instructedit.editors.ft import FTConfig
 from instructedit.editors.grace import GRACEConfig
 from instructedit.editors.registry import EDITORS
 from instructedit.experiments.table3 import ExperimentConfig
+from instructedit.experiments.transfer import TransferConfig
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 SHIPPED = sorted(CONFIG_DIR.rglob("*.yaml")) + sorted(CONFIG_DIR.rglob("*.yml"))
@@ -114,11 +115,19 @@ def test_wrong_type_names_the_field(override: str, field: str) -> None:
         ("editor.method=ft", "editor.method", "'ft': training meta-trains learned editors only"),
         ("editor.condition_dim=0", "editor.condition_dim", "0: must be >= 1"),
         ("model.architecture={layers: x}", "model.architecture", "missing keys"),
+        ("data.allow_held_out=true", "data.allow_held_out", "only a single-task editor without instructions may train on a held-out task"),
     ],
 )
 def test_invalid_value_names_the_field(override: str, field: str, why: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"config field '{field}': ") + ".*" + re.escape(why)):
         load_config(None, [override])
+
+
+def test_only_a_single_task_editor_without_instructions_may_train_on_a_held_out_task() -> None:
+    assert load_config(None, ["data.tasks=[zsre]", "data.instructions=false", "data.allow_held_out=true"]).data.allow_held_out
+    for overrides in (["data.tasks=[zsre]"], ["data.tasks=[zsre, counterfact]", "data.instructions=false"]):
+        with pytest.raises(ValueError, match=re.escape("config field 'data.allow_held_out'")):
+            load_config(None, [*overrides, "data.allow_held_out=true"])
 
 
 def test_evaluation_instruction_accepts_an_index() -> None:
@@ -193,8 +202,13 @@ def test_shipped_config_validates(path: Path) -> None:
         study, base = loader(path)
         assert isinstance(load_config(base), Config), base
     elif path.parent.name == "experiments":  # configs/experiments/*.yaml: whole experiments (instructedit experiment)
-        experiment = ExperimentConfig.from_yaml(path)
-        assert experiment.rows and experiment.tasks
+        if path.stem.startswith("table1"):  # experiment transfer: single-task editors, each scored on every task
+            experiment = TransferConfig.from_yaml(path)
+            trained = [load_config(CONFIG_DIR.parent / run.config, run.overrides).data.tasks for run in experiment.editors]
+            assert sorted(t for tasks in trained for t in tasks) == sorted(experiment.tasks) and all(len(t) == 1 for t in trained)
+        else:
+            experiment = ExperimentConfig.from_yaml(path)
+            assert experiment.rows and experiment.tasks
         for run in experiment.editors:
             assert isinstance(load_config(CONFIG_DIR.parent / run.config, run.overrides), Config), run.name
     else:

@@ -130,7 +130,7 @@ def test_mixture_caps(shared_data_dir: Path) -> None:
 
 def test_held_out_task_is_refused(shared_data_dir: Path) -> None:
     assert HELD_OUT_TASKS == ("zsre",)
-    with pytest.raises(ValueError, match=r"task\(s\) \['zsre'\] are held out from training.*exclude_held_out=False"):
+    with pytest.raises(ValueError, match=r"task\(s\) \['zsre'\] are held out from training.*exclude_held_out=False.*data\.allow_held_out=true"):
         build_mixture(["counterfact", "zsre"], data_dir=shared_data_dir)
     evaluation = build_mixture(["zsre"], split="test", data_dir=shared_data_dir, exclude_held_out=False)
     assert evaluation.counts == {"zsre": 1037}

@@ -6,9 +6,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import StrMethodFormatter
 
 from instructedit.io import atomic_write
@@ -220,4 +222,45 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     fig.suptitle(suptitle, fontsize=12)
+    return _save(fig, path)
+
+
+def transfer_heatmaps(path: str | Path, rows: Sequence[Sequence[Mapping[str, Any]]], trained_on: Sequence[str],
+                      evaluated_on: Sequence[str], suptitle: str) -> Path:
+    """A grid of heat maps (e.g. a row per protocol, a panel per metric): rows = trained on, columns = evaluated on.
+
+    Each panel is ``{title, values, drops}``: ``values`` (len(trained_on), len(evaluated_on)) in % with NaN
+    where the task has no such probe (drawn grey, "n/a"), ``drops`` the same shape (NaN on the diagonal).
+    A cell shows its value and, off the diagonal, its drop from the in-task value of its column; in-task
+    cells are framed.
+    """
+    n_cols = max(len(r) for r in rows)
+    fig = _figure(1.3 + 1.45 * len(evaluated_on) * n_cols, 0.6 + 1.05 * len(trained_on) * len(rows))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#d9d9d9")
+    for i, panels in enumerate(rows):
+        axes = []
+        for j, panel in enumerate(panels):
+            ax = fig.add_subplot(len(rows), n_cols, i * n_cols + j + 1)
+            axes.append(ax)
+            values = np.asarray(panel["values"], dtype=float)
+            drops = np.asarray(panel["drops"], dtype=float)
+            image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+            for r in range(values.shape[0]):
+                for c in range(values.shape[1]):
+                    value = values[r, c]
+                    if np.isnan(value):
+                        ax.text(c, r, "n/a", ha="center", va="center", fontsize=8, color="dimgray")
+                        continue
+                    text = f"{value:.1f}" + ("" if np.isnan(drops[r, c]) else f"\nΔ {drops[r, c]:+.1f}")
+                    ax.text(c, r, text, ha="center", va="center", fontsize=8, color="black" if value > 60 else "white")
+                    if trained_on[r] == evaluated_on[c]:
+                        ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2, clip_on=False))
+            ax.set_xticks(range(len(evaluated_on)), list(evaluated_on), fontsize=8)
+            ax.set_yticks(range(len(trained_on)), list(trained_on), fontsize=8)
+            ax.set_xlabel("evaluated on", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("trained on", fontsize=8)
+            ax.set_title(panel["title"], fontsize=9)
+        fig.colorbar(image, ax=axes, shrink=0.9, label="%")
+    fig.suptitle(suptitle, fontsize=11)
     return _save(fig, path)

@@ -1,1 +1,1 @@
-"""Experiments and studies that train editors (resumable): Table 3, task scaling, ConvSent balance."""
+"""Experiments and studies that train editors (resumable): Table 3, Table 1 (cross-task transfer), task scaling, ConvSent balance."""

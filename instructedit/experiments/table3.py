@@ -10,40 +10,22 @@ generalization / locality / portability per task, and the average over tasks.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import torch
-
-from instructedit.config import load_config, read_yaml_mapping
-from instructedit.api import query_setup
-from instructedit.editors.registry import load_trained_editor, make_editor
 from instructedit.evaluation.metrics import FAMILIES, task_average
-from instructedit.evaluation.cache import evaluate_cached
-from instructedit.evaluation.report import EvalReport, EvalSettings
-from instructedit.experiments.reuse import train_or_reuse
-from instructedit.io import atomic_write, file_sha256, write_json
+from instructedit.evaluation.report import EvalReport
+from instructedit.experiments.base import (EditorRun, ExperimentBase, evaluate_cell, interval_summaries, provenance,
+                                           train_editors)
+from instructedit.io import atomic_write, write_json
 from instructedit.models.loading import load_model
-from instructedit.runs import BEST, EDITOR_WEIGHTS
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EditorRun:
-    """A MEND editor to train: a training config, overrides, and where it trains."""
-
-    name: str
-    config: str
-    overrides: list[str] = field(default_factory=list)
-    run_dir: str | None = None  # default: <runs_dir>/<name>
-    max_steps: int | None = None  # default: the experiment's budget
 
 
 @dataclass
@@ -61,58 +43,19 @@ class Row:
 
 
 @dataclass
-class ExperimentConfig:
-    output: str  # results/table3-smollm2 -> .md and .json
+class ExperimentConfig(ExperimentBase):
     runs_dir: str = "runs/table3"
-    model: str = "smollm2-135m-instruct"
-    budget_steps: int = 1000
-    tasks: list[str] = field(default_factory=lambda: ["counterfact", "wikirecent", "convsent", "zsre"])
-    limit: int | None = 30  # test cases per task; None: the whole test split
-    limits: dict[str, int | None] = field(default_factory=dict)  # per-task limits (e.g. {zsre: 300}); override ``limit``
-    protocol: str = "both"  # teacher_forced | generation | both (DESIGN.md §5)
-    split_seed: int = 0
-    batch_size: int = 16
-    editors: list[EditorRun] = field(default_factory=list)
     rows: list[Row] = field(default_factory=list)
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> "ExperimentConfig":
-        data = read_yaml_mapping(path, "experiment config")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
-        try:
-            editors = [EditorRun(**e) for e in data.pop("editors", [])]
-            rows = [Row(**r) for r in data.pop("rows", [])]
-        except TypeError as e:
-            raise ValueError(f"{path}: bad editor or row entry: {e}") from None
-        config = cls(**data, editors=editors, rows=rows)
-        if config.protocol not in ("teacher_forced", "generation", "both"):
-            raise ValueError(f"{path}: protocol {config.protocol!r} is not teacher_forced, generation or both")
-        names = {e.name for e in editors}
-        for row in rows:
+    NESTED: ClassVar[tuple[tuple[str, type], ...]] = (("editors", EditorRun), ("rows", Row))
+
+    def check(self, where: str) -> None:
+        names = {e.name for e in self.editors}
+        for row in self.rows:
             wanted = [row.editor] if row.editor else list(row.editor_per_task.values())
             missing = [n for n in wanted if n not in names]
             if missing or (not wanted and not row.method):
-                raise ValueError(f"{path}: row {row.label!r} needs an editor from {sorted(names)} or a method (missing: {missing})")
-        return config
-
-
-def train_editors(config: ExperimentConfig, show_progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Train (or resume, or reuse) every editor; returns name -> run summary."""
-    summaries = {}
-    for run in config.editors:
-        steps = run.max_steps or config.budget_steps
-        run_dir = Path(run.run_dir or Path(config.runs_dir) / run.name)
-        train_config = load_config(run.config, [*run.overrides, f"training.max_steps={steps}"])
-        logger.info("editor %s: %d steps in %s", run.name, steps, run_dir)
-        summaries[run.name], _ = train_or_reuse(train_config, run_dir, progress=show_progress)
-    return summaries
-
-
-def _instruction(value: str, pool: InstructionPool) -> int | None:
-    return None if value == "none" else pool.evaluation_index(value)
+                raise ValueError(f"{where}: row {row.label!r} needs an editor from {sorted(names)} or a method (missing: {missing})")
 
 
 def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -122,7 +65,6 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
     model, tokenizer = load_model(config.model)
     pool = InstructionPool.default()
     records = {t: load_task_splits(t, seed=config.split_seed).test for t in config.tasks}
-    cache = Path(config.runs_dir) / "evals"
     results: dict[str, dict[str, EvalReport]] = {}
     for row in config.rows:
         results[row.label] = {}
@@ -130,47 +72,23 @@ def run_experiment(config: ExperimentConfig, show_progress: bool = True) -> dict
             editor_name = row.editor or row.editor_per_task.get(task)
             if row.editor_per_task and editor_name is None:
                 continue  # a single-task editor exists only for its own task
-            path = cache / f"{_slug(row.label)}-{task}.json"
-            limit = row.limit or config.limits.get(task, config.limit)
-            if editor_name:
-                run_dir = Path(next(e.run_dir or Path(config.runs_dir) / e.name for e in config.editors if e.name == editor_name))
-                settings = EvalSettings(method=row.label, editor_path=str(run_dir / BEST), editor_sha256=file_sha256(run_dir / BEST / EDITOR_WEIGHTS))
-            else:
-                settings = EvalSettings(method=row.label, method_options=row.options)
-            settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
-            settings.model_name = config.model  # the name asked for, as `evaluate` records it (not the loaded folder's path)
-            settings.protocol = config.protocol
-            # asked as the editor was trained: its template and answer stop
-            queries = query_setup(run_dir / BEST) if editor_name else {"template": None, "answer_stop": "none"}
-            row_pool = dataclasses.replace(pool, template=queries["template"]) if queries["template"] else pool
-
-            def load() -> Any:  # called at once by evaluate_cached, only when the cache is stale
-                if editor_name:
-                    return load_trained_editor(run_dir / BEST)  # MEND or KE, as the folder says
-                return make_editor(row.method, model, tokenizer, row.options)
-
-            results[row.label][task] = evaluate_cached(
-                path, model, tokenizer, load, records[task][:limit], row_pool, _instruction(row.instruction, pool), settings,
-                batch_size=config.batch_size, progress=show_progress, protocol=config.protocol, answer_stop=queries["answer_stop"])
+            cell_config = config if row.limit is None else _with_limit(config, task, row.limit)
+            results[row.label][task] = evaluate_cell(cell_config, row.label, task, records[task], model, tokenizer, pool, row.instruction,
+                                                     editor=editor_name, method=row.method, options=row.options, show_progress=show_progress)
     table = _table(config, results)
-    payload = {
-        "experiment": dataclasses.asdict(config),
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "elapsed_s": time.time() - started,
-        "budgets": {name: {"steps": s["steps"], "best_step": s["best_step"], "stopped_early": s["stopped_early"]} for name, s in summaries.items()},
-        "training_data": {name: s.get("data") for name, s in summaries.items()},
+    payload = provenance(config, summaries, started) | {
         "rows": {label: {task: _post(r) | {"n": len(r.cases)} for task, r in per_task.items()} for label, per_task in results.items()},
         "pre_edit": {label: {task: _phase(r, "pre") for task, r in per_task.items()} for label, per_task in results.items()},
-        "intervals": {label: {task: _summaries(r) for task, r in per_task.items()} for label, per_task in results.items()},
+        "intervals": {label: {task: interval_summaries(r) for task, r in per_task.items()} for label, per_task in results.items()},
     }
     write_json(f"{config.output}.json", payload)
     atomic_write(f"{config.output}.md", lambda tmp: Path(tmp).write_text(table))
     return payload
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+def _with_limit(config: ExperimentConfig, task: str, limit: int) -> ExperimentConfig:
+    """``config`` with a row's own limit for ``task``."""
+    return dataclasses.replace(config, limits={**config.limits, task: limit})
 
 
 def _phase(report: EvalReport, phase: str) -> dict[str, float]:
@@ -184,15 +102,6 @@ def _phase(report: EvalReport, phase: str) -> dict[str, float]:
 
 def _post(report: EvalReport) -> dict[str, float]:
     return _phase(report, "post")
-
-
-def _summaries(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
-    """phase -> metric -> {mean, ci_low, ci_high, n, protocol}, for every phase the report has."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for phases in report.aggregates.values():
-        for phase, metrics in phases.items():
-            out.setdefault(phase, {}).update({k: s.to_dict() for k, s in metrics.items()})
-    return out
 
 
 GEN_COLUMNS = (("gen_reliability", "Rel"), ("gen_reliability_plain", "Rel plain"), ("gen_reliability_chat", "Rel chat"),

@@ -68,7 +68,8 @@ def _oversampled(data: TrainData, factors: Mapping[str, float]) -> TrainData:
 def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> TrainData:
     """The training and validation records of ``config.data``, and the collator that turns them into meta-batches."""
     d = config.data
-    common = dict(data_dir=d.data_dir, seed=d.split_seed, fractions=d.split_fractions, balance=d.balance, max_per_task=d.max_per_task)
+    common = dict(data_dir=d.data_dir, seed=d.split_seed, fractions=d.split_fractions, balance=d.balance, max_per_task=d.max_per_task,
+                  exclude_held_out=not d.allow_held_out)
     train = build_mixture(d.tasks, "train", **common)
     val = build_mixture(d.tasks, "val", **common)
     pool = instruction_pool(config)

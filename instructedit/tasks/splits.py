@@ -99,7 +99,8 @@ class Mixture:
         return {
             "tasks": list(self.tasks), "split": self.split, "seed": self.seed, "fractions": list(self.fractions),
             "balance": self.balance, "max_per_task": self.max_per_task, "counts": dict(self.counts),
-            "available": dict(self.available), "caps": dict(self.caps), "held_out_tasks": list(HELD_OUT_TASKS),
+            "available": dict(self.available), "caps": dict(self.caps),
+            "held_out_tasks": [task for task in HELD_OUT_TASKS if task not in self.tasks],
             "files": {task: list(files) for task, files in self.files.items()}, "data_dir": self.data_dir,
         }
 
@@ -214,7 +215,8 @@ def build_mixture(
     if exclude_held_out and held:
         raise ValueError(
             f"task(s) {held} are held out from training (HELD_OUT_TASKS={HELD_OUT_TASKS}): InstructEdit tests "
-            "transfer to them; drop them from the mixture, or pass exclude_held_out=False for an evaluation mixture"
+            "transfer to them; drop them from the mixture, or pass exclude_held_out=False for an evaluation mixture "
+            "(a single-task editor without instructions may train on one with data.allow_held_out=true)"
         )
     if max_per_task is not None and max_per_task < 0:
         raise ValueError(f"max_per_task must be >= 0 or None, got {max_per_task}")
