@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from instructedit.api import Edit, InstructEditor, load_editor
-from instructedit.config import DEFAULT_MODEL
 from instructedit.io import write_json
 from instructedit.models.loading import load_model
 from instructedit.tasks.splits import load_task_splits
+
+from common import add_common_arguments  # benchmarks/common.py
 
 logger = logging.getLogger("bench_sequential_memory")
 RESULTS = Path(__file__).resolve().parent / "results" / "sequential_memory.json"
@@ -73,11 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--editor", required=True, help="a trained MEND editor folder (e.g. runs/recommended/best); only read")
     parser.add_argument("--edits", type=int, default=1000, help="sequential edits to apply and hold")
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--data-dir", default=None, help="data folder (default: $INSTRUCTEDIT_DATA or the project's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    add_common_arguments(parser, RESULTS)
     args = parser.parse_args()
     if args.edits < 2:
         parser.error("--edits must be >= 2 (the middle rollback needs a middle)")

@@ -138,6 +138,9 @@ class TrainingConfig:
     c_edit: float = 0.1
     c_loc: float = 1.0
     c_margin: float = 0.0  # optional hinge keeping the locality inputs' top-1 answers ahead (objective.py); 0 = DESIGN.md §4
+    # Optional locality KL on the locality input's prompt positions too (objective.py), not only on its answer tokens:
+    # an edit must not change how the model continues unrelated text anywhere (e.g. the target after a question); 0 = DESIGN.md §4
+    c_loc_context: float = 0.0
     # Optional locality constraint: the locality terms' weight w (c_loc·w, c_margin·w) rises while a running
     # mean of the training locality is under this target and falls while it is over (w ← w·exp(rate·gap)).
     locality_target: float | None = None
@@ -180,7 +183,7 @@ class TrainingConfig:
         _check(math.isfinite(self.lr) and self.lr > 0, "training.lr", f"{self.lr}: must be positive and finite (e.g. 1e-6)")
         _check(math.isfinite(self.lr_lr) and self.lr_lr >= 0, "training.lr_lr", f"{self.lr_lr}: must be finite and >= 0 (0: no second optimizer on α)")
         _check(self.grad_clip > 0, "training.grad_clip", f"{self.grad_clip}: the largest gradient norm must be > 0 (.inf: no clipping)")
-        for name in ("c_edit", "c_loc", "c_margin", "c_answer_margin"):
+        for name in ("c_edit", "c_loc", "c_margin", "c_answer_margin", "c_loc_context"):
             _check(getattr(self, name) >= 0, f"training.{name}", "loss coefficients must be >= 0")
         _check(self.locality_target is None or 0 < self.locality_target <= 1, "training.locality_target", "must be in (0, 1] or null")
         _check(self.locality_target_rate > 0, "training.locality_target_rate", "must be > 0")
@@ -190,6 +193,8 @@ class TrainingConfig:
         _check(self.n_edits >= 1, "training.n_edits", f"{self.n_edits}: must be >= 1")
         _check(self.n_edits == 1 or self.batch_size == 1, "training.n_edits",
                f"{self.n_edits} edits per call already make the micro-batch: set training.batch_size to 1 (it is {self.batch_size})")
+        _check(self.n_edits == 1 or self.c_loc_context == 0, "training.c_loc_context",
+               f"is implemented for one edit per call (objective.meta_loss); with n_edits={self.n_edits} set it to 0")
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in ("rephrase", "edit_input"), "training.edit_loss_on", f"{self.edit_loss_on!r} is not 'rephrase' or 'edit_input'")

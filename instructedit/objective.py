@@ -6,7 +6,10 @@ reuse it, and only the edited blocks are re-run and back-propagated through.
 
 ``c_margin`` (0 by default, i.e. DESIGN.md §4 exactly) adds ``losses.locality_margin`` on the
 locality positions: a hinge that keeps each pre-edit top-1 answer ahead, which is what the
-locality metric counts.
+locality metric counts. ``c_context`` (0 by default) adds the same KL on the locality input's
+prompt positions (``l_loc_context``): the answer tokens are where the metric looks, but an edit
+that leaks its target into unrelated text (after a question, say) changes the prompt positions'
+predictions first.
 
 ``many_edits_loss`` is the same objective for N edits made by one aggregated edit
 (``training.n_edits``, DESIGN.md §9), with every scored input run in chunks recomputed in backward.
@@ -30,17 +33,20 @@ def _scored(split: SplitModel, state: PrefixState, batch: TokenBatch, params: di
 
 
 def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0,
-              c_answer: float = 0.0, answer_cap: float = 2.0) -> tuple[torch.Tensor, dict[str, float]]:
+              c_answer: float = 0.0, answer_cap: float = 2.0, c_context: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """One meta-training loss; gradients reach only the MEND network and the step sizes α.
 
-    ``c_answer`` weighs ``losses.answer_margin`` on the edit_outer answer tokens (0: DESIGN.md §4 exactly).
+    ``c_answer`` weighs ``losses.answer_margin`` on the edit_outer answer tokens (0: DESIGN.md §4 exactly);
+    ``c_context`` the locality KL on the locality input's prompt positions (0: DESIGN.md §4 exactly).
     """
     inner = split.prefix(batch.edit_inner)
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
     outer = inner if same_outer else split.prefix(batch.edit_outer)
     loc = split.prefix(batch.loc)
+    context = batch.loc.attention_mask.bool() & ~batch.loc.label_mask if c_context else None  # the locality prompt's positions
     with torch.no_grad():
         pre_loc = split.logits_at(loc.final_hidden, batch.loc.label_mask)
+        pre_context = split.logits_at(loc.final_hidden, context) if context is not None else None
         pre_outer = split.logits_at(outer.final_hidden, batch.edit_outer.label_mask)
 
     edit = editor.edit(split, batch.edit_inner, inner)
@@ -53,9 +59,14 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
         unlikely_state = split.prefix(batch.unlikely)
         post_unlikely = _scored(split, unlikely_state, batch.unlikely, edit.new_params)
         l_edit = l_edit + unlikelihood(post_unlikely, batch.unlikely.labels[batch.unlikely.label_mask])
-    post_loc = _scored(split, loc, batch.loc, edit.new_params)
+    post_loc_hidden = split.suffix(loc, edit.new_params)
+    post_loc = split.logits_at(post_loc_hidden, batch.loc.label_mask)
     l_loc = locality_kl(pre_loc, post_loc)
     loss = c_edit * l_edit + c_loc * l_loc
+    l_context = None
+    if context is not None:
+        l_context = locality_kl(pre_context, split.logits_at(post_loc_hidden, context))
+        loss = loss + c_context * l_context
     if l_answer is not None:
         loss = loss + c_answer * l_answer
     l_margin = None
@@ -70,6 +81,7 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
         "l_loc": l_loc.item(),
         **({"l_margin": l_margin.item()} if l_margin is not None else {}),
         **({"l_answer": l_answer.item()} if l_answer is not None else {}),
+        **({"l_loc_context": l_context.item()} if l_context is not None else {}),
         "pre_edit_loss": float(edit.pre_edit_loss),
         "edit_acc_pre": token_accuracy(pre_outer, outer_targets, batch.edit_outer.label_rows, n_outer).mean().item(),
         "edit_acc": token_accuracy(post_outer.detach(), outer_targets, batch.edit_outer.label_rows, n_outer).mean().item(),

@@ -150,7 +150,9 @@ class Trainer:
             if batch is None:
                 counts["too_long"] += 1
                 continue
-            loss, metrics = objective(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin, t.answer_margin_cap)
+            context = {"c_context": t.c_loc_context * w} if t.c_loc_context else {}  # meta_loss only (config.py checks n_edits)
+            loss, metrics = objective(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin, t.answer_margin_cap,
+                                      **context)
             if not torch.isfinite(loss):
                 counts["nonfinite"] += 1
                 logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
@@ -234,7 +236,8 @@ class Trainer:
                 batch = self._batch([record])
             except PromptTooLongError:
                 continue
-            _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin, t.c_answer_margin, t.answer_margin_cap)  # one edit per record
+            _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin, t.c_answer_margin, t.answer_margin_cap,
+                                   c_context=t.c_loc_context)  # one edit per record
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1

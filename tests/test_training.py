@@ -155,6 +155,44 @@ def test_margin_term_is_optional_and_trains_the_editor(tiny_gpt2_dir: Path, tmp_
         load_config(TINY, ["training.c_margin=-1"])
 
 
+def test_context_locality_term_scores_the_locality_prompt_positions(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    from instructedit.losses import locality_kl
+    from instructedit.objective import meta_loss
+
+    trainer = Trainer(_config(tiny_gpt2_dir), tmp_path, show_progress=False)
+    batch = trainer._batch([trainer.data.train[0]])
+    _, metrics = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0)
+    assert "l_loc_context" not in metrics  # c_context = 0: DESIGN.md §4's objective exactly
+    with torch.no_grad():  # a larger step size makes the edit move the locality prompt's predictions
+        trainer.editor.edit_lrs.fill_(10.0)
+    with_context, metrics = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, c_context=3.0)
+    without, plain = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0)
+    assert with_context.item() == pytest.approx(without.item() + 3.0 * metrics["l_loc_context"], rel=1e-5)
+    assert metrics["locality"] == plain["locality"] and metrics["l_loc"] == pytest.approx(plain["l_loc"])  # answer terms unchanged
+
+    # the term is the KL at exactly the prompt positions of the locality input (answer and padding left out)
+    loc = batch.loc
+    context = loc.attention_mask.bool() & ~loc.label_mask
+    assert 0 < int(context.sum()) < int(loc.attention_mask.sum())
+    state = trainer.split.prefix(loc)
+    with torch.no_grad():
+        edit = trainer.editor.edit(trainer.split, batch.edit_inner)
+        expected = locality_kl(trainer.split.logits_at(state.final_hidden, context),
+                               trainer.split.logits_at(trainer.split.suffix(state, edit.new_params), context))
+    assert metrics["l_loc_context"] == pytest.approx(expected.item(), rel=1e-4) and expected > 0
+    with_context.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.editor.network_parameters)
+    assert load_config(TINY, ["training.c_loc_context=0.5"]).training.c_loc_context == 0.5
+    with pytest.raises(ValueError, match="c_loc_context"):
+        load_config(TINY, ["training.c_loc_context=-1"])
+    with pytest.raises(ValueError, match="c_loc_context"):
+        load_config(TINY, ["training.c_loc_context=1", "training.n_edits=4"])
+    run = tmp_path / "run"  # the training loop passes it (weighted like the other locality terms) and logs it
+    Trainer(_config(tiny_gpt2_dir, "training.c_loc_context=1.0", "training.max_steps=2", "training.log_every=1"), run, show_progress=False).run()
+    logged = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(e["l_loc_context"] >= 0 for e in logged if e["split"] == "train") and any(e["split"] == "train" for e in logged)
+
+
 def test_locality_target_moves_the_locality_weight_and_survives_resume(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     config = _config(tiny_gpt2_dir, "training.locality_target=0.9", "training.locality_target_rate=0.5")
     trainer = Trainer(config, tmp_path / "unit", show_progress=False)
