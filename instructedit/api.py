@@ -136,8 +136,9 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 
 
 def tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
-    """Load the tokenizer of ``model`` from its ``name_or_path`` (set by ``load_model`` / ``from_pretrained``)."""
-    from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
+    """Load the tokenizer of ``model`` from its ``name_or_path`` (set by ``load_model`` / ``from_pretrained``): a local
+    folder, else the local Hugging Face cache, else the hub under ``hub_access.hub_fetch``'s rules."""
+    from instructedit.models.hub_access import HubUnreachable, hub_fetch
     from instructedit.models.loading import DEFAULT_ALIASES, default_model_dir
 
     name = str(getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "") or "")
@@ -148,17 +149,12 @@ def tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=not local)
     except OSError:
-        action = f"download the tokenizer of {name!r} from the Hugging Face hub"
-        if not local and (hub_offline() or not hub_reachable()):
-            raise unreachable(action, "tokenizer=") from None
         try:
-            with hub_timeouts():
-                tokenizer = AutoTokenizer.from_pretrained(source)
-        except Exception as err:
-            if timed_out(err):
-                raise unreachable(action, "tokenizer=") from err
-            if not isinstance(err, OSError):
-                raise
+            tokenizer = hub_fetch(lambda local_only: AutoTokenizer.from_pretrained(source, local_files_only=local_only),
+                                  f"download the tokenizer of {name!r} from the Hugging Face hub", "tokenizer=")
+        except HubUnreachable:
+            raise
+        except OSError as err:
             raise ValueError(f"could not load the tokenizer of {name!r} ({err}); pass tokenizer=") from None
     return prepare_tokenizer(tokenizer)
 

@@ -12,7 +12,7 @@ from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, Repo
 
 from instructedit.editors.card import CARD_NAME, POOL_COPY, TRAINING_CONFIG, write_model_card
 from instructedit.runs import EDITOR_CONFIG, EDITOR_WEIGHTS
-from instructedit.models.hub_access import hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
+from instructedit.models.hub_access import hub_fetch, hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -59,25 +59,23 @@ def push_editor(directory: str | Path, repo_id: str, token: str | None = None, p
 
 
 def download_editor(repo_id: str, revision: str | None = None, token: str | None = None) -> Path:
-    """The editor in hub repo ``repo_id`` as a local folder (the Hugging Face cache); fails fast when the hub is unreachable."""
+    """The editor in hub repo ``repo_id`` as a local folder (the Hugging Face cache); fails fast when the hub is unreachable
+    (``hub_fetch``: an offline or unreachable hub reads the cache only)."""
     kwargs = dict(repo_id=repo_id, revision=revision, token=token, allow_patterns=list(SHARED_FILES))
-    if hub_offline() or not hub_reachable():
+
+    def fetch(local_only: bool) -> Path:
+        if local_only:
+            return Path(snapshot_download(**kwargs, local_files_only=True))
         try:
-            path = Path(snapshot_download(**kwargs, local_files_only=True))
-        except (LocalEntryNotFoundError, OSError):
-            raise unreachable(f"download the editor {repo_id!r} (it is not in the local Hugging Face cache)",
-                              "a local editor folder") from None
-        logger.info("the hub is unreachable; using the cached copy of %s", repo_id)
-    else:
-        try:
-            with hub_timeouts():  # a hub that stops answering mid-download ends in an error, not a hang
-                path = Path(snapshot_download(**kwargs, endpoint=hub_constants.ENDPOINT))
+            return Path(snapshot_download(**kwargs, endpoint=hub_constants.ENDPOINT))
         except RepositoryNotFoundError:
             raise FileNotFoundError(f"hub repo {repo_id!r} does not exist (or is private: pass token=)") from None
         except LocalEntryNotFoundError as err:  # the hub answered with an error (or stopped answering) and nothing is cached
             if timed_out(err):
-                raise unreachable(f"download the editor {repo_id!r}", "a local editor folder") from err
+                raise
             raise ConnectionError(f"could not download the editor {repo_id!r} from {hub_constants.ENDPOINT}: {err}") from None
+
+    path = hub_fetch(fetch, f"download the editor {repo_id!r}", "a local editor folder")
     if not (path / EDITOR_CONFIG).is_file():
         raise FileNotFoundError(f"hub repo {repo_id!r} holds no editor: {EDITOR_CONFIG} is missing")
     return path

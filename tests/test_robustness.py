@@ -201,13 +201,17 @@ def error_within(seconds: float, call: Callable[[], object]) -> BaseException | 
     return outcome[0]
 
 
-@pytest.mark.parametrize("what", ["model", "editor", "memory estimate"])
+@pytest.mark.parametrize("what", ["model", "editor", "memory estimate", "tokenizer"])
 def test_a_hub_that_never_answers_is_a_clear_error_not_a_hang(silent_hub: str, what: str) -> None:
+    from types import SimpleNamespace
+
+    from instructedit.api import tokenizer_for
     from instructedit.config import load_config
     from instructedit.memory import meta_skeleton
 
     call = {"model": lambda: load_model("someone/model"), "editor": lambda: load_editor("someone/editor"),
-            "memory estimate": lambda: meta_skeleton(load_config(None, ["model.name=someone/model"]))}[what]
+            "memory estimate": lambda: meta_skeleton(load_config(None, ["model.name=someone/model"])),
+            "tokenizer": lambda: tokenizer_for(SimpleNamespace(name_or_path="someone/model"))}[what]
     err = error_within(8, call)
     assert isinstance(err, ConnectionError), err
     assert f"{silent_hub} did not answer within 0.5 s" in str(err)
