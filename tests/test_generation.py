@@ -23,7 +23,7 @@ from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
 from instructedit.commands.evaluate import add_evaluate_parser
 from instructedit.evaluation.generation import (
-    _batch_order, _shared_prefix, answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids,
+    batch_order, _shared_prefix, answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids,
     token_f1,
 )
 from instructedit.evaluation.generation_probes import Query, answer_scores, case_queries
@@ -159,7 +159,7 @@ def test_a_shared_prefix_and_finished_rows_leaving_the_batch_change_no_answer(ti
     prompts = [template.format(q) for q in questions] + ["The capital of France is", "I really like"]
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
     assert _shared_prefix(encoded[:6]) >= 8 and _shared_prefix(encoded) == 0  # the templated ones share their head
-    assert _batch_order(encoded)[-6:] == sorted(range(6), key=lambda i: len(encoded[i]))  # grouped, then by length
+    assert batch_order(encoded)[-6:] == sorted(range(6), key=lambda i: len(encoded[i]))  # grouped, then by length
     budgets = [1, 12, 3, 9, 2, 7, 5, 11]  # rows finish at different steps: finished ones leave the batch
     expected = [naive_greedy(model, tokenizer, p, b) for p, b in zip(prompts, budgets)]
     assert greedy_generate(model, tokenizer, prompts, budgets, batch_size=6) == expected
@@ -172,6 +172,40 @@ def test_a_shared_prefix_and_finished_rows_leaving_the_batch_change_no_answer(ti
 
     assert greedy_generate(model, tokenizer, prompts, budgets, batch_size=8, rows_context=context) == expected
     assert len(entered) > 1 and set(entered[-1]) < set(entered[0]) and 1 in entered[-1] and 0 not in entered[-1]
+
+
+def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.evaluation import before_after
+    from instructedit.evaluation.before_after import greedy_before_after
+    from instructedit.evaluation.row_edits import per_row_updates
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    split = editor.split(model)
+    template = "Task: zsre\nDescription: Answer the question about the entity with a short phrase.\nInput: {}\nOutput:"
+    prompts = [template.format(q) for q in ("Who founded Rome?", "Which river?", "Name the author of the book.")]
+    prompts += ["The capital of France is", "I really like", "nq question: who sings i don't want to be lonely"]
+    budgets = [3, 12, 5, 9, 1, 7]
+    transposed = {w.name: w.transposed for w in editor.weights}
+    torch.manual_seed(1)  # a different random edit per prompt (None: the third prompt is asked unedited)
+    updates = [{w.name: torch.randn_like(model.get_parameter(w.name)) * 0.5 for w in editor.weights} for _ in prompts]
+    updates[2] = None
+
+    def rows_context(rows: list[int]):
+        return per_row_updates(model, [updates[i] for i in rows], transposed)
+
+    versions = {name: p._version for name, p in model.named_parameters()}
+    before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, rows_context, batch_size=4)
+    assert before == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4)
+    assert after == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=rows_context)
+    assert before[2] == after[2] and any(b != a for b, a in zip(before, after))  # the edits change answers, no edit none
+    assert before == [naive_greedy(model, tokenizer, p, b) for p, b in zip(prompts, budgets)]
+    assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
+    assert greedy_before_after(model, tokenizer, split, [], 3, rows_context) == ([], [])
+    # an architecture whose suffix re-run does not reproduce its logits: two separate calls, said in a warning
+    monkeypatch.setattr(before_after._Prefill, "replay_matches", lambda self: False)
+    assert greedy_before_after(model, tokenizer, split, prompts, budgets, rows_context, batch_size=4) == (before, after)
+    assert "decoded separately" in caplog.text
 
 
 class Scripted(nn.Module):

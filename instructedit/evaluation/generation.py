@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -160,38 +161,54 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     instruction template) and, without ``rows_context`` (whose per-row edits change every position),
     a batch's shared prefix passes the model once; rows that have stopped leave the batch.
     """
-    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    if len(budgets) != len(prompts):
-        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens values")
+    budgets, encoded = encode_prompts(tokenizer, prompts, max_new_tokens, max_length)
     device = next(model.parameters()).device
     newline, blank = (t.to(device) for t in stop_token_ids(tokenizer))
     eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    if max_length is not None:
-        long = [i for i, ids in enumerate(encoded) if len(ids) + budgets[i] > max_length]
-        if long:
-            raise ValueError(f"query {long[0]} ({prompts[long[0]][:50]!r}...) and its answer exceed {max_length} tokens")
     outputs: list[str] = [""] * len(prompts)
-    order = _batch_order(encoded)
+    order = batch_order(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None or len(order) <= batch_size):
         rows = order[start : start + batch_size]
         shared = 0 if rows_context is not None else _shared_prefix([encoded[i] for i in rows])
-        width = max(len(encoded[i]) for i in rows) - shared
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, i in enumerate(rows):
-            ids[r, width - len(encoded[i]) + shared :] = torch.tensor(encoded[i][shared:])
-            mask[r, width - len(encoded[i]) + shared :] = 1
+        ids, mask = left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer))
         context = (lambda active, rows=rows: rows_context([rows[a] for a in active])) if rows_context is not None else None
-        tokens = _greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos,
+        tokens = greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos,
                               prefix=encoded[rows[0]][:shared], context=context)
         for r, i in enumerate(rows):
             outputs[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
     return outputs
 
 
-def _batch_order(encoded: Sequence[Sequence[int]], key_tokens: int = MIN_SHARED_PREFIX) -> list[int]:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: Sequence[int] | int,
+                   max_length: int | None) -> tuple[list[int], list[list[int]]]:
+    """Per prompt: its token budget and its token ids; a prompt whose answer would pass ``max_length`` raises."""
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(budgets)} max_new_tokens values")
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    if max_length is not None:
+        long = [i for i, ids in enumerate(encoded) if len(ids) + budgets[i] > max_length]
+        if long:
+            raise ValueError(f"query {long[0]} ({prompts[long[0]][:50]!r}...) and its answer exceed {max_length} tokens")
+    return budgets, encoded
+
+
+def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention mask) of ``rows`` padded on the left to the longest."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[r, width - len(row) :] = 1
+    return ids, mask
+
+
+def batch_order(encoded: Sequence[Sequence[int]], key_tokens: int = MIN_SHARED_PREFIX) -> list[int]:
     """Prompt indices in decoding order: prompts that share their first ``key_tokens`` tokens together, then by length."""
     heads = Counter(tuple(ids[:key_tokens]) for ids in encoded if len(ids) > key_tokens)
 
@@ -215,7 +232,7 @@ def _shared_prefix(encoded: Sequence[Sequence[int]]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _last_logits_only(model: nn.Module) -> dict[str, int]:
+def last_logits_only(model: nn.Module) -> dict[str, int]:
     """The forward argument that projects only the last position onto the vocabulary (the prompt's other positions
     would cost a (tokens × vocab) projection for nothing), under the name this transformers version uses."""
     parameters = inspect.signature(model.forward).parameters
@@ -230,25 +247,27 @@ def _cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _returned_cache(out):
+def returned_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
-def _greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
+def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
                  blank: torch.Tensor, eos: int | None, prefix: Sequence[int] = (),
-                 context: Callable[[list[int]], AbstractContextManager] | None = None) -> list[list[int]]:
+                 context: Callable[[list[int]], AbstractContextManager] | None = None,
+                 start: tuple[torch.Tensor, Any] | None = None) -> list[list[int]]:
     """Greedy decoding of a left-padded batch; a row is done at its budget, at EOS or after a newline that ends some text.
 
     ``prefix``: tokens every row begins with, before its own (left-padded) ``ids``: they pass the model
     once and their cache is shared. ``context(active rows)``: entered around the forward passes.
+    ``start``: (last-position logits, KV cache) of ``ids`` already run through the model (the prefill is skipped).
     """
     n = ids.shape[0]
-    keep = _last_logits_only(model)
+    keep = last_logits_only(model)
     cache_arg = _cache_argument(model)
     past = None
     if len(prefix):
-        past = _returned_cache(model(input_ids=torch.tensor([list(prefix)], device=ids.device), use_cache=True, **keep))
+        past = returned_cache(model(input_ids=torch.tensor([list(prefix)], device=ids.device), use_cache=True, **keep))
         past.batch_repeat_interleave(n)
         mask = torch.cat([torch.ones((n, len(prefix)), dtype=mask.dtype, device=mask.device), mask], dim=1)
     position = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]  # left padding does not shift positions
@@ -262,9 +281,12 @@ def _greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budget
         if context is not None:
             stack.enter_context(context(active))
         for step in range(max(budgets)):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past}, **keep)
-            past = _returned_cache(out)
-            nxt = out.logits[:, -1].argmax(-1)  # (rows,)
+            if step == 0 and start is not None:
+                logits, past = start
+            else:
+                out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past}, **keep)
+                logits, past = out.logits[:, -1], returned_cache(out)
+            nxt = logits.argmax(-1)  # (rows,)
             is_eos = nxt == eos if eos is not None else torch.zeros_like(done)
             is_blank = torch.isin(nxt, blank)
             stop = (torch.isin(nxt, newline) & (started | ~is_blank)) | is_eos

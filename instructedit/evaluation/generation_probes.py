@@ -20,10 +20,12 @@ from typing import Protocol
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import (
     ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, normalize_answer, token_f1,
 )
 from instructedit.evaluation.row_edits import Updates, per_row_updates
+from instructedit.models.split import SplitModel
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator
 
@@ -127,10 +129,14 @@ def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, queries: Sequen
 def answer_all(model: nn.Module, tokenizer: PreTrainedTokenizerBase, per_case: Sequence[Sequence[Query]], batch_size: int,
                max_length: int | None = None, progress: str | None = None) -> list[list[str]]:
     """Answers to every case's queries, generated together (the unedited model is the same for all), split back per case."""
-    flat = answer(model, tokenizer, [q for queries in per_case for q in queries], batch_size, max_length, progress)
+    return _per_case(answer(model, tokenizer, [q for queries in per_case for q in queries], batch_size, max_length, progress), per_case)
+
+
+def _per_case(flat: Sequence[str], per_case: Sequence[Sequence[Query]]) -> list[list[str]]:
+    """``flat`` (answers to every case's queries in order) split back per case."""
     out, start = [], 0
     for queries in per_case:
-        out.append(flat[start : start + len(queries)])
+        out.append(list(flat[start : start + len(queries)]))
         start += len(queries)
     return out
 
@@ -186,7 +192,7 @@ class GenerationRun:
     max_length: int | None = None
     judge: Judge | None = None
     progress: bool = False
-    seconds: dict[str, float] = field(default_factory=lambda: {"pre": 0.0, "post": 0.0, "judge": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"pre": 0.0, "post": 0.0, "before_after": 0.0, "judge": 0.0})
 
     def answer_unedited(self, model: nn.Module, per_case: Sequence[Sequence[Query]]) -> list[list[str]]:
         """Every case's pre-edit answers, in large batches."""
@@ -203,20 +209,18 @@ class GenerationRun:
         self.seconds["post"] += time.perf_counter() - start
         return out
 
-    def answer_edited_together(self, model: nn.Module, per_case: Sequence[Sequence[Query]], updates: Sequence[Updates],
-                               transposed: Mapping[str, bool]) -> list[list[str]]:
-        """Post-edit answers of several cases decoded together, each row with its own case's update (``row_edits``)."""
+    def answer_before_after(self, model: nn.Module, split: SplitModel, per_case: Sequence[Sequence[Query]], updates: Sequence[Updates],
+                            transposed: Mapping[str, bool]) -> tuple[list[list[str]], list[list[str]]]:
+        """Pre- and post-edit answers of several cases, decoded together from one prefill per batch
+        (``before_after``): each post-edit row with its own case's update (``row_edits``)."""
         start = time.perf_counter()
         flat = [q for queries in per_case for q in queries]
         owner = [c for c, queries in enumerate(per_case) for _ in queries]
-        said = greedy_generate(model, self.tokenizer, [q.prompt for q in flat], [q.budget for q in flat], self.batch_size, self.max_length,
-                               rows_context=lambda rows: per_row_updates(model, [updates[owner[i]] for i in rows], transposed))
-        self.seconds["post"] += time.perf_counter() - start
-        out, begin = [], 0
-        for queries in per_case:
-            out.append(said[begin : begin + len(queries)])
-            begin += len(queries)
-        return out
+        before, after = greedy_before_after(model, self.tokenizer, split, [q.prompt for q in flat], [q.budget for q in flat],
+                                            lambda rows: per_row_updates(model, [updates[owner[i]] for i in rows], transposed),
+                                            self.batch_size, self.max_length)
+        self.seconds["before_after"] += time.perf_counter() - start
+        return _per_case(before, per_case), _per_case(after, per_case)
 
     def case_result(self, queries: Sequence[Query], pre: Sequence[str],
                     post: Sequence[str]) -> tuple[dict[str, float], dict[str, float], list[dict[str, str]]]:

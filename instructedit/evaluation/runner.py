@@ -8,10 +8,12 @@ unedited prefix over it serves the pre-edit logits and the edit itself, and only
 re-run with the new weights, functionally, for the post-edit logits (the model is never written). Any other editor goes through ``editor.apply`` / ``handle.rollback()``.
 Either way a ``WeightGuard`` proves after every case that the parameters are bitwise the originals.
 
-The generation protocol (``generation_probes``) runs beside it: every case's pre-edit answers are
-generated up front in large batches (the unedited model does not change), and each case's
-post-edit answers in one batched call while its edit is written into the model (MEND: the
-``EditResult`` already computed for the logits, applied in place and rolled back).
+The generation protocol (``generation_probes``) runs beside it. MEND's fast path decodes several
+cases' queries in one batch, before and after their edits from one prefill (``before_after``: the
+blocks below the edited ones run once), each post-edit row with its own case's update added by
+hooks. Otherwise every case's pre-edit answers are generated up front in large batches (the
+unedited model does not change), and each case's post-edit answers in one batched call while its
+edit is written into the model.
 """
 
 from __future__ import annotations
@@ -142,25 +144,32 @@ def _case_result(case: Case, pre: dict[str, float], post: dict[str, float], answ
     return CaseResult(case.index, case.record.source, case.record.task, pre, post, gen_pre, gen_post, log)
 
 
+def _decodes_together(fast_path: bool, generation: gen.GenerationRun | None, cases_together: int) -> bool:
+    """Whether several cases' answers decode in one batch, pre- and post-edit from one prefill (MEND fast path)."""
+    return fast_path and generation is not None and cases_together > 1
+
+
 def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: WeightGuard, generation: gen.GenerationRun | None,
                 teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool,
                 cases_together: int = 1) -> tuple[list[CaseResult], bool]:
     """Edit, score and roll back each case in turn; returns the results and whether rows were packed.
 
-    MEND (fast path): the post-edit answers of ``cases_together`` cases are decoded in one batch, each
-    row with its own case's weight update added by hooks (``row_edits``); the weights are never written.
+    MEND (fast path): the answers of ``cases_together`` cases are decoded in one batch, before and after
+    the edit from one prefill (``before_after``), each post-edit row with its own case's weight update
+    added by hooks (``row_edits``); the weights are never written.
     """
     dtype = next(model.parameters()).dtype
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
     packed, first_scores = check_packing(editor, model, probe_case, dtype) if fast_path and pack_rows else (False, None)
-    together = fast_path and generation is not None and cases_together > 1
+    together = _decodes_together(fast_path, generation, cases_together)
     results: list[CaseResult] = []
     pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []  # case, pre, post, ΔW
 
     def flush() -> None:
-        answers = generation.answer_edited_together(model, [c.queries for c, *_ in pending], [u for *_, u in pending],
-                                                    {w.name: w.transposed for w in editor.weights})
-        for (case, pre, post, _), said in zip(pending, answers):
+        before, answers = generation.answer_before_after(model, editor.split(model), [c.queries for c, *_ in pending],
+                                                         [u for *_, u in pending], {w.name: w.transposed for w in editor.weights})
+        for (case, pre, post, _), unedited, said in zip(pending, before, answers, strict=True):
+            case.pre_answers = unedited
             guard.verify(where=f"case {case.index} ({case.record.source})")
             results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, pre.argmax(-1)), said,
                                         generation, teacher_forced))
@@ -266,8 +275,9 @@ def evaluate(
     ends with (as the editor was trained; the collator's ``answer_stop``). ``queries``: forms of the
     edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
     batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``. ``cases_together``:
-    MEND's post-edit answers of this many cases decode in one batch (each row with its own edit added by
-    hooks; equal to one case at a time up to float rounding; 1: each case's edit written into the model).
+    MEND's answers of this many cases decode in one batch, pre- and post-edit sharing the prefill below the
+    edited blocks (each post-edit row with its own edit added by hooks; equal to one case at a time up to
+    float rounding; 1: each case's edit written into the model, pre-edit answers decoded for all cases first).
     """
     if batch_size < 1 or generation_batch_size < 1:
         raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
@@ -299,9 +309,9 @@ def evaluate(
 
     curve: list[SequentialPoint] = []
     run_start = time.perf_counter()
-    if generation is not None:
+    if generation is not None and not _decodes_together(fast_path, generation, cases_together):
         for case, said in zip(cases, generation.answer_unedited(model, [c.queries for c in cases])):
-            case.pre_answers = said
+            case.pre_answers = said  # decoded together, cases get theirs with their post-edit answers (one prefill)
     teacher_forced = protocol != "generation"
     packed = False
     if sequential:
