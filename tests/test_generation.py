@@ -191,8 +191,8 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     updates = [{w.name: torch.randn_like(model.get_parameter(w.name)) * 0.5 for w in editor.weights} for _ in prompts]
     updates[2] = None
 
-    def rows_context(rows: list[int]):
-        return per_row_updates(model, [updates[i] for i in rows], transposed)
+    def rows_context(rows: list[int | None]):
+        return per_row_updates(model, [None if i is None else updates[i] for i in rows], transposed)
 
     versions = {name: p._version for name, p in model.named_parameters()}
     before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, rows_context, batch_size=4)
