@@ -191,20 +191,29 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     updates = [{w.name: torch.randn_like(model.get_parameter(w.name)) * 0.5 for w in editor.weights} for _ in prompts]
     updates[2] = None
 
-    def rows_context(rows: list[int | None]):
-        return per_row_updates(model, [None if i is None else updates[i] for i in rows], transposed)
+    def rows_context(rows: list[int]):
+        return per_row_updates(model, [updates[i] for i in rows], transposed)
+
+    def halved(rows: list[int]):
+        return per_row_updates(model, [None if updates[i] is None else {k: v / 2 for k, v in updates[i].items()} for i in rows], transposed)
+
+    def row_updates(variant: int, i: int):  # variant 0: the edits, variant 1: half of each (variant_scales)
+        return updates[i]
 
     versions = {name: p._version for name, p in model.named_parameters()}
-    before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, rows_context, batch_size=4)
+    before, (after, after_half) = greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
+                                                      variant_scales=[1.0, 0.5])
     assert before == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4)
     assert after == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=rows_context)
+    assert after_half == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=halved)
     assert before[2] == after[2] and any(b != a for b, a in zip(before, after))  # the edits change answers, no edit none
     assert before == [naive_greedy(model, tokenizer, p, b) for p, b in zip(prompts, budgets)]
     assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
-    assert greedy_before_after(model, tokenizer, split, [], 3, rows_context) == ([], [])
+    assert greedy_before_after(model, tokenizer, split, [], 3, row_updates, transposed, 2) == ([], [[], []])
     # an architecture whose suffix re-run does not reproduce its logits: two separate calls, said in a warning
     monkeypatch.setattr(before_after._Prefill, "replay_matches", lambda self: False)
-    assert greedy_before_after(model, tokenizer, split, prompts, budgets, rows_context, batch_size=4) == (before, after)
+    assert greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
+                               variant_scales=[1.0, 0.5]) == (before, [after, after_half])
     assert "decoded separately" in caplog.text
 
 

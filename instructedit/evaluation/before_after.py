@@ -3,13 +3,14 @@
 An edit changes only the blocks from ``split.first_layer`` on, so the prompt's keys, values and
 hidden states below them are the same before and after it. Per batch of prompts, the unedited model
 runs the prompts once (as ``greedy_generate`` would), while hooks keep what each edited block was
-called with; the post-edit prefill then re-runs only the edited blocks on those inputs, every row
-with its own edit (``rows_context``), writing into a copy of the cache whose lower layers are the
-unedited ones. Both then decode in one loop over twice the rows (the unedited rows, then the edited
-ones), so each decoding step reads the weights once. On the default model (30 blocks, 3 edited)
-the post-edit prefill costs a tenth of a full one.
+called with; each edited variant's prefill then re-runs only the edited blocks on those inputs,
+every row with its own edit (``row_edits``), writing into a copy of the cache whose lower layers are
+the unedited ones. All then decode in one loop (the unedited rows, then each variant's), so each
+decoding step reads the weights once. On the default model (30 blocks, 3 edited) an edited prefill
+costs a tenth of a full one: the evaluation runner asks every case before and after its edit, the
+training validation asks before and after its edit at several step-size multipliers.
 
-The answers equal a ``greedy_generate`` call without and one with ``rows_context`` up to float
+The answers equal ``greedy_generate`` calls without and with the per-row edits up to float
 rounding; the first batch of every call checks that re-running the suffix without edits gives the
 unedited logits, and where it does not (an architecture whose final projection does more than
 norm + head), the two calls are made separately instead.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 
 import torch
@@ -30,11 +31,12 @@ from transformers.cache_utils import Cache
 from instructedit.evaluation.generation import (
     batch_order, greedy_loop, last_logits_only, returned_cache, encode_prompts, greedy_generate, left_padded, pad_id, stop_token_ids,
 )
+from instructedit.evaluation.row_edits import Updates, per_row_updates
 from instructedit.models.split import SplitModel
 
 logger = logging.getLogger(__name__)
 
-RowsContext = Callable[[list[int | None]], AbstractContextManager]  # prompt index per batch row (None: an unedited row)
+RowUpdates = Callable[[int, int], Updates | None]  # (variant, prompt index) -> the row's weight update (None: unedited)
 
 
 class _Prefill:
@@ -53,10 +55,10 @@ class _Prefill:
         self.logits = out.logits[:, -1]
         self.cache = returned_cache(out)
         self.calls = [calls[i] for i in split.suffix_indices]
-        # the post-edit cache: the unedited layers below the first edited one, empty edited layers (filled by replay)
-        self.post_cache = copy.deepcopy(self.cache)
+        # an edited model's cache starts as the unedited layers below the first edited one, empty edited layers (``replay``)
+        self.lower = copy.deepcopy(self.cache)
         for i in split.suffix_indices:
-            layer = self.post_cache.layers[i]
+            layer = self.lower.layers[i]
             layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
 
     @staticmethod
@@ -66,8 +68,9 @@ class _Prefill:
 
         return hook
 
-    def replay(self, cache: Cache) -> torch.Tensor:
-        """Last-position logits of the edited blocks re-run on the unedited inputs (with whatever edits are active), into ``cache``."""
+    def replay(self) -> tuple[torch.Tensor, Cache]:
+        """Last-position logits and the cache of the edited blocks re-run on the unedited inputs, with whatever edits are active."""
+        cache = copy.deepcopy(self.lower)
         h = None
         for i, (args, kwargs) in zip(self.split.suffix_indices, self.calls):
             args = tuple(cache if isinstance(a, Cache) else a for a in args)
@@ -79,53 +82,72 @@ class _Prefill:
                 h = kwargs["hidden_states"] if h is None else h
                 out = self.split.layers[i](**{**kwargs, "hidden_states": h})
             h = out[0] if isinstance(out, tuple) else out
-        return self.split.head(self.split.norm(h[:, -1:]))[:, -1]
-
-    def merged(self) -> Cache:
-        """One cache of twice the rows: the unedited ones, then the edited ones (``post_cache`` after ``replay``)."""
-        for layer, edited in zip(self.cache.layers, self.post_cache.layers, strict=True):
-            layer.keys, layer.values = torch.cat([layer.keys, edited.keys]), torch.cat([layer.values, edited.values])
-        return self.cache
+        return self.split.head(self.split.norm(h[:, -1:]))[:, -1], cache
 
     def replay_matches(self) -> bool:
-        """Whether the suffix re-run without edits reproduces the unedited logits (on a scratch copy of the cache)."""
-        scratch = copy.deepcopy(self.post_cache)
-        return torch.allclose(self.replay(scratch).float(), self.logits.float(), atol=1e-4, rtol=1e-3)
+        """Whether the suffix re-run without edits reproduces the unedited logits."""
+        return torch.allclose(self.replay()[0].float(), self.logits.float(), atol=1e-4, rtol=1e-3)
+
+
+def _merged(caches: Sequence[Cache]) -> Cache:
+    """One cache holding the rows of ``caches`` one after another (the first one, extended in place)."""
+    first = caches[0]
+    for i, layer in enumerate(first.layers):
+        layer.keys = torch.cat([c.layers[i].keys for c in caches])
+        layer.values = torch.cat([c.layers[i].values for c in caches])
+    return first
 
 
 @torch.no_grad()
 def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: SplitModel, prompts: Sequence[str],
-                        max_new_tokens: Sequence[int] | int, rows_context: RowsContext, batch_size: int = 32,
-                        max_length: int | None = None) -> tuple[list[str], list[str]]:
-    """(unedited, edited) greedy continuations of ``prompts``: ``greedy_generate`` without and with ``rows_context``
-    (``row_edits.per_row_updates`` on blocks ``split.first_layer`` and later), sharing the prefill below the edits
-    and one decoding loop. ``rows_context(prompt index per row)`` is also asked with None for a row to leave unedited."""
+                        max_new_tokens: Sequence[int] | int, updates: RowUpdates, transposed: Mapping[str, bool], variants: int = 1,
+                        batch_size: int = 32, max_length: int | None = None,
+                        variant_scales: Sequence[float] | None = None) -> tuple[list[str], list[list[str]]]:
+    """Greedy continuations of ``prompts`` by the unedited model and by ``variants`` edited ones, from one prefill per batch.
+
+    ``updates(variant, prompt index)``: the weight update (``row_edits.Updates``, or None: unedited) the
+    prompt is answered with in that variant, added row by row on blocks ``split.first_layer`` and
+    later (``transposed`` as ``per_row_updates`` takes it), times ``variant_scales[variant]`` if
+    given (one update at several step-size multipliers). Returns (unedited answers, answers per variant); each equals a ``greedy_generate`` call with the same per-row edits up to float rounding.
+    All rows decode in one loop (the unedited ones, then each variant's).
+    """
     budgets, encoded = encode_prompts(tokenizer, prompts, max_new_tokens, max_length)
     if not prompts:
-        return [], []
+        return [], [[] for _ in range(variants)]
     device = next(model.parameters()).device
     newline, blank = (t.to(device) for t in stop_token_ids(tokenizer))
     eos = tokenizer.eos_token_id
     before: list[str] = [""] * len(prompts)
-    after: list[str] = [""] * len(prompts)
+    after: list[list[str]] = [[""] * len(prompts) for _ in range(variants)]
+
+    def rows_context(owners: Sequence[tuple[int, int] | None]) -> AbstractContextManager:  # (variant, prompt) per batch row
+        scales = None if variant_scales is None else [1.0 if o is None else variant_scales[o[0]] for o in owners]
+        return per_row_updates(model, [None if o is None else updates(*o) for o in owners], transposed, scales)
+
     order = batch_order(encoded)
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
         ids, mask = (t.to(device) for t in left_padded([encoded[i] for i in rows], pad_id(tokenizer)))
         prefill = _Prefill(model, split, ids, mask)
         if start == 0 and not prefill.replay_matches():
-            logger.warning("re-running the edited blocks of %s does not reproduce its logits: before/after answers are decoded "
-                           "separately (two full prefills)", type(model).__name__)
+            logger.warning("re-running the edited blocks of %s does not reproduce its logits: the unedited and edited answers are "
+                           "decoded separately (full prefills)", type(model).__name__)
             return (greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length),
-                    greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length, rows_context=rows_context))
-        with rows_context(rows):
-            edited_logits = prefill.replay(prefill.post_cache)
-        # one decoding loop for both: the unedited rows, then the edited ones (each forward reads the weights once)
-        n, owners = len(rows), [None] * len(rows) + list(rows)
-        tokens = greedy_loop(model, torch.cat([ids, ids]), torch.cat([mask, mask]), [budgets[i] for i in rows] * 2, newline, blank, eos,
-                             start=(torch.cat([prefill.logits, edited_logits]), prefill.merged()),
+                    [greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length,
+                                     rows_context=lambda idx, v=v: rows_context([(v, i) for i in idx])) for v in range(variants)])
+        logits, caches = [prefill.logits], [prefill.cache]
+        for v in range(variants):
+            with rows_context([(v, i) for i in rows]):
+                edited_logits, cache = prefill.replay()
+            logits.append(edited_logits)
+            caches.append(cache)
+        # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
+        n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
+        tokens = greedy_loop(model, ids.repeat(variants + 1, 1), mask.repeat(variants + 1, 1), [budgets[i] for i in rows] * (variants + 1),
+                             newline, blank, eos, start=(torch.cat(logits), _merged(caches)),
                              context=lambda active, owners=owners: rows_context([owners[a] for a in active]))
         for r, i in enumerate(rows):
             before[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
-            after[i] = tokenizer.decode(tokens[n + r], skip_special_tokens=True)
+            for v in range(variants):
+                after[v][i] = tokenizer.decode(tokens[(v + 1) * n + r], skip_special_tokens=True)
     return before, after

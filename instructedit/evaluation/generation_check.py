@@ -21,8 +21,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.mend import MENDEditor
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
-from instructedit.evaluation.row_edits import per_row_updates
+from instructedit.evaluation.before_after import greedy_before_after
+from instructedit.evaluation.generation import answer_budget, exact_match, first_line, normalize_answer
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
 
@@ -52,8 +52,9 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     """Per α multiplier: mean generation reliability (exact match, wrapped prompt) and generation locality over ``records``, with n.
 
     Each record's edit is computed once: the update is linear in α, so a multiplier scales it. The
-    queries of ``CASES_TOGETHER`` records decode together, every row with its own record's scaled
-    update added by hooks (``row_edits``); the model's weights are never written.
+    queries of ``CASES_TOGETHER`` records decode together, unedited and at every multiplier, from one
+    prefill (``before_after``), every row with its own record's scaled update added by hooks
+    (``row_edits``); the model's weights are never written.
     """
     cases = []
     for record, index in zip(records, instructions, strict=True):
@@ -69,8 +70,7 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     if not cases:
         return {scale: {"gen_n": 0} for scale in scales}
     device = next(model.parameters()).device
-    loc = [(r.locality[0].prompt, answer_budget(tokenizer, r.locality[0].answer)) for r, _, _ in cases]
-    pre_loc = greedy_generate(model, tokenizer, [p for p, _ in loc], [b for _, b in loc])
+    split = editor.split(model)
     transposed = {w.name: w.transposed for w in editor.weights}
     rel: dict[float, list[float]] = {scale: [] for scale in scales}
     same: dict[float, list[float]] = {scale: [] for scale in scales}
@@ -80,16 +80,15 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
         for start in range(0, len(cases), CASES_TOGETHER):
             group = range(start, min(start + CASES_TOGETHER, len(cases)))
             updates = [{k: v.detach() for k, v in editor.edit(model, cases[i][2].to(device)).updates.items()} for i in group]
-            prompts = [q for i in group for q in (cases[i][1], loc[i][0])]
-            budgets = [b for i in group for b in (answer_budget(tokenizer, cases[i][0].target_new), loc[i][1])]
-            for scale in scales:
-                scaled = [{k: v * scale for k, v in u.items()} if scale != 1.0 else u for u in updates]
-                said = greedy_generate(model, tokenizer, prompts, budgets,
-                                       rows_context=lambda rows: per_row_updates(model, [scaled[r // 2] for r in rows], transposed))
-                for j, i in enumerate(group):
-                    rel[scale].append(exact_match(first_line(said[2 * j]), cases[i][0].target_new))
-                    same[scale].append(float(normalize_answer(first_line(said[2 * j + 1])) == normalize_answer(first_line(pre_loc[i]))))
-                del scaled
+            records = [cases[i][0] for i in group]
+            prompts = [q for i in group for q in (cases[i][1], cases[i][0].locality[0].prompt)]  # edit prompt, locality prompt
+            budgets = [answer_budget(tokenizer, a) for r in records for a in (r.target_new, r.locality[0].answer)]
+            before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, lambda variant, row: updates[row // 2], transposed,
+                                                len(scales), variant_scales=scales)  # the update is linear in α: a multiplier scales it
+            for scale, said in zip(scales, after, strict=True):
+                for j, record in enumerate(records):
+                    rel[scale].append(exact_match(first_line(said[2 * j]), record.target_new))
+                    same[scale].append(float(normalize_answer(first_line(said[2 * j + 1])) == normalize_answer(first_line(before[2 * j + 1]))))
     finally:
         editor.train(was_training)
     return {scale: {"gen_reliability": sum(rel[scale]) / len(cases), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}

@@ -216,10 +216,8 @@ class GenerationRun:
         start = time.perf_counter()
         flat = [q for queries in per_case for q in queries]
         owner = [c for c, queries in enumerate(per_case) for _ in queries]
-        before, after = greedy_before_after(model, self.tokenizer, split, [q.prompt for q in flat], [q.budget for q in flat],
-                                            lambda rows: per_row_updates(model, [None if i is None else updates[owner[i]] for i in rows],
-                                                                         transposed),
-                                            self.batch_size, self.max_length)
+        before, (after,) = greedy_before_after(model, self.tokenizer, split, [q.prompt for q in flat], [q.budget for q in flat],
+                                               lambda variant, i: updates[owner[i]], transposed, 1, self.batch_size, self.max_length)
         self.seconds["before_after"] += time.perf_counter() - start
         return _per_case(before, per_case), _per_case(after, per_case)
 

@@ -20,23 +20,26 @@ Updates = Mapping[str, torch.Tensor]  # parameter name -> ΔW in the parameter's
 
 
 @contextmanager
-def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed: Mapping[str, bool]) -> Iterator[None]:
-    """Within the block, row ``i`` of every forward of ``model`` runs with its weights plus ``rows[i]`` (None: unedited).
+def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed: Mapping[str, bool],
+                    scales: Sequence[float] | None = None) -> Iterator[None]:
+    """Within the block, row ``i`` of every forward of ``model`` runs with its weights plus ``rows[i]`` (None: unedited),
+    times ``scales[i]`` if given (an edit's step sizes scaled, without a scaled copy of its update).
 
     ``transposed[name]``: the weight is stored (d_in, d_out) (GPT-2 ``Conv1D``), so the added output
     is ``x · ΔW``; otherwise (``nn.Linear``, (d_out, d_in)) it is ``x · ΔWᵀ``.
     """
-    groups: dict[int, tuple[Updates, list[int]]] = {}
+    groups: dict[tuple[int, float], tuple[Updates, float, list[int]]] = {}
     for i, updates in enumerate(rows):
         if updates is not None:
-            groups.setdefault(id(updates), (updates, []))[1].append(i)
-    names = sorted({name for updates, _ in groups.values() for name in updates})
+            scale = 1.0 if scales is None else float(scales[i])
+            groups.setdefault((id(updates), scale), (updates, scale, []))[2].append(i)
+    names = sorted({name for updates, _, _ in groups.values() for name in updates})
     handles = []
     try:
         for name in names:
             module = model.get_submodule(name.rsplit(".", 1)[0])
-            parts = [(torch.tensor(index, device=updates[name].device), updates[name] if transposed[name] else updates[name].T)
-                     for updates, index in groups.values() if name in updates]
+            parts = [(torch.tensor(index, device=updates[name].device), updates[name] if transposed[name] else updates[name].T, scale)
+                     for updates, scale, index in groups.values() if name in updates]
             handles.append(module.register_forward_hook(_adder(parts)))
         yield
     finally:
@@ -44,12 +47,13 @@ def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed
             handle.remove()
 
 
-def _adder(parts: list[tuple[torch.Tensor, torch.Tensor]]):
+def _adder(parts: list[tuple[torch.Tensor, torch.Tensor, float]]):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # (rows, seq, d_in)
         output = output.clone()
-        for index, delta in parts:  # delta: (d_in, d_out)
-            output[index] += (x[index].to(delta.dtype) @ delta).to(output.dtype)
+        for index, delta, scale in parts:  # delta: (d_in, d_out)
+            added = x[index].to(delta.dtype) @ delta
+            output[index] += (added if scale == 1.0 else added * scale).to(output.dtype)
         return output
 
     return hook
