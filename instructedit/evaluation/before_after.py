@@ -44,45 +44,24 @@ class _Prefill:
 
     def __init__(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
         self.split = split
-        calls: dict[int, tuple[tuple, dict]] = {}
-        handles = [split.layers[i].register_forward_pre_hook(self._keeper(calls, i), with_kwargs=True) for i in split.suffix_indices]
-        try:
+        with split.recording_block_inputs() as captured:
             position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
             out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **last_logits_only(model))
-        finally:
-            for handle in handles:
-                handle.remove()
         self.logits = out.logits[:, -1]
         self.cache = returned_cache(out)
-        self.calls = [calls[i] for i in split.suffix_indices]
+        self.hidden, self.block_args = split.block_arguments(captured)
         # an edited model's cache starts as the unedited layers below the first edited one, empty edited layers (``replay``)
         self.lower = copy.deepcopy(self.cache)
         for i in split.suffix_indices:
             layer = self.lower.layers[i]
             layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
 
-    @staticmethod
-    def _keeper(calls: dict, index: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            calls[index] = (args, kwargs)
-
-        return hook
-
     def replay(self) -> tuple[torch.Tensor, Cache]:
         """Last-position logits and the cache of the edited blocks re-run on the unedited inputs, with whatever edits are active."""
         cache = copy.deepcopy(self.lower)
-        h = None
-        for i, (args, kwargs) in zip(self.split.suffix_indices, self.calls):
-            args = tuple(cache if isinstance(a, Cache) else a for a in args)
-            kwargs = {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()}
-            if args:
-                h = args[0] if h is None else h
-                out = self.split.layers[i](h, *args[1:], **kwargs)
-            else:
-                h = kwargs["hidden_states"] if h is None else h
-                out = self.split.layers[i](**{**kwargs, "hidden_states": h})
-            h = out[0] if isinstance(out, tuple) else out
-        return self.split.head(self.split.norm(h[:, -1:]))[:, -1], cache
+        block_args = [(tuple(cache if isinstance(a, Cache) else a for a in rest), {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()})
+                      for rest, kwargs in self.block_args]
+        return self.split.head(self.split.blocks(self.hidden, block_args)[:, -1]), cache
 
     def replay_matches(self) -> bool:
         """Whether the suffix re-run without edits reproduces the unedited logits."""

@@ -24,7 +24,7 @@ from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import (
     ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, normalize_answer, token_f1,
 )
-from instructedit.evaluation.row_edits import Updates, per_row_updates
+from instructedit.evaluation.row_edits import Updates
 from instructedit.models.split import SplitModel
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator

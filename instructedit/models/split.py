@@ -12,7 +12,8 @@ weights applied functionally, and ``logits_at`` projects to the vocabulary only 
 from __future__ import annotations
 
 import dataclasses
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,11 +57,10 @@ class SplitModel:
     def suffix_indices(self) -> range:
         return range(self.first_layer, len(self.layers))
 
-    @torch.no_grad()
-    def prefix(self, batch: TokenBatch) -> PrefixState:
-        """One forward pass of the unedited model up to the final norm (no vocabulary projection)."""
+    @contextmanager
+    def recording_block_inputs(self) -> Iterator[dict[int, tuple[tuple, dict]]]:
+        """Within the block, every forward records what each block from ``first_layer`` on was called with (args, kwargs)."""
         captured: dict[int, tuple[tuple, dict]] = {}
-        final: list[torch.Tensor] = []
 
         def keep_inputs(index: int):
             def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -68,21 +68,16 @@ class SplitModel:
 
             return hook
 
-        def stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            final.append(output)
-            raise _StopForward
+        handles = [self.layers[i].register_forward_pre_hook(keep_inputs(i), with_kwargs=True) for i in self.suffix_indices]
+        try:
+            yield captured
+        finally:
+            for handle in handles:
+                handle.remove()
 
-        with ExitStack() as stack:
-            for i in self.suffix_indices:
-                handle = self.layers[i].register_forward_pre_hook(keep_inputs(i), with_kwargs=True)
-                stack.callback(handle.remove)
-            handle = self.norm.register_forward_hook(stop)
-            stack.callback(handle.remove)
-            try:
-                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-            except _StopForward:
-                pass
-        if not final or len(captured) != len(self.suffix_indices):
+    def block_arguments(self, captured: dict[int, tuple[tuple, dict]]) -> tuple[torch.Tensor, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+        """(input of the first edited block, per edited block its arguments with the hidden state removed) from a recording."""
+        if len(captured) != len(self.suffix_indices):
             raise RuntimeError(f"could not capture the block inputs at {self.spec.layers}/{self.spec.final_norm}; check the architecture table")
         block_args = []
         hidden = None
@@ -95,13 +90,40 @@ class SplitModel:
                 h, rest = kwargs.pop("hidden_states"), ()
             hidden = h if hidden is None else hidden
             block_args.append((rest, kwargs))
+        return hidden, block_args
+
+    @torch.no_grad()
+    def prefix(self, batch: TokenBatch) -> PrefixState:
+        """One forward pass of the unedited model up to the final norm (no vocabulary projection)."""
+        final: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            final.append(output)
+            raise _StopForward
+
+        with ExitStack() as stack:
+            captured = stack.enter_context(self.recording_block_inputs())
+            handle = self.norm.register_forward_hook(stop)
+            stack.callback(handle.remove)
+            try:
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            except _StopForward:
+                pass
+        if not final:
+            raise RuntimeError(f"could not capture the final norm's output at {self.spec.final_norm}; check the architecture table")
+        hidden, block_args = self.block_arguments(captured)
         return PrefixState(hidden=hidden, block_args=block_args, final_hidden=final[0], batch=batch)
 
     def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (batch, seq, d_model) with ``params`` (full names) replacing weights."""
+        return self.blocks(state.hidden, state.block_args, params)
+
+    def blocks(self, hidden: torch.Tensor, block_args: list[tuple[tuple[Any, ...], dict[str, Any]]],
+               params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The edited blocks (then the final norm) on ``hidden`` with the recorded ``block_args``, ``params`` replacing weights."""
         params = params or {}
-        h = state.hidden
-        for i, (rest, kwargs) in zip(self.suffix_indices, state.block_args):
+        h = hidden
+        for i, (rest, kwargs) in zip(self.suffix_indices, block_args):
             block = self.layers[i]
             prefix = f"{self.spec.layers}.{i}."
             local = {name[len(prefix) :]: t for name, t in params.items() if name.startswith(prefix)}
