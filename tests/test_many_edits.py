@@ -177,6 +177,25 @@ def test_analyze_sequential_writes_after_every_point_and_rolls_back(tiny_llama_d
     assert main([*args, "--held-out", "50"]) == 2
     assert "needs at least 100 held-out texts" in caplog.text and "give 50" in caplog.text
 
+    # an interrupted run (its last point and the end missing) resumes: kept points are not scored again, the rest is equal
+    partial = {**result, "complete": False, "editors": [{k: v for k, v in entry.items() if k in ("label", "editor", "aggregation", "model",
+                                                                                                    "instruction", "answer_stop")}]}
+    partial["editors"][0]["points"] = [{**p, "marker": True} for p in entry["points"][:2]]
+    out.write_text(json.dumps(partial))
+    written.clear()
+    assert main(args) == 0
+    assert written == [3, 3]  # only the missing point was scored
+    resumed = json.loads(out.read_text())
+    assert resumed["complete"] and resumed["resumed"]["date"] == result["date"]
+    points = resumed["editors"][0]["points"]
+    assert [p.get("marker") for p in points] == [True, True, None]
+    assert points[2] == entry["points"][2] and resumed["editors"][0]["rolled_back_bitwise"] is True
+    # an unfinished file of another study is not overwritten silently
+    out.write_text(json.dumps({**partial, "edits": 3}))
+    assert main(args) == 2
+    assert "unfinished sequential study with different edits" in caplog.text and "--restart" in caplog.text
+    assert main([*args, "--restart"]) == 0 and "resumed" not in json.loads(out.read_text())
+
 
 def _edits_file(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -168,12 +168,14 @@ def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, 
 def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator,
                      records: Sequence[EditRecord], held_out: Sequence[EditRecord], instruction: int | None, edits: int,
                      batch: int = 1, generation: bool = True, batch_size: int = 16, progress: bool = True,
-                     on_point: Callable[[dict], None] | None = None) -> dict:
+                     on_point: Callable[[dict], None] | None = None, scored: Collection[int] = ()) -> dict:
     """Lifelong editing: ``edits`` cases edited ``batch`` per call, scored after 1, 2, 4, ... and ``edits``
     (``sequential_schedule``); see the module docstring.
 
     ``held_out``: cases never edited; their locality prompt + answer form the perplexity sample.
     ``on_point``: called with each scored point (to save partial results of a long run).
+    ``scored``: edit counts already scored by an interrupted run of the same study (resume): the edits are
+    replayed (the weights were not saved; edits are deterministic) but those points are not scored again.
     """
     if edits < 1 or edits > len(records):
         raise ValueError(f"edits must be between 1 and the {len(records)} records given, got {edits}")
@@ -198,7 +200,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
             handles.append(editor.apply(model, _edit_batch(collator, records[done:upto], instruction).to(device)))
             bar.update(upto - done)
             done = upto
-            if done in marks:
+            if done in marks and done not in scored:
                 tf = _score(model, collator, probes.upto(done), batch_size)
                 gen = asker.scores(range(done)) if asker is not None else None
                 ppl = perplexity(model, collator, texts, batch_size)

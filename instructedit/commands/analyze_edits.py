@@ -53,6 +53,9 @@ def add_edit_studies(studies: Any) -> None:
                         f"(default 200; at least {MIN_PERPLEXITY_TEXTS} texts)")
     s.add_argument("--held-out-data", default=None, metavar="FILE",
                    help="take the perplexity sample from the first --held-out records of this data file instead")
+    s.add_argument("--restart", action="store_true",
+                   help="ignore an unfinished FILE.json of the same study (by default the run resumes it: the edits are replayed, "
+                        "the points it holds are kept, not scored again)")
     s.set_defaults(func=run_sequential)
 
 
@@ -142,6 +145,34 @@ def _write(path: Path, result: dict[str, Any], panels: tuple[tuple[str, str], ..
     edits_curves(path.with_suffix(".png"), result["editors"], panels, title)
 
 
+RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", "seed", "edits", "batch", "held_out")
+
+
+def _unfinished(output: Path, result: dict[str, Any], editors: list[str], labels: list[str]) -> dict[str, Any]:
+    """The unfinished results of the same study in ``output`` (to resume), {} when there are none.
+
+    ValueError when ``output`` holds an unfinished run of a different study (it would be overwritten)."""
+    import json
+
+    if not output.exists():
+        return {}
+    try:
+        earlier = json.loads(output.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{output} exists but is not readable JSON ({exc}); move it away or pass --restart") from exc
+    if not isinstance(earlier, dict) or earlier.get("complete", True):
+        return {}  # a finished study is simply redone
+    differ = [k for k in RESUME_KEYS if earlier.get(k) != result.get(k)]
+    ours = list(zip(map(str, editors), labels))
+    theirs = [(e.get("editor"), e.get("label")) for e in earlier.get("editors", [])]
+    if theirs != ours[: len(theirs)]:
+        differ.append("editors")
+    if differ:
+        raise ValueError(f"{output} holds an unfinished sequential study with different {', '.join(differ)} "
+                         f"(e.g. {differ[0]}: {earlier.get(differ[0])!r}); pass --restart to overwrite it or --output another file")
+    return earlier
+
+
 def _pct(summary: dict[str, Any] | None) -> str:
     return "–" if summary is None else f"{100 * summary['mean']:.1f}"
 
@@ -199,12 +230,23 @@ def run_sequential(args: argparse.Namespace) -> int:
         raise ValueError(f"the perplexity sample needs at least {MIN_PERPLEXITY_TEXTS} held-out texts; {source} give {texts} "
                          f"locality prompts: {more}lower --edits or pass --held-out-data FILE (records never edited, e.g. another split's file)")
     result = {**_header(args, "sequential", where), "edits": args.edits, "batch": args.batch, "held_out": source}
+    earlier = {} if args.restart else _unfinished(output, result, args.editor, labels)
+    if earlier:
+        result["resumed"] = {"date": earlier["date"], "command": earlier["command"]}
     title = f"{args.task}: {args.edits} edits, {args.batch} per call"
     for path, label in zip(args.editor, labels):
+        before = next((e for e in earlier.get("editors", ()) if (e["editor"], e["label"]) == (str(path), label)), None)
+        if before is not None and "rolled_back_bitwise" in before:  # this editor had finished
+            result["editors"].append(before)
+            continue
         torch.manual_seed(args.seed)
         loaded = _load(args, path, label)
         entry = loaded.entry
+        entry["points"] = list(before["points"]) if before is not None else []
         result["editors"].append(entry)
+        if entry["points"]:
+            logger.info("%s: resuming %s, %d points kept (up to %d edits; the edits are replayed, those points not scored again)",
+                        label, output, len(entry["points"]), entry["points"][-1]["n_edits"])
 
         def on_point(point: dict[str, Any], entry: dict[str, Any] = entry, label: str = label) -> None:
             entry["points"].append(point)
@@ -213,7 +255,7 @@ def run_sequential(args: argparse.Namespace) -> int:
 
         out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
                                args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,
-                               progress=not args.no_progress, on_point=on_point)
+                               progress=not args.no_progress, on_point=on_point, scored={p["n_edits"] for p in entry["points"]})
         entry.update({k: v for k, v in out.items() if k != "points"})  # base perplexity, texts, rolled_back_bitwise (checked)
     result["complete"] = True
     _write(output, result, SEQUENTIAL_PANELS, title)
