@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.api import Edit, InstructEditor, load_editor, score_target, top_predictions
 from instructedit.config import Config, YAMLLoader, config_from_dict
 from instructedit.editors.card import write_model_card
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
+from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, same_answer
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.io import write_json
 from instructedit.models.loading import cache_dir, load_model, resolve_device
@@ -192,7 +192,7 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
             after, plain_after = edited.score(wrapped, edit.target), edited.score(edit.prompt, edit.target)
             top_after = edited.top_predictions(wrapped, 1)[0][0]
             locality = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
-        same = [normalize_answer(a) == normalize_answer(b) for a, b in zip(probe_said, said_after[2:])]
+        same = [same_answer(a, b) for a, b in zip(said_after[2:], probe_said)]
         outcomes.append(EditOutcome(edit, said[0], said_after[0], said[1], said_after[1], exact_match(said_after[0], edit.target),
                                     exact_match(said_after[1], edit.target), sum(same) / len(same),
                                     top_before, top_after, before.probability, after.probability, before.accuracy,

@@ -83,6 +83,15 @@ def test_normalization_exact_match_and_f1() -> None:
     assert first_line("\n  Rome \nParis") == "Rome" and first_line("  \n") == ""
 
 
+def test_same_answer_compares_punctuation_only_answers_as_written() -> None:
+    from instructedit.evaluation.generation import same_answer
+
+    assert same_answer(" The Rome.\nmore", "rome") and not same_answer("Paris", "Rome")
+    assert same_answer("?", " ?\n") and same_answer("", "\n")
+    assert not same_answer("!", "?") and not same_answer("", "?")  # both normalize to nothing, yet the answer changed
+    assert not same_answer("? Harper", "?")
+
+
 def test_ngram_entropy_is_rome_fluency() -> None:
     from instructedit.evaluation.generation import ngram_entropy
 

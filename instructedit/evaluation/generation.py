@@ -50,6 +50,16 @@ def exact_match(prediction: str, target: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(target))
 
 
+def same_answer(after: str, before: str) -> bool:
+    """Generation locality of one prompt: the answer (first line) is unchanged by the edit.
+
+    Compared after normalization; when both normalize to nothing (punctuation only, e.g. "?" against "!"), the
+    stripped lines themselves are compared, so a changed punctuation-only answer is not counted as kept."""
+    a, b = first_line(after), first_line(before)
+    na, nb = normalize_answer(a), normalize_answer(b)
+    return na == nb if na or nb else a == b
+
+
 def token_f1(prediction: str, target: str) -> float:
     """SQuAD token F1 between the normalized prediction and target (1.0 when both are empty)."""
     pred, gold = normalize_answer(prediction).split(), normalize_answer(target).split()

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, normalize_answer
+from instructedit.evaluation.generation import answer_budget, exact_match, first_line, same_answer
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
 
@@ -88,7 +88,7 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
             for scale, said in zip(scales, after, strict=True):
                 for j, record in enumerate(records):
                     rel[scale].append(exact_match(first_line(said[2 * j]), record.target_new))
-                    same[scale].append(float(normalize_answer(first_line(said[2 * j + 1])) == normalize_answer(first_line(before[2 * j + 1]))))
+                    same[scale].append(float(same_answer(said[2 * j + 1], before[2 * j + 1])))
     finally:
         editor.train(was_training)
     return {scale: {"gen_reliability": sum(rel[scale]) / len(cases), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}

@@ -22,7 +22,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import (
-    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, normalize_answer, token_f1,
+    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, same_answer, token_f1,
 )
 from instructedit.evaluation.row_edits import Updates
 from instructedit.models.split import SplitModel
@@ -153,7 +153,7 @@ def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: S
         if query.family == "locality":
             if before is None:  # locality compares post- with pre-edit answers: no pre-edit value
                 continue
-            same = float(normalize_answer(said) == normalize_answer(first_line(before)))
+            same = float(same_answer(said, before))
             groups.setdefault(query.metric, []).append(same)
             groups.setdefault(f"{query.metric}/{query.kind}", []).append(same)
             continue
