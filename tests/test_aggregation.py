@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from instructedit.api import Edit, load_editor
 from instructedit.config import EditorConfig, TrainingConfig, load_config
-from instructedit.editors.aggregation import NormalEquations, ridge_solve, value_differences
+from instructedit.editors.aggregation import KeyMemory, NormalEquations, ridge_solve, value_differences
 from instructedit.editors.hooks import capture_factors
 from instructedit.editors.mend import CONFIG_NAME, MENDEditor
 from instructedit.losses import masked_nll, per_row_nll
@@ -118,6 +118,80 @@ def test_gradients_through_the_solve_match_finite_differences() -> None:
     gram, cross = torch.randn(5, 5, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     gram = (gram @ gram.T).requires_grad_(True)
     assert torch.autograd.gradcheck(ridge_solve, (gram, cross.requires_grad_(True), torch.tensor(0.1, dtype=torch.float64, requires_grad=True)))
+
+
+# -- lifelong: the key memory ---------------------------------------------------------------------------
+
+
+def test_solve_with_a_key_memory_equals_lstsq_with_the_preserved_keys_stacked() -> None:
+    """(KᵀK + w_p K_pᵀK_p + w_t C_t + e^λ I)⁻¹ KᵀD = lstsq of [K; √w_p K_p; √(w_t/n) K_t; e^{λ/2} I] S = [D; 0; 0; 0]."""
+    torch.manual_seed(0)
+    d_in, d_out = 6, 4
+    keys, values = torch.randn(5, d_in, dtype=torch.float64), torch.randn(5, d_out, dtype=torch.float64)
+    past, text = torch.randn(7, d_in, dtype=torch.float64), torch.randn(30, d_in, dtype=torch.float64)
+    memory = KeyMemory(past_weight=2.0, text_weight=50.0)
+    memory.remember({"w": past[:3].T @ past[:3]})
+    memory.remember({"w": past[3:].T @ past[3:]})
+    memory.text = {"w": text.T @ text / 30}
+    system = NormalEquations()
+    system.add(keys, values)
+    log_lambda = torch.tensor(-0.5, dtype=torch.float64)
+    stacked_k = torch.cat([keys, 2.0 ** 0.5 * past, (50.0 / 30) ** 0.5 * text, log_lambda.exp().sqrt() * torch.eye(d_in, dtype=torch.float64)])
+    stacked_d = torch.cat([values, values.new_zeros(7 + 30 + d_in, d_out)])
+    torch.testing.assert_close(system.solve(log_lambda, memory.prior("w")), torch.linalg.lstsq(stacked_k, stacked_d).solution)
+    assert memory.calls == 2 and memory.prior("other") is None and KeyMemory().prior("w") is None
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        KeyMemory(past_weight=-1.0)
+
+
+def test_a_remembering_editor_keeps_the_outputs_at_its_earlier_edits_keys(tiny_model_dir: Path) -> None:
+    model, tok = load_model(str(tiny_model_dir))
+    collator = Collator(tok, max_length=64)
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares")
+    first, second = collator.qa_batch(PAIRS[:2]), collator.qa_batch(PAIRS[2:4])
+    plain = editor.edit(model, second).updates
+    with editor.remembering(KeyMemory(past_weight=0.0)) as memory:  # weight 0: the plain solve, keys still recorded
+        editor.edit(model, first)
+        for name, update in editor.edit(model, second).updates.items():
+            torch.testing.assert_close(update, plain[name])
+    assert memory.calls == 2 and editor.memory is None
+    with editor.remembering(KeyMemory(past_weight=1e6)) as memory:  # the first edit's keys held (almost) still
+        editor.edit(model, first)
+        kept = editor.edit(model, second).updates
+    with capture_factors(model, editor.weights) as capture:
+        logits = model(input_ids=first.input_ids, attention_mask=first.attention_mask).logits[first.label_mask]
+        factors = capture.factors(per_row_nll(logits, first.labels[first.label_mask], first.label_rows, first.n_rows).sum())
+    for w in editor.weights:
+        keys = factors[w.name].u.double()  # the first edit's answer-token keys
+        def moved(update: torch.Tensor) -> float:
+            shift = update.detach().double() if w.transposed else update.detach().double().T  # (d_in, d_out)
+            return float((keys @ shift).norm())
+        assert moved(kept[w.name]) < 0.01 * moved(plain[w.name]), w.name
+    with pytest.raises(ValueError, match="needs an editor with editor.aggregation least_squares"):
+        with _editor(model, tiny_model_dir).remembering(KeyMemory()):
+            pass
+
+
+def test_preserve_text_is_the_mean_key_covariance_of_the_sample(tiny_model_dir: Path) -> None:
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares")
+    batches = [Collator(tok, max_length=64).qa_batch(PAIRS[:3]), Collator(tok, max_length=64).qa_batch(PAIRS[3:])]
+    memory = KeyMemory(text_weight=10.0)
+    editor.preserve_text(model, memory, batches)
+    inputs: dict[str, list[torch.Tensor]] = {}
+    hooks = [model.get_submodule(w.module_name).register_forward_hook(
+        lambda m, a, o, name=w.name: inputs.setdefault(name, []).append(a[0].detach())) for w in editor.weights]
+    with torch.no_grad():
+        for b in batches:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask)
+    for h in hooks:
+        h.remove()
+    n = sum(int(b.attention_mask.sum()) for b in batches)
+    assert memory.text_tokens == n
+    for w in editor.weights:
+        keys = torch.cat([x.reshape(-1, x.shape[-1])[b.attention_mask.reshape(-1).bool()] for x, b in zip(inputs[w.name], batches)])
+        torch.testing.assert_close(memory.text[w.name], keys.T @ keys / n)
+        torch.testing.assert_close(memory.prior(w.name), 10.0 * keys.T @ keys / n)
 
 
 # -- memory ----------------------------------------------------------------------------------------------

@@ -197,6 +197,41 @@ def test_analyze_sequential_writes_after_every_point_and_rolls_back(tiny_llama_d
     assert main([*args, "--restart"]) == 0 and "resumed" not in json.loads(out.read_text())
 
 
+def test_analyze_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 104)
+    editor = _saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares")
+    base = ["analyze", "sequential", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--edits", "4", "--held-out", "100",
+            "--device", "cpu", "--no-progress", "--protocol", "teacher_forced"]
+    plain, kept = tmp_path / "plain.json", tmp_path / "memory.json"
+    assert main([*base, "--output", str(plain)]) == 0
+    assert main([*base, "--output", str(kept), "--key-memory", "--past-weight", "1e6", "--preserve-weight", "1e3",
+                 "--preserve-data", str(data), "--preserve", "4"]) == 0
+    plain_points = json.loads(plain.read_text())["editors"][0]["points"]
+    result = json.loads(kept.read_text())
+    assert result["memory"]["past_weight"] == 1e6 and "records 0..3 of" in result["memory"]["text"]
+    entry = result["editors"][0]
+    assert entry["memory"]["calls_remembered"] == 4 and entry["memory"]["text_tokens"] > 0 and entry["rolled_back_bitwise"]
+    # holding earlier keys (and the text's) still changes what the edits do
+    assert [p["n_edits"] for p in entry["points"]] == [1, 2, 4]
+    assert entry["points"][-1]["reliability"] != plain_points[-1]["reliability"] or entry["points"][-1]["locality"] != plain_points[-1]["locality"]
+
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--preserve-weight", "5"]) == 2
+    assert "add --key-memory" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5"]) == 2
+    assert "needs --preserve-data FILE" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
+                 "--preserve", "10"]) == 2
+    assert "of its texts are in the perplexity sample" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
+                 "--preserve-start", "100", "--preserve", "10"]) == 2
+    assert "--preserve-start 100 --preserve 10 needs 110 records" in caplog.text
+    summing = _saved_editor(tiny_llama_dir, tmp_path / "sum", "sum")
+    assert main([*base[:3], str(summing), *base[4:], "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2
+    assert "needs an editor with editor.aggregation least_squares" in caplog.text
+
+
 def _edits_file(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path

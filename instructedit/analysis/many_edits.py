@@ -15,6 +15,7 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -25,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from instructedit.editors.aggregation import KeyMemory
 from instructedit.editors.base import Editor
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
@@ -168,7 +170,8 @@ def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, 
 def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator,
                      records: Sequence[EditRecord], held_out: Sequence[EditRecord], instruction: int | None, edits: int,
                      batch: int = 1, generation: bool = True, batch_size: int = 16, progress: bool = True,
-                     on_point: Callable[[dict], None] | None = None, scored: Collection[int] = ()) -> dict:
+                     on_point: Callable[[dict], None] | None = None, scored: Collection[int] = (),
+                     memory: KeyMemory | None = None) -> dict:
     """Lifelong editing: ``edits`` cases edited ``batch`` per call, scored after 1, 2, 4, ... and ``edits``
     (``sequential_schedule``); see the module docstring.
 
@@ -194,20 +197,22 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
     handles, points, done = [], [], 0
     marks = sequential_schedule(edits)
     bar = tqdm(total=edits, desc="sequential edits", disable=not progress)
+    remembering = editor.remembering(memory) if memory is not None else contextlib.nullcontext()
     try:
-        while done < edits:
-            upto = min(done + batch, edits, next(m for m in marks if m > done))
-            handles.append(editor.apply(model, _edit_batch(collator, records[done:upto], instruction).to(device)))
-            bar.update(upto - done)
-            done = upto
-            if done in marks and done not in scored:
-                tf = _score(model, collator, probes.upto(done), batch_size)
-                gen = asker.scores(range(done)) if asker is not None else None
-                ppl = perplexity(model, collator, texts, batch_size)
-                point = {"n_edits": done, **_aggregate(tf, gen), "perplexity": ppl, "perplexity_ratio": ppl / base_ppl}
-                points.append(point)
-                if on_point is not None:
-                    on_point(point)
+        with remembering:
+            while done < edits:
+                upto = min(done + batch, edits, next(m for m in marks if m > done))
+                handles.append(editor.apply(model, _edit_batch(collator, records[done:upto], instruction).to(device)))
+                bar.update(upto - done)
+                done = upto
+                if done in marks and done not in scored:
+                    tf = _score(model, collator, probes.upto(done), batch_size)
+                    gen = asker.scores(range(done)) if asker is not None else None
+                    ppl = perplexity(model, collator, texts, batch_size)
+                    point = {"n_edits": done, **_aggregate(tf, gen), "perplexity": ppl, "perplexity_ratio": ppl / base_ppl}
+                    points.append(point)
+                    if on_point is not None:
+                        on_point(point)
     finally:
         bar.close()
         for handle in reversed(handles):

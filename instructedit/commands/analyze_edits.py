@@ -53,6 +53,18 @@ def add_edit_studies(studies: Any) -> None:
                         f"(default 200; at least {MIN_PERPLEXITY_TEXTS} texts)")
     s.add_argument("--held-out-data", default=None, metavar="FILE",
                    help="take the perplexity sample from the first --held-out records of this data file instead")
+    s.add_argument("--key-memory", action="store_true",
+                   help="lifelong least-squares editing: every call's solve holds the keys of the edits made before it still "
+                        "(editors/aggregation.py KeyMemory); least_squares editors only")
+    s.add_argument("--past-weight", type=float, default=1.0, metavar="W", help="with --key-memory: weight of the earlier edits' keys (default 1)")
+    s.add_argument("--preserve-weight", type=float, default=0.0, metavar="W",
+                   help="with --key-memory: also hold still the keys of a preservation text sample, its mean key covariance "
+                        "counted as W tokens (default 0: off; needs --preserve-data)")
+    s.add_argument("--preserve-data", default=None, metavar="FILE",
+                   help="the preservation sample: the locality prompts + answers of --preserve records of FILE from --preserve-start "
+                        "(must not overlap the perplexity sample)")
+    s.add_argument("--preserve", type=int, default=500, metavar="N", help="records of --preserve-data (default 500)")
+    s.add_argument("--preserve-start", type=int, default=0, metavar="K", help="skip the first K records of --preserve-data (default 0)")
     s.add_argument("--restart", action="store_true",
                    help="ignore an unfinished FILE.json of the same study (by default the run resumes it: the edits are replayed, "
                         "the points it holds are kept, not scored again)")
@@ -145,7 +157,32 @@ def _write(path: Path, result: dict[str, Any], panels: tuple[tuple[str, str], ..
     edits_curves(path.with_suffix(".png"), result["editors"], panels, title)
 
 
-RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", "seed", "edits", "batch", "held_out")
+RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", "seed", "edits", "batch", "held_out", "memory")
+
+
+def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) -> list[tuple[str, str]]:
+    """The (prompt, answer) texts whose keys --key-memory holds still (--preserve-data), checked against the perplexity sample."""
+    wanted = args.key_memory and args.preserve_weight > 0
+    if not args.key_memory and (args.preserve_weight or args.preserve_data or args.past_weight != 1.0):
+        raise ValueError("--past-weight, --preserve-weight and --preserve-data shape the key memory: add --key-memory")
+    if args.past_weight < 0 or args.preserve_weight < 0:
+        raise ValueError(f"--past-weight and --preserve-weight must be >= 0, got {args.past_weight} and {args.preserve_weight}")
+    if wanted != bool(args.preserve_data):
+        raise ValueError("--preserve-weight > 0 needs --preserve-data FILE (and --preserve-data needs --preserve-weight > 0)")
+    if not wanted:
+        return []
+    if args.preserve < 1 or args.preserve_start < 0:
+        raise ValueError(f"--preserve must be >= 1 and --preserve-start >= 0, got {args.preserve} and {args.preserve_start}")
+    end = args.preserve_start + args.preserve
+    records = _records(args, args.preserve_data, end, f"--preserve-start {args.preserve_start} --preserve {args.preserve}")[0][args.preserve_start : end]
+    texts = [(q.prompt, q.answer) for r in records for q in r.locality]
+    if not texts:
+        raise ValueError(f"records {args.preserve_start}..{end - 1} of --preserve-data {args.preserve_data} have no locality prompts")
+    overlap = {(q.prompt, q.answer) for r in held_out for q in r.locality} & set(texts)
+    if overlap:
+        raise ValueError(f"--preserve-data {args.preserve_data}: {len(overlap)} of its texts are in the perplexity sample "
+                         f"(e.g. {sorted(overlap)[0][0]!r}); preserve other records than those perplexity is measured on")
+    return texts
 
 
 def _unfinished(output: Path, result: dict[str, Any], editors: list[str], labels: list[str]) -> dict[str, Any]:
@@ -229,7 +266,12 @@ def run_sequential(args: argparse.Namespace) -> int:
         more = "raise --held-out, " if len(held_out) == args.held_out else ""
         raise ValueError(f"the perplexity sample needs at least {MIN_PERPLEXITY_TEXTS} held-out texts; {source} give {texts} "
                          f"locality prompts: {more}lower --edits or pass --held-out-data FILE (records never edited, e.g. another split's file)")
-    result = {**_header(args, "sequential", where), "edits": args.edits, "batch": args.batch, "held_out": source}
+    preserve = _preservation_texts(args, held_out)
+    memory_settings = None if not args.key_memory else {
+        "past_weight": args.past_weight, "text_weight": args.preserve_weight,
+        "text": f"the locality prompts + answers of records {args.preserve_start}..{args.preserve_start + args.preserve - 1} of "
+                f"{args.preserve_data}" if preserve else None}
+    result = {**_header(args, "sequential", where), "edits": args.edits, "batch": args.batch, "held_out": source, "memory": memory_settings}
     earlier = {} if args.restart else _unfinished(output, result, args.editor, labels)
     if earlier:
         result["resumed"] = {"date": earlier["date"], "command": earlier["command"]}
@@ -253,9 +295,21 @@ def run_sequential(args: argparse.Namespace) -> int:
             _write(output, result, SEQUENTIAL_PANELS, title)  # a long run keeps what it has scored
             print(_line(label, point), flush=True)
 
+        memory = None
+        if args.key_memory:
+            from instructedit.editors.aggregation import KeyMemory
+
+            memory = KeyMemory(args.past_weight, args.preserve_weight)
+            if preserve:
+                device = next(loaded.model.parameters()).device
+                batches = [loaded.collator.qa_batch(preserve[i : i + args.batch_size]).to(device) for i in range(0, len(preserve), args.batch_size)]
+                loaded.editor.preserve_text(loaded.model, memory, batches)
         out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
                                args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,
-                               progress=not args.no_progress, on_point=on_point, scored={p["n_edits"] for p in entry["points"]})
+                               progress=not args.no_progress, on_point=on_point, scored={p["n_edits"] for p in entry["points"]},
+                               memory=memory)
+        if memory is not None:
+            entry["memory"] = memory.state()
         entry.update({k: v for k, v in out.items() if k != "points"})  # base perplexity, texts, rolled_back_bitwise (checked)
     result["complete"] = True
     _write(output, result, SEQUENTIAL_PANELS, title)

@@ -10,13 +10,14 @@ low-rank residual layers with identity initialization; the update of weight W is
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from instructedit.config import EditorConfig
-from instructedit.editors.aggregation import NormalEquations, value_differences
+from instructedit.editors.aggregation import KeyMemory, NormalEquations, value_differences
 from instructedit.editors.base import EditResult
 from instructedit.editors.hooks import Factors, capture_factors
 # CONFIG_NAME, WEIGHTS_NAME and nonfinite_tensors are imported from here by older modules: they live in editors/learned.py
@@ -157,6 +158,7 @@ class MENDEditor(LearnedEditor):
         if self.config.aggregation == "least_squares":
             # λ per weight, the ridge strength being e^λ; only least-squares editors have (and save) it.
             self.lambdas = nn.Parameter(torch.zeros(len(self.weights)))
+        self.memory: KeyMemory | None = None  # least_squares: keys held still by every solve (``remembering``)
 
     @property
     def network_parameters(self) -> list[nn.Parameter]:
@@ -202,10 +204,46 @@ class MENDEditor(LearnedEditor):
         whole = state if state is not None and len(chunks) == 1 else None
         total = sum(self._accumulate(split, chunk, whole, systems) for chunk in chunks)
         updates = {}
+        memory = self.memory
         for i, w in enumerate(self.weights):
-            shift = systems[w.name].solve(self.lambdas[i])  # (d_in, d_out): Conv1D's storage orientation
+            prior = memory.prior(w.name) if memory is not None else None
+            shift = systems[w.name].solve(self.lambdas[i], prior)  # (d_in, d_out): Conv1D's storage orientation
             updates[w.name] = shift if w.transposed else shift.T
+        if memory is not None:
+            memory.remember({w.name: systems[w.name].gram for w in self.weights})
         return updates, total / batch.n_rows
+
+    @contextmanager
+    def remembering(self, memory: KeyMemory) -> Iterator[KeyMemory]:
+        """Lifelong editing: inside the block every edit solves with ``memory``'s preserved keys (its past edits'
+        and its text sample's) and then adds its own keys to it (``editors/aggregation.py``). least_squares only."""
+        if self.config.aggregation != "least_squares":
+            raise ValueError(f"a key memory needs an editor with editor.aggregation least_squares; this one is {self.config.aggregation!r}")
+        previous, self.memory = self.memory, memory
+        try:
+            yield memory
+        finally:
+            self.memory = previous
+
+    @torch.no_grad()
+    def preserve_text(self, model: nn.Module, memory: KeyMemory, batches: Sequence[TokenBatch]) -> None:
+        """Set ``memory``'s text covariance: the mean kkᵀ, per edited weight, of the layer inputs at every
+        non-padding position of ``batches`` (a preservation sample, run through the unedited ``model``)."""
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        device = self.edit_lrs.device
+        with capture_factors(model, self.weights) as capture:
+            for batch in batches:
+                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                keep = batch.attention_mask.reshape(-1).bool()
+                for w in self.weights:
+                    keys = capture.inputs[w.name].reshape(-1, capture.inputs[w.name].shape[-1])[keep].to(device, torch.float32)
+                    sums[w.name] = keys.T @ keys + sums.get(w.name, 0)
+                tokens += int(keep.sum())
+        if not tokens:
+            raise ValueError("the preservation sample has no tokens")
+        memory.text = {name: total / tokens for name, total in sums.items()}
+        memory.text_tokens = tokens
 
     def _accumulate(self, split: SplitModel, chunk: TokenBatch, state: PrefixState | None, systems: dict[str, NormalEquations]) -> torch.Tensor:
         """Fold one chunk of edits into ``systems``; returns the sum of their pre-edit NLLs. Its activations die on return."""
