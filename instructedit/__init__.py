@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from instructedit.api import Edit, EditedModel, InstructEditor, TargetScore, load_editor, save_edited_model
+    from instructedit.editors.aggregation import KeyMemory
     from instructedit.hub import push_editor
     from instructedit.models.loading import load_model
 
@@ -15,6 +16,7 @@ _EXPORTS = {
     "Edit": "instructedit.api",
     "EditedModel": "instructedit.api",
     "InstructEditor": "instructedit.api",
+    "KeyMemory": "instructedit.editors.aggregation",
     "TargetScore": "instructedit.api",
     "load_editor": "instructedit.api",
     "save_edited_model": "instructedit.api",

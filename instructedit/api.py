@@ -5,6 +5,7 @@ Over 400 lines: it is the one public surface users import, kept in one module so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -18,6 +19,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL
+from instructedit.editors.aggregation import KeyMemory
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
@@ -335,7 +337,7 @@ class InstructEditor:
         return edited
 
     def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
-                         keep: bool = False) -> EditedModel:
+                         keep: bool = False, memory: KeyMemory | None = None) -> EditedModel:
         """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
 
         Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
@@ -348,19 +350,29 @@ class InstructEditor:
         edits copies the originals back; ``rollback_to(k)`` copies them back and re-applies the first
         ``k`` edits (``k`` edit computations). Editors that add hooks or modules (GRACE, CaliNet)
         keep one undo handle per edit, which holds what that editor needs.
+
+        ``memory`` (a least-squares MEND editor only; ``instructedit.KeyMemory``): every edit's solve holds
+        the keys of the memory's earlier edits (and of its preservation text) still, then adds its own, so
+        later edits disturb earlier ones and the rest of the model less (lifelong editing). Pass the same
+        memory to later calls to go on from there. ``rollback_to(k)`` re-applies the first ``k`` edits
+        without it.
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
         weights = SequentialWeightEdits(model, editor)
+        if memory is not None and not hasattr(editor, "remembering"):
+            raise ValueError(f"a key memory needs a least-squares MEND editor; this one is {type(editor).__name__}")
+        remembering = editor.remembering(memory) if memory is not None else contextlib.nullcontext()
         try:
-            for edit in edits:
-                batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
-                handle = editor.apply(model, batch)
-                if isinstance(handle, WeightEditHandle) and not handles:
-                    weights.add(handle, batch)  # the sequence keeps one copy of the originals, not one per edit
-                else:
-                    handles.append(handle)
+            with remembering:
+                for edit in edits:
+                    batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
+                    handle = editor.apply(model, batch)
+                    if isinstance(handle, WeightEditHandle) and not handles:
+                        weights.add(handle, batch)  # the sequence keeps one copy of the originals, not one per edit
+                    else:
+                        handles.append(handle)
             if handles and len(weights):
                 raise TypeError(f"{type(editor).__name__} returned both weight edits and hook edits; cannot keep them as one sequence")
         except BaseException:

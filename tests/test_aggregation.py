@@ -272,6 +272,27 @@ def test_many_edit_call_through_the_api_rolls_back_bitwise(tiny_model_dir: Path,
     assert any(not torch.equal(least_squares[k], summed[k]) for k in before), "the two aggregations gave the same weights"
 
 
+def test_sequential_edits_with_a_key_memory_through_the_api(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from instructedit import KeyMemory
+
+    model, tok = load_model(str(tiny_model_dir))
+    _editor(model, tiny_model_dir, aggregation="least_squares").save_pretrained(tmp_path / "ls")
+    _editor(model, tiny_model_dir).save_pretrained(tmp_path / "sum")
+    editor = load_editor(tmp_path / "ls", instruction=None)
+    edits = [Edit(prompt, target) for prompt, target in PAIRS[:3]]
+    before = _state(model)
+    with editor.apply_sequential(model, edits, tok):
+        plain = _state(model)
+    memory = KeyMemory()
+    with editor.apply_sequential(model, edits, tok, memory=memory):
+        remembered = _state(model)
+    assert _same(before, model) and memory.calls == 3 and editor.editor.memory is None
+    assert any(not torch.equal(plain[k], remembered[k]) for k in before), "the memory changed nothing"
+    with pytest.raises(ValueError, match="needs an editor with editor.aggregation least_squares"):
+        load_editor(tmp_path / "sum", instruction=None).apply_sequential(model, edits, tok, memory=KeyMemory())
+    assert _same(before, model)
+
+
 def test_save_load_round_trip_keeps_lambda_and_aggregation(tiny_model_dir: Path, tmp_path: Path) -> None:
     model, tok = load_model(str(tiny_model_dir))
     editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=3)
