@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.aggregation import KeyMemory
-from instructedit.editors.base import Editor
+from instructedit.editors.base import Editor, SequentialWeightEdits, WeightEditHandle
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -194,7 +194,9 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
     guard = WeightGuard(model)
     base_ppl = perplexity(model, collator, texts, batch_size)
-    handles, points, done = [], [], 0
+    # Weight edits are kept as ONE sequence holding one copy of the original weights (not one copy per call:
+    # 1,000 MEND edits of the default model would hold 30 GiB); editors that add hooks keep a handle per call.
+    weights, handles, points, done = SequentialWeightEdits(model, editor), [], [], 0
     marks = sequential_schedule(edits)
     bar = tqdm(total=edits, desc="sequential edits", disable=not progress)
     remembering = editor.remembering(memory) if memory is not None else contextlib.nullcontext()
@@ -202,7 +204,12 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
         with remembering:
             while done < edits:
                 upto = min(done + batch, edits, next(m for m in marks if m > done))
-                handles.append(editor.apply(model, _edit_batch(collator, records[done:upto], instruction).to(device)))
+                edit_batch = _edit_batch(collator, records[done:upto], instruction).to(device)
+                handle = editor.apply(model, edit_batch)
+                if isinstance(handle, WeightEditHandle) and not handles:
+                    weights.add(handle, edit_batch)
+                else:
+                    handles.append(handle)
                 bar.update(upto - done)
                 done = upto
                 if done in marks and done not in scored:
@@ -217,5 +224,6 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
         bar.close()
         for handle in reversed(handles):
             handle.rollback()
-    guard.verify(full=True, where=f"after rolling back {len(handles)} sequential edit calls")
+        weights.rollback()
+    guard.verify(full=True, where=f"after rolling back the sequential edit calls of {done} edits")
     return {"base_perplexity": base_ppl, "perplexity_texts": len(texts), "batch": batch, "points": points, "rolled_back_bitwise": True}
