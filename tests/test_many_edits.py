@@ -222,8 +222,11 @@ def test_analyze_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Pa
     assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5"]) == 2
     assert "needs --preserve-data FILE" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
-                 "--preserve", "10"]) == 2
-    assert "of its texts are in the perplexity sample" in caplog.text
+                 "--preserve-start", "4", "--preserve", "6"]) == 2
+    assert "all 6 of its texts are in the perplexity sample" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "y.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
+                 "--preserve", "10"]) == 0
+    assert "left out 6 of its 10 texts that are also in the perplexity sample" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
                  "--preserve-start", "100", "--preserve", "10"]) == 2
     assert "--preserve-start 100 --preserve 10 needs 110 records" in caplog.text

@@ -125,7 +125,7 @@ def _records(args: argparse.Namespace, data: str | None, needed: int, option: st
     records, where, _ = load_eval_records(args.task, data, args.data_dir, args.split, args.split_seed)
     if len(records) < needed:
         source = data or f"the {args.task} {args.split} split"
-        raise ValueError(f"{option} needs {needed} records but {source} has {len(records)}: use at most {len(records)} or give a larger --data FILE")
+        raise ValueError(f"{option} needs {needed} records but {source} has {len(records)}: use at most {len(records)} or a larger file")
     return records, where
 
 
@@ -178,10 +178,15 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
     texts = [(q.prompt, q.answer) for r in records for q in r.locality]
     if not texts:
         raise ValueError(f"records {args.preserve_start}..{end - 1} of --preserve-data {args.preserve_data} have no locality prompts")
-    overlap = {(q.prompt, q.answer) for r in held_out for q in r.locality} & set(texts)
-    if overlap:
-        raise ValueError(f"--preserve-data {args.preserve_data}: {len(overlap)} of its texts are in the perplexity sample "
-                         f"(e.g. {sorted(overlap)[0][0]!r}); preserve other records than those perplexity is measured on")
+    measured = {(q.prompt, q.answer) for r in held_out for q in r.locality}
+    kept = [t for t in texts if t not in measured]
+    if not kept:
+        raise ValueError(f"--preserve-data {args.preserve_data}: all {len(texts)} of its texts are in the perplexity sample; "
+                         "preserve other records than those perplexity is measured on")
+    if len(kept) < len(texts):
+        logger.warning("--preserve-data %s: left out %d of its %d texts that are also in the perplexity sample (e.g. %r)",
+                       args.preserve_data, len(texts) - len(kept), len(texts), next(t for t in texts if t in measured)[0])
+    texts = kept
     return texts
 
 
