@@ -271,6 +271,29 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert len(json.loads((tmp_path / "together" / EDITS_FILE).read_text())) == 3
 
 
+def test_edit_file_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from instructedit.cli import main
+
+    editor = _saved_editor(tiny_llama_dir, tmp_path / "editor", "least_squares")
+    edits = _edits_file(tmp_path / "edits.jsonl", EDIT_LINES)
+    data = _zsre_file(tmp_path / "zsre.json", 10)
+    base = ["edit", "--editor", str(editor), "--file", str(edits), "--device", "cpu", "--max-new-tokens", "4", "--sequential"]
+    assert main([*base, "--save", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main([*base, "--key-memory", "--preserve-data", str(data), "--preserve", "5", "--save", str(tmp_path / "kept")]) == 0
+    assert "one after another (--sequential, with a key memory (5 preserved texts))" in capsys.readouterr().out
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
+    kept = AutoModelForCausalLM.from_pretrained(tmp_path / "kept").state_dict()
+    assert any(not torch.equal(plain[k], kept[k]) for k in plain)
+    assert main([*base[:-1], "--key-memory"]) == 2
+    assert "add --sequential" in caplog.text
+    assert main([*base, "--preserve-data", str(data)]) == 2
+    assert "add --key-memory --sequential" in caplog.text
+
+
 @pytest.mark.parametrize("bad, message", [
     ("{not json", "line 2: not valid JSON"),
     (json.dumps({"prompt": "The capital of France is"}), "line 2: missing target"),

@@ -153,6 +153,20 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     return {"pre": _aggregate(pre, None), "points": points}
 
 
+def key_memory(editor: Editor, model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], past_weight: float = 1.0,
+               text_weight: float = 0.0, batch_size: int = 16) -> KeyMemory:
+    """A ``KeyMemory`` for lifelong editing with ``editor`` (least squares): earlier edits' keys weighted ``past_weight``
+    and, when ``texts`` are given, their (prompt, continuation) keys' mean covariance counted as ``text_weight`` tokens."""
+    if not hasattr(editor, "remembering"):
+        raise ValueError(f"a key memory needs a least-squares MEND editor; this one is {type(editor).__name__}")
+    memory = KeyMemory(past_weight, text_weight)
+    if texts:
+        device = next(model.parameters()).device
+        batches = [collator.qa_batch(list(texts[i : i + batch_size])).to(device) for i in range(0, len(texts), batch_size)]
+        editor.preserve_text(model, memory, batches)
+    return memory
+
+
 def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], batch_size: int = 16) -> float:
     """exp of the mean answer-token NLL of (prompt, continuation) pairs: the capability-retention sample."""
     device = next(model.parameters()).device

@@ -251,7 +251,7 @@ def run_batch(args: argparse.Namespace) -> int:
 def run_sequential(args: argparse.Namespace) -> int:
     import torch
 
-    from instructedit.analysis.many_edits import sequential_study
+    from instructedit.analysis.many_edits import key_memory, sequential_study
 
     for option, value in (("--edits", args.edits), ("--batch", args.batch), ("--held-out", args.held_out)):
         if value < 1:
@@ -300,15 +300,8 @@ def run_sequential(args: argparse.Namespace) -> int:
             _write(output, result, SEQUENTIAL_PANELS, title)  # a long run keeps what it has scored
             print(_line(label, point), flush=True)
 
-        memory = None
-        if args.key_memory:
-            from instructedit.editors.aggregation import KeyMemory
-
-            memory = KeyMemory(args.past_weight, args.preserve_weight)
-            if preserve:
-                device = next(loaded.model.parameters()).device
-                batches = [loaded.collator.qa_batch(preserve[i : i + args.batch_size]).to(device) for i in range(0, len(preserve), args.batch_size)]
-                loaded.editor.preserve_text(loaded.model, memory, batches)
+        memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, args.past_weight, args.preserve_weight,
+                            args.batch_size) if args.key_memory else None
         out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
                                args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,
                                progress=not args.no_progress, on_point=on_point, scored={p["n_edits"] for p in entry["points"]},

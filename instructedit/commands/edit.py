@@ -31,6 +31,14 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
+    edit.add_argument("--key-memory", action="store_true",
+                      help="--sequential with a least-squares editor: each edit's solve holds the earlier edits' keys still "
+                           "(lifelong editing; results/analysis/lifelong-memory-dev/)")
+    edit.add_argument("--preserve-data", default=None, metavar="FILE",
+                      help="--key-memory: also hold still the keys of the locality prompts + answers of the first --preserve "
+                           "records of FILE (a data file of --task's format), counted as --preserve-weight tokens")
+    edit.add_argument("--preserve", type=int, default=400, metavar="N", help="records of --preserve-data (default 400)")
+    edit.add_argument("--preserve-weight", type=float, default=1000.0, metavar="W", help="weight of the preserved text (default 1000)")
     edit.add_argument("--task", default="counterfact", choices=TASKS,
                       help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
     edit.add_argument("--subject", default="", help="the entity the edit is about (optional)")
@@ -69,6 +77,12 @@ def run_edit(args: argparse.Namespace) -> int:
                                            ("--topic", args.topic)) if value is not None]
         if single:
             raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
+        if args.key_memory and not args.sequential:
+            raise ValueError("--key-memory holds earlier edits still while editing one after another: add --sequential")
+        if args.preserve_data and not args.key_memory:
+            raise ValueError("--preserve-data shapes the key memory: add --key-memory --sequential")
+        if args.preserve < 1 or args.preserve_weight < 0:
+            raise ValueError(f"--preserve must be >= 1 and --preserve-weight >= 0, got {args.preserve} and {args.preserve_weight}")
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
         return _edit_many(args, numbered, editor, model, tok, model_name)
@@ -187,12 +201,27 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         return [(answer(m, tok, w, args.max_new_tokens), score_target(m, tok, w, e.target).accuracy) for w, e in zip(wrapped, edits)]
 
     before = snapshot(model)
-    apply = editor.apply_sequential if args.sequential else editor.apply
-    with apply(model, edits, tok) as edited:
+    memory, kept = None, ""
+    if args.key_memory:
+        from instructedit.analysis.many_edits import key_memory
+        from instructedit.commands.evaluate import load_eval_records
+        from instructedit.models.loading import max_input_length
+        from instructedit.tasks.collate import Collator
+
+        texts: list[tuple[str, str]] = []
+        if args.preserve_data:
+            records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][: args.preserve]
+            texts = [(q.prompt, q.answer) for r in records for q in r.locality]
+            if not texts:
+                raise ValueError(f"--preserve-data {args.preserve_data}: its first {args.preserve} records have no locality prompts")
+        memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts,
+                            text_weight=args.preserve_weight if texts else 0.0)
+        kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
+    with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential else editor.apply(model, edits, tok)) as edited:
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
-    how = "one after another (--sequential)" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)})"
+    how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
              f"{len(edits)} edits from {args.file}, applied {how}", "",
