@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.aggregation import KeyMemory
-from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle
+from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle, keep_in_sequence
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
@@ -368,11 +368,7 @@ class InstructEditor:
             with remembering:
                 for edit in edits:
                     batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
-                    handle = editor.apply(model, batch)
-                    if isinstance(handle, WeightEditHandle) and not handles:
-                        weights.add(handle, batch)  # the sequence keeps one copy of the originals, not one per edit
-                    else:
-                        handles.append(handle)
+                    keep_in_sequence(weights, handles, editor.apply(model, batch), batch)
             if handles and len(weights):
                 raise TypeError(f"{type(editor).__name__} returned both weight edits and hook edits; cannot keep them as one sequence")
         except BaseException:

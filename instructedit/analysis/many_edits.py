@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.aggregation import KeyMemory
-from instructedit.editors.base import Editor, SequentialWeightEdits, WeightEditHandle
+from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -153,6 +153,11 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     return {"pre": _aggregate(pre, None), "points": points}
 
 
+def locality_texts(records: Sequence[EditRecord]) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs of the records' locality prompts: the perplexity and preservation samples."""
+    return [(q.prompt, q.answer) for r in records for q in r.locality]
+
+
 def key_memory(editor: Editor, model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], past_weight: float = 1.0,
                text_weight: float = 0.0, batch_size: int = 16) -> KeyMemory:
     """A ``KeyMemory`` for lifelong editing with ``editor`` (least squares): earlier edits' keys weighted ``past_weight``
@@ -200,7 +205,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
         raise ValueError(f"batch must be >= 1, got {batch}")
     device = next(model.parameters()).device
     records = list(records[:edits])
-    texts = [(q.prompt, q.answer) for r in held_out for q in r.locality]
+    texts = locality_texts(held_out)
     if not texts:
         raise ValueError("the held-out cases have no locality prompts to measure perplexity on")
     probes = _probes(collator, records, instruction)
@@ -219,11 +224,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
             while done < edits:
                 upto = min(done + batch, edits, next(m for m in marks if m > done))
                 edit_batch = _edit_batch(collator, records[done:upto], instruction).to(device)
-                handle = editor.apply(model, edit_batch)
-                if isinstance(handle, WeightEditHandle) and not handles:
-                    weights.add(handle, edit_batch)
-                else:
-                    handles.append(handle)
+                keep_in_sequence(weights, handles, editor.apply(model, edit_batch), edit_batch)
                 bar.update(upto - done)
                 done = upto
                 if done in marks and done not in scored:

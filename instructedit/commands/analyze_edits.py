@@ -162,6 +162,8 @@ RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", 
 
 def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) -> list[tuple[str, str]]:
     """The (prompt, answer) texts whose keys --key-memory holds still (--preserve-data), checked against the perplexity sample."""
+    from instructedit.analysis.many_edits import locality_texts
+
     wanted = args.key_memory and args.preserve_weight > 0
     if not args.key_memory and (args.preserve_weight or args.preserve_data or args.past_weight != 1.0):
         raise ValueError("--past-weight, --preserve-weight and --preserve-data shape the key memory: add --key-memory")
@@ -175,10 +177,10 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
         raise ValueError(f"--preserve must be >= 1 and --preserve-start >= 0, got {args.preserve} and {args.preserve_start}")
     end = args.preserve_start + args.preserve
     records = _records(args, args.preserve_data, end, f"--preserve-start {args.preserve_start} --preserve {args.preserve}")[0][args.preserve_start : end]
-    texts = [(q.prompt, q.answer) for r in records for q in r.locality]
+    texts = locality_texts(records)
     if not texts:
         raise ValueError(f"records {args.preserve_start}..{end - 1} of --preserve-data {args.preserve_data} have no locality prompts")
-    measured = {(q.prompt, q.answer) for r in held_out for q in r.locality}
+    measured = set(locality_texts(held_out))
     kept = [t for t in texts if t not in measured]
     if not kept:
         raise ValueError(f"--preserve-data {args.preserve_data}: all {len(texts)} of its texts are in the perplexity sample; "

@@ -203,7 +203,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     before = snapshot(model)
     memory, kept = None, ""
     if args.key_memory:
-        from instructedit.analysis.many_edits import key_memory
+        from instructedit.analysis.many_edits import key_memory, locality_texts
         from instructedit.commands.evaluate import load_eval_records
         from instructedit.models.loading import max_input_length
         from instructedit.tasks.collate import Collator
@@ -211,7 +211,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         texts: list[tuple[str, str]] = []
         if args.preserve_data:
             records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][: args.preserve]
-            texts = [(q.prompt, q.answer) for r in records for q in r.locality]
+            texts = locality_texts(records)
             if not texts:
                 raise ValueError(f"--preserve-data {args.preserve_data}: its first {args.preserve} records have no locality prompts")
         memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts,

@@ -107,6 +107,15 @@ def tensor_digest(tensor: torch.Tensor) -> int:
     return zlib.crc32(flat.cpu().numpy())
 
 
+def keep_in_sequence(weights: SequentialWeightEdits, handles: list[EditHandle], handle: EditHandle, batch: TokenBatch) -> None:
+    """Keep one more edit of a sequence: a weight edit joins ``weights`` (one copy of the originals for the whole
+    sequence, not one per edit) unless hook edits came first; any other edit keeps its own undo handle in ``handles``."""
+    if isinstance(handle, WeightEditHandle) and not handles:
+        weights.add(handle, batch)
+    else:
+        handles.append(handle)
+
+
 class SequentialWeightEdits(EditHandle):
     """Weight edits kept one after another, undone bit for bit all at once or back to any earlier edit.
 
