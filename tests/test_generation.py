@@ -23,7 +23,7 @@ from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
 from instructedit.commands.evaluate import add_evaluate_parser
 from instructedit.evaluation.generation import (
-    batch_order, _shared_prefix, answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids,
+    batch_order, shared_prefix, answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer, stop_token_ids,
     token_f1,
 )
 from instructedit.evaluation.generation_probes import Query, answer_scores, case_queries
@@ -160,14 +160,14 @@ def test_batched_greedy_generation_equals_one_prompt_at_a_time(tiny_model_dir: P
         greedy_generate(model, tokenizer, prompts, 4, max_length=8)
 
 
-def test_a_shared_prefix_and_finished_rows_leaving_the_batch_change_no_answer(tiny_model_dir: Path) -> None:
+def test_ashared_prefix_and_finished_rows_leaving_the_batch_change_no_answer(tiny_model_dir: Path) -> None:
     model, tokenizer = load_model(str(tiny_model_dir))
     template = "Task: zsre\nDescription: Answer the question about the entity with a short phrase.\nInput: {}\nOutput:"
     questions = ["Who founded Rome?", "What is the capital of the country where the Danube river flows into the sea?", "Who?",
                  "When was the inception of the IAAF Combined Events Challenge?", "Which river?", "Name the author of the book."]
     prompts = [template.format(q) for q in questions] + ["The capital of France is", "I really like"]
     encoded = [tokenizer(p)["input_ids"] for p in prompts]
-    assert _shared_prefix(encoded[:6]) >= 8 and _shared_prefix(encoded) == 0  # the templated ones share their head
+    assert shared_prefix(encoded[:6]) >= 8 and shared_prefix(encoded) == 0  # the templated ones share their head
     assert batch_order(encoded)[-6:] == sorted(range(6), key=lambda i: len(encoded[i]))  # grouped, then by length
     budgets = [1, 12, 3, 9, 2, 7, 5, 11]  # rows finish at different steps: finished ones leave the batch
     expected = [naive_greedy(model, tokenizer, p, b) for p, b in zip(prompts, budgets)]
@@ -217,6 +217,12 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     assert after_half == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=halved)
     assert before[2] == after[2] and any(b != a for b, a in zip(before, after))  # the edits change answers, no edit none
     assert before == [naive_greedy(model, tokenizer, p, b) for p, b in zip(prompts, budgets)]
+    # the templated prompts prefill as one batch whose template passes the model once; every batch decodes in one loop
+    # (decode_rows) or each in its own: the same answers
+    chunks = before_after._chunks([tokenizer(p)["input_ids"] for p in prompts], 4)
+    assert [sorted(rows) for rows, shared in chunks if shared >= 8] == [[0, 1, 2]] and len(chunks) == 2
+    assert greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
+                               variant_scales=[1.0, 0.5], decode_rows=1) == (before, [after, after_half])
     assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
     assert greedy_before_after(model, tokenizer, split, [], 3, row_updates, transposed, 2) == ([], [[], []])
     # an architecture whose suffix re-run does not reproduce its logits: two separate calls, said in a warning

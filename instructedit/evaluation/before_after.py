@@ -29,27 +29,46 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache
 
 from instructedit.evaluation.generation import (
-    batch_order, greedy_loop, last_logits_only, returned_cache, encode_prompts, greedy_generate, left_padded, pad_id, stop_token_ids,
+    cache_argument, batch_order, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
+    left_padded, pad_id, returned_cache, stop_token_ids,
 )
 from instructedit.evaluation.row_edits import Updates, per_row_updates
 from instructedit.models.split import SplitModel
 
 logger = logging.getLogger(__name__)
 
+DECODE_ROWS = 256  # most rows (prompts × (variants + 1)) one decoding loop holds: its KV cache grows with them
 RowUpdates = Callable[[int, int], Updates | None]  # (variant, prompt index) -> the row's weight update (None: unedited)
 
 
 class _Prefill:
-    """The unedited prefill of one left-padded batch and what the edited blocks were called with."""
+    """The unedited prefill of one left-padded batch and what the edited blocks were called with.
 
-    def __init__(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor) -> None:
+    ``prefix``: tokens every row begins with (an instruction template, a chat system turn): they pass
+    the model once, for one row, and the rows' own tokens run on a copy of its cache; the edited
+    blocks are replayed on both parts, row by row (``replay``).
+    """
+
+    def __init__(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor, prefix: Sequence[int] = ()) -> None:
         self.split = split
+        n, keep, past, extra = ids.shape[0], last_logits_only(model), None, {}
+        self.stages: list[tuple[torch.Tensor, list]] = []  # (input of the first edited block, block arguments) per pass, in order
+        if len(prefix):
+            with split.recording_block_inputs() as captured:
+                out = model(input_ids=torch.tensor([list(prefix)], device=ids.device), use_cache=True, **keep)
+            hidden, block_args = split.block_arguments(captured)
+            self.stages.append((hidden.expand(n, -1, -1).contiguous(), block_args))
+            past = returned_cache(out)
+            past.batch_repeat_interleave(n)
+            mask = torch.cat([torch.ones((n, len(prefix)), dtype=mask.dtype, device=mask.device), mask], dim=1)
+            extra = {cache_argument(model): past}
+        self.mask = mask  # over the prefix and the rows' own tokens
         with split.recording_block_inputs() as captured:
-            position = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding does not shift positions
-            out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **last_logits_only(model))
+            position = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]  # left padding does not shift positions
+            out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **extra, **keep)
+        self.stages.append(split.block_arguments(captured))
         self.logits = out.logits[:, -1]
         self.cache = returned_cache(out)
-        self.hidden, self.block_args = split.block_arguments(captured)
         # an edited model's cache starts as the unedited layers below the first edited one, empty edited layers (``replay``)
         self.lower = copy.deepcopy(self.cache)
         for i in split.suffix_indices:
@@ -59,36 +78,61 @@ class _Prefill:
     def replay(self) -> tuple[torch.Tensor, Cache]:
         """Last-position logits and the cache of the edited blocks re-run on the unedited inputs, with whatever edits are active."""
         cache = copy.deepcopy(self.lower)
-        block_args = [(tuple(cache if isinstance(a, Cache) else a for a in rest), {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()})
-                      for rest, kwargs in self.block_args]
-        return self.split.head(self.split.blocks(self.hidden, block_args)[:, -1]), cache
+        for hidden, recorded in self.stages:  # the shared prefix (if any), then the rows' own tokens
+            block_args = [(tuple(cache if isinstance(a, Cache) else a for a in rest), {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()})
+                          for rest, kwargs in recorded]
+            out = self.split.blocks(hidden, block_args)
+        return self.split.head(out[:, -1]), cache
 
     def replay_matches(self) -> bool:
         """Whether the suffix re-run without edits reproduces the unedited logits."""
         return torch.allclose(self.replay()[0].float(), self.logits.float(), atol=1e-4, rtol=1e-3)
 
 
-def _merged(caches: Sequence[Cache]) -> Cache:
-    """One cache holding the rows of ``caches`` one after another (the first one, extended in place)."""
+def _merged(caches: Sequence[Cache], masks: Sequence[torch.Tensor]) -> tuple[Cache, torch.Tensor]:
+    """One cache holding the rows of ``caches`` one after another (the first one, extended in place), shorter ones padded
+    on the left (zero keys and values, masked), and the attention mask of its rows."""
+    width = max(m.shape[1] for m in masks)
+
+    def padded(t: torch.Tensor) -> torch.Tensor:  # (rows, heads, length, dim) -> (rows, heads, width, dim)
+        return torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
+
     first = caches[0]
     for i, layer in enumerate(first.layers):
-        layer.keys = torch.cat([c.layers[i].keys for c in caches])
-        layer.values = torch.cat([c.layers[i].values for c in caches])
-    return first
+        layer.keys = torch.cat([padded(c.layers[i].keys) for c in caches])
+        layer.values = torch.cat([padded(c.layers[i].values) for c in caches])
+    return first, torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
+
+
+def _chunks(encoded: Sequence[Sequence[int]], batch_size: int) -> list[tuple[list[int], int]]:
+    """Prefill batches in decoding order (``batch_order``): at most ``batch_size`` prompts of one ``group_keys`` group;
+    each with the number of leading tokens its prompts share (``shared_prefix``)."""
+    keys = group_keys(encoded)
+    chunks: list[list[int]] = []
+    for i in batch_order(encoded):
+        if chunks and len(chunks[-1]) < batch_size and keys[chunks[-1][0]] == keys[i]:
+            chunks[-1].append(i)
+        else:
+            chunks.append([i])
+    return [(rows, shared_prefix([encoded[i] for i in rows])) for rows in chunks]
 
 
 @torch.no_grad()
 def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: SplitModel, prompts: Sequence[str],
                         max_new_tokens: Sequence[int] | int, updates: RowUpdates, transposed: Mapping[str, bool], variants: int = 1,
                         batch_size: int = 32, max_length: int | None = None,
-                        variant_scales: Sequence[float] | None = None) -> tuple[list[str], list[list[str]]]:
+                        variant_scales: Sequence[float] | None = None, decode_rows: int = DECODE_ROWS) -> tuple[list[str], list[list[str]]]:
     """Greedy continuations of ``prompts`` by the unedited model and by ``variants`` edited ones, from one prefill per batch.
 
     ``updates(variant, prompt index)``: the weight update (``row_edits.Updates``, or None: unedited) the
     prompt is answered with in that variant, added row by row on blocks ``split.first_layer`` and
     later (``transposed`` as ``per_row_updates`` takes it), times ``variant_scales[variant]`` if
     given (one update at several step-size multipliers). Returns (unedited answers, answers per variant); each equals a ``greedy_generate`` call with the same per-row edits up to float rounding.
-    All rows decode in one loop (the unedited ones, then each variant's).
+
+    Prompts are prefilled in batches of at most ``batch_size`` that share their leading tokens (an
+    instruction template: it passes the model once per batch); the batches' rows, unedited and
+    edited, then decode together in one loop of up to ``decode_rows`` rows (fewer, longer-lived
+    loops: each decoding step reads the weights once for all of them).
     """
     budgets, encoded = encode_prompts(tokenizer, prompts, max_new_tokens, max_length)
     if not prompts:
@@ -103,27 +147,40 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
         scales = None if variant_scales is None else [1.0 if o is None else variant_scales[o[0]] for o in owners]
         return per_row_updates(model, [None if o is None else updates(*o) for o in owners], transposed, scales)
 
-    order = batch_order(encoded)
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        ids, mask = (t.to(device) for t in left_padded([encoded[i] for i in rows], pad_id(tokenizer)))
-        prefill = _Prefill(model, split, ids, mask)
-        if start == 0 and not prefill.replay_matches():
-            logger.warning("re-running the edited blocks of %s does not reproduce its logits: the unedited and edited answers are "
-                           "decoded separately (full prefills)", type(model).__name__)
-            return (greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length),
-                    [greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length,
-                                     rows_context=lambda idx, v=v: rows_context([(v, i) for i in idx])) for v in range(variants)])
-        logits, caches = [prefill.logits], [prefill.cache]
-        for v in range(variants):
-            with rows_context([(v, i) for i in rows]):
-                edited_logits, cache = prefill.replay()
-            logits.append(edited_logits)
-            caches.append(cache)
+    chunks = _chunks(encoded, batch_size)
+    per_loop = max(batch_size, decode_rows // (variants + 1))  # prompts decoded in one loop
+    checked = False
+    while chunks:
+        group: list[tuple[list[int], int]] = []
+        while chunks and (not group or sum(len(r) for r, _ in group) + len(chunks[0][0]) <= per_loop):
+            group.append(chunks.pop(0))
+        logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]  # per variant (0: unedited), per chunk
+        caches: list[list[Cache]] = [[] for _ in range(variants + 1)]
+        masks: list[torch.Tensor] = []
+        for rows, shared in group:
+            ids, mask = (t.to(device) for t in left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer)))
+            prefill = _Prefill(model, split, ids, mask, encoded[rows[0]][:shared])
+            if not checked and not prefill.replay_matches():
+                logger.warning("re-running the edited blocks of %s does not reproduce its logits: the unedited and edited answers are "
+                               "decoded separately (full prefills)", type(model).__name__)
+                return (greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length),
+                        [greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length,
+                                         rows_context=lambda idx, v=v: rows_context([(v, i) for i in idx])) for v in range(variants)])
+            checked = True
+            logits[0].append(prefill.logits)
+            caches[0].append(prefill.cache)
+            masks.append(prefill.mask)
+            for v in range(variants):
+                with rows_context([(v, i) for i in rows]):
+                    edited_logits, cache = prefill.replay()
+                logits[v + 1].append(edited_logits)
+                caches[v + 1].append(cache)
         # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
+        rows = [i for r, _ in group for i in r]
+        cache, mask = _merged([c for per_variant in caches for c in per_variant], masks * (variants + 1))
         n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
-        tokens = greedy_loop(model, ids.repeat(variants + 1, 1), mask.repeat(variants + 1, 1), [budgets[i] for i in rows] * (variants + 1),
-                             newline, blank, eos, start=(torch.cat(logits), _merged(caches)),
+        tokens = greedy_loop(model, mask, mask, [budgets[i] for i in rows] * (variants + 1), newline, blank, eos,
+                             start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),
                              context=lambda active, owners=owners: rows_context([owners[a] for a in active]))
         for r, i in enumerate(rows):
             before[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)

@@ -179,7 +179,7 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     order = batch_order(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None or len(order) <= batch_size):
         rows = order[start : start + batch_size]
-        shared = 0 if rows_context is not None else _shared_prefix([encoded[i] for i in rows])
+        shared = 0 if rows_context is not None else shared_prefix([encoded[i] for i in rows])
         ids, mask = left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer))
         context = (lambda active, rows=rows: rows_context([rows[a] for a in active])) if rows_context is not None else None
         tokens = greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos,
@@ -218,18 +218,24 @@ def left_padded(rows: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, 
     return ids, mask
 
 
-def batch_order(encoded: Sequence[Sequence[int]], key_tokens: int = MIN_SHARED_PREFIX) -> list[int]:
-    """Prompt indices in decoding order: prompts that share their first ``key_tokens`` tokens together, then by length."""
+def group_keys(encoded: Sequence[Sequence[int]], key_tokens: int = MIN_SHARED_PREFIX) -> list[tuple[int, ...]]:
+    """Per prompt, the group it is batched with: its first ``key_tokens`` tokens when another prompt begins with
+    them too (an instruction template), else () (the prompts that share no head)."""
     heads = Counter(tuple(ids[:key_tokens]) for ids in encoded if len(ids) > key_tokens)
+    out = []
+    for ids in encoded:
+        head = tuple(ids[:key_tokens])
+        out.append(head if heads.get(head, 0) > 1 and len(ids) > key_tokens else ())
+    return out
 
-    def key(i: int) -> tuple:
-        head = tuple(encoded[i][:key_tokens])
-        return (head if heads.get(head, 0) > 1 and len(encoded[i]) > key_tokens else (), len(encoded[i]))
 
-    return sorted(range(len(encoded)), key=key)
+def batch_order(encoded: Sequence[Sequence[int]], key_tokens: int = MIN_SHARED_PREFIX) -> list[int]:
+    """Prompt indices in decoding order: prompts of one ``group_keys`` group together, then by length."""
+    keys = group_keys(encoded, key_tokens)
+    return sorted(range(len(encoded)), key=lambda i: (keys[i], len(encoded[i])))
 
 
-def _shared_prefix(encoded: Sequence[Sequence[int]]) -> int:
+def shared_prefix(encoded: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all rows of a batch share (0 below ``MIN_SHARED_PREFIX`` or for one row); every row keeps one of its own."""
     if len(encoded) < 2:
         return 0
@@ -252,7 +258,7 @@ def last_logits_only(model: nn.Module) -> dict[str, int]:
     return {}
 
 
-def _cache_argument(model: nn.Module) -> str:
+def cache_argument(model: nn.Module) -> str:
     """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (before)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -274,7 +280,7 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
     """
     n = ids.shape[0]
     keep = last_logits_only(model)
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_argument(model)
     past = None
     if len(prefix):
         past = returned_cache(model(input_ids=torch.tensor([list(prefix)], device=ids.device), use_cache=True, **keep))
