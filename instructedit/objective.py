@@ -43,29 +43,35 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
     outer = inner if same_outer else split.prefix(batch.edit_outer)
     loc = split.prefix(batch.loc)
-    context = batch.loc.attention_mask.bool() & ~batch.loc.label_mask if c_context else None  # the locality prompt's positions
-    with torch.no_grad():
-        pre_loc = split.logits_at(loc.final_hidden, batch.loc.label_mask)
-        pre_context = split.logits_at(loc.final_hidden, context) if context is not None else None
-        pre_outer = split.logits_at(outer.final_hidden, batch.edit_outer.label_mask)
+    unlikely_state = split.prefix(batch.unlikely) if batch.unlikely is not None else None  # ConvSent's opposite responses
+    loc_mask, outer_mask = batch.loc.label_mask, batch.edit_outer.label_mask
+    context = batch.loc.attention_mask.bool() & ~loc_mask if c_context else None  # the locality prompt's positions
 
     edit = editor.edit(split, batch.edit_inner, inner)
 
-    post_outer = _scored(split, outer, batch.edit_outer, edit.new_params)
-    outer_targets = batch.edit_outer.labels[batch.edit_outer.label_mask]
+    # every pre- and post-edit position the loss reads, projected onto the vocabulary at once (split.logits_at_many)
+    post_loc_hidden = split.suffix(loc, edit.new_params)
+    selections = {"pre_loc": (loc.final_hidden, loc_mask), "pre_outer": (outer.final_hidden, outer_mask),
+                  "post_outer": (split.suffix(outer, edit.new_params), outer_mask), "post_loc": (post_loc_hidden, loc_mask)}
+    if context is not None:
+        selections |= {"pre_context": (loc.final_hidden, context), "post_context": (post_loc_hidden, context)}
+    if unlikely_state is not None:
+        selections["post_unlikely"] = (split.suffix(unlikely_state, edit.new_params), batch.unlikely.label_mask)
+    logits = dict(zip(selections, split.logits_at_many(list(selections.values())), strict=True))
+    pre_loc, pre_outer = logits["pre_loc"].detach(), logits["pre_outer"].detach()  # targets, not trained
+    pre_context = logits["pre_context"].detach() if context is not None else None
+    post_outer, post_loc = logits["post_outer"], logits["post_loc"]
+
+    outer_targets = batch.edit_outer.labels[outer_mask]
     l_edit = masked_nll(post_outer, outer_targets)
     l_answer = answer_margin(post_outer, outer_targets, answer_cap) if c_answer else None
-    if batch.unlikely is not None:  # ConvSent: push the opposite sentiment's responses down
-        unlikely_state = split.prefix(batch.unlikely)
-        post_unlikely = _scored(split, unlikely_state, batch.unlikely, edit.new_params)
-        l_edit = l_edit + unlikelihood(post_unlikely, batch.unlikely.labels[batch.unlikely.label_mask])
-    post_loc_hidden = split.suffix(loc, edit.new_params)
-    post_loc = split.logits_at(post_loc_hidden, batch.loc.label_mask)
+    if unlikely_state is not None:  # ConvSent: push the opposite sentiment's responses down
+        l_edit = l_edit + unlikelihood(logits["post_unlikely"], batch.unlikely.labels[batch.unlikely.label_mask])
     l_loc = locality_kl(pre_loc, post_loc)
     loss = c_edit * l_edit + c_loc * l_loc
     l_context = None
     if context is not None:
-        l_context = locality_kl(pre_context, split.logits_at(post_loc_hidden, context))
+        l_context = locality_kl(pre_context, logits["post_context"])
         loss = loss + c_context * l_context
     if l_answer is not None:
         loss = loss + c_answer * l_answer

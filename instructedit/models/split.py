@@ -12,7 +12,7 @@ weights applied functionally, and ``logits_at`` projects to the vocabulary only 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +136,15 @@ class SplitModel:
     def logits_at(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits (n_positions, vocab) only at the positions where ``mask`` is True."""
         return self.head(hidden[mask])
+
+    def logits_at_many(self, selections: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """``logits_at`` of several (hidden, mask) pairs from ONE vocabulary projection (and one in backward).
+
+        At the few scored positions of a meta-training step the projection's cost is reading the output
+        embedding (vocab × d_model); one read serves every input of the step instead of one read each.
+        """
+        rows = [hidden[mask] for hidden, mask in selections]
+        return list(self.head(torch.cat(rows)).split([r.shape[0] for r in rows]))
 
 
 class CheckpointedSplitModel(SplitModel):
