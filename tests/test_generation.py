@@ -232,6 +232,31 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     assert "decoded separately" in caplog.text
 
 
+def test_a_mend_edits_low_rank_factors_add_what_its_dense_update_adds(tiny_model_dir: Path) -> None:
+    from instructedit.evaluation.row_edits import per_row_updates
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    collator = Collator(tokenizer, 64, None)
+    result = editor.edit(model, collator.qa_batch([("The capital of France is", "Rome")]))
+    assert result.low_rank is not None and set(result.low_rank) == set(result.updates)
+    for w in editor.weights:  # x · left · right equals x times the update in the weight's orientation (Conv1D or Linear)
+        left, right = result.low_rank[w.name]
+        dense = result.updates[w.name] if w.transposed else result.updates[w.name].T
+        assert left.shape[1] == right.shape[0] < min(dense.shape)  # rank: the edit's tokens
+        torch.testing.assert_close(left @ right, dense, rtol=1e-4, atol=1e-6)
+    transposed = {w.name: w.transposed for w in editor.weights}
+    batch = collator.qa_batch([("I really like", "cats"), ("The capital of Italy is", "Rome")])
+    outputs = []
+    for updates in (result.updates, result.low_rank):
+        with torch.no_grad(), per_row_updates(model, [None, updates], transposed, [1.0, 0.5]):
+            outputs.append(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        unedited = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(outputs[1][0], unedited[0])  # the row without an update is untouched
+    assert not torch.allclose(outputs[1][1], unedited[1])
+
+
 class Scripted(nn.Module):
     """A 'model' whose greedy next token follows a script, one step per forward call."""
 

@@ -27,12 +27,16 @@ class EditResult:
     """Edited weights, to be used functionally (``torch.func.functional_call``) or applied in place.
 
     ``new_params`` maps full parameter names to the edited tensors (the base weights are not
-    touched); ``updates`` holds the added deltas; ``pre_edit_loss`` is the edit NLL before the edit.
+    touched); ``updates`` holds the added deltas; ``pre_edit_loss`` is the edit NLL before the edit; ``low_rank``
+    the deltas as factors (adding a row's update by hooks then costs a fraction of a dense product: ``row_edits``).
     """
 
     new_params: dict[str, torch.Tensor]
     updates: dict[str, torch.Tensor] = field(default_factory=dict)
     pre_edit_loss: torch.Tensor | None = None
+    # the same deltas as low-rank factors, when the editor has them (MEND's summed update: rank <= edit tokens):
+    # name -> (left (d_in, r), right (r, d_out)), x · left · right = x · ΔW in either storage orientation
+    low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 class EditHandle:

@@ -166,13 +166,17 @@ class MENDEditor(LearnedEditor):
         ridge = [self.lambdas] if self.config.aggregation == "least_squares" else []
         return list(self.transforms.parameters()) + ridge
 
-    def transform(self, factors: dict[str, Factors]) -> dict[str, torch.Tensor]:
-        """α · Σ_t δ̃_t ũ_tᵀ per weight, in the parameter's storage orientation."""
+    def transform(self, factors: dict[str, Factors], with_factors: bool = False):
+        """α · Σ_t δ̃_t ũ_tᵀ per weight, in the parameter's storage orientation; ``with_factors``: also as
+        ``EditResult.low_rank`` factors (ũᵀ, α·δ̃): x · ũᵀ · α·δ̃ is x times the update in either orientation."""
         updates: dict[str, torch.Tensor] = {}
+        low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, w, _, u_w, d_w in self.network_outputs(factors):
             grad = d_w.T @ u_w  # (d_out, d_in)
             updates[w.name] = self.edit_lrs[i] * (grad.T if w.transposed else grad)
-        return updates
+            if with_factors:
+                low_rank[w.name] = (u_w.T, self.edit_lrs[i] * d_w)
+        return (updates, low_rank) if with_factors else updates
 
     def network_outputs(self, factors: dict[str, Factors]) -> Iterator[tuple[int, EditableWeight, torch.Tensor, torch.Tensor, torch.Tensor]]:
         """(index, weight, u, ũ, δ̃) per weight: the float32 keys and the network's outputs, (n_tokens, d)."""
@@ -267,8 +271,9 @@ class MENDEditor(LearnedEditor):
             raise ValueError("the edit batch has no target tokens to learn")
         if self.config.aggregation == "least_squares":
             updates, loss = self.solve(split, batch, state)
+            low_rank = None
         else:
             factors, loss = self.edit_factors(split, batch, state)
-            updates = self.transform(factors)
-        return EditResult(new_params=self.edited_params(split, updates), updates=updates, pre_edit_loss=loss.detach())
+            updates, low_rank = self.transform(factors, with_factors=True)
+        return EditResult(new_params=self.edited_params(split, updates), updates=updates, pre_edit_loss=loss.detach(), low_rank=low_rank)
 

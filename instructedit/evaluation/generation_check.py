@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from instructedit.editors.base import EditResult
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, exact_match, first_line, same_answer
@@ -79,7 +80,7 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     try:
         for start in range(0, len(cases), CASES_TOGETHER):
             group = range(start, min(start + CASES_TOGETHER, len(cases)))
-            updates = [{k: v.detach() for k, v in editor.edit(model, cases[i][2].to(device)).updates.items()} for i in group]
+            updates = [_detached(editor.edit(model, cases[i][2].to(device))) for i in group]
             records = [cases[i][0] for i in group]
             prompts = [q for i in group for q in (cases[i][1], cases[i][0].locality[0].prompt)]  # edit prompt, locality prompt
             budgets = [answer_budget(tokenizer, a) for r in records for a in (r.target_new, r.locality[0].answer)]
@@ -93,6 +94,13 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
         editor.train(was_training)
     return {scale: {"gen_reliability": sum(rel[scale]) / len(cases), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}
             for scale in scales}
+
+
+def _detached(result: EditResult) -> dict:
+    """The edit's updates for ``row_edits`` (its low-rank factors where it has them), detached."""
+    if result.low_rank is not None:
+        return {k: (a.detach(), b.detach()) for k, (a, b) in result.low_rank.items()}
+    return {k: v.detach() for k, v in result.updates.items()}
 
 
 def selection_score(scores: dict[str, float], locality_floor: float) -> float:

@@ -180,7 +180,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
         if fast_path:
             scores = first_scores if first_scores is not None and case is probe_case else score_functional(editor, model, case.layout(packed, dtype))
             if together:
-                pending.append((case, scores[0], scores[1], scores[2].updates))
+                pending.append((case, scores[0], scores[1], scores[2].low_rank or scores[2].updates))
                 if len(pending) >= cases_together:
                     flush()
                 continue
