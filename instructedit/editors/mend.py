@@ -172,10 +172,11 @@ class MENDEditor(LearnedEditor):
         updates: dict[str, torch.Tensor] = {}
         low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, w, _, u_w, d_w in self.network_outputs(factors):
-            grad = d_w.T @ u_w  # (d_out, d_in)
-            updates[w.name] = self.edit_lrs[i] * (grad.T if w.transposed else grad)
+            scaled = self.edit_lrs[i] * d_w  # α on the (tokens, d_out) factor: one pass over it, not over the (d_out, d_in) product
+            update = scaled.T @ u_w  # (d_out, d_in)
+            updates[w.name] = update.T if w.transposed else update
             if with_factors:
-                low_rank[w.name] = (u_w.T, self.edit_lrs[i] * d_w)
+                low_rank[w.name] = (u_w.T, scaled)
         return (updates, low_rank) if with_factors else updates
 
     def network_outputs(self, factors: dict[str, Factors]) -> Iterator[tuple[int, EditableWeight, torch.Tensor, torch.Tensor, torch.Tensor]]:
