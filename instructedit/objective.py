@@ -17,61 +17,137 @@ predictions first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from instructedit.editors.base import EditResult
 from instructedit.editors.mend import MENDEditor
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
+from instructedit.models.packing import pack, positions_fed
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import MetaBatch, TokenBatch
+from instructedit.tasks.collate import IGNORE
 
 
 def _scored(split: SplitModel, state: PrefixState, batch: TokenBatch, params: dict | None) -> torch.Tensor:
     return split.logits_at(split.suffix(state, params), batch.label_mask)
 
 
-def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0,
-              c_answer: float = 0.0, answer_cap: float = 2.0, c_context: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """One meta-training loss; gradients reach only the MEND network and the step sizes α.
+Selections = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (final hidden states, positions to score)
 
-    ``c_answer`` weighs ``losses.answer_margin`` on the edit_outer answer tokens (0: DESIGN.md §4 exactly);
-    ``c_context`` the locality KL on the locality input's prompt positions (0: DESIGN.md §4 exactly).
-    """
+
+def _padded_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool) -> tuple[EditResult, Selections]:
+    """The edit, and the hidden states the loss scores: one prefix pass per input (padded rows)."""
     inner = split.prefix(batch.edit_inner)
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
     outer = inner if same_outer else split.prefix(batch.edit_outer)
     loc = split.prefix(batch.loc)
     unlikely_state = split.prefix(batch.unlikely) if batch.unlikely is not None else None  # ConvSent's opposite responses
     loc_mask, outer_mask = batch.loc.label_mask, batch.edit_outer.label_mask
-    context = batch.loc.attention_mask.bool() & ~loc_mask if c_context else None  # the locality prompt's positions
-
     edit = editor.edit(split, batch.edit_inner, inner)
-
-    # every pre- and post-edit position the loss reads, projected onto the vocabulary at once (split.logits_at_many)
     post_loc_hidden = split.suffix(loc, edit.new_params)
     selections = {"pre_loc": (loc.final_hidden, loc_mask), "pre_outer": (outer.final_hidden, outer_mask),
                   "post_outer": (split.suffix(outer, edit.new_params), outer_mask), "post_loc": (post_loc_hidden, loc_mask)}
-    if context is not None:
-        selections |= {"pre_context": (loc.final_hidden, context), "post_context": (post_loc_hidden, context)}
+    if context:  # the locality prompt's positions
+        prompt = batch.loc.attention_mask.bool() & ~loc_mask
+        selections |= {"pre_context": (loc.final_hidden, prompt), "post_context": (post_loc_hidden, prompt)}
     if unlikely_state is not None:
         selections["post_unlikely"] = (split.suffix(unlikely_state, edit.new_params), batch.unlikely.label_mask)
+    return edit, selections
+
+
+def _stacked(batches: Sequence[TokenBatch]) -> TokenBatch:
+    """The rows of right-padded ``batches`` as one right-padded batch."""
+    width = max(b.input_ids.shape[1] for b in batches)
+
+    def padded(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return TokenBatch(*(torch.cat([padded(getattr(b, name), value) for b in batches])
+                        for name, value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE))))
+
+
+def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool) -> tuple[EditResult, Selections]:
+    """``_padded_inputs`` from ONE packed row: every input passes the frozen prefix in one forward (the instruction
+    they share once), the edit is taken on the edit rows' labels only (the other rows get an exactly zero gradient,
+    so their tokens drop out of the gradient factors), and one post-edit suffix pass serves every scored input."""
+    same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
+    parts = {"inner": batch.edit_inner, **({} if same_outer else {"outer": batch.edit_outer}), "loc": batch.loc,
+             **({"unlikely": batch.unlikely} if batch.unlikely is not None else {})}
+    bounds, start = {}, 0
+    for name, part in parts.items():
+        bounds[name] = (start, start + part.n_rows)
+        start += part.n_rows
+    n_inner = batch.edit_inner.n_rows
+    # only one edit row may share the instruction: MEND transforms each token's (u, δ) on its own
+    shareable = [not (1 <= r < n_inner) for r in range(start)]
+    rows, positions, owner = pack(_stacked(list(parts.values())), shareable, next(split.model.parameters()).dtype)
+    with positions_fed(split.model, positions):
+        state = split.prefix(rows)
+    labelled = rows.label_mask
+
+    def of(name: str) -> torch.Tensor:  # (1, L): the positions of that input's rows
+        lo, hi = bounds[name]
+        return ((owner >= lo) & (owner < hi))[None]
+
+    edit = editor.edit(split, TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE)), state)
+    post = split.suffix(state, edit.new_params)
+    outer_mask, loc_mask = of("inner" if same_outer else "outer") & labelled, of("loc") & labelled
+    selections = {"pre_loc": (state.final_hidden, loc_mask), "pre_outer": (state.final_hidden, outer_mask),
+                  "post_outer": (post, outer_mask), "post_loc": (post, loc_mask)}
+    if context:
+        prompt = of("loc") & ~labelled
+        selections |= {"pre_context": (state.final_hidden, prompt), "post_context": (post, prompt)}
+    if batch.unlikely is not None:
+        selections["post_unlikely"] = (post, of("unlikely") & labelled)
+    return edit, selections
+
+
+@torch.no_grad()
+def packing_matches(editor: MENDEditor, split: SplitModel, batch: MetaBatch, tolerance: float = 1e-3) -> bool:
+    """Whether ``meta_loss(packed=True)`` gives the padded rows' loss on ``batch`` (an architecture may ignore 4-D
+    attention masks); the editor runs in eval mode (its statistics are not updated)."""
+    was_training = editor.training
+    editor.eval()
+    try:
+        padded, _ = meta_loss(editor, split, batch, 1.0, 1.0, c_context=1.0)
+        try:
+            packed, _ = meta_loss(editor, split, batch, 1.0, 1.0, c_context=1.0, packed=True)
+        except (RuntimeError, ValueError, TypeError):  # e.g. an attention kernel without 4-D mask support
+            return False
+    finally:
+        editor.train(was_training)
+    return bool(torch.isclose(packed, padded, rtol=tolerance, atol=tolerance))
+
+
+def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0,
+              c_answer: float = 0.0, answer_cap: float = 2.0, c_context: float = 0.0,
+              packed: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """One meta-training loss; gradients reach only the MEND network and the step sizes α.
+
+    ``c_answer`` weighs ``losses.answer_margin`` on the edit_outer answer tokens (0: DESIGN.md §4 exactly);
+    ``c_context`` the locality KL on the locality input's prompt positions (0: DESIGN.md §4 exactly).
+    ``packed``: every input of the step runs as ONE packed row (``models.packing``; the same loss up to float
+    rounding, checked by ``packing_matches``): one prefix pass, the shared instruction once, one post-edit suffix.
+    """
+    inputs = _packed_inputs if packed else _padded_inputs
+    edit, selections = inputs(editor, split, batch, bool(c_context))
     logits = dict(zip(selections, split.logits_at_many(list(selections.values())), strict=True))
     pre_loc, pre_outer = logits["pre_loc"].detach(), logits["pre_outer"].detach()  # targets, not trained
-    pre_context = logits["pre_context"].detach() if context is not None else None
     post_outer, post_loc = logits["post_outer"], logits["post_loc"]
 
-    outer_targets = batch.edit_outer.labels[outer_mask]
+    outer_targets = batch.edit_outer.labels[batch.edit_outer.label_mask]  # packed: the same tokens in the same order
     l_edit = masked_nll(post_outer, outer_targets)
     l_answer = answer_margin(post_outer, outer_targets, answer_cap) if c_answer else None
-    if unlikely_state is not None:  # ConvSent: push the opposite sentiment's responses down
+    if batch.unlikely is not None:  # ConvSent: push the opposite sentiment's responses down
         l_edit = l_edit + unlikelihood(logits["post_unlikely"], batch.unlikely.labels[batch.unlikely.label_mask])
     l_loc = locality_kl(pre_loc, post_loc)
     loss = c_edit * l_edit + c_loc * l_loc
     l_context = None
-    if context is not None:
-        l_context = locality_kl(pre_context, logits["post_context"])
+    if c_context:
+        l_context = locality_kl(logits["pre_context"].detach(), logits["post_context"])
         loss = loss + c_context * l_context
     if l_answer is not None:
         loss = loss + c_answer * l_answer

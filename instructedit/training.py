@@ -31,7 +31,7 @@ from instructedit.evaluation.generation_check import validation_scores
 from instructedit.memory import log_estimate
 from instructedit.models.loading import load_model
 from instructedit.models.split import CheckpointedSplitModel
-from instructedit.objective import many_edits_loss, meta_loss
+from instructedit.objective import many_edits_loss, meta_loss, packing_matches
 from instructedit.records import EditRecord, MetaBatch
 from instructedit.runs import BEST, CONFIG, LAST
 from instructedit.tasks.collate import PromptTooLongError
@@ -74,6 +74,7 @@ class Trainer:
         t = config.training
         if t.activation_checkpointing:
             self.split = CheckpointedSplitModel(model, self.split.spec, self.split.first_layer)
+        self.packed: bool | None = None  # one-edit steps run their inputs as one packed row where that gives the same loss
         self.opt = torch.optim.Adam(self.editor.network_parameters + [self.editor.edit_lrs], lr=t.lr)
         self.lr_opt = torch.optim.Adam([self.editor.edit_lrs], lr=t.lr_lr) if t.lr_lr > 0 else None
         self.optimizers = {"opt": self.opt, "lr_opt": self.lr_opt}  # their names in the checkpoint
@@ -144,12 +145,12 @@ class Trainer:
         self._start_step()
         totals: dict[str, float] = {}
         counts = {"used": 0, "nonfinite": 0, "too_long": 0}
-        objective = meta_loss if t.n_edits == 1 else partial(many_edits_loss, chunk=self.config.editor.chunk_edits)  # one aggregated edit
         for micro in range(t.grad_accumulation):
             records, batch = self._micro_batch(micro)
             if batch is None:
                 counts["too_long"] += 1
                 continue
+            objective = self._objective(batch)
             context = {"c_context": t.c_loc_context * w} if t.c_loc_context else {}  # meta_loss only (config.py checks n_edits)
             loss, metrics = objective(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin, t.answer_margin_cap,
                                       **context)
@@ -186,6 +187,25 @@ class Trainer:
             metrics["loc_weight"] = w  # the weight this step trained with
             self.state.follow_locality_target(metrics["locality"], t)
         return metrics
+
+    def _objective(self, batch: MetaBatch):
+        """The step's loss function: ``meta_loss`` (its inputs packed where ``_packs``), or ``many_edits_loss`` for n_edits > 1."""
+        t = self.config.training
+        if t.n_edits > 1:
+            return partial(many_edits_loss, chunk=self.config.editor.chunk_edits)  # one aggregated edit
+        return partial(meta_loss, packed=self._packs(batch))
+
+    def _packs(self, batch: MetaBatch) -> bool:
+        """Whether one-edit steps run their inputs as one packed row: decided on the first batch, which must give the
+        padded rows' loss packed too (``objective.packing_matches``: an architecture may ignore 4-D attention masks)."""
+        if self.packed is None:
+            self.packed = packing_matches(self.editor, self.split, batch)
+            if self.packed:
+                logger.info("meta-training runs each step's inputs as one packed row (the padded rows' loss, checked on the first batch)")
+            else:
+                logger.warning("packed inputs do not reproduce the padded rows' loss on %s: meta-training runs padded rows",
+                               type(self.split.model).__name__)
+        return self.packed
 
     def _start_step(self) -> None:
         self.editor.train()
@@ -237,7 +257,7 @@ class Trainer:
             except PromptTooLongError:
                 continue
             _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin, t.c_answer_margin, t.answer_margin_cap,
-                                   c_context=t.c_loc_context)  # one edit per record
+                                   c_context=t.c_loc_context, packed=self._packs(batch))  # one edit per record
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1

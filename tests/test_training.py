@@ -155,6 +155,39 @@ def test_margin_term_is_optional_and_trains_the_editor(tiny_gpt2_dir: Path, tmp_
         load_config(TINY, ["training.c_margin=-1"])
 
 
+@pytest.mark.parametrize("task", ["counterfact", "convsent"])
+def test_packed_step_inputs_give_the_padded_loss_and_gradients(tiny_model_dir: Path, tmp_path: Path, task: str) -> None:
+    """One packed row (the shared instruction once, one prefix pass, one post-edit suffix) = the padded inputs' step."""
+    import copy
+
+    from instructedit.objective import meta_loss
+
+    trainer = Trainer(_config(tiny_model_dir, "training.edit_loss_on=rephrase"), tmp_path, show_progress=False)
+    batch = trainer._batch([next(r for r in trainer.data.train if r.task == task)])
+    # CounterFact (no rephrases in its training data): edit input + locality input; ConvSent: 2 edit rows, 2 response
+    # rows, 2 opposite-sentiment rows and the locality input
+    assert torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids) == (task == "counterfact")
+    assert (batch.unlikely is not None) == (task == "convsent") and (batch.edit_inner.n_rows > 1) == (task == "convsent")
+    with torch.no_grad():
+        trainer.editor.edit_lrs.fill_(10.0)  # an edit that moves every term
+    state = copy.deepcopy(trainer.editor.state_dict())
+    results = []
+    for packed in (False, True):
+        trainer.editor.load_state_dict(state)  # the same running statistics for both
+        trainer.editor.zero_grad(set_to_none=True)
+        loss, metrics = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, c_margin=1.0, c_answer=0.1, c_context=1.0, packed=packed)
+        loss.backward()
+        results.append((loss.item(), metrics, [p.grad.clone() for p in trainer.editor.network_parameters + [trainer.editor.edit_lrs]]))
+    (padded, m_padded, g_padded), (packed, m_packed, g_packed) = results
+    assert packed == pytest.approx(padded, rel=1e-4) and m_padded["l_loc"] > 0 and m_padded["l_loc_context"] > 0
+    for key in m_padded:
+        assert m_packed[key] == pytest.approx(m_padded[key], rel=1e-3, abs=1e-6), key
+    for a, b in zip(g_padded, g_packed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * max(1.0, float(a.abs().max())))  # float32 rounding
+    trainer.run()  # and training uses it: the check on the first batch passed
+    assert trainer.packed is True
+
+
 def test_context_locality_term_scores_the_locality_prompt_positions(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     from instructedit.losses import locality_kl
     from instructedit.objective import meta_loss

@@ -9,8 +9,7 @@ since an architecture may ignore 4-D attention masks.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,57 +18,16 @@ from torch import nn
 from instructedit.editors.base import EditResult, FunctionalEditor
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
+from instructedit.models.packing import pack, positions_fed  # noqa: F401 (pack: re-exported)
 from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
 
 logger = logging.getLogger(__name__)
 
-MIN_SHARED = 4  # tokens a packed row must share to be worth it
-
-
 def scored_logits(model: nn.Module, batch: TokenBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (n_positions, vocab) at the labelled positions only: decoder hidden states, then the head on those rows."""
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False)
     return model.get_output_embeddings()(out.last_hidden_state[batch.label_mask])
-
-
-def pack(batch: TokenBatch, shareable: Sequence[bool], dtype: torch.dtype, min_shared: int = MIN_SHARED) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
-    """All rows of a right-padded ``batch`` as one row; shareable rows that start alike hold their common start once.
-
-    The wrapped probes of a case all begin with the same instruction, so it is run once. Each row
-    keeps its own positions and sees only itself (and the shared start, if it shares it), so every
-    logit equals the unpacked one up to float rounding. Returns the packed batch, whose
-    ``attention_mask`` is a 4-D additive mask (1, 1, L, L), its position ids (1, L) and the owner
-    row of each position (L,), -1 on the shared start.
-    """
-    lengths = batch.attention_mask.sum(1).tolist()
-    rows = [batch.input_ids[i, :n] for i, n in enumerate(lengths)]
-    labels = [batch.labels[i, :n] for i, n in enumerate(lengths)]
-    group = [i for i, row in enumerate(rows) if shareable[i] and len(row) > min_shared and torch.equal(row[:min_shared], rows[0][:min_shared])]
-    shared = 0
-    if len(group) >= 2:
-        limit = min(int((labels[i] != IGNORE).nonzero()[0]) for i in group)  # a label never falls in the shared part
-        same = torch.stack([rows[i][:limit] == rows[group[0]][:limit] for i in group]).all(0)
-        shared = int(same.long().cumprod(0).sum())
-    if shared < min_shared:
-        group, shared = [], 0
-    device = batch.input_ids.device
-    start_ids = rows[group[0]][:shared] if group else rows[0][:0]
-    ids, pos = [start_ids], [torch.arange(shared, device=device)]
-    lab, owner = [torch.full_like(start_ids, IGNORE)], [torch.full_like(start_ids, -1)]
-    for i, row in enumerate(rows):
-        start = shared if i in group else 0
-        ids.append(row[start:])
-        pos.append(torch.arange(start, len(row), device=device))
-        lab.append(labels[i][start:])
-        owner.append(torch.full((len(row) - start,), i, device=device))
-    owner_t = torch.cat(owner)
-    sees_shared = torch.tensor([i in group for i in range(len(rows))] + [True], device=device)[owner_t]  # -1 -> last
-    visible = (owner_t[:, None] == owner_t[None, :]) | ((owner_t[None, :] == -1) & sees_shared[:, None])
-    visible &= torch.ones_like(visible).tril()  # causal in packed order; the shared start comes first
-    mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
-    packed = TokenBatch(torch.cat(ids)[None], mask[None, None], torch.cat(lab)[None])
-    return packed, torch.cat(pos)[None], owner_t
 
 
 @dataclass
@@ -141,19 +99,6 @@ def prepare_cases(collator: Collator, records: Sequence[EditRecord], instruction
     return cases, skipped
 
 
-@contextmanager
-def _positions(model: nn.Module, positions: torch.Tensor | None) -> Iterator[None]:
-    """Feed ``position_ids`` to every forward of ``model`` (SplitModel.prefix calls the model itself)."""
-    if positions is None:
-        yield
-        return
-    handle = model.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, "position_ids": positions}), with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def layout_logits(model: nn.Module, layout: Layout) -> torch.Tensor:
     return torch.cat([scored_logits(model, chunk, pos) for chunk, pos in zip(layout.chunks, layout.positions)])
@@ -169,7 +114,7 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout)
     split = editor.split(model)
     states = []
     for chunk, pos in zip(layout.chunks, layout.positions):
-        with _positions(model, pos):
+        with positions_fed(model, pos):
             states.append(split.prefix(chunk))
     was_training = editor.training
     editor.eval()
