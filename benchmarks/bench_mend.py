@@ -3,7 +3,8 @@
 Config: configs/smollm2-135m/instructedit.yaml (the editor trained on the default model).
 (a) one plain forward pass over the edit example (full vocabulary logits: the floor),
 (b) one MEND edit of that example (frozen prefix once, gradient factors, MEND network, new weights),
-(c) one meta-training step (edit + edit loss + locality, backward into MEND) — what training runs,
+(c) one meta-training step (edit + edit loss + locality, backward into MEND) — what training runs (its inputs packed
+    into one row, as the Trainer runs them where the packed loss equals the padded one),
 (d) the same step computed naively, as the reference implementation does: full forward passes of
     the whole model for the pre-edit locality, the edit gradient and each post-edit input, logits at
     every position, and full backward passes: the reference leaves the base model's parameters
@@ -37,7 +38,7 @@ from instructedit.editors.registry import build_editor
 from instructedit.io import write_json
 from instructedit.losses import locality_kl, masked_nll
 from instructedit.models.loading import load_model
-from instructedit.objective import meta_loss
+from instructedit.objective import meta_loss, packing_matches
 from instructedit.records import MetaBatch, TokenBatch
 from instructedit.tasks.prepare import prepare_data
 from instructedit.training import Trainer
@@ -129,9 +130,11 @@ def main() -> None:
         with torch.no_grad():
             editor.edit(split, batch.edit_inner)
 
+    packed = packing_matches(editor, split, batch)  # as the Trainer decides: the step's inputs in one packed row
+
     def step() -> None:
         editor.train()
-        loss, _ = meta_loss(editor, split, batch, c_edit, c_loc)
+        loss, _ = meta_loss(editor, split, batch, c_edit, c_loc, packed=packed)
         loss.backward()
         editor.zero_grad(set_to_none=True)
 
@@ -159,6 +162,7 @@ def main() -> None:
         "model": config.model.name,
         "edited_weights": [w.name for w in editor.weights],
         "editor_rank": config.editor.rank,
+        "packed_step": packed,
         "example": {"source": record.source, "edit_tokens": int(batch.edit_inner.input_ids.shape[1]), "loc_tokens": int(batch.loc.input_ids.shape[1])},
         "reps": args.reps,
         "threads": args.threads,

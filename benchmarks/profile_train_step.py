@@ -5,9 +5,10 @@ per micro-batch, 2 micro-batches per step) runs ``--steps`` times after warm-up,
 threads. Each part of the step is timed exclusively (a part's time leaves out the parts it calls):
 
 - data collation: ``Collator.meta_batch`` (tokenizing and padding the step's records);
-- prefix passes: ``SplitModel.prefix``, the frozen blocks up to the first edited one, once per input;
-- suffix passes: ``SplitModel.suffix``, the edited blocks (pre-edit for the edit gradient, post-edit per scored input);
-- vocabulary projection: ``SplitModel.logits_at`` at the scored positions only;
+- prefix passes: ``SplitModel.prefix``, the frozen blocks up to the first edited one, once per micro-batch (its inputs
+  packed into one row: ``objective._packed_inputs``);
+- suffix passes: ``SplitModel.suffix``, the edited blocks (pre-edit for the edit gradient, post-edit for every scored input);
+- vocabulary projection: ``SplitModel.logits_at`` / ``logits_at_many`` at the scored positions only;
 - factor capture: ``FactorCapture.factors``, the backward that gives δ at the edited weights;
 - MEND network: ``MENDEditor.transform`` (or the least-squares solve);
 - backward: the meta-loss backward into the MEND network (it recomputes checkpointed blocks);
@@ -84,6 +85,7 @@ def instrument(timers: ExclusiveTimers, trainer: Trainer) -> None:
     timers.patch(SplitModel, "prefix", "prefix passes")
     timers.patch(SplitModel, "suffix", "suffix passes")
     timers.patch(SplitModel, "logits_at", "vocabulary projection")
+    timers.patch(SplitModel, "logits_at_many", "vocabulary projection")
     timers.patch(FactorCapture, "factors", "factor capture (edit gradient backward)")
     timers.patch(MENDEditor, "transform", "MEND network")
     timers.patch(MENDEditor, "solve", "MEND network")

@@ -247,8 +247,8 @@ def test_sum_is_bitwise_the_mend_update(tiny_model_dir: Path) -> None:
         mode = torch.repeat_interleave(torch.arange(len(ws)), torch.tensor(counts))
         u_t, delta_t = editor.transforms[key](torch.cat(us), torch.cat(deltas), mode)
         for w, u_w, d_w in zip(ws, u_t.split(counts), delta_t.split(counts)):
-            grad = d_w.T @ u_w
-            expected[w.name] = editor.edit_lrs[index[w.name]] * (grad.T if w.transposed else grad)
+            grad = (editor.edit_lrs[index[w.name]] * d_w).T @ u_w  # α on the δ̃ factor, then the product
+            expected[w.name] = grad.T if w.transposed else grad
     result = editor.edit(model, batch)
     assert result.updates.keys() == expected.keys()
     for name, update in expected.items():

@@ -76,7 +76,9 @@ def test_two_processes_match_one_process_at_equal_global_batch(tiny_gpt2_dir: Pa
     assert sum(e["split"] == "train" for e in b) == 4
     for x, y in zip(a, b):
         for key in COMPARED:
-            assert math.isclose(x[key], y[key], rel_tol=1e-5, abs_tol=1e-7), (x["step"], x["split"], key, x[key], y[key])
+            # float32 rounding only: the gradients are summed in another order (all-reduce vs accumulation) and Adam's
+            # normalized steps amplify it (2e-5 seen on l_loc); a lost micro-batch or unmerged statistics shows at >= 1e-2
+            assert math.isclose(x[key], y[key], rel_tol=1e-4, abs_tol=1e-7), (x["step"], x["split"], key, x[key], y[key])
         if x["split"] == "train":
             assert math.isclose(x["grad_norm"], y["grad_norm"], rel_tol=1e-4), (x["step"], x["grad_norm"], y["grad_norm"])
         else:
