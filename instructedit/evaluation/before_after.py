@@ -5,8 +5,10 @@ hidden states below them are the same before and after it. Per batch of prompts,
 runs the prompts once (as ``greedy_generate`` would), while hooks keep what each edited block was
 called with; each edited variant's prefill then re-runs only the edited blocks on those inputs,
 every row with its own edit (``row_edits``), writing into a copy of the cache whose lower layers are
-the unedited ones. All then decode in one loop (the unedited rows, then each variant's), so each
-decoding step reads the weights once. On the default model (30 blocks, 3 edited) an edited prefill
+the unedited ones. A batch's shared leading tokens (an instruction template, a chat system turn) pass
+the model once, for one row, and the edited blocks replay them row by row. The rows of several
+batches, unedited and edited, then decode in one loop, so each decoding step reads the weights once
+for all of them (shorter caches padded on the left). On the default model (30 blocks, 3 edited) an edited prefill
 costs a tenth of a full one: the evaluation runner asks every case before and after its edit, the
 training validation asks before and after its edit at several step-size multipliers.
 
