@@ -254,3 +254,26 @@ def test_cached_load_is_fast(default_model: tuple[PreTrainedModel, PreTrainedTok
     model, _ = load_model("default")
     assert time.perf_counter() - start < 5
     assert model.config.num_hidden_layers == 30
+
+
+def test_a_few_rows_project_onto_the_vocabulary_as_the_head_does(tiny_model_dir: Path) -> None:
+    """SplitModel.project: a few rows on a CPU take (W · rowsᵀ)ᵀ, more rows the head itself; the same logits and gradients."""
+    from instructedit.models.split import FEW_ROWS, SplitModel, _FewRows
+
+    model, _ = load_model(str(tiny_model_dir))
+    split = SplitModel(model, arch_spec(model), 1)
+    calls = []
+    original = _FewRows.apply
+    for n in (1, 3, FEW_ROWS, FEW_ROWS + 1):
+        rows = torch.randn(n, model.config.hidden_size, requires_grad=True)
+        _FewRows.apply = lambda *a: calls.append(n) or original(*a)  # noqa: B023 (recorded per n)
+        try:
+            logits = split.project(rows)
+        finally:
+            _FewRows.apply = original
+        expected = split.head(rows)
+        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+        grad = torch.randn_like(expected)
+        torch.testing.assert_close(torch.autograd.grad(logits, rows, grad)[0], torch.autograd.grad(expected, rows, grad)[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert calls == [1, 3, FEW_ROWS]  # the plain head from FEW_ROWS + 1 rows on
