@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from instructedit.editors.base import EditResult
 from instructedit.editors.mend import MENDEditor
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
-from instructedit.models.packing import pack, positions_fed
+from instructedit.models.packing import pack, positions_fed, shareable_rows
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import MetaBatch, TokenBatch
 from instructedit.tasks.collate import IGNORE
@@ -80,9 +80,7 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
     for name, part in parts.items():
         bounds[name] = (start, start + part.n_rows)
         start += part.n_rows
-    n_inner = batch.edit_inner.n_rows
-    # only one edit row may share the instruction: MEND transforms each token's (u, δ) on its own
-    shareable = [not (1 <= r < n_inner) for r in range(start)]
+    shareable = shareable_rows(start, batch.edit_inner.n_rows)
     rows, positions, owner = pack(_stacked(list(parts.values())), shareable, next(split.model.parameters()).dtype)
     with positions_fed(split.model, positions):
         state = split.prefix(rows)

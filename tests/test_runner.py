@@ -17,9 +17,10 @@ from instructedit.editors.registry import build_editor
 from instructedit.evaluation import packing
 from instructedit.commands.evaluate import add_evaluate_parser, parse_options
 from instructedit.evaluation.report import load_report_json, markdown_report
-from instructedit.evaluation.packing import pack, scored_logits
+from instructedit.evaluation.packing import scored_logits
 from instructedit.evaluation.probes import case_probes
 from instructedit.evaluation.runner import RestorationError, evaluate, sequential_schedule
+from instructedit.models.packing import pack
 from instructedit.models.loading import load_model
 from instructedit.records import ConvSentExtras, EditRecord, QAItem, TokenBatch
 from instructedit.tasks.collate import Collator

@@ -181,7 +181,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
         rows = [i for r, _ in group for i in r]
         cache, mask = _merged([c for per_variant in caches for c in per_variant], masks * (variants + 1))
         n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
-        tokens = greedy_loop(model, mask, mask, [budgets[i] for i in rows] * (variants + 1), newline, blank, eos,
+        tokens = greedy_loop(model, mask, mask, [budgets[i] for i in rows] * (variants + 1), newline, blank, eos,  # ids: start holds the prefill
                              start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),
                              context=lambda active, owners=owners: rows_context([owners[a] for a in active]))
         for r, i in enumerate(rows):

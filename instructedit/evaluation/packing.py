@@ -18,11 +18,12 @@ from torch import nn
 from instructedit.editors.base import EditResult, FunctionalEditor
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
-from instructedit.models.packing import pack, positions_fed  # noqa: F401 (pack: re-exported)
+from instructedit.models.packing import pack, positions_fed, shareable_rows
 from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
 
 logger = logging.getLogger(__name__)
+
 
 def scored_logits(model: nn.Module, batch: TokenBatch, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (n_positions, vocab) at the labelled positions only: decoder hidden states, then the head on those rows."""
@@ -61,9 +62,7 @@ class Case:
             n_edit = self.edit.input_ids.shape[0]
             chunks, positions, owners = [], [], []
             for c, chunk in enumerate(self.padded.chunks):
-                # Only one edit row may share the instruction: MEND transforms each token's (u, δ) on
-                # its own, so two edit rows must not merge their instruction tokens into one.
-                shareable = [not (c == 0 and 1 <= r < n_edit) for r in range(chunk.input_ids.shape[0])]
+                shareable = shareable_rows(chunk.input_ids.shape[0], n_edit if c == 0 else 0)  # the edit rows are in chunk 0
                 packed_chunk, pos, owner = pack(chunk, shareable, dtype)
                 chunks.append(packed_chunk), positions.append(pos), owners.append(owner)
             first, not_edit = chunks[0], (owners[0] >= n_edit)[None]

@@ -59,6 +59,14 @@ def pack(batch: TokenBatch, shareable: Sequence[bool], dtype: torch.dtype, min_s
     return packed, torch.cat(pos)[None], owner_t
 
 
+def shareable_rows(n_rows: int, n_edit: int) -> list[bool]:
+    """Which of ``n_rows`` rows, the first ``n_edit`` of them edit inputs, may share a packed row's common start.
+
+    Only one edit row may: MEND transforms each token's (u, δ) on its own, so two edit rows must not
+    merge their instruction tokens into one."""
+    return [not 1 <= r < n_edit for r in range(n_rows)]
+
+
 @contextmanager
 def positions_fed(model: nn.Module, positions: torch.Tensor | None) -> Iterator[None]:
     """Feed ``position_ids`` to every forward of ``model`` (SplitModel.prefix calls the model itself)."""

@@ -161,11 +161,11 @@ class SplitModel:
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         """``head(rows)`` for (n, d_model) rows; a few rows on a CPU as (W · rowsᵀ)ᵀ (``_FewRows``)."""
-        weight = getattr(self.head, "weight", None)
-        if (rows.device.type == "cpu" and rows.dim() == 2 and rows.shape[0] <= FEW_ROWS and isinstance(self.head, nn.Linear)
-                and self.head.bias is None and not weight.requires_grad and weight.dtype == rows.dtype):
-            return _FewRows.apply(rows, weight)
-        return self.head(rows)
+        head = self.head
+        if (rows.device.type == "cpu" and rows.dim() == 2 and rows.shape[0] <= FEW_ROWS and isinstance(head, nn.Linear)
+                and head.bias is None and not head.weight.requires_grad and head.weight.dtype == rows.dtype):
+            return _FewRows.apply(rows, head.weight)
+        return head(rows)
 
     def logits_at_many(self, selections: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """``logits_at`` of several (hidden, mask) pairs from ONE vocabulary projection (and one in backward).
