@@ -141,6 +141,9 @@ class TrainingConfig:
     # Optional locality KL on the locality input's prompt positions too (objective.py), not only on its answer tokens:
     # an edit must not change how the model continues unrelated text anywhere (e.g. the target after a question); 0 = DESIGN.md §4
     c_loc_context: float = 0.0
+    # The multiple of the update the locality terms are scored at (objective.py): an editor used at a multiple of its
+    # learned step sizes (edit_scales) learns to keep unrelated inputs at that strength; 1 = DESIGN.md §4
+    locality_scale: float = 1.0
     # Optional locality constraint: the locality terms' weight w (c_loc·w, c_margin·w) rises while a running
     # mean of the training locality is under this target and falls while it is over (w ← w·exp(rate·gap)).
     locality_target: float | None = None
@@ -195,6 +198,9 @@ class TrainingConfig:
                f"{self.n_edits} edits per call already make the micro-batch: set training.batch_size to 1 (it is {self.batch_size})")
         _check(self.n_edits == 1 or self.c_loc_context == 0, "training.c_loc_context",
                f"is implemented for one edit per call (objective.meta_loss); with n_edits={self.n_edits} set it to 0")
+        _check(math.isfinite(self.locality_scale) and self.locality_scale > 0, "training.locality_scale", f"{self.locality_scale}: must be positive")
+        _check(self.n_edits == 1 or self.locality_scale == 1, "training.locality_scale",
+               f"is implemented for one edit per call (objective.meta_loss); with n_edits={self.n_edits} set it to 1")
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in ("rephrase", "edit_input"), "training.edit_loss_on", f"{self.edit_loss_on!r} is not 'rephrase' or 'edit_input'")

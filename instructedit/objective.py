@@ -11,6 +11,10 @@ prompt positions (``l_loc_context``): the answer tokens are where the metric loo
 that leaks its target into unrelated text (after a question, say) changes the prompt positions'
 predictions first.
 
+``loc_scale`` (1 by default, i.e. DESIGN.md §4 exactly) scores the locality terms (KL, margin, context) with the
+update multiplied by it: an editor used at a multiple of its learned step sizes (the generation-calibrated
+``edit_scale``) is then trained to keep unrelated inputs at that strength, not only at the strength the edit loss sees.
+
 ``many_edits_loss`` is the same objective for N edits made by one aggregated edit
 (``training.n_edits``, DESIGN.md §9), with every scored input run in chunks recomputed in backward.
 """
@@ -38,7 +42,15 @@ def _scored(split: SplitModel, state: PrefixState, batch: TokenBatch, params: di
 Selections = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (final hidden states, positions to score)
 
 
-def _padded_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool) -> tuple[EditResult, Selections]:
+def _locality_params(editor: MENDEditor, split: SplitModel, edit: EditResult, loc_scale: float) -> dict[str, torch.Tensor]:
+    """The weights the locality terms are scored with: the edit's, or the base weights plus ``loc_scale`` × the update."""
+    if loc_scale == 1.0:
+        return edit.new_params
+    return editor.edited_params(split, {k: loc_scale * u for k, u in edit.updates.items()})
+
+
+def _padded_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool,
+                   loc_scale: float = 1.0) -> tuple[EditResult, Selections]:
     """The edit, and the hidden states the loss scores: one prefix pass per input (padded rows)."""
     inner = split.prefix(batch.edit_inner)
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
@@ -47,7 +59,7 @@ def _padded_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
     unlikely_state = split.prefix(batch.unlikely) if batch.unlikely is not None else None  # ConvSent's opposite responses
     loc_mask, outer_mask = batch.loc.label_mask, batch.edit_outer.label_mask
     edit = editor.edit(split, batch.edit_inner, inner)
-    post_loc_hidden = split.suffix(loc, edit.new_params)
+    post_loc_hidden = split.suffix(loc, _locality_params(editor, split, edit, loc_scale))
     selections = {"pre_loc": (loc.final_hidden, loc_mask), "pre_outer": (outer.final_hidden, outer_mask),
                   "post_outer": (split.suffix(outer, edit.new_params), outer_mask), "post_loc": (post_loc_hidden, loc_mask)}
     if context:  # the locality prompt's positions
@@ -69,10 +81,12 @@ def _stacked(batches: Sequence[TokenBatch]) -> TokenBatch:
                         for name, value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE))))
 
 
-def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool) -> tuple[EditResult, Selections]:
+def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool,
+                   loc_scale: float = 1.0) -> tuple[EditResult, Selections]:
     """``_padded_inputs`` from ONE packed row: every input passes the frozen prefix in one forward (the instruction
     they share once), the edit is taken on the edit rows' labels only (the other rows get an exactly zero gradient,
-    so their tokens drop out of the gradient factors), and one post-edit suffix pass serves every scored input."""
+    so their tokens drop out of the gradient factors), and one post-edit suffix pass serves every scored input (a
+    second one, with the scaled update, the locality terms when ``loc_scale`` != 1)."""
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
     parts = {"inner": batch.edit_inner, **({} if same_outer else {"outer": batch.edit_outer}), "loc": batch.loc,
              **({"unlikely": batch.unlikely} if batch.unlikely is not None else {})}
@@ -92,12 +106,13 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
 
     edit = editor.edit(split, TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE)), state)
     post = split.suffix(state, edit.new_params)
+    post_loc = post if loc_scale == 1.0 else split.suffix(state, _locality_params(editor, split, edit, loc_scale))
     outer_mask, loc_mask = of("inner" if same_outer else "outer") & labelled, of("loc") & labelled
     selections = {"pre_loc": (state.final_hidden, loc_mask), "pre_outer": (state.final_hidden, outer_mask),
-                  "post_outer": (post, outer_mask), "post_loc": (post, loc_mask)}
+                  "post_outer": (post, outer_mask), "post_loc": (post_loc, loc_mask)}
     if context:
         prompt = of("loc") & ~labelled
-        selections |= {"pre_context": (state.final_hidden, prompt), "post_context": (post, prompt)}
+        selections |= {"pre_context": (state.final_hidden, prompt), "post_context": (post_loc, prompt)}
     if batch.unlikely is not None:
         selections["post_unlikely"] = (post, of("unlikely") & labelled)
     return edit, selections
@@ -122,16 +137,17 @@ def packing_matches(editor: MENDEditor, split: SplitModel, batch: MetaBatch, tol
 
 def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0,
               c_answer: float = 0.0, answer_cap: float = 2.0, c_context: float = 0.0,
-              packed: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+              packed: bool = False, loc_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """One meta-training loss; gradients reach only the MEND network and the step sizes α.
 
     ``c_answer`` weighs ``losses.answer_margin`` on the edit_outer answer tokens (0: DESIGN.md §4 exactly);
-    ``c_context`` the locality KL on the locality input's prompt positions (0: DESIGN.md §4 exactly).
+    ``c_context`` the locality KL on the locality input's prompt positions (0: DESIGN.md §4 exactly);
+    ``loc_scale`` the multiple of the update the locality terms (and the ``locality`` metric) are scored at (1: §4 exactly).
     ``packed``: every input of the step runs as ONE packed row (``models.packing``; the same loss up to float
     rounding, checked by ``packing_matches``): one prefix pass, the shared instruction once, one post-edit suffix.
     """
     inputs = _packed_inputs if packed else _padded_inputs
-    edit, selections = inputs(editor, split, batch, bool(c_context))
+    edit, selections = inputs(editor, split, batch, bool(c_context), loc_scale)
     logits = dict(zip(selections, split.logits_at_many(list(selections.values())), strict=True))
     pre_loc, pre_outer = logits["pre_loc"].detach(), logits["pre_outer"].detach()  # targets, not trained
     post_outer, post_loc = logits["post_outer"], logits["post_loc"]

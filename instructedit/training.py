@@ -151,7 +151,8 @@ class Trainer:
                 counts["too_long"] += 1
                 continue
             objective = self._objective(batch)
-            context = {"c_context": t.c_loc_context * w} if t.c_loc_context else {}  # meta_loss only (config.py checks n_edits)
+            context = ({"c_context": t.c_loc_context * w} if t.c_loc_context else {}) | (  # meta_loss only (config.py checks n_edits)
+                {"loc_scale": t.locality_scale} if t.locality_scale != 1 else {})
             loss, metrics = objective(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin, t.answer_margin_cap,
                                       **context)
             if not torch.isfinite(loss):
@@ -257,7 +258,7 @@ class Trainer:
             except PromptTooLongError:
                 continue
             _, metrics = meta_loss(self.editor, self.split, batch, t.c_edit, t.c_loc, t.c_margin, t.c_answer_margin, t.answer_margin_cap,
-                                   c_context=t.c_loc_context, packed=self._packs(batch))  # one edit per record
+                                   c_context=t.c_loc_context, packed=self._packs(batch), loc_scale=t.locality_scale)  # one edit per record
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v
             n += 1

@@ -268,3 +268,29 @@ def test_linear_schedule_lowers_both_learning_rates_to_the_final_ratio(tiny_gpt2
     assert Trainer(_config(tiny_gpt2_dir), tmp_path / "c", show_progress=False).lr_factor() == 1.0  # constant by default
     with pytest.raises(ValueError, match="lr_schedule"):
         _config(tiny_gpt2_dir, "training.lr_schedule=cosine")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_locality_scale_scores_the_locality_terms_at_a_multiple_of_the_update(tiny_gpt2_dir: Path, tmp_path: Path, packed: bool) -> None:
+    """loc_scale = s: the locality terms are those of the same edit with s × its step sizes; the edit terms are unchanged."""
+    from instructedit.objective import meta_loss
+
+    trainer = Trainer(_config(tiny_gpt2_dir, "training.locality_scale=3.0"), tmp_path, show_progress=False)
+    batch = trainer._batch([trainer.data.train[0]])
+    trainer.editor.eval()  # no running-statistics updates between the calls
+    with torch.no_grad():
+        trainer.editor.edit_lrs.fill_(5.0)
+    terms = {"c_margin": 1.0, "c_context": 1.0, "packed": packed}
+    _, scaled = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, loc_scale=3.0, **terms)
+    _, plain = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, **terms)
+    with torch.no_grad():
+        trainer.editor.edit_lrs.mul_(3.0)
+    _, tripled = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, **terms)
+    for key in ("l_loc", "l_margin", "l_loc_context", "locality"):
+        assert scaled[key] == pytest.approx(tripled[key], rel=1e-4, abs=1e-7), key
+    assert tripled["l_loc"] > plain["l_loc"] > 0
+    for key in ("l_edit", "edit_acc"):
+        assert scaled[key] == pytest.approx(plain[key], rel=1e-5), key
+    assert trainer.run()["steps"] == trainer.config.training.max_steps  # the trainer passes it through
+    with pytest.raises(ValueError, match="locality_scale"):
+        load_config(TINY, ["training.locality_scale=0"])
