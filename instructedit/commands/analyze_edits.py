@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructedit.commands.common import aggregation, per_editor
+from instructedit.commands.common import add_key_memory_arguments, aggregation, check_key_memory_arguments, per_editor
 from instructedit.records import TASKS, EditRecord
 
 logger = logging.getLogger(__name__)
@@ -53,18 +53,7 @@ def add_edit_studies(studies: Any) -> None:
                         f"(default 200; at least {MIN_PERPLEXITY_TEXTS} texts)")
     s.add_argument("--held-out-data", default=None, metavar="FILE",
                    help="take the perplexity sample from the first --held-out records of this data file instead")
-    s.add_argument("--key-memory", action="store_true",
-                   help="lifelong least-squares editing: every call's solve holds the keys of the edits made before it still "
-                        "(editors/aggregation.py KeyMemory); least_squares editors only")
-    s.add_argument("--past-weight", type=float, default=1.0, metavar="W", help="with --key-memory: weight of the earlier edits' keys (default 1)")
-    s.add_argument("--preserve-weight", type=float, default=0.0, metavar="W",
-                   help="with --key-memory: also hold still the keys of a preservation text sample, its mean key covariance "
-                        "counted as W tokens (default 0: off; needs --preserve-data)")
-    s.add_argument("--preserve-data", default=None, metavar="FILE",
-                   help="the preservation sample: the locality prompts + answers of --preserve records of FILE from --preserve-start "
-                        "(must not overlap the perplexity sample)")
-    s.add_argument("--preserve", type=int, default=500, metavar="N", help="records of --preserve-data (default 500)")
-    s.add_argument("--preserve-start", type=int, default=0, metavar="K", help="skip the first K records of --preserve-data (default 0)")
+    add_key_memory_arguments(s, "every call's solve")
     s.add_argument("--restart", action="store_true",
                    help="ignore an unfinished FILE.json of the same study (by default the run resumes it: the edits are replayed, "
                         "the points it holds are kept, not scored again)")
@@ -164,17 +153,9 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
     """The (prompt, answer) texts whose keys --key-memory holds still (--preserve-data), checked against the perplexity sample."""
     from instructedit.analysis.many_edits import locality_texts
 
-    wanted = args.key_memory and args.preserve_weight > 0
-    if not args.key_memory and (args.preserve_weight or args.preserve_data or args.past_weight != 1.0):
-        raise ValueError("--past-weight, --preserve-weight and --preserve-data shape the key memory: add --key-memory")
-    if args.past_weight < 0 or args.preserve_weight < 0:
-        raise ValueError(f"--past-weight and --preserve-weight must be >= 0, got {args.past_weight} and {args.preserve_weight}")
-    if wanted != bool(args.preserve_data):
-        raise ValueError("--preserve-weight > 0 needs --preserve-data FILE (and --preserve-data needs --preserve-weight > 0)")
-    if not wanted:
+    check_key_memory_arguments(args)
+    if args.preserve_data is None:
         return []
-    if args.preserve < 1 or args.preserve_start < 0:
-        raise ValueError(f"--preserve must be >= 1 and --preserve-start >= 0, got {args.preserve} and {args.preserve_start}")
     end = args.preserve_start + args.preserve
     records = _records(args, args.preserve_data, end, f"--preserve-start {args.preserve_start} --preserve {args.preserve}")[0][args.preserve_start : end]
     texts = locality_texts(records)
@@ -275,7 +256,7 @@ def run_sequential(args: argparse.Namespace) -> int:
                          f"locality prompts: {more}lower --edits or pass --held-out-data FILE (records never edited, e.g. another split's file)")
     preserve = _preservation_texts(args, held_out)
     memory_settings = None if not args.key_memory else {
-        "past_weight": args.past_weight, "text_weight": args.preserve_weight,
+        "past_weight": args.past_weight, "text_weight": args.preserve_weight if preserve else 0.0,
         "text": f"the locality prompts + answers of records {args.preserve_start}..{args.preserve_start + args.preserve - 1} of "
                 f"{args.preserve_data}" if preserve else None}
     result = {**_header(args, "sequential", where), "edits": args.edits, "batch": args.batch, "held_out": source, "memory": memory_settings}
@@ -302,7 +283,7 @@ def run_sequential(args: argparse.Namespace) -> int:
             _write(output, result, SEQUENTIAL_PANELS, title)  # a long run keeps what it has scored
             print(_line(label, point), flush=True)
 
-        memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, args.past_weight, args.preserve_weight,
+        memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, args.past_weight, args.preserve_weight if preserve else 0.0,
                             args.batch_size) if args.key_memory else None
         out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
                                args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,

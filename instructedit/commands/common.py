@@ -51,3 +51,43 @@ def per_editor(values: list[str], editors: list[str], flag: str, default: Any) -
 def aggregation(editor: Any) -> str:
     """How ``editor`` combines the edits of one call: its ``editor.aggregation`` (MEND: sum or least_squares); others sum."""
     return getattr(getattr(editor, "config", None), "aggregation", "sum")
+
+
+PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 1000.0  # the preservation sample's defaults (results/analysis/lifelong-memory-dev/)
+
+
+def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--key-memory`` and the options that shape it, as ``edit --sequential`` and ``analyze sequential`` take them;
+    ``what``: which solves hold the earlier keys still. ``check_key_memory_arguments`` checks and completes them."""
+    parser.add_argument("--key-memory", action="store_true",
+                        help=f"lifelong least-squares editing: {what} holds the keys of the edits made before it still "
+                             "(editors/aggregation.py KeyMemory; least_squares editors only)")
+    parser.add_argument("--past-weight", type=float, default=None, metavar="W", help="--key-memory: weight of the earlier edits' keys (default 1)")
+    parser.add_argument("--preserve-data", default=None, metavar="FILE",
+                        help="--key-memory: also hold still the keys of a preservation sample, the locality prompts + answers of "
+                             "--preserve records of FILE (a data file of --task's format) from --preserve-start")
+    parser.add_argument("--preserve", type=int, default=None, metavar="N", help=f"records of --preserve-data (default {PRESERVE_RECORDS})")
+    parser.add_argument("--preserve-start", type=int, default=None, metavar="K", help="skip the first K records of --preserve-data (default 0)")
+    parser.add_argument("--preserve-weight", type=float, default=None, metavar="W",
+                        help=f"the preservation sample's mean key covariance counted as W tokens (default {PRESERVE_WEIGHT:g})")
+
+
+def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-memory") -> None:
+    """Options that shape a key memory only with ``--key-memory`` (``needs``: what the command asks for), the
+    preservation sample's only with ``--preserve-data``; fills in the defaults."""
+    given = {flag: value for flag, value in (("--past-weight", args.past_weight), ("--preserve-data", args.preserve_data),
+                                              ("--preserve", args.preserve), ("--preserve-start", args.preserve_start),
+                                              ("--preserve-weight", args.preserve_weight)) if value is not None}
+    if given and not args.key_memory:
+        raise ValueError(f"{', '.join(given)} shape the key memory: add {needs}")
+    sample = [flag for flag in ("--preserve", "--preserve-start", "--preserve-weight") if flag in given]
+    if sample and args.preserve_data is None:
+        raise ValueError(f"{', '.join(sample)}: the preservation sample needs --preserve-data FILE")
+    args.past_weight = 1.0 if args.past_weight is None else args.past_weight
+    args.preserve = PRESERVE_RECORDS if args.preserve is None else args.preserve
+    args.preserve_start = 0 if args.preserve_start is None else args.preserve_start
+    args.preserve_weight = PRESERVE_WEIGHT if args.preserve_weight is None else args.preserve_weight
+    if args.past_weight < 0 or args.preserve_weight <= 0:
+        raise ValueError(f"--past-weight must be >= 0 and --preserve-weight > 0, got {args.past_weight} and {args.preserve_weight}")
+    if args.preserve < 1 or args.preserve_start < 0:
+        raise ValueError(f"--preserve must be >= 1 and --preserve-start >= 0, got {args.preserve} and {args.preserve_start}")

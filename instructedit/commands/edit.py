@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from instructedit.commands.common import add_editor_arguments, aggregation, load_editor_and_model
+from instructedit.commands.common import add_editor_arguments, add_key_memory_arguments, aggregation, check_key_memory_arguments, load_editor_and_model
 from instructedit.records import SENTIMENTS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -31,14 +31,7 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
-    edit.add_argument("--key-memory", action="store_true",
-                      help="--sequential with a least-squares editor: each edit's solve holds the earlier edits' keys still "
-                           "(lifelong editing; results/analysis/lifelong-memory-dev/)")
-    edit.add_argument("--preserve-data", default=None, metavar="FILE",
-                      help="--key-memory: also hold still the keys of the locality prompts + answers of the first --preserve "
-                           "records of FILE (a data file of --task's format), counted as --preserve-weight tokens")
-    edit.add_argument("--preserve", type=int, default=400, metavar="N", help="records of --preserve-data (default 400)")
-    edit.add_argument("--preserve-weight", type=float, default=1000.0, metavar="W", help="weight of the preserved text (default 1000)")
+    add_key_memory_arguments(edit, "--sequential: each edit's solve")
     edit.add_argument("--task", default="counterfact", choices=TASKS,
                       help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
     edit.add_argument("--subject", default="", help="the entity the edit is about (optional)")
@@ -79,10 +72,7 @@ def run_edit(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
         if args.key_memory and not args.sequential:
             raise ValueError("--key-memory holds earlier edits still while editing one after another: add --sequential")
-        if args.preserve_data and not args.key_memory:
-            raise ValueError("--preserve-data shapes the key memory: add --key-memory --sequential")
-        if args.preserve < 1 or args.preserve_weight < 0:
-            raise ValueError(f"--preserve must be >= 1 and --preserve-weight >= 0, got {args.preserve} and {args.preserve_weight}")
+        check_key_memory_arguments(args, needs="--key-memory --sequential")
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
         return _edit_many(args, numbered, editor, model, tok, model_name)
@@ -90,6 +80,9 @@ def run_edit(args: argparse.Namespace) -> int:
         raise ValueError("--prompt needs --target, the new continuation")
     if args.sequential:
         raise ValueError("--sequential applies the edits of a --file one after another; a single --prompt edit has no order")
+    if args.key_memory:
+        raise ValueError("--key-memory holds earlier edits still while editing a --file one after another; a single --prompt edit has none")
+    check_key_memory_arguments(args, needs="--file EDITS.jsonl --sequential --key-memory")
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
     editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
     wrapped = editor.wrap(edit)
@@ -210,12 +203,13 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
 
         texts: list[tuple[str, str]] = []
         if args.preserve_data:
-            records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][: args.preserve]
+            end = args.preserve_start + args.preserve
+            records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][args.preserve_start : end]
             texts = locality_texts(records)
             if not texts:
-                raise ValueError(f"--preserve-data {args.preserve_data}: its first {args.preserve} records have no locality prompts")
-        memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts,
-                            text_weight=args.preserve_weight if texts else 0.0)
+                raise ValueError(f"--preserve-data {args.preserve_data}: its records {args.preserve_start}..{end - 1} have no locality prompts")
+        memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts, args.past_weight,
+                            args.preserve_weight if texts else 0.0)
         kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential else editor.apply(model, edits, tok)) as edited:
         after = snapshot(edited.model)
