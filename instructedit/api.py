@@ -5,7 +5,6 @@ Over 400 lines: it is the one public surface users import, kept in one module so
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -19,7 +18,7 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL
-from instructedit.editors.aggregation import KeyMemory
+from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle, keep_in_sequence
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
@@ -361,11 +360,8 @@ class InstructEditor:
         editor = self.editor_for(model, tokenizer)
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
         weights = SequentialWeightEdits(model, editor)
-        if memory is not None and not hasattr(editor, "remembering"):
-            raise ValueError(f"a key memory needs a least-squares MEND editor; this one is {type(editor).__name__}")
-        remembering = editor.remembering(memory) if memory is not None else contextlib.nullcontext()
         try:
-            with remembering:
+            with remembering(editor, memory):
                 for edit in edits:
                     batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
                     keep_in_sequence(weights, handles, editor.apply(model, batch), batch)

@@ -290,6 +290,8 @@ def test_sequential_edits_with_a_key_memory_through_the_api(tiny_model_dir: Path
     assert any(not torch.equal(plain[k], remembered[k]) for k in before), "the memory changed nothing"
     with pytest.raises(ValueError, match="needs an editor with editor.aggregation least_squares"):
         load_editor(tmp_path / "sum", instruction=None).apply_sequential(model, edits, tok, memory=KeyMemory())
+    with pytest.raises(ValueError, match="needs a least-squares MEND editor; this one is FTEditor"):  # not a MEND editor at all
+        load_editor(method="ft", options={"num_steps": 1}).apply_sequential(model, edits, tok, memory=KeyMemory())
     assert _same(before, model)
 
 

@@ -15,7 +15,6 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -26,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.editors.aggregation import KeyMemory
+from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
@@ -162,8 +161,7 @@ def key_memory(editor: Editor, model: nn.Module, collator: Collator, texts: Sequ
                text_weight: float = 0.0, batch_size: int = 16) -> KeyMemory:
     """A ``KeyMemory`` for lifelong editing with ``editor`` (least squares): earlier edits' keys weighted ``past_weight``
     and, when ``texts`` are given, their (prompt, continuation) keys' mean covariance counted as ``text_weight`` tokens."""
-    if not hasattr(editor, "remembering"):
-        raise ValueError(f"a key memory needs a least-squares MEND editor; this one is {type(editor).__name__}")
+    check_remembers(editor)
     memory = KeyMemory(past_weight, text_weight)
     if texts:
         device = next(model.parameters()).device
@@ -218,9 +216,8 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
     weights, handles, points, done = SequentialWeightEdits(model, editor), [], [], 0
     marks = sequential_schedule(edits)
     bar = tqdm(total=edits, desc="sequential edits", disable=not progress)
-    remembering = editor.remembering(memory) if memory is not None else contextlib.nullcontext()
     try:
-        with remembering:
+        with remembering(editor, memory):
             while done < edits:
                 upto = min(done + batch, edits, next(m for m in marks if m > done))
                 edit_batch = _edit_batch(collator, records[done:upto], instruction).to(device)

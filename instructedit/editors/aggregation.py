@@ -40,6 +40,10 @@ through the solve.
 
 from __future__ import annotations
 
+import contextlib
+from contextlib import AbstractContextManager
+from typing import Any
+
 import torch
 
 
@@ -115,3 +119,17 @@ class KeyMemory:
         """What a results file records about the memory."""
         return {"past_weight": self.past_weight, "text_weight": self.text_weight, "text_tokens": self.text_tokens,
                 "calls_remembered": self.calls}
+
+
+def check_remembers(editor: Any) -> None:
+    """A key memory is held still by a MEND editor's solves (``MENDEditor.remembering``); any other editor is refused."""
+    if not hasattr(editor, "remembering"):
+        raise ValueError(f"a key memory needs a least-squares MEND editor; this one is {type(editor).__name__}")
+
+
+def remembering(editor: Any, memory: KeyMemory | None) -> AbstractContextManager:
+    """``editor.remembering(memory)``: its solves hold the memory's keys still inside the block; nothing without a memory."""
+    if memory is None:
+        return contextlib.nullcontext()
+    check_remembers(editor)
+    return editor.remembering(memory)
