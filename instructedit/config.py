@@ -174,6 +174,7 @@ class TrainingConfig:
     edit_scales: list[float] = field(default_factory=lambda: [1.0])
     val_every: int = 500
     val_size: int = 200
+    validate_at_start: bool = True  # a validation of the untrained editor at step 0 (the baseline; false: the first one at val_every)
     early_stop_patience: int = 10  # validations without improvement before stopping; 0 disables
     log_every: int = 10
     checkpoint_every: int = 500

@@ -179,12 +179,15 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     rows = probe_batch.label_mask.nonzero()[:, 0]
     pre_ids = _answer_argmax(model, probe_batch)
     probe_budgets = [answer_budget(tokenizer, a) for _, a in probes]
-    probe_said = _answers(model, tokenizer, [p for p, _ in probes], probe_budgets)
+    budgets = [answer_budget(tokenizer, edit.target) for edit in edits]
+    # what the unedited model says to every prompt, in one batch: the probes, then each edit's wrapped and plain prompt
+    unedited = _answers(model, tokenizer, [*(p for p, _ in probes), *(q for edit in edits for q in (editor.wrap(edit), edit.prompt))],
+                        [*probe_budgets, *(b for b in budgets for _ in range(2))])
+    probe_said = unedited[: len(probes)]
     outcomes = []
-    for edit in edits:
+    for k, (edit, budget) in enumerate(zip(edits, budgets, strict=True)):
         wrapped = editor.wrap(edit)
-        budget = answer_budget(tokenizer, edit.target)
-        said = _answers(model, tokenizer, [wrapped, edit.prompt], [budget, budget])
+        said = unedited[len(probes) + 2 * k : len(probes) + 2 * k + 2]
         before, plain_before = score_target(model, tokenizer, wrapped, edit.target), score_target(model, tokenizer, edit.prompt, edit.target)
         top_before = top_predictions(model, tokenizer, wrapped, 1)[0][0]
         with editor.apply(model, [edit], tokenizer) as edited:

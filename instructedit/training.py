@@ -109,7 +109,8 @@ class Trainer:
             if self.dist.is_main:
                 self.log.rotate()
                 start_run(self.output, self.config, self.data.info)
-            self.validate()  # the starting point: pre-training editor
+            if t.validate_at_start:
+                self.validate()  # the starting point: pre-training editor
         if t.tensorboard:
             self.log.open_tensorboard()
         bar = tqdm(total=t.max_steps, initial=self.state.step, desc="meta-train", disable=not self.show_progress, dynamic_ncols=True)

@@ -277,3 +277,31 @@ def test_a_few_rows_project_onto_the_vocabulary_as_the_head_does(tiny_model_dir:
         torch.testing.assert_close(torch.autograd.grad(logits, rows, grad)[0], torch.autograd.grad(expected, rows, grad)[0],
                                    rtol=1e-5, atol=1e-5)
     assert calls == [1, 3, FEW_ROWS]  # the plain head from FEW_ROWS + 1 rows on
+
+
+def test_gguf_conversion_parses_each_file_once_and_restores_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers reads a GGUF file three times (config, tokenizer, weights) and builds a tensor-name map per tensor:
+    inside ``_gguf_parsed_once`` one reader per file and one map per (arch, layers) serve every call."""
+    import gguf
+
+    from instructedit.models.loading import _gguf_parsed_once
+
+    built: list[str] = []
+
+    class Reader:
+        def __init__(self, path: str) -> None:
+            built.append(path)
+
+    def name_map(arch: int, layers: int) -> dict:
+        built.append(f"map {arch} {layers}")
+        return {"arch": arch, "layers": layers}
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    monkeypatch.setattr(gguf, "get_tensor_name_map", name_map)
+    with _gguf_parsed_once():
+        from gguf import GGUFReader, get_tensor_name_map  # as transformers imports them, inside its functions
+
+        assert GGUFReader("a.gguf") is GGUFReader("a.gguf") and GGUFReader("b.gguf") is not GGUFReader("a.gguf")
+        assert get_tensor_name_map(1, 30) is get_tensor_name_map(1, 30) and get_tensor_name_map(1, 2)["layers"] == 2
+    assert built == ["a.gguf", "b.gguf", "map 1 30", "map 1 2"]
+    assert gguf.GGUFReader is Reader and gguf.get_tensor_name_map is name_map  # restored

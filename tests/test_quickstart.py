@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # tiny-model settings (as configs/tiny.yaml), so a quickstart run takes seconds
 TINY = ["model.max_length=250", "model.last_n_layers=2", "data.max_per_task=6", "editor.rank=16", "training.lr=1.0e-3",
         "training.val_every=2", "training.val_size=4", "training.checkpoint_every=2"]
-BUDGET_KEYS = {"max_steps", "val_every", "val_size", "early_stop_patience", "checkpoint_every", "edit_scales"}
+BUDGET_KEYS = {"max_steps", "val_every", "val_size", "early_stop_patience", "checkpoint_every", "edit_scales", "validate_at_start"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models run fastest on one thread

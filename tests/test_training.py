@@ -294,3 +294,13 @@ def test_locality_scale_scores_the_locality_terms_at_a_multiple_of_the_update(ti
     assert trainer.run()["steps"] == trainer.config.training.max_steps  # the trainer passes it through
     with pytest.raises(ValueError, match="locality_scale"):
         load_config(TINY, ["training.locality_scale=0"])
+
+
+def test_validation_at_the_start_can_be_left_out(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """validate_at_start: false (the quickstart): no step-0 validation; best/ comes from the first one at val_every."""
+    Trainer(_config(tiny_gpt2_dir, "training.max_steps=4", "training.val_every=2", "training.validate_at_start=false"), tmp_path,
+            show_progress=False).run()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in lines if e["split"] == "val"] == [2, 4]
+    assert (tmp_path / "best" / "editor.safetensors").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text())["best_step"] in (2, 4)

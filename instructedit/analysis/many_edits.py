@@ -30,8 +30,7 @@ from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_seq
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
-from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
-from instructedit.evaluation.packing import scored_logits
+from instructedit.evaluation.packing import probe_scores, scored_logits
 from instructedit.evaluation.probes import case_probes
 from instructedit.evaluation.runner import sequential_schedule
 from instructedit.losses import masked_nll
@@ -61,28 +60,15 @@ def _probes(collator: Collator, records: Sequence[EditRecord], instruction: int 
                     for p in case_probes(collator, r, instruction) if p.family in FAMILIES])
 
 
-@torch.no_grad()
 def _score(model: nn.Module, collator: Collator, probes: _Probes, batch_size: int) -> list[dict[str, list[float]]]:
     """Per case, per family: answer-token accuracy (reliability, generalization) or unchanged share (locality, against
     ``probes.pre_argmax``); stores the argmax ids as ``pre_argmax`` when there are none yet."""
-    device = next(model.parameters()).device
-    first = probes.pre_argmax is None
-    argmaxes: list[torch.Tensor] = []
+    acc, same, argmax = probe_scores(model, collator, [(p, a) for _, _, p, a in probes.items], probes.pre_argmax, batch_size)
+    if probes.pre_argmax is None:
+        probes.pre_argmax = argmax
     per_case: dict[int, dict[str, list[float]]] = {}
-    for start in range(0, len(probes.items), batch_size):
-        part = probes.items[start : start + batch_size]
-        batch = collator.qa_batch([(p, a) for _, _, p, a in part]).to(device)
-        logits = scored_logits(model, batch)
-        rows, n = batch.label_mask.nonzero()[:, 0], len(part)
-        ids = logits.argmax(-1)
-        acc = answer_accuracy(logits, batch.labels[batch.label_mask], rows, n).tolist()
-        pre = torch.cat([probes.pre_argmax[start + j] for j in range(n)]) if not first else ids
-        same = unchanged_tokens(pre, ids, rows, n).tolist()
-        argmaxes += [ids[rows == j].cpu() for j in range(n)]
-        for j, (c, family, _, _) in enumerate(part):
-            per_case.setdefault(c, {}).setdefault(family, []).append(same[j] if family == "locality" else acc[j])
-    if first:
-        probes.pre_argmax = argmaxes
+    for (c, family, _, _), a, u in zip(probes.items, acc, same, strict=True):
+        per_case.setdefault(c, {}).setdefault(family, []).append(u if family == "locality" else a)
     return [per_case.get(c, {}) for c in range(max((c for c, *_ in probes.items), default=-1) + 1)]
 
 

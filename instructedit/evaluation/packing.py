@@ -17,6 +17,7 @@ from torch import nn
 
 from instructedit.editors.base import EditResult, FunctionalEditor
 from instructedit.evaluation import generation_probes as gen
+from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
 from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
 from instructedit.models.packing import pack, positions_fed, shareable_rows
 from instructedit.records import EditRecord, TokenBatch
@@ -29,6 +30,27 @@ def scored_logits(model: nn.Module, batch: TokenBatch, positions: torch.Tensor |
     """Logits (n_positions, vocab) at the labelled positions only: decoder hidden states, then the head on those rows."""
     out = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions, use_cache=False)
     return model.get_output_embeddings()(out.last_hidden_state[batch.label_mask])
+
+
+@torch.no_grad()
+def probe_scores(model: nn.Module, collator: Collator, pairs: Sequence[tuple[str, str]], pre_argmax: Sequence[torch.Tensor] | None,
+                 batch_size: int) -> tuple[list[float], list[float], list[torch.Tensor]]:
+    """Per (prompt, answer) pair, in batches: its answer-token accuracy, the share of its answer tokens whose argmax is
+    ``pre_argmax``'s (1.0 without one) and its argmax ids (on the CPU): a model scored after edits, one probe per row."""
+    device = next(model.parameters()).device
+    accuracy: list[float] = []
+    unchanged: list[float] = []
+    argmax: list[torch.Tensor] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collator.qa_batch(list(pairs[start : start + batch_size])).to(device)
+        logits = scored_logits(model, batch)
+        rows, n = batch.label_mask.nonzero()[:, 0], batch.n_rows
+        ids = logits.argmax(-1)
+        pre = torch.cat([pre_argmax[start + j].to(device) for j in range(n)]) if pre_argmax is not None else ids
+        accuracy += answer_accuracy(logits, batch.labels[batch.label_mask], rows, n).tolist()
+        unchanged += unchanged_tokens(pre, ids, rows, n).tolist()
+        argmax += [ids[rows == j].cpu() for j in range(n)]
+    return accuracy, unchanged, argmax
 
 
 @dataclass

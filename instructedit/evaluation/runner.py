@@ -37,7 +37,7 @@ from instructedit.evaluation.metrics import (
     MARGIN, PROTOCOL_CHOICES, MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin,
     unchanged_tokens,
 )
-from instructedit.evaluation.packing import Case, check_packing, layout_logits, prepare_cases, score_functional, scored_logits
+from instructedit.evaluation.packing import Case, check_packing, layout_logits, prepare_cases, probe_scores, score_functional
 from instructedit.evaluation.probes import OPPOSITE, SCORED
 from instructedit.evaluation.report import PHASES, CaseResult, EvalReport, EvalSettings, SequentialPoint
 from instructedit.models.loading import max_input_length
@@ -108,20 +108,12 @@ def _answer_edited(model: nn.Module, result: EditResult, ask: Asker | None) -> l
 def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_size: int, edits: int) -> SequentialPoint:
     """Reliability of every case edited so far and their locality against the unedited model."""
     items = [(c, i) for c in cases for i, p in enumerate(c.probes) if p.family in ("reliability", "locality")]
-    device = cases[0].edit.input_ids.device
+    acc, same, _ = probe_scores(model, collator, [(c.probes[i].prompt, c.probes[i].answer) for c, i in items],
+                                [c.pre_argmax[c.rows == i] for c, i in items], batch_size)
     per_case: dict[int, dict[str, list[float]]] = {}
-    for start in range(0, len(items), batch_size):
-        part = items[start : start + batch_size]
-        batch = collator.qa_batch([(c.probes[i].prompt, c.probes[i].answer) for c, i in part]).to(device)
-        with torch.no_grad():
-            logits = scored_logits(model, batch)
-        rows, n = batch.label_mask.nonzero()[:, 0], len(part)
-        acc = answer_accuracy(logits, batch.labels[batch.label_mask], rows, n).tolist()
-        pre_ids = torch.cat([c.pre_argmax[c.rows == i] for c, i in part])
-        same = unchanged_tokens(pre_ids, logits.argmax(-1), rows, n).tolist()
-        for j, (c, i) in enumerate(part):
-            family = c.probes[i].family
-            per_case.setdefault(c.index, {}).setdefault(family, []).append(acc[j] if family == "reliability" else same[j])
+    for (c, i), a, u in zip(items, acc, same, strict=True):
+        family = c.probes[i].family
+        per_case.setdefault(c.index, {}).setdefault(family, []).append(a if family == "reliability" else u)
     rel = [sum(v["reliability"]) / len(v["reliability"]) for v in per_case.values() if "reliability" in v]
     loc = [sum(v["locality"]) / len(v["locality"]) for v in per_case.values() if "locality" in v]
     return SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc))
