@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ import torch
 from instructedit.config import load_config
 from instructedit.io import write_json
 from instructedit.memory import GIB, estimate_memory, markdown_table
+
+from common import peak_rss_bytes  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "memory.json"
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "presets"
@@ -44,7 +45,7 @@ def measure(steps: int, overrides: list[str], config_file: str | None) -> None:
         trainer = Trainer(config, out, show_progress=False)
         trainer.run()
         estimate = estimate_memory(config, trainer.model, "cpu")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = peak_rss_bytes()
     print(json.dumps({"peak_rss_gib": peak / GIB, "estimate_gib": estimate.peak / GIB, "estimate": estimate.to_dict()}))
 
 

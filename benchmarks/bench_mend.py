@@ -22,7 +22,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from instructedit.objective import meta_loss, packing_matches
 from instructedit.records import MetaBatch, TokenBatch
 from instructedit.tasks.prepare import prepare_data
 from instructedit.training import Trainer
+
+from common import peak_rss_bytes  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mend.json"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m" / "instructedit.yaml"
@@ -96,7 +97,7 @@ def rss_only(steps: int, threads: int) -> None:
     config = load_config(CONFIG, [f"training.max_steps={steps}", "training.val_size=2", f"training.val_every={steps}", "training.checkpoint_every=100000"])
     with tempfile.TemporaryDirectory() as out:
         Trainer(config, out, show_progress=False).run()
-    print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+    print(json.dumps({"peak_rss_gib": peak_rss_bytes() / 2**30}))
 
 
 def main() -> None:

@@ -27,19 +27,11 @@ from instructedit.io import write_json
 from instructedit.models.loading import load_model
 from instructedit.tasks.splits import load_task_splits
 
-from common import add_common_arguments  # benchmarks/common.py
+from common import add_common_arguments, rss_bytes  # benchmarks/common.py
 
 logger = logging.getLogger("bench_sequential_memory")
 RESULTS = Path(__file__).resolve().parent / "results" / "sequential_memory.json"
 GIB = 1024**3
-
-
-def rss_bytes(field: str = "VmRSS") -> int:
-    """The process's resident set (``VmRSS``) or its high-water mark (``VmHWM``), from /proc/self/status."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # kB
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def reset_peak_rss() -> bool:
