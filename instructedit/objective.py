@@ -27,6 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from instructedit.editors.base import EditResult
+from instructedit.editors.hooks import capture_factors
 from instructedit.editors.mend import MENDEditor
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
 from instructedit.models.packing import pack, positions_fed, shareable_rows
@@ -81,12 +82,9 @@ def _stacked(batches: Sequence[TokenBatch]) -> TokenBatch:
                         for name, value in (("input_ids", 0), ("attention_mask", 0), ("labels", IGNORE))))
 
 
-def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool,
-                   loc_scale: float = 1.0) -> tuple[EditResult, Selections]:
-    """``_padded_inputs`` from ONE packed row: every input passes the frozen prefix in one forward (the instruction
-    they share once), the edit is taken on the edit rows' labels only (the other rows get an exactly zero gradient,
-    so their tokens drop out of the gradient factors), and one post-edit suffix pass serves every scored input (a
-    second one, with the scaled update, the locality terms when ``loc_scale`` != 1)."""
+def _record_row(split: SplitModel, batch: MetaBatch) -> tuple[TokenBatch, torch.Tensor, Callable[[str], torch.Tensor], bool]:
+    """Every input of one record's step as ONE packed row (``models.packing``): (row, its position ids, ``of(name)``:
+    the (1, L) positions of an input — "inner", "outer", "loc", "unlikely" — and whether the outer input is the inner one)."""
     same_outer = torch.equal(batch.edit_outer.input_ids, batch.edit_inner.input_ids)
     parts = {"inner": batch.edit_inner, **({} if same_outer else {"outer": batch.edit_outer}), "loc": batch.loc,
              **({"unlikely": batch.unlikely} if batch.unlikely is not None else {})}
@@ -95,27 +93,139 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
         bounds[name] = (start, start + part.n_rows)
         start += part.n_rows
     shareable = shareable_rows(start, batch.edit_inner.n_rows)
-    rows, positions, owner = pack(_stacked(list(parts.values())), shareable, next(split.model.parameters()).dtype)
-    with positions_fed(split.model, positions):
-        state = split.prefix(rows)
-    labelled = rows.label_mask
+    row, positions, owner = pack(_stacked(list(parts.values())), shareable, next(split.model.parameters()).dtype)
 
-    def of(name: str) -> torch.Tensor:  # (1, L): the positions of that input's rows
+    def of(name: str) -> torch.Tensor:
         lo, hi = bounds[name]
         return ((owner >= lo) & (owner < hi))[None]
 
-    edit = editor.edit(split, TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE)), state)
-    post = split.suffix(state, edit.new_params)
-    post_loc = post if loc_scale == 1.0 else split.suffix(state, _locality_params(editor, split, edit, loc_scale))
+    return row, positions, of, same_outer
+
+
+def _selections(state_final: torch.Tensor, post: torch.Tensor, post_loc: torch.Tensor, labelled: torch.Tensor,
+                of: Callable[[str], torch.Tensor], same_outer: bool, context: bool, unlikely: bool) -> Selections:
+    """The positions a record's loss reads in its packed row: pre- and post-edit outer and locality (and locality prompt,
+    and ConvSent's opposite responses)."""
     outer_mask, loc_mask = of("inner" if same_outer else "outer") & labelled, of("loc") & labelled
-    selections = {"pre_loc": (state.final_hidden, loc_mask), "pre_outer": (state.final_hidden, outer_mask),
+    selections = {"pre_loc": (state_final, loc_mask), "pre_outer": (state_final, outer_mask),
                   "post_outer": (post, outer_mask), "post_loc": (post_loc, loc_mask)}
     if context:
         prompt = of("loc") & ~labelled
-        selections |= {"pre_context": (state.final_hidden, prompt), "post_context": (post_loc, prompt)}
-    if batch.unlikely is not None:
+        selections |= {"pre_context": (state_final, prompt), "post_context": (post_loc, prompt)}
+    if unlikely:
         selections["post_unlikely"] = (post, of("unlikely") & labelled)
-    return edit, selections
+    return selections
+
+
+def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, context: bool,
+                   loc_scale: float = 1.0) -> tuple[EditResult, Selections]:
+    """``_padded_inputs`` from ONE packed row: every input passes the frozen prefix in one forward (the instruction
+    they share once), the edit is taken on the edit rows' labels only (the other rows get an exactly zero gradient,
+    so their tokens drop out of the gradient factors), and one post-edit suffix pass serves every scored input (a
+    second one, with the scaled update, the locality terms when ``loc_scale`` != 1)."""
+    rows, positions, of, same_outer = _record_row(split, batch)
+    with positions_fed(split.model, positions):
+        state = split.prefix(rows)
+    edit = editor.edit(split, TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE)), state)
+    post = split.suffix(state, edit.new_params)
+    post_loc = post if loc_scale == 1.0 else split.suffix(state, _locality_params(editor, split, edit, loc_scale))
+    return edit, _selections(state.final_hidden, post, post_loc, rows.label_mask, of, same_outer, context, batch.unlikely is not None)
+
+
+def _rows_together(rows: Sequence[TokenBatch], positions: Sequence[torch.Tensor]) -> tuple[TokenBatch, torch.Tensor]:
+    """Packed rows (each (1, L_i), a (1, 1, L_i, L_i) additive mask) as one right-padded batch (B, L): no position sees
+    another row's, and a padding position sees only itself (a query with no visible key would give NaN)."""
+    width = max(r.input_ids.shape[1] for r in rows)
+    ids, masks, labels, fed = [], [], [], []
+    for row, pos in zip(rows, positions, strict=True):
+        n = row.input_ids.shape[1]
+        mask = torch.nn.functional.pad(row.attention_mask, (0, width - n, 0, width - n), value=torch.finfo(row.attention_mask.dtype).min)
+        pad = torch.arange(n, width, device=mask.device)
+        mask[..., pad, pad] = 0
+        ids.append(torch.nn.functional.pad(row.input_ids, (0, width - n)))
+        masks.append(mask)
+        labels.append(torch.nn.functional.pad(row.labels, (0, width - n), value=IGNORE))
+        fed.append(torch.nn.functional.pad(pos, (0, width - n)))
+    return TokenBatch(torch.cat(ids), torch.cat(masks), torch.cat(labels)), torch.cat(fed)
+
+
+def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[MetaBatch], c_edit: float, c_loc: float,
+                      c_margin: float = 0.0, c_answer: float = 0.0, answer_cap: float = 2.0, c_context: float = 0.0,
+                      loc_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean of ``meta_loss`` over several records, each with ITS OWN edit, in one pass (``training.batch_size``).
+
+    Each record's inputs are packed into one row (``_record_row``) and the rows run as one batch: one prefix pass,
+    one backward for every record's gradient factors (δ from the sum of the records' mean edit NLLs: no row sees
+    another, so each record's δ is its own), one MEND network call, and one post-edit suffix in which every row gets
+    its own record's update as low-rank factors (``row_edits.per_row_updates``: x · ũᵀ · αδ̃ added by hooks). Equal
+    to the mean of the records' packed ``meta_loss`` up to float rounding where the editor's statistics are frozen
+    (in training they are updated once for the batch, not once per record). A summing MEND editor only.
+    """
+    from instructedit.evaluation.row_edits import per_row_updates
+
+    if editor.config.aggregation != "sum":
+        raise ValueError(f"per-record edits in one pass need a summing MEND editor (editor.aggregation is {editor.config.aggregation!r})")
+    packed = [_record_row(split, batch) for batch in batches]
+    rows, positions = _rows_together([row for row, *_ in packed], [pos for _, pos, *_ in packed])
+    n, width = len(batches), rows.input_ids.shape[1]
+
+    def placed(r: int, mask: torch.Tensor) -> torch.Tensor:  # record r's (1, L_r) mask as a (B, L) one
+        out = torch.zeros((n, width), dtype=torch.bool, device=mask.device)
+        out[r, : mask.shape[1]] = mask[0]
+        return out
+
+    with positions_fed(split.model, positions):
+        state = split.prefix(rows)
+    inner = torch.stack([placed(r, of("inner")) for r, (_, _, of, _) in enumerate(packed)]).any(0)
+    edit_mask = rows.label_mask & inner
+    with torch.enable_grad(), capture_factors(split.model, editor.weights) as capture:
+        logits = split.logits_at(split.suffix(state), edit_mask)
+        nll = torch.nn.functional.cross_entropy(logits.float(), rows.labels[edit_mask], reduction="none")
+        record = edit_mask.nonzero()[:, 0]
+        per_record = torch.zeros(n, device=nll.device).index_add(0, record, nll) / torch.bincount(record, minlength=n)
+        factors = capture.factors(per_record.sum())  # each record's δ: the gradient of its own mean NLL
+    updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
+    for i, w, _, u_w, d_w in editor.network_outputs(factors):
+        owner, scaled = factors[w.name].rows.to(u_w.device), editor.edit_lrs[i] * d_w
+        for r in range(n):
+            mine = owner == r
+            updates[r][w.name] = (u_w[mine].T, scaled[mine])
+    transposed = {w.name: w.transposed for w in editor.weights}
+    with per_row_updates(split.model, updates, transposed):
+        post = split.suffix(state)
+    post_loc = post
+    if loc_scale != 1.0:
+        with per_row_updates(split.model, updates, transposed, [loc_scale] * n):
+            post_loc = split.suffix(state)
+    selections: list[Selections] = []
+    for r, (_, _, of, same_outer) in enumerate(packed):
+        def of_r(name: str, r: int = r, of: Callable[[str], torch.Tensor] = of) -> torch.Tensor:
+            return placed(r, of(name))
+        selections.append(_selections(state.final_hidden, post, post_loc, rows.label_mask, of_r, same_outer, bool(c_context),
+                                      batches[r].unlikely is not None))
+    flat = split.logits_at_many([pair for chosen in selections for pair in chosen.values()])
+    losses, totals = [], {}
+    for r, chosen in enumerate(selections):
+        logits_r = dict(zip(chosen, flat[: len(chosen)], strict=True))
+        flat = flat[len(chosen) :]
+        loss, metrics = _terms(logits_r, batches[r], float(per_record[r].detach()), c_edit, c_loc, c_margin, c_answer, answer_cap, c_context)
+        losses.append(loss)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v / n
+    return torch.stack(losses).mean(), totals
+
+
+def per_record_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[MetaBatch], *args: float, packed: bool = False,
+                         **kwargs: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean of ``meta_loss`` over the records, one call each: what ``batched_meta_loss`` computes in one pass, for
+    where it cannot run (an architecture that ignores packed rows' masks, a least-squares editor)."""
+    losses, totals = [], {}
+    for batch in batches:
+        loss, metrics = meta_loss(editor, split, batch, *args, packed=packed, **kwargs)
+        losses.append(loss)
+        for k, v in metrics.items():
+            totals[k] = totals.get(k, 0.0) + v / len(batches)
+    return torch.stack(losses).mean(), totals
 
 
 @torch.no_grad()
@@ -149,6 +259,12 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
     inputs = _packed_inputs if packed else _padded_inputs
     edit, selections = inputs(editor, split, batch, bool(c_context), loc_scale)
     logits = dict(zip(selections, split.logits_at_many(list(selections.values())), strict=True))
+    return _terms(logits, batch, float(edit.pre_edit_loss), c_edit, c_loc, c_margin, c_answer, answer_cap, c_context)
+
+
+def _terms(logits: dict[str, torch.Tensor], batch: MetaBatch, pre_edit_loss: float, c_edit: float, c_loc: float, c_margin: float,
+           c_answer: float, answer_cap: float, c_context: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss and metrics of one record's (or one summed edit's) step from the logits at its scored positions."""
     pre_loc, pre_outer = logits["pre_loc"].detach(), logits["pre_outer"].detach()  # targets, not trained
     post_outer, post_loc = logits["post_outer"], logits["post_loc"]
 
@@ -178,7 +294,7 @@ def meta_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: f
         **({"l_margin": l_margin.item()} if l_margin is not None else {}),
         **({"l_answer": l_answer.item()} if l_answer is not None else {}),
         **({"l_loc_context": l_context.item()} if l_context is not None else {}),
-        "pre_edit_loss": float(edit.pre_edit_loss),
+        "pre_edit_loss": pre_edit_loss,
         "edit_acc_pre": token_accuracy(pre_outer, outer_targets, batch.edit_outer.label_rows, n_outer).mean().item(),
         "edit_acc": token_accuracy(post_outer.detach(), outer_targets, batch.edit_outer.label_rows, n_outer).mean().item(),
         "locality": unchanged_share(pre_loc, post_loc.detach(), batch.loc.label_rows, n_loc).mean().item(),

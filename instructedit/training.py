@@ -31,7 +31,7 @@ from instructedit.evaluation.generation_check import validation_scores
 from instructedit.memory import log_estimate
 from instructedit.models.loading import load_model
 from instructedit.models.split import CheckpointedSplitModel
-from instructedit.objective import many_edits_loss, meta_loss, packing_matches
+from instructedit.objective import batched_meta_loss, many_edits_loss, meta_loss, packing_matches, per_record_meta_loss
 from instructedit.records import EditRecord, MetaBatch
 from instructedit.runs import BEST, CONFIG, LAST
 from instructedit.tasks.collate import PromptTooLongError
@@ -190,11 +190,19 @@ class Trainer:
             self.state.follow_locality_target(metrics["locality"], t)
         return metrics
 
-    def _objective(self, batch: MetaBatch):
-        """The step's loss function: ``meta_loss`` (its inputs packed where ``_packs``), or ``many_edits_loss`` for n_edits > 1."""
+    def _objective(self, batch: MetaBatch | list[MetaBatch]):
+        """The step's loss function: ``meta_loss`` (its inputs packed where ``_packs``); for batch_size > 1 (a list, one
+        per record) the records' mean, each with its own edit, in one pass (``batched_meta_loss``) where the inputs
+        pack and the editor sums; ``many_edits_loss`` for n_edits > 1."""
         t = self.config.training
         if t.n_edits > 1:
             return partial(many_edits_loss, chunk=self.config.editor.chunk_edits)  # one aggregated edit
+        if isinstance(batch, list):
+            packs = self._packs(batch[0])
+            one_pass = t.batch_one_pass if t.batch_one_pass is not None else self.device.type != "cpu"
+            if one_pass and packs and self.editor.config.aggregation == "sum":
+                return batched_meta_loss
+            return partial(per_record_meta_loss, packed=packs)
         return partial(meta_loss, packed=self._packs(batch))
 
     def _packs(self, batch: MetaBatch) -> bool:
@@ -216,12 +224,14 @@ class Trainer:
         if self.state.records_seen < 0:
             self.state.records_seen = self.state.step * self.records_per_step
 
-    def _micro_batch(self, micro: int) -> tuple[list[EditRecord], MetaBatch | None]:
+    def _micro_batch(self, micro: int) -> tuple[list[EditRecord], MetaBatch | list[MetaBatch] | None]:
         """This process's ``micro``-th micro-batch of the step (global micro-batch micro·P + rank); None if too long."""
         t = self.config.training
         start = self.state.records_seen + (micro * self.dist.world_size + self.dist.rank) * t.edits_per_call
         records = [record_at(self.data.train, t.seed, start + i) for i in range(t.edits_per_call)]
         try:
+            if t.n_edits == 1 and len(records) > 1:  # batch_size > 1: one edit per record (_objective)
+                return records, [self._batch([record]) for record in records]
             return records, self._batch(records)
         except PromptTooLongError as e:
             logger.warning("skipping a batch: %s", e)

@@ -304,3 +304,72 @@ def test_validation_at_the_start_can_be_left_out(tiny_gpt2_dir: Path, tmp_path: 
     assert [e["step"] for e in lines if e["split"] == "val"] == [2, 4]
     assert (tmp_path / "best" / "editor.safetensors").is_file()
     assert json.loads((tmp_path / "summary.json").read_text())["best_step"] in (2, 4)
+
+
+def test_per_record_edits_in_one_pass_equal_the_mean_of_single_record_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """batched_meta_loss (training.batch_size > 1): every record edited with its own update, all in one pass, gives the
+    mean of the records' packed meta_loss: loss, metrics and gradients (editor statistics frozen: eval mode)."""
+    import copy
+
+    from instructedit.objective import batched_meta_loss, meta_loss
+
+    trainer = Trainer(_config(tiny_model_dir, "training.edit_loss_on=rephrase"), tmp_path, show_progress=False)
+    records = [next(r for r in trainer.data.train if r.task == task) for task in ("counterfact", "convsent", "wikirecent")]
+    batches = [trainer._batch([r]) for r in records]
+    with torch.no_grad():
+        trainer.editor.edit_lrs.fill_(10.0)  # an edit that moves every term
+    trainer.editor.eval()
+    state = copy.deepcopy(trainer.editor.state_dict())
+    params = trainer.editor.network_parameters + [trainer.editor.edit_lrs]
+    terms = {"c_margin": 1.0, "c_answer": 0.1, "c_context": 1.0, "loc_scale": 2.0}
+
+    def grads() -> list[torch.Tensor]:
+        out = [p.grad.clone() for p in params]
+        trainer.editor.zero_grad(set_to_none=True)
+        return out
+
+    singles = []
+    for batch in batches:
+        loss, metrics = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, packed=True, **terms)
+        (loss / len(batches)).backward()
+        singles.append((loss.item(), metrics))
+    expected = grads()
+    trainer.editor.load_state_dict(state)
+    loss, metrics = batched_meta_loss(trainer.editor, trainer.split, batches, 0.1, 1.0, **terms)
+    loss.backward()
+    got = grads()
+    assert loss.item() == pytest.approx(sum(l for l, _ in singles) / 3, rel=1e-4)
+    for key in singles[0][1]:
+        assert metrics[key] == pytest.approx(sum(m[key] for _, m in singles) / 3, rel=1e-3, abs=1e-6), key
+    for a, b in zip(expected, got, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * max(1.0, float(a.abs().max())))
+
+
+def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """training.batch_size 2 × grad_accumulation 1 consumes the records batch_size 1 × grad_accumulation 2 does, each with
+    its own edit: the same losses (to float rounding: the editor's statistics are updated once per pass)."""
+    one = Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=1", "training.grad_accumulation=2"), tmp_path / "a",
+                  show_progress=False)
+    two = Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=2", "training.batch_one_pass=true", "training.grad_accumulation=1"), tmp_path / "b",
+                  show_progress=False)
+    records, batches = two._micro_batch(0)
+    assert isinstance(batches, list) and len(batches) == 2 and two.records_per_step == one.records_per_step == 2
+    assert two._objective(batches) is batched_meta_loss_ref()
+    one.run(), two.run()
+    assert _train_losses(tmp_path / "b").keys() == _train_losses(tmp_path / "a").keys() == {1, 2, 3}
+    for step, loss in _train_losses(tmp_path / "a").items():
+        assert _train_losses(tmp_path / "b")[step] == pytest.approx(loss, rel=0.05), step
+    # a least-squares editor: the same records, one meta_loss call each (batched_meta_loss needs a summing editor)
+    solving = Trainer(_config(tiny_gpt2_dir, "training.max_steps=1", "training.batch_size=2", "editor.aggregation=least_squares"),
+                      tmp_path / "c", show_progress=False)
+    objective = solving._objective(solving._micro_batch(0)[1])
+    assert objective.func.__name__ == "per_record_meta_loss" and solving.run()["steps"] == 1
+    # on a CPU, by default, one call per record (measured faster there than one padded pass)
+    loop = Trainer(_config(tiny_gpt2_dir, "training.max_steps=1", "training.batch_size=2"), tmp_path / "d", show_progress=False)
+    assert loop._objective(loop._micro_batch(0)[1]).func.__name__ == "per_record_meta_loss"
+
+
+def batched_meta_loss_ref():
+    from instructedit.objective import batched_meta_loss
+
+    return batched_meta_loss
