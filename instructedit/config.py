@@ -149,12 +149,9 @@ class TrainingConfig:
     # mean of the training locality is under this target and falls while it is over (w ← w·exp(rate·gap)).
     locality_target: float | None = None
     locality_target_rate: float = 0.2
-    # Records per micro-batch, each with its own edit (as grad_accumulation would take them): the learning curve per
-    # record is that of batch_size 1 with grad_accumulation × as many. batch_one_pass: run them as one padded batch
-    # (objective.batched_meta_loss) or one call each (per_record_meta_loss); null = on a GPU only: on a CPU the padding
-    # to the longest record costs more than the passes it saves (benchmarks/results/batched_training.json: 0.79x at 2)
+    # Records per micro-batch, each with its own edit (as grad_accumulation would take them: the learning curve per
+    # record is that of batch_size 1 with grad_accumulation × as many), run as one row (objective.batched_meta_loss)
     batch_size: int = 1
-    batch_one_pass: bool | None = None
     # Edits per aggregated edit in a micro-batch (DESIGN.md §9): n_edits > 1 trains on N records edited in one call
     # (objective.many_edits_loss) and takes the place of batch_size, which must then be 1.
     n_edits: int = 1

@@ -21,7 +21,8 @@ update multiplied by it: an editor used at a multiple of its learned step sizes 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -132,21 +133,46 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
     return edit, _selections(state.final_hidden, post, post_loc, rows.label_mask, of, same_outer, context, batch.unlikely is not None)
 
 
-def _rows_together(rows: Sequence[TokenBatch], positions: Sequence[torch.Tensor]) -> tuple[TokenBatch, torch.Tensor]:
-    """Packed rows (each (1, L_i), a (1, 1, L_i, L_i) additive mask) as one right-padded batch (B, L): no position sees
-    another row's, and a padding position sees only itself (a query with no visible key would give NaN)."""
-    width = max(r.input_ids.shape[1] for r in rows)
-    ids, masks, labels, fed = [], [], [], []
-    for row, pos in zip(rows, positions, strict=True):
+def _one_row(rows: Sequence[TokenBatch], positions: Sequence[torch.Tensor]) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
+    """Packed rows (each (1, L_i), a (1, 1, L_i, L_i) additive mask) one after another as ONE row: a block-diagonal
+    mask (no position sees another row's), the position ids, and the row (record) each position comes from."""
+    total = sum(r.input_ids.shape[1] for r in rows)
+    dtype, device = rows[0].attention_mask.dtype, rows[0].input_ids.device
+    mask = torch.full((1, 1, total, total), torch.finfo(dtype).min, dtype=dtype, device=device)
+    start = 0
+    for row in rows:
         n = row.input_ids.shape[1]
-        mask = torch.nn.functional.pad(row.attention_mask, (0, width - n, 0, width - n), value=torch.finfo(row.attention_mask.dtype).min)
-        pad = torch.arange(n, width, device=mask.device)
-        mask[..., pad, pad] = 0
-        ids.append(torch.nn.functional.pad(row.input_ids, (0, width - n)))
-        masks.append(mask)
-        labels.append(torch.nn.functional.pad(row.labels, (0, width - n), value=IGNORE))
-        fed.append(torch.nn.functional.pad(pos, (0, width - n)))
-    return TokenBatch(torch.cat(ids), torch.cat(masks), torch.cat(labels)), torch.cat(fed)
+        mask[..., start : start + n, start : start + n] = row.attention_mask
+        start += n
+    owner = torch.cat([torch.full((r.input_ids.shape[1],), i, device=device) for i, r in enumerate(rows)])
+    joined = TokenBatch(torch.cat([r.input_ids for r in rows], 1), mask, torch.cat([r.labels for r in rows], 1))
+    return joined, torch.cat(list(positions), 1), owner
+
+
+@contextmanager
+def _record_updates(model: torch.nn.Module, owner: torch.Tensor, updates: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    scale: float = 1.0) -> Iterator[None]:
+    """Within the block, every position of a one-row forward adds its own record's update to the edited modules'
+    outputs: ``updates[name]`` = (ũ (T, d_in), α·δ̃ (T, d_out), record of each of the T tokens), and position p adds
+    x_p · Σ_{t of its record} ũ_tᵀ α·δ̃_t, i.e. ((x · ũᵀ) ⊙ [record(p) = record(t)]) · α·δ̃ (times ``scale``)."""
+    handles = []
+
+    def adder(u: torch.Tensor, d: torch.Tensor, same: torch.Tensor):
+        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            x = args[0][0].to(u.dtype)  # (L, d_in): the one row
+            added = ((x @ u.T) * same) @ d
+            return output + (added if scale == 1.0 else added * scale).to(output.dtype)[None]
+
+        return hook
+
+    try:
+        for name, (u, d, record) in updates.items():
+            same = (owner[:, None] == record[None, :]).to(u.dtype)  # (L, T)
+            handles.append(model.get_submodule(name.rsplit(".", 1)[0]).register_forward_hook(adder(u, d, same)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[MetaBatch], c_edit: float, c_loc: float,
@@ -154,24 +180,26 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
                       loc_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean of ``meta_loss`` over several records, each with ITS OWN edit, in one pass (``training.batch_size``).
 
-    Each record's inputs are packed into one row (``_record_row``) and the rows run as one batch: one prefix pass,
-    one backward for every record's gradient factors (δ from the sum of the records' mean edit NLLs: no row sees
-    another, so each record's δ is its own), one MEND network call, and one post-edit suffix in which every row gets
-    its own record's update as low-rank factors (``row_edits.per_row_updates``: x · ũᵀ · αδ̃ added by hooks). Equal
-    to the mean of the records' packed ``meta_loss`` up to float rounding where the editor's statistics are frozen
-    (in training they are updated once for the batch, not once per record). A summing MEND editor only.
+    Each record's inputs are packed into one row (``_record_row``) and the rows run one after another as ONE row
+    (``_one_row``, no padding): one prefix pass, one backward for every record's gradient factors (δ from the sum of
+    the records' mean edit NLLs: no position sees another record's, so each record's δ is its own), one MEND network
+    call, and one post-edit suffix in which every position adds its own record's update as low-rank factors
+    (``_record_updates``). Equal to the mean of the records' packed ``meta_loss`` up to float rounding where the
+    editor's statistics are frozen (in training they are updated once for the batch, not once per record). A summing
+    MEND editor only.
     """
-    from instructedit.evaluation.row_edits import per_row_updates
-
     if editor.config.aggregation != "sum":
         raise ValueError(f"per-record edits in one pass need a summing MEND editor (editor.aggregation is {editor.config.aggregation!r})")
     packed = [_record_row(split, batch) for batch in batches]
-    rows, positions = _rows_together([row for row, *_ in packed], [pos for _, pos, *_ in packed])
-    n, width = len(batches), rows.input_ids.shape[1]
+    rows, positions, owner = _one_row([row for row, *_ in packed], [pos for _, pos, *_ in packed])
+    n = len(batches)
+    offsets = [0]
+    for row, *_ in packed:
+        offsets.append(offsets[-1] + row.input_ids.shape[1])
 
-    def placed(r: int, mask: torch.Tensor) -> torch.Tensor:  # record r's (1, L_r) mask as a (B, L) one
-        out = torch.zeros((n, width), dtype=torch.bool, device=mask.device)
-        out[r, : mask.shape[1]] = mask[0]
+    def placed(r: int, mask: torch.Tensor) -> torch.Tensor:  # record r's (1, L_r) mask as a (1, L) one
+        out = torch.zeros((1, offsets[-1]), dtype=torch.bool, device=mask.device)
+        out[0, offsets[r] : offsets[r + 1]] = mask[0]
         return out
 
     with positions_fed(split.model, positions):
@@ -181,21 +209,16 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
     with torch.enable_grad(), capture_factors(split.model, editor.weights) as capture:
         logits = split.logits_at(split.suffix(state), edit_mask)
         nll = torch.nn.functional.cross_entropy(logits.float(), rows.labels[edit_mask], reduction="none")
-        record = edit_mask.nonzero()[:, 0]
+        record = owner[edit_mask[0]]
         per_record = torch.zeros(n, device=nll.device).index_add(0, record, nll) / torch.bincount(record, minlength=n)
         factors = capture.factors(per_record.sum())  # each record's δ: the gradient of its own mean NLL
-    updates: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in range(n)]
-    for i, w, _, u_w, d_w in editor.network_outputs(factors):
-        owner, scaled = factors[w.name].rows.to(u_w.device), editor.edit_lrs[i] * d_w
-        for r in range(n):
-            mine = owner == r
-            updates[r][w.name] = (u_w[mine].T, scaled[mine])
-    transposed = {w.name: w.transposed for w in editor.weights}
-    with per_row_updates(split.model, updates, transposed):
+    updates = {w.name: (u_w, editor.edit_lrs[i] * d_w, owner[factors[w.name].positions].to(u_w.device))
+               for i, w, _, u_w, d_w in editor.network_outputs(factors)}
+    with _record_updates(split.model, owner, updates):
         post = split.suffix(state)
     post_loc = post
     if loc_scale != 1.0:
-        with per_row_updates(split.model, updates, transposed, [loc_scale] * n):
+        with _record_updates(split.model, owner, updates, loc_scale):
             post_loc = split.suffix(state)
     selections: list[Selections] = []
     for r, (_, _, of, same_outer) in enumerate(packed):

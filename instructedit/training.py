@@ -199,8 +199,7 @@ class Trainer:
             return partial(many_edits_loss, chunk=self.config.editor.chunk_edits)  # one aggregated edit
         if isinstance(batch, list):
             packs = self._packs(batch[0])
-            one_pass = t.batch_one_pass if t.batch_one_pass is not None else self.device.type != "cpu"
-            if one_pass and packs and self.editor.config.aggregation == "sum":
+            if packs and self.editor.config.aggregation == "sum":
                 return batched_meta_loss
             return partial(per_record_meta_loss, packed=packs)
         return partial(meta_loss, packed=self._packs(batch))

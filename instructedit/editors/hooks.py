@@ -24,6 +24,7 @@ class Factors:
     u: torch.Tensor  # (n_tokens, d_in)
     delta: torch.Tensor  # (n_tokens, d_out)
     rows: torch.Tensor | None = None  # (n_tokens,): the batch row each token comes from
+    positions: torch.Tensor | None = None  # (n_tokens,): its position in that row
 
 
 class FactorCapture:
@@ -60,7 +61,8 @@ class FactorCapture:
             delta = grad.reshape(-1, grad.shape[-1])
             keep = delta.ne(0).any(-1)  # tokens that do not influence the loss carry no gradient
             rows = torch.arange(grad.shape[0], device=grad.device)[:, None].expand(grad.shape[:-1]).reshape(-1)  # (batch·seq,)
-            result[name] = Factors(u=u[keep], delta=delta[keep], rows=rows[keep])
+            positions = torch.arange(grad.shape[1], device=grad.device)[None, :].expand(grad.shape[:-1]).reshape(-1)
+            result[name] = Factors(u=u[keep], delta=delta[keep], rows=rows[keep], positions=positions[keep])
         return result
 
 
