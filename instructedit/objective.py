@@ -28,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from instructedit.editors.base import EditResult
-from instructedit.editors.hooks import capture_factors
+from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.editors.mend import MENDEditor
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
 from instructedit.models.packing import pack, positions_fed, shareable_rows
@@ -182,11 +182,11 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
 
     Each record's inputs are packed into one row (``_record_row``) and the rows run one after another as ONE row
     (``_one_row``, no padding): one prefix pass, one backward for every record's gradient factors (δ from the sum of
-    the records' mean edit NLLs: no position sees another record's, so each record's δ is its own), one MEND network
-    call, and one post-edit suffix in which every position adds its own record's update as low-rank factors
-    (``_record_updates``). Equal to the mean of the records' packed ``meta_loss`` up to float rounding where the
-    editor's statistics are frozen (in training they are updated once for the batch, not once per record). A summing
-    MEND editor only.
+    the records' mean edit NLLs: no position sees another record's, so each record's δ is its own), the MEND network
+    on each record's factors in turn (its running statistics merge them in the order one record per micro-batch
+    would), and one post-edit suffix in which every position adds its own record's update as low-rank factors
+    (``_record_updates``). Equal to the mean of the records' packed ``meta_loss`` calls, statistics included, up to
+    float rounding. A summing MEND editor only.
     """
     if editor.config.aggregation != "sum":
         raise ValueError(f"per-record edits in one pass need a summing MEND editor (editor.aggregation is {editor.config.aggregation!r})")
@@ -212,8 +212,17 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
         record = owner[edit_mask[0]]
         per_record = torch.zeros(n, device=nll.device).index_add(0, record, nll) / torch.bincount(record, minlength=n)
         factors = capture.factors(per_record.sum())  # each record's δ: the gradient of its own mean NLL
-    updates = {w.name: (u_w, editor.edit_lrs[i] * d_w, owner[factors[w.name].positions].to(u_w.device))
-               for i, w, _, u_w, d_w in editor.network_outputs(factors)}
+    # the MEND network once per record, in order: in training each call first merges its tokens into the running
+    # statistics it normalizes with, so the records see the statistics they would see one micro-batch at a time
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {w.name: [] for w in editor.weights}
+    for r in range(n):
+        mine = {name: owner[f.positions] == r for name, f in factors.items()}
+        if not all(bool(m.any()) for m in mine.values()):
+            continue  # no gradient reached this record's tokens (a target the model already predicts with certainty)
+        own = {name: Factors(u=f.u[mine[name]], delta=f.delta[mine[name]]) for name, f in factors.items()}
+        for i, w, _, u_w, d_w in editor.network_outputs(own):
+            parts[w.name].append((u_w, editor.edit_lrs[i] * d_w, torch.full((u_w.shape[0],), r, device=u_w.device)))
+    updates = {name: tuple(torch.cat(t) for t in zip(*chunks, strict=True)) for name, chunks in parts.items() if chunks}
     with _record_updates(split.model, owner, updates):
         post = split.suffix(state)
     post_loc = post

@@ -347,7 +347,7 @@ def test_per_record_edits_in_one_pass_equal_the_mean_of_single_record_steps(tiny
 
 def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     """training.batch_size 2 × grad_accumulation 1 consumes the records batch_size 1 × grad_accumulation 2 does, each with
-    its own edit: the same losses (to float rounding: the editor's statistics are updated once per pass)."""
+    its own edit: the same losses, the editor's running statistics included (to float rounding)."""
     one = Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=1", "training.grad_accumulation=2"), tmp_path / "a",
                   show_progress=False)
     two = Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=2", "training.grad_accumulation=1"), tmp_path / "b",
@@ -358,7 +358,7 @@ def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, 
     one.run(), two.run()
     assert _train_losses(tmp_path / "b").keys() == _train_losses(tmp_path / "a").keys() == {1, 2, 3}
     for step, loss in _train_losses(tmp_path / "a").items():
-        assert _train_losses(tmp_path / "b")[step] == pytest.approx(loss, rel=0.05), step
+        assert _train_losses(tmp_path / "b")[step] == pytest.approx(loss, rel=1e-3), step
     # a least-squares editor: the same records, one meta_loss call each (batched_meta_loss needs a summing editor)
     solving = Trainer(_config(tiny_gpt2_dir, "training.max_steps=1", "training.batch_size=2", "editor.aggregation=least_squares"),
                       tmp_path / "c", show_progress=False)
