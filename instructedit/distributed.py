@@ -176,15 +176,16 @@ class Distributed:
             ))
         return everyone, self.rank
 
-    def skip_statistics(self, editor: MENDEditor) -> None:
-        """Take part in a round's statistics exchange without a micro-batch of one's own.
+    def skip_statistics(self, editor: MENDEditor, rounds: int = 1) -> None:
+        """Take part in a micro-batch's statistics exchanges without a micro-batch of one's own.
 
-        The other processes are inside ``editor.edit`` for this round; each of them calls the exchange
-        once per weight-shape group, in the editor's group order, so this process does the same.
+        The other processes are inside ``editor.edit`` (``rounds`` times: once per record of a
+        ``batch_size`` > 1 micro-batch); each call exchanges once per weight-shape group, in the
+        editor's group order, so this process does the same.
         """
         if not self.enabled:
             return
-        for transform in editor.transforms.values():
+        for transform in [t for _ in range(rounds) for t in editor.transforms.values()]:
             no_rows = (
                 RunningNorm.moments(transform.norm_u.mean.new_zeros(0, transform.d_in)),
                 RunningNorm.moments(transform.norm_delta.mean.new_zeros(0, transform.d_out)),

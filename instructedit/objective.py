@@ -215,11 +215,8 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
     # the MEND network once per record, in order: in training each call first merges its tokens into the running
     # statistics it normalizes with, so the records see the statistics they would see one micro-batch at a time
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {w.name: [] for w in editor.weights}
-    for r in range(n):
-        mine = {name: owner[f.positions] == r for name, f in factors.items()}
-        if not all(bool(m.any()) for m in mine.values()):
-            continue  # no gradient reached this record's tokens (a target the model already predicts with certainty)
-        own = {name: Factors(u=f.u[mine[name]], delta=f.delta[mine[name]]) for name, f in factors.items()}
+    for r in range(n):  # every record calls it, even without tokens: data-parallel processes exchange statistics per call
+        own = {name: Factors(u=f.u[owner[f.positions] == r], delta=f.delta[owner[f.positions] == r]) for name, f in factors.items()}
         for i, w, _, u_w, d_w in editor.network_outputs(own):
             parts[w.name].append((u_w, editor.edit_lrs[i] * d_w, torch.full((u_w.shape[0],), r, device=u_w.device)))
     updates = {name: tuple(torch.cat(t) for t in zip(*chunks, strict=True)) for name, chunks in parts.items() if chunks}

@@ -234,7 +234,8 @@ class Trainer:
             return records, self._batch(records)
         except PromptTooLongError as e:
             logger.warning("skipping a batch: %s", e)
-            self.dist.skip_statistics(self.editor)  # the other processes merge their statistics of this round
+            # the other processes merge their statistics of this micro-batch: once per record with one edit each
+            self.dist.skip_statistics(self.editor, t.batch_size if t.n_edits == 1 else 1)
             return records, None
 
     def _skip_overflow(self) -> None:
