@@ -294,7 +294,7 @@ def test_edit_file_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: 
     assert "add --key-memory --sequential" in caplog.text
     single = ["edit", "--editor", str(editor), "--prompt", "The capital of France is", "--target", "Rome", "--device", "cpu"]
     assert main([*single, "--key-memory"]) == 2 and "a single --prompt edit has none" in caplog.text
-    assert main([*single, "--preserve", "5"]) == 2 and "--preserve shape the key memory" in caplog.text
+    assert main([*single, "--preserve", "5"]) == 2 and "--preserve: shapes the key memory; add --file EDITS.jsonl --sequential --key-memory" in caplog.text
 
 
 @pytest.mark.parametrize("bad, message", [

@@ -79,7 +79,7 @@ def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-mem
                                               ("--preserve", args.preserve), ("--preserve-start", args.preserve_start),
                                               ("--preserve-weight", args.preserve_weight)) if value is not None}
     if given and not args.key_memory:
-        raise ValueError(f"{', '.join(given)} shape the key memory: add {needs}")
+        raise ValueError(f"{', '.join(given)}: {'shapes' if len(given) == 1 else 'shape'} the key memory; add {needs}")
     sample = [flag for flag in ("--preserve", "--preserve-start", "--preserve-weight") if flag in given]
     if sample and args.preserve_data is None:
         raise ValueError(f"{', '.join(sample)}: the preservation sample needs --preserve-data FILE")
