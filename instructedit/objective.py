@@ -210,7 +210,7 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
         logits = split.logits_at(split.suffix(state), edit_mask)
         nll = torch.nn.functional.cross_entropy(logits.float(), rows.labels[edit_mask], reduction="none")
         record = owner[edit_mask[0]]
-        per_record = torch.zeros(n, device=nll.device).index_add(0, record, nll) / torch.bincount(record, minlength=n)
+        per_record = torch.zeros(n, device=nll.device).index_add(0, record, nll) / torch.bincount(record, minlength=n).clamp(min=1)
         factors = capture.factors(per_record.sum())  # each record's δ: the gradient of its own mean NLL
     # the MEND network once per record, in order: in training each call first merges its tokens into the running
     # statistics it normalizes with, so the records see the statistics they would see one micro-batch at a time
