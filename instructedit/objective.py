@@ -233,28 +233,25 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
         selections.append(_selections(state.final_hidden, post, post_loc, rows.label_mask, of_r, same_outer, bool(c_context),
                                       batches[r].unlikely is not None))
     flat = split.logits_at_many([pair for chosen in selections for pair in chosen.values()])
-    losses, totals = [], {}
+    results = []
     for r, chosen in enumerate(selections):
         logits_r = dict(zip(chosen, flat[: len(chosen)], strict=True))
         flat = flat[len(chosen) :]
-        loss, metrics = _terms(logits_r, batches[r], float(per_record[r].detach()), c_edit, c_loc, c_margin, c_answer, answer_cap, c_context)
-        losses.append(loss)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v / n
-    return torch.stack(losses).mean(), totals
+        results.append(_terms(logits_r, batches[r], float(per_record[r].detach()), c_edit, c_loc, c_margin, c_answer, answer_cap, c_context))
+    return _mean_over_records(results)
+
+
+def _mean_over_records(results: Sequence[tuple[torch.Tensor, dict[str, float]]]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The mean loss and the mean of every metric of several records' (loss, metrics)."""
+    metrics = {k: sum(m[k] for _, m in results) / len(results) for k in results[0][1]}
+    return torch.stack([loss for loss, _ in results]).mean(), metrics
 
 
 def per_record_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[MetaBatch], *args: float, packed: bool = False,
                          **kwargs: float) -> tuple[torch.Tensor, dict[str, float]]:
     """The mean of ``meta_loss`` over the records, one call each: what ``batched_meta_loss`` computes in one pass, for
     where it cannot run (an architecture that ignores packed rows' masks, a least-squares editor)."""
-    losses, totals = [], {}
-    for batch in batches:
-        loss, metrics = meta_loss(editor, split, batch, *args, packed=packed, **kwargs)
-        losses.append(loss)
-        for k, v in metrics.items():
-            totals[k] = totals.get(k, 0.0) + v / len(batches)
-    return torch.stack(losses).mean(), totals
+    return _mean_over_records([meta_loss(editor, split, batch, *args, packed=packed, **kwargs) for batch in batches])
 
 
 @torch.no_grad()
