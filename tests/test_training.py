@@ -348,13 +348,15 @@ def test_per_record_edits_in_one_pass_equal_the_mean_of_single_record_steps(tiny
 def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     """training.batch_size 2 × grad_accumulation 1 consumes the records batch_size 1 × grad_accumulation 2 does, each with
     its own edit: the same losses, the editor's running statistics included (to float rounding)."""
+    from instructedit.objective import batched_meta_loss
+
     one = Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=1", "training.grad_accumulation=2"), tmp_path / "a",
                   show_progress=False)
     two = Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=2", "training.grad_accumulation=1"), tmp_path / "b",
                   show_progress=False)
     records, batches = two._micro_batch(0)
     assert isinstance(batches, list) and len(batches) == 2 and two.records_per_step == one.records_per_step == 2
-    assert two._objective(batches) is batched_meta_loss_ref()
+    assert two._objective(batches) is batched_meta_loss
     one.run(), two.run()
     assert _train_losses(tmp_path / "b").keys() == _train_losses(tmp_path / "a").keys() == {1, 2, 3}
     for step, loss in _train_losses(tmp_path / "a").items():
@@ -364,9 +366,3 @@ def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, 
                       tmp_path / "c", show_progress=False)
     objective = solving._objective(solving._micro_batch(0)[1])
     assert objective.func.__name__ == "per_record_meta_loss" and solving.run()["steps"] == 1
-
-
-def batched_meta_loss_ref():
-    from instructedit.objective import batched_meta_loss
-
-    return batched_meta_loss
