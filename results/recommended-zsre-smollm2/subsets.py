@@ -1,0 +1,37 @@
+"""The whole-file ZsRE evaluations split into the first 300 cases (the ones read while choosing the recipe) and the
+737 cases after them (never looked at before this evaluation); writes subsets.json beside this script.
+
+    .venv/bin/python results/recommended-zsre-smollm2/subsets.py
+"""
+
+import json
+from pathlib import Path
+
+from instructedit.evaluation.generation import bootstrap_ci
+from instructedit.io import write_json
+
+HERE = Path(__file__).resolve().parent
+METRICS = [("generation", "gen_post", "gen_reliability"), ("generation", "gen_post", "gen_reliability_plain"),
+           ("generation", "gen_post", "gen_reliability_chat"), ("generation", "gen_post", "gen_generalization"),
+           ("generation", "gen_post", "gen_locality"), ("teacher_forced", "post", "reliability"),
+           ("teacher_forced", "post", "generalization"), ("teacher_forced", "post", "locality"), ("teacher_forced", "post", "portability")]
+
+
+def main() -> None:
+    out = {}
+    for name in ("ctx1", "paper"):
+        cases = json.loads((HERE / f"{name}-zsre-all.json").read_text())["cases"]
+        out[name] = {}
+        for label, lo, hi in (("cases 0-299", 0, 300), ("cases 300-1036", 300, len(cases)), ("all", 0, len(cases))):
+            row = {}
+            for protocol, phase, metric in METRICS:
+                values = [case[phase][metric] for case in cases[lo:hi] if metric in case[phase]]
+                row[metric] = bootstrap_ci(values).to_dict() | {"protocol": protocol}
+            out[name][label] = row
+            print(name, label, "; ".join(f"{m} {100 * v['mean']:.1f} [{100 * v['ci_low']:.1f}, {100 * v['ci_high']:.1f}]"
+                                         for m, v in row.items()))
+    write_json(HERE / "subsets.json", out)
+
+
+if __name__ == "__main__":
+    main()
