@@ -19,6 +19,7 @@ from instructedit.runs import CONFIG as RUN_CONFIG
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained(device_map=...) accepts
 AGGREGATIONS = ("sum", "least_squares")  # editor.aggregation: how the edits of one call combine (editors/aggregation.py)
+LS_KEYS = ("all", "answer")  # editor.ls_keys: which tokens' keys a least-squares solve fits (editors/aggregation.py)
 LEARNED_METHODS = ("mend", "ke")  # editor.method: the editors meta-training trains (editors/registry.py LEARNED_EDITORS)
 
 
@@ -109,6 +110,10 @@ class EditorConfig:
     # "least_squares" (MALMEN: one ridge-regression shift per weight, with a learned λ per weight).
     aggregation: str = "sum"
     chunk_edits: int = 64  # least_squares: edit inputs per forward/backward while accumulating KᵀK and KᵀD
+    # least_squares: the tokens whose keys and value changes the solve fits. "all": every token with a gradient (the
+    # edit input's prompt too, the instruction template included); "answer": only the positions that predict answer
+    # tokens, so that many edits in one call do not compete over the keys their prompts share (editors/aggregation.py).
+    ls_keys: str = "all"
     # KE (editors/ke.py): BiLSTM width per direction over the edit's token embeddings, width of the edit
     # encoding, and hidden width of each edited weight's conditioner (De Cao et al. 2021 use 256, 1024, 128).
     lstm_dim: int = 256
@@ -119,6 +124,7 @@ class EditorConfig:
         _check(self.rank >= 1, "editor.rank", "must be >= 1")
         _check(self.aggregation in AGGREGATIONS, "editor.aggregation", f"{self.aggregation!r} is not one of {list(AGGREGATIONS)}")
         _check(self.chunk_edits >= 1, "editor.chunk_edits", f"{self.chunk_edits}: must be >= 1")
+        _check(self.ls_keys in LS_KEYS, "editor.ls_keys", f"{self.ls_keys!r} is not one of {list(LS_KEYS)}")
         _check(self.n_hidden >= 0, "editor.n_hidden", "must be >= 0")
         _check(self.init_edit_lr > 0, "editor.init_edit_lr", "must be > 0")
         for name in ("lstm_dim", "condition_dim", "conditioner_dim"):

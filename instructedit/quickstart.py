@@ -107,7 +107,7 @@ def quickstart_config(model_name: str | None = None, overrides: Sequence[str] = 
     return config
 
 
-LATER_FIELDS = {("data", "oversample"): {}, ("editor", "aggregation"): "sum", ("editor", "chunk_edits"): 64, ("training", "n_edits"): 1}
+LATER_FIELDS = {("data", "oversample"): {}, ("editor", "aggregation"): "sum", ("editor", "chunk_edits"): 64, ("editor", "ls_keys"): "all", ("training", "n_edits"): 1}
 
 
 def config_hash(config: Config) -> str:

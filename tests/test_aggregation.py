@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from instructedit.api import Edit, load_editor
 from instructedit.config import EditorConfig, TrainingConfig, load_config
 from instructedit.editors.aggregation import KeyMemory, NormalEquations, ridge_solve, value_differences
-from instructedit.editors.hooks import capture_factors
+from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.editors.mend import CONFIG_NAME, MENDEditor
 from instructedit.losses import masked_nll, per_row_nll
 from instructedit.models.architectures import arch_spec, resolve_editable_weights
@@ -64,16 +64,24 @@ def _many_pairs(n: int) -> list[tuple[str, str]]:
 # -- the solve -------------------------------------------------------------------------------------------
 
 
-def test_least_squares_update_equals_lstsq_of_the_augmented_system(tiny_model_dir: Path) -> None:
-    """Per weight: the editor's update is argmin ‖K S − D‖² + e^λ‖S‖², solved directly as [K; e^{λ/2} I] S = [D; 0]."""
+@pytest.mark.parametrize("ls_keys", ["all", "answer"])
+def test_least_squares_update_equals_lstsq_of_the_augmented_system(tiny_model_dir: Path, ls_keys: str) -> None:
+    """Per weight: the editor's update is argmin ‖K S − D‖² + e^λ‖S‖², solved directly as [K; e^{λ/2} I] S = [D; 0];
+    K and D hold every token with a gradient (ls_keys all) or only the positions that predict answer tokens (answer)."""
     model, tok = load_model(str(tiny_model_dir))
-    editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=2)  # 5 edits: 3 chunks
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=2, ls_keys=ls_keys)  # 5 edits: 3 chunks
     batch = Collator(tok, max_length=64).qa_batch(PAIRS)
     updates = editor.edit(model, batch).updates
     # K and D from one forward/backward of the whole model, δ from the sum of each edit's mean NLL
     with capture_factors(model, editor.weights) as capture:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.label_mask]
         factors = capture.factors(per_row_nll(logits, batch.labels[batch.label_mask], batch.label_rows, batch.n_rows).sum())
+    tokens = {name: f.u.shape[0] for name, f in factors.items()}
+    if ls_keys == "answer":
+        factors = {name: Factors(u=f.u[keep], delta=f.delta[keep]) for name, f in factors.items()
+                   for keep in [batch.label_mask[f.rows, f.positions]]}
+        assert all(f.u.shape[0] == int(batch.label_mask.sum()) for f in factors.values())
+        assert any(f.u.shape[0] < tokens[name] for name, f in factors.items())  # the prompts' keys are left out
     with torch.no_grad():
         for i, w, keys, keys_t, deltas_t in editor.network_outputs(factors):
             values = value_differences(keys, keys_t, deltas_t, editor.edit_lrs[i]).double()  # D (n_tokens, d_out)
@@ -317,11 +325,11 @@ def test_editor_folder_without_aggregation_loads_as_sum(tiny_model_dir: Path, tm
     _editor(model, tiny_model_dir).save_pretrained(tmp_path / "old")
     path = tmp_path / "old" / CONFIG_NAME
     data = json.loads(path.read_text())
-    for key in ("aggregation", "chunk_edits"):  # written before aggregation existed
+    for key in ("aggregation", "chunk_edits", "ls_keys"):  # written before aggregation existed
         del data["editor"][key]
     path.write_text(json.dumps(data))
     loaded = MENDEditor.from_pretrained(tmp_path / "old")
-    assert loaded.config.aggregation == "sum" and not hasattr(loaded, "lambdas")
+    assert loaded.config.aggregation == "sum" and loaded.config.ls_keys == "all" and not hasattr(loaded, "lambdas")
 
 
 def test_config_validates_aggregation_and_n_edits() -> None:
@@ -329,6 +337,8 @@ def test_config_validates_aggregation_and_n_edits() -> None:
         EditorConfig(aggregation="mean")
     with pytest.raises(ValueError, match="editor.chunk_edits"):
         EditorConfig(chunk_edits=0)
+    with pytest.raises(ValueError, match="editor.ls_keys.*'prompt' is not one of"):
+        EditorConfig(ls_keys="prompt")
     with pytest.raises(ValueError, match="training.n_edits"):
         TrainingConfig(n_edits=0)
     with pytest.raises(ValueError, match="training.n_edits.*batch_size"):

@@ -149,6 +149,48 @@ def test_analyze_batch_compares_editors_in_one_json_and_png(tiny_gpt2_dir: Path,
         main([*args, "--sizes", "1,x"])
 
 
+def test_analyze_batch_single_edit_reference_answer_keys_and_preservation(tiny_gpt2_dir: Path, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """--singles edits each record alone; --ls-keys answer and a preservation sample change the least-squares shift."""
+    from instructedit.cli import main
+
+    data, preserve = _zsre_file(tmp_path / "zsre.json", 6), _zsre_file(tmp_path / "other.json", 20)
+    rows = json.loads(preserve.read_text())
+    for row in rows:  # other locality texts than the edited records'
+        row["loc"] = row["loc"].replace("anthem", "flag")
+    preserve.write_text(json.dumps(rows))
+    editor = _saved_editor(tiny_gpt2_dir, tmp_path / "ls", "least_squares")
+    base = ["analyze", "batch", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--sizes", "1,6", "--device", "cpu", "--no-progress"]
+    results = {}
+    for name, extra in (("all", []), ("answer", ["--ls-keys", "answer"]),
+                        ("kept", ["--ls-keys", "answer", "--key-memory", "--preserve-data", str(preserve), "--preserve", "20", "--preserve-weight", "1e6"])):
+        out = tmp_path / f"{name}.json"
+        assert main([*base, "--singles", "--output", str(out), *extra]) == 0
+        results[name] = json.loads(out.read_text())
+    entry = results["all"]["editors"][0]
+    assert entry["ls_keys"] == "all" and results["answer"]["editors"][0]["ls_keys"] == "answer" and results["all"]["singles"]
+    single = entry["single"]
+    assert single["n_cases"] == 6 and single["reliability"]["n"] == 6 and single["gen_reliability"]["n"] == 6 and single["seconds_per_edit"] > 0
+    # one record: its single edit is the N = 1 call, scored the same way
+    assert main([*base[:-4], "1", "--device", "cpu", "--no-progress", "--singles", "--output", str(tmp_path / "one.json")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())["editors"][0]
+    assert {k: one["single"][k]["mean"] for k in METRIC_KEYS} == {k: one["points"][0][k]["mean"] for k in METRIC_KEYS}
+    assert [p["locality"]["mean"] for p in entry["points"]] != [p["locality"]["mean"] for p in results["answer"]["editors"][0]["points"]]
+    kept = results["kept"]
+    assert kept["memory"]["text_weight"] == 1e6 and "records 0..19" in kept["memory"]["text"]
+    # a preservation sample counted as a million tokens holds the shift near zero: locality at least as high as without it
+    assert kept["editors"][0]["points"][1]["locality"]["mean"] >= results["answer"]["editors"][0]["points"][1]["locality"]["mean"]
+    assert kept["editors"][0]["points"][1]["locality"]["mean"] > 0.99
+
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--past-weight", "2", "--preserve-data", str(preserve)]) == 2
+    assert "--past-weight: analyze batch rolls every call back" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2
+    assert "holds a preservation sample still: add --preserve-data FILE" in caplog.text
+    summing = _saved_editor(tiny_gpt2_dir, tmp_path / "sum", "sum")
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--ls-keys", "answer", "--editor", str(summing)]) == 2
+    assert "shapes least-squares solves only" in caplog.text
+
+
 def test_analyze_sequential_writes_after_every_point_and_rolls_back(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     caplog: pytest.LogCaptureFixture) -> None:
     from instructedit import io
@@ -223,10 +265,10 @@ def test_analyze_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Pa
     assert "needs --preserve-data FILE" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
                  "--preserve-start", "4", "--preserve", "6"]) == 2
-    assert "all 6 of its texts are in the perplexity sample" in caplog.text
+    assert "all 6 of its texts are among those the study measures" in caplog.text
     assert main([*base, "--output", str(tmp_path / "y.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
                  "--preserve", "10"]) == 0
-    assert "left out 6 of its 10 texts that are also in the perplexity sample" in caplog.text
+    assert "left out 6 of its 10 texts that the study also measures" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
                  "--preserve-start", "100", "--preserve", "10"]) == 2
     assert "--preserve-start 100 --preserve 10 needs 110 records" in caplog.text

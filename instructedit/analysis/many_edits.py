@@ -53,6 +53,11 @@ class _Probes:
         kept = [item for item in self.items if item[0] < n]
         return _Probes(kept, self.pre_argmax[: len(kept)])
 
+    def of(self, case: int) -> _Probes:
+        """The probes of one case, numbered as case 0, with their pre-edit argmax ids."""
+        index = [i for i, item in enumerate(self.items) if item[0] == case]
+        return _Probes([(0, *self.items[i][1:]) for i in index], [self.pre_argmax[i] for i in index])
+
 
 def _probes(collator: Collator, records: Sequence[EditRecord], instruction: int | None) -> _Probes:
     """The runner's probes of each case (``case_probes``) in the studied families."""
@@ -111,8 +116,14 @@ def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: 
 
 def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
-                progress: bool = True) -> dict:
-    """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring."""
+                progress: bool = True, memory: KeyMemory | None = None, singles: bool = False) -> dict:
+    """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
+
+    ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
+    ``past_weight`` 0: the calls are rolled back, so no earlier edit stays). ``singles``: also edit each of the first
+    max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
+    single-edit reliability" is measured against.
+    """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
         raise ValueError(f"sizes must be between 1 and the {len(records)} records given, got {sizes}")
@@ -123,19 +134,38 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
     guard = WeightGuard(model)
     points = []
-    for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-        batch = _edit_batch(collator, records[:n], instruction).to(device)
-        start = time.perf_counter()
-        handle = editor.apply(model, batch)
-        seconds = time.perf_counter() - start
-        try:
-            tf = _score(model, collator, probes.upto(n), batch_size)
-            gen = asker.scores(range(n)) if asker is not None else None
-        finally:
-            handle.rollback()
-        guard.verify(full=True, where=f"after the {n}-edit call")
-        points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
-    return {"pre": _aggregate(pre, None), "points": points}
+    out: dict = {"pre": _aggregate(pre, None)}
+    with remembering(editor, memory):
+        for n in tqdm(sizes, desc="batch sizes", disable=not progress):
+            batch = _edit_batch(collator, records[:n], instruction).to(device)
+            start = time.perf_counter()
+            handle = editor.apply(model, batch)
+            seconds = time.perf_counter() - start
+            try:
+                tf = _score(model, collator, probes.upto(n), batch_size)
+                gen = asker.scores(range(n)) if asker is not None else None
+            finally:
+                handle.rollback()
+            guard.verify(full=True, where=f"after the {n}-edit call")
+            points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
+        if singles:
+            tf, gen, seconds = [], [] if asker is not None else None, 0.0
+            for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
+                batch = _edit_batch(collator, records[c : c + 1], instruction).to(device)
+                start = time.perf_counter()
+                handle = editor.apply(model, batch)
+                seconds += time.perf_counter() - start
+                try:
+                    tf.append(_score(model, collator, probes.of(c), batch_size)[0])
+                    if gen is not None:
+                        gen.extend(asker.scores([c]))
+                finally:
+                    handle.rollback()
+                guard.verify(where=f"after single edit {c}")
+            guard.verify(full=True, where="after the single edits")
+            out["single"] = {"n_edits": 1, "n_cases": len(records), "seconds_per_edit": seconds / len(records), **_aggregate(tf, gen)}
+    out["points"] = points
+    return out
 
 
 def locality_texts(records: Sequence[EditRecord]) -> list[tuple[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import shlex
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import add_key_memory_arguments, aggregation, check_key_memory_arguments, per_editor
+from instructedit.config import LS_KEYS
 from instructedit.records import TASKS, EditRecord
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,14 @@ def add_edit_studies(studies: Any) -> None:
     _study_arguments(b, "batch")
     b.add_argument("--sizes", type=parse_sizes, default=(1, 8, 64, 256, 512), metavar="N,N,...",
                    help="comma-separated numbers of edits per call (default 1,8,64,256,512)")
+    b.add_argument("--singles", action="store_true",
+                   help="also edit each of the first max(--sizes) records alone and score it the same way (JSON 'single'): the "
+                        "single-edit reliability the N-edit calls are compared with")
+    b.add_argument("--ls-keys", choices=LS_KEYS, default=None,
+                   help="least_squares editors: the tokens whose keys the solve fits, 'all' (every token with a gradient) or "
+                        "'answer' (the answer positions only: many edits stop competing over their prompts' shared keys); "
+                        "default: the editor's own editor.ls_keys")
+    add_key_memory_arguments(b, "every call's solve (the preservation sample only: the calls are rolled back)")
     b.set_defaults(func=run_batch)
 
     s = studies.add_parser("sequential", help="lifelong editing: reliability of all edits so far, locality and perplexity against edits",
@@ -150,7 +160,8 @@ RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", 
 
 
 def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) -> list[tuple[str, str]]:
-    """The (prompt, answer) texts whose keys --key-memory holds still (--preserve-data), checked against the perplexity sample."""
+    """The (prompt, answer) texts whose keys --key-memory holds still (--preserve-data), without those of ``held_out``'s
+    locality prompts (what the study measures: the perplexity sample, the edited records' locality)."""
     from instructedit.analysis.many_edits import locality_texts
 
     check_key_memory_arguments(args)
@@ -164,10 +175,10 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
     measured = set(locality_texts(held_out))
     kept = [t for t in texts if t not in measured]
     if not kept:
-        raise ValueError(f"--preserve-data {args.preserve_data}: all {len(texts)} of its texts are in the perplexity sample; "
-                         "preserve other records than those perplexity is measured on")
+        raise ValueError(f"--preserve-data {args.preserve_data}: all {len(texts)} of its texts are among those the study measures; "
+                         "preserve other records than those perplexity or locality is measured on")
     if len(kept) < len(texts):
-        logger.warning("--preserve-data %s: left out %d of its %d texts that are also in the perplexity sample (e.g. %r)",
+        logger.warning("--preserve-data %s: left out %d of its %d texts that the study also measures (e.g. %r)",
                        args.preserve_data, len(texts) - len(kept), len(texts), next(t for t in texts if t in measured)[0])
     texts = kept
     return texts
@@ -211,18 +222,36 @@ def _line(label: str, p: dict[str, Any]) -> str:
 def run_batch(args: argparse.Namespace) -> int:
     import torch
 
-    from instructedit.analysis.many_edits import batch_study
+    from instructedit.analysis.many_edits import batch_study, key_memory
 
+    if args.past_weight is not None:
+        raise ValueError("--past-weight: analyze batch rolls every call back, so no earlier edit's keys stay to hold still; "
+                         "its --key-memory holds the --preserve-data sample only")
     labels = _labels(args)
     output = _output(args, "batch", labels)
     records, where = _records(args, args.data, max(args.sizes), f"--sizes {max(args.sizes)}")
-    result = {**_header(args, "batch", where), "sizes": list(args.sizes)}
+    preserve = _preservation_texts(args, records[: max(args.sizes)])
+    if args.key_memory and not preserve:
+        raise ValueError("--key-memory in analyze batch holds a preservation sample still: add --preserve-data FILE")
+    result = {**_header(args, "batch", where), "sizes": list(args.sizes), "singles": args.singles,
+              "memory": None if not preserve else {"text_weight": args.preserve_weight, "text": f"the locality prompts + answers of records "
+                                                   f"{args.preserve_start}..{args.preserve_start + args.preserve - 1} of {args.preserve_data}"}}
     for path, label in zip(args.editor, labels):
         torch.manual_seed(args.seed)
         loaded = _load(args, path, label)
+        if args.ls_keys is not None:
+            if loaded.entry["aggregation"] != "least_squares":
+                raise ValueError(f"--ls-keys: {path} is a {loaded.entry['aggregation']!r} editor; the option shapes least-squares solves only")
+            loaded.editor.config = dataclasses.replace(loaded.editor.config, ls_keys=args.ls_keys)
+        if loaded.entry["aggregation"] == "least_squares":
+            loaded.entry["ls_keys"] = loaded.editor.config.ls_keys
+        memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, 0.0, args.preserve_weight, args.batch_size) if preserve else None
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
-                          generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress)
+                          generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
+                          memory=memory, singles=args.singles)
         result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
+        if "single" in out:
+            print(_line(f"{label} (each edit alone)", out["single"]))
         for p in out["points"]:
             print(_line(label, p))
     result["complete"] = True
