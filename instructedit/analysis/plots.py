@@ -191,7 +191,8 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
     ``series``: ``{label, points}``, each point ``{n_edits, key: value}``. A metric summary
     (``{mean, ci_low, ci_high}``, 0-1) is drawn in % with its 95 % band: the teacher-forced value
     (``key``) solid, the generation value (``gen_<key>``) dashed. A plain number (seconds per edit,
-    perplexity ratio) is drawn as it is. A y label that starts with ``%`` fixes the axis to 0-100.
+    perplexity ratio) is drawn as it is. A series' ``single`` (each edit alone, ``analyze batch --singles``) is
+    a dotted horizontal line. A y label that starts with ``%`` fixes the axis to 0-100.
     """
     fig = _figure(4.2 * len(panels), 3.9)
     for i, (key, ylabel) in enumerate(panels):
@@ -209,6 +210,10 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
                 if summaries:
                     ax.fill_between(x, [100 * p[name]["ci_low"] for p in points], [100 * p[name]["ci_high"] for p in points],
                                     color=f"C{k % 10}", alpha=0.12, linewidth=0)
+                single = (s.get("single") or {}).get(name)
+                if single is not None:  # each edit alone: the reference the N-edit calls are compared with
+                    value = 100 * single["mean"] if isinstance(single, Mapping) else single
+                    ax.axhline(value, linestyle=":", linewidth=1.2, color=f"C{k % 10}")  # unlabelled: the title says what it is
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
         if ylabel.startswith("%"):
@@ -221,6 +226,8 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
         ax.grid(alpha=0.25)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
+    if any(s.get("single") for s in series):
+        suptitle += " (dotted: each edit alone)"
     fig.suptitle(suptitle, fontsize=12)
     return _save(fig, path)
 
