@@ -48,7 +48,7 @@ def add_edit_studies(studies: Any) -> None:
                    help="least_squares editors: the tokens whose keys the solve fits, 'all' (every token with a gradient) or "
                         "'answer' (the answer positions only: many edits stop competing over their prompts' shared keys); "
                         "default: the editor's own editor.ls_keys")
-    add_key_memory_arguments(b, "every call's solve (the preservation sample only: the calls are rolled back)")
+    add_key_memory_arguments(b, "every call's solve", past=False)
     b.set_defaults(func=run_batch)
 
     s = studies.add_parser("sequential", help="lifelong editing: reliability of all edits so far, locality and perplexity against edits",
@@ -224,9 +224,6 @@ def run_batch(args: argparse.Namespace) -> int:
 
     from instructedit.analysis.many_edits import batch_study, key_memory
 
-    if args.past_weight is not None:
-        raise ValueError("--past-weight: analyze batch rolls every call back, so no earlier edit's keys stay to hold still; "
-                         "its --key-memory holds the --preserve-data sample only")
     labels = _labels(args)
     output = _output(args, "batch", labels)
     records, where = _records(args, args.data, max(args.sizes), f"--sizes {max(args.sizes)}")

@@ -56,13 +56,21 @@ def aggregation(editor: Any) -> str:
 PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 1000.0  # the preservation sample's defaults (results/analysis/lifelong-memory-dev/)
 
 
-def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: bool = True) -> None:
     """``--key-memory`` and the options that shape it, as ``edit --sequential`` and ``analyze sequential`` take them;
-    ``what``: which solves hold the earlier keys still. ``check_key_memory_arguments`` checks and completes them."""
-    parser.add_argument("--key-memory", action="store_true",
-                        help=f"lifelong least-squares editing: {what} holds the keys of the edits made before it still "
-                             "(editors/aggregation.py KeyMemory; least_squares editors only)")
-    parser.add_argument("--past-weight", type=float, default=None, metavar="W", help="--key-memory: weight of the earlier edits' keys (default 1)")
+    ``what``: which solves hold the earlier keys still. ``past=False``: calls that are rolled back (``analyze batch``)
+    leave no earlier keys, so the memory is the preservation sample alone and there is no ``--past-weight``.
+    ``check_key_memory_arguments`` checks and completes them."""
+    if past:
+        parser.add_argument("--key-memory", action="store_true",
+                            help=f"lifelong least-squares editing: {what} holds the keys of the edits made before it still "
+                                 "(editors/aggregation.py KeyMemory; least_squares editors only)")
+        parser.add_argument("--past-weight", type=float, default=None, metavar="W", help="--key-memory: weight of the earlier edits' keys (default 1)")
+    else:
+        parser.add_argument("--key-memory", action="store_true",
+                            help=f"{what} holds the keys of a preservation sample (--preserve-data) still (editors/aggregation.py "
+                                 "KeyMemory; least_squares editors only)")
+        parser.set_defaults(past_weight=None)
     parser.add_argument("--preserve-data", default=None, metavar="FILE",
                         help="--key-memory: also hold still the keys of a preservation sample, the locality prompts + answers of "
                              "--preserve records of FILE (a data file of --task's format) from --preserve-start")
