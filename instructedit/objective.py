@@ -28,7 +28,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from instructedit.editors.base import EditResult
-from instructedit.editors.hooks import Factors, capture_factors
+from instructedit.editors.hooks import capture_factors
 from instructedit.editors.mend import MENDEditor
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
 from instructedit.models.packing import pack, positions_fed, shareable_rows
@@ -216,7 +216,7 @@ def batched_meta_loss(editor: MENDEditor, split: SplitModel, batches: Sequence[M
     # statistics it normalizes with, so the records see the statistics they would see one micro-batch at a time
     parts: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {w.name: [] for w in editor.weights}
     for r in range(n):  # every record calls it, even without tokens: data-parallel processes exchange statistics per call
-        own = {name: Factors(u=f.u[owner[f.positions] == r], delta=f.delta[owner[f.positions] == r]) for name, f in factors.items()}
+        own = {name: f.select(owner[f.positions] == r) for name, f in factors.items()}
         for i, w, _, u_w, d_w in editor.network_outputs(own):
             parts[w.name].append((u_w, editor.edit_lrs[i] * d_w, torch.full((u_w.shape[0],), r, device=u_w.device)))
     updates = {name: tuple(torch.cat(t) for t in zip(*chunks, strict=True)) for name, chunks in parts.items() if chunks}

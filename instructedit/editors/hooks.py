@@ -26,6 +26,11 @@ class Factors:
     rows: torch.Tensor | None = None  # (n_tokens,): the batch row each token comes from
     positions: torch.Tensor | None = None  # (n_tokens,): its position in that row
 
+    def select(self, keep: torch.Tensor) -> Factors:
+        """The tokens where ``keep`` (n_tokens,) is true, every field alike."""
+        return Factors(self.u[keep], self.delta[keep], None if self.rows is None else self.rows[keep],
+                       None if self.positions is None else self.positions[keep])
+
 
 class FactorCapture:
     """What ``capture_factors`` yields: inputs and (graph-attached) outputs of every editable module."""
@@ -62,7 +67,7 @@ class FactorCapture:
             keep = delta.ne(0).any(-1)  # tokens that do not influence the loss carry no gradient
             rows = torch.arange(grad.shape[0], device=grad.device)[:, None].expand(grad.shape[:-1]).reshape(-1)  # (batch·seq,)
             positions = torch.arange(grad.shape[1], device=grad.device)[None, :].expand(grad.shape[:-1]).reshape(-1)
-            result[name] = Factors(u=u[keep], delta=delta[keep], rows=rows[keep], positions=positions[keep])
+            result[name] = Factors(u, delta, rows, positions).select(keep)
         return result
 
 

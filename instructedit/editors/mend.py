@@ -258,8 +258,7 @@ class MENDEditor(LearnedEditor):
             losses = per_row_nll(logits, chunk.labels[chunk.label_mask], chunk.label_rows, chunk.n_rows)  # (rows,)
             factors = capture.factors(losses.sum())
         if self.config.ls_keys == "answer":  # only the positions that predict answer tokens
-            factors = {name: Factors(u=f.u[keep], delta=f.delta[keep], rows=f.rows[keep], positions=f.positions[keep])
-                       for name, f in factors.items() for keep in [chunk.label_mask[f.rows, f.positions]]}
+            factors = {name: f.select(chunk.label_mask[f.rows, f.positions]) for name, f in factors.items()}
         for i, w, keys, keys_t, deltas_t in self.network_outputs(factors):
             systems[w.name].add(keys, value_differences(keys, keys_t, deltas_t, self.edit_lrs[i]))
         return losses.detach().sum()
