@@ -133,37 +133,37 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     pre = _score(model, collator, probes, batch_size)
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
     guard = WeightGuard(model)
+
+    def edited(lo: int, hi: int, scored: _Probes) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
+        """Cases lo..hi-1 edited in one call and scored (``scored``: their probes); (seconds of the call, teacher-forced
+        scores, generation scores). Rolled back afterwards."""
+        batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
+        start = time.perf_counter()
+        handle = editor.apply(model, batch)
+        seconds = time.perf_counter() - start
+        try:
+            return seconds, _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None
+        finally:
+            handle.rollback()
+
     points = []
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-            batch = _edit_batch(collator, records[:n], instruction).to(device)
-            start = time.perf_counter()
-            handle = editor.apply(model, batch)
-            seconds = time.perf_counter() - start
-            try:
-                tf = _score(model, collator, probes.upto(n), batch_size)
-                gen = asker.scores(range(n)) if asker is not None else None
-            finally:
-                handle.rollback()
+            seconds, tf, gen = edited(0, n, probes.upto(n))
             guard.verify(full=True, where=f"after the {n}-edit call")
             points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
         if singles:
-            tf, gen, seconds = [], [] if asker is not None else None, 0.0
+            tf, gen, total = [], [] if asker is not None else None, 0.0
             for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
-                batch = _edit_batch(collator, records[c : c + 1], instruction).to(device)
-                start = time.perf_counter()
-                handle = editor.apply(model, batch)
-                seconds += time.perf_counter() - start
-                try:
-                    tf.append(_score(model, collator, probes.of(c), batch_size)[0])
-                    if gen is not None:
-                        gen.extend(asker.scores([c]))
-                finally:
-                    handle.rollback()
+                seconds, case_tf, case_gen = edited(c, c + 1, probes.of(c))
                 guard.verify(where=f"after single edit {c}")
+                total += seconds
+                tf.extend(case_tf)
+                if gen is not None:
+                    gen.extend(case_gen)
             guard.verify(full=True, where="after the single edits")
-            out["single"] = {"n_edits": 1, "n_cases": len(records), "seconds_per_edit": seconds / len(records), **_aggregate(tf, gen)}
+            out["single"] = {"n_edits": 1, "n_cases": len(records), "seconds_per_edit": total / len(records), **_aggregate(tf, gen)}
     out["points"] = points
     return out
 
