@@ -12,7 +12,6 @@ Beside it, the runner's cost of the generation protocol: the same cases with ``p
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import logging
 import os
@@ -25,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from instructedit.api import query_setup
 from instructedit.config import DEFAULT_MODEL, load_config
 from instructedit.editors.base import Editor
 from instructedit.editors.mend import MENDEditor
@@ -39,6 +37,8 @@ from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
+
+from common import trained_queries  # benchmarks/common.py
 
 logger = logging.getLogger("bench_eval")
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.json"
@@ -98,11 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     editor = MENDEditor.from_pretrained(args.editor) if args.editor else build_editor(model, load_config(None, [f"model.name={args.model}"]))
     editor.eval()
     records = load_task_splits(args.task).test[: args.n]
-    pool, answer_stop = InstructionPool.default(), "none"
-    if args.editor:  # asked as the editor was trained: its template and answer stop
-        setup = query_setup(args.editor)
-        pool = dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool
-        answer_stop = setup["answer_stop"]
+    # asked as the editor was trained: its template and answer stop
+    pool, answer_stop = trained_queries(args.editor) if args.editor else (InstructionPool.default(), "none")
     instruction = pool.evaluation_index("seen")
 
     def timed(run):  # wall-clock and this process's CPU time: on a shared machine the latter is the steadier one

@@ -6,10 +6,13 @@ Imported by the scripts beside it (``python benchmarks/bench_x.py`` puts this fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import resource
 from pathlib import Path
 
+from instructedit.api import query_setup
 from instructedit.config import DEFAULT_MODEL
+from instructedit.tasks.instructions import InstructionPool
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, results: Path, threads: int = 2) -> None:
@@ -37,3 +40,11 @@ def peak_rss_bytes() -> int:
         return rss_bytes("VmHWM")
     except (OSError, RuntimeError):  # not Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def trained_queries(editor_dir: str | Path) -> tuple[InstructionPool, str]:
+    """The default instruction pool with the template a saved editor was trained with, and its answer stop: how the
+    benchmarks ask its edits (``api.query_setup``)."""
+    setup = query_setup(editor_dir)
+    pool = InstructionPool.default()
+    return (dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool), setup["answer_stop"]

@@ -14,7 +14,6 @@ once, every answer token decoded once, before and after the edit.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import os
 import platform
@@ -24,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from instructedit.api import query_setup
 from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation import before_after
 from instructedit.evaluation.runner import evaluate
 from instructedit.io import write_json
 from instructedit.models.loading import load_model
-from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
+
+from common import trained_queries  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_generation_profile.json"
 
@@ -59,15 +58,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(DEFAULT_MODEL)
     editor = MENDEditor.from_pretrained(args.editor).eval()
-    setup = query_setup(args.editor)
-    pool = InstructionPool.default()
-    pool = dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool
+    pool, answer_stop = trained_queries(args.editor)
     instruction = pool.evaluation_index("seen")
     records = load_task_splits("zsre").test[: args.n]
 
     def run(protocol: str) -> float:
         start = time.perf_counter()
-        evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol, answer_stop=setup["answer_stop"])
+        evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol, answer_stop=answer_stop)
         return time.perf_counter() - start
 
     run("both")  # warm-up
