@@ -175,6 +175,14 @@ def test_analyze_batch_single_edit_reference_answer_keys_and_preservation(tiny_g
     assert main([*base[:-4], "1", "--device", "cpu", "--no-progress", "--singles", "--output", str(tmp_path / "one.json")]) == 0
     one = json.loads((tmp_path / "one.json").read_text())["editors"][0]
     assert {k: one["single"][k]["mean"] for k in METRIC_KEYS} == {k: one["points"][0][k]["mean"] for k in METRIC_KEYS}
+    # every N is compared with the single edits of its own N cases
+    assert [p["single_same_cases"]["reliability"]["n"] for p in entry["points"]] == [1, 6]
+    assert entry["points"][1]["single_same_cases"]["reliability"]["mean"] == single["reliability"]["mean"]
+    last = entry["points"][1]
+    for key in ("reliability", "gen_reliability"):
+        if last["single_same_cases"][key]["mean"] > 0:
+            assert last["kept_of_single"][key] == pytest.approx(last[key]["mean"] / last["single_same_cases"][key]["mean"])
+    assert one["points"][0]["kept_of_single"]["reliability"] == (1.0 if one["single"]["reliability"]["mean"] > 0 else None)
     assert [p["locality"]["mean"] for p in entry["points"]] != [p["locality"]["mean"] for p in results["answer"]["editors"][0]["points"]]
     kept = results["kept"]
     assert kept["memory"]["text_weight"] == 1e6 and "records 0..19" in kept["memory"]["text"]

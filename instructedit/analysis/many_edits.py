@@ -93,6 +93,15 @@ def _aggregate(tf: Sequence[dict[str, list[float]]], gen: Sequence[dict[str, flo
     return out
 
 
+def _kept(point: dict, single: dict) -> dict[str, float | None]:
+    """Reliability of an N-edit call over that of the same N cases edited one at a time, per protocol (None: no single value)."""
+    out: dict[str, float | None] = {}
+    for key in ("reliability", "gen_reliability"):
+        if point.get(key) is not None and single.get(key) is not None:
+            out[key] = point[key]["mean"] / single[key]["mean"] if single[key]["mean"] > 0 else None
+    return out
+
+
 class _Generation:
     """Greedy answers (wrapped edit prompt, rephrases, locality) of some cases, before and after edits."""
 
@@ -122,7 +131,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
     ``past_weight`` 0: the calls are rolled back, so no earlier edit stays). ``singles``: also edit each of the first
     max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
-    single-edit reliability" is measured against.
+    single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
+    (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol).
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -164,6 +174,10 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
                     gen.extend(case_gen)
             guard.verify(full=True, where="after the single edits")
             out["single"] = {"n_edits": 1, "n_cases": len(records), "seconds_per_edit": total / len(records), **_aggregate(tf, gen)}
+            for p in points:  # the N-edit call against the single edits of the same N cases
+                n = p["n_edits"]
+                p["single_same_cases"] = _aggregate(tf[:n], None if gen is None else gen[:n])
+                p["kept_of_single"] = _kept(p, p["single_same_cases"])
     out["points"] = points
     return out
 
