@@ -11,7 +11,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import StrMethodFormatter
+from matplotlib.ticker import NullFormatter, StrMethodFormatter
 
 from instructedit.io import atomic_write
 
@@ -191,8 +191,8 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
     ``series``: ``{label, points}``, each point ``{n_edits, key: value}``. A metric summary
     (``{mean, ci_low, ci_high}``, 0-1) is drawn in % with its 95 % band: the teacher-forced value
     (``key``) solid, the generation value (``gen_<key>``) dashed. A plain number (seconds per edit,
-    perplexity ratio) is drawn as it is. A series' ``single`` (each edit alone, ``analyze batch --singles``) is
-    a dotted horizontal line. A y label that starts with ``%`` fixes the axis to 0-100.
+    perplexity ratio) is drawn as it is. Each edit alone (``analyze batch --singles``) is dotted: through the points'
+    ``single_same_cases`` (the same N cases as each call) where they exist, else the series' ``single`` as a horizontal line. A y label that starts with ``%`` fixes the axis to 0-100.
     """
     fig = _figure(4.2 * len(panels), 3.9)
     for i, (key, ylabel) in enumerate(panels):
@@ -210,12 +210,20 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
                 if summaries:
                     ax.fill_between(x, [100 * p[name]["ci_low"] for p in points], [100 * p[name]["ci_high"] for p in points],
                                     color=f"C{k % 10}", alpha=0.12, linewidth=0)
+                same = [p for p in points if (p.get("single_same_cases") or {}).get(name) is not None]
                 single = (s.get("single") or {}).get(name)
-                if single is not None:  # each edit alone: the reference the N-edit calls are compared with
+                if same:  # each edit alone, the same N cases as each call: the reference the N-edit calls are compared with
+                    ax.plot([p["n_edits"] for p in same], [100 * p["single_same_cases"][name]["mean"] for p in same], ":",
+                            marker=".", linewidth=1.2, color=f"C{k % 10}")  # unlabelled: the title says what it is
+                elif single is not None:  # each edit alone, the first max(N) cases
                     value = 100 * single["mean"] if isinstance(single, Mapping) else single
-                    ax.axhline(value, linestyle=":", linewidth=1.2, color=f"C{k % 10}")  # unlabelled: the title says what it is
+                    ax.axhline(value, linestyle=":", linewidth=1.2, color=f"C{k % 10}")
         ax.set_xscale("log")
+        sizes = sorted({p["n_edits"] for s in series for p in s["points"]})
+        if 1 < len(sizes) <= 12:  # ticks at the numbers of edits measured (a log axis would label 2×10¹, 3×10¹, ... over each other)
+            ax.set_xticks(sizes)
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
+        ax.xaxis.set_minor_formatter(NullFormatter())
         if ylabel.startswith("%"):
             ax.set_ylim(-3, 103)
         elif key.startswith("perplexity"):  # a collapsing model multiplies it by orders of magnitude
