@@ -191,8 +191,9 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
     ``series``: ``{label, points}``, each point ``{n_edits, key: value}``. A metric summary
     (``{mean, ci_low, ci_high}``, 0-1) is drawn in % with its 95 % band: the teacher-forced value
     (``key``) solid, the generation value (``gen_<key>``) dashed. A plain number (seconds per edit,
-    perplexity ratio) is drawn as it is. Each edit alone (``analyze batch --singles``) is dotted: through the points'
-    ``single_same_cases`` (the same N cases as each call) where they exist, else the series' ``single`` as a horizontal line. A y label that starts with ``%`` fixes the axis to 0-100.
+    perplexity ratio) is drawn as it is. Each edit alone (``analyze batch --singles``) is dotted: through the
+    points' ``single_same_cases`` (the same N cases as each call) where they exist, else the series' ``single`` as a
+    horizontal line. A y label that starts with ``%`` fixes the axis to 0-100.
     """
     fig = _figure(4.2 * len(panels), 3.9)
     for i, (key, ylabel) in enumerate(panels):

@@ -251,7 +251,7 @@ def run_batch(args: argparse.Namespace) -> int:
             print(_line(f"{label} (each edit alone)", out["single"]))
         for p in out["points"]:
             print(_line(label, p))
-            if p.get("kept_of_single"):
+            if any(v is not None for v in p.get("kept_of_single", {}).values()):
                 kept = ", ".join(f"{'generation' if k.startswith('gen_') else 'teacher-forced'} {100 * v:.0f} %"
                                  for k, v in p["kept_of_single"].items() if v is not None)
                 print(f"  kept of the same {p['n_edits']} cases' single-edit reliability: {kept}")
