@@ -61,15 +61,13 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
     ``what``: which solves hold the earlier keys still. ``past=False``: calls that are rolled back (``analyze batch``)
     leave no earlier keys, so the memory is the preservation sample alone and there is no ``--past-weight``.
     ``check_key_memory_arguments`` checks and completes them."""
+    held = "the keys of the edits made before it" if past else "the keys of a preservation sample (--preserve-data)"
+    parser.add_argument("--key-memory", action="store_true",
+                        help=f"{'lifelong least-squares editing: ' if past else ''}{what} holds {held} still "
+                             "(editors/aggregation.py KeyMemory; least_squares editors only)")
     if past:
-        parser.add_argument("--key-memory", action="store_true",
-                            help=f"lifelong least-squares editing: {what} holds the keys of the edits made before it still "
-                                 "(editors/aggregation.py KeyMemory; least_squares editors only)")
         parser.add_argument("--past-weight", type=float, default=None, metavar="W", help="--key-memory: weight of the earlier edits' keys (default 1)")
     else:
-        parser.add_argument("--key-memory", action="store_true",
-                            help=f"{what} holds the keys of a preservation sample (--preserve-data) still (editors/aggregation.py "
-                                 "KeyMemory; least_squares editors only)")
         parser.set_defaults(past_weight=None)
     parser.add_argument("--preserve-data", default=None, metavar="FILE",
                         help="--key-memory: also hold still the keys of a preservation sample, the locality prompts + answers of "

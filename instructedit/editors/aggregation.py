@@ -124,9 +124,10 @@ class KeyMemory:
     def remember(self, grams: dict[str, torch.Tensor]) -> None:
         """Add one edit call's KᵀK per weight (detached: earlier edits are fixed); at ``past_weight`` 0 only the call is counted
         (no solve reads the sum: ``analyze batch`` rolls every call back)."""
-        for name, gram in grams.items() if self.past_weight else ():
-            gram = gram.detach()
-            self.past[name] = gram.clone() if name not in self.past else self.past[name] + gram
+        if self.past_weight:
+            for name, gram in grams.items():
+                gram = gram.detach()
+                self.past[name] = gram.clone() if name not in self.past else self.past[name] + gram
         self.calls += 1
 
     def state(self) -> dict[str, float | int]:
