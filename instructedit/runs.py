@@ -8,6 +8,8 @@ A training run folder (``instructedit train --output RUN``)::
     RUN/summary.json       written when training ends: steps, best step, stopped early, ...
     RUN/best/  RUN/last/   saved editors (``editor_config.json`` + ``editor.safetensors``); last/ also the trainer state
 
+A saved least-squares editor may also hold ``preservation.safetensors`` (the key covariance its solves keep still).
+
 A leaf module: everything that reads or writes these names imports them from here.
 """
 
@@ -26,6 +28,7 @@ LAST = "last"
 CHECKPOINTS = (BEST, LAST)
 EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
 EDITOR_WEIGHTS = "editor.safetensors"
+PRESERVATION_WEIGHTS = "preservation.safetensors"  # a least-squares editor's preservation sample (MENDEditor.set_preservation)
 
 
 def finished_summary(run_dir: str | Path, max_steps: int) -> dict[str, Any] | None:

@@ -202,6 +202,53 @@ def test_preserve_text_is_the_mean_key_covariance_of_the_sample(tiny_model_dir: 
         torch.testing.assert_close(memory.prior(w.name), 10.0 * keys.T @ keys / n)
 
 
+def test_an_editor_saved_with_a_preservation_sample_solves_as_remembering_it(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """set_preservation: every solve holds the sample still, as ``remembering`` a memory with the same sample does; it is
+    saved beside the editor and loaded with it; a memory with its own sample replaces it; a damaged file is named."""
+    from instructedit.analysis.many_edits import key_memory
+
+    model, tok = load_model(str(tiny_model_dir))
+    collator = Collator(tok, max_length=64)
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares")
+    batch, sample = collator.qa_batch(PAIRS[:2]), [(p, a) for p, a in PAIRS[2:]]
+    plain = editor.edit(model, batch).updates
+    memory = key_memory(editor, model, collator, sample, past_weight=0.0, text_weight=50.0)
+    with editor.remembering(memory):
+        held = editor.edit(model, batch).updates
+    editor.set_preservation(memory, "three pairs")
+    for name, update in editor.edit(model, batch).updates.items():
+        torch.testing.assert_close(update, held[name])
+        assert (update - plain[name]).norm() > 1e-3 * plain[name].norm()  # the sample changed the solve
+    editor.save_pretrained(tmp_path / "e")
+    loaded = MENDEditor.from_pretrained(tmp_path / "e").eval()
+    about = json.loads((tmp_path / "e" / CONFIG_NAME).read_text())["preservation"]
+    assert about == {"weight": 50.0, "tokens": memory.text_tokens, "source": "three pairs"}
+    for name, update in loaded.edit(model, batch).updates.items():
+        torch.testing.assert_close(update, held[name])
+    other = key_memory(editor, model, collator, sample[:1], past_weight=0.0, text_weight=50.0)
+    with editor.remembering(KeyMemory(past_weight=0.0)):  # no sample of its own: the editor's still holds
+        torch.testing.assert_close(editor.edit(model, batch).updates[editor.weights[0].name], held[editor.weights[0].name])
+    fresh = _editor(model, tiny_model_dir, aggregation="least_squares")  # the same network without a sample of its own
+    with editor.remembering(other), fresh.remembering(other):  # a memory's own sample replaces the editor's
+        replaced, alone = editor.edit(model, batch).updates, fresh.edit(model, batch).updates
+    for name, update in replaced.items():
+        torch.testing.assert_close(update, alone[name])
+    editor.set_preservation(None)
+    editor.save_pretrained(tmp_path / "e", extra={"preservation": about})  # a stale entry is not kept
+    assert "preservation" not in json.loads((tmp_path / "e" / CONFIG_NAME).read_text())
+    assert not (tmp_path / "e" / "preservation.safetensors").exists()
+    for name, update in MENDEditor.from_pretrained(tmp_path / "e").eval().edit(model, batch).updates.items():
+        torch.testing.assert_close(update, plain[name])
+    loaded.save_pretrained(tmp_path / "f")
+    (tmp_path / "f" / "preservation.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match="names a preservation sample but .*preservation.safetensors cannot be read"):
+        MENDEditor.from_pretrained(tmp_path / "f")
+    with pytest.raises(ValueError, match="only a preservation sample"):
+        editor.set_preservation(KeyMemory(past_weight=0.0, text_weight=0.0))
+    with pytest.raises(ValueError, match="needs an editor with editor.aggregation least_squares"):
+        _editor(model, tiny_model_dir).set_preservation(memory)
+
+
 # -- memory ----------------------------------------------------------------------------------------------
 
 

@@ -166,6 +166,46 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, tmp_path
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,-2", "--output", str(tmp_path / "x")]) == 2
 
 
+def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llama_dir: Path, shared_data_dir: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.cli import main
+    from instructedit.editors.mend import MENDEditor
+    from instructedit.tasks.loaders import load_records
+
+    run = tmp_path / "run"
+    config = load_config(TINY, [f"model.name={tiny_llama_dir}", "editor.aggregation=least_squares", "training.max_steps=2",
+                                "training.val_every=2"])
+    trainer = Trainer(config, run, show_progress=False)
+    trainer.run()
+    source = MENDEditor.from_pretrained(run / "best").eval()
+    base = ["calibrate", "--run", str(run), "--scales", "1,2", "--locality-floor", "0", "--device", "cpu", "--preserve-weight", "50"]
+    data = shared_data_dir / "counterfact" / "train_cf.json"
+    samples = {"train": ([], locality_texts([r for r in trainer.data.train if r.locality][:3]), "training split of"),
+               "file": (["--preserve-data", str(data)], locality_texts(load_records(data).records[:3]), str(data))}
+    for name, (option, texts, says) in samples.items():
+        out = tmp_path / name
+        assert main([*base, "--preserve", "3", *option, "--output", str(out)]) == 0
+        assert "preservation sample: the locality prompts + answers of the first 3 records with one of" in capsys.readouterr().out
+        report = json.loads((out / "calibration.json").read_text())
+        assert report["preservation"]["weight"] == 50.0 and says in report["preservation"]["source"]
+        calibrated = MENDEditor.from_pretrained(out).eval()
+        assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
+        # the sample rebuilt: the saved covariance is its covariance
+        rebuilt = key_memory(source, trainer.model, trainer.data.collator, texts, past_weight=0.0, text_weight=50.0)
+        assert calibrated.preservation is not None and calibrated.preservation.text_tokens == rebuilt.text_tokens
+        for weight, covariance in rebuilt.text.items():
+            torch.testing.assert_close(calibrated.preservation.text[weight], covariance)
+    # the options are checked before anything is loaded
+    assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-weight", "3"]) == 2
+    assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-data", str(tmp_path / "none.json")]) == 2
+    sum_run = tmp_path / "sum"
+    Trainer(load_config(TINY, [f"model.name={tiny_llama_dir}", "training.max_steps=1", "training.val_every=1"]), sum_run, show_progress=False).run()
+    with caplog.at_level("ERROR"):
+        assert main(["calibrate", "--run", str(sum_run), "--output", str(tmp_path / "y"), "--device", "cpu", "--preserve", "3"]) == 2
+    assert "needs an editor with editor.aggregation least_squares" in caplog.text and not (tmp_path / "y").exists()
+
+
 @pytest.mark.parametrize("instructions", [False, True])
 def test_evaluate_follows_how_the_editor_was_trained(tiny_gpt2_dir: Path, tmp_path: Path, instructions: bool) -> None:
     from instructedit.cli import main

@@ -5,6 +5,11 @@ the first answer token when the edited model decodes by itself, or (multiplied t
 enough to leak into unrelated answers. This tries a few multipliers of α on the run's validation
 records (never the test split), keeps the one with the highest generation reliability whose
 generation locality is at or above the floor, and writes the editor with α × that multiplier.
+
+A least-squares editor can also be given a preservation sample (``--preserve``): the key covariance of unrelated
+(prompt, answer) texts (the locality prompts of training records, or of ``--preserve-data``) that every solve then holds still, saved with the editor (``MENDEditor.set_preservation``).
+It lets larger multipliers keep unrelated answers, so the multipliers are tried with it in place
+(results/analysis/ls-keys/: α × 2 with 400 CounterFact locality prompts at weight 200).
 """
 
 from __future__ import annotations
@@ -16,9 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.io import write_json
+from instructedit.records import EditRecord
 from instructedit.runs import CONFIG, EDITOR_CONFIG
 
 logger = logging.getLogger(__name__)
+
+PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 200.0  # chosen for single edits on ZsRE's train split (results/analysis/ls-keys/train-scale/)
 
 
 def add_calibrate_parser(subparsers: Any) -> None:
@@ -31,6 +39,15 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--scales", default="1,1.5,2,3", help="comma-separated multipliers to try (default 1,1.5,2,3)")
     p.add_argument("--locality-floor", type=float, default=0.9, help="lowest generation locality accepted (default 0.9)")
     p.add_argument("--output", required=True, metavar="DIR", help="where to write the calibrated editor (a new folder)")
+    p.add_argument("--preserve", type=int, default=None, metavar="N",
+                   help="least-squares editors: every solve of the calibrated editor holds still the keys of a preservation sample, "
+                        "the locality prompts + answers of the first N records with one of the run's training split (or of "
+                        f"--preserve-data), saved with the editor (default {PRESERVE_RECORDS} when --preserve-data is given)")
+    p.add_argument("--preserve-data", default=None, metavar="FILE",
+                   help="take the preservation sample from FILE (any format the loaders detect) instead of the training split; "
+                        "never from data you evaluate on")
+    p.add_argument("--preserve-weight", type=float, default=None, metavar="W",
+                   help=f"the sample's mean key covariance counted as W tokens in every solve (default {PRESERVE_WEIGHT:g})")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.set_defaults(func=run_calibrate)
 
@@ -45,16 +62,45 @@ def parse_scales(text: str) -> list[float]:
     return scales
 
 
+def check_preservation_arguments(args: argparse.Namespace) -> bool:
+    """Whether a preservation sample is asked for (--preserve or --preserve-data); --preserve-weight only with one; fills in
+    the defaults."""
+    wanted = args.preserve is not None or args.preserve_data is not None
+    if args.preserve_weight is not None and not wanted:
+        raise ValueError("--preserve-weight: the preservation sample needs --preserve N (the run's training split) or --preserve-data FILE")
+    args.preserve = PRESERVE_RECORDS if args.preserve is None else args.preserve
+    args.preserve_weight = PRESERVE_WEIGHT if args.preserve_weight is None else args.preserve_weight
+    if args.preserve < 1 or args.preserve_weight <= 0:
+        raise ValueError(f"--preserve must be >= 1 and --preserve-weight > 0, got {args.preserve} and {args.preserve_weight}")
+    if args.preserve_data is not None and not Path(args.preserve_data).is_file():
+        raise FileNotFoundError(f"--preserve-data {args.preserve_data}: no such file")
+    return wanted
+
+
+def preservation_texts(records: list[EditRecord], count: int, where: str) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs of the locality prompts of the first ``count`` of ``records`` that have one (``where``
+    names them in an error)."""
+    from instructedit.analysis.many_edits import locality_texts
+
+    texts = locality_texts([r for r in records if r.locality][:count])
+    if not texts:
+        raise ValueError(f"{where}: no record has a locality prompt to preserve")
+    return texts
+
+
 def run_calibrate(args: argparse.Namespace) -> int:
     import json
 
+    from instructedit.analysis.many_edits import key_memory
     from instructedit.config import load_config
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import choose_scale, generation_scores, scaled_step_sizes
     from instructedit.models.loading import load_model, resolve_device
+    from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
 
     scales = parse_scales(args.scales)
+    preserve = check_preservation_arguments(args)
     if not 0 <= args.locality_floor <= 1:
         raise ValueError(f"--locality-floor must be in [0, 1], got {args.locality_floor}")
     run, output = Path(args.run), Path(args.output)
@@ -68,13 +114,26 @@ def run_calibrate(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device)
     data = prepare_data(config, tokenizer)
     editor = MENDEditor.from_pretrained(source, device=device).eval()
+    if preserve:
+        if args.preserve_data is not None:
+            where = f"--preserve-data {args.preserve_data}"
+            texts = preservation_texts(load_records(Path(args.preserve_data)).records, args.preserve, where)
+        else:
+            where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
+            texts = preservation_texts(data.train, args.preserve, where)
+        memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=args.preserve_weight)
+        editor.set_preservation(memory, f"the locality prompts + answers of the first {args.preserve} records with one of {where} "
+                                        f"({len(texts)} texts, {memory.text_tokens} tokens)")
+        print(f"preservation sample: {editor.preservation_source}, weight {args.preserve_weight:g}")
     instructions = data.instructions(data.val, config.data.instruction_seed)
     per_scale = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales)
     chosen = choose_scale(per_scale, args.locality_floor)
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "locality_floor": args.locality_floor, "records": "validation split of the run"}
+                            "locality_floor": args.locality_floor, "records": "validation split of the run",
+                            "preservation": None if editor.preservation is None else
+                            {"weight": editor.preservation.text_weight, "source": editor.preservation_source}}
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with scaled_step_sizes(editor, chosen):

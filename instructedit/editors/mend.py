@@ -12,8 +12,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from instructedit.config import EditorConfig
@@ -21,11 +24,13 @@ from instructedit.editors.aggregation import KeyMemory, NormalEquations, value_d
 from instructedit.editors.base import EditResult
 from instructedit.editors.hooks import Factors, capture_factors
 # CONFIG_NAME, WEIGHTS_NAME and nonfinite_tensors are imported from here by older modules: they live in editors/learned.py
-from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEditor, nonfinite_tensors  # noqa: F401
+from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEditor, nonfinite_tensors, read_editor_config  # noqa: F401
+from instructedit.io import atomic_write
 from instructedit.losses import per_row_nll
 from instructedit.models.architectures import ArchSpec, EditableWeight
 from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import TokenBatch
+from instructedit.runs import PRESERVATION_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +164,10 @@ class MENDEditor(LearnedEditor):
             # λ per weight, the ridge strength being e^λ; only least-squares editors have (and save) it.
             self.lambdas = nn.Parameter(torch.zeros(len(self.weights)))
         self.memory: KeyMemory | None = None  # least_squares: keys held still by every solve (``remembering``)
+        # least_squares: a preservation sample's key covariance that every solve holds still, saved with the editor
+        # (``set_preservation``); a ``remembering`` memory with its own sample replaces it
+        self.preservation: KeyMemory | None = None
+        self.preservation_source = ""
 
     @property
     def network_parameters(self) -> list[nn.Parameter]:
@@ -211,12 +220,67 @@ class MENDEditor(LearnedEditor):
         updates = {}
         memory = self.memory
         for i, w in enumerate(self.weights):
-            prior = memory.prior(w.name) if memory is not None else None
-            shift = systems[w.name].solve(self.lambdas[i], prior)  # (d_in, d_out): Conv1D's storage orientation
+            shift = systems[w.name].solve(self.lambdas[i], self._prior(w.name))  # (d_in, d_out): Conv1D's storage orientation
             updates[w.name] = shift if w.transposed else shift.T
         if memory is not None:
             memory.remember({w.name: systems[w.name].gram for w in self.weights})
         return updates, total / batch.n_rows
+
+    def _prior(self, name: str) -> torch.Tensor | None:
+        """The keys weight ``name``'s solve holds still: the active memory's, plus the editor's own preservation sample
+        unless that memory brings a sample of its own."""
+        memory, own = self.memory, self.preservation
+        terms = [memory.prior(name) if memory is not None else None]
+        if own is not None and not (memory is not None and memory.text_weight and memory.text):
+            terms.append(own.prior(name))
+        terms = [t.to(self.edit_lrs.device) for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    def set_preservation(self, memory: KeyMemory | None, source: str = "") -> None:
+        """Make every solve hold ``memory``'s preservation sample still (``key_memory(..., past_weight=0, text_weight=W)``),
+        also after ``save_pretrained`` / ``from_pretrained``; ``source`` says what the sample is. None removes it."""
+        if memory is not None:
+            if self.config.aggregation != "least_squares":
+                raise ValueError(f"a preservation sample needs an editor with editor.aggregation least_squares; this one is {self.config.aggregation!r}")
+            missing = [w.name for w in self.weights if w.name not in memory.text]
+            if memory.past or not memory.text_weight or missing:
+                raise ValueError("set_preservation takes a memory holding only a preservation sample (text_weight > 0, the "
+                                 f"covariance of every edited weight, no past edits); missing weights: {missing[:3]}")
+        self.preservation, self.preservation_source = memory, source if memory is not None else ""
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
+        """``LearnedEditor.save_pretrained``, plus ``preservation.safetensors`` when the editor holds a preservation sample."""
+        directory = Path(directory)
+        own = self.preservation
+        if own is None:  # nor a stale file or entry from a folder or config it was loaded from
+            (directory / PRESERVATION_WEIGHTS).unlink(missing_ok=True)
+            return super().save_pretrained(directory, {k: v for k, v in (extra or {}).items() if k != "preservation"})
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: c.detach().cpu().contiguous() for name, c in own.text.items()}
+        atomic_write(directory / PRESERVATION_WEIGHTS, lambda tmp: save_file(tensors, tmp))
+        about = {"weight": own.text_weight, "tokens": own.text_tokens, "source": self.preservation_source}
+        return super().save_pretrained(directory, (extra or {}) | {"preservation": about})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> MENDEditor:
+        """``LearnedEditor.from_pretrained``, with the preservation sample the folder's config names, if any."""
+        editor = super().from_pretrained(directory, device)
+        about = read_editor_config(directory).get("preservation")
+        if about is None:
+            return editor
+        path = Path(directory) / PRESERVATION_WEIGHTS
+        try:
+            tensors = load_file(str(path), device=str(device))
+            memory = KeyMemory(past_weight=0.0, text_weight=float(about["weight"]))
+        except (OSError, SafetensorError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{directory} holds an incomplete or corrupt editor: its {CONFIG_NAME} names a preservation sample "
+                             f"but {path} cannot be read ({type(e).__name__}: {e})") from None
+        memory.text, memory.text_tokens = {name: t.float() for name, t in tensors.items()}, int(about.get("tokens", 0))
+        try:
+            editor.set_preservation(memory, str(about.get("source", "")))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+        return editor
 
     @contextmanager
     def remembering(self, memory: KeyMemory) -> Iterator[KeyMemory]:
