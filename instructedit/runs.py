@@ -15,6 +15,7 @@ A leaf module: everything that reads or writes these names imports them from her
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,18 @@ CHECKPOINTS = (BEST, LAST)
 EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
 EDITOR_WEIGHTS = "editor.safetensors"
 PRESERVATION_WEIGHTS = "preservation.safetensors"  # a least-squares editor's preservation sample (MENDEditor.set_preservation)
+
+
+def editor_sha256(directory: str | Path) -> str:
+    """A saved editor's fingerprint: the SHA-256 of its ``editor.safetensors``, and, when it carries a preservation
+    sample, the SHA-256 of both files' digests (so a cached evaluation of the editor without it is not reused)."""
+    from instructedit.io import file_sha256
+
+    weights = file_sha256(Path(directory) / EDITOR_WEIGHTS)
+    preservation = Path(directory) / PRESERVATION_WEIGHTS
+    if not preservation.is_file():
+        return weights
+    return hashlib.sha256(f"{weights}+{file_sha256(preservation)}".encode()).hexdigest()
 
 
 def finished_summary(run_dir: str | Path, max_steps: int) -> dict[str, Any] | None:

@@ -20,11 +20,13 @@ from instructedit.config import EditorConfig, TrainingConfig, load_config
 from instructedit.editors.aggregation import KeyMemory, NormalEquations, ridge_solve, value_differences
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.editors.mend import CONFIG_NAME, MENDEditor
+from instructedit.io import file_sha256
 from instructedit.losses import masked_nll, per_row_nll
 from instructedit.models.architectures import arch_spec, resolve_editable_weights
 from instructedit.models.loading import load_model
 from instructedit.objective import many_edits_loss, meta_loss
 from instructedit.records import EditRecord, QAItem
+from instructedit.runs import editor_sha256
 from instructedit.tasks.collate import Collator
 from instructedit.training import Trainer
 
@@ -223,6 +225,8 @@ def test_an_editor_saved_with_a_preservation_sample_solves_as_remembering_it(tin
     loaded = MENDEditor.from_pretrained(tmp_path / "e").eval()
     about = json.loads((tmp_path / "e" / CONFIG_NAME).read_text())["preservation"]
     assert about == {"weight": 50.0, "tokens": memory.text_tokens, "source": "three pairs"}
+    with_sample = editor_sha256(tmp_path / "e")  # what cached evaluations are keyed on: the sample is part of the editor
+    assert with_sample != file_sha256(tmp_path / "e" / "editor.safetensors")
     for name, update in loaded.edit(model, batch).updates.items():
         torch.testing.assert_close(update, held[name])
     other = key_memory(editor, model, collator, sample[:1], past_weight=0.0, text_weight=50.0)
@@ -237,6 +241,7 @@ def test_an_editor_saved_with_a_preservation_sample_solves_as_remembering_it(tin
     editor.save_pretrained(tmp_path / "e", extra={"preservation": about})  # a stale entry is not kept
     assert "preservation" not in json.loads((tmp_path / "e" / CONFIG_NAME).read_text())
     assert not (tmp_path / "e" / "preservation.safetensors").exists()
+    assert editor_sha256(tmp_path / "e") == file_sha256(tmp_path / "e" / "editor.safetensors") != with_sample
     for name, update in MENDEditor.from_pretrained(tmp_path / "e").eval().edit(model, batch).updates.items():
         torch.testing.assert_close(update, plain[name])
     loaded.save_pretrained(tmp_path / "f")

@@ -179,7 +179,7 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
     trainer = Trainer(config, run, show_progress=False)
     trainer.run()
     source = MENDEditor.from_pretrained(run / "best").eval()
-    base = ["calibrate", "--run", str(run), "--scales", "1,2", "--locality-floor", "0", "--device", "cpu", "--preserve-weight", "50"]
+    base = ["calibrate", "--run", str(run), "--scales", "1,2", "--locality-floor", "0", "--device", "cpu", "--preserve-weight", "50", "--val-size", "5"]
     data = shared_data_dir / "counterfact" / "train_cf.json"
     samples = {"train": ([], locality_texts([r for r in trainer.data.train if r.locality][:3]), "training split of"),
                "file": (["--preserve-data", str(data)], locality_texts(load_records(data).records[:3]), str(data))}
@@ -189,6 +189,7 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
         assert "preservation sample: the locality prompts + answers of the first 3 records with one of" in capsys.readouterr().out
         report = json.loads((out / "calibration.json").read_text())
         assert report["preservation"]["weight"] == 50.0 and says in report["preservation"]["source"]
+        assert report["records"] == "the first 5 records of the run's validation split"
         calibrated = MENDEditor.from_pretrained(out).eval()
         assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
         # the sample rebuilt: the saved covariance is its covariance

@@ -39,6 +39,9 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--scales", default="1,1.5,2,3", help="comma-separated multipliers to try (default 1,1.5,2,3)")
     p.add_argument("--locality-floor", type=float, default=0.9, help="lowest generation locality accepted (default 0.9)")
     p.add_argument("--output", required=True, metavar="DIR", help="where to write the calibrated editor (a new folder)")
+    p.add_argument("--val-size", type=int, default=None, metavar="N",
+                   help="validation records to try the multipliers on (default: the run's training.val_size); ConvSent's have no "
+                        "single answer and are left out")
     p.add_argument("--preserve", type=int, default=None, metavar="N",
                    help="least-squares editors: every solve of the calibrated editor holds still the keys of a preservation sample, "
                         "the locality prompts + answers of the first N records with one of the run's training split (or of "
@@ -89,6 +92,7 @@ def preservation_texts(records: list[EditRecord], count: int, where: str) -> lis
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
+    import dataclasses
     import json
 
     from instructedit.analysis.many_edits import key_memory
@@ -110,6 +114,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output {output} exists and is not empty; choose a new folder")
     config = load_config(run / CONFIG)
+    if args.val_size is not None:
+        if args.val_size < 1:
+            raise ValueError(f"--val-size must be >= 1, got {args.val_size}")
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, val_size=args.val_size))
     device = resolve_device(args.device)
     model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device)
     data = prepare_data(config, tokenizer)
@@ -126,12 +134,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
                                         f"({len(texts)} texts, {memory.text_tokens} tokens)")
         print(f"preservation sample: {editor.preservation_source}, weight {args.preserve_weight:g}")
     instructions = data.instructions(data.val, config.data.instruction_seed)
-    per_scale = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales)
+    per_scale = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales, progress=True)
     chosen = choose_scale(per_scale, args.locality_floor)
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "locality_floor": args.locality_floor, "records": "validation split of the run",
+                            "locality_floor": args.locality_floor, "records": f"the first {config.training.val_size} records of the run's validation split",
                             "preservation": None if editor.preservation is None else
                             {"weight": editor.preservation.text_weight, "source": editor.preservation_source}}
     tmp = output.with_name(output.name + ".tmp")

@@ -18,9 +18,8 @@ from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES, MetricSummary
 from instructedit.evaluation.report import EvalReport, load_skips
-from instructedit.io import file_sha256
 from instructedit.records import EditRecord, TASKS
-from instructedit.runs import EDITOR_WEIGHTS
+from instructedit.runs import EDITOR_WEIGHTS, editor_sha256
 from instructedit.tasks.collate import ANSWER_STOPS
 from instructedit.tasks.instructions import InstructionPool
 
@@ -189,7 +188,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         instruction_reason=why,
         task=args.task, method=method, method_options={k: v for k, v in options.items() if k != "path"},
         editor_path=str(editor_path) if editor_path else None,
-        editor_sha256=file_sha256(weights) if weights is not None and weights.is_file() else None,
+        editor_sha256=editor_sha256(editor_path) if weights is not None and weights.is_file() else None,
         model_name=model_name, limit=args.limit, **where,
     )
     report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,

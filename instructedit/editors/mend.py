@@ -280,6 +280,7 @@ class MENDEditor(LearnedEditor):
             editor.set_preservation(memory, str(about.get("source", "")))
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        logger.info("%s: every edit holds a preservation sample still (weight %g): %s", directory, memory.text_weight, editor.preservation_source)
         return editor
 
     @contextmanager

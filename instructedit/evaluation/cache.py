@@ -18,9 +18,8 @@ from torch import nn
 from instructedit.editors.base import Editor
 from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
 from instructedit.evaluation.runner import evaluate
-from instructedit.io import file_sha256
 from instructedit.records import EditRecord
-from instructedit.runs import EDITOR_WEIGHTS
+from instructedit.runs import EDITOR_WEIGHTS, editor_sha256
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -72,6 +71,6 @@ def evaluate_editor_dir(path: str | Path, editor_dir: str | Path, model: nn.Modu
     weights = editor_dir / EDITOR_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{editor_dir} holds no trained editor ({EDITOR_WEIGHTS} is missing)")
-    settings = dataclasses.replace(settings, method="mend", editor_path=str(editor_dir), editor_sha256=file_sha256(weights))
+    settings = dataclasses.replace(settings, method="mend", editor_path=str(editor_dir), editor_sha256=editor_sha256(editor_dir))
     return evaluate_cached(path, model, tokenizer, lambda: MENDEditor.from_pretrained(editor_dir, device=next(model.parameters()).device).eval(),
                            records, pool, instruction, settings, batch_size=batch_size, progress=progress)

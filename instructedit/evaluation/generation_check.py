@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.base import EditResult
@@ -49,7 +50,7 @@ CASES_TOGETHER = 8  # records whose edits are held at once; their queries decode
 
 def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,
                       records: Sequence[EditRecord], instructions: Sequence[int | None],
-                      scales: Sequence[float] = (1.0,)) -> dict[float, dict[str, float]]:
+                      scales: Sequence[float] = (1.0,), progress: bool = False) -> dict[float, dict[str, float]]:
     """Per α multiplier: mean generation reliability (exact match, wrapped prompt) and generation locality over ``records``, with n.
 
     Each record's edit is computed once: the update is linear in α, so a multiplier scales it. The
@@ -78,7 +79,7 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     was_training = editor.training
     editor.eval()
     try:
-        for start in range(0, len(cases), CASES_TOGETHER):
+        for start in tqdm(range(0, len(cases), CASES_TOGETHER), desc="generation at each multiplier", unit="group", disable=not progress):
             group = range(start, min(start + CASES_TOGETHER, len(cases)))
             updates = [_detached(editor.edit(model, cases[i][2].to(device))) for i in group]
             records = [cases[i][0] for i in group]

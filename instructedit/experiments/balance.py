@@ -26,10 +26,10 @@ from instructedit.evaluation.cache import evaluate_editor_dir
 from instructedit.evaluation.report import EvalSettings, post_pre
 from instructedit.experiments.reuse import train_or_reuse
 from instructedit.experiments.study_config import build_study, load_study
-from instructedit.io import file_sha256, write_json
+from instructedit.io import write_json
 from instructedit.models.loading import load_model, resolve_device
 from instructedit.records import EditRecord
-from instructedit.runs import CHECKPOINTS, EDITOR_WEIGHTS
+from instructedit.runs import CHECKPOINTS, editor_sha256
 from instructedit.tasks.instructions import InstructionPool, instruction_pool
 from instructedit.tasks.splits import eval_records
 
@@ -97,7 +97,7 @@ def load_balance_config(path: str | Path) -> tuple[BalanceConfig, Path]:
 def cached_gradients(cache: Path, editor_dir: Path, model: Any, tokenizer: Any, records: Sequence[EditRecord],
                      pool: InstructionPool | None, instruction: int | None, settings: GradientSettings, progress: bool) -> dict[str, Any]:
     """The gradient analysis of one editor, or its cached JSON when editor weights and settings match."""
-    key = {"editor_sha256": file_sha256(editor_dir / EDITOR_WEIGHTS), "settings": dataclasses.asdict(settings),
+    key = {"editor_sha256": editor_sha256(editor_dir), "settings": dataclasses.asdict(settings),
            "instruction": instruction, "records": [r.source for r in records]}
     if cache.is_file():
         cached = json.loads(cache.read_text())

@@ -26,9 +26,8 @@ from instructedit.evaluation.metrics import PROTOCOL_CHOICES
 from instructedit.evaluation.report import EvalReport, EvalSettings
 from instructedit.experiments.reuse import train_or_reuse
 from instructedit.experiments.study_config import build_study
-from instructedit.io import file_sha256
 from instructedit.records import EditRecord
-from instructedit.runs import BEST, EDITOR_WEIGHTS
+from instructedit.runs import BEST, editor_sha256
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -132,7 +131,7 @@ def evaluate_cell(config: ExperimentBase, label: str, task: str, records: list[E
     limit = config.limit_of(task)
     if editor is not None:
         editor_dir = config.run_dir(editor) / BEST
-        settings = EvalSettings(method=label, editor_path=str(editor_dir), editor_sha256=file_sha256(editor_dir / EDITOR_WEIGHTS))
+        settings = EvalSettings(method=label, editor_path=str(editor_dir), editor_sha256=editor_sha256(editor_dir))
         queries = query_setup(editor_dir)  # asked as the editor was trained: its template and answer stop
     else:
         settings = EvalSettings(method=label, method_options=options or {})
