@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,19 @@ def test_table3_trains_and_evaluates_a_ke_row(tiny_llama_dir: Path, tmp_path: Pa
     report = load_report_json(tmp_path / "runs" / "evals" / "ke-zsre.json")
     assert report.settings.instruction is None and "gen_post" in payload["intervals"]["KE"]["zsre"]
     assert json.loads((tmp_path / "runs" / "ke" / "best" / "editor_config.json").read_text())["method"] == "ke"
+
+
+def test_a_row_evaluates_the_checkpoint_its_editor_names(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """``checkpoint: calibrated`` evaluates RUN/calibrated (what ``instructedit calibrate --output RUN/calibrated`` writes), not best/."""
+    path = _config(tmp_path, tiny_gpt2_dir, "teacher_forced")
+    config = yaml.safe_load(path.read_text())
+    config["editors"] = [{**config["editors"][1], "checkpoint": "calibrated"}]
+    config["rows"], config["tasks"] = [{"label": "calibrated", "editor": "gen", "instruction": "seen"}], ["zsre"]
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(FileNotFoundError, match=r"editor 'gen': .*calibrated holds no saved editor"):
+        run_experiment(ExperimentConfig.from_yaml(path), show_progress=False)
+    run = tmp_path / "runs" / "gen"
+    shutil.copytree(run / "best", run / "calibrated")
+    run_experiment(ExperimentConfig.from_yaml(path), show_progress=False)
+    report = load_report_json(tmp_path / "runs" / "evals" / "calibrated-zsre.json")
+    assert report.settings.editor_path == str(run / "calibrated")

@@ -179,26 +179,31 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
     trainer = Trainer(config, run, show_progress=False)
     trainer.run()
     source = MENDEditor.from_pretrained(run / "best").eval()
-    base = ["calibrate", "--run", str(run), "--scales", "1,2", "--locality-floor", "0", "--device", "cpu", "--preserve-weight", "50", "--val-size", "5"]
+    base = ["calibrate", "--run", str(run), "--scales", "1,2", "--locality-floor", "0", "--device", "cpu", "--val-size", "5"]
     data = shared_data_dir / "counterfact" / "train_cf.json"
-    samples = {"train": ([], locality_texts([r for r in trainer.data.train if r.locality][:3]), "training split of"),
-               "file": (["--preserve-data", str(data)], locality_texts(load_records(data).records[:3]), str(data))}
+    samples = {"train": (["--preserve-weight", "50,80"], locality_texts([r for r in trainer.data.train if r.locality][:3]), "training split of"),
+               "file": (["--preserve-weight", "50", "--preserve-data", str(data)], locality_texts(load_records(data).records[:3]), str(data))}
     for name, (option, texts, says) in samples.items():
         out = tmp_path / name
         assert main([*base, "--preserve", "3", *option, "--output", str(out)]) == 0
         assert "preservation sample: the locality prompts + answers of the first 3 records with one of" in capsys.readouterr().out
         report = json.loads((out / "calibration.json").read_text())
-        assert report["preservation"]["weight"] == 50.0 and says in report["preservation"]["source"]
+        tried = report["preservation"]["weights_tried"]
+        assert set(tried) == ({"50", "80"} if name == "train" else {"50"}) and all(set(v) == {"1", "2"} for v in tried.values())
+        weight = report["preservation"]["weight"]
+        assert f"{weight:g}" in tried and report["scales"] == tried[f"{weight:g}"] and says in report["preservation"]["source"]
         assert report["records"] == "the first 5 records of the run's validation split"
         calibrated = MENDEditor.from_pretrained(out).eval()
         assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
         # the sample rebuilt: the saved covariance is its covariance
-        rebuilt = key_memory(source, trainer.model, trainer.data.collator, texts, past_weight=0.0, text_weight=50.0)
+        rebuilt = key_memory(source, trainer.model, trainer.data.collator, texts, past_weight=0.0, text_weight=weight)
         assert calibrated.preservation is not None and calibrated.preservation.text_tokens == rebuilt.text_tokens
+        assert calibrated.preservation.text_weight == weight
         for weight, covariance in rebuilt.text.items():
             torch.testing.assert_close(calibrated.preservation.text[weight], covariance)
     # the options are checked before anything is loaded
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-weight", "3"]) == 2
+    assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve", "3", "--preserve-weight", "5,x"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-data", str(tmp_path / "none.json")]) == 2
     sum_run = tmp_path / "sum"
     Trainer(load_config(TINY, [f"model.name={tiny_llama_dir}", "training.max_steps=1", "training.val_every=1"]), sum_run, show_progress=False).run()

@@ -49,8 +49,9 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--preserve-data", default=None, metavar="FILE",
                    help="take the preservation sample from FILE (any format the loaders detect) instead of the training split; "
                         "never from data you evaluate on")
-    p.add_argument("--preserve-weight", type=float, default=None, metavar="W",
-                   help=f"the sample's mean key covariance counted as W tokens in every solve (default {PRESERVE_WEIGHT:g})")
+    p.add_argument("--preserve-weight", default=None, metavar="W[,W...]",
+                   help="the sample's mean key covariance counted as W tokens in every solve; several: each is tried with every "
+                        f"multiplier and the best pair kept (default {PRESERVE_WEIGHT:g})")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.set_defaults(func=run_calibrate)
 
@@ -72,9 +73,13 @@ def check_preservation_arguments(args: argparse.Namespace) -> bool:
     if args.preserve_weight is not None and not wanted:
         raise ValueError("--preserve-weight: the preservation sample needs --preserve N (the run's training split) or --preserve-data FILE")
     args.preserve = PRESERVE_RECORDS if args.preserve is None else args.preserve
-    args.preserve_weight = PRESERVE_WEIGHT if args.preserve_weight is None else args.preserve_weight
-    if args.preserve < 1 or args.preserve_weight <= 0:
-        raise ValueError(f"--preserve must be >= 1 and --preserve-weight > 0, got {args.preserve} and {args.preserve_weight}")
+    text = f"{PRESERVE_WEIGHT:g}" if args.preserve_weight is None else args.preserve_weight
+    try:
+        args.preserve_weight = [float(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--preserve-weight {text!r} must be comma-separated numbers, e.g. 200,1000") from None
+    if args.preserve < 1 or not args.preserve_weight or any(w <= 0 for w in args.preserve_weight):
+        raise ValueError(f"--preserve must be >= 1 and --preserve-weight positive numbers, got {args.preserve} and {text!r}")
     if args.preserve_data is not None and not Path(args.preserve_data).is_file():
         raise FileNotFoundError(f"--preserve-data {args.preserve_data}: no such file")
     return wanted
@@ -98,7 +103,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from instructedit.analysis.many_edits import key_memory
     from instructedit.config import load_config
     from instructedit.editors.mend import MENDEditor
-    from instructedit.evaluation.generation_check import choose_scale, generation_scores, scaled_step_sizes
+    from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
     from instructedit.models.loading import load_model, resolve_device
     from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
@@ -129,19 +134,30 @@ def run_calibrate(args: argparse.Namespace) -> int:
         else:
             where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
             texts = preservation_texts(data.train, args.preserve, where)
-        memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=args.preserve_weight)
+        memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=args.preserve_weight[0])
         editor.set_preservation(memory, f"the locality prompts + answers of the first {args.preserve} records with one of {where} "
                                         f"({len(texts)} texts, {memory.text_tokens} tokens)")
-        print(f"preservation sample: {editor.preservation_source}, weight {args.preserve_weight:g}")
+        print(f"preservation sample: {editor.preservation_source}")
     instructions = data.instructions(data.val, config.data.instruction_seed)
-    per_scale = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales, progress=True)
-    chosen = choose_scale(per_scale, args.locality_floor)
+    grid: dict[float | None, dict[float, dict[str, float]]] = {}  # preservation weight (None: none) -> multiplier -> scores
+    for weight in args.preserve_weight if preserve else [None]:
+        if weight is not None:
+            memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
+            print(f"preservation weight {weight:g}:")
+        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales, progress=True)
+    pairs = {(w, sc): v for w, per in grid.items() for sc, v in per.items()}
+    # the selection rule of training validation; on a tie the smaller multiplier, then the larger preservation weight
+    chosen_weight, chosen = max(pairs, key=lambda k: (selection_score(pairs[k], args.locality_floor), -k[1], k[0] or 0))
+    per_scale = grid[chosen_weight]
+    if chosen_weight is not None:
+        memory.text_weight = chosen_weight
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
                             "locality_floor": args.locality_floor, "records": f"the first {config.training.val_size} records of the run's validation split",
                             "preservation": None if editor.preservation is None else
-                            {"weight": editor.preservation.text_weight, "source": editor.preservation_source}}
+                            {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
+                             "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()} for w, per in grid.items()}}}
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with scaled_step_sizes(editor, chosen):
@@ -153,9 +169,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
     output.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)
-    for s, v in per_scale.items():
-        mark = "  <- chosen" if s == chosen else ""
-        print(f"α × {s:g}: generation reliability {v.get('gen_reliability', 0):.3f}, generation locality {v.get('gen_locality', 0):.3f} "
-              f"(n={v.get('gen_n', 0)}){mark}")
-    print(f"wrote {output} (step sizes × {chosen:g})")
+    for (w, sc), v in pairs.items():
+        mark = "  <- chosen" if (w, sc) == (chosen_weight, chosen) else ""
+        weight = "" if w is None else f"preservation weight {w:g}, "
+        print(f"{weight}α × {sc:g}: generation reliability {v.get('gen_reliability', 0):.3f}, generation locality "
+              f"{v.get('gen_locality', 0):.3f} (n={v.get('gen_n', 0)}){mark}")
+    print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'})")
     return 0

@@ -27,7 +27,7 @@ from instructedit.evaluation.report import EvalReport, EvalSettings
 from instructedit.experiments.reuse import train_or_reuse
 from instructedit.experiments.study_config import build_study
 from instructedit.records import EditRecord
-from instructedit.runs import BEST, editor_sha256
+from instructedit.runs import BEST, EDITOR_CONFIG, editor_sha256
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,7 @@ class EditorRun:
     overrides: list[str] = field(default_factory=list)
     run_dir: str | None = None  # default: <runs_dir>/<name>
     max_steps: int | None = None  # default: the experiment's budget
+    checkpoint: str = BEST  # the editor folder inside the run that is evaluated (e.g. "calibrated": `instructedit calibrate --output RUN/calibrated`)
 
 
 @dataclass
@@ -130,7 +131,9 @@ def evaluate_cell(config: ExperimentBase, label: str, task: str, records: list[E
     ``config.limit_of(task)`` of ``records``; read from ``config.cache_path(label, task)`` when it already answers this."""
     limit = config.limit_of(task)
     if editor is not None:
-        editor_dir = config.run_dir(editor) / BEST
+        editor_dir = config.run_dir(editor) / config.editor(editor).checkpoint
+        if not (editor_dir / EDITOR_CONFIG).is_file():
+            raise FileNotFoundError(f"editor {editor!r}: {editor_dir} holds no saved editor ({EDITOR_CONFIG} is missing)")
         settings = EvalSettings(method=label, editor_path=str(editor_dir), editor_sha256=editor_sha256(editor_dir))
         queries = query_setup(editor_dir)  # asked as the editor was trained: its template and answer stop
     else:
