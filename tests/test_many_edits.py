@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -189,6 +190,22 @@ def test_analyze_batch_single_edit_reference_answer_keys_and_preservation(tiny_g
     # a preservation sample counted as a million tokens holds the shift near zero: locality at least as high as without it
     assert kept["editors"][0]["points"][1]["locality"]["mean"] >= results["answer"]["editors"][0]["points"][1]["locality"]["mean"]
     assert kept["editors"][0]["points"][1]["locality"]["mean"] > 0.99
+    # the same sample saved with the editor (instructedit calibrate --preserve): the same study without --key-memory
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.editors.mend import MENDEditor
+    from instructedit.tasks.loaders import load_records
+
+    model, tok = load_model(str(tiny_gpt2_dir))
+    carrier = MENDEditor.from_pretrained(editor).eval()
+    carrier.config = dataclasses.replace(carrier.config, ls_keys="answer")
+    texts = locality_texts(load_records(preserve, task="zsre").records[:20])
+    carrier.set_preservation(key_memory(carrier, model, Collator(tok, 64), texts, past_weight=0.0, text_weight=1e6), "20 records")
+    carrier.save_pretrained(tmp_path / "carrier")
+    assert main([*base[:3], str(tmp_path / "carrier"), *base[4:], "--singles", "--output", str(tmp_path / "carried.json")]) == 0
+    carried = json.loads((tmp_path / "carried.json").read_text())["editors"][0]
+    assert carried["preservation"] == {"weight": 1e6, "source": "20 records"}
+    for point, reference in zip(carried["points"], kept["editors"][0]["points"], strict=True):
+        assert {k: point[k]["mean"] for k in METRIC_KEYS} == pytest.approx({k: reference[k]["mean"] for k in METRIC_KEYS})
 
     with pytest.raises(SystemExit):  # rolled-back calls leave no earlier keys to weigh
         main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--past-weight", "2", "--preserve-data", str(preserve)])

@@ -113,6 +113,9 @@ def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
     collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop)
     entry = {"label": label, "editor": str(path), "aggregation": aggregation(editor), "model": name, "instruction": wrapper.instruction,
              "answer_stop": wrapper.answer_stop, "points": []}
+    own = getattr(editor, "preservation", None)
+    if own is not None:  # the editor's own preservation sample (instructedit calibrate --preserve): every solve holds it still
+        entry["preservation"] = {"weight": own.text_weight, "source": editor.preservation_source}
     logger.info("%s: %s editor (aggregation %s) on %s, instruction %s", label, type(editor).__name__, entry["aggregation"], name, wrapper.instruction)
     return _Loaded(editor, model, tokenizer, collator, wrapper.instruction, entry)
 

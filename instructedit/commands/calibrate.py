@@ -8,8 +8,8 @@ generation locality is at or above the floor, and writes the editor with α × t
 
 A least-squares editor can also be given a preservation sample (``--preserve``): the key covariance of unrelated
 (prompt, answer) texts (the locality prompts of training records, or of ``--preserve-data``) that every solve then holds still, saved with the editor (``MENDEditor.set_preservation``).
-It lets larger multipliers keep unrelated answers, so the multipliers are tried with it in place
-(results/analysis/ls-keys/: α × 2 with 400 CounterFact locality prompts at weight 200).
+It lets larger multipliers keep unrelated answers, so the multipliers are tried with it in place, at every weight given
+(``--preserve-weight 1000,3000``), and the (weight, multiplier) pair the same rule prefers is saved.
 """
 
 from __future__ import annotations

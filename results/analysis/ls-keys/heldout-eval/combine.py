@@ -4,8 +4,10 @@ whole-file run is (``results/recommended-zsre-smollm2/subsets.py``): the first 3
 generation locality split by whether the unedited answer has words; writes summary.json beside this script.
 
     .venv/bin/python results/analysis/ls-keys/heldout-eval/combine.py
+    .venv/bin/python results/analysis/ls-keys/heldout-eval/combine.py --output OUT.json PART.json ...   # other parts, in case order
 """
 
+import argparse
 import json
 from pathlib import Path
 
@@ -21,8 +23,13 @@ METRICS = [("generation", "gen_post", "gen_reliability"), ("generation", "gen_po
 
 
 def main() -> None:
-    cases = [case for part in PARTS for case in json.loads((HERE / part).read_text())["cases"]]
-    out = {"cases": len(cases), "parts": list(PARTS)}
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("parts", nargs="*", help="runner JSON reports, in case order (default: this folder's three parts)")
+    parser.add_argument("--output", default=str(HERE / "summary.json"))
+    args = parser.parse_args()
+    parts = [Path(p) for p in args.parts] or [HERE / part for part in PARTS]
+    cases = [case for part in parts for case in json.loads(part.read_text())["cases"]]
+    out = {"cases": len(cases), "parts": [p.name for p in parts]}
     for label, lo, hi in (("cases 0-299", 0, 300), ("cases 300-1036", 300, len(cases)), ("all", 0, len(cases))):
         row = {}
         for protocol, phase, metric in METRICS:
@@ -35,7 +42,7 @@ def main() -> None:
         kept = bootstrap_ci([float(same_answer(a["post_text"], a["pre_text"])) for a in chosen])
         out[f"gen_locality, {label}"] = kept.to_dict() | {"protocol": "generation"}
         print(f"gen_locality, {label}: {100 * kept.mean:.1f} [{100 * kept.low:.1f}, {100 * kept.high:.1f}] (n = {kept.n})")
-    write_json(HERE / "summary.json", out)
+    write_json(args.output, out)
 
 
 if __name__ == "__main__":
