@@ -7,9 +7,10 @@ records (never the test split), keeps the one with the highest generation reliab
 generation locality is at or above the floor, and writes the editor with α × that multiplier.
 
 A least-squares editor can also be given a preservation sample (``--preserve``): the key covariance of unrelated
-(prompt, answer) texts (the locality prompts of training records, or of ``--preserve-data``) that every solve then holds still, saved with the editor (``MENDEditor.set_preservation``).
-It lets larger multipliers keep unrelated answers, so the multipliers are tried with it in place, at every weight given
-(``--preserve-weight 1000,3000``), and the (weight, multiplier) pair the same rule prefers is saved.
+(prompt, answer) texts (the locality prompts of training records, or of ``--preserve-data``) that every solve then
+holds still, saved with the editor (``MENDEditor.set_preservation``). It lets larger multipliers keep unrelated
+answers, so the multipliers (by default larger ones) are tried with it in place, at every weight given
+(``--preserve-weight``), and the (weight, multiplier) pair the same rule prefers is saved.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from instructedit.runs import CONFIG, EDITOR_CONFIG
 
 logger = logging.getLogger(__name__)
 
-PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 200.0  # chosen for single edits on ZsRE's train split (results/analysis/ls-keys/train-scale/)
+SCALES, PRESERVED_SCALES = "1,1.5,2,3", "2,3,4,5,6"  # multipliers tried without and with a preservation sample
+# the preservation sample's defaults: the recommended editor's (results/least-squares-zsre-smollm2/; weight 1000 chosen)
+PRESERVE_RECORDS, PRESERVE_WEIGHTS = 400, "1000,3000,10000"
 
 
 def add_calibrate_parser(subparsers: Any) -> None:
@@ -36,7 +39,8 @@ def add_calibrate_parser(subparsers: Any) -> None:
                                           "the editor with the best one (highest generation reliability at or above the locality floor).")
     p.add_argument("--run", required=True, metavar="DIR", help="a training run folder (config.yaml, best/ or last/)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which editor of the run (default: best)")
-    p.add_argument("--scales", default="1,1.5,2,3", help="comma-separated multipliers to try (default 1,1.5,2,3)")
+    p.add_argument("--scales", default=None,
+                   help=f"comma-separated multipliers to try (default {SCALES}; {PRESERVED_SCALES} with a preservation sample)")
     p.add_argument("--locality-floor", type=float, default=0.9, help="lowest generation locality accepted (default 0.9)")
     p.add_argument("--output", required=True, metavar="DIR", help="where to write the calibrated editor (a new folder)")
     p.add_argument("--val-size", type=int, default=None, metavar="N",
@@ -45,13 +49,13 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--preserve", type=int, default=None, metavar="N",
                    help="least-squares editors: every solve of the calibrated editor holds still the keys of a preservation sample, "
                         "the locality prompts + answers of the first N records with one of the run's training split (or of "
-                        f"--preserve-data), saved with the editor (default {PRESERVE_RECORDS} when --preserve-data is given)")
+                        f"--preserve-data), saved with the editor (default {PRESERVE_RECORDS} when only --preserve-data is given)")
     p.add_argument("--preserve-data", default=None, metavar="FILE",
                    help="take the preservation sample from FILE (any format the loaders detect) instead of the training split; "
                         "never from data you evaluate on")
     p.add_argument("--preserve-weight", default=None, metavar="W[,W...]",
                    help="the sample's mean key covariance counted as W tokens in every solve; several: each is tried with every "
-                        f"multiplier and the best pair kept (default {PRESERVE_WEIGHT:g})")
+                        f"multiplier and the best pair kept (default {PRESERVE_WEIGHTS})")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.set_defaults(func=run_calibrate)
 
@@ -73,7 +77,7 @@ def check_preservation_arguments(args: argparse.Namespace) -> bool:
     if args.preserve_weight is not None and not wanted:
         raise ValueError("--preserve-weight: the preservation sample needs --preserve N (the run's training split) or --preserve-data FILE")
     args.preserve = PRESERVE_RECORDS if args.preserve is None else args.preserve
-    text = f"{PRESERVE_WEIGHT:g}" if args.preserve_weight is None else args.preserve_weight
+    text = PRESERVE_WEIGHTS if args.preserve_weight is None else args.preserve_weight
     try:
         args.preserve_weight = [float(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
@@ -108,8 +112,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
 
-    scales = parse_scales(args.scales)
     preserve = check_preservation_arguments(args)
+    scales = parse_scales(args.scales if args.scales is not None else PRESERVED_SCALES if preserve else SCALES)
     if not 0 <= args.locality_floor <= 1:
         raise ValueError(f"--locality-floor must be in [0, 1], got {args.locality_floor}")
     run, output = Path(args.run), Path(args.output)

@@ -243,9 +243,10 @@ class MENDEditor(LearnedEditor):
             if self.config.aggregation != "least_squares":
                 raise ValueError(f"a preservation sample needs an editor with editor.aggregation least_squares; this one is {self.config.aggregation!r}")
             missing = [w.name for w in self.weights if w.name not in memory.text]
-            if memory.past or not memory.text_weight or missing:
-                raise ValueError("set_preservation takes a memory holding only a preservation sample (text_weight > 0, the "
-                                 f"covariance of every edited weight, no past edits); missing weights: {missing[:3]}")
+            problems = [why for bad, why in ((memory.past, "it holds past edits' keys"), (not memory.text_weight, "its text_weight is 0"),
+                                             (missing, f"it has no covariance for {missing[:3]}")) if bad]
+            if problems:
+                raise ValueError(f"set_preservation takes a memory holding only a preservation sample: {'; '.join(problems)}")
         self.preservation, self.preservation_source = memory, source if memory is not None else ""
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
