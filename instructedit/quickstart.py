@@ -83,7 +83,7 @@ class EditOutcome:
 class QuickstartResult:
     run_dir: Path
     editor_dir: Path
-    trained: bool  # False: reused from an earlier run
+    trained: bool  # False: reused from an earlier run, or given (``editor=``)
     config_hash: str
     model_name: str
     instruction: int | None
@@ -205,21 +205,33 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
 
 def run_quickstart(model_name: str | None = None, overrides: Sequence[str] = (), budget_steps: int | None = None,
                    output: str | Path | None = None, retrain: bool = False, show_progress: bool = True,
-                   edits: Sequence[Edit] = DEMO_EDITS, probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> QuickstartResult:
-    """Train or reuse the quickstart editor (``output``, default the cache), then run the demo edits on its model."""
+                   edits: Sequence[Edit] = DEMO_EDITS, probes: Sequence[tuple[str, str]] = LOCALITY_PROBES,
+                   editor: str | Path | None = None) -> QuickstartResult:
+    """Train or reuse the quickstart editor (``output``, default the cache), then run the demo edits on its model;
+    ``editor``: a trained editor folder to show instead (nothing is trained; its model unless ``model_name``)."""
     start = time.perf_counter()
     config = quickstart_config(model_name, overrides, budget_steps)
-    run_dir = Path(output) if output is not None else default_run_dir(config)
-    editor_dir, model, tokenizer = prepare_editor(config, run_dir, retrain, show_progress)
+    model = tokenizer = None
+    if editor is not None:
+        from instructedit.editors.learned import read_editor_config
+
+        run_dir = editor_dir = Path(editor)
+        name = model_name or read_editor_config(editor_dir).get("model_name") or config.model.name
+        config.model = dataclasses.replace(config.model, name=str(name))
+        digest = ""
+    else:
+        run_dir = Path(output) if output is not None else default_run_dir(config)
+        editor_dir, model, tokenizer = prepare_editor(config, run_dir, retrain, show_progress)
+        digest = config_hash(config)
     trained = model is not None
     train_s = time.perf_counter() - start
     if model is None or tokenizer is None:
         model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=resolve_device(config.training.device, "training.device"))
-    editor = load_editor(editor_dir, instruction=config.evaluation.instruction, device=next(model.parameters()).device)
+    wrapper = load_editor(editor_dir, instruction=config.evaluation.instruction, device=next(model.parameters()).device)
     demo_start = time.perf_counter()
-    outcomes = run_demo(editor, model, tokenizer, edits, probes)
+    outcomes = run_demo(wrapper, model, tokenizer, edits, probes)
     now = time.perf_counter()
-    return QuickstartResult(run_dir, editor_dir, trained, config_hash(config), config.model.name, editor.instruction, outcomes,
+    return QuickstartResult(run_dir, editor_dir, trained, digest, config.model.name, wrapper.instruction, outcomes,
                             train_s, now - demo_start, now - start)
 
 
@@ -246,7 +258,8 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 def format_report(result: QuickstartResult) -> str:
     """What the model says before and after each edit (the headline), then the teacher-forced scores, as plain text."""
-    how = f"trained now in {_duration(result.train_s)}" if result.trained else "reused from the cache"
+    how = (f"trained now in {_duration(result.train_s)}" if result.trained else "reused from the cache" if result.config_hash
+           else "given with --editor")
     wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
     said = _table(("#", "task", "prompt -> target", "the model says before -> after (instruction-wrapped prompt)", "plain prompt, after"),
                   [(str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 52), _clip(f"{o.said_before!r} -> {o.said_after!r}", 64),

@@ -114,3 +114,23 @@ def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path
     out = capsys.readouterr().out
     assert "InstructEdit quickstart" in out and "trained now" in out and "top-1 before -> after" in out
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["max_steps"] == 1
+
+
+def test_quickstart_shows_a_given_editor_without_training(tiny_llama_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path],
+                                                          capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from instructedit.cli import main
+
+    monkeypatch.setenv("INSTRUCTEDIT_CACHE", str(tmp_path / "cache"))
+    folder = save_tiny_editor(tiny_llama_dir, tmp_path / "editor")
+    result = run_quickstart(editor=folder, show_progress=False, edits=DEMO_EDITS[:2], probes=LOCALITY_PROBES[:2])
+    assert not result.trained and result.editor_dir == folder and result.model_name == str(tiny_llama_dir)  # the editor's model
+    assert not (tmp_path / "cache" / "editors").exists()  # nothing trained or cached
+    model, tok = load_model(str(tiny_llama_dir))
+    direct = run_demo(load_editor(folder), model, tok, DEMO_EDITS[:2], LOCALITY_PROBES[:2])
+    assert [o.acc_after for o in result.outcomes] == [o.acc_after for o in direct]
+    assert "given with --editor" in format_report(result)
+    assert main(["quickstart", "--editor", str(folder), "--no-progress"]) == 0 and "given with --editor" in capsys.readouterr().out
+    with caplog.at_level("ERROR"):
+        assert main(["quickstart", "--editor", str(folder), "--budget-steps", "3"]) == 2
+    assert "--budget-steps: shapes the editor the quickstart trains; --editor shows a trained one" in caplog.text

@@ -20,6 +20,8 @@ def add_quickstart_parser(subparsers: Any) -> None:
     quick.add_argument("--retrain", action="store_true", help="train again even if a finished editor is there")
     quick.add_argument("--model", default=None, help=f"model to train the editor for (default: {DEFAULT_MODEL})")
     quick.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a quickstart config value (repeatable)")
+    quick.add_argument("--editor", default=None, metavar="DIR",
+                       help="show the demo with this trained editor (e.g. runs/ls/calibrated, the recommended one) instead of training one")
     quick.add_argument("--no-progress", action="store_true", help="no progress bar")
     quick.set_defaults(func=run_quickstart_command)
 
@@ -29,7 +31,13 @@ def run_quickstart_command(args: argparse.Namespace) -> int:
 
     if args.budget_steps is not None and args.budget_steps < 1:
         raise ValueError(f"--budget-steps must be >= 1, got {args.budget_steps}")
+    if args.editor is not None:
+        training = [flag for flag, given in (("--budget-steps", args.budget_steps is not None), ("--output", args.output is not None),
+                                             ("--retrain", args.retrain), ("--set", bool(args.set))) if given]
+        if training:
+            raise ValueError(f"{', '.join(training)}: {'shapes' if len(training) == 1 else 'shape'} the editor the quickstart "
+                             "trains; --editor shows a trained one")
     result = run_quickstart(model_name=args.model, overrides=args.set, budget_steps=args.budget_steps, output=args.output,
-                            retrain=args.retrain, show_progress=not args.no_progress)
+                            retrain=args.retrain, show_progress=not args.no_progress, editor=args.editor)
     print(format_report(result))
     return 0
