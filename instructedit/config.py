@@ -149,7 +149,7 @@ class TrainingConfig:
     c_loc_context: float = 0.0
     # The multiple of the update the locality terms are scored at (objective.py): an editor used at a multiple of its
     # learned step sizes (edit_scales) learns to keep unrelated inputs at that strength; 1 = DESIGN.md §4. Tried on the
-    # recommended recipe (2, 3): the locality weight climbs and the edits shrink (results/recommended-zsre-smollm2/locality-scale/)
+    # generation recipe (2, 3): the locality weight climbs and the edits shrink (results/recommended-zsre-smollm2/locality-scale/)
     locality_scale: float = 1.0
     # Optional locality constraint: the locality terms' weight w (c_loc·w, c_margin·w) rises while a running
     # mean of the training locality is under this target and falls while it is over (w ← w·exp(rate·gap)).
