@@ -36,7 +36,9 @@ def add_calibrate_parser(subparsers: Any) -> None:
     """Register ``calibrate`` on an ``add_subparsers()`` object."""
     p = subparsers.add_parser("calibrate", help="choose an editor's step-size multiplier for generation on its validation split",
                               description="Tries multipliers of the learned step sizes on the run's validation records and writes "
-                                          "the editor with the best one (highest generation reliability at or above the locality floor).")
+                                          "the editor with the best one (highest generation reliability at or above the locality floor). "
+                                          "With --preserve, a least-squares editor also gets a preservation sample that every edit "
+                                          "holds still, and each of its weights is tried with every multiplier.")
     p.add_argument("--run", required=True, metavar="DIR", help="a training run folder (config.yaml, best/ or last/)")
     p.add_argument("--checkpoint", default="best", choices=("best", "last"), help="which editor of the run (default: best)")
     p.add_argument("--scales", default=None,
