@@ -382,6 +382,41 @@ def test_cases_answered_together_equal_one_case_at_a_time(tiny_model_dir: Path) 
     assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
 
 
+def test_answers_begun_from_the_teacher_forced_pass_equal_answers_decoded_from_scratch(tiny_model_dir: Path,
+                                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from instructedit.evaluation import before_after, runner
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    base = records()[:2]
+    collator = Collator(tokenizer, 128, POOL)
+    # targets and locality answers the unedited model says itself: its teacher-forced pass accepts their first tokens
+    wrapped = [collator.wrap(r, r.prompt, 0) for r in base]
+    said = greedy_generate(model, tokenizer, wrapped + [q.prompt for r in base for q in r.locality], 6)
+    words = [first_line(t) or "x" for t in said]
+    own = [EditRecord(task=r.task, prompt=r.prompt, target_new=words[i], rephrase=r.rephrase, portability=r.portability,
+                      locality=tuple(QAItem(q.prompt, words[2 + sum(len(b.locality) for b in base[:i]) + k], q.kind)
+                                     for k, q in enumerate(r.locality)), source=f"own#{i}")
+           for i, r in enumerate(base)]
+    cases = own + records()  # with the hand-made ones, whose targets the random model does not say
+    seeds, prefilled = [], []
+    real_seeds, real_prefill = runner.case_seeds, before_after._Prefill.__init__
+    monkeypatch.setattr(runner, "case_seeds", lambda *a, **k: seeds.append(real_seeds(*a, **k)) or seeds[-1])
+    monkeypatch.setattr(before_after._Prefill, "__init__", lambda self, model, split, ids, *a, **k: prefilled.append(ids.shape[0])
+                        or real_prefill(self, model, split, ids, *a, **k))
+    alone = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, cases_together=1)
+    assert not seeds
+    together = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, cases_together=4)
+    assert [c.answers for c in together.cases] == [c.answers for c in alone.cases]
+    assert [c.gen_post for c in together.cases] == [c.gen_post for c in alone.cases]
+    flat = [pair for case in seeds for pair in case]
+    # every query but the plain question and ConvSent's response (scored for fluency, no probe)
+    asked_as_probes = sum(a["form"] != "plain" and a["family"] != "fluency" for c in together.cases for a in c.answers)
+    assert sum(pair is not None for pair in flat) == asked_as_probes and sum(prefilled) == len(flat) - asked_as_probes
+    assert max(len(pair[0].given) for pair in flat if pair is not None) >= 2  # answers begun by several accepted tokens
+    stops = set(stop_token_ids(tokenizer)[0].tolist()) | {tokenizer.eos_token_id}
+    assert not any(set(seed.given) & stops for pair in flat if pair is not None for seed in pair)
+
+
 def test_teacher_forced_protocol_keeps_todays_numbers(tiny_llama_dir: Path) -> None:
     model, tokenizer, editor = setup(tiny_llama_dir)
     tf = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="teacher_forced")

@@ -24,20 +24,53 @@ import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from instructedit.evaluation.generation import (
     cache_argument, batch_order, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
     left_padded, pad_id, returned_cache, stop_token_ids,
 )
 from instructedit.evaluation.row_edits import Updates, per_row_updates
-from instructedit.models.split import SplitModel
+from instructedit.models.split import SplitModel, with_cache
 
 logger = logging.getLogger(__name__)
+
+@dataclass
+class Seed:
+    """A query's answer begun elsewhere (``packing.case_seeds``: its teacher-forced pass over prompt + expected answer).
+
+    ``layers``: per layer the keys and values (heads, length, head_dim) of the prompt and the ``given``
+    tokens, the answer's first tokens that greedy decoding would produce (none a stop); ``logits``: the
+    next-token logits after them. Decoding goes on from there without a prefill.
+    """
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    logits: torch.Tensor
+    given: list[int]
+
+    @property
+    def length(self) -> int:
+        return self.layers[0][0].shape[-2]
+
+
+def seeded_batch(seeds: Sequence[Seed]) -> tuple[torch.Tensor, Cache, torch.Tensor]:
+    """(next-token logits, KV cache, attention mask) of seeded rows, shorter rows padded on the left (zeros, masked)."""
+    width = max(seed.length for seed in seeds)
+    mask = torch.zeros((len(seeds), width), dtype=torch.long, device=seeds[0].logits.device)
+    for r, seed in enumerate(seeds):
+        mask[r, width - seed.length :] = 1
+
+    def stacked(layer: int, part: int) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.pad(seed.layers[layer][part], (0, 0, width - seed.length, 0)) for seed in seeds])
+
+    cache = DynamicCache(ddp_cache_data=[(stacked(i, 0), stacked(i, 1)) for i in range(len(seeds[0].layers))])
+    return torch.stack([seed.logits for seed in seeds]), cache, mask
+
 
 DECODE_ROWS = 256  # most rows (prompts × (variants + 1)) one decoding loop holds: its KV cache grows with them
 RowUpdates = Callable[[int, int], Updates | None]  # (variant, prompt index) -> the row's weight update (None: unedited)
@@ -81,9 +114,7 @@ class _Prefill:
         """Last-position logits and the cache of the edited blocks re-run on the unedited inputs, with whatever edits are active."""
         cache = copy.deepcopy(self.lower)
         for hidden, recorded in self.stages:  # the shared prefix (if any), then the rows' own tokens
-            block_args = [(tuple(cache if isinstance(a, Cache) else a for a in rest), {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()})
-                          for rest, kwargs in recorded]
-            out = self.split.blocks(hidden, block_args)
+            out = self.split.blocks(hidden, with_cache(recorded, cache))
         return self.split.head(out[:, -1]), cache
 
     def replay_matches(self) -> bool:
@@ -106,24 +137,31 @@ def _merged(caches: Sequence[Cache], masks: Sequence[torch.Tensor]) -> tuple[Cac
     return first, torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
 
 
-def _chunks(encoded: Sequence[Sequence[int]], batch_size: int) -> list[tuple[list[int], int]]:
+def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[bool] | None = None) -> list[tuple[list[int], int | None]]:
     """Prefill batches in decoding order (``batch_order``): at most ``batch_size`` prompts of one ``group_keys`` group;
-    each with the number of leading tokens its prompts share (``shared_prefix``)."""
+    each with the number of leading tokens its prompts share (``shared_prefix``). Then the seeded prompts (no prefill),
+    ``batch_size`` at a time, with None."""
     keys = group_keys(encoded)
+    seeded = seeded or [False] * len(encoded)
     chunks: list[list[int]] = []
     for i in batch_order(encoded):
+        if seeded[i]:
+            continue
         if chunks and len(chunks[-1]) < batch_size and keys[chunks[-1][0]] == keys[i]:
             chunks[-1].append(i)
         else:
             chunks.append([i])
-    return [(rows, shared_prefix([encoded[i] for i in rows])) for rows in chunks]
+    out: list[tuple[list[int], int | None]] = [(rows, shared_prefix([encoded[i] for i in rows])) for rows in chunks]
+    with_seed = [i for i in range(len(encoded)) if seeded[i]]
+    return out + [(with_seed[k : k + batch_size], None) for k in range(0, len(with_seed), batch_size)]
 
 
 @torch.no_grad()
 def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: SplitModel, prompts: Sequence[str],
                         max_new_tokens: Sequence[int] | int, updates: RowUpdates, transposed: Mapping[str, bool], variants: int = 1,
                         batch_size: int = 32, max_length: int | None = None,
-                        variant_scales: Sequence[float] | None = None, decode_rows: int = DECODE_ROWS) -> tuple[list[str], list[list[str]]]:
+                        variant_scales: Sequence[float] | None = None, decode_rows: int = DECODE_ROWS,
+                        seeds: Sequence[tuple[Seed, Seed] | None] | None = None) -> tuple[list[str], list[list[str]]]:
     """Greedy continuations of ``prompts`` by the unedited model and by ``variants`` edited ones, from one prefill per batch.
 
     ``updates(variant, prompt index)``: the weight update (``row_edits.Updates``, or None: unedited) the
@@ -135,10 +173,21 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     instruction template: it passes the model once per batch); the batches' rows, unedited and
     edited, then decode together in one loop of up to ``decode_rows`` rows (fewer, longer-lived
     loops: each decoding step reads the weights once for all of them).
+
+    ``seeds`` (one variant only): per prompt, None or its (unedited, edited) ``Seed``: the prompt's
+    keys and values and the first answer tokens from a teacher-forced pass that already ran (the
+    evaluation runner's); it is not prefilled, and its rows decode on from where the seeds end.
     """
     budgets, encoded = encode_prompts(tokenizer, prompts, max_new_tokens, max_length)
     if not prompts:
         return [], [[] for _ in range(variants)]
+    if seeds is not None and (variants != 1 or len(seeds) != len(prompts)):
+        raise ValueError(f"seeds need one variant and one entry per prompt, got {variants} variants and {len(seeds)} seeds "
+                         f"for {len(prompts)} prompts")
+    seeds = seeds if seeds is not None else [None] * len(prompts)
+    for i, pair in enumerate(seeds):
+        if pair is not None and any(seed.length - len(seed.given) != len(encoded[i]) for seed in pair):
+            raise ValueError(f"the seed of prompt {i} ({prompts[i][:50]!r}...) does not begin with its {len(encoded[i])} tokens")
     device = next(model.parameters()).device
     newline, blank = (t.to(device) for t in stop_token_ids(tokenizer))
     eos = tokenizer.eos_token_id
@@ -149,17 +198,23 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
         scales = None if variant_scales is None else [1.0 if o is None else variant_scales[o[0]] for o in owners]
         return per_row_updates(model, [None if o is None else updates(*o) for o in owners], transposed, scales)
 
-    chunks = _chunks(encoded, batch_size)
+    chunks = _chunks(encoded, batch_size, [pair is not None for pair in seeds])
     per_loop = max(batch_size, decode_rows // (variants + 1))  # prompts decoded in one loop
     checked = False
     while chunks:
-        group: list[tuple[list[int], int]] = []
+        group: list[tuple[list[int], int | None]] = []
         while chunks and (not group or sum(len(r) for r, _ in group) + len(chunks[0][0]) <= per_loop):
             group.append(chunks.pop(0))
-        logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]  # per variant (0: unedited), per chunk
+        # per variant (0: unedited), per chunk: next-token logits, caches, attention masks
+        logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
         caches: list[list[Cache]] = [[] for _ in range(variants + 1)]
-        masks: list[torch.Tensor] = []
+        masks: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
         for rows, shared in group:
+            if shared is None:  # seeded: decoding goes on from the seeds
+                for v in range(2):
+                    first, cache, mask = seeded_batch([seeds[i][v] for i in rows])
+                    logits[v].append(first), caches[v].append(cache), masks[v].append(mask)
+                continue
             ids, mask = (t.to(device) for t in left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer)))
             prefill = _Prefill(model, split, ids, mask, encoded[rows[0]][:shared])
             if not checked and not prefill.replay_matches():
@@ -171,7 +226,8 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
             checked = True
             logits[0].append(prefill.logits)
             caches[0].append(prefill.cache)
-            masks.append(prefill.mask)
+            for v in range(variants + 1):
+                masks[v].append(prefill.mask)
             for v in range(variants):
                 with rows_context([(v, i) for i in rows]):
                     edited_logits, cache = prefill.replay()
@@ -179,11 +235,12 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                 caches[v + 1].append(cache)
         # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
         rows = [i for r, _ in group for i in r]
-        cache, mask = _merged([c for per_variant in caches for c in per_variant], masks * (variants + 1))
+        cache, mask = _merged([c for per_variant in caches for c in per_variant], [m for per_variant in masks for m in per_variant])
         n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
-        tokens = greedy_loop(model, mask, mask, [budgets[i] for i in rows] * (variants + 1), newline, blank, eos,  # ids: start holds the prefill
-                             start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),
-                             context=lambda active, owners=owners: rows_context([owners[a] for a in active]))
+        given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, rows * (variants + 1))]
+        tokens = greedy_loop(model, mask, mask, [budgets[i] - len(g) for i, g in zip(rows * (variants + 1), given)], newline, blank, eos,
+                             start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),  # ids: start holds the prefill
+                             context=lambda active, owners=owners: rows_context([owners[a] for a in active]), given=given)
         for r, i in enumerate(rows):
             before[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
             for v in range(variants):

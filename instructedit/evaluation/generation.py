@@ -24,6 +24,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from instructedit.models.split import cache_argument
+
 ANSWER_MARGIN = 8  # tokens allowed beyond the target's own length
 BOOTSTRAP_SAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -258,11 +260,6 @@ def last_logits_only(model: nn.Module) -> dict[str, int]:
     return {}
 
 
-def cache_argument(model: nn.Module) -> str:
-    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (before)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def returned_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
@@ -271,12 +268,14 @@ def returned_cache(out):
 def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
                  blank: torch.Tensor, eos: int | None, prefix: Sequence[int] = (),
                  context: Callable[[list[int]], AbstractContextManager] | None = None,
-                 start: tuple[torch.Tensor, Any] | None = None) -> list[list[int]]:
+                 start: tuple[torch.Tensor, Any] | None = None, given: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
     """Greedy decoding of a left-padded batch; a row is done at its budget, at EOS or after a newline that ends some text.
 
     ``prefix``: tokens every row begins with, before its own (left-padded) ``ids``: they pass the model
     once and their cache is shared. ``context(active rows)``: entered around the forward passes.
     ``start``: (last-position logits, KV cache) of ``ids`` already run through the model (the prefill is skipped).
+    ``given``: per row, answer tokens already decided (``before_after.Seed``): they end its ``ids`` and
+    begin its answer, none of them a stop; ``budgets`` count the tokens still to come.
     """
     n = ids.shape[0]
     keep = last_logits_only(model)
@@ -287,11 +286,13 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
         past.batch_repeat_interleave(n)
         mask = torch.cat([torch.ones((n, len(prefix)), dtype=mask.dtype, device=mask.device), mask], dim=1)
     position = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]  # left padding does not shift positions
-    started = torch.zeros(n, dtype=torch.bool, device=ids.device)  # the row has produced non-blank text
+    blank_ids = set(blank.tolist()) if given is not None else set()
+    tokens: list[list[int]] = [list(g) for g in given] if given is not None else [[] for _ in range(n)]
+    # the row has produced non-blank text
+    started = torch.tensor([any(t not in blank_ids for t in row) for row in tokens], dtype=torch.bool, device=ids.device)
     done = torch.zeros(n, dtype=torch.bool, device=ids.device)
     limit = torch.tensor(budgets, device=ids.device)
     active = list(range(n))  # batch row -> row of the caller's batch
-    tokens: list[list[int]] = [[] for _ in range(n)]
     step_ids, step_pos = ids, position
     with ExitStack() as stack:
         if context is not None:

@@ -20,9 +20,10 @@ from typing import Protocol
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.evaluation.before_after import greedy_before_after
+from instructedit.evaluation.before_after import Seed, greedy_before_after
 from instructedit.evaluation.generation import (
-    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, same_answer, token_f1,
+    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, same_answer, stop_token_ids,
+    token_f1,
 )
 from instructedit.evaluation.row_edits import Updates
 from instructedit.models.split import SplitModel
@@ -209,15 +210,27 @@ class GenerationRun:
         self.seconds["post"] += time.perf_counter() - start
         return out
 
+    @property
+    def stop_ids(self) -> set[int]:
+        """Token ids that end an answer once it has begun: those holding a newline, and EOS."""
+        newline, _ = stop_token_ids(self.tokenizer)
+        return set(newline.tolist()) | ({self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+
     def answer_before_after(self, model: nn.Module, split: SplitModel, per_case: Sequence[Sequence[Query]], updates: Sequence[Updates],
-                            transposed: Mapping[str, bool]) -> tuple[list[list[str]], list[list[str]]]:
+                            transposed: Mapping[str, bool],
+                            seeds: Sequence[Sequence[tuple[Seed, Seed] | None] | None] | None = None) -> tuple[list[list[str]], list[list[str]]]:
         """Pre- and post-edit answers of several cases, decoded together from one prefill per batch
-        (``before_after``): each post-edit row with its own case's update (``row_edits``)."""
+        (``before_after``): each post-edit row with its own case's update (``row_edits``). ``seeds``: per case, None
+        or per query its seeds (``before_after.Seed``): those queries are not prefilled."""
         start = time.perf_counter()
         flat = [q for queries in per_case for q in queries]
         owner = [c for c, queries in enumerate(per_case) for _ in queries]
+        flat_seeds = None
+        if seeds is not None:
+            flat_seeds = [s for queries, case in zip(per_case, seeds, strict=True) for s in (case or [None] * len(queries))]
         before, (after,) = greedy_before_after(model, self.tokenizer, split, [q.prompt for q in flat], [q.budget for q in flat],
-                                               lambda variant, i: updates[owner[i]], transposed, 1, self.batch_size, self.max_length)
+                                               lambda variant, i: updates[owner[i]], transposed, 1, self.batch_size, self.max_length,
+                                               seeds=flat_seeds)
         self.seconds["before_after"] += time.perf_counter() - start
         return _per_case(before, per_case), _per_case(after, per_case)
 

@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from transformers.cache_utils import DynamicCache
+
 from instructedit.editors.base import EditResult, FunctionalEditor
 from instructedit.evaluation import generation_probes as gen
+from instructedit.evaluation.before_after import Seed
 from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
 from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
 from instructedit.models.packing import pack, positions_fed, shareable_rows
@@ -60,6 +63,16 @@ class Layout:
     chunks: list[TokenBatch]
     positions: list[torch.Tensor | None]
     edit_view: TokenBatch  # the first chunk labelled on the edit rows only: MEND edits on the shared prefix pass
+    owners: list[torch.Tensor] | None = None  # packed: per chunk, the row each position belongs to (-1: the shared start)
+
+    def row_tokens(self, chunk: int, row: int) -> tuple[int, torch.Tensor]:
+        """Where row ``row`` of chunk ``chunk`` of the padded layout lies in this one: (batch row, its token positions in order)."""
+        if self.owners is None:
+            return row, torch.arange(int(self.chunks[chunk].attention_mask[row].sum()), device=self.chunks[chunk].input_ids.device)
+        owner, own = self.owners[chunk], (self.owners[chunk] == row).nonzero()[:, 0]
+        if int(self.positions[chunk][0, own[0]]) > 0:  # the row begins with the shared start
+            own = torch.cat([(owner == -1).nonzero()[:, 0], own])
+        return 0, own
 
 
 @dataclass
@@ -88,7 +101,8 @@ class Case:
                 packed_chunk, pos, owner = pack(chunk, shareable, dtype)
                 chunks.append(packed_chunk), positions.append(pos), owners.append(owner)
             first, not_edit = chunks[0], (owners[0] >= n_edit)[None]
-            self.packed = Layout(chunks, positions, TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)))
+            self.packed = Layout(chunks, positions, TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)),
+                                 owners)
         return self.packed
 
 
@@ -125,18 +139,27 @@ def layout_logits(model: nn.Module, layout: Layout) -> torch.Tensor:
     return torch.cat([scored_logits(model, chunk, pos) for chunk, pos in zip(layout.chunks, layout.positions)])
 
 
+KV = list[tuple[DynamicCache, DynamicCache]]  # per chunk: every layer's keys and values before the edit, the edited blocks' after it
+
+
 @torch.no_grad()
-def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout) -> tuple[torch.Tensor, torch.Tensor, EditResult]:
+def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
+                     keep_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, EditResult, KV | None]:
     """One prefix pass serves the pre-edit logits and the edit; only the edited blocks re-run post-edit.
 
     The edit is taken on the first chunk with labels on the edit rows only: the other rows get an
-    exactly zero output gradient, so their tokens drop out of the gradient factors.
+    exactly zero output gradient, so their tokens drop out of the gradient factors. ``keep_cache``:
+    also returns the passes' keys and values (``KV``), from which ``case_seeds`` begins the
+    generation protocol's answers.
     """
     split = editor.split(model)
-    states = []
+    recorded, kv = [], []
     for chunk, pos in zip(layout.chunks, layout.positions):
+        cache = DynamicCache() if keep_cache else None
         with positions_fed(model, pos):
-            states.append(split.prefix(chunk))
+            recorded.append(split.prefix(chunk, cache))
+        kv.append(cache)
+    states = [state.with_cache(None) for state in recorded] if keep_cache else recorded  # re-runs must not append to the cache
     was_training = editor.training
     editor.eval()
     try:
@@ -144,21 +167,64 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout)
     finally:
         editor.train(was_training)
     pre = [split.logits_at(state.final_hidden, chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
-    post = [split.logits_at(split.suffix(state, result.new_params), chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
-    return torch.cat(pre), torch.cat(post), result
+    edited = [DynamicCache() if keep_cache else None for _ in states]  # lazily grown: only the edited blocks' layers fill
+    post = [split.logits_at(split.suffix(state.with_cache(cache) if keep_cache else state, result.new_params), chunk.label_mask)
+            for state, chunk, cache in zip(recorded, layout.chunks, edited)]
+    return torch.cat(pre), torch.cat(post), result, list(zip(kv, edited)) if keep_cache else None
 
 
-def check_packing(editor: FunctionalEditor, model: nn.Module, case: Case,
-                   dtype: torch.dtype) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, EditResult]]:
+def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torch.Tensor, first_edited: int,
+               stops: set[int]) -> list[tuple[Seed, Seed] | None]:
+    """Per generation query of ``case``, the (pre-edit, post-edit) ``Seed`` its teacher-forced probe gives, or None.
+
+    A query asked exactly as a probe (same family, prompt and expected answer: the wrapped edit prompt,
+    rephrases, portability, locality) was already run, answer included, before and after the edit
+    (``score_functional(keep_cache=True)``, logits ``pre`` / ``post``): its prompt needs no prefill, and
+    greedy decoding would say the expected answer's first tokens as long as each is the argmax where
+    it is predicted. The seed holds the keys and values of the prompt and those tokens (layers below
+    ``first_edited`` are the same before and after the edit), the logits that follow, and the tokens.
+    ``stops``: token ids that end an answer (newline, EOS): the seed ends before one.
+    """
+    sizes = [chunk.input_ids.shape[0] for chunk in case.padded.chunks]
+    where = [(c, r) for c, size in enumerate(sizes) for r in range(size)]  # probe -> (chunk, row of the padded chunk)
+    pre_ids, post_ids = pre.argmax(-1), post.argmax(-1)
+    used: set[int] = set()
+    out: list[tuple[Seed, Seed] | None] = []
+    for query in case.queries:
+        i = next((k for k, p in enumerate(case.probes) if k not in used and p.family == query.family and p.kind == query.kind
+                  and p.prompt == query.prompt and p.answer == query.target), None)
+        if i is None:
+            out.append(None)
+            continue
+        used.add(i)
+        at = case.rows == i
+        targets = case.targets[at].tolist()
+        chunk, (row, index) = where[i][0], layout.row_tokens(*where[i])
+        prompt_length = len(index) - len(targets) + 1  # the row holds the prompt and the answer but its last token
+        before, after = kv[chunk]
+        pair = []
+        for logits, ids, edited in ((pre[at], pre_ids[at], False), (post[at], post_ids[at], True)):
+            j, limit = 0, min(len(targets), query.budget) - 1  # the seed's logits give one more token
+            while j < limit and int(ids[j]) == targets[j] and targets[j] not in stops:
+                j += 1
+            keep = index[: prompt_length + j]
+            layers = [after.layers[l] if edited and l >= first_edited else layer for l, layer in enumerate(before.layers)]
+            pair.append(Seed([(layer.keys[row][:, keep], layer.values[row][:, keep]) for layer in layers], logits[j], targets[:j]))
+        out.append((pair[0], pair[1]))
+    return out
+
+
+def check_packing(editor: FunctionalEditor, model: nn.Module, case: Case, dtype: torch.dtype,
+                  keep_cache: bool = False) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, EditResult, KV | None]]:
     """Score one case packed and compare its pre-edit logits with padded rows: an architecture may ignore 4-D masks.
 
-    Returns whether packing is used, and this case's (pre, post, edit) in the layout chosen.
+    Returns whether packing is used, and this case's ``score_functional`` in the layout chosen.
     """
     try:
-        packed = score_functional(editor, model, case.layout(True, dtype))
+        packed = score_functional(editor, model, case.layout(True, dtype), keep_cache)
     except (RuntimeError, ValueError, TypeError) as err:  # e.g. an attention kernel without 4-D mask support
         logger.warning("packed rows failed on %s (%s); using padded batches", case.record.source, err)
-        return False, score_functional(editor, model, case.padded)
+        return False, score_functional(editor, model, case.padded, keep_cache)
     split = editor.split(model)
     with torch.no_grad():
         padded = torch.cat([split.logits_at(split.prefix(c).final_hidden, c.label_mask) for c in case.padded.chunks])
@@ -166,5 +232,5 @@ def check_packing(editor: FunctionalEditor, model: nn.Module, case: Case,
     worst = float((packed[0] - padded).abs().max())
     if worst > tol:
         logger.warning("packed rows differ from padded ones by %.3g (> %.3g) on %s; using padded batches", worst, tol, case.record.source)
-        return False, score_functional(editor, model, case.padded)
+        return False, score_functional(editor, model, case.padded, keep_cache)
     return True, packed

@@ -37,7 +37,9 @@ from instructedit.evaluation.metrics import (
     MARGIN, PROTOCOL_CHOICES, MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin,
     unchanged_tokens,
 )
-from instructedit.evaluation.packing import Case, check_packing, layout_logits, prepare_cases, probe_scores, score_functional
+from instructedit.evaluation.packing import (
+    Case, case_seeds, check_packing, layout_logits, prepare_cases, probe_scores, score_functional,
+)
 from instructedit.evaluation.probes import OPPOSITE, SCORED
 from instructedit.evaluation.report import PHASES, CaseResult, EvalReport, EvalSettings, SequentialPoint
 from instructedit.models.loading import max_input_length
@@ -151,16 +153,17 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     added by hooks (``row_edits``); the weights are never written.
     """
     dtype = next(model.parameters()).dtype
-    probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
-    packed, first_scores = check_packing(editor, model, probe_case, dtype) if fast_path and pack_rows else (False, None)
     together = _decodes_together(fast_path, generation, cases_together)
+    probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
+    packed, first_scores = check_packing(editor, model, probe_case, dtype, together) if fast_path and pack_rows else (False, None)
     results: list[CaseResult] = []
-    pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]] = []  # case, pre, post, ΔW
+    pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list]] = []  # case, pre, post, ΔW, seeds
 
     def flush() -> None:
         before, answers = generation.answer_before_after(model, editor.split(model), [c.queries for c, *_ in pending],
-                                                         [u for *_, u in pending], {w.name: w.transposed for w in editor.weights})
-        for (case, pre, post, _), unedited, said in zip(pending, before, answers, strict=True):
+                                                         [p[3] for p in pending], {w.name: w.transposed for w in editor.weights},
+                                                         [p[4] for p in pending])
+        for (case, pre, post, *_), unedited, said in zip(pending, before, answers, strict=True):
             case.pre_answers = unedited
             guard.verify(where=f"case {case.index} ({case.record.source})")
             results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, pre.argmax(-1)), said,
@@ -170,9 +173,11 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
         ask = _asker(model, generation, case)
         if fast_path:
-            scores = first_scores if first_scores is not None and case is probe_case else score_functional(editor, model, case.layout(packed, dtype))
-            if together:
-                pending.append((case, scores[0], scores[1], scores[2].low_rank or scores[2].updates))
+            layout = case.layout(packed, dtype)
+            scores = first_scores if first_scores is not None and case is probe_case else score_functional(editor, model, layout, together)
+            if together:  # the queries asked as probes begin from the teacher-forced pass (``case_seeds``)
+                seeds = case_seeds(case, layout, scores[3], scores[0], scores[1], editor.split(model).first_layer, generation.stop_ids)
+                pending.append((case, scores[0], scores[1], scores[2].low_rank or scores[2].updates, seeds))
                 if len(pending) >= cases_together:
                     flush()
                 continue

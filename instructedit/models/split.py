@@ -12,6 +12,7 @@ weights applied functionally, and ``logits_at`` projects to the vocabulary only 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
+from transformers.cache_utils import Cache
 
 from instructedit.models.architectures import ArchSpec
 from instructedit.records import TokenBatch
@@ -48,6 +50,24 @@ class _FewRows(torch.autograd.Function):
         return grad @ weight, None
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: ``cache`` (transformers >= 5.2x) or ``past_key_values`` (before)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+BlockArgs = list[tuple[tuple[Any, ...], dict[str, Any]]]  # per edited block, its call's arguments without the hidden state
+
+
+def with_cache(block_args: BlockArgs, cache: Cache | None) -> BlockArgs:
+    """``block_args`` with every KV cache they hold replaced by ``cache`` (None: the blocks keep no cache).
+
+    A prefix pass that filled a cache recorded it in the blocks' arguments: re-running the edited blocks
+    on those arguments would append to it. With another cache, their keys and values go there instead.
+    """
+    return [(tuple(cache if isinstance(a, Cache) else a for a in rest), {k: cache if isinstance(v, Cache) else v for k, v in kwargs.items()})
+            for rest, kwargs in block_args]
+
+
 class _StopForward(Exception):
     """Raised from the final-norm hook: everything needed has been captured."""
 
@@ -57,9 +77,13 @@ class PrefixState:
     """What the unedited prefix produced for one batch."""
 
     hidden: torch.Tensor  # (batch, seq, d_model): input of the first edited block
-    block_args: list[tuple[tuple[Any, ...], dict[str, Any]]]  # per suffix block, hidden state removed
+    block_args: BlockArgs  # per suffix block, hidden state removed
     final_hidden: torch.Tensor  # (batch, seq, d_model): unedited output of the final norm
     batch: TokenBatch
+
+    def with_cache(self, cache: Cache | None) -> "PrefixState":
+        """The same state whose edited blocks write their keys and values to ``cache`` (None: nowhere)."""
+        return dataclasses.replace(self, block_args=with_cache(self.block_args, cache))
 
 
 class SplitModel:
@@ -97,7 +121,7 @@ class SplitModel:
             for handle in handles:
                 handle.remove()
 
-    def block_arguments(self, captured: dict[int, tuple[tuple, dict]]) -> tuple[torch.Tensor, list[tuple[tuple[Any, ...], dict[str, Any]]]]:
+    def block_arguments(self, captured: dict[int, tuple[tuple, dict]]) -> tuple[torch.Tensor, BlockArgs]:
         """(input of the first edited block, per edited block its arguments with the hidden state removed) from a recording."""
         if len(captured) != len(self.suffix_indices):
             raise RuntimeError(f"could not capture the block inputs at {self.spec.layers}/{self.spec.final_norm}; check the architecture table")
@@ -115,8 +139,11 @@ class SplitModel:
         return hidden, block_args
 
     @torch.no_grad()
-    def prefix(self, batch: TokenBatch) -> PrefixState:
-        """One forward pass of the unedited model up to the final norm (no vocabulary projection)."""
+    def prefix(self, batch: TokenBatch, cache: Cache | None = None) -> PrefixState:
+        """One forward pass of the unedited model up to the final norm (no vocabulary projection).
+
+        ``cache``: filled with every layer's keys and values of the batch (the state's blocks then write to
+        it too: ``PrefixState.with_cache`` before re-running them)."""
         final: list[torch.Tensor] = []
 
         def stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -128,7 +155,8 @@ class SplitModel:
             handle = self.norm.register_forward_hook(stop)
             stack.callback(handle.remove)
             try:
-                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                kv = {} if cache is None else {cache_argument(self.model): cache}
+                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=cache is not None, **kv)
             except _StopForward:
                 pass
         if not final:
@@ -140,7 +168,7 @@ class SplitModel:
         """Final hidden states (batch, seq, d_model) with ``params`` (full names) replacing weights."""
         return self.blocks(state.hidden, state.block_args, params)
 
-    def blocks(self, hidden: torch.Tensor, block_args: list[tuple[tuple[Any, ...], dict[str, Any]]],
+    def blocks(self, hidden: torch.Tensor, block_args: BlockArgs,
                params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The edited blocks (then the final norm) on ``hidden`` with the recorded ``block_args``, ``params`` replacing weights."""
         params = params or {}
