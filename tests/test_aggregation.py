@@ -111,6 +111,24 @@ def test_chunked_normal_equations_equal_the_closed_form() -> None:
     torch.testing.assert_close(system.solve(log_lambda), closed)
 
 
+def test_few_tokens_solve_as_two_thin_factors_and_many_as_one_matrix() -> None:
+    torch.manual_seed(0)
+    d_in, prior = 40, torch.randn(40, 40, dtype=torch.float64)
+    prior = prior @ prior.T  # a preserved-key covariance: symmetric positive semi-definite
+    log_lambda = torch.tensor(-0.3, dtype=torch.float64)
+    keys, values = torch.randn(6, d_in, dtype=torch.float64), torch.randn(6, 40, dtype=torch.float64)
+    system = NormalEquations()
+    for k, d in zip(keys.split(4), values.split(4)):  # 6 tokens: 6 · (40 + 40) <= 40 · 40 / 2, kept
+        system.add(k, d)
+    left, right = system.solve_factors(log_lambda, prior)
+    assert left.shape == (d_in, 6) and right.shape == (6, 40)
+    torch.testing.assert_close(left @ right, system.solve(log_lambda, prior))
+    system.add(torch.randn(5, d_in, dtype=torch.float64), torch.randn(5, 40, dtype=torch.float64))  # 11: too many to keep
+    assert system.solve_factors(log_lambda, prior) is None and system.kept is None
+    with pytest.raises(ValueError, match="no tokens"):
+        NormalEquations().solve_factors(log_lambda)
+
+
 def test_gradients_through_the_solve_match_finite_differences() -> None:
     """d S / d (keys, ũ, δ̃, α, λ) through value differences, chunked accumulation and the solve, in double precision."""
     torch.manual_seed(0)

@@ -74,12 +74,19 @@ def ridge_solve(gram: torch.Tensor, cross: torch.Tensor, log_lambda: torch.Tenso
 
 
 class NormalEquations:
-    """KᵀK and KᵀD of one weight's ridge regression, summed over chunks of tokens as they arrive."""
+    """KᵀK and KᵀD of one weight's ridge regression, summed over chunks of tokens as they arrive.
+
+    While the tokens are few (the thin factors below cost at most half of S to apply: n·(d_in + d_out) ≤
+    d_in·d_out / 2), K and D themselves are kept too: the solution is then the product of two thin factors,
+    S = [(KᵀK + P + e^λ I)⁻¹ Kᵀ] · D (``solve_factors``), rank ≤ n_tokens, which one edit's answers can be
+    decoded with cheaply (``row_edits``: n·(d_in + d_out) per row instead of d_in·d_out).
+    """
 
     def __init__(self) -> None:
         self.gram: torch.Tensor | None = None  # (d_in, d_in)
         self.cross: torch.Tensor | None = None  # (d_in, d_out)
         self.n_tokens = 0
+        self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []  # (keys, values) per chunk while the tokens are few
 
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Fold in one chunk: keys (n, d_in), values (n, d_out). Out of place, so autograd sees every chunk."""
@@ -87,12 +94,22 @@ class NormalEquations:
         self.gram = gram if self.gram is None else self.gram + gram
         self.cross = cross if self.cross is None else self.cross + cross
         self.n_tokens += keys.shape[0]
+        if self.kept is not None:
+            d_in, d_out = keys.shape[1], values.shape[1]
+            self.kept = self.kept + [(keys, values)] if 2 * self.n_tokens * (d_in + d_out) <= d_in * d_out else None
 
     def solve(self, log_lambda: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """The ridge solution S (d_in, d_out) of every chunk added so far (``prior``: see ``ridge_solve``)."""
         if self.gram is None or self.cross is None:
             raise ValueError("no tokens were added to the normal equations")
         return ridge_solve(self.gram, self.cross, log_lambda, prior)
+
+    def solve_factors(self, log_lambda: torch.Tensor, prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left (d_in, n_tokens), right (n_tokens, d_out)) whose product is ``solve``'s S, or None once the tokens are many."""
+        if self.gram is None or not self.kept:
+            return None if self.gram is not None else self.solve(log_lambda, prior)  # no tokens: raises
+        keys, values = (torch.cat(parts) for parts in zip(*self.kept))
+        return ridge_solve(self.gram, keys.T, log_lambda, prior), values
 
 
 class KeyMemory:

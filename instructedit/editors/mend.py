@@ -202,8 +202,10 @@ class MENDEditor(LearnedEditor):
             for w, u, u_w, d_w in zip(ws, us, u_t.split(counts), delta_t.split(counts)):
                 yield index[w.name], w, u, u_w, d_w
 
-    def solve(self, split: SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Least-squares updates (storage orientation) from every edit of ``batch``, and the mean pre-edit NLL per edit.
+    def solve(self, split: SplitModel, batch: TokenBatch,
+              state: PrefixState | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
+        """Least-squares updates (storage orientation) from every edit of ``batch``, the mean pre-edit NLL per edit, and
+        (without gradients, few tokens) every update's thin factors (``EditResult.low_rank``; else None).
 
         ``editor.chunk_edits`` edit inputs at a time: capture their factors (δ from the sum of each
         edit's mean NLL), run the network, fold keys and value differences into KᵀK and KᵀD; then
@@ -217,14 +219,18 @@ class MENDEditor(LearnedEditor):
                              f"{batch.n_rows} edit inputs of a micro-batch (it is {self.config.chunk_edits})")
         whole = state if state is not None and len(chunks) == 1 else None
         total = sum(self._accumulate(split, chunk, whole, systems) for chunk in chunks)
-        updates = {}
+        updates, thin = {}, {}
         memory = self.memory
         for i, w in enumerate(self.weights):
-            shift = systems[w.name].solve(self.lambdas[i], self._prior(w.name))  # (d_in, d_out): Conv1D's storage orientation
-            updates[w.name] = shift if w.transposed else shift.T
+            # without gradients and with few tokens, S as two thin factors (one smaller solve; cheap to decode with)
+            factors = None if torch.is_grad_enabled() else systems[w.name].solve_factors(self.lambdas[i], self._prior(w.name))
+            shift = factors[0] @ factors[1] if factors is not None else systems[w.name].solve(self.lambdas[i], self._prior(w.name))
+            updates[w.name] = shift if w.transposed else shift.T  # shift (d_in, d_out): Conv1D's storage orientation
+            if factors is not None:
+                thin[w.name] = factors
         if memory is not None:
             memory.remember({w.name: systems[w.name].gram for w in self.weights})
-        return updates, total / batch.n_rows
+        return updates, total / batch.n_rows, thin if len(thin) == len(self.weights) else None
 
     def _prior(self, name: str) -> torch.Tensor | None:
         """The keys weight ``name``'s solve holds still: the active memory's, plus the editor's own preservation sample
@@ -339,8 +345,7 @@ class MENDEditor(LearnedEditor):
         if not bool(mask.any()):
             raise ValueError("the edit batch has no target tokens to learn")
         if self.config.aggregation == "least_squares":
-            updates, loss = self.solve(split, batch, state)
-            low_rank = None
+            updates, loss, low_rank = self.solve(split, batch, state)
         else:
             factors, loss = self.edit_factors(split, batch, state)
             updates, low_rank = self.transform(factors, with_factors=True)

@@ -155,7 +155,7 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None
 
 
 MIN_SHARED_PREFIX = 8  # a batch whose prompts share at least this many leading tokens computes them once
-PRUNE_SHARE = 0.25  # finished rows leave the batch once they are this share of it
+PRUNE_SHARE = 0.1  # finished rows leave the batch once they are this share of it
 
 
 @torch.no_grad()
