@@ -5,10 +5,12 @@ Over 400 lines: it is the one public surface users import, kept in one module so
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +84,7 @@ class TargetScore:
     accuracy: float  # share of target tokens that are the argmax (the paper's reliability for one case)
     probability: float  # joint probability of all target tokens
     n_tokens: int
+    top: str = ""  # the most likely next token after the prompt (the argmax where the first target token is predicted)
 
 
 # -- scoring and generation on any causal LM ----------------------------------------------------------
@@ -116,14 +119,30 @@ def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, ma
     return first_line(greedy_generate(model, tokenizer, [prompt], max_new_tokens)[0])
 
 
-@torch.no_grad()
 def score_target(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> TargetScore:
     """Teacher-forced accuracy and joint probability of ``target`` after ``prompt`` (labels as in training)."""
-    batch = Collator(tokenizer, max_input_length(model)).qa_batch([(prompt, target)]).to(_device(model))
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.label_mask].float()
+    return score_targets(model, tokenizer, [(prompt, target)])[0]
+
+
+@torch.no_grad()
+def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]],
+                  rows_context: Callable[[list[int]], AbstractContextManager] | None = None) -> list[TargetScore]:
+    """``score_target`` of every (prompt, target) pair, in one batch (the vocabulary projection only where targets are
+    predicted). ``rows_context(rows)``: a context the forward runs in, e.g. ``row_edits.per_row_updates`` (each row
+    scored with its own edit)."""
+    batch = Collator(tokenizer, max_input_length(model)).qa_batch(list(pairs)).to(_device(model))
+    with rows_context(list(range(len(pairs)))) if rows_context is not None else contextlib.nullcontext():
+        hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+    logits = model.get_output_embeddings()(hidden[batch.label_mask]).float()
     gold = batch.labels[batch.label_mask]
     logp = logits.log_softmax(-1).gather(-1, gold[:, None]).squeeze(-1)
-    return TargetScore(float((logits.argmax(-1) == gold).float().mean()), float(logp.sum().exp()), int(gold.numel()))
+    argmax, rows = logits.argmax(-1), batch.label_mask.nonzero()[:, 0]
+    scores = []
+    for r in range(len(pairs)):
+        at = rows == r
+        scores.append(TargetScore(float((argmax[at] == gold[at]).float().mean()), float(logp[at].sum().exp()), int(at.sum()),
+                                  tokenizer.decode([int(argmax[at][0])])))
+    return scores
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
@@ -219,6 +238,15 @@ class EditedModel:
         else:
             raise ValueError(f"these {len(self.edits)} edits were applied as one batch update; only rollback() undoes it")
         self.edits = self.edits[:k]
+
+    def weight_deltas(self) -> dict[str, torch.Tensor] | None:
+        """What the edits added to each weight they wrote (edited − original, storage orientation), or None when some
+        edit lives in hooks or added modules, or the edits are undone (``row_edits.per_row_updates`` takes the deltas)."""
+        if not self.active or not all(isinstance(h, WeightEditHandle) for h in self._handles):
+            return None
+        with torch.no_grad():
+            return {name: self.model.get_parameter(name).detach() - original
+                    for h in self._handles for name, original in h.originals().items()}
 
     def keep(self) -> None:
         """Make the edits permanent: exiting the context no longer restores the model."""

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -18,11 +20,13 @@ import yaml
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.api import Edit, InstructEditor, load_editor, score_target, top_predictions
+from instructedit.api import Edit, InstructEditor, load_editor, score_targets
 from instructedit.config import Config, YAMLLoader, config_from_dict
 from instructedit.editors.card import write_model_card
+from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, same_answer
 from instructedit.evaluation.metrics import unchanged_tokens
+from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.io import write_json
 from instructedit.models.loading import cache_dir, load_model, resolve_device
 from instructedit.records import TokenBatch
@@ -162,8 +166,9 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
 
 
 @torch.no_grad()
-def _answer_argmax(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+def _answer_argmax(model: nn.Module, batch: TokenBatch, rows_context: Callable[[list[int]], AbstractContextManager] | None = None) -> torch.Tensor:
+    with rows_context(list(range(batch.n_rows))) if rows_context is not None else contextlib.nullcontext():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     return logits[batch.label_mask].argmax(-1)  # (n_answer_tokens,)
 
 
@@ -171,35 +176,78 @@ def _answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     return [first_line(text) for text in greedy_generate(model, tokenizer, list(prompts), list(budgets))]
 
 
+def _edit_deltas(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit: Edit) -> dict[str, torch.Tensor] | None:
+    """What ``edit`` adds to each weight it writes (applied, read, rolled back), or None for an edit held in hooks."""
+    with editor.apply(model, [edit], tokenizer) as edited:
+        return edited.weight_deltas()
+
+
 def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit] = DEMO_EDITS,
              probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> list[EditOutcome]:
-    """Apply each edit alone, ask and score it and the locality probes, roll it back (single, non-sequential edits)."""
+    """Apply each edit alone and ask and score it and the locality probes before and after (single, non-sequential edits).
+
+    Each edit is applied once to read what it adds to the weights, and rolled back; then every prompt is scored
+    (teacher-forced) and answered (greedy) before the edits and after each one in ONE batch each, every row with its
+    own edit's weight deltas added by hooks (``row_edits``: the same numbers as with the edit written into the
+    weights, up to float rounding). An edit held in hooks or added modules is asked while it is applied instead.
+    """
     device = next(model.parameters()).device
     probe_batch = Collator(tokenizer, 1024).qa_batch(list(probes), where="locality probes").to(device)
     rows = probe_batch.label_mask.nonzero()[:, 0]
     pre_ids = _answer_argmax(model, probe_batch)
     probe_budgets = [answer_budget(tokenizer, a) for _, a in probes]
     budgets = [answer_budget(tokenizer, edit.target) for edit in edits]
-    # what the unedited model says to every prompt, in one batch: the probes, then each edit's wrapped and plain prompt
-    unedited = _answers(model, tokenizer, [*(p for p, _ in probes), *(q for edit in edits for q in (editor.wrap(edit), edit.prompt))],
-                        [*probe_budgets, *(b for b in budgets for _ in range(2))])
-    probe_said = unedited[: len(probes)]
-    outcomes = []
-    for k, (edit, budget) in enumerate(zip(edits, budgets, strict=True)):
-        wrapped = editor.wrap(edit)
-        said = unedited[len(probes) + 2 * k : len(probes) + 2 * k + 2]
-        before, plain_before = score_target(model, tokenizer, wrapped, edit.target), score_target(model, tokenizer, edit.prompt, edit.target)
-        top_before = top_predictions(model, tokenizer, wrapped, 1)[0][0]
+    wrapped = [editor.wrap(edit) for edit in edits]
+    deltas = [_edit_deltas(editor, model, tokenizer, edit) for edit in edits]
+    transposed = {name: not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Linear) for d in deltas if d for name in d}
+    hooked = [k for k, d in enumerate(deltas) if d is None]
+
+    def with_edits(owners: list[int | None]) -> Callable[[list[int]], AbstractContextManager]:  # row -> its edit (None: unedited)
+        return lambda idx: per_row_updates(model, [None if owners[i] is None else deltas[owners[i]] for i in idx], transposed)
+
+    # teacher-forced: each edit's wrapped and plain prompt before it, then after it (hook-held edits below)
+    scored = [k for k in range(len(edits)) if k not in hooked]
+    pairs = [(q, edit.target) for edit, w in zip(edits, wrapped) for q in (w, edit.prompt)]
+    pairs += [(q, edits[k].target) for k in scored for q in (wrapped[k], edits[k].prompt)]
+    scores = score_targets(model, tokenizer, pairs, with_edits([None] * 2 * len(edits) + [k for k in scored for _ in range(2)]))
+    before, after = scores[: 2 * len(edits)], dict(zip(scored, zip(scores[2 * len(edits) :: 2], scores[2 * len(edits) + 1 :: 2])))
+    post_ids = []
+    if scored:
+        probes_after = Collator(tokenizer, 1024).qa_batch(list(probes) * len(scored), where="locality probes").to(device)
+        post_ids = _answer_argmax(model, probes_after, with_edits([k for k in scored for _ in probes])).split(len(pre_ids))
+    locality = {k: float(unchanged_tokens(pre_ids, ids, rows, len(probes)).mean()) for k, ids in zip(scored, post_ids)}
+    # greedy: each edit's prompts and the probes, before and after it (``before_after``: one prefill, the blocks below
+    # the edited ones run once; without a split model, every row prefilled with its own edit)
+    asked = [(q, b) for k in range(len(edits)) for q, b in ((wrapped[k], budgets[k]), (edits[k].prompt, budgets[k]),
+                                                              *zip((p for p, _ in probes), probe_budgets))]
+    owners = [None if k in hooked else k for k in range(len(edits)) for _ in range(2 + len(probes))]
+    split = editor.editor.split(model) if hasattr(editor.editor, "split") else None
+    if split is not None:
+        said_before, (said_edited,) = greedy_before_after(model, tokenizer, split, [q for q, _ in asked], [b for _, b in asked],
+                                                          lambda variant, i: None if owners[i] is None else deltas[owners[i]], transposed,
+                                                          batch_size=len(asked))
+    else:
+        said_before = greedy_generate(model, tokenizer, [q for q, _ in asked], [b for _, b in asked], batch_size=len(asked))
+        said_edited = greedy_generate(model, tokenizer, [q for q, _ in asked], [b for _, b in asked], batch_size=len(asked),
+                                      rows_context=with_edits(owners))
+    said_before, said_edited = [first_line(t) for t in said_before], [first_line(t) for t in said_edited]
+    width = 2 + len(probes)
+    probe_said, unedited = said_before[2:width], [said_before[k * width + j] for k in range(len(edits)) for j in (0, 1)]
+    said_after = {k: said_edited[k * width : (k + 1) * width] for k in scored}
+    for k in hooked:  # an edit held in hooks: asked and scored while applied
+        edit = edits[k]
         with editor.apply(model, [edit], tokenizer) as edited:
-            said_after = _answers(model, tokenizer, [wrapped, edit.prompt, *(p for p, _ in probes)], [budget, budget, *probe_budgets])
-            after, plain_after = edited.score(wrapped, edit.target), edited.score(edit.prompt, edit.target)
-            top_after = edited.top_predictions(wrapped, 1)[0][0]
-            locality = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
-        same = [same_answer(a, b) for a, b in zip(said_after[2:], probe_said)]
-        outcomes.append(EditOutcome(edit, said[0], said_after[0], said[1], said_after[1], exact_match(said_after[0], edit.target),
-                                    exact_match(said_after[1], edit.target), sum(same) / len(same),
-                                    top_before, top_after, before.probability, after.probability, before.accuracy,
-                                    after.accuracy, plain_before.accuracy, plain_after.accuracy, locality))
+            after[k] = (edited.score(wrapped[k], edit.target), edited.score(edit.prompt, edit.target))
+            locality[k] = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
+            said_after[k] = _answers(model, tokenizer, [wrapped[k], edit.prompt, *(p for p, _ in probes)], [budgets[k], budgets[k], *probe_budgets])
+    outcomes = []
+    for k, edit in enumerate(edits):
+        (was, plain_was), (now, plain_now), answers = before[2 * k : 2 * k + 2], after[k], said_after[k]
+        same = [same_answer(a, b) for a, b in zip(answers[2:], probe_said)]
+        outcomes.append(EditOutcome(edit, unedited[2 * k], answers[0], unedited[2 * k + 1], answers[1], exact_match(answers[0], edit.target),
+                                    exact_match(answers[1], edit.target), sum(same) / len(same), was.top, now.top,
+                                    was.probability, now.probability, was.accuracy, now.accuracy, plain_was.accuracy, plain_now.accuracy,
+                                    locality[k]))
     return outcomes
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 
-from instructedit.api import load_editor
+from instructedit.api import load_editor, score_target
+from instructedit.evaluation.generation import answer_budget, first_line, greedy_generate
 from instructedit.config import load_config
 from instructedit.models.loading import load_model
 from instructedit.quickstart import (
@@ -101,6 +102,33 @@ def test_demo_edits_are_single_and_restored(tiny_llama_dir: Path, tmp_path: Path
     assert any(o.locality < 1 or o.p_after != o.p_before for o in outcomes)  # the (strong, untrained) edits do something
     unedited = run_demo(load_editor(save_tiny_editor(tiny_llama_dir, tmp_path / "zero", edit_lr=1e-9)), model, tok)
     assert all(o.said_after == o.said_before and o.gen_locality == 1.0 for o in unedited)  # a no-op edit says the same
+
+
+@pytest.mark.parametrize("method", ["mend", "grace"])
+def test_demo_says_and_scores_what_each_edit_written_into_the_model_does(tiny_model_dir: Path, tmp_path: Path,
+                                                                        save_tiny_editor: Callable[..., Path], method: str) -> None:
+    """run_demo asks every edit's prompts in one batch with the edit's weight deltas added by hooks (MEND), or while the
+    edit is applied (GRACE, held in hooks): the answers and scores of each edit written into the model, one by one."""
+    model, tok = load_model(str(tiny_model_dir))
+    editor = load_editor(save_tiny_editor(tiny_model_dir, tmp_path / "editor")) if method == "mend" else \
+        load_editor(method="grace", options={"n_iter": 2})
+    edits, probes = DEMO_EDITS[:3], LOCALITY_PROBES[:2]
+    outcomes = run_demo(editor, model, tok, edits, probes)
+    probe_said = [first_line(t) for t in greedy_generate(model, tok, [p for p, _ in probes], [answer_budget(tok, a) for _, a in probes])]
+    for outcome, edit in zip(outcomes, edits, strict=True):
+        wrapped, budget = editor.wrap(edit), answer_budget(tok, edit.target)
+        assert outcome.said_before == first_line(greedy_generate(model, tok, [wrapped], budget)[0])
+        before = score_target(model, tok, wrapped, edit.target)
+        with editor.apply(model, [edit], tok) as edited:
+            after, plain_after = edited.score(wrapped, edit.target), edited.score(edit.prompt, edit.target)
+            said = [first_line(t) for t in greedy_generate(model, tok, [wrapped, edit.prompt, *(p for p, _ in probes)],
+                                                             [budget, budget, *(answer_budget(tok, a) for _, a in probes)])]
+        assert (outcome.said_after, outcome.plain_said_after) == (said[0], said[1])
+        assert outcome.gen_locality == sum(a == b for a, b in zip(said[2:], probe_said)) / len(probes)
+        assert (outcome.top_before, outcome.top_after) == (before.top, after.top)
+        assert outcome.acc_after == pytest.approx(after.accuracy) and outcome.plain_acc_after == pytest.approx(plain_after.accuracy)
+        assert outcome.p_after == pytest.approx(after.probability, rel=1e-4, abs=1e-12)
+    assert method == "grace" or any(o.said_after != o.said_before for o in outcomes)  # the strong untrained edits change answers
 
 
 def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

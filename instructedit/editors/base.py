@@ -92,6 +92,10 @@ class WeightEditHandle(EditHandle):
     def _forget(self) -> None:
         self._originals.clear()
 
+    def originals(self) -> dict[str, torch.Tensor]:
+        """The pre-edit copies of the weights this edit wrote (read only: rollback restores from them)."""
+        return dict(self._originals)
+
     def take_originals(self) -> dict[str, torch.Tensor]:
         """Hand over the pre-edit copies and make the edit permanent: the caller now owns its undo."""
         originals = dict(self._originals)

@@ -16,6 +16,10 @@ The answers equal ``greedy_generate`` calls without and with the per-row edits u
 rounding; the first batch of every call checks that re-running the suffix without edits gives the
 unedited logits, and where it does not (an architecture whose final projection does more than
 norm + head), the two calls are made separately instead.
+
+A prompt that already passed the model (``Seed``: the evaluation runner's teacher-forced pass over
+the prompt and its expected answer) is not prefilled: its rows decode on from the seed's keys and
+values, with the answer tokens that pass verified as greedy's already given.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from instructedit.evaluation.row_edits import Updates, per_row_updates
 from instructedit.models.split import SplitModel, with_cache
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass
 class Seed:

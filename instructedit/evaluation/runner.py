@@ -11,7 +11,9 @@ Either way a ``WeightGuard`` proves after every case that the parameters are bit
 The generation protocol (``generation_probes``) runs beside it. MEND's fast path decodes several
 cases' queries in one batch, before and after their edits from one prefill (``before_after``: the
 blocks below the edited ones run once), each post-edit row with its own case's update added by
-hooks. Otherwise every case's pre-edit answers are generated up front in large batches (the
+hooks; a query asked exactly as a teacher-forced probe needs no prefill at all: its answer begins
+from that pass's keys and values, with the leading answer tokens the pass found to be the argmax
+(``packing.case_seeds``). Otherwise every case's pre-edit answers are generated up front in large batches (the
 unedited model does not change), and each case's post-edit answers in one batched call while its
 edit is written into the model.
 """
