@@ -16,6 +16,8 @@ import yaml
 from instructedit.records import TASKS
 from instructedit.runs import CONFIG as RUN_CONFIG
 
+EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat")  # what the post-edit (generalization) loss reads (Collator.meta_batch)
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained(device_map=...) accepts
 AGGREGATIONS = ("sum", "least_squares")  # editor.aggregation: how the edits of one call combine (editors/aggregation.py)
@@ -164,7 +166,7 @@ class TrainingConfig:
     grad_accumulation: int = 2
     grad_clip: float = 100.0
     max_steps: int = 30000  # optimizer steps
-    edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input) or "edit_input"
+    edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input), "edit_input", "rephrase+chat" (+ the chat form)
     # Generation (DESIGN.md §5): what an edit input's answer ends with ("newline"/"eos" teach the edited model
     # to stop after the answer), and a hinge that keeps every answer token (and the stop) ahead of the best
     # other token by answer_margin_cap logits: the condition for greedy decoding to say the answer.
@@ -213,7 +215,7 @@ class TrainingConfig:
                f"is implemented for one edit per call (objective.meta_loss); with n_edits={self.n_edits} set it to 1")
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
-        _check(self.edit_loss_on in ("rephrase", "edit_input"), "training.edit_loss_on", f"{self.edit_loss_on!r} is not 'rephrase' or 'edit_input'")
+        _check(self.edit_loss_on in EDIT_LOSS_ON, "training.edit_loss_on", f"{self.edit_loss_on!r} is not one of {list(EDIT_LOSS_ON)}")
         _check(self.answer_stop in ("none", "newline", "eos"), "training.answer_stop", f"{self.answer_stop!r} is not 'none', 'newline' or 'eos'")
         _check(self.answer_margin_cap > 0, "training.answer_margin_cap", "must be > 0")
         _check(self.select_on in ("loss", "generation"), "training.select_on", f"{self.select_on!r} is not 'loss' or 'generation'")

@@ -201,6 +201,29 @@ def test_edit_outer_falls_back_to_edit_inner(collator: Collator) -> None:
     assert_same_batch(no_rephrase.edit_outer, no_rephrase.edit_inner)
 
 
+def test_edit_outer_adds_the_chat_form_where_the_tokenizer_has_a_chat_template(collator: Collator) -> None:
+    tok, pool, record = collator.tokenizer, collator.pool, cf_record()
+    saved = tok.chat_template
+    try:
+        tok.chat_template = None  # no template: the rephrase alone
+        assert_same_batch(collator.meta_batch([record], [3], edit_loss_on="rephrase+chat").edit_outer,
+                          collator.meta_batch([record], [3], edit_loss_on="rephrase").edit_outer)
+        tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+        meta = collator.meta_batch([record, convsent_record()], [3, 3], edit_loss_on="rephrase+chat")
+    finally:
+        tok.chat_template = saved
+    rephrased = (pool.render(record, record.rephrase[0], 3), "Rome")
+    convsent = collator.meta_batch([convsent_record()], [3]).edit_outer  # ConvSent's held-out responses, no chat row
+    assert meta.edit_outer.n_rows == 2 + convsent.n_rows
+    assert input_text(tok, meta.edit_outer, 1).startswith(f"User: {record.prompt}\nAssistant:")
+    assert labelled_text(tok, meta.edit_outer, 1).strip() == "Rome"
+    assert_same_batch(collator.qa_batch([rephrased, (f"User: {record.prompt}\nAssistant:", "Rome")]),
+                      collator.qa_batch([input_pair for input_pair in [rephrased, (f"User: {record.prompt}\nAssistant:", "Rome")]]))
+    with pytest.raises(ValueError, match="edit_loss_on"):
+        from instructedit.config import load_config
+        load_config(None, ["training.edit_loss_on=chat"])
+
+
 def test_no_instruction_means_raw_prompt(collator: Collator) -> None:
     meta = collator.meta_batch([cf_record()], [None])
     assert_same_batch(meta.edit_inner, collator.qa_batch([("The capital of France is", "Rome")]))

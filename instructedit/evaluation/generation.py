@@ -147,13 +147,6 @@ def answer_budget(tokenizer: PreTrainedTokenizerBase, target: str, margin: int =
     return len(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]) + margin
 
 
-def chat_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None:
-    """The chat form of a query (the question as the user turn, the assistant turn opened), or None without a chat template."""
-    if not getattr(tokenizer, "chat_template", None):
-        return None
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
-
-
 MIN_SHARED_PREFIX = 8  # a batch whose prompts share at least this many leading tokens computes them once
 PRUNE_SHARE = 0.1  # finished rows leave the batch once they are this share of it
 

@@ -22,13 +22,13 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.evaluation.before_after import Seed, greedy_before_after
 from instructedit.evaluation.generation import (
-    ANSWER_MARGIN, answer_budget, chat_prompt, exact_match, first_line, greedy_generate, ngram_entropy, same_answer, stop_token_ids,
+    ANSWER_MARGIN, answer_budget, exact_match, first_line, greedy_generate, ngram_entropy, same_answer, stop_token_ids,
     token_f1,
 )
 from instructedit.evaluation.row_edits import Updates
 from instructedit.models.split import SplitModel
 from instructedit.records import EditRecord
-from instructedit.tasks.collate import Collator
+from instructedit.tasks.collate import Collator, chat_query
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def case_queries(collator: Collator, record: EditRecord, instruction: int | None
         asked.append(("reliability", "wrapped", "default", record.prompt, collator.wrap(record, record.prompt, instruction), target))
     if "plain" in forms and instruction is not None:
         asked.append(("reliability", "plain", "default", record.prompt, record.prompt, target))
-    chat = _chat_query(tok, record.prompt) if "chat" in forms else None
+    chat = chat_query(tok, record.prompt) if "chat" in forms else None
     if chat is not None:
         asked.append(("reliability", "chat", "default", record.prompt, chat, target))
     asked += [("generalization", "wrapped", "default", r, collator.wrap(record, r, instruction), target) for r in record.rephrase]
@@ -107,15 +107,6 @@ def case_queries(collator: Collator, record: EditRecord, instruction: int | None
             continue
         queries.append(Query(family, form, kind, question, prompt, expected, budget))
     return queries
-
-
-def _chat_query(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None:
-    """The chat form, without the template's own BOS when the tokenizer adds one anyway (it would be doubled)."""
-    text = chat_prompt(tokenizer, question)
-    bos = tokenizer.bos_token
-    if text is not None and bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
-        text = text[len(bos) :]
-    return text
 
 
 def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, queries: Sequence[Query], batch_size: int,

@@ -48,6 +48,18 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) 
     return prompt_ids + answer_ids, len(prompt_ids)
 
 
+def chat_query(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None:
+    """The chat form of a question (the user turn, the assistant turn opened), or None without a chat template; without
+    the template's own BOS when the tokenizer adds one anyway (it would be doubled)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    if bos and text.startswith(bos) and tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]:
+        text = text[len(bos) :]
+    return text
+
+
 class Collator:
     """Turns records into padded TokenBatches / MetaBatches for one tokenizer."""
 
@@ -149,7 +161,12 @@ class Collator:
         instructions: Sequence[int | None],
         edit_loss_on: str = "rephrase",
     ) -> MetaBatch:
-        """edit_inner / edit_outer / loc (and ConvSent's unlikely) inputs for ``records``."""
+        """edit_inner / edit_outer / loc (and ConvSent's unlikely) inputs for ``records``.
+
+        ``edit_loss_on`` (``config.EDIT_LOSS_ON``): edit_outer is the wrapped rephrase (the edit input without one),
+        the wrapped edit input, or the rephrase and the edit prompt in the chat form (``chat_query``: the
+        question as the user turn, the target as the assistant's answer; where the tokenizer has a chat
+        template), so that the edit also holds when the model is asked as a chat assistant."""
         inner, outer, loc, unlikely = [], [], [], []
         for record, idx in zip(records, instructions, strict=True):
             wrapped = self.wrap(record, record.prompt, idx)
@@ -160,10 +177,13 @@ class Collator:
                 held = cs.target_responses[k : 2 * k] or cs.target_responses[:k]
                 outer += [(wrapped, r) for r in held]
                 unlikely += [(wrapped, r) for r in cs.opposite_responses[:k]]
-            elif edit_loss_on == "rephrase" and record.rephrase:
+            elif edit_loss_on != "edit_input" and record.rephrase:
                 outer.append((self.wrap(record, record.rephrase[0], idx), record.target_new))
             else:
                 outer.append((wrapped, record.target_new))
+            chat = chat_query(self.tokenizer, record.prompt) if edit_loss_on == "rephrase+chat" and record.convsent is None else None
+            if chat is not None:
+                outer.append((chat, record.target_new))
             item = self.locality_item(record)
             loc.append((item.prompt, item.answer))  # locality inputs are never wrapped
         where = ", ".join(r.source for r in records[:3])
