@@ -210,15 +210,14 @@ def test_edit_outer_adds_the_chat_form_where_the_tokenizer_has_a_chat_template(c
                           collator.meta_batch([record], [3], edit_loss_on="rephrase").edit_outer)
         tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
         meta = collator.meta_batch([record, convsent_record()], [3, 3], edit_loss_on="rephrase+chat")
+        alone = collator.meta_batch([record], [3], edit_loss_on="rephrase+chat")
     finally:
         tok.chat_template = saved
-    rephrased = (pool.render(record, record.rephrase[0], 3), "Rome")
-    convsent = collator.meta_batch([convsent_record()], [3]).edit_outer  # ConvSent's held-out responses, no chat row
+    rephrased, chat = (pool.render(record, record.rephrase[0], 3), "Rome"), (f"User: {record.prompt}\nAssistant:", "Rome")
+    assert_same_batch(alone.edit_outer, collator.qa_batch([rephrased, chat]))  # the rephrase, then the chat form
+    assert labelled_text(tok, alone.edit_outer, 1).strip() == "Rome"
+    convsent = collator.meta_batch([convsent_record()], [3]).edit_outer  # ConvSent: its held-out responses, no chat row
     assert meta.edit_outer.n_rows == 2 + convsent.n_rows
-    assert input_text(tok, meta.edit_outer, 1).startswith(f"User: {record.prompt}\nAssistant:")
-    assert labelled_text(tok, meta.edit_outer, 1).strip() == "Rome"
-    assert_same_batch(collator.qa_batch([rephrased, (f"User: {record.prompt}\nAssistant:", "Rome")]),
-                      collator.qa_batch([input_pair for input_pair in [rephrased, (f"User: {record.prompt}\nAssistant:", "Rome")]]))
     with pytest.raises(ValueError, match="edit_loss_on"):
         from instructedit.config import load_config
         load_config(None, ["training.edit_loss_on=chat"])
