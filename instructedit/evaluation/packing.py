@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-
 from transformers.cache_utils import DynamicCache
 
 from instructedit.editors.base import EditResult, FunctionalEditor
