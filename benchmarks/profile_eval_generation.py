@@ -2,7 +2,8 @@
 
 The runner (``evaluate``) on the default model with the recommended editor, ``--n`` held-out ZsRE cases, first with
 ``protocol="teacher_forced"``, then ``"both"``; during the latter the model's forward passes are timed and their
-tokens counted: prefill passes (the unedited prompts, several tokens per row), decoding steps (one token per row), and
+tokens counted (the teacher-forced passes, which run the model too, are left out): prefill passes (the unedited
+prompts the generation protocol prefills, several tokens per row), decoding steps (one token per row), and
 the edited blocks' replay on the prefill's inputs (``before_after._Prefill.replay``). Beside them, the throughput of
 one matrix product the size of an MLP projection at several row counts (what a CPU thread can do: the passes are
 compared with it). This is the evidence for what generation can cost at least: every prompt token is prefilled
@@ -75,6 +76,8 @@ def main() -> None:
 
     def timed_forward(*a, **k):
         ids = k.get("input_ids")
+        if "logits_to_keep" not in k and "num_logits_to_keep" not in k:  # generation's passes project the last position only
+            return forward(*a, **k)  # the teacher-forced passes (SplitModel.prefix): not generation's
         part = "decoding steps" if ids is not None and ids.shape[1] == 1 else "prefill passes"
         start = time.perf_counter()
         out = forward(*a, **k)
