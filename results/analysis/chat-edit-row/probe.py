@@ -4,7 +4,7 @@ The recommended editor (trained on instruction-wrapped edit inputs only) edits e
 edit input alone, and then from the wrapped input plus the same question in the chat form (the user turn, the target as
 the assistant's answer), solved together; both are evaluated with every query form (generation and teacher-forced).
 
-    .venv/bin/python results/analysis/chat-edit-row/probe.py [--editor runs/ls8-answer/calibrated] [--n 100] [--extra-scales 1.333,1.667] [--skip-plain] [--output FILE]
+    .venv/bin/python results/analysis/chat-edit-row/probe.py [--editor runs/ls8-answer/calibrated] [--n 100] [--extra-scales 1.333,1.667] [--skip-plain] [--split test] [--output FILE]
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ def main() -> None:
     parser.add_argument("--extra-scales", default="",
                         help="comma-separated: also run the two edit inputs with the step sizes times each (on top of the editor's calibration)")
     parser.add_argument("--skip-plain", action="store_true", help="only the runs with --extra-scales")
+    parser.add_argument("--split", default="test", choices=("train", "val", "test"),
+                        help="which ZsRE split (test: the held-out file; train: zsre_mend_train-1k.json's training part)")
     parser.add_argument("--output", type=Path, default=HERE / "probe.json")
     args = parser.parse_args()
     editor = MENDEditor.from_pretrained(args.editor).eval()
@@ -43,7 +45,7 @@ def main() -> None:
     pool = InstructionPool.default()
     pool = dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool
     instruction, answer_stop = pool.evaluation_index("seen"), setup["answer_stop"]
-    records = load_task_splits("zsre").test[: args.n]
+    records = getattr(load_task_splits("zsre"), args.split)[: args.n]
     plain_pairs = Collator.edit_pairs
 
     def with_chat(self: Collator, record, index):  # the wrapped edit input, then the chat form of the same question
@@ -51,7 +53,7 @@ def main() -> None:
         chat = chat_query(self.tokenizer, record.prompt) if record.convsent is None else None
         return pairs + ([(chat, record.target_new)] if chat is not None else [])
 
-    out = {"editor": args.editor, "n": len(records), "task": "zsre (held-out, cases 0..n-1)", "runs": {}}
+    out = {"editor": args.editor, "n": len(records), "task": f"zsre {args.split} split, cases 0..n-1", "runs": {}}
     runs = [] if args.skip_plain else [("wrapped edit input", plain_pairs, 1.0), ("wrapped + chat edit inputs", with_chat, 1.0)]
     runs += [(f"wrapped + chat edit inputs, step sizes x{float(x):g}", with_chat, float(x)) for x in args.extra_scales.split(",") if x]
     for name, pairs, scale in runs:
