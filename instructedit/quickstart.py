@@ -28,6 +28,7 @@ from instructedit.evaluation.generation import answer_budget, exact_match, first
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.io import write_json
+from instructedit.models.architectures import is_conv1d
 from instructedit.models.loading import cache_dir, load_model, resolve_device
 from instructedit.records import TokenBatch
 from instructedit.runs import BEST
@@ -176,12 +177,6 @@ def _answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     return [first_line(text) for text in greedy_generate(model, tokenizer, list(prompts), list(budgets))]
 
 
-def _edit_deltas(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit: Edit) -> dict[str, torch.Tensor] | None:
-    """What ``edit`` adds to each weight it writes (applied, read, rolled back), or None for an edit held in hooks."""
-    with editor.apply(model, [edit], tokenizer) as edited:
-        return edited.weight_deltas()
-
-
 def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit] = DEMO_EDITS,
              probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> list[EditOutcome]:
     """Apply each edit alone and ask and score it and the locality probes before and after (single, non-sequential edits).
@@ -189,7 +184,7 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     Each edit is applied once to read what it adds to the weights, and rolled back; then every prompt is scored
     (teacher-forced) and answered (greedy) before the edits and after each one in ONE batch each, every row with its
     own edit's weight deltas added by hooks (``row_edits``: the same numbers as with the edit written into the
-    weights, up to float rounding). An edit held in hooks or added modules is asked while it is applied instead.
+    weights, up to float rounding). An edit held in hooks or added modules is asked during that one application.
     """
     device = next(model.parameters()).device
     probe_batch = Collator(tokenizer, 1024).qa_batch(list(probes), where="locality probes").to(device)
@@ -198,8 +193,17 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     probe_budgets = [answer_budget(tokenizer, a) for _, a in probes]
     budgets = [answer_budget(tokenizer, edit.target) for edit in edits]
     wrapped = [editor.wrap(edit) for edit in edits]
-    deltas = [_edit_deltas(editor, model, tokenizer, edit) for edit in edits]
-    transposed = {name: not isinstance(model.get_submodule(name.rsplit(".", 1)[0]), nn.Linear) for d in deltas if d for name in d}
+    deltas: list[dict[str, torch.Tensor] | None] = []
+    after, locality, said_after = {}, {}, {}
+    for k, edit in enumerate(edits):  # each edit applied once: what it adds to the weights, or (held in hooks) asked now
+        with editor.apply(model, [edit], tokenizer) as edited:
+            deltas.append(edited.weight_deltas())
+            if deltas[-1] is None:
+                after[k] = (edited.score(wrapped[k], edit.target), edited.score(edit.prompt, edit.target))
+                locality[k] = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
+                said_after[k] = _answers(model, tokenizer, [wrapped[k], edit.prompt, *(p for p, _ in probes)],
+                                         [budgets[k], budgets[k], *probe_budgets])
+    transposed = {name: is_conv1d(model.get_submodule(name.rsplit(".", 1)[0])) for d in deltas if d for name in d}
     hooked = [k for k, d in enumerate(deltas) if d is None]
 
     def with_edits(owners: list[int | None]) -> Callable[[list[int]], AbstractContextManager]:  # row -> its edit (None: unedited)
@@ -210,12 +214,13 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     pairs = [(q, edit.target) for edit, w in zip(edits, wrapped) for q in (w, edit.prompt)]
     pairs += [(q, edits[k].target) for k in scored for q in (wrapped[k], edits[k].prompt)]
     scores = score_targets(model, tokenizer, pairs, with_edits([None] * 2 * len(edits) + [k for k in scored for _ in range(2)]))
-    before, after = scores[: 2 * len(edits)], dict(zip(scored, zip(scores[2 * len(edits) :: 2], scores[2 * len(edits) + 1 :: 2])))
+    before = scores[: 2 * len(edits)]
+    after |= dict(zip(scored, zip(scores[2 * len(edits) :: 2], scores[2 * len(edits) + 1 :: 2])))
     post_ids = []
     if scored:
         probes_after = Collator(tokenizer, 1024).qa_batch(list(probes) * len(scored), where="locality probes").to(device)
         post_ids = _answer_argmax(model, probes_after, with_edits([k for k in scored for _ in probes])).split(len(pre_ids))
-    locality = {k: float(unchanged_tokens(pre_ids, ids, rows, len(probes)).mean()) for k, ids in zip(scored, post_ids)}
+    locality |= {k: float(unchanged_tokens(pre_ids, ids, rows, len(probes)).mean()) for k, ids in zip(scored, post_ids)}
     # greedy: each edit's prompts and the probes, before and after it (``before_after``: one prefill, the blocks below
     # the edited ones run once; without a split model, every row prefilled with its own edit)
     asked = [(q, b) for k in range(len(edits)) for q, b in ((wrapped[k], budgets[k]), (edits[k].prompt, budgets[k]),
@@ -233,13 +238,7 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     said_before, said_edited = [first_line(t) for t in said_before], [first_line(t) for t in said_edited]
     width = 2 + len(probes)
     probe_said, unedited = said_before[2:width], [said_before[k * width + j] for k in range(len(edits)) for j in (0, 1)]
-    said_after = {k: said_edited[k * width : (k + 1) * width] for k in scored}
-    for k in hooked:  # an edit held in hooks: asked and scored while applied
-        edit = edits[k]
-        with editor.apply(model, [edit], tokenizer) as edited:
-            after[k] = (edited.score(wrapped[k], edit.target), edited.score(edit.prompt, edit.target))
-            locality[k] = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
-            said_after[k] = _answers(model, tokenizer, [wrapped[k], edit.prompt, *(p for p, _ in probes)], [budgets[k], budgets[k], *probe_budgets])
+    said_after |= {k: said_edited[k * width : (k + 1) * width] for k in scored}
     outcomes = []
     for k, edit in enumerate(edits):
         (was, plain_was), (now, plain_now), answers = before[2 * k : 2 * k + 2], after[k], said_after[k]

@@ -160,6 +160,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     packed, first_scores = check_packing(editor, model, probe_case, dtype, together) if fast_path and pack_rows else (False, None)
     results: list[CaseResult] = []
     pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list]] = []  # case, pre, post, ΔW, seeds
+    stops = generation.stop_ids if together else set()  # tokens a seed's given answer tokens stop before
 
     def flush() -> None:
         before, answers = generation.answer_before_after(model, editor.split(model), [c.queries for c, *_ in pending],
@@ -178,7 +179,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
             layout = case.layout(packed, dtype)
             scores = first_scores if first_scores is not None and case is probe_case else score_functional(editor, model, layout, together)
             if together:  # the queries asked as probes begin from the teacher-forced pass (``case_seeds``)
-                seeds = case_seeds(case, layout, scores[3], scores[0], scores[1], editor.split(model).first_layer, generation.stop_ids)
+                seeds = case_seeds(case, layout, scores[3], scores[0], scores[1], editor.split(model).first_layer, stops)
                 pending.append((case, scores[0], scores[1], scores[2].low_rank or scores[2].updates, seeds))
                 if len(pending) >= cases_together:
                     flush()
