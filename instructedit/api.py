@@ -26,7 +26,7 @@ from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
 from instructedit.runs import EDITOR_CONFIG
-from instructedit.tasks.collate import ANSWER_STOPS, Collator
+from instructedit.tasks.collate import ANSWER_STOPS, Collator, check_edit_forms
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -297,11 +297,13 @@ class InstructEditor:
 
     Pass a built ``editor`` (e.g. a ``MENDEditor``), or a ``factory(model, tokenizer) -> Editor`` for
     methods that are built per model (the registry baselines). ``answer_stop``: the token the edit's
-    target is followed by ("newline", "eos"; "none"), as the editor was trained.
+    target is followed by ("newline", "eos"; "none"), as the editor was trained. ``edit_forms``: the forms each edit
+    is made in, solved together ("wrapped": the instruction-wrapped prompt; "chat": the question as a chat user turn).
     """
 
     def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,
-                 factory: EditorFactory | None = None, name: str = "", model_name: str = "", answer_stop: str = "none") -> None:
+                 factory: EditorFactory | None = None, name: str = "", model_name: str = "", answer_stop: str = "none",
+                 edit_forms: Sequence[str] = ("wrapped",)) -> None:
         if (editor is None) == (factory is None):
             raise ValueError("InstructEditor needs exactly one of editor= and factory=")
         if instruction is not None and pool is None:
@@ -311,6 +313,7 @@ class InstructEditor:
         self.pool, self.instruction = pool, instruction
         self.name, self.model_name = name, model_name
         self.answer_stop = answer_stop
+        self.edit_forms = check_edit_forms(edit_forms)
 
     def __repr__(self) -> str:
         wrap = f"instruction {self.instruction}" if self.instruction is not None else "no instruction"
@@ -339,9 +342,11 @@ class InstructEditor:
         return self.pool.render(edit.record(), text, self.instruction)
 
     def edit_batch(self, edits: Sequence[Edit], tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH_CAP) -> TokenBatch:
-        """Wrapped prompt + target (+ the stop token) per edit, labels on the target tokens (what the editor learns from)."""
-        pairs = [(self.wrap(e), e.target) for e in edits]
-        collator = Collator(tokenizer, max_length, answer_stop=self.answer_stop)
+        """Per edit, its prompt in each edit form (wrapped; the chat question) + target (+ the stop token), labels on the
+        target tokens (what the editor learns from)."""
+        collator = Collator(tokenizer, max_length, self.pool, answer_stop=self.answer_stop, edit_forms=self.edit_forms)
+        instruction = self.instruction if self.pool is not None else None
+        pairs = [pair for e in edits for pair in collator.edit_pairs(e.record(), instruction)]
         return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
@@ -442,7 +447,7 @@ def instruction_setup(editor_dir: str | Path) -> tuple[bool | None, InstructionP
 
 
 def query_setup(editor_dir: str | Path) -> dict[str, Any]:
-    """How a saved editor's edits are queried: its template (None: the pool's) and answer stop.
+    """How a saved editor's edits are queried: its template (None: the pool's), answer stop and edit forms.
 
     Read from ``editor_config.json`` (``queries``, written since the generation protocol) or else
     from the training config saved with the editor; older editors get the paper's template and no stop.
@@ -453,12 +458,16 @@ def query_setup(editor_dir: str | Path) -> dict[str, Any]:
     except (OSError, ValueError):
         saved = None
     if isinstance(saved, dict):
-        setup = {"template": saved.get("template"), "answer_stop": saved.get("answer_stop") or "none"}
+        setup = {"template": saved.get("template"), "answer_stop": saved.get("answer_stop") or "none",
+                 "edit_forms": saved.get("edit_forms") or ["wrapped"]}
     else:
         config = training_config(editor_dir) or {}
-        setup = {"template": (config.get("data") or {}).get("template"), "answer_stop": (config.get("training") or {}).get("answer_stop") or "none"}
+        training = config.get("training") or {}
+        setup = {"template": (config.get("data") or {}).get("template"), "answer_stop": training.get("answer_stop") or "none",
+                 "edit_forms": training.get("edit_forms") or ["wrapped"]}
     if setup["answer_stop"] not in ANSWER_STOPS:
         raise ValueError(f"{editor_dir}: answer_stop {setup['answer_stop']!r} is not one of {list(ANSWER_STOPS)}")
+    setup["edit_forms"] = list(check_edit_forms(setup["edit_forms"], f"{editor_dir / EDITOR_CONFIG}: queries.edit_forms"))
     return setup
 
 
@@ -513,4 +522,4 @@ def load_editor(source: str | Path | None = None, instruction: str | int | None 
     if chosen is not None and queries["template"] and pool is None:
         chosen = dataclasses.replace(chosen, template=queries["template"])  # the template it was trained with
     return InstructEditor(editor, chosen if index is not None else None, index, name=str(source), model_name=editor.model_name,
-                          answer_stop=queries["answer_stop"])
+                          answer_stop=queries["answer_stop"], edit_forms=queries["edit_forms"])

@@ -16,6 +16,9 @@ import yaml
 from instructedit.records import TASKS
 from instructedit.runs import CONFIG as RUN_CONFIG
 
+# The forms an edit is made in (training.edit_forms, an editor's queries.edit_forms; tasks/collate.py builds them): the
+# instruction-wrapped prompt, and the question as a chat user turn, each with the target as its answer, solved together.
+EDIT_FORMS = ("wrapped", "chat")
 EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat")  # what the post-edit (generalization) loss reads (Collator.meta_batch)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -171,6 +174,10 @@ class TrainingConfig:
     # to stop after the answer), and a hinge that keeps every answer token (and the stop) ahead of the best
     # other token by answer_margin_cap logits: the condition for greedy decoding to say the answer.
     answer_stop: str = "none"
+    # The forms each edit is made in, solved together (collate.EDIT_FORMS): the instruction-wrapped prompt, and the question
+    # as a chat user turn (a tokenizer with a chat template), so that the edit also comes out when the model is asked as a
+    # chat assistant (results/analysis/chat-edit-row/). Saved with the editor (queries.edit_forms).
+    edit_forms: list[str] = field(default_factory=lambda: ["wrapped"])
     c_answer_margin: float = 0.0
     answer_margin_cap: float = 2.0
     # Validation by generation: greedy answers of the edited model (reliability: exact match on the wrapped edit
@@ -217,6 +224,8 @@ class TrainingConfig:
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in EDIT_LOSS_ON, "training.edit_loss_on", f"{self.edit_loss_on!r} is not one of {list(EDIT_LOSS_ON)}")
         _check(self.answer_stop in ("none", "newline", "eos"), "training.answer_stop", f"{self.answer_stop!r} is not 'none', 'newline' or 'eos'")
+        _check(isinstance(self.edit_forms, list) and bool(self.edit_forms) and len(set(self.edit_forms)) == len(self.edit_forms)
+               and set(self.edit_forms) <= set(EDIT_FORMS), "training.edit_forms", f"{self.edit_forms!r} must be distinct forms out of {list(EDIT_FORMS)}")
         _check(self.answer_margin_cap > 0, "training.answer_margin_cap", "must be > 0")
         _check(self.select_on in ("loss", "generation"), "training.select_on", f"{self.select_on!r} is not 'loss' or 'generation'")
         _check(0 <= self.locality_floor <= 1, "training.locality_floor", "must be in [0, 1]")

@@ -127,7 +127,7 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
     rows, positions, of, same_outer = _record_row(split, batch)
     with positions_fed(split.model, positions):
         state = split.prefix(rows)
-    edit = editor.edit(split, TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE)), state)
+    edit = editor.edit(split, TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE), rows.owner), state)
     post = split.suffix(state, edit.new_params)
     post_loc = post if loc_scale == 1.0 else split.suffix(state, _locality_params(editor, split, edit, loc_scale))
     return edit, _selections(state.final_hidden, post, post_loc, rows.label_mask, of, same_outer, context, batch.unlikely is not None)

@@ -71,9 +71,13 @@ class TokenBatch:
     input_ids: torch.Tensor  # (batch, seq)
     attention_mask: torch.Tensor  # (batch, seq)
     labels: torch.Tensor  # (batch, seq)
+    # A packed row (models.packing.pack; a batch of one row): the original row of every position (-1 on a shared start),
+    # so that per-row quantities (a least-squares edit's NLL per edit) are still taken per original row.
+    owner: torch.Tensor | None = None  # (seq,)
 
     def to(self, device: torch.device | str) -> "TokenBatch":
-        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)))
+        return TokenBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)),
+                          owner=self.owner.to(device) if self.owner is not None else None)
 
     @property
     def label_mask(self) -> torch.Tensor:
@@ -81,8 +85,19 @@ class TokenBatch:
 
     @property
     def label_rows(self) -> torch.Tensor:
-        """Row index of every labelled position, in ``label_mask`` order: (n_positions,)."""
+        """Row index of every labelled position, in ``label_mask`` order: (n_positions,); a packed row's: the original rows."""
+        if self.owner is not None:
+            return self.owner[self.label_mask[0]]
         return self.label_mask.nonzero()[:, 0]
+
+    @property
+    def n_label_rows(self) -> int:
+        """How many rows per-row quantities count (``label_rows`` < it): the rows; a packed row's original rows up to the
+        last labelled one."""
+        if self.owner is None:
+            return self.n_rows
+        rows = self.label_rows
+        return int(rows.max()) + 1 if rows.numel() else 0
 
     @property
     def n_rows(self) -> int:

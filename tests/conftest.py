@@ -78,6 +78,24 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _save(LlamaForCausalLM(config), tok, tmp_path_factory.mktemp("tiny-llama"))
 
 
+CHAT_TEMPLATE = "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_llama_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny LLaMA whose tokenizer has a chat template (User: ...\nAssistant:), saved as its own folder."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat-llama")
+    shutil.copytree(tiny_llama_dir, path, dirs_exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(params=["gpt2", "llama"])
 def tiny_model_dir(request: pytest.FixtureRequest, tiny_gpt2_dir: Path, tiny_llama_dir: Path) -> Path:
     """Each test that uses this runs once on tiny GPT-2 and once on tiny LLaMA."""

@@ -223,6 +223,37 @@ def test_edit_outer_adds_the_chat_form_where_the_tokenizer_has_a_chat_template(c
         load_config(None, ["training.edit_loss_on=chat"])
 
 
+def test_edit_forms_make_each_edit_in_the_wrapped_and_the_chat_form(collator: Collator) -> None:
+    from instructedit.tasks.collate import check_edit_forms
+
+    tok, pool, record = collator.tokenizer, collator.pool, cf_record()
+    with pytest.raises(ValueError, match="chat template"):  # the chat form needs the tokenizer's chat template
+        Collator(tok, 512, pool, edit_forms=["wrapped", "chat"])
+    saved = tok.chat_template
+    try:
+        tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+        both = Collator(tok, 512, pool, edit_forms=["chat", "wrapped"], answer_stop="eos")  # kept in EDIT_FORMS order
+        chat_only = Collator(tok, 512, pool, edit_forms=["chat"])
+        meta = both.meta_batch([record, convsent_record()], [3, 3])
+        wrapped, chat = (pool.render(record, record.prompt, 3), "Rome"), (f"User: {record.prompt}\nAssistant:", "Rome")
+        assert both.edit_forms == ("wrapped", "chat") and both.edit_pairs(record, 3) == [wrapped, chat]
+        assert chat_only.edit_pairs(record, 3) == [chat] and chat_only.edit_pairs(record, None) == [chat]
+        cs = convsent_record()  # ConvSent: its target responses in the wrapped form only (it has no single answer to chat)
+        assert both.edit_pairs(cs, 3) == collator.edit_pairs(cs, 3) == chat_only.edit_pairs(cs, 3)
+        assert_same_batch(meta.edit_inner, both.qa_batch([wrapped, chat, *collator.edit_pairs(cs, 3)], stop=True))
+    finally:
+        tok.chat_template = saved
+    assert labelled_text(tok, meta.edit_inner, 1).strip() == f"Rome{tok.eos_token}"  # the chat row ends with the stop too
+    assert check_edit_forms("chat, wrapped") == ("wrapped", "chat")
+    for bad in (["wrapped", "wrapped"], [], ["plain"], "wrapped,shouted"):
+        with pytest.raises(ValueError, match=r"queries\.edit_forms: .* must be distinct forms out of \['wrapped', 'chat'\]"):
+            check_edit_forms(bad, "queries.edit_forms")
+    from instructedit.config import load_config
+    with pytest.raises(ValueError, match="training.edit_forms"):
+        load_config(None, ["training.edit_forms=[wrapped, plain]"])
+    assert load_config(None, ["training.edit_forms=[wrapped, chat]"]).training.edit_forms == ["wrapped", "chat"]
+
+
 def test_no_instruction_means_raw_prompt(collator: Collator) -> None:
     meta = collator.meta_batch([cf_record()], [None])
     assert_same_batch(meta.edit_inner, collator.qa_batch([("The capital of France is", "Rome")]))

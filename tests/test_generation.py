@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import json
 import threading
@@ -28,7 +29,7 @@ from instructedit.evaluation.generation import (
 )
 from instructedit.evaluation.generation_probes import Query, answer_scores, case_queries
 from instructedit.evaluation.judge import LLMJudge, parse_verdict
-from instructedit.evaluation.report import EvalReport, load_report_json, markdown_report
+from instructedit.evaluation.report import EvalReport, load_report_json, markdown_report, write_report_json
 from instructedit.evaluation.packing import prepare_cases
 from instructedit.evaluation.runner import evaluate
 from instructedit.models.loading import load_model
@@ -456,6 +457,34 @@ def test_an_edit_input_carries_the_stop_token_and_probes_do_not(tiny_model_dir: 
     assert stop.settings.answer_stop == "newline"
 
 
+def test_edits_made_in_the_wrapped_and_the_chat_form(tiny_chat_llama_dir: Path, tmp_path: Path) -> None:
+    from instructedit.evaluation.cache import cached_report
+
+    model, tokenizer, editor = setup(tiny_chat_llama_dir, "editor.aggregation=least_squares")
+    cases = records()  # ConvSent's edits are made in the wrapped form only (two responses: two edit rows either way)
+    wrapped = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, protocol="teacher_forced")
+    both = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, protocol="teacher_forced", edit_forms=("wrapped", "chat"))
+    slow = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, protocol="teacher_forced", edit_forms=("wrapped", "chat"),
+                    fast=False)
+    for a, b in zip(both.cases, slow.cases):  # least squares takes each edit row's NLL on its own, packed or not
+        assert a.post == pytest.approx(b.post, abs=1e-5)  # the packed, functional edit of two edit rows is the edit of ``apply``
+    assert [c.pre for c in both.cases] == [c.pre for c in wrapped.cases]
+    (case,), _ = prepare_cases(Collator(tokenizer, 256, POOL, edit_forms=("wrapped", "chat")), cases[:1], 0, 16, torch.device("cpu"))
+    assert case.edit.n_rows == 2 and (case.probes[1].family, case.probes[1].prompt) == ("edit", f"User: {cases[0].prompt}\nAssistant:")
+    assert both.settings.edit_forms == ["wrapped", "chat"] and wrapped.settings.edit_forms == ["wrapped"]
+    assert "edits made in wrapped + chat" in markdown_report([both])
+    path = tmp_path / "both.json"
+    write_report_json(both, path)
+    assert cached_report(path, both.settings) is not None
+    assert cached_report(path, dataclasses.replace(both.settings, edit_forms=["wrapped"])) is None  # made otherwise: evaluated again
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(ValueError, match="edit form 'chat' needs a tokenizer with a chat template"):
+            evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, edit_forms=("wrapped", "chat"))
+    finally:
+        tokenizer.chat_template = template
+
+
 # --- the report ---------------------------------------------------------------------------------
 
 
@@ -599,7 +628,13 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
         args = parser().parse_args([*common, "--protocol", "generation", "--judge", "--judge-model", "fake", "--output", str(out)])
         assert args.func(args) == 0
     report = json.loads(out.read_text())
-    assert report["settings"]["answer_stop"] == "newline"  # from the editor folder
+    assert report["settings"]["answer_stop"] == "newline" and report["settings"]["edit_forms"] == ["wrapped"]  # from the editor folder
+    args = parser().parse_args([*common, "--edit-forms", "wrapped,chat", "--output", str(tmp_path / "chat.json")])
+    with pytest.raises(ValueError, match="edit form 'chat' needs a tokenizer with a chat template"):
+        args.func(args)  # the tiny model's tokenizer has none
+    with pytest.raises(ValueError, match="--edit-forms: .* must be distinct forms"):
+        args = parser().parse_args([*common, "--edit-forms", "shouted", "--output", str(tmp_path / "x.json")])
+        args.func(args)
     assert report["settings"]["judge"] == "judge:openai:fake" and report["settings"]["protocol"] == "generation"
     post = report["aggregates"]["counterfact"]["gen_post"]
     assert post["gen_reliability_judge"]["mean"] == 0.0 and post["gen_reliability_judge"]["protocol"] == "generation"

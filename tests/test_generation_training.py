@@ -88,7 +88,8 @@ def test_generation_validation_selects_and_saves_the_query_setup(tiny_llama_dir:
     best = json.loads((tmp_path / "best" / "editor_config.json").read_text())
     top = max(v["gen_reliability"] for v in vals)
     assert best["training"]["best_step"] == next(v["step"] for v in vals if v["gen_reliability"] == top)
-    assert best["queries"] == {"instructions": True, "instruction_pool": None, "template": PREFIX_TEMPLATE, "answer_stop": "newline"}
+    assert best["queries"] == {"instructions": True, "instruction_pool": None, "template": PREFIX_TEMPLATE, "answer_stop": "newline",
+                               "edit_forms": ["wrapped"]}
 
 
 def test_load_editor_queries_as_the_editor_was_trained(tiny_llama_dir: Path, tmp_path: Path) -> None:
@@ -282,3 +283,41 @@ def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny
     expected = {scale: one_at_a_time(scale) for scale in scales}
     assert generation_scores(model, tok, editor, collator, records, instructions, scales) == expected
     assert len({v["gen_locality"] for v in expected.values()}) > 1  # the scales differ: the comparison is not trivial
+
+
+def test_edits_made_in_both_forms_are_trained_saved_loaded_and_calibrated(tiny_chat_llama_dir: Path, tiny_llama_dir: Path, tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.api import Edit, load_editor, query_setup
+    from instructedit.cli import main
+
+    run = tmp_path / "run"
+    config = load_config(TINY, [f"model.name={tiny_chat_llama_dir}", "editor.aggregation=least_squares", "training.edit_forms=[chat, wrapped]",
+                                "training.answer_stop=newline", "training.select_on=generation", "training.locality_floor=0.0",
+                                "training.max_steps=2", "training.val_every=2"])
+    Trainer(config, run, show_progress=False).run()
+    val = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"val"' in x][-1]
+    assert val["gen_reliability"] == pytest.approx((val["gen_reliability_wrapped"] + val["gen_reliability_chat"]) / 2)
+    assert query_setup(run / "best")["edit_forms"] == ["wrapped", "chat"]
+    editor = load_editor(run / "best")
+    assert editor.edit_forms == ("wrapped", "chat")
+    model, tok = load_model(str(tiny_chat_llama_dir))
+    edits = [Edit("Who wrote Hamlet?", "Marlowe", task="zsre"), Edit("The capital of France is", "Rome", task="counterfact")]
+    batch = editor.edit_batch(edits, tok)
+    assert batch.n_rows == 4  # per edit: the wrapped prompt, then the chat question, each with the target and the stop
+    chat_row = tok.decode(batch.input_ids[1][batch.attention_mask[1].bool()], skip_special_tokens=True)
+    assert chat_row.startswith("User: Who wrote Hamlet?\nAssistant: Marlowe") and "Task:" in tok.decode(batch.input_ids[0])
+    with editor.apply(model, edits, tok) as edited:
+        assert edited.answer("User: Who wrote Hamlet?\nAssistant:", max_new_tokens=3) is not None
+    # calibrating a run for other forms saves them with the calibrated editor
+    out = tmp_path / "calibrated"
+    assert main(["calibrate", "--run", str(run), "--scales", "1,2", "--locality-floor", "0", "--edit-forms", "chat", "--output", str(out),
+                 "--device", "cpu", "--val-size", "4"]) == 0
+    assert query_setup(out)["edit_forms"] == ["chat"] and query_setup(out)["answer_stop"] == "newline"
+    report = json.loads((out / "calibration.json").read_text())
+    assert report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_n"}
+    assert main(["calibrate", "--run", str(run), "--edit-forms", "wrapped,plain", "--output", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--edit-forms: ['wrapped', 'plain'] must be distinct forms" in caplog.text
+    # a tokenizer without a chat template cannot make chat edits: said before any training step
+    plain = load_config(TINY, [f"model.name={tiny_llama_dir}", "training.edit_forms=[wrapped, chat]", "training.max_steps=1"])
+    with pytest.raises(ValueError, match="edit form 'chat' needs a tokenizer with a chat template"):
+        Trainer(plain, tmp_path / "no-chat", show_progress=False).run()

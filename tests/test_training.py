@@ -201,7 +201,8 @@ def test_context_locality_term_scores_the_locality_prompt_positions(tiny_gpt2_di
     with_context, metrics = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0, c_context=3.0)
     without, plain = meta_loss(trainer.editor, trainer.split, batch, 0.1, 1.0)
     assert with_context.item() == pytest.approx(without.item() + 3.0 * metrics["l_loc_context"], rel=1e-5)
-    assert metrics["locality"] == plain["locality"] and metrics["l_loc"] == pytest.approx(plain["l_loc"])  # answer terms unchanged
+    # answer terms unchanged (up to float rounding: the projection runs over more positions with the prompt term)
+    assert metrics["locality"] == plain["locality"] and metrics["l_loc"] == pytest.approx(plain["l_loc"], rel=1e-4)
 
     # the term is the KL at exactly the prompt positions of the locality input (answer and padding left out)
     loc = batch.loc

@@ -103,16 +103,16 @@ class _Loaded:
 
 
 def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
-    """The editor with the instruction, template and answer stop it was trained with, and its model (``--model`` or its own)."""
+    """The editor with the instruction, template, answer stop and edit forms it was trained with, and its model (``--model`` or its own)."""
     from instructedit.commands.common import load_editor_and_model
     from instructedit.models.loading import max_input_length, resolve_device
     from instructedit.tasks.collate import Collator
 
     wrapper, model, tokenizer, name = load_editor_and_model(path, args.model, args.instruction, resolve_device(args.device))
     editor = wrapper.editor_for(model, tokenizer)
-    collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop)
+    collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop, edit_forms=wrapper.edit_forms)
     entry = {"label": label, "editor": str(path), "aggregation": aggregation(editor), "model": name, "instruction": wrapper.instruction,
-             "answer_stop": wrapper.answer_stop, "points": []}
+             "answer_stop": wrapper.answer_stop, "edit_forms": list(wrapper.edit_forms), "points": []}
     own = getattr(editor, "preservation", None)
     if own is not None:  # the editor's own preservation sample (instructedit calibrate --preserve): every solve holds it still
         entry["preservation"] = {"weight": own.text_weight, "source": editor.preservation_source}

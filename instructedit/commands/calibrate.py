@@ -11,6 +11,10 @@ A least-squares editor can also be given a preservation sample (``--preserve``):
 holds still, saved with the editor (``MENDEditor.set_preservation``). It lets larger multipliers keep unrelated
 answers, so the multipliers (by default larger ones) are tried with it in place, at every weight given
 (``--preserve-weight``), and the (weight, multiplier) pair the same rule prefers is saved.
+
+``--edit-forms wrapped,chat`` makes every edit of the calibrated editor in both forms, solved together: the
+instruction-wrapped prompt and the question as a chat user turn (results/analysis/chat-edit-row/); reliability is then the
+mean of both forms' (each reported), and the forms are saved with the editor (``queries.edit_forms``).
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--preserve-weight", default=None, metavar="W[,W...]",
                    help="the sample's mean key covariance counted as W tokens in every solve; several: each is tried with every "
                         f"multiplier and the best pair kept (default {PRESERVE_WEIGHTS})")
+    p.add_argument("--edit-forms", default=None, metavar="FORMS",
+                   help="comma-separated forms each edit is made in, solved together: wrapped, chat (the question as a chat user "
+                        "turn); saved with the calibrated editor (default: the run's training.edit_forms)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.set_defaults(func=run_calibrate)
 
@@ -107,10 +114,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     import json
 
     from instructedit.analysis.many_edits import key_memory
+    from instructedit.api import query_setup
     from instructedit.config import load_config
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
     from instructedit.models.loading import load_model, resolve_device
+    from instructedit.tasks.collate import check_edit_forms
     from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
 
@@ -125,6 +134,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if output.exists() and any(output.iterdir()):
         raise ValueError(f"--output {output} exists and is not empty; choose a new folder")
     config = load_config(run / CONFIG)
+    if args.edit_forms is not None:
+        forms = list(check_edit_forms(args.edit_forms, "--edit-forms"))
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, edit_forms=forms))
     if args.val_size is not None:
         if args.val_size < 1:
             raise ValueError(f"--val-size must be >= 1, got {args.val_size}")
@@ -159,8 +171,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         memory.text_weight = chosen_weight
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
+    extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms)}  # how its edits are made
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "locality_floor": args.locality_floor, "records": f"the first {config.training.val_size} records of the run's validation split",
+                            "locality_floor": args.locality_floor, "edit_forms": list(data.collator.edit_forms), "records": f"the first {config.training.val_size} records of the run's validation split",
                             "preservation": None if editor.preservation is None else
                             {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
                              "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()} for w, per in grid.items()}}}
@@ -178,7 +191,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     for (w, sc), v in pairs.items():
         mark = "  <- chosen" if (w, sc) == (chosen_weight, chosen) else ""
         weight = "" if w is None else f"preservation weight {w:g}, "
-        print(f"{weight}α × {sc:g}: generation reliability {v.get('gen_reliability', 0):.3f}, generation locality "
+        forms = "".join(f", {k[len('gen_reliability_'):]} {x:.3f}" for k, x in v.items() if k.startswith("gen_reliability_"))
+        print(f"{weight}α × {sc:g}: generation reliability {v.get('gen_reliability', 0):.3f}{forms}, generation locality "
               f"{v.get('gen_locality', 0):.3f} (n={v.get('gen_n', 0)}){mark}")
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'})")
     return 0

@@ -20,7 +20,7 @@ from instructedit.evaluation.metrics import PROTOCOL_CHOICES, MetricSummary
 from instructedit.evaluation.report import EvalReport, load_skips
 from instructedit.records import EditRecord, TASKS
 from instructedit.runs import EDITOR_WEIGHTS, editor_sha256
-from instructedit.tasks.collate import ANSWER_STOPS
+from instructedit.tasks.collate import ANSWER_STOPS, check_edit_forms
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ def add_evaluate_parser(subparsers: Any) -> None:
                    help="teacher_forced (the paper's token accuracies), generation (greedy answers, exact match) or both (default)")
     p.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
                    help="what the edit input's answer ends with (default: the editor's answer_stop from its editor_config.json, else none)")
+    p.add_argument("--edit-forms", default=None, metavar="FORMS",
+                   help="comma-separated forms each edit is made in, solved together: wrapped (the instruction-wrapped prompt), chat "
+                        "(the question as a chat user turn) (default: the editor's edit_forms from its editor_config.json, else wrapped)")
     p.add_argument("--queries", default=",".join(QUERY_FORMS), metavar="FORMS",
                    help=f"comma-separated forms of the edit prompt the generation protocol asks (default: {','.join(QUERY_FORMS)})")
     p.add_argument("--generation-batch-size", type=int, default=32, metavar="N", help="most queries per greedy generation batch")
@@ -159,6 +162,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         options["path"] = args.editor
     model_name = args.model or (editor_model_name(editor_path) if args.editor else None) or DEFAULT_MODEL
     answer_stop = args.answer_stop or (query_setup(editor_path)["answer_stop"] if editor_path else "none")
+    edit_forms = check_edit_forms(args.edit_forms or (query_setup(editor_path)["edit_forms"] if editor_path else ["wrapped"]), "--edit-forms")
     judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
     which, why = args.instruction, "given with --instruction"
@@ -193,7 +197,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
                       sequential=args.sequential, progress=not args.no_progress, settings=settings, protocol=args.protocol,
-                      answer_stop=answer_stop, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge)
+                      answer_stop=answer_stop, edit_forms=edit_forms, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge)
     report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
     markdown = write_markdown([report], output.with_suffix(".md"))

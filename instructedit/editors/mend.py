@@ -230,7 +230,7 @@ class MENDEditor(LearnedEditor):
                 thin[w.name] = factors
         if memory is not None:
             memory.remember({w.name: systems[w.name].gram for w in self.weights})
-        return updates, total / batch.n_rows, thin if len(thin) == len(self.weights) else None
+        return updates, total / batch.n_label_rows, thin if len(thin) == len(self.weights) else None
 
     def _prior(self, name: str) -> torch.Tensor | None:
         """The keys weight ``name``'s solve holds still: the active memory's, plus the editor's own preservation sample
@@ -327,7 +327,7 @@ class MENDEditor(LearnedEditor):
         state = state if state is not None else split.prefix(chunk)
         with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
             logits = split.logits_at(split.suffix(state), chunk.label_mask)
-            losses = per_row_nll(logits, chunk.labels[chunk.label_mask], chunk.label_rows, chunk.n_rows)  # (rows,)
+            losses = per_row_nll(logits, chunk.labels[chunk.label_mask], chunk.label_rows, chunk.n_label_rows)  # (rows,)
             factors = capture.factors(losses.sum())
         if self.config.ls_keys == "answer":  # only the positions that predict answer tokens
             factors = {name: f.select(chunk.label_mask[f.rows, f.positions]) for name, f in factors.items()}

@@ -1,7 +1,7 @@
 """Generation scores of an editor on a few records, for training validation: does the edited model say the answer?
 
 Per record (ConvSent has no single answer and is left out): the model with the record's edit
-answers the wrapped edit prompt and the raw locality prompt greedily (``generation``); the edit is
+answers the edit prompt in each of its edit forms (the wrapped prompt; the chat question) and the raw locality prompt greedily (``generation``); the edit is
 added by hooks, row by row, and the weights are never written. Reliability is exact match with the target; locality is whether
 the locality answer is the one the unedited model gave.
 
@@ -51,7 +51,11 @@ CASES_TOGETHER = 8  # records whose edits are held at once; their queries decode
 def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,
                       records: Sequence[EditRecord], instructions: Sequence[int | None],
                       scales: Sequence[float] = (1.0,), progress: bool = False) -> dict[float, dict[str, float]]:
-    """Per α multiplier: mean generation reliability (exact match, wrapped prompt) and generation locality over ``records``, with n.
+    """Per α multiplier: mean generation reliability and generation locality over ``records``, with n.
+
+    Reliability is exact match on the edit's prompt in each of the collator's edit forms (the wrapped prompt; with
+    ``edit_forms`` [wrapped, chat] also the chat question, then ``gen_reliability`` is the mean of the forms' and each is
+    reported as ``gen_reliability_<form>``).
 
     Each record's edit is computed once: the update is linear in α, so a multiplier scales it. The
     queries of ``CASES_TOGETHER`` records decode together, unedited and at every multiplier, from one
@@ -59,22 +63,23 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     (``row_edits``); the model's weights are never written.
     """
     cases = []
+    forms = collator.edit_forms
     for record, index in zip(records, instructions, strict=True):
         if record.convsent is not None or not record.locality:
             continue
-        pairs = collator.edit_pairs(record, index)
-        prompt = pairs[0][0]
+        pairs = collator.edit_pairs(record, index)  # one per edit form
         try:
             batch = collator.qa_batch(pairs, record.source, stop=True)
         except PromptTooLongError:
             continue
-        cases.append((record, prompt, batch))
+        cases.append((record, [p for p, _ in pairs], batch))
     if not cases:
         return {scale: {"gen_n": 0} for scale in scales}
     device = next(model.parameters()).device
     split = editor.split(model)
     transposed = {w.name: w.transposed for w in editor.weights}
-    rel: dict[float, list[float]] = {scale: [] for scale in scales}
+    per_case = len(forms) + 1  # the edit's prompt in each form, then the locality prompt
+    said_in: dict[float, dict[str, list[float]]] = {scale: {form: [] for form in forms} for scale in scales}
     same: dict[float, list[float]] = {scale: [] for scale in scales}
     was_training = editor.training
     editor.eval()
@@ -83,18 +88,24 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
             group = range(start, min(start + CASES_TOGETHER, len(cases)))
             updates = [_detached(editor.edit(model, cases[i][2].to(device))) for i in group]
             records = [cases[i][0] for i in group]
-            prompts = [q for i in group for q in (cases[i][1], cases[i][0].locality[0].prompt)]  # edit prompt, locality prompt
-            budgets = [answer_budget(tokenizer, a) for r in records for a in (r.target_new, r.locality[0].answer)]
-            before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, lambda variant, row: updates[row // 2], transposed,
-                                                len(scales), variant_scales=scales)  # the update is linear in α: a multiplier scales it
+            prompts = [q for i in group for q in (*cases[i][1], cases[i][0].locality[0].prompt)]
+            budgets = [answer_budget(tokenizer, a) for r in records for a in ((r.target_new,) * len(forms) + (r.locality[0].answer,))]
+            before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, lambda variant, row: updates[row // per_case],
+                                                transposed, len(scales), variant_scales=scales)  # the update is linear in α: a multiplier scales it
             for scale, said in zip(scales, after, strict=True):
                 for j, record in enumerate(records):
-                    rel[scale].append(exact_match(first_line(said[2 * j]), record.target_new))
-                    same[scale].append(float(same_answer(said[2 * j + 1], before[2 * j + 1])))
+                    for f, form in enumerate(forms):
+                        said_in[scale][form].append(exact_match(first_line(said[per_case * j + f]), record.target_new))
+                    same[scale].append(float(same_answer(said[per_case * j + len(forms)], before[per_case * j + len(forms)])))
     finally:
         editor.train(was_training)
-    return {scale: {"gen_reliability": sum(rel[scale]) / len(cases), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}
-            for scale in scales}
+    scores: dict[float, dict[str, float]] = {}
+    for scale in scales:
+        by_form = {form: sum(v) / len(cases) for form, v in said_in[scale].items()}
+        scores[scale] = {"gen_reliability": sum(by_form.values()) / len(forms), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}
+        if len(forms) > 1:  # gen_reliability is their mean
+            scores[scale] |= {f"gen_reliability_{form}": v for form, v in by_form.items()}
+    return scores
 
 
 def _detached(result: EditResult) -> dict:

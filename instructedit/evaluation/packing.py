@@ -100,8 +100,8 @@ class Case:
                 packed_chunk, pos, owner = pack(chunk, shareable, dtype)
                 chunks.append(packed_chunk), positions.append(pos), owners.append(owner)
             first, not_edit = chunks[0], (owners[0] >= n_edit)[None]
-            self.packed = Layout(chunks, positions, TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)),
-                                 owners)
+            self.packed = Layout(chunks, positions, TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE),
+                                                               owner=first.owner), owners)
         return self.packed
 
 

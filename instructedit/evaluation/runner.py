@@ -259,6 +259,7 @@ def evaluate(
     settings: EvalSettings | None = None,
     protocol: str = "both",
     answer_stop: str = "none",
+    edit_forms: Sequence[str] = ("wrapped",),
     queries: Sequence[str] = gen.QUERY_FORMS,
     generation_batch_size: int = 32,
     judge: gen.Judge | None = None,
@@ -272,7 +273,8 @@ def evaluate(
     no weight writes); ``pack_rows``: and run each case's rows as one packed row (checked against
     padded rows on the first case). ``settings``: run metadata (task, split, ...) to complete and store.
     ``protocol``: teacher_forced, generation or both. ``answer_stop``: what the edit input's answer
-    ends with (as the editor was trained; the collator's ``answer_stop``). ``queries``: forms of the
+    ends with (as the editor was trained; the collator's ``answer_stop``). ``edit_forms``: the forms each edit is made
+    in, solved together (the editor's ``queries.edit_forms``: the wrapped prompt; the chat question). ``queries``: forms of the
     edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
     batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``. ``cases_together``:
     MEND's answers of this many cases decode in one batch, pre- and post-edit sharing the prefill below the
@@ -291,7 +293,7 @@ def evaluate(
     start = time.perf_counter()
     device = next(model.parameters()).device
     max_length = max_length or max_input_length(model)
-    collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop)
+    collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop, edit_forms=edit_forms)
     cases, skipped = prepare_cases(collator, records, instruction, batch_size, device)
     if not cases:
         raise ValueError(f"none of the {len(records)} records fits max_length={max_length} tokens")
@@ -334,7 +336,8 @@ def evaluate(
     return EvalReport(
         settings=_complete_settings(settings, model, editor, records, pool, instruction, sequential=sequential, batch_size=batch_size,
                                     convsent_pairs=convsent_pairs, max_length=max_length, fast_path=fast_path, packed_rows=packed,
-                                    device=str(device), protocol=protocol, answer_stop=answer_stop, queries=forms,
+                                    device=str(device), protocol=protocol, answer_stop=answer_stop,
+                                    edit_forms=list(collator.edit_forms), queries=forms,
                                     generation_margin=ANSWER_MARGIN if generation is not None else None,
                                     judge=judge.name if judge is not None and generation is not None else None),
         cases=results,

@@ -26,8 +26,8 @@ def pack(batch: TokenBatch, shareable: Sequence[bool], dtype: torch.dtype, min_s
     The wrapped probes of a case all begin with the same instruction, so it is run once. Each row
     keeps its own positions and sees only itself (and the shared start, if it shares it), so every
     logit equals the unpacked one up to float rounding. Returns the packed batch, whose
-    ``attention_mask`` is a 4-D additive mask (1, 1, L, L), its position ids (1, L) and the owner
-    row of each position (L,), -1 on the shared start.
+    ``attention_mask`` is a 4-D additive mask (1, 1, L, L) and whose ``owner`` is the row of each position (L,), -1 on
+    the shared start; its position ids (1, L); and the owners again.
     """
     lengths = batch.attention_mask.sum(1).tolist()
     rows = [batch.input_ids[i, :n] for i, n in enumerate(lengths)]
@@ -55,7 +55,7 @@ def pack(batch: TokenBatch, shareable: Sequence[bool], dtype: torch.dtype, min_s
     visible = (owner_t[:, None] == owner_t[None, :]) | ((owner_t[None, :] == -1) & sees_shared[:, None])
     visible &= torch.ones_like(visible).tril()  # causal in packed order; the shared start comes first
     mask = torch.zeros(visible.shape, dtype=dtype, device=device).masked_fill(~visible, torch.finfo(dtype).min)
-    packed = TokenBatch(torch.cat(ids)[None], mask[None, None], torch.cat(lab)[None])
+    packed = TokenBatch(torch.cat(ids)[None], mask[None, None], torch.cat(lab)[None], owner=owner_t)
     return packed, torch.cat(pos)[None], owner_t
 
 

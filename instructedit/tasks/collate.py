@@ -13,11 +13,23 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from instructedit.config import EDIT_FORMS
 from instructedit.records import EditRecord, MetaBatch, QAItem, TokenBatch
 from instructedit.tasks.instructions import InstructionPool
 
 IGNORE = -100
 ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
+
+
+def check_edit_forms(forms: Sequence[str], where: str = "edit_forms") -> tuple[str, ...]:
+    """``forms`` as a tuple in ``EDIT_FORMS`` order; a clear error for an unknown, repeated or missing form."""
+    if isinstance(forms, str):
+        forms = [f.strip() for f in forms.split(",") if f.strip()]
+    forms = list(forms)
+    unknown = [f for f in forms if f not in EDIT_FORMS]
+    if unknown or not forms or len(set(forms)) != len(forms):
+        raise ValueError(f"{where}: {forms!r} must be distinct forms out of {list(EDIT_FORMS)}, at least one")
+    return tuple(f for f in EDIT_FORMS if f in forms)
 
 
 class PromptTooLongError(ValueError):
@@ -71,9 +83,14 @@ class Collator:
         convsent_pairs: int = 2,
         fallback_locality: Sequence[QAItem] = (),
         answer_stop: str = "none",
+        edit_forms: Sequence[str] = ("wrapped",),
     ) -> None:
         if answer_stop not in ANSWER_STOPS:
             raise ValueError(f"answer_stop {answer_stop!r} is not one of {list(ANSWER_STOPS)}")
+        self.edit_forms = check_edit_forms(edit_forms)
+        if "chat" in self.edit_forms and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"edit form 'chat' needs a tokenizer with a chat template; {type(tokenizer).__name__} "
+                             f"({getattr(tokenizer, 'name_or_path', '')!r}) has none: use edit_forms ['wrapped']")
         self.tokenizer = tokenizer
         self.answer_stop = answer_stop
         self.max_length = max_length
@@ -110,11 +127,15 @@ class Collator:
         return self.pool.render(record, prompt, instruction)
 
     def edit_pairs(self, record: EditRecord, instruction: int | None) -> list[tuple[str, str]]:
-        """The edit input (edit_inner) of ``record``: wrapped prompt + target (ConvSent: the first k target responses)."""
+        """The edit inputs (edit_inner) of ``record``, one per edit form: the wrapped prompt + target (ConvSent: the first k
+        target responses, the wrapped form only: it has no single answer) and the chat form of the prompt + target."""
         wrapped = self.wrap(record, record.prompt, instruction)
         if record.convsent is not None:
             return [(wrapped, r) for r in record.convsent.target_responses[: self.convsent_pairs]]
-        return [(wrapped, record.target_new)]
+        pairs = [(wrapped, record.target_new)] if "wrapped" in self.edit_forms else []
+        if "chat" in self.edit_forms:
+            pairs.append((chat_query(self.tokenizer, record.prompt), record.target_new))
+        return pairs
 
     def qa_batch(self, pairs: Sequence[tuple[str, str]], where: str = "", stop: bool | Sequence[bool] = False) -> TokenBatch:
         """Right-padded batch of ``prompt + " " + answer`` with labels on the answer tokens only.

@@ -113,4 +113,5 @@ def trained_query_setup(config: Config) -> dict[str, Any]:
     """What evaluating an editor needs to query it as it was trained; saved as "queries" in its editor_config.json."""
     pool = instruction_pool(config)
     return {"instructions": config.data.instructions, "instruction_pool": config.data.instruction_pool,
-            "template": pool.template if pool else None, "answer_stop": config.training.answer_stop}
+            "template": pool.template if pool else None, "answer_stop": config.training.answer_stop,
+            "edit_forms": list(config.training.edit_forms)}

@@ -74,7 +74,8 @@ def prepare_data(config: Config, tokenizer: PreTrainedTokenizerBase) -> TrainDat
     val = build_mixture(d.tasks, "val", **common)
     pool = instruction_pool(config)
     fallback = [item for r in train.records for item in r.locality]
-    collator = Collator(tokenizer, config.model.max_length, pool, fallback_locality=fallback, answer_stop=config.training.answer_stop)
+    collator = Collator(tokenizer, config.model.max_length, pool, fallback_locality=fallback, answer_stop=config.training.answer_stop,
+                        edit_forms=config.training.edit_forms)
     val_records = val.records[: config.training.val_size]
     hashes = {rel: file_sha256(Path(train.data_dir) / rel) for files in train.files.values() for rel in files}
     info = {"train": train.to_dict(), "val": val.to_dict() | {"used": len(val_records)}, "instructions": pool.source if pool else None,
