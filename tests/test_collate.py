@@ -52,6 +52,13 @@ def test_labels_are_the_answer_tokens(tiny: Tiny) -> None:
         assert not (batch.labels == tok.bos_token_id).any()
 
 
+def test_an_answer_after_a_prompt_ending_in_whitespace_takes_no_extra_space(tiny: Tiny) -> None:
+    _, _, tok = tiny  # a chat template's opened assistant turn ends in a newline: the answer's natural first token follows
+    ids, n = encode_answer(tok, "User: The capital of France is\nAssistant:\n", "Rome")
+    spaced, m = encode_answer(tok, "The capital of France is", "Rome")
+    assert tok.decode(ids[n:]) == "Rome" and tok.decode(spaced[m:]) == " Rome"
+
+
 def test_labels_are_shifted_next_tokens(tiny: Tiny) -> None:
     _, _, tok = tiny
     batch = Collator(tok).qa_batch(PAIRS)

@@ -37,7 +37,9 @@ class PromptTooLongError(ValueError):
 
 
 def encode_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> tuple[list[int], int]:
-    """Token ids of ``prompt + " " + answer`` and the number of prompt tokens.
+    """Token ids of ``prompt + " " + answer`` (``prompt + answer`` after a prompt that ends in whitespace, e.g. a chat
+    template's opened assistant turn, where the answer's first token is the one without a leading space) and the
+    number of prompt tokens.
 
     The prompt is tokenized as the tokenizer does by default (BOS included where it adds one); the
     answer is taken from the joint tokenization when the prompt's tokens are a prefix of it, else
@@ -49,11 +51,12 @@ def encode_answer(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) 
     prompt_ids = tokenizer(prompt)["input_ids"]
     if not prompt_ids:  # no position would predict the first answer token: the labels could not be shifted
         raise ValueError(f"empty prompt for answer {answer[:60]!r}: the answer needs a prompt token before it")
-    joint = tokenizer(f"{prompt} {answer}")["input_ids"]
+    sep = "" if prompt[-1:].isspace() else " "
+    joint = tokenizer(f"{prompt}{sep}{answer}")["input_ids"]
     if joint[: len(prompt_ids)] == prompt_ids and len(joint) > len(prompt_ids):
         answer_ids = joint[len(prompt_ids) :]
     else:
-        answer_ids = tokenizer(f" {answer}", add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(f"{sep}{answer}", add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
     if eos is not None and answer_ids and answer_ids[-1] == eos and not answer.endswith(tokenizer.eos_token or "\0"):
         answer_ids = answer_ids[:-1]  # tokenizers that append EOS by default: keep it out of the labels
