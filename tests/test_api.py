@@ -236,6 +236,23 @@ def test_edit_command_prints_before_and_after_and_saves(tiny_llama_dir: Path, tm
     AutoModelForCausalLM.from_pretrained(tmp_path / "edited")
 
 
+def test_edit_command_asks_the_chat_question_and_makes_the_edit_in_the_editors_forms(tiny_chat_llama_dir: Path, tmp_path: Path,
+                                                                                    capsys: pytest.CaptureFixture[str],
+                                                                                    save_tiny_editor: Callable[..., Path]) -> None:
+    import json
+
+    editor_dir = save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor")
+    config = json.loads((editor_dir / "editor_config.json").read_text())
+    config["queries"] = {"instructions": True, "template": None, "answer_stop": "none", "edit_forms": ["wrapped", "chat"]}
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    args = parser().parse_args(["edit", "--editor", str(editor_dir), "--prompt", "The capital of France is", "--target", "Rome",
+                                "--max-new-tokens", "4", "--device", "cpu"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "(made in the forms wrapped + chat, solved together)" in out
+    assert out.index("plain prompt:") < out.index("chat question (user turn):") < out.index("top-5 next tokens")
+
+
 def test_edit_command_convsent_needs_a_label(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     args = parser().parse_args(["edit", "--editor", str(tmp_path), "--prompt", "What do you think of Estero?", "--target", "I like it",
                                 "--task", "convsent", "--topic", "Estero"])

@@ -60,6 +60,7 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, generate, score_target, top_predictions
     from instructedit.models.loading import resolve_device
+    from instructedit.tasks.collate import chat_query
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
@@ -86,6 +87,7 @@ def run_edit(args: argparse.Namespace) -> int:
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
     editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
     wrapped = editor.wrap(edit)
+    chat = chat_query(tok, edit.prompt)  # the question as a chat user turn (None: the tokenizer has no chat template)
     _check_fits(model, tok, editor, [edit], ["--prompt"], args)  # before the model runs
     vocab = model.get_output_embeddings().weight.shape[0]
     if args.top_k > vocab:
@@ -94,6 +96,7 @@ def run_edit(args: argparse.Namespace) -> int:
     def snapshot(m: Any) -> dict[str, Any]:
         return {"says": json.dumps(answer(m, tok, wrapped, args.max_new_tokens), ensure_ascii=False),
                 "says_plain": json.dumps(answer(m, tok, edit.prompt, args.max_new_tokens), ensure_ascii=False),
+                "says_chat": json.dumps(answer(m, tok, chat, args.max_new_tokens), ensure_ascii=False) if chat else "",
                 "top": _predictions(top_predictions(m, tok, edit.prompt, args.top_k)),
                 "text": json.dumps(generate(m, tok, edit.prompt, args.max_new_tokens), ensure_ascii=False),
                 "wrapped": score_target(m, tok, wrapped, edit.target), "plain": score_target(m, tok, edit.prompt, edit.target)}
@@ -106,10 +109,12 @@ def run_edit(args: argparse.Namespace) -> int:
     instruction = f"description #{editor.instruction} of {edit.task!r}" if editor.instruction is not None else "none"
     lines = [
         f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
-        f"edit [{edit.task}]: {edit.prompt!r} -> {edit.target!r}", "",
+        f"edit [{edit.task}]: {edit.prompt!r} -> {edit.target!r}"
+        + (f"   (made in the forms {' + '.join(editor.edit_forms)}, solved together)" if editor.edit_forms != ("wrapped",) else ""), "",
         "what the model says (greedy decoding, first line):",
         f"  instruction-wrapped prompt:  {before['says']}  ->  {after['says']}",
-        f"  plain prompt:                {before['says_plain']}  ->  {after['says_plain']}", "",
+        f"  plain prompt:                {before['says_plain']}  ->  {after['says_plain']}",
+        *([f"  chat question (user turn):   {before['says_chat']}  ->  {after['says_chat']}"] if chat else []), "",
         *_side_by_side(f"top-{args.top_k} next tokens", before["top"], after["top"]), "",
         "greedy continuation of the plain prompt:", f"  before: {before['text']}", f"  after:  {after['text']}", "",
         "target accuracy (teacher-forced token accuracy of the target):",
