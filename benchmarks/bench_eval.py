@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     editor = MENDEditor.from_pretrained(args.editor) if args.editor else build_editor(model, load_config(None, [f"model.name={args.model}"]))
     editor.eval()
     records = load_task_splits(args.task).test[: args.n]
-    # asked as the editor was trained: its template and answer stop
-    pool, answer_stop = trained_queries(args.editor) if args.editor else (InstructionPool.default(), "none")
+    # asked as the editor was trained: its template, answer stop and edit forms
+    pool, made = trained_queries(args.editor)
     instruction = pool.evaluation_index("seen")
 
     def timed(run):  # wall-clock and this process's CPU time: on a shared machine the latter is the steadier one
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def batched(protocol: str = "teacher_forced") -> tuple[float, float, object]:
         return timed(lambda: evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol,
-                                      answer_stop=answer_stop))
+                                      **made))
 
     def naive() -> tuple[float, float, list]:
         return timed(lambda: naive_evaluate(model, tokenizer, editor, records, pool, instruction))
@@ -182,6 +182,7 @@ def summarize(args: argparse.Namespace, model: nn.Module, tokenizer, records: Se
         "batched": {"seconds": times["batched"], "cpu_seconds": times["batched_cpu"], "cases_per_s": n / batched_s,
                     "cases_per_cpu_s": n / batched_cpu, "fast_path": report.settings.fast_path, "packed_rows": report.settings.packed_rows,
                     "protocol": report.settings.protocol},
+        "answer_stop": report.settings.answer_stop, "edit_forms": report.settings.edit_forms,
     }
     if naive_results is None:
         return common

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import resource
 from pathlib import Path
+from typing import Any
 
 from instructedit.api import query_setup
 from instructedit.config import DEFAULT_MODEL
@@ -42,9 +43,13 @@ def peak_rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def trained_queries(editor_dir: str | Path) -> tuple[InstructionPool, str]:
-    """The default instruction pool with the template a saved editor was trained with, and its answer stop: how the
-    benchmarks ask its edits (``api.query_setup``)."""
-    setup = query_setup(editor_dir)
+def trained_queries(editor_dir: str | Path | None) -> tuple[InstructionPool, dict[str, Any]]:
+    """The default instruction pool with the template a saved editor was trained with, and how its edits are made (its
+    answer stop and edit forms, as ``runner.evaluate`` keywords): how the benchmarks ask its edits (``api.query_setup``).
+    No editor: the pool and no stop, the wrapped form."""
     pool = InstructionPool.default()
-    return (dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool), setup["answer_stop"]
+    if editor_dir is None:
+        return pool, {"answer_stop": "none", "edit_forms": ["wrapped"]}
+    setup = query_setup(editor_dir)
+    pool = dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool
+    return pool, {"answer_stop": setup["answer_stop"], "edit_forms": setup["edit_forms"]}

@@ -60,13 +60,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(DEFAULT_MODEL)
     editor = MENDEditor.from_pretrained(args.editor).eval()
-    pool, answer_stop = trained_queries(args.editor)
+    pool, made = trained_queries(args.editor)
     instruction = pool.evaluation_index("seen")
     records = load_task_splits("zsre").test[: args.n]
 
     def run(protocol: str) -> float:
         start = time.perf_counter()
-        evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol, answer_stop=answer_stop)
+        evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol, **made)
         return time.perf_counter() - start
 
     run("both")  # warm-up
