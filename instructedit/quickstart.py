@@ -32,7 +32,7 @@ from instructedit.models.architectures import is_conv1d
 from instructedit.models.loading import cache_dir, load_model, resolve_device
 from instructedit.records import TokenBatch
 from instructedit.runs import BEST
-from instructedit.tasks.collate import Collator
+from instructedit.tasks.collate import Collator, chat_query
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +82,9 @@ class EditOutcome:
     plain_acc_before: float  # the same on the prompt without instruction
     plain_acc_after: float
     locality: float  # share of the locality probes' answer tokens whose argmax the edit left unchanged
+    chat_said_before: str = ""  # ... to the question as a chat user turn ("" without a chat template)
+    chat_said_after: str = ""
+    chat_exact_after: float | None = None  # None: the tokenizer has no chat template
 
 
 @dataclass
@@ -193,6 +196,9 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     probe_budgets = [answer_budget(tokenizer, a) for _, a in probes]
     budgets = [answer_budget(tokenizer, edit.target) for edit in edits]
     wrapped = [editor.wrap(edit) for edit in edits]
+    # what each edit is asked before and after it: the wrapped prompt, the plain one and (a chat template) the chat question
+    asks = [[w, edit.prompt, *([chat] if (chat := chat_query(tokenizer, edit.prompt)) else [])] for w, edit in zip(wrapped, edits)]
+    n_ask = len(asks[0])
     deltas: list[dict[str, torch.Tensor] | None] = []
     after, locality, said_after = {}, {}, {}
     for k, edit in enumerate(edits):  # each edit applied once: what it adds to the weights, or (held in hooks) asked now
@@ -201,8 +207,7 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
             if deltas[-1] is None:
                 after[k] = (edited.score(wrapped[k], edit.target), edited.score(edit.prompt, edit.target))
                 locality[k] = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
-                said_after[k] = _answers(model, tokenizer, [wrapped[k], edit.prompt, *(p for p, _ in probes)],
-                                         [budgets[k], budgets[k], *probe_budgets])
+                said_after[k] = _answers(model, tokenizer, [*asks[k], *(p for p, _ in probes)], [budgets[k]] * n_ask + probe_budgets)
     transposed = {name: is_conv1d(model.get_submodule(name.rsplit(".", 1)[0])) for d in deltas if d for name in d}
     hooked = [k for k, d in enumerate(deltas) if d is None]
 
@@ -223,9 +228,8 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     locality |= {k: float(unchanged_tokens(pre_ids, ids, rows, len(probes)).mean()) for k, ids in zip(scored, post_ids)}
     # greedy: each edit's prompts and the probes, before and after it (``before_after``: one prefill, the blocks below
     # the edited ones run once; without a split model, every row prefilled with its own edit)
-    asked = [(q, b) for k in range(len(edits)) for q, b in ((wrapped[k], budgets[k]), (edits[k].prompt, budgets[k]),
-                                                              *zip((p for p, _ in probes), probe_budgets))]
-    owners = [None if k in hooked else k for k in range(len(edits)) for _ in range(2 + len(probes))]
+    asked = [(q, b) for k in range(len(edits)) for q, b in (*((q, budgets[k]) for q in asks[k]), *zip((p for p, _ in probes), probe_budgets))]
+    owners = [None if k in hooked else k for k in range(len(edits)) for _ in range(n_ask + len(probes))]
     split = editor.editor.split(model) if hasattr(editor.editor, "split") else None
     if split is not None:
         said_before, (said_edited,) = greedy_before_after(model, tokenizer, split, [q for q, _ in asked], [b for _, b in asked],
@@ -236,17 +240,20 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
         said_edited = greedy_generate(model, tokenizer, [q for q, _ in asked], [b for _, b in asked], batch_size=len(asked),
                                       rows_context=with_edits(owners))
     said_before, said_edited = [first_line(t) for t in said_before], [first_line(t) for t in said_edited]
-    width = 2 + len(probes)
-    probe_said, unedited = said_before[2:width], [said_before[k * width + j] for k in range(len(edits)) for j in (0, 1)]
+    width = n_ask + len(probes)
+    probe_said = said_before[n_ask:width]
+    unedited = [said_before[k * width : k * width + n_ask] for k in range(len(edits))]
     said_after |= {k: said_edited[k * width : (k + 1) * width] for k in scored}
     outcomes = []
     for k, edit in enumerate(edits):
         (was, plain_was), (now, plain_now), answers = before[2 * k : 2 * k + 2], after[k], said_after[k]
-        same = [same_answer(a, b) for a, b in zip(answers[2:], probe_said)]
-        outcomes.append(EditOutcome(edit, unedited[2 * k], answers[0], unedited[2 * k + 1], answers[1], exact_match(answers[0], edit.target),
+        same = [same_answer(a, b) for a, b in zip(answers[n_ask:], probe_said)]
+        chat = {"chat_said_before": unedited[k][2], "chat_said_after": answers[2], "chat_exact_after": exact_match(answers[2], edit.target)} \
+            if n_ask == 3 else {}
+        outcomes.append(EditOutcome(edit, unedited[k][0], answers[0], unedited[k][1], answers[1], exact_match(answers[0], edit.target),
                                     exact_match(answers[1], edit.target), sum(same) / len(same), was.top, now.top,
                                     was.probability, now.probability, was.accuracy, now.accuracy, plain_was.accuracy, plain_now.accuracy,
-                                    locality[k]))
+                                    locality[k], **chat))
     return outcomes
 
 
@@ -308,9 +315,12 @@ def format_report(result: QuickstartResult) -> str:
     how = (f"trained now in {_duration(result.train_s)}" if result.trained else "reused from the cache" if result.config_hash
            else "given with --editor")
     wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
-    said = _table(("#", "task", "prompt -> target", "the model says before -> after (instruction-wrapped prompt)", "plain prompt, after"),
+    chat = all(o.chat_exact_after is not None for o in result.outcomes)  # the model has a chat template
+    said = _table(("#", "task", "prompt -> target", "the model says before -> after (instruction-wrapped prompt)", "plain prompt, after",
+                   *(["chat question, after"] if chat else [])),
                   [(str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 52), _clip(f"{o.said_before!r} -> {o.said_after!r}", 64),
-                    _clip(repr(o.plain_said_after), 36)) for i, o in enumerate(result.outcomes, start=1)])
+                    _clip(repr(o.plain_said_after), 36), *([_clip(repr(o.chat_said_after), 36)] if chat else []))
+                   for i, o in enumerate(result.outcomes, start=1)])
     forced = _table(("#", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality"),
                     [(str(i), _clip(f"{o.top_before!r} -> {o.top_after!r}", 28), f"{_p(o.p_before)} -> {_p(o.p_after)}",
                       f"{o.acc_before:.2f} -> {o.acc_after:.2f}", f"{o.locality:.2f}") for i, o in enumerate(result.outcomes, start=1)])
@@ -319,7 +329,8 @@ def format_report(result: QuickstartResult) -> str:
         f"InstructEdit quickstart: editor {result.editor_dir} ({how})",
         f"model {result.model_name}; instruction: {wrap}; each edit applied alone and rolled back",
         "", "What the edited model says (greedy decoding, first line):", "", *said, "",
-        f"says the target (exact match), wrapped prompt: {m('exact_after'):.2f}   plain prompt: {m('plain_exact_after'):.2f}",
+        f"says the target (exact match), wrapped prompt: {m('exact_after'):.2f}   plain prompt: {m('plain_exact_after'):.2f}"
+        + (f"   chat question: {m('chat_exact_after'):.2f}" if chat else ""),
         f"unrelated prompts whose answer is unchanged (generation locality): {m('gen_locality'):.2f}",
         "", "Teacher-forced scores (the target fed in; the paper's protocol):", "", *forced, "",
         f"reliability (target token accuracy, wrapped prompt): {m('acc_before'):.2f} -> {m('acc_after'):.2f}",

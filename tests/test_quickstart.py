@@ -12,11 +12,12 @@ import torch
 import yaml
 
 from instructedit.api import load_editor, score_target
-from instructedit.evaluation.generation import answer_budget, first_line, greedy_generate
+from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate
 from instructedit.config import load_config
 from instructedit.models.loading import load_model
 from instructedit.quickstart import (
-    DEMO_EDITS, LOCALITY_PROBES, MARKER, config_hash, default_run_dir, format_report, quickstart_config, run_demo, run_quickstart,
+    DEMO_EDITS, LOCALITY_PROBES, MARKER, QuickstartResult, config_hash, default_run_dir, format_report, quickstart_config, run_demo,
+    run_quickstart,
 )
 from instructedit.commands.edit import add_edit_parser
 from instructedit.commands.quickstart import add_quickstart_parser
@@ -131,6 +132,25 @@ def test_demo_says_and_scores_what_each_edit_written_into_the_model_does(tiny_mo
     assert method == "grace" or any(o.said_after != o.said_before for o in outcomes)  # the strong untrained edits change answers
 
 
+def test_demo_asks_the_chat_question_where_the_model_has_a_chat_template(tiny_chat_llama_dir: Path, tmp_path: Path,
+                                                                         save_tiny_editor: Callable[..., Path]) -> None:
+    from instructedit.tasks.collate import chat_query
+
+    model, tok = load_model(str(tiny_chat_llama_dir))
+    editor = load_editor(save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor"))
+    edits, probes = DEMO_EDITS[:2], LOCALITY_PROBES[:2]
+    outcomes = run_demo(editor, model, tok, edits, probes)
+    for outcome, edit in zip(outcomes, edits, strict=True):
+        chat, budget = chat_query(tok, edit.prompt), answer_budget(tok, edit.target)
+        assert outcome.chat_said_before == first_line(greedy_generate(model, tok, [chat], budget)[0])
+        with editor.apply(model, [edit], tok):
+            said = first_line(greedy_generate(model, tok, [chat], budget)[0])
+        assert outcome.chat_said_after == said and outcome.chat_exact_after == exact_match(said, edit.target)
+    result = QuickstartResult(tmp_path, tmp_path, False, "", "tiny", 0, outcomes, 0.0, 0.0, 0.0)
+    report = format_report(result)
+    assert "chat question, after" in report and "chat question: " in report
+
+
 def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="command")
@@ -141,6 +161,7 @@ def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "InstructEdit quickstart" in out and "trained now" in out and "top-1 before -> after" in out
+    assert "chat question" not in out  # the tiny tokenizer has no chat template: no chat column
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["max_steps"] == 1
 
 
