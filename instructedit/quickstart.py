@@ -115,7 +115,8 @@ def quickstart_config(model_name: str | None = None, overrides: Sequence[str] = 
     return config
 
 
-LATER_FIELDS = {("data", "oversample"): {}, ("editor", "aggregation"): "sum", ("editor", "chunk_edits"): 64, ("editor", "ls_keys"): "all", ("training", "n_edits"): 1}
+LATER_FIELDS = {("data", "oversample"): {}, ("editor", "aggregation"): "sum", ("editor", "chunk_edits"): 64, ("editor", "ls_keys"): "all", ("training", "n_edits"): 1,
+                ("training", "edit_forms"): ["wrapped"]}
 
 
 def config_hash(config: Config) -> str:
