@@ -266,3 +266,13 @@ def test_serve_command_binds_and_warns_off_loopback(host: str, tiny_gpt2_dir: Pa
     # bound to loopback, the server answers only loopback Host headers (no DNS rebinding)
     rebound = TestClient(started["app"], base_url="http://attacker.example:8123").get("/api/info")
     assert rebound.status_code == (400 if host == "127.0.0.1" else 200)
+
+
+def test_the_headline_asks_the_chat_question_where_the_model_has_a_chat_template(tiny_chat_llama_dir: Path, tmp_path: Path,
+                                                                                 save_tiny_editor: Callable[..., Path]) -> None:
+    test_client, _ = serve(tiny_chat_llama_dir, save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor"))
+    with test_client as http:
+        result = ok(http.post("/api/edits", json=EDIT))
+    says = {s["query"]: s for s in result["after"]["says"]}
+    assert list(says) == ["edit prompt", "chat question"]
+    assert says["chat question"]["prompt"] == f"User: {EDIT['prompt']}\nAssistant:"
