@@ -251,6 +251,11 @@ def test_edit_command_asks_the_chat_question_and_makes_the_edit_in_the_editors_f
     out = capsys.readouterr().out
     assert "(made in the forms wrapped + chat, solved together)" in out
     assert out.index("plain prompt:") < out.index("chat question (user turn):") < out.index("top-5 next tokens")
+    config["queries"]["edit_forms"] = ["wrapped", "shouted"]  # a bad saved setup is named, file and field
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    from instructedit.api import load_editor
+    with pytest.raises(ValueError, match=r"editor_config.json: queries.edit_forms: \['wrapped', 'shouted'\] must be distinct forms"):
+        load_editor(editor_dir)
 
 
 def test_edit_command_convsent_needs_a_label(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
