@@ -19,7 +19,20 @@ from instructedit.runs import CONFIG as RUN_CONFIG
 # The forms an edit is made in (training.edit_forms, an editor's queries.edit_forms; tasks/collate.py builds them): the
 # instruction-wrapped prompt, and the question as a chat user turn, each with the target as its answer, solved together.
 EDIT_FORMS = ("wrapped", "chat")
+ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
 EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat")  # what the post-edit (generalization) loss reads (Collator.meta_batch)
+
+def check_edit_forms(forms: typing.Sequence[str] | str, where: str = "edit_forms") -> tuple[str, ...]:
+    """``forms`` (a sequence, or comma-separated text) as a tuple in ``EDIT_FORMS`` order; a clear error for an unknown,
+    repeated or missing form."""
+    if isinstance(forms, str):
+        forms = [f.strip() for f in forms.split(",") if f.strip()]
+    forms = list(forms)
+    unknown = [f for f in forms if f not in EDIT_FORMS]
+    if unknown or not forms or len(set(forms)) != len(forms):
+        raise ValueError(f"{where}: {forms!r} must be distinct forms out of {list(EDIT_FORMS)}, at least one")
+    return tuple(f for f in EDIT_FORMS if f in forms)
+
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained(device_map=...) accepts
@@ -223,9 +236,12 @@ class TrainingConfig:
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in EDIT_LOSS_ON, "training.edit_loss_on", f"{self.edit_loss_on!r} is not one of {list(EDIT_LOSS_ON)}")
-        _check(self.answer_stop in ("none", "newline", "eos"), "training.answer_stop", f"{self.answer_stop!r} is not 'none', 'newline' or 'eos'")
-        _check(isinstance(self.edit_forms, list) and bool(self.edit_forms) and len(set(self.edit_forms)) == len(self.edit_forms)
-               and set(self.edit_forms) <= set(EDIT_FORMS), "training.edit_forms", f"{self.edit_forms!r} must be distinct forms out of {list(EDIT_FORMS)}")
+        _check(self.answer_stop in ANSWER_STOPS, "training.answer_stop", f"{self.answer_stop!r} is not 'none', 'newline' or 'eos'")
+        try:
+            forms_ok = isinstance(self.edit_forms, list) and bool(check_edit_forms(self.edit_forms))
+        except ValueError:
+            forms_ok = False
+        _check(forms_ok, "training.edit_forms", f"{self.edit_forms!r} must be distinct forms out of {list(EDIT_FORMS)}")
         _check(self.answer_margin_cap > 0, "training.answer_margin_cap", "must be > 0")
         _check(self.select_on in ("loss", "generation"), "training.select_on", f"{self.select_on!r} is not 'loss' or 'generation'")
         _check(0 <= self.locality_floor <= 1, "training.locality_floor", "must be in [0, 1]")

@@ -161,8 +161,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.editor:
         options["path"] = args.editor
     model_name = args.model or (editor_model_name(editor_path) if args.editor else None) or DEFAULT_MODEL
-    answer_stop = args.answer_stop or (query_setup(editor_path)["answer_stop"] if editor_path else "none")
-    edit_forms = check_edit_forms(args.edit_forms or (query_setup(editor_path)["edit_forms"] if editor_path else ["wrapped"]), "--edit-forms")
+    # how the editor was trained to be asked (its editor_config.json, read once); a registry method: no template or stop
+    trained = query_setup(editor_path) if editor_path else {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"]}
+    answer_stop = args.answer_stop or trained["answer_stop"]
+    edit_forms = check_edit_forms(args.edit_forms or trained["edit_forms"], "--edit-forms")
     judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
     which, why = args.instruction, "given with --instruction"
@@ -171,9 +173,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if which is None:
             which, why = ("none", "the editor was trained without instructions") if trained_with is False else \
                 ("seen", "the editor was trained with instructions" if trained_with else "no training config found: assumed with instructions")
-        template = query_setup(args.editor)["template"]
-        if template and not args.instruction_pool:
-            pool = dataclasses.replace(pool, template=template)  # asked in the template it was trained with
+        if trained["template"] and not args.instruction_pool:
+            pool = dataclasses.replace(pool, template=trained["template"])  # asked in the template it was trained with
     elif which is None:
         which, why = "seen", "the default for registry methods"
     instruction = resolve_instruction(which, pool)

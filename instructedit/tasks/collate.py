@@ -13,23 +13,11 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.config import EDIT_FORMS
+from instructedit.config import ANSWER_STOPS, check_edit_forms
 from instructedit.records import EditRecord, MetaBatch, QAItem, TokenBatch
 from instructedit.tasks.instructions import InstructionPool
 
 IGNORE = -100
-ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
-
-
-def check_edit_forms(forms: Sequence[str], where: str = "edit_forms") -> tuple[str, ...]:
-    """``forms`` as a tuple in ``EDIT_FORMS`` order; a clear error for an unknown, repeated or missing form."""
-    if isinstance(forms, str):
-        forms = [f.strip() for f in forms.split(",") if f.strip()]
-    forms = list(forms)
-    unknown = [f for f in forms if f not in EDIT_FORMS]
-    if unknown or not forms or len(set(forms)) != len(forms):
-        raise ValueError(f"{where}: {forms!r} must be distinct forms out of {list(EDIT_FORMS)}, at least one")
-    return tuple(f for f in EDIT_FORMS if f in forms)
 
 
 class PromptTooLongError(ValueError):
