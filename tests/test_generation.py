@@ -226,7 +226,10 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
                                variant_scales=[1.0, 0.5], decode_rows=1) == (before, [after, after_half])
     assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
     assert greedy_before_after(model, tokenizer, split, [], 3, row_updates, transposed, 2) == ([], [[], []])
-    # an architecture whose suffix re-run does not reproduce its logits: two separate calls, said in a warning
+    # an architecture whose suffix re-run does not reproduce its logits: two separate calls, said in a warning (the check
+    # runs once per model: this one passed it above)
+    assert getattr(model, before_after._REPLAY_CHECKED) is True
+    monkeypatch.delattr(model, before_after._REPLAY_CHECKED)
     monkeypatch.setattr(before_after._Prefill, "replay_matches", lambda self: False)
     assert greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
                                variant_scales=[1.0, 0.5]) == (before, [after, after_half])
@@ -249,16 +252,18 @@ def test_a_mend_edits_low_rank_factors_add_what_its_dense_update_adds(tiny_model
         assert left.shape[1] == right.shape[0] < min(dense.shape)  # rank: the edit's tokens
         torch.testing.assert_close(left @ right, dense, rtol=1e-4, atol=1e-6)
     transposed = {w.name: w.transposed for w in editor.weights}
-    batch = collator.qa_batch([("I really like", "cats"), ("The capital of Italy is", "Rome")])
-    outputs = []
-    for updates in (result.updates, result.low_rank):
-        with torch.no_grad(), per_row_updates(model, [None, updates], transposed, [1.0, 0.5]):
+    with torch.no_grad():
+        other = editor.edit(model, collator.qa_batch([("The capital of Spain is", "Paris")]))
+    batch = collator.qa_batch([("I really like", "cats"), ("The capital of Italy is", "Rome"), ("Madrid is in", "Spain")])
+    outputs = []  # two cases' updates side by side (thin: one masked product for both), each row with its own scale
+    for first, second in ((result.updates, other.updates), (result.low_rank, other.low_rank)):
+        with torch.no_grad(), per_row_updates(model, [None, first, second], transposed, [1.0, 0.5, 2.0]):
             outputs.append(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits)
     torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-5)
     with torch.no_grad():
         unedited = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(outputs[1][0], unedited[0])  # the row without an update is untouched
-    assert not torch.allclose(outputs[1][1], unedited[1])
+    assert not torch.allclose(outputs[1][1], unedited[1]) and not torch.allclose(outputs[1][2], unedited[2])
 
 
 class Scripted(nn.Module):
@@ -638,3 +643,45 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
     assert report["settings"]["judge"] == "judge:openai:fake" and report["settings"]["protocol"] == "generation"
     post = report["aggregates"]["counterfact"]["gen_post"]
     assert post["gen_reliability_judge"]["mean"] == 0.0 and post["gen_reliability_judge"]["protocol"] == "generation"
+
+
+def test_decode_rows_shrink_with_the_models_key_value_size():
+    """One decoding loop holds fewer rows for a model whose keys and values per token are larger (a bounded cache)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from instructedit.evaluation.before_after import DECODE_ROWS, decode_rows_for
+
+    def rows(layers: int, hidden: int, dtype: torch.dtype) -> int:
+        config = LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=hidden // 64, intermediate_size=8,
+                             vocab_size=16)
+        with torch.device("meta"):
+            return decode_rows_for(LlamaForCausalLM(config).to(dtype))
+
+    assert rows(2, 64, torch.float32) == DECODE_ROWS  # tiny: the row cap
+    big = rows(32, 4096, torch.bfloat16)  # a 7B LLaMA's shape: 512 KB per token
+    assert 16 <= big < DECODE_ROWS and rows(32, 4096, torch.float32) < big
+
+
+def test_roomy_cache_layer_matches_a_growing_one_and_keeps_rows_in_place():
+    """RoomyLayer: decoding writes into reserved room (and past it) with the keys and values DynamicLayer's concatenation
+    gives; compacting keeps exactly the unfinished rows, moving only those past the kept count."""
+    from transformers.cache_utils import DynamicLayer
+
+    from instructedit.evaluation.generation import RoomyLayer, compacted
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(5, 2, 3, 4), torch.randn(5, 2, 3, 4)
+    plain, roomy = DynamicLayer(), RoomyLayer.padded([(keys[:2], values[:2]), (keys[2:, :, 1:], values[2:, :, 1:])], room=2)
+    assert roomy.get_seq_length() == 3 and torch.equal(roomy.keys[2:, :, 0], torch.zeros(3, 2, 4))  # left padding: zeros
+    plain.update(roomy.keys.clone(), roomy.values.clone())
+    for _ in range(4):  # two steps fit the room, then the buffers grow
+        k, v = torch.randn(5, 2, 1, 4), torch.randn(5, 2, 1, 4)
+        assert all(torch.equal(a, b) for a, b in zip(roomy.update(k, v), plain.update(k, v)))
+    done = torch.tensor([True, False, False, True, False])
+    order = compacted(done)
+    assert sorted(order.tolist()) == [1, 2, 4] and order[1:].tolist() == [1, 2]  # rows 1 and 2 stay, row 4 fills row 0
+    roomy.batch_select_indices(order)
+    plain.batch_select_indices(order)
+    assert torch.equal(roomy.keys, plain.keys) and torch.equal(roomy.values, plain.values)
+    k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
+    assert all(torch.equal(a, b) for a, b in zip(roomy.update(k, v), plain.update(k, v)))

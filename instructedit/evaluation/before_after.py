@@ -4,17 +4,18 @@ An edit changes only the blocks from ``split.first_layer`` on, so the prompt's k
 hidden states below them are the same before and after it. Per batch of prompts, the unedited model
 runs the prompts once (as ``greedy_generate`` would), while hooks keep what each edited block was
 called with; each edited variant's prefill then re-runs only the edited blocks on those inputs,
-every row with its own edit (``row_edits``), writing into a copy of the cache whose lower layers are
-the unedited ones. A batch's shared leading tokens (an instruction template, a chat system turn) pass
+every row with its own edit (``row_edits``), into a cache whose lower layers are the unedited ones
+(shared, not copied). A batch's shared leading tokens (an instruction template, a chat system turn) pass
 the model once, for one row, and the edited blocks replay them row by row. The rows of several
 batches, unedited and edited, then decode in one loop, so each decoding step reads the weights once
-for all of them (shorter caches padded on the left). On the default model (30 blocks, 3 edited) an edited prefill
+for all of them (shorter caches padded on the left, in one cache with room for the answers: ``RoomyLayer``;
+``decode_rows_for`` bounds its size). On the default model (30 blocks, 3 edited) an edited prefill
 costs a tenth of a full one: the evaluation runner asks every case before and after its edit, the
 training validation asks before and after its edit at several step-size multipliers.
 
 The answers equal ``greedy_generate`` calls without and with the per-row edits up to float
-rounding; the first batch of every call checks that re-running the suffix without edits gives the
-unedited logits, and where it does not (an architecture whose final projection does more than
+rounding; the first batch on a model checks that re-running the suffix without edits gives the
+unedited logits (once per model), and where it does not (an architecture whose final projection does more than
 norm + head), the two calls are made separately instead.
 
 A prompt that already passed the model (``Seed``: the evaluation runner's teacher-forced pass over
@@ -33,10 +34,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from instructedit.evaluation.generation import (
-    cache_argument, batch_order, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
+    RoomyLayer, cache_argument, batch_order, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
     left_padded, pad_id, returned_cache, stop_token_ids,
 )
 from instructedit.evaluation.row_edits import Updates, per_row_updates
@@ -49,35 +50,67 @@ logger = logging.getLogger(__name__)
 class Seed:
     """A query's answer begun elsewhere (``packing.case_seeds``: its teacher-forced pass over prompt + expected answer).
 
-    ``layers``: per layer the keys and values (heads, length, head_dim) of the prompt and the ``given``
-    tokens, the answer's first tokens that greedy decoding would produce (none a stop); ``logits``: the
-    next-token logits after them. Decoding goes on from there without a prefill.
+    ``layers``: per layer the keys and values (heads, row length, head_dim) of the pass's row that holds
+    the query (views, shared by the row's seeds); ``positions``: where in that row the prompt and the
+    ``given`` tokens lie, in order (the answer's first tokens that greedy decoding would produce, none a
+    stop); ``logits``: the next-token logits after them. Decoding goes on from there without a prefill.
     """
 
     layers: list[tuple[torch.Tensor, torch.Tensor]]
+    positions: torch.Tensor
     logits: torch.Tensor
     given: list[int]
 
     @property
     def length(self) -> int:
-        return self.layers[0][0].shape[-2]
+        return len(self.positions)
 
 
-def seeded_batch(seeds: Sequence[Seed]) -> tuple[torch.Tensor, Cache, torch.Tensor]:
-    """(next-token logits, KV cache, attention mask) of seeded rows, shorter rows padded on the left (zeros, masked)."""
-    width = max(seed.length for seed in seeds)
-    mask = torch.zeros((len(seeds), width), dtype=torch.long, device=seeds[0].logits.device)
-    for r, seed in enumerate(seeds):
-        mask[r, width - seed.length :] = 1
-
-    def stacked(layer: int, part: int) -> torch.Tensor:
-        return torch.stack([torch.nn.functional.pad(seed.layers[layer][part], (0, 0, width - seed.length, 0)) for seed in seeds])
-
-    cache = DynamicCache(ddp_cache_data=[(stacked(i, 0), stacked(i, 1)) for i in range(len(seeds[0].layers))])
-    return torch.stack([seed.logits for seed in seeds]), cache, mask
+Source = tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]  # per layer (keys, values) of some rows; their attention mask
 
 
-DECODE_ROWS = 256  # most rows (prompts × (variants + 1)) one decoding loop holds: its KV cache grows with them
+def seed_sources(seeds: Sequence[Seed]) -> list[Source]:
+    """The seeds as ``Source`` rows, in order: consecutive seeds of one pass's row are gathered together, one index per
+    layer (shorter ones padded on the left with the row's first position: finite values, masked)."""
+    out: list[Source] = []
+    start = 0
+    while start < len(seeds):
+        end = start + 1
+        while end < len(seeds) and seeds[end].layers is seeds[start].layers:
+            end += 1
+        run = seeds[start:end]
+        width = max(seed.length for seed in run)
+        index = torch.zeros((len(run), width), dtype=torch.long, device=run[0].positions.device)
+        mask = torch.zeros((len(run), width), dtype=torch.long, device=run[0].positions.device)
+        for r, seed in enumerate(run):
+            index[r, width - seed.length :] = seed.positions
+            mask[r, width - seed.length :] = 1
+        out.append(([(k[:, index].transpose(0, 1), v[:, index].transpose(0, 1)) for k, v in run[0].layers], mask))
+        start = end
+    return out
+
+
+_REPLAY_CHECKED = "_instructedit_replay_checked"  # set on a model whose edited blocks' replay was checked
+DECODE_ROWS = 512  # most rows (prompts × (variants + 1)) one decoding loop holds: each step reads the weights once for all
+DECODE_CACHE_BYTES = 3 * 2**30  # and at most this much KV cache (rows × DECODE_ROW_TOKENS tokens): fewer rows for a larger model
+DECODE_ROW_TOKENS = 128
+
+
+def decode_rows_for(model: nn.Module) -> int:
+    """How many rows one decoding loop holds on ``model``: ``DECODE_ROWS``, fewer where their keys and values would pass
+    ``DECODE_CACHE_BYTES`` (the default model: 46 KB per token in float32, 512 rows; a 7B LLaMA in bfloat16: 512 KB, 48)."""
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not (layers and heads and hidden):
+        return DECODE_ROWS // 2
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    per_token = 2 * layers * kv_heads * head_dim * next(model.parameters()).element_size()
+    return max(16, min(DECODE_ROWS, DECODE_CACHE_BYTES // (per_token * DECODE_ROW_TOKENS)))
+
+
 RowUpdates = Callable[[int, int], Updates | None]  # (variant, prompt index) -> the row's weight update (None: unedited)
 
 
@@ -109,15 +142,15 @@ class _Prefill:
         self.stages.append(split.block_arguments(captured))
         self.logits = out.logits[:, -1]
         self.cache = returned_cache(out)
-        # an edited model's cache starts as the unedited layers below the first edited one, empty edited layers (``replay``)
-        self.lower = copy.deepcopy(self.cache)
-        for i in split.suffix_indices:
-            layer = self.lower.layers[i]
-            layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
 
     def replay(self) -> tuple[torch.Tensor, Cache]:
-        """Last-position logits and the cache of the edited blocks re-run on the unedited inputs, with whatever edits are active."""
-        cache = copy.deepcopy(self.lower)
+        """Last-position logits and the cache of the edited blocks re-run on the unedited inputs, with whatever edits are active.
+
+        The cache's layers below the first edited one are the unedited cache's own (shared, not copied: nothing
+        writes them before ``_merged`` copies them into the decoding cache)."""
+        cache = copy.copy(self.cache)
+        suffix = set(self.split.suffix_indices)
+        cache.layers = [DynamicLayer() if i in suffix else layer for i, layer in enumerate(self.cache.layers)]
         for hidden, recorded in self.stages:  # the shared prefix (if any), then the rows' own tokens
             out = self.split.blocks(hidden, with_cache(recorded, cache))
         return self.split.head(out[:, -1]), cache
@@ -127,19 +160,14 @@ class _Prefill:
         return torch.allclose(self.replay()[0].float(), self.logits.float(), atol=1e-4, rtol=1e-3)
 
 
-def _merged(caches: Sequence[Cache], masks: Sequence[torch.Tensor]) -> tuple[Cache, torch.Tensor]:
-    """One cache holding the rows of ``caches`` one after another (the first one, extended in place), shorter ones padded
-    on the left (zero keys and values, masked), and the attention mask of its rows."""
-    width = max(m.shape[1] for m in masks)
-
-    def padded(t: torch.Tensor) -> torch.Tensor:  # (rows, heads, length, dim) -> (rows, heads, width, dim)
-        return torch.nn.functional.pad(t, (0, 0, width - t.shape[-2], 0))
-
-    first = caches[0]
-    for i, layer in enumerate(first.layers):
-        layer.keys = torch.cat([padded(c.layers[i].keys) for c in caches])
-        layer.values = torch.cat([padded(c.layers[i].values) for c in caches])
-    return first, torch.cat([torch.nn.functional.pad(m, (width - m.shape[1], 0)) for m in masks])
+def _merged(sources: Sequence[Source], room: int) -> tuple[Cache, torch.Tensor]:
+    """One cache holding the rows of ``sources`` one after another, shorter ones padded on the left (zero keys and values,
+    masked), with ``room`` positions to decode into (``RoomyLayer``: every source is copied once), and the attention mask
+    of its rows."""
+    width = max(mask.shape[1] for _, mask in sources)
+    cache = DynamicCache()
+    cache.layers = [RoomyLayer.padded([layers[i] for layers, _ in sources], room, width) for i in range(len(sources[0][0]))]
+    return cache, torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in sources])
 
 
 def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[bool] | None = None) -> list[tuple[list[int], int | None]]:
@@ -165,7 +193,7 @@ def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[
 def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, split: SplitModel, prompts: Sequence[str],
                         max_new_tokens: Sequence[int] | int, updates: RowUpdates, transposed: Mapping[str, bool], variants: int = 1,
                         batch_size: int = 32, max_length: int | None = None,
-                        variant_scales: Sequence[float] | None = None, decode_rows: int = DECODE_ROWS,
+                        variant_scales: Sequence[float] | None = None, decode_rows: int | None = None,
                         seeds: Sequence[tuple[Seed, Seed] | None] | None = None) -> tuple[list[str], list[list[str]]]:
     """Greedy continuations of ``prompts`` by the unedited model and by ``variants`` edited ones, from one prefill per batch.
 
@@ -176,7 +204,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
 
     Prompts are prefilled in batches of at most ``batch_size`` that share their leading tokens (an
     instruction template: it passes the model once per batch); the batches' rows, unedited and
-    edited, then decode together in one loop of up to ``decode_rows`` rows (fewer, longer-lived
+    edited, then decode together in one loop of up to ``decode_rows`` rows (default: ``decode_rows_for``; fewer, longer-lived
     loops: each decoding step reads the weights once for all of them).
 
     ``seeds`` (one variant only): per prompt, None or its (unedited, edited) ``Seed``: the prompt's
@@ -204,21 +232,20 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
         return per_row_updates(model, [None if o is None else updates(*o) for o in owners], transposed, scales)
 
     chunks = _chunks(encoded, batch_size, [pair is not None for pair in seeds])
-    per_loop = max(batch_size, decode_rows // (variants + 1))  # prompts decoded in one loop
-    checked = False
+    per_loop = max(batch_size, (decode_rows or decode_rows_for(model)) // (variants + 1))  # prompts decoded in one loop
+    checked = getattr(model, _REPLAY_CHECKED, False)  # once per model: the check costs a replay of the edited blocks
     while chunks:
         group: list[tuple[list[int], int | None]] = []
         while chunks and (not group or sum(len(r) for r, _ in group) + len(chunks[0][0]) <= per_loop):
             group.append(chunks.pop(0))
-        # per variant (0: unedited), per chunk: next-token logits, caches, attention masks
+        # per variant (0: unedited), per chunk: next-token logits, and the keys and values of its rows
         logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
-        caches: list[list[Cache]] = [[] for _ in range(variants + 1)]
-        masks: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
+        sources: list[list[Source]] = [[] for _ in range(variants + 1)]
         for rows, shared in group:
             if shared is None:  # seeded: decoding goes on from the seeds
                 for v in range(2):
-                    first, cache, mask = seeded_batch([seeds[i][v] for i in rows])
-                    logits[v].append(first), caches[v].append(cache), masks[v].append(mask)
+                    logits[v].append(torch.stack([seeds[i][v].logits for i in rows]))
+                    sources[v] += seed_sources([seeds[i][v] for i in rows])
                 continue
             ids, mask = (t.to(device) for t in left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer)))
             prefill = _Prefill(model, split, ids, mask, encoded[rows[0]][:shared])
@@ -228,19 +255,19 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                 return (greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length),
                         [greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length,
                                          rows_context=lambda idx, v=v: rows_context([(v, i) for i in idx])) for v in range(variants)])
+            if not checked:
+                setattr(model, _REPLAY_CHECKED, True)
             checked = True
             logits[0].append(prefill.logits)
-            caches[0].append(prefill.cache)
-            for v in range(variants + 1):
-                masks[v].append(prefill.mask)
+            sources[0].append(([(layer.keys, layer.values) for layer in prefill.cache.layers], prefill.mask))
             for v in range(variants):
                 with rows_context([(v, i) for i in rows]):
                     edited_logits, cache = prefill.replay()
                 logits[v + 1].append(edited_logits)
-                caches[v + 1].append(cache)
+                sources[v + 1].append(([(layer.keys, layer.values) for layer in cache.layers], prefill.mask))
         # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
         rows = [i for r, _ in group for i in r]
-        cache, mask = _merged([c for per_variant in caches for c in per_variant], [m for per_variant in masks for m in per_variant])
+        cache, mask = _merged([source for per_variant in sources for source in per_variant], max(budgets[i] for i in rows))
         n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
         given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, rows * (variants + 1))]
         tokens = greedy_loop(model, mask, mask, [budgets[i] - len(g) for i, g in zip(rows * (variants + 1), given)], newline, blank, eos,

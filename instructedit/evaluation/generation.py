@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicLayer
 
 from instructedit.models.split import cache_argument
 
@@ -148,7 +149,7 @@ def answer_budget(tokenizer: PreTrainedTokenizerBase, target: str, margin: int =
 
 
 MIN_SHARED_PREFIX = 8  # a batch whose prompts share at least this many leading tokens computes them once
-PRUNE_SHARE = 0.1  # finished rows leave the batch once they are this share of it
+PRUNE_SHARE = 0.05  # finished rows leave the batch once they are this share of it
 
 
 @torch.no_grad()
@@ -258,6 +259,101 @@ def returned_cache(out):
     return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
+class RoomyLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values live at the start of buffers with room for more positions.
+
+    ``DynamicLayer.update`` concatenates: every decoding step copies the whole cache (a quarter of a decoding
+    loop's time on the default model, 200 rows). Here a step writes its position into the buffer, and
+    rows that leave the batch (``batch_select_indices``) are compacted within it: after the buffers are
+    made nothing is allocated but the moved rows' scratch copy (fresh memory costs page faults: ~3 ms per 8 MB
+    here). ``keys``/``values`` are views of the filled part, what every reader of a layer sees. Past the room
+    the buffers double."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        """``keys``/``values``: the buffers (rows, heads, capacity, head_dim), of which the first ``length`` positions are filled."""
+        super().__init__()
+        self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
+        self._keys, self._values, self._rows, self._length = keys, values, keys.shape[0], length
+        self._views()
+
+    @classmethod
+    def padded(cls, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], room: int, width: int | None = None) -> "RoomyLayer":
+        """One layer holding the rows of ``parts`` ((keys, values) pairs) one after another, shorter ones padded on the
+        left to ``width`` (default: the longest; zeros: masked), with ``room`` positions to grow."""
+        width = width if width is not None else max(k.shape[-2] for k, _ in parts)
+        rows = sum(k.shape[0] for k, _ in parts)
+        (k0, v0) = parts[0]
+        # the room stays untouched until decoding writes it (fresh memory costs page faults: zeroing it all cost 2.5 s
+        # for 360 rows on the default model); the padding is zeroed (masked, but a NaN there would still spread)
+        keys = k0.new_empty((rows, k0.shape[1], width + room, k0.shape[-1]))
+        values = v0.new_empty((rows, v0.shape[1], width + room, v0.shape[-1]))
+        keys[..., :width, :].zero_()
+        values[..., :width, :].zero_()
+        at = 0
+        for k, v in parts:
+            n = k.shape[0]
+            keys[at : at + n, :, width - k.shape[-2] : width] = k
+            values[at : at + n, :, width - v.shape[-2] : width] = v
+            at += n
+        return cls(keys, values, width)
+
+    def _views(self) -> None:
+        self.keys = self._keys[: self._rows, :, : self._length]
+        self.values = self._values[: self._rows, :, : self._length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        new = key_states.shape[-2]
+        if self._length + new > self._keys.shape[-2]:
+            room = max(new, self._length)
+            self._keys, self._values = (torch.nn.functional.pad(t, (0, 0, 0, room)) for t in (self.keys, self.values))
+            self._rows = self._keys.shape[0]
+        self._keys[: self._rows, :, self._length : self._length + new] = key_states
+        self._values[: self._rows, :, self._length : self._length + new] = value_states
+        self._length += new
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("a decoding cache with reserved room is not cropped")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:  # no room left: the next update doubles the buffers
+        self._keys, self._values = self.keys.repeat_interleave(repeats, dim=0), self.values.repeat_interleave(repeats, dim=0)
+        self._rows = self._keys.shape[0]
+        self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep rows ``indices`` (in this order), in place: only the rows whose place changes are copied (``compacted``
+        moves few)."""
+        moved = (indices != torch.arange(len(indices), device=indices.device)).nonzero()[:, 0]
+        for buffer in (self._keys, self._values):
+            buffer[moved, :, : self._length] = buffer[indices[moved], :, : self._length]
+        self._rows = len(indices)
+        self._views()
+
+
+def compacted(done: torch.Tensor) -> torch.Tensor:
+    """The rows to keep (``~done``) as an order that moves few of them: a kept row stays where it is unless it lies past
+    the kept count, then it fills a finished row's place (the batch's row order changes; the caller maps rows back)."""
+    keep = int((~done).sum())
+    order = torch.arange(keep, device=done.device)
+    holes = done[:keep].nonzero()[:, 0]
+    order[holes] = (~done[keep:]).nonzero()[:, 0] + keep
+    return order
+
+
+def with_room(cache: Any, room: int) -> Any:
+    """``cache`` (a transformers ``DynamicCache``) with room for ``room`` more positions in every layer (``RoomyLayer``);
+    a cache of another kind, or one already roomy, is returned as it is."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return cache
+    cache.layers = [RoomyLayer.padded([(layer.keys, layer.values)], room) for layer in layers]
+    return cache
+
+
 def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
                  blank: torch.Tensor, eos: int | None, prefix: Sequence[int] = (),
                  context: Callable[[list[int]], AbstractContextManager] | None = None,
@@ -296,6 +392,8 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
             else:
                 out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past}, **keep)
                 logits, past = out.logits[:, -1], returned_cache(out)
+            if step == 0:
+                past = with_room(past, max(budgets))
             nxt = logits.argmax(-1)  # (rows,)
             is_eos = nxt == eos if eos is not None else torch.zeros_like(done)
             is_blank = torch.isin(nxt, blank)
@@ -309,7 +407,7 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
             step_ids, step_pos = nxt[:, None], step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
             if past is not None and int(done.sum()) >= PRUNE_SHARE * len(active):  # finished rows leave the batch
-                still = (~done).nonzero()[:, 0]
+                still = compacted(done)
                 past.batch_select_indices(still)
                 step_ids, step_pos, mask = step_ids[still], step_pos[still], mask[still]
                 started, done, limit = started[still], done[still], limit[still]

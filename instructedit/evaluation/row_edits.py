@@ -6,6 +6,11 @@ into the model and decoding its few queries costs one decoding loop per case; he
 (``out[rows of case c] += x[rows of case c] · ΔW_c``), so their queries decode together and the
 model's weights are never written. The result equals decoding with W + ΔW_c up to float rounding
 (x·W + x·ΔW instead of x·(W + ΔW)).
+
+Thin updates (low-rank factors ΔW_c = L_c · R_c, a few columns each: MEND's) are added for all rows at
+once: out += ((x · [L_1 … L_k]) ⊙ M) · [R_1; …; R_k], where M (rows × columns) holds row r's scale in its
+own case's columns and zeros elsewhere. Two thin products and no per-case gathers: a decoding step of
+200 rows of 16 cases made 16 gathers and scatters per edited module before.
 """
 
 from __future__ import annotations
@@ -41,9 +46,10 @@ def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed
     try:
         for name in names:
             module = model.get_submodule(name.rsplit(".", 1)[0])
-            parts = [(torch.tensor(index, device=_device(updates[name])), _oriented(updates[name], transposed[name]), scale)
-                     for updates, scale, index in groups.values() if name in updates]
-            handles.append(module.register_forward_hook(_adder(parts)))
+            thin = [(updates[name], scale, index) for updates, scale, index in groups.values() if isinstance(updates.get(name), tuple)]
+            dense = [(torch.tensor(index, device=_device(updates[name])), _oriented(updates[name], transposed[name]), scale)
+                     for updates, scale, index in groups.values() if name in updates and not isinstance(updates[name], tuple)]
+            handles.append(module.register_forward_hook(_adder(_masked_factors(thin, len(rows)) if thin else None, dense)))
         yield
     finally:
         for handle in handles:
@@ -61,11 +67,29 @@ def _oriented(update: torch.Tensor | tuple[torch.Tensor, torch.Tensor], transpos
     return (update if transposed else update.T,)
 
 
-def _adder(parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], float]]):
+def _masked_factors(thin: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], float, list[int]]],
+                    rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin updates of one module side by side: (left (d_in, R), mask (rows, R), right (R, d_out)), the mask holding
+    each row's scale in its own update's R columns (zero for a row without one)."""
+    lefts, rights = [left for (left, _), _, _ in thin], [right for (_, right), _, _ in thin]
+    mask = torch.zeros((rows, sum(left.shape[1] for left in lefts)), dtype=lefts[0].dtype, device=lefts[0].device)
+    at = 0
+    for (left, _), scale, index in thin:
+        mask[index, at : at + left.shape[1]] = scale
+        at += left.shape[1]
+    return torch.cat(lefts, dim=1), mask, torch.cat(rights, dim=0)
+
+
+def _adder(thin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], float]]):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # (rows, seq, d_in)
-        output = output.clone()
-        for index, factors, scale in parts:  # factors: (d_in, d_out), or (d_in, r) and (r, d_out)
+        if thin is not None:
+            left, mask, right = thin
+            mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # over the rows' positions
+            output = output + (((x.to(left.dtype) @ left) * mask) @ right).to(output.dtype)
+        else:
+            output = output.clone()
+        for index, factors, scale in parts:  # dense: (d_in, d_out)
             added = x[index].to(factors[0].dtype)
             for factor in factors:
                 added = added @ factor

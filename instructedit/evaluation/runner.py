@@ -263,7 +263,7 @@ def evaluate(
     queries: Sequence[str] = gen.QUERY_FORMS,
     generation_batch_size: int = 32,
     judge: gen.Judge | None = None,
-    cases_together: int = 16,
+    cases_together: int = 32,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
