@@ -180,16 +180,14 @@ def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torc
     rephrases, portability, locality) was already run, answer included, before and after the edit
     (``score_functional(keep_cache=True)``, logits ``pre`` / ``post``): its prompt needs no prefill, and
     greedy decoding would say the expected answer's first tokens as long as each is the argmax where
-    it is predicted. The seed holds the pass's keys and values of its row (layers below ``first_edited``
-    are the same before and after the edit) and the positions of the prompt and those tokens in it, the
-    logits that follow, and the tokens.
+    it is predicted. The seed holds the keys and values of the prompt and those tokens (layers below
+    ``first_edited`` are the same before and after the edit), the logits that follow, and the tokens.
     ``stops``: token ids that end an answer (newline, EOS): the seed ends before one.
     """
     sizes = [chunk.input_ids.shape[0] for chunk in case.padded.chunks]
     where = [(c, r) for c, size in enumerate(sizes) for r in range(size)]  # probe -> (chunk, row of the padded chunk)
     pre_ids, post_ids = pre.argmax(-1), post.argmax(-1)
     used: set[int] = set()
-    views: dict[tuple[int, int], list[list[tuple[torch.Tensor, torch.Tensor]]]] = {}
     out: list[tuple[Seed, Seed] | None] = []
     for query in case.queries:
         i = next((k for k, p in enumerate(case.probes) if k not in used and p.family == query.family and p.kind == query.kind
@@ -202,17 +200,15 @@ def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torc
         targets = case.targets[at].tolist()
         chunk, (row, index) = where[i][0], layout.row_tokens(*where[i])
         prompt_length = len(index) - len(targets) + 1  # the row holds the prompt and the answer but its last token
-        if (chunk, row) not in views:  # the row's keys and values before and after the edit, shared by its seeds (no copy)
-            before, after = kv[chunk]
-            views[chunk, row] = [[(layer.keys[row], layer.values[row]) for layer in
-                                  (after.layers[l] if edited and l >= first_edited else layer for l, layer in enumerate(before.layers))]
-                                 for edited in (False, True)]
+        before, after = kv[chunk]
         pair = []
-        for logits, ids, layers in ((pre[at], pre_ids[at], views[chunk, row][0]), (post[at], post_ids[at], views[chunk, row][1])):
+        for logits, ids, edited in ((pre[at], pre_ids[at], False), (post[at], post_ids[at], True)):
             j, limit = 0, min(len(targets), query.budget) - 1  # the seed's logits give one more token
             while j < limit and int(ids[j]) == targets[j] and targets[j] not in stops:
                 j += 1
-            pair.append(Seed(layers, index[: prompt_length + j], logits[j], targets[:j]))
+            keep = index[: prompt_length + j]
+            layers = [after.layers[l] if edited and l >= first_edited else layer for l, layer in enumerate(before.layers)]
+            pair.append(Seed([(layer.keys[row][:, keep], layer.values[row][:, keep]) for layer in layers], logits[j], targets[:j]))
         out.append((pair[0], pair[1]))
     return out
 
