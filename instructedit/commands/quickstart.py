@@ -12,7 +12,7 @@ def add_quickstart_parser(subparsers: Any) -> None:
     """Register ``quickstart`` on an ``add_subparsers()`` object."""
     quick = subparsers.add_parser(
         "quickstart", help="train (or reuse) a small InstructEdit editor on the default model and show a few edits",
-        description="The first run trains a short-budget editor (200 steps, about 5 minutes on 2 quiet CPU cores) into the cache; later "
+        description="The first run trains and calibrates a short-budget least-squares editor (24 steps, about 4 minutes on 2 CPU cores) into the cache; later "
                     "runs reuse it and take seconds. Then a few edits are applied one at a time and rolled back.",
     )
     quick.add_argument("--budget-steps", type=int, default=None, metavar="N", help="optimizer steps (default: the packaged quickstart.yaml's)")
