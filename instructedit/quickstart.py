@@ -177,20 +177,19 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
 CALIBRATED = "calibrated"
 # the recommended calibration (results/table3-generation-smollm2/ls-calibration.json: 400 records, weight 1000) on fewer
 # validation records, so that it takes well under a minute
-CALIBRATION = {"scales": "2,3", "preserve": 400, "preserve_weight": "1000", "val_size": 40, "locality_floor": 0.9}
+CALIBRATION = {"scales": (2.0, 3.0), "preserve": 400, "preserve_weights": (1000.0,), "val_size": 40, "locality_floor": 0.9}
 
 
 def calibrate_quickstart(run_dir: Path, device: str = "auto") -> Path:
     """``instructedit calibrate`` on a least-squares quickstart run: a preservation sample and the step-size multiplier
     (``CALIBRATION``), written to ``run_dir/calibrated`` (replaced if there)."""
-    import argparse
-
-    from instructedit.commands.calibrate import run_calibrate
+    from instructedit.calibration import calibrate
 
     output = run_dir / CALIBRATED
     shutil.rmtree(output, ignore_errors=True)
-    run_calibrate(argparse.Namespace(run=str(run_dir), checkpoint=BEST, output=str(output), preserve_data=None, edit_forms=None,
-                                     device=device, **CALIBRATION))
+    calibrate(run_dir, output, CALIBRATION["scales"], checkpoint=BEST, locality_floor=CALIBRATION["locality_floor"],
+              val_size=CALIBRATION["val_size"], preserve=CALIBRATION["preserve"], preserve_weights=CALIBRATION["preserve_weights"],
+              device=device)
     return output
 
 

@@ -21,13 +21,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
-
-from instructedit.io import write_json
-from instructedit.records import EditRecord
-from instructedit.runs import CONFIG, EDITOR_CONFIG
 
 logger = logging.getLogger(__name__)
 
@@ -98,101 +93,12 @@ def check_preservation_arguments(args: argparse.Namespace) -> bool:
     return wanted
 
 
-def preservation_texts(records: list[EditRecord], count: int, where: str) -> list[tuple[str, str]]:
-    """The (prompt, answer) pairs of the locality prompts of the first ``count`` of ``records`` that have one (``where``
-    names them in an error)."""
-    from instructedit.analysis.many_edits import locality_texts
-
-    texts = locality_texts([r for r in records if r.locality][:count])
-    if not texts:
-        raise ValueError(f"{where}: no record has a locality prompt to preserve")
-    return texts
-
-
 def run_calibrate(args: argparse.Namespace) -> int:
-    import dataclasses
-    import json
-
-    from instructedit.analysis.many_edits import key_memory
-    from instructedit.api import query_setup
-    from instructedit.config import load_config
-    from instructedit.editors.mend import MENDEditor
-    from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
-    from instructedit.models.loading import load_model, resolve_device
-    from instructedit.tasks.collate import check_edit_forms
-    from instructedit.tasks.loaders import load_records
-    from instructedit.tasks.prepare import prepare_data
+    from instructedit.calibration import calibrate
 
     preserve = check_preservation_arguments(args)
     scales = parse_scales(args.scales if args.scales is not None else PRESERVED_SCALES if preserve else SCALES)
-    if not 0 <= args.locality_floor <= 1:
-        raise ValueError(f"--locality-floor must be in [0, 1], got {args.locality_floor}")
-    run, output = Path(args.run), Path(args.output)
-    source = run / args.checkpoint
-    if not (run / CONFIG).is_file() or not (source / EDITOR_CONFIG).is_file():
-        raise FileNotFoundError(f"--run {run}: needs {CONFIG} and {args.checkpoint}/{EDITOR_CONFIG} (a training run folder)")
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output {output} exists and is not empty; choose a new folder")
-    config = load_config(run / CONFIG)
-    if args.edit_forms is not None:
-        forms = list(check_edit_forms(args.edit_forms, "--edit-forms"))
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, edit_forms=forms))
-    if args.val_size is not None:
-        if args.val_size < 1:
-            raise ValueError(f"--val-size must be >= 1, got {args.val_size}")
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, val_size=args.val_size))
-    device = resolve_device(args.device)
-    model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device)
-    data = prepare_data(config, tokenizer)
-    editor = MENDEditor.from_pretrained(source, device=device).eval()
-    if preserve:
-        if args.preserve_data is not None:
-            where = f"--preserve-data {args.preserve_data}"
-            texts = preservation_texts(load_records(Path(args.preserve_data)).records, args.preserve, where)
-        else:
-            where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
-            texts = preservation_texts(data.train, args.preserve, where)
-        memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=args.preserve_weight[0])
-        editor.set_preservation(memory, f"the locality prompts + answers of the first {args.preserve} records with one of {where} "
-                                        f"({len(texts)} texts, {memory.text_tokens} tokens)")
-        print(f"preservation sample: {editor.preservation_source}")
-    instructions = data.instructions(data.val, config.data.instruction_seed)
-    grid: dict[float | None, dict[float, dict[str, float]]] = {}  # preservation weight (None: none) -> multiplier -> scores
-    for weight in args.preserve_weight if preserve else [None]:
-        if weight is not None:
-            memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
-            print(f"preservation weight {weight:g}:")
-        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales, progress=True)
-    pairs = {(w, sc): v for w, per in grid.items() for sc, v in per.items()}
-    # the selection rule of training validation; on a tie the smaller multiplier, then the larger preservation weight
-    chosen_weight, chosen = max(pairs, key=lambda k: (selection_score(pairs[k], args.locality_floor), -k[1], k[0] or 0))
-    per_scale = grid[chosen_weight]
-    if chosen_weight is not None:
-        memory.text_weight = chosen_weight
-    saved = json.loads((source / EDITOR_CONFIG).read_text())
-    extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
-    extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms)}  # how its edits are made
-    extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "locality_floor": args.locality_floor, "edit_forms": list(data.collator.edit_forms), "records": f"the first {config.training.val_size} records of the run's validation split",
-                            "preservation": None if editor.preservation is None else
-                            {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
-                             "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()} for w, per in grid.items()}}}
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with scaled_step_sizes(editor, chosen):
-        editor.save_pretrained(tmp, extra=extra)
-    for name in ("README.md", "training_config.yaml"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
-    write_json(tmp / "calibration.json", extra["calibration"])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)
-    for (w, sc), v in pairs.items():
-        mark = "  <- chosen" if (w, sc) == (chosen_weight, chosen) else ""
-        weight = "" if w is None else f"preservation weight {w:g}, "
-        forms = "".join(f", {k[len('gen_reliability_'):]} {x:.3f}" for k, x in v.items() if k.startswith("gen_reliability_"))
-        print(f"{weight}α × {sc:g}: generation reliability {v.get('gen_reliability', 0):.3f}{forms}, generation locality "
-              f"{v.get('gen_locality', 0):.3f} (n={v.get('gen_n', 0)}){mark}")
-    print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'})")
+    calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
+              preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
+              edit_forms=args.edit_forms, device=args.device)
     return 0
