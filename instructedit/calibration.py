@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from instructedit.io import write_json
 from instructedit.records import EditRecord
@@ -32,9 +33,12 @@ def preservation_texts(records: list[EditRecord], count: int, where: str) -> lis
 
 def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, checkpoint: str = "best", locality_floor: float = 0.9,
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
-              preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto") -> None:
+              preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
+              model: Any = None, tokenizer: Any = None) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
-    preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result."""
+    preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
+
+    ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded."""
     import dataclasses
     import json
 
@@ -64,8 +68,9 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         if val_size < 1:
             raise ValueError(f"--val-size must be >= 1, got {val_size}")
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, val_size=val_size))
-    device = resolve_device(device)
-    model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=device)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=resolve_device(device))
+    device = next(model.parameters()).device
     data = prepare_data(config, tokenizer)
     editor = MENDEditor.from_pretrained(source, device=device).eval()
     if preserve is not None:

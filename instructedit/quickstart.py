@@ -169,7 +169,7 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
         return editor_dir, None, None
     write_model_card(run_dir / BEST, run_dir)
     if least_squares:
-        calibrate_quickstart(run_dir, config.training.device)
+        calibrate_quickstart(run_dir, config.training.device, *((trainer.model, trainer.tokenizer) if trainer else ()))
     write_json(run_dir / MARKER, {"config_hash": digest, "complete": True, "steps": summary["steps"], "best_step": summary["best_step"]})
     return editor_dir, (trainer.model if trainer else None), (trainer.tokenizer if trainer else None)
 
@@ -180,16 +180,17 @@ CALIBRATED = "calibrated"
 CALIBRATION = {"scales": (2.0, 3.0), "preserve": 400, "preserve_weights": (1000.0,), "val_size": 40, "locality_floor": 0.9}
 
 
-def calibrate_quickstart(run_dir: Path, device: str = "auto") -> Path:
+def calibrate_quickstart(run_dir: Path, device: str = "auto", model: nn.Module | None = None,
+                         tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
     """``instructedit calibrate`` on a least-squares quickstart run: a preservation sample and the step-size multiplier
-    (``CALIBRATION``), written to ``run_dir/calibrated`` (replaced if there)."""
+    (``CALIBRATION``), written to ``run_dir/calibrated`` (replaced if there); ``model``/``tokenizer``: the trainer's, reused."""
     from instructedit.calibration import calibrate
 
     output = run_dir / CALIBRATED
     shutil.rmtree(output, ignore_errors=True)
     calibrate(run_dir, output, CALIBRATION["scales"], checkpoint=BEST, locality_floor=CALIBRATION["locality_floor"],
               val_size=CALIBRATION["val_size"], preserve=CALIBRATION["preserve"], preserve_weights=CALIBRATION["preserve_weights"],
-              device=device)
+              device=device, model=model, tokenizer=tokenizer)
     return output
 
 
