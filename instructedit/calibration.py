@@ -44,11 +44,10 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
 
     from instructedit.analysis.many_edits import key_memory
     from instructedit.api import query_setup
-    from instructedit.config import load_config
+    from instructedit.config import check_edit_forms, load_config
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
     from instructedit.models.loading import load_model, resolve_device
-    from instructedit.tasks.collate import check_edit_forms
     from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
 

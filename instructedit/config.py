@@ -22,6 +22,7 @@ EDIT_FORMS = ("wrapped", "chat")
 ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
 EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat")  # what the post-edit (generalization) loss reads (Collator.meta_batch)
 
+
 def check_edit_forms(forms: typing.Sequence[str] | str, where: str = "edit_forms") -> tuple[str, ...]:
     """``forms`` (a sequence, or comma-separated text) as a tuple in ``EDIT_FORMS`` order; a clear error for an unknown,
     repeated or missing form."""

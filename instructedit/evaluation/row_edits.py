@@ -47,7 +47,7 @@ def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed
         for name in names:
             module = model.get_submodule(name.rsplit(".", 1)[0])
             thin = [(updates[name], scale, index) for updates, scale, index in groups.values() if isinstance(updates.get(name), tuple)]
-            dense = [(torch.tensor(index, device=_device(updates[name])), _oriented(updates[name], transposed[name]), scale)
+            dense = [(torch.tensor(index, device=updates[name].device), _oriented(updates[name], transposed[name]), scale)
                      for updates, scale, index in groups.values() if name in updates and not isinstance(updates[name], tuple)]
             handles.append(module.register_forward_hook(_adder(_masked_factors(thin, len(rows)) if thin else None, dense)))
         yield
@@ -56,15 +56,9 @@ def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed
             handle.remove()
 
 
-def _device(update: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> torch.device:
-    return update[0].device if isinstance(update, tuple) else update.device
-
-
-def _oriented(update: torch.Tensor | tuple[torch.Tensor, torch.Tensor], transposed: bool) -> tuple[torch.Tensor, ...]:
-    """The factors whose product x · f₁ (· f₂) is the row's added output: (ΔW,) or (ΔWᵀ,) dense, (left, right) low-rank."""
-    if isinstance(update, tuple):
-        return update
-    return (update if transposed else update.T,)
+def _oriented(update: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """The dense update M whose product x · M is the row's added output: ΔW (stored (d_in, d_out), Conv1D) or ΔWᵀ."""
+    return update if transposed else update.T
 
 
 def _masked_factors(thin: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], float, list[int]]],
@@ -80,7 +74,7 @@ def _masked_factors(thin: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], floa
     return torch.cat(lefts, dim=1), mask, torch.cat(rights, dim=0)
 
 
-def _adder(thin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, parts: list[tuple[torch.Tensor, tuple[torch.Tensor, ...], float]]):
+def _adder(thin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, parts: list[tuple[torch.Tensor, torch.Tensor, float]]):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # (rows, seq, d_in)
         if thin is not None:
@@ -89,10 +83,8 @@ def _adder(thin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, parts: 
             output = output + (((x.to(left.dtype) @ left) * mask) @ right).to(output.dtype)
         else:
             output = output.clone()
-        for index, factors, scale in parts:  # dense: (d_in, d_out)
-            added = x[index].to(factors[0].dtype)
-            for factor in factors:
-                added = added @ factor
+        for index, dense, scale in parts:  # (d_in, d_out)
+            added = x[index].to(dense.dtype) @ dense
             output[index] += (added if scale == 1.0 else added * scale).to(output.dtype)
         return output
 
