@@ -188,6 +188,7 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     from instructedit.evaluation import before_after
     from instructedit.evaluation.before_after import greedy_before_after
+    from instructedit.evaluation.lower_rows import LowerRows
     from instructedit.evaluation.row_edits import per_row_updates
 
     model, tokenizer, editor = setup(tiny_model_dir)
@@ -211,8 +212,23 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
         return updates[i]
 
     versions = {name: p._version for name, p in model.named_parameters()}
+    steps = []  # per decoding step: (rows, lower rows before, lower rows after the rows that part got their own)
+    real_inputs = LowerRows.inputs
+
+    def inputs(self, ids, done, cache):
+        rows, count = len(self.lower), self.count
+        reader = real_inputs(self, ids, done, cache)
+        steps.append((rows, count, self.count))
+        return reader
+
+    monkeypatch.setattr(LowerRows, "inputs", inputs)
     before, (after, after_half) = greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
                                                       variant_scales=[1.0, 0.5])
+    monkeypatch.setattr(LowerRows, "inputs", real_inputs)
+    # the edited rows ran the unedited blocks with their unedited twins (fewer lower rows than rows), and rows whose
+    # tokens parted got lower rows of their own
+    assert all(lower <= rows for rows, _, lower in steps) and steps[0][2] < steps[0][0]
+    assert any(after > before for _, before, after in steps)
     assert before == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4)
     assert after == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=rows_context)
     assert after_half == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=halved)
@@ -645,6 +661,18 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
     assert post["gen_reliability_judge"]["mean"] == 0.0 and post["gen_reliability_judge"]["protocol"] == "generation"
 
 
+def test_prefill_batches_are_cut_where_padding_costs_more_than_a_pass():
+    from instructedit.evaluation.before_after import PREFILL_CALL_TOKENS, _pieces
+
+    short, long = [[1 + i] * 6 for i in range(10)], [[20 + i] * 40 for i in range(10)]  # no shared prefix
+    encoded = short + long
+    assert _pieces(encoded, range(20)) == [(list(range(10)), 0), (list(range(10, 20)), 0)]  # 10·34 padded tokens > one pass
+    same = [[3] * 12 for _ in range(8)]
+    assert _pieces(same, range(8)) == [(list(range(8)), 11)]  # nothing to gain: one pass (all but one token shared)
+    near = [[40 + i] * 10 for i in range(4)] + [[50 + i] * 11 for i in range(4)]  # 4 padded tokens: fewer than a pass costs
+    assert len(_pieces(near, range(8))) == 1 and PREFILL_CALL_TOKENS > 4
+
+
 def test_decode_rows_shrink_with_the_models_key_value_size():
     """One decoding loop holds fewer rows for a model whose keys and values per token are larger (a bounded cache)."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -685,3 +713,11 @@ def test_roomy_cache_layer_matches_a_growing_one_and_keeps_rows_in_place():
     assert torch.equal(roomy.keys, plain.keys) and torch.equal(roomy.values, plain.values)
     k, v = torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)
     assert all(torch.equal(a, b) for a, b in zip(roomy.update(k, v), plain.update(k, v)))
+    # rows appended as copies of others (a lower row parting: lower_rows), in spare rows and past them
+    spare = RoomyLayer.padded([(keys[:2], values[:2])], room=1, spare_rows=1)
+    assert spare.keys.shape[0] == 2
+    spare.append_copies([1])
+    spare.append_copies([0, 2])  # past the spare row: the buffers grow
+    assert torch.equal(spare.keys, keys[[0, 1, 1, 0, 1]]) and torch.equal(spare.values, values[[0, 1, 1, 0, 1]])
+    k, v = torch.randn(5, 2, 1, 4), torch.randn(5, 2, 1, 4)
+    assert torch.equal(spare.update(k, v)[0], torch.cat([keys[[0, 1, 1, 0, 1]], k], dim=2))

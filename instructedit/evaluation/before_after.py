@@ -9,7 +9,8 @@ every row with its own edit (``row_edits``), into a cache whose lower layers are
 the model once, for one row, and the edited blocks replay them row by row. The rows of several
 batches, unedited and edited, then decode in one loop, so each decoding step reads the weights once
 for all of them (shorter caches padded on the left, in one cache with room for the answers: ``RoomyLayer``;
-``decode_rows_for`` bounds its size). On the default model (30 blocks, 3 edited) an edited prefill
+``decode_rows_for`` bounds its size); an edited row fed the same tokens as its unedited twin so far runs the blocks
+below the edited ones with it, once (``lower_rows``: the cache's lower layers hold one row for both). On the default model (30 blocks, 3 edited) an edited prefill
 costs a tenth of a full one: the evaluation runner asks every case before and after its edit, the
 training validation asks before and after its edit at several step-size multipliers.
 
@@ -40,6 +41,7 @@ from instructedit.evaluation.generation import (
     RoomyLayer, cache_argument, batch_order, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
     left_padded, pad_id, returned_cache, stop_token_ids,
 )
+from instructedit.evaluation.lower_rows import LowerRows
 from instructedit.evaluation.row_edits import Updates, per_row_updates
 from instructedit.models.split import SplitModel, with_cache
 
@@ -145,14 +147,48 @@ class _Prefill:
         return torch.allclose(self.replay()[0].float(), self.logits.float(), atol=1e-4, rtol=1e-3)
 
 
-def _merged(sources: Sequence[Source], room: int) -> tuple[Cache, torch.Tensor]:
+def _merged(sources: Sequence[Source], room: int, split_at: int = 0,
+            lower: Sequence[bool] | None = None) -> tuple[Cache, torch.Tensor]:
     """One cache holding the rows of ``sources`` one after another, shorter ones padded on the left (zero keys and values,
     masked), with ``room`` positions to decode into (``RoomyLayer``: every source is copied once), and the attention mask
-    of its rows."""
+    of its rows. ``lower[s]`` False: source ``s`` is left out of the layers below ``split_at`` (its rows read another
+    source's there: ``_lower_rows``), which keep room for the rows left out."""
     width = max(mask.shape[1] for _, mask in sources)
+    lower = lower if lower is not None else [True] * len(sources)
+    left_out = sum(mask.shape[0] for (_, mask), kept in zip(sources, lower, strict=True) if not kept)
     cache = DynamicCache()
-    cache.layers = [RoomyLayer.padded([layers[i] for layers, _ in sources], room, width) for i in range(len(sources[0][0]))]
+    cache.layers = [RoomyLayer.padded([layers[i] for (layers, _), kept in zip(sources, lower) if kept or i >= split_at], room, width,
+                                      spare_rows=left_out if i < split_at else 0)
+                    for i in range(len(sources[0][0]))]
     return cache, torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in sources])
+
+
+def _lower_rows(sources: Sequence[Sequence[Source]], split_at: int) -> tuple[list[int], list[bool]]:
+    """(per decoding row its lower row, per source whether it enters the lower layers) for ``sources`` per variant (0: the
+    unedited), their rows in that order: an edited source whose layers below ``split_at`` are its unedited twin's own
+    tensors (the same prompt, the same tokens: a prefill's replay, a seed with the same given tokens) reads the twin's
+    lower rows (``lower_rows.LowerRows``)."""
+    lower: list[int] = []
+    kept: list[bool] = []
+    firsts: list[int] = []  # per unedited source, its first lower row
+    count = 0
+    for v, per_variant in enumerate(sources):
+        for s, (layers, mask) in enumerate(per_variant):
+            n = mask.shape[0]
+            twin = v > 0 and _same_tensors(layers[:split_at], sources[0][s][0][:split_at]) and torch.equal(mask, sources[0][s][1])
+            first = firsts[s] if twin else count
+            count += 0 if twin else n
+            if v == 0:
+                firsts.append(first)
+            lower += range(first, first + n)
+            kept.append(not twin)
+    return lower, kept
+
+
+def _same_tensors(a: Sequence[tuple[torch.Tensor, torch.Tensor]], b: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether two lists of (keys, values) are views of the same memory, element by element."""
+    return len(a) == len(b) and all(x.data_ptr() == y.data_ptr() and x.shape == y.shape and x.stride() == y.stride()
+                                    for pa, pb in zip(a, b) for x, y in zip(pa, pb))
 
 
 def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[bool] | None = None) -> list[tuple[list[int], int | None]]:
@@ -169,9 +205,34 @@ def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[
             chunks[-1].append(i)
         else:
             chunks.append([i])
-    out: list[tuple[list[int], int | None]] = [(rows, shared_prefix([encoded[i] for i in rows])) for rows in chunks]
+    out: list[tuple[list[int], int | None]] = [piece for rows in chunks for piece in _pieces(encoded, rows)]
     with_seed = [i for i in range(len(encoded)) if seeded[i]]
     return out + [(with_seed[k : k + batch_size], None) for k in range(0, len(with_seed), batch_size)]
+
+
+PREFILL_CALL_TOKENS = 48  # what one more prefill pass costs beyond its tokens (reading the weights: ~55 ms, ~35 tokens here)
+
+
+def _pieces(encoded: Sequence[Sequence[int]], rows: Sequence[int]) -> list[tuple[list[int], int]]:
+    """A prefill batch (``rows`` by length) cut into the runs that cost least: padded tokens plus ``PREFILL_CALL_TOKENS``
+    per pass (a shared prefix passes once more per run). Each with its shared prefix (``shared_prefix``).
+
+    Left padding costs as much as tokens: 30 plain ZsRE questions of 7 to 18 tokens padded together are 540 tokens
+    for 353."""
+    def cost(a: int, b: int) -> tuple[int, int]:
+        shared = shared_prefix([encoded[i] for i in rows[a:b]])
+        width = max(len(encoded[i]) for i in rows[a:b]) - shared
+        return (b - a) * width + PREFILL_CALL_TOKENS * (2 if shared else 1) + shared, shared
+
+    best: list[tuple[int, int, int]] = [(0, 0, 0)]  # per prefix length: (least cost, start of its last run, its shared prefix)
+    for b in range(1, len(rows) + 1):
+        best.append(min((best[a][0] + c, a, shared) for a in range(b) for c, shared in [cost(a, b)]))
+    out, b = [], len(rows)
+    while b:
+        _, a, shared = best[b]
+        out.append((list(rows[a:b]), shared))
+        b = a
+    return out[::-1]
 
 
 @torch.no_grad()
@@ -252,12 +313,15 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                 sources[v + 1].append(([(layer.keys, layer.values) for layer in cache.layers], prefill.mask))
         # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
         rows = [i for r, _ in group for i in r]
-        cache, mask = _merged([source for per_variant in sources for source in per_variant], max(budgets[i] for i in rows))
+        lower, kept = _lower_rows(sources, split.first_layer)
+        cache, mask = _merged([source for per_variant in sources for source in per_variant], max(budgets[i] for i in rows),
+                              split.first_layer, kept)
         n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
         given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, rows * (variants + 1))]
         tokens = greedy_loop(model, mask, mask, [budgets[i] - len(g) for i, g in zip(rows * (variants + 1), given)], newline, blank, eos,
                              start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),  # ids: start holds the prefill
-                             context=lambda active, owners=owners: rows_context([owners[a] for a in active]), given=given)
+                             context=lambda active, owners=owners: rows_context([owners[a] for a in active]), given=given,
+                             lower=LowerRows(split.layers, split.first_layer, lower))
         for r, i in enumerate(rows):
             before[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
             for v in range(variants):

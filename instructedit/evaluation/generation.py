@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from instructedit.evaluation.lower_rows import LowerRows, compacted
 from instructedit.models.split import cache_argument
 
 ANSWER_MARGIN = 8  # tokens allowed beyond the target's own length
@@ -277,25 +278,30 @@ class RoomyLayer(DynamicLayer):
         self._views()
 
     @classmethod
-    def padded(cls, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], room: int, width: int | None = None) -> "RoomyLayer":
+    def padded(cls, parts: Sequence[tuple[torch.Tensor, torch.Tensor]], room: int, width: int | None = None,
+               spare_rows: int = 0) -> "RoomyLayer":
         """One layer holding the rows of ``parts`` ((keys, values) pairs) one after another, shorter ones padded on the
-        left to ``width`` (default: the longest; zeros: masked), with ``room`` positions to grow."""
+        left to ``width`` (default: the longest; zeros: masked), with ``room`` positions to grow and room for
+        ``spare_rows`` more rows (``append_copies``)."""
         width = width if width is not None else max(k.shape[-2] for k, _ in parts)
         rows = sum(k.shape[0] for k, _ in parts)
         (k0, v0) = parts[0]
         # the room stays untouched until decoding writes it (fresh memory costs page faults: zeroing it all cost 2.5 s
         # for 360 rows on the default model); the padding is zeroed (masked, but a NaN there would still spread)
-        keys = k0.new_empty((rows, k0.shape[1], width + room, k0.shape[-1]))
-        values = v0.new_empty((rows, v0.shape[1], width + room, v0.shape[-1]))
-        keys[..., :width, :].zero_()
-        values[..., :width, :].zero_()
+        keys = k0.new_empty((rows + spare_rows, k0.shape[1], width + room, k0.shape[-1]))
+        values = v0.new_empty((rows + spare_rows, v0.shape[1], width + room, v0.shape[-1]))
+        keys[:rows, :, :width].zero_()
+        values[:rows, :, :width].zero_()
         at = 0
         for k, v in parts:
             n = k.shape[0]
             keys[at : at + n, :, width - k.shape[-2] : width] = k
             values[at : at + n, :, width - v.shape[-2] : width] = v
             at += n
-        return cls(keys, values, width)
+        layer = cls(keys, values, width)
+        layer._rows = rows
+        layer._views()
+        return layer
 
     def _views(self) -> None:
         self.keys = self._keys[: self._rows, :, : self._length]
@@ -324,6 +330,19 @@ class RoomyLayer(DynamicLayer):
         self._rows = self._keys.shape[0]
         self._views()
 
+    def append_copies(self, rows: Sequence[int]) -> None:
+        """Append copies of ``rows`` (their keys and values so far) as new rows at the end."""
+        if not rows:
+            return
+        index = torch.tensor(list(rows), device=self._keys.device)
+        if self._rows + len(rows) > self._keys.shape[0]:
+            grow = max(len(rows), self._rows)
+            self._keys, self._values = (torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, grow)) for t in (self._keys, self._values))
+        for buffer in (self._keys, self._values):
+            buffer[self._rows : self._rows + len(rows), :, : self._length] = buffer[index, :, : self._length]
+        self._rows += len(rows)
+        self._views()
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows ``indices`` (in this order), in place: only the rows whose place changes are copied (``compacted``
         moves few)."""
@@ -332,16 +351,6 @@ class RoomyLayer(DynamicLayer):
             buffer[moved, :, : self._length] = buffer[indices[moved], :, : self._length]
         self._rows = len(indices)
         self._views()
-
-
-def compacted(done: torch.Tensor) -> torch.Tensor:
-    """The rows to keep (``~done``) as an order that moves few of them: a kept row stays where it is unless it lies past
-    the kept count, then it fills a finished row's place (the batch's row order changes; the caller maps rows back)."""
-    keep = int((~done).sum())
-    order = torch.arange(keep, device=done.device)
-    holes = done[:keep].nonzero()[:, 0]
-    order[holes] = (~done[keep:]).nonzero()[:, 0] + keep
-    return order
 
 
 def with_room(cache: Any, room: int) -> Any:
@@ -357,7 +366,8 @@ def with_room(cache: Any, room: int) -> Any:
 def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets: list[int], newline: torch.Tensor,
                  blank: torch.Tensor, eos: int | None, prefix: Sequence[int] = (),
                  context: Callable[[list[int]], AbstractContextManager] | None = None,
-                 start: tuple[torch.Tensor, Any] | None = None, given: Sequence[Sequence[int]] | None = None) -> list[list[int]]:
+                 start: tuple[torch.Tensor, Any] | None = None, given: Sequence[Sequence[int]] | None = None,
+                 lower: LowerRows | None = None) -> list[list[int]]:
     """Greedy decoding of a left-padded batch; a row is done at its budget, at EOS or after a newline that ends some text.
 
     ``prefix``: tokens every row begins with, before its own (left-padded) ``ids``: they pass the model
@@ -365,7 +375,11 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
     ``start``: (last-position logits, KV cache) of ``ids`` already run through the model (the prefill is skipped).
     ``given``: per row, answer tokens already decided (``before_after.Seed``): they end its ``ids`` and
     begin its answer, none of them a stop; ``budgets`` count the tokens still to come.
+    ``lower`` (with ``start``): rows that share the blocks below ``lower.split_at`` (``lower_rows.LowerRows``; the
+    start cache's lower layers hold its lower rows).
     """
+    if lower is not None and start is None:
+        raise ValueError("rows share their lower layers only from a start cache built for them")
     n = ids.shape[0]
     keep = last_logits_only(model)
     cache_arg = cache_argument(model)
@@ -389,6 +403,12 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
         for step in range(max(budgets)):
             if step == 0 and start is not None:
                 logits, past = start
+            elif lower is not None:  # the lower blocks run once per lower row, the upper ones per row
+                reader = lower.inputs(step_ids, done, past)
+                with lower.widened():
+                    out = model(input_ids=step_ids[reader], attention_mask=mask[reader], position_ids=step_pos[reader], use_cache=True,
+                                **{cache_arg: past}, **keep)
+                logits = out.logits[:, -1]
             else:
                 out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True, **{cache_arg: past}, **keep)
                 logits, past = out.logits[:, -1], returned_cache(out)
@@ -408,7 +428,10 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
             mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
             if past is not None and int(done.sum()) >= PRUNE_SHARE * len(active):  # finished rows leave the batch
                 still = compacted(done)
-                past.batch_select_indices(still)
+                if lower is not None:
+                    lower.select(still, past)
+                else:
+                    past.batch_select_indices(still)
                 step_ids, step_pos, mask = step_ids[still], step_pos[still], mask[still]
                 started, done, limit = started[still], done[still], limit[still]
                 active = [active[i] for i in still.tolist()]

@@ -201,14 +201,16 @@ def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torc
         chunk, (row, index) = where[i][0], layout.row_tokens(*where[i])
         prompt_length = len(index) - len(targets) + 1  # the row holds the prompt and the answer but its last token
         before, after = kv[chunk]
-        pair = []
+        pair: list[Seed] = []
         for logits, ids, edited in ((pre[at], pre_ids[at], False), (post[at], post_ids[at], True)):
             j, limit = 0, min(len(targets), query.budget) - 1  # the seed's logits give one more token
             while j < limit and int(ids[j]) == targets[j] and targets[j] not in stops:
                 j += 1
             keep = index[: prompt_length + j]
             layers = [after.layers[l] if edited and l >= first_edited else layer for l, layer in enumerate(before.layers)]
-            pair.append(Seed([(layer.keys[row][:, keep], layer.values[row][:, keep]) for layer in layers], logits[j], targets[:j]))
+            own = [(layer.keys[row][:, keep], layer.values[row][:, keep]) if l >= first_edited or not pair or j != len(pair[0].given)
+                  else pair[0].layers[l] for l, layer in enumerate(layers)]  # below the edit, the same tokens: the pre-edit seed's own
+            pair.append(Seed(own, logits[j], targets[:j]))
         out.append((pair[0], pair[1]))
     return out
 
