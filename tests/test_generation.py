@@ -190,6 +190,7 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     from instructedit.evaluation.before_after import greedy_before_after
     from instructedit.evaluation.lower_rows import LowerRows
     from instructedit.evaluation.row_edits import per_row_updates
+    from instructedit.models.split import SplitModel
 
     model, tokenizer, editor = setup(tiny_model_dir)
     split = editor.split(model)
@@ -240,6 +241,9 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     assert [sorted(rows) for rows, shared in chunks if shared >= 8] == [[0, 1, 2]] and len(chunks) == 2
     assert greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
                                variant_scales=[1.0, 0.5], decode_rows=1) == (before, [after, after_half])
+    whole = SplitModel(model, split.spec, 0)  # every block replayed and none shared below: the same answers
+    assert greedy_before_after(model, tokenizer, whole, prompts, budgets, row_updates, transposed, 2, batch_size=4,
+                               variant_scales=[1.0, 0.5]) == (before, [after, after_half])
     assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
     assert greedy_before_after(model, tokenizer, split, [], 3, row_updates, transposed, 2) == ([], [[], []])
     # an architecture whose suffix re-run does not reproduce its logits: two separate calls, said in a warning (the check

