@@ -3,13 +3,14 @@
 The runner (``evaluate``) on the default model with the recommended editor, ``--n`` held-out ZsRE cases, first with
 ``protocol="teacher_forced"``, then ``"both"``; during the latter the model's forward passes are timed and their
 tokens counted (the teacher-forced passes, which run the model too, are left out): prefill passes (the unedited
-prompts the generation protocol prefills, several tokens per row), decoding steps (one token per row), and
+prompts the generation protocol prefills, several tokens per row), decoding steps (one token per lower row: rows
+that share the blocks below the edited ones with their unedited twin, ``lower_rows``, feed one token for both), and
 the edited blocks' replay on the prefill's inputs (``before_after._Prefill.replay``). Beside them, the throughput of
 one matrix product the size of an MLP projection at several row counts (what a CPU thread can do: the passes are
 compared with it). This is the evidence for what generation can cost at least: every prompt token is prefilled
 once, every answer token decoded once, before and after the edit.
 
-    .venv/bin/python benchmarks/profile_eval_generation.py [--editor runs/ctx1/best] [--n 30] [--threads 1]
+    .venv/bin/python benchmarks/profile_eval_generation.py [--editor runs/ls8-answer/calibrated] [--n 30] [--threads 1]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def matmul_gflops(rows: int, d_in: int = 576, d_out: int = 1536, seconds: float 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--editor", default="runs/ctx1/best")
+    parser.add_argument("--editor", default="runs/ls8-answer/calibrated")
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
