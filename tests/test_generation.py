@@ -241,6 +241,18 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     assert [sorted(rows) for rows, shared in chunks if shared >= 8] == [[0, 1, 2]] and len(chunks) == 2
     assert greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
                                variant_scales=[1.0, 0.5], decode_rows=1) == (before, [after, after_half])
+    # the decoding cache is built in the memory an earlier call used (no fresh pages), or fresh when that is in use
+    from instructedit.evaluation.generation import DecodeMemory
+    memory = DecodeMemory.for_model(model)
+    block = memory.block.data_ptr()
+    assert greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
+                               variant_scales=[1.0, 0.5]) == (before, [after, after_half])
+    assert memory.block.data_ptr() == block and DecodeMemory.for_model(model) is memory
+    with memory.claim():
+        assert greedy_before_after(model, tokenizer, split, prompts, budgets, row_updates, transposed, 2, batch_size=4,
+                                   variant_scales=[1.0, 0.5]) == (before, [after, after_half])
+    DecodeMemory.release(model)
+    assert DecodeMemory.for_model(model).block is None
     whole = SplitModel(model, split.spec, 0)  # every block replayed and none shared below: the same answers
     assert greedy_before_after(model, tokenizer, whole, prompts, budgets, row_updates, transposed, 2, batch_size=4,
                                variant_scales=[1.0, 0.5]) == (before, [after, after_half])

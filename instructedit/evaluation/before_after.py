@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from instructedit.evaluation.generation import (
-    RoomyLayer, cache_argument, batch_order, contiguous_head, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
+    DecodeMemory, RoomyLayer, cache_argument, batch_order, contiguous_head, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
     left_padded, pad_id, returned_cache, stop_token_ids,
 )
 from instructedit.evaluation.lower_rows import LowerRows
@@ -151,19 +151,25 @@ class _Prefill:
         return torch.allclose(self.replay()[0].float(), self.logits.float(), atol=1e-4, rtol=1e-3)
 
 
-def _merged(sources: Sequence[Source], room: int, split_at: int = 0,
-            lower: Sequence[bool] | None = None) -> tuple[Cache, torch.Tensor]:
+def _merged(sources: Sequence[Source], room: int, split_at: int = 0, lower: Sequence[bool] | None = None,
+            memory: DecodeMemory | None = None) -> tuple[Cache, torch.Tensor]:
     """One cache holding the rows of ``sources`` one after another, shorter ones padded on the left (zero keys and values,
     masked), with ``room`` positions to decode into (``RoomyLayer``: every source is copied once), and the attention mask
     of its rows. ``lower[s]`` False: source ``s`` is left out of the layers below ``split_at`` (its rows read another
-    source's there: ``_lower_rows``), which keep room for the rows left out."""
+    source's there: ``_lower_rows``), which keep room for the rows left out. ``memory``: the buffers are views of it
+    (an earlier cache's memory: no page faults), else new."""
     width = max(mask.shape[1] for _, mask in sources)
     lower = lower if lower is not None else [True] * len(sources)
     left_out = sum(mask.shape[0] for (_, mask), kept in zip(sources, lower, strict=True) if not kept)
+    parts = [[layers[i] for (layers, _), kept in zip(sources, lower) if kept or i >= split_at] for i in range(len(sources[0][0]))]
+    spare = [left_out if i < split_at else 0 for i in range(len(parts))]
+    buffers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(parts)
+    if memory is not None:
+        shapes = [shape for i, p in enumerate(parts) for shape in RoomyLayer.buffer_shapes(p, room, width, spare[i])]
+        views = memory.take(shapes, parts[0][0][0])
+        buffers = list(zip(views[0::2], views[1::2]))
     cache = DynamicCache()
-    cache.layers = [RoomyLayer.padded([layers[i] for (layers, _), kept in zip(sources, lower) if kept or i >= split_at], room, width,
-                                      spare_rows=left_out if i < split_at else 0)
-                    for i in range(len(sources[0][0]))]
+    cache.layers = [RoomyLayer.padded(p, room, width, spare_rows=spare[i], buffers=buffers[i]) for i, p in enumerate(parts)]
     return cache, torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in sources])
 
 
@@ -284,50 +290,51 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     chunks = _chunks(encoded, batch_size, [pair is not None for pair in seeds])
     per_loop = max(batch_size, (decode_rows or decode_rows_for(model)) // (variants + 1))  # prompts decoded in one loop
     checked = getattr(model, _REPLAY_CHECKED, False)  # once per model: the check costs a replay of the edited blocks
-    while chunks:
-        group: list[tuple[list[int], int | None]] = []
-        while chunks and (not group or sum(len(r) for r, _ in group) + len(chunks[0][0]) <= per_loop):
-            group.append(chunks.pop(0))
-        # per variant (0: unedited), per chunk: next-token logits, and the keys and values of its rows
-        logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
-        sources: list[list[Source]] = [[] for _ in range(variants + 1)]
-        for rows, shared in group:
-            if shared is None:  # seeded: decoding goes on from the seeds
-                for v in range(2):
-                    logits[v].append(torch.stack([seeds[i][v].logits for i in rows]))
-                    sources[v] += seed_sources([seeds[i][v] for i in rows])
-                continue
-            ids, mask = (t.to(device) for t in left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer)))
-            prefill = _Prefill(model, split, ids, mask, encoded[rows[0]][:shared])
-            if not checked and not prefill.replay_matches():
-                logger.warning("re-running the edited blocks of %s does not reproduce its logits: the unedited and edited answers are "
-                               "decoded separately (full prefills)", type(model).__name__)
-                return (greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length),
-                        [greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length,
-                                         rows_context=lambda idx, v=v: rows_context([(v, i) for i in idx])) for v in range(variants)])
-            if not checked:
-                setattr(model, _REPLAY_CHECKED, True)
-            checked = True
-            logits[0].append(prefill.logits)
-            sources[0].append(([(layer.keys, layer.values) for layer in prefill.cache.layers], prefill.mask))
-            for v in range(variants):
-                with rows_context([(v, i) for i in rows]):
-                    edited_logits, cache = prefill.replay()
-                logits[v + 1].append(edited_logits)
-                sources[v + 1].append(([(layer.keys, layer.values) for layer in cache.layers], prefill.mask))
-        # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
-        rows = [i for r, _ in group for i in r]
-        lower, kept = _lower_rows(sources, split.first_layer)
-        cache, mask = _merged([source for per_variant in sources for source in per_variant], max(budgets[i] for i in rows),
-                              split.first_layer, kept)
-        n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
-        given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, rows * (variants + 1))]
-        tokens = greedy_loop(model, mask, mask, [budgets[i] - len(g) for i, g in zip(rows * (variants + 1), given)], newline, blank, eos,
-                             start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),  # ids: start holds the prefill
-                             context=lambda active, owners=owners: rows_context([owners[a] for a in active]), given=given,
-                             lower=LowerRows(split.layers, split.first_layer, lower))
-        for r, i in enumerate(rows):
-            before[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
-            for v in range(variants):
-                after[v][i] = tokenizer.decode(tokens[(v + 1) * n + r], skip_special_tokens=True)
+    with DecodeMemory.for_model(model).claim() as memory:  # an earlier call's cache memory: no page faults
+        while chunks:
+            group: list[tuple[list[int], int | None]] = []
+            while chunks and (not group or sum(len(r) for r, _ in group) + len(chunks[0][0]) <= per_loop):
+                group.append(chunks.pop(0))
+            # per variant (0: unedited), per chunk: next-token logits, and the keys and values of its rows
+            logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
+            sources: list[list[Source]] = [[] for _ in range(variants + 1)]
+            for rows, shared in group:
+                if shared is None:  # seeded: decoding goes on from the seeds
+                    for v in range(2):
+                        logits[v].append(torch.stack([seeds[i][v].logits for i in rows]))
+                        sources[v] += seed_sources([seeds[i][v] for i in rows])
+                    continue
+                ids, mask = (t.to(device) for t in left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer)))
+                prefill = _Prefill(model, split, ids, mask, encoded[rows[0]][:shared])
+                if not checked and not prefill.replay_matches():
+                    logger.warning("re-running the edited blocks of %s does not reproduce its logits: the unedited and edited answers are "
+                                   "decoded separately (full prefills)", type(model).__name__)
+                    return (greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length),
+                            [greedy_generate(model, tokenizer, prompts, budgets, batch_size, max_length,
+                                             rows_context=lambda idx, v=v: rows_context([(v, i) for i in idx])) for v in range(variants)])
+                if not checked:
+                    setattr(model, _REPLAY_CHECKED, True)
+                checked = True
+                logits[0].append(prefill.logits)
+                sources[0].append(([(layer.keys, layer.values) for layer in prefill.cache.layers], prefill.mask))
+                for v in range(variants):
+                    with rows_context([(v, i) for i in rows]):
+                        edited_logits, cache = prefill.replay()
+                    logits[v + 1].append(edited_logits)
+                    sources[v + 1].append(([(layer.keys, layer.values) for layer in cache.layers], prefill.mask))
+            # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
+            rows = [i for r, _ in group for i in r]
+            lower, kept = _lower_rows(sources, split.first_layer)
+            cache, mask = _merged([source for per_variant in sources for source in per_variant], max(budgets[i] for i in rows),
+                                  split.first_layer, kept, memory)
+            n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
+            given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, rows * (variants + 1))]
+            tokens = greedy_loop(model, mask, mask, [budgets[i] - len(g) for i, g in zip(rows * (variants + 1), given)], newline, blank, eos,
+                                 start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),  # ids: start holds the prefill
+                                 context=lambda active, owners=owners: rows_context([owners[a] for a in active]), given=given,
+                                 lower=LowerRows(split.layers, split.first_layer, lower), memory=memory)
+            for r, i in enumerate(rows):
+                before[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
+                for v in range(variants):
+                    after[v][i] = tokenizer.decode(tokens[(v + 1) * n + r], skip_special_tokens=True)
     return before, after
