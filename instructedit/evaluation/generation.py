@@ -459,7 +459,7 @@ def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int) -> 
         yield
         return
     (buffer,) = memory.take([torch.Size((rows, head.out_features))], head.weight, slot="logits")
-    usual = head.forward
+    usual, own = head.forward, head.__dict__.get("forward")  # own: a forward the instance already had (kept)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -475,7 +475,10 @@ def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int) -> 
     try:
         yield
     finally:
-        del head.forward
+        if own is not None:
+            head.forward = own
+        else:
+            del head.forward
 
 
 def with_room(cache: Any, room: int) -> Any:
