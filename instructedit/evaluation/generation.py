@@ -294,11 +294,13 @@ class RoomyLayer(DynamicLayer):
     here). ``keys``/``values`` are views of the filled part, what every reader of a layer sees. Past the room
     the buffers double."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
-        """``keys``/``values``: the buffers (rows, heads, capacity, head_dim), of which the first ``length`` positions are filled."""
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int, rows: int | None = None) -> None:
+        """``keys``/``values``: the buffers (capacity rows, heads, capacity positions, head_dim), of which the first ``rows``
+        (default: all) rows and ``length`` positions are filled."""
         super().__init__()
         self.device, self.dtype, self.is_initialized = keys.device, keys.dtype, True
-        self._keys, self._values, self._rows, self._length = keys, values, keys.shape[0], length
+        self._keys, self._values, self._length = keys, values, length
+        self._rows = keys.shape[0] if rows is None else rows
         self._views()
 
     @staticmethod
@@ -334,10 +336,7 @@ class RoomyLayer(DynamicLayer):
             keys[at : at + n, :, width - k.shape[-2] : width] = k
             values[at : at + n, :, width - v.shape[-2] : width] = v
             at += n
-        layer = cls(keys, values, width)
-        layer._rows = rows
-        layer._views()
-        return layer
+        return cls(keys, values, width, rows)
 
     def _views(self) -> None:
         self.keys = self._keys[: self._rows, :, : self._length]

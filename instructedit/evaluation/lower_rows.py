@@ -113,7 +113,9 @@ class LowerRows:
     def _widen(self, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             if value.dim() >= 2 and value.shape[0] == self.count:
-                return value.index_select(0, self._index.to(value.device))
+                if self._index.device != value.device:  # made on the CPU: moved once, not at every block
+                    self._index = self._index.to(value.device)
+                return value.index_select(0, self._index)
             return value
         if isinstance(value, (tuple, list)):
             return type(value)(self._widen(v) for v in value)
