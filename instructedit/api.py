@@ -23,6 +23,7 @@ from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle, keep_in_sequence
 from instructedit.editors.card import POOL_COPY, training_config
+from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
 from instructedit.runs import EDITOR_CONFIG
@@ -136,7 +137,7 @@ def score_targets(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: S
     logits = model.get_output_embeddings()(hidden[batch.label_mask]).float()
     gold = batch.labels[batch.label_mask]
     logp = logits.log_softmax(-1).gather(-1, gold[:, None]).squeeze(-1)
-    argmax, rows = logits.argmax(-1), batch.label_mask.nonzero()[:, 0]
+    argmax, rows = argmax_ids(logits), batch.label_mask.nonzero()[:, 0]
     scores = []
     for r in range(len(pairs)):
         at = rows == r

@@ -11,6 +11,13 @@ import torch
 import torch.nn.functional as F
 
 
+def argmax_ids(logits: torch.Tensor) -> torch.Tensor:
+    """The index of each row's largest logit (last dimension): ``argmax``'s result, the first maximum on ties and a NaN's
+    index where one is (documented for both), from ``max``, which on the CPU is 2-3× faster over a vocabulary (300 rows
+    of 49,152 logits: 18 ms against 38; a decoding step of the default model spends it on every row)."""
+    return logits.max(-1).indices
+
+
 def masked_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean negative log-likelihood of the target tokens (averaged over all scored tokens)."""
     return F.cross_entropy(logits.float(), targets)
@@ -76,9 +83,9 @@ def per_row_nll(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor,
 
 def token_accuracy(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Teacher-forced argmax accuracy over the answer tokens, per row -> (n_rows,) in [0, 1]."""
-    return per_row_mean(logits.argmax(-1) == targets, rows, n_rows)
+    return per_row_mean(argmax_ids(logits) == targets, rows, n_rows)
 
 
 def unchanged_share(pre_logits: torch.Tensor, post_logits: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Locality: share of answer tokens whose argmax the edit left unchanged, per row."""
-    return per_row_mean(pre_logits.argmax(-1) == post_logits.argmax(-1), rows, n_rows)
+    return per_row_mean(argmax_ids(pre_logits) == argmax_ids(post_logits), rows, n_rows)

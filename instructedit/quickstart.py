@@ -28,6 +28,7 @@ from instructedit.evaluation.generation import answer_budget, exact_match, first
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.io import write_json
+from instructedit.losses import argmax_ids
 from instructedit.models.architectures import is_conv1d
 from instructedit.models.loading import cache_dir, load_model, resolve_device
 from instructedit.records import TokenBatch
@@ -198,7 +199,7 @@ def calibrate_quickstart(run_dir: Path, device: str = "auto", model: nn.Module |
 def _answer_argmax(model: nn.Module, batch: TokenBatch, rows_context: Callable[[list[int]], AbstractContextManager] | None = None) -> torch.Tensor:
     with rows_context(list(range(batch.n_rows))) if rows_context is not None else contextlib.nullcontext():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return logits[batch.label_mask].argmax(-1)  # (n_answer_tokens,)
+    return argmax_ids(logits[batch.label_mask])  # (n_answer_tokens,)
 
 
 def _answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], budgets: Sequence[int]) -> list[str]:

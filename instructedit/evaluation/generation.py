@@ -26,6 +26,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from instructedit.evaluation.lower_rows import LowerRows, compacted
+from instructedit.losses import argmax_ids
 from instructedit.models.split import cache_argument
 
 ANSWER_MARGIN = 8  # tokens allowed beyond the target's own length
@@ -542,7 +543,7 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
                 logits, past = out.logits[:, -1], returned_cache(out)
             if step == 0:
                 past = with_room(past, max(budgets))
-            nxt = logits.argmax(-1)  # (rows,)
+            nxt = argmax_ids(logits)  # (rows,)
             is_eos = nxt == eos if eos is not None else torch.zeros_like(done)
             is_blank = torch.isin(nxt, blank)
             stop = (torch.isin(nxt, newline) & (started | ~is_blank)) | is_eos

@@ -21,6 +21,7 @@ from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.before_after import Seed
 from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
 from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
+from instructedit.losses import argmax_ids
 from instructedit.models.packing import pack, positions_fed, shareable_rows
 from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
@@ -47,7 +48,7 @@ def probe_scores(model: nn.Module, collator: Collator, pairs: Sequence[tuple[str
         batch = collator.qa_batch(list(pairs[start : start + batch_size])).to(device)
         logits = scored_logits(model, batch)
         rows, n = batch.label_mask.nonzero()[:, 0], batch.n_rows
-        ids = logits.argmax(-1)
+        ids = argmax_ids(logits)
         pre = torch.cat([pre_argmax[start + j].to(device) for j in range(n)]) if pre_argmax is not None else ids
         accuracy += answer_accuracy(logits, batch.labels[batch.label_mask], rows, n).tolist()
         unchanged += unchanged_tokens(pre, ids, rows, n).tolist()
@@ -186,7 +187,7 @@ def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torc
     """
     sizes = [chunk.input_ids.shape[0] for chunk in case.padded.chunks]
     where = [(c, r) for c, size in enumerate(sizes) for r in range(size)]  # probe -> (chunk, row of the padded chunk)
-    pre_ids, post_ids = pre.argmax(-1), post.argmax(-1)
+    pre_ids, post_ids = argmax_ids(pre), argmax_ids(post)
     used: set[int] = set()
     out: list[tuple[Seed, Seed] | None] = []
     for query in case.queries:
@@ -208,8 +209,9 @@ def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torc
                 j += 1
             keep = index[: prompt_length + j]
             layers = [after.layers[l] if edited and l >= first_edited else layer for l, layer in enumerate(before.layers)]
-            own = [(layer.keys[row][:, keep], layer.values[row][:, keep]) if l >= first_edited or not pair or j != len(pair[0].given)
-                  else pair[0].layers[l] for l, layer in enumerate(layers)]  # below the edit, the same tokens: the pre-edit seed's own
+            own = [(layer.keys[row].index_select(1, keep), layer.values[row].index_select(1, keep))  # a third of [:, keep]'s time
+                   if l >= first_edited or not pair or j != len(pair[0].given)
+                   else pair[0].layers[l] for l, layer in enumerate(layers)]  # below the edit, the same tokens: the pre-edit seed's own
             pair.append(Seed(own, logits[j], targets[:j]))
         out.append((pair[0], pair[1]))
     return out

@@ -44,6 +44,7 @@ from instructedit.evaluation.packing import (
 )
 from instructedit.evaluation.probes import OPPOSITE, SCORED
 from instructedit.evaluation.report import PHASES, CaseResult, EvalReport, EvalSettings, SequentialPoint
+from instructedit.losses import argmax_ids
 from instructedit.models.loading import max_input_length
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator
@@ -80,7 +81,7 @@ def _accuracy_metrics(case: Case, logits: torch.Tensor) -> dict[str, float]:
 
 def _post_metrics(case: Case, logits: torch.Tensor, pre_argmax: torch.Tensor) -> dict[str, float]:
     metrics = _accuracy_metrics(case, logits)
-    same = unchanged_tokens(pre_argmax, logits.argmax(-1), case.rows, len(case.probes)).tolist()
+    same = unchanged_tokens(pre_argmax, argmax_ids(logits), case.rows, len(case.probes)).tolist()
     local = [i for i, p in enumerate(case.probes) if p.family == "locality"]
     metrics.update(family_means([same[i] for i in local], ["locality"] * len(local), [case.probes[i].kind for i in local]))
     return metrics
@@ -169,7 +170,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
         for (case, pre, post, *_), unedited, said in zip(pending, before, answers, strict=True):
             case.pre_answers = unedited
             guard.verify(where=f"case {case.index} ({case.record.source})")
-            results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, pre.argmax(-1)), said,
+            results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), said,
                                         generation, teacher_forced))
         pending.clear()
 
@@ -188,7 +189,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
         else:
             pre, post, answers = _score_in_place(model, editor, case, ask)
         guard.verify(where=f"case {case.index} ({case.record.source})")
-        results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, pre.argmax(-1)), answers,
+        results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), answers,
                                     generation, teacher_forced))
     if pending:
         flush()
@@ -203,7 +204,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     """
     for case in tqdm(cases, desc="pre-edit", unit="case", disable=not progress):
         logits = layout_logits(model, case.padded)
-        case.pre, case.pre_argmax = _accuracy_metrics(case, logits), logits.argmax(-1)
+        case.pre, case.pre_argmax = _accuracy_metrics(case, logits), argmax_ids(logits)
     schedule = set(sequential_schedule(len(cases)))
     held: list[EditHandle] = []  # editors that add modules/hooks: undone last-in first-out at the end
     results, curve = [], []
