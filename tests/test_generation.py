@@ -737,3 +737,32 @@ def test_roomy_cache_layer_matches_a_growing_one_and_keeps_rows_in_place():
     assert torch.equal(spare.keys, keys[[0, 1, 1, 0, 1]]) and torch.equal(spare.values, values[[0, 1, 1, 0, 1]])
     k, v = torch.randn(5, 2, 1, 4), torch.randn(5, 2, 1, 4)
     assert torch.equal(spare.update(k, v)[0], torch.cat([keys[[0, 1, 1, 0, 1]], k], dim=2))
+
+
+def test_a_group_cut_into_several_prefill_batches_passes_its_shared_start_once(tiny_model_dir: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from instructedit.evaluation import before_after
+    from instructedit.evaluation.row_edits import per_row_updates
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    split = editor.split(model)
+    template = "Task: zsre\nDescription: Answer the question about the entity with a short phrase.\nInput: {}\nOutput:"
+    long = "Name the author of the book that was written in the north of the country in the nineteenth century by a painter"
+    prompts = [template.format(q) for q in ("Who?", "Why?", "When?", "Where?")] + [template.format(f"{long} {i}?") for i in range(4)]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
+    chunks = before_after._chunks(encoded, 8)
+    assert len(chunks) == 2 and chunks[0][1] == chunks[1][1] >= 8  # two batches, one shared start
+    made = []
+    real_init = before_after._SharedStart.__init__
+    monkeypatch.setattr(before_after._SharedStart, "__init__", lambda self, *a, **k: (made.append(1), real_init(self, *a, **k))[-1])
+    transposed = {w.name: w.transposed for w in editor.weights}
+    torch.manual_seed(2)
+    updates = [{w.name: torch.randn_like(model.get_parameter(w.name)) * 0.5 for w in editor.weights} for _ in prompts]
+    budgets = [4, 6, 2, 5, 3, 6, 4, 1]
+    before, (after,) = before_after.greedy_before_after(model, tokenizer, split, prompts, budgets, lambda v, i: updates[i], transposed,
+                                                        batch_size=8)
+    assert made == [1]
+    assert before == greedy_generate(model, tokenizer, prompts, budgets, batch_size=8)
+    assert after == greedy_generate(model, tokenizer, prompts, budgets, batch_size=8,
+                                    rows_context=lambda rows: per_row_updates(model, [updates[i] for i in rows], transposed))
+    assert any(b != a for b, a in zip(before, after))

@@ -5,7 +5,7 @@ hidden states below them are the same before and after it. Per batch of prompts,
 runs the prompts once (as ``greedy_generate`` would), while hooks keep what each edited block was
 called with; each edited variant's prefill then re-runs only the edited blocks on those inputs,
 every row with its own edit (``row_edits``), into a cache whose lower layers are the unedited ones
-(shared, not copied). A batch's shared leading tokens (an instruction template, a chat system turn) pass
+(shared, not copied). The leading tokens a group of prompts shares (an instruction template, a chat system turn) pass
 the model once, for one row, and the edited blocks replay them row by row. The rows of several
 batches, unedited and edited, then decode in one loop, so each decoding step reads the weights once
 for all of them (shorter caches padded on the left, in one cache with room for the answers: ``RoomyLayer``;
@@ -101,34 +101,53 @@ def decode_rows_for(model: nn.Module) -> int:
 RowUpdates = Callable[[int, int], Updates | None]  # (variant, prompt index) -> the row's weight update (None: unedited)
 
 
+class _SharedStart:
+    """Leading tokens several prefill batches begin with (an instruction template, a chat system turn), passed through the
+    unedited model once, for one row: its cache, and what the edited blocks were called with (``_Prefill`` replays them)."""
+
+    def __init__(self, model: nn.Module, split: SplitModel, tokens: Sequence[int], device: torch.device) -> None:
+        self.length = len(tokens)
+        with split.recording_block_inputs() as captured:
+            out = model(input_ids=torch.tensor([list(tokens)], device=device), use_cache=True, **last_logits_only(model))
+        self.hidden, self.block_args = split.block_arguments(captured)
+        self.cache = returned_cache(out)
+
+    def repeated(self, n: int) -> Cache:
+        """A cache of ``n`` rows that each begin with these tokens (views of this one: the rows' pass appends by concatenation,
+        which copies; nothing writes this cache)."""
+        cache = copy.copy(self.cache)
+        cache.layers = []
+        for layer in self.cache.layers:
+            row = copy.copy(layer)
+            row.keys, row.values = layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1)
+            cache.layers.append(row)
+        return cache
+
+
 class _Prefill:
     """The unedited prefill of one left-padded batch and what the edited blocks were called with.
 
-    ``prefix``: tokens every row begins with (an instruction template, a chat system turn): they pass
-    the model once, for one row, and the rows' own tokens run on a copy of its cache; the edited
-    blocks are replayed on both parts, row by row (``replay``).
+    ``start``: tokens every row begins with (``_SharedStart``, shared by the batches of a group): they passed the model
+    once, for one row, and the rows' own tokens run on a copy of its cache; the edited blocks are replayed on both parts,
+    row by row (``replay``).
     """
 
-    def __init__(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor, prefix: Sequence[int] = ()) -> None:
+    def __init__(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor, start: _SharedStart | None = None) -> None:
         with contiguous_head(model):
-            self._run(model, split, ids, mask, prefix)
+            self._run(model, split, ids, mask, start)
 
-    def _run(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor, prefix: Sequence[int]) -> None:
+    def _run(self, model: nn.Module, split: SplitModel, ids: torch.Tensor, mask: torch.Tensor, start: _SharedStart | None) -> None:
         self.split = split
-        n, keep, past, extra = ids.shape[0], last_logits_only(model), None, {}
+        n, keep, extra, shared = ids.shape[0], last_logits_only(model), {}, 0
         self.stages: list[tuple[torch.Tensor, list]] = []  # (input of the first edited block, block arguments) per pass, in order
-        if len(prefix):
-            with split.recording_block_inputs() as captured:
-                out = model(input_ids=torch.tensor([list(prefix)], device=ids.device), use_cache=True, **keep)
-            hidden, block_args = split.block_arguments(captured)
-            self.stages.append((hidden.expand(n, -1, -1).contiguous(), block_args))
-            past = returned_cache(out)
-            past.batch_repeat_interleave(n)
-            mask = torch.cat([torch.ones((n, len(prefix)), dtype=mask.dtype, device=mask.device), mask], dim=1)
-            extra = {cache_argument(model): past}
-        self.mask = mask  # over the prefix and the rows' own tokens
+        if start is not None:
+            shared = start.length
+            self.stages.append((start.hidden.expand(n, -1, -1).contiguous(), start.block_args))
+            mask = torch.cat([torch.ones((n, shared), dtype=mask.dtype, device=mask.device), mask], dim=1)
+            extra = {cache_argument(model): start.repeated(n)}
+        self.mask = mask  # over the shared start and the rows' own tokens
         with split.recording_block_inputs() as captured:
-            position = (mask.cumsum(-1) - 1).clamp(min=0)[:, len(prefix) :]  # left padding does not shift positions
+            position = (mask.cumsum(-1) - 1).clamp(min=0)[:, shared:]  # left padding does not shift positions
             out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, **extra, **keep)
         self.stages.append(split.block_arguments(captured))
         self.logits = out.logits[:, -1]
@@ -225,21 +244,22 @@ PREFILL_CALL_TOKENS = 48  # what one more prefill pass costs beyond its tokens (
 
 def _pieces(encoded: Sequence[Sequence[int]], rows: Sequence[int]) -> list[tuple[list[int], int]]:
     """A prefill batch (``rows`` by length) cut into the runs that cost least: padded tokens plus ``PREFILL_CALL_TOKENS``
-    per pass (a shared prefix passes once more per run). Each with its shared prefix (``shared_prefix``).
+    per pass. The leading tokens all its prompts share (``shared_prefix``) pass the model once for every run
+    (``_SharedStart``); each run comes with their number.
 
     Left padding costs as much as tokens: 30 plain ZsRE questions of 7 to 18 tokens padded together are 540 tokens
-    for 353."""
-    def cost(a: int, b: int) -> tuple[int, int]:
-        shared = shared_prefix([encoded[i] for i in rows[a:b]])
-        width = max(len(encoded[i]) for i in rows[a:b]) - shared
-        return (b - a) * width + PREFILL_CALL_TOKENS * (2 if shared else 1) + shared, shared
+    for 353; 30 chat-template questions, 720 for 533 after their shared 24-token system turn."""
+    shared = shared_prefix([encoded[i] for i in rows])
 
-    best: list[tuple[int, int, int]] = [(0, 0, 0)]  # per prefix length: (least cost, start of its last run, its shared prefix)
+    def cost(a: int, b: int) -> int:
+        return (b - a) * (max(len(encoded[i]) for i in rows[a:b]) - shared) + PREFILL_CALL_TOKENS
+
+    best: list[tuple[int, int]] = [(0, 0)]  # per prefix of the rows: (least cost, start of its last run)
     for b in range(1, len(rows) + 1):
-        best.append(min((best[a][0] + c, a, shared) for a in range(b) for c, shared in [cost(a, b)]))
+        best.append(min((best[a][0] + cost(a, b), a) for a in range(b)))
     out, b = [], len(rows)
     while b:
-        _, a, shared = best[b]
+        a = best[b][1]
         out.append((list(rows[a:b]), shared))
         b = a
     return out[::-1]
@@ -290,6 +310,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     chunks = _chunks(encoded, batch_size, [pair is not None for pair in seeds])
     per_loop = max(batch_size, (decode_rows or decode_rows_for(model)) // (variants + 1))  # prompts decoded in one loop
     checked = getattr(model, _REPLAY_CHECKED, False)  # once per model: the check costs a replay of the edited blocks
+    starts: dict[tuple[int, ...], _SharedStart] = {}  # leading tokens of several batches: they pass the model once
     with DecodeMemory.for_model(model).claim() as memory:  # an earlier call's cache memory: no page faults
         while chunks:
             group: list[tuple[list[int], int | None]] = []
@@ -305,7 +326,10 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                         sources[v] += seed_sources([seeds[i][v] for i in rows])
                     continue
                 ids, mask = (t.to(device) for t in left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer)))
-                prefill = _Prefill(model, split, ids, mask, encoded[rows[0]][:shared])
+                head = tuple(encoded[rows[0]][:shared])
+                if head and head not in starts:
+                    starts[head] = _SharedStart(model, split, head, device)
+                prefill = _Prefill(model, split, ids, mask, starts.get(head))
                 if not checked and not prefill.replay_matches():
                     logger.warning("re-running the edited blocks of %s does not reproduce its logits: the unedited and edited answers are "
                                    "decoded separately (full prefills)", type(model).__name__)
