@@ -766,3 +766,17 @@ def test_a_group_cut_into_several_prefill_batches_passes_its_shared_start_once(t
     assert after == greedy_generate(model, tokenizer, prompts, budgets, batch_size=8,
                                     rows_context=lambda rows: per_row_updates(model, [updates[i] for i in rows], transposed))
     assert any(b != a for b, a in zip(before, after))
+
+
+def test_prefill_groups_the_prompts_it_prefills_where_a_shared_start_pays():
+    from instructedit.evaluation.before_after import _chunks
+
+    plain = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10 + i] for i in range(3)]  # 9 shared tokens: 27 saved, fewer than two passes cost
+    others = [[200 + i] * (5 + i) for i in range(3)]
+    templated = [list(range(100, 130)) + [300 + i] for i in range(6)]  # 30 shared tokens: 180 saved
+    seeded_twin = [plain[0] + [50, 51]]  # begins like a plain prompt but is not prefilled (its seed is given)
+    encoded = plain + others + templated + seeded_twin
+    chunks = _chunks(encoded, 32, [False] * 12 + [True])
+    # the short prompts prefill together in one pass (before, the seeded twin made the first plain prompt a group of its
+    # own, one pass for one row); the templated ones in one with their 30 tokens passed once; the seeded one last
+    assert chunks == [([3, 4, 5, 0, 1, 2], 0), (list(range(6, 12)), 30), ([12], None)]

@@ -38,7 +38,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from instructedit.evaluation.generation import (
-    DecodeMemory, RoomyLayer, cache_argument, batch_order, contiguous_head, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
+    DecodeMemory, RoomyLayer, cache_argument, contiguous_head, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
     left_padded, pad_id, returned_cache, stop_token_ids,
 )
 from instructedit.evaluation.lower_rows import LowerRows
@@ -221,16 +221,24 @@ def _same_tensors(a: Sequence[tuple[torch.Tensor, torch.Tensor]], b: Sequence[tu
 
 
 def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[bool] | None = None) -> list[tuple[list[int], int | None]]:
-    """Prefill batches in decoding order (``batch_order``): at most ``batch_size`` prompts of one ``group_keys`` group;
-    each with the number of leading tokens its prompts share (``shared_prefix``). Then the seeded prompts (no prefill),
-    ``batch_size`` at a time, with None."""
-    keys = group_keys(encoded)
+    """Prefill batches in decoding order: the prompts to prefill (not ``seeded``) grouped by the leading tokens they share
+    (``group_keys`` among themselves), then by length; at most ``batch_size`` prompts of one group per batch, cut where
+    padding costs more than a pass (``_pieces``); each with the number of leading tokens its prompts share. A group whose
+    shared start would save fewer tokens than its own passes cost joins the prompts without one (CounterFact: a plain
+    question shares its head with a seeded probe or one other question; alone, each was a one-row pass). Then the seeded
+    prompts (no prefill), ``batch_size`` at a time, with None."""
     seeded = seeded or [False] * len(encoded)
+    todo = [i for i in range(len(encoded)) if not seeded[i]]
+    keys = group_keys([encoded[i] for i in todo])
+    worth: dict[tuple[int, ...], bool] = {}
+    for key in set(keys):
+        rows = [encoded[i] for i, k in zip(todo, keys) if k == key]
+        shared = shared_prefix(rows) if key else 0
+        worth[key] = shared > 0 and len(rows) * shared > shared + 2 * PREFILL_CALL_TOKENS  # its start's pass and its own
+    key_of = {i: key if worth[key] else () for i, key in zip(todo, keys)}
     chunks: list[list[int]] = []
-    for i in batch_order(encoded):
-        if seeded[i]:
-            continue
-        if chunks and len(chunks[-1]) < batch_size and keys[chunks[-1][0]] == keys[i]:
+    for i in sorted(todo, key=lambda i: (key_of[i], len(encoded[i]))):
+        if chunks and len(chunks[-1]) < batch_size and key_of[chunks[-1][0]] == key_of[i]:
             chunks[-1].append(i)
         else:
             chunks.append([i])
