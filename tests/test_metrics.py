@@ -10,7 +10,7 @@ import torch
 from instructedit.evaluation.metrics import (
     MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin, task_average, unchanged_tokens,
 )
-from instructedit.losses import locality_margin, unchanged_share
+from instructedit.losses import argmax_ids, locality_margin, unchanged_share
 
 VOCAB = 5
 
@@ -108,3 +108,13 @@ def test_locality_margin_counts_an_eroded_lead_up_to_the_cap() -> None:
     assert locality_margin(pre, flipped).item() == pytest.approx((2.0 + 0.0) / 2)
     shrunk = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # row 1: lead 5 (capped at 2) -> 1
     assert locality_margin(pre, shrunk, cap=2.0).item() == pytest.approx((0.0 + 1.0) / 2)
+
+
+def test_argmax_ids_is_argmax_with_ties_and_nan() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(6, 5, 300)
+    logits[0, :, 7] = logits[0, :, 100] = logits[0].amax(-1) + 1  # a tie: the first index
+    logits[1, 2, 250] = float("nan")  # a NaN: its index
+    logits[2] = 0.0  # all equal: index 0
+    assert torch.equal(argmax_ids(logits), logits.argmax(-1))
+    assert argmax_ids(logits)[0].tolist() == [7] * 5 and int(argmax_ids(logits)[1, 2]) == 250 and argmax_ids(logits)[2].eq(0).all()
