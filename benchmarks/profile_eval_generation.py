@@ -1,6 +1,6 @@
 """Where the generation protocol's time goes in an evaluation; writes benchmarks/results/eval_generation_profile.json.
 
-The runner (``evaluate``) on the default model with the recommended editor, ``--n`` held-out ZsRE cases, first with
+The runner (``evaluate``) on the default model with the recommended editor, ``--n`` test cases of ``--task`` (held-out ZsRE), first with
 ``protocol="teacher_forced"``, then ``"both"``; during the latter the model's forward passes are timed and their
 tokens counted (the teacher-forced passes, which run the model too, are left out): prefill passes (the unedited
 prompts the generation protocol prefills, several tokens per row), decoding steps (one token per lower row: rows
@@ -10,7 +10,7 @@ one matrix product the size of an MLP projection at several row counts (what a C
 compared with it). This is the evidence for what generation can cost at least: every prompt token is prefilled
 once, every answer token decoded once, before and after the edit.
 
-    .venv/bin/python benchmarks/profile_eval_generation.py [--editor runs/ls8-answer/calibrated] [--n 30] [--threads 1]
+    .venv/bin/python benchmarks/profile_eval_generation.py [--editor runs/ls8-answer/calibrated] [--task zsre] [--n 30] [--threads 1]
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ def matmul_gflops(rows: int, d_in: int = 576, d_out: int = 1536, seconds: float 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--editor", default="runs/ls8-answer/calibrated")
+    parser.add_argument("--task", default="zsre", help="the test split whose first --n cases are evaluated")
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -63,7 +64,7 @@ def main() -> None:
     editor = MENDEditor.from_pretrained(args.editor).eval()
     pool, made = trained_queries(args.editor)
     instruction = pool.evaluation_index("seen")
-    records = load_task_splits("zsre").test[: args.n]
+    records = load_task_splits(args.task).test[: args.n]
 
     def run(protocol: str) -> float:
         start = time.perf_counter()
@@ -103,7 +104,7 @@ def main() -> None:
     report = {
         "benchmark": "where generation's time goes in an evaluation (protocol both against teacher_forced), default model",
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "editor": args.editor, "task": "zsre", "n_cases": len(records), "threads": args.threads, "torch": torch.__version__,
+        "editor": args.editor, "task": args.task, "n_cases": len(records), "threads": args.threads, "torch": torch.__version__,
         "platform": platform.platform(), "load_average": list(os.getloadavg()),
         "teacher_forced_s": teacher_forced, "both_s": both, "generation_s": both - teacher_forced,
         "ratio_both_over_teacher_forced": both / teacher_forced,
