@@ -12,13 +12,14 @@ Beside it, the runner's cost of the generation protocol: the same cases with ``p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import logging
 import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from instructedit.config import DEFAULT_MODEL, load_config
 from instructedit.editors.base import Editor
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
+from instructedit.evaluation.greedy_head import BF16_HEAD_ENV, bf16_head_wanted
 from instructedit.evaluation.metrics import aggregate, family_means
 from instructedit.evaluation.probes import SCORED, case_probes
 from instructedit.evaluation.runner import evaluate
@@ -88,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads spin against other processes)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loop: only teacher-forced vs both protocols")
+    parser.add_argument("--float32-head-too", action="store_true",
+                        help="also time both protocols with greedy decoding's vocabulary projection in float32 "
+                             "($INSTRUCTEDIT_BF16_HEAD=0), interleaved: what the bfloat16 head saves")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -126,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         times["batched"].append(wall), times["batched_cpu"].append(cpu)
         wall, cpu, both = batched("both")
         times["both"].append(wall), times["both_cpu"].append(cpu)
+        if args.float32_head_too:
+            with float32_head():
+                wall, cpu, both32 = batched("both")
+            times.setdefault("both_float32_head", []).append(wall), times.setdefault("both_float32_head_cpu", []).append(cpu)
+            if answers(both32) != answers(both):
+                raise RuntimeError("the float32 and the bfloat16 head gave different answers")
         if not args.no_naive:
             wall, cpu, naive_results = naive()
             times["naive"].append(wall), times["naive_cpu"].append(cpu)
@@ -148,6 +159,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def float32_head() -> Iterator[None]:
+    """Greedy decoding projects onto the vocabulary in float32 within the block (``greedy_head``)."""
+    old = os.environ.get(BF16_HEAD_ENV)
+    os.environ[BF16_HEAD_ENV] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[BF16_HEAD_ENV]
+        else:
+            os.environ[BF16_HEAD_ENV] = old
+
+
+def answers(report) -> list:
+    return [[(a["pre_text"], a["post_text"]) for a in case.answers] for case in report.cases]
+
+
 def protocol_summary(tf_report, both_report, times: dict[str, list[float]]) -> dict:
     """Cases/s of the teacher-forced protocol alone and of both protocols, on the same cases, and where the extra time goes."""
     n = len(tf_report.cases)
@@ -160,6 +189,12 @@ def protocol_summary(tf_report, both_report, times: dict[str, list[float]]) -> d
                  "queries": sum(len(c.answers) for c in both_report.cases)},
         "cost_of_generation": both_s / tf_s,
         "cost_per_repeat": [b / t for b, t in zip(times["both"], times["batched"])],
+        "bf16_head": bf16_head_wanted(),  # greedy decoding's vocabulary projection in bfloat16 (greedy_head), this host
+        **({"both_float32_head": {"seconds": times["both_float32_head"], "cpu_seconds": times["both_float32_head_cpu"],
+                                  "cases_per_s": n / statistics.median(times["both_float32_head"]),
+                                  "cost_of_generation": statistics.median(times["both_float32_head"]) / tf_s,
+                                  "same_answers": True}}
+           if "both_float32_head" in times else {}),
         "post_edit_generation": {k: s.mean for k, s in gen_post.items() if "/" not in k},
     }
 

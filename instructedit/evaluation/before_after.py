@@ -39,7 +39,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from instructedit.evaluation.generation import (
     DecodeMemory, RoomyLayer, cache_argument, contiguous_head, group_keys, shared_prefix, encode_prompts, greedy_generate, greedy_loop, last_logits_only,
-    left_padded, pad_id, returned_cache, stop_token_ids,
+    left_padded, pad_id, projected_into, returned_cache, stop_token_ids,
 )
 from instructedit.evaluation.lower_rows import LowerRows
 from instructedit.evaluation.row_edits import Updates, per_row_updates
@@ -337,7 +337,8 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                 head = tuple(encoded[rows[0]][:shared])
                 if head and head not in starts:
                     starts[head] = _SharedStart(model, split, head, device)
-                prefill = _Prefill(model, split, ids, mask, starts.get(head))
+                with projected_into(model, None, len(rows), greedy=checked):  # bfloat16 head: exact logits for the check
+                    prefill = _Prefill(model, split, ids, mask, starts.get(head))
                 if not checked and not prefill.replay_matches():
                     logger.warning("re-running the edited blocks of %s does not reproduce its logits: the unedited and edited answers are "
                                    "decoded separately (full prefills)", type(model).__name__)
@@ -350,7 +351,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                 logits[0].append(prefill.logits)
                 sources[0].append(([(layer.keys, layer.values) for layer in prefill.cache.layers], prefill.mask))
                 for v in range(variants):
-                    with rows_context([(v, i) for i in rows]):
+                    with rows_context([(v, i) for i in rows]), projected_into(model, None, len(rows), greedy=True):
                         edited_logits, cache = prefill.replay()
                     logits[v + 1].append(edited_logits)
                     sources[v + 1].append(([(layer.keys, layer.values) for layer in cache.layers], prefill.mask))

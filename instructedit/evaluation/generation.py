@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from instructedit.evaluation.greedy_head import HalfHead, bf16_head_wanted, greedy_logits
 from instructedit.evaluation.lower_rows import LowerRows, compacted
 from instructedit.losses import argmax_ids
 from instructedit.models.split import cache_argument
@@ -400,6 +401,14 @@ class DecodeMemory:
     def __init__(self) -> None:
         self.blocks: dict[str, torch.Tensor] = {}
         self.busy = False
+        self._half_head: HalfHead | None = None
+
+    def half_head(self, weight: torch.Tensor) -> HalfHead:
+        """The bfloat16 copy of a vocabulary projection ``weight`` (``greedy_head``), made again when the weight changed."""
+        if self._half_head is None or self._half_head.key != HalfHead.key_of(weight):
+            self._half_head = None  # the old copy goes before the new one is made
+            self._half_head = HalfHead.of(weight)
+        return self._half_head
 
     @property
     def block(self) -> torch.Tensor | None:
@@ -449,26 +458,42 @@ class DecodeMemory:
 
 
 @contextmanager
-def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int) -> Iterator[None]:
+def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int, greedy: bool = False) -> Iterator[None]:
     """Within the block, the model's vocabulary projection (an ``nn.Linear`` head) writes its logits for up to ``rows``
     positions into ``memory``'s "logits" block instead of a new tensor: a decoding step's logits (rows × vocabulary: 42 MB
     for 216 rows on the default model) would otherwise be fresh memory every step (page faults). The logits a step
-    returns are then a view, overwritten by the next step. Other heads, or more positions, project as usual."""
+    returns are then a view, overwritten by the next step. Other heads, or more positions, project as usual.
+
+    ``greedy``: the caller reads only each row's argmax. Where ``greedy_head.bf16_head_wanted`` (a CPU with bfloat16
+    matrix units) and the head is a float32 one without bias, it projects in bfloat16 and decides the argmax in
+    float32 (``greedy_head.greedy_logits``: the same token, the other entries not logits), its bfloat16 copy of the
+    weight kept with the model (``DecodeMemory``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if memory is None or not isinstance(head, nn.Linear) or rows < 1:
+    if not isinstance(head, nn.Linear) or (memory is None and not greedy) or rows < 1:
         yield
         return
-    (buffer,) = memory.take([torch.Size((rows, head.out_features))], head.weight, slot="logits")
+    half = None
+    if greedy and head.bias is None and head.weight.dtype == torch.float32 and head.weight.device.type == "cpu" and bf16_head_wanted():
+        half = (memory or DecodeMemory.for_model(model)).half_head(head.weight)
+    if memory is None and half is None:
+        yield
+        return
+    buffer = memory.take([torch.Size((rows, head.out_features))], head.weight, slot="logits")[0] if memory is not None else None
     usual, own = head.forward, head.__dict__.get("forward")  # own: a forward the instance already had (kept)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > rows or x.dtype != head.weight.dtype:
+        if x.dtype != head.weight.dtype or torch.is_grad_enabled():
             return usual(x)
-        out = buffer[: flat.shape[0]]
-        torch.mm(flat, head.weight.t(), out=out)
-        if head.bias is not None:
-            out += head.bias
+        out = buffer[: flat.shape[0]] if buffer is not None and flat.shape[0] <= rows else None
+        if half is not None:
+            out = greedy_logits(flat, half, out)
+        elif out is None:
+            return usual(x)
+        else:
+            torch.mm(flat, head.weight.t(), out=out)
+            if head.bias is not None:
+                out += head.bias
         return out.view(*x.shape[:-1], head.out_features)
 
     head.forward = forward
@@ -526,7 +551,7 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
     limit = torch.tensor(budgets, device=ids.device)
     active = list(range(n))  # batch row -> row of the caller's batch
     step_ids, step_pos = ids, position
-    with ExitStack() as stack, contiguous_head(model), projected_into(model, memory, n):
+    with ExitStack() as stack, contiguous_head(model), projected_into(model, memory, n, greedy=True):
         if context is not None:
             stack.enter_context(context(active))
         for step in range(max(budgets)):
