@@ -63,6 +63,33 @@ def test_split_model_matches_full_forward(tiny_model_dir: Path) -> None:
         assert torch.equal(model.get_parameter(name), before)
 
 
+def test_an_edits_prefix_stops_at_the_first_edited_block_with_the_same_result(tiny_model_dir: Path) -> None:
+    from instructedit.models.split import _SHARED_ARGS
+
+    model, _, spec, weights, batch = _setup(tiny_model_dir)
+    editor = MENDEditor(weights, EditorConfig(rank=8)).eval()
+    split = SplitModel(model, spec, min(w.layer for w in weights))
+    ran: list[int] = []
+    handles = [layer.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, layer in enumerate(split.layers)]
+    try:
+        full = split.prefix(batch)  # the model's first full pass checks that the edited blocks share their arguments
+        assert getattr(model, _SHARED_ARGS) == {split.first_layer: True} and full.final_hidden is not None
+        ran.clear()
+        early = split.prefix(batch, final=False)
+        assert ran == list(range(split.first_layer + 1)) and early.final_hidden is None  # stopped at the first edited block
+        assert torch.equal(early.hidden, full.hidden)
+        with torch.no_grad():
+            assert torch.equal(split.suffix(early), split.suffix(full))
+            a, b = editor.edit(split, batch, full), editor.edit(split, batch)
+        assert all(torch.equal(a.updates[name], b.updates[name]) for name in a.updates)
+        setattr(model, _SHARED_ARGS, {split.first_layer: False})  # blocks called differently (alternating attention kinds)
+        ran.clear()
+        assert split.prefix(batch, final=False).final_hidden is not None and ran == list(range(len(split.layers)))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def test_identity_initialized_network_returns_its_input(tiny_model_dir: Path) -> None:
     model, _, _, weights, _ = _setup(tiny_model_dir)
     editor = MENDEditor(weights, EditorConfig(rank=8)).eval()

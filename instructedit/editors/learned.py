@@ -105,7 +105,7 @@ class LearnedEditor(nn.Module):
         mask = batch.label_mask
         if not bool(mask.any()):
             raise ValueError("the edit batch has no target tokens to learn")
-        state = state if state is not None else split.prefix(batch)
+        state = state if state is not None else split.prefix(batch, final=False)
         with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
             logits = split.logits_at(split.suffix(state), mask)
             loss = masked_nll(logits, batch.labels[mask])

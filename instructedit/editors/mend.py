@@ -324,7 +324,7 @@ class MENDEditor(LearnedEditor):
 
     def _accumulate(self, split: SplitModel, chunk: TokenBatch, state: PrefixState | None, systems: dict[str, NormalEquations]) -> torch.Tensor:
         """Fold one chunk of edits into ``systems``; returns the sum of their pre-edit NLLs. Its activations die on return."""
-        state = state if state is not None else split.prefix(chunk)
+        state = state if state is not None else split.prefix(chunk, final=False)
         with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
             logits = split.logits_at(split.suffix(state), chunk.label_mask)
             losses = per_row_nll(logits, chunk.labels[chunk.label_mask], chunk.label_rows, chunk.n_label_rows)  # (rows,)

@@ -69,7 +69,20 @@ def with_cache(block_args: BlockArgs, cache: Cache | None) -> BlockArgs:
 
 
 class _StopForward(Exception):
-    """Raised from the final-norm hook: everything needed has been captured."""
+    """Raised from the final-norm hook (or the first edited block's, ``prefix(final=False)``): everything needed has been captured."""
+
+
+_SHARED_ARGS = "_instructedit_suffix_args_shared"  # on a model: {first edited block: whether blocks from it on get the same arguments}
+
+
+def _same_arguments(a: tuple[tuple, dict], b: tuple[tuple, dict]) -> bool:
+    """Whether two recorded block calls passed the same objects apart from the hidden state (the first positional
+    argument, or ``hidden_states``)."""
+    (args_a, kw_a), (args_b, kw_b) = a, b
+    rest_a, rest_b = args_a[1:], args_b[1:]
+    kw_a, kw_b = ({k: v for k, v in kw.items() if k != "hidden_states"} for kw in (kw_a, kw_b))
+    return (len(rest_a) == len(rest_b) and all(x is y for x, y in zip(rest_a, rest_b)) and kw_a.keys() == kw_b.keys()
+            and all(kw_a[k] is kw_b[k] for k in kw_a))
 
 
 @dataclass
@@ -78,7 +91,7 @@ class PrefixState:
 
     hidden: torch.Tensor  # (batch, seq, d_model): input of the first edited block
     block_args: BlockArgs  # per suffix block, hidden state removed
-    final_hidden: torch.Tensor  # (batch, seq, d_model): unedited output of the final norm
+    final_hidden: torch.Tensor | None  # (batch, seq, d_model): unedited output of the final norm (None: not run, ``final=False``)
     batch: TokenBatch
 
     def with_cache(self, cache: Cache | None) -> "PrefixState":
@@ -139,30 +152,49 @@ class SplitModel:
         return hidden, block_args
 
     @torch.no_grad()
-    def prefix(self, batch: TokenBatch, cache: Cache | None = None) -> PrefixState:
+    def prefix(self, batch: TokenBatch, cache: Cache | None = None, final: bool = True) -> PrefixState:
         """One forward pass of the unedited model up to the final norm (no vocabulary projection).
 
         ``cache``: filled with every layer's keys and values of the batch (the state's blocks then write to
-        it too: ``PrefixState.with_cache`` before re-running them)."""
-        final: list[torch.Tensor] = []
+        it too: ``PrefixState.with_cache`` before re-running them). ``final=False`` (an edit, which reads only
+        the edited blocks' inputs): the pass stops at the first edited block where the model calls every edited
+        block with the same arguments (checked on the model's first full pass: a causal mask, rotary embeddings;
+        not so for an architecture whose blocks alternate attention kinds), and ``final_hidden`` is None."""
+        final_out: list[torch.Tensor] = []
+        early = not final and cache is None and getattr(self.model, _SHARED_ARGS, {}).get(self.first_layer, False)
 
         def stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            final.append(output)
+            final_out.append(output)
+            raise _StopForward
+
+        def stop_at_first(module: nn.Module, args: tuple, kwargs: dict) -> None:
             raise _StopForward
 
         with ExitStack() as stack:
             captured = stack.enter_context(self.recording_block_inputs())
-            handle = self.norm.register_forward_hook(stop)
+            if early:  # registered after the recording hook: the first edited block's inputs are kept, then the pass stops
+                handle = self.layers[self.first_layer].register_forward_pre_hook(stop_at_first, with_kwargs=True)
+            else:
+                handle = self.norm.register_forward_hook(stop)
             stack.callback(handle.remove)
             try:
                 kv = {} if cache is None else {cache_argument(self.model): cache}
                 self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=cache is not None, **kv)
             except _StopForward:
                 pass
-        if not final:
+        if early:
+            captured.update({i: captured[self.first_layer] for i in self.suffix_indices})
+            hidden, block_args = self.block_arguments(captured)
+            return PrefixState(hidden=hidden, block_args=block_args, final_hidden=None, batch=batch)
+        if not final_out:
             raise RuntimeError(f"could not capture the final norm's output at {self.spec.final_norm}; check the architecture table")
+        shared = getattr(self.model, _SHARED_ARGS, None)
+        if cache is None and (shared is None or self.first_layer not in shared):
+            first = captured[self.first_layer]
+            shared = {**(shared or {}), self.first_layer: all(_same_arguments(first, captured[i]) for i in self.suffix_indices)}
+            setattr(self.model, _SHARED_ARGS, shared)
         hidden, block_args = self.block_arguments(captured)
-        return PrefixState(hidden=hidden, block_args=block_args, final_hidden=final[0], batch=batch)
+        return PrefixState(hidden=hidden, block_args=block_args, final_hidden=final_out[0], batch=batch)
 
     def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (batch, seq, d_model) with ``params`` (full names) replacing weights."""
