@@ -443,7 +443,7 @@ class DecodeMemory:
 
     def take(self, shapes: Sequence[torch.Size], like: torch.Tensor, slot: str = "cache") -> list[torch.Tensor]:
         """Tensors of ``shapes`` (``like``'s dtype and device), views of the ``slot`` block one after another (slots:
-        "cache" for the decoding cache, "logits" for the steps' vocabulary logits, ``projected_into``)."""
+        "cache" for the decoding cache, "logits" and "half_logits" for the steps' vocabulary logits, ``projected_into``)."""
         sizes = [math.prod(shape) for shape in shapes]
         need = sum(sizes)
         block = self.blocks.get(slot)
@@ -479,6 +479,8 @@ def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int, gre
         yield
         return
     buffer = memory.take([torch.Size((rows, head.out_features))], head.weight, slot="logits")[0] if memory is not None else None
+    half_buffer = (memory.take([torch.Size((rows, head.out_features))], half.half, slot="half_logits")[0]
+                   if memory is not None and half is not None else None)  # the bfloat16 logits, also not fresh memory each step
     usual, own = head.forward, head.__dict__.get("forward")  # own: a forward the instance already had (kept)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -487,7 +489,7 @@ def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int, gre
             return usual(x)
         out = buffer[: flat.shape[0]] if buffer is not None and flat.shape[0] <= rows else None
         if half is not None:
-            out = greedy_logits(flat, half, out)
+            out = greedy_logits(flat, half, out, half_out=half_buffer[: flat.shape[0]] if half_buffer is not None and flat.shape[0] <= rows else None)
         elif out is None:
             return usual(x)
         else:

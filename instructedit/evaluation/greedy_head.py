@@ -80,7 +80,7 @@ def greedy_logits(x: torch.Tensor, head: HalfHead, out: torch.Tensor | None = No
     Per row the ``top`` tokens of largest bfloat16 logit plus bound get their float32 logit; they hold the argmax when
     the best of those beats every other token's bound (else, or for a row that is not finite, the row is projected whole
     in float32). The other entries are upper bounds, below that best: read nothing but the argmax. ``out``: a (rows,
-    vocab) float32 tensor to write into."""
+    vocab) float32 tensor to write into; ``half_out``: a (rows, vocab) bfloat16 one for the bfloat16 logits."""
     rows, d = x.shape
     out = out if out is not None else x.new_empty((rows, head.half.shape[0]))
     gamma = d * 2.0**-24 / (1 - d * 2.0**-24)
