@@ -469,7 +469,7 @@ def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int, gre
     float32 (``greedy_head.greedy_logits``: the same token, the other entries not logits), its bfloat16 copy of the
     weight kept with the model (``DecodeMemory``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, nn.Linear) or (memory is None and not greedy) or rows < 1:
+    if not isinstance(head, nn.Linear) or rows < 1:
         yield
         return
     half = None
@@ -478,18 +478,20 @@ def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int, gre
     if memory is None and half is None:
         yield
         return
-    buffer = memory.take([torch.Size((rows, head.out_features))], head.weight, slot="logits")[0] if memory is not None else None
-    half_buffer = (memory.take([torch.Size((rows, head.out_features))], half.half, slot="half_logits")[0]
-                   if memory is not None and half is not None else None)  # the bfloat16 logits, also not fresh memory each step
+    shape = torch.Size((rows, head.out_features))
+    buffer = memory.take([shape], head.weight, slot="logits")[0] if memory is not None else None
+    # the bfloat16 logits, also not fresh memory each step
+    half_buffer = memory.take([shape], half.half, slot="half_logits")[0] if memory is not None and half is not None else None
     usual, own = head.forward, head.__dict__.get("forward")  # own: a forward the instance already had (kept)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         if x.dtype != head.weight.dtype or torch.is_grad_enabled():
             return usual(x)
-        out = buffer[: flat.shape[0]] if buffer is not None and flat.shape[0] <= rows else None
+        n = flat.shape[0] if flat.shape[0] <= rows else None  # more rows than the buffers hold: fresh memory
+        out = buffer[:n] if buffer is not None and n is not None else None
         if half is not None:
-            out = greedy_logits(flat, half, out, half_out=half_buffer[: flat.shape[0]] if half_buffer is not None and flat.shape[0] <= rows else None)
+            out = greedy_logits(flat, half, out, half_out=half_buffer[:n] if half_buffer is not None and n is not None else None)
         elif out is None:
             return usual(x)
         else:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ROWS_PER_CHUNK = 64  # rows projected at a time: their bfloat16 and float32 logits stay in cache (250 rows at once: page faults)
+ROWS_PER_CHUNK = 64  # rows whose float32 bookkeeping (bounds, top-k) runs at a time, in cache; the bfloat16 product is one
 TOP = 16  # tokens per row whose float32 logit is computed (a row whose bound leaves more candidates: projected whole)
 _UNIT = 2.0**-8
 BF16_HEAD_ENV = "INSTRUCTEDIT_BF16_HEAD"  # "0": never, "1": whenever the head qualifies (also without AMX); unset: with AMX only
