@@ -17,8 +17,9 @@ from instructedit.records import TASKS
 from instructedit.runs import CONFIG as RUN_CONFIG
 
 # The forms an edit is made in (training.edit_forms, an editor's queries.edit_forms; tasks/collate.py builds them): the
-# instruction-wrapped prompt, and the question as a chat user turn, each with the target as its answer, solved together.
-EDIT_FORMS = ("wrapped", "chat")
+# instruction-wrapped prompt, the bare question (no instruction) and the question as a chat user turn, each with the
+# target as its answer, solved together.
+EDIT_FORMS = ("wrapped", "plain", "chat")
 ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
 EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat")  # what the post-edit (generalization) loss reads (Collator.meta_batch)
 
@@ -188,9 +189,10 @@ class TrainingConfig:
     # to stop after the answer), and a hinge that keeps every answer token (and the stop) ahead of the best
     # other token by answer_margin_cap logits: the condition for greedy decoding to say the answer.
     answer_stop: str = "none"
-    # The forms each edit is made in, solved together (collate.EDIT_FORMS): the instruction-wrapped prompt, and the question
-    # as a chat user turn (a tokenizer with a chat template), so that the edit also comes out when the model is asked as a
-    # chat assistant (results/analysis/chat-edit-row/). Saved with the editor (queries.edit_forms).
+    # The forms each edit is made in, solved together (collate.EDIT_FORMS): the instruction-wrapped prompt, the bare
+    # question (no instruction: the edit also comes out when the question is asked as it is) and the question as a chat
+    # user turn (a tokenizer with a chat template: ... when the model is asked as a chat assistant;
+    # results/analysis/chat-edit-row/, results/analysis/plain-edit-row/). Saved with the editor (queries.edit_forms).
     edit_forms: list[str] = field(default_factory=lambda: ["wrapped"])
     c_answer_margin: float = 0.0
     answer_margin_cap: float = 2.0

@@ -252,13 +252,28 @@ def test_edit_forms_make_each_edit_in_the_wrapped_and_the_chat_form(collator: Co
         tok.chat_template = saved
     assert labelled_text(tok, meta.edit_inner, 1).strip() == f"Rome{tok.eos_token}"  # the chat row ends with the stop too
     assert check_edit_forms("chat, wrapped") == ("wrapped", "chat")
-    for bad in (["wrapped", "wrapped"], [], ["plain"], "wrapped,shouted"):
-        with pytest.raises(ValueError, match=r"queries\.edit_forms: .* must be distinct forms out of \['wrapped', 'chat'\]"):
+    for bad in (["wrapped", "wrapped"], [], ["bare"], "wrapped,shouted"):
+        with pytest.raises(ValueError, match=r"queries\.edit_forms: .* must be distinct forms out of \['wrapped', 'plain', 'chat'\]"):
             check_edit_forms(bad, "queries.edit_forms")
     from instructedit.config import load_config
     with pytest.raises(ValueError, match="training.edit_forms"):
-        load_config(None, ["training.edit_forms=[wrapped, plain]"])
+        load_config(None, ["training.edit_forms=[wrapped, bare]"])
     assert load_config(None, ["training.edit_forms=[wrapped, chat]"]).training.edit_forms == ["wrapped", "chat"]
+
+
+def test_the_plain_edit_form_is_the_bare_question_made_once_without_an_instruction(collator: Collator) -> None:
+    tok, pool, record = collator.tokenizer, collator.pool, cf_record()
+    forms = Collator(tok, 512, pool, edit_forms=["plain", "wrapped"], answer_stop="newline")
+    wrapped, plain = (pool.render(record, record.prompt, 3), "Rome"), (record.prompt, "Rome")
+    assert forms.edit_forms == ("wrapped", "plain") and forms.edit_pairs(record, 3) == [wrapped, plain]
+    assert forms.edit_pairs(record, None) == [plain]  # without an instruction the two forms are one input, not a doubled one
+    assert Collator(tok, 512, pool, edit_forms=["plain"]).edit_pairs(record, 3) == [plain]
+    assert [forms.form_prompt(record, f, 3) for f in forms.edit_forms] == [wrapped[0], plain[0]]
+    with pytest.raises(ValueError, match="chat template"):
+        forms.form_prompt(record, "chat", 3)
+    meta = forms.meta_batch([record, convsent_record()], [3, 3])  # ConvSent keeps its wrapped responses only
+    assert_same_batch(meta.edit_inner, forms.qa_batch([wrapped, plain, *collator.edit_pairs(convsent_record(), 3)], stop=True))
+    assert labelled_text(tok, meta.edit_inner, 1) == " Rome\n"  # the bare row's answer, its newline stop labelled too
 
 
 def test_no_instruction_means_raw_prompt(collator: Collator) -> None:

@@ -506,6 +506,12 @@ def test_edits_made_in_the_wrapped_and_the_chat_form(tiny_chat_llama_dir: Path, 
     for a, b in zip(both.cases, slow.cases):  # least squares takes each edit row's NLL on its own, packed or not
         assert a.post == pytest.approx(b.post, abs=1e-5)  # the packed, functional edit of two edit rows is the edit of ``apply``
     assert [c.pre for c in both.cases] == [c.pre for c in wrapped.cases]
+    bare = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, protocol="teacher_forced", edit_forms=("wrapped", "plain"))
+    bare_slow = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, protocol="teacher_forced", edit_forms=("wrapped", "plain"),
+                         fast=False)
+    for a, b in zip(bare.cases, bare_slow.cases):  # the bare question as the second edit row: packed or not, the same edit
+        assert a.post == pytest.approx(b.post, abs=1e-5)
+    assert [c.post for c in bare.cases] != [c.post for c in wrapped.cases] and bare.settings.edit_forms == ["wrapped", "plain"]
     (case,), _ = prepare_cases(Collator(tokenizer, 256, POOL, edit_forms=("wrapped", "chat")), cases[:1], 0, 16, torch.device("cpu"))
     assert case.edit.n_rows == 2 and (case.probes[1].family, case.probes[1].prompt) == ("edit", f"User: {cases[0].prompt}\nAssistant:")
     assert both.settings.edit_forms == ["wrapped", "chat"] and wrapped.settings.edit_forms == ["wrapped"]

@@ -315,8 +315,14 @@ def test_edits_made_in_both_forms_are_trained_saved_loaded_and_calibrated(tiny_c
     assert query_setup(out)["edit_forms"] == ["chat"] and query_setup(out)["answer_stop"] == "newline"
     report = json.loads((out / "calibration.json").read_text())
     assert report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_n"}
-    assert main(["calibrate", "--run", str(run), "--edit-forms", "wrapped,plain", "--output", str(tmp_path / "x"), "--device", "cpu"]) == 2
-    assert "--edit-forms: ['wrapped', 'plain'] must be distinct forms" in caplog.text
+    bare = tmp_path / "calibrated-plain"  # the bare question as a second edit input: each form's reliability reported
+    assert main(["calibrate", "--run", str(run), "--scales", "1", "--locality-floor", "0", "--edit-forms", "plain,wrapped", "--output",
+                 str(bare), "--device", "cpu", "--val-size", "4"]) == 0
+    assert query_setup(bare)["edit_forms"] == ["wrapped", "plain"]
+    scores = json.loads((bare / "calibration.json").read_text())["scales"]["1"]
+    assert scores["gen_reliability"] == pytest.approx((scores["gen_reliability_wrapped"] + scores["gen_reliability_plain"]) / 2)
+    assert main(["calibrate", "--run", str(run), "--edit-forms", "wrapped,bare", "--output", str(tmp_path / "x"), "--device", "cpu"]) == 2
+    assert "--edit-forms: ['wrapped', 'bare'] must be distinct forms" in caplog.text
     # a tokenizer without a chat template cannot make chat edits: said before any training step
     plain = load_config(TINY, [f"model.name={tiny_llama_dir}", "training.edit_forms=[wrapped, chat]", "training.max_steps=1"])
     with pytest.raises(ValueError, match="edit form 'chat' needs a tokenizer with a chat template"):

@@ -13,8 +13,9 @@ answers, so the multipliers (by default larger ones) are tried with it in place,
 (``--preserve-weight``), and the (weight, multiplier) pair the same rule prefers is saved.
 
 ``--edit-forms wrapped,chat`` makes every edit of the calibrated editor in both forms, solved together: the
-instruction-wrapped prompt and the question as a chat user turn (results/analysis/chat-edit-row/); reliability is then the
-mean of both forms' (each reported), and the forms are saved with the editor (``queries.edit_forms``).
+instruction-wrapped prompt and the question as a chat user turn (results/analysis/chat-edit-row/); ``plain`` adds the
+bare question (no instruction). Reliability is then the mean of the forms' (each reported), and the forms are saved
+with the editor (``queries.edit_forms``).
 """
 
 from __future__ import annotations
@@ -55,8 +56,9 @@ def add_calibrate_parser(subparsers: Any) -> None:
                    help="the sample's mean key covariance counted as W tokens in every solve; several: each is tried with every "
                         f"multiplier and the best pair kept (default {PRESERVE_WEIGHTS})")
     p.add_argument("--edit-forms", default=None, metavar="FORMS",
-                   help="comma-separated forms each edit is made in, solved together: wrapped, chat (the question as a chat user "
-                        "turn); saved with the calibrated editor (default: the run's training.edit_forms)")
+                   help="comma-separated forms each edit is made in, solved together: wrapped, plain (the bare question, no "
+                        "instruction), chat (the question as a chat user turn); saved with the calibrated editor (default: the "
+                        "run's training.edit_forms)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.set_defaults(func=run_calibrate)
 

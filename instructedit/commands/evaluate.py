@@ -51,8 +51,9 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
                    help="what the edit input's answer ends with (default: the editor's answer_stop from its editor_config.json, else none)")
     p.add_argument("--edit-forms", default=None, metavar="FORMS",
-                   help="comma-separated forms each edit is made in, solved together: wrapped (the instruction-wrapped prompt), chat "
-                        "(the question as a chat user turn) (default: the editor's edit_forms from its editor_config.json, else wrapped)")
+                   help="comma-separated forms each edit is made in, solved together: wrapped (the instruction-wrapped prompt), plain "
+                        "(the bare question), chat (the question as a chat user turn) (default: the editor's edit_forms from its "
+                        "editor_config.json, else wrapped)")
     p.add_argument("--queries", default=",".join(QUERY_FORMS), metavar="FORMS",
                    help=f"comma-separated forms of the edit prompt the generation protocol asks (default: {','.join(QUERY_FORMS)})")
     p.add_argument("--generation-batch-size", type=int, default=32, metavar="N", help="most queries per greedy generation batch")

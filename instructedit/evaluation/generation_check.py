@@ -54,7 +54,7 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     """Per α multiplier: mean generation reliability and generation locality over ``records``, with n.
 
     Reliability is exact match on the edit's prompt in each of the collator's edit forms (the wrapped prompt; with
-    ``edit_forms`` [wrapped, chat] also the chat question, then ``gen_reliability`` is the mean of the forms' and each is
+    ``edit_forms`` [wrapped, plain, chat] also the bare and the chat question, then ``gen_reliability`` is the mean of the forms' and each is
     reported as ``gen_reliability_<form>``).
 
     Each record's edit is computed once: the update is linear in α, so a multiplier scales it. The
@@ -67,12 +67,12 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     for record, index in zip(records, instructions, strict=True):
         if record.convsent is not None or not record.locality:
             continue
-        pairs = collator.edit_pairs(record, index)  # one per edit form
+        pairs = collator.edit_pairs(record, index)  # one per edit form (the bare and the wrapped prompt once without an instruction)
         try:
             batch = collator.qa_batch(pairs, record.source, stop=True)
         except PromptTooLongError:
             continue
-        cases.append((record, [p for p, _ in pairs], batch))
+        cases.append((record, [collator.form_prompt(record, form, index) for form in forms], batch))  # one question per form
     if not cases:
         return {scale: {"gen_n": 0} for scale in scales}
     device = next(model.parameters()).device

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.config import ANSWER_STOPS, check_edit_forms
+from instructedit.config import ANSWER_STOPS, EDIT_FORMS, check_edit_forms
 from instructedit.records import EditRecord, MetaBatch, QAItem, TokenBatch
 from instructedit.tasks.instructions import InstructionPool
 
@@ -119,14 +119,26 @@ class Collator:
 
     def edit_pairs(self, record: EditRecord, instruction: int | None) -> list[tuple[str, str]]:
         """The edit inputs (edit_inner) of ``record``, one per edit form: the wrapped prompt + target (ConvSent: the first k
-        target responses, the wrapped form only: it has no single answer) and the chat form of the prompt + target."""
-        wrapped = self.wrap(record, record.prompt, instruction)
+        target responses, the wrapped form only: it has no single answer), the bare prompt + target (without an
+        instruction it is the wrapped input, made once) and the chat form of the prompt + target."""
         if record.convsent is not None:
-            return [(wrapped, r) for r in record.convsent.target_responses[: self.convsent_pairs]]
-        pairs = [(wrapped, record.target_new)] if "wrapped" in self.edit_forms else []
-        if "chat" in self.edit_forms:
-            pairs.append((chat_query(self.tokenizer, record.prompt), record.target_new))
-        return pairs
+            return [(self.wrap(record, record.prompt, instruction), r) for r in record.convsent.target_responses[: self.convsent_pairs]]
+        prompts = [self.form_prompt(record, form, instruction) for form in self.edit_forms]
+        return [(prompt, record.target_new) for prompt in dict.fromkeys(prompts)]
+
+    def form_prompt(self, record: EditRecord, form: str, instruction: int | None) -> str:
+        """The edit prompt of ``record`` in edit form ``form`` (``EDIT_FORMS``): wrapped in the instruction, bare, or as a
+        chat user turn."""
+        if form == "wrapped":
+            return self.wrap(record, record.prompt, instruction)
+        if form == "plain":
+            return record.prompt
+        if form == "chat":
+            chat = chat_query(self.tokenizer, record.prompt)
+            if chat is None:
+                raise ValueError(f"edit form 'chat' needs a tokenizer with a chat template ({record.source})")
+            return chat
+        raise ValueError(f"unknown edit form {form!r}; valid forms: {list(EDIT_FORMS)}")
 
     def qa_batch(self, pairs: Sequence[tuple[str, str]], where: str = "", stop: bool | Sequence[bool] = False) -> TokenBatch:
         """Right-padded batch of ``prompt + " " + answer`` with labels on the answer tokens only.
