@@ -34,9 +34,13 @@ def preservation_texts(records: list[EditRecord], count: int, where: str) -> lis
 def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, checkpoint: str = "best", locality_floor: float = 0.9,
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
-              model: Any = None, tokenizer: Any = None) -> None:
+              val_data: str | Path | None = None, model: Any = None, tokenizer: Any = None) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
+
+    The multipliers are tried on the first ``val_size`` records of the run's validation split, or of ``val_data`` (any
+    file the loaders read: facts worded as the editor's users will ask them, never the file it is evaluated on), whose
+    prompts are wrapped in the first seen description of their task, as ``evaluate`` wraps them.
 
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded."""
     import dataclasses
@@ -83,13 +87,22 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         editor.set_preservation(memory, f"the locality prompts + answers of the first {preserve} records with one of {where} "
                                         f"({len(texts)} texts, {memory.text_tokens} tokens)")
         print(f"preservation sample: {editor.preservation_source}")
-    instructions = data.instructions(data.val, config.data.instruction_seed)
+    if val_data is None:
+        records, described = data.val, f"the first {config.training.val_size} records of the run's validation split"
+        instructions = data.instructions(records, config.data.instruction_seed)
+    else:
+        loaded = [r for r in load_records(Path(val_data)).records if r.convsent is None and r.locality]
+        records = loaded[: val_size if val_size is not None else config.training.val_size]
+        if not records:
+            raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
+        described = f"the first {len(records)} records with a locality prompt of {val_data}"
+        instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(records)
     grid: dict[float | None, dict[float, dict[str, float]]] = {}  # preservation weight (None: none) -> multiplier -> scores
     for weight in preserve_weights if preserve is not None else [None]:
         if weight is not None:
             memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
             print(f"preservation weight {weight:g}:")
-        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, data.val, instructions, scales, progress=True)
+        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales, progress=True)
     pairs = {(w, sc): v for w, per in grid.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie the smaller multiplier, then the larger preservation weight
     chosen_weight, chosen = max(pairs, key=lambda k: (selection_score(pairs[k], locality_floor), -k[1], k[0] or 0))
@@ -100,7 +113,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms)}  # how its edits are made
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "locality_floor": locality_floor, "edit_forms": list(data.collator.edit_forms), "records": f"the first {config.training.val_size} records of the run's validation split",
+                            "locality_floor": locality_floor, "edit_forms": list(data.collator.edit_forms), "records": described,
                             "preservation": None if editor.preservation is None else
                             {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
                              "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()} for w, per in grid.items()}}}

@@ -149,7 +149,8 @@ def test_best_checkpoint_carries_the_calibrated_step_sizes(tiny_llama_dir: Path,
         assert torch.allclose(saved.edit_lrs, last.edit_lrs * chosen)
 
 
-def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_data_dir: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     from instructedit.cli import main
     from instructedit.editors.mend import MENDEditor
 
@@ -165,6 +166,16 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, tmp_path
     assert json.loads((out / "editor_config.json").read_text())["calibration"]["chosen"] == report["chosen"]
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--output", str(out)]) == 2  # an existing folder is refused
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,-2", "--output", str(tmp_path / "x")]) == 2
+    # another file's records instead of the run's validation split: ZsRE's training questions (a task the run never saw)
+    zsre = shared_data_dir / "zsre" / "zsre_mend_train-1k.json"
+    questions = tmp_path / "on-questions"
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1", "--locality-floor", "0", "--val-data", str(zsre),
+                 "--val-size", "3", "--output", str(questions), "--device", "cpu"]) == 0
+    report = json.loads((questions / "calibration.json").read_text())
+    assert report["records"] == f"the first 3 records with a locality prompt of {zsre}" and report["scales"]["1"]["gen_n"] == 3
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--val-data", str(tmp_path / "missing.json"), "--output",
+                 str(tmp_path / "y")]) == 2
+    assert "--val-data" in caplog.text and "missing.json: no such file" in caplog.text
 
 
 def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llama_dir: Path, shared_data_dir: Path, tmp_path: Path,

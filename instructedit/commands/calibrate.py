@@ -4,7 +4,8 @@ The meta-objective is teacher-forced; the step sizes α it learns can leave an e
 the first answer token when the edited model decodes by itself, or (multiplied too far) strong
 enough to leak into unrelated answers. This tries a few multipliers of α on the run's validation
 records (never the test split), keeps the one with the highest generation reliability whose
-generation locality is at or above the floor, and writes the editor with α × that multiplier.
+generation locality is at or above the floor, and writes the editor with α × that multiplier. ``--val-data FILE`` tries
+them on another file's records instead (facts worded as the users will ask them; never the evaluation file).
 
 A least-squares editor can also be given a preservation sample (``--preserve``): the key covariance of unrelated
 (prompt, answer) texts (the locality prompts of training records, or of ``--preserve-data``) that every solve then
@@ -45,6 +46,10 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--val-size", type=int, default=None, metavar="N",
                    help="validation records to try the multipliers on (default: the run's training.val_size); ConvSent's have no "
                         "single answer and are left out")
+    p.add_argument("--val-data", default=None, metavar="FILE",
+                   help="try the multipliers on the first --val-size records of FILE (any format the loaders detect; those with a "
+                        "locality prompt) instead of the run's validation split: facts worded as the editor's users will ask them "
+                        "(e.g. ZsRE's training file for questions); never the file you evaluate on")
     p.add_argument("--preserve", type=int, default=None, metavar="N",
                    help="least-squares editors: every solve of the calibrated editor holds still the keys of a preservation sample, "
                         "the locality prompts + answers of the first N records with one of the run's training split (or of "
@@ -89,6 +94,8 @@ def check_preservation_arguments(args: argparse.Namespace) -> bool:
         raise ValueError(f"--preserve must be >= 1 and --preserve-weight positive numbers, got {args.preserve} and {text!r}")
     if args.preserve_data is not None and not Path(args.preserve_data).is_file():
         raise FileNotFoundError(f"--preserve-data {args.preserve_data}: no such file")
+    if args.val_data is not None and not Path(args.val_data).is_file():
+        raise FileNotFoundError(f"--val-data {args.val_data}: no such file")
     return wanted
 
 
@@ -99,5 +106,5 @@ def run_calibrate(args: argparse.Namespace) -> int:
     scales = parse_scales(args.scales if args.scales is not None else PRESERVED_SCALES if preserve else SCALES)
     calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
               preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
-              edit_forms=args.edit_forms, device=args.device)
+              edit_forms=args.edit_forms, device=args.device, val_data=args.val_data)
     return 0
