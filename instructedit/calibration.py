@@ -92,7 +92,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         instructions = data.instructions(records, config.data.instruction_seed)
     else:
         loaded = [r for r in load_records(Path(val_data)).records if r.convsent is None and r.locality]
-        records = loaded[: val_size if val_size is not None else config.training.val_size]
+        records = loaded[: config.training.val_size]  # --val-size already set it
         if not records:
             raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
         described = f"the first {len(records)} records with a locality prompt of {val_data}"

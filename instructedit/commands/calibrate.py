@@ -94,8 +94,6 @@ def check_preservation_arguments(args: argparse.Namespace) -> bool:
         raise ValueError(f"--preserve must be >= 1 and --preserve-weight positive numbers, got {args.preserve} and {text!r}")
     if args.preserve_data is not None and not Path(args.preserve_data).is_file():
         raise FileNotFoundError(f"--preserve-data {args.preserve_data}: no such file")
-    if args.val_data is not None and not Path(args.val_data).is_file():
-        raise FileNotFoundError(f"--val-data {args.val_data}: no such file")
     return wanted
 
 
@@ -103,6 +101,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from instructedit.calibration import calibrate
 
     preserve = check_preservation_arguments(args)
+    if args.val_data is not None and not Path(args.val_data).is_file():
+        raise FileNotFoundError(f"--val-data {args.val_data}: no such file")
     scales = parse_scales(args.scales if args.scales is not None else PRESERVED_SCALES if preserve else SCALES)
     calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
               preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
