@@ -17,7 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from instructedit.api import Edit, load_editor
 from instructedit.config import EditorConfig, TrainingConfig, load_config
-from instructedit.editors.aggregation import KeyMemory, NormalEquations, ridge_solve, value_differences
+from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, push_through_left, ridge_solve, value_differences
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.editors.mend import CONFIG_NAME, MENDEditor
 from instructedit.io import file_sha256
@@ -127,6 +127,66 @@ def test_few_tokens_solve_as_two_thin_factors_and_many_as_one_matrix() -> None:
     assert system.solve_factors(log_lambda, prior) is None and system.kept is None
     with pytest.raises(ValueError, match="no tokens"):
         NormalEquations().solve_factors(log_lambda)
+
+
+def test_the_push_through_solve_equals_the_d_in_sized_one() -> None:
+    """(KᵀK + P + e^λ I)⁻¹Kᵀ from an n_tokens-sized solve (with B = P + e^λ I inverted once, or B = e^λ I) equals the
+    d_in-sized system's solution; a B that is not positive definite has no inverse."""
+    torch.manual_seed(0)
+    d_in, n = 30, 5
+    keys = torch.randn(n, d_in, dtype=torch.float64)
+    prior = torch.randn(50, d_in, dtype=torch.float64)
+    prior = 7.0 * prior.T @ prior / 50
+    for log_lambda in (torch.tensor(-2.0), torch.tensor(0.0), torch.tensor(1.5)):
+        lam = log_lambda.double()
+        torch.testing.assert_close(push_through_left(keys, log_lambda), ridge_solve(keys.T @ keys, keys.T, lam))
+        inverse = base_inverse(log_lambda, prior)
+        assert inverse.dtype == torch.float64
+        torch.testing.assert_close(inverse, torch.linalg.inv(prior + lam.exp() * torch.eye(d_in, dtype=torch.float64)))
+        torch.testing.assert_close(push_through_left(keys, log_lambda, inverse), ridge_solve(keys.T @ keys, keys.T, lam, prior))
+        as_float = push_through_left(keys.float(), log_lambda.float(), base_inverse(log_lambda.float(), prior.float()))
+        assert as_float.dtype == torch.float32  # returned in the keys' dtype
+        torch.testing.assert_close(as_float.double(), ridge_solve(keys.T @ keys, keys.T, lam, prior), rtol=1e-4, atol=1e-6)
+    assert base_inverse(torch.tensor(0.0), -5.0 * torch.eye(4, dtype=torch.float64)) is None
+
+
+def test_a_preservation_sample_is_inverted_once_per_lambda(tiny_model_dir: Path) -> None:
+    """An editor with a preservation sample solves single edits through its fixed part's cached inverse (the same updates
+    as the d_in-sized solve of ``remembering`` the sample), and inverts it again when λ or the sample changes."""
+    from instructedit.analysis.many_edits import key_memory
+
+    model, tok = load_model(str(tiny_model_dir))
+    collator = Collator(tok, max_length=64)
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares")
+    batch = collator.qa_batch(PAIRS[:1])
+    memory = key_memory(editor, model, collator, [(p, a) for p, a in PAIRS[2:]], past_weight=0.0, text_weight=50.0)
+    editor.set_preservation(memory, "three pairs")
+    torch.set_grad_enabled(False)  # as edits are made for use (the runner, the API): meta-training's solve differentiates
+    try:
+        _inverted_once(editor, model, batch, memory)
+    finally:
+        torch.set_grad_enabled(True)
+    editor.set_preservation(None)
+    assert not editor._base_inverses
+
+
+def _inverted_once(editor: MENDEditor, model, batch, memory: KeyMemory) -> None:
+    solved = editor.edit(model, batch)
+    made = {name: cached[1] for name, cached in editor._base_inverses.items()}
+    assert set(made) == {w.name for w in editor.weights} and all(f is not None for f in made.values())
+    with editor.remembering(memory):  # a memory: the d_in-sized solve, no cached inverse
+        held = editor.edit(model, batch)
+    for name, update in solved.updates.items():
+        torch.testing.assert_close(update, held.updates[name], rtol=1e-4, atol=1e-6)
+    editor.edit(model, batch)
+    assert all(editor._base_inverses[name][1] is made[name] for name in made)  # kept between edits
+    editor.lambdas += 0.5
+    shifted = editor.edit(model, batch)
+    assert all(editor._base_inverses[name][1] is not made[name] for name in made)  # λ changed: made again
+    with editor.remembering(memory):
+        again = editor.edit(model, batch)
+    for name, update in shifted.updates.items():
+        torch.testing.assert_close(update, again.updates[name], rtol=1e-4, atol=1e-6)
 
 
 def test_gradients_through_the_solve_match_finite_differences() -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from instructedit.config import EditorConfig
-from instructedit.editors.aggregation import KeyMemory, NormalEquations, value_differences
+from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, value_differences
 from instructedit.editors.base import EditResult
 from instructedit.editors.hooks import Factors, capture_factors
 # CONFIG_NAME, WEIGHTS_NAME and nonfinite_tensors are imported from here by older modules: they live in editors/learned.py
@@ -168,6 +168,7 @@ class MENDEditor(LearnedEditor):
         # (``set_preservation``); a ``remembering`` memory with its own sample replaces it
         self.preservation: KeyMemory | None = None
         self.preservation_source = ""
+        self._base_inverses: dict[str, tuple[tuple, torch.Tensor | None]] = {}  # weight name -> (what it was made from, B⁻¹)
 
     @property
     def network_parameters(self) -> list[nn.Parameter]:
@@ -223,7 +224,10 @@ class MENDEditor(LearnedEditor):
         memory = self.memory
         for i, w in enumerate(self.weights):
             # without gradients and with few tokens, S as two thin factors (one smaller solve; cheap to decode with)
-            factors = None if torch.is_grad_enabled() else systems[w.name].solve_factors(self.lambdas[i], self._prior(w.name))
+            factors = None
+            if not torch.is_grad_enabled():
+                inverse = self._preservation_inverse(i, w.name)
+                factors = systems[w.name].solve_factors(self.lambdas[i], None if inverse is not None else self._prior(w.name), inverse)
             shift = factors[0] @ factors[1] if factors is not None else systems[w.name].solve(self.lambdas[i], self._prior(w.name))
             updates[w.name] = shift if w.transposed else shift.T  # shift (d_in, d_out): Conv1D's storage orientation
             if factors is not None:
@@ -242,6 +246,21 @@ class MENDEditor(LearnedEditor):
         terms = [t.to(self.edit_lrs.device) for t in terms if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
 
+    def _preservation_inverse(self, i: int, name: str) -> torch.Tensor | None:
+        """Without a ``remembering`` memory, the inverse of weight ``name``'s fixed part of the system, its
+        preservation sample's covariance + e^λ I (``aggregation.base_inverse``), made once and kept while the sample and
+        λ stay: one edit's solve is then n_tokens-sized (``push_through_left``). None without a sample or with a memory."""
+        own = self.preservation
+        if own is None or self.memory is not None:
+            return None
+        device = self.edit_lrs.device
+        key = (id(own), own.text_weight, float(self.lambdas[i]), str(device))
+        cached = self._base_inverses.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, base_inverse(self.lambdas[i], own.prior(name).to(device)))
+            self._base_inverses[name] = cached
+        return cached[1]
+
     def set_preservation(self, memory: KeyMemory | None, source: str = "") -> None:
         """Make every solve hold ``memory``'s preservation sample still (``key_memory(..., past_weight=0, text_weight=W)``),
         also after ``save_pretrained`` / ``from_pretrained``; ``source`` says what the sample is. None removes it."""
@@ -254,6 +273,7 @@ class MENDEditor(LearnedEditor):
             if problems:
                 raise ValueError(f"set_preservation takes a memory holding only a preservation sample: {'; '.join(problems)}")
         self.preservation, self.preservation_source = memory, source if memory is not None else ""
+        self._base_inverses.clear()
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
         """``LearnedEditor.save_pretrained``, plus ``preservation.safetensors`` when the editor holds a preservation sample."""
