@@ -23,6 +23,7 @@ from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle, keep_in_sequence
 from instructedit.editors.card import POOL_COPY, training_config
+from instructedit.editors.learned import LearnedEditor
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
@@ -352,19 +353,26 @@ class InstructEditor:
         return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
-              keep: bool = False) -> EditedModel:
+              keep: bool = False, rounds: int = 1) -> EditedModel:
         """Batch editing: ONE update computed from all ``edits`` together, as the editor aggregates them.
 
         A MEND editor sums the edits' updates (``editor.aggregation: sum``) or solves one least-squares
         shift per weight for all of them (``least_squares``, DESIGN.md §9: any number of edits, in
         chunks of ``editor.chunk_edits``, so memory does not grow with their number).
 
+        ``rounds`` (MEND editors): the update is computed again on the model the earlier rounds edited, ``rounds``
+        times in all; for many edits in one least-squares call, 2 rounds keep most of what each edit says alone
+        (README, "Many edits").
+
         The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
         from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
-        handle = editor.apply(model, self.edit_batch(edits, tokenizer, max_input_length(model)).to(_device(model)))
+        batch = self.edit_batch(edits, tokenizer, max_input_length(model)).to(_device(model))
+        if rounds != 1 and not isinstance(editor, LearnedEditor):
+            raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
+        handle = editor.apply(model, batch, rounds=rounds) if rounds != 1 else editor.apply(model, batch)
         edited = EditedModel(model, tokenizer, [handle], edits)
         if keep:
             edited.keep()

@@ -68,6 +68,35 @@ def test_batch_study_scores_each_size_and_restores_the_weights(tiny_model_dir: P
         batch_study(model, tokenizer, editor, collator, records, 0, [9], progress=False)
 
 
+def test_rounds_edit_again_on_the_edited_model_and_roll_back_bitwise(tiny_model_dir: Path) -> None:
+    """apply(rounds=2) is one edit, then the same edit computed on the model it left, written over it; the one handle
+    undoes both bit for bit; batch_study makes its N-edit calls so, and its single edits in one round."""
+    model, tokenizer, editor, collator = _setup(tiny_model_dir)
+    records = many_records(3)
+    batch = collator.qa_batch([pair for r in records for pair in collator.edit_pairs(r, 0)], "edit inputs", stop=True)
+    before = _state(model)
+    with editor.apply(model, batch, rounds=2):
+        twice = _state(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    first = editor.apply(model, batch)
+    once = _state(model)
+    second = editor.apply(model, batch)  # computed on the edited model
+    by_hand = _state(model)
+    second.rollback()
+    first.rollback()
+    assert all(torch.equal(twice[k], by_hand[k]) for k in before)
+    assert any(not torch.equal(twice[k], once[k]) for k in before)  # the second round moved the weights again
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match="rounds must be >= 1"):
+        editor.apply(model, batch, rounds=0)
+    one, two = (batch_study(model, tokenizer, editor, collator, records, 0, [3], generation=False, progress=False, singles=True, rounds=k)
+                for k in (1, 2))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for key in ("reliability", "generalization", "locality"):  # the single edits are one-round edits either way
+        assert one["single"][key] == two["single"][key]
+    assert one["points"][0]["n_edits"] == two["points"][0]["n_edits"] == 3
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_sequential_study_scores_at_powers_of_two_and_rolls_back_bitwise(tiny_model_dir: Path, batch: int) -> None:
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
@@ -206,6 +235,17 @@ def test_analyze_batch_single_edit_reference_answer_keys_and_preservation(tiny_g
     assert carried["preservation"] == {"weight": 1e6, "source": "20 records"}
     for point, reference in zip(carried["points"], kept["editors"][0]["points"], strict=True):
         assert {k: point[k]["mean"] for k in METRIC_KEYS} == pytest.approx({k: reference[k]["mean"] for k in METRIC_KEYS})
+    # the editor's own sample at another weight for the study, and the calls made in two rounds
+    light = [*base[:3], str(tmp_path / "carrier"), *base[4:], "--sample-weight", "1e-3", "--rounds", "2"]
+    assert main([*light, "--output", str(tmp_path / "light.json")]) == 0
+    result = json.loads((tmp_path / "light.json").read_text())
+    assert result["rounds"] == 2
+    assert result["editors"][0]["preservation"] == {"weight": 1e-3, "calibrated_weight": 1e6, "source": "20 records"}
+    assert result["editors"][0]["points"][1]["locality"]["mean"] != carried["points"][1]["locality"]["mean"]
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--sample-weight", "5"]) == 2
+    assert "has no preservation sample of its own" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--rounds", "0"]) == 2
+    assert "--rounds must be >= 1" in caplog.text
 
     with pytest.raises(SystemExit):  # rolled-back calls leave no earlier keys to weigh
         main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--past-weight", "2", "--preserve-data", str(preserve)])
@@ -336,6 +376,20 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     changed = [k for k, v in original.state_dict().items() if not torch.equal(v, together[k])]
     assert changed and any(not torch.equal(together[k], sequential[k]) for k in changed)
     assert len(json.loads((tmp_path / "together" / EDITS_FILE).read_text())) == 3
+    # in two rounds: the API's apply(rounds=2), what the saved model holds
+    assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
+    assert "in one call (aggregation sum, 2 rounds)" in capsys.readouterr().out
+    from instructedit.api import load_editor
+    from instructedit.commands.edit import read_edits
+
+    loaded = load_editor(editor)
+    model, tok = load_model(str(tiny_llama_dir))
+    with loaded.apply(model, [e for _, e in read_edits(str(edits), "counterfact")], tok, rounds=2):
+        by_api = {k: v.clone() for k, v in model.state_dict().items()}
+    rounds = AutoModelForCausalLM.from_pretrained(tmp_path / "rounds").state_dict()
+    assert all(torch.equal(by_api[k], rounds[k]) for k in changed) and any(not torch.equal(together[k], rounds[k]) for k in changed)
+    assert main([*base, "--sequential", "--rounds", "2"]) == 2
+    assert "not --sequential" in caplog.text
 
 
 def test_edit_file_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],

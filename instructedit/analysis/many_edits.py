@@ -125,14 +125,15 @@ def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: 
 
 def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
-                progress: bool = True, memory: KeyMemory | None = None, singles: bool = False) -> dict:
+                progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int = 1) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
     ``past_weight`` 0: the calls are rolled back, so no earlier edit stays). ``singles``: also edit each of the first
     max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
     single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
-    (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol).
+    (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol). ``rounds``: every N-edit
+    call is made in that many rounds (``LearnedEditor.apply``); the single edits are made as the editor makes them, in one.
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -144,12 +145,15 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
     guard = WeightGuard(model)
 
-    def edited(lo: int, hi: int, scored: _Probes) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
-        """Cases lo..hi-1 edited in one call and scored (``scored``: their probes); (seconds of the call, teacher-forced
-        scores, generation scores). Rolled back afterwards."""
+    if rounds != 1 and not hasattr(editor, "edit"):
+        raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
+
+    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
+        """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
+        call, teacher-forced scores, generation scores). Rolled back afterwards."""
         batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
         start = time.perf_counter()
-        handle = editor.apply(model, batch)
+        handle = editor.apply(model, batch, rounds=rounds) if rounds != 1 else editor.apply(model, batch)
         seconds = time.perf_counter() - start
         try:
             return seconds, _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None
@@ -160,7 +164,7 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-            seconds, tf, gen = edited(0, n, probes.upto(n))
+            seconds, tf, gen = edited(0, n, probes.upto(n), rounds)
             guard.verify(full=True, where=f"after the {n}-edit call")
             points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
         if singles:

@@ -48,6 +48,12 @@ def add_edit_studies(studies: Any) -> None:
                    help="least_squares editors: the tokens whose keys the solve fits, 'all' (every token with a gradient) or "
                         "'answer' (the answer positions only: many edits stop competing over their prompts' shared keys); "
                         "default: the editor's own editor.ls_keys")
+    b.add_argument("--rounds", type=int, default=1, metavar="K",
+                   help="make every N-edit call in K rounds, each computed on the model the earlier rounds edited (default 1; "
+                        "MEND editors; the --singles stay one-round edits)")
+    b.add_argument("--sample-weight", type=float, default=None, metavar="W",
+                   help="the editor's own preservation sample (instructedit calibrate --preserve) counted as W tokens in every "
+                        "solve of the study instead of the weight it was calibrated with (e.g. more for many edits per call)")
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.set_defaults(func=run_batch)
 
@@ -233,7 +239,11 @@ def run_batch(args: argparse.Namespace) -> int:
     preserve = _preservation_texts(args, records[: max(args.sizes)])
     if args.key_memory and not preserve:
         raise ValueError("--key-memory in analyze batch holds a preservation sample still: add --preserve-data FILE")
-    result = {**_header(args, "batch", where), "sizes": list(args.sizes), "singles": args.singles,
+    if args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if args.sample_weight is not None and args.sample_weight <= 0:
+        raise ValueError(f"--sample-weight must be > 0, got {args.sample_weight}")
+    result = {**_header(args, "batch", where), "sizes": list(args.sizes), "singles": args.singles, "rounds": args.rounds,
               "memory": None if not preserve else {"text_weight": args.preserve_weight, "text": f"the locality prompts + answers of records "
                                                    f"{args.preserve_start}..{args.preserve_start + args.preserve - 1} of {args.preserve_data}"}}
     for path, label in zip(args.editor, labels):
@@ -245,10 +255,17 @@ def run_batch(args: argparse.Namespace) -> int:
             loaded.editor.config = dataclasses.replace(loaded.editor.config, ls_keys=args.ls_keys)
         if loaded.entry["aggregation"] == "least_squares":
             loaded.entry["ls_keys"] = loaded.editor.config.ls_keys
+        if args.sample_weight is not None:
+            own = getattr(loaded.editor, "preservation", None)
+            if own is None:
+                raise ValueError(f"--sample-weight: {path} has no preservation sample of its own (instructedit calibrate --preserve "
+                                 "saves one); --key-memory --preserve-data FILE --preserve-weight W brings one")
+            loaded.entry["preservation"]["calibrated_weight"] = own.text_weight
+            own.text_weight = loaded.entry["preservation"]["weight"] = args.sample_weight
         memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, 0.0, args.preserve_weight, args.batch_size) if preserve else None
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
-                          memory=memory, singles=args.singles)
+                          memory=memory, singles=args.singles, rounds=args.rounds)
         result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
         if "single" in out:
             print(_line(f"{label} (each edit alone)", out["single"]))

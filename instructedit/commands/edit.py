@@ -31,6 +31,9 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
+    edit.add_argument("--rounds", type=int, default=1, metavar="K",
+                      help="--file in one call: compute the update K times, each on the model the earlier rounds edited (default 1; "
+                           "MEND editors; 2 keeps most of what many least-squares edits say alone)")
     add_key_memory_arguments(edit, "--sequential: each edit's solve")
     edit.add_argument("--task", default="counterfact", choices=TASKS,
                       help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
@@ -73,6 +76,8 @@ def run_edit(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
         if args.key_memory and not args.sequential:
             raise ValueError("--key-memory holds earlier edits still while editing one after another: add --sequential")
+        if args.rounds < 1 or (args.rounds != 1 and args.sequential):
+            raise ValueError(f"--rounds {args.rounds}: rounds (>= 1) are for the edits of a --file made in one call, not --sequential")
         check_key_memory_arguments(args, needs="--key-memory --sequential")
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
@@ -81,6 +86,8 @@ def run_edit(args: argparse.Namespace) -> int:
         raise ValueError("--prompt needs --target, the new continuation")
     if args.sequential:
         raise ValueError("--sequential applies the edits of a --file one after another; a single --prompt edit has no order")
+    if args.rounds != 1:
+        raise ValueError("--rounds: for the many edits of a --file made in one call")
     if args.key_memory:
         raise ValueError("--key-memory holds earlier edits still while editing a --file one after another; a single --prompt edit has none")
     check_key_memory_arguments(args, needs="--file EDITS.jsonl --sequential --key-memory")
@@ -216,11 +223,13 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts, args.past_weight,
                             args.preserve_weight if texts else 0.0)
         kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
-    with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential else editor.apply(model, edits, tok)) as edited:
+    with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
+          else editor.apply(model, edits, tok, rounds=args.rounds)) as edited:
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
-    how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)})"
+    rounds = f", {args.rounds} rounds" if args.rounds != 1 else ""
+    how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
              f"{len(edits)} edits from {args.file}, applied {how}", "",

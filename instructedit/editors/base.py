@@ -87,7 +87,7 @@ class WeightEditHandle(EditHandle):
                 param.copy_(value.detach().to(param.dtype))
 
     def _restore(self) -> None:
-        _write(self.model, self._originals)
+        write_weights(self.model, self._originals)
 
     def _forget(self) -> None:
         self._originals.clear()
@@ -103,7 +103,8 @@ class WeightEditHandle(EditHandle):
         return originals
 
 
-def _write(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+def write_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy ``tensors`` (parameter name -> value) into ``model``'s parameters, in their dtype."""
     with torch.no_grad():
         for name, value in tensors.items():
             model.get_parameter(name).copy_(value)
@@ -186,7 +187,7 @@ class SequentialWeightEdits(EditHandle):
         self._forget()  # nothing is left to undo
 
     def _restore(self) -> None:
-        _write(self.model, self._originals)
+        write_weights(self.model, self._originals)
 
     def _forget(self) -> None:
         self._originals.clear()
