@@ -236,12 +236,13 @@ def test_analyze_batch_single_edit_reference_answer_keys_and_preservation(tiny_g
     for point, reference in zip(carried["points"], kept["editors"][0]["points"], strict=True):
         assert {k: point[k]["mean"] for k in METRIC_KEYS} == pytest.approx({k: reference[k]["mean"] for k in METRIC_KEYS})
     # the editor's own sample at another weight for the study, and the calls made in two rounds
-    light = [*base[:3], str(tmp_path / "carrier"), *base[4:], "--sample-weight", "1e-3", "--rounds", "2"]
+    light = [*base[:3], str(tmp_path / "carrier"), *base[4:], "--sample-weight", "1e-3", "--rounds", "2", "--singles"]
     assert main([*light, "--output", str(tmp_path / "light.json")]) == 0
     result = json.loads((tmp_path / "light.json").read_text())
     assert result["rounds"] == 2
-    assert result["editors"][0]["preservation"] == {"weight": 1e-3, "calibrated_weight": 1e6, "source": "20 records"}
+    assert result["editors"][0]["preservation"] == {"weight": 1e6, "weight_in_calls": 1e-3, "source": "20 records"}
     assert result["editors"][0]["points"][1]["locality"]["mean"] != carried["points"][1]["locality"]["mean"]
+    assert {k: result["editors"][0]["single"][k]["mean"] for k in METRIC_KEYS} == {k: carried["single"][k]["mean"] for k in METRIC_KEYS}
     assert main([*base, "--output", str(tmp_path / "x.json"), "--sample-weight", "5"]) == 2
     assert "has no preservation sample of its own" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--rounds", "0"]) == 2

@@ -16,8 +16,9 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 from __future__ import annotations
 
 import math
+import contextlib
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -125,7 +126,8 @@ def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: 
 
 def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
-                progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int = 1) -> dict:
+                progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int = 1,
+                sample_weight: float | None = None) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
@@ -133,7 +135,9 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
     single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
     (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol). ``rounds``: every N-edit
-    call is made in that many rounds (``LearnedEditor.apply``); the single edits are made as the editor makes them, in one.
+    call is made in that many rounds (``LearnedEditor.apply``); ``sample_weight``: in those calls the editor's own
+    preservation sample counts as that many tokens. The single edits are made as the editor makes them (one round, its
+    calibrated weight).
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -147,6 +151,9 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
 
     if rounds != 1 and not hasattr(editor, "edit"):
         raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
+    own = getattr(editor, "preservation", None)
+    if sample_weight is not None and own is None:
+        raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
 
     def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
@@ -164,7 +171,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-            seconds, tf, gen = edited(0, n, probes.upto(n), rounds)
+            with _weighted(own, sample_weight):
+                seconds, tf, gen = edited(0, n, probes.upto(n), rounds)
             guard.verify(full=True, where=f"after the {n}-edit call")
             points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
         if singles:
@@ -184,6 +192,19 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
                 p["kept_of_single"] = _kept(p, p["single_same_cases"])
     out["points"] = points
     return out
+
+
+@contextlib.contextmanager
+def _weighted(sample: KeyMemory | None, weight: float | None) -> Iterator[None]:
+    """Inside the block, the preservation ``sample`` counts as ``weight`` tokens (None: as it is)."""
+    if sample is None or weight is None:
+        yield
+        return
+    calibrated, sample.text_weight = sample.text_weight, weight
+    try:
+        yield
+    finally:
+        sample.text_weight = calibrated
 
 
 def locality_texts(records: Sequence[EditRecord]) -> list[tuple[str, str]]:

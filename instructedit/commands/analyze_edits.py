@@ -52,8 +52,9 @@ def add_edit_studies(studies: Any) -> None:
                    help="make every N-edit call in K rounds, each computed on the model the earlier rounds edited (default 1; "
                         "MEND editors; the --singles stay one-round edits)")
     b.add_argument("--sample-weight", type=float, default=None, metavar="W",
-                   help="the editor's own preservation sample (instructedit calibrate --preserve) counted as W tokens in every "
-                        "solve of the study instead of the weight it was calibrated with (e.g. more for many edits per call)")
+                   help="the editor's own preservation sample (instructedit calibrate --preserve) counted as W tokens in the "
+                        "N-edit calls instead of the weight it was calibrated with (more for many edits per call; --singles keep "
+                        "the calibrated weight)")
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.set_defaults(func=run_batch)
 
@@ -256,16 +257,14 @@ def run_batch(args: argparse.Namespace) -> int:
         if loaded.entry["aggregation"] == "least_squares":
             loaded.entry["ls_keys"] = loaded.editor.config.ls_keys
         if args.sample_weight is not None:
-            own = getattr(loaded.editor, "preservation", None)
-            if own is None:
+            if getattr(loaded.editor, "preservation", None) is None:
                 raise ValueError(f"--sample-weight: {path} has no preservation sample of its own (instructedit calibrate --preserve "
                                  "saves one); --key-memory --preserve-data FILE --preserve-weight W brings one")
-            loaded.entry["preservation"]["calibrated_weight"] = own.text_weight
-            own.text_weight = loaded.entry["preservation"]["weight"] = args.sample_weight
+            loaded.entry["preservation"]["weight_in_calls"] = args.sample_weight
         memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, 0.0, args.preserve_weight, args.batch_size) if preserve else None
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
-                          memory=memory, singles=args.singles, rounds=args.rounds)
+                          memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight)
         result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
         if "single" in out:
             print(_line(f"{label} (each edit alone)", out["single"]))
