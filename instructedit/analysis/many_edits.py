@@ -15,8 +15,8 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 
 from __future__ import annotations
 
-import math
 import contextlib
+import math
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
