@@ -23,7 +23,7 @@ from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle, keep_in_sequence
 from instructedit.editors.card import POOL_COPY, training_config
-from instructedit.editors.learned import LearnedEditor
+from instructedit.editors.learned import apply_in_rounds
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
@@ -370,9 +370,7 @@ class InstructEditor:
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
         batch = self.edit_batch(edits, tokenizer, max_input_length(model)).to(_device(model))
-        if rounds != 1 and not isinstance(editor, LearnedEditor):
-            raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
-        handle = editor.apply(model, batch, rounds=rounds) if rounds != 1 else editor.apply(model, batch)
+        handle = apply_in_rounds(editor, model, batch, rounds)
         edited = EditedModel(model, tokenizer, [handle], edits)
         if keep:
             edited.keep()

@@ -89,6 +89,11 @@ def test_rounds_edit_again_on_the_edited_model_and_roll_back_bitwise(tiny_model_
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with pytest.raises(ValueError, match="rounds must be >= 1"):
         editor.apply(model, batch, rounds=0)
+    from instructedit.editors.learned import check_rounds
+
+    check_rounds(object(), 1)  # any editor edits in one round
+    with pytest.raises(ValueError, match="only a learned editor"):  # e.g. FT-L, whose apply takes no rounds
+        batch_study(model, tokenizer, object(), collator, records, 0, [3], progress=False, rounds=2)
     one, two = (batch_study(model, tokenizer, editor, collator, records, 0, [3], generation=False, progress=False, singles=True, rounds=k)
                 for k in (1, 2))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
+from instructedit.editors.learned import apply_in_rounds, check_rounds
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -142,6 +143,10 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
         raise ValueError(f"sizes must be between 1 and the {len(records)} records given, got {sizes}")
+    check_rounds(editor, rounds)  # before any scoring
+    own = getattr(editor, "preservation", None)
+    if sample_weight is not None and own is None:
+        raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
     device = next(model.parameters()).device
     records = list(records[: sizes[-1]])
     probes = _probes(collator, records, instruction)
@@ -149,18 +154,12 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
     guard = WeightGuard(model)
 
-    if rounds != 1 and not hasattr(editor, "edit"):
-        raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
-    own = getattr(editor, "preservation", None)
-    if sample_weight is not None and own is None:
-        raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
-
     def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
         call, teacher-forced scores, generation scores). Rolled back afterwards."""
         batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
         start = time.perf_counter()
-        handle = editor.apply(model, batch, rounds=rounds) if rounds != 1 else editor.apply(model, batch)
+        handle = apply_in_rounds(editor, model, batch, rounds)
         seconds = time.perf_counter() - start
         try:
             return seconds, _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None

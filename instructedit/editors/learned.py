@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -227,3 +227,15 @@ def nonfinite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
 def _corrupt(directory: Path, file: str, why: str) -> ValueError:
     return ValueError(f"{directory} holds an incomplete or corrupt editor: {directory / file} {why}; "
                       "save or download it again, or use another checkpoint")
+
+
+def check_rounds(editor: Any, rounds: int) -> None:
+    """Only a learned editor (MEND, KE) edits in rounds (``LearnedEditor.apply``); any other with ``rounds`` != 1 is refused."""
+    if rounds != 1 and not isinstance(editor, LearnedEditor):
+        raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
+
+
+def apply_in_rounds(editor: Any, model: nn.Module, batch: TokenBatch, rounds: int = 1) -> Any:
+    """``editor.apply(model, batch)``, in ``rounds`` rounds where that is not 1 (``check_rounds``); returns its undo handle."""
+    check_rounds(editor, rounds)
+    return editor.apply(model, batch) if rounds == 1 else editor.apply(model, batch, rounds=rounds)
