@@ -437,3 +437,68 @@ def test_edit_file_names_the_bad_line(tmp_path: Path, caplog: pytest.LogCaptureF
     edits = _edits_file(tmp_path / "edits.jsonl", [EDIT_LINES[0], bad])
     assert main(["edit", "--editor", str(tmp_path / "no-editor"), "--file", str(edits)]) == 2  # fails before loading anything
     assert f"{edits} {message}" in caplog.text
+
+
+def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it(tiny_llama_dir: Path, tmp_path: Path,
+                                                                                capsys: pytest.CaptureFixture[str],
+                                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """InstructEditor.apply(sample_weight=W) and edit --file --sample-weight W: the call's solves count the editor's own
+    preservation sample as W tokens (what setting its weight by hand gives), the calibrated weight comes back, and an
+    editor without a sample is refused before anything is edited."""
+    from transformers import AutoModelForCausalLM
+
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.api import load_editor
+    from instructedit.cli import main
+    from instructedit.commands.edit import read_edits
+    from instructedit.editors.mend import MENDEditor
+
+    plain = _saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares")
+    model, tok = load_model(str(tiny_llama_dir))
+    carrier = MENDEditor.from_pretrained(plain).eval()
+    carrier.set_preservation(key_memory(carrier, model, Collator(tok, 64), locality_texts(many_records(6)), past_weight=0.0, text_weight=5.0),
+                             "6 records")
+    folder = carrier.save_pretrained(tmp_path / "carrier")
+    edits_file = _edits_file(tmp_path / "edits.jsonl", EDIT_LINES)
+    edits = [e for _, e in read_edits(str(edits_file), "counterfact")]
+    before = _state(model)
+
+    def edited_state(editor, **options) -> dict[str, torch.Tensor]:
+        with editor.apply(model, edits, tok, **options):
+            state = _state(model)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # rolled back bit for bit
+        return state
+
+    loaded = load_editor(folder)
+    calibrated = edited_state(loaded)
+    heavy = edited_state(loaded, sample_weight=5e4, rounds=2)
+    assert loaded.editor.preservation.text_weight == 5.0  # the calibrated weight is back
+    assert all(torch.equal(calibrated[k], v) for k, v in edited_state(loaded).items())  # and calls without it are as before
+    by_hand = load_editor(folder)
+    by_hand.editor.preservation.text_weight = 5e4
+    assert all(torch.equal(heavy[k], v) for k, v in edited_state(by_hand, rounds=2).items())
+    changed = [k for k, v in before.items() if not torch.equal(v, calibrated[k])]
+    assert changed and any(not torch.equal(calibrated[k], heavy[k]) for k in changed)
+    # a heavier sample holds the shift nearer zero
+    assert sum(float((heavy[k] - before[k]).norm()) for k in changed) < sum(float((calibrated[k] - before[k]).norm()) for k in changed)
+    for bad, message in ((0.0, "positive"), (float("nan"), "positive")):
+        with pytest.raises(ValueError, match=message):
+            loaded.apply(model, edits, tok, sample_weight=bad)
+    with pytest.raises(ValueError, match="no preservation sample of its own"):
+        load_editor(plain).apply(model, edits, tok, sample_weight=10.0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    # the CLI: what the saved model holds equals the API's call
+    base = ["edit", "--editor", str(folder), "--file", str(edits_file), "--device", "cpu", "--max-new-tokens", "4"]
+    assert main([*base, "--rounds", "2", "--sample-weight", "5e4", "--save", str(tmp_path / "saved")]) == 0
+    assert "2 rounds, preservation sample weighted 50000 (calibrated 5)" in capsys.readouterr().out
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    assert all(torch.equal(heavy[k], saved[k]) for k in changed)
+    assert main([*base[:2], str(plain), *base[3:], "--sample-weight", "10"]) == 2
+    assert "has no preservation sample of its own" in caplog.text
+    for extra in (["--sample-weight", "0"], ["--sample-weight", "10", "--sequential"]):
+        assert main([*base, *extra]) == 2
+    assert "not --sequential" in caplog.text
+    assert main(["edit", "--editor", str(folder), "--prompt", "The capital of France is", "--target", "Rome", "--sample-weight", "10",
+                 "--device", "cpu"]) == 2
+    assert "for the many edits of a --file made in one call" in caplog.text

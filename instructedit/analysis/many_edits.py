@@ -15,10 +15,9 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
-from instructedit.editors.learned import apply_in_rounds, check_rounds
+from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -144,9 +143,7 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
         raise ValueError(f"sizes must be between 1 and the {len(records)} records given, got {sizes}")
     check_rounds(editor, rounds)  # before any scoring
-    own = getattr(editor, "preservation", None)
-    if sample_weight is not None and own is None:
-        raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
+    check_sample_weight(editor, sample_weight)
     device = next(model.parameters()).device
     records = list(records[: sizes[-1]])
     probes = _probes(collator, records, instruction)
@@ -154,12 +151,12 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
     guard = WeightGuard(model)
 
-    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
+    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1, sample_weight: float | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
         call, teacher-forced scores, generation scores). Rolled back afterwards."""
         batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
         start = time.perf_counter()
-        handle = apply_in_rounds(editor, model, batch, rounds)
+        handle = apply_in_rounds(editor, model, batch, rounds, sample_weight)
         seconds = time.perf_counter() - start
         try:
             return seconds, _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None
@@ -170,8 +167,7 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-            with _weighted(own, sample_weight):
-                seconds, tf, gen = edited(0, n, probes.upto(n), rounds)
+            seconds, tf, gen = edited(0, n, probes.upto(n), rounds, sample_weight)
             guard.verify(full=True, where=f"after the {n}-edit call")
             points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
         if singles:
@@ -191,19 +187,6 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
                 p["kept_of_single"] = _kept(p, p["single_same_cases"])
     out["points"] = points
     return out
-
-
-@contextlib.contextmanager
-def _weighted(sample: KeyMemory | None, weight: float | None) -> Iterator[None]:
-    """Inside the block, the preservation ``sample`` counts as ``weight`` tokens (None: as it is)."""
-    if sample is None or weight is None:
-        yield
-        return
-    calibrated, sample.text_weight = sample.text_weight, weight
-    try:
-        yield
-    finally:
-        sample.text_weight = calibrated
 
 
 def locality_texts(records: Sequence[EditRecord]) -> list[tuple[str, str]]:

@@ -34,6 +34,10 @@ def add_edit_parser(subparsers: Any) -> None:
     edit.add_argument("--rounds", type=int, default=1, metavar="K",
                       help="--file in one call: compute the update K times, each on the model the earlier rounds edited (default 1; "
                            "MEND editors; 2 keeps most of what many least-squares edits say alone)")
+    edit.add_argument("--sample-weight", type=float, default=None, metavar="W",
+                      help="--file in one call, a least-squares editor with its own preservation sample (calibrate --preserve): "
+                           "count the sample as W tokens in this call's solves instead of its calibrated weight (more holds more "
+                           "of the model's other answers; more --rounds buy the edits back)")
     add_key_memory_arguments(edit, "--sequential: each edit's solve")
     edit.add_argument("--task", default="counterfact", choices=TASKS,
                       help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
@@ -78,16 +82,22 @@ def run_edit(args: argparse.Namespace) -> int:
             raise ValueError("--key-memory holds earlier edits still while editing one after another: add --sequential")
         if args.rounds < 1 or (args.rounds != 1 and args.sequential):
             raise ValueError(f"--rounds {args.rounds}: rounds (>= 1) are for the edits of a --file made in one call, not --sequential")
+        if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
+            raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
+                             "one call that makes the edits of a --file, not --sequential")
         check_key_memory_arguments(args, needs="--key-memory --sequential")
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
+        if args.sample_weight is not None and getattr(editor.editor, "preservation", None) is None:
+            raise ValueError(f"--sample-weight: {args.editor} has no preservation sample of its own (instructedit calibrate --preserve "
+                             "saves one)")
         return _edit_many(args, numbered, editor, model, tok, model_name)
     if args.target is None:
         raise ValueError("--prompt needs --target, the new continuation")
     if args.sequential:
         raise ValueError("--sequential applies the edits of a --file one after another; a single --prompt edit has no order")
-    if args.rounds != 1:
-        raise ValueError("--rounds: for the many edits of a --file made in one call")
+    if args.rounds != 1 or args.sample_weight is not None:
+        raise ValueError("--rounds and --sample-weight: for the many edits of a --file made in one call")
     if args.key_memory:
         raise ValueError("--key-memory holds earlier edits still while editing a --file one after another; a single --prompt edit has none")
     check_key_memory_arguments(args, needs="--file EDITS.jsonl --sequential --key-memory")
@@ -224,11 +234,13 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
                             args.preserve_weight if texts else 0.0)
         kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
-          else editor.apply(model, edits, tok, rounds=args.rounds)) as edited:
+          else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight)) as edited:
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
     rounds = f", {args.rounds} rounds" if args.rounds != 1 else ""
+    if args.sample_weight is not None:
+        rounds += f", preservation sample weighted {args.sample_weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",

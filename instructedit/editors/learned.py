@@ -10,8 +10,10 @@ and implements ``edit(model, batch, state) -> EditResult`` (functional: the mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -235,7 +237,36 @@ def check_rounds(editor: Any, rounds: int) -> None:
         raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
 
 
-def apply_in_rounds(editor: Any, model: nn.Module, batch: TokenBatch, rounds: int = 1) -> Any:
-    """``editor.apply(model, batch)``, in ``rounds`` rounds where that is not 1 (``check_rounds``); returns its undo handle."""
+def check_sample_weight(editor: Any, weight: float | None) -> None:
+    """A ``sample_weight`` (not None) needs a positive number and an editor with a preservation sample of its own."""
+    if weight is None:
+        return
+    if not weight > 0 or weight == float("inf"):
+        raise ValueError(f"sample_weight must be a positive number, got {weight}")
+    if getattr(editor, "preservation", None) is None:
+        raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
+
+
+@contextlib.contextmanager
+def sample_weighted(editor: Any, weight: float | None) -> Iterator[None]:
+    """Inside the block, ``editor``'s own preservation sample counts as ``weight`` tokens in every solve (None: as calibrated;
+    ``check_sample_weight``); the calibrated weight is restored on exit. Many edits in one call hold more of the model's
+    other answers with a heavier sample (README, "Many edits")."""
+    check_sample_weight(editor, weight)
+    if weight is None:
+        yield
+        return
+    sample = editor.preservation
+    calibrated, sample.text_weight = sample.text_weight, float(weight)
+    try:
+        yield
+    finally:
+        sample.text_weight = calibrated
+
+
+def apply_in_rounds(editor: Any, model: nn.Module, batch: TokenBatch, rounds: int = 1, sample_weight: float | None = None) -> Any:
+    """``editor.apply(model, batch)``, in ``rounds`` rounds where that is not 1 (``check_rounds``), with the editor's own
+    preservation sample counted as ``sample_weight`` tokens if given (``sample_weighted``); returns its undo handle."""
     check_rounds(editor, rounds)
-    return editor.apply(model, batch) if rounds == 1 else editor.apply(model, batch, rounds=rounds)
+    with sample_weighted(editor, sample_weight):
+        return editor.apply(model, batch) if rounds == 1 else editor.apply(model, batch, rounds=rounds)
