@@ -23,7 +23,7 @@ from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle, keep_in_sequence
 from instructedit.editors.card import POOL_COPY, training_config
-from instructedit.editors.learned import apply_in_rounds
+from instructedit.editors.learned import apply_in_rounds, schedule_for
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
@@ -353,7 +353,7 @@ class InstructEditor:
         return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
-              keep: bool = False, rounds: int = 1, sample_weight: float | None = None) -> EditedModel:
+              keep: bool = False, rounds: int | str = "auto", sample_weight: float | None = None) -> EditedModel:
         """Batch editing: ONE update computed from all ``edits`` together, as the editor aggregates them.
 
         A MEND editor sums the edits' updates (``editor.aggregation: sum``) or solves one least-squares
@@ -361,11 +361,12 @@ class InstructEditor:
         chunks of ``editor.chunk_edits``, so memory does not grow with their number).
 
         ``rounds`` (MEND editors): the update is computed again on the model the earlier rounds edited, ``rounds``
-        times in all; for many edits in one least-squares call, 2 rounds keep most of what each edit says alone
-        (README, "Many edits"). ``sample_weight`` (a least-squares editor with a preservation sample, ``instructedit
-        calibrate --preserve``): the sample counts as this many tokens in this call's solves instead of its calibrated
-        weight (restored afterwards); a heavier sample holds more of the model's other answers, more rounds buy the
-        edits back (held out, 256 edits: 8 rounds at 16× the calibrated weight, README).
+        times in all, so that edits one least-squares compromise shrank ask again. ``sample_weight`` (a least-squares
+        editor with a preservation sample, ``instructedit calibrate --preserve``): the sample counts as this many tokens
+        in this call's solves instead of its calibrated weight (restored afterwards); a heavier sample holds more of the
+        model's other answers, more rounds buy the edits back. The default ``rounds="auto"``
+        (``editors.learned.schedule_for``): for such an editor and more than 16 edits, ⌈√N / 2⌉ rounds with the sample
+        weighted √N × (8 rounds at 16× for 256 edits), else one round as calibrated (README, "Many edits").
 
         The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
         from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
@@ -373,6 +374,10 @@ class InstructEditor:
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
         batch = self.edit_batch(edits, tokenizer, max_input_length(model)).to(_device(model))
+        rounds, sample_weight = schedule_for(editor, len(edits), rounds, sample_weight)
+        if len(edits) > 1:
+            logger.info("%d edits in one call: %d round(s), preservation sample weight %s", len(edits), rounds,
+                        "as calibrated" if sample_weight is None else f"{sample_weight:g}")
         handle = apply_in_rounds(editor, model, batch, rounds, sample_weight)
         edited = EditedModel(model, tokenizer, [handle], edits)
         if keep:

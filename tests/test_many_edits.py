@@ -470,10 +470,12 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
         return state
 
     loaded = load_editor(folder)
-    calibrated = edited_state(loaded)
+    calibrated = edited_state(loaded, rounds=1)
     heavy = edited_state(loaded, sample_weight=5e4, rounds=2)
     assert loaded.editor.preservation.text_weight == 5.0  # the calibrated weight is back
-    assert all(torch.equal(calibrated[k], v) for k, v in edited_state(loaded).items())  # and calls without it are as before
+    assert all(torch.equal(calibrated[k], v) for k, v in edited_state(loaded, rounds=1).items())  # and calls without it are as before
+    # the default, rounds="auto": three edits are made as one is (one round, the calibrated weight)
+    assert all(torch.equal(calibrated[k], v) for k, v in edited_state(loaded).items())
     by_hand = load_editor(folder)
     by_hand.editor.preservation.text_weight = 5e4
     assert all(torch.equal(heavy[k], v) for k, v in edited_state(by_hand, rounds=2).items())
@@ -494,6 +496,10 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     assert "2 rounds, preservation sample weighted 50000 (calibrated 5)" in capsys.readouterr().out
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
     assert all(torch.equal(heavy[k], saved[k]) for k in changed)
+    assert main([*base, "--rounds", "auto"]) == 0  # three edits: made as one edit is
+    assert "in one call (aggregation least_squares)\n" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main([*base, "--rounds", "three"])
     assert main([*base[:2], str(plain), *base[3:], "--sample-weight", "10"]) == 2
     assert "has no preservation sample of its own" in caplog.text
     for extra in (["--sample-weight", "0"], ["--sample-weight", "10", "--sequential"]):
@@ -502,3 +508,50 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     assert main(["edit", "--editor", str(folder), "--prompt", "The capital of France is", "--target", "Rome", "--sample-weight", "10",
                  "--device", "cpu"]) == 2
     assert "for the many edits of a --file made in one call" in caplog.text
+
+
+def test_auto_rounds_schedule_many_edits_by_their_number(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """rounds="auto" (the API's and edit --file's default): a least-squares editor with a sample of its own makes more than 16
+    edits in ceil(sqrt(N)/2) rounds with the sample weighted sqrt(N) times, fewer as one edit; any other editor one round.
+    The API's default call equals the explicit one, and batch_study records each size's schedule."""
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.api import Edit, load_editor
+    from instructedit.editors.learned import schedule_for
+    from instructedit.editors.mend import MENDEditor
+
+    model, tok = load_model(str(tiny_llama_dir))
+    carrier = MENDEditor.from_pretrained(_saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares")).eval()
+    assert schedule_for(carrier, 256, "auto") == (1, None)  # no sample of its own yet
+    carrier.set_preservation(key_memory(carrier, model, Collator(tok, 64), locality_texts(many_records(6)), past_weight=0.0, text_weight=5.0),
+                             "6 records")
+    assert [schedule_for(carrier, n, "auto") for n in (1, 16)] == [(1, None), (1, None)]
+    assert schedule_for(carrier, 17, "auto") == (3, pytest.approx(5.0 * math.sqrt(17)))
+    assert schedule_for(carrier, 256, "auto") == (8, pytest.approx(80.0))
+    assert schedule_for(carrier, 256, "auto", 7.0) == (8, 7.0)  # a weight asked for is kept
+    assert schedule_for(carrier, 256, 2) == (2, None)  # a number of rounds is taken as it is
+    summing = MENDEditor.from_pretrained(_saved_editor(tiny_llama_dir, tmp_path / "sum", "sum"))
+    assert schedule_for(summing, 256, "auto") == (1, None)
+    for bad in ("three", True, 1.5):
+        with pytest.raises(ValueError, match="whole number"):
+            schedule_for(carrier, 4, bad)
+    with pytest.raises(ValueError, match="at least one edit"):
+        schedule_for(carrier, 0, "auto")
+
+    folder = carrier.save_pretrained(tmp_path / "carrier")
+    edits = [Edit(prompt=f"The code name of project {i} is", target=f"Falcon {i}") for i in range(20)]
+    before = _state(model)
+    editor = load_editor(folder)
+    with editor.apply(model, edits, tok):  # the default: auto
+        auto = _state(model)
+    with editor.apply(model, edits, tok, rounds=3, sample_weight=5.0 * math.sqrt(20)):
+        explicit = _state(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(auto[k], explicit[k]) for k in auto)
+    assert any(not torch.equal(auto[k], before[k]) for k in auto)
+
+    records = [EditRecord(task="zsre", prompt=f"What is the code name of project {i}?", target_new=f"Falcon {i}",
+                          locality=(QAItem("nq question: who wrote the anthem?", "an unknown poet", "NQ"),), source=f"made#{i}")
+               for i in range(17)]
+    result = batch_study(model, tok, editor.editor_for(model, tok), Collator(tok, 256, POOL), records, 0, [2, 17], generation=False,
+                         progress=False, rounds="auto")
+    assert [(p["rounds"], p["sample_weight"]) for p in result["points"]] == [(1, None), (3, pytest.approx(5.0 * math.sqrt(17)))]

@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
-from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight
+from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, schedule_for
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -126,7 +126,7 @@ def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: 
 
 def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
-                progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int = 1,
+                progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int | str = 1,
                 sample_weight: float | None = None) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
@@ -135,15 +135,17 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
     single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
     (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol). ``rounds``: every N-edit
-    call is made in that many rounds (``LearnedEditor.apply``); ``sample_weight``: in those calls the editor's own
-    preservation sample counts as that many tokens. The single edits are made as the editor makes them (one round, its
+    call is made in that many rounds (``LearnedEditor.apply``; "auto": as ``editors.learned.schedule_for`` chooses for its N,
+    recorded per point); ``sample_weight``: in those calls the editor's own preservation sample counts as that many tokens. The single edits are made as the editor makes them (one round, its
     calibrated weight).
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
         raise ValueError(f"sizes must be between 1 and the {len(records)} records given, got {sizes}")
-    check_rounds(editor, rounds)  # before any scoring
-    check_sample_weight(editor, sample_weight)
+    schedules = {n: schedule_for(editor, n, rounds, sample_weight) for n in sizes}  # before any scoring: bad values fail here
+    for n_rounds, weight in schedules.values():
+        check_rounds(editor, n_rounds)
+        check_sample_weight(editor, weight)
     device = next(model.parameters()).device
     records = list(records[: sizes[-1]])
     probes = _probes(collator, records, instruction)
@@ -167,9 +169,10 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-            seconds, tf, gen = edited(0, n, probes.upto(n), rounds, sample_weight)
+            seconds, tf, gen = edited(0, n, probes.upto(n), *schedules[n])
             guard.verify(full=True, where=f"after the {n}-edit call")
-            points.append({"n_edits": n, "seconds": seconds, "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
+            points.append({"n_edits": n, "rounds": schedules[n][0], "sample_weight": schedules[n][1], "seconds": seconds,
+                           "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
         if singles:
             tf, gen, total = [], [] if asker is not None else None, 0.0
             for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):

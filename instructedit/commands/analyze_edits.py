@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructedit.commands.common import add_key_memory_arguments, aggregation, check_key_memory_arguments, per_editor
+from instructedit.commands.common import add_key_memory_arguments, aggregation, check_key_memory_arguments, per_editor, rounds_argument
 from instructedit.config import LS_KEYS
 from instructedit.records import TASKS, EditRecord
 
@@ -48,9 +48,10 @@ def add_edit_studies(studies: Any) -> None:
                    help="least_squares editors: the tokens whose keys the solve fits, 'all' (every token with a gradient) or "
                         "'answer' (the answer positions only: many edits stop competing over their prompts' shared keys); "
                         "default: the editor's own editor.ls_keys")
-    b.add_argument("--rounds", type=int, default=1, metavar="K",
+    b.add_argument("--rounds", type=rounds_argument, default=1, metavar="K|auto",
                    help="make every N-edit call in K rounds, each computed on the model the earlier rounds edited (default 1; "
-                        "MEND editors; the --singles stay one-round edits)")
+                        "MEND editors; the --singles stay one-round edits); 'auto': per N as the API's default chooses "
+                        "(N > 16 with a sample of its own: ceil(sqrt(N)/2) rounds, the sample weighted sqrt(N) times unless --sample-weight)")
     b.add_argument("--sample-weight", type=float, default=None, metavar="W",
                    help="the editor's own preservation sample (instructedit calibrate --preserve) counted as W tokens in the "
                         "N-edit calls instead of the weight it was calibrated with (more for many edits per call; --singles keep "
@@ -226,7 +227,10 @@ def _pct(summary: dict[str, Any] | None) -> str:
 def _line(label: str, p: dict[str, Any]) -> str:
     scores = ", ".join(f"{k} {_pct(p.get(k))}/{_pct(p.get('gen_' + k))}" for k in ("reliability", "generalization", "locality"))
     extra = f"{p['seconds_per_edit']:.4f} s/edit" if "seconds_per_edit" in p else f"perplexity ×{p['perplexity_ratio']:.3f}"
-    return f"{label} N={p['n_edits']}: {scores} (teacher-forced/generation %), {extra}"
+    made = "" if p.get("rounds", 1) == 1 else f" ({p['rounds']} rounds)"
+    if p.get("sample_weight") is not None:
+        made = f" ({p.get('rounds', 1)} round{'s' if p.get('rounds', 1) != 1 else ''}, sample weight {p['sample_weight']:g})"
+    return f"{label} N={p['n_edits']}{made}: {scores} (teacher-forced/generation %), {extra}"
 
 
 def run_batch(args: argparse.Namespace) -> int:
@@ -240,8 +244,8 @@ def run_batch(args: argparse.Namespace) -> int:
     preserve = _preservation_texts(args, records[: max(args.sizes)])
     if args.key_memory and not preserve:
         raise ValueError("--key-memory in analyze batch holds a preservation sample still: add --preserve-data FILE")
-    if args.rounds < 1:
-        raise ValueError(f"--rounds must be >= 1, got {args.rounds}")
+    if isinstance(args.rounds, int) and args.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1 or auto, got {args.rounds}")
     if args.sample_weight is not None and args.sample_weight <= 0:
         raise ValueError(f"--sample-weight must be > 0, got {args.sample_weight}")
     result = {**_header(args, "batch", where), "sizes": list(args.sizes), "singles": args.singles, "rounds": args.rounds,

@@ -8,6 +8,18 @@ from typing import Any
 from instructedit.config import DEFAULT_MODEL
 
 
+def rounds_argument(text: str) -> int | str:
+    """argparse type of ``--rounds``: a whole number, or "auto" (``editors.learned.schedule_for``)."""
+    from instructedit.editors.learned import AUTO_ROUNDS
+
+    if text.strip().lower() == AUTO_ROUNDS:
+        return AUTO_ROUNDS
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor {AUTO_ROUNDS!r}") from None
+
+
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
     """``--editor`` and ``--model``, as every command that applies a trained editor takes them."""
     parser.add_argument("--editor", required=True, metavar="DIR|ORG/NAME", help="a trained editor folder (e.g. RUN/best) or a hub repo id")

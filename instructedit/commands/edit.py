@@ -8,7 +8,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from instructedit.commands.common import add_editor_arguments, add_key_memory_arguments, aggregation, check_key_memory_arguments, load_editor_and_model
+from instructedit.commands.common import (
+    add_editor_arguments, add_key_memory_arguments, aggregation, check_key_memory_arguments, load_editor_and_model, rounds_argument,
+)
 from instructedit.records import SENTIMENTS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -31,9 +33,10 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
-    edit.add_argument("--rounds", type=int, default=1, metavar="K",
-                      help="--file in one call: compute the update K times, each on the model the earlier rounds edited (default 1; "
-                           "MEND editors; 2 keeps most of what many least-squares edits say alone)")
+    edit.add_argument("--rounds", type=rounds_argument, default="auto", metavar="K|auto",
+                      help="--file in one call: compute the update K times, each on the model the earlier rounds edited (MEND "
+                           "editors); default 'auto': for a least-squares editor with its own preservation sample and N > 16 edits, "
+                           "ceil(sqrt(N)/2) rounds with the sample weighted sqrt(N) times (unless --sample-weight), else 1")
     edit.add_argument("--sample-weight", type=float, default=None, metavar="W",
                       help="--file in one call, a least-squares editor with its own preservation sample (calibrate --preserve): "
                            "count the sample as W tokens in this call's solves instead of its calibrated weight (more holds more "
@@ -80,8 +83,10 @@ def run_edit(args: argparse.Namespace) -> int:
             raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
         if args.key_memory and not args.sequential:
             raise ValueError("--key-memory holds earlier edits still while editing one after another: add --sequential")
-        if args.rounds < 1 or (args.rounds != 1 and args.sequential):
-            raise ValueError(f"--rounds {args.rounds}: rounds (>= 1) are for the edits of a --file made in one call, not --sequential")
+        if args.sequential and args.rounds == "auto":
+            args.rounds = 1  # the default: --sequential edits one at a time
+        if (isinstance(args.rounds, int) and args.rounds < 1) or (args.rounds != 1 and args.sequential):
+            raise ValueError(f"--rounds {args.rounds}: rounds (>= 1, or auto) are for the edits of a --file made in one call, not --sequential")
         if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
             raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
                              "one call that makes the edits of a --file, not --sequential")
@@ -96,7 +101,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise ValueError("--prompt needs --target, the new continuation")
     if args.sequential:
         raise ValueError("--sequential applies the edits of a --file one after another; a single --prompt edit has no order")
-    if args.rounds != 1 or args.sample_weight is not None:
+    if args.rounds not in (1, "auto") or args.sample_weight is not None:
         raise ValueError("--rounds and --sample-weight: for the many edits of a --file made in one call")
     if args.key_memory:
         raise ValueError("--key-memory holds earlier edits still while editing a --file one after another; a single --prompt edit has none")
@@ -233,14 +238,19 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts, args.past_weight,
                             args.preserve_weight if texts else 0.0)
         kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
+    from instructedit.editors.learned import schedule_for
+
+    n_rounds, weight = (1, None) if args.sequential else schedule_for(editor.editor_for(model, tok), len(edits), args.rounds, args.sample_weight)
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
-          else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight)) as edited:
+          else editor.apply(model, edits, tok, rounds=n_rounds, sample_weight=weight)) as edited:
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
-    rounds = f", {args.rounds} rounds" if args.rounds != 1 else ""
-    if args.sample_weight is not None:
-        rounds += f", preservation sample weighted {args.sample_weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
+    rounds = f", {n_rounds} rounds" if n_rounds != 1 else ""
+    if weight is not None:
+        rounds += f", preservation sample weighted {weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
+    if args.rounds == "auto" and (n_rounds != 1 or weight is not None):
+        rounds += ": --rounds auto"
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -235,6 +236,36 @@ def check_rounds(editor: Any, rounds: int) -> None:
     """Only a learned editor (MEND, KE) edits in rounds (``LearnedEditor.apply``); any other with ``rounds`` != 1 is refused."""
     if rounds != 1 and not isinstance(editor, LearnedEditor):
         raise ValueError(f"rounds={rounds}: only a learned editor (MEND, KE) edits in rounds; this one is {type(editor).__name__}")
+
+
+AUTO_ROUNDS = "auto"
+AUTO_AS_SINGLE = 16  # "auto": calls of up to this many edits are made as one edit is (one round, the calibrated weight)
+
+
+def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight: float | None = None) -> tuple[int, float | None]:
+    """The (rounds, sample weight) a call of ``n_edits`` edits is made with: ``rounds`` and ``sample_weight`` as asked,
+    except ``rounds="auto"``: for a least-squares editor with a preservation sample of its own and more than
+    ``AUTO_AS_SINGLE`` edits, ⌈√N / 2⌉ rounds with the sample counted as √N × its calibrated weight (``sample_weight``, if
+    given, instead); otherwise one round (one edit, or a few, as the editor makes one; any other editor: rounds were not
+    measured to help it).
+
+    Measured on ZsRE's train split with the recommended editor (``results/analysis/ls-keys/rounds/README.md``, "auto"),
+    against one round at the calibrated weight: N = 16, 2 rounds would gain nothing (the same 86.4 / 62.5 % said);
+    N = 32 (3 rounds): generalization 84.4 / 53.1 against 79.7 / 46.9 at locality 98.0 / 93.8 against 96.8 / 93.8;
+    N = 64 (4 rounds): reliability 91.3 / 71.9 against 83.8 / 60.9 at locality 93.8 / 92.2 against 89.6 / 90.6; N = 256
+    (8 rounds): 94.8 / 78.1 against 72.6 / 34.0 at 83.4 / 83.2 against 75.9 / 82.4 (held out: 91.5 / 70.3 against
+    72.0 / 22.7 at 83.1 / 78.9 against 76.9 / 81.6). The call costs about the rounds' number of one-round calls."""
+    if rounds != AUTO_ROUNDS:
+        if isinstance(rounds, bool) or not isinstance(rounds, int):
+            raise ValueError(f"rounds must be a whole number >= 1 or {AUTO_ROUNDS!r}, got {rounds!r}")
+        return rounds, sample_weight
+    if n_edits < 1:
+        raise ValueError(f"a call needs at least one edit, got {n_edits}")
+    own = getattr(editor, "preservation", None)
+    if own is None or getattr(getattr(editor, "config", None), "aggregation", None) != "least_squares" or n_edits <= AUTO_AS_SINGLE:
+        return 1, sample_weight
+    root = math.sqrt(n_edits)
+    return math.ceil(root / 2), sample_weight if sample_weight is not None else own.text_weight * root
 
 
 def check_sample_weight(editor: Any, weight: float | None) -> None:
