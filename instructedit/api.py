@@ -353,7 +353,8 @@ class InstructEditor:
         return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
-              keep: bool = False, rounds: int | str = "auto", sample_weight: float | None = None) -> EditedModel:
+              keep: bool = False, rounds: int | str = "auto", sample_weight: float | None = None,
+              progress: bool = False) -> EditedModel:
         """Batch editing: ONE update computed from all ``edits`` together, as the editor aggregates them.
 
         A MEND editor sums the edits' updates (``editor.aggregation: sum``) or solves one least-squares
@@ -367,6 +368,7 @@ class InstructEditor:
         model's other answers, more rounds buy the edits back. The default ``rounds="auto"``
         (``editors.learned.schedule_for``): for such an editor and more than 16 edits, ⌈√N / 2⌉ rounds with the sample
         weighted √N × (8 rounds at 16× for 256 edits), else one round as calibrated (README, "Many edits").
+        ``progress``: a bar over the rounds.
 
         The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
         from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
@@ -378,7 +380,7 @@ class InstructEditor:
         if len(edits) > 1:
             logger.info("%d edits in one call: %d round(s), preservation sample weight %s", len(edits), rounds,
                         "as calibrated" if sample_weight is None else f"{sample_weight:g}")
-        handle = apply_in_rounds(editor, model, batch, rounds, sample_weight)
+        handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, progress)
         edited = EditedModel(model, tokenizer, [handle], edits)
         if keep:
             edited.keep()

@@ -493,7 +493,9 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     # the CLI: what the saved model holds equals the API's call
     base = ["edit", "--editor", str(folder), "--file", str(edits_file), "--device", "cpu", "--max-new-tokens", "4"]
     assert main([*base, "--rounds", "2", "--sample-weight", "5e4", "--save", str(tmp_path / "saved")]) == 0
-    assert "2 rounds, preservation sample weighted 50000 (calibrated 5)" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert "2 rounds, preservation sample weighted 50000 (calibrated 5)" in shown.out
+    assert "edit rounds" in shown.err and "2/2" in shown.err  # a bar over the rounds
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
     assert all(torch.equal(heavy[k], saved[k]) for k in changed)
     assert main([*base, "--rounds", "auto"]) == 0  # three edits: made as one edit is

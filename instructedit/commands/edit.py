@@ -242,7 +242,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
 
     n_rounds, weight = (1, None) if args.sequential else schedule_for(editor.editor_for(model, tok), len(edits), args.rounds, args.sample_weight)
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
-          else editor.apply(model, edits, tok, rounds=n_rounds, sample_weight=weight)) as edited:
+          else editor.apply(model, edits, tok, rounds=n_rounds, sample_weight=weight, progress=True)) as edited:
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)

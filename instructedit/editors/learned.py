@@ -22,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from instructedit.config import EditorConfig, ModelConfig
 from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place, write_weights
@@ -124,24 +125,28 @@ class LearnedEditor(nn.Module):
         return new_params
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, batch: TokenBatch, rounds: int = 1) -> WeightEditHandle:
+    def apply(self, model: nn.Module, batch: TokenBatch, rounds: int = 1, progress: bool = False) -> WeightEditHandle:
         """Edit ``model`` in place; the handle (also a context manager) rolls back bit-exactly.
 
         ``rounds`` > 1: the edit is made again on the model the earlier rounds edited, ``rounds`` edits in all, each
         from the gradients left after the earlier ones: an edit already said asks for little, one that many edits' one
-        least-squares compromise shrank asks again (``analyze batch --rounds``). The handle undoes every round."""
+        least-squares compromise shrank asks again (``analyze batch --rounds``). The handle undoes every round.
+        ``progress``: a bar over the rounds (when there are several)."""
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         was_training = self.training
         self.eval()
         try:
-            handle = apply_in_place(model, self.edit(model, batch))
-            try:
-                for _ in range(rounds - 1):
-                    write_weights(model, self.edit(model, batch).new_params)
-            except BaseException:
-                handle.rollback()
-                raise
+            with tqdm(total=rounds, desc="edit rounds", unit="round", disable=not progress or rounds == 1) as bar:
+                handle = apply_in_place(model, self.edit(model, batch))
+                bar.update()
+                try:
+                    for _ in range(rounds - 1):
+                        write_weights(model, self.edit(model, batch).new_params)
+                        bar.update()
+                except BaseException:
+                    handle.rollback()
+                    raise
         finally:
             self.train(was_training)
         return handle
@@ -295,9 +300,11 @@ def sample_weighted(editor: Any, weight: float | None) -> Iterator[None]:
         sample.text_weight = calibrated
 
 
-def apply_in_rounds(editor: Any, model: nn.Module, batch: TokenBatch, rounds: int = 1, sample_weight: float | None = None) -> Any:
-    """``editor.apply(model, batch)``, in ``rounds`` rounds where that is not 1 (``check_rounds``), with the editor's own
-    preservation sample counted as ``sample_weight`` tokens if given (``sample_weighted``); returns its undo handle."""
+def apply_in_rounds(editor: Any, model: nn.Module, batch: TokenBatch, rounds: int = 1, sample_weight: float | None = None,
+                    progress: bool = False) -> Any:
+    """``editor.apply(model, batch)``, in ``rounds`` rounds where that is not 1 (``check_rounds``; ``progress``: a bar over
+    them), with the editor's own preservation sample counted as ``sample_weight`` tokens if given (``sample_weighted``);
+    returns its undo handle."""
     check_rounds(editor, rounds)
     with sample_weighted(editor, sample_weight):
-        return editor.apply(model, batch) if rounds == 1 else editor.apply(model, batch, rounds=rounds)
+        return editor.apply(model, batch) if rounds == 1 else editor.apply(model, batch, rounds=rounds, progress=progress)
