@@ -135,9 +135,9 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
     single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
     (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol). ``rounds``: every N-edit
-    call is made in that many rounds (``LearnedEditor.apply``; "auto": as ``editors.learned.schedule_for`` chooses for its N,
-    recorded per point); ``sample_weight``: in those calls the editor's own preservation sample counts as that many tokens. The single edits are made as the editor makes them (one round, its
-    calibrated weight).
+    call is made in that many rounds (``LearnedEditor.apply``; "auto": as ``editors.learned.schedule_for`` chooses for
+    its N); ``sample_weight``: in those calls the editor's own preservation sample counts as that many tokens; each point
+    records both. The single edits are made as the editor makes them (one round, its calibrated weight).
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -153,7 +153,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
     guard = WeightGuard(model)
 
-    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1, sample_weight: float | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
+    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1,
+               sample_weight: float | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
         call, teacher-forced scores, generation scores). Rolled back afterwards."""
         batch = _edit_batch(collator, records[lo:hi], instruction).to(device)

@@ -51,7 +51,8 @@ def add_edit_studies(studies: Any) -> None:
     b.add_argument("--rounds", type=rounds_argument, default=1, metavar="K|auto",
                    help="make every N-edit call in K rounds, each computed on the model the earlier rounds edited (default 1; "
                         "MEND editors; the --singles stay one-round edits); 'auto': per N as the API's default chooses "
-                        "(N > 16 with a sample of its own: ceil(sqrt(N)/2) rounds, the sample weighted sqrt(N) times unless --sample-weight)")
+                        "(N > 16 with a sample of its own: ceil(sqrt(N)/2) rounds, the sample weighted sqrt(N) times "
+                        "unless --sample-weight)")
     b.add_argument("--sample-weight", type=float, default=None, metavar="W",
                    help="the editor's own preservation sample (instructedit calibrate --preserve) counted as W tokens in the "
                         "N-edit calls instead of the weight it was calibrated with (more for many edits per call; --singles keep "

@@ -86,7 +86,8 @@ def run_edit(args: argparse.Namespace) -> int:
         if args.sequential and args.rounds == "auto":
             args.rounds = 1  # the default: --sequential edits one at a time
         if (isinstance(args.rounds, int) and args.rounds < 1) or (args.rounds != 1 and args.sequential):
-            raise ValueError(f"--rounds {args.rounds}: rounds (>= 1, or auto) are for the edits of a --file made in one call, not --sequential")
+            raise ValueError(f"--rounds {args.rounds}: rounds (>= 1, or auto) are for the edits of a --file made in one call, "
+                             "not --sequential")
         if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
             raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
                              "one call that makes the edits of a --file, not --sequential")
@@ -240,7 +241,8 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
     from instructedit.editors.learned import schedule_for
 
-    n_rounds, weight = (1, None) if args.sequential else schedule_for(editor.editor_for(model, tok), len(edits), args.rounds, args.sample_weight)
+    n_rounds, weight = (1, None) if args.sequential else \
+        schedule_for(editor.editor_for(model, tok), len(edits), args.rounds, args.sample_weight)
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
           else editor.apply(model, edits, tok, rounds=n_rounds, sample_weight=weight, progress=True)) as edited:
         after = snapshot(edited.model)
