@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import numbers
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -261,9 +262,9 @@ def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight
     (8 rounds): 94.8 / 78.1 against 72.6 / 34.0 at 83.4 / 83.2 against 75.9 / 82.4 (held out: 91.5 / 70.3 against
     72.0 / 22.7 at 83.1 / 78.9 against 76.9 / 81.6). The call costs about the rounds' number of one-round calls."""
     if rounds != AUTO_ROUNDS:
-        if isinstance(rounds, bool) or not isinstance(rounds, int):
+        if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral):
             raise ValueError(f"rounds must be a whole number >= 1 or {AUTO_ROUNDS!r}, got {rounds!r}")
-        return rounds, sample_weight
+        return int(rounds), sample_weight
     if n_edits < 1:
         raise ValueError(f"a call needs at least one edit, got {n_edits}")
     own = getattr(editor, "preservation", None)
