@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructedit.commands.common import add_key_memory_arguments, aggregation, check_key_memory_arguments, per_editor, rounds_argument
+from instructedit.commands.common import (
+    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, per_editor,
+)
 from instructedit.config import LS_KEYS
 from instructedit.records import TASKS, EditRecord
 
@@ -48,15 +50,7 @@ def add_edit_studies(studies: Any) -> None:
                    help="least_squares editors: the tokens whose keys the solve fits, 'all' (every token with a gradient) or "
                         "'answer' (the answer positions only: many edits stop competing over their prompts' shared keys); "
                         "default: the editor's own editor.ls_keys")
-    b.add_argument("--rounds", type=rounds_argument, default=1, metavar="K|auto",
-                   help="make every N-edit call in K rounds, each computed on the model the earlier rounds edited (default 1; "
-                        "MEND editors; the --singles stay one-round edits); 'auto': per N as the API's default chooses "
-                        "(N > 16 with a sample of its own: ceil(sqrt(N)/2) rounds, the sample weighted sqrt(N) times "
-                        "unless --sample-weight)")
-    b.add_argument("--sample-weight", type=float, default=None, metavar="W",
-                   help="the editor's own preservation sample (instructedit calibrate --preserve) counted as W tokens in the "
-                        "N-edit calls instead of the weight it was calibrated with (more for many edits per call; --singles keep "
-                        "the calibrated weight)")
+    add_rounds_arguments(b, "every N-edit call (the --singles stay one-round edits at the calibrated weight)", 1)
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.set_defaults(func=run_batch)
 

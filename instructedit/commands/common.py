@@ -20,6 +20,19 @@ def rounds_argument(text: str) -> int | str:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a whole number nor {AUTO_ROUNDS!r}") from None
 
 
+def add_rounds_arguments(parser: argparse.ArgumentParser, calls: str, default: int | str) -> None:
+    """``--rounds`` and ``--sample-weight``: how ``calls`` (the parser's many-edit calls) are made
+    (``editors.learned.schedule_for``, ``sample_weighted``)."""
+    parser.add_argument("--rounds", type=rounds_argument, default=default, metavar="K|auto",
+                        help=f"{calls}: compute the update K times, each on the model the earlier rounds edited (MEND editors; "
+                             f"default {default}); 'auto': for a least-squares editor with its own preservation sample and N > 16 "
+                             "edits, ceil(sqrt(N)/2) rounds with the sample weighted sqrt(N) times (unless --sample-weight), else 1")
+    parser.add_argument("--sample-weight", type=float, default=None, metavar="W",
+                        help=f"{calls}, a least-squares editor with its own preservation sample (calibrate --preserve): count the "
+                             "sample as W tokens in the call's solves instead of its calibrated weight (more holds more of the "
+                             "model's other answers; more --rounds buy the edits back)")
+
+
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
     """``--editor`` and ``--model``, as every command that applies a trained editor takes them."""
     parser.add_argument("--editor", required=True, metavar="DIR|ORG/NAME", help="a trained editor folder (e.g. RUN/best) or a hub repo id")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_editor_arguments, add_key_memory_arguments, aggregation, check_key_memory_arguments, load_editor_and_model, rounds_argument,
+    add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_editor_and_model,
 )
 from instructedit.records import SENTIMENTS, TASKS
 
@@ -33,14 +33,7 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
-    edit.add_argument("--rounds", type=rounds_argument, default="auto", metavar="K|auto",
-                      help="--file in one call: compute the update K times, each on the model the earlier rounds edited (MEND "
-                           "editors); default 'auto': for a least-squares editor with its own preservation sample and N > 16 edits, "
-                           "ceil(sqrt(N)/2) rounds with the sample weighted sqrt(N) times (unless --sample-weight), else 1")
-    edit.add_argument("--sample-weight", type=float, default=None, metavar="W",
-                      help="--file in one call, a least-squares editor with its own preservation sample (calibrate --preserve): "
-                           "count the sample as W tokens in this call's solves instead of its calibrated weight (more holds more "
-                           "of the model's other answers; more --rounds buy the edits back)")
+    add_rounds_arguments(edit, "--file in one call", "auto")
     add_key_memory_arguments(edit, "--sequential: each edit's solve")
     edit.add_argument("--task", default="counterfact", choices=TASKS,
                       help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
