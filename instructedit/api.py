@@ -213,6 +213,12 @@ class EditedModel:
     def kept(self) -> bool:
         return self._kept
 
+    @property
+    def rounds_made(self) -> int:
+        """The rounds of edits the model holds (``InstructEditor.apply(rounds=...)``: a round that raised the edits' loss
+        is undone, and the rounds stop there); 1 for any other edit."""
+        return max((getattr(h, "rounds_made", 1) for h in self._handles), default=1)
+
     def rollback(self) -> None:
         """Undo every edit, the last one first; a second call does nothing."""
         for handle in reversed(self._handles):

@@ -102,6 +102,36 @@ def test_rounds_edit_again_on_the_edited_model_and_roll_back_bitwise(tiny_model_
     assert one["points"][0]["n_edits"] == two["points"][0]["n_edits"] == 3
 
 
+def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Rounds that overshoot (step sizes far too large) raise the edits' own loss: the round that did is undone and the
+    rounds stop, with a warning; the weights are those of the rounds kept, the handle says how many, rollback is bitwise."""
+    model, tokenizer, editor, collator = _setup(tiny_model_dir)
+    batch = collator.qa_batch([pair for r in many_records(3) for pair in collator.edit_pairs(r, 0)], "edit inputs", stop=True)
+    before = _state(model)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(editor.edit(model, batch).pre_edit_loss)
+
+    with editor.apply(model, batch, rounds=2) as handle:  # sensible steps: each round lowers the loss, all are kept
+        assert handle.rounds_made == 2
+    with torch.no_grad():
+        editor.edit_lrs.mul_(1e4)
+    losses, states, handles = [loss()], [], []  # round by round, by hand: the loss after each, the weights it leaves
+    for _ in range(4):
+        handles.append(editor.apply(model, batch))
+        losses.append(loss())
+        states.append(_state(model))
+    for handle in reversed(handles):
+        handle.rollback()
+    rose = next(k for k in range(2, 5) if not losses[k] <= losses[k - 1])  # the first round after the first that raised it
+    caplog.clear()
+    with editor.apply(model, batch, rounds=4) as handle:
+        assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
+        assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())  # the rounds kept, bit for bit
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_sequential_study_scores_at_powers_of_two_and_rolls_back_bitwise(tiny_model_dir: Path, batch: int) -> None:
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
@@ -557,3 +587,59 @@ def test_auto_rounds_schedule_many_edits_by_their_number(tiny_llama_dir: Path, t
     result = batch_study(model, tok, editor.editor_for(model, tok), Collator(tok, 256, POOL), records, 0, [2, 17], generation=False,
                          progress=False, rounds="auto")
     assert [(p["rounds"], p["sample_weight"]) for p in result["points"]] == [(1, None), (3, pytest.approx(5.0 * math.sqrt(17)))]
+
+
+def test_preservation_sample_of_the_models_own_answers(tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """key_memory(answers="model"): each locality prompt continued with what the unedited model says to it, read as the
+    model reads it while decoding (its own greedy tokens come back as the argmax at every labelled position); the
+    sample's keys differ from those of the data's answers; analyze batch --preserve-answers model records it."""
+    from instructedit.analysis.many_edits import continuation_batch, key_memory, locality_texts, own_answers
+    from instructedit.cli import main
+    from instructedit.editors.hooks import capture_factors
+    from instructedit.editors.mend import MENDEditor
+    from instructedit.evaluation.generation import answer_budget, greedy_generate
+
+    model, tok = load_model(str(tiny_llama_dir))
+    collator = Collator(tok, 256)
+    texts = locality_texts(many_records(6))
+    said = own_answers(model, tok, texts)
+    assert [prompt for prompt, _ in said] == [tok(p)["input_ids"] for p, _ in texts]
+    texts_said = greedy_generate(model, tok, [p for p, _ in texts], [answer_budget(tok, a) for _, a in texts])
+    assert [tok.decode(ids, skip_special_tokens=True) for _, ids in said] == texts_said
+    batch = continuation_batch(collator, said)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    assert any(ids for _, ids in said)
+    for r, (prompt, ids) in enumerate(said):
+        n = int(batch.attention_mask[r].sum())
+        assert batch.input_ids[r, :n].tolist() == ((prompt + ids)[:-1] if ids else prompt)  # the last token said is never read
+        labelled = batch.label_mask[r]
+        assert batch.labels[r, labelled].tolist() == ids
+        assert logits[r, labelled].argmax(-1).tolist() == ids  # teacher-forcing its own answer: the model says it again
+    editor = MENDEditor.from_pretrained(_saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares")).eval()
+    data = key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=5.0)
+    own = key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=5.0, answers="model")
+    assert data.text.keys() == own.text.keys() and own.text_tokens == int(batch.attention_mask.sum())
+    assert any(not torch.allclose(data.text[k], own.text[k]) for k in data.text)
+    with pytest.raises(ValueError, match="answers must be one of data, model, both"):
+        key_memory(editor, model, collator, texts, answers="gold")
+    # keys="answer": only the positions that predict the answer, where what the model says is decided
+    decided = key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=5.0, answers="model", keys="answer")
+    assert decided.text_tokens == int(batch.label_mask.sum()) < own.text_tokens
+    with capture_factors(model, editor.weights) as capture:
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    name = editor.weights[0].name
+    inputs = capture.inputs[name][batch.label_mask].float()
+    assert torch.allclose(decided.text[name], inputs.T @ inputs / len(inputs), atol=1e-5)
+    with pytest.raises(ValueError, match="keys must be 'all' or 'answer'"):
+        key_memory(editor, model, collator, texts, keys="prompt")
+
+    zsre, other = _zsre_file(tmp_path / "zsre.json", 4), _zsre_file(tmp_path / "other.json", 4)
+    other.write_text(other.read_text().replace("anthem", "flag"))  # other locality texts than the edited records'
+    base = ["analyze", "batch", "--editor", str(tmp_path / "ls"), "--task", "zsre", "--data", str(zsre), "--sizes", "4", "--device", "cpu",
+            "--no-progress", "--output", str(tmp_path / "own.json")]
+    assert main([*base, "--preserve-answers", "model"]) != 0
+    assert "--preserve-answers: shapes the key memory; add --key-memory" in caplog.text
+    assert main([*base, "--key-memory", "--preserve-data", str(other), "--preserve", "4", "--preserve-answers", "model"]) == 0
+    memory = json.loads((tmp_path / "own.json").read_text())["memory"]
+    assert memory["answers"] == "model" and memory["keys"] == "all" and "greedy answers" in memory["text"]

@@ -25,6 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from instructedit.commands.common import PRESERVE_ANSWERS
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
 from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, schedule_for
@@ -35,8 +36,8 @@ from instructedit.evaluation.packing import probe_scores, scored_logits
 from instructedit.evaluation.probes import case_probes
 from instructedit.evaluation.runner import sequential_schedule
 from instructedit.losses import masked_nll
-from instructedit.records import EditRecord
-from instructedit.tasks.collate import Collator
+from instructedit.records import EditRecord, TokenBatch
+from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
 
 FAMILIES = ("reliability", "generalization", "locality")
 GEN_BATCH = 32
@@ -154,15 +155,16 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     guard = WeightGuard(model)
 
     def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1,
-               sample_weight: float | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None]:
+               sample_weight: float | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None, int]:
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
-        call, teacher-forced scores, generation scores). Rolled back afterwards."""
+        call, teacher-forced scores, generation scores, rounds made). Rolled back afterwards."""
         batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
         start = time.perf_counter()
         handle = apply_in_rounds(editor, model, batch, rounds, sample_weight)
         seconds = time.perf_counter() - start
         try:
-            return seconds, _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None
+            scores = _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None
+            return seconds, *scores, getattr(handle, "rounds_made", 1)
         finally:
             handle.rollback()
 
@@ -170,14 +172,14 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-            seconds, tf, gen = edited(0, n, probes.upto(n), *schedules[n])
+            seconds, tf, gen, made = edited(0, n, probes.upto(n), *schedules[n])
             guard.verify(full=True, where=f"after the {n}-edit call")
-            points.append({"n_edits": n, "rounds": schedules[n][0], "sample_weight": schedules[n][1], "seconds": seconds,
+            points.append({"n_edits": n, "rounds": schedules[n][0], "rounds_made": made, "sample_weight": schedules[n][1], "seconds": seconds,
                            "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
         if singles:
             tf, gen, total = [], [] if asker is not None else None, 0.0
             for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
-                seconds, case_tf, case_gen = edited(c, c + 1, probes.of(c))
+                seconds, case_tf, case_gen, _ = edited(c, c + 1, probes.of(c))
                 guard.verify(where=f"after single edit {c}")
                 total += seconds
                 tf.extend(case_tf)
@@ -199,16 +201,60 @@ def locality_texts(records: Sequence[EditRecord]) -> list[tuple[str, str]]:
 
 
 def key_memory(editor: Editor, model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], past_weight: float = 1.0,
-               text_weight: float = 0.0, batch_size: int = 16) -> KeyMemory:
+               text_weight: float = 0.0, batch_size: int = 16, answers: str = "data", keys: str = "all") -> KeyMemory:
     """A ``KeyMemory`` for lifelong editing with ``editor`` (least squares): earlier edits' keys weighted ``past_weight``
-    and, when ``texts`` are given, their (prompt, continuation) keys' mean covariance counted as ``text_weight`` tokens."""
+    and, when ``texts`` are given, their (prompt, continuation) keys' mean covariance counted as ``text_weight`` tokens.
+
+    ``answers``: "data" continues each prompt with its answer; "model" with what the unedited ``model`` says to it
+    (``own_answers``: greedy, as generation locality asks), so the keys held still are those its own answers pass;
+    "both": each prompt twice, once with each.
+    ``keys``: "all" holds every position's key still; "answer" only those of the positions that predict the answer
+    (the prompt's last and the answer's but its last), where what the model says is decided."""
     check_remembers(editor)
+    if answers not in PRESERVE_ANSWERS:
+        raise ValueError(f"answers must be one of {', '.join(PRESERVE_ANSWERS)}, got {answers!r}")
     memory = KeyMemory(past_weight, text_weight)
     if texts:
         device = next(model.parameters()).device
-        batches = [collator.qa_batch(list(texts[i : i + batch_size])).to(device) for i in range(0, len(texts), batch_size)]
-        editor.preserve_text(model, memory, batches)
+        batches = []
+        if answers in ("data", "both"):
+            batches += [collator.qa_batch(list(texts[i : i + batch_size])).to(device) for i in range(0, len(texts), batch_size)]
+        if answers in ("model", "both"):
+            said = own_answers(model, collator.tokenizer, texts)
+            batches += [continuation_batch(collator, said[i : i + batch_size]).to(device) for i in range(0, len(said), batch_size)]
+        editor.preserve_text(model, memory, batches, keys)
     return memory
+
+
+def own_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt token ids, the token ids ``model`` says to it) per text, decoded as generation locality decodes (greedy,
+    the budget of the text's answer, stopping at EOS, left out, or a newline, kept)."""
+    from instructedit.evaluation.generation import answer_budget, greedy_generate
+
+    prompts = [prompt for prompt, _ in texts]
+    said = greedy_generate(model, tokenizer, prompts, [answer_budget(tokenizer, answer) for _, answer in texts], token_ids=True)
+    return [(tokenizer(prompt)["input_ids"], ids) for prompt, ids in zip(prompts, said, strict=True)]
+
+
+def continuation_batch(collator: Collator, rows: Sequence[tuple[list[int], list[int]]]) -> TokenBatch:
+    """Right-padded (prompt ids, continuation ids) rows (``own_answers``) as the model reads them while it decodes:
+    every token but the continuation's last, labelled with the continuation's tokens; an empty continuation leaves the
+    prompt alone, unlabelled."""
+    for prompt, said in rows:
+        if len(prompt) + len(said) > collator.max_length:
+            raise PromptTooLongError(f"preservation text {collator.tokenizer.decode(prompt)[:50]!r}...: {len(prompt) + len(said)} "
+                                     f"tokens exceed model.max_length={collator.max_length}")
+    read = [(prompt + said)[:-1] if said else prompt for prompt, said in rows]
+    width = max(len(ids) for ids in read)
+    input_ids = torch.full((len(rows), width), collator.pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for r, ((prompt, said), ids) in enumerate(zip(rows, read, strict=True)):
+        input_ids[r, : len(ids)] = torch.tensor(ids)
+        attention[r, : len(ids)] = 1
+        if said:
+            labels[r, len(prompt) - 1 : len(ids)] = torch.tensor(said)
+    return TokenBatch(input_ids, attention, labels)
 
 
 def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], batch_size: int = 16) -> float:

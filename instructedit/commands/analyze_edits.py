@@ -162,6 +162,7 @@ def _write(path: Path, result: dict[str, Any], panels: tuple[tuple[str, str], ..
     edits_curves(path.with_suffix(".png"), result["editors"], panels, title)
 
 
+ANSWERS_SAID = {"data": "answers", "model": "the unedited model's greedy answers", "both": "answers and (again) the unedited model's greedy answers"}  # --preserve-answers, in a result's words
 RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", "seed", "edits", "batch", "held_out", "memory")
 
 
@@ -222,7 +223,8 @@ def _pct(summary: dict[str, Any] | None) -> str:
 def _line(label: str, p: dict[str, Any]) -> str:
     scores = ", ".join(f"{k} {_pct(p.get(k))}/{_pct(p.get('gen_' + k))}" for k in ("reliability", "generalization", "locality"))
     extra = f"{p['seconds_per_edit']:.4f} s/edit" if "seconds_per_edit" in p else f"perplexity ×{p['perplexity_ratio']:.3f}"
-    made = "" if p.get("rounds", 1) == 1 else f" ({p['rounds']} rounds)"
+    made = "" if p.get("rounds", 1) == 1 else f" ({p['rounds']} rounds)" if p.get("rounds_made", p["rounds"]) == p["rounds"] else \
+        f" ({p['rounds_made']} of {p['rounds']} rounds: a round that raised the edits' loss was undone)"
     if p.get("sample_weight") is not None:
         made = f" ({p.get('rounds', 1)} round{'s' if p.get('rounds', 1) != 1 else ''}, sample weight {p['sample_weight']:g})"
     return f"{label} N={p['n_edits']}{made}: {scores} (teacher-forced/generation %), {extra}"
@@ -244,7 +246,9 @@ def run_batch(args: argparse.Namespace) -> int:
     if args.sample_weight is not None and args.sample_weight <= 0:
         raise ValueError(f"--sample-weight must be > 0, got {args.sample_weight}")
     result = {**_header(args, "batch", where), "sizes": list(args.sizes), "singles": args.singles, "rounds": args.rounds,
-              "memory": None if not preserve else {"text_weight": args.preserve_weight, "text": f"the locality prompts + answers of records "
+              "memory": None if not preserve else {"text_weight": args.preserve_weight, "answers": args.preserve_answers,
+                                                   "keys": args.preserve_keys,
+                                                   "text": f"the locality prompts + {ANSWERS_SAID[args.preserve_answers]} of records "
                                                    f"{args.preserve_start}..{args.preserve_start + args.preserve - 1} of {args.preserve_data}"}}
     for path, label in zip(args.editor, labels):
         torch.manual_seed(args.seed)
@@ -260,7 +264,8 @@ def run_batch(args: argparse.Namespace) -> int:
                 raise ValueError(f"--sample-weight: {path} has no preservation sample of its own (instructedit calibrate --preserve "
                                  "saves one); --key-memory --preserve-data FILE --preserve-weight W brings one")
             loaded.entry["preservation"]["weight_in_calls"] = args.sample_weight
-        memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, 0.0, args.preserve_weight, args.batch_size) if preserve else None
+        memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, 0.0, args.preserve_weight, args.batch_size,
+                            args.preserve_answers, args.preserve_keys) if preserve else None
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
                           memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight)
@@ -305,7 +310,8 @@ def run_sequential(args: argparse.Namespace) -> int:
     preserve = _preservation_texts(args, held_out)
     memory_settings = None if not args.key_memory else {
         "past_weight": args.past_weight, "text_weight": args.preserve_weight if preserve else 0.0,
-        "text": f"the locality prompts + answers of records {args.preserve_start}..{args.preserve_start + args.preserve - 1} of "
+        "answers": args.preserve_answers if preserve else None, "keys": args.preserve_keys if preserve else None,
+        "text": f"the locality prompts + {ANSWERS_SAID[args.preserve_answers]} of records {args.preserve_start}..{args.preserve_start + args.preserve - 1} of "
                 f"{args.preserve_data}" if preserve else None}
     result = {**_header(args, "sequential", where), "edits": args.edits, "batch": args.batch, "held_out": source, "memory": memory_settings}
     earlier = {} if args.restart else _unfinished(output, result, args.editor, labels)
@@ -332,7 +338,7 @@ def run_sequential(args: argparse.Namespace) -> int:
             print(_line(label, point), flush=True)
 
         memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, args.past_weight, args.preserve_weight if preserve else 0.0,
-                            args.batch_size) if args.key_memory else None
+                            args.batch_size, args.preserve_answers, args.preserve_keys) if args.key_memory else None
         out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
                                args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,
                                progress=not args.no_progress, on_point=on_point, scored={p["n_edits"] for p in entry["points"]},

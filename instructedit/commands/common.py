@@ -79,6 +79,8 @@ def aggregation(editor: Any) -> str:
 
 
 PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 1000.0  # the preservation sample's defaults (results/analysis/lifelong-memory-dev/)
+PRESERVE_ANSWERS = ("data", "model", "both")  # analysis.many_edits.key_memory's answers=: the data's answers, the model's own
+PRESERVE_KEYS = ("all", "answer")  # key_memory's keys=: every position's, those that predict the answer
 
 
 def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: bool = True) -> None:
@@ -101,6 +103,13 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
     parser.add_argument("--preserve-start", type=int, default=None, metavar="K", help="skip the first K records of --preserve-data (default 0)")
     parser.add_argument("--preserve-weight", type=float, default=None, metavar="W",
                         help=f"the preservation sample's mean key covariance counted as W tokens (default {PRESERVE_WEIGHT:g})")
+    parser.add_argument("--preserve-answers", choices=PRESERVE_ANSWERS, default=None,
+                        help="the preservation sample's continuations: the locality answers of --preserve-data (data, the default) "
+                             "or what the unedited model says to each prompt (model: greedy, as generation locality asks), or "
+                             "each prompt once with each (both)")
+    parser.add_argument("--preserve-keys", choices=PRESERVE_KEYS, default=None,
+                        help="which positions' keys of the preservation sample are held still: every one (all, the default) or "
+                             "those that predict the answer (answer: the prompt's last and the answer's)")
 
 
 def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-memory") -> None:
@@ -108,16 +117,20 @@ def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-mem
     preservation sample's only with ``--preserve-data``; fills in the defaults."""
     given = {flag: value for flag, value in (("--past-weight", args.past_weight), ("--preserve-data", args.preserve_data),
                                               ("--preserve", args.preserve), ("--preserve-start", args.preserve_start),
-                                              ("--preserve-weight", args.preserve_weight)) if value is not None}
+                                              ("--preserve-weight", args.preserve_weight),
+                                              ("--preserve-answers", args.preserve_answers),
+                                              ("--preserve-keys", args.preserve_keys)) if value is not None}
     if given and not args.key_memory:
         raise ValueError(f"{', '.join(given)}: {'shapes' if len(given) == 1 else 'shape'} the key memory; add {needs}")
-    sample = [flag for flag in ("--preserve", "--preserve-start", "--preserve-weight") if flag in given]
+    sample = [flag for flag in ("--preserve", "--preserve-start", "--preserve-weight", "--preserve-answers", "--preserve-keys") if flag in given]
     if sample and args.preserve_data is None:
         raise ValueError(f"{', '.join(sample)}: the preservation sample needs --preserve-data FILE")
     args.past_weight = 1.0 if args.past_weight is None else args.past_weight
     args.preserve = PRESERVE_RECORDS if args.preserve is None else args.preserve
     args.preserve_start = 0 if args.preserve_start is None else args.preserve_start
     args.preserve_weight = PRESERVE_WEIGHT if args.preserve_weight is None else args.preserve_weight
+    args.preserve_answers = PRESERVE_ANSWERS[0] if args.preserve_answers is None else args.preserve_answers
+    args.preserve_keys = PRESERVE_KEYS[0] if args.preserve_keys is None else args.preserve_keys
     if args.past_weight < 0 or args.preserve_weight <= 0:
         raise ValueError(f"--past-weight must be >= 0 and --preserve-weight > 0, got {args.past_weight} and {args.preserve_weight}")
     if args.preserve < 1 or args.preserve_start < 0:

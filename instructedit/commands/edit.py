@@ -230,7 +230,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
             if not texts:
                 raise ValueError(f"--preserve-data {args.preserve_data}: its records {args.preserve_start}..{end - 1} have no locality prompts")
         memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts, args.past_weight,
-                            args.preserve_weight if texts else 0.0)
+                            args.preserve_weight if texts else 0.0, answers=args.preserve_answers, keys=args.preserve_keys)
         kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
     from instructedit.editors.learned import schedule_for
 
@@ -241,7 +241,9 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
-    rounds = f", {n_rounds} rounds" if n_rounds != 1 else ""
+    made = 1 if args.sequential else edited.rounds_made
+    rounds = "" if n_rounds == 1 else f", {n_rounds} rounds" if made == n_rounds else \
+        f", {made} of {n_rounds} rounds (round {made + 1} raised the edits' loss and was undone)"
     if weight is not None:
         rounds += f", preservation sample weighted {weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
     if args.rounds == "auto" and (n_rounds != 1 or weight is not None):

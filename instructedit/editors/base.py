@@ -74,11 +74,13 @@ class EditHandle:
 
 
 class WeightEditHandle(EditHandle):
-    """Edited weights written into a model; rollback copies the originals back bit for bit."""
+    """Edited weights written into a model; rollback copies the originals back bit for bit. ``rounds_made``: how many
+    rounds of edits they hold (``LearnedEditor.apply(rounds=...)``)."""
 
     def __init__(self, model: nn.Module, result: EditResult) -> None:
         super().__init__()
         self.model = model
+        self.rounds_made = 1
         self._originals: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, value in result.new_params.items():

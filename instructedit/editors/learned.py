@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import numbers
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import TokenBatch
 from instructedit.runs import EDITOR_CONFIG, EDITOR_WEIGHTS
 
+logger = logging.getLogger(__name__)
 CONFIG_NAME, WEIGHTS_NAME = EDITOR_CONFIG, EDITOR_WEIGHTS  # the names older modules import from editors/mend.py
 
 E = TypeVar("E", bound="LearnedEditor")
@@ -131,19 +133,36 @@ class LearnedEditor(nn.Module):
 
         ``rounds`` > 1: the edit is made again on the model the earlier rounds edited, ``rounds`` edits in all, each
         from the gradients left after the earlier ones: an edit already said asks for little, one that many edits' one
-        least-squares compromise shrank asks again (``analyze batch --rounds``). The handle undoes every round.
-        ``progress``: a bar over the rounds (when there are several)."""
+        least-squares compromise shrank asks again (``analyze batch --rounds``). A round after which the edits' own
+        loss is higher than before it (or not finite) is undone and the rounds stop there, with a warning (the first round
+        stays: it is the one-round edit): rounds that
+        overshoot only grow (a preservation sample too weak for its weight took every answer to nothing). The handle
+        undoes every round; ``handle.rounds_made`` says how many were kept. ``progress``: a bar over the rounds."""
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         was_training = self.training
         self.eval()
         try:
             with tqdm(total=rounds, desc="edit rounds", unit="round", disable=not progress or rounds == 1) as bar:
-                handle = apply_in_place(model, self.edit(model, batch))
+                result = self.edit(model, batch)
+                handle = apply_in_place(model, result)
                 bar.update()
                 try:
+                    before, previous = None, None  # the loss before the last round made (the first is kept: one round's edit); the weights before it
                     for _ in range(rounds - 1):
-                        write_weights(model, self.edit(model, batch).new_params)
+                        result = self.edit(model, batch)
+                        after = result.pre_edit_loss
+                        if before is not None and after is not None and not float(after) <= float(before):
+                            write_weights(model, previous)
+                            handle.rounds_made -= 1
+                            logger.warning("edit round %d raised the edits' loss from %.4g to %.4g: undone, the edits are made in "
+                                           "%d round(s) of %d", handle.rounds_made + 1, float(before), float(after),
+                                           handle.rounds_made, rounds)
+                            break
+                        previous = {name: model.get_parameter(name).detach().clone() for name in result.new_params}
+                        write_weights(model, result.new_params)
+                        handle.rounds_made += 1
+                        before = after
                         bar.update()
                 except BaseException:
                     handle.rollback()

@@ -323,16 +323,19 @@ class MENDEditor(LearnedEditor):
             self.memory = previous
 
     @torch.no_grad()
-    def preserve_text(self, model: nn.Module, memory: KeyMemory, batches: Sequence[TokenBatch]) -> None:
+    def preserve_text(self, model: nn.Module, memory: KeyMemory, batches: Sequence[TokenBatch], keys: str = "all") -> None:
         """Set ``memory``'s text covariance: the mean kkᵀ, per edited weight, of the layer inputs at every
-        non-padding position of ``batches`` (a preservation sample, run through the unedited ``model``)."""
+        non-padding position of ``batches`` (a preservation sample, run through the unedited ``model``); ``keys="answer"``:
+        only at the positions that predict a labelled token (the prompt's last and the answer's)."""
+        if keys not in ("all", "answer"):
+            raise ValueError(f"keys must be 'all' or 'answer', got {keys!r}")
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         device = self.edit_lrs.device
         with capture_factors(model, self.weights) as capture:
             for batch in batches:
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                keep = batch.attention_mask.reshape(-1).bool()
+                keep = (batch.attention_mask.bool() if keys == "all" else batch.label_mask).reshape(-1)
                 for w in self.weights:
                     keys = capture.inputs[w.name].reshape(-1, capture.inputs[w.name].shape[-1])[keep].to(device, torch.float32)
                     sums[w.name] = keys.T @ keys + sums.get(w.name, 0)

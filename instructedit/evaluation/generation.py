@@ -158,11 +158,13 @@ PRUNE_SHARE = 0.05  # finished rows leave the batch once they are this share of 
 @torch.no_grad()
 def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_new_tokens: Sequence[int] | int,
                     batch_size: int = 32, max_length: int | None = None,
-                    rows_context: Callable[[list[int]], AbstractContextManager] | None = None, progress: str | None = None) -> list[str]:
+                    rows_context: Callable[[list[int]], AbstractContextManager] | None = None, progress: str | None = None,
+                    token_ids: bool = False) -> list[str] | list[list[int]]:
     """Greedy continuations of ``prompts`` (batched, left-padded, KV cache), each cut at its stop (EOS or newline) or budget.
 
     Returns the raw continuation text of every prompt (up to and including a newline token, without EOS);
-    ``first_line`` gives the answer. ``rows_context(prompt indices)``: a context each batch is decoded
+    ``first_line`` gives the answer (``token_ids``: the tokens decoded instead of their text).
+    ``rows_context(prompt indices)``: a context each batch is decoded
     in (``row_edits.per_row_updates``: every row with its own edit); it is entered again for the rows
     still decoding when finished rows leave the batch. ``progress``: a progress bar with this label.
 
@@ -174,7 +176,7 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
     device = next(model.parameters()).device
     newline, blank = (t.to(device) for t in stop_token_ids(tokenizer))
     eos = tokenizer.eos_token_id
-    outputs: list[str] = [""] * len(prompts)
+    outputs: list = [""] * len(prompts)
     order = batch_order(encoded)
     for start in tqdm(range(0, len(order), batch_size), desc=progress, unit="batch", disable=progress is None or len(order) <= batch_size):
         rows = order[start : start + batch_size]
@@ -184,7 +186,7 @@ def greedy_generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt
         tokens = greedy_loop(model, ids.to(device), mask.to(device), [budgets[i] for i in rows], newline, blank, eos,
                               prefix=encoded[rows[0]][:shared], context=context)
         for r, i in enumerate(rows):
-            outputs[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
+            outputs[i] = tokens[r] if token_ids else tokenizer.decode(tokens[r], skip_special_tokens=True)
     return outputs
 
 
