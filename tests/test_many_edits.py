@@ -643,3 +643,28 @@ def test_preservation_sample_of_the_models_own_answers(tiny_llama_dir: Path, tmp
     assert main([*base, "--key-memory", "--preserve-data", str(other), "--preserve", "4", "--preserve-answers", "model"]) == 0
     memory = json.loads((tmp_path / "own.json").read_text())["memory"]
     assert memory["answers"] == "model" and memory["keys"] == "all" and "greedy answers" in memory["text"]
+
+
+def test_distinct_subjects_keeps_the_first_record_of_each_subject(tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """analyze batch --distinct-subjects edits the first N records whose subjects differ (no call asks two answers to one
+    question), says so in the JSON, and names the shortfall when there are not N of them."""
+    from instructedit.analysis.many_edits import distinct_subjects
+    from instructedit.cli import main
+
+    records = many_records(4)
+    twin = dataclasses.replace(records[1], target_new="Quito", source="hand#twin")  # France's capital again, another answer
+    unnamed = [dataclasses.replace(r, subject="") for r in records[2:]]  # no subject: the prompt tells them apart
+    assert distinct_subjects([records[0], records[1], twin, *unnamed, unnamed[0]]) == [records[0], records[1], *unnamed]
+    data = _zsre_file(tmp_path / "zsre.json", 6)
+    rows = json.loads(data.read_text())
+    rows[1]["subject"] = rows[0]["subject"].upper()  # the same subject, written otherwise
+    data.write_text(json.dumps(rows))
+    editor = _saved_editor(tiny_gpt2_dir, tmp_path / "ls", "least_squares")
+    base = ["analyze", "batch", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--device", "cpu", "--no-progress",
+            "--protocol", "teacher_forced", "--distinct-subjects"]
+    assert main([*base, "--sizes", "5", "--output", str(tmp_path / "five.json")]) == 0
+    out = json.loads((tmp_path / "five.json").read_text())
+    assert out["distinct_subjects"] == "the first record of each subject: 5 of the first 6 records"
+    assert out["editors"][0]["points"][0]["n_edits"] == 5
+    assert main([*base, "--sizes", "6", "--output", str(tmp_path / "six.json")]) != 0
+    assert "--distinct-subjects --sizes 6: the 6 records have 5 distinct subjects" in caplog.text

@@ -50,6 +50,9 @@ def add_edit_studies(studies: Any) -> None:
                    help="least_squares editors: the tokens whose keys the solve fits, 'all' (every token with a gradient) or "
                         "'answer' (the answer positions only: many edits stop competing over their prompts' shared keys); "
                         "default: the editor's own editor.ls_keys")
+    b.add_argument("--distinct-subjects", action="store_true",
+                   help="edit only the first record of each subject (records that share a subject can ask one call for "
+                        "contradictory answers to one question, e.g. two architects of one building): the first N such records")
     add_rounds_arguments(b, "every N-edit call (the --singles stay one-round edits at the calibrated weight)", 1)
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.set_defaults(func=run_batch)
@@ -237,7 +240,16 @@ def run_batch(args: argparse.Namespace) -> int:
 
     labels = _labels(args)
     output = _output(args, "batch", labels)
-    records, where = _records(args, args.data, max(args.sizes), f"--sizes {max(args.sizes)}")
+    records, where = _records(args, args.data, 0 if args.distinct_subjects else max(args.sizes), f"--sizes {max(args.sizes)}")
+    if args.distinct_subjects:
+        from instructedit.analysis.many_edits import distinct_subjects
+
+        kept = distinct_subjects(records)
+        if len(kept) < max(args.sizes):
+            raise ValueError(f"--distinct-subjects --sizes {max(args.sizes)}: the {len(records)} records have {len(kept)} distinct subjects")
+        scanned = records.index(kept[max(args.sizes) - 1]) + 1
+        where = {**where, "distinct_subjects": f"the first record of each subject: {max(args.sizes)} of the first {scanned} records"}
+        records = kept
     preserve = _preservation_texts(args, records[: max(args.sizes)])
     if args.key_memory and not preserve:
         raise ValueError("--key-memory in analyze batch holds a preservation sample still: add --preserve-data FILE")
