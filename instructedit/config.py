@@ -40,6 +40,10 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained(device_map=...) accepts
 AGGREGATIONS = ("sum", "least_squares")  # editor.aggregation: how the edits of one call combine (editors/aggregation.py)
 LS_KEYS = ("all", "answer")  # editor.ls_keys: which tokens' keys a least-squares solve fits (editors/aggregation.py)
+# a preservation sample (analysis.many_edits.key_memory): its prompts' continuations (the data's answers, the unedited
+# model's own, both), and which positions' keys are held still (every one, those that predict the answer)
+PRESERVE_ANSWERS = ("data", "model", "both")
+PRESERVE_KEYS = ("all", "answer")
 LEARNED_METHODS = ("mend", "ke")  # editor.method: the editors meta-training trains (editors/registry.py LEARNED_EDITORS)
 
 

@@ -620,6 +620,9 @@ def test_preservation_sample_of_the_models_own_answers(tiny_llama_dir: Path, tmp
     data = key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=5.0)
     own = key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=5.0, answers="model")
     assert data.text.keys() == own.text.keys() and own.text_tokens == int(batch.attention_mask.sum())
+    several = key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=5.0, answers="model", batch_size=2)
+    assert several.text_tokens == own.text_tokens  # every batch's positions, not only the first one's
+    assert all(torch.allclose(several.text[k], own.text[k], atol=1e-5) for k in own.text)
     assert any(not torch.allclose(data.text[k], own.text[k]) for k in data.text)
     with pytest.raises(ValueError, match="answers must be one of data, model, both"):
         key_memory(editor, model, collator, texts, answers="gold")

@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.commands.common import PRESERVE_ANSWERS
+from instructedit.config import PRESERVE_ANSWERS
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
 from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, schedule_for

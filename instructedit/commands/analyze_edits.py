@@ -45,7 +45,8 @@ def add_edit_studies(studies: Any) -> None:
                    help="comma-separated numbers of edits per call (default 1,8,64,256,512)")
     b.add_argument("--singles", action="store_true",
                    help="also edit each of the first max(--sizes) records alone and score it the same way (JSON 'single'): the "
-                        "single-edit reliability the N-edit calls are compared with")
+                        "single-edit reliability the N-edit calls are compared with (with --key-memory, single edits that hold its "
+                        "sample still too: a heavy sample weakens them, so compare with a run without it)")
     b.add_argument("--ls-keys", choices=LS_KEYS, default=None,
                    help="least_squares editors: the tokens whose keys the solve fits, 'all' (every token with a gradient) or "
                         "'answer' (the answer positions only: many edits stop competing over their prompts' shared keys); "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from instructedit.config import DEFAULT_MODEL
+from instructedit.config import DEFAULT_MODEL, PRESERVE_ANSWERS, PRESERVE_KEYS
 
 
 def rounds_argument(text: str) -> int | str:
@@ -79,8 +79,6 @@ def aggregation(editor: Any) -> str:
 
 
 PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 1000.0  # the preservation sample's defaults (results/analysis/lifelong-memory-dev/)
-PRESERVE_ANSWERS = ("data", "model", "both")  # analysis.many_edits.key_memory's answers=: the data's answers, the model's own
-PRESERVE_KEYS = ("all", "answer")  # key_memory's keys=: every position's, those that predict the answer
 
 
 def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: bool = True) -> None:

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from instructedit.config import EditorConfig
+from instructedit.config import PRESERVE_KEYS, EditorConfig
 from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, value_differences
 from instructedit.editors.base import EditResult
 from instructedit.editors.hooks import Factors, capture_factors
@@ -323,19 +323,19 @@ class MENDEditor(LearnedEditor):
             self.memory = previous
 
     @torch.no_grad()
-    def preserve_text(self, model: nn.Module, memory: KeyMemory, batches: Sequence[TokenBatch], keys: str = "all") -> None:
+    def preserve_text(self, model: nn.Module, memory: KeyMemory, batches: Sequence[TokenBatch], positions: str = "all") -> None:
         """Set ``memory``'s text covariance: the mean kkᵀ, per edited weight, of the layer inputs at every
-        non-padding position of ``batches`` (a preservation sample, run through the unedited ``model``); ``keys="answer"``:
-        only at the positions that predict a labelled token (the prompt's last and the answer's)."""
-        if keys not in ("all", "answer"):
-            raise ValueError(f"keys must be 'all' or 'answer', got {keys!r}")
+        non-padding position of ``batches`` (a preservation sample, run through the unedited ``model``);
+        ``positions="answer"``: only at the positions that predict a labelled token (the prompt's last and the answer's)."""
+        if positions not in PRESERVE_KEYS:
+            raise ValueError(f"keys must be 'all' or 'answer', got {positions!r}")
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         device = self.edit_lrs.device
         with capture_factors(model, self.weights) as capture:
             for batch in batches:
                 model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-                keep = (batch.attention_mask.bool() if keys == "all" else batch.label_mask).reshape(-1)
+                keep = (batch.attention_mask.bool() if positions == "all" else batch.label_mask).reshape(-1)
                 for w in self.weights:
                     keys = capture.inputs[w.name].reshape(-1, capture.inputs[w.name].shape[-1])[keep].to(device, torch.float32)
                     sums[w.name] = keys.T @ keys + sums.get(w.name, 0)
