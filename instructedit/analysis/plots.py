@@ -190,7 +190,7 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
 
     ``series``: ``{label, points}``, each point ``{n_edits, key: value}``. A metric summary
     (``{mean, ci_low, ci_high}``, 0-1) is drawn in % with its 95 % band: the teacher-forced value
-    (``key``) solid, the generation value (``gen_<key>``) dashed. A plain number (seconds per edit,
+    (``key``) solid with dots, the generation value (``gen_<key>``) dashed with open squares. A plain number (seconds per edit,
     perplexity ratio) is drawn as it is. Each edit alone (``analyze batch --singles``) is dotted: through the
     points' ``single_same_cases`` (the same N cases as each call) where they exist, else the series' ``single`` as a
     horizontal line. A y label that starts with ``%`` fixes the axis to 0-100.
@@ -199,7 +199,7 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
     for i, (key, ylabel) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)
         for k, s in enumerate(series):
-            for name, style, protocol in ((key, "-", "teacher-forced"), (f"gen_{key}", "--", "generation")):
+            for name, style, marker, protocol in ((key, "-", "o", "teacher-forced"), (f"gen_{key}", "--", "s", "generation")):
                 points = [p for p in s["points"] if p.get(name) is not None]
                 if not points:
                     continue
@@ -207,7 +207,8 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
                 summaries = isinstance(points[0][name], Mapping)
                 y = [100 * p[name]["mean"] if summaries else p[name] for p in points]
                 label = f"{s['label']} ({protocol})" if summaries else s["label"]
-                ax.plot(x, y, style, marker="o", markersize=3, color=f"C{k % 10}", label=label)
+                ax.plot(x, y, style, marker=marker, markersize=4, markerfacecolor="none" if marker == "s" else None, color=f"C{k % 10}",
+                        label=label)  # open squares: generation, told apart from teacher forcing where a study has one N
                 if summaries:
                     ax.fill_between(x, [100 * p[name]["ci_low"] for p in points], [100 * p[name]["ci_high"] for p in points],
                                     color=f"C{k % 10}", alpha=0.12, linewidth=0)
