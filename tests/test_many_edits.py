@@ -130,6 +130,11 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
         assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
         assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())  # the rounds kept, bit for bit
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    from instructedit.commands.analyze_edits import _line  # what analyze batch prints of such a call, with a sample weight too
+
+    point = {"n_edits": 3, "seconds_per_edit": 1.0, "rounds": 4, "rounds_made": rose - 1, "sample_weight": 16000.0}
+    assert f"N=3 ({rose - 1} of 4 rounds: a round that raised the edits' loss was undone, sample weight 16000)" in _line("x", point)
+    assert "N=3 (4 rounds, sample weight 16000)" in _line("x", {**point, "rounds_made": 4})
 
 
 @pytest.mark.parametrize("batch", [1, 2])

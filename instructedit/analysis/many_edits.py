@@ -258,17 +258,8 @@ def continuation_batch(collator: Collator, rows: Sequence[tuple[list[int], list[
         if len(prompt) + len(said) > collator.max_length:
             raise PromptTooLongError(f"preservation text {collator.tokenizer.decode(prompt)[:50]!r}...: {len(prompt) + len(said)} "
                                      f"tokens exceed model.max_length={collator.max_length}")
-    read = [(prompt + said)[:-1] if said else prompt for prompt, said in rows]
-    width = max(len(ids) for ids in read)
-    input_ids = torch.full((len(rows), width), collator.pad_id, dtype=torch.long)
-    attention = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for r, ((prompt, said), ids) in enumerate(zip(rows, read, strict=True)):
-        input_ids[r, : len(ids)] = torch.tensor(ids)
-        attention[r, : len(ids)] = 1
-        if said:
-            labels[r, len(prompt) - 1 : len(ids)] = torch.tensor(said)
-    return TokenBatch(input_ids, attention, labels)
+    return collator.right_padded([((prompt + said)[:-1], [IGNORE] * (len(prompt) - 1) + said) if said else (prompt, [])
+                                  for prompt, said in rows])
 
 
 def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], batch_size: int = 16) -> float:

@@ -166,7 +166,8 @@ def _write(path: Path, result: dict[str, Any], panels: tuple[tuple[str, str], ..
     edits_curves(path.with_suffix(".png"), result["editors"], panels, title)
 
 
-ANSWERS_SAID = {"data": "answers", "model": "the unedited model's greedy answers", "both": "answers and (again) the unedited model's greedy answers"}  # --preserve-answers, in a result's words
+ANSWERS_SAID = {"data": "answers", "model": "the unedited model's greedy answers",  # --preserve-answers, in a result's words
+                "both": "answers and (again) the unedited model's greedy answers"}
 RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", "seed", "edits", "batch", "held_out", "memory")
 
 
@@ -227,10 +228,14 @@ def _pct(summary: dict[str, Any] | None) -> str:
 def _line(label: str, p: dict[str, Any]) -> str:
     scores = ", ".join(f"{k} {_pct(p.get(k))}/{_pct(p.get('gen_' + k))}" for k in ("reliability", "generalization", "locality"))
     extra = f"{p['seconds_per_edit']:.4f} s/edit" if "seconds_per_edit" in p else f"perplexity ×{p['perplexity_ratio']:.3f}"
-    made = "" if p.get("rounds", 1) == 1 else f" ({p['rounds']} rounds)" if p.get("rounds_made", p["rounds"]) == p["rounds"] else \
-        f" ({p['rounds_made']} of {p['rounds']} rounds: a round that raised the edits' loss was undone)"
+    rounds = p.get("rounds", 1)
+    kept = p.get("rounds_made", rounds)
+    parts = [] if rounds == 1 and p.get("sample_weight") is None else [f"{rounds} round{'s' if rounds != 1 else ''}"]
+    if kept != rounds:
+        parts = [f"{kept} of {rounds} rounds: a round that raised the edits' loss was undone"]
     if p.get("sample_weight") is not None:
-        made = f" ({p.get('rounds', 1)} round{'s' if p.get('rounds', 1) != 1 else ''}, sample weight {p['sample_weight']:g})"
+        parts.append(f"sample weight {p['sample_weight']:g}")
+    made = f" ({', '.join(parts)})" if parts else ""
     return f"{label} N={p['n_edits']}{made}: {scores} (teacher-forced/generation %), {extra}"
 
 

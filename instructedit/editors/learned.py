@@ -135,8 +135,8 @@ class LearnedEditor(nn.Module):
         from the gradients left after the earlier ones: an edit already said asks for little, one that many edits' one
         least-squares compromise shrank asks again (``analyze batch --rounds``). A round after which the edits' own
         loss is higher than before it (or not finite) is undone and the rounds stop there, with a warning (the first round
-        stays: it is the one-round edit): rounds that
-        overshoot only grow (a preservation sample too weak for its weight took every answer to nothing). The handle
+        stays: it is the one-round edit): rounds that overshoot only grow (a preservation sample too weak for its weight
+        took every answer to nothing). The handle
         undoes every round; ``handle.rounds_made`` says how many were kept. ``progress``: a bar over the rounds."""
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
@@ -148,21 +148,22 @@ class LearnedEditor(nn.Module):
                 handle = apply_in_place(model, result)
                 bar.update()
                 try:
-                    before, previous = None, None  # the loss before the last round made (the first is kept: one round's edit); the weights before it
+                    # the edits' loss before the round written last, and the weights it wrote over (the first round stays:
+                    # it is the one-round edit); those weights are the round before's new_params, held, not copied
+                    before, undo, written = None, None, result.new_params
                     for _ in range(rounds - 1):
                         result = self.edit(model, batch)
                         after = result.pre_edit_loss
                         if before is not None and after is not None and not float(after) <= float(before):
-                            write_weights(model, previous)
+                            write_weights(model, undo)
                             handle.rounds_made -= 1
                             logger.warning("edit round %d raised the edits' loss from %.4g to %.4g: undone, the edits are made in "
                                            "%d round(s) of %d", handle.rounds_made + 1, float(before), float(after),
                                            handle.rounds_made, rounds)
                             break
-                        previous = {name: model.get_parameter(name).detach().clone() for name in result.new_params}
-                        write_weights(model, result.new_params)
+                        before, undo, written = after, written, result.new_params
+                        write_weights(model, written)
                         handle.rounds_made += 1
-                        before = after
                         bar.update()
                 except BaseException:
                     handle.rollback()

@@ -160,14 +160,19 @@ class Collator:
                 )
             labels = [IGNORE] * (n_prompt - 1) + ids[n_prompt:]  # shifted: position t predicts ids[t+1]
             rows.append((ids[:-1], labels))
+        return self.right_padded(rows)
+
+    def right_padded(self, rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> TokenBatch:
+        """A ``TokenBatch`` of (input ids, labels) rows, each labels list as long as its ids or shorter (already shifted:
+        position t is scored against labels[t]; ``IGNORE`` where nothing is), right-padded to the longest."""
         width = max(len(r[0]) for r in rows)
         input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((len(rows), width), dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
         for i, (ids, lab) in enumerate(rows):
-            input_ids[i, : len(ids)] = torch.tensor(ids)
+            input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             attention[i, : len(ids)] = 1
-            labels[i, : len(lab)] = torch.tensor(lab)
+            labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
         return TokenBatch(input_ids, attention, labels)
 
     # -- meta-training -------------------------------------------------------------------------
