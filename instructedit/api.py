@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import EditHandle, Editor, SequentialWeightEdits, WeightEditHandle, keep_in_sequence
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import apply_in_rounds, schedule_for
+from instructedit.io import write_json
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
@@ -197,12 +198,23 @@ def save_edited_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dire
 class EditedModel:
     """A model with edits applied in place. Leaving the ``with`` block (or ``rollback()``) restores it bit for bit."""
 
-    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, handles: Sequence[EditHandle], edits: Sequence[Edit]) -> None:
+    def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, handles: Sequence[EditHandle], edits: Sequence[Edit],
+                 how: Mapping[str, Any] | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.edits = tuple(edits)
         self._handles = list(handles)
         self._kept = False
+        self._how = dict(how or {})
+
+    @property
+    def how(self) -> dict[str, Any]:
+        """How the edits were applied (saved beside the model by ``save_pretrained``): the call (``apply`` or
+        ``apply_sequential``), and for ``apply`` the rounds asked for and made and the preservation sample's weight."""
+        how = dict(self._how)
+        if how.get("call") == "apply":
+            how["rounds_made"] = self.rounds_made
+        return how
 
     @property
     def active(self) -> bool:
@@ -293,7 +305,7 @@ class EditedModel:
             raise ValueError(f"edits held by {hooked} live in hooks or added modules, which save_pretrained does not keep; "
                              "only weight editors (mend, ft) can be saved as a plain Hugging Face folder")
         directory = save_edited_model(self.model, self.tokenizer, directory)
-        (directory / EDITS_FILE).write_text(json.dumps([asdict(e) for e in self.edits], indent=2) + "\n")
+        write_json(directory / EDITS_FILE, {"applied": self.how, "edits": [asdict(e) for e in self.edits]})
         return directory
 
 
@@ -387,7 +399,8 @@ class InstructEditor:
             logger.info("%d edits in one call: %d round(s), preservation sample weight %s", len(edits), rounds,
                         "as calibrated" if sample_weight is None else f"{sample_weight:g}")
         handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, progress)
-        edited = EditedModel(model, tokenizer, [handle], edits)
+        edited = EditedModel(model, tokenizer, [handle], edits,
+                             {"call": "apply", "rounds": rounds, "sample_weight": "as calibrated" if sample_weight is None else sample_weight})
         if keep:
             edited.keep()
         return edited
@@ -429,7 +442,8 @@ class InstructEditor:
                 handle.rollback()
             weights.rollback()
             raise
-        edited = EditedModel(model, tokenizer, handles or [weights], edits)
+        edited = EditedModel(model, tokenizer, handles or [weights], edits,
+                             {"call": "apply_sequential", "key_memory": memory is not None})
         if keep:
             edited.keep()
         return edited

@@ -114,7 +114,8 @@ def test_saved_edited_model_reloads_with_plain_transformers(setup: tuple, tmp_pa
         logits = reloaded(**AutoTokenizer.from_pretrained(tmp_path / "edited")("The capital of France is Paris. The Eiffel Tower", return_tensors="pt")).logits
     assert torch.equal(logits, edited_logits)
     assert not torch.allclose(logits, original)
-    assert [e["target"] for e in json.loads((tmp_path / "edited" / EDITS_FILE).read_text())] == ["Rome", "London"]
+    saved = json.loads((tmp_path / "edited" / EDITS_FILE).read_text())
+    assert [e["target"] for e in saved["edits"]] == ["Rome", "London"] and saved["applied"]["call"] == "apply"
     with pytest.raises(RuntimeError, match="rolled back"):
         edited.save_pretrained(tmp_path / "too-late")
 

@@ -416,7 +416,9 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     sequential = AutoModelForCausalLM.from_pretrained(tmp_path / "sequential").state_dict()
     changed = [k for k, v in original.state_dict().items() if not torch.equal(v, together[k])]
     assert changed and any(not torch.equal(together[k], sequential[k]) for k in changed)
-    assert len(json.loads((tmp_path / "together" / EDITS_FILE).read_text())) == 3
+    saved = json.loads((tmp_path / "together" / EDITS_FILE).read_text())
+    assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": "as calibrated"}
+    assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False}
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
     assert "in one call (aggregation sum, 2 rounds)" in capsys.readouterr().out
@@ -425,10 +427,12 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
 
     loaded = load_editor(editor)
     model, tok = load_model(str(tiny_llama_dir))
-    with loaded.apply(model, [e for _, e in read_edits(str(edits), "counterfact")], tok, rounds=2):
-        by_api = {k: v.clone() for k, v in model.state_dict().items()}
+    with loaded.apply(model, [e for _, e in read_edits(str(edits), "counterfact")], tok, rounds=2) as by_rounds:
+        by_api, made = {k: v.clone() for k, v in model.state_dict().items()}, by_rounds.rounds_made
     rounds = AutoModelForCausalLM.from_pretrained(tmp_path / "rounds").state_dict()
     assert all(torch.equal(by_api[k], rounds[k]) for k in changed) and any(not torch.equal(together[k], rounds[k]) for k in changed)
+    applied = json.loads((tmp_path / "rounds" / EDITS_FILE).read_text())["applied"]
+    assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": "as calibrated"}
     assert main([*base, "--sequential", "--rounds", "2"]) == 2
     assert "not --sequential" in caplog.text
 
