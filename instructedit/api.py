@@ -400,7 +400,9 @@ class InstructEditor:
                         "as calibrated" if sample_weight is None else f"{sample_weight:g}")
         handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, progress)
         edited = EditedModel(model, tokenizer, [handle], edits,
-                             {"call": "apply", "rounds": rounds, "sample_weight": "as calibrated" if sample_weight is None else sample_weight})
+                             {"call": "apply", "rounds": rounds,  # the sample's weight; None: the editor holds no sample
+                              "sample_weight": sample_weight if sample_weight is not None
+                              else "as calibrated" if getattr(editor, "preservation", None) is not None else None})
         if keep:
             edited.keep()
         return edited

@@ -417,7 +417,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     changed = [k for k, v in original.state_dict().items() if not torch.equal(v, together[k])]
     assert changed and any(not torch.equal(together[k], sequential[k]) for k in changed)
     saved = json.loads((tmp_path / "together" / EDITS_FILE).read_text())
-    assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": "as calibrated"}
+    assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None}
     assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False}
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
@@ -432,7 +432,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     rounds = AutoModelForCausalLM.from_pretrained(tmp_path / "rounds").state_dict()
     assert all(torch.equal(by_api[k], rounds[k]) for k in changed) and any(not torch.equal(together[k], rounds[k]) for k in changed)
     applied = json.loads((tmp_path / "rounds" / EDITS_FILE).read_text())["applied"]
-    assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": "as calibrated"}
+    assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": None}
     assert main([*base, "--sequential", "--rounds", "2"]) == 2
     assert "not --sequential" in caplog.text
 
@@ -487,7 +487,7 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     from transformers import AutoModelForCausalLM
 
     from instructedit.analysis.many_edits import key_memory, locality_texts
-    from instructedit.api import load_editor
+    from instructedit.api import EDITS_FILE, load_editor
     from instructedit.cli import main
     from instructedit.commands.edit import read_edits
     from instructedit.editors.mend import MENDEditor
@@ -537,6 +537,10 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     assert "edit rounds" in shown.err and "2/2" in shown.err  # a bar over the rounds
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
     assert all(torch.equal(heavy[k], saved[k]) for k in changed)
+    applied = json.loads((tmp_path / "saved" / EDITS_FILE).read_text())["applied"]
+    assert applied["sample_weight"] == 5e4 and applied["rounds"] == 2
+    with loaded.apply(model, edits, tok, rounds=1) as as_calibrated:
+        assert as_calibrated.how == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": "as calibrated"}
     assert main([*base, "--rounds", "auto"]) == 0  # three edits: made as one edit is
     assert "in one call (aggregation least_squares)\n" in capsys.readouterr().out
     with pytest.raises(SystemExit):
