@@ -328,7 +328,7 @@ class MENDEditor(LearnedEditor):
         non-padding position of ``batches`` (a preservation sample, run through the unedited ``model``);
         ``positions="answer"``: only at the positions that predict a labelled token (the prompt's last and the answer's)."""
         if positions not in PRESERVE_KEYS:
-            raise ValueError(f"keys must be 'all' or 'answer', got {positions!r}")
+            raise ValueError(f"keys must be {' or '.join(map(repr, PRESERVE_KEYS))}, got {positions!r}")  # key_memory's keys=
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         device = self.edit_lrs.device
