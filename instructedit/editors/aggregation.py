@@ -110,20 +110,45 @@ class NormalEquations:
     """
 
     def __init__(self) -> None:
-        self.gram: torch.Tensor | None = None  # (d_in, d_in)
-        self.cross: torch.Tensor | None = None  # (d_in, d_out)
+        self._gram: torch.Tensor | None = None  # (d_in, d_in), the chunks folded in so far
+        self._cross: torch.Tensor | None = None  # (d_in, d_out)
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # chunks not folded in yet (only while ``kept``)
         self.n_tokens = 0
         self.kept: list[tuple[torch.Tensor, torch.Tensor]] | None = []  # (keys, values) per chunk while the tokens are few
 
     def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Fold in one chunk: keys (n, d_in), values (n, d_out). Out of place, so autograd sees every chunk."""
-        gram, cross = keys.T @ keys, keys.T @ values
-        self.gram = gram if self.gram is None else self.gram + gram
-        self.cross = cross if self.cross is None else self.cross + cross
+        """Fold in one chunk: keys (n, d_in), values (n, d_out). Out of place, so autograd sees every chunk.
+
+        While the tokens are few the chunk is only kept: KᵀK and KᵀD are formed when first read (``gram``, ``cross``), so
+        a solve from thin factors (``solve_factors``) never makes them (two d_in-sized products per weight and edit,
+        memory-bound at a few tokens). Once the tokens are many, every chunk is folded in as it arrives (the memory of a
+        call does not grow with its edits)."""
         self.n_tokens += keys.shape[0]
+        self._pending.append((keys, values))
         if self.kept is not None:
             d_in, d_out = keys.shape[1], values.shape[1]
             self.kept = self.kept + [(keys, values)] if 2 * self.n_tokens * (d_in + d_out) <= d_in * d_out else None
+        if self.kept is None:
+            self._fold()
+
+    def _fold(self) -> None:
+        for keys, values in self._pending:
+            gram, cross = keys.T @ keys, keys.T @ values
+            self._gram = gram if self._gram is None else self._gram + gram
+            self._cross = cross if self._cross is None else self._cross + cross
+        self._pending = []
+
+    @property
+    def gram(self) -> torch.Tensor | None:
+        """KᵀK (d_in, d_in) of every chunk added so far; None before the first."""
+        self._fold()
+        return self._gram
+
+    @property
+    def cross(self) -> torch.Tensor | None:
+        """KᵀD (d_in, d_out) of every chunk added so far; None before the first."""
+        self._fold()
+        return self._cross
 
     def solve(self, log_lambda: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """The ridge solution S (d_in, d_out) of every chunk added so far (``prior``: see ``ridge_solve``)."""
@@ -137,8 +162,8 @@ class NormalEquations:
 
         Without a ``prior``, or with ``inverse`` (``base_inverse`` of that prior and λ), left comes from an n_tokens-sized
         solve (``push_through_left``); with a prior alone, from the d_in-sized system."""
-        if self.gram is None or not self.kept:
-            return None if self.gram is not None else self.solve(log_lambda, prior)  # no tokens: raises
+        if not self.n_tokens or not self.kept:
+            return None if self.n_tokens else self.solve(log_lambda, prior)  # no tokens: raises
         keys, values = (torch.cat(parts) for parts in zip(*self.kept))
         if prior is None or inverse is not None:
             return push_through_left(keys, log_lambda, inverse), values
