@@ -68,6 +68,26 @@ def test_batch_study_scores_each_size_and_restores_the_weights(tiny_model_dir: P
         batch_study(model, tokenizer, editor, collator, records, 0, [9], progress=False)
 
 
+def test_unedited_records_locality_is_scored_on_the_edited_model(tiny_model_dir: Path) -> None:
+    model, tokenizer, editor, collator = _setup(tiny_model_dir)
+    records = many_records(5)
+    # the first three records' own locality prompts as the "unedited" ones: the same prompts on the same edited model
+    result = batch_study(model, tokenizer, editor, collator, records[:3], 0, [3], progress=False, unedited=records[:3])
+    point = result["points"][0]
+    assert point["unedited"]["n_cases"] == 3 and point["unedited"]["n_prompts"] == 3
+    for key, protocol in (("locality", "teacher_forced"), ("gen_locality", "generation")):
+        assert point["unedited"][key]["protocol"] == protocol and point["unedited"][key]["n"] == 3
+        assert point["unedited"][key]["mean"] == pytest.approx(point[key]["mean"], abs=1e-9)
+    # records never edited: scored, the edited records' own numbers unchanged by them
+    other = batch_study(model, tokenizer, editor, collator, records[:3], 0, [3], progress=False, unedited=records[3:])
+    assert other["points"][0]["unedited"]["n_cases"] == 2 and other["points"][0]["locality"] == point["locality"]
+    assert "unedited" not in batch_study(model, tokenizer, editor, collator, records[:3], 0, [3], progress=False,
+                                         generation=False)["points"][0]
+    bare = [dataclasses.replace(r, locality=()) for r in records[3:]]
+    with pytest.raises(ValueError, match="2 unedited records have no locality prompts"):
+        batch_study(model, tokenizer, editor, collator, records[:3], 0, [3], progress=False, unedited=bare)
+
+
 def test_rounds_edit_again_on_the_edited_model_and_roll_back_bitwise(tiny_model_dir: Path) -> None:
     """apply(rounds=2) is one edit, then the same edit computed on the model it left, written over it; the one handle
     undoes both bit for bit; batch_study makes its N-edit calls so, and its single edits in one round."""
@@ -217,6 +237,27 @@ def test_analyze_batch_compares_editors_in_one_json_and_png(tiny_gpt2_dir: Path,
     assert f"--sizes 9 needs 9 records but {data} has 8" in caplog.text
     with pytest.raises(SystemExit):
         main([*args, "--sizes", "1,x"])
+
+
+def test_analyze_batch_scores_the_locality_of_unedited_records(tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 6)
+    editor = _saved_editor(tiny_gpt2_dir, tmp_path / "ls", "least_squares")
+    out = tmp_path / "batch.json"
+    args = ["analyze", "batch", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--sizes", "1,4", "--device", "cpu",
+            "--no-progress", "--protocol", "teacher_forced", "--output", str(out)]
+    assert main([*args, "--unedited-locality", "2"]) == 0
+    result = json.loads(out.read_text())
+    assert result["unedited_locality"] == "the locality prompts of records 4..5, never edited"
+    for point in result["editors"][0]["points"]:
+        unedited = point["unedited"]
+        assert unedited["n_cases"] == 2 and unedited["locality"]["protocol"] == "teacher_forced" and "gen_locality" not in unedited
+        assert unedited["locality"]["ci_low"] <= unedited["locality"]["mean"] <= unedited["locality"]["ci_high"]
+    assert "locality on 2 prompts of 2 unedited records" in capsys.readouterr().out
+    assert main([*args, "--unedited-locality", "3"]) == 2
+    assert f"--sizes 4 with --unedited-locality 3 needs 7 records but {data} has 6" in caplog.text
 
 
 def test_analyze_batch_single_edit_reference_answer_keys_and_preservation(tiny_gpt2_dir: Path, tmp_path: Path,

@@ -108,9 +108,9 @@ class _Generation:
     """Greedy answers (wrapped edit prompt, rephrases, locality) of some cases, before and after edits."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, collator: Collator, records: Sequence[EditRecord],
-                 instruction: int | None) -> None:
+                 instruction: int | None, families: Collection[str] = FAMILIES) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.queries = [case_queries(collator, r, instruction, ("wrapped",)) for r in records]
+        self.queries = [[q for q in case_queries(collator, r, instruction, ("wrapped",)) if q.family in families] for r in records]
         self.pre = answer_all(model, tokenizer, self.queries, GEN_BATCH, collator.max_length)
 
     def scores(self, cases: Sequence[int] | None = None) -> list[dict[str, float]]:
@@ -128,7 +128,7 @@ def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: 
 def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
                 progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int | str = 1,
-                sample_weight: float | None = None) -> dict:
+                sample_weight: float | None = None, unedited: Sequence[EditRecord] = ()) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
@@ -139,6 +139,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     call is made in that many rounds (``LearnedEditor.apply``; "auto": as ``editors.learned.schedule_for`` chooses for
     its N); ``sample_weight``: in those calls the editor's own preservation sample counts as that many tokens; each point
     records both. The single edits are made as the editor makes them (one round, its calibrated weight).
+    ``unedited``: records no call edits whose locality prompts every N-edit call is also scored on (each point's
+    ``unedited``: teacher-forced and generation locality over them): a larger locality sample than the N cases' own.
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -152,18 +154,33 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     probes = _probes(collator, records, instruction)
     pre = _score(model, collator, probes, batch_size)
     asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
+    others = _Probes([item for item in _probes(collator, unedited, instruction).items if item[1] == "locality"]) if unedited else None
+    if others is not None:
+        if not others.items:
+            raise ValueError(f"the {len(unedited)} unedited records have no locality prompts to score")
+        _score(model, collator, others, batch_size)  # their pre-edit argmax ids
+    others_asker = _Generation(model, tokenizer, collator, unedited, instruction, ("locality",)) if others is not None and generation else None
     guard = WeightGuard(model)
 
-    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1,
-               sample_weight: float | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None, int]:
+    def unedited_locality() -> dict[str, dict | None]:
+        """Locality over the unedited records' prompts on the model as it is now (both protocols)."""
+        scores = _aggregate(_score(model, collator, others, batch_size), others_asker.scores() if others_asker is not None else None)
+        return {"n_cases": len(unedited), "n_prompts": len(others.items),
+                **{k: v for k, v in scores.items() if k in ("locality", "gen_locality")}}
+
+    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1, sample_weight: float | None = None,
+               also: dict | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None, int]:
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
-        call, teacher-forced scores, generation scores, rounds made). Rolled back afterwards."""
+        call, teacher-forced scores, generation scores, rounds made). Rolled back afterwards. ``also``: receives the
+        unedited records' locality (``unedited``) before the rollback."""
         batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
         start = time.perf_counter()
         handle = apply_in_rounds(editor, model, batch, rounds, sample_weight)
         seconds = time.perf_counter() - start
         try:
             scores = _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None
+            if also is not None and others is not None:
+                also["unedited"] = unedited_locality()
             return seconds, *scores, getattr(handle, "rounds_made", 1)
         finally:
             handle.rollback()
@@ -172,10 +189,11 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
-            seconds, tf, gen, made = edited(0, n, probes.upto(n), *schedules[n])
+            also: dict = {}
+            seconds, tf, gen, made = edited(0, n, probes.upto(n), *schedules[n], also=also)
             guard.verify(full=True, where=f"after the {n}-edit call")
             points.append({"n_edits": n, "rounds": schedules[n][0], "rounds_made": made, "sample_weight": schedules[n][1], "seconds": seconds,
-                           "seconds_per_edit": seconds / n, **_aggregate(tf, gen)})
+                           "seconds_per_edit": seconds / n, **_aggregate(tf, gen), **also})
         if singles:
             tf, gen, total = [], [] if asker is not None else None, 0.0
             for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):

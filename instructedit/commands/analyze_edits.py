@@ -54,6 +54,10 @@ def add_edit_studies(studies: Any) -> None:
     b.add_argument("--distinct-subjects", action="store_true",
                    help="edit only the first record of each subject (records that share a subject can ask one call for "
                         "contradictory answers to one question, e.g. two architects of one building): the first N such records")
+    b.add_argument("--unedited-locality", type=int, default=0, metavar="K",
+                   help="also score every N-edit call's locality (both protocols) on the locality prompts of the K records after "
+                        "the first max(--sizes), which no call edits (JSON: each point's 'unedited'): a larger locality sample than "
+                        "the N edited records' own (default 0: none)")
     add_rounds_arguments(b, "every N-edit call (the --singles stay one-round edits at the calibrated weight)", 1)
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.set_defaults(func=run_batch)
@@ -246,17 +250,24 @@ def run_batch(args: argparse.Namespace) -> int:
 
     labels = _labels(args)
     output = _output(args, "batch", labels)
-    records, where = _records(args, args.data, 0 if args.distinct_subjects else max(args.sizes), f"--sizes {max(args.sizes)}")
+    if args.unedited_locality < 0:
+        raise ValueError(f"--unedited-locality must be >= 0, got {args.unedited_locality}")
+    wanted = max(args.sizes) + args.unedited_locality
+    option = f"--sizes {max(args.sizes)}" + (f" with --unedited-locality {args.unedited_locality}" if args.unedited_locality else "")
+    records, where = _records(args, args.data, 0 if args.distinct_subjects else wanted, option)
     if args.distinct_subjects:
         from instructedit.analysis.many_edits import distinct_subjects
 
         kept = distinct_subjects(records)
-        if len(kept) < max(args.sizes):
-            raise ValueError(f"--distinct-subjects --sizes {max(args.sizes)}: the {len(records)} records have {len(kept)} distinct subjects")
+        if len(kept) < wanted:
+            raise ValueError(f"--distinct-subjects {option}: the {len(records)} records have {len(kept)} distinct subjects")
         scanned = records.index(kept[max(args.sizes) - 1]) + 1
         where = {**where, "distinct_subjects": f"the first record of each subject: {max(args.sizes)} of the first {scanned} records"}
         records = kept
-    preserve = _preservation_texts(args, records[: max(args.sizes)])
+    unedited = records[max(args.sizes) : wanted]
+    if unedited:
+        where = {**where, "unedited_locality": f"the locality prompts of records {max(args.sizes)}..{wanted - 1}, never edited"}
+    preserve = _preservation_texts(args, records[:wanted])
     if args.key_memory and not preserve:
         raise ValueError("--key-memory in analyze batch holds a preservation sample still: add --preserve-data FILE")
     if isinstance(args.rounds, int) and args.rounds < 1:
@@ -286,12 +297,16 @@ def run_batch(args: argparse.Namespace) -> int:
                             args.preserve_answers, args.preserve_keys) if preserve else None
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
-                          memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight)
+                          memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight, unedited=unedited)
         result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
         if "single" in out:
             print(_line(f"{label} (each edit alone)", out["single"]))
         for p in out["points"]:
             print(_line(label, p))
+            if "unedited" in p:
+                u = p["unedited"]
+                print(f"  locality on {u['n_prompts']} prompts of {u['n_cases']} unedited records: "
+                      f"{_pct(u.get('locality'))}/{_pct(u.get('gen_locality'))} (teacher-forced/generation %)")
             if any(v is not None for v in p.get("kept_of_single", {}).values()):
                 kept = ", ".join(f"{'generation' if k.startswith('gen_') else 'teacher-forced'} {100 * v:.0f} %"
                                  for k, v in p["kept_of_single"].items() if v is not None)
