@@ -256,6 +256,7 @@ def test_analyze_batch_scores_the_locality_of_unedited_records(tiny_gpt2_dir: Pa
         assert unedited["n_cases"] == 2 and unedited["locality"]["protocol"] == "teacher_forced" and "gen_locality" not in unedited
         assert unedited["locality"]["ci_low"] <= unedited["locality"]["mean"] <= unedited["locality"]["ci_high"]
     assert "locality on 2 prompts of 2 unedited records" in capsys.readouterr().out
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn with the unedited records' triangles
     assert main([*args, "--unedited-locality", "3"]) == 2
     assert f"--sizes 4 with --unedited-locality 3 needs 7 records but {data} has 6" in caplog.text
 

@@ -193,7 +193,8 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
     (``key``) solid with dots, the generation value (``gen_<key>``) dashed with open squares. A plain number (seconds per edit,
     perplexity ratio) is drawn as it is. Each edit alone (``analyze batch --singles``) is dotted: through the
     points' ``single_same_cases`` (the same N cases as each call) where they exist, else the series' ``single`` as a
-    horizontal line. A y label that starts with ``%`` fixes the axis to 0-100.
+    horizontal line. A point's ``unedited`` summaries (``analyze batch --unedited-locality``) are triangles with their
+    intervals (up: teacher-forced, down: generation). A y label that starts with ``%`` fixes the axis to 0-100.
     """
     fig = _figure(4.2 * len(panels), 3.9)
     for i, (key, ylabel) in enumerate(panels):
@@ -220,6 +221,14 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
                 elif single is not None:  # each edit alone, the first max(N) cases
                     value = 100 * single["mean"] if isinstance(single, Mapping) else single
                     ax.axhline(value, linestyle=":", linewidth=1.2, color=f"C{k % 10}")
+                others = [p for p in s["points"] if ((p.get("unedited") or {}).get(name) or None) is not None]
+                if others:  # analyze batch --unedited-locality: the same call's locality on records it did not edit
+                    ax.errorbar([p["n_edits"] for p in others], [100 * p["unedited"][name]["mean"] for p in others],
+                                yerr=[[100 * (p["unedited"][name]["mean"] - p["unedited"][name]["ci_low"]) for p in others],
+                                      [100 * (p["unedited"][name]["ci_high"] - p["unedited"][name]["mean"]) for p in others]],
+                                fmt="^" if marker == "o" else "v", markersize=5, capsize=2, linewidth=0.8, color=f"C{k % 10}",
+                                markerfacecolor="none" if marker == "s" else None,
+                                label=f"{s['label']} ({protocol}, {others[0]['unedited']['n_cases']} unedited records)")
         ax.set_xscale("log")
         sizes = sorted({p["n_edits"] for s in series for p in s["points"]})
         if 1 < len(sizes) <= 12:  # ticks at the numbers of edits measured (a log axis would label 2×10¹, 3×10¹, ... over each other)
