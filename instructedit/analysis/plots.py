@@ -221,7 +221,7 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
                 elif single is not None:  # each edit alone, the first max(N) cases
                     value = 100 * single["mean"] if isinstance(single, Mapping) else single
                     ax.axhline(value, linestyle=":", linewidth=1.2, color=f"C{k % 10}")
-                others = [p for p in s["points"] if ((p.get("unedited") or {}).get(name) or None) is not None]
+                others = [p for p in s["points"] if (p.get("unedited") or {}).get(name) is not None]
                 if others:  # analyze batch --unedited-locality: the same call's locality on records it did not edit
                     ax.errorbar([p["n_edits"] for p in others], [100 * p["unedited"][name]["mean"] for p in others],
                                 yerr=[[100 * (p["unedited"][name]["mean"] - p["unedited"][name]["ci_low"]) for p in others],

@@ -266,7 +266,9 @@ def run_batch(args: argparse.Namespace) -> int:
         records = kept
     unedited = records[max(args.sizes) : wanted]
     if unedited:
-        where = {**where, "unedited_locality": f"the locality prompts of records {max(args.sizes)}..{wanted - 1}, never edited"}
+        which = (f"the {len(unedited)} distinct-subject records after the edited ones" if args.distinct_subjects
+                 else f"records {max(args.sizes)}..{wanted - 1}")
+        where = {**where, "unedited_locality": f"the locality prompts of {which}, never edited"}
     preserve = _preservation_texts(args, records[:wanted])
     if args.key_memory and not preserve:
         raise ValueError("--key-memory in analyze batch holds a preservation sample still: add --preserve-data FILE")
