@@ -86,6 +86,13 @@ class Distributed:
         """The process that writes logs and checkpoints."""
         return self.rank == 0
 
+    def close(self) -> None:
+        """Leave the process group, once every process is past its last collective (the end of a run). A process that exits
+        with a gloo group still open can abort in the group's threads' teardown after a finished run ("terminate called
+        without an active exception", SIGABRT: pytorch/pytorch#190489), and the launcher then reports the run as failed."""
+        if self.enabled and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     # -- generic collectives -------------------------------------------------------------------
     def barrier(self) -> None:
         if self.enabled:

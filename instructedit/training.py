@@ -351,4 +351,7 @@ class Trainer:
 
 def train(config: Config, output_dir: str | Path, show_progress: bool = True) -> dict[str, Any]:
     """Meta-train an editor as ``config`` says; returns the run summary (also in OUTPUT/summary.json)."""
-    return Trainer(config, output_dir, show_progress=show_progress).run()
+    trainer = Trainer(config, output_dir, show_progress=show_progress)
+    summary = trainer.run()  # ends at a barrier: every process is past its last collective
+    trainer.dist.close()
+    return summary

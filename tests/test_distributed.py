@@ -136,6 +136,21 @@ def test_single_process_needs_no_launcher() -> None:
     assert torch.equal(p.grad, torch.full((2,), 3.0))
 
 
+def test_close_leaves_the_process_group(tmp_path: Path) -> None:
+    import torch.distributed as torch_dist
+
+    Distributed().close()  # one process: nothing to leave
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        Distributed(rank=0, world_size=1).close()  # not a data-parallel run: the caller's group stays
+        assert torch_dist.is_initialized()
+        Distributed(rank=0, world_size=2).close()  # the end of a run under a launcher
+        assert not torch_dist.is_initialized()
+    finally:
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_base_trains_with_a_float32_editor(tiny_llama_dir: Path, tmp_path: Path, dtype: str) -> None:
     config = _config(tiny_llama_dir, f"model.dtype={dtype}", "training.max_steps=2", "training.val_size=1", "training.val_every=2")
