@@ -256,27 +256,58 @@ def test_cached_load_is_fast(default_model: tuple[PreTrainedModel, PreTrainedTok
     assert model.config.num_hidden_layers == 30
 
 
-def test_a_few_rows_project_onto_the_vocabulary_as_the_head_does(tiny_model_dir: Path) -> None:
-    """SplitModel.project: a few rows on a CPU take (W · rowsᵀ)ᵀ, more rows the head itself; the same logits and gradients."""
+def test_a_few_rows_project_onto_the_vocabulary_as_the_head_does(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SplitModel.project: a few rows on a CPU take (W · rowsᵀ)ᵀ where ``weight_on_left`` says so, more rows the head
+    itself; the same logits and gradients either way."""
+    from instructedit.models import split as split_module
     from instructedit.models.split import FEW_ROWS, SplitModel, _FewRows
 
     model, _ = load_model(str(tiny_model_dir))
     split = SplitModel(model, arch_spec(model), 1)
-    calls = []
-    original = _FewRows.apply
-    for n in (1, 3, FEW_ROWS, FEW_ROWS + 1):
-        rows = torch.randn(n, model.config.hidden_size, requires_grad=True)
-        _FewRows.apply = lambda *a: calls.append(n) or original(*a)  # noqa: B023 (recorded per n)
-        try:
-            logits = split.project(rows)
-        finally:
-            _FewRows.apply = original
-        expected = split.head(rows)
-        torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
-        grad = torch.randn_like(expected)
-        torch.testing.assert_close(torch.autograd.grad(logits, rows, grad)[0], torch.autograd.grad(expected, rows, grad)[0],
-                                   rtol=1e-5, atol=1e-5)
-    assert calls == [1, 3, FEW_ROWS]  # the plain head from FEW_ROWS + 1 rows on
+    for left in (True, False):
+        monkeypatch.setattr(split_module, "weight_on_left", lambda rows, weight, left=left: left and rows <= FEW_ROWS)
+        calls = []
+        original = _FewRows.apply
+        for n in (1, 3, FEW_ROWS, FEW_ROWS + 1):
+            rows = torch.randn(n, model.config.hidden_size, requires_grad=True)
+            _FewRows.apply = lambda *a: calls.append(n) or original(*a)  # noqa: B023 (recorded per n)
+            try:
+                logits = split.project(rows)
+            finally:
+                _FewRows.apply = original
+            expected = split.head(rows)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            grad = torch.randn_like(expected)
+            torch.testing.assert_close(torch.autograd.grad(logits, rows, grad)[0], torch.autograd.grad(expected, rows, grad)[0],
+                                       rtol=1e-5, atol=1e-5)
+        assert calls == ([1, 3, FEW_ROWS] if left else [])  # the plain head from FEW_ROWS + 1 rows on
+
+
+def test_the_few_rows_orientation_is_timed_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``weight_on_left`` times both products once per (rows, shape, dtype, threads), keeps the usual one on a near tie
+    or a small head, and never takes (W · rowsᵀ)ᵀ past FEW_ROWS rows."""
+    from instructedit.models import split as split_module
+
+    monkeypatch.setattr(split_module, "_LEFT_FASTER", {})
+    weight = torch.randn(split_module.TIMED_HEAD_SIZE // 64, 64)
+    timed = []
+    speeds = iter([1.0, 2.0, 1.0, 1.1])  # (left, usual) per timed key: 2× faster on the left, then a near tie
+
+    def fake_best_of(product, repeats=3):
+        timed.append(product)
+        return next(speeds)
+
+    monkeypatch.setattr(split_module, "_best_of", fake_best_of)
+    assert split_module.weight_on_left(3, weight) is True
+    assert split_module.weight_on_left(3, weight) is True and len(timed) == 2  # cached
+    assert split_module.weight_on_left(2, weight) is False  # within LEFT_MARGIN: the usual product
+    assert len(timed) == 4
+    assert split_module.weight_on_left(split_module.FEW_ROWS + 1, weight) is False
+    assert split_module.weight_on_left(3, torch.randn(100, 64)) is False  # a tiny head is not timed
+    assert len(timed) == 4
+    monkeypatch.undo()
+    real = split_module.weight_on_left(3, weight)  # the real timing runs and decides something
+    assert isinstance(real, bool)
 
 
 def test_gguf_conversion_parses_each_file_once_and_restores_the_package(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -28,15 +29,46 @@ from instructedit.models.architectures import ArchSpec
 from instructedit.records import TokenBatch
 
 
-FEW_ROWS = 8  # up to this many rows, the CPU vocabulary projection runs as (W · rowsᵀ)ᵀ
+FEW_ROWS = 8  # up to this many rows, the CPU vocabulary projection may run as (W · rowsᵀ)ᵀ (``weight_on_left``)
+TIMED_HEAD_SIZE = 2**22  # a smaller head (a tiny test model) is projected the usual way: its products take microseconds
+LEFT_MARGIN = 0.8  # (W · rowsᵀ)ᵀ is taken only when it is timed this much faster: a near tie keeps the usual product
+
+_LEFT_FASTER: dict[tuple, bool] = {}  # (rows, weight shape, dtype, threads) -> whether (W · rowsᵀ)ᵀ was the faster
+
+
+def weight_on_left(rows: int, weight: torch.Tensor) -> bool:
+    """Whether ``rows`` rows are projected onto the CPU head ``weight`` (vocab, d) as (W · rowsᵀ)ᵀ rather than rows · Wᵀ.
+
+    Which orientation CPU BLAS runs near memory speed for a few rows depends on the CPU: 3 rows × 49,152 × 576, one
+    thread, took 20 ms as rows · Wᵀ and 6 ms as (W · rowsᵀ)ᵀ on one machine of this project's type, and 9 against 23 ms
+    on another (2026-12-02). Both are timed once per process for each row count, weight shape, dtype and thread count
+    (best of 3, ~0.1 s), and (W · rowsᵀ)ᵀ is taken where it is more than ``1 / LEFT_MARGIN`` times faster.
+    """
+    if rows > FEW_ROWS or weight.numel() < TIMED_HEAD_SIZE:
+        return False
+    key = (rows, tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    if key not in _LEFT_FASTER:
+        x = torch.zeros((rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        with torch.no_grad():
+            left, usual = (_best_of(lambda: weight @ x.T), _best_of(lambda: x @ weight.T))
+        _LEFT_FASTER[key] = left < LEFT_MARGIN * usual
+    return _LEFT_FASTER[key]
+
+
+def _best_of(product, repeats: int = 3) -> float:
+    product()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 class _FewRows(torch.autograd.Function):
-    """rows · Wᵀ for a frozen (vocab, d) W and a few rows, computed as (W · rowsᵀ)ᵀ.
+    """rows · Wᵀ for a frozen (vocab, d) W and a few rows, computed as (W · rowsᵀ)ᵀ (where ``weight_on_left``).
 
-    CPU BLAS runs the (few × d) · (d × vocab) product far below memory speed (3 rows × 49,152 × 576:
-    20 ms one thread, against 6 ms for the same product with W on the left); the backward, grad · W,
-    is fast as it is. The same numbers up to float rounding.
+    The backward, grad · W, is fast as it is. The same numbers up to float rounding.
     """
 
     @staticmethod
@@ -220,10 +252,11 @@ class SplitModel:
         return self.project(hidden[mask])
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
-        """``head(rows)`` for (n, d_model) rows; a few rows on a CPU as (W · rowsᵀ)ᵀ (``_FewRows``)."""
+        """``head(rows)`` for (n, d_model) rows; a few rows on a CPU as (W · rowsᵀ)ᵀ where that is faster (``weight_on_left``)."""
         head = self.head
         if (rows.device.type == "cpu" and rows.dim() == 2 and rows.shape[0] <= FEW_ROWS and isinstance(head, nn.Linear)
-                and head.bias is None and not head.weight.requires_grad and head.weight.dtype == rows.dtype):
+                and head.bias is None and not head.weight.requires_grad and head.weight.dtype == rows.dtype
+                and weight_on_left(rows.shape[0], head.weight)):
             return _FewRows.apply(rows, head.weight)
         return head(rows)
 
