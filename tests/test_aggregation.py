@@ -20,6 +20,7 @@ from instructedit.config import EditorConfig, TrainingConfig, load_config
 from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, push_through_left, ridge_solve, value_differences
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.editors.mend import CONFIG_NAME, MENDEditor
+from instructedit.editors.registry import build_editor
 from instructedit.io import file_sha256
 from instructedit.losses import masked_nll, per_row_nll
 from instructedit.models.architectures import arch_spec, resolve_editable_weights
@@ -97,6 +98,45 @@ def test_least_squares_update_equals_lstsq_of_the_augmented_system(tiny_model_di
             scale = float(expected.abs().max())
             assert scale > 0, w.name
             torch.testing.assert_close(updates[w.name].double(), expected, rtol=1e-3, atol=1e-3 * scale, msg=w.name)
+
+
+@pytest.mark.parametrize("aggregation", ["least_squares", "sum"])
+def test_rounds_pass_the_unedited_prefix_once_and_change_nothing_else(tiny_model_dir: Path, aggregation: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """apply(rounds=3) runs the blocks below the edited ones over the edit inputs once (per chunk of editor.chunk_edits),
+    not once per round: the weights it leaves, and the rounds it keeps, equal those of every round running its own
+    prefix, bit for bit; rollback is bitwise."""
+    from instructedit.editors.learned import LearnedEditor
+    from instructedit.models.split import ChunkStates, SplitModel
+
+    model, tok = load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    editor = build_editor(model, load_config(TINY, [f"model.name={tiny_model_dir}", "editor.init_edit_lr=5.0", f"editor.aggregation={aggregation}",
+                                                    "editor.chunk_edits=2"])).eval()  # 5 edits: 3 chunks of at most 2 (least squares)
+    batch = Collator(tok, max_length=64).qa_batch(PAIRS)
+    before = _state(model)
+    calls: list[int] = []
+    prefix = SplitModel.prefix
+    monkeypatch.setattr(SplitModel, "prefix", lambda self, b, *a, **k: calls.append(b.n_rows) or prefix(self, b, *a, **k))
+    with editor.apply(model, batch, rounds=3) as handle:
+        once, kept = _state(model), handle.rounds_made
+    assert _same(before, model) and any(not torch.equal(before[k], once[k]) for k in before)  # the rounds moved weights
+    assert calls == ([2, 2, 1] if aggregation == "least_squares" else [5])  # once, not once per round
+    calls.clear()
+    monkeypatch.setattr(LearnedEditor, "round_state", lambda self, split, b: None)  # every round runs its own prefix
+    monkeypatch.setattr(MENDEditor, "round_state", LearnedEditor.round_state)
+    with editor.apply(model, batch, rounds=3) as handle:
+        assert handle.rounds_made == kept and _same(once, model)
+    assert len(calls) == (3 if aggregation == "least_squares" else 1) * 3  # each of the 3 rounds' edits (an undone one too)
+    assert _same(before, model)
+    monkeypatch.undo()
+    state = editor.round_state(editor.split(model), batch)
+    assert isinstance(state, ChunkStates) == (aggregation == "least_squares")
+    if aggregation == "least_squares":
+        other = build_editor(model, load_config(TINY, [f"model.name={tiny_model_dir}", "editor.aggregation=least_squares",
+                                                       "editor.chunk_edits=3"])).eval()
+        with pytest.raises(ValueError, match="3 chunks of 2 rows; this batch is 2 chunks of 3"):
+            other.edit(model, batch, state)
 
 
 def test_chunked_normal_equations_equal_the_closed_form() -> None:

@@ -28,7 +28,7 @@ from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEdito
 from instructedit.io import atomic_write
 from instructedit.losses import per_row_nll
 from instructedit.models.architectures import ArchSpec, EditableWeight
-from instructedit.models.split import PrefixState, SplitModel
+from instructedit.models.split import ChunkStates, PrefixState, SplitModel
 from instructedit.records import TokenBatch
 from instructedit.runs import PRESERVATION_WEIGHTS
 
@@ -204,13 +204,14 @@ class MENDEditor(LearnedEditor):
                 yield index[w.name], w, u, u_w, d_w
 
     def solve(self, split: SplitModel, batch: TokenBatch,
-              state: PrefixState | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
+              state: PrefixState | ChunkStates | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
         """Least-squares updates (storage orientation) from every edit of ``batch``, the mean pre-edit NLL per edit, and
         (without gradients, few tokens) every update's thin factors (``EditResult.low_rank``; else None).
 
         ``editor.chunk_edits`` edit inputs at a time: capture their factors (δ from the sum of each
         edit's mean NLL), run the network, fold keys and value differences into KᵀK and KᵀD; then
-        solve once per weight (editors/aggregation.py). ``state`` is used when the batch is one chunk.
+        solve once per weight (editors/aggregation.py). ``state``: the batch's prefix state when it is one chunk, or
+        every chunk's (``ChunkStates``, from ``round_state``).
         """
         systems = {w.name: NormalEquations() for w in self.weights}
         chunks = batch.chunks(self.config.chunk_edits)
@@ -218,8 +219,14 @@ class MENDEditor(LearnedEditor):
             # Each chunk is one statistics exchange round; processes with other row counts would wait forever.
             raise ValueError(f"data-parallel training with editor.aggregation least_squares needs editor.chunk_edits >= the "
                              f"{batch.n_rows} edit inputs of a micro-batch (it is {self.config.chunk_edits})")
-        whole = state if state is not None and len(chunks) == 1 else None
-        total = sum(self._accumulate(split, chunk, whole, systems) for chunk in chunks)
+        if isinstance(state, ChunkStates):
+            if state.size != self.config.chunk_edits or len(state.states) != len(chunks):
+                raise ValueError(f"the chunk states hold {len(state.states)} chunks of {state.size} rows; this batch is "
+                                 f"{len(chunks)} chunks of {self.config.chunk_edits}")
+            states = state.states
+        else:
+            states = [state if state is not None and len(chunks) == 1 else None] * len(chunks)
+        total = sum(self._accumulate(split, chunk, s, systems) for chunk, s in zip(chunks, states))
         updates, thin = {}, {}
         memory = self.memory
         for i, w in enumerate(self.weights):
@@ -358,7 +365,16 @@ class MENDEditor(LearnedEditor):
             systems[w.name].add(keys, value_differences(keys, keys_t, deltas_t, self.edit_lrs[i]))
         return losses.detach().sum()
 
-    def edit(self, model: nn.Module | SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> EditResult:
+    def round_state(self, split: SplitModel, batch: TokenBatch) -> PrefixState | ChunkStates:
+        """``LearnedEditor.round_state``; a least-squares edit of more than ``editor.chunk_edits`` inputs keeps every
+        chunk's state (the hidden states entering the first edited block: rows × tokens × d_model each, a small share of
+        what one chunk's pass holds)."""
+        chunks = batch.chunks(self.config.chunk_edits) if self.config.aggregation == "least_squares" else [batch]
+        if len(chunks) == 1:
+            return split.prefix(batch, final=False)
+        return ChunkStates(self.config.chunk_edits, [split.prefix(chunk, final=False) for chunk in chunks])
+
+    def edit(self, model: nn.Module | SplitModel, batch: TokenBatch, state: PrefixState | ChunkStates | None = None) -> EditResult:
         """One MEND edit from all rows of ``batch`` (its labelled tokens are the targets); the model is not modified.
 
         The rows' updates are summed or solved for by least squares, as ``editor.aggregation`` says.

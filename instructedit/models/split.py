@@ -131,6 +131,16 @@ class PrefixState:
         return dataclasses.replace(self, block_args=with_cache(self.block_args, cache))
 
 
+@dataclass
+class ChunkStates:
+    """The prefix states of a batch taken ``size`` rows at a time (``TokenBatch.chunks(size)``), one per chunk, in order:
+    what an edit made in several rounds starts every round from (``LearnedEditor.apply``: the blocks below the edited
+    ones never change, so their pass over the edit inputs is the same in every round)."""
+
+    size: int
+    states: list[PrefixState]
+
+
 class SplitModel:
     """A causal LM viewed as frozen prefix + editable suffix (blocks ``first_layer`` .. end)."""
 
