@@ -140,7 +140,8 @@ class LearnedEditor(nn.Module):
         from the gradients left after the earlier ones: an edit already said asks for little, one that many edits' one
         least-squares compromise shrank asks again (``analyze batch --rounds``). A round after which the edits' own
         loss is higher than before it (or not finite) is undone and the rounds stop there, with a warning (the first round
-        stays: it is the one-round edit): rounds that overshoot only grow (a preservation sample too weak for its weight
+        stays: it is the one-round edit; the last one is not checked: that would cost one more round's pass, and a call of
+        2 rounds is never checked): rounds that overshoot only grow (a preservation sample too weak for its weight
         took every answer to nothing). The handle
         undoes every round; ``handle.rounds_made`` says how many were kept. ``progress``: a bar over the rounds.
         The blocks below the edited ones pass over the edit inputs once (``round_state``), not once per round: no round
