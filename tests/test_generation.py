@@ -19,7 +19,7 @@ from torch import nn
 from instructedit.analysis.proposers import OpenAIProposer
 from instructedit.api import query_setup
 from instructedit.config import load_config
-from instructedit.editors.base import EditHandle, EditResult, WeightEditHandle
+from instructedit.editors.base import EditHandle, EditResult, ThinUpdates, WeightEditHandle
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
 from instructedit.commands.evaluate import add_evaluate_parser
@@ -278,11 +278,23 @@ def test_a_mend_edits_low_rank_factors_add_what_its_dense_update_adds(tiny_model
     with torch.no_grad():  # (least squares: as the evaluation runner edits; with gradients the solve stays one matrix)
         result = editor.edit(model, collator.qa_batch([("The capital of France is", "Rome")]))
     assert result.low_rank is not None and set(result.low_rank) == set(result.updates)
+    assert isinstance(result.updates, ThinUpdates) and not result.updates._formed  # without gradients: ΔW formed when read
     for w in editor.weights:  # x · left · right equals x times the update in the weight's orientation (Conv1D or Linear)
         left, right = result.low_rank[w.name]
         dense = result.updates[w.name] if w.transposed else result.updates[w.name].T
+        assert result.updates[w.name] is result.updates[w.name]  # formed once
         assert left.shape[1] == right.shape[0] < min(dense.shape)  # rank: the edit's tokens
         torch.testing.assert_close(left @ right, dense, rtol=1e-4, atol=1e-6)
+        # W + ΔW straight from the factors (one addmm) is W plus the dense update, as an edit with gradients writes it
+        param = model.get_parameter(w.name)
+        assert result.new_params[w.name].shape == param.shape and result.new_params[w.name].dtype == param.dtype
+        torch.testing.assert_close(result.new_params[w.name], param + result.updates[w.name], rtol=1e-6, atol=1e-6)
+    with torch.enable_grad():  # with gradients (meta-training): dense updates, the same edit
+        graded = editor.edit(model, collator.qa_batch([("The capital of France is", "Rome")]))
+    assert isinstance(graded.updates, dict)
+    for w in editor.weights:
+        torch.testing.assert_close(graded.updates[w.name], result.updates[w.name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(graded.new_params[w.name], result.new_params[w.name], rtol=1e-5, atol=1e-6)
     transposed = {w.name: w.transposed for w in editor.weights}
     with torch.no_grad():
         other = editor.edit(model, collator.qa_batch([("The capital of Spain is", "Paris")]))
@@ -296,6 +308,16 @@ def test_a_mend_edits_low_rank_factors_add_what_its_dense_update_adds(tiny_model
         unedited = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     torch.testing.assert_close(outputs[1][0], unedited[0])  # the row without an update is untouched
     assert not torch.allclose(outputs[1][1], unedited[1]) and not torch.allclose(outputs[1][2], unedited[2])
+    # one case's rows apart (an index, not a slice) and at two scales: each row as if alone
+    with torch.no_grad(), per_row_updates(model, [result.low_rank, None, result.low_rank], transposed, [1.0, 1.0, 0.5]):
+        apart = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    with torch.no_grad(), per_row_updates(model, [result.updates, None, result.updates], transposed, [1.0, 1.0, 0.5]):
+        dense_apart = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(apart, dense_apart, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(apart[1], unedited[1])
+    with torch.no_grad(), per_row_updates(model, [result.low_rank, result.low_rank, result.low_rank], transposed):
+        together = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    torch.testing.assert_close(apart[0], together[0], rtol=1e-5, atol=1e-6)  # rows 0-2 one slice, row 0 the same
 
 
 class Scripted(nn.Module):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
@@ -32,11 +33,44 @@ class EditResult:
     """
 
     new_params: dict[str, torch.Tensor]
-    updates: dict[str, torch.Tensor] = field(default_factory=dict)
+    updates: Mapping[str, torch.Tensor] = field(default_factory=dict)
     pre_edit_loss: torch.Tensor | None = None
     # the same deltas as low-rank factors, when the editor has them (MEND's summed update: rank <= edit tokens):
     # name -> (left (d_in, r), right (r, d_out)), x · left · right = x · ΔW in either storage orientation
     low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+class ThinUpdates(Mapping[str, torch.Tensor]):
+    """Dense updates ΔW (storage orientation) of thin factors, each formed the first time it is read.
+
+    An edit without gradients writes W + ΔW straight from the factors (``thin_edited``); the dense ΔW (9 × 3.5 MB on
+    the default model) is then read only by callers that want it (a dense hook, an analysis), not formed for every edit.
+    """
+
+    def __init__(self, low_rank: Mapping[str, tuple[torch.Tensor, torch.Tensor]], transposed: Mapping[str, bool]) -> None:
+        self.low_rank, self.transposed = low_rank, transposed
+        self._formed: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._formed:
+            left, right = self.low_rank[name]  # x · left · right = x · ΔW in Conv1D orientation (d_in, d_out)
+            self._formed[name] = left @ right if self.transposed[name] else right.T @ left.T
+        return self._formed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.low_rank)
+
+    def __len__(self) -> int:
+        return len(self.low_rank)
+
+
+def thin_edited(param: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor], transposed: bool) -> torch.Tensor:
+    """W + ΔW from ΔW's thin factors in one ``addmm`` (float32, rounded once to the weight's dtype): no dense ΔW is
+    formed and W is read once (1.4 against 0.2 ms per 1536 × 576 weight at rank 4, two threads)."""
+    left, right = (f.to(param.device) for f in factors)
+    base = param.float()
+    out = torch.addmm(base, left, right) if transposed else torch.addmm(base, right.T, left.T)
+    return out.to(param.dtype)
 
 
 class EditHandle:

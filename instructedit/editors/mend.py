@@ -10,7 +10,7 @@ low-rank residual layers with identity initialization; the update of weight W is
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from instructedit.config import PRESERVE_KEYS, EditorConfig
 from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, value_differences
-from instructedit.editors.base import EditResult
+from instructedit.editors.base import EditResult, ThinUpdates, thin_edited
 from instructedit.editors.hooks import Factors, capture_factors
 # CONFIG_NAME, WEIGHTS_NAME and nonfinite_tensors are imported from here by older modules: they live in editors/learned.py
 from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEditor, nonfinite_tensors, read_editor_config  # noqa: F401
@@ -181,12 +181,16 @@ class MENDEditor(LearnedEditor):
         ``EditResult.low_rank`` factors (ũᵀ, α·δ̃): x · ũᵀ · α·δ̃ is x times the update in either orientation."""
         updates: dict[str, torch.Tensor] = {}
         low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        dense = not with_factors or torch.is_grad_enabled()  # without gradients the factors say it all (``ThinUpdates``)
         for i, w, _, u_w, d_w in self.network_outputs(factors):
             scaled = self.edit_lrs[i] * d_w  # α on the (tokens, d_out) factor: one pass over it, not over the (d_out, d_in) product
-            update = scaled.T @ u_w  # (d_out, d_in)
-            updates[w.name] = update.T if w.transposed else update
+            if dense:
+                update = scaled.T @ u_w  # (d_out, d_in)
+                updates[w.name] = update.T if w.transposed else update
             if with_factors:
                 low_rank[w.name] = (u_w.T, scaled)
+        if not dense:
+            return ThinUpdates(low_rank, {w.name: w.transposed for w in self.weights}), low_rank
         return (updates, low_rank) if with_factors else updates
 
     def network_outputs(self, factors: dict[str, Factors]) -> Iterator[tuple[int, EditableWeight, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -204,7 +208,7 @@ class MENDEditor(LearnedEditor):
                 yield index[w.name], w, u, u_w, d_w
 
     def solve(self, split: SplitModel, batch: TokenBatch,
-              state: PrefixState | ChunkStates | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
+              state: PrefixState | ChunkStates | None = None) -> tuple[Mapping[str, torch.Tensor], torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]] | None]:
         """Least-squares updates (storage orientation) from every edit of ``batch``, the mean pre-edit NLL per edit, and
         (without gradients, few tokens) every update's thin factors (``EditResult.low_rank``; else None).
 
@@ -235,13 +239,18 @@ class MENDEditor(LearnedEditor):
             if not torch.is_grad_enabled():
                 inverse = self._preservation_inverse(i, w.name)
                 factors = systems[w.name].solve_factors(self.lambdas[i], None if inverse is not None else self._prior(w.name), inverse)
-            shift = factors[0] @ factors[1] if factors is not None else systems[w.name].solve(self.lambdas[i], self._prior(w.name))
-            updates[w.name] = shift if w.transposed else shift.T  # shift (d_in, d_out): Conv1D's storage orientation
             if factors is not None:
                 thin[w.name] = factors
+            else:
+                shift = systems[w.name].solve(self.lambdas[i], self._prior(w.name))
+                updates[w.name] = shift if w.transposed else shift.T  # shift (d_in, d_out): Conv1D's storage orientation
         if memory is not None:
             memory.remember({w.name: systems[w.name].gram for w in self.weights})
-        return updates, total / batch.n_label_rows, thin if len(thin) == len(self.weights) else None
+        transposed = {w.name: w.transposed for w in self.weights}
+        if len(thin) == len(self.weights):  # every ΔW as factors: formed densely only where read
+            return ThinUpdates(thin, transposed), total / batch.n_label_rows, thin
+        formed = ThinUpdates(thin, transposed)
+        return {w.name: updates[w.name] if w.name in updates else formed[w.name] for w in self.weights}, total / batch.n_label_rows, None
 
     def _prior(self, name: str) -> torch.Tensor | None:
         """The keys weight ``name``'s solve holds still: the active memory's, plus the editor's own preservation sample
@@ -389,5 +398,8 @@ class MENDEditor(LearnedEditor):
         else:
             factors, loss = self.edit_factors(split, batch, state)
             updates, low_rank = self.transform(factors, with_factors=True)
+        if isinstance(updates, ThinUpdates):  # no gradients, thin factors: W + ΔW from them, ΔW formed only if read
+            new_params = {w.name: thin_edited(split.model.get_parameter(w.name), low_rank[w.name], w.transposed) for w in self.weights}
+            return EditResult(new_params=new_params, updates=updates, pre_edit_loss=loss.detach(), low_rank=low_rank)
         return EditResult(new_params=self.edited_params(split, updates), updates=updates, pre_edit_loss=loss.detach(), low_rank=low_rank)
 

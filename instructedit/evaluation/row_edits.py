@@ -7,10 +7,12 @@ into the model and decoding its few queries costs one decoding loop per case; he
 model's weights are never written. The result equals decoding with W + ΔW_c up to float rounding
 (x·W + x·ΔW instead of x·(W + ΔW)).
 
-Thin updates (low-rank factors ΔW_c = L_c · R_c, a few columns each: MEND's) are added for all rows at
-once: out += ((x · [L_1 … L_k]) ⊙ M) · [R_1; …; R_k], where M (rows × columns) holds row r's scale in its
-own case's columns and zeros elsewhere. Two thin products and no per-case gathers: a decoding step of
-200 rows of 16 cases made 16 gathers and scatters per edited module before.
+Thin updates (low-rank factors ΔW_c = L_c · R_c, a few columns each: MEND's) are added case by case, on that case's
+rows only: out[rows of c] += (x[rows of c] · L_c) · (s · R_c), a slice where the rows are consecutive (the decoding
+loop keeps a case's rows together), a gather and an ``index_add_`` where not. Their cost grows with the rows, not
+with rows × cases: one masked product over every case's columns side by side (the earlier way) cost, for 30 cases of
+rank 40 and 300 rows, 8-9 ms per edited module and step against 0.8 ms case by case (one thread), ten times the work
+at 30 cases, most of it multiplying by zeros.
 """
 
 from __future__ import annotations
@@ -46,10 +48,11 @@ def per_row_updates(model: nn.Module, rows: Sequence[Updates | None], transposed
     try:
         for name in names:
             module = model.get_submodule(name.rsplit(".", 1)[0])
-            thin = [(updates[name], scale, index) for updates, scale, index in groups.values() if isinstance(updates.get(name), tuple)]
+            thin = [(*_scaled(updates[name], scale), _rows(index, updates[name][0].device))
+                    for updates, scale, index in groups.values() if isinstance(updates.get(name), tuple)]
             dense = [(torch.tensor(index, device=updates[name].device), _oriented(updates[name], transposed[name]), scale)
                      for updates, scale, index in groups.values() if name in updates and not isinstance(updates[name], tuple)]
-            handles.append(module.register_forward_hook(_adder(_masked_factors(thin, len(rows)) if thin else None, dense)))
+            handles.append(module.register_forward_hook(_adder(thin, dense)))
         yield
     finally:
         for handle in handles:
@@ -61,28 +64,29 @@ def _oriented(update: torch.Tensor, transposed: bool) -> torch.Tensor:
     return update if transposed else update.T
 
 
-def _masked_factors(thin: Sequence[tuple[tuple[torch.Tensor, torch.Tensor], float, list[int]]],
-                    rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The thin updates of one module side by side: (left (d_in, R), mask (rows, R), right (R, d_out)), the mask holding
-    each row's scale in its own update's R columns (zero for a row without one)."""
-    lefts, rights = [left for (left, _), _, _ in thin], [right for (_, right), _, _ in thin]
-    mask = torch.zeros((rows, sum(left.shape[1] for left in lefts)), dtype=lefts[0].dtype, device=lefts[0].device)
-    at = 0
-    for (left, _), scale, index in thin:
-        mask[index, at : at + left.shape[1]] = scale
-        at += left.shape[1]
-    return torch.cat(lefts, dim=1), mask, torch.cat(rights, dim=0)
+def _scaled(factors: tuple[torch.Tensor, torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) with the row's scale on the right factor (r × d_out: the smaller copy); as given at scale 1."""
+    left, right = factors
+    return left, right if scale == 1.0 else right * scale
 
 
-def _adder(thin: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, parts: list[tuple[torch.Tensor, torch.Tensor, float]]):
+def _rows(index: Sequence[int], device: torch.device) -> slice | torch.Tensor:
+    """The batch rows of one update: a slice where they are consecutive (a view, no gather), else an index tensor."""
+    first = index[0]
+    if list(index) == list(range(first, first + len(index))):
+        return slice(first, first + len(index))
+    return torch.tensor(index, device=device)
+
+
+def _adder(thin: list[tuple[torch.Tensor, torch.Tensor, slice | torch.Tensor]], parts: list[tuple[torch.Tensor, torch.Tensor, float]]):
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
         x = args[0]  # (rows, seq, d_in)
-        if thin is not None:
-            left, mask, right = thin
-            mask = mask.view(mask.shape[0], *[1] * (x.dim() - 2), mask.shape[1])  # over the rows' positions
-            output = output + (((x.to(left.dtype) @ left) * mask) @ right).to(output.dtype)
-        else:
-            output = output.clone()
+        output = output.clone()
+        for left, right, rows in thin:  # (d_in, r), (r, d_out): this case's rows only
+            if isinstance(rows, slice):
+                output[rows] += ((x[rows].to(left.dtype) @ left) @ right).to(output.dtype)
+            else:
+                output.index_add_(0, rows, ((x.index_select(0, rows).to(left.dtype) @ left) @ right).to(output.dtype))
         for index, dense, scale in parts:  # (d_in, d_out)
             added = x[index].to(dense.dtype) @ dense
             output[index] += (added if scale == 1.0 else added * scale).to(output.dtype)
