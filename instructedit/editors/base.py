@@ -9,8 +9,8 @@ the model is edited in place and the handle restores it exactly (``rollback()``,
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
