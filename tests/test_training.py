@@ -184,6 +184,16 @@ def test_packed_step_inputs_give_the_padded_loss_and_gradients(tiny_model_dir: P
         assert m_packed[key] == pytest.approx(m_padded[key], rel=1e-3, abs=1e-6), key
     for a, b in zip(g_padded, g_packed, strict=True):
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * max(1.0, float(a.abs().max())))  # float32 rounding
+    # the packed step of a summing editor keeps its update as factors (the post-edit suffix adds x · ũᵀ · α·δ̃): no dense
+    # ΔW or W + ΔW is formed; the padded step (and checkpointed edited blocks) write W + ΔW
+    from instructedit.editors.base import ThinUpdates
+    from instructedit.objective import _packed_inputs, _padded_inputs
+
+    edit, _ = _packed_inputs(trainer.editor, trainer.split, batch, False)
+    assert isinstance(edit.updates, ThinUpdates) and not edit.updates._formed and edit.new_params == {}
+    assert all(left.requires_grad and right.requires_grad for left, right in edit.low_rank.values())
+    edit, _ = _padded_inputs(trainer.editor, trainer.split, batch, False)
+    assert set(edit.new_params) == {w.name for w in trainer.editor.weights}
     trainer.run()  # and training uses it: the check on the first batch passed
     assert trainer.packed is True
 

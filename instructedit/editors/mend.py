@@ -176,12 +176,17 @@ class MENDEditor(LearnedEditor):
         ridge = [self.lambdas] if self.config.aggregation == "least_squares" else []
         return list(self.transforms.parameters()) + ridge
 
-    def transform(self, factors: dict[str, Factors], with_factors: bool = False):
+    def transform(self, factors: dict[str, Factors], with_factors: bool = False, dense: bool | None = None):
         """α · Σ_t δ̃_t ũ_tᵀ per weight, in the parameter's storage orientation; ``with_factors``: also as
-        ``EditResult.low_rank`` factors (ũᵀ, α·δ̃): x · ũᵀ · α·δ̃ is x times the update in either orientation."""
+        ``EditResult.low_rank`` factors (ũᵀ, α·δ̃): x · ũᵀ · α·δ̃ is x times the update in either orientation.
+        ``dense``: whether the dense updates are formed (default: with gradients, or without factors); when not, the
+        updates are ``ThinUpdates`` of the factors (formed where read)."""
         updates: dict[str, torch.Tensor] = {}
         low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        dense = not with_factors or torch.is_grad_enabled()  # without gradients the factors say it all (``ThinUpdates``)
+        if dense is None:
+            dense = not with_factors or torch.is_grad_enabled()  # without gradients the factors say it all
+        if not dense and not with_factors:
+            raise ValueError("transform(dense=False) returns the updates as factors: it needs with_factors=True")
         for i, w, _, u_w, d_w in self.network_outputs(factors):
             scaled = self.edit_lrs[i] * d_w  # α on the (tokens, d_out) factor: one pass over it, not over the (d_out, d_in) product
             if dense:
