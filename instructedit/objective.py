@@ -128,9 +128,12 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
     with positions_fed(split.model, positions):
         state = split.prefix(rows)
     edit_rows = TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE), rows.owner)
-    if editor.config.aggregation == "sum" and not isinstance(split, CheckpointedSplitModel):
+    float32 = all(split.model.get_parameter(w.name).dtype == torch.float32 for w in editor.weights)
+    if editor.config.aggregation == "sum" and float32 and not isinstance(split, CheckpointedSplitModel):
         # the summed update as its factors: the post-edit suffix adds x · ũᵀ · α·δ̃ (``_thin_added``), and no dense ΔW,
-        # W + ΔW or dense gradient of either is formed (~30 ms of a 0.34 s step on the default model, one thread)
+        # W + ΔW or dense gradient of either is formed (~30 ms of a 0.34 s step on the default model, one thread).
+        # float32 weights only: a bfloat16 / float16 edit is used as W + ΔW rounded to the weight's dtype, which can
+        # drop a small update, and training sees the update as it will be used
         factors, loss = editor.edit_factors(split, edit_rows, state)
         updates, low_rank = editor.transform(factors, with_factors=True, dense=False)
         edit = EditResult(new_params={}, updates=updates, pre_edit_loss=loss, low_rank=low_rank)
@@ -140,7 +143,7 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
         if loc_scale != 1.0:
             with _thin_added(split.model, low_rank, loc_scale):
                 post_loc = split.suffix(state)
-    else:  # least squares (its solve's graph), or checkpointed edited blocks (they recompute from the edited weights)
+    else:  # least squares (its solve's graph), checkpointed edited blocks (they recompute from the edited weights), half precision
         edit = editor.edit(split, edit_rows, state)
         post = split.suffix(state, edit.new_params)
         post_loc = post if loc_scale == 1.0 else split.suffix(state, _locality_params(editor, split, edit, loc_scale))

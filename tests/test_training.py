@@ -196,6 +196,11 @@ def test_packed_step_inputs_give_the_padded_loss_and_gradients(tiny_model_dir: P
     assert set(edit.new_params) == {w.name for w in trainer.editor.weights}
     trainer.run()  # and training uses it: the check on the first batch passed
     assert trainer.packed is True
+    # bfloat16 weights: the edit is trained as it is used, W + ΔW rounded to the weights' dtype
+    half = Trainer(_config(tiny_model_dir, "training.edit_loss_on=rephrase", "model.dtype=bfloat16"), tmp_path / "bf16", show_progress=False)
+    edit, _ = _packed_inputs(half.editor, half.split, half._batch([next(r for r in half.data.train if r.task == task)]), False)
+    assert set(edit.new_params) == {w.name for w in half.editor.weights}
+    assert all(p.dtype == torch.bfloat16 for p in edit.new_params.values())
 
 
 def test_context_locality_term_scores_the_locality_prompt_positions(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
