@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from instructedit.editors.base import EditResult
 from instructedit.editors.hooks import capture_factors
 from instructedit.editors.mend import MENDEditor
+from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
 from instructedit.models.packing import pack, positions_fed, shareable_rows
 from instructedit.models.split import CheckpointedSplitModel, PrefixState, SplitModel
@@ -130,45 +131,26 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
     edit_rows = TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE), rows.owner)
     float32 = all(split.model.get_parameter(w.name).dtype == torch.float32 for w in editor.weights)
     if editor.config.aggregation == "sum" and float32 and not isinstance(split, CheckpointedSplitModel):
-        # the summed update as its factors: the post-edit suffix adds x · ũᵀ · α·δ̃ (``_thin_added``), and no dense ΔW,
+        # the summed update as its factors: the post-edit suffix adds x · ũᵀ · α·δ̃ to the packed row (``row_edits``'s
+        # hooks, as generation adds a case's edit), and no dense ΔW,
         # W + ΔW or dense gradient of either is formed (~30 ms of a 0.34 s step on the default model, one thread).
         # float32 weights only: a bfloat16 / float16 edit is used as W + ΔW rounded to the weight's dtype, which can
         # drop a small update, and training sees the update as it will be used
         factors, loss = editor.edit_factors(split, edit_rows, state)
         updates, low_rank = editor.transform(factors, with_factors=True, dense=False)
         edit = EditResult(new_params={}, updates=updates, pre_edit_loss=loss, low_rank=low_rank)
-        with _thin_added(split.model, low_rank):
+        transposed = {w.name: w.transposed for w in editor.weights}
+        with per_row_updates(split.model, [low_rank], transposed):
             post = split.suffix(state)
         post_loc = post
         if loc_scale != 1.0:
-            with _thin_added(split.model, low_rank, loc_scale):
+            with per_row_updates(split.model, [low_rank], transposed, [loc_scale]):
                 post_loc = split.suffix(state)
     else:  # least squares (its solve's graph), checkpointed edited blocks (they recompute from the edited weights), half precision
         edit = editor.edit(split, edit_rows, state)
         post = split.suffix(state, edit.new_params)
         post_loc = post if loc_scale == 1.0 else split.suffix(state, _locality_params(editor, split, edit, loc_scale))
     return edit, _selections(state.final_hidden, post, post_loc, rows.label_mask, of, same_outer, context, batch.unlikely is not None)
-
-
-@contextmanager
-def _thin_added(model: torch.nn.Module, low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]], scale: float = 1.0) -> Iterator[None]:
-    """Within the block, every edited module's output adds x · left · right (times ``scale``): the forward of W + ΔW
-    for ΔW given as its factors (``EditResult.low_rank``), equal up to float rounding, gradients flowing into them."""
-    def adder(left: torch.Tensor, right: torch.Tensor):
-        def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            added = (args[0].to(left.dtype) @ left) @ right
-            return output + (added if scale == 1.0 else added * scale).to(output.dtype)
-
-        return hook
-
-    handles = []
-    try:
-        for name, (left, right) in low_rank.items():
-            handles.append(model.get_submodule(name.rsplit(".", 1)[0]).register_forward_hook(adder(left, right)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _one_row(rows: Sequence[TokenBatch], positions: Sequence[torch.Tensor]) -> tuple[TokenBatch, torch.Tensor, torch.Tensor]:
