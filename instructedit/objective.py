@@ -352,9 +352,9 @@ def _terms(logits: dict[str, torch.Tensor], batch: MetaBatch, pre_edit_loss: flo
 Terms = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
 
 
-def _chunk_sums(split: SplitModel, batch: TokenBatch, params: dict, terms: Terms) -> dict[str, torch.Tensor]:
-    """Sums over one chunk's scored positions of ``terms``, and of the per-row accuracies (no grad)."""
-    state = split.prefix(batch)
+def _chunk_sums(split: SplitModel, batch: TokenBatch, params: dict, terms: Terms, state: PrefixState) -> dict[str, torch.Tensor]:
+    """Sums over one chunk's scored positions of ``terms``, and of the per-row accuracies (no grad); ``state``: the
+    unedited model's pass over the chunk (``split.prefix``)."""
     with torch.no_grad():
         pre = split.logits_at(state.final_hidden, batch.label_mask)
     post = _scored(split, state, batch, params)
@@ -371,13 +371,18 @@ def _chunk_sums(split: SplitModel, batch: TokenBatch, params: dict, terms: Terms
 def _scored_means(split: SplitModel, batch: TokenBatch, params: dict, terms: Terms, chunk: int) -> dict[str, torch.Tensor]:
     """``terms`` averaged over all scored positions of ``batch``, accuracies over its rows; run ``chunk`` rows at a time.
 
-    Under autograd each chunk is one checkpoint segment (prefix, post-edit suffix, logits, terms):
-    backward recomputes it, so what is kept between forward and backward does not grow with the rows.
+    The unedited model passes over each chunk once (``split.prefix``, no gradients: its weights are frozen); under
+    autograd the rest (post-edit suffix, logits, terms) is one checkpoint segment, which backward recomputes, so what
+    is kept between forward and backward is the chunk's prefix state (the hidden states entering the edited blocks and
+    leaving the unedited model), not its activations or vocabulary logits. (Inside the segment, the frozen prefix was
+    run again in backward: 228 block passes a step of 8 edits instead of 138.)
     """
     totals: dict[str, torch.Tensor] = {}
     for piece in batch.chunks(chunk):
-        sums = (checkpoint(_chunk_sums, split, piece, params, terms, use_reentrant=False) if torch.is_grad_enabled()
-                else _chunk_sums(split, piece, params, terms))
+        with torch.no_grad():
+            state = split.prefix(piece)
+        sums = (checkpoint(_chunk_sums, split, piece, params, terms, state, use_reentrant=False) if torch.is_grad_enabled()
+                else _chunk_sums(split, piece, params, terms, state))
         totals = {k: totals[k] + v for k, v in sums.items()} if totals else sums
     n_positions, n_rows = int(batch.label_mask.sum()), batch.n_rows
     return {k: v / (n_rows if k in ("acc_pre", "acc", "unchanged") else n_positions) for k, v in totals.items()}

@@ -546,6 +546,26 @@ def test_many_edits_loss_equals_meta_loss_for_a_summing_editor(tiny_model_dir: P
         torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
 
 
+def test_many_edits_loss_backward_reruns_only_the_edited_blocks(tiny_model_dir: Path) -> None:
+    """Backward recomputes each chunk's post-edit suffix (the checkpoint), never the frozen blocks below it."""
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=3).train()
+    split, batch = editor.split(model), _meta_batch(tok, 6)
+    calls = {"frozen": 0, "edited": 0}
+    hooks = [split.layers[0].register_forward_hook(lambda *_: calls.__setitem__("frozen", calls["frozen"] + 1)),
+             split.layers[split.first_layer].register_forward_hook(lambda *_: calls.__setitem__("edited", calls["edited"] + 1))]
+    try:
+        loss, _ = many_edits_loss(editor, split, batch, 0.1, 1.0, chunk=2)
+        forward = dict(calls)
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    edit_chunks, chunks = len(batch.edit_inner.chunks(3)), sum(len(part.chunks(2)) for part in (batch.edit_outer, batch.loc))
+    assert forward["frozen"] == edit_chunks + chunks  # the edit's passes, then one unedited pass per scored chunk
+    assert calls["frozen"] == forward["frozen"]  # backward ran no frozen block
+    assert calls["edited"] > forward["edited"]  # ... but recomputed the edited ones (the checkpoint kept their memory low)
+
 def test_many_edits_loss_trains_network_alpha_and_lambda(tiny_model_dir: Path) -> None:
     model, tok = load_model(str(tiny_model_dir))
     editor = _editor(model, tiny_model_dir, aggregation="least_squares", chunk_edits=3).train()
