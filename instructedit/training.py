@@ -195,8 +195,8 @@ class Trainer:
         per record) the records' mean, each with its own edit, in one pass (``batched_meta_loss``) where the inputs
         pack and the editor sums; ``many_edits_loss`` for n_edits > 1."""
         t = self.config.training
-        if t.n_edits > 1:
-            return partial(many_edits_loss, chunk=self.config.editor.chunk_edits)  # one aggregated edit
+        if t.n_edits > 1:  # one aggregated edit
+            return partial(many_edits_loss, chunk=self.config.editor.chunk_edits, packed=self._packs(batch, many=True))
         if isinstance(batch, list):
             packs = self._packs(batch[0])
             if packs and self.editor.config.aggregation == "sum":
@@ -204,13 +204,15 @@ class Trainer:
             return partial(per_record_meta_loss, packed=packs)
         return partial(meta_loss, packed=self._packs(batch))
 
-    def _packs(self, batch: MetaBatch) -> bool:
-        """Whether one-edit steps run their inputs as one packed row: decided on the first batch, which must give the
-        padded rows' loss packed too (``objective.packing_matches``: an architecture may ignore 4-D attention masks)."""
+    def _packs(self, batch: MetaBatch, many: bool = False) -> bool:
+        """Whether one-edit steps run their inputs as one packed row (``many``: a many-edit step its inputs as packed rows
+        without padding): decided on the first batch, which must give the padded rows' loss packed too
+        (``objective.packing_matches``: an architecture may ignore 4-D attention masks)."""
         if self.packed is None:
-            self.packed = packing_matches(self.editor, self.split, batch)
+            self.packed = packing_matches(self.editor, self.split, batch, many=many)
             if self.packed:
-                logger.info("meta-training runs each step's inputs as one packed row (the padded rows' loss, checked on the first batch)")
+                logger.info("meta-training runs each step's inputs as %s (the padded rows' loss, checked on the first batch)",
+                            "packed rows without padding" if many else "one packed row")
             else:
                 logger.warning("packed inputs do not reproduce the padded rows' loss on %s: meta-training runs padded rows",
                                type(self.split.model).__name__)

@@ -25,6 +25,7 @@ from instructedit.io import file_sha256
 from instructedit.losses import masked_nll, per_row_nll
 from instructedit.models.architectures import arch_spec, resolve_editable_weights
 from instructedit.models.loading import load_model
+from instructedit import objective
 from instructedit.objective import many_edits_loss, meta_loss
 from instructedit.records import EditRecord, QAItem
 from instructedit.runs import editor_sha256
@@ -544,6 +545,31 @@ def test_many_edits_loss_equals_meta_loss_for_a_summing_editor(tiny_model_dir: P
         assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-4, abs=1e-6), key
     for grad_a, grad_b in zip(grads_a, grads_b):
         torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("aggregation", ["sum", "least_squares"])
+def test_many_edits_loss_packed_equals_padded(tiny_model_dir: Path, aggregation: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Edit inputs and scored inputs packed into rows without padding: the padded rows' loss, metrics and gradients."""
+    monkeypatch.setattr(objective, "PACKED_ROW_TOKENS", 40)  # several packed rows per input kind, and some rows alone
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir, aggregation=aggregation, chunk_edits=8)
+    split, batch = editor.split(model), _meta_batch(tok, 6)
+    lengths = batch.loc.attention_mask.sum(1).tolist() + batch.edit_outer.attention_mask.sum(1).tolist()
+    assert max(lengths) < 40 < sum(lengths)  # the cap packs several rows together, not all of them
+    results = []
+    for packed in (False, True):
+        editor.zero_grad()
+        loss, metrics = many_edits_loss(editor, split, batch, 0.1, 1.0, c_margin=0.5, c_answer=0.2, chunk=4, packed=packed)
+        loss.backward()
+        results.append((loss.detach(), metrics, [p.grad.clone() for p in editor.network_parameters + [editor.edit_lrs]]))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=1e-7)
+    assert metrics_a.keys() == metrics_b.keys()
+    for key in metrics_a:
+        assert metrics_b[key] == pytest.approx(metrics_a[key], rel=1e-4, abs=1e-6), key
+    for grad_a, grad_b in zip(grads_a, grads_b):
+        torch.testing.assert_close(grad_b, grad_a, rtol=1e-4, atol=1e-6)
+    assert objective.packing_matches(editor, split, batch, many=True)
 
 
 def test_many_edits_loss_backward_reruns_only_the_edited_blocks(tiny_model_dir: Path) -> None:
