@@ -320,6 +320,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _after(before: str, after: str, width: int) -> str:
+    """A post-edit answer for a table cell, marked "(as before)" when the edit did not change it (a plain or chat answer
+    that reads oddly is then the model's own, not the edit's doing)."""
+    return _clip(repr(after), width) if after != before else _clip(repr(after), width - 12) + " (as before)"
+
+
 def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
 
@@ -345,7 +351,7 @@ def format_report(result: QuickstartResult) -> str:
     said = _table(("#", "task", "prompt -> target", "the model says before -> after (instruction-wrapped prompt)", "plain prompt, after",
                    *(["chat question, after"] if chat else [])),
                   [(str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 52), _clip(f"{o.said_before!r} -> {o.said_after!r}", 64),
-                    _clip(repr(o.plain_said_after), 36), *([_clip(repr(o.chat_said_after), 36)] if chat else []))
+                    _after(o.plain_said_before, o.plain_said_after, 36), *([_after(o.chat_said_before, o.chat_said_after, 36)] if chat else []))
                    for i, o in enumerate(result.outcomes, start=1)])
     forced = _table(("#", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality"),
                     [(str(i), _clip(f"{o.top_before!r} -> {o.top_after!r}", 28), f"{_p(o.p_before)} -> {_p(o.p_after)}",

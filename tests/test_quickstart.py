@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,11 @@ def test_demo_asks_the_chat_question_where_the_model_has_a_chat_template(tiny_ch
     result = QuickstartResult(tmp_path, tmp_path, False, "", "tiny", 0, outcomes, 0.0, 0.0, 0.0)
     report = format_report(result)
     assert "chat question, after" in report and "chat question: " in report
+    # an answer the edit did not change is marked, one it changed is not
+    same = dataclasses.replace(outcomes[0], chat_said_before="Paris is nice", chat_said_after="Paris is nice",
+                               plain_said_before="Paris", plain_said_after="Rome")
+    row = next(line for line in format_report(dataclasses.replace(result, outcomes=[same])).splitlines() if line.startswith("1 "))
+    assert "'Paris is nice' (as before)" in row and "'Rome'" in row and "'Rome' (as before)" not in row
 
 
 def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
