@@ -74,7 +74,8 @@ class Trainer:
         t = config.training
         if t.activation_checkpointing:
             self.split = CheckpointedSplitModel(model, self.split.spec, self.split.first_layer)
-        self.packed: bool | None = None  # one-edit steps run their inputs as one packed row where that gives the same loss
+        # one-edit steps run their inputs as one packed row, many-edit steps as packed rows, where that gives the same loss
+        self.packing: dict[bool, bool] = {}  # many -> decided on the first batch
         self.opt = torch.optim.Adam(self.editor.network_parameters + [self.editor.edit_lrs], lr=t.lr)
         self.lr_opt = torch.optim.Adam([self.editor.edit_lrs], lr=t.lr_lr) if t.lr_lr > 0 else None
         self.optimizers = {"opt": self.opt, "lr_opt": self.lr_opt}  # their names in the checkpoint
@@ -208,15 +209,15 @@ class Trainer:
         """Whether one-edit steps run their inputs as one packed row (``many``: a many-edit step its inputs as packed rows
         without padding): decided on the first batch, which must give the padded rows' loss packed too
         (``objective.packing_matches``: an architecture may ignore 4-D attention masks)."""
-        if self.packed is None:
-            self.packed = packing_matches(self.editor, self.split, batch, many=many)
-            if self.packed:
-                logger.info("meta-training runs each step's inputs as %s (the padded rows' loss, checked on the first batch)",
-                            "packed rows without padding" if many else "one packed row")
+        if many not in self.packing:
+            self.packing[many] = packing_matches(self.editor, self.split, batch, many=many)
+            if self.packing[many]:
+                logger.info("%s runs each step's inputs as %s (the padded rows' loss, checked on the first batch)",
+                            "many-edit meta-training" if many else "meta-training", "packed rows without padding" if many else "one packed row")
             else:
                 logger.warning("packed inputs do not reproduce the padded rows' loss on %s: meta-training runs padded rows",
                                type(self.split.model).__name__)
-        return self.packed
+        return self.packing[many]
 
     def _start_step(self) -> None:
         self.editor.train()

@@ -621,6 +621,7 @@ def test_training_with_n_edits_per_call_learns_lambda_and_saves_a_least_squares_
     trainer = Trainer(config, tmp_path / "run", show_progress=False)
     lam = trainer.editor.lambdas.detach().clone()
     trainer.run()
+    assert trainer.packing[True] is True  # the many-edit steps ran packed: the check on the first batch passed
     assert trainer.records_per_step == 3 * config.training.grad_accumulation  # n_edits records per micro-batch
     assert trainer.state.records_seen == 3 * trainer.records_per_step
     assert not torch.equal(lam, trainer.editor.lambdas.detach())  # λ is trained

@@ -195,7 +195,7 @@ def test_packed_step_inputs_give_the_padded_loss_and_gradients(tiny_model_dir: P
     edit, _ = _padded_inputs(trainer.editor, trainer.split, batch, False)
     assert set(edit.new_params) == {w.name for w in trainer.editor.weights}
     trainer.run()  # and training uses it: the check on the first batch passed
-    assert trainer.packed is True
+    assert trainer.packing == {False: True}  # one-edit steps; no many-edit check was made
     # bfloat16 weights: the edit is trained as it is used, W + ΔW rounded to the weights' dtype
     half = Trainer(_config(tiny_model_dir, "training.edit_loss_on=rephrase", "model.dtype=bfloat16"), tmp_path / "bf16", show_progress=False)
     edit, _ = _packed_inputs(half.editor, half.split, half._batch([next(r for r in half.data.train if r.task == task)]), False)
