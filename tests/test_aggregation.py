@@ -591,6 +591,18 @@ def test_many_edits_loss_backward_reruns_only_the_edited_blocks(tiny_model_dir: 
     assert forward["frozen"] == edit_chunks + chunks  # the edit's passes, then one unedited pass per scored chunk
     assert calls["frozen"] == forward["frozen"]  # backward ran no frozen block
     assert calls["edited"] > forward["edited"]  # ... but recomputed the edited ones (the checkpoint kept their memory low)
+    # inputs of one piece each keep their activations: backward recomputes nothing
+    calls.update(frozen=0, edited=0)
+    hooks = [split.layers[0].register_forward_hook(lambda *_: calls.__setitem__("frozen", calls["frozen"] + 1)),
+             split.layers[split.first_layer].register_forward_hook(lambda *_: calls.__setitem__("edited", calls["edited"] + 1))]
+    try:
+        loss, _ = many_edits_loss(editor, split, batch, 0.1, 1.0, chunk=16)
+        forward = dict(calls)
+        loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert forward["frozen"] == edit_chunks + 2 and calls == forward
 
 def test_many_edits_loss_trains_network_alpha_and_lambda(tiny_model_dir: Path) -> None:
     model, tok = load_model(str(tiny_model_dir))
