@@ -127,17 +127,22 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
     so their tokens drop out of the gradient factors), and one post-edit suffix pass serves every scored input (a
     second one, with the scaled update, the locality terms when ``loc_scale`` != 1)."""
     rows, positions, of, same_outer = _record_row(split, batch)
-    with positions_fed(split.model, positions):
-        state = split.prefix(rows)
-    edit_rows = TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE), rows.owner)
     float32 = all(split.model.get_parameter(w.name).dtype == torch.float32 for w in editor.weights)
-    if editor.config.aggregation == "sum" and float32 and not isinstance(split, CheckpointedSplitModel):
+    thin = editor.config.aggregation == "sum" and float32 and not isinstance(split, CheckpointedSplitModel)
+    with positions_fed(split.model, positions):
+        state = split.prefix(rows, final=not thin)  # thin: the edit's pass gives the unedited output (below)
+    edit_rows = TokenBatch(rows.input_ids, rows.attention_mask, rows.labels.masked_fill(~of("inner"), IGNORE), rows.owner)
+    if thin:
         # the summed update as its factors: the post-edit suffix adds x · ũᵀ · α·δ̃ to the packed row (``row_edits``'s
         # hooks, as generation adds a case's edit), and no dense ΔW,
         # W + ΔW or dense gradient of either is formed (~30 ms of a 0.34 s step on the default model, one thread).
         # float32 weights only: a bfloat16 / float16 edit is used as W + ΔW rounded to the weight's dtype, which can
-        # drop a small update, and training sees the update as it will be used
-        factors, loss = editor.edit_factors(split, edit_rows, state)
+        # drop a small update, and training sees the update as it will be used. The edit's own pass through the
+        # edited blocks (unedited weights) is the unedited model's output, the pre-edit logits' input: the prefix
+        # stops below the edited blocks instead of running them once more without gradients.
+        factors, loss, unedited = editor.edit_factors_and_output(split, edit_rows, state)
+        if state.final_hidden is None:
+            state.final_hidden = unedited
         updates, low_rank = editor.transform(factors, with_factors=True, dense=False)
         edit = EditResult(new_params={}, updates=updates, pre_edit_loss=loss, low_rank=low_rank)
         transposed = {w.name: w.transposed for w in editor.weights}

@@ -109,15 +109,24 @@ class LearnedEditor(nn.Module):
     def edit_factors(self, split: SplitModel, batch: TokenBatch, state: PrefixState | None = None) -> tuple[dict[str, Factors], torch.Tensor]:
         """One forward/backward of the edit NLL of ``batch`` (mean over its labelled tokens): the gradient factors
         (u, δ) of every edited weight, and the NLL (detached). ``state``: ``split.prefix(batch)``, if already run."""
+        factors, loss, _ = self.edit_factors_and_output(split, batch, state)
+        return factors, loss
+
+    def edit_factors_and_output(self, split: SplitModel, batch: TokenBatch,
+                                state: PrefixState | None = None) -> tuple[dict[str, Factors], torch.Tensor, torch.Tensor]:
+        """``edit_factors`` and the final hidden states (batch, seq, d_model, detached) of the pass they were taken on:
+        the model's output as it stands, which a caller that needs it then does not run again (the meta-training
+        step's pre-edit logits, ``objective._packed_inputs``)."""
         mask = batch.label_mask
         if not bool(mask.any()):
             raise ValueError("the edit batch has no target tokens to learn")
         state = state if state is not None else split.prefix(batch, final=False)
         with torch.enable_grad(), capture_factors(split.model, self.weights) as capture:
-            logits = split.logits_at(split.suffix(state), mask)
+            hidden = split.suffix(state)
+            logits = split.logits_at(hidden, mask)
             loss = masked_nll(logits, batch.labels[mask])
             factors = capture.factors(loss)
-        return factors, loss.detach()
+        return factors, loss.detach(), hidden.detach()
 
     def round_state(self, split: SplitModel, batch: TokenBatch) -> PrefixState | ChunkStates:
         """What every round of an edit of ``batch`` starts from (``edit``'s ``state``): the unedited prefix's pass over it,
