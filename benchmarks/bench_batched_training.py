@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 
-from instructedit.config import load_config
-from instructedit.editors.registry import build_editor
 from instructedit.io import write_json
-from instructedit.models.loading import load_model
 from instructedit.objective import batched_meta_loss, meta_loss, packing_matches
-from instructedit.tasks.prepare import prepare_data
+
+from common import recipe_setup  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "batched_training.json"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m" / "instructedit.yaml"
@@ -40,14 +38,8 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = load_config(CONFIG)
+    config, model, tok, data, editor, split = recipe_setup(CONFIG, args.threads)
     t = config.training
-    model, tok = load_model(config.model.name)
-    data = prepare_data(config, tok)
-    editor = build_editor(model, config)
-    split = editor.split(model)
     records = data.train[: max(sizes)]  # the training stream's first records (its task mixture)
     batches = [data.collator.meta_batch([r], [data.pool.training_index(r, 0)], t.edit_loss_on) for r in records]
     if not packing_matches(editor, split, batches[0]):

@@ -29,12 +29,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from instructedit import objective
-from instructedit.config import load_config
-from instructedit.editors.registry import build_editor
 from instructedit.io import write_json
-from instructedit.models.loading import load_model
-from instructedit.tasks.prepare import prepare_data
 from instructedit.training import record_at
+
+from common import recipe_setup  # benchmarks/common.py
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m" / "least-squares.yaml"
 RESULTS = Path(__file__).resolve().parent / "results" / "ls_step.json"
@@ -61,14 +59,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = load_config(CONFIG)
+    config, model, tok, data, editor, split = recipe_setup(CONFIG, args.threads)
     t = config.training
-    model, tok = load_model(config.model.name)
-    data = prepare_data(config, tok)
-    editor = build_editor(model, config)
-    split = editor.split(model)
     batches = []
     for k in range(args.steps):
         records = [record_at(data.train, t.seed, k * t.n_edits + i) for i in range(t.n_edits)]

@@ -33,16 +33,13 @@ from torch.func import functional_call
 
 from instructedit.config import load_config
 from instructedit.editors.hooks import Factors, capture_factors
-from instructedit.editors.registry import build_editor
 from instructedit.io import write_json
 from instructedit.losses import locality_kl, masked_nll
-from instructedit.models.loading import load_model
 from instructedit.objective import meta_loss, packing_matches
 from instructedit.records import MetaBatch, TokenBatch
-from instructedit.tasks.prepare import prepare_data
 from instructedit.training import Trainer
 
-from common import peak_rss_bytes  # benchmarks/common.py
+from common import peak_rss_bytes, recipe_setup  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "mend.json"
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m" / "instructedit.yaml"
@@ -111,15 +108,9 @@ def main() -> None:
     if args.rss_only:
         rss_only(args.rss_steps, args.threads)
         return
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    config = load_config(CONFIG)
-    model, tok = load_model(config.model.name)
-    data = prepare_data(config, tok)
+    config, model, tok, data, editor, split = recipe_setup(CONFIG, args.threads)
     record = next(r for r in data.train if r.task == "counterfact")
     batch = data.collator.meta_batch([record], [data.pool.training_index(record, 0)], "rephrase")
-    editor = build_editor(model, config)
-    split = editor.split(model)
     c_edit, c_loc = config.training.c_edit, config.training.c_loc
 
     def forward() -> None:

@@ -11,9 +11,17 @@ import resource
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch import nn
+
 from instructedit.api import query_setup
-from instructedit.config import DEFAULT_MODEL
+from instructedit.config import DEFAULT_MODEL, Config, load_config
+from instructedit.editors.learned import LearnedEditor
+from instructedit.editors.registry import build_editor
+from instructedit.models.loading import load_model
+from instructedit.models.split import SplitModel
 from instructedit.tasks.instructions import InstructionPool
+from instructedit.tasks.prepare import TrainData, prepare_data
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, results: Path, threads: int = 2) -> None:
@@ -23,6 +31,18 @@ def add_common_arguments(parser: argparse.ArgumentParser, results: Path, threads
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--output", type=Path, default=results)
+
+
+def recipe_setup(config_path: Path, threads: int) -> tuple[Config, nn.Module, Any, TrainData, LearnedEditor, SplitModel]:
+    """What the training benchmarks start from: ``threads`` threads, seed 0, the recipe ``config_path`` on its model, the
+    prepared data, a fresh editor and its split of the model: (config, model, tokenizer, data, editor, split)."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = load_config(config_path)
+    model, tok = load_model(config.model.name)
+    data = prepare_data(config, tok)
+    editor = build_editor(model, config)
+    return config, model, tok, data, editor, editor.split(model)
 
 
 def rss_bytes(field: str = "VmRSS") -> int:
