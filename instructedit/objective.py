@@ -33,6 +33,7 @@ from instructedit.editors.hooks import capture_factors
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.losses import answer_margin, locality_kl, locality_margin, masked_nll, token_accuracy, unchanged_share, unlikelihood
+from instructedit.models.architectures import transposed_of
 from instructedit.models.packing import pack, positions_fed, shareable_rows
 from instructedit.models.split import CheckpointedSplitModel, PrefixState, SplitModel
 from instructedit.records import MetaBatch, TokenBatch
@@ -145,7 +146,7 @@ def _packed_inputs(editor: MENDEditor, split: SplitModel, batch: MetaBatch, cont
             state.final_hidden = unedited
         updates, low_rank = editor.transform(factors, with_factors=True, dense=False)
         edit = EditResult(new_params={}, updates=updates, pre_edit_loss=loss, low_rank=low_rank)
-        transposed = {w.name: w.transposed for w in editor.weights}
+        transposed = transposed_of(editor.weights)
         with per_row_updates(split.model, [low_rank], transposed):
             post = split.suffix(state)
         post_loc = post

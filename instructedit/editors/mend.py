@@ -27,7 +27,7 @@ from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEditor, nonfinite_tensors, read_editor_config  # noqa: F401
 from instructedit.io import atomic_write
 from instructedit.losses import per_row_nll
-from instructedit.models.architectures import ArchSpec, EditableWeight
+from instructedit.models.architectures import ArchSpec, EditableWeight, transposed_of
 from instructedit.models.split import ChunkStates, PrefixState, SplitModel
 from instructedit.records import TokenBatch
 from instructedit.runs import PRESERVATION_WEIGHTS
@@ -195,7 +195,7 @@ class MENDEditor(LearnedEditor):
             if with_factors:
                 low_rank[w.name] = (u_w.T, scaled)
         if not dense:
-            return ThinUpdates(low_rank, {w.name: w.transposed for w in self.weights}), low_rank
+            return ThinUpdates(low_rank, transposed_of(self.weights)), low_rank
         return (updates, low_rank) if with_factors else updates
 
     def network_outputs(self, factors: dict[str, Factors]) -> Iterator[tuple[int, EditableWeight, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -251,7 +251,7 @@ class MENDEditor(LearnedEditor):
                 updates[w.name] = shift if w.transposed else shift.T  # shift (d_in, d_out): Conv1D's storage orientation
         if memory is not None:
             memory.remember({w.name: systems[w.name].gram for w in self.weights})
-        transposed = {w.name: w.transposed for w in self.weights}
+        transposed = transposed_of(self.weights)
         if len(thin) == len(self.weights):  # every ΔW as factors: formed densely only where read
             return ThinUpdates(thin, transposed), total / batch.n_label_rows, thin
         formed = ThinUpdates(thin, transposed)

@@ -25,6 +25,7 @@ from instructedit.editors.base import EditResult
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, exact_match, first_line, same_answer
+from instructedit.models.architectures import transposed_of
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
 
@@ -77,7 +78,7 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
         return {scale: {"gen_n": 0} for scale in scales}
     device = next(model.parameters()).device
     split = editor.split(model)
-    transposed = {w.name: w.transposed for w in editor.weights}
+    transposed = transposed_of(editor.weights)
     per_case = len(forms) + 1  # the edit's prompt in each form, then the locality prompt
     said_in: dict[float, dict[str, list[float]]] = {scale: {form: [] for form in forms} for scale in scales}
     same: dict[float, list[float]] = {scale: [] for scale in scales}

@@ -45,6 +45,7 @@ from instructedit.evaluation.packing import (
 from instructedit.evaluation.probes import OPPOSITE, SCORED
 from instructedit.evaluation.report import PHASES, CaseResult, EvalReport, EvalSettings, SequentialPoint
 from instructedit.losses import argmax_ids
+from instructedit.models.architectures import transposed_of
 from instructedit.models.loading import max_input_length
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator
@@ -165,7 +166,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
 
     def flush() -> None:
         before, answers = generation.answer_before_after(model, editor.split(model), [c.queries for c, *_ in pending],
-                                                         [p[3] for p in pending], {w.name: w.transposed for w in editor.weights},
+                                                         [p[3] for p in pending], transposed_of(editor.weights),
                                                          [p[4] for p in pending])
         for (case, pre, post, *_), unedited, said in zip(pending, before, answers, strict=True):
             case.pre_answers = unedited

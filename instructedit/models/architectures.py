@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +61,12 @@ class EditableWeight:
     layer: int  # index of the block it sits in
     transposed: bool  # stored (d_in, d_out) rather than nn.Linear's (d_out, d_in)
     shape: tuple[int, int]  # (d_out, d_in): the orientation of the gradient factors δ uᵀ
+
+
+def transposed_of(weights: Iterable[EditableWeight]) -> dict[str, bool]:
+    """Per weight name, whether it is stored transposed, (d_in, d_out) as GPT-2's Conv1D: the orientation map that
+    updates given as factors are added and formed with (``row_edits.per_row_updates``, ``editors.base.ThinUpdates``)."""
+    return {w.name: w.transposed for w in weights}
 
 
 def arch_spec(model: nn.Module, override: ArchSpec | None = None) -> ArchSpec:
