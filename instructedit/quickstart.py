@@ -24,7 +24,7 @@ from instructedit.api import Edit, InstructEditor, load_editor, score_targets
 from instructedit.config import Config, YAMLLoader, config_from_dict
 from instructedit.editors.card import write_model_card
 from instructedit.evaluation.before_after import greedy_before_after
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, same_answer
+from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, same_answer, shown
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.io import write_json
@@ -323,7 +323,7 @@ def _clip(text: str, width: int) -> str:
 def _after(before: str, after: str, width: int) -> str:
     """A post-edit answer for a table cell, marked "(as before)" when the edit did not change it (a plain or chat answer
     that reads oddly is then the model's own, not the edit's doing)."""
-    return _clip(repr(after), width) if after != before else _clip(repr(after), width - 12) + " (as before)"
+    return _clip(shown(after), width) if after != before else _clip(shown(after), width - 12) + " (as before)"
 
 
 def _duration(seconds: float) -> str:
@@ -350,11 +350,11 @@ def format_report(result: QuickstartResult) -> str:
     chat = all(o.chat_exact_after is not None for o in result.outcomes)  # the model has a chat template
     said = _table(("#", "task", "prompt -> target", "the model says before -> after (instruction-wrapped prompt)", "plain prompt, after",
                    *(["chat question, after"] if chat else [])),
-                  [(str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 52), _clip(f"{o.said_before!r} -> {o.said_after!r}", 64),
+                  [(str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 52), _clip(f"{shown(o.said_before)} -> {shown(o.said_after)}", 64),
                     _after(o.plain_said_before, o.plain_said_after, 36), *([_after(o.chat_said_before, o.chat_said_after, 36)] if chat else []))
                    for i, o in enumerate(result.outcomes, start=1)])
     forced = _table(("#", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality"),
-                    [(str(i), _clip(f"{o.top_before!r} -> {o.top_after!r}", 28), f"{_p(o.p_before)} -> {_p(o.p_after)}",
+                    [(str(i), _clip(f"{shown(o.top_before)} -> {shown(o.top_after)}", 28), f"{_p(o.p_before)} -> {_p(o.p_after)}",
                       f"{o.acc_before:.2f} -> {o.acc_after:.2f}", f"{o.locality:.2f}") for i, o in enumerate(result.outcomes, start=1)])
     m = result.mean
     lines = [

@@ -93,6 +93,14 @@ def test_same_answer_compares_punctuation_only_answers_as_written() -> None:
     assert not same_answer("? Harper", "?")
 
 
+def test_shown_answers_are_quoted_and_an_empty_one_is_named() -> None:
+    from instructedit.evaluation.generation import NO_ANSWER, shown
+
+    assert shown(" Rome") == '" Rome"' and shown('say "hi"') == '"say \\"hi\\""'  # leading space and quotes visible
+    assert shown("Zürich") == '"Zürich"'  # non-ASCII as written
+    assert shown("") == NO_ANSWER == "(says nothing)"
+
+
 def test_ngram_entropy_is_rome_fluency() -> None:
     from instructedit.evaluation.generation import ngram_entropy
 

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from instructedit.api import load_editor, score_target
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate
+from instructedit.evaluation.generation import NO_ANSWER, answer_budget, exact_match, first_line, greedy_generate, shown
 from instructedit.config import load_config
 from instructedit.models.loading import load_model
 from instructedit.quickstart import (
@@ -80,7 +80,7 @@ def test_quickstart_trains_caches_and_reuses(tiny_gpt2_dir: Path, tmp_path: Path
     assert "reliability (target token accuracy, wrapped prompt)" in report and "locality" in report and "time:" in report
     # the headline is what the model says, above the teacher-forced scores
     assert report.index("the model says before -> after") < report.index("Teacher-forced scores")
-    assert repr(second.outcomes[0].said_after) in report and "generation locality" in report
+    assert shown(second.outcomes[0].said_after) in report and "generation locality" in report
 
 
 def test_output_folder_retrain_and_protection(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
@@ -159,7 +159,11 @@ def test_demo_asks_the_chat_question_where_the_model_has_a_chat_template(tiny_ch
     same = dataclasses.replace(outcomes[0], chat_said_before="Paris is nice", chat_said_after="Paris is nice",
                                plain_said_before="Paris", plain_said_after="Rome")
     row = next(line for line in format_report(dataclasses.replace(result, outcomes=[same])).splitlines() if line.startswith("1 "))
-    assert "'Paris is nice' (as before)" in row and "'Rome'" in row and "'Rome' (as before)" not in row
+    assert '"Paris is nice" (as before)' in row and '"Rome"' in row and '"Rome" (as before)' not in row
+    # an empty answer (the model stops at once) is named, not printed as an empty pair of quotes
+    empty = dataclasses.replace(outcomes[0], said_before="", plain_said_before="", plain_said_after="Rome")
+    row = next(line for line in format_report(dataclasses.replace(result, outcomes=[empty])).splitlines() if line.startswith("1 "))
+    assert f"{NO_ANSWER} -> " in row and '""' not in row
 
 
 def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

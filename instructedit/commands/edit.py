@@ -62,6 +62,7 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 
 def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, generate, score_target, top_predictions
+    from instructedit.evaluation.generation import shown
     from instructedit.models.loading import resolve_device
     from instructedit.tasks.collate import chat_query
 
@@ -110,11 +111,11 @@ def run_edit(args: argparse.Namespace) -> int:
         raise ValueError(f"--top-k {args.top_k} is more than the model's vocabulary ({vocab} tokens)")
 
     def snapshot(m: Any) -> dict[str, Any]:
-        return {"says": json.dumps(answer(m, tok, wrapped, args.max_new_tokens), ensure_ascii=False),
-                "says_plain": json.dumps(answer(m, tok, edit.prompt, args.max_new_tokens), ensure_ascii=False),
-                "says_chat": json.dumps(answer(m, tok, chat, args.max_new_tokens), ensure_ascii=False) if chat else "",
+        return {"says": shown(answer(m, tok, wrapped, args.max_new_tokens)),
+                "says_plain": shown(answer(m, tok, edit.prompt, args.max_new_tokens)),
+                "says_chat": shown(answer(m, tok, chat, args.max_new_tokens)) if chat else "",
                 "top": _predictions(top_predictions(m, tok, edit.prompt, args.top_k)),
-                "text": json.dumps(generate(m, tok, edit.prompt, args.max_new_tokens), ensure_ascii=False),
+                "text": shown(generate(m, tok, edit.prompt, args.max_new_tokens)),
                 "wrapped": score_target(m, tok, wrapped, edit.target), "plain": score_target(m, tok, edit.prompt, edit.target)}
 
     before = snapshot(model)
@@ -198,7 +199,9 @@ def read_edits(path: str | Path, task: str) -> list[tuple[int, Any]]:
 
 
 def _cell(text: str, width: int) -> str:
-    text = json.dumps(text, ensure_ascii=False)
+    from instructedit.evaluation.generation import shown
+
+    text = shown(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 

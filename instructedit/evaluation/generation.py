@@ -10,6 +10,7 @@ spaces): exact match and token F1 per query.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 import re
 import string
@@ -49,6 +50,15 @@ def first_line(text: str) -> str:
         if line.strip():
             return line.strip()
     return ""
+
+
+NO_ANSWER = "(says nothing)"
+
+
+def shown(answer: str) -> str:
+    """An answer as the reports print it: JSON-quoted, so that leading spaces and odd characters are visible, or
+    ``NO_ANSWER`` when it is empty (the model's first token is EOS or a newline)."""
+    return json.dumps(answer, ensure_ascii=False) if answer else NO_ANSWER
 
 
 def exact_match(prediction: str, target: str) -> float:
