@@ -92,10 +92,13 @@ def test_rounds_edit_again_on_the_edited_model_and_roll_back_bitwise(tiny_model_
     """apply(rounds=2) is one edit, then the same edit computed on the model it left, written over it; the one handle
     undoes both bit for bit; batch_study makes its N-edit calls so, and its single edits in one round."""
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
+    with torch.no_grad():  # descending steps (an untrained network's update follows the gradient): no round is undone
+        editor.edit_lrs.mul_(-0.002)
     records = many_records(3)
     batch = collator.qa_batch([pair for r in records for pair in collator.edit_pairs(r, 0)], "edit inputs", stop=True)
     before = _state(model)
-    with editor.apply(model, batch, rounds=2):
+    with editor.apply(model, batch, rounds=2) as handle:
+        assert handle.rounds_made == 2
         twice = _state(model)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     first = editor.apply(model, batch)
@@ -133,10 +136,14 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
         with torch.no_grad():
             return float(editor.edit(model, batch).pre_edit_loss)
 
-    with editor.apply(model, batch, rounds=2) as handle:  # sensible steps: each round lowers the loss, all are kept
-        assert handle.rounds_made == 2
+    # an untrained network's update follows the gradient (MEND's sign; training learns it): a small negative step size
+    # descends, so each round lowers the loss and all are kept, the last one checked too
     with torch.no_grad():
-        editor.edit_lrs.mul_(1e4)
+        editor.edit_lrs.mul_(-0.002)
+    with editor.apply(model, batch, rounds=3) as handle:
+        assert handle.rounds_made == 3 and "raised" not in caplog.text
+    with torch.no_grad():
+        editor.edit_lrs.mul_(-5e6)
     losses, states, handles = [loss()], [], []  # round by round, by hand: the loss after each, the weights it leaves
     for _ in range(4):
         handles.append(editor.apply(model, batch))
@@ -149,12 +156,34 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
     with editor.apply(model, batch, rounds=4) as handle:
         assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
         assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())  # the rounds kept, bit for bit
+    caplog.clear()
+    with editor.apply(model, batch, rounds=rose) as handle:  # the round that raised it is the last: checked all the same
+        assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
+        assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     from instructedit.commands.analyze_edits import _line  # what analyze batch prints of such a call, with a sample weight too
 
     point = {"n_edits": 3, "seconds_per_edit": 1.0, "rounds": 4, "rounds_made": rose - 1, "sample_weight": 16000.0}
     assert f"N=3 ({rose - 1} of 4 rounds: a round that raised the edits' loss was undone, sample weight 16000)" in _line("x", point)
     assert "N=3 (4 rounds, sample weight 16000)" in _line("x", {**point, "rounds_made": 4})
+
+
+@pytest.mark.parametrize("overrides", [[], ["editor.aggregation=least_squares", "editor.chunk_edits=2"]], ids=["sum", "least_squares"])
+def test_edits_loss_is_the_loss_the_next_edit_reports(tiny_model_dir: Path, overrides: list[str]) -> None:
+    """``edits_loss`` (how ``apply`` checks its last round) gives the loss an edit of the same inputs would report
+    (``pre_edit_loss``) on the model as it stands, from the rounds' chunk states (3 inputs, 2 a chunk) or without."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    torch.manual_seed(0)
+    editor = build_editor(model, load_config(CONFIG, [f"model.name={tiny_model_dir}", "editor.init_edit_lr=5.0", *overrides])).eval()
+    collator = Collator(tokenizer, 256, POOL)
+    batch = collator.qa_batch([pair for r in many_records(3) for pair in collator.edit_pairs(r, 0)], "edit inputs", stop=True)
+    split = editor.split(model)
+    state = editor.round_state(split, batch)
+    with torch.no_grad(), editor.apply(model, batch):  # edited in place: the loss is the edited model's
+        reported = float(editor.edit(model, batch, state).pre_edit_loss)
+        assert float(editor.edits_loss(split, batch, state)) == pytest.approx(reported, rel=1e-6)
+        assert float(editor.edits_loss(split, batch)) == pytest.approx(reported, rel=1e-6)
+        assert reported != pytest.approx(float(editor.edit(load_model(str(tiny_model_dir))[0], batch).pre_edit_loss))  # the edit moved it
 
 
 @pytest.mark.parametrize("batch", [1, 2])
@@ -196,12 +225,17 @@ def _zsre_file(path: Path, n: int) -> Path:
     return path
 
 
-def _saved_editor(model_dir: Path, out: Path, aggregation: str) -> Path:
-    """A tiny untrained MEND editor (identity network, strong step) with the given aggregation, saved as a folder."""
+def _saved_editor(model_dir: Path, out: Path, aggregation: str, step: float = 5.0) -> Path:
+    """A tiny untrained MEND editor (identity network, step size ``step``) with the given aggregation, saved as a folder.
+    Its update follows the gradient (MEND's sign, which training learns): a negative ``step`` descends, so that each
+    round of a call lowers the edits' loss and none is undone."""
     model, _ = load_model(str(model_dir))
     torch.manual_seed(0)
-    config = load_config(CONFIG, [f"model.name={model_dir}", "editor.init_edit_lr=5.0", f"editor.aggregation={aggregation}"])
-    return build_editor(model, config).save_pretrained(out)
+    config = load_config(CONFIG, [f"model.name={model_dir}", f"editor.init_edit_lr={abs(step)}", f"editor.aggregation={aggregation}"])
+    editor = build_editor(model, config)
+    with torch.no_grad():
+        editor.edit_lrs.copysign_(torch.tensor(step))
+    return editor.save_pretrained(out)
 
 
 METRIC_KEYS = ("reliability", "generalization", "locality", "gen_reliability", "gen_generalization", "gen_locality")
@@ -443,7 +477,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     from instructedit.api import EDITS_FILE
     from instructedit.cli import main
 
-    editor = _saved_editor(tiny_llama_dir, tmp_path / "editor", "sum")
+    editor = _saved_editor(tiny_llama_dir, tmp_path / "editor", "sum", step=-5.0)  # descending: no round is undone
     edits = _edits_file(tmp_path / "edits.jsonl", EDIT_LINES)
     base = ["edit", "--editor", str(editor), "--file", str(edits), "--device", "cpu", "--max-new-tokens", "4"]
     assert main([*base, "--save", str(tmp_path / "together")]) == 0
@@ -534,7 +568,7 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     from instructedit.commands.edit import read_edits
     from instructedit.editors.mend import MENDEditor
 
-    plain = _saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares")
+    plain = _saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares", step=-5.0)  # descending: no round is undone
     model, tok = load_model(str(tiny_llama_dir))
     carrier = MENDEditor.from_pretrained(plain).eval()
     carrier.set_preservation(key_memory(carrier, model, Collator(tok, 64), locality_texts(many_records(6)), past_weight=0.0, text_weight=5.0),

@@ -128,6 +128,13 @@ class LearnedEditor(nn.Module):
             factors = capture.factors(loss)
         return factors, loss.detach(), hidden.detach()
 
+    @torch.no_grad()
+    def edits_loss(self, split: SplitModel, batch: TokenBatch, state: PrefixState | ChunkStates | None = None) -> torch.Tensor:
+        """The edits' loss on the model as it stands, as an edit of ``batch`` reports it (``EditResult.pre_edit_loss``),
+        without making one: one pass of the edited blocks from ``state`` (``round_state``), no backward, no network."""
+        state = state if state is not None else split.prefix(batch, final=False)
+        return masked_nll(split.logits_at(split.suffix(state), batch.label_mask), batch.labels[batch.label_mask])
+
     def round_state(self, split: SplitModel, batch: TokenBatch) -> PrefixState | ChunkStates:
         """What every round of an edit of ``batch`` starts from (``edit``'s ``state``): the unedited prefix's pass over it,
         which no round changes (the edited weights are all above it)."""
@@ -149,9 +156,8 @@ class LearnedEditor(nn.Module):
         from the gradients left after the earlier ones: an edit already said asks for little, one that many edits' one
         least-squares compromise shrank asks again (``analyze batch --rounds``). A round after which the edits' own
         loss is higher than before it (or not finite) is undone and the rounds stop there, with a warning (the first round
-        stays: it is the one-round edit; the last one is not checked: that would cost one more round's pass, and a call of
-        2 rounds is never checked): rounds that overshoot only grow (a preservation sample too weak for its weight
-        took every answer to nothing). The handle
+        stays: it is the one-round edit; the last one is checked by one pass of the edited blocks, ``edits_loss``): rounds
+        that overshoot only grow (a preservation sample too weak for its weight took every answer to nothing). The handle
         undoes every round; ``handle.rounds_made`` says how many were kept. ``progress``: a bar over the rounds.
         The blocks below the edited ones pass over the edit inputs once (``round_state``), not once per round: no round
         changes them, so every round starts from that pass (the same weights, bit for bit, in a fraction of the time)."""
@@ -170,20 +176,28 @@ class LearnedEditor(nn.Module):
                     # the edits' loss before the round written last, and the weights it wrote over (the first round stays:
                     # it is the one-round edit); those weights are the round before's new_params, held, not copied
                     before, undo, written = None, None, result.new_params
+
+                    def undone(after: torch.Tensor | None) -> bool:
+                        """The round written last raised the edits' loss (``before`` → ``after``): its weights undone."""
+                        if before is None or after is None or float(after) <= float(before):
+                            return False
+                        write_weights(model, undo)
+                        handle.rounds_made -= 1
+                        logger.warning("edit round %d raised the edits' loss from %.4g to %.4g: undone, the edits are made in "
+                                       "%d round(s) of %d", handle.rounds_made + 1, float(before), float(after), handle.rounds_made, rounds)
+                        return True
+
                     for _ in range(rounds - 1):
                         result = self.edit(model, batch, state)
-                        after = result.pre_edit_loss
-                        if before is not None and after is not None and not float(after) <= float(before):
-                            write_weights(model, undo)
-                            handle.rounds_made -= 1
-                            logger.warning("edit round %d raised the edits' loss from %.4g to %.4g: undone, the edits are made in "
-                                           "%d round(s) of %d", handle.rounds_made + 1, float(before), float(after),
-                                           handle.rounds_made, rounds)
+                        if undone(result.pre_edit_loss):
                             break
-                        before, undo, written = after, written, result.new_params
+                        before, undo, written = result.pre_edit_loss, written, result.new_params
                         write_weights(model, written)
                         handle.rounds_made += 1
                         bar.update()
+                    else:  # every round was written: the last one is checked too (a one-round edit has nothing to check)
+                        if before is not None:
+                            undone(self.edits_loss(self.split(model), batch, state))
                 except BaseException:
                     handle.rollback()
                     raise

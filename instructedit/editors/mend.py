@@ -379,6 +379,21 @@ class MENDEditor(LearnedEditor):
             systems[w.name].add(keys, value_differences(keys, keys_t, deltas_t, self.edit_lrs[i]))
         return losses.detach().sum()
 
+    @torch.no_grad()
+    def edits_loss(self, split: SplitModel, batch: TokenBatch, state: PrefixState | ChunkStates | None = None) -> torch.Tensor:
+        """``LearnedEditor.edits_loss``; least squares: the mean of each edit's mean NLL, ``editor.chunk_edits`` inputs at a
+        time from their chunk states, as ``solve`` reports it."""
+        if self.config.aggregation != "least_squares":
+            return super().edits_loss(split, batch, state)
+        chunks = batch.chunks(self.config.chunk_edits)
+        states = state.states if isinstance(state, ChunkStates) else [state if len(chunks) == 1 else None] * len(chunks)
+        total = 0
+        for chunk, s in zip(chunks, states):
+            s = s if s is not None else split.prefix(chunk, final=False)
+            logits = split.logits_at(split.suffix(s), chunk.label_mask)
+            total = total + per_row_nll(logits, chunk.labels[chunk.label_mask], chunk.label_rows, chunk.n_label_rows).sum()
+        return total / batch.n_label_rows
+
     def round_state(self, split: SplitModel, batch: TokenBatch) -> PrefixState | ChunkStates:
         """``LearnedEditor.round_state``; a least-squares edit of more than ``editor.chunk_edits`` inputs keeps every
         chunk's state (the hidden states entering the first edited block, rows × tokens × d_model, and the blocks'
