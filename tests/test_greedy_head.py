@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from instructedit.evaluation.generation import DecodeMemory, greedy_generate, projected_into
-from instructedit.evaluation.greedy_head import TOP, HalfHead, bf16_head_wanted, greedy_logits
+from instructedit.evaluation.greedy_head import TOP, HalfHead, bf16_head_wanted, greedy_logits, has_bf16_units
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import load_model
 
@@ -64,6 +64,14 @@ def test_the_switch_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("INSTRUCTEDIT_BF16_HEAD", "yes")
     with pytest.raises(ValueError, match="INSTRUCTEDIT_BF16_HEAD must be 0 or 1"):
         bf16_head_wanted()
+
+
+def test_bfloat16_units_are_read_from_the_cpu_flags() -> None:
+    intel = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n"
+    amd = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+    older = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_vnni\nbugs\t\t: avx512_bf16_is_not_a_flag_here\n"
+    assert has_bf16_units(intel) and has_bf16_units(amd)
+    assert not has_bf16_units(older) and not has_bf16_units("")
 
 
 def test_greedy_answers_are_the_same_with_the_bfloat16_head_and_the_copy_follows_the_weight(

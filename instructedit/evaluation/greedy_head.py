@@ -1,8 +1,9 @@
 """Greedy decoding's vocabulary projection in bfloat16, with the chosen token decided in float32.
 
-A decoding step reads one thing from its logits: each row's largest. On a CPU with bfloat16 matrix units (AMX) the
-projection onto the vocabulary (49,152 × 576 on the default model, the largest matrix a step multiplies) costs 3-5×
-less in bfloat16 (250 rows: 31 against 146 ms, one thread), but its logits are off by up to ~2⁻⁷ of Σᵢ|xᵢ||wⱼᵢ|,
+A decoding step reads one thing from its logits: each row's largest. On a CPU with bfloat16 matrix units (Intel's AMX)
+or bfloat16 dot-product instructions (AVX512-BF16: AMD Zen 4 and later) the projection onto the vocabulary (49,152 × 576
+on the default model, the largest matrix a step multiplies) costs 3-5× less in bfloat16 (250 rows, one thread: 31
+against 146 ms with AMX, 84 against 246 ms on an AMD EPYC with AVX512-BF16), but its logits are off by up to ~2⁻⁷ of Σᵢ|xᵢ||wⱼᵢ|,
 enough to swap near-equal tokens. Here the bfloat16 logits only choose candidates: the ``TOP`` tokens of largest
 bfloat16 logit plus error bound get their float32 logit, and the best of those is the row's token when it beats every
 other token's bound (a proof, not a guess: else the row is projected whole in float32). The token equals
@@ -28,27 +29,34 @@ from torch import nn
 ROWS_PER_CHUNK = 64  # rows whose float32 bookkeeping (bounds, top-k) runs at a time, in cache; the bfloat16 product is one
 TOP = 16  # tokens per row whose float32 logit is computed (a row whose bound leaves more candidates: projected whole)
 _UNIT = 2.0**-8
-BF16_HEAD_ENV = "INSTRUCTEDIT_BF16_HEAD"  # "0": never, "1": whenever the head qualifies (also without AMX); unset: with AMX only
+BF16_HEAD_ENV = "INSTRUCTEDIT_BF16_HEAD"  # "0": never, "1": whenever the head qualifies (any CPU); unset: BF16_FLAGS only
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags under which a bfloat16 product is faster than a float32 one
+
+
+def has_bf16_units(cpuinfo: str) -> bool:
+    """Whether a ``/proc/cpuinfo`` text lists a flag of ``BF16_FLAGS`` (without them, a bfloat16 product is emulated and
+    slower than float32)."""
+    return any(line.startswith("flags") and set(line.split(":", 1)[-1].split()) & set(BF16_FLAGS) for line in cpuinfo.splitlines())
 
 
 @functools.cache
-def _cpu_has_amx_bf16() -> bool:
+def _cpu_has_bf16_units() -> bool:
     try:
         with open("/proc/cpuinfo") as f:
-            return any(line.startswith("flags") and " amx_bf16" in line for line in f)
+            return has_bf16_units(f.read())
     except OSError:
         return False
 
 
 def bf16_head_wanted() -> bool:
     """Whether greedy decoding on a CPU projects in bfloat16: ``$INSTRUCTEDIT_BF16_HEAD`` ("0" or "1") if set, else
-    whether the CPU has bfloat16 matrix units (AMX; without them a bfloat16 product is slower than float32)."""
+    whether the CPU has bfloat16 units (``has_bf16_units``)."""
     value = os.environ.get(BF16_HEAD_ENV, "").strip()
     if value in ("0", "1"):
         return value == "1"
     if value:
         raise ValueError(f"${BF16_HEAD_ENV} must be 0 or 1, got {value!r}")
-    return _cpu_has_amx_bf16()
+    return _cpu_has_bf16_units()
 
 
 @dataclass
