@@ -477,7 +477,7 @@ def projected_into(model: nn.Module, memory: DecodeMemory | None, rows: int, gre
     returns are then a view, overwritten by the next step. Other heads, or more positions, project as usual.
 
     ``greedy``: the caller reads only each row's argmax. Where ``greedy_head.bf16_head_wanted`` (a CPU with bfloat16
-    matrix units) and the head is a float32 one without bias, it projects in bfloat16 and decides the argmax in
+    units: AMX or AVX512-BF16) and the head is a float32 one without bias, it projects in bfloat16 and decides the argmax in
     float32 (``greedy_head.greedy_logits``: the same token, the other entries not logits), its bfloat16 copy of the
     weight kept with the model (``DecodeMemory``)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
