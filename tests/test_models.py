@@ -257,20 +257,21 @@ def test_cached_load_is_fast(default_model: tuple[PreTrainedModel, PreTrainedTok
 
 
 def test_a_few_rows_project_onto_the_vocabulary_as_the_head_does(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """SplitModel.project: a few rows on a CPU take (W · rowsᵀ)ᵀ where ``weight_on_left`` says so, more rows the head
-    itself; the same logits and gradients either way."""
+    """SplitModel.project: a few rows on a CPU take (W · rowsᵀ)ᵀ where ``weight_on_left`` says so, and a backward padded
+    to more rows where ``backward_rows`` says so; more rows the head itself; the same logits and gradients either way."""
     from instructedit.models import split as split_module
     from instructedit.models.split import FEW_ROWS, SplitModel, _FewRows
 
     model, _ = load_model(str(tiny_model_dir))
     split = SplitModel(model, arch_spec(model), 1)
-    for left in (True, False):
+    for left, pad in ((True, False), (False, False), (False, True), (True, True)):
         monkeypatch.setattr(split_module, "weight_on_left", lambda rows, weight, left=left: left and rows <= FEW_ROWS)
+        monkeypatch.setattr(split_module, "backward_rows", lambda rows, weight, pad=pad: FEW_ROWS if pad and rows <= FEW_ROWS else rows)
         calls = []
         original = _FewRows.apply
         for n in (1, 3, FEW_ROWS, FEW_ROWS + 1):
             rows = torch.randn(n, model.config.hidden_size, requires_grad=True)
-            _FewRows.apply = lambda *a: calls.append(n) or original(*a)  # noqa: B023 (recorded per n)
+            _FewRows.apply = lambda *a: calls.append((n, a[2], a[3])) or original(*a)  # noqa: B023 (recorded per n)
             try:
                 logits = split.project(rows)
             finally:
@@ -280,7 +281,11 @@ def test_a_few_rows_project_onto_the_vocabulary_as_the_head_does(tiny_model_dir:
             grad = torch.randn_like(expected)
             torch.testing.assert_close(torch.autograd.grad(logits, rows, grad)[0], torch.autograd.grad(expected, rows, grad)[0],
                                        rtol=1e-5, atol=1e-5)
-        assert calls == ([1, 3, FEW_ROWS] if left else [])  # the plain head from FEW_ROWS + 1 rows on
+        # the plain head from FEW_ROWS + 1 rows on, and where neither the orientation nor the padding changes anything
+        expected_calls = [(1, left, FEW_ROWS), (3, left, FEW_ROWS)] if pad else [(1, True, 1), (3, True, 3)] if left else []
+        if left:
+            expected_calls.append((FEW_ROWS, True, FEW_ROWS))
+        assert calls == expected_calls
 
 
 def test_the_few_rows_orientation_is_timed_once_per_shape(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,6 +313,34 @@ def test_the_few_rows_orientation_is_timed_once_per_shape(monkeypatch: pytest.Mo
     monkeypatch.undo()
     real = split_module.weight_on_left(3, weight)  # the real timing runs and decides something
     assert isinstance(real, bool)
+
+
+def test_a_few_rows_backward_is_padded_only_where_timed_faster(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``backward_rows`` times grad · W at the row count and at the larger ``PADDED_ROWS`` once per key, pads only where
+    that is more than 1 / LEFT_MARGIN faster, never pads a tiny head or more than FEW_ROWS rows."""
+    from instructedit.models import split as split_module
+
+    monkeypatch.setattr(split_module, "_BACKWARD_ROWS", {})
+    weight = torch.randn(split_module.TIMED_HEAD_SIZE // 64, 64)
+    timed = []
+    speeds = iter([3.0, 1.0, 1.5,  # 3 rows: 3 rows, padded to 4, padded to 8 -> 4
+                   1.0, 0.9, 1.0])  # 2 rows: padding within LEFT_MARGIN -> 2
+
+    def fake_best_of(product, repeats=3):
+        timed.append(product)
+        return next(speeds)
+
+    monkeypatch.setattr(split_module, "_best_of", fake_best_of)
+    assert split_module.backward_rows(3, weight) == 4
+    assert split_module.backward_rows(3, weight) == 4 and len(timed) == 3  # cached
+    assert split_module.backward_rows(2, weight) == 2
+    assert len(timed) == 6
+    assert split_module.backward_rows(split_module.FEW_ROWS + 1, weight) == split_module.FEW_ROWS + 1
+    assert split_module.backward_rows(3, torch.randn(100, 64)) == 3  # a tiny head is not timed
+    assert len(timed) == 6
+    monkeypatch.undo()
+    real = split_module.backward_rows(5, weight)  # the real timing runs and decides one of the candidates
+    assert real in (5, split_module.FEW_ROWS)
 
 
 def test_gguf_conversion_parses_each_file_once_and_restores_the_package(monkeypatch: pytest.MonkeyPatch) -> None:

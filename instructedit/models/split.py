@@ -31,9 +31,15 @@ from instructedit.records import TokenBatch
 
 FEW_ROWS = 8  # up to this many rows, the CPU vocabulary projection may run as (W · rowsᵀ)ᵀ (``weight_on_left``)
 TIMED_HEAD_SIZE = 2**22  # a smaller head (a tiny test model) is projected the usual way: its products take microseconds
-LEFT_MARGIN = 0.8  # (W · rowsᵀ)ᵀ is taken only when it is timed this much faster: a near tie keeps the usual product
+LEFT_MARGIN = 0.8  # (W · rowsᵀ)ᵀ, or a padded backward, is taken only when it is timed this much faster: a near tie keeps the usual product
+PADDED_ROWS = (4, FEW_ROWS)  # row counts a few rows' backward product may be padded to (``backward_rows``)
 
 _LEFT_FASTER: dict[tuple, bool] = {}  # (rows, weight shape, dtype, threads) -> whether (W · rowsᵀ)ᵀ was the faster
+_BACKWARD_ROWS: dict[tuple, int] = {}  # (rows, weight shape, dtype, threads) -> rows the backward's grad · W is padded to
+
+
+def _timing_key(rows: int, weight: torch.Tensor) -> tuple:
+    return (rows, tuple(weight.shape), weight.dtype, torch.get_num_threads())
 
 
 def weight_on_left(rows: int, weight: torch.Tensor) -> bool:
@@ -46,13 +52,33 @@ def weight_on_left(rows: int, weight: torch.Tensor) -> bool:
     """
     if rows > FEW_ROWS or weight.numel() < TIMED_HEAD_SIZE:
         return False
-    key = (rows, tuple(weight.shape), weight.dtype, torch.get_num_threads())
+    key = _timing_key(rows, weight)
     if key not in _LEFT_FASTER:
         x = torch.zeros((rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             left, usual = (_best_of(lambda: weight @ x.T), _best_of(lambda: x @ weight.T))
         _LEFT_FASTER[key] = left < LEFT_MARGIN * usual
     return _LEFT_FASTER[key]
+
+
+def backward_rows(rows: int, weight: torch.Tensor) -> int:
+    """How many rows the backward product grad · W (grad: ``rows`` × vocab) of a few rows' CPU projection is computed
+    with: ``rows``, or the grad padded with zero rows to one of ``PADDED_ROWS`` where that is more than ``1 / LEFT_MARGIN``
+    times faster (the padded rows are dropped; the real rows' numbers are the same up to float rounding).
+
+    Some CPU BLAS builds take a slow path for two or three rows: grad · W for 3 rows × 49,152 × 576 took 34 ms, for 4
+    rows 16 ms (AMD EPYC Zen 4, one thread, 2026-12-04), a third of a one-record edit's time on the default model.
+    Timed once per process for each row count, weight shape, dtype and thread count (best of 3, ~0.1 s per count)."""
+    if rows > FEW_ROWS or weight.numel() < TIMED_HEAD_SIZE:
+        return rows
+    key = _timing_key(rows, weight)
+    if key not in _BACKWARD_ROWS:
+        with torch.no_grad():
+            times = {n: _best_of(lambda n=n: torch.zeros((n, weight.shape[0]), dtype=weight.dtype, device=weight.device) @ weight)
+                     for n in (rows, *(p for p in PADDED_ROWS if p > rows))}
+        fastest = min(times, key=times.get)
+        _BACKWARD_ROWS[key] = fastest if times[fastest] < LEFT_MARGIN * times[rows] else rows
+    return _BACKWARD_ROWS[key]
 
 
 def _best_of(product, repeats: int = 3) -> float:
@@ -66,20 +92,22 @@ def _best_of(product, repeats: int = 3) -> float:
 
 
 class _FewRows(torch.autograd.Function):
-    """rows · Wᵀ for a frozen (vocab, d) W and a few rows, computed as (W · rowsᵀ)ᵀ (where ``weight_on_left``).
-
-    The backward, grad · W, is fast as it is. The same numbers up to float rounding.
-    """
+    """rows · Wᵀ for a frozen (vocab, d) W and a few rows: computed as (W · rowsᵀ)ᵀ where ``left`` (``weight_on_left``),
+    its backward grad · W with the grad padded to ``padded`` rows (``backward_rows``). The same numbers up to float rounding."""
 
     @staticmethod
-    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, rows: torch.Tensor, weight: torch.Tensor, left: bool = True, padded: int = 0) -> torch.Tensor:
         ctx.save_for_backward(weight)
-        return (weight @ rows.T).T.contiguous()
+        ctx.padded = padded
+        return (weight @ rows.T).T.contiguous() if left else rows @ weight.T
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         (weight,) = ctx.saved_tensors
-        return grad @ weight, None
+        n = grad.shape[0]
+        if ctx.padded > n:
+            grad = torch.cat([grad, grad.new_zeros((ctx.padded - n, grad.shape[1]))])
+        return (grad @ weight)[:n], None, None, None
 
 
 def cache_argument(model: nn.Module) -> str:
@@ -262,12 +290,16 @@ class SplitModel:
         return self.project(hidden[mask])
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
-        """``head(rows)`` for (n, d_model) rows; a few rows on a CPU as (W · rowsᵀ)ᵀ where that is faster (``weight_on_left``)."""
+        """``head(rows)`` for (n, d_model) rows; a few rows on a CPU as (W · rowsᵀ)ᵀ where that is faster (``weight_on_left``),
+        their backward with the grad padded to more rows where that is faster (``backward_rows``)."""
         head = self.head
         if (rows.device.type == "cpu" and rows.dim() == 2 and rows.shape[0] <= FEW_ROWS and isinstance(head, nn.Linear)
-                and head.bias is None and not head.weight.requires_grad and head.weight.dtype == rows.dtype
-                and weight_on_left(rows.shape[0], head.weight)):
-            return _FewRows.apply(rows, head.weight)
+                and head.bias is None and not head.weight.requires_grad and head.weight.dtype == rows.dtype):
+            n = rows.shape[0]
+            left = weight_on_left(n, head.weight)
+            padded = backward_rows(n, head.weight) if rows.requires_grad else n
+            if left or padded != n:
+                return _FewRows.apply(rows, head.weight, left, padded)
         return head(rows)
 
     def logits_at_many(self, selections: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
