@@ -40,7 +40,7 @@ from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
 from instructedit.tasks.splits import load_task_splits
 
-from common import trained_queries  # benchmarks/common.py
+from common import cpu_name, trained_queries  # benchmarks/common.py
 
 logger = logging.getLogger("bench_eval")
 RESULTS = Path(__file__).resolve().parent / "results" / "eval.json"
@@ -212,7 +212,7 @@ def summarize(args: argparse.Namespace, model: nn.Module, tokenizer, records: Se
         "task": args.task, "n_cases": n,
         "probes_per_case": statistics.mean(len(case_probes(collator, r, instruction)) for r in records),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "device": str(next(model.parameters()).device), "platform": platform.platform(),
+        "device": str(next(model.parameters()).device), "platform": platform.platform(), "cpu": cpu_name(),
         "load_average_1min": loads, "repeats_done": len(times["batched"]),
         "batched": {"seconds": times["batched"], "cpu_seconds": times["batched_cpu"], "cases_per_s": n / batched_s,
                     "cases_per_cpu_s": n / batched_cpu, "fast_path": report.settings.fast_path, "packed_rows": report.settings.packed_rows,

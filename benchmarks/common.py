@@ -45,6 +45,21 @@ def recipe_setup(config_path: Path, threads: int) -> tuple[Config, nn.Module, An
     return config, model, tok, data, editor, editor.split(model)
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo) and its bfloat16 units: ratios carry across machines, seconds do not (an
+    AMD EPYC Zen 4 here runs float32 products ~1.7x slower than the Xeons with AMX these benchmarks also ran on)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(units) or 'no bfloat16 units'})"
+
+
 def rss_bytes(field: str = "VmRSS") -> int:
     """The process's resident set (``VmRSS``) or its high-water mark (``VmHWM``), from /proc/self/status."""
     for line in Path("/proc/self/status").read_text().splitlines():
