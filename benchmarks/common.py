@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import platform
 import resource
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from instructedit.api import query_setup
 from instructedit.config import DEFAULT_MODEL, Config, load_config
 from instructedit.editors.learned import LearnedEditor
 from instructedit.editors.registry import build_editor
+from instructedit.evaluation.greedy_head import BF16_FLAGS
 from instructedit.models.loading import load_model
 from instructedit.models.split import SplitModel
 from instructedit.tasks.instructions import InstructionPool
@@ -51,12 +53,10 @@ def cpu_name() -> str:
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        import platform
-
         return platform.processor() or platform.machine()
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "unknown")
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    units = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    units = [f for f in BF16_FLAGS if f in flags]  # those the bfloat16 greedy head looks for
     return f"{name} ({', '.join(units) or 'no bfloat16 units'})"
 
 
