@@ -73,9 +73,10 @@ def backward_rows(rows: int, weight: torch.Tensor) -> int:
         return rows
     key = _timing_key(rows, weight)
     if key not in _BACKWARD_ROWS:
+        grads = {n: torch.zeros((n, weight.shape[0]), dtype=weight.dtype, device=weight.device)
+                 for n in (rows, *(p for p in PADDED_ROWS if p > rows))}
         with torch.no_grad():
-            times = {n: _best_of(lambda n=n: torch.zeros((n, weight.shape[0]), dtype=weight.dtype, device=weight.device) @ weight)
-                     for n in (rows, *(p for p in PADDED_ROWS if p > rows))}
+            times = {n: _best_of(lambda g=g: g @ weight) for n, g in grads.items()}
         fastest = min(times, key=times.get)
         _BACKWARD_ROWS[key] = fastest if times[fastest] < LEFT_MARGIN * times[rows] else rows
     return _BACKWARD_ROWS[key]
