@@ -26,6 +26,8 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
+from instructedit.evaluation.decode_attention import decode_attention
+from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.greedy_head import HalfHead, bf16_head_wanted, greedy_logits
 from instructedit.evaluation.lower_rows import LowerRows, compacted
 from instructedit.losses import argmax_ids
@@ -567,7 +569,8 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
     limit = torch.tensor(budgets, device=ids.device)
     active = list(range(n))  # batch row -> row of the caller's batch
     step_ids, step_pos = ids, position
-    with ExitStack() as stack, contiguous_head(model), projected_into(model, memory, n, greedy=True):
+    with ExitStack() as stack, contiguous_head(model), projected_into(model, memory, n, greedy=True), decode_attention(model), \
+            fast_linears(model):
         if context is not None:
             stack.enter_context(context(active))
         for step in range(max(budgets)):

@@ -33,6 +33,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.base import EditHandle, EditResult, Editor, FunctionalEditor, WeightEditHandle, apply_in_place
 from instructedit.evaluation import generation_probes as gen
+from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN
 from instructedit.evaluation.guard import RestorationError, WeightGuard  # noqa: F401 (RestorationError: re-exported)
 from instructedit.evaluation.metrics import (
@@ -313,16 +314,17 @@ def evaluate(
 
     curve: list[SequentialPoint] = []
     run_start = time.perf_counter()
-    if generation is not None and not _decodes_together(fast_path, generation, cases_together):
-        for case, said in zip(cases, generation.answer_unedited(model, [c.queries for c in cases])):
-            case.pre_answers = said  # decoded together, cases get theirs with their post-edit answers (one prefill)
-    teacher_forced = protocol != "generation"
-    packed = False
-    if sequential:
-        results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress)
-    else:
-        results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
-                                      cases_together)
+    with fast_linears(model):  # passes without gradients through oneDNN where it is faster than BLAS here
+        if generation is not None and not _decodes_together(fast_path, generation, cases_together):
+            for case, said in zip(cases, generation.answer_unedited(model, [c.queries for c in cases])):
+                case.pre_answers = said  # decoded together, cases get theirs with their post-edit answers (one prefill)
+        teacher_forced = protocol != "generation"
+        packed = False
+        if sequential:
+            results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress)
+        else:
+            results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
+                                          cases_together)
     run_s = time.perf_counter() - run_start
     per_case_checks = guard.verified
     verify_start = time.perf_counter()
