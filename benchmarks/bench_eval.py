@@ -29,6 +29,7 @@ from instructedit.config import DEFAULT_MODEL, load_config
 from instructedit.editors.base import Editor
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
+from instructedit.evaluation.fast_linears import FAST_KERNELS_ENV
 from instructedit.evaluation.greedy_head import BF16_HEAD_ENV, bf16_head_wanted
 from instructedit.evaluation.metrics import aggregate, family_means
 from instructedit.evaluation.probes import SCORED, case_probes
@@ -93,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--float32-head-too", action="store_true",
                         help="also time both protocols with greedy decoding's vocabulary projection in float32 "
                              "($INSTRUCTEDIT_BF16_HEAD=0), interleaved: what the bfloat16 head saves")
+    parser.add_argument("--plain-kernels-too", action="store_true",
+                        help="also time both protocols and the teacher-forced one with BLAS linears and PyTorch's fused attention only "
+                             "($INSTRUCTEDIT_FAST_KERNELS=0), interleaved: what fast_linears and decode_attention save")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -137,6 +141,14 @@ def main(argv: list[str] | None = None) -> int:
             times.setdefault("both_float32_head", []).append(wall), times.setdefault("both_float32_head_cpu", []).append(cpu)
             if answers(both32) != answers(both):
                 raise RuntimeError("the float32 and the bfloat16 head gave different answers")
+        if args.plain_kernels_too:
+            with switched(FAST_KERNELS_ENV, "0"):
+                for key, protocol in (("batched_plain_kernels", "teacher_forced"), ("both_plain_kernels", "both")):
+                    wall, cpu, plain = batched(protocol)
+                    times.setdefault(key, []).append(wall), times.setdefault(f"{key}_cpu", []).append(cpu)
+            if answers(plain) != answers(both):
+                logger.warning("the plain kernels gave other answers than the fast ones (float rounding at a near tie)")
+            times.setdefault("plain_kernels_same_answers", []).append(answers(plain) == answers(both))
         if not args.no_naive:
             wall, cpu, naive_results = naive()
             times["naive"].append(wall), times["naive_cpu"].append(cpu)
@@ -159,18 +171,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def float32_head() -> Iterator[None]:
+def float32_head() -> contextlib.AbstractContextManager:
     """Greedy decoding projects onto the vocabulary in float32 within the block (``greedy_head``)."""
-    old = os.environ.get(BF16_HEAD_ENV)
-    os.environ[BF16_HEAD_ENV] = "0"
+    return switched(BF16_HEAD_ENV, "0")
+
+
+@contextlib.contextmanager
+def switched(name: str, value: str) -> Iterator[None]:
+    """The environment variable ``name`` set to ``value`` within the block."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ[BF16_HEAD_ENV]
+            del os.environ[name]
         else:
-            os.environ[BF16_HEAD_ENV] = old
+            os.environ[name] = old
 
 
 def answers(report) -> list:
@@ -195,6 +212,12 @@ def protocol_summary(tf_report, both_report, times: dict[str, list[float]]) -> d
                                   "cost_of_generation": statistics.median(times["both_float32_head"]) / tf_s,
                                   "same_answers": True}}
            if "both_float32_head" in times else {}),
+        **({"plain_kernels": {"teacher_forced_seconds": times["batched_plain_kernels"], "both_seconds": times["both_plain_kernels"],
+                              "cost_of_generation": statistics.median(times["both_plain_kernels"]) / statistics.median(times["batched_plain_kernels"]),
+                              "both_over_fast": statistics.median(times["both_plain_kernels"]) / both_s,
+                              "teacher_forced_over_fast": statistics.median(times["batched_plain_kernels"]) / tf_s,
+                              "same_answers": all(times["plain_kernels_same_answers"])}}
+           if "both_plain_kernels" in times else {}),
         "post_edit_generation": {k: s.mean for k, s in gen_post.items() if "/" not in k},
     }
 

@@ -102,3 +102,18 @@ def test_onednn_is_timed_once_per_shape_and_row_range(monkeypatch: pytest.Monkey
     monkeypatch.setattr(fl, "_FASTER", {})
     assert not fl.onednn_faster(3, weights)
     assert fl.timed_rows(1) == fl.FEW_ROWS and fl.timed_rows(fl.FEW_ROWS + 1) == fl.MANY_ROWS
+
+
+def test_the_switch_turns_both_routings_off_and_reads_only_0_or_1(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, _ = load_model(str(tiny_llama_dir))
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    name = model.config._attn_implementation
+    monkeypatch.setenv(fl.FAST_KERNELS_ENV, "0")
+    with fl.fast_linears(model, decide=lambda rows, weights: True), decode_attention(model):
+        assert not any("forward" in m.__dict__ for m in linears)
+        assert getattr(ALL_ATTENTION_FUNCTIONS[name], "routes", None) is None
+    monkeypatch.setenv(fl.FAST_KERNELS_ENV, "yes")
+    with pytest.raises(ValueError, match="INSTRUCTEDIT_FAST_KERNELS must be 0 or 1"):
+        fl.fast_kernels_wanted()
+    monkeypatch.setenv(fl.FAST_KERNELS_ENV, "1")
+    assert fl.fast_kernels_wanted()

@@ -12,7 +12,7 @@ repeated per query head.
 ``decode_attention(model)`` routes the attention calls of one query position (decoding steps) of a float32 model on
 the CPU through ``matmul_attention`` while the block runs; every other call (prefills, GPU, other dtypes, dropout,
 soft-capping, attention biases) goes to the implementation the model was loaded with. The outputs equal the fused
-kernel's up to float32 rounding (another summation order).
+kernel's up to float32 rounding (another summation order). ``$INSTRUCTEDIT_FAST_KERNELS=0`` switches it off.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from instructedit.evaluation.fast_linears import fast_kernels_wanted
 
 try:  # transformers' registry of attention functions, looked up by name at every attention call
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -79,7 +81,7 @@ def decode_attention(model: nn.Module) -> Iterator[None]:
     the same time in this process (another thread) is routed too: the same outputs up to float rounding."""
     name = getattr(getattr(model, "config", None), "_attn_implementation", None)
     parameter = next(model.parameters(), None)
-    if (ALL_ATTENTION_FUNCTIONS is None or name not in ROUTED or parameter is None or parameter.device.type != "cpu"
+    if (ALL_ATTENTION_FUNCTIONS is None or not fast_kernels_wanted() or name not in ROUTED or parameter is None or parameter.device.type != "cpu"
             or parameter.dtype != torch.float32):
         yield
         return

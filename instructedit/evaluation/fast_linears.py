@@ -12,18 +12,21 @@ layers through oneDNN where ``onednn_faster`` says so: timed once per process fo
 row range (up to ``FEW_ROWS`` rows: at ``FEW_ROWS``; more: at ``MANY_ROWS``), over enough of the model's weights of
 that shape to pass ``TIMED_BYTES`` (so the timing reads them from memory as a pass does), and taken only when more than
 ``1 / MARGIN`` times faster. The outputs equal BLAS's up to float32 rounding (another summation order). Calls with
-gradients, other dtypes and devices, and a PyTorch without oneDNN run as before."""
+gradients, other dtypes and devices, and a PyTorch without oneDNN run as before. ``$INSTRUCTEDIT_FAST_KERNELS=0`` switches
+this and ``decode_attention`` off (``fast_kernels_wanted``)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import time
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from instructedit.models.split import _best_of  # best of 3 after a warm-up, as the head's products are timed
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,16 @@ MARGIN = 0.9  # oneDNN only where timed this much faster (a near tie keeps BLAS)
 TIMED_SIZE = 2**18  # smaller weights (a tiny test model's) keep BLAS: microseconds either way
 TIMED_BYTES = 48 * 2**20  # the timing passes over this much of the model's weights of a shape (or all of them)
 _FASTER: dict[tuple, bool] = {}  # (weight shape, dtype, threads, timed rows) -> whether oneDNN was the faster
+FAST_KERNELS_ENV = "INSTRUCTEDIT_FAST_KERNELS"  # "0": BLAS and PyTorch's fused attention only; "1" or unset: as timed
+
+
+def fast_kernels_wanted() -> bool:
+    """Whether ``fast_linears`` and ``decode_attention.decode_attention`` route anything: ``$INSTRUCTEDIT_FAST_KERNELS``
+    "0" switches both off ("1" or unset: on)."""
+    value = os.environ.get(FAST_KERNELS_ENV, "").strip()
+    if value not in ("", "0", "1"):
+        raise ValueError(f"${FAST_KERNELS_ENV} must be 0 or 1, got {value!r}")
+    return value != "0"
 
 
 @functools.cache
@@ -76,16 +89,6 @@ def onednn_faster(rows: int, weights: Sequence[torch.Tensor]) -> bool:
     return _FASTER[key]
 
 
-def _best_of(product, repeats: int = 3) -> float:
-    product()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        product()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @contextmanager
 def fast_linears(model: nn.Module, decide=onednn_faster) -> Iterator[None]:
     """Within the block, calls without gradients of ``model``'s float32 CPU ``nn.Linear`` layers run through oneDNN where
@@ -94,7 +97,7 @@ def fast_linears(model: nn.Module, decide=onednn_faster) -> Iterator[None]:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in m.__dict__
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                and (m.weight.numel() >= TIMED_SIZE or decide is not onednn_faster)]
-    if not linears or not onednn_available():
+    if not linears or not fast_kernels_wanted() or not onednn_available():
         yield
         return
     by_shape: dict[tuple, list[torch.Tensor]] = {}
