@@ -3,8 +3,9 @@
 A greedy decoding step asks one query per row of a cache of tens of positions. On a CPU, PyTorch's fused
 ``scaled_dot_product_attention`` (its flash kernel) runs such a step well below memory speed: the step reads every
 row's keys and values once (168 rows × 72 positions: 18.6 MB a layer on the default model), and on an AMD EPYC
-(two threads) the fused kernel took 100 ms for the 30 layers against 55 ms for the same attention as
-``softmax(q·Kᵀ·scale + mask)·V`` in two batched products (``benchmarks/bench_decode_kernels.py``); in an
+(two threads) the fused kernel took 86 ms for the 30 layers against 60 ms for the same attention as
+``softmax(q·Kᵀ·scale + mask)·V`` in two batched products (1.37-1.43× for 40-250 rows, about even for 4;
+``benchmarks/bench_decode_kernels.py``, ``benchmarks/results/decode_kernels.json``); in an
 evaluation with both protocols attention was a fifth of the decoding steps' time. The grouped query heads of a
 key/value head are stacked as rows (as transformers' ``pack_gqa``), so the keys and values are read once, not
 repeated per query head.

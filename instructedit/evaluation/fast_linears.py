@@ -3,8 +3,9 @@
 PyTorch multiplies a float32 ``nn.Linear`` on the CPU with its BLAS (MKL in the x86 wheels). On an AMD EPYC (Zen 4,
 two threads) MKL ran the default model's products well below the machine's speed: a decoding step's 2 rows × 576 →
 1536 read the weight at 7 GB/s where the machine reads 26, and 168 rows ran at 144 GFLOPS; the same products through
-oneDNN (``torch.ops.mkldnn._linear_pointwise``, in the same wheels) took 2.5× and 1.3× less time, the vocabulary
-projection (49,152 × 576) 1.6-2.8× less (``benchmarks/bench_decode_kernels.py``). Which library is faster depends on the CPU
+oneDNN (``torch.ops.mkldnn._linear_pointwise``, in the same wheels) took 2.2× and 1.5× less time, the vocabulary
+projection (49,152 × 576) 4.0× and 1.5× less, the other shapes 1.0-1.8× (``benchmarks/bench_decode_kernels.py``,
+``benchmarks/results/decode_kernels.json``). Which library is faster depends on the CPU
 and the row count, so it is timed, not assumed.
 
 ``fast_linears(model)`` routes, within the block, the calls without gradients of ``model``'s float32 CPU ``nn.Linear``
