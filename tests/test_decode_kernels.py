@@ -117,3 +117,20 @@ def test_the_switch_turns_both_routings_off_and_reads_only_0_or_1(tiny_llama_dir
         fl.fast_kernels_wanted()
     monkeypatch.setenv(fl.FAST_KERNELS_ENV, "1")
     assert fl.fast_kernels_wanted()
+
+
+def test_a_linear_subclass_with_its_own_forward_is_not_routed() -> None:
+    if not fl.onednn_available():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    class Scaled(torch.nn.Linear):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x)
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), Scaled(8, 8))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        usual = model(x)
+        with fl.fast_linears(model, decide=lambda rows, weights: True):
+            assert "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
+            routed = model(x)
+    torch.testing.assert_close(routed, usual, atol=1e-5, rtol=1e-5)

@@ -95,7 +95,8 @@ def fast_linears(model: nn.Module, decide=onednn_faster) -> Iterator[None]:
     """Within the block, calls without gradients of ``model``'s float32 CPU ``nn.Linear`` layers run through oneDNN where
     ``decide(rows, weights of the layer's shape)`` says so (default ``onednn_faster``; layers with a forward of their own
     are left alone). Nested blocks route once."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and "forward" not in m.__dict__
+    # plain nn.Linear layers only: a subclass with a forward of its own (a quantized or adapter layer) keeps it
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and type(m).forward is nn.Linear.forward and "forward" not in m.__dict__
                and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                and (m.weight.numel() >= TIMED_SIZE or decide is not onednn_faster)]
     if not linears or not fast_kernels_wanted() or not onednn_available():
