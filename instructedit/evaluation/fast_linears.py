@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from instructedit.evaluation.greedy_head import env_switch
 from instructedit.models.split import _best_of  # best of 3 after a warm-up, as the head's products are timed
 
 logger = logging.getLogger(__name__)
@@ -43,10 +43,7 @@ FAST_KERNELS_ENV = "INSTRUCTEDIT_FAST_KERNELS"  # "0": BLAS and PyTorch's fused 
 def fast_kernels_wanted() -> bool:
     """Whether ``fast_linears`` and ``decode_attention.decode_attention`` route anything: ``$INSTRUCTEDIT_FAST_KERNELS``
     "0" switches both off ("1" or unset: on)."""
-    value = os.environ.get(FAST_KERNELS_ENV, "").strip()
-    if value not in ("", "0", "1"):
-        raise ValueError(f"${FAST_KERNELS_ENV} must be 0 or 1, got {value!r}")
-    return value != "0"
+    return env_switch(FAST_KERNELS_ENV) is not False
 
 
 @functools.cache

@@ -48,15 +48,21 @@ def _cpu_has_bf16_units() -> bool:
         return False
 
 
-def bf16_head_wanted() -> bool:
-    """Whether greedy decoding on a CPU projects in bfloat16: ``$INSTRUCTEDIT_BF16_HEAD`` ("0" or "1") if set, else
-    whether the CPU has bfloat16 units (``has_bf16_units``)."""
-    value = os.environ.get(BF16_HEAD_ENV, "").strip()
+def env_switch(name: str) -> bool | None:
+    """An on/off switch in the environment: ``$name`` "1" True, "0" False, unset or empty None; any other value raises."""
+    value = os.environ.get(name, "").strip()
     if value in ("0", "1"):
         return value == "1"
     if value:
-        raise ValueError(f"${BF16_HEAD_ENV} must be 0 or 1, got {value!r}")
-    return _cpu_has_bf16_units()
+        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
+    return None
+
+
+def bf16_head_wanted() -> bool:
+    """Whether greedy decoding on a CPU projects in bfloat16: ``$INSTRUCTEDIT_BF16_HEAD`` ("0" or "1") if set, else
+    whether the CPU has bfloat16 units (``has_bf16_units``)."""
+    switch = env_switch(BF16_HEAD_ENV)
+    return _cpu_has_bf16_units() if switch is None else switch
 
 
 @dataclass
