@@ -453,6 +453,26 @@ def test_cases_answered_together_equal_one_case_at_a_time(tiny_model_dir: Path) 
     assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
 
 
+def test_progress_bar_counts_cases_and_says_when_a_group_decodes(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bar does not sit silently at a group's end: while its answers decode it says so, then clears the note."""
+    from instructedit.evaluation import runner
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    seen: list[tuple[int, str]] = []
+    usual = runner.gen.GenerationRun.answer_before_after
+
+    def spy(self, *args, **kwargs):
+        bar = next(b for b in runner.tqdm._instances if b.desc == "evaluate")
+        seen.append((bar.n, bar.postfix or ""))
+        return usual(self, *args, **kwargs)
+
+    monkeypatch.setattr(runner.gen.GenerationRun, "answer_before_after", spy)
+    evaluate(model, tokenizer, editor, records() * 2, POOL, 0, progress=True, cases_together=4)
+    assert [n for n, _ in seen] == [4, 6]  # a group of four, then the last two
+    assert [note for _, note in seen] == ["greedy answers of 4 cases before and after their edits",
+                                          "greedy answers of 2 cases before and after their edits"]
+
+
 def test_answers_begun_from_the_teacher_forced_pass_equal_answers_decoded_from_scratch(tiny_model_dir: Path,
                                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     from instructedit.evaluation import before_after, runner

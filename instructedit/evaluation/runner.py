@@ -165,7 +165,10 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list]] = []  # case, pre, post, ΔW, seeds
     stops = generation.stop_ids if together else set()  # tokens a seed's given answer tokens stop before
 
+    bar = tqdm(total=len(cases), desc="evaluate", unit="case", disable=not progress)
+
     def flush() -> None:
+        bar.set_postfix_str(f"greedy answers of {len(pending)} cases before and after their edits", refresh=True)
         before, answers = generation.answer_before_after(model, editor.split(model), [c.queries for c, *_ in pending],
                                                          [p[3] for p in pending], transposed_of(editor.weights),
                                                          [p[4] for p in pending])
@@ -175,8 +178,9 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
             results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), said,
                                         generation, teacher_forced))
         pending.clear()
+        bar.set_postfix_str("", refresh=True)
 
-    for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
+    for case in cases:
         ask = _asker(model, generation, case)
         if fast_path:
             layout = case.layout(packed, dtype)
@@ -184,6 +188,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
             if together:  # the queries asked as probes begin from the teacher-forced pass (``case_seeds``)
                 seeds = case_seeds(case, layout, scores[3], scores[0], scores[1], editor.split(model).first_layer, stops)
                 pending.append((case, scores[0], scores[1], scores[2].low_rank or scores[2].updates, seeds))
+                bar.update()
                 if len(pending) >= cases_together:
                     flush()
                 continue
@@ -193,8 +198,10 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
         guard.verify(where=f"case {case.index} ({case.record.source})")
         results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), answers,
                                     generation, teacher_forced))
+        bar.update()
     if pending:
         flush()
+    bar.close()
     return results, packed
 
 
