@@ -760,3 +760,17 @@ def test_distinct_subjects_keeps_the_first_record_of_each_subject(tiny_gpt2_dir:
     assert out["editors"][0]["points"][0]["n_edits"] == 5
     assert main([*base, "--sizes", "6", "--output", str(tmp_path / "six.json")]) != 0
     assert "--distinct-subjects --sizes 6: the 6 records have 5 distinct subjects" in caplog.text
+
+
+@pytest.mark.parametrize(("ratios", "scale"), [([1.0, 1.02, 1.2], "linear"), ([1.0, 3.0, 4e9], "log")])
+def test_perplexity_panel_is_linear_within_a_decade_and_log_beyond(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                     ratios: list[float], scale: str) -> None:
+    """A log axis over less than a decade labels its ticks 1.2×10⁰, ...: the panel stays linear unless the model collapses."""
+    from instructedit.analysis import plots
+
+    figures = []
+    usual = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or usual(fig, path))
+    points = [{"n_edits": n, "perplexity_ratio": r} for n, r in zip([1, 2, 4], ratios)]
+    out = plots.edits_curves(tmp_path / "curve.png", [{"label": "x", "points": points}], [("perplexity_ratio", "ratio")], "t")
+    assert out.exists() and figures[0].axes[0].get_yscale() == scale

@@ -233,12 +233,16 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
         sizes = sorted({p["n_edits"] for s in series for p in s["points"]})
         if 1 < len(sizes) <= 12:  # ticks at the numbers of edits measured (a log axis would label 2×10¹, 3×10¹, ... over each other)
             ax.set_xticks(sizes)
+            if any(b / a < 2.5 for a, b in zip(sizes, sizes[1:])) and len(sizes) > 8:  # e.g. 512 and 1000: slanted, apart
+                ax.tick_params(axis="x", labelsize=8, labelrotation=45)
         ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))  # 1, 10, 100 rather than 10^0, 10^1, 10^2
         ax.xaxis.set_minor_formatter(NullFormatter())
         if ylabel.startswith("%"):
             ax.set_ylim(-3, 103)
-        elif key.startswith("perplexity"):  # a collapsing model multiplies it by orders of magnitude
-            ax.set_yscale("log")
+        elif key.startswith("perplexity"):  # a collapsing model multiplies it by orders of magnitude: then a log axis
+            low, high = ax.dataLim.intervaly
+            if low > 0 and high / low >= 10:  # (within a decade a log axis labels its ticks 1.2×10⁰, 1.4×10⁰, ...)
+                ax.set_yscale("log")
         ax.set_xlabel("edits")
         ax.set_ylabel(ylabel)
         ax.set_title(key.replace("_", " "), fontsize=10)
