@@ -643,3 +643,19 @@ def test_training_with_n_edits_per_call_learns_lambda_and_saves_a_least_squares_
     assert saved.config.aggregation == "least_squares"
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in rows if r["split"] == "train")
+
+
+def test_key_memory_forgets_the_last_call_bit_for_bit() -> None:
+    """An edit call that was not kept (``OutlierEdits``) leaves the memory as it was before it."""
+    memory = KeyMemory(past_weight=1.0)
+    first, second = {"w": torch.randn(4, 4)}, {"w": torch.randn(4, 4)}
+    memory.remember(first)
+    kept = memory.past["w"].clone()
+    memory.remember(second)
+    assert not torch.equal(memory.past["w"], kept) and memory.calls == 2
+    memory.forget_last()
+    assert torch.equal(memory.past["w"], kept) and memory.calls == 1
+    with pytest.raises(RuntimeError, match="no edit call to forget"):
+        memory.forget_last()
+    memory.remember(second)
+    assert memory.calls == 2

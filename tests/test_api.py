@@ -264,3 +264,64 @@ def test_edit_command_convsent_needs_a_label(tiny_gpt2_dir: Path, tmp_path: Path
                                 "--task", "convsent", "--topic", "Estero"])
     with pytest.raises(ValueError, match="needs label="):
         args.func(args)
+
+
+def test_sequential_edit_that_would_wreck_the_model_is_not_kept(setup: tuple, monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An edit whose update moves a weight far more than the edits before it (here the ninth, made 10⁴× too large) is
+    undone with a warning and the sequence goes on from the model as it was: the same weights as without that edit."""
+    model, tok, editor = setup
+    inner = editor.editor_for(model, tok)
+    usual, calls = inner.apply, []
+
+    def wrecking(model: nn.Module, batch: object, *args: object, **kwargs: object) -> object:
+        handle = usual(model, batch, *args, **kwargs)
+        calls.append(batch)
+        if len(calls) == 9:
+            with torch.no_grad():
+                for name in handle.originals():
+                    model.get_parameter(name).mul_(1e4)
+        return handle
+
+    monkeypatch.setattr(inner, "apply", wrecking)
+    edits = [Edit(f"Fact number {i} is about the city of", city) for i, city in enumerate(
+        ["Rome", "Paris", "London", "Berlin", "Madrid", "Vienna", "Prague", "Lisbon", "Athens", "Dublin"])]
+    before = state(model)
+    with caplog.at_level("WARNING"), editor.apply_sequential(model, edits, tok) as edited:
+        assert edited.how["refused"] == [8] and edited.edits == tuple(edits[:8] + edits[9:])
+        without = state(model)
+    assert "sequential edit 8" in caplog.text and "not kept" in caplog.text
+    assert same_state(before, model)
+    calls.extend([None] * 9)  # past the ninth call: nothing made too large from here on
+    with editor.apply_sequential(model, edits[:8] + edits[9:], tok) as edited:
+        assert same_state(without, model) and edited.how["refused"] == []
+    calls.clear()  # the ninth edit made too large again, and kept without the check
+    with editor.apply_sequential(model, edits[:9], tok, outlier_factor=None) as edited:  # no check: kept, however large
+        assert edited.how["refused"] == [] and len(edited.edits) == 9
+    assert same_state(before, model)
+
+
+def test_outlier_edits_are_judged_against_the_median_of_those_kept(tiny_gpt2_dir: Path) -> None:
+    from instructedit.editors.base import (OUTLIER_HISTORY, EditResult, OutlierEdits, SequentialWeightEdits, WeightEditHandle,
+                                           keep_in_sequence, largest_change)
+
+    model, _ = load_model(str(tiny_gpt2_dir))
+    name = "transformer.h.0.mlp.c_fc.weight"
+    weight = model.get_parameter(name).detach().clone()
+    outliers = OutlierEdits(factor=50)
+    assert outliers.admits(1e6) and not outliers.admits(float("nan"))  # no history yet: only non-finite changes refused
+    outliers.changes = [0.5] * OUTLIER_HISTORY
+    assert outliers.limit() == pytest.approx(25.0)
+    for factor, kept in ((21.0, True), (31.0, False), (float("nan"), False)):
+        sequence = SequentialWeightEdits(model, editor=None)
+        handle = WeightEditHandle(model, EditResult({name: weight * factor}))
+        name_moved, change = largest_change(handle)
+        assert name_moved == name and (change == pytest.approx(factor - 1, rel=1e-5) or factor != factor)
+        assert keep_in_sequence(sequence, [], handle, object(), outliers) is kept
+        assert len(sequence) == int(kept)
+        if kept:
+            sequence.rollback()
+        assert torch.equal(model.get_parameter(name).detach(), weight)  # refused or rolled back: bit for bit
+    assert len(outliers.changes) == OUTLIER_HISTORY + 1  # the kept edit joined the history
+    with pytest.raises(ValueError, match="> 1"):
+        OutlierEdits(factor=1.0)

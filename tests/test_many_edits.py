@@ -202,6 +202,32 @@ def test_sequential_study_scores_at_powers_of_two_and_rolls_back_bitwise(tiny_mo
     assert result["points"][-1]["perplexity"] != result["base_perplexity"]  # six strong edits move the held-out text
 
 
+def test_sequential_study_refuses_an_edit_that_would_wreck_the_model(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tenth of eleven edits made 10⁴× too large is undone, the study goes on and says so (``OutlierEdits``), and it
+    rolls back bit for bit."""
+    model, tokenizer, editor, collator = _setup(tiny_model_dir)
+    records = many_records(12)
+    usual, calls = editor.apply, []
+
+    def wrecking(model: torch.nn.Module, batch: object, *args: object, **kwargs: object) -> object:
+        handle = usual(model, batch, *args, **kwargs)
+        calls.append(batch)
+        if len(calls) == 10:
+            with torch.no_grad():
+                for name in handle.originals():
+                    model.get_parameter(name).mul_(1e4)
+        return handle
+
+    monkeypatch.setattr(editor, "apply", wrecking)
+    before = _state(model)
+    result = sequential_study(model, tokenizer, editor, collator, records[:11], records[11:], 0, edits=11, generation=False,
+                              progress=False)
+    assert result["refused"] == [9] and result["rolled_back_bitwise"]
+    assert [p["refused"] for p in result["points"]] == [0, 0, 0, 0, 1]  # after 1, 2, 4, 8 and 11 edits
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(math.isfinite(p["perplexity"]) for p in result["points"])
+
+
 def test_perplexity_is_exp_of_the_mean_answer_token_nll(tiny_gpt2_dir: Path) -> None:
     model, tokenizer, _, collator = _setup(tiny_gpt2_dir)
     prompt, answer = "The capital of France is", "Paris, a city"
@@ -494,7 +520,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert changed and any(not torch.equal(together[k], sequential[k]) for k in changed)
     saved = json.loads((tmp_path / "together" / EDITS_FILE).read_text())
     assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None}
-    assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False}
+    assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False, "refused": []}
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
     assert "in one call (aggregation sum, 2 rounds)" in capsys.readouterr().out

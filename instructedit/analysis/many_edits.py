@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.config import PRESERVE_ANSWERS
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
-from instructedit.editors.base import Editor, SequentialWeightEdits, keep_in_sequence
+from instructedit.editors.base import Editor, OutlierEdits, SequentialWeightEdits, keep_in_sequence
 from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, schedule_for
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
@@ -324,6 +324,8 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
     # Weight edits are kept as ONE sequence holding one copy of the original weights (not one copy per call:
     # 1,000 MEND edits of the default model would hold 30 GiB); editors that add hooks keep a handle per call.
     weights, handles, points, done = SequentialWeightEdits(model, editor), [], [], 0
+    refused: list[int] = []  # edits not kept: their update would have wrecked the model (``OutlierEdits``)
+    outliers = OutlierEdits()
     marks = sequential_schedule(edits)
     bar = tqdm(total=edits, desc="sequential edits", disable=not progress)
     try:
@@ -331,14 +333,19 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
             while done < edits:
                 upto = min(done + batch, edits, next(m for m in marks if m > done))
                 edit_batch = _edit_batch(collator, records[done:upto], instruction).to(device)
-                keep_in_sequence(weights, handles, editor.apply(model, edit_batch), edit_batch)
+                if not keep_in_sequence(weights, handles, editor.apply(model, edit_batch), edit_batch, outliers,
+                                        where=f"edit call {done + 1}-{upto} of {edits}"):
+                    refused += range(done, upto)  # scored like every other edit: the model does not hold them
+                    if memory is not None:
+                        memory.forget_last()
                 bar.update(upto - done)
                 done = upto
                 if done in marks and done not in scored:
                     tf = _score(model, collator, probes.upto(done), batch_size)
                     gen = asker.scores(range(done)) if asker is not None else None
                     ppl = perplexity(model, collator, texts, batch_size)
-                    point = {"n_edits": done, **_aggregate(tf, gen), "perplexity": ppl, "perplexity_ratio": ppl / base_ppl}
+                    point = {"n_edits": done, **_aggregate(tf, gen), "perplexity": ppl, "perplexity_ratio": ppl / base_ppl,
+                             "refused": len(refused)}
                     points.append(point)
                     if on_point is not None:
                         on_point(point)
@@ -348,4 +355,5 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
             handle.rollback()
         weights.rollback()
     guard.verify(full=True, where=f"after rolling back the sequential edit calls of {done} edits")
-    return {"base_perplexity": base_ppl, "perplexity_texts": len(texts), "batch": batch, "points": points, "rolled_back_bitwise": True}
+    return {"base_perplexity": base_ppl, "perplexity_texts": len(texts), "batch": batch, "points": points, "refused": refused,
+            "rolled_back_bitwise": True}

@@ -251,6 +251,9 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         rounds += f", preservation sample weighted {weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
     if args.rounds == "auto" and (n_rounds != 1 or weight is not None):
         rounds += ": --rounds auto"
+    refused = edited.how.get("refused", []) if args.sequential else []
+    if refused:  # lines whose update would have wrecked the model (editors/base.py OutlierEdits): not kept, each warned about
+        kept += f"; {len(refused)} not kept (line(s) {', '.join(str(numbered[i][0]) for i in refused)}: each update would have wrecked the model)"
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",

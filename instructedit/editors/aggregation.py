@@ -188,6 +188,7 @@ class KeyMemory:
         self.past_weight, self.text_weight = float(past_weight), float(text_weight)
         self.past: dict[str, torch.Tensor] = {}
         self.text: dict[str, torch.Tensor] = {}
+        self._before_last: tuple[dict[str, torch.Tensor], int] | None = None  # what ``forget_last`` puts back
         self.calls = 0
         self.text_tokens = 0
 
@@ -203,11 +204,20 @@ class KeyMemory:
     def remember(self, grams: dict[str, torch.Tensor]) -> None:
         """Add one edit call's KᵀK per weight (detached: earlier edits are fixed); at ``past_weight`` 0 only the call is counted
         (no solve reads the sum: ``analyze batch`` rolls every call back)."""
+        self._before_last = (dict(self.past), self.calls)  # the sums are replaced, never written in place: references suffice
         if self.past_weight:
             for name, gram in grams.items():
                 gram = gram.detach()
                 self.past[name] = gram.clone() if name not in self.past else self.past[name] + gram
         self.calls += 1
+
+    def forget_last(self) -> None:
+        """Undo the last ``remember`` (an edit call that was not kept: its keys are not the model's to hold), bit for bit;
+        only the last one can be forgotten."""
+        if self._before_last is None:
+            raise RuntimeError("KeyMemory.forget_last: no edit call to forget since the last one was forgotten")
+        self.past, self.calls = self._before_last
+        self._before_last = None
 
     def state(self) -> dict[str, float | int]:
         """What a results file records about the memory."""
