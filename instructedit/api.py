@@ -449,10 +449,8 @@ class InstructEditor:
                 for i, edit in enumerate(edits):
                     batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
                     if not keep_in_sequence(weights, handles, editor.apply(model, batch), batch, outliers,
-                                            where=f"sequential edit {i} ({edit.prompt[:40]!r} -> {edit.target[:20]!r})"):
+                                            where=f"sequential edit {i} ({edit.prompt[:40]!r} -> {edit.target[:20]!r})", memory=memory):
                         refused.append(i)
-                        if memory is not None:
-                            memory.forget_last()  # its keys are not in the model: later solves need not hold them
             if handles and len(weights):
                 raise TypeError(f"{type(editor).__name__} returned both weight edits and hook edits; cannot keep them as one sequence")
         except BaseException:
@@ -460,7 +458,8 @@ class InstructEditor:
                 handle.rollback()
             weights.rollback()
             raise
-        kept = [edit for i, edit in enumerate(edits) if i not in set(refused)]
+        not_kept = set(refused)
+        kept = [edit for i, edit in enumerate(edits) if i not in not_kept]
         edited = EditedModel(model, tokenizer, handles or [weights], kept,
                              {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused})
         if keep:

@@ -136,6 +136,29 @@ def save_tiny_editor() -> Callable[..., Path]:
 
 
 @pytest.fixture
+def wreck_edit(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, int], list]:
+    """``wreck_edit(editor, k)``: the editor's ``k``-th ``apply`` call from now writes its weights 10⁴× too large (an
+    edit that would wreck the model, as ``editors.base.OutlierEdits`` should refuse). Returns the list of calls made: a
+    test moves the count with it (extend it to skip past ``k``, clear it to start over)."""
+    def wreck(editor: object, k: int) -> list:
+        usual, calls = editor.apply, []
+
+        def wrecking(model: torch.nn.Module, batch: object, *args: object, **kwargs: object) -> object:
+            handle = usual(model, batch, *args, **kwargs)
+            calls.append(batch)
+            if len(calls) == k:
+                with torch.no_grad():
+                    for name in handle.originals():
+                        model.get_parameter(name).mul_(1e4)
+            return handle
+
+        monkeypatch.setattr(editor, "apply", wrecking)
+        return calls
+
+    return wreck
+
+
+@pytest.fixture
 def one_thread() -> Iterator[None]:
     """Torch on one thread for the test (the suite shares the machine with long training jobs)."""
     threads = torch.get_num_threads()

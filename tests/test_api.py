@@ -266,24 +266,12 @@ def test_edit_command_convsent_needs_a_label(tiny_gpt2_dir: Path, tmp_path: Path
         args.func(args)
 
 
-def test_sequential_edit_that_would_wreck_the_model_is_not_kept(setup: tuple, monkeypatch: pytest.MonkeyPatch,
+def test_sequential_edit_that_would_wreck_the_model_is_not_kept(setup: tuple, wreck_edit: Callable[[object, int], list],
                                                                  caplog: pytest.LogCaptureFixture) -> None:
     """An edit whose update moves a weight far more than the edits before it (here the ninth, made 10⁴× too large) is
     undone with a warning and the sequence goes on from the model as it was: the same weights as without that edit."""
     model, tok, editor = setup
-    inner = editor.editor_for(model, tok)
-    usual, calls = inner.apply, []
-
-    def wrecking(model: nn.Module, batch: object, *args: object, **kwargs: object) -> object:
-        handle = usual(model, batch, *args, **kwargs)
-        calls.append(batch)
-        if len(calls) == 9:
-            with torch.no_grad():
-                for name in handle.originals():
-                    model.get_parameter(name).mul_(1e4)
-        return handle
-
-    monkeypatch.setattr(inner, "apply", wrecking)
+    calls = wreck_edit(editor.editor_for(model, tok), 9)
     edits = [Edit(f"Fact number {i} is about the city of", city) for i, city in enumerate(
         ["Rome", "Paris", "London", "Berlin", "Madrid", "Vienna", "Prague", "Lisbon", "Athens", "Dublin"])]
     before = state(model)

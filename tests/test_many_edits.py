@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -202,23 +203,13 @@ def test_sequential_study_scores_at_powers_of_two_and_rolls_back_bitwise(tiny_mo
     assert result["points"][-1]["perplexity"] != result["base_perplexity"]  # six strong edits move the held-out text
 
 
-def test_sequential_study_refuses_an_edit_that_would_wreck_the_model(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sequential_study_refuses_an_edit_that_would_wreck_the_model(tiny_model_dir: Path,
+                                                                      wreck_edit: Callable[[object, int], list]) -> None:
     """The tenth of eleven edits made 10⁴× too large is undone, the study goes on and says so (``OutlierEdits``), and it
     rolls back bit for bit."""
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
     records = many_records(12)
-    usual, calls = editor.apply, []
-
-    def wrecking(model: torch.nn.Module, batch: object, *args: object, **kwargs: object) -> object:
-        handle = usual(model, batch, *args, **kwargs)
-        calls.append(batch)
-        if len(calls) == 10:
-            with torch.no_grad():
-                for name in handle.originals():
-                    model.get_parameter(name).mul_(1e4)
-        return handle
-
-    monkeypatch.setattr(editor, "apply", wrecking)
+    wreck_edit(editor, 10)
     before = _state(model)
     result = sequential_study(model, tokenizer, editor, collator, records[:11], records[11:], 0, edits=11, generation=False,
                               progress=False)

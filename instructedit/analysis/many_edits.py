@@ -334,10 +334,8 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
                 upto = min(done + batch, edits, next(m for m in marks if m > done))
                 edit_batch = _edit_batch(collator, records[done:upto], instruction).to(device)
                 if not keep_in_sequence(weights, handles, editor.apply(model, edit_batch), edit_batch, outliers,
-                                        where=f"edit call {done + 1}-{upto} of {edits}"):
+                                        where=f"edit call {done + 1}-{upto} of {edits}", memory=memory):
                     refused += range(done, upto)  # scored like every other edit: the model does not hold them
-                    if memory is not None:
-                        memory.forget_last()
                 bar.update(upto - done)
                 done = upto
                 if done in marks and done not in scored:

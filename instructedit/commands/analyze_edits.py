@@ -240,7 +240,9 @@ def _line(label: str, p: dict[str, Any]) -> str:
     if p.get("sample_weight") is not None:
         parts.append(f"sample weight {p['sample_weight']:g}")
     if p.get("refused"):
-        parts.append(f"{p['refused']} not kept: each would have wrecked the model (a weight moved 50× the usual)")
+        from instructedit.editors.base import OUTLIER_FACTOR
+
+        parts.append(f"{p['refused']} not kept: each would have wrecked the model (a weight moved {OUTLIER_FACTOR:g}× the usual)")
     made = f" ({', '.join(parts)})" if parts else ""
     return f"{label} N={p['n_edits']}{made}: {scores} (teacher-forced/generation %), {extra}"
 

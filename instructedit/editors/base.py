@@ -21,6 +21,7 @@ from torch import nn
 from instructedit.records import TokenBatch
 
 if TYPE_CHECKING:
+    from instructedit.editors.aggregation import KeyMemory
     from instructedit.models.architectures import EditableWeight
     from instructedit.models.split import PrefixState, SplitModel
 
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 # (``OutlierEdits``). In a lifelong run of the recommended editor with a key memory on held-out ZsRE, edits 251-403 each
 # moved their most-moved weight by 0.2-15 % of its norm (median 1.9 %); edit 404 asked for 4,280 % (an outlier
 # activation of the model 403 edits had left: a key ~2,000 long against the usual tens) and took the held-out
-# perplexity from x1.94 to x10^15 (``results/analysis/sequential-1000-recommended-memory``). Relative, not absolute: a tiny random model's edits move
-# its weights by 10-20× their norm, every one of them.
+# perplexity from x1.94 to x10^15 (``results/analysis/sequential-1000-recommended-memory``). Relative, not absolute: a
+# tiny random model's edits move its weights by 10-20× their norm, every one of them.
 OUTLIER_FACTOR = 50.0
 OUTLIER_HISTORY = 8  # kept edits before the median is trusted
 
@@ -171,8 +172,9 @@ def largest_change(handle: WeightEditHandle) -> tuple[str, float]:
     worst = ("", 0.0)
     with torch.no_grad():
         for name, before in handle.originals().items():
+            before = before.float()
             after = handle.model.get_parameter(name).detach().float()
-            change = float((after - before.float()).norm() / before.float().norm().clamp_min(torch.finfo(torch.float32).tiny))
+            change = float((after - before).norm() / before.norm().clamp_min(torch.finfo(torch.float32).tiny))
             change = change if math.isfinite(change) else math.inf
             if change > worst[1]:
                 worst = (name, change)
@@ -201,13 +203,14 @@ class OutlierEdits:
 
 
 def keep_in_sequence(weights: SequentialWeightEdits, handles: list[EditHandle], handle: EditHandle, batch: TokenBatch,
-                     outliers: OutlierEdits | None = None, where: str = "") -> bool:
+                     outliers: OutlierEdits | None = None, where: str = "", memory: KeyMemory | None = None) -> bool:
     """Keep one more edit of a sequence: a weight edit joins ``weights`` (one copy of the originals for the whole
     sequence, not one per edit) unless hook edits came first; any other edit keeps its own undo handle in ``handles``.
 
     With ``outliers``, a weight edit it does not admit is undone instead, with a warning naming the weight (``where``:
     which edit it was), and False returned: a model that many edits have changed can make the editor ask for an
-    update that wrecks it (``OUTLIER_FACTOR``), and every edit after it would be made on the wreck."""
+    update that wrecks it (``OUTLIER_FACTOR``), and every edit after it would be made on the wreck. ``memory``: the key
+    memory the edit's solve remembered its keys in; a refused edit's keys leave it (``KeyMemory.forget_last``)."""
     if isinstance(handle, WeightEditHandle) and outliers is not None:
         name, change = largest_change(handle)
         if not outliers.admits(change):
@@ -216,6 +219,8 @@ def keep_in_sequence(weights: SequentialWeightEdits, handles: list[EditHandle], 
                    f"edits kept before it" if math.isfinite(change) else "to values that are not finite")
             logger.warning("%sthe edit would move %s by %.3g of its norm, %s: not kept, the model is as it was",
                            f"{where}: " if where else "", name, change, why)
+            if memory is not None:
+                memory.forget_last()  # its keys are not in the model: later solves need not hold them
             return False
         outliers.changes.append(change)
     if isinstance(handle, WeightEditHandle) and not handles:
