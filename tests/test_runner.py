@@ -276,6 +276,34 @@ def test_sequential_mode_reports_decay_and_restores(tiny_model_dir: Path, which:
         assert all(p.locality == 1.0 for p in report.sequential)
 
 
+def test_sequential_mode_refuses_an_edit_that_would_wreck_the_model(tiny_model_dir: Path, wreck_edit) -> None:
+    """As ``apply_sequential`` does: the tenth edit, made 10⁴× too large, is undone; its case is scored on the model of
+    the nine before it and marked; the eleventh is made on that model, as in the sequence without the tenth."""
+    model, tokenizer, editor = setup(tiny_model_dir)
+    before = state(model)
+    cases = (records()[:2] * 6)[:11]
+    calls = wreck_edit(editor, 10)
+    report = evaluate(model, tokenizer, editor, cases, InstructionPool.default(), 0, progress=False, sequential=True, batch_size=3)
+    assert len(calls) == 11
+    assert_same_state(before, model)
+    assert [c.refused for c in report.cases] == [False] * 9 + [True, False]
+    assert [p.refused for p in report.sequential] == [0, 0, 0, 0, 1] and report.settings.outlier_factor == 50
+    assert "| not kept |" in markdown_report([report])
+    calls.extend([None] * 100)  # no more wrecking
+    without = evaluate(model, tokenizer, editor, cases[:9] + cases[10:], InstructionPool.default(), 0, progress=False, sequential=True,
+                       batch_size=3)
+    assert report.cases[10].post == without.cases[9].post and report.cases[10].gen_post == without.cases[9].gen_post
+    assert report.cases[10].answers == without.cases[9].answers
+    # switched off, the wrecking edit is kept
+    calls.clear()
+    kept = evaluate(model, tokenizer, editor, cases, InstructionPool.default(), 0, progress=False, sequential=True, batch_size=3,
+                    outlier_factor=None)
+    assert not any(c.refused for c in kept.cases) and kept.settings.outlier_factor is None
+    assert kept.cases[:9] == report.cases[:9]
+    assert kept.cases[10].answers != report.cases[10].answers  # the wreck, kept, changed what the model says after it
+    assert_same_state(before, model)
+
+
 # --- the command --------------------------------------------------------------------------------
 
 

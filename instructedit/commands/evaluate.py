@@ -205,5 +205,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     markdown = write_markdown([report], output.with_suffix(".md"))
     print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {headline(report, args.task)}; "
           f"{report.timing['cases_per_s']:.2f} cases/s")
+    refused = [c.source for c in report.cases if c.refused]
+    if refused:
+        print(f"{len(refused)} of {len(report.cases)} sequential edits not kept (each would have moved a weight more than "
+              f"{report.settings.outlier_factor:g}× the median change of the edits before it): {', '.join(refused[:10])}"
+              f"{', ...' if len(refused) > 10 else ''}")
     print(f"wrote {output} and {markdown}")
     return 0

@@ -202,27 +202,36 @@ class OutlierEdits:
         return math.isfinite(change) and change <= self.limit()
 
 
+def refuse_outlier(handle: EditHandle, outliers: OutlierEdits | None, where: str = "", memory: KeyMemory | None = None) -> bool:
+    """Whether ``outliers`` refuses ``handle``'s edit (a weight edit only; not kept yet): then it is undone, with a warning
+    naming the weight (``where``: which edit it was), and its keys leave ``memory`` (``KeyMemory.forget_last``: they are not
+    in the model, so later solves need not hold them). An admitted edit's change joins ``outliers``' history."""
+    if not isinstance(handle, WeightEditHandle) or outliers is None:
+        return False
+    name, change = largest_change(handle)
+    if outliers.admits(change):
+        outliers.changes.append(change)
+        return False
+    handle.rollback()
+    why = (f"more than {outliers.factor:g}× the median {outliers.limit() / outliers.factor:.3g} of the {len(outliers.changes)} "
+           f"edits kept before it" if math.isfinite(change) else "to values that are not finite")
+    logger.warning("%sthe edit would move %s by %.3g of its norm, %s: not kept, the model is as it was",
+                   f"{where}: " if where else "", name, change, why)
+    if memory is not None:
+        memory.forget_last()
+    return True
+
+
 def keep_in_sequence(weights: SequentialWeightEdits, handles: list[EditHandle], handle: EditHandle, batch: TokenBatch,
                      outliers: OutlierEdits | None = None, where: str = "", memory: KeyMemory | None = None) -> bool:
     """Keep one more edit of a sequence: a weight edit joins ``weights`` (one copy of the originals for the whole
     sequence, not one per edit) unless hook edits came first; any other edit keeps its own undo handle in ``handles``.
 
-    With ``outliers``, a weight edit it does not admit is undone instead, with a warning naming the weight (``where``:
-    which edit it was), and False returned: a model that many edits have changed can make the editor ask for an
-    update that wrecks it (``OUTLIER_FACTOR``), and every edit after it would be made on the wreck. ``memory``: the key
-    memory the edit's solve remembered its keys in; a refused edit's keys leave it (``KeyMemory.forget_last``)."""
-    if isinstance(handle, WeightEditHandle) and outliers is not None:
-        name, change = largest_change(handle)
-        if not outliers.admits(change):
-            handle.rollback()
-            why = (f"more than {outliers.factor:g}× the median {outliers.limit() / outliers.factor:.3g} of the {len(outliers.changes)} "
-                   f"edits kept before it" if math.isfinite(change) else "to values that are not finite")
-            logger.warning("%sthe edit would move %s by %.3g of its norm, %s: not kept, the model is as it was",
-                           f"{where}: " if where else "", name, change, why)
-            if memory is not None:
-                memory.forget_last()  # its keys are not in the model: later solves need not hold them
-            return False
-        outliers.changes.append(change)
+    With ``outliers``, a weight edit it does not admit is undone instead (``refuse_outlier``) and False returned: a model
+    that many edits have changed can make the editor ask for an update that wrecks it (``OUTLIER_FACTOR``), and every edit
+    after it would be made on the wreck. ``memory``: the key memory the edit's solve remembered its keys in."""
+    if refuse_outlier(handle, outliers, where, memory):
+        return False
     if isinstance(handle, WeightEditHandle) and not handles:
         weights.add(handle, batch)
     else:

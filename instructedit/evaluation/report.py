@@ -48,6 +48,7 @@ class EvalSettings:
     split_seed: int | None = None
     limit: int | None = None
     sequential: bool = False
+    outlier_factor: float | None = None  # sequential: an edit moving a weight more than this × the median change is refused
     batch_size: int = 16
     convsent_pairs: int = 2
     max_length: int = 0
@@ -83,6 +84,7 @@ class CaseResult:
     gen_pre: dict[str, float] = field(default_factory=dict)
     gen_post: dict[str, float] = field(default_factory=dict)
     answers: list[dict[str, str]] = field(default_factory=list)  # per query: family, form, question, target, pre, post, ...
+    refused: bool = False  # sequential: the edit would have wrecked the model and was not kept (scored without it)
 
 
 @dataclass
@@ -94,6 +96,7 @@ class SequentialPoint:
     reliability_n: int
     locality: float | None
     locality_n: int
+    refused: int = 0  # of these edits, how many were not kept (each would have wrecked the model)
 
 
 @dataclass
@@ -321,8 +324,10 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
         lines += _sample_answers(report)
         lines += _skipped(report)
         if report.sequential:
-            lines += [f"#### {s.label} — sequential editing", "", "| edits | reliability (all edited) | n | locality | n |", "|---|---|---|---|---|"]
-            lines += [f"| {p.edits} | {_pct(p.reliability)} | {p.reliability_n} | {_pct(p.locality)} | {p.locality_n} |" for p in report.sequential]
+            lines += [f"#### {s.label} — sequential editing", "", "| edits | reliability (all edited) | n | locality | n | not kept |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {p.edits} | {_pct(p.reliability)} | {p.reliability_n} | {_pct(p.locality)} | {p.locality_n} | {p.refused} |"
+                      for p in report.sequential]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 

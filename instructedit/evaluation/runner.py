@@ -31,7 +31,9 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.editors.base import EditHandle, EditResult, Editor, FunctionalEditor, WeightEditHandle, apply_in_place
+from instructedit.editors.base import (
+    OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
+)
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN
@@ -206,11 +208,16 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
 
 
 def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases: list[Case], guard: WeightGuard, batch_size: int,
-                    generation: gen.GenerationRun | None, teacher_forced: bool, progress: bool) -> tuple[list[CaseResult], list[SequentialPoint]]:
+                    generation: gen.GenerationRun | None, teacher_forced: bool, progress: bool,
+                    outlier_factor: float | None = OUTLIER_FACTOR) -> tuple[list[CaseResult], list[SequentialPoint]]:
     """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end.
 
-    A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model.
+    A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model. A weight
+    edit that would wreck the model (``editors.base.OutlierEdits`` with ``outlier_factor``; None: every edit is kept) is
+    undone, as ``apply_sequential`` does: its case is scored on the model without it and marked ``refused``.
     """
+    outliers = OutlierEdits(outlier_factor) if outlier_factor is not None else None
+    refused = 0
     for case in tqdm(cases, desc="pre-edit", unit="case", disable=not progress):
         logits = layout_logits(model, case.padded)
         case.pre, case.pre_argmax = _accuracy_metrics(case, logits), argmax_ids(logits)
@@ -220,15 +227,19 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     try:
         for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
             handle = editor.apply(model, case.edit)
-            if isinstance(handle, WeightEditHandle):
+            kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})")
+            if not kept:
+                refused += 1
+            elif isinstance(handle, WeightEditHandle):
                 handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
             else:
                 held.append(handle)
             post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
             ask = _asker(model, generation, case)
-            results.append(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced))
+            results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced),
+                                   refused=not kept))
             if k in schedule:
-                curve.append(_rescore(model, collator, cases[:k], batch_size, k))
+                curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k), refused=refused))
     finally:
         for handle in reversed(held):
             handle.rollback()
@@ -274,6 +285,7 @@ def evaluate(
     generation_batch_size: int = 32,
     judge: gen.Judge | None = None,
     cases_together: int = 32,
+    outlier_factor: float | None = OUTLIER_FACTOR,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -290,6 +302,9 @@ def evaluate(
     MEND's answers of this many cases decode in one batch, pre- and post-edit sharing the prefill below the
     edited blocks (each post-edit row with its own edit added by hooks; equal to one case at a time up to
     float rounding; 1: each case's edit written into the model, pre-edit answers decoded for all cases first).
+    ``outlier_factor`` (``sequential``): an edit that would move a weight by more than this many times the median change
+    of the edits kept before it is not kept (``editors.base.OutlierEdits``; None: every edit is kept); its case is scored
+    on the model without it and marked ``refused``.
     """
     if batch_size < 1 or generation_batch_size < 1:
         raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
@@ -328,7 +343,8 @@ def evaluate(
         teacher_forced = protocol != "generation"
         packed = False
         if sequential:
-            results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress)
+            results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress,
+                                             outlier_factor)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
                                           cases_together)
@@ -345,7 +361,8 @@ def evaluate(
     if generation is not None:
         timing |= {f"generation_{stage}_s": seconds for stage, seconds in generation.seconds.items()}
     return EvalReport(
-        settings=_complete_settings(settings, model, editor, records, pool, instruction, sequential=sequential, batch_size=batch_size,
+        settings=_complete_settings(settings, model, editor, records, pool, instruction, sequential=sequential,
+                                    outlier_factor=outlier_factor if sequential else None, batch_size=batch_size,
                                     convsent_pairs=convsent_pairs, max_length=max_length, fast_path=fast_path, packed_rows=packed,
                                     device=str(device), protocol=protocol, answer_stop=answer_stop,
                                     edit_forms=list(collator.edit_forms), queries=forms,
