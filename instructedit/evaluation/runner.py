@@ -217,7 +217,6 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     undone, as ``apply_sequential`` does: its case is scored on the model without it and marked ``refused``.
     """
     outliers = OutlierEdits(outlier_factor) if outlier_factor is not None else None
-    refused = 0
     for case in tqdm(cases, desc="pre-edit", unit="case", disable=not progress):
         logits = layout_logits(model, case.padded)
         case.pre, case.pre_argmax = _accuracy_metrics(case, logits), argmax_ids(logits)
@@ -227,19 +226,18 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     try:
         for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
             handle = editor.apply(model, case.edit)
+            # a refused edit is undone: the model is as the edits before it left it
             kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})")
-            if not kept:
-                refused += 1
-            elif isinstance(handle, WeightEditHandle):
+            if kept and isinstance(handle, WeightEditHandle):
                 handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
-            else:
+            elif kept:
                 held.append(handle)
             post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
             ask = _asker(model, generation, case)
             results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced),
                                    refused=not kept))
             if k in schedule:
-                curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k), refused=refused))
+                curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k), refused=sum(r.refused for r in results)))
     finally:
         for handle in reversed(held):
             handle.rollback()

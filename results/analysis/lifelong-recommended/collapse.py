@@ -1,6 +1,8 @@
 """Where does lifelong editing with the recommended editor + key memory collapse? Replays analyze sequential's setup
 (same CLI arguments) and after every edit from START on records the held-out perplexity (first 40 texts) and the
-edit's weight change."""
+edit's weight change. PROBE=1: also prints, for every ridge solve from edit START on, its conditioning, float32 against
+float64 solution and the Gram's largest eigenvalue (collapse-probe-edit-404.txt; run as collapse_probe.py, the same
+script with the probe always on, merged into this one afterwards)."""
 import sys, json, time
 import torch
 from instructedit.cli import build_parser
@@ -37,8 +39,24 @@ names = [w.name for w in editor.weights]
 params = dict(model.named_parameters())
 log = []
 weights, handles = SequentialWeightEdits(model, editor), []
+probe = {"on": False}
+if os.environ.get("PROBE"):
+    from instructedit.editors import aggregation as AG
+    usual_solve = AG.ridge_solve
+    def probed(gram, cross, log_lambda, prior=None):
+        out = usual_solve(gram, cross, log_lambda, prior)
+        if probe["on"]:
+            A = (gram + log_lambda.exp() * torch.eye(gram.shape[0]) + (prior if prior is not None else 0)).double()
+            ev = torch.linalg.eigvalsh(A)
+            s64 = torch.linalg.solve(A, cross.double())
+            print("d_in", gram.shape[0], "lambda", float(log_lambda.exp()), "eig min/max", float(ev.min()), float(ev.max()),
+                  "|out| f32", float(out.norm()), "|out| f64", float(s64.norm()), "rel diff", float((out.double() - s64).norm() / s64.norm()),
+                  "gram max eig", float(torch.linalg.eigvalsh(gram.double()).max()), flush=True)
+        return out
+    AG.ridge_solve = probed
 with remembering(editor, memory):
     for i in range(END):
+        probe["on"] = i + 1 >= START
         before = {n: params[n].detach().clone() for n in names} if i >= START else None
         batch = ME._edit_batch(collator, records[i:i + 1], loaded.instruction).to("cpu")
         keep_in_sequence(weights, handles, editor.apply(model, batch), batch)
