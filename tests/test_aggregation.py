@@ -142,6 +142,74 @@ def test_rounds_pass_the_unedited_prefix_once_and_change_nothing_else(tiny_model
             other.edit(model, batch, state)
 
 
+def test_anchored_rounds_hold_the_preserved_keys_to_the_original_weights(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Anchored rounds (apply(rounds=..., anchored=True)) with a preservation sample: a later round's shift S is argmin
+    ‖K S − D‖² + e^λ‖S‖² + (A + S)ᵀP(A + S), A the shift the earlier rounds made and P the sample's prior (lstsq of the
+    augmented system, K and D from the model the earlier rounds edited); apply hands each later round the shift written
+    so far and clears it after; without a sample anchoring changes nothing, bit for bit."""
+    from instructedit.analysis.many_edits import key_memory
+
+    model, tok = load_model(str(tiny_model_dir))
+    collator = Collator(tok, max_length=64)
+    editor = _editor(model, tiny_model_dir, aggregation="least_squares")
+    batch = collator.qa_batch(PAIRS[:2])
+    before = _state(model)
+    with editor.apply(model, batch, rounds=3) as plain_rounds:
+        plain = _state(model)
+    with editor.apply(model, batch, rounds=3, anchored=True) as handle:  # no preserved keys: nothing to anchor
+        assert handle.rounds_made == plain_rounds.rounds_made and _same(plain, model)
+    memory = key_memory(editor, model, collator, _many_pairs(40), past_weight=0.0, text_weight=20.0)
+    with editor.remembering(memory):
+        with editor.apply(model, batch):  # the first round; then the second's solve, by hand and by the editor
+            first = _state(model)
+            with capture_factors(model, editor.weights) as capture:
+                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[batch.label_mask]
+                factors = capture.factors(per_row_nll(logits, batch.labels[batch.label_mask], batch.label_rows, batch.n_rows).sum())
+            drifting = editor.edit(model, batch).updates
+            editor.anchor = {name: first[name] - before[name] for name in drifting}
+            anchored = editor.edit(model, batch).updates
+            editor.anchor = None
+        calls: list[tuple[dict | None, dict]] = []
+        edit = editor.edit
+        monkeypatch.setattr(editor, "edit", lambda *a: calls.append((editor.anchor, (r := edit(*a)).new_params)) or r)
+        with editor.apply(model, batch, rounds=3, anchored=True):
+            pass
+    assert editor.anchor is None and _same(before, model)
+    assert calls[0][0] is None and len(calls) >= 2
+    for (anchor, _), (_, written) in zip(calls[1:], calls):  # each later round: the shift the round before wrote
+        assert anchor.keys() == written.keys()
+        for name, shift in anchor.items():
+            torch.testing.assert_close(shift, written[name].float() - before[name].float(), rtol=0, atol=0)
+    changed = []
+    with torch.no_grad():
+        for i, w, keys, keys_t, deltas_t in editor.network_outputs(factors):
+            def oriented(t: torch.Tensor) -> torch.Tensor:  # storage orientation -> (d_in, d_out)
+                return t.double() if w.transposed else t.double().T
+            values = value_differences(keys, keys_t, deltas_t, editor.edit_lrs[i]).double()
+            made = oriented(first[w.name] - before[w.name])  # A
+            spectrum, basis = torch.linalg.eigh(memory.prior(w.name).double())
+            root = spectrum.clamp(min=0).sqrt()[:, None] * basis.T  # RᵀR = P
+            ridge = editor.lambdas[i].double().exp().sqrt() * torch.eye(keys.shape[1], dtype=torch.float64)
+            expected = torch.linalg.lstsq(torch.cat([keys.double(), ridge, root]),
+                                          torch.cat([values, values.new_zeros(keys.shape[1], values.shape[1]), -root @ made])).solution
+            scale = float(expected.abs().max())
+            assert scale > 0, w.name
+            torch.testing.assert_close(oriented(anchored[w.name]), expected, rtol=1e-3, atol=1e-3 * scale, msg=w.name)
+            changed.append(not torch.allclose(anchored[w.name], drifting[w.name]))
+    assert any(changed)  # the anchor changed the solve
+
+
+def test_the_anchor_holds_the_sample_not_the_earlier_edits() -> None:
+    """An anchored solve holds only the preservation sample's keys to the weights before the shift (KeyMemory.prior with
+    past=False): the earlier edits' keys are held to the current weights, which hold those edits."""
+    memory = KeyMemory(past_weight=2.0, text_weight=3.0)
+    memory.remember({"w": torch.eye(4)})
+    memory.text = {"w": torch.full((4, 4), 0.5)}
+    torch.testing.assert_close(memory.prior("w"), 2.0 * torch.eye(4) + 1.5)
+    torch.testing.assert_close(memory.prior("w", past=False), torch.full((4, 4), 1.5))
+    assert KeyMemory(past_weight=1.0).prior("w", past=False) is None
+
+
 def test_chunked_normal_equations_equal_the_closed_form() -> None:
     torch.manual_seed(0)
     keys, values = torch.randn(23, 6, dtype=torch.float64), torch.randn(23, 4, dtype=torch.float64)

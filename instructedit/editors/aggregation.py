@@ -154,11 +154,12 @@ class NormalEquations:
         self._fold()
         return self._cross
 
-    def solve(self, log_lambda: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
-        """The ridge solution S (d_in, d_out) of every chunk added so far (``prior``: see ``ridge_solve``)."""
+    def solve(self, log_lambda: torch.Tensor, prior: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> torch.Tensor:
+        """The ridge solution S (d_in, d_out) of every chunk added so far (``prior``: see ``ridge_solve``); ``offset``
+        (d_in, d_out) is taken from KᵀD first (anchored rounds: P A, A the shift earlier rounds made)."""
         if self.gram is None or self.cross is None:
             raise ValueError("no tokens were added to the normal equations")
-        return ridge_solve(self.gram, self.cross, log_lambda, prior)
+        return ridge_solve(self.gram, self.cross if offset is None else self.cross - offset, log_lambda, prior)
 
     def solve_factors(self, log_lambda: torch.Tensor, prior: torch.Tensor | None = None,
                       inverse: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -192,10 +193,11 @@ class KeyMemory:
         self.calls = 0
         self.text_tokens = 0
 
-    def prior(self, name: str) -> torch.Tensor | None:
-        """P of weight ``name`` for the next solve: past_weight · Σ K_pastᵀK_past + text_weight · C_text (None if empty)."""
+    def prior(self, name: str, past: bool = True) -> torch.Tensor | None:
+        """P of weight ``name`` for the next solve: past_weight · Σ K_pastᵀK_past + text_weight · C_text (None if empty);
+        ``past=False``: the sample's term alone (what anchored solves hold to the original weights)."""
         terms = []
-        if self.past_weight and name in self.past:
+        if past and self.past_weight and name in self.past:
             terms.append(self.past_weight * self.past[name])
         if self.text_weight and name in self.text:
             terms.append(self.text_weight * self.text[name])

@@ -149,7 +149,7 @@ class LearnedEditor(nn.Module):
         return new_params
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, batch: TokenBatch, rounds: int = 1, progress: bool = False) -> WeightEditHandle:
+    def apply(self, model: nn.Module, batch: TokenBatch, rounds: int = 1, progress: bool = False, anchored: bool = False) -> WeightEditHandle:
         """Edit ``model`` in place; the handle (also a context manager) rolls back bit-exactly.
 
         ``rounds`` > 1: the edit is made again on the model the earlier rounds edited, ``rounds`` edits in all, each
@@ -160,10 +160,18 @@ class LearnedEditor(nn.Module):
         that overshoot only grow (a preservation sample too weak for its weight took every answer to nothing). The handle
         undoes every round; ``handle.rounds_made`` says how many were kept. ``progress``: a bar over the rounds.
         The blocks below the edited ones pass over the edit inputs once (``round_state``), not once per round: no round
-        changes them, so every round starts from that pass (the same weights, bit for bit, in a fraction of the time)."""
+        changes them, so every round starts from that pass (the same weights, bit for bit, in a fraction of the time).
+
+        ``anchored`` (least-squares editors with preserved keys): each later round's solve holds the preserved keys'
+        outputs to the original weights' rather than to the last round's (``MENDEditor.anchor``), so rounds
+        that each move them a little cannot add up to a large move; without preserved keys it changes nothing."""
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
+        if anchored and not hasattr(self, "anchor"):
+            raise ValueError(f"anchored rounds need a least-squares MEND editor; this one is {type(self).__name__}")
+        anchored = anchored and self.holds_sample()  # nothing to anchor: the plain rounds
         was_training = self.training
+        outer = getattr(self, "anchor", None)  # a shift made before this call that its solves already answer for
         self.eval()
         try:
             with tqdm(total=rounds, desc="edit rounds", unit="round", disable=not progress or rounds == 1) as bar:
@@ -176,18 +184,29 @@ class LearnedEditor(nn.Module):
                     # the edits' loss before the round written last, and the weights it wrote over (the first round stays:
                     # it is the one-round edit); those weights are the round before's new_params, held, not copied
                     before, undo, written = None, None, result.new_params
+                    unedited = float(result.pre_edit_loss)  # the edits' loss on the model as the call found it
 
                     def undone(after: torch.Tensor | None) -> bool:
-                        """The round written last raised the edits' loss (``before`` → ``after``): its weights undone."""
-                        if before is None or after is None or float(after) <= float(before):
+                        """The round written last raised the edits' loss (``before`` → ``after``; anchored, where a round may
+                        trade some of it for the sample's outputs: above the loss before the call, or not finite): its
+                        weights undone."""
+                        if before is None or after is None:
+                            return False
+                        limit = unedited if anchored else float(before)
+                        if float(after) <= limit:  # NaN compares False: undone
                             return False
                         write_weights(model, undo)
                         handle.rounds_made -= 1
-                        logger.warning("edit round %d raised the edits' loss from %.4g to %.4g: undone, the edits are made in "
-                                       "%d round(s) of %d", handle.rounds_made + 1, float(before), float(after), handle.rounds_made, rounds)
+                        logger.warning("edit round %d raised the edits' loss from %.4g to %.4g%s: undone, the edits are made in "
+                                       "%d round(s) of %d", handle.rounds_made + 1, float(before), float(after),
+                                       f", above the {limit:.4g} before the call" if anchored else "", handle.rounds_made, rounds)
                         return True
 
+                    originals = handle.originals() if anchored else None
                     for _ in range(rounds - 1):
+                        if originals is not None:  # the shift made so far (before this call too), for the next solve to answer for
+                            self.anchor = {name: written[name].float() - originals[name].float() + (outer[name] if outer else 0)
+                                           for name in originals}
                         result = self.edit(model, batch, state)
                         if undone(result.pre_edit_loss):
                             break
@@ -203,6 +222,8 @@ class LearnedEditor(nn.Module):
                     raise
         finally:
             self.train(was_training)
+            if anchored:
+                self.anchor = outer
         return handle
 
     # -- persistence ---------------------------------------------------------------------------

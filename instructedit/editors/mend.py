@@ -169,6 +169,10 @@ class MENDEditor(LearnedEditor):
         self.preservation: KeyMemory | None = None
         self.preservation_source = ""
         self._base_inverses: dict[str, tuple[tuple, torch.Tensor | None]] = {}  # weight name -> (what it was made from, B⁻¹)
+        # least_squares: weight name -> the shift already made to it since the model was last as it should be kept
+        # (storage orientation: earlier rounds of ``apply(anchored=True)``, earlier edits of an anchored sequence); every
+        # solve then holds the preservation sample's keys' outputs to those of the weights before that shift (``solve``)
+        self.anchor: Mapping[str, torch.Tensor] | None = None
 
     @property
     def network_parameters(self) -> list[nn.Parameter]:
@@ -239,6 +243,16 @@ class MENDEditor(LearnedEditor):
         updates, thin = {}, {}
         memory = self.memory
         for i, w in enumerate(self.weights):
+            made = self.anchor.get(w.name) if self.anchor is not None else None
+            held = self._prior(w.name, past=False) if made is not None else None
+            if held is not None:
+                # anchored: the sample's keys' outputs are held to those of the weights before the shift A already made,
+                # not to the current ones (earlier edits' keys, if remembered, to the current): min ‖K S − D‖² + e^λ‖S‖² +
+                # ‖P_past^½ S‖² + ‖P_sample^½ (A + S)‖², so KᵀD becomes KᵀD − P_sample A
+                made = made.to(held.device, held.dtype)
+                shift = systems[w.name].solve(self.lambdas[i], self._prior(w.name), offset=held @ (made if w.transposed else made.T))
+                updates[w.name] = shift if w.transposed else shift.T
+                continue
             # without gradients and with few tokens, S as two thin factors (one smaller solve; cheap to decode with)
             factors = None
             if not torch.is_grad_enabled():
@@ -257,15 +271,21 @@ class MENDEditor(LearnedEditor):
         formed = ThinUpdates(thin, transposed)
         return {w.name: updates[w.name] if w.name in updates else formed[w.name] for w in self.weights}, total / batch.n_label_rows, None
 
-    def _prior(self, name: str) -> torch.Tensor | None:
+    def _prior(self, name: str, past: bool = True) -> torch.Tensor | None:
         """The keys weight ``name``'s solve holds still: the active memory's, plus the editor's own preservation sample
-        unless that memory brings a sample of its own."""
+        unless that memory brings a sample of its own; ``past=False``: the preservation sample's alone, without the
+        memory's earlier edits."""
         memory, own = self.memory, self.preservation
-        terms = [memory.prior(name) if memory is not None else None]
+        terms = [memory.prior(name, past) if memory is not None else None]
         if own is not None and not (memory is not None and memory.text_weight and memory.text):
             terms.append(own.prior(name))
         terms = [t.to(self.edit_lrs.device) for t in terms if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
+
+    def holds_sample(self) -> bool:
+        """Whether the solves hold a preservation sample's keys (the editor's own or an active memory's): what an anchor
+        (``anchor``, ``apply(anchored=True)``) holds to the weights before a shift."""
+        return any(self._prior(w.name, past=False) is not None for w in self.weights)
 
     def _preservation_inverse(self, i: int, name: str) -> torch.Tensor | None:
         """Without a ``remembering`` memory, the inverse of weight ``name``'s fixed part of the system, its
