@@ -243,25 +243,16 @@ class MENDEditor(LearnedEditor):
         updates, thin = {}, {}
         memory = self.memory
         for i, w in enumerate(self.weights):
-            made = self.anchor.get(w.name) if self.anchor is not None else None
-            held = self._prior(w.name, past=False) if made is not None else None
-            if held is not None:
-                # anchored: the sample's keys' outputs are held to those of the weights before the shift A already made,
-                # not to the current ones (earlier edits' keys, if remembered, to the current): min ‖K S − D‖² + e^λ‖S‖² +
-                # ‖P_past^½ S‖² + ‖P_sample^½ (A + S)‖², so KᵀD becomes KᵀD − P_sample A
-                made = made.to(held.device, held.dtype)
-                shift = systems[w.name].solve(self.lambdas[i], self._prior(w.name), offset=held @ (made if w.transposed else made.T))
-                updates[w.name] = shift if w.transposed else shift.T
-                continue
+            offset = self._anchor_offset(w)
             # without gradients and with few tokens, S as two thin factors (one smaller solve; cheap to decode with)
             factors = None
-            if not torch.is_grad_enabled():
+            if offset is None and not torch.is_grad_enabled():
                 inverse = self._preservation_inverse(i, w.name)
                 factors = systems[w.name].solve_factors(self.lambdas[i], None if inverse is not None else self._prior(w.name), inverse)
             if factors is not None:
                 thin[w.name] = factors
             else:
-                shift = systems[w.name].solve(self.lambdas[i], self._prior(w.name))
+                shift = systems[w.name].solve(self.lambdas[i], self._prior(w.name), offset)
                 updates[w.name] = shift if w.transposed else shift.T  # shift (d_in, d_out): Conv1D's storage orientation
         if memory is not None:
             memory.remember({w.name: systems[w.name].gram for w in self.weights})
@@ -281,6 +272,18 @@ class MENDEditor(LearnedEditor):
             terms.append(own.prior(name))
         terms = [t.to(self.edit_lrs.device) for t in terms if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
+
+    def _anchor_offset(self, w: EditableWeight) -> torch.Tensor | None:
+        """P_sample A (d_in, d_out) for weight ``w``'s solve while ``anchor`` holds its shift A and the solves hold a
+        sample; else None. The sample's keys' outputs are then held to those of the weights before A, not to the current
+        ones (earlier edits' keys, if remembered, to the current): min ‖K S − D‖² + e^λ‖S‖² + ‖P_past^½ S‖² +
+        ‖P_sample^½ (A + S)‖², whose KᵀD is KᵀD − P_sample A."""
+        made = self.anchor.get(w.name) if self.anchor is not None else None
+        held = self._prior(w.name, past=False) if made is not None else None
+        if held is None:
+            return None
+        made = made.to(held.device, held.dtype)
+        return held @ (made if w.transposed else made.T)
 
     def holds_sample(self) -> bool:
         """Whether the solves hold a preservation sample's keys (the editor's own or an active memory's): what an anchor
