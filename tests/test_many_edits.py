@@ -476,6 +476,50 @@ def test_analyze_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Pa
     assert "needs an editor with editor.aggregation least_squares" in caplog.text
 
 
+def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``evaluate --sequential --key-memory``: the runner's edits hold the earlier ones (and a preservation sample) still, as
+    ``edit --sequential --key-memory`` and ``analyze sequential`` do; the report says so; misuse is refused clearly."""
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 12)
+    editor = _saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares")
+    base = ["evaluate", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--limit", "4", "--sequential",
+            "--device", "cpu", "--no-progress", "--protocol", "teacher_forced"]
+    plain, kept = tmp_path / "plain.json", tmp_path / "memory.json"
+    assert main([*base, "--output", str(plain)]) == 0
+    assert main([*base, "--output", str(kept), "--key-memory", "--past-weight", "1e6", "--preserve-data", str(data),
+                 "--preserve", "6", "--preserve-weight", "1e3"]) == 0
+    assert "left out 4 of its 6 texts that this run also measures" in caplog.text  # records 0..3 are the ones evaluated
+    report, without = json.loads(kept.read_text()), json.loads(plain.read_text())
+    memory = report["settings"]["key_memory"]
+    refused = sum(c["refused"] for c in report["cases"])
+    assert memory["past_weight"] == 1e6 and memory["text_weight"] == 1e3 and memory["text_tokens"] > 0
+    assert memory["calls_remembered"] == 4 - refused and without["settings"]["key_memory"] is None
+    assert "[sequential, key memory]" in (tmp_path / "memory.md").read_text()
+    assert report["restoration"]["verified"]
+    # holding the earlier edits' keys still changes what the later edits do to the earlier ones
+    assert report["sequential"] != without["sequential"] or report["aggregates"] != without["aggregates"]
+
+    assert main([*base[:-3], "--output", str(tmp_path / "x.json"), "--key-memory"]) == 0  # no sample: earlier edits only
+    assert json.loads((tmp_path / "x.json").read_text())["settings"]["key_memory"]["text_tokens"] == 0
+    single = [a for a in base if a != "--sequential"]
+    assert main([*single, "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2
+    assert "add --sequential" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--preserve-weight", "5"]) == 2
+    assert "add --key-memory --sequential" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-data", str(data), "--preserve", "4"]) == 2
+    assert "all 4 of its texts are among those this run measures" in caplog.text
+    summing = _saved_editor(tiny_llama_dir, tmp_path / "sum", "sum")
+    assert main([*base[:2], str(summing), *base[3:], "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2
+    assert "least_squares" in caplog.text
+    from instructedit.editors.aggregation import KeyMemory
+    from instructedit.editors.mend import MENDEditor
+
+    model, tok = load_model(str(tiny_llama_dir))
+    with pytest.raises(ValueError, match="pass sequential=True"):
+        evaluate(model, tok, MENDEditor.from_pretrained(editor), [], None, None, memory=KeyMemory())
+
+
 def _edits_file(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -791,3 +835,29 @@ def test_perplexity_panel_is_linear_within_a_decade_and_log_beyond(tmp_path: Pat
     points = [{"n_edits": n, "perplexity_ratio": r} for n, r in zip([1, 2, 4], ratios)]
     out = plots.edits_curves(tmp_path / "curve.png", [{"label": "x", "points": points}], [("perplexity_ratio", "ratio")], "t")
     assert out.exists() and figures[0].axes[0].get_yscale() == scale
+
+
+def test_a_study_of_one_size_draws_error_bars_and_its_legend_under_the_panel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One N: a band of no width would hide the interval, and "best" put the legend over the points mid-axis."""
+    from matplotlib.container import ErrorbarContainer
+
+    from instructedit.analysis import plots
+
+    figures = []
+    usual = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or usual(fig, path))
+    summary = {"mean": 0.8, "ci_low": 0.7, "ci_high": 0.9}
+    one = [{"label": "x", "points": [{"n_edits": 1000, "locality": summary, "gen_locality": summary}]}]
+    plots.edits_curves(tmp_path / "one.png", one, [("locality", "% locality")], "t")
+    ax = figures[0].axes[0]
+    bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(bars) == 2  # teacher-forced and generation
+    low, high = bars[0].lines[2][0].get_segments()[0][:, 1]
+    assert (low, high) == pytest.approx((70.0, 90.0))
+    anchor = ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted())
+    assert anchor.y0 < 0  # under the panel
+    many = [{"label": "x", "points": [{"n_edits": n, "locality": summary} for n in (1, 8)]}]
+    plots.edits_curves(tmp_path / "many.png", many, [("locality", "% locality")], "t")
+    ax = figures[1].axes[0]
+    assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)] and ax.collections  # the band
+    assert ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted()).y0 == pytest.approx(0)

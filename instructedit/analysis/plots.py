@@ -193,7 +193,7 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
     (``key``) solid with dots, the generation value (``gen_<key>``) dashed with open squares. A plain number (seconds per edit,
     perplexity ratio) is drawn as it is. Each edit alone (``analyze batch --singles``) is dotted: through the
     points' ``single_same_cases`` (the same N cases as each call) where they exist, else the series' ``single`` as a
-    horizontal line. A point's ``unedited`` summaries (``analyze batch --unedited-locality``) are triangles with their
+    horizontal line. A study of one N draws the intervals as error bars and the legends under the panels. A point's ``unedited`` summaries (``analyze batch --unedited-locality``) are triangles with their
     intervals (up: teacher-forced, down: generation). A y label that starts with ``%`` fixes the axis to 0-100.
     """
     fig = _figure(4.2 * len(panels), 3.9)
@@ -210,9 +210,12 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
                 label = f"{s['label']} ({protocol})" if summaries else s["label"]
                 ax.plot(x, y, style, marker=marker, markersize=4, markerfacecolor="none" if marker == "s" else None, color=f"C{k % 10}",
                         label=label)  # open squares: generation, told apart from teacher forcing where a study has one N
-                if summaries:
+                if summaries and len(points) > 1:
                     ax.fill_between(x, [100 * p[name]["ci_low"] for p in points], [100 * p[name]["ci_high"] for p in points],
                                     color=f"C{k % 10}", alpha=0.12, linewidth=0)
+                elif summaries:  # one N: a band of no width shows nothing, so the interval is an error bar
+                    ax.errorbar(x, y, yerr=[[y[0] - 100 * points[0][name]["ci_low"]], [100 * points[0][name]["ci_high"] - y[0]]],
+                                fmt="none", capsize=3, linewidth=1, color=f"C{k % 10}")
                 same = [p for p in points if (p.get("single_same_cases") or {}).get(name) is not None]
                 single = (s.get("single") or {}).get(name)
                 if same:  # each edit alone, the same N cases as each call: the reference the N-edit calls are compared with
@@ -231,7 +234,7 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
                                 label=f"{s['label']} ({protocol}, {others[0]['unedited']['n_cases']} unedited records)")
         ax.set_xscale("log")
         sizes = sorted({p["n_edits"] for s in series for p in s["points"]})
-        if 1 < len(sizes) <= 12:  # ticks at the numbers of edits measured (a log axis would label 2×10¹, 3×10¹, ... over each other)
+        if 0 < len(sizes) <= 12:  # ticks at the numbers of edits measured (a log axis would label 2×10¹, 3×10¹, ... over each other)
             ax.set_xticks(sizes)
             if any(b / a < 2.5 for a, b in zip(sizes, sizes[1:])) and len(sizes) > 8:  # e.g. 512 and 1000: slanted, apart
                 ax.tick_params(axis="x", labelsize=8, labelrotation=45)
@@ -247,7 +250,9 @@ def edits_curves(path: str | Path, series: Sequence[Mapping[str, Any]], panels: 
         ax.set_ylabel(ylabel)
         ax.set_title(key.replace("_", " "), fontsize=10)
         ax.grid(alpha=0.25)
-        if ax.get_legend_handles_labels()[0]:
+        if ax.get_legend_handles_labels()[0] and len(sizes) == 1:  # one N: its points sit mid-axis, where "best" would put it
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2))
+        elif ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7, loc="best")
     if any(s.get("single") for s in series):
         suptitle += " (dotted: each edit alone)"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, per_editor,
+    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, per_editor, without_measured,
 )
 from instructedit.config import LS_KEYS
 from instructedit.records import TASKS, EditRecord
@@ -188,16 +188,7 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
     texts = locality_texts(records)
     if not texts:
         raise ValueError(f"records {args.preserve_start}..{end - 1} of --preserve-data {args.preserve_data} have no locality prompts")
-    measured = set(locality_texts(held_out))
-    kept = [t for t in texts if t not in measured]
-    if not kept:
-        raise ValueError(f"--preserve-data {args.preserve_data}: all {len(texts)} of its texts are among those the study measures; "
-                         "preserve other records than those perplexity or locality is measured on")
-    if len(kept) < len(texts):
-        logger.warning("--preserve-data %s: left out %d of its %d texts that the study also measures (e.g. %r)",
-                       args.preserve_data, len(texts) - len(kept), len(texts), next(t for t in texts if t in measured)[0])
-    texts = kept
-    return texts
+    return without_measured(texts, set(locality_texts(held_out)), args.preserve_data, "the study")
 
 
 def _unfinished(output: Path, result: dict[str, Any], editors: list[str], labels: list[str]) -> dict[str, Any]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any
 
 from instructedit.config import DEFAULT_MODEL, PRESERVE_ANSWERS, PRESERVE_KEYS
+
+logger = logging.getLogger(__name__)
 
 
 def rounds_argument(text: str) -> int | str:
@@ -31,6 +34,45 @@ def add_rounds_arguments(parser: argparse.ArgumentParser, calls: str, default: i
                         help=f"{calls}, a least-squares editor with its own preservation sample (calibrate --preserve): count the "
                              "sample as W tokens in the call's solves instead of its calibrated weight (more holds more of the "
                              "model's other answers; more --rounds buy the edits back)")
+
+
+def without_measured(texts: list[tuple[str, str]], measured: set[tuple[str, str]], source: str, by: str) -> list[tuple[str, str]]:
+    """A preservation sample's (prompt, answer) ``texts`` from ``--preserve-data source`` without those ``by`` (the study,
+    this run) also scores (holding them still would flatter the score): left out with a warning; all of them: an error."""
+    kept = [t for t in texts if t not in measured]
+    if not kept:
+        raise ValueError(f"--preserve-data {source}: all {len(texts)} of its texts are among those {by} measures; "
+                         "preserve other records (--preserve-start, or another file)")
+    if len(kept) < len(texts):
+        logger.warning("--preserve-data %s: left out %d of its %d texts that %s also measures (e.g. %r)",
+                       source, len(texts) - len(kept), len(texts), by, next(t for t in texts if t in measured)[0])
+    return kept
+
+
+def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any, tokenizer: Any,
+                              measured: set[tuple[str, str]] | None = None) -> tuple[Any, int]:
+    """The ``KeyMemory`` that ``--key-memory`` and its options (``check_key_memory_arguments``, already run) ask for, as
+    ``edit --sequential`` and ``evaluate --sequential`` build it: earlier edits' keys at ``--past-weight`` and, with
+    ``--preserve-data``, the locality prompts of its records ``--preserve-start``.. as the preservation sample; also the
+    sample's text count. ``editor``: the least-squares editor whose solves hold it. ``measured``: (prompt, answer) texts
+    the caller scores locality on; the sample leaves them out (with a warning), since holding them still would flatter
+    the score."""
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.commands.evaluate import load_eval_records
+    from instructedit.models.loading import max_input_length
+    from instructedit.tasks.collate import Collator
+
+    texts: list[tuple[str, str]] = []
+    if args.preserve_data:
+        end = args.preserve_start + args.preserve
+        records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][args.preserve_start : end]
+        texts = locality_texts(records)
+        if not texts:
+            raise ValueError(f"--preserve-data {args.preserve_data}: its records {args.preserve_start}..{end - 1} have no locality prompts")
+        texts = without_measured(texts, measured or set(), args.preserve_data, "this run")
+    memory = key_memory(editor, model, Collator(tokenizer, max_input_length(model)), texts, args.past_weight,
+                        args.preserve_weight if texts else 0.0, answers=args.preserve_answers, keys=args.preserve_keys)
+    return memory, len(texts)
 
 
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_editor_and_model,
+    add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_from_arguments,
+    load_editor_and_model,
 )
 from instructedit.records import SENTIMENTS, TASKS
 
@@ -220,21 +221,8 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     before = snapshot(model)
     memory, kept = None, ""
     if args.key_memory:
-        from instructedit.analysis.many_edits import key_memory, locality_texts
-        from instructedit.commands.evaluate import load_eval_records
-        from instructedit.models.loading import max_input_length
-        from instructedit.tasks.collate import Collator
-
-        texts: list[tuple[str, str]] = []
-        if args.preserve_data:
-            end = args.preserve_start + args.preserve
-            records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][args.preserve_start : end]
-            texts = locality_texts(records)
-            if not texts:
-                raise ValueError(f"--preserve-data {args.preserve_data}: its records {args.preserve_start}..{end - 1} have no locality prompts")
-        memory = key_memory(editor.editor_for(model, tok), model, Collator(tok, max_input_length(model)), texts, args.past_weight,
-                            args.preserve_weight if texts else 0.0, answers=args.preserve_answers, keys=args.preserve_keys)
-        kept = f", with a key memory ({len(texts)} preserved texts)" if texts else ", with a key memory"
+        memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
+        kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
     from instructedit.editors.learned import schedule_for
 
     n_rounds, weight = (1, None) if args.sequential else \

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import yaml
 
+from instructedit.commands.common import add_key_memory_arguments, check_key_memory_arguments, key_memory_from_arguments
 from instructedit.api import instruction_setup, query_setup
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
@@ -46,6 +47,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--instruction-pool", metavar="FILE", default=None, help="instruction pool JSON (default: the project's descriptions)")
     p.add_argument("--model", default=None, help=f"model (default: the editor's model_name, else {DEFAULT_MODEL})")
     p.add_argument("--sequential", action="store_true", help="keep every edit and report how earlier edits decay")
+    add_key_memory_arguments(p, "--sequential: each edit's solve")
     p.add_argument("--protocol", default="both", choices=PROTOCOL_CHOICES,
                    help="teacher_forced (the paper's token accuracies), generation (greedy answers, exact match) or both (default)")
     p.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
@@ -154,6 +156,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
+    if args.key_memory and not args.sequential:
+        raise ValueError("--key-memory holds earlier edits still while edits are kept one after another: add --sequential")
+    check_key_memory_arguments(args, needs="--key-memory --sequential")
     output = Path(args.output)
     if output.suffix != ".json":
         raise ValueError(f"--output {output} must end in .json (the Markdown goes beside it as {output.with_suffix('.md').name})")
@@ -189,6 +194,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer = load_model(model_name, device=device)
     editor = make_editor(method, model, tokenizer, options)
+    measured = {(q.prompt, q.answer) for r in records for q in r.locality}  # the sample leaves out what locality is scored on
+    memory = key_memory_from_arguments(args, editor, model, tokenizer, measured)[0] if args.key_memory else None
     weights = Path(editor_path) / EDITOR_WEIGHTS if editor_path else None
     settings = EvalSettings(
         instruction_reason=why,
@@ -199,7 +206,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
                       sequential=args.sequential, progress=not args.no_progress, settings=settings, protocol=args.protocol,
-                      answer_stop=answer_stop, edit_forms=edit_forms, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge)
+                      answer_stop=answer_stop, edit_forms=edit_forms, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge,
+                      memory=memory)
     report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
     markdown = write_markdown([report], output.with_suffix(".md"))

@@ -228,9 +228,13 @@ class KeyMemory:
 
 
 def check_remembers(editor: Any) -> None:
-    """A key memory is held still by a MEND editor's solves (``MENDEditor.remembering``); any other editor is refused."""
+    """A key memory is held still by a least-squares MEND editor's solves (``MENDEditor.remembering``); any other editor is
+    refused, before any work is done."""
     if not hasattr(editor, "remembering"):
         raise ValueError(f"a key memory needs a least-squares MEND editor; this one is {type(editor).__name__}")
+    aggregation = getattr(getattr(editor, "config", None), "aggregation", "least_squares")
+    if aggregation != "least_squares":
+        raise ValueError(f"a key memory needs an editor with editor.aggregation least_squares; this one is {aggregation!r}")
 
 
 def remembering(editor: Any, memory: KeyMemory | None) -> AbstractContextManager:

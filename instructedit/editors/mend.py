@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from instructedit.config import PRESERVE_KEYS, EditorConfig
-from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, value_differences
+from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, check_remembers, value_differences
 from instructedit.editors.base import EditResult, ThinUpdates, thin_edited
 from instructedit.editors.hooks import Factors, capture_factors
 # CONFIG_NAME, WEIGHTS_NAME and nonfinite_tensors are imported from here by older modules: they live in editors/learned.py
@@ -358,8 +358,7 @@ class MENDEditor(LearnedEditor):
     def remembering(self, memory: KeyMemory) -> Iterator[KeyMemory]:
         """Lifelong editing: inside the block every edit solves with ``memory``'s preserved keys (its past edits'
         and its text sample's) and then adds its own keys to it (``editors/aggregation.py``). least_squares only."""
-        if self.config.aggregation != "least_squares":
-            raise ValueError(f"a key memory needs an editor with editor.aggregation least_squares; this one is {self.config.aggregation!r}")
+        check_remembers(self)
         previous, self.memory = self.memory, memory
         try:
             yield memory

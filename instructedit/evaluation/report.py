@@ -49,6 +49,7 @@ class EvalSettings:
     limit: int | None = None
     sequential: bool = False
     outlier_factor: float | None = None  # sequential: an edit moving a weight more than this × the median change is refused
+    key_memory: dict[str, Any] | None = None  # sequential, least squares: the KeyMemory every solve held (KeyMemory.state())
     batch_size: int = 16
     convsent_pairs: int = 2
     max_length: int = 0
@@ -69,7 +70,7 @@ class EvalSettings:
         """Row name in tables: method, editor folder, instruction."""
         name = self.method + (f":{Path(self.editor_path).name}" if self.editor_path else "")
         name += " (no instruction)" if self.instruction is None else f" (instruction {self.instruction})"
-        return name + (" [sequential]" if self.sequential else "")
+        return name + ((" [sequential, key memory]" if self.key_memory else " [sequential]") if self.sequential else "")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
 )
@@ -209,8 +210,12 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
 
 def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases: list[Case], guard: WeightGuard, batch_size: int,
                     generation: gen.GenerationRun | None, teacher_forced: bool, progress: bool,
-                    outlier_factor: float | None = OUTLIER_FACTOR) -> tuple[list[CaseResult], list[SequentialPoint]]:
+                    outlier_factor: float | None = OUTLIER_FACTOR, memory: KeyMemory | None = None,
+                    ) -> tuple[list[CaseResult], list[SequentialPoint]]:
     """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end.
+
+    ``memory`` (a least-squares editor): every edit's solve holds its keys still, then adds its own (``remembering``);
+    a refused edit's keys leave it again.
 
     A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model. A weight
     edit that would wreck the model (``editors.base.OutlierEdits`` with ``outlier_factor``; None: every edit is kept) is
@@ -225,9 +230,10 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     results, curve = [], []
     try:
         for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
-            handle = editor.apply(model, case.edit)
+            with remembering(editor, memory):
+                handle = editor.apply(model, case.edit)
             # a refused edit is undone: the model is as the edits before it left it
-            kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})")
+            kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})", memory=memory)
             if kept and isinstance(handle, WeightEditHandle):
                 handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
             elif kept:
@@ -284,6 +290,7 @@ def evaluate(
     judge: gen.Judge | None = None,
     cases_together: int = 32,
     outlier_factor: float | None = OUTLIER_FACTOR,
+    memory: KeyMemory | None = None,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -302,8 +309,14 @@ def evaluate(
     float rounding; 1: each case's edit written into the model, pre-edit answers decoded for all cases first).
     ``outlier_factor`` (``sequential``): an edit that would move a weight by more than this many times the median change
     of the edits kept before it is not kept (``editors.base.OutlierEdits``; None: every edit is kept); its case is scored
-    on the model without it and marked ``refused``.
+    on the model without it and marked ``refused``. ``memory`` (``sequential``, a least-squares MEND editor;
+    ``instructedit.KeyMemory``): lifelong editing, every edit's solve holds the keys of the edits kept before it (and the
+    memory's preservation text) still; the memory goes on holding the kept edits' keys after the call.
     """
+    if memory is not None and not sequential:
+        raise ValueError("a key memory holds earlier edits still while edits are kept one after another: pass sequential=True")
+    if memory is not None:
+        check_remembers(editor)
     if batch_size < 1 or generation_batch_size < 1:
         raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
     if protocol not in PROTOCOL_CHOICES:
@@ -342,7 +355,7 @@ def evaluate(
         packed = False
         if sequential:
             results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress,
-                                             outlier_factor)
+                                             outlier_factor, memory)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
                                           cases_together)
@@ -360,7 +373,8 @@ def evaluate(
         timing |= {f"generation_{stage}_s": seconds for stage, seconds in generation.seconds.items()}
     return EvalReport(
         settings=_complete_settings(settings, model, editor, records, pool, instruction, sequential=sequential,
-                                    outlier_factor=outlier_factor if sequential else None, batch_size=batch_size,
+                                    outlier_factor=outlier_factor if sequential else None,
+                                    key_memory=memory.state() if memory is not None else None, batch_size=batch_size,
                                     convsent_pairs=convsent_pairs, max_length=max_length, fast_path=fast_path, packed_rows=packed,
                                     device=str(device), protocol=protocol, answer_stop=answer_stop,
                                     edit_forms=list(collator.edit_forms), queries=forms,
