@@ -476,7 +476,8 @@ def test_analyze_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Pa
     assert "needs an editor with editor.aggregation least_squares" in caplog.text
 
 
-def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
     """``evaluate --sequential --key-memory``: the runner's edits hold the earlier ones (and a preservation sample) still, as
     ``edit --sequential --key-memory`` and ``analyze sequential`` do; the report says so; misuse is refused clearly."""
     from instructedit.cli import main
@@ -487,6 +488,7 @@ def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: P
             "--device", "cpu", "--no-progress", "--protocol", "teacher_forced"]
     plain, kept = tmp_path / "plain.json", tmp_path / "memory.json"
     assert main([*base, "--output", str(plain)]) == 0
+    assert "after all 4 sequential edits: reliability of every edited case" in capsys.readouterr().out
     assert main([*base, "--output", str(kept), "--key-memory", "--past-weight", "1e6", "--preserve-data", str(data),
                  "--preserve", "6", "--preserve-weight", "1e3"]) == 0
     assert "left out 4 of its 6 texts that this run also measures" in caplog.text  # records 0..3 are the ones evaluated

@@ -213,6 +213,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
     markdown = write_markdown([report], output.with_suffix(".md"))
     print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {headline(report, args.task)}; "
           f"{report.timing['cases_per_s']:.2f} cases/s")
+    if report.sequential:  # what is left of every edit after the last one (the Markdown has the whole curve)
+        last = report.sequential[-1]
+        locality = f", locality {100 * last.locality:.1f} %" if last.locality is not None else ""
+        print(f"after all {last.edits} sequential edits: reliability of every edited case {100 * last.reliability:.1f} % "
+              f"(teacher-forced, n={last.reliability_n}){locality}")
     refused = [c.source for c in report.cases if c.refused]
     if refused:
         print(f"{len(refused)} of {len(report.cases)} sequential edits not kept (each would have moved a weight more than "
