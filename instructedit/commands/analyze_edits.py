@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, per_editor, without_measured,
+    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_eval_records, per_editor, without_measured,
 )
 from instructedit.config import LS_KEYS
 from instructedit.records import TASKS, EditRecord
@@ -133,7 +133,6 @@ def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
 
 def _records(args: argparse.Namespace, data: str | None, needed: int, option: str) -> tuple[list[EditRecord], dict[str, Any]]:
     """The task's records (``data``: a file instead of the split); ValueError naming ``option`` when fewer than ``needed``."""
-    from instructedit.commands.evaluate import load_eval_records
 
     records, where, _ = load_eval_records(args.task, data, args.data_dir, args.split, args.split_seed)
     if len(records) < needed:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 from typing import Any
 
 from instructedit.config import DEFAULT_MODEL, PRESERVE_ANSWERS, PRESERVE_KEYS
+from instructedit.records import EditRecord
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,30 @@ def without_measured(texts: list[tuple[str, str]], measured: set[tuple[str, str]
     return kept
 
 
+def load_eval_records(task: str, data: str | None, data_dir: str | None, split: str,
+                      seed: int) -> tuple[list[EditRecord], dict[str, Any], list[dict[str, Any]]]:
+    """Records of ``--data FILE`` (format auto-detected, records labelled ``task``) or of the task's split.
+
+    Also returns the records the loader skipped (report entries, ``report.load_skips``): for a split,
+    those of the files it is drawn from.
+    """
+    from instructedit.evaluation.report import load_skips
+    from instructedit.tasks.loaders import load_records
+    from instructedit.tasks.splits import TASK_SOURCES, load_task_splits
+
+    if data is not None:
+        path = Path(data)
+        if not path.is_file():
+            raise FileNotFoundError(f"--data {path} does not exist")
+        result = load_records(path, task=task)
+        return result.records, {"data_file": str(path), "split": None, "split_seed": None}, load_skips(path, result.skipped)
+    splits = load_task_splits(task, data_dir, seed=seed)
+    source = TASK_SOURCES[task]
+    files = source.test if split == "test" and source.test else source.pool
+    skipped = [entry for rel in files for entry in load_skips(rel, splits.skipped.get(rel, []))]
+    return splits.split(split), {"data_file": None, "split": split, "split_seed": seed}, skipped
+
+
 def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any, tokenizer: Any,
                               measured: set[tuple[str, str]] | None = None) -> tuple[Any, int]:
     """The ``KeyMemory`` that ``--key-memory`` and its options (``check_key_memory_arguments``, already run) ask for, as
@@ -58,7 +84,6 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
     the caller scores locality on; the sample leaves them out (with a warning), since holding them still would flatter
     the score."""
     from instructedit.analysis.many_edits import key_memory, locality_texts
-    from instructedit.commands.evaluate import load_eval_records
     from instructedit.models.loading import max_input_length
     from instructedit.tasks.collate import Collator
 

@@ -11,15 +11,17 @@ from typing import Any
 import torch
 import yaml
 
-from instructedit.commands.common import add_key_memory_arguments, check_key_memory_arguments, key_memory_from_arguments
 from instructedit.api import instruction_setup, query_setup
+from instructedit.commands.common import (
+    add_key_memory_arguments, check_key_memory_arguments, key_memory_from_arguments, load_eval_records,
+)
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES, MetricSummary
-from instructedit.evaluation.report import EvalReport, load_skips
-from instructedit.records import EditRecord, TASKS
+from instructedit.evaluation.report import EvalReport
+from instructedit.records import TASKS
 from instructedit.runs import EDITOR_WEIGHTS, editor_sha256
 from instructedit.tasks.collate import ANSWER_STOPS, check_edit_forms
 from instructedit.tasks.instructions import InstructionPool
@@ -109,29 +111,6 @@ def resolve_instruction(value: str, pool: InstructionPool) -> int | None:
     if value not in ("seen", "unseen") and not value.isdigit():
         raise ValueError(f"--instruction {value!r} is not 'seen', 'unseen', a description index or 'none'")
     return pool.evaluation_index(value)
-
-
-def load_eval_records(task: str, data: str | None, data_dir: str | None, split: str,
-                      seed: int) -> tuple[list[EditRecord], dict[str, Any], list[dict[str, Any]]]:
-    """Records of ``--data FILE`` (format auto-detected, records labelled ``task``) or of the task's split.
-
-    Also returns the records the loader skipped (report entries, ``report.load_skips``): for a split,
-    those of the files it is drawn from.
-    """
-    from instructedit.tasks.loaders import load_records
-    from instructedit.tasks.splits import TASK_SOURCES, load_task_splits
-
-    if data is not None:
-        path = Path(data)
-        if not path.is_file():
-            raise FileNotFoundError(f"--data {path} does not exist")
-        result = load_records(path, task=task)
-        return result.records, {"data_file": str(path), "split": None, "split_seed": None}, load_skips(path, result.skipped)
-    splits = load_task_splits(task, data_dir, seed=seed)
-    source = TASK_SOURCES[task]
-    files = source.test if split == "test" and source.test else source.pool
-    skipped = [entry for rel in files for entry in load_skips(rel, splits.skipped.get(rel, []))]
-    return splits.split(split), {"data_file": None, "split": split, "split_seed": seed}, skipped
 
 
 def make_judge(args: argparse.Namespace) -> LLMJudge:
