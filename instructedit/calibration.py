@@ -34,7 +34,7 @@ def preservation_texts(records: list[EditRecord], count: int, where: str) -> lis
 def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, checkpoint: str = "best", locality_floor: float = 0.9,
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
-              val_data: str | Path | None = None, model: Any = None, tokenizer: Any = None) -> None:
+              val_data: str | Path | None = None, model: Any = None, tokenizer: Any = None, progress: bool = True) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
 
@@ -42,7 +42,8 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     file the loaders read: facts worded as the editor's users will ask them, never the file it is evaluated on), whose
     prompts are wrapped in the first seen description of their task, as ``evaluate`` wraps them.
 
-    ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded."""
+    ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
+    ``progress``: a progress bar while each multiplier's answers are decoded."""
     import dataclasses
     import json
 
@@ -102,7 +103,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         if weight is not None:
             memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
             print(f"preservation weight {weight:g}:")
-        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales, progress=True)
+        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales, progress=progress)
     pairs = {(w, sc): v for w, per in grid.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie the smaller multiplier, then the larger preservation weight
     chosen_weight, chosen = max(pairs, key=lambda k: (selection_score(pairs[k], locality_floor), -k[1], k[0] or 0))

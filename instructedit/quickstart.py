@@ -170,7 +170,8 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
         return editor_dir, None, None
     write_model_card(run_dir / BEST, run_dir)
     if least_squares:
-        calibrate_quickstart(run_dir, config.training.device, *((trainer.model, trainer.tokenizer) if trainer else ()))
+        calibrate_quickstart(run_dir, config.training.device, *((trainer.model, trainer.tokenizer) if trainer else ()),
+                             progress=show_progress)
     write_json(run_dir / MARKER, {"config_hash": digest, "complete": True, "steps": summary["steps"], "best_step": summary["best_step"]})
     return editor_dir, (trainer.model if trainer else None), (trainer.tokenizer if trainer else None)
 
@@ -182,7 +183,7 @@ CALIBRATION = {"scales": (2.0, 3.0), "preserve": 400, "preserve_weights": (1000.
 
 
 def calibrate_quickstart(run_dir: Path, device: str = "auto", model: nn.Module | None = None,
-                         tokenizer: PreTrainedTokenizerBase | None = None) -> Path:
+                         tokenizer: PreTrainedTokenizerBase | None = None, progress: bool = True) -> Path:
     """``instructedit calibrate`` on a least-squares quickstart run: a preservation sample and the step-size multiplier
     (``CALIBRATION``), written to ``run_dir/calibrated`` (replaced if there); ``model``/``tokenizer``: the trainer's, reused."""
     from instructedit.calibration import calibrate
@@ -191,7 +192,7 @@ def calibrate_quickstart(run_dir: Path, device: str = "auto", model: nn.Module |
     shutil.rmtree(output, ignore_errors=True)
     calibrate(run_dir, output, CALIBRATION["scales"], checkpoint=BEST, locality_floor=CALIBRATION["locality_floor"],
               val_size=CALIBRATION["val_size"], preserve=CALIBRATION["preserve"], preserve_weights=CALIBRATION["preserve_weights"],
-              device=device, model=model, tokenizer=tokenizer)
+              device=device, model=model, tokenizer=tokenizer, progress=progress)
     return output
 
 

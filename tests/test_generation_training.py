@@ -160,7 +160,9 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,2", "--locality-floor", "0", "--output", str(out),
                  "--device", "cpu"]) == 0
     report = json.loads((out / "calibration.json").read_text())
-    assert set(report["scales"]) == {"1", "2"} and report["chosen"] in (1.0, 2.0) and "<- chosen" in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert set(report["scales"]) == {"1", "2"} and report["chosen"] in (1.0, 2.0) and "<- chosen" in shown.out
+    assert "generation at each multiplier" in shown.err  # the progress bar, which --no-progress turns off (below)
     source, calibrated = MENDEditor.from_pretrained(tmp_path / "run" / "best"), MENDEditor.from_pretrained(out)
     assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
     assert json.loads((out / "editor_config.json").read_text())["calibration"]["chosen"] == report["chosen"]
@@ -170,7 +172,8 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     zsre = shared_data_dir / "zsre" / "zsre_mend_train-1k.json"
     questions = tmp_path / "on-questions"
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1", "--locality-floor", "0", "--val-data", str(zsre),
-                 "--val-size", "3", "--output", str(questions), "--device", "cpu"]) == 0
+                 "--val-size", "3", "--output", str(questions), "--device", "cpu", "--no-progress"]) == 0
+    assert "generation at each multiplier" not in capsys.readouterr().err
     report = json.loads((questions / "calibration.json").read_text())
     assert report["records"] == f"the first 3 records with a locality prompt of {zsre}" and report["scales"]["1"]["gen_n"] == 3
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--val-data", str(tmp_path / "missing.json"), "--output",

@@ -65,6 +65,7 @@ def add_calibrate_parser(subparsers: Any) -> None:
                         "instruction), chat (the question as a chat user turn); saved with the calibrated editor (default: the "
                         "run's training.edit_forms)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_calibrate)
 
 
@@ -106,5 +107,5 @@ def run_calibrate(args: argparse.Namespace) -> int:
     scales = parse_scales(args.scales if args.scales is not None else PRESERVED_SCALES if preserve else SCALES)
     calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
               preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
-              edit_forms=args.edit_forms, device=args.device, val_data=args.val_data)
+              edit_forms=args.edit_forms, device=args.device, val_data=args.val_data, progress=not args.no_progress)
     return 0
