@@ -502,8 +502,16 @@ def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: P
     # holding the earlier edits' keys still changes what the later edits do to the earlier ones
     assert report["sequential"] != without["sequential"] or report["aggregates"] != without["aggregates"]
 
-    assert main([*base[:-3], "--output", str(tmp_path / "x.json"), "--key-memory"]) == 0  # no sample: earlier edits only
-    assert json.loads((tmp_path / "x.json").read_text())["settings"]["key_memory"]["text_tokens"] == 0
+    assert without["sequential"][0]["gen_reliability"] is None  # teacher-forced only: no generation on the curve
+    assert main([*base[:-3], "--output", str(tmp_path / "x.json"), "--key-memory"]) == 0  # no sample: earlier edits only; both protocols
+    both = json.loads((tmp_path / "x.json").read_text())
+    assert both["settings"]["key_memory"]["text_tokens"] == 0
+    # the curve asks the edited model too; after the first edit the model is the one its case was answered on
+    first, case = both["sequential"][0], both["cases"][0]
+    assert first["edits"] == 1 and first["gen_reliability_n"] == 1 and first["gen_locality_n"] == 1
+    assert (first["gen_reliability"], first["gen_locality"]) == (case["gen_post"]["gen_reliability"], case["gen_post"]["gen_locality"])
+    assert all(p["gen_reliability_n"] == p["reliability_n"] for p in both["sequential"])
+    assert "said (all edited)" in (tmp_path / "x.md").read_text()
     single = [a for a in base if a != "--sequential"]
     assert main([*single, "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2
     assert "add --sequential" in caplog.text

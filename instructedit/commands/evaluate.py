@@ -195,8 +195,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if report.sequential:  # what is left of every edit after the last one (the Markdown has the whole curve)
         last = report.sequential[-1]
         locality = f", locality {100 * last.locality:.1f} %" if last.locality is not None else ""
+        said = f"; said {100 * last.gen_reliability:.1f} % (generation)" if last.gen_reliability is not None else ""
+        kept = f", greedy answers kept {100 * last.gen_locality:.1f} %" if last.gen_locality is not None else ""
         print(f"after all {last.edits} sequential edits: reliability of every edited case {100 * last.reliability:.1f} % "
-              f"(teacher-forced, n={last.reliability_n}){locality}")
+              f"(teacher-forced, n={last.reliability_n}){locality}{said}{kept}")
     refused = [c.source for c in report.cases if c.refused]
     if refused:
         print(f"{len(refused)} of {len(report.cases)} sequential edits not kept (each would have moved a weight more than "

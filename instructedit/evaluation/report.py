@@ -98,6 +98,12 @@ class SequentialPoint:
     locality: float | None
     locality_n: int
     refused: int = 0  # of these edits, how many were not kept (each would have wrecked the model)
+    # with the generation protocol: the share of those cases whose wrapped edit prompt the model now answers with the
+    # target (exact match), and of their locality prompts whose greedy answer is still the unedited model's
+    gen_reliability: float | None = None
+    gen_reliability_n: int = 0
+    gen_locality: float | None = None
+    gen_locality_n: int = 0
 
 
 @dataclass
@@ -325,11 +331,16 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
         lines += _sample_answers(report)
         lines += _skipped(report)
         if report.sequential:
-            lines += [f"#### {s.label} — sequential editing", "", "| edits | reliability (all edited) | n | locality | n | not kept |",
-                      "|---|---|---|---|---|---|"]
-            lines += [f"| {p.edits} | {_pct(p.reliability)} | {p.reliability_n} | {_pct(p.locality)} | {p.locality_n} | {p.refused} |"
-                      for p in report.sequential]
-            lines.append("")
+            said = any(p.gen_reliability is not None for p in report.sequential)
+            lines += [f"#### {s.label} — sequential editing", "",
+                      "| edits | reliability (all edited) | n | locality | n |" + (" said (all edited) | n | answers kept | n |" if said else "")
+                      + " not kept |", "|---|---|---|---|---|" + ("---|---|---|---|" if said else "") + "---|"]
+            lines += [f"| {p.edits} | {_pct(p.reliability)} | {p.reliability_n} | {_pct(p.locality)} | {p.locality_n} |"
+                      + (f" {_pct(p.gen_reliability)} | {p.gen_reliability_n} | {_pct(p.gen_locality)} | {p.gen_locality_n} |" if said else "")
+                      + f" {p.refused} |" for p in report.sequential]
+            lines += ["", "Teacher-forced: reliability and locality as above, over every case edited so far"
+                         + ("; generation: the greedy answer to each case's wrapped edit prompt is its target (said), and to "
+                            "each locality prompt the unedited model's (answers kept)." if said else "."), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

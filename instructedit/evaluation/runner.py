@@ -115,8 +115,10 @@ def _answer_edited(model: nn.Module, result: EditResult, ask: Asker | None) -> l
         return ask()
 
 
-def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_size: int, edits: int) -> SequentialPoint:
-    """Reliability of every case edited so far and their locality against the unedited model."""
+def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_size: int, edits: int,
+             generation: gen.GenerationRun | None = None) -> SequentialPoint:
+    """Reliability of every case edited so far and their locality against the unedited model; with ``generation``,
+    also whether the model now says each case's target to its wrapped edit prompt and keeps each locality answer."""
     items = [(c, i) for c in cases for i, p in enumerate(c.probes) if p.family in ("reliability", "locality")]
     acc, same, _ = probe_scores(model, collator, [(c.probes[i].prompt, c.probes[i].answer) for c, i in items],
                                 [c.pre_argmax[c.rows == i] for c, i in items], batch_size)
@@ -126,7 +128,18 @@ def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_
         per_case.setdefault(c.index, {}).setdefault(family, []).append(a if family == "reliability" else u)
     rel = [sum(v["reliability"]) / len(v["reliability"]) for v in per_case.values() if "reliability" in v]
     loc = [sum(v["locality"]) / len(v["locality"]) for v in per_case.values() if "locality" in v]
-    return SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc))
+    point = SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc))
+    if generation is None:
+        return point
+    asked = [(c, [i for i, q in enumerate(c.queries) if (q.family, q.form) == ("reliability", "wrapped") or q.family == "locality"])
+             for c in cases if c.queries]
+    said = iter(generation.answer_edited(model, [c.queries[i] for c, picked in asked for i in picked]))
+    scores = [gen.answer_scores([c.queries[i] for i in picked], [next(said) for _ in picked], [c.pre_answers[i] for i in picked])
+              for c, picked in asked]
+    rel_said = [s["gen_reliability"] for s in scores if "gen_reliability" in s]
+    kept = [s["gen_locality"] for s in scores if "gen_locality" in s]
+    return replace(point, gen_reliability=sum(rel_said) / len(rel_said) if rel_said else None, gen_reliability_n=len(rel_said),
+                   gen_locality=sum(kept) / len(kept) if kept else None, gen_locality_n=len(kept))
 
 
 def _asker(model: nn.Module, generation: gen.GenerationRun | None, case: Case) -> Asker | None:
@@ -243,7 +256,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
             results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced),
                                    refused=not kept))
             if k in schedule:
-                curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k), refused=sum(r.refused for r in results)))
+                curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k, generation), refused=sum(r.refused for r in results)))
     finally:
         for handle in reversed(held):
             handle.rollback()
