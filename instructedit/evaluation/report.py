@@ -104,6 +104,9 @@ class SequentialPoint:
     gen_reliability_n: int = 0
     gen_locality: float | None = None
     gen_locality_n: int = 0
+    # per metric above (reliability, locality, gen_reliability, gen_locality): its 95 % bootstrap interval [low, high]
+    # over the cases (reports from before intervals: none)
+    intervals: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -176,6 +179,12 @@ def load_report_json(path: str | Path) -> EvalReport:
 
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}"
+
+
+def _ranged(point: SequentialPoint, metric: str) -> str:
+    """A sequential point's ``metric`` in %, with its 95 % interval where the point has one."""
+    value, interval = getattr(point, metric), point.intervals.get(metric)
+    return _pct(value) if value is None or not interval else f"{_pct(value)} [{_pct(interval[0])}, {_pct(interval[1])}]"
 
 
 def _cell(summary: MetricSummary | None) -> str:
@@ -335,10 +344,11 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
             lines += [f"#### {s.label} — sequential editing", "",
                       "| edits | reliability (all edited) | n | locality | n |" + (" said (all edited) | n | answers kept | n |" if said else "")
                       + " not kept |", "|---|---|---|---|---|" + ("---|---|---|---|" if said else "") + "---|"]
-            lines += [f"| {p.edits} | {_pct(p.reliability)} | {p.reliability_n} | {_pct(p.locality)} | {p.locality_n} |"
-                      + (f" {_pct(p.gen_reliability)} | {p.gen_reliability_n} | {_pct(p.gen_locality)} | {p.gen_locality_n} |" if said else "")
+            lines += [f"| {p.edits} | {_ranged(p, 'reliability')} | {p.reliability_n} | {_ranged(p, 'locality')} | {p.locality_n} |"
+                      + (f" {_ranged(p, 'gen_reliability')} | {p.gen_reliability_n} | {_ranged(p, 'gen_locality')} | {p.gen_locality_n} |"
+                         if said else "")
                       + f" {p.refused} |" for p in report.sequential]
-            lines += ["", "Teacher-forced: reliability and locality as above, over every case edited so far"
+            lines += ["", "Teacher-forced: reliability and locality as above, over every case edited so far (95 % bootstrap intervals)"
                          + ("; generation: the greedy answer to each case's wrapped edit prompt is its target (said), and to "
                             "each locality prompt the unedited model's (answers kept)." if said else "."), ""]
     return "\n".join(lines).rstrip() + "\n"

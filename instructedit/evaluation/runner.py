@@ -37,7 +37,7 @@ from instructedit.editors.base import (
 )
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
-from instructedit.evaluation.generation import ANSWER_MARGIN
+from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
 from instructedit.evaluation.guard import RestorationError, WeightGuard  # noqa: F401 (RestorationError: re-exported)
 from instructedit.evaluation.metrics import (
     MARGIN, PROTOCOL_CHOICES, MetricSummary, aggregate, answer_accuracy, family_means, mean_logprob, sentiment_margin,
@@ -128,7 +128,8 @@ def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_
         per_case.setdefault(c.index, {}).setdefault(family, []).append(a if family == "reliability" else u)
     rel = [sum(v["reliability"]) / len(v["reliability"]) for v in per_case.values() if "reliability" in v]
     loc = [sum(v["locality"]) / len(v["locality"]) for v in per_case.values() if "locality" in v]
-    point = SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc))
+    point = SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc),
+                            intervals=_intervals(reliability=rel, locality=loc))
     if generation is None:
         return point
     asked = [(c, [i for i, q in enumerate(c.queries) if (q.family, q.form) == ("reliability", "wrapped") or q.family == "locality"])
@@ -139,7 +140,13 @@ def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_
     rel_said = [s["gen_reliability"] for s in scores if "gen_reliability" in s]
     kept = [s["gen_locality"] for s in scores if "gen_locality" in s]
     return replace(point, gen_reliability=sum(rel_said) / len(rel_said) if rel_said else None, gen_reliability_n=len(rel_said),
-                   gen_locality=sum(kept) / len(kept) if kept else None, gen_locality_n=len(kept))
+                   gen_locality=sum(kept) / len(kept) if kept else None, gen_locality_n=len(kept),
+                   intervals=point.intervals | _intervals(gen_reliability=rel_said, gen_locality=kept))
+
+
+def _intervals(**values: list[float]) -> dict[str, list[float]]:
+    """[low, high] of each non-empty list's 95 % bootstrap interval (``generation.bootstrap_ci``, fixed seed)."""
+    return {name: [(ci := bootstrap_ci(v)).low, ci.high] for name, v in values.items() if v}
 
 
 def _asker(model: nn.Module, generation: gen.GenerationRun | None, case: Case) -> Asker | None:
