@@ -177,9 +177,12 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
                              "those that predict the answer (answer: the prompt's last and the answer's)")
 
 
-def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-memory") -> None:
+def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-memory", sequential: bool | None = None) -> None:
     """Options that shape a key memory only with ``--key-memory`` (``needs``: what the command asks for), the
-    preservation sample's only with ``--preserve-data``; fills in the defaults."""
+    preservation sample's only with ``--preserve-data``; fills in the defaults. ``sequential``: whether the command's edits
+    are kept one after another (``--sequential``), which a key memory needs; None: the command has no such choice."""
+    if args.key_memory and sequential is False:
+        raise ValueError("--key-memory holds earlier edits still while edits are kept one after another: add --sequential")
     given = {flag: value for flag, value in (("--past-weight", args.past_weight), ("--preserve-data", args.preserve_data),
                                               ("--preserve", args.preserve), ("--preserve-start", args.preserve_start),
                                               ("--preserve-weight", args.preserve_weight),

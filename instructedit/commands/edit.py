@@ -76,8 +76,6 @@ def run_edit(args: argparse.Namespace) -> int:
                                            ("--topic", args.topic)) if value is not None]
         if single:
             raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
-        if args.key_memory and not args.sequential:
-            raise ValueError("--key-memory holds earlier edits still while editing one after another: add --sequential")
         if args.sequential and args.rounds == "auto":
             args.rounds = 1  # the default: --sequential edits one at a time
         if (isinstance(args.rounds, int) and args.rounds < 1) or (args.rounds != 1 and args.sequential):
@@ -86,7 +84,7 @@ def run_edit(args: argparse.Namespace) -> int:
         if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
             raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
                              "one call that makes the edits of a --file, not --sequential")
-        check_key_memory_arguments(args, needs="--key-memory --sequential")
+        check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
         if args.sample_weight is not None and getattr(editor.editor, "preservation", None) is None:

@@ -135,9 +135,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
-    if args.key_memory and not args.sequential:
-        raise ValueError("--key-memory holds earlier edits still while edits are kept one after another: add --sequential")
-    check_key_memory_arguments(args, needs="--key-memory --sequential")
+    check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
     output = Path(args.output)
     if output.suffix != ".json":
         raise ValueError(f"--output {output} must end in .json (the Markdown goes beside it as {output.with_suffix('.md').name})")
@@ -173,8 +171,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer = load_model(model_name, device=device)
     editor = make_editor(method, model, tokenizer, options)
-    measured = {(q.prompt, q.answer) for r in records for q in r.locality}  # the sample leaves out what locality is scored on
-    memory = key_memory_from_arguments(args, editor, model, tokenizer, measured)[0] if args.key_memory else None
+    memory = None
+    if args.key_memory:  # the sample leaves out the locality prompts this run scores
+        measured = {(q.prompt, q.answer) for r in records for q in r.locality}
+        memory = key_memory_from_arguments(args, editor, model, tokenizer, measured)[0]
     weights = Path(editor_path) / EDITOR_WEIGHTS if editor_path else None
     settings = EvalSettings(
         instruction_reason=why,

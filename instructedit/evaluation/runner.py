@@ -249,21 +249,22 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     held: list[EditHandle] = []  # editors that add modules/hooks: undone last-in first-out at the end
     results, curve = [], []
     try:
-        for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
-            with remembering(editor, memory):
+        with remembering(editor, memory):  # every solve holds the kept edits' keys still, then adds its own
+            for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
                 handle = editor.apply(model, case.edit)
-            # a refused edit is undone: the model is as the edits before it left it
-            kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})", memory=memory)
-            if kept and isinstance(handle, WeightEditHandle):
-                handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
-            elif kept:
-                held.append(handle)
-            post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
-            ask = _asker(model, generation, case)
-            results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced),
-                                   refused=not kept))
-            if k in schedule:
-                curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k, generation), refused=sum(r.refused for r in results)))
+                # a refused edit is undone: the model is as the edits before it left it
+                kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})", memory=memory)
+                if kept and isinstance(handle, WeightEditHandle):
+                    handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
+                elif kept:
+                    held.append(handle)
+                post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
+                ask = _asker(model, generation, case)
+                results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced),
+                                       refused=not kept))
+                if k in schedule:
+                    curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k, generation),
+                                         refused=sum(r.refused for r in results)))
     finally:
         for handle in reversed(held):
             handle.rollback()
