@@ -321,10 +321,12 @@ def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _after(before: str, after: str, width: int) -> str:
-    """A post-edit answer for a table cell, marked "(as before)" when the edit did not change it (a plain or chat answer
-    that reads oddly is then the model's own, not the edit's doing)."""
-    return _clip(shown(after), width) if after != before else _clip(shown(after), width - 12) + " (as before)"
+def _said(before: str, after: str, exact: float | None) -> str:
+    """One query's answers before -> after, in full (JSON-quoted), marked "(as before)" when the edit did not change it
+    (a plain or chat answer that reads oddly is then the model's own, not the edit's doing) and "(the target)" when the
+    edited model says the target."""
+    shown_after = "(as before)" if after == before else shown(after)
+    return f"{shown(before)}  ->  {shown_after}" + ("   (the target)" if exact else "")
 
 
 def _duration(seconds: float) -> str:
@@ -349,11 +351,13 @@ def format_report(result: QuickstartResult) -> str:
            else "given with --editor")
     wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
     chat = all(o.chat_exact_after is not None for o in result.outcomes)  # the model has a chat template
-    said = _table(("#", "task", "prompt -> target", "the model says before -> after (instruction-wrapped prompt)", "plain prompt, after",
-                   *(["chat question, after"] if chat else [])),
-                  [(str(i), o.edit.task, _clip(f"{o.edit.prompt} -> {o.edit.target}", 52), _clip(f"{shown(o.said_before)} -> {shown(o.said_after)}", 64),
-                    _after(o.plain_said_before, o.plain_said_after, 36), *([_after(o.chat_said_before, o.chat_said_after, 36)] if chat else []))
-                   for i, o in enumerate(result.outcomes, start=1)])
+    said: list[str] = []
+    for i, o in enumerate(result.outcomes, start=1):  # one block per edit: the answers in full, however long
+        said += [f"{i}. [{o.edit.task}] {o.edit.prompt} -> {o.edit.target}",
+                 f"     instruction-wrapped prompt:  {_said(o.said_before, o.said_after, o.exact_after)}",
+                 f"     plain prompt:                {_said(o.plain_said_before, o.plain_said_after, o.plain_exact_after)}",
+                 *([f"     chat question (user turn):   {_said(o.chat_said_before, o.chat_said_after, o.chat_exact_after)}"]
+                   if chat else []), ""]
     forced = _table(("#", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality"),
                     [(str(i), _clip(f"{shown(o.top_before)} -> {shown(o.top_after)}", 28), f"{_p(o.p_before)} -> {_p(o.p_after)}",
                       f"{o.acc_before:.2f} -> {o.acc_after:.2f}", f"{o.locality:.2f}") for i, o in enumerate(result.outcomes, start=1)])
@@ -361,7 +365,7 @@ def format_report(result: QuickstartResult) -> str:
     lines = [
         f"InstructEdit quickstart: editor {result.editor_dir} ({how})",
         f"model {result.model_name}; instruction: {wrap}; each edit applied alone and rolled back",
-        "", "What the edited model says (greedy decoding, first line):", "", *said, "",
+        "", "What the model says before -> after each edit (greedy decoding, first line):", "", *said,
         f"says the target (exact match), wrapped prompt: {m('exact_after'):.2f}   plain prompt: {m('plain_exact_after'):.2f}"
         + (f"   chat question: {m('chat_exact_after'):.2f}" if chat else ""),
         f"unrelated prompts whose answer is unchanged (generation locality): {m('gen_locality'):.2f}",

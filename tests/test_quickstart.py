@@ -154,16 +154,21 @@ def test_demo_asks_the_chat_question_where_the_model_has_a_chat_template(tiny_ch
         assert outcome.chat_said_after == said and outcome.chat_exact_after == exact_match(said, edit.target)
     result = QuickstartResult(tmp_path, tmp_path, False, "", "tiny", 0, outcomes, 0.0, 0.0, 0.0)
     report = format_report(result)
-    assert "chat question, after" in report and "chat question: " in report
-    # an answer the edit did not change is marked, one it changed is not
-    same = dataclasses.replace(outcomes[0], chat_said_before="Paris is nice", chat_said_after="Paris is nice",
-                               plain_said_before="Paris", plain_said_after="Rome")
-    row = next(line for line in format_report(dataclasses.replace(result, outcomes=[same])).splitlines() if line.startswith("1 "))
-    assert '"Paris is nice" (as before)' in row and '"Rome"' in row and '"Rome" (as before)' not in row
+    assert "chat question (user turn):" in report and "chat question: " in report
+    # an answer the edit did not change is marked, one it changed is not; answers are shown in full, however long
+    long = "The capital of France is Paris, the largest city of the country and its seat of government since 508"
+    same = dataclasses.replace(outcomes[0], chat_said_before=long, chat_said_after=long, plain_said_before="Paris",
+                               plain_said_after="Rome", plain_exact_after=1.0)
+    lines = format_report(dataclasses.replace(result, outcomes=[same])).splitlines()
+    assert lines[lines.index(f"1. [{same.edit.task}] {same.edit.prompt} -> {same.edit.target}") + 1].lstrip().startswith(
+        "instruction-wrapped prompt:")
+    assert next(line for line in lines if "chat question (user turn):" in line).endswith(f'"{long}"  ->  (as before)')
+    assert next(line for line in lines if "plain prompt:" in line).endswith('"Paris"  ->  "Rome"   (the target)')
     # an empty answer (the model stops at once) is named, not printed as an empty pair of quotes
     empty = dataclasses.replace(outcomes[0], said_before="", plain_said_before="", plain_said_after="Rome")
-    row = next(line for line in format_report(dataclasses.replace(result, outcomes=[empty])).splitlines() if line.startswith("1 "))
-    assert f"{NO_ANSWER} -> " in row and '""' not in row
+    lines = format_report(dataclasses.replace(result, outcomes=[empty])).splitlines()
+    assert next(line for line in lines if "instruction-wrapped prompt:" in line).split(":", 1)[1].lstrip().startswith(f"{NO_ANSWER}  ->  ")
+    assert not any('""' in line for line in lines)
 
 
 def test_quickstart_command_prints_the_table(tiny_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
