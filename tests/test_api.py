@@ -200,9 +200,19 @@ def test_registry_methods_load_by_name(tiny_gpt2_dir: Path) -> None:
     assert load_editor(method="ft", pool=InstructionPool.default()).instruction == 0
 
 
-def test_load_editor_rejects_what_is_not_an_editor(tmp_path: Path) -> None:
+def test_load_editor_rejects_what_is_not_an_editor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(FileNotFoundError, match="neither an existing folder nor a hub repo id"):
         load_editor(str(tmp_path / "missing" / "deeper"))
+    # 'runs/typo' where runs/ is a local folder: a mistyped path, said at once (not a 10-second wait for the hub)
+    runs = tmp_path / "runs"
+    (runs / "mine" / "best").mkdir(parents=True)
+    (runs / "mine" / "best" / "editor_config.json").write_text("{}")
+    (runs / "notes").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no folder 'mnie' in .*runs' \(its editors and runs: mine\); read as a local path"):
+        load_editor(str(runs / "mnie"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no folder 'mnie' in 'runs'"):
+        load_editor("runs/mnie")
     with pytest.raises(FileNotFoundError, match="editor_config.json is missing"):
         load_editor(tmp_path)
 
