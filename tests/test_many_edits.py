@@ -551,13 +551,25 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
 
     from instructedit.api import EDITS_FILE
     from instructedit.cli import main
+    from instructedit.commands.edit import _cell
+    from instructedit.evaluation.generation import exact_match
 
     editor = _saved_editor(tiny_llama_dir, tmp_path / "editor", "sum", step=-5.0)  # descending: no round is undone
     edits = _edits_file(tmp_path / "edits.jsonl", EDIT_LINES)
     base = ["edit", "--editor", str(editor), "--file", str(edits), "--device", "cpu", "--max-new-tokens", "4"]
-    assert main([*base, "--save", str(tmp_path / "together")]) == 0
+    assert main([*base, "--save", str(tmp_path / "together"), "--output", str(tmp_path / "answers.jsonl")]) == 0
     out = capsys.readouterr().out
     assert "3 edits from" in out and "in one call (aggregation sum)" in out and "totals: 3 edits" in out
+    # --output: every edit's answers in full, one JSON line each, tagged with their protocols
+    rows = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [r["line"] for r in rows] == [1, 2, 4] and f"wrote every answer in full to {tmp_path / 'answers.jsonl'}" in out
+    assert [r["target"] for r in rows] == [json.loads(line)["target"] for line in EDIT_LINES if line.strip()][:3]
+    for r in rows:
+        assert r["said_target_after"] == exact_match(r["said_after"], r["target"]) and 0 <= r["accuracy_after"] <= 1
+        assert r["protocols"] == {"said_target": "generation", "accuracy": "teacher_forced"} and "\n" not in r["said_after"]
+    assert any(_cell(r["said_before"], 22) in out for r in rows)  # the table shows the same answers, cut to its column
+    assert main(["edit", "--editor", str(editor), "--prompt", "a", "--target", "b", "--output", str(tmp_path / "x.jsonl")]) == 2
+    assert "a single --prompt edit prints all of its own" in caplog.text
     assert all(f"{n:>5}  " in out for n in (1, 2, 4))  # one row per edit, named by its line
     assert f"{edits}" in caplog.text and "'source' (line 2)" in caplog.text  # the unknown key is reported, not dropped silently
     assert main([*base, "--sequential", "--save", str(tmp_path / "sequential")]) == 0

@@ -43,6 +43,9 @@ def add_edit_parser(subparsers: Any) -> None:
     edit.add_argument("--topic", default=None, help="convsent: the entity the opinion is about (default: --subject)")
     edit.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none'")
     edit.add_argument("--save", metavar="DIR", default=None, help="also write the edited model here (a plain Hugging Face folder)")
+    edit.add_argument("--output", metavar="FILE.jsonl", default=None,
+                      help="--file: also write one JSON line per edit with its answers before and after in full, whether each "
+                           "is the target (generation protocol) and its target-token accuracy (teacher-forced)")
     edit.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="length of the greedy continuation (default 20)")
     edit.add_argument("--top-k", type=int, default=5, metavar="K", help="next-token predictions to show (default 5)")
     edit.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
@@ -86,6 +89,8 @@ def run_edit(args: argparse.Namespace) -> int:
                              "one call that makes the edits of a --file, not --sequential")
         check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
+        if args.output and Path(args.output).is_dir():
+            raise ValueError(f"--output {args.output} is a folder; name the JSON Lines file to write")
         editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
         if args.sample_weight is not None and getattr(editor.editor, "preservation", None) is None:
             raise ValueError(f"--sample-weight: {args.editor} has no preservation sample of its own (instructedit calibrate --preserve "
@@ -93,6 +98,8 @@ def run_edit(args: argparse.Namespace) -> int:
         return _edit_many(args, numbered, editor, model, tok, model_name)
     if args.target is None:
         raise ValueError("--prompt needs --target, the new continuation")
+    if args.output:
+        raise ValueError("--output writes the answers of the many edits of a --file; a single --prompt edit prints all of its own")
     if args.sequential:
         raise ValueError("--sequential applies the edits of a --file one after another; a single --prompt edit has no order")
     if args.rounds not in (1, "auto") or args.sample_weight is not None:
@@ -207,7 +214,8 @@ def _cell(text: str, width: int) -> str:
 def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor: Any, model: Any, tok: Any, model_name: str) -> int:
     """``edit --file``: all edits in one call (the editor's aggregation) or --sequential; a table of answers before and after."""
     from instructedit.api import answer, score_target
-    from instructedit.evaluation.generation import exact_match
+    from instructedit.evaluation.generation import exact_match, shown
+    from instructedit.io import atomic_write
 
     edits = [e for _, e in numbered]
     _check_fits(model, tok, editor, edits, [f"{args.file} line {n}" for n, _ in numbered], args)
@@ -252,6 +260,17 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     mean = [sum(acc for _, acc in side) / len(edits) for side in (before, after)]
     lines += ["", f"totals: {len(edits)} edits; answer is the target {hits[0]:.0f}/{len(edits)} before -> {hits[1]:.0f}/{len(edits)} after; "
                   f"mean target-token accuracy {mean[0]:.2f} -> {mean[1]:.2f}"]
+    if args.output:
+        rows = [{"line": number, "task": e.task, "prompt": e.prompt, "target": e.target,
+                 "said_before": says, "said_after": says_after,  # the greedy answers' first lines, in full
+                 "said_target_before": exact_match(says, e.target), "said_target_after": exact_match(says_after, e.target),
+                 "accuracy_before": acc, "accuracy_after": acc_after,
+                 "protocols": {"said_target": "generation", "accuracy": "teacher_forced"}}
+                for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after)]
+        atomic_write(args.output, lambda tmp: Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
+        lines.append(f"wrote every answer in full to {args.output}")
+    elif any(len(shown(text)) > 22 for side in (before, after) for text, _ in side):
+        lines.append("(answers longer than their column are cut: --output FILE.jsonl writes them in full)")
     if args.save:
         lines.append(f"\nsaved the edited model to {Path(args.save)} (load it with AutoModelForCausalLM.from_pretrained)")
     lines.append("the in-memory model was restored after the edits")
