@@ -710,8 +710,17 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
     tf, both = runs["teacher_forced"]["aggregates"]["counterfact"], runs["both"]["aggregates"]["counterfact"]
     assert set(tf) == {"pre", "post"} and set(both) == {"pre", "post", "gen_pre", "gen_post"}
     assert {k: v["mean"] for k, v in tf["post"].items()} == {k: v["mean"] for k, v in both["post"].items()}
-    printed = capsys.readouterr().out
-    assert "gen_reliability" in printed and "reliability " in printed and "[" in printed
+    printed = capsys.readouterr().out.splitlines()
+    # the headline: one row per metric, the protocols side by side (teacher-forced only: one column)
+    header = next(i for i, line in enumerate(printed) if "teacher-forced" in line and "generation (said)" in line)
+    rows = {line.split("  ")[1].strip(): line for line in printed[header + 1 :] if line.startswith("  ")}
+    assert {"reliability", "reliability, plain prompt", "locality"} <= set(rows) and ("generalization" in rows) == ("generalization" in both["post"])
+    post = both["post"]
+    assert f"{100 * post['reliability']['mean']:.1f} [" in rows["reliability"] and f"n={post['reliability']['n']}" in rows["reliability"]
+    gen = both["gen_post"]["gen_reliability_plain"]
+    assert rows["reliability, plain prompt"].split("  ", 2)[2].strip().startswith(f"{100 * gen['mean']:.1f} [")  # generation column only
+    tf_only = next(i for i, line in enumerate(printed) if line.strip() == "teacher-forced")  # the first run: no generation column
+    assert tf_only < header and not any("plain prompt" in line for line in printed[tf_only:header])
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.delenv("OPENAI_MODEL", raising=False)

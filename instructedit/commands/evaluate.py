@@ -85,17 +85,34 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     return options
 
 
-def headline(report: EvalReport, task: str) -> str:
-    """Post-edit reliability / generalization / locality / portability of both protocols, with their intervals."""
+HEADLINE_ROWS = (  # (row label, teacher-forced metric, generation metric)
+    ("reliability", "reliability", "gen_reliability"),
+    ("reliability, plain prompt", None, "gen_reliability_plain"),
+    ("reliability, chat question", None, "gen_reliability_chat"),
+    ("reliability, judge", None, "gen_reliability_judge"),
+    ("generalization", "generalization", "gen_generalization"),
+    ("locality", "locality", "gen_locality"),
+    ("portability", "portability", "gen_portability"),
+)
+
+
+def headline(report: EvalReport, task: str) -> list[str]:
+    """Post-edit reliability / generalization / locality / portability, one row each, the two protocols side by side:
+    mean [95 % bootstrap interval] and n (rows and columns with no value are left out)."""
     phases = report.aggregates.get(task, {})
-    parts = []
-    for name, phase, keys in (("teacher-forced", "post", ("reliability", "generalization", "locality", "portability")),
-                              ("generation", "gen_post", ("gen_reliability", "gen_reliability_plain", "gen_reliability_chat",
-                                                          "gen_generalization", "gen_locality", "gen_portability", "gen_reliability_judge"))):
-        post = phases.get(phase, {})
-        if any(k in post for k in keys):
-            parts.append(f"{name}: " + ", ".join(f"{k} {_interval(post[k])} (n={post[k].n})" for k in keys if k in post))
-    return "; ".join(parts)
+    tf, gen = phases.get("post", {}), phases.get("gen_post", {})
+    columns = [(name, values, i) for i, (name, values) in enumerate((("teacher-forced", tf), ("generation (said)", gen))) if values]
+    rows = []
+    for label, *keys in HEADLINE_ROWS:
+        cells = [values.get(keys[i]) if keys[i] else None for _, values, i in columns]
+        if any(c is not None for c in cells):
+            rows.append((label, [f"{_interval(c)} n={c.n}" if c is not None else "" for c in cells]))
+    if not rows:
+        return []
+    width = max(len(label) for label, _ in rows) + 2
+    cell = max([len(name) for name, *_ in columns] + [len(t) for _, texts in rows for t in texts]) + 3
+    lines = [" " * (width + 2) + "".join(f"{name:<{cell}}" for name, *_ in columns).rstrip()]
+    return lines + [f"  {label:<{width}}" + "".join(f"{t:<{cell}}" for t in texts).rstrip() for label, texts in rows]
 
 
 def _interval(summary: MetricSummary) -> str:
@@ -190,8 +207,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
     markdown = write_markdown([report], output.with_suffix(".md"))
-    print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {headline(report, args.task)}; "
-          f"{report.timing['cases_per_s']:.2f} cases/s")
+    print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {report.timing['cases_per_s']:.2f} cases/s; "
+          "after each edit, % (mean [95 % bootstrap interval], n cases):")
+    print("\n".join(headline(report, args.task)))
     if report.sequential:  # what is left of every edit after the last one (the Markdown has the whole curve)
         last = report.sequential[-1]
         locality = f", locality {100 * last.locality:.1f} %" if last.locality is not None else ""
