@@ -45,11 +45,17 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_batch_study_scores_each_size_and_restores_the_weights(tiny_model_dir: Path) -> None:
+def test_batch_study_scores_each_size_and_restores_the_weights(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from instructedit.analysis import many_edits
+
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
     records = many_records(8)
     before = _state(model)
+    calls: list[int] = []  # edits per call, in order
+    made = many_edits.apply_in_rounds
+    monkeypatch.setattr(many_edits, "apply_in_rounds", lambda e, m, batch, *a: calls.append(len(batch.input_ids)) or made(e, m, batch, *a))
     result = batch_study(model, tokenizer, editor, collator, records, 0, [1, 3, 8], progress=False)
+    assert len(calls) == 4 and calls[0] == calls[1]  # an untimed warm-up edit of the first case, then the timed calls
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # every weight bit for bit
     assert [p["n_edits"] for p in result["points"]] == [1, 3, 8]
     for point in result["points"]:
