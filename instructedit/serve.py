@@ -85,13 +85,28 @@ def _text(payload: Mapping[str, Any], field: str, max_chars: int, required: bool
     return value
 
 
+PREDICT_FIELDS = ("prompt",)
+EDIT_FIELDS = ("prompt", "target", "task", "subject", "paraphrase", "label")
+
+
+def _only(payload: Mapping[str, Any], fields: tuple[str, ...]) -> None:
+    """A field the request does not read is an ``InputError`` naming it, not dropped in silence (a misspelt optional field
+    would otherwise do nothing: ``rephrase`` for ``paraphrase``, as ``edit --file`` lines spell it)."""
+    unknown = sorted(k for k in payload if k not in fields)
+    if unknown:
+        hint = " (the paraphrase to ask is 'paraphrase')" if unknown[0] == "rephrase" else ""
+        raise InputError(str(unknown[0])[:40], f"not a field of this request{hint}; its fields are {', '.join(fields)}")
+
+
 def parse_prompt(payload: Mapping[str, Any], limits: ServeLimits) -> str:
     """The ``prompt`` of a predict request, checked."""
+    _only(payload, PREDICT_FIELDS)
     return _text(payload, "prompt", limits.max_prompt_chars)
 
 
 def parse_edit(payload: Mapping[str, Any], limits: ServeLimits) -> Edit:
     """An ``Edit`` from a request body; raises ``InputError`` naming the first bad field."""
+    _only(payload, EDIT_FIELDS)
     prompt = _text(payload, "prompt", limits.max_prompt_chars)
     target = _text(payload, "target", limits.max_target_chars)
     task = payload.get("task") or "counterfact"

@@ -142,6 +142,9 @@ def test_rolling_back_a_middle_edit_removes_the_newer_ones(client: tuple[TestCli
     ({"prompt": "What do you think of Estero?", "target": "I like it", "task": "convsent"}, "label", "needs a label"),
     ({"prompt": "What do you think of Estero?", "target": "I like it", "task": "convsent", "label": "positive"}, "subject", "needs the subject"),
     ({"prompt": PROMPT, "target": "Rome", "label": "positive"}, "label", "belongs to convsent"),
+    # a field the request does not read is named, not dropped in silence
+    ({"prompt": PROMPT, "target": "Rome", "rephrase": "Where is it?"}, "rephrase", "(the paraphrase to ask is 'paraphrase')"),
+    ({"prompt": PROMPT, "target": "Rome", "Target": "Paris"}, "Target", "its fields are prompt, target, task, subject, paraphrase"),
 ])
 def test_bad_edits_are_422_naming_the_field(client: tuple[TestClient, nn.Module], payload: dict[str, Any], field: str, message: str) -> None:
     http, model = client
@@ -157,6 +160,8 @@ def test_bad_requests_to_predict_and_malformed_bodies(client: tuple[TestClient, 
     http, _ = client
     empty = http.post("/api/predict", json={"prompt": " "})
     assert empty.status_code == 422 and empty.json()["detail"] == "prompt: must not be empty"
+    extra = http.post("/api/predict", json={"prompt": PROMPT, "top_k": 3})
+    assert extra.status_code == 422 and extra.json()["field"] == "top_k" and "its fields are prompt" in extra.json()["detail"]
     for response in (http.post("/api/edits", json=["not", "an", "object"]), http.post("/api/predict", content=b"{oops")):
         assert response.status_code == 422 and response.json()["field"] == "body"
     assert http.delete("/api/edits/first").status_code == 422
