@@ -86,16 +86,15 @@ def _text(payload: Mapping[str, Any], field: str, max_chars: int, required: bool
 
 
 PREDICT_FIELDS = ("prompt",)
-EDIT_FIELDS = ("prompt", "target", "task", "subject", "paraphrase", "label")
+EDIT_FIELDS = ("prompt", "target", "task", "subject", "paraphrase", "label", "rephrase")  # rephrase: as Edit and edit --file say
 
 
 def _only(payload: Mapping[str, Any], fields: tuple[str, ...]) -> None:
     """A field the request does not read is an ``InputError`` naming it, not dropped in silence (a misspelt optional field
-    would otherwise do nothing: ``rephrase`` for ``paraphrase``, as ``edit --file`` lines spell it)."""
+    would otherwise do nothing)."""
     unknown = sorted(k for k in payload if k not in fields)
     if unknown:
-        hint = " (the paraphrase to ask is 'paraphrase')" if unknown[0] == "rephrase" else ""
-        raise InputError(str(unknown[0])[:40], f"not a field of this request{hint}; its fields are {', '.join(fields)}")
+        raise InputError(str(unknown[0])[:40], f"not a field of this request; its fields are {', '.join(fields)}")
 
 
 def parse_prompt(payload: Mapping[str, Any], limits: ServeLimits) -> str:
@@ -113,7 +112,9 @@ def parse_edit(payload: Mapping[str, Any], limits: ServeLimits) -> Edit:
     if task not in TASKS:
         raise InputError("task", f"unknown task {str(task)[:40]!r}; valid tasks: {', '.join(TASKS)}")
     subject = _text(payload, "subject", limits.max_subject_chars, required=False)
-    paraphrase = _text(payload, "paraphrase", limits.max_prompt_chars, required=False)
+    if payload.get("paraphrase") and payload.get("rephrase"):
+        raise InputError("rephrase", "the paraphrase to ask, given twice ('paraphrase' and 'rephrase' are the same field): give one")
+    paraphrase = _text(payload, "rephrase" if payload.get("rephrase") else "paraphrase", limits.max_prompt_chars, required=False)
     rephrase = (paraphrase,) if paraphrase else ()
     label = payload.get("label") or None
     if task == "convsent":

@@ -91,6 +91,9 @@ def test_apply_changes_the_prediction_and_rollback_restores_bitwise(client: tupl
     assert [s["query"] for s in with_paraphrase["after"]["says"]] == ["edit prompt", "paraphrase"]
     assert with_paraphrase["after"]["says"][1]["prompt"].endswith("Toko Yasuda plays the")
     ok(http.delete("/api/edits/2"))
+    spelt = ok(http.post("/api/edits", json={**EDIT, "rephrase": "Toko Yasuda plays the"}))  # Edit's and edit --file's spelling
+    assert spelt["after"]["says"] == with_paraphrase["after"]["says"]
+    ok(http.delete("/api/edits/3"))
     assert result["edit"] == {"id": 1, "prompt": PROMPT, "target": "guitar", "task": "counterfact", "subject": "", "label": None,
                               "top_before": before["top"][0]["token"], "top_after": " guitar"}
     assert ok(http.get("/api/edits"))["edits"] == [result["edit"]]
@@ -143,8 +146,8 @@ def test_rolling_back_a_middle_edit_removes_the_newer_ones(client: tuple[TestCli
     ({"prompt": "What do you think of Estero?", "target": "I like it", "task": "convsent", "label": "positive"}, "subject", "needs the subject"),
     ({"prompt": PROMPT, "target": "Rome", "label": "positive"}, "label", "belongs to convsent"),
     # a field the request does not read is named, not dropped in silence
-    ({"prompt": PROMPT, "target": "Rome", "rephrase": "Where is it?"}, "rephrase", "(the paraphrase to ask is 'paraphrase')"),
     ({"prompt": PROMPT, "target": "Rome", "Target": "Paris"}, "Target", "its fields are prompt, target, task, subject, paraphrase"),
+    ({"prompt": PROMPT, "target": "Rome", "paraphrase": "Where is it?", "rephrase": "What city is it in?"}, "rephrase", "given twice"),
 ])
 def test_bad_edits_are_422_naming_the_field(client: tuple[TestClient, nn.Module], payload: dict[str, Any], field: str, message: str) -> None:
     http, model = client
