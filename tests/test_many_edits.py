@@ -594,6 +594,9 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     from instructedit.api import load_editor
     from instructedit.commands.edit import read_edits
 
+    spelt = _edits_file(tmp_path / "paraphrase.jsonl", [json.dumps({"prompt": "a", "target": "b", "paraphrase": "c"})])
+    assert read_edits(str(spelt), "zsre")[0][1].rephrase == ("c",)  # the demo server's spelling, read as rephrase
+
     loaded = load_editor(editor)
     model, tok = load_model(str(tiny_llama_dir))
     with loaded.apply(model, [e for _, e in read_edits(str(edits), "counterfact")], tok, rounds=2) as by_rounds:
@@ -638,6 +641,7 @@ def test_edit_file_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: 
     (json.dumps(["The capital of France is", "Rome"]), "line 2: a JSON list"),
     (json.dumps({"prompt": "a", "target": "b", "task": "nope"}), "line 2: Edit: unknown task 'nope'"),
     (json.dumps({"prompt": "a", "target": "b", "rephrase": [1]}), "line 2: rephrase must be text"),
+    (json.dumps({"prompt": "a", "target": "b", "rephrase": "c", "paraphrase": "d"}), "line 2: rephrase and paraphrase are the same key"),
 ])
 def test_edit_file_names_the_bad_line(tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str, message: str) -> None:
     from instructedit.cli import main

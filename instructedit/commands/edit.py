@@ -31,7 +31,7 @@ def add_edit_parser(subparsers: Any) -> None:
     add_editor_arguments(edit)
     which = edit.add_mutually_exclusive_group(required=True)
     which.add_argument("--prompt", help="the text the model should continue differently")
-    which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase")
+    which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase (or paraphrase)")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
     add_rounds_arguments(edit, "--file in one call", "auto")
@@ -179,6 +179,10 @@ def read_edits(path: str | Path, task: str) -> list[tuple[int, Any]]:
                              '{"prompt": "The Eiffel Tower is in", "target": "Rome"}') from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}: a JSON {type(row).__name__}, expected an object with prompt and target")
+        if "paraphrase" in row:  # the demo server's spelling of rephrase
+            if "rephrase" in row:
+                raise ValueError(f"{where}: rephrase and paraphrase are the same key; give one")
+            row = {("rephrase" if k == "paraphrase" else k): v for k, v in row.items()}
         missing = [k for k in ("prompt", "target") if k not in row]
         rephrase = [row["rephrase"]] if isinstance(row.get("rephrase"), str) else row.get("rephrase") or []
         wrong = [k for k in EDIT_KEYS if row.get(k) is not None and k != "rephrase" and not isinstance(row[k], str)]
