@@ -88,9 +88,10 @@ def resolve_editor_dir(source: str | Path, revision: str | None = None, token: s
         return path
     if path.exists():
         raise ValueError(f"editor {source!r} is a file; pass the folder save_pretrained wrote (e.g. RUN/best)")
-    if is_hub_id(str(source)) and not path.parent.is_dir():
+    local_parent = str(path.parent) not in ("", ".") and path.parent.is_dir()  # 'runs/best' with runs/ here: a mistyped local path
+    if is_hub_id(str(source)) and not local_parent:
         return download_editor(str(source), revision=revision, token=token)
-    if path.parent.is_dir() and str(path.parent) not in ("", "."):  # 'runs/best' with runs/ here: a local path, mistyped
+    if local_parent:
         editors = sorted(d.name for d in path.parent.iterdir() if (d / EDITOR_CONFIG).is_file() or (d / "best" / EDITOR_CONFIG).is_file())
         raise FileNotFoundError(f"editor {source!r}: there is no folder {path.name!r} in {str(path.parent)!r}"
                                 + (f" (its editors and runs: {', '.join(editors[:12])}{' ...' if len(editors) > 12 else ''})" if editors else "")

@@ -208,6 +208,9 @@ def read_edits(path: str | Path, task: str) -> list[tuple[int, Any]]:
     return edits
 
 
+ANSWER_WIDTH = 22  # the answer columns of edit --file's table; --output writes the answers in full
+
+
 def _cell(text: str, width: int) -> str:
     from instructedit.evaluation.generation import shown
 
@@ -256,9 +259,9 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
              f"{len(edits)} edits from {args.file}, applied {how}", "",
-             f"{'line':>5}  {'prompt':<40}  {'target':<18}  {'answer before':<22}  {'answer after':<22}  accuracy"]
+             f"{'line':>5}  {'prompt':<40}  {'target':<18}  {'answer before':<{ANSWER_WIDTH}}  {'answer after':<{ANSWER_WIDTH}}  accuracy"]
     for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after):
-        lines.append(f"{number:>5}  {_cell(e.prompt, 40):<40}  {_cell(e.target, 18):<18}  {_cell(says, 22):<22}  {_cell(says_after, 22):<22}"
+        lines.append(f"{number:>5}  {_cell(e.prompt, 40):<40}  {_cell(e.target, 18):<18}  {_cell(says, ANSWER_WIDTH):<{ANSWER_WIDTH}}  {_cell(says_after, ANSWER_WIDTH):<{ANSWER_WIDTH}}"
                      f"  {acc:.2f} -> {acc_after:.2f}")
     hits = [sum(exact_match(says, e.target) for (says, _), e in zip(side, edits)) for side in (before, after)]
     mean = [sum(acc for _, acc in side) / len(edits) for side in (before, after)]
@@ -273,7 +276,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
                 for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after)]
         atomic_write(args.output, lambda tmp: Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
         lines.append(f"wrote every answer in full to {args.output}")
-    elif any(len(shown(text)) > 22 for side in (before, after) for text, _ in side):
+    elif any(len(shown(text)) > ANSWER_WIDTH for side in (before, after) for text, _ in side):
         lines.append("(answers longer than their column are cut: --output FILE.jsonl writes them in full)")
     if args.save:
         lines.append(f"\nsaved the edited model to {Path(args.save)} (load it with AutoModelForCausalLM.from_pretrained)")

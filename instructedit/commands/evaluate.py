@@ -19,8 +19,8 @@ from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
-from instructedit.evaluation.metrics import PROTOCOL_CHOICES, MetricSummary
-from instructedit.evaluation.report import EvalReport
+from instructedit.evaluation.metrics import PROTOCOL_CHOICES
+from instructedit.evaluation.report import EvalReport, interval_cell
 from instructedit.records import TASKS
 from instructedit.runs import EDITOR_WEIGHTS, editor_sha256
 from instructedit.tasks.collate import ANSWER_STOPS, check_edit_forms
@@ -106,19 +106,13 @@ def headline(report: EvalReport, task: str) -> list[str]:
     for label, *keys in HEADLINE_ROWS:
         cells = [values.get(keys[i]) if keys[i] else None for _, values, i in columns]
         if any(c is not None for c in cells):
-            rows.append((label, [f"{_interval(c)} n={c.n}" if c is not None else "" for c in cells]))
+            rows.append((label, [f"{interval_cell(c)} n={c.n}" if c is not None else "" for c in cells]))
     if not rows:
         return []
     width = max(len(label) for label, _ in rows) + 2
     cell = max([len(name) for name, *_ in columns] + [len(t) for _, texts in rows for t in texts]) + 3
     lines = [" " * (width + 2) + "".join(f"{name:<{cell}}" for name, *_ in columns).rstrip()]
     return lines + [f"  {label:<{width}}" + "".join(f"{t:<{cell}}" for t in texts).rstrip() for label, texts in rows]
-
-
-def _interval(summary: MetricSummary) -> str:
-    if summary.low is None:
-        return f"{100 * summary.mean:.1f}"
-    return f"{100 * summary.mean:.1f} [{100 * summary.low:.1f}, {100 * summary.high:.1f}]"
 
 
 def resolve_instruction(value: str, pool: InstructionPool) -> int | None:

@@ -187,7 +187,7 @@ def _ranged(point: SequentialPoint, metric: str) -> str:
     return _pct(value) if value is None or not interval else f"{_pct(value)} [{_pct(interval[0])}, {_pct(interval[1])}]"
 
 
-def _cell(summary: MetricSummary | None) -> str:
+def interval_cell(summary: MetricSummary | None) -> str:
     """'56.3 [50.1, 62.0]': the mean and its 95 % interval in %, or the mean alone when no interval was computed."""
     if summary is None:
         return "–"
@@ -224,7 +224,7 @@ def _table(reports: Sequence[EvalReport], phase: str, columns: dict[str, str]) -
         cells = [label]
         for task in tasks:
             metrics = per_task.get(task, {})
-            cells += [_cell(metrics.get(key)) for key in columns]
+            cells += [interval_cell(metrics.get(key)) for key in columns]
         cells += [_pct(task_average(per_task, key)) for key in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -256,7 +256,7 @@ def _details(report: EvalReport) -> list[str]:
             lines += [f"#### {report.settings.label} — {task}, {TITLES[protocol].lower()}", "",
                       "| metric | pre-edit | post-edit | n |", "|---|---|---|---|"]
             for key in dict.fromkeys([*post, *pre]):
-                fmt = _margin_cell if key == MARGIN else _cell
+                fmt = _margin_cell if key == MARGIN else interval_cell
                 summary = post.get(key) or pre.get(key)
                 lines.append(f"| {key} | {fmt(pre.get(key))} | {fmt(post.get(key))} | {summary.n} |")
             lines.append("")
