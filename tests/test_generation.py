@@ -305,7 +305,7 @@ def test_a_mend_edits_low_rank_factors_add_what_its_dense_update_adds(tiny_model
         # W + ΔW either way: the same shift within the updates' own tolerance (W's magnitude does not loosen it; on an
         # AMD EPYC without bf16 units one element of W + ΔW differed by 2.3e-6 where ΔW agreed to 1e-4 relative)
         param = model.get_parameter(w.name)
-        torch.testing.assert_close(graded.new_params[w.name] - param, result.new_params[w.name] - param, rtol=1e-4, atol=2e-6)
+        torch.testing.assert_close(graded.new_params[w.name] - param, result.new_params[w.name] - param, rtol=1e-4, atol=1e-6)
     transposed = {w.name: w.transposed for w in editor.weights}
     with torch.no_grad():
         other = editor.edit(model, collator.qa_batch([("The capital of Spain is", "Paris")]))
