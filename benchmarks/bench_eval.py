@@ -20,7 +20,9 @@ import platform
 import statistics
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -81,6 +83,33 @@ def naive_evaluate(model: nn.Module, tokenizer, editor: Editor, records: Sequenc
     return results
 
 
+@dataclass
+class EvalSetup:
+    """The model, an editor (trained, or a fresh untrained MEND), the first test cases of a task, and how to ask them."""
+
+    model: nn.Module
+    tokenizer: Any
+    editor: Editor
+    records: list[EditRecord]
+    pool: InstructionPool
+    instruction: int | None
+    made: dict  # the editor's edit settings (template, answer stop, edit forms), as it was trained
+
+    @classmethod
+    def load(cls, editor_dir: str | None, model_name: str, task: str, n: int) -> "EvalSetup":
+        model, tokenizer = load_model(model_name)
+        editor = MENDEditor.from_pretrained(editor_dir) if editor_dir else build_editor(model, load_config(None, [f"model.name={model_name}"]))
+        editor.eval()
+        records = load_task_splits(task).test[:n]
+        pool, made = trained_queries(editor_dir)  # asked as the editor was trained: its template, answer stop and edit forms
+        return cls(model, tokenizer, editor, records, pool, pool.evaluation_index("seen"), made)
+
+    def evaluate(self, protocol: str = "teacher_forced", records: Sequence[EditRecord] | None = None):
+        """The runner's report of ``records`` (default: all of them) under ``protocol``."""
+        return evaluate(self.model, self.tokenizer, self.editor, self.records if records is None else records, self.pool,
+                        self.instruction, progress=False, protocol=protocol, **self.made)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--editor", default=None, help="a trained editor folder (default: a fresh, untrained MEND)")
@@ -103,13 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
-    model, tokenizer = load_model(args.model)
-    editor = MENDEditor.from_pretrained(args.editor) if args.editor else build_editor(model, load_config(None, [f"model.name={args.model}"]))
-    editor.eval()
-    records = load_task_splits(args.task).test[: args.n]
-    # asked as the editor was trained: its template, answer stop and edit forms
-    pool, made = trained_queries(args.editor)
-    instruction = pool.evaluation_index("seen")
+    setup = EvalSetup.load(args.editor, args.model, args.task, args.n)
+    model, tokenizer, editor, records, pool, instruction, made = (setup.model, setup.tokenizer, setup.editor, setup.records,
+                                                                  setup.pool, setup.instruction, setup.made)
 
     def timed(run):  # wall-clock and this process's CPU time: on a shared machine the latter is the steadier one
         wall, cpu = time.perf_counter(), time.process_time()
@@ -117,14 +142,13 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - wall, time.process_time() - cpu, out
 
     def batched(protocol: str = "teacher_forced") -> tuple[float, float, object]:
-        return timed(lambda: evaluate(model, tokenizer, editor, records, pool, instruction, progress=False, protocol=protocol,
-                                      **made))
+        return timed(lambda: setup.evaluate(protocol))
 
     def naive() -> tuple[float, float, list]:
         return timed(lambda: naive_evaluate(model, tokenizer, editor, records, pool, instruction))
 
     logger.info("warm-up")
-    evaluate(model, tokenizer, editor, records[:3], pool, instruction, progress=False)
+    setup.evaluate("both", records[:3])
     if not args.no_naive:
         naive_evaluate(model, tokenizer, editor, records[:3], pool, instruction)
     times: dict[str, list[float]] = {"batched": [], "naive": [], "batched_cpu": [], "naive_cpu": [], "both": [], "both_cpu": []}

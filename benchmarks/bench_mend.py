@@ -27,17 +27,20 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.func import functional_call
 
-from instructedit.config import load_config
+from instructedit.config import Config, load_config
+from instructedit.editors.learned import LearnedEditor
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import write_json
 from instructedit.losses import locality_kl, masked_nll
 from instructedit.objective import meta_loss, packing_matches
-from instructedit.records import MetaBatch, TokenBatch
+from instructedit.records import EditRecord, MetaBatch, TokenBatch
 from instructedit.training import Trainer
 
 from common import cpu_name, peak_rss_bytes, recipe_setup  # benchmarks/common.py
@@ -98,18 +101,24 @@ def rss_only(steps: int, threads: int) -> None:
     print(json.dumps({"peak_rss_gib": peak_rss_bytes() / 2**30}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rss-steps", type=int, default=20)
-    parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--output", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    if args.rss_only:
-        rss_only(args.rss_steps, args.threads)
-        return
-    config, model, tok, data, editor, split = recipe_setup(CONFIG, args.threads)
+@dataclass
+class Example:
+    """The benchmark's example (a CounterFact training record of the recipe) and the four things it times on it."""
+
+    config: Config
+    editor: LearnedEditor
+    record: EditRecord
+    batch: MetaBatch
+    packed: bool  # the step's inputs run as one packed row, as the Trainer decides
+    forward: Callable[[], None]
+    edit: Callable[[], None]
+    step: Callable[[], None]
+    naive: Callable[[], None]
+
+
+def example(threads: int) -> Example:
+    """The recipe's model and a fresh editor on ``threads`` threads, the example batch, and (a)-(d) as calls."""
+    config, model, tok, data, editor, split = recipe_setup(CONFIG, threads)
     record = next(r for r in data.train if r.task == "counterfact")
     batch = data.collator.meta_batch([record], [data.pool.training_index(record, 0)], "rephrase")
     c_edit, c_loc = config.training.c_edit, config.training.c_loc
@@ -136,25 +145,43 @@ def main() -> None:
         naive_step(editor, model, batch, c_edit, c_loc)
         editor.zero_grad(set_to_none=True)
 
+    return Example(config, editor, record, batch, packed, forward, edit, step, naive)
+
+
+def interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
+    """Wall seconds of ``reps`` rounds of every call in ``fns`` in turn (after 3 warm-up calls each)."""
+    for fn in fns.values():
+        for _ in range(3):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rss-steps", type=int, default=20)
+    parser.add_argument("--rss-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.rss_only:
+        rss_only(args.rss_steps, args.threads)
+        return
+    ex = example(args.threads)
+    config, editor, record, batch, packed = ex.config, ex.editor, ex.record, ex.batch, ex.packed
     # interleave the measurements of each ratio so machine noise hits them alike: forward, edit and step in one loop, then
     # the step against the naive step in another. The naive step allocates and frees ~1 GB a call (a gradient for every
     # base weight); interleaved with the others, the allocator hands that memory back to the system and the next edit
     # takes it again page by page: the edit measured 1.44x a forward pass that way against 1.17x with the naive step
     # apart (one thread, 2026-12-04), an artefact of the benchmark, not a cost an edit has in use.
-    def interleaved(fns: dict, reps: int) -> dict[str, list[float]]:
-        for fn in fns.values():
-            for _ in range(3):
-                fn()
-        times: dict[str, list[float]] = {name: [] for name in fns}
-        for _ in range(reps):
-            for name, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-        return times
-
-    results = interleaved({"forward": forward, "edit": edit, "step": step}, args.reps)
-    against_naive = interleaved({"step": step, "naive_step": naive}, args.reps)
+    results = interleaved({"forward": ex.forward, "edit": ex.edit, "step": ex.step}, args.reps)
+    against_naive = interleaved({"step": ex.step, "naive_step": ex.naive}, args.reps)
     results["naive_step"] = against_naive["naive_step"]
     med = {k: statistics.median(v) for k, v in results.items()}
     step_beside_naive = statistics.median(against_naive["step"])
