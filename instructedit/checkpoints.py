@@ -154,7 +154,7 @@ def run_summary(state: TrainState, output: Path, processes: int, records_per_ste
         "steps": state.step,
         "stopped_early": state.stopped_early,
         "best_step": state.best_step,
-        "best_val_loss": state.best_val_loss,
+        "best_val_loss": state.best_val_loss if vals else None,  # none without a validation (training.val_every: 0)
         "best_checkpoint": str(output / BEST),
         "last_checkpoint": str(output / LAST),
         "first_validation": vals[0] if vals else None,

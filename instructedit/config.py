@@ -209,7 +209,7 @@ class TrainingConfig:
     # Multipliers of the learned step sizes α tried at each generation validation; best/ is saved with the one that
     # validates best (the meta-objective is teacher-forced and can leave α too small for greedy decoding).
     edit_scales: list[float] = field(default_factory=lambda: [1.0])
-    val_every: int = 500
+    val_every: int = 500  # steps between validations; 0: none at all, best/ is the final editor (one edit_scales value)
     val_size: int = 200
     validate_at_start: bool = True  # a validation of the untrained editor at step 0 (the baseline; false: the first one at val_every)
     early_stop_patience: int = 10  # validations without improvement before stopping; 0 disables
@@ -254,7 +254,12 @@ class TrainingConfig:
         _check(0 <= self.locality_floor <= 1, "training.locality_floor", "must be in [0, 1]")
         _check(len(self.edit_scales) > 0 and all(s > 0 for s in self.edit_scales), "training.edit_scales", "needs positive multipliers (e.g. [1.0])")
         _check(self.val_size >= 1, "training.val_size", f"{self.val_size}: validation needs at least 1 record")
-        _check(self.val_every >= 1 and self.checkpoint_every >= 1 and self.log_every >= 1, "training.val_every", "intervals must be >= 1")
+        _check(self.val_every >= 0, "training.val_every", f"{self.val_every}: must be >= 1, or 0 for no validation")
+        _check(self.checkpoint_every >= 1 and self.log_every >= 1, "training.checkpoint_every", "intervals must be >= 1")
+        if self.val_every == 0:  # nothing validated: nothing to choose best/ or a step-size multiplier from
+            _check(not self.validate_at_start, "training.validate_at_start", "must be false with val_every: 0 (no validation)")
+            _check(len(self.edit_scales) == 1, "training.edit_scales",
+                   f"{self.edit_scales}: without validation (val_every: 0) no multiplier can be chosen; give one")
 
     @property
     def edits_per_call(self) -> int:

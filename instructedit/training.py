@@ -127,12 +127,15 @@ class Trainer:
             bar.set_postfix({k: f"{running[k]:.3f}" for k in ("loss", "l_edit", "l_loc", "edit_acc", "locality", "loc_weight") if k in running})
             if self.state.step % t.log_every == 0:
                 self.log.write({"step": self.state.step, "split": "train", **metrics, "elapsed_s": time.time() - started})
-            if self.state.step % t.val_every == 0:
+            if t.val_every and self.state.step % t.val_every == 0:
                 self.validate()
             if self.state.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
-        if self.state.step % t.val_every != 0 and not self.state.stopped_early:
+        if not t.val_every:  # no validation: the final editor is best/
+            self.state.best_step = self.state.step
+            self._save_dir(BEST, with_optimizer=False, edit_scale=t.edit_scales[0])
+        elif self.state.step % t.val_every != 0 and not self.state.stopped_early:
             self.validate()
         self.save_checkpoint()
         summary = run_summary(self.state, self.output, self.dist.world_size, self.records_per_step, self.data.info)

@@ -322,6 +322,27 @@ def test_validation_at_the_start_can_be_left_out(tiny_gpt2_dir: Path, tmp_path: 
     assert json.loads((tmp_path / "summary.json").read_text())["best_step"] in (2, 4)
 
 
+def test_without_validation_the_final_editor_is_best(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """val_every: 0 (the quickstart, whose calibration measures the editor): no validation at all; best/ holds the final
+    editor, the same as last/; a config asking for a validation-time choice without validation is refused."""
+    Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.val_every=0", "training.validate_at_start=false",
+                    "training.checkpoint_every=2"), tmp_path, show_progress=False).run()
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert not [e for e in lines if e["split"] == "val"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["best_step"] == 3 and summary["best_val_loss"] is None and summary["last_validation"] is None
+    best, last = MENDEditor.from_pretrained(tmp_path / "best"), MENDEditor.from_pretrained(tmp_path / "last")
+    for (name, a), (_, b) in zip(best.state_dict().items(), last.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert "not validated: best/ is the final editor" in (tmp_path / "best" / "README.md").read_text()
+    with pytest.raises(ValueError, match="validate_at_start"):
+        _config(tiny_gpt2_dir, "training.val_every=0")
+    with pytest.raises(ValueError, match="edit_scales"):
+        _config(tiny_gpt2_dir, "training.val_every=0", "training.validate_at_start=false", "training.edit_scales=[1.0,2.0]")
+    with pytest.raises(ValueError, match="val_every"):
+        _config(tiny_gpt2_dir, "training.val_every=-1")
+
+
 def test_per_record_edits_in_one_pass_equal_the_mean_of_single_record_steps(tiny_model_dir: Path, tmp_path: Path) -> None:
     """batched_meta_loss (training.batch_size > 1): every record edited with its own update, all in one pass, gives the
     mean of the records' packed meta_loss: loss, metrics and gradients (editor statistics frozen: eval mode)."""

@@ -214,8 +214,9 @@ def _training_section(config: dict[str, Any] | None, summary: dict[str, Any] | N
         keys = ("lr", "lr_lr", "c_edit", "c_loc", "c_margin", "batch_size", "grad_accumulation", "max_steps", "edit_loss_on", "seed")
         lines.append("- " + ", ".join(f"{k} {t[k]}" for k in keys if k in t))
     if summary:
-        lines.append(f"- trained {summary.get('steps')} optimizer steps{' (stopped early)' if summary.get('stopped_early') else ''}; "
-                     f"best validation loss {_fmt(summary.get('best_val_loss'), 4)} at step {summary.get('best_step')}")
+        chosen = (f"best validation loss {_fmt(summary.get('best_val_loss'), 4)} at step {summary.get('best_step')}"
+                  if summary.get("best_val_loss") is not None else "not validated: best/ is the final editor")
+        lines.append(f"- trained {summary.get('steps')} optimizer steps{' (stopped early)' if summary.get('stopped_early') else ''}; {chosen}")
     step = (editor_config.get("training") or {}).get("step")
     if step is not None:
         lines.append(f"- this checkpoint: step {step}")
