@@ -40,6 +40,18 @@ EDITS_FILE = "instructedit_edits.json"  # written beside a saved edited model: w
 EditorFactory = Callable[[nn.Module, PreTrainedTokenizerBase], Editor]
 
 
+REPHRASE_ALIAS = "paraphrase"  # the demo page's name for Edit.rephrase, accepted wherever an edit is read from JSON
+
+
+def rephrase_key(fields: Mapping[str, Any]) -> str | None:
+    """The key of an edit read from JSON (``edit --file``'s lines, the demo server's requests) that holds its rephrase:
+    "rephrase", its alias "paraphrase" (``REPHRASE_ALIAS``), or None. Both given (not empty) raises ValueError."""
+    given = [k for k in ("rephrase", REPHRASE_ALIAS) if fields.get(k)]
+    if len(given) == 2:
+        raise ValueError("rephrase and paraphrase are the same field (the paraphrase to ask); give one")
+    return given[0] if given else None
+
+
 @dataclass(frozen=True)
 class Edit:
     """One fact to put into the model: ``prompt`` should be continued with ``target``.

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.api import Edit, EditedModel, InstructEditor, answer, generate, max_input_length, score_target, top_predictions
+from instructedit.api import (
+    REPHRASE_ALIAS, Edit, EditedModel, InstructEditor, answer, generate, max_input_length, rephrase_key, score_target, top_predictions,
+)
 from instructedit.records import SENTIMENTS, TASKS
 from instructedit.tasks.collate import chat_query, encode_answer
 
@@ -86,7 +88,7 @@ def _text(payload: Mapping[str, Any], field: str, max_chars: int, required: bool
 
 
 PREDICT_FIELDS = ("prompt",)
-EDIT_FIELDS = ("prompt", "target", "task", "subject", "paraphrase", "label", "rephrase")  # rephrase: as Edit and edit --file say
+EDIT_FIELDS = ("prompt", "target", "task", "subject", REPHRASE_ALIAS, "label", "rephrase")  # rephrase: as Edit and edit --file say
 
 
 def _only(payload: Mapping[str, Any], fields: tuple[str, ...]) -> None:
@@ -112,9 +114,11 @@ def parse_edit(payload: Mapping[str, Any], limits: ServeLimits) -> Edit:
     if task not in TASKS:
         raise InputError("task", f"unknown task {str(task)[:40]!r}; valid tasks: {', '.join(TASKS)}")
     subject = _text(payload, "subject", limits.max_subject_chars, required=False)
-    if payload.get("paraphrase") and payload.get("rephrase"):
-        raise InputError("rephrase", "the paraphrase to ask, given twice ('paraphrase' and 'rephrase' are the same field): give one")
-    paraphrase = _text(payload, "rephrase" if payload.get("rephrase") else "paraphrase", limits.max_prompt_chars, required=False)
+    try:
+        key = rephrase_key(payload)
+    except ValueError as err:
+        raise InputError("rephrase", str(err)) from None
+    paraphrase = _text(payload, key, limits.max_prompt_chars, required=False) if key else ""
     rephrase = (paraphrase,) if paraphrase else ()
     label = payload.get("label") or None
     if task == "convsent":

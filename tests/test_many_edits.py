@@ -641,7 +641,7 @@ def test_edit_file_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: 
     (json.dumps(["The capital of France is", "Rome"]), "line 2: a JSON list"),
     (json.dumps({"prompt": "a", "target": "b", "task": "nope"}), "line 2: Edit: unknown task 'nope'"),
     (json.dumps({"prompt": "a", "target": "b", "rephrase": [1]}), "line 2: rephrase must be text"),
-    (json.dumps({"prompt": "a", "target": "b", "rephrase": "c", "paraphrase": "d"}), "line 2: rephrase and paraphrase are the same key"),
+    (json.dumps({"prompt": "a", "target": "b", "rephrase": "c", "paraphrase": "d"}), "line 2: rephrase and paraphrase are the same field"),
 ])
 def test_edit_file_names_the_bad_line(tmp_path: Path, caplog: pytest.LogCaptureFixture, bad: str, message: str) -> None:
     from instructedit.cli import main

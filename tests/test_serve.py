@@ -147,7 +147,7 @@ def test_rolling_back_a_middle_edit_removes_the_newer_ones(client: tuple[TestCli
     ({"prompt": PROMPT, "target": "Rome", "label": "positive"}, "label", "belongs to convsent"),
     # a field the request does not read is named, not dropped in silence
     ({"prompt": PROMPT, "target": "Rome", "Target": "Paris"}, "Target", "its fields are prompt, target, task, subject, paraphrase"),
-    ({"prompt": PROMPT, "target": "Rome", "paraphrase": "Where is it?", "rephrase": "What city is it in?"}, "rephrase", "given twice"),
+    ({"prompt": PROMPT, "target": "Rome", "paraphrase": "Where is it?", "rephrase": "What city is it in?"}, "rephrase", "same field"),
 ])
 def test_bad_edits_are_422_naming_the_field(client: tuple[TestClient, nn.Module], payload: dict[str, Any], field: str, message: str) -> None:
     http, model = client

@@ -161,7 +161,7 @@ def read_edits(path: str | Path, task: str) -> list[tuple[int, Any]]:
     are skipped. A bad line raises ValueError naming the file and the line; keys outside these are
     reported in a warning (file, keys, lines) and not used.
     """
-    from instructedit.api import Edit
+    from instructedit.api import REPHRASE_ALIAS, Edit, rephrase_key
 
     path = Path(path)
     if not path.is_file():
@@ -179,10 +179,11 @@ def read_edits(path: str | Path, task: str) -> list[tuple[int, Any]]:
                              '{"prompt": "The Eiffel Tower is in", "target": "Rome"}') from None
         if not isinstance(row, dict):
             raise ValueError(f"{where}: a JSON {type(row).__name__}, expected an object with prompt and target")
-        if "paraphrase" in row:  # the demo server's spelling of rephrase
-            if "rephrase" in row:
-                raise ValueError(f"{where}: rephrase and paraphrase are the same key; give one")
-            row = {("rephrase" if k == "paraphrase" else k): v for k, v in row.items()}
+        try:
+            key = rephrase_key(row)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        row = {k: v for k, v in row.items() if k not in ("rephrase", REPHRASE_ALIAS)} | ({"rephrase": row[key]} if key else {})
         missing = [k for k in ("prompt", "target") if k not in row]
         rephrase = [row["rephrase"]] if isinstance(row.get("rephrase"), str) else row.get("rephrase") or []
         wrong = [k for k in EDIT_KEYS if row.get(k) is not None and k != "rephrase" and not isinstance(row[k], str)]
