@@ -7,13 +7,15 @@ counts the work: every matrix product, oneDNN linear and attention call (``torch
 plus the CPU attention and ``torch.ops.mkldnn._linear_pointwise`` that it does not know), dispatched while
 
 - ``bench_mend.py``'s example runs (a) a forward pass, (b) an edit, (c) a meta-training step of its recipe;
-- ``bench_eval.py``'s cases are evaluated teacher-forced only and with both protocols (``--editor``, ``--task``).
+- ``bench_eval.py``'s cases are evaluated teacher-forced only and with both protocols (``--editor``, ``--task``);
+- with ``--parts ...,many``: ``bench_batch_edit.py``'s N held-out ZsRE edits are made in one call (as the API makes them, and in
+  one round) and each of ``--singles`` of them alone (work only: issue 16's seconds-per-edit bar).
 
 Each is counted once (under the counting mode) and timed apart: medians of ``--reps`` interleaved repetitions, so the
 JSON holds, per ratio, the work ratio beside the time ratio.
 
     .venv/bin/python benchmarks/count_flops.py [--threads 1] [--reps 10] [--editor runs/ls8-answer/calibrated]
-        [--task zsre] [--n 30] [--eval-reps 3]
+        [--task zsre] [--n 30] [--eval-reps 3] [--parts mend,eval,many] [--many 256 --singles 12]
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ import torch
 from torch.utils import flop_counter
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from instructedit.api import load_editor
 from instructedit.config import DEFAULT_MODEL
+from instructedit.models.loading import load_model
 from instructedit.io import write_json
 
+from bench_batch_edit import zsre_edits  # benchmarks/bench_batch_edit.py
 from bench_eval import EvalSetup  # benchmarks/bench_eval.py
 from bench_mend import example, interleaved  # benchmarks/bench_mend.py
 from common import cpu_name  # benchmarks/common.py
@@ -145,34 +150,61 @@ def eval_part(editor: str, task: str, n: int, reps: int) -> dict:
     return out
 
 
+def many_part(editor_path: str, n: int, singles: int) -> dict:
+    """The work of ``n`` edits in one call (``rounds="auto"``, the API's default, and one round) per edit, against the mean
+    work of ``singles`` of them made alone."""
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    editor = load_editor(editor_path)
+    edits = zsre_edits(n, None, 0)
+
+    def apply(batch, **options) -> None:
+        editor.apply(model, batch, tokenizer, **options).rollback()
+
+    single = statistics.mean(counted(lambda e=e: apply([e])).total for e in edits[:singles])
+    out: dict[str, Any] = {"editor": editor_path, "n_edits": n, "singles": singles, "single_edit_gflop": single / 1e9}
+    for label, options in (("auto", {}), ("one_round", {"rounds": 1})):
+        total = counted(lambda options=options: apply(edits, **options)).total
+        out[label] = {"gflop": total / 1e9, "gflop_per_edit": total / n / 1e9, "per_edit_over_single": total / n / single}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="mend,eval", help="comma-separated: mend, eval, many (default mend,eval)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--reps", type=int, default=10, help="interleaved repetitions of forward, edit and step")
-    parser.add_argument("--editor", default="runs/ls8-answer/calibrated", help="the editor evaluated (none: skip the evaluation part)")
+    parser.add_argument("--editor", default="runs/ls8-answer/calibrated", help="the editor the eval and many parts use")
     parser.add_argument("--task", default="zsre")
     parser.add_argument("--n", type=int, default=30)
     parser.add_argument("--eval-reps", type=int, default=3, help="interleaved repetitions of the two evaluations")
+    parser.add_argument("--many", type=int, default=256, help="edits in the many part's one call")
+    parser.add_argument("--singles", type=int, default=12, help="single edits counted beside it")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"mend", "eval", "many"}:
+        parser.error(f"--parts {args.parts}: choose among mend, eval, many")
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "threads": args.threads,
                               "torch": torch.__version__, "cpu": cpu_name(),
                               "counted": "matrix products, attention and oneDNN linears (flop_counter formulas); elementwise work is not"}
-    report["mend"] = mend_part(args.threads, args.reps)
-    write_json(args.output, report)
-    if args.editor and args.editor.lower() != "none":
+    if "mend" in parts:
+        report["mend"] = mend_part(args.threads, args.reps)
+        write_json(args.output, report)
+        for name in ("edit", "step"):
+            ratio = report["mend"][f"{name}_over_forward"]
+            print(f"{name} / forward: work {ratio['work']:.2f}x, time {ratio['time']:.2f}x")
+    if "eval" in parts:
         report["evaluation"] = eval_part(args.editor, args.task, args.n, args.eval_reps)
         write_json(args.output, report)
-    mend = report["mend"]
-    for name in ("edit", "step"):
-        ratio = mend[f"{name}_over_forward"]
-        print(f"{name} / forward: work {ratio['work']:.2f}x, time {ratio['time']:.2f}x")
-    if "evaluation" in report:
         ratio = report["evaluation"]["both_over_teacher_forced"]
         print(f"both protocols / teacher-forced ({args.task}): work {ratio['work']:.2f}x, time {ratio['time']:.2f}x")
+    if "many" in parts:
+        report["many_edits"] = many = many_part(args.editor, args.many, args.singles)
+        write_json(args.output, report)
+        print(f"{args.many} edits in one call, work per edit / a single edit's: {many['auto']['per_edit_over_single']:.2f}x "
+              f"(one round: {many['one_round']['per_edit_over_single']:.2f}x)")
     print(f"wrote {args.output}")
-
 
 if __name__ == "__main__":
     main()
