@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.func import functional_call
@@ -148,10 +149,10 @@ def example(threads: int) -> Example:
     return Example(config, editor, record, batch, packed, forward, edit, step, naive)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], reps: int) -> dict[str, list[float]]:
-    """Wall seconds of ``reps`` rounds of every call in ``fns`` in turn (after 3 warm-up calls each)."""
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Wall seconds of ``reps`` rounds of every call in ``fns`` in turn (after ``warmup`` calls each)."""
     for fn in fns.values():
-        for _ in range(3):
+        for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +34,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from instructedit.api import load_editor
 from instructedit.config import DEFAULT_MODEL
-from instructedit.models.loading import load_model
 from instructedit.io import write_json
+from instructedit.models.loading import load_model
 
 from bench_batch_edit import zsre_edits  # benchmarks/bench_batch_edit.py
 from bench_eval import EvalSetup  # benchmarks/bench_eval.py
@@ -133,12 +132,7 @@ def eval_part(editor: str, task: str, n: int, reps: int) -> dict:
     setup.evaluate("both", setup.records[:3])  # warm-up (timings of the fast kernels, decoding memory)
     protocols = ("teacher_forced", "both")
     counts = {p: counted(lambda p=p: setup.evaluate(p)) for p in protocols}
-    times: dict[str, list[float]] = {p: [] for p in protocols}
-    for _ in range(reps):
-        for p in protocols:
-            start = time.perf_counter()
-            setup.evaluate(p)
-            times[p].append(time.perf_counter() - start)
+    times = interleaved({p: lambda p=p: setup.evaluate(p) for p in protocols}, reps, warmup=0)  # warmed up above
     seconds = {p: statistics.median(t) for p, t in times.items()}
     out: dict[str, Any] = {"editor": editor, "task": task, "n_cases": len(setup.records), "reps": reps, "median_s": seconds,
                            "all_times_s": times}
