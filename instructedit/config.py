@@ -21,7 +21,9 @@ from instructedit.runs import CONFIG as RUN_CONFIG
 # target as its answer, solved together.
 EDIT_FORMS = ("wrapped", "plain", "chat")
 ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
-EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat")  # what the post-edit (generalization) loss reads (Collator.meta_batch)
+# what the post-edit (generalization) loss reads (Collator.meta_batch): the wrapped rephrase, the wrapped edit input, or the
+# rephrase and the edit prompt in more forms (the chat user turn; the bare question and the chat turn)
+EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat", "rephrase+plain+chat")
 
 
 def check_edit_forms(forms: typing.Sequence[str] | str, where: str = "edit_forms") -> tuple[str, ...]:
@@ -188,7 +190,7 @@ class TrainingConfig:
     grad_accumulation: int = 2
     grad_clip: float = 100.0
     max_steps: int = 30000  # optimizer steps
-    edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input), "edit_input", "rephrase+chat" (+ the chat form)
+    edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input), "edit_input", "rephrase+chat", "rephrase+plain+chat"
     # Generation (DESIGN.md §5): what an edit input's answer ends with ("newline"/"eos" teach the edited model
     # to stop after the answer), and a hinge that keeps every answer token (and the stop) ahead of the best
     # other token by answer_margin_cap logits: the condition for greedy decoding to say the answer.

@@ -230,6 +230,23 @@ def test_edit_outer_adds_the_chat_form_where_the_tokenizer_has_a_chat_template(c
         load_config(None, ["training.edit_loss_on=chat"])
 
 
+def test_edit_outer_adds_the_bare_question_and_the_chat_form(collator: Collator) -> None:
+    tok, pool, record = collator.tokenizer, collator.pool, cf_record()
+    saved = tok.chat_template
+    try:
+        tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+        three = collator.meta_batch([record], [3], edit_loss_on="rephrase+plain+chat").edit_outer
+        bare = collator.meta_batch([record], [None], edit_loss_on="rephrase+plain+chat").edit_outer
+    finally:
+        tok.chat_template = saved
+    rephrased, plain, chat = ((pool.render(record, record.rephrase[0], 3), "Rome"), (record.prompt, "Rome"),
+                              (f"User: {record.prompt}\nAssistant:", "Rome"))
+    assert_same_batch(three, collator.qa_batch([rephrased, plain, chat], stop=True))  # the rephrase, the bare question, the chat form
+    assert [labelled_text(tok, three, i).strip() for i in range(3)] == ["Rome"] * 3
+    # without an instruction the bare question is the rephrase's own form: only the chat row is added
+    assert_same_batch(bare, collator.qa_batch([(record.rephrase[0], "Rome"), chat], stop=True))
+
+
 def test_edit_forms_make_each_edit_in_the_wrapped_and_the_chat_form(collator: Collator) -> None:
     from instructedit.tasks.collate import check_edit_forms
 

@@ -140,6 +140,19 @@ class Collator:
             return chat
         raise ValueError(f"unknown edit form {form!r}; valid forms: {list(EDIT_FORMS)}")
 
+    def loss_forms(self, record: EditRecord, edit_loss_on: str, instruction: int | None) -> list[str]:
+        """The edit prompt in the forms ``edit_loss_on`` adds to the post-edit loss after the rephrase: the bare question
+        ('+plain', when an instruction wraps the others) and the chat form ('+chat': ``chat_query``, the question as the
+        user turn, the target as the assistant's answer; only where the tokenizer has a chat template)."""
+        forms = edit_loss_on.split("+")[1:]
+        prompts = []
+        if "plain" in forms and instruction is not None:
+            prompts.append(record.prompt)
+        chat = chat_query(self.tokenizer, record.prompt) if "chat" in forms else None
+        if chat is not None:
+            prompts.append(chat)
+        return prompts
+
     def qa_batch(self, pairs: Sequence[tuple[str, str]], where: str = "", stop: bool | Sequence[bool] = False) -> TokenBatch:
         """Right-padded batch of ``prompt + " " + answer`` with labels on the answer tokens only.
 
@@ -193,9 +206,8 @@ class Collator:
         """edit_inner / edit_outer / loc (and ConvSent's unlikely) inputs for ``records``.
 
         ``edit_loss_on`` (``config.EDIT_LOSS_ON``): edit_outer is the wrapped rephrase (the edit input without one),
-        the wrapped edit input, or the rephrase and the edit prompt in the chat form (``chat_query``: the
-        question as the user turn, the target as the assistant's answer; where the tokenizer has a chat
-        template), so that the edit also holds when the model is asked as a chat assistant."""
+        the wrapped edit input, or the rephrase and the edit prompt in more forms (``loss_forms``), so that the edit
+        also holds when the model is asked as a chat assistant, or the question bare."""
         inner, outer, loc, unlikely = [], [], [], []
         for record, idx in zip(records, instructions, strict=True):
             wrapped = self.wrap(record, record.prompt, idx)
@@ -210,9 +222,8 @@ class Collator:
                 outer.append((self.wrap(record, record.rephrase[0], idx), record.target_new))
             else:
                 outer.append((wrapped, record.target_new))
-            chat = chat_query(self.tokenizer, record.prompt) if edit_loss_on == "rephrase+chat" and record.convsent is None else None
-            if chat is not None:
-                outer.append((chat, record.target_new))
+            if record.convsent is None:
+                outer += [(prompt, record.target_new) for prompt in self.loss_forms(record, edit_loss_on, idx)]
             item = self.locality_item(record)
             loc.append((item.prompt, item.answer))  # locality inputs are never wrapped
         where = ", ".join(r.source for r in records[:3])
