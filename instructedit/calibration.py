@@ -103,7 +103,8 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         if weight is not None:
             memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
             print(f"preservation weight {weight:g}:")
-        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales, progress=progress)
+        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales, progress=progress,
+                                         intervals=True)
     pairs = {(w, sc): v for w, per in grid.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie the smaller multiplier, then the larger preservation weight
     chosen_weight, chosen = max(pairs, key=lambda k: (selection_score(pairs[k], locality_floor), -k[1], k[0] or 0))
@@ -132,7 +133,13 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     for (w, sc), v in pairs.items():
         mark = "  <- chosen" if (w, sc) == (chosen_weight, chosen) else ""
         weight = "" if w is None else f"preservation weight {w:g}, "
-        forms = "".join(f", {k[len('gen_reliability_'):]} {x:.3f}" for k, x in v.items() if k.startswith("gen_reliability_"))
-        print(f"{weight}α × {sc:g}: generation reliability {v.get('gen_reliability', 0):.3f}{forms}, generation locality "
-              f"{v.get('gen_locality', 0):.3f} (n={v.get('gen_n', 0)}){mark}")
+        ci = v.get("ci", {})
+
+        def rate(key: str) -> str:
+            low_high = f" [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else ""
+            return f"{v.get(key, 0):.3f}{low_high}"
+
+        forms = "".join(f", {k[len('gen_reliability_'):]} {rate(k)}" for k in v if k.startswith("gen_reliability_"))
+        print(f"{weight}α × {sc:g}: generation reliability {rate('gen_reliability')}{forms}, generation locality "
+              f"{rate('gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'})")

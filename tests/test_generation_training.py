@@ -162,6 +162,11 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     report = json.loads((out / "calibration.json").read_text())
     shown = capsys.readouterr()
     assert set(report["scales"]) == {"1", "2"} and report["chosen"] in (1.0, 2.0) and "<- chosen" in shown.out
+    for scores in report["scales"].values():  # every rate with its 95 % interval, saved and printed
+        for name in ("gen_reliability", "gen_locality"):
+            low, high = scores["ci"][name]
+            assert 0 <= low <= scores[name] <= high <= 1
+    assert shown.out.count("95 % bootstrap intervals") == 2
     assert "generation at each multiplier" in shown.err  # the progress bar, which --no-progress turns off (below)
     source, calibrated = MENDEditor.from_pretrained(tmp_path / "run" / "best"), MENDEditor.from_pretrained(out)
     assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
@@ -266,7 +271,7 @@ def test_a_resume_may_change_the_selection_but_not_the_recipe(tiny_llama_dir: Pa
 
 def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from instructedit.editors.base import apply_in_place
-    from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, normalize_answer
+    from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer
     from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes
 
     config = load_config(TINY, [f"model.name={tiny_llama_dir}", f"data.template={json.dumps(PREFIX_TEMPLATE)}", "training.answer_stop=newline"])
@@ -291,11 +296,21 @@ def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny
                 after = greedy_generate(model, tok, [loc.prompt], answer_budget(tok, loc.answer))[0]
             rel.append(exact_match(first_line(said), r.target_new))
             same.append(float(normalize_answer(first_line(after)) == normalize_answer(first_line(before))))
+        per_case[scale] = {"gen_reliability": rel, "gen_locality": same}
         return {"gen_reliability": sum(rel) / len(rel), "gen_locality": sum(same) / len(same), "gen_n": len(rel)}
 
     editor.eval()
+    per_case: dict[float, dict[str, list[float]]] = {}
     expected = {scale: one_at_a_time(scale) for scale in scales}
     assert generation_scores(model, tok, editor, collator, records, instructions, scales) == expected
+    # with intervals: the same rates, and each rate's bootstrap interval over the same per-record values
+    with_ci = generation_scores(model, tok, editor, collator, records, instructions, scales, intervals=True)
+    for scale in scales:
+        ci = with_ci[scale].pop("ci")
+        assert with_ci[scale] == expected[scale]
+        for name, values in per_case[scale].items():
+            interval = bootstrap_ci(values)
+            assert ci[name] == [interval.low, interval.high] and interval.low <= expected[scale][name] <= interval.high
     assert len({v["gen_locality"] for v in expected.values()}) > 1  # the scales differ: the comparison is not trivial
 
 
@@ -328,13 +343,14 @@ def test_edits_made_in_both_forms_are_trained_saved_loaded_and_calibrated(tiny_c
                  "--device", "cpu", "--val-size", "4"]) == 0
     assert query_setup(out)["edit_forms"] == ["chat"] and query_setup(out)["answer_stop"] == "newline"
     report = json.loads((out / "calibration.json").read_text())
-    assert report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_n"}
+    assert report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_n", "ci"}
     bare = tmp_path / "calibrated-plain"  # the bare question as a second edit input: each form's reliability reported
     assert main(["calibrate", "--run", str(run), "--scales", "1", "--locality-floor", "0", "--edit-forms", "plain,wrapped", "--output",
                  str(bare), "--device", "cpu", "--val-size", "4"]) == 0
     assert query_setup(bare)["edit_forms"] == ["wrapped", "plain"]
     scores = json.loads((bare / "calibration.json").read_text())["scales"]["1"]
     assert scores["gen_reliability"] == pytest.approx((scores["gen_reliability_wrapped"] + scores["gen_reliability_plain"]) / 2)
+    assert set(scores["ci"]) == {"gen_reliability", "gen_reliability_wrapped", "gen_reliability_plain", "gen_locality"}
     assert main(["calibrate", "--run", str(run), "--edit-forms", "wrapped,bare", "--output", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "--edit-forms: ['wrapped', 'bare'] must be distinct forms" in caplog.text
     # a tokenizer without a chat template cannot make chat edits: said before any training step

@@ -24,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.editors.base import EditResult
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, same_answer
+from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, same_answer
 from instructedit.models.architectures import transposed_of
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
@@ -51,8 +51,9 @@ CASES_TOGETHER = 8  # records whose edits are held at once; their queries decode
 
 def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,
                       records: Sequence[EditRecord], instructions: Sequence[int | None],
-                      scales: Sequence[float] = (1.0,), progress: bool = False) -> dict[float, dict[str, float]]:
-    """Per α multiplier: mean generation reliability and generation locality over ``records``, with n.
+                      scales: Sequence[float] = (1.0,), progress: bool = False, intervals: bool = False) -> dict[float, dict]:
+    """Per α multiplier: mean generation reliability and generation locality over ``records``, with n; with
+    ``intervals``, also ``ci``: each rate's 95 % bootstrap interval over the records, ``{name: [low, high]}``.
 
     Reliability is exact match on the edit's prompt in each of the collator's edit forms (the wrapped prompt; with
     ``edit_forms`` [wrapped, plain, chat] also the bare and the chat question, then ``gen_reliability`` is the mean of the forms' and each is
@@ -106,6 +107,11 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
         scores[scale] = {"gen_reliability": sum(by_form.values()) / len(forms), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}
         if len(forms) > 1:  # gen_reliability is their mean
             scores[scale] |= {f"gen_reliability_{form}": v for form, v in by_form.items()}
+        if intervals:
+            per_case = {"gen_reliability": [sum(v) / len(forms) for v in zip(*said_in[scale].values(), strict=True)], "gen_locality": same[scale]}
+            if len(forms) > 1:
+                per_case |= {f"gen_reliability_{form}": v for form, v in said_in[scale].items()}
+            scores[scale]["ci"] = {name: [(ci := bootstrap_ci(v)).low, ci.high] for name, v in per_case.items()}
     return scores
 
 
