@@ -331,9 +331,9 @@ class InstructEditor:
 
     Pass a built ``editor`` (e.g. a ``MENDEditor``), or a ``factory(model, tokenizer) -> Editor`` for
     methods that are built per model (the registry baselines). ``answer_stop``: the token the edit's
-    target is followed by ("newline", "eos"; "none"), as the editor was trained. ``edit_forms``: the forms each edit
-    is made in, solved together ("wrapped": the instruction-wrapped prompt; "plain": the bare question; "chat": the question as
-    a chat user turn).
+    target is followed by ("newline", "eos", "newline+turn": a newline, the chat form's answer the end of the turn; "none"),
+    as the editor was trained or calibrated. ``edit_forms``: the forms each edit is made in, solved together ("wrapped":
+    the instruction-wrapped prompt; "plain": the bare question; "chat": the question as a chat user turn).
     """
 
     def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,

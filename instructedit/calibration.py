@@ -34,13 +34,17 @@ def preservation_texts(records: list[EditRecord], count: int, where: str) -> lis
 def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, checkpoint: str = "best", locality_floor: float = 0.9,
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
-              val_data: str | Path | None = None, model: Any = None, tokenizer: Any = None, progress: bool = True) -> None:
+              val_data: str | Path | None = None, answer_stop: str | None = None, model: Any = None, tokenizer: Any = None,
+              progress: bool = True) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
 
     The multipliers are tried on the first ``val_size`` records of the run's validation split, or of ``val_data`` (any
     file the loaders read: facts worded as the editor's users will ask them, never the file it is evaluated on), whose
     prompts are wrapped in the first seen description of their task, as ``evaluate`` wraps them.
+
+    ``answer_stop``: what each edit input's answer ends with (``config.ANSWER_STOPS``; default: the run's), saved with the
+    calibrated editor like ``edit_forms``.
 
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
     ``progress``: a progress bar while each multiplier's answers are decoded."""
@@ -49,7 +53,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
 
     from instructedit.analysis.many_edits import key_memory
     from instructedit.api import query_setup
-    from instructedit.config import check_edit_forms, load_config
+    from instructedit.config import ANSWER_STOPS, check_edit_forms, load_config
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
     from instructedit.models.loading import load_model, resolve_device
@@ -68,6 +72,10 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     if edit_forms is not None:
         forms = list(check_edit_forms(edit_forms, "--edit-forms"))
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, edit_forms=forms))
+    if answer_stop is not None:
+        if answer_stop not in ANSWER_STOPS:
+            raise ValueError(f"--answer-stop {answer_stop!r} is not one of {list(ANSWER_STOPS)}")
+        config = dataclasses.replace(config, training=dataclasses.replace(config.training, answer_stop=answer_stop))
     if val_size is not None:
         if val_size < 1:
             raise ValueError(f"--val-size must be >= 1, got {val_size}")
@@ -113,9 +121,11 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         memory.text_weight = chosen_weight
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
-    extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms)}  # how its edits are made
+    extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms),
+                        "answer_stop": data.collator.answer_stop}  # how its edits are made
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "locality_floor": locality_floor, "edit_forms": list(data.collator.edit_forms), "records": described,
+                            "locality_floor": locality_floor, "edit_forms": list(data.collator.edit_forms),
+                            "answer_stop": data.collator.answer_stop, "records": described,
                             "preservation": None if editor.preservation is None else
                             {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
                              "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()} for w, per in grid.items()}}}

@@ -20,7 +20,8 @@ from instructedit.runs import CONFIG as RUN_CONFIG
 # instruction-wrapped prompt, the bare question (no instruction) and the question as a chat user turn, each with the
 # target as its answer, solved together.
 EDIT_FORMS = ("wrapped", "plain", "chat")
-ANSWER_STOPS = ("none", "newline", "eos")  # what an edit input's answer ends with (training.answer_stop)
+ANSWER_STOPS = ("none", "newline", "eos", "newline+turn")  # what an edit input's answer ends with (training.answer_stop); newline+turn:
+# a newline, and in the chat form the token the chat template ends the assistant's turn with (Collator.turn_end_ids)
 # what the post-edit (generalization) loss reads (Collator.meta_batch): the wrapped rephrase, the wrapped edit input, or the
 # rephrase and the edit prompt in more forms (the chat user turn; the bare question and the chat turn)
 EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat", "rephrase+plain+chat")
@@ -192,7 +193,8 @@ class TrainingConfig:
     max_steps: int = 30000  # optimizer steps
     edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input), "edit_input", "rephrase+chat", "rephrase+plain+chat"
     # Generation (DESIGN.md §5): what an edit input's answer ends with ("newline"/"eos" teach the edited model
-    # to stop after the answer), and a hinge that keeps every answer token (and the stop) ahead of the best
+    # to stop after the answer; "newline+turn" ends the chat form's answer with the end of the assistant's turn, so a chat
+    # answer closes its turn instead of going on line after line), and a hinge that keeps every answer token (and the stop) ahead of the best
     # other token by answer_margin_cap logits: the condition for greedy decoding to say the answer.
     answer_stop: str = "none"
     # The forms each edit is made in, solved together (collate.EDIT_FORMS): the instruction-wrapped prompt, the bare
@@ -245,7 +247,7 @@ class TrainingConfig:
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in EDIT_LOSS_ON, "training.edit_loss_on", f"{self.edit_loss_on!r} is not one of {list(EDIT_LOSS_ON)}")
-        _check(self.answer_stop in ANSWER_STOPS, "training.answer_stop", f"{self.answer_stop!r} is not 'none', 'newline' or 'eos'")
+        _check(self.answer_stop in ANSWER_STOPS, "training.answer_stop", f"{self.answer_stop!r} is not one of {list(ANSWER_STOPS)}")
         try:
             forms_ok = isinstance(self.edit_forms, list) and bool(check_edit_forms(self.edit_forms))
         except ValueError:

@@ -46,6 +46,34 @@ def test_edit_inputs_end_with_the_stop_token_and_probes_do_not(tiny_llama_dir: P
     assert torch.equal(collator.qa_batch([("The capital of France is", "Paris")]).labels, plain.labels)  # probes: no stop
 
 
+def test_newline_turn_ends_the_chat_forms_answer_with_the_end_of_the_turn(tiny_llama_dir: Path) -> None:
+    from instructedit.tasks.collate import turn_end_ids
+
+    _, tok = load_model(str(tiny_llama_dir))
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    record = EditRecord(task="zsre", prompt="Who wrote Hamlet?", target_new="Marlowe", source="t#0")
+    forms = ["wrapped", "plain", "chat"]
+    # a template that closes a turn with a token of its own (as SmolLM2's <|im_end|>): "</s>" here
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    assert turn_end_ids(tok) == [tok.eos_token_id] == tok("</s>", add_special_tokens=False)["input_ids"][:1]
+    turn = Collator(tok, pool=InstructionPool.default(), answer_stop="newline+turn", edit_forms=forms)
+    line = Collator(tok, pool=InstructionPool.default(), answer_stop="newline", edit_forms=forms)
+    for collator, chat_stop in ((turn, tok.eos_token_id), (line, newline)):
+        pairs = collator.edit_pairs(record, 0)
+        assert [p[0].endswith("assistant:") for p in pairs] == [False, False, True]
+        batch = collator.qa_batch(pairs, stop=True)
+        last = [row[mask][-1].item() for row, mask in zip(batch.labels, batch.label_mask, strict=True)]
+        assert last == [newline, newline, chat_stop]  # the wrapped and bare answers end with the newline either way
+    # a template that writes only whitespace after the answer: the turn ends with EOS
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
+    assert turn_end_ids(tok) == [tok.eos_token_id]
+    # without a chat template there is no chat form, and newline+turn is the newline
+    tok.chat_template = None
+    bare = Collator(tok, answer_stop="newline+turn").qa_batch([("Who wrote Hamlet?", "Marlowe")], stop=True)
+    assert bare.labels[bare.label_mask][-1].item() == newline
+    assert load_config(TINY, ["training.answer_stop=newline+turn"]).training.answer_stop == "newline+turn"
+
+
 def test_meta_batch_edit_rows_carry_the_stop_locality_does_not(tiny_gpt2_dir: Path) -> None:
     _, tok = load_model(str(tiny_gpt2_dir))
     newline = tok("\n", add_special_tokens=False)["input_ids"][0]
@@ -340,10 +368,11 @@ def test_edits_made_in_both_forms_are_trained_saved_loaded_and_calibrated(tiny_c
     # calibrating a run for other forms saves them with the calibrated editor
     out = tmp_path / "calibrated"
     assert main(["calibrate", "--run", str(run), "--scales", "1,2", "--locality-floor", "0", "--edit-forms", "chat", "--output", str(out),
-                 "--device", "cpu", "--val-size", "4"]) == 0
-    assert query_setup(out)["edit_forms"] == ["chat"] and query_setup(out)["answer_stop"] == "newline"
+                 "--device", "cpu", "--val-size", "4", "--answer-stop", "newline+turn"]) == 0
+    assert query_setup(out)["edit_forms"] == ["chat"] and query_setup(out)["answer_stop"] == "newline+turn"
+    assert load_editor(out).answer_stop == "newline+turn"  # the chat answers of its edits end the turn (the run's: newline)
     report = json.loads((out / "calibration.json").read_text())
-    assert report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_n", "ci"}
+    assert report["answer_stop"] == "newline+turn" and report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_n", "ci"}
     bare = tmp_path / "calibrated-plain"  # the bare question as a second edit input: each form's reliability reported
     assert main(["calibrate", "--run", str(run), "--scales", "1", "--locality-floor", "0", "--edit-forms", "plain,wrapped", "--output",
                  str(bare), "--device", "cpu", "--val-size", "4"]) == 0

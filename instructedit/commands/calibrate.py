@@ -25,6 +25,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from instructedit.config import ANSWER_STOPS
+
 SCALES, PRESERVED_SCALES = "1,1.5,2,3", "2,3,4,5,6"  # multipliers tried without and with a preservation sample
 # the preservation sample's defaults: the recommended editor's (results/least-squares-zsre-smollm2/; weight 1000 chosen)
 PRESERVE_RECORDS, PRESERVE_WEIGHTS = 400, "1000,3000,10000"
@@ -64,6 +66,10 @@ def add_calibrate_parser(subparsers: Any) -> None:
                    help="comma-separated forms each edit is made in, solved together: wrapped, plain (the bare question, no "
                         "instruction), chat (the question as a chat user turn); saved with the calibrated editor (default: the "
                         "run's training.edit_forms)")
+    p.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
+                   help="what each edit input's answer ends with: newline+turn also ends the chat form's answer with the chat "
+                        "template's end of turn, so the edited model closes its turn after the answer; saved with the "
+                        "calibrated editor (default: the run's training.answer_stop)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_calibrate)
@@ -107,5 +113,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     scales = parse_scales(args.scales if args.scales is not None else PRESERVED_SCALES if preserve else SCALES)
     calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
               preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
-              edit_forms=args.edit_forms, device=args.device, val_data=args.val_data, progress=not args.no_progress)
+              edit_forms=args.edit_forms, device=args.device, val_data=args.val_data, answer_stop=args.answer_stop,
+              progress=not args.no_progress)
     return 0

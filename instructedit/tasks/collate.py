@@ -63,6 +63,20 @@ def chat_query(tokenizer: PreTrainedTokenizerBase, question: str) -> str | None:
     return text
 
 
+def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The token the tokenizer's chat template closes an assistant turn with (SmolLM2's ``<|im_end|>``): the first token of
+    what the template writes after the assistant's answer; the EOS token where it writes only whitespace or nothing."""
+    mark = "\x1fanswer\x1f"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "?"}, {"role": "assistant", "content": mark}], tokenize=False)
+    after = text[text.rindex(mark) + len(mark) :]
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"] if after.strip() else []
+    if ids:
+        return ids[:1]
+    if tokenizer.eos_token_id is None:
+        raise ValueError("answer_stop 'newline+turn': the chat template ends an assistant turn with nothing and the tokenizer has no EOS token")
+    return [tokenizer.eos_token_id]
+
+
 class Collator:
     """Turns records into padded TokenBatches / MetaBatches for one tokenizer."""
 
@@ -93,6 +107,7 @@ class Collator:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
         self.pad_id = pad
         self.stop_ids = self._stop_ids(tokenizer, answer_stop)
+        self._chat_stop: tuple[str, list[int]] | None = None  # newline+turn: (the chat form's prompt suffix, the turn's end), on first use
 
     @staticmethod
     def _stop_ids(tokenizer: PreTrainedTokenizerBase, answer_stop: str) -> list[int]:
@@ -107,6 +122,19 @@ class Collator:
         if len(ids) != 1:
             raise ValueError(f"answer_stop 'newline': the tokenizer encodes a newline as {len(ids)} tokens, expected one")
         return ids
+
+    def stop_for(self, prompt: str) -> list[int]:
+        """The stop token(s) of an edit input's answer after ``prompt``: ``stop_ids``, except with ``answer_stop``
+        newline+turn, where a chat-form prompt (``chat_query``'s) gets the end of the assistant's turn (``turn_end_ids``), so
+        that the edited model closes its turn after the answer instead of going on line after line."""
+        if self.answer_stop != "newline+turn" or not getattr(self.tokenizer, "chat_template", None):
+            return self.stop_ids
+        if self._chat_stop is None:
+            mark = "\x1fquestion\x1f"
+            opened = chat_query(self.tokenizer, mark) or ""
+            self._chat_stop = (opened[opened.rindex(mark) + len(mark) :], turn_end_ids(self.tokenizer))
+        suffix, turn_end = self._chat_stop
+        return turn_end if suffix and prompt.endswith(suffix) else self.stop_ids
 
     # -- single inputs -------------------------------------------------------------------------
     def wrap(self, record: EditRecord, prompt: str, instruction: int | None) -> str:
@@ -166,7 +194,7 @@ class Collator:
         for (prompt, answer), with_stop in zip(pairs, stops, strict=True):
             ids, n_prompt = encode_answer(self.tokenizer, prompt, answer)
             if with_stop:
-                ids = ids + self.stop_ids
+                ids = ids + self.stop_for(prompt)
             if len(ids) > self.max_length:
                 raise PromptTooLongError(
                     f"{where or 'input'}: {len(ids)} tokens (prompt {prompt[:50]!r}...) exceed model.max_length={self.max_length}"
