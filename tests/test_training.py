@@ -403,3 +403,20 @@ def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, 
                       tmp_path / "c", show_progress=False)
     objective = solving._objective(solving._micro_batch(0)[1])
     assert objective.func.__name__ == "per_record_meta_loss" and solving.run()["steps"] == 1
+
+
+def test_atomic_writes_get_the_mode_a_plain_open_gives(tmp_path: Path) -> None:
+    import os
+
+    from instructedit.io import write_json
+
+    old = os.umask(0o027)
+    try:
+        written = write_json(tmp_path / "results" / "r.json", {"a": 1})
+        plain = tmp_path / "plain.json"
+        plain.write_text("{}")
+    finally:
+        os.umask(old)
+    assert json.loads(written.read_text()) == {"a": 1}
+    assert written.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o640  # not mkstemp's 0600
+    assert [p.name for p in written.parent.iterdir()] == ["r.json"]  # no temporary file left
