@@ -260,7 +260,11 @@ def test_edit_command_asks_the_chat_question_and_makes_the_edit_in_the_editors_f
                                 "--max-new-tokens", "4", "--device", "cpu"])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "(made in the forms wrapped + chat, solved together)" in out
+    assert "(made in the forms wrapped + chat, solved together; no stop after the answer)" in out
+    from instructedit.commands.edit import STOP_WORDS
+    from instructedit.config import ANSWER_STOPS
+
+    assert set(STOP_WORDS) == set(ANSWER_STOPS)  # every stop an editor can carry is said in words
     assert out.index("plain prompt:") < out.index("chat question (user turn):") < out.index("top-5 next tokens")
     config["queries"]["edit_forms"] = ["wrapped", "shouted"]  # a bad saved setup is named, file and field
     (editor_dir / "editor_config.json").write_text(json.dumps(config))

@@ -19,6 +19,11 @@ logger = logging.getLogger(__name__)
 EDIT_KEYS = ("prompt", "target", "task", "subject", "rephrase", "label", "topic")  # a line of an --file edits.jsonl
 
 
+
+# what ``edit`` says about the stop the edit's answers are made with (config.ANSWER_STOPS)
+STOP_WORDS = {"none": "no stop after the answer", "newline": "each answer ending with a newline", "eos": "each answer ending with EOS",
+              "newline+turn": "the wrapped and bare answers ending with a newline, the chat answer with the end of the turn"}
+
 def add_edit_parser(subparsers: Any) -> None:
     """Register ``edit`` on an ``add_subparsers()`` object."""
     edit = subparsers.add_parser(
@@ -133,7 +138,8 @@ def run_edit(args: argparse.Namespace) -> int:
     lines = [
         f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
         f"edit [{edit.task}]: {edit.prompt!r} -> {edit.target!r}"
-        + (f"   (made in the forms {' + '.join(editor.edit_forms)}, solved together)" if editor.edit_forms != ("wrapped",) else ""), "",
+        + (f"   (made in the forms {' + '.join(editor.edit_forms)}, solved together; {STOP_WORDS[editor.answer_stop]})"
+           if editor.edit_forms != ("wrapped",) else ""), "",
         "what the model says (greedy decoding, first line):",
         f"  instruction-wrapped prompt:  {before['says']}  ->  {after['says']}",
         f"  plain prompt:                {before['says_plain']}  ->  {after['says_plain']}",
