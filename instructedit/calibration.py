@@ -53,7 +53,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
 
     from instructedit.analysis.many_edits import key_memory
     from instructedit.api import query_setup
-    from instructedit.config import ANSWER_STOPS, check_edit_forms, load_config
+    from instructedit.config import check_edit_forms, load_config
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
     from instructedit.models.loading import load_model, resolve_device
@@ -72,9 +72,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     if edit_forms is not None:
         forms = list(check_edit_forms(edit_forms, "--edit-forms"))
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, edit_forms=forms))
-    if answer_stop is not None:
-        if answer_stop not in ANSWER_STOPS:
-            raise ValueError(f"--answer-stop {answer_stop!r} is not one of {list(ANSWER_STOPS)}")
+    if answer_stop is not None:  # TrainingConfig checks the value
         config = dataclasses.replace(config, training=dataclasses.replace(config.training, answer_stop=answer_stop))
     if val_size is not None:
         if val_size < 1:
@@ -143,13 +141,13 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     for (w, sc), v in pairs.items():
         mark = "  <- chosen" if (w, sc) == (chosen_weight, chosen) else ""
         weight = "" if w is None else f"preservation weight {w:g}, "
-        ci = v.get("ci", {})
-
-        def rate(key: str) -> str:
-            low_high = f" [{ci[key][0]:.3f}, {ci[key][1]:.3f}]" if key in ci else ""
-            return f"{v.get(key, 0):.3f}{low_high}"
-
-        forms = "".join(f", {k[len('gen_reliability_'):]} {rate(k)}" for k in v if k.startswith("gen_reliability_"))
-        print(f"{weight}α × {sc:g}: generation reliability {rate('gen_reliability')}{forms}, generation locality "
-              f"{rate('gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
+        forms = "".join(f", {k[len('gen_reliability_'):]} {_rate(v, k)}" for k in v if k.startswith("gen_reliability_"))
+        print(f"{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
+              f"{_rate(v, 'gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'})")
+
+
+def _rate(scores: dict, key: str) -> str:
+    """``scores[key]`` with its interval (``generation_scores(intervals=True)``'s ``ci``) where it has one."""
+    low_high = f" [{scores['ci'][key][0]:.3f}, {scores['ci'][key][1]:.3f}]" if key in scores.get("ci", {}) else ""
+    return f"{scores.get(key, 0):.3f}{low_high}"
