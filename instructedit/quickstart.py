@@ -329,8 +329,11 @@ def _said(before: str, after: str, exact: float | None) -> str:
     return f"{shown(before)}  ->  {shown_after}" + ("   (the target)" if exact else "")
 
 
-def _duration(seconds: float) -> str:
-    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+def duration(seconds: float) -> str:
+    """Seconds as "4.2s" or "3m05.0s", rounded to tenths first (239.96 s is "4m00.0s", never "3m60.0s")."""
+    tenths = round(seconds * 10)
+    minutes, rest = divmod(tenths, 600)
+    return f"{minutes}m{rest / 10:04.1f}s" if minutes else f"{rest / 10:.1f}s"
 
 
 def _p(value: float) -> str:
@@ -347,7 +350,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 def format_report(result: QuickstartResult) -> str:
     """What the model says before and after each edit (the headline), then the teacher-forced scores, as plain text."""
-    how = (f"trained now in {_duration(result.train_s)}" if result.trained else "reused from the cache" if result.config_hash
+    how = (f"trained now in {duration(result.train_s)}" if result.trained else "reused from the cache" if result.config_hash
            else "given with --editor")
     wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
     chat = all(o.chat_exact_after is not None for o in result.outcomes)  # the model has a chat template
@@ -374,6 +377,6 @@ def format_report(result: QuickstartResult) -> str:
         f"reliability on the plain prompt (no instruction):     {m('plain_acc_before'):.2f} -> {m('plain_acc_after'):.2f}",
         f"target probability (mean):                           {_p(m('p_before'))} -> {_p(m('p_after'))}",
         f"locality (unchanged answer tokens, unrelated prompts): {m('locality'):.2f}",
-        f"time: editor {_duration(result.train_s)}, demo {_duration(result.demo_s)}, total {_duration(result.total_s)}",
+        f"time: editor {duration(result.train_s)}, demo {duration(result.demo_s)}, total {duration(result.total_s)}",
     ]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from instructedit.evaluation.generation import NO_ANSWER, answer_budget, exact_m
 from instructedit.config import load_config
 from instructedit.models.loading import load_model
 from instructedit.quickstart import (
-    DEMO_EDITS, LOCALITY_PROBES, MARKER, QuickstartResult, config_hash, default_run_dir, format_report, quickstart_config, run_demo,
+    DEMO_EDITS, LOCALITY_PROBES, MARKER, QuickstartResult, config_hash, default_run_dir, duration, format_report, quickstart_config, run_demo,
     run_quickstart,
 )
 from instructedit.commands.edit import add_edit_parser
@@ -203,3 +203,10 @@ def test_quickstart_shows_a_given_editor_without_training(tiny_llama_dir: Path, 
     with caplog.at_level("ERROR"):
         assert main(["quickstart", "--editor", str(folder), "--budget-steps", "3"]) == 2
     assert "--budget-steps: shapes the editor the quickstart trains; --editor shows a trained one" in caplog.text
+
+
+def test_durations_round_before_they_carry_into_minutes():
+    assert duration(4.24) == "4.2s"
+    assert duration(59.96) == "1m00.0s"
+    assert duration(239.96) == "4m00.0s"  # was "3m60.0s"
+    assert duration(185.0) == "3m05.0s"
