@@ -272,6 +272,42 @@ def test_edit_command_asks_the_chat_question_and_makes_the_edit_in_the_editors_f
     with pytest.raises(ValueError, match=r"editor_config.json: queries.edit_forms: \['wrapped', 'shouted'\] must be distinct forms"):
         load_editor(editor_dir)
 
+def test_edit_file_asks_every_edit_in_the_editors_forms(tiny_chat_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        save_tiny_editor: Callable[..., Path]) -> None:
+    """edit --file with an editor made for the bare question and the chat turn: each edit's row per form, the per-form
+    counts in the totals, and every form's answers in --output (the wrapped one also under the old keys)."""
+    import json
+
+    from instructedit.api import answer
+    from instructedit.evaluation.generation import exact_match
+    from instructedit.tasks.collate import chat_query
+
+    editor_dir = save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor")
+    config = json.loads((editor_dir / "editor_config.json").read_text())
+    config["queries"] = {"instructions": True, "template": None, "answer_stop": "none", "edit_forms": ["wrapped", "plain", "chat"]}
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"prompt": "The capital of France is", "target": "Rome"}) + "\n"
+                     + json.dumps({"prompt": "BBC One, by", "target": "Sega"}) + "\n")
+    answers = tmp_path / "answers.jsonl"
+    args = parser().parse_args(["edit", "--editor", str(editor_dir), "--file", str(edits), "--max-new-tokens", "4", "--device", "cpu",
+                                "--output", str(answers)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "each made and asked in the forms wrapped + plain + chat" in out and "  form     answer before" in out
+    table = out[out.index("answer before") :out.index("totals:")].splitlines()[1:]
+    assert [line[67:76].strip() for line in table if line.strip()] == ["wrapped", "plain", "chat"] * 2  # a row per edit and form
+    assert "answer is the target wrapped " in out and "; plain " in out and "; chat " in out
+    rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    model, tok = load_model(str(tiny_chat_llama_dir))
+    for row in rows:
+        assert list(row["forms"]) == ["wrapped", "plain", "chat"]
+        assert row["forms"]["chat"]["prompt"] == chat_query(tok, row["prompt"]) and row["forms"]["plain"]["prompt"] == row["prompt"]
+        assert row["said_after"] == row["forms"]["wrapped"]["said_after"]  # the old keys are the wrapped form's
+        for form in row["forms"].values():  # the unedited model's answers, as asked alone; scored as the runner scores them
+            assert form["said_before"] == answer(model, tok, form["prompt"], 4)
+            assert form["said_target_after"] == exact_match(form["said_after"], row["target"])
+
 
 def test_edit_command_convsent_needs_a_label(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     args = parser().parse_args(["edit", "--editor", str(tmp_path), "--prompt", "What do you think of Estero?", "--target", "I like it",

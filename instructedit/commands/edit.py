@@ -230,13 +230,19 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     from instructedit.api import answer, score_target
     from instructedit.evaluation.generation import exact_match, shown
     from instructedit.io import atomic_write
+    from instructedit.tasks.collate import chat_query
 
     edits = [e for _, e in numbered]
     _check_fits(model, tok, editor, edits, [f"{args.file} line {n}" for n, _ in numbered], args)
     wrapped = [editor.wrap(e) for e in edits]
+    # each edit is asked in the forms the editor makes it in (the wrapped prompt first): an editor made for the bare question
+    # and the chat turn is read there too
+    forms = list(editor.edit_forms)
+    asked = [{"wrapped": w, "plain": e.prompt, "chat": chat_query(tok, e.prompt)} for w, e in zip(wrapped, edits)]
 
-    def snapshot(m: Any) -> list[tuple[str, float]]:  # per edit: greedy answer to the wrapped prompt, target-token accuracy
-        return [(answer(m, tok, w, args.max_new_tokens), score_target(m, tok, w, e.target).accuracy) for w, e in zip(wrapped, edits)]
+    def snapshot(m: Any) -> list[tuple[dict[str, str], float]]:  # per edit: greedy answer per form, target-token accuracy (wrapped)
+        return [({f: answer(m, tok, prompts[f], args.max_new_tokens) for f in forms}, score_target(m, tok, w, e.target).accuracy)
+                for prompts, w, e in zip(asked, wrapped, edits)]
 
     before = snapshot(model)
     memory, kept = None, ""
@@ -264,26 +270,34 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         kept += f"; {len(refused)} not kept (line(s) {', '.join(str(numbered[i][0]) for i in refused)}: each update would have wrecked the model)"
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
+    several = len(forms) > 1
+    form_cell = (lambda f: f"  {f:<7}") if several else (lambda f: "")
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
-             f"{len(edits)} edits from {args.file}, applied {how}", "",
-             f"{'line':>5}  {'prompt':<40}  {'target':<18}  {'answer before':<{ANSWER_WIDTH}}  {'answer after':<{ANSWER_WIDTH}}  accuracy"]
+             f"{len(edits)} edits from {args.file}, applied {how}"
+             + (f"; each made and asked in the forms {' + '.join(forms)}" if several else ""), "",
+             f"{'line':>5}  {'prompt':<40}  {'target':<18}{form_cell('form')}  {'answer before':<{ANSWER_WIDTH}}  {'answer after':<{ANSWER_WIDTH}}  accuracy"]
     for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after):
-        lines.append(f"{number:>5}  {_cell(e.prompt, 40):<40}  {_cell(e.target, 18):<18}  {_cell(says, ANSWER_WIDTH):<{ANSWER_WIDTH}}  {_cell(says_after, ANSWER_WIDTH):<{ANSWER_WIDTH}}"
-                     f"  {acc:.2f} -> {acc_after:.2f}")
-    hits = [sum(exact_match(says, e.target) for (says, _), e in zip(side, edits)) for side in (before, after)]
+        for k, f in enumerate(forms):  # the wrapped form's row names the edit and carries its teacher-forced accuracy
+            head = f"{number:>5}  {_cell(e.prompt, 40):<40}  {_cell(e.target, 18):<18}" if k == 0 else " " * 67
+            lines.append((f"{head}{form_cell(f)}  {_cell(says[f], ANSWER_WIDTH):<{ANSWER_WIDTH}}  {_cell(says_after[f], ANSWER_WIDTH):<{ANSWER_WIDTH}}"
+                          + (f"  {acc:.2f} -> {acc_after:.2f}" if k == 0 else "")).rstrip())
+    hits = {f: [sum(exact_match(says[f], e.target) for (says, _), e in zip(side, edits)) for side in (before, after)] for f in forms}
     mean = [sum(acc for _, acc in side) / len(edits) for side in (before, after)]
-    lines += ["", f"totals: {len(edits)} edits; answer is the target {hits[0]:.0f}/{len(edits)} before -> {hits[1]:.0f}/{len(edits)} after; "
-                  f"mean target-token accuracy {mean[0]:.2f} -> {mean[1]:.2f}"]
+    said = "; ".join(f"{f + ' ' if several else ''}{h[0]:.0f}/{len(edits)} before -> {h[1]:.0f}/{len(edits)} after" for f, h in hits.items())
+    lines += ["", f"totals: {len(edits)} edits; answer is the target {said}; mean target-token accuracy {mean[0]:.2f} -> {mean[1]:.2f}"]
     if args.output:
         rows = [{"line": number, "task": e.task, "prompt": e.prompt, "target": e.target,
-                 "said_before": says, "said_after": says_after,  # the greedy answers' first lines, in full
-                 "said_target_before": exact_match(says, e.target), "said_target_after": exact_match(says_after, e.target),
+                 "said_before": says["wrapped"], "said_after": says_after["wrapped"],  # the greedy answers' first lines, in full
+                 "said_target_before": exact_match(says["wrapped"], e.target), "said_target_after": exact_match(says_after["wrapped"], e.target),
                  "accuracy_before": acc, "accuracy_after": acc_after,
+                 "forms": {f: {"prompt": prompts[f], "said_before": says[f], "said_after": says_after[f],
+                               "said_target_before": exact_match(says[f], e.target), "said_target_after": exact_match(says_after[f], e.target)}
+                           for f in forms},
                  "protocols": {"said_target": "generation", "accuracy": "teacher_forced"}}
-                for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after)]
+                for (number, e), prompts, (says, acc), (says_after, acc_after) in zip(numbered, asked, before, after)]
         atomic_write(args.output, lambda tmp: Path(tmp).write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)))
         lines.append(f"wrote every answer in full to {args.output}")
-    elif any(len(shown(text)) > ANSWER_WIDTH for side in (before, after) for text, _ in side):
+    elif any(len(shown(text)) > ANSWER_WIDTH for side in (before, after) for says, _ in side for text in says.values()):
         lines.append("(answers longer than their column are cut: --output FILE.jsonl writes them in full)")
     if args.save:
         lines.append(f"\nsaved the edited model to {Path(args.save)} (load it with AutoModelForCausalLM.from_pretrained)")
