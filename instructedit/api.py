@@ -331,7 +331,8 @@ class InstructEditor:
 
     Pass a built ``editor`` (e.g. a ``MENDEditor``), or a ``factory(model, tokenizer) -> Editor`` for
     methods that are built per model (the registry baselines). ``answer_stop``: the token the edit's
-    target is followed by ("newline", "eos", "newline+turn": a newline, the chat form's answer the end of the turn; "none"),
+    target is followed by ("newline", "eos", "newline+turn": a newline, the chat form's answer the end of the turn; "newline+end": the
+    chat form's as newline+turn, the others' a newline and EOS; "none"),
     as the editor was trained or calibrated. ``edit_forms``: the forms each edit is made in, solved together ("wrapped":
     the instruction-wrapped prompt; "plain": the bare question; "chat": the question as a chat user turn).
     """

@@ -20,8 +20,9 @@ from instructedit.runs import CONFIG as RUN_CONFIG
 # instruction-wrapped prompt, the bare question (no instruction) and the question as a chat user turn, each with the
 # target as its answer, solved together.
 EDIT_FORMS = ("wrapped", "plain", "chat")
-ANSWER_STOPS = ("none", "newline", "eos", "newline+turn")  # what an edit input's answer ends with (training.answer_stop); newline+turn:
-# a newline, and in the chat form the token the chat template ends the assistant's turn with (Collator.turn_end_ids)
+ANSWER_STOPS = ("none", "newline", "eos", "newline+turn", "newline+end")  # what an edit input's answer ends with (training.answer_stop);
+# newline+turn: a newline, and in the chat form the token the chat template ends the assistant's turn with
+# (Collator.turn_end_ids); newline+end: the chat form's as newline+turn, the others' a newline and EOS (the text ends)
 # what the post-edit (generalization) loss reads (Collator.meta_batch): the wrapped rephrase, the wrapped edit input, or the
 # rephrase and the edit prompt in more forms (the chat user turn; the bare question and the chat turn)
 EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat", "rephrase+plain+chat")
@@ -194,7 +195,8 @@ class TrainingConfig:
     edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input), "edit_input", "rephrase+chat", "rephrase+plain+chat"
     # Generation (DESIGN.md §5): what an edit input's answer ends with ("newline"/"eos" teach the edited model
     # to stop after the answer; "newline+turn" ends the chat form's answer with the end of the assistant's turn, so a chat
-    # answer closes its turn instead of going on line after line), and a hinge that keeps every answer token (and the stop) ahead of the best
+    # answer closes its turn instead of going on line after line; "newline+end" also ends the wrapped and bare answers'
+    # text, a newline and EOS, so that the edited model stops there instead of repeating the answer), and a hinge that keeps every answer token (and the stop) ahead of the best
     # other token by answer_margin_cap logits: the condition for greedy decoding to say the answer.
     answer_stop: str = "none"
     # The forms each edit is made in, solved together (collate.EDIT_FORMS): the instruction-wrapped prompt, the bare

@@ -74,6 +74,30 @@ def test_newline_turn_ends_the_chat_forms_answer_with_the_end_of_the_turn(tiny_l
     assert load_config(TINY, ["training.answer_stop=newline+turn"]).training.answer_stop == "newline+turn"
 
 
+def test_newline_end_ends_the_wrapped_and_bare_answers_text_and_the_chat_turn(tiny_llama_dir: Path) -> None:
+    _, tok = load_model(str(tiny_llama_dir))
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    record = EditRecord(task="zsre", prompt="Who wrote Hamlet?", target_new="Marlowe", source="t#0")
+    # a template that closes a turn with a token of its own other than EOS: the chat answer ends with it, alone
+    tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<unk>{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+    turn_end = tok("<unk>", add_special_tokens=False)["input_ids"][0]
+    assert turn_end != tok.eos_token_id
+    collator = Collator(tok, pool=InstructionPool.default(), answer_stop="newline+end", edit_forms=["wrapped", "plain", "chat"])
+    batch = collator.qa_batch(collator.edit_pairs(record, 0), stop=True)
+    plain = collator.qa_batch([("Who wrote Hamlet?", "Marlowe")])  # a probe: the answer alone
+    answer = plain.labels[plain.label_mask].tolist()
+    labelled = [row[mask].tolist() for row, mask in zip(batch.labels, batch.label_mask, strict=True)]
+    assert labelled == [answer + [newline, tok.eos_token_id]] * 2 + [answer + [turn_end]]
+    # without a chat template: a newline and EOS after every answer
+    tok.chat_template = None
+    bare = Collator(tok, answer_stop="newline+end").qa_batch([("Who wrote Hamlet?", "Marlowe")], stop=True)
+    assert bare.labels[bare.label_mask].tolist() == answer + [newline, tok.eos_token_id]
+    assert load_config(TINY, ["training.answer_stop=newline+end"]).training.answer_stop == "newline+end"
+    tok.eos_token = None  # a tokenizer without EOS cannot end the text: said when the collator is made
+    with pytest.raises(ValueError, match="newline\\+end': the tokenizer has no EOS token"):
+        Collator(tok, answer_stop="newline+end")
+
+
 def test_meta_batch_edit_rows_carry_the_stop_locality_does_not(tiny_gpt2_dir: Path) -> None:
     _, tok = load_model(str(tiny_gpt2_dir))
     newline = tok("\n", add_special_tokens=False)["input_ids"][0]

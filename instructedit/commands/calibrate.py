@@ -68,7 +68,8 @@ def add_calibrate_parser(subparsers: Any) -> None:
                         "run's training.edit_forms)")
     p.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
                    help="what each edit input's answer ends with: newline+turn also ends the chat form's answer with the chat "
-                        "template's end of turn, so the edited model closes its turn after the answer; saved with the "
+                        "template's end of turn, so the edited model closes its turn after the answer; newline+end also ends "
+                        "the wrapped and bare answers with EOS after the newline, so the text ends there; saved with the "
                         "calibrated editor (default: the run's training.answer_stop)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -121,13 +121,18 @@ class Collator:
         ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
             raise ValueError(f"answer_stop 'newline': the tokenizer encodes a newline as {len(ids)} tokens, expected one")
+        if answer_stop == "newline+end":
+            if tokenizer.eos_token_id is None:
+                raise ValueError("answer_stop 'newline+end': the tokenizer has no EOS token to end the answer's text with")
+            return ids + [tokenizer.eos_token_id]
         return ids
 
     def stop_for(self, prompt: str) -> list[int]:
         """The stop token(s) of an edit input's answer after ``prompt``: ``stop_ids``, except with ``answer_stop``
-        newline+turn, where a chat-form prompt (``chat_query``'s) gets the end of the assistant's turn (``turn_end_ids``), so
-        that the edited model closes its turn after the answer instead of going on line after line."""
-        if self.answer_stop != "newline+turn" or not getattr(self.tokenizer, "chat_template", None):
+        newline+turn or newline+end, where a chat-form prompt (``chat_query``'s) gets the end of the assistant's turn
+        (``turn_end_ids``), so that the edited model closes its turn after the answer instead of going on line after line
+        (newline+end's ``stop_ids``, the other forms', are a newline and EOS: their text ends too)."""
+        if self.answer_stop not in ("newline+turn", "newline+end") or not getattr(self.tokenizer, "chat_template", None):
             return self.stop_ids
         if self._chat_stop is None:
             mark = "\x1fquestion\x1f"
