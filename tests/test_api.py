@@ -284,8 +284,8 @@ def test_edit_file_asks_every_edit_in_the_editors_forms(tiny_chat_llama_dir: Pat
 
     editor_dir = save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor")
     config = json.loads((editor_dir / "editor_config.json").read_text())
-    config["queries"] = {"instructions": True, "template": None, "answer_stop": "none", "edit_forms": ["wrapped", "plain", "chat"]}
-    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    config["queries"] = {"instructions": True, "template": None, "answer_stop": "none", "edit_forms": ["plain", "chat"]}
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))  # made bare and in chat: asked wrapped too, first
     edits = tmp_path / "edits.jsonl"
     edits.write_text(json.dumps({"prompt": "The capital of France is", "target": "Rome"}) + "\n"
                      + json.dumps({"prompt": "BBC One, by", "target": "Sega"}) + "\n")
@@ -294,7 +294,8 @@ def test_edit_file_asks_every_edit_in_the_editors_forms(tiny_chat_llama_dir: Pat
                                 "--output", str(answers)])
     assert args.func(args) == 0
     out = capsys.readouterr().out
-    assert "each made and asked in the forms wrapped + plain + chat" in out and "  form     answer before" in out
+    assert "each asked in the forms wrapped + plain + chat (the editor makes its edits in plain + chat)" in out
+    assert "  form     answer before" in out
     table = out[out.index("answer before") :out.index("totals:")].splitlines()[1:]
     assert [line[67:76].strip() for line in table if line.strip()] == ["wrapped", "plain", "chat"] * 2  # a row per edit and form
     assert "answer is the target wrapped " in out and "; plain " in out and "; chat " in out

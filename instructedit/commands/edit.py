@@ -236,9 +236,9 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     edits = [e for _, e in numbered]
     _check_fits(model, tok, editor, edits, [f"{args.file} line {n}" for n, _ in numbered], args)
     wrapped = [editor.wrap(e) for e in edits]
-    # each edit is asked in the forms the editor makes it in (the wrapped prompt first): an editor made for the bare question
-    # and the chat turn is read there too
-    forms = list(editor.edit_forms)
+    # each edit is asked instruction-wrapped (its row names the edit) and in the other forms the editor makes it in: an
+    # editor made for the bare question and the chat turn is read there too
+    forms = ["wrapped", *(f for f in editor.edit_forms if f != "wrapped")]
     asked = [{"wrapped": w, "plain": e.prompt, "chat": chat_query(tok, e.prompt)} for w, e in zip(wrapped, edits)]
 
     def snapshot(m: Any) -> list[tuple[dict[str, str], float]]:  # per edit: greedy answer per form, target-token accuracy (wrapped)
@@ -275,7 +275,8 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     form_cell = (lambda f: f"  {f:<7}") if several else (lambda f: "")
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
              f"{len(edits)} edits from {args.file}, applied {how}"
-             + (f"; each made and asked in the forms {' + '.join(forms)}" if several else ""), "",
+             + (f"; each asked in the forms {' + '.join(forms)} (the editor makes its edits in {' + '.join(editor.edit_forms)})"
+                if several else ""), "",
              f"{'line':>5}  {'prompt':<40}  {'target':<18}{form_cell('form')}  {'answer before':<{ANSWER_WIDTH}}  {'answer after':<{ANSWER_WIDTH}}  accuracy"]
     for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after):
         for k, f in enumerate(forms):  # the wrapped form's row names the edit and carries its teacher-forced accuracy
