@@ -18,12 +18,11 @@ logger = logging.getLogger(__name__)
 
 EDIT_KEYS = ("prompt", "target", "task", "subject", "rephrase", "label", "topic")  # a line of an --file edits.jsonl
 
-
-
 # what ``edit`` says about the stop the edit's answers are made with (config.ANSWER_STOPS)
 STOP_WORDS = {"none": "no stop after the answer", "newline": "each answer ending with a newline", "eos": "each answer ending with EOS",
               "newline+turn": "the wrapped and bare answers ending with a newline, the chat answer with the end of the turn",
               "newline+end": "the wrapped and bare answers ending with a newline and EOS, the chat answer with the end of the turn"}
+
 
 def add_edit_parser(subparsers: Any) -> None:
     """Register ``edit`` on an ``add_subparsers()`` object."""

@@ -73,7 +73,8 @@ def turn_end_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if ids:
         return ids[:1]
     if tokenizer.eos_token_id is None:
-        raise ValueError("answer_stop 'newline+turn': the chat template ends an assistant turn with nothing and the tokenizer has no EOS token")
+        raise ValueError("answer_stop 'newline+turn' / 'newline+end': the chat template ends an assistant turn with nothing and the "
+                         "tokenizer has no EOS token")
     return [tokenizer.eos_token_id]
 
 
