@@ -35,7 +35,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
               val_data: str | Path | None = None, answer_stop: str | None = None, model: Any = None, tokenizer: Any = None,
-              progress: bool = True) -> None:
+              progress: bool = True, rounds: Sequence[int] = (1,)) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
 
@@ -46,6 +46,10 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     ``answer_stop``: what each edit input's answer ends with (``config.ANSWER_STOPS``; default: the run's), saved with the
     calibrated editor like ``edit_forms``.
 
+    ``rounds``: the rounds a single edit is made in, each tried with every multiplier (and weight): a later round is
+    made on the model the earlier ones edited, from the gradient left (``LearnedEditor.apply``). The chosen number is
+    saved as ``queries.edit_rounds``: ``apply`` (``rounds="auto"``), ``edit`` and ``evaluate`` make the editor's edits so.
+
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
     ``progress``: a progress bar while each multiplier's answers are decoded."""
     import dataclasses
@@ -54,6 +58,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     from instructedit.analysis.many_edits import key_memory
     from instructedit.api import query_setup
     from instructedit.config import check_edit_forms, load_config
+    from instructedit.editors.learned import check_edit_rounds
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
     from instructedit.models.loading import load_model, resolve_device
@@ -62,6 +67,9 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
 
     if not 0 <= locality_floor <= 1:
         raise ValueError(f"--locality-floor must be in [0, 1], got {locality_floor}")
+    rounds = sorted({check_edit_rounds(r, "--rounds") for r in rounds})
+    if not rounds:
+        raise ValueError("--rounds: give at least one number of rounds")
     run, output = Path(run), Path(output)
     source = run / checkpoint
     if not (run / CONFIG).is_file() or not (source / EDITOR_CONFIG).is_file():
@@ -104,29 +112,38 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
             raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
         described = f"the first {len(records)} records with a locality prompt of {val_data}"
         instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(records)
-    grid: dict[float | None, dict[float, dict[str, float]]] = {}  # preservation weight (None: none) -> multiplier -> scores
+    # rounds -> preservation weight (None: none) -> multiplier -> scores
+    grid: dict[int, dict[float | None, dict[float, dict[str, float]]]] = {r: {} for r in rounds}
     for weight in preserve_weights if preserve is not None else [None]:
         if weight is not None:
             memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
             print(f"preservation weight {weight:g}:")
-        grid[weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales, progress=progress,
-                                         intervals=True)
-    pairs = {(w, sc): v for w, per in grid.items() for sc, v in per.items()}
-    # the selection rule of training validation; on a tie the smaller multiplier, then the larger preservation weight
-    chosen_weight, chosen = max(pairs, key=lambda k: (selection_score(pairs[k], locality_floor), -k[1], k[0] or 0))
-    per_scale = grid[chosen_weight]
+        for r in rounds:
+            if len(rounds) > 1:
+                print(f"edits made in {r} round{'s' if r != 1 else ''}:")
+            grid[r][weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales,
+                                                progress=progress, intervals=True, rounds=r)
+    cells = {(r, w, sc): v for r, per_weight in grid.items() for w, per in per_weight.items() for sc, v in per.items()}
+    # the selection rule of training validation; on a tie fewer rounds, then the smaller multiplier, then the larger
+    # preservation weight
+    chosen_rounds, chosen_weight, chosen = max(cells, key=lambda k: (selection_score(cells[k], locality_floor), -k[0], -k[2], k[1] or 0))
+    per_scale = grid[chosen_rounds][chosen_weight]
     if chosen_weight is not None:
         memory.text_weight = chosen_weight
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms),
-                        "answer_stop": data.collator.answer_stop}  # how its edits are made
+                        "answer_stop": data.collator.answer_stop, "edit_rounds": chosen_rounds}  # how its edits are made
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
+                            "rounds": chosen_rounds,
+                            "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
+                                                      for w, per in per_weight.items()} for r, per_weight in grid.items()},
                             "locality_floor": locality_floor, "edit_forms": list(data.collator.edit_forms),
                             "answer_stop": data.collator.answer_stop, "records": described,
                             "preservation": None if editor.preservation is None else
                             {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
-                             "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()} for w, per in grid.items()}}}
+                             "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
+                                               for w, per in grid[chosen_rounds].items()}}}
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with scaled_step_sizes(editor, chosen):
@@ -138,13 +155,15 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     output.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)
-    for (w, sc), v in pairs.items():
-        mark = "  <- chosen" if (w, sc) == (chosen_weight, chosen) else ""
+    for (r, w, sc), v in cells.items():
+        mark = "  <- chosen" if (r, w, sc) == (chosen_rounds, chosen_weight, chosen) else ""
         weight = "" if w is None else f"preservation weight {w:g}, "
+        made = f"{r} rounds, " if len(rounds) > 1 or r != 1 else ""
         forms = "".join(f", {k[len('gen_reliability_'):]} {_rate(v, k)}" for k in v if k.startswith("gen_reliability_"))
-        print(f"{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
+        print(f"{made}{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
               f"{_rate(v, 'gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
-    print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'})")
+    print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"
+          f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''})")
 
 
 def _rate(scores: dict, key: str) -> str:

@@ -223,6 +223,23 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     source, calibrated = MENDEditor.from_pretrained(tmp_path / "run" / "best"), MENDEditor.from_pretrained(out)
     assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
     assert json.loads((out / "editor_config.json").read_text())["calibration"]["chosen"] == report["chosen"]
+    assert report["rounds"] == 1 and set(report["rounds_tried"]) == {"1"}
+    assert json.loads((out / "editor_config.json").read_text())["queries"]["edit_rounds"] == 1
+    # each edit also made in two rounds: every multiplier tried both ways, the rounds chosen saved for apply/edit/evaluate
+    from instructedit.api import query_setup
+
+    rounds = tmp_path / "rounds"
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,2", "--rounds", "1,2", "--locality-floor", "0",
+                 "--output", str(rounds), "--device", "cpu", "--no-progress"]) == 0
+    shown = capsys.readouterr().out
+    report = json.loads((rounds / "calibration.json").read_text())
+    assert set(report["rounds_tried"]) == {"1", "2"} and all(set(v["none"]) == {"1", "2"} for v in report["rounds_tried"].values())
+    assert report["scales"] == report["rounds_tried"][str(report["rounds"])]["none"]
+    assert query_setup(rounds)["edit_rounds"] == report["rounds"] and shown.count("2 rounds, α") == 2 and "<- chosen" in shown
+    best = max(v["gen_reliability"] for per in report["rounds_tried"].values() for v in per["none"].values())
+    assert report["scales"][f"{report['chosen']:g}"]["gen_reliability"] == best  # floor 0: the most said, fewer rounds on a tie
+    assert main(["calibrate", "--run", str(tmp_path / "run"), "--rounds", "0", "--output", str(tmp_path / "z")]) == 2
+    assert "--rounds '0' needs numbers >= 1" in caplog.text
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--output", str(out)]) == 2  # an existing folder is refused
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,-2", "--output", str(tmp_path / "x")]) == 2
     # another file's records instead of the run's validation split: ZsRE's training questions (a task the run never saw)

@@ -132,6 +132,80 @@ def test_rounds_edit_again_on_the_edited_model_and_roll_back_bitwise(tiny_model_
     assert one["points"][0]["n_edits"] == two["points"][0]["n_edits"] == 3
 
 
+def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """An editor calibrated to make each edit in 2 rounds (queries.edit_rounds): rounds_result reads apply's rounds
+    back and leaves the weights bit for bit; schedule_for, the API and evaluate make its few edits so; evaluate's
+    functional path scores them as editing in place does; a damaged value fails naming the file."""
+    from instructedit.api import Edit, load_editor, query_setup
+    from instructedit.editors.learned import rounds_result, schedule_for
+
+    model, tokenizer, editor, collator = _setup(tiny_model_dir)
+    with torch.no_grad():  # descending steps: no round is undone
+        editor.edit_lrs.mul_(-0.002)
+    records = many_records(3)
+    batch = collator.qa_batch(collator.edit_pairs(records[0], 0), "edit input", stop=True)
+    before = _state(model)
+    result = rounds_result(editor, model, batch, 2)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # read back, rolled back bitwise
+    with editor.apply(model, batch, rounds=2):
+        for name, new in result.new_params.items():
+            assert torch.equal(new, model.get_parameter(name))
+            assert torch.equal(result.updates[name], new - before[name])
+    one_round = editor.edit(model, batch)
+    assert any(not torch.allclose(result.updates[k], one_round.updates[k]) for k in result.updates)
+
+    assert [schedule_for(editor, n, "auto", single_rounds=2) for n in (1, 16)] == [(2, None), (2, None)]
+    assert schedule_for(editor, 17, "auto", single_rounds=2) == (1, None)  # many edits: their own schedule (no sample here)
+    assert schedule_for(editor, 1, 3, single_rounds=2) == (3, None)  # rounds asked for are taken as they are
+    assert schedule_for(object(), 1, "auto", single_rounds=2) == (1, None)  # not a learned editor: one round
+    with pytest.raises(ValueError, match="edit rounds must be a whole number >= 1"):
+        schedule_for(editor, 1, "auto", single_rounds=0)
+
+    folder = editor.save_pretrained(tmp_path / "editor", extra={"queries": {"edit_rounds": 2}})
+    assert query_setup(folder)["edit_rounds"] == 2 and query_setup(editor.save_pretrained(tmp_path / "plain"))["edit_rounds"] == 1
+    loaded = load_editor(folder)
+    assert loaded.edit_rounds == 2
+    edit = Edit(prompt=records[0].prompt, target=records[0].target_new, task="zsre")
+    with loaded.apply(model, edit, tokenizer) as edited:  # the default, rounds="auto": the editor's 2 rounds
+        assert edited.rounds_made == 2
+        by_api = _state(model)
+    with loaded.apply(model, edit, tokenizer, rounds=2):
+        assert all(torch.equal(by_api[k], v) for k, v in model.state_dict().items())
+    from instructedit.cli import main
+
+    capsys.readouterr()
+    assert main(["edit", "--editor", str(folder), "--prompt", edit.prompt, "--target", edit.target, "--task", "zsre", "--device", "cpu"]) == 0
+    assert "made in 2 rounds, as calibrated" in capsys.readouterr().out  # the header says how the edit was made
+    broken = json.loads((folder / "editor_config.json").read_text())
+    broken["queries"]["edit_rounds"] = 0
+    (folder / "editor_config.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"editor_config.json: queries.edit_rounds: edit rounds must be a whole number >= 1, got 0"):
+        query_setup(folder)
+
+    import instructedit.evaluation.packing as packing
+
+    made: list[int] = []
+    monkeypatch.setattr(packing, "rounds_result", lambda *a: made.append(a[3]) or rounds_result(*a))
+    kwargs = dict(progress=False, protocol="both", answer_stop="newline")
+    fast = evaluate(model, tokenizer, editor, records, POOL, 0, edit_rounds=2, **kwargs)
+    assert made[-3:] == [2, 2, 2]  # each case's edit made in the rounds (the first case may be scored twice: packing's check)
+    slow = evaluate(model, tokenizer, editor, records, POOL, 0, edit_rounds=2, fast=False, **kwargs)
+    once = evaluate(model, tokenizer, editor, records, POOL, 0, **kwargs)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    for a, b in zip(fast.cases, slow.cases):  # the functional scoring of the rounds' edit is the edit written in place
+        assert a.post == pytest.approx(b.post, abs=1e-5) and a.gen_post == b.gen_post
+    assert len(made) <= 5  # one-round evaluation makes no rounds
+    assert fast.settings.edit_rounds == 2 and once.settings.edit_rounds == 1 and "2 rounds" in fast.restoration["mode"]
+    from instructedit.evaluation.report import markdown_report
+
+    assert "in 2 rounds" in markdown_report([fast]) and "in 1 rounds" not in markdown_report([once])
+    with pytest.raises(ValueError, match="sequential evaluation keeps one-round edits"):
+        evaluate(model, tokenizer, editor, records, POOL, 0, sequential=True, edit_rounds=2, **kwargs)
+    with pytest.raises(ValueError, match="only a learned editor"):
+        evaluate(model, tokenizer, object(), records, POOL, 0, edit_rounds=2, **kwargs)
+
+
 def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Rounds that overshoot (step sizes far too large) raise the edits' own loss: the round that did is undone and the
     rounds stop, with a warning; the weights are those of the rounds kept, the handle says how many, rollback is bitwise."""

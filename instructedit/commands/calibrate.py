@@ -17,6 +17,10 @@ answers, so the multipliers (by default larger ones) are tried with it in place,
 instruction-wrapped prompt and the question as a chat user turn (results/analysis/chat-edit-row/); ``plain`` adds the
 bare question (no instruction). Reliability is then the mean of the forms' (each reported), and the forms are saved
 with the editor (``queries.edit_forms``).
+
+``--rounds 1,2`` also tries each edit made in two rounds, the second on the model the first edited, from the gradient
+left: it buys back answer tokens the first round's edit left short (results/analysis/edit-rounds/). The chosen number is
+saved (``queries.edit_rounds``) and used wherever the editor makes a single edit.
 """
 
 from __future__ import annotations
@@ -71,6 +75,10 @@ def add_calibrate_parser(subparsers: Any) -> None:
                         "template's end of turn, so the edited model closes its turn after the answer; newline+end also ends "
                         "the wrapped and bare answers with EOS after the newline, so the text ends there; saved with the "
                         "calibrated editor (default: the run's training.answer_stop)")
+    p.add_argument("--rounds", default="1", metavar="K[,K...]",
+                   help="the rounds a single edit is made in, each after the first made on the model the earlier ones edited; "
+                        "several: each is tried with every multiplier (and weight) and the best kept, fewer on a tie; saved with "
+                        "the calibrated editor (queries.edit_rounds: apply, edit and evaluate make its edits so; default 1)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_calibrate)
@@ -84,6 +92,17 @@ def parse_scales(text: str) -> list[float]:
     if not scales or any(s <= 0 for s in scales):
         raise ValueError(f"--scales {text!r} needs positive multipliers")
     return scales
+
+
+def parse_rounds(text: str) -> list[int]:
+    """``--rounds 1,2``: whole numbers >= 1."""
+    try:
+        rounds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--rounds {text!r} must be comma-separated whole numbers, e.g. 1,2") from None
+    if not rounds or any(r < 1 for r in rounds):
+        raise ValueError(f"--rounds {text!r} needs numbers >= 1")
+    return rounds
 
 
 def check_preservation_arguments(args: argparse.Namespace) -> bool:
@@ -115,5 +134,5 @@ def run_calibrate(args: argparse.Namespace) -> int:
     calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
               preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
               edit_forms=args.edit_forms, device=args.device, val_data=args.val_data, answer_stop=args.answer_stop,
-              progress=not args.no_progress)
+              progress=not args.no_progress, rounds=parse_rounds(args.rounds))
     return 0

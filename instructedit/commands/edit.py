@@ -135,11 +135,14 @@ def run_edit(args: argparse.Namespace) -> int:
         if args.save:
             edited.save_pretrained(args.save)
     instruction = f"description #{editor.instruction} of {edit.task!r}" if editor.instruction is not None else "none"
+    made = [f"made in the forms {' + '.join(editor.edit_forms)}, solved together; {STOP_WORDS[editor.answer_stop]}"] \
+        if editor.edit_forms != ("wrapped",) else []
+    made += [f"made in {edited.rounds_made} rounds, as calibrated" if edited.rounds_made == editor.edit_rounds else
+             f"made in {edited.rounds_made} of its {editor.edit_rounds} calibrated rounds (the next raised the edit's loss)"] \
+        if editor.edit_rounds != 1 else []
     lines = [
         f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
-        f"edit [{edit.task}]: {edit.prompt!r} -> {edit.target!r}"
-        + (f"   (made in the forms {' + '.join(editor.edit_forms)}, solved together; {STOP_WORDS[editor.answer_stop]})"
-           if editor.edit_forms != ("wrapped",) else ""), "",
+        f"edit [{edit.task}]: {edit.prompt!r} -> {edit.target!r}" + (f"   ({'; '.join(made)})" if made else ""), "",
         "what the model says (greedy decoding, first line):",
         f"  instruction-wrapped prompt:  {before['says']}  ->  {after['says']}",
         f"  plain prompt:                {before['says_plain']}  ->  {after['says_plain']}",
@@ -252,7 +255,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     from instructedit.editors.learned import schedule_for
 
     n_rounds, weight = (1, None) if args.sequential else \
-        schedule_for(editor.editor_for(model, tok), len(edits), args.rounds, args.sample_weight)
+        schedule_for(editor.editor_for(model, tok), len(edits), args.rounds, args.sample_weight, editor.edit_rounds)
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
           else editor.apply(model, edits, tok, rounds=n_rounds, sample_weight=weight, progress=True)) as edited:
         after = snapshot(edited.model)

@@ -17,6 +17,7 @@ from instructedit.commands.common import (
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
+from instructedit.editors.learned import check_edit_rounds
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES
@@ -58,6 +59,9 @@ def add_evaluate_parser(subparsers: Any) -> None:
                    help="comma-separated forms each edit is made in, solved together: wrapped (the instruction-wrapped prompt), plain "
                         "(the bare question), chat (the question as a chat user turn) (default: the editor's edit_forms from its "
                         "editor_config.json, else wrapped)")
+    p.add_argument("--edit-rounds", type=int, default=None, metavar="K",
+                   help="the rounds each edit is made in, each on the model the earlier ones edited (a learned editor; default: the "
+                        "editor's edit_rounds from its editor_config.json, chosen by calibrate --rounds, else 1; --sequential: 1)")
     p.add_argument("--queries", default=",".join(QUERY_FORMS), metavar="FORMS",
                    help=f"comma-separated forms of the edit prompt the generation protocol asks (default: {','.join(QUERY_FORMS)})")
     p.add_argument("--generation-batch-size", type=int, default=32, metavar="N", help="most queries per greedy generation batch")
@@ -156,8 +160,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
         options["path"] = args.editor
     model_name = args.model or (editor_model_name(editor_path) if args.editor else None) or DEFAULT_MODEL
     # how the editor was trained to be asked (its editor_config.json, read once); a registry method: no template or stop
-    trained = query_setup(editor_path) if editor_path else {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"]}
+    trained = query_setup(editor_path) if editor_path else {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
     answer_stop = args.answer_stop or trained["answer_stop"]
+    edit_rounds = check_edit_rounds(args.edit_rounds if args.edit_rounds is not None else 1 if args.sequential else trained["edit_rounds"],
+                                    "--edit-rounds")
+    if edit_rounds != 1 and args.sequential:
+        raise ValueError(f"--edit-rounds {edit_rounds}: --sequential keeps one-round edits")
     edit_forms = check_edit_forms(args.edit_forms or trained["edit_forms"], "--edit-forms")
     judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
@@ -197,7 +205,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
                       sequential=args.sequential, progress=not args.no_progress, settings=settings, protocol=args.protocol,
                       answer_stop=answer_stop, edit_forms=edit_forms, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge,
-                      memory=memory)
+                      memory=memory, edit_rounds=edit_rounds)
     report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
     markdown = write_markdown([report], output.with_suffix(".md"))

@@ -319,15 +319,25 @@ def check_rounds(editor: Any, rounds: int) -> None:
 
 
 AUTO_ROUNDS = "auto"
-AUTO_AS_SINGLE = 16  # "auto": calls of up to this many edits are made as one edit is (one round, the calibrated weight)
+AUTO_AS_SINGLE = 16  # "auto": calls of up to this many edits are made as one edit is (its calibrated rounds and weight)
 
 
-def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight: float | None = None) -> tuple[int, float | None]:
+def check_edit_rounds(value: Any, where: str) -> int:
+    """An editor's single-edit rounds (``queries.edit_rounds``, ``calibrate --rounds``): a whole number >= 1; else a
+    ValueError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{where}: edit rounds must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight: float | None = None,
+                 single_rounds: int = 1) -> tuple[int, float | None]:
     """The (rounds, sample weight) a call of ``n_edits`` edits is made with: ``rounds`` and ``sample_weight`` as asked,
     except ``rounds="auto"``: for a least-squares editor with a preservation sample of its own and more than
     ``AUTO_AS_SINGLE`` edits, ⌈√N / 2⌉ rounds with the sample counted as √N × its calibrated weight (``sample_weight``, if
-    given, instead); otherwise one round (one edit, or a few, as the editor makes one; any other editor: rounds were not
-    measured to help it).
+    given, instead); otherwise ``single_rounds`` (one edit, or a few, as the editor makes one: the rounds its calibration
+    chose, ``queries.edit_rounds``, 1 unless ``calibrate --rounds`` chose more; any editor but a learned one: 1, rounds
+    were not measured to help it).
 
     Measured on ZsRE's train split with the recommended editor (``results/analysis/ls-keys/rounds/README.md``, "auto"),
     against one round at the calibrated weight: N = 16, 2 rounds would gain nothing (the same 86.4 / 62.5 % said);
@@ -344,7 +354,9 @@ def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight
     if n_edits < 1:
         raise ValueError(f"a call needs at least one edit, got {n_edits}")
     own = getattr(editor, "preservation", None)
-    if own is None or getattr(getattr(editor, "config", None), "aggregation", None) != "least_squares" or n_edits <= AUTO_AS_SINGLE:
+    if n_edits <= AUTO_AS_SINGLE:
+        return (check_edit_rounds(single_rounds, "single_rounds") if isinstance(editor, LearnedEditor) else 1), sample_weight
+    if own is None or getattr(getattr(editor, "config", None), "aggregation", None) != "least_squares":
         return 1, sample_weight
     root = math.sqrt(n_edits)
     return math.ceil(root / 2), sample_weight if sample_weight is not None else own.text_weight * root
@@ -358,6 +370,20 @@ def check_sample_weight(editor: Any, weight: float | None) -> None:
         raise ValueError(f"sample_weight must be a positive number, got {weight}")
     if getattr(editor, "preservation", None) is None:
         raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
+
+
+def rounds_result(editor: "LearnedEditor", model: nn.Module, batch: TokenBatch, rounds: int) -> EditResult:
+    """The edit ``editor.apply(model, batch, rounds=rounds)`` makes (its rules: a round that raises the edits' loss is
+    undone), as an ``EditResult`` against the model's weights as found: the rounds are written into the model, read
+    back and rolled back bit for bit before this returns. ``updates`` are the dense shifts (every round's together)."""
+    handle = editor.apply(model, batch, rounds=rounds)
+    try:
+        originals = handle.originals()
+        new_params = {name: model.get_parameter(name).detach().clone() for name in originals}
+        updates = {name: new_params[name] - originals[name] for name in originals}
+    finally:
+        handle.rollback()
+    return EditResult(new_params=new_params, updates=updates)
 
 
 @contextlib.contextmanager

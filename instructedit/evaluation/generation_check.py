@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.base import EditResult
+from instructedit.editors.learned import rounds_result
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, same_answer
@@ -51,7 +52,8 @@ CASES_TOGETHER = 8  # records whose edits are held at once; their queries decode
 
 def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,
                       records: Sequence[EditRecord], instructions: Sequence[int | None],
-                      scales: Sequence[float] = (1.0,), progress: bool = False, intervals: bool = False) -> dict[float, dict]:
+                      scales: Sequence[float] = (1.0,), progress: bool = False, intervals: bool = False,
+                      rounds: int = 1) -> dict[float, dict]:
     """Per α multiplier: mean generation reliability and generation locality over ``records``, with n; with
     ``intervals``, also ``ci``: each rate's 95 % bootstrap interval over the records, ``{name: [low, high]}``.
 
@@ -63,6 +65,10 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     queries of ``CASES_TOGETHER`` records decode together, unedited and at every multiplier, from one
     prefill (``before_after``), every row with its own record's scaled update added by hooks
     (``row_edits``); the model's weights are never written.
+
+    ``rounds`` > 1: each edit is made in that many rounds (``editors.learned.rounds_result``, as ``apply`` makes them:
+    written into the weights and rolled back at once), once per multiplier: later rounds start from the earlier ones'
+    weights, so the update is no longer linear in α.
     """
     cases = []
     forms = collator.edit_forms
@@ -88,12 +94,19 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     try:
         for start in tqdm(range(0, len(cases), CASES_TOGETHER), desc="generation at each multiplier", unit="group", disable=not progress):
             group = range(start, min(start + CASES_TOGETHER, len(cases)))
-            updates = [_detached(editor.edit(model, cases[i][2].to(device))) for i in group]
+            if rounds == 1:  # the update is linear in α: one per record, which each multiplier scales
+                updates = [[_detached(editor.edit(model, cases[i][2].to(device))) for i in group]] * len(scales)
+                variant_scales = scales
+            else:  # in rounds: made anew at each multiplier
+                updates, variant_scales = [], None
+                for scale in scales:
+                    with scaled_step_sizes(editor, scale):
+                        updates.append([_detached(rounds_result(editor, model, cases[i][2].to(device), rounds)) for i in group])
             records = [cases[i][0] for i in group]
             prompts = [q for i in group for q in (*cases[i][1], cases[i][0].locality[0].prompt)]
             budgets = [answer_budget(tokenizer, a) for r in records for a in ((r.target_new,) * len(forms) + (r.locality[0].answer,))]
-            before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, lambda variant, row: updates[row // per_case],
-                                                transposed, len(scales), variant_scales=scales)  # the update is linear in α: a multiplier scales it
+            before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, lambda variant, row: updates[variant][row // per_case],
+                                                transposed, len(scales), variant_scales=variant_scales)
             for scale, said in zip(scales, after, strict=True):
                 for j, record in enumerate(records):
                     for f, form in enumerate(forms):

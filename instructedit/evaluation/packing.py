@@ -17,6 +17,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from instructedit.editors.base import EditResult, FunctionalEditor
+from instructedit.editors.learned import rounds_result
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.before_after import Seed
 from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
@@ -143,16 +144,20 @@ KV = list[tuple[DynamicCache, DynamicCache]]  # per chunk: every layer's keys an
 
 
 @torch.no_grad()
-def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
-                     keep_cache: bool = False) -> tuple[torch.Tensor, torch.Tensor, EditResult, KV | None]:
+def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout, keep_cache: bool = False,
+                     rounds: int = 1, edit: TokenBatch | None = None) -> tuple[torch.Tensor, torch.Tensor, EditResult, KV | None]:
     """One prefix pass serves the pre-edit logits and the edit; only the edited blocks re-run post-edit.
 
     The edit is taken on the first chunk with labels on the edit rows only: the other rows get an
     exactly zero output gradient, so their tokens drop out of the gradient factors. ``keep_cache``:
     also returns the passes' keys and values (``KV``), from which ``case_seeds`` begins the
-    generation protocol's answers.
+    generation protocol's answers. ``rounds`` > 1 (a learned editor): the edit is made from ``edit`` (the case's edit
+    batch) in that many rounds, as ``apply`` makes them (``editors.learned.rounds_result``: written into the model and
+    rolled back bit for bit before the scoring), instead of once from the layout's edit rows.
     """
     split = editor.split(model)
+    if rounds > 1 and edit is None:
+        raise ValueError("score_functional: rounds > 1 need the case's edit batch (edit=)")
     recorded, kv = [], []
     for chunk, pos in zip(layout.chunks, layout.positions):
         cache = DynamicCache() if keep_cache else None
@@ -163,7 +168,7 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
     was_training = editor.training
     editor.eval()
     try:
-        result = editor.edit(split, layout.edit_view, states[0])
+        result = editor.edit(split, layout.edit_view, states[0]) if rounds == 1 else rounds_result(editor, model, edit, rounds)
     finally:
         editor.train(was_training)
     pre = [split.logits_at(state.final_hidden, chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
@@ -218,16 +223,16 @@ def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torc
 
 
 def check_packing(editor: FunctionalEditor, model: nn.Module, case: Case, dtype: torch.dtype,
-                  keep_cache: bool = False) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, EditResult, KV | None]]:
+                  keep_cache: bool = False, rounds: int = 1) -> tuple[bool, tuple[torch.Tensor, torch.Tensor, EditResult, KV | None]]:
     """Score one case packed and compare its pre-edit logits with padded rows: an architecture may ignore 4-D masks.
 
     Returns whether packing is used, and this case's ``score_functional`` in the layout chosen.
     """
     try:
-        packed = score_functional(editor, model, case.layout(True, dtype), keep_cache)
+        packed = score_functional(editor, model, case.layout(True, dtype), keep_cache, rounds, case.edit)
     except (RuntimeError, ValueError, TypeError) as err:  # e.g. an attention kernel without 4-D mask support
         logger.warning("packed rows failed on %s (%s); using padded batches", case.record.source, err)
-        return False, score_functional(editor, model, case.padded, keep_cache)
+        return False, score_functional(editor, model, case.padded, keep_cache, rounds, case.edit)
     split = editor.split(model)
     with torch.no_grad():
         padded = torch.cat([split.logits_at(split.prefix(c).final_hidden, c.label_mask) for c in case.padded.chunks])
@@ -235,5 +240,5 @@ def check_packing(editor: FunctionalEditor, model: nn.Module, case: Case, dtype:
     worst = float((packed[0] - padded).abs().max())
     if worst > tol:
         logger.warning("packed rows differ from padded ones by %.3g (> %.3g) on %s; using padded batches", worst, tol, case.record.source)
-        return False, score_functional(editor, model, case.padded, keep_cache)
+        return False, score_functional(editor, model, case.padded, keep_cache, rounds, case.edit)
     return True, packed

@@ -35,6 +35,7 @@ from instructedit.editors.aggregation import KeyMemory, check_remembers, remembe
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
 )
+from instructedit.editors.learned import check_edit_rounds, check_rounds
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
@@ -95,10 +96,12 @@ def _post_metrics(case: Case, logits: torch.Tensor, pre_argmax: torch.Tensor) ->
 Asker = Callable[[], list[str]]  # a case's post-edit answers, asked while its edit is in the model
 
 
-def _score_in_place(model: nn.Module, editor: Editor, case: Case, ask: Asker | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Any editor: pre-edit forward, ``apply``, post-edit forward (and answers), ``rollback`` (padded rows: editors may read them)."""
+def _score_in_place(model: nn.Module, editor: Editor, case: Case, ask: Asker | None = None,
+                    rounds: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Any editor: pre-edit forward, ``apply`` (in ``rounds`` rounds: a learned editor), post-edit forward (and answers),
+    ``rollback`` (padded rows: editors may read them)."""
     pre = layout_logits(model, case.padded)
-    handle = editor.apply(model, case.edit)
+    handle = editor.apply(model, case.edit) if rounds == 1 else editor.apply(model, case.edit, rounds=rounds)
     try:
         post = layout_logits(model, case.padded)
         answers = ask() if ask is not None else []
@@ -173,8 +176,9 @@ def _decodes_together(fast_path: bool, generation: gen.GenerationRun | None, cas
 
 def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: WeightGuard, generation: gen.GenerationRun | None,
                 teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool,
-                cases_together: int = 1) -> tuple[list[CaseResult], bool]:
-    """Edit, score and roll back each case in turn; returns the results and whether rows were packed.
+                cases_together: int = 1, rounds: int = 1) -> tuple[list[CaseResult], bool]:
+    """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds; returns the results and whether
+    rows were packed.
 
     MEND (fast path): the answers of ``cases_together`` cases are decoded in one batch, before and after
     the edit from one prefill (``before_after``), each post-edit row with its own case's weight update
@@ -183,7 +187,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     dtype = next(model.parameters()).dtype
     together = _decodes_together(fast_path, generation, cases_together)
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
-    packed, first_scores = check_packing(editor, model, probe_case, dtype, together) if fast_path and pack_rows else (False, None)
+    packed, first_scores = check_packing(editor, model, probe_case, dtype, together, rounds) if fast_path and pack_rows else (False, None)
     results: list[CaseResult] = []
     pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list]] = []  # case, pre, post, ΔW, seeds
     stops = generation.stop_ids if together else set()  # tokens a seed's given answer tokens stop before
@@ -207,7 +211,8 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
         ask = _asker(model, generation, case)
         if fast_path:
             layout = case.layout(packed, dtype)
-            scores = first_scores if first_scores is not None and case is probe_case else score_functional(editor, model, layout, together)
+            scores = first_scores if first_scores is not None and case is probe_case else \
+                score_functional(editor, model, layout, together, rounds, case.edit)
             if together:  # the queries asked as probes begin from the teacher-forced pass (``case_seeds``)
                 seeds = case_seeds(case, layout, scores[3], scores[0], scores[1], editor.split(model).first_layer, stops)
                 pending.append((case, scores[0], scores[1], scores[2].low_rank or scores[2].updates, seeds))
@@ -217,7 +222,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
                 continue
             pre, post, answers = scores[0], scores[1], _answer_edited(model, scores[2], ask)
         else:
-            pre, post, answers = _score_in_place(model, editor, case, ask)
+            pre, post, answers = _score_in_place(model, editor, case, ask, rounds)
         guard.verify(where=f"case {case.index} ({case.record.source})")
         results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), answers,
                                     generation, teacher_forced))
@@ -312,6 +317,7 @@ def evaluate(
     cases_together: int = 32,
     outlier_factor: float | None = OUTLIER_FACTOR,
     memory: KeyMemory | None = None,
+    edit_rounds: int = 1,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -322,7 +328,8 @@ def evaluate(
     padded rows on the first case). ``settings``: run metadata (task, split, ...) to complete and store.
     ``protocol``: teacher_forced, generation or both. ``answer_stop``: what the edit input's answer
     ends with (as the editor was trained; the collator's ``answer_stop``). ``edit_forms``: the forms each edit is made
-    in, solved together (the editor's ``queries.edit_forms``: the wrapped prompt; the chat question). ``queries``: forms of the
+    in, solved together (the editor's ``queries.edit_forms``: the wrapped prompt; the chat question). ``edit_rounds``: the
+    rounds each single edit is made in (the editor's ``queries.edit_rounds``; a learned editor; not ``sequential``). ``queries``: forms of the
     edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
     batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``. ``cases_together``:
     MEND's answers of this many cases decode in one batch, pre- and post-edit sharing the prefill below the
@@ -338,6 +345,10 @@ def evaluate(
         raise ValueError("a key memory holds earlier edits still while edits are kept one after another: pass sequential=True")
     if memory is not None:
         check_remembers(editor)
+    check_edit_rounds(edit_rounds, "edit_rounds")
+    if edit_rounds > 1 and sequential:
+        raise ValueError(f"edit_rounds={edit_rounds}: sequential evaluation keeps one-round edits (pass edit_rounds=1)")
+    check_rounds(editor, edit_rounds)
     if batch_size < 1 or generation_batch_size < 1:
         raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
     if protocol not in PROTOCOL_CHOICES:
@@ -379,7 +390,7 @@ def evaluate(
                                              outlier_factor, memory)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
-                                          cases_together)
+                                          cases_together, edit_rounds)
     run_s = time.perf_counter() - run_start
     per_case_checks = guard.verified
     verify_start = time.perf_counter()
@@ -397,7 +408,7 @@ def evaluate(
                                     outlier_factor=outlier_factor if sequential else None,
                                     key_memory=memory.state() if memory is not None else None, batch_size=batch_size,
                                     convsent_pairs=convsent_pairs, max_length=max_length, fast_path=fast_path, packed_rows=packed,
-                                    device=str(device), protocol=protocol, answer_stop=answer_stop,
+                                    device=str(device), protocol=protocol, answer_stop=answer_stop, edit_rounds=edit_rounds,
                                     edit_forms=list(collator.edit_forms), queries=forms,
                                     generation_margin=ANSWER_MARGIN if generation is not None else None,
                                     judge=judge.name if judge is not None and generation is not None else None),
@@ -407,7 +418,7 @@ def evaluate(
         skipped=skipped,
         restoration={"verified": True, "per_case_checks": per_case_checks, "copied_parameters": len(guard.originals),
                      "fingerprinted_parameters": len(guard.digests), "final_full_check_parameters": checked,
-                     "mode": _restoration_mode(sequential, fast_path, generation is not None, cases_together > 1)},
+                     "mode": _restoration_mode(sequential, fast_path, generation is not None, cases_together > 1, edit_rounds)},
         sequential=curve,
     )
 
@@ -418,9 +429,12 @@ def _aggregates(results: Sequence[CaseResult], phases: Sequence[str]) -> dict[st
     return {task: {phase: by_phase[phase].get(task, {}) for phase in phases} for task in dict.fromkeys(c.task for c in results)}
 
 
-def _restoration_mode(sequential: bool, fast_path: bool, generation: bool, together: bool = False) -> str:
+def _restoration_mode(sequential: bool, fast_path: bool, generation: bool, together: bool = False, rounds: int = 1) -> str:
     if sequential:
         return "sequential: kept, restored at the end"
+    if fast_path and rounds > 1:  # the rounds are written to be made (``rounds_result``), then the case is scored functionally
+        return (f"each edit made in {rounds} rounds written into the weights and rolled back at once; functional scoring"
+                f"{', post-edit answers decoded with per-row weight updates' if together else ''}")
     if fast_path and together:
         return "functional (weights never written; post-edit answers decoded with per-row weight updates)"
     if fast_path:

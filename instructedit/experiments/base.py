@@ -135,10 +135,10 @@ def evaluate_cell(config: ExperimentBase, label: str, task: str, records: list[E
         if not (editor_dir / EDITOR_CONFIG).is_file():
             raise FileNotFoundError(f"editor {editor!r}: {editor_dir} holds no saved editor ({EDITOR_CONFIG} is missing)")
         settings = EvalSettings(method=label, editor_path=str(editor_dir), editor_sha256=editor_sha256(editor_dir))
-        queries = query_setup(editor_dir)  # asked as the editor was trained: its template, answer stop and edit forms
+        queries = query_setup(editor_dir)  # asked and made as the editor was trained: its template, answer stop, edit forms and rounds
     else:
         settings = EvalSettings(method=label, method_options=options or {})
-        queries = {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"]}
+        queries = {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
     settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
     settings.model_name = config.model  # the name asked for, as `evaluate` records it (not the loaded folder's path)
     settings.protocol = config.protocol
@@ -151,7 +151,8 @@ def evaluate_cell(config: ExperimentBase, label: str, task: str, records: list[E
 
     return evaluate_cached(config.cache_path(label, task), model, tokenizer, load, records[:limit], cell_pool,
                            instruction_index(instruction, pool), settings, batch_size=config.batch_size, progress=show_progress,
-                           protocol=config.protocol, answer_stop=queries["answer_stop"], edit_forms=queries["edit_forms"])
+                           protocol=config.protocol, answer_stop=queries["answer_stop"], edit_forms=queries["edit_forms"],
+                           edit_rounds=queries["edit_rounds"])
 
 
 def interval_summaries(report: EvalReport) -> dict[str, dict[str, dict[str, Any]]]:
