@@ -93,7 +93,7 @@ class EvalSetup:
     records: list[EditRecord]
     pool: InstructionPool
     instruction: int | None
-    made: dict  # the editor's edit settings (template, answer stop, edit forms), as it was trained
+    made: dict  # the editor's edit settings (answer stop, edit forms, rounds), as it was trained and calibrated
 
     @classmethod
     def load(cls, editor_dir: str | None, model_name: str, task: str, n: int) -> "EvalSetup":
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     setup = EvalSetup.load(args.editor, args.model, args.task, args.n)
     model, tokenizer, editor, records, pool, instruction, made = (setup.model, setup.tokenizer, setup.editor, setup.records,
                                                                   setup.pool, setup.instruction, setup.made)
+    if made["edit_rounds"] != 1 and not args.no_naive:
+        parser.error(f"{args.editor} makes each edit in {made['edit_rounds']} rounds; the naive loop makes one: pass --no-naive")
 
     def timed(run):  # wall-clock and this process's CPU time: on a shared machine the latter is the steadier one
         wall, cpu = time.perf_counter(), time.process_time()
@@ -264,7 +266,7 @@ def summarize(args: argparse.Namespace, model: nn.Module, tokenizer, records: Se
         "batched": {"seconds": times["batched"], "cpu_seconds": times["batched_cpu"], "cases_per_s": n / batched_s,
                     "cases_per_cpu_s": n / batched_cpu, "fast_path": report.settings.fast_path, "packed_rows": report.settings.packed_rows,
                     "protocol": report.settings.protocol},
-        "answer_stop": report.settings.answer_stop, "edit_forms": report.settings.edit_forms,
+        "answer_stop": report.settings.answer_stop, "edit_forms": report.settings.edit_forms, "edit_rounds": report.settings.edit_rounds,
     }
     if naive_results is None:
         return common

@@ -80,11 +80,11 @@ def peak_rss_bytes() -> int:
 
 def trained_queries(editor_dir: str | Path | None) -> tuple[InstructionPool, dict[str, Any]]:
     """The default instruction pool with the template a saved editor was trained with, and how its edits are made (its
-    answer stop and edit forms, as ``runner.evaluate`` keywords): how the benchmarks ask its edits (``api.query_setup``).
-    No editor: the pool and no stop, the wrapped form."""
+    answer stop, edit forms and rounds, as ``runner.evaluate`` keywords): how the benchmarks ask its edits
+    (``api.query_setup``). No editor: the pool and no stop, the wrapped form, one round."""
     pool = InstructionPool.default()
     if editor_dir is None:
-        return pool, {"answer_stop": "none", "edit_forms": ["wrapped"]}
+        return pool, {"answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
     setup = query_setup(editor_dir)
     pool = dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool
-    return pool, {"answer_stop": setup["answer_stop"], "edit_forms": setup["edit_forms"]}
+    return pool, {"answer_stop": setup["answer_stop"], "edit_forms": setup["edit_forms"], "edit_rounds": setup["edit_rounds"]}
