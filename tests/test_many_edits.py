@@ -200,6 +200,15 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
     from instructedit.evaluation.report import markdown_report
 
     assert "in 2 rounds" in markdown_report([fast]) and "in 1 rounds" not in markdown_report([once])
+    import instructedit.analysis.many_edits as many_edits
+
+    calls: list[int] = []  # the rounds of every call batch_study makes
+    real = many_edits.apply_in_rounds
+    monkeypatch.setattr(many_edits, "apply_in_rounds", lambda e, m, b, r, *a, **k: calls.append(r) or real(e, m, b, r, *a, **k))
+    study = batch_study(model, tokenizer, editor, collator, records, 0, [3], generation=False, progress=False, singles=True,
+                        rounds="auto", single_rounds=2)
+    assert calls == [1, 2, 2, 2, 2]  # the untimed warm-up, the 3-edit call ("auto": as a few edits, 2 rounds), 3 singles
+    assert study["single"]["rounds"] == 2 and study["points"][0]["rounds"] == 2
     with pytest.raises(ValueError, match="sequential evaluation keeps one-round edits"):
         evaluate(model, tokenizer, editor, records, POOL, 0, sequential=True, edit_rounds=2, **kwargs)
     with pytest.raises(ValueError, match="only a learned editor"):

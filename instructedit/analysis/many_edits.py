@@ -128,7 +128,7 @@ def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: 
 def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
                 progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int | str = 1,
-                sample_weight: float | None = None, unedited: Sequence[EditRecord] = ()) -> dict:
+                sample_weight: float | None = None, unedited: Sequence[EditRecord] = (), single_rounds: int = 1) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
@@ -138,14 +138,16 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol). ``rounds``: every N-edit
     call is made in that many rounds (``LearnedEditor.apply``; "auto": as ``editors.learned.schedule_for`` chooses for
     its N); ``sample_weight``: in those calls the editor's own preservation sample counts as that many tokens; each point
-    records both. The single edits are made as the editor makes them (one round, its calibrated weight).
+    records both. The single edits are made as the editor makes them (its calibrated weight, in ``single_rounds`` rounds:
+    the editor's ``queries.edit_rounds``; also what "auto" gives calls of up to 16 edits).
     ``unedited``: records no call edits whose locality prompts every N-edit call is also scored on (each point's
     ``unedited``: teacher-forced and generation locality over them): a larger locality sample than the N cases' own.
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
         raise ValueError(f"sizes must be between 1 and the {len(records)} records given, got {sizes}")
-    schedules = {n: schedule_for(editor, n, rounds, sample_weight) for n in sizes}  # before any scoring: bad values fail here
+    schedules = {n: schedule_for(editor, n, rounds, sample_weight, single_rounds) for n in sizes}  # before any scoring: bad values fail here
+    check_rounds(editor, single_rounds)
     for n_rounds, weight in schedules.values():
         check_rounds(editor, n_rounds)
         check_sample_weight(editor, weight)
@@ -202,14 +204,15 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
         if singles:
             tf, gen, total = [], [] if asker is not None else None, 0.0
             for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
-                seconds, case_tf, case_gen, _ = edited(c, c + 1, probes.of(c))
+                seconds, case_tf, case_gen, _ = edited(c, c + 1, probes.of(c), single_rounds)
                 guard.verify(where=f"after single edit {c}")
                 total += seconds
                 tf.extend(case_tf)
                 if gen is not None:
                     gen.extend(case_gen)
             guard.verify(full=True, where="after the single edits")
-            out["single"] = {"n_edits": 1, "n_cases": len(records), "seconds_per_edit": total / len(records), **_aggregate(tf, gen)}
+            out["single"] = {"n_edits": 1, "n_cases": len(records), "rounds": single_rounds, "seconds_per_edit": total / len(records),
+                             **_aggregate(tf, gen)}
             for p in points:  # the N-edit call against the single edits of the same N cases
                 n = p["n_edits"]
                 p["single_same_cases"] = _aggregate(tf[:n], None if gen is None else gen[:n])

@@ -58,7 +58,7 @@ def add_edit_studies(studies: Any) -> None:
                    help="also score every N-edit call's locality (both protocols) on the locality prompts of the K records after "
                         "the first max(--sizes), which no call edits (JSON: each point's 'unedited'): a larger locality sample than "
                         "the N edited records' own (default 0: none)")
-    add_rounds_arguments(b, "every N-edit call (the --singles stay one-round edits at the calibrated weight)", 1)
+    add_rounds_arguments(b, "every N-edit call (the --singles are made as the editor makes them: its calibrated weight and rounds)", 1)
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.set_defaults(func=run_batch)
 
@@ -123,7 +123,7 @@ def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
     editor = wrapper.editor_for(model, tokenizer)
     collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop, edit_forms=wrapper.edit_forms)
     entry = {"label": label, "editor": str(path), "aggregation": aggregation(editor), "model": name, "instruction": wrapper.instruction,
-             "answer_stop": wrapper.answer_stop, "edit_forms": list(wrapper.edit_forms), "points": []}
+             "answer_stop": wrapper.answer_stop, "edit_forms": list(wrapper.edit_forms), "calibrated_edit_rounds": wrapper.edit_rounds, "points": []}
     own = getattr(editor, "preservation", None)
     if own is not None:  # the editor's own preservation sample (instructedit calibrate --preserve): every solve holds it still
         entry["preservation"] = {"weight": own.text_weight, "source": editor.preservation_source}
@@ -293,7 +293,8 @@ def run_batch(args: argparse.Namespace) -> int:
                             args.preserve_answers, args.preserve_keys) if preserve else None
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
-                          memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight, unedited=unedited)
+                          memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight, unedited=unedited,
+                          single_rounds=loaded.entry["calibrated_edit_rounds"])
         result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
         if "single" in out:
             print(_line(f"{label} (each edit alone)", out["single"]))
