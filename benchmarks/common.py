@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from instructedit.api import query_setup
+from instructedit.api import query_setup, untrained_queries
 from instructedit.config import DEFAULT_MODEL, Config, load_config
 from instructedit.editors.learned import LearnedEditor
 from instructedit.editors.registry import build_editor
@@ -83,8 +83,6 @@ def trained_queries(editor_dir: str | Path | None) -> tuple[InstructionPool, dic
     answer stop, edit forms and rounds, as ``runner.evaluate`` keywords): how the benchmarks ask its edits
     (``api.query_setup``). No editor: the pool and no stop, the wrapped form, one round."""
     pool = InstructionPool.default()
-    if editor_dir is None:
-        return pool, {"answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
-    setup = query_setup(editor_dir)
+    setup = query_setup(editor_dir) if editor_dir is not None else untrained_queries()
     pool = dataclasses.replace(pool, template=setup["template"]) if setup["template"] else pool
     return pool, {"answer_stop": setup["answer_stop"], "edit_forms": setup["edit_forms"], "edit_rounds": setup["edit_rounds"]}

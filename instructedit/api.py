@@ -517,6 +517,12 @@ def instruction_setup(editor_dir: str | Path) -> tuple[bool | None, InstructionP
     return True, InstructionPool.default()
 
 
+def untrained_queries() -> dict[str, Any]:
+    """``query_setup``'s answer where there is no saved editor (a registry method): the pool's template, no answer stop,
+    the wrapped form, one round."""
+    return {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
+
+
 def query_setup(editor_dir: str | Path) -> dict[str, Any]:
     """How a saved editor's edits are queried and made: its template (None: the pool's), answer stop, edit forms and
     edit rounds (how many rounds a single edit is made in: 1 unless ``calibrate --rounds`` chose more).

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import yaml
 
-from instructedit.api import instruction_setup, query_setup
+from instructedit.api import instruction_setup, query_setup, untrained_queries
 from instructedit.commands.common import (
     add_key_memory_arguments, check_key_memory_arguments, key_memory_from_arguments, load_eval_records,
 )
@@ -160,7 +160,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         options["path"] = args.editor
     model_name = args.model or (editor_model_name(editor_path) if args.editor else None) or DEFAULT_MODEL
     # how the editor was trained to be asked (its editor_config.json, read once); a registry method: no template or stop
-    trained = query_setup(editor_path) if editor_path else {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
+    trained = query_setup(editor_path) if editor_path else untrained_queries()
     answer_stop = args.answer_stop or trained["answer_stop"]
     edit_rounds = check_edit_rounds(args.edit_rounds if args.edit_rounds is not None else 1 if args.sequential else trained["edit_rounds"],
                                     "--edit-rounds")

@@ -35,7 +35,7 @@ from instructedit.editors.aggregation import KeyMemory, check_remembers, remembe
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
 )
-from instructedit.editors.learned import check_edit_rounds, check_rounds
+from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_rounds
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
@@ -101,7 +101,7 @@ def _score_in_place(model: nn.Module, editor: Editor, case: Case, ask: Asker | N
     """Any editor: pre-edit forward, ``apply`` (in ``rounds`` rounds: a learned editor), post-edit forward (and answers),
     ``rollback`` (padded rows: editors may read them)."""
     pre = layout_logits(model, case.padded)
-    handle = editor.apply(model, case.edit) if rounds == 1 else editor.apply(model, case.edit, rounds=rounds)
+    handle = apply_in_rounds(editor, model, case.edit, rounds)
     try:
         post = layout_logits(model, case.padded)
         answers = ask() if ask is not None else []

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from instructedit.api import query_setup
+from instructedit.api import query_setup, untrained_queries
 from instructedit.config import Config, load_config, read_yaml_mapping
 from instructedit.editors.registry import load_trained_editor, make_editor
 from instructedit.evaluation.cache import evaluate_cached
@@ -138,7 +138,7 @@ def evaluate_cell(config: ExperimentBase, label: str, task: str, records: list[E
         queries = query_setup(editor_dir)  # asked and made as the editor was trained: its template, answer stop, edit forms and rounds
     else:
         settings = EvalSettings(method=label, method_options=options or {})
-        queries = {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
+        queries = untrained_queries()
     settings.task, settings.split, settings.split_seed, settings.limit = task, "test", config.split_seed, limit
     settings.model_name = config.model  # the name asked for, as `evaluate` records it (not the loaded folder's path)
     settings.protocol = config.protocol
