@@ -25,7 +25,7 @@ from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, Editor, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence,
 )
 from instructedit.editors.card import POOL_COPY, training_config
-from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, schedule_for
+from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_many_edit_scale, schedule_for
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
@@ -336,11 +336,13 @@ class InstructEditor:
     as the editor was trained or calibrated. ``edit_forms``: the forms each edit is made in, solved together ("wrapped":
     the instruction-wrapped prompt; "plain": the bare question; "chat": the question as a chat user turn).
     ``edit_rounds``: the rounds a call of a few edits is made in (``rounds="auto"``; ``calibrate --rounds`` chooses it).
+    ``many_edit_scale``: the step-size multiplier of a call of many edits (``rounds="auto"``, more than 16 edits;
+    ``calibrate --rounds`` saves it: the one-round multiplier over the chosen one).
     """
 
     def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,
                  factory: EditorFactory | None = None, name: str = "", model_name: str = "", answer_stop: str = "none",
-                 edit_forms: Sequence[str] = ("wrapped",), edit_rounds: int = 1) -> None:
+                 edit_forms: Sequence[str] = ("wrapped",), edit_rounds: int = 1, many_edit_scale: float = 1.0) -> None:
         if (editor is None) == (factory is None):
             raise ValueError("InstructEditor needs exactly one of editor= and factory=")
         if instruction is not None and pool is None:
@@ -352,6 +354,7 @@ class InstructEditor:
         self.answer_stop = answer_stop
         self.edit_forms = check_edit_forms(edit_forms)
         self.edit_rounds = check_edit_rounds(edit_rounds, "edit_rounds")
+        self.many_edit_scale = check_many_edit_scale(many_edit_scale, "many_edit_scale")
 
     def __repr__(self) -> str:
         wrap = f"instruction {self.instruction}" if self.instruction is not None else "no instruction"
@@ -402,8 +405,9 @@ class InstructEditor:
         in this call's solves instead of its calibrated weight (restored afterwards); a heavier sample holds more of the
         model's other answers, more rounds buy the edits back. The default ``rounds="auto"``
         (``editors.learned.schedule_for``): for such an editor and more than 16 edits, ⌈√N / 2⌉ rounds with the sample
-        weighted √N × (8 rounds at 16× for 256 edits), else ``edit_rounds`` as calibrated (README, "Many edits").
-        ``progress``: a bar over the rounds.
+        weighted √N × (8 rounds at 16× for 256 edits) and the step sizes × ``many_edit_scale``, else ``edit_rounds`` as
+        calibrated (README, "Many edits"). ``progress``: a bar over the rounds. The returned model's ``how`` records the
+        call's rounds, sample weight and step-size multiplier.
 
         The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
         from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
@@ -411,15 +415,17 @@ class InstructEditor:
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
         batch = self.edit_batch(edits, tokenizer, max_input_length(model)).to(_device(model))
-        rounds, sample_weight = schedule_for(editor, len(edits), rounds, sample_weight, self.edit_rounds)
+        rounds, sample_weight, step_scale = schedule_for(editor, len(edits), rounds, sample_weight, self.edit_rounds,
+                                                         self.many_edit_scale)
         if len(edits) > 1:
-            logger.info("%d edits in one call: %d round(s), preservation sample weight %s", len(edits), rounds,
-                        "as calibrated" if sample_weight is None else f"{sample_weight:g}")
-        handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, progress)
+            logger.info("%d edits in one call: %d round(s), preservation sample weight %s, step sizes x %g", len(edits), rounds,
+                        "as calibrated" if sample_weight is None else f"{sample_weight:g}", step_scale)
+        handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, progress, step_scale)
         edited = EditedModel(model, tokenizer, [handle], edits,
                              {"call": "apply", "rounds": rounds,  # the sample's weight; None: the editor holds no sample
                               "sample_weight": sample_weight if sample_weight is not None
-                              else "as calibrated" if getattr(editor, "preservation", None) is not None else None})
+                              else "as calibrated" if getattr(editor, "preservation", None) is not None else None,
+                              "step_scale": step_scale})
         if keep:
             edited.keep()
         return edited
@@ -519,13 +525,14 @@ def instruction_setup(editor_dir: str | Path) -> tuple[bool | None, InstructionP
 
 def untrained_queries() -> dict[str, Any]:
     """``query_setup``'s answer where there is no saved editor (a registry method): the pool's template, no answer stop,
-    the wrapped form, one round."""
-    return {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1}
+    the wrapped form, one round, the step sizes as they are."""
+    return {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1, "many_edit_scale": 1.0}
 
 
 def query_setup(editor_dir: str | Path) -> dict[str, Any]:
-    """How a saved editor's edits are queried and made: its template (None: the pool's), answer stop, edit forms and
-    edit rounds (how many rounds a single edit is made in: 1 unless ``calibrate --rounds`` chose more).
+    """How a saved editor's edits are queried and made: its template (None: the pool's), answer stop, edit forms, edit
+    rounds (how many rounds a single edit is made in: 1 unless ``calibrate --rounds`` chose more) and the step-size
+    multiplier of many edits in one call (``many_edit_scale``: 1 unless ``calibrate --rounds`` chose more than one round).
 
     Read from ``editor_config.json`` (``queries``, written since the generation protocol) or else
     from the training config saved with the editor; older editors get the paper's template and no stop.
@@ -537,16 +544,18 @@ def query_setup(editor_dir: str | Path) -> dict[str, Any]:
         saved = None
     if isinstance(saved, dict):
         setup = {"template": saved.get("template"), "answer_stop": saved.get("answer_stop") or "none",
-                 "edit_forms": saved.get("edit_forms") or ["wrapped"], "edit_rounds": saved.get("edit_rounds", 1)}
+                 "edit_forms": saved.get("edit_forms") or ["wrapped"], "edit_rounds": saved.get("edit_rounds", 1),
+                 "many_edit_scale": saved.get("many_edit_scale", 1.0)}
     else:
         config = training_config(editor_dir) or {}
         training = config.get("training") or {}
         setup = {"template": (config.get("data") or {}).get("template"), "answer_stop": training.get("answer_stop") or "none",
-                 "edit_forms": training.get("edit_forms") or ["wrapped"], "edit_rounds": 1}
+                 "edit_forms": training.get("edit_forms") or ["wrapped"], "edit_rounds": 1, "many_edit_scale": 1.0}
     if setup["answer_stop"] not in ANSWER_STOPS:
         raise ValueError(f"{editor_dir}: answer_stop {setup['answer_stop']!r} is not one of {list(ANSWER_STOPS)}")
     setup["edit_forms"] = list(check_edit_forms(setup["edit_forms"], f"{editor_dir / EDITOR_CONFIG}: queries.edit_forms"))
     setup["edit_rounds"] = check_edit_rounds(setup["edit_rounds"], f"{editor_dir / EDITOR_CONFIG}: queries.edit_rounds")
+    setup["many_edit_scale"] = check_many_edit_scale(setup["many_edit_scale"], f"{editor_dir / EDITOR_CONFIG}: queries.many_edit_scale")
     return setup
 
 
@@ -601,4 +610,5 @@ def load_editor(source: str | Path | None = None, instruction: str | int | None 
     if chosen is not None and queries["template"] and pool is None:
         chosen = dataclasses.replace(chosen, template=queries["template"])  # the template it was trained with
     return InstructEditor(editor, chosen if index is not None else None, index, name=str(source), model_name=editor.model_name,
-                          answer_stop=queries["answer_stop"], edit_forms=queries["edit_forms"], edit_rounds=queries["edit_rounds"])
+                          answer_stop=queries["answer_stop"], edit_forms=queries["edit_forms"], edit_rounds=queries["edit_rounds"],
+                          many_edit_scale=queries["many_edit_scale"])

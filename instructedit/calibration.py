@@ -31,6 +31,20 @@ def preservation_texts(records: list[EditRecord], count: int, where: str) -> lis
     return texts
 
 
+Grid = dict[int, dict[float | None, dict[float, dict[str, Any]]]]  # rounds -> preservation weight (None: none) -> multiplier -> scores
+
+
+def one_round_scale(grid: Grid, rounds: int, weight: float | None, chosen: float, locality_floor: float) -> float:
+    """The step sizes of many edits in one call relative to the ``chosen`` multiplier (``queries.many_edit_scale``): where
+    ``rounds`` > 1 won and one round was tried, the one-round choice at the same ``weight`` (``choose_scale``) over
+    ``chosen``; else 1."""
+    from instructedit.evaluation.generation_check import choose_scale
+
+    if rounds == 1 or 1 not in grid or weight not in grid[1]:
+        return 1.0
+    return choose_scale(grid[1][weight], locality_floor) / chosen
+
+
 def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, checkpoint: str = "best", locality_floor: float = 0.9,
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
@@ -49,6 +63,9 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     ``rounds``: the rounds a single edit is made in, each tried with every multiplier (and weight): a later round is
     made on the model the earlier ones edited, from the gradient left (``LearnedEditor.apply``). The chosen number is
     saved as ``queries.edit_rounds``: ``apply`` (``rounds="auto"``), ``edit`` and ``evaluate`` make the editor's edits so.
+    Where more than one round is chosen and one round was tried, the one-round choice (at the chosen weight) over the
+    chosen multiplier is saved as ``queries.many_edit_scale``: a call of many edits (``rounds="auto"``, more than 16) makes
+    its own rounds (``editors.learned.schedule_for``), a rule fitted with one-round step sizes, and is made at those.
 
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
     ``progress``: a progress bar while each multiplier's answers are decoded."""
@@ -58,9 +75,9 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     from instructedit.analysis.many_edits import key_memory
     from instructedit.api import query_setup
     from instructedit.config import check_edit_forms, load_config
-    from instructedit.editors.learned import check_edit_rounds
+    from instructedit.editors.learned import check_edit_rounds, scaled_step_sizes
     from instructedit.editors.mend import MENDEditor
-    from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes, selection_score
+    from instructedit.evaluation.generation_check import generation_scores, selection_score
     from instructedit.models.loading import load_model, resolve_device
     from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
@@ -112,8 +129,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
             raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
         described = f"the first {len(records)} records with a locality prompt of {val_data}"
         instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(records)
-    # rounds -> preservation weight (None: none) -> multiplier -> scores
-    grid: dict[int, dict[float | None, dict[float, dict[str, float]]]] = {r: {} for r in rounds}
+    grid: Grid = {r: {} for r in rounds}
     for weight in preserve_weights if preserve is not None else [None]:
         if weight is not None:
             memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
@@ -128,14 +144,16 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     # preservation weight
     chosen_rounds, chosen_weight, chosen = max(cells, key=lambda k: (selection_score(cells[k], locality_floor), -k[0], -k[2], k[1] or 0))
     per_scale = grid[chosen_rounds][chosen_weight]
+    many_edit_scale = one_round_scale(grid, chosen_rounds, chosen_weight, chosen, locality_floor)
     if chosen_weight is not None:
         memory.text_weight = chosen_weight
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms),
-                        "answer_stop": data.collator.answer_stop, "edit_rounds": chosen_rounds}  # how its edits are made
+                        "answer_stop": data.collator.answer_stop, "edit_rounds": chosen_rounds,  # how its edits are made
+                        "many_edit_scale": many_edit_scale}
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "rounds": chosen_rounds,
+                            "rounds": chosen_rounds, "many_edit_scale": many_edit_scale,
                             "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
                                                       for w, per in per_weight.items()} for r, per_weight in grid.items()},
                             "locality_floor": locality_floor, "edit_forms": list(data.collator.edit_forms),
@@ -163,7 +181,8 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         print(f"{made}{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
               f"{_rate(v, 'gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"
-          f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''})")
+          f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''}"
+          f"{f'; many edits in one call at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''})")
 
 
 def _rate(scores: dict, key: str) -> str:

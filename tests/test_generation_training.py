@@ -174,7 +174,7 @@ def test_choose_scale_prefers_reliability_above_the_locality_floor() -> None:
 
 
 def test_scaled_step_sizes_restore_bitwise(tiny_llama_dir: Path) -> None:
-    from instructedit.evaluation.generation_check import scaled_step_sizes
+    from instructedit.editors.learned import scaled_step_sizes
     from instructedit.editors.registry import build_editor
 
     model, _ = load_model(str(tiny_llama_dir))
@@ -227,6 +227,7 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     assert json.loads((out / "editor_config.json").read_text())["queries"]["edit_rounds"] == 1
     # each edit also made in two rounds: every multiplier tried both ways, the rounds chosen saved for apply/edit/evaluate
     from instructedit.api import query_setup
+    from instructedit.evaluation.generation_check import choose_scale
 
     rounds = tmp_path / "rounds"
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,2", "--rounds", "1,2", "--locality-floor", "0",
@@ -238,6 +239,18 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     assert query_setup(rounds)["edit_rounds"] == report["rounds"] and shown.count("2 rounds, α") == 2 and "<- chosen" in shown
     best = max(v["gen_reliability"] for per in report["rounds_tried"].values() for v in per["none"].values())
     assert report["scales"][f"{report['chosen']:g}"]["gen_reliability"] == best  # floor 0: the most said, fewer rounds on a tie
+    assert query_setup(rounds)["many_edit_scale"] == report["many_edit_scale"] == (1.0 if report["rounds"] == 1 else pytest.approx(
+        choose_scale({float(k): v for k, v in report["rounds_tried"]["1"]["none"].items()}, 0.0) / report["chosen"]))
+    # the many-edit multiplier: the one-round choice over the chosen one where more rounds won (here: x3 against x2)
+    from instructedit.calibration import one_round_scale
+
+    def cell(said: float, kept: float) -> dict[str, float]:
+        return {"gen_reliability": said, "gen_locality": kept}
+
+    grid = {1: {1000.0: {2.0: cell(0.5, 0.95), 3.0: cell(0.65, 0.91), 4.0: cell(0.8, 0.7)}},
+            2: {1000.0: {2.0: cell(0.77, 0.9), 3.0: cell(0.83, 0.87)}}}
+    assert one_round_scale(grid, 2, 1000.0, 2.0, 0.9) == 1.5  # one round's best above the floor is x3
+    assert one_round_scale(grid, 1, 1000.0, 3.0, 0.9) == 1.0 and one_round_scale({2: grid[2]}, 2, 1000.0, 2.0, 0.9) == 1.0
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--rounds", "0", "--output", str(tmp_path / "z")]) == 2
     assert "--rounds '0' needs numbers >= 1" in caplog.text
     assert main(["calibrate", "--run", str(tmp_path / "run"), "--output", str(out)]) == 2  # an existing folder is refused
@@ -341,7 +354,8 @@ def test_a_resume_may_change_the_selection_but_not_the_recipe(tiny_llama_dir: Pa
 def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from instructedit.editors.base import apply_in_place
     from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer
-    from instructedit.evaluation.generation_check import generation_scores, scaled_step_sizes
+    from instructedit.editors.learned import scaled_step_sizes
+    from instructedit.evaluation.generation_check import generation_scores
 
     config = load_config(TINY, [f"model.name={tiny_llama_dir}", f"data.template={json.dumps(PREFIX_TEMPLATE)}", "training.answer_stop=newline"])
     trainer = Trainer(config, tmp_path, show_progress=False)

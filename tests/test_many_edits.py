@@ -53,7 +53,7 @@ def test_batch_study_scores_each_size_and_restores_the_weights(tiny_model_dir: P
     before = _state(model)
     calls: list[int] = []  # edits per call, in order
     made = many_edits.apply_in_rounds
-    monkeypatch.setattr(many_edits, "apply_in_rounds", lambda e, m, batch, *a: calls.append(len(batch.input_ids)) or made(e, m, batch, *a))
+    monkeypatch.setattr(many_edits, "apply_in_rounds", lambda e, m, batch, *a, **k: calls.append(len(batch.input_ids)) or made(e, m, batch, *a, **k))
     result = batch_study(model, tokenizer, editor, collator, records, 0, [1, 3, 8], progress=False)
     assert len(calls) == 4 and calls[0] == calls[1]  # an untimed warm-up edit of the first case, then the timed calls
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # every weight bit for bit
@@ -155,10 +155,10 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
     one_round = editor.edit(model, batch)
     assert any(not torch.allclose(result.updates[k], one_round.updates[k]) for k in result.updates)
 
-    assert [schedule_for(editor, n, "auto", single_rounds=2) for n in (1, 16)] == [(2, None), (2, None)]
-    assert schedule_for(editor, 17, "auto", single_rounds=2) == (1, None)  # many edits: their own schedule (no sample here)
-    assert schedule_for(editor, 1, 3, single_rounds=2) == (3, None)  # rounds asked for are taken as they are
-    assert schedule_for(object(), 1, "auto", single_rounds=2) == (1, None)  # not a learned editor: one round
+    assert [schedule_for(editor, n, "auto", single_rounds=2) for n in (1, 16)] == [(2, None, 1.0), (2, None, 1.0)]
+    assert schedule_for(editor, 17, "auto", single_rounds=2) == (1, None, 1.0)  # many edits: their own schedule (no sample here)
+    assert schedule_for(editor, 1, 3, single_rounds=2) == (3, None, 1.0)  # rounds asked for are taken as they are
+    assert schedule_for(object(), 1, "auto", single_rounds=2) == (1, None, 1.0)  # not a learned editor: one round
     with pytest.raises(ValueError, match="edit rounds must be a whole number >= 1"):
         schedule_for(editor, 1, "auto", single_rounds=0)
 
@@ -669,7 +669,8 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     changed = [k for k, v in original.state_dict().items() if not torch.equal(v, together[k])]
     assert changed and any(not torch.equal(together[k], sequential[k]) for k in changed)
     saved = json.loads((tmp_path / "together" / EDITS_FILE).read_text())
-    assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None}
+    assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None,
+                                                      "step_scale": 1.0}
     assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False, "refused": []}
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
@@ -687,7 +688,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     rounds = AutoModelForCausalLM.from_pretrained(tmp_path / "rounds").state_dict()
     assert all(torch.equal(by_api[k], rounds[k]) for k in changed) and any(not torch.equal(together[k], rounds[k]) for k in changed)
     applied = json.loads((tmp_path / "rounds" / EDITS_FILE).read_text())["applied"]
-    assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": None}
+    assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": None, "step_scale": 1.0}
     assert main([*base, "--sequential", "--rounds", "2"]) == 2
     assert "not --sequential" in caplog.text
 
@@ -796,7 +797,8 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     applied = json.loads((tmp_path / "saved" / EDITS_FILE).read_text())["applied"]
     assert applied["sample_weight"] == 5e4 and applied["rounds"] == 2
     with loaded.apply(model, edits, tok, rounds=1) as as_calibrated:
-        assert as_calibrated.how == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": "as calibrated"}
+        assert as_calibrated.how == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": "as calibrated",
+                                     "step_scale": 1.0}
     assert main([*base, "--rounds", "auto"]) == 0  # three edits: made as one edit is
     assert "in one call (aggregation least_squares)\n" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -822,21 +824,30 @@ def test_auto_rounds_schedule_many_edits_by_their_number(tiny_llama_dir: Path, t
 
     model, tok = load_model(str(tiny_llama_dir))
     carrier = MENDEditor.from_pretrained(_saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares")).eval()
-    assert schedule_for(carrier, 256, "auto") == (1, None)  # no sample of its own yet
+    assert schedule_for(carrier, 256, "auto") == (1, None, 1.0)  # no sample of its own yet
     carrier.set_preservation(key_memory(carrier, model, Collator(tok, 64), locality_texts(many_records(6)), past_weight=0.0, text_weight=5.0),
                              "6 records")
-    assert [schedule_for(carrier, n, "auto") for n in (1, 16)] == [(1, None), (1, None)]
-    assert schedule_for(carrier, 17, "auto") == (3, pytest.approx(5.0 * math.sqrt(17)))
-    assert schedule_for(carrier, 256, "auto") == (8, pytest.approx(80.0))
-    assert schedule_for(carrier, 256, "auto", 7.0) == (8, 7.0)  # a weight asked for is kept
-    assert schedule_for(carrier, 256, 2) == (2, None)  # a number of rounds is taken as it is
+    assert [schedule_for(carrier, n, "auto") for n in (1, 16)] == [(1, None, 1.0), (1, None, 1.0)]
+    assert schedule_for(carrier, 17, "auto") == (3, pytest.approx(5.0 * math.sqrt(17)), 1.0)
+    assert schedule_for(carrier, 256, "auto") == (8, pytest.approx(80.0), 1.0)
+    assert schedule_for(carrier, 256, "auto", 7.0) == (8, 7.0, 1.0)  # a weight asked for is kept
+    assert schedule_for(carrier, 256, 2) == (2, None, 1.0)  # a number of rounds is taken as it is
+    # an editor calibrated for single edits in rounds: many edits in one call at its one-round step sizes, few at its own
+    assert schedule_for(carrier, 256, "auto", many_edit_scale=1.5) == (8, pytest.approx(80.0), 1.5)
+    assert schedule_for(carrier, 16, "auto", single_rounds=2, many_edit_scale=1.5) == (2, None, 1.0)
+    assert schedule_for(carrier, 256, 32, 7.0, many_edit_scale=1.5) == (32, 7.0, 1.5)  # rounds and weight asked for: many edits still
+    assert schedule_for(carrier, 16, 1, many_edit_scale=1.5) == (1, None, 1.0)
     summing = MENDEditor.from_pretrained(_saved_editor(tiny_llama_dir, tmp_path / "sum", "sum"))
-    assert schedule_for(summing, 256, "auto") == (1, None)
+    assert schedule_for(summing, 256, "auto", many_edit_scale=1.5) == (1, None, 1.5)
+    assert schedule_for(object(), 256, "auto", many_edit_scale=1.5) == (1, None, 1.0)  # no learned step sizes to scale
     for bad in ("three", True, 1.5):
         with pytest.raises(ValueError, match="whole number"):
             schedule_for(carrier, 4, bad)
     with pytest.raises(ValueError, match="at least one edit"):
         schedule_for(carrier, 0, "auto")
+    for bad in (0, -1.0, float("inf"), "1.5", True):
+        with pytest.raises(ValueError, match="many_edit_scale: the step-size multiplier of many edits in one call must be a finite number > 0"):
+            schedule_for(carrier, 256, "auto", many_edit_scale=bad)
 
     folder = carrier.save_pretrained(tmp_path / "carrier")
     edits = [Edit(prompt=f"The code name of project {i} is", target=f"Falcon {i}") for i in range(20)]
@@ -850,12 +861,45 @@ def test_auto_rounds_schedule_many_edits_by_their_number(tiny_llama_dir: Path, t
     assert all(torch.equal(auto[k], explicit[k]) for k in auto)
     assert any(not torch.equal(auto[k], before[k]) for k in auto)
 
+    # saved with a many-edit multiplier (calibrate --rounds 1,2): "auto" makes many edits at the step sizes × it, the
+    # same call as the explicit one with the step sizes scaled by hand; few edits, and the step sizes after, untouched
+    scaled = carrier.save_pretrained(tmp_path / "scaled", extra={"queries": {"edit_rounds": 2, "many_edit_scale": 1.5}})
+    editor = load_editor(scaled)
+    assert editor.many_edit_scale == 1.5
+    inner = editor.editor_for(model, tok)
+    lrs = inner.edit_lrs.detach().clone()
+    with editor.apply(model, edits, tok) as edited:
+        by_scale = _state(model)
+        assert edited.how["step_scale"] == 1.5 and edited.how["rounds"] == 3
+    assert torch.equal(inner.edit_lrs, lrs)
+    by_hand = load_editor(folder)  # the same editor without the multiplier, its step sizes × 1.5 by hand
+    with torch.no_grad():
+        by_hand.editor_for(model, tok).edit_lrs.mul_(1.5)
+    with by_hand.apply(model, edits, tok, rounds=3, sample_weight=5.0 * math.sqrt(20)) as edited:
+        assert edited.how["step_scale"] == 1.0
+        assert all(torch.equal(by_scale[k], v) for k, v in _state(model).items())
+    with editor.apply(model, edits, tok, rounds=3, sample_weight=5.0 * math.sqrt(20)) as edited:  # rounds asked for: still × 1.5
+        assert edited.how["step_scale"] == 1.5
+        assert all(torch.equal(by_scale[k], v) for k, v in _state(model).items())
+    assert any(not torch.equal(by_scale[k], auto[k]) for k in auto)
+    with editor.apply(model, edits[:3], tok) as edited:  # three edits: as one edit is made, at the editor's own step sizes
+        assert edited.how["step_scale"] == 1.0 and edited.how["rounds"] == 2
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    broken = json.loads((scaled / "editor_config.json").read_text())
+    broken["queries"]["many_edit_scale"] = -2
+    (scaled / "editor_config.json").write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match=r"editor_config.json: queries.many_edit_scale: the step-size multiplier .* got -2"):
+        load_editor(scaled)
+
     records = [EditRecord(task="zsre", prompt=f"What is the code name of project {i}?", target_new=f"Falcon {i}",
                           locality=(QAItem("nq question: who wrote the anthem?", "an unknown poet", "NQ"),), source=f"made#{i}")
                for i in range(17)]
     result = batch_study(model, tok, editor.editor_for(model, tok), Collator(tok, 256, POOL), records, 0, [2, 17], generation=False,
                          progress=False, rounds="auto")
     assert [(p["rounds"], p["sample_weight"]) for p in result["points"]] == [(1, None), (3, pytest.approx(5.0 * math.sqrt(17)))]
+    result = batch_study(model, tok, inner, Collator(tok, 256, POOL), records, 0, [2, 17], generation=False, progress=False,
+                         rounds="auto", many_edit_scale=1.5)
+    assert [p["step_scale"] for p in result["points"]] == [1.0, 1.5] and torch.equal(inner.edit_lrs, lrs)
 
 
 def test_preservation_sample_of_the_models_own_answers(tiny_llama_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

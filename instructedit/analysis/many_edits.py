@@ -128,7 +128,8 @@ def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: 
 def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Editor, collator: Collator, records: Sequence[EditRecord],
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
                 progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int | str = 1,
-                sample_weight: float | None = None, unedited: Sequence[EditRecord] = (), single_rounds: int = 1) -> dict:
+                sample_weight: float | None = None, unedited: Sequence[EditRecord] = (), single_rounds: int = 1,
+                many_edit_scale: float = 1.0) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
@@ -137,8 +138,9 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
     (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol). ``rounds``: every N-edit
     call is made in that many rounds (``LearnedEditor.apply``; "auto": as ``editors.learned.schedule_for`` chooses for
-    its N); ``sample_weight``: in those calls the editor's own preservation sample counts as that many tokens; each point
-    records both. The single edits are made as the editor makes them (its calibrated weight, in ``single_rounds`` rounds:
+    its N, with the step sizes × ``many_edit_scale`` where its many-edit rule applies: the editor's
+    ``queries.many_edit_scale``); ``sample_weight``: in those calls the editor's own preservation sample counts as that
+    many tokens; each point records the three. The single edits are made as the editor makes them (its calibrated weight, in ``single_rounds`` rounds:
     the editor's ``queries.edit_rounds``; also what "auto" gives calls of up to 16 edits).
     ``unedited``: records no call edits whose locality prompts every N-edit call is also scored on (each point's
     ``unedited``: teacher-forced and generation locality over them): a larger locality sample than the N cases' own.
@@ -146,9 +148,10 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
         raise ValueError(f"sizes must be between 1 and the {len(records)} records given, got {sizes}")
-    schedules = {n: schedule_for(editor, n, rounds, sample_weight, single_rounds) for n in sizes}  # before any scoring: bad values fail here
+    schedules = {n: schedule_for(editor, n, rounds, sample_weight, single_rounds, many_edit_scale)
+                 for n in sizes}  # before any scoring: bad values fail here
     check_rounds(editor, single_rounds)
-    for n_rounds, weight in schedules.values():
+    for n_rounds, weight, _ in schedules.values():
         check_rounds(editor, n_rounds)
         check_sample_weight(editor, weight)
     device = next(model.parameters()).device
@@ -170,14 +173,14 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
         return {"n_cases": len(unedited), "n_prompts": len(others.items),
                 **{k: v for k, v in scores.items() if k in ("locality", "gen_locality")}}
 
-    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1, sample_weight: float | None = None,
+    def edited(lo: int, hi: int, scored: _Probes, rounds: int = 1, sample_weight: float | None = None, step_scale: float = 1.0,
                also: dict | None = None) -> tuple[float, list[dict[str, list[float]]], list[dict[str, float]] | None, int]:
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
-        call, teacher-forced scores, generation scores, rounds made). Rolled back afterwards. ``also``: receives the
+        call, teacher-forced scores, generation scores, rounds made), at the step sizes × ``step_scale``. Rolled back afterwards. ``also``: receives the
         unedited records' locality (``unedited``) before the rollback."""
         batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
         start = time.perf_counter()
-        handle = apply_in_rounds(editor, model, batch, rounds, sample_weight)
+        handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, step_scale=step_scale)
         seconds = time.perf_counter() - start
         try:
             scores = _score(model, collator, scored, batch_size), asker.scores(range(lo, hi)) if asker is not None else None
@@ -199,7 +202,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
             also: dict = {}
             seconds, tf, gen, made = edited(0, n, probes.upto(n), *schedules[n], also=also)
             guard.verify(full=True, where=f"after the {n}-edit call")
-            points.append({"n_edits": n, "rounds": schedules[n][0], "rounds_made": made, "sample_weight": schedules[n][1], "seconds": seconds,
+            points.append({"n_edits": n, "rounds": schedules[n].rounds, "rounds_made": made, "sample_weight": schedules[n].sample_weight,
+                           "step_scale": schedules[n].step_scale, "seconds": seconds,
                            "seconds_per_edit": seconds / n, **_aggregate(tf, gen), **also})
         if singles:
             tf, gen, total = [], [] if asker is not None else None, 0.0

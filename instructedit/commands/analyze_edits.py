@@ -123,7 +123,8 @@ def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
     editor = wrapper.editor_for(model, tokenizer)
     collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop, edit_forms=wrapper.edit_forms)
     entry = {"label": label, "editor": str(path), "aggregation": aggregation(editor), "model": name, "instruction": wrapper.instruction,
-             "answer_stop": wrapper.answer_stop, "edit_forms": list(wrapper.edit_forms), "calibrated_edit_rounds": wrapper.edit_rounds, "points": []}
+             "answer_stop": wrapper.answer_stop, "edit_forms": list(wrapper.edit_forms), "calibrated_edit_rounds": wrapper.edit_rounds,
+             "calibrated_many_edit_scale": wrapper.many_edit_scale, "points": []}
     own = getattr(editor, "preservation", None)
     if own is not None:  # the editor's own preservation sample (instructedit calibrate --preserve): every solve holds it still
         entry["preservation"] = {"weight": own.text_weight, "source": editor.preservation_source}
@@ -229,6 +230,8 @@ def _line(label: str, p: dict[str, Any]) -> str:
         parts = [f"{kept} of {rounds} rounds: a round that raised the edits' loss was undone"]
     if p.get("sample_weight") is not None:
         parts.append(f"sample weight {p['sample_weight']:g}")
+    if p.get("step_scale", 1.0) != 1.0:
+        parts.append(f"step sizes x {p['step_scale']:g}")
     if p.get("refused"):
         from instructedit.editors.base import OUTLIER_FACTOR
 
@@ -294,7 +297,7 @@ def run_batch(args: argparse.Namespace) -> int:
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
                           memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight, unedited=unedited,
-                          single_rounds=loaded.entry["calibrated_edit_rounds"])
+                          single_rounds=loaded.entry["calibrated_edit_rounds"], many_edit_scale=loaded.entry["calibrated_many_edit_scale"])
         result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
         if "single" in out:
             print(_line(f"{label} (each edit alone)", out["single"]))

@@ -20,7 +20,10 @@ with the editor (``queries.edit_forms``).
 
 ``--rounds 1,2`` also tries each edit made in two rounds, the second on the model the first edited, from the gradient
 left: it buys back answer tokens the first round's edit left short (results/analysis/edit-rounds/). The chosen number is
-saved (``queries.edit_rounds``) and used wherever the editor makes a single edit.
+saved (``queries.edit_rounds``) and used wherever the editor makes a single edit. When more than one round wins, the
+one-round choice is saved too, as a multiplier of the chosen step sizes (``queries.many_edit_scale``): many edits in one
+call (more than 16, ``--rounds auto``) make rounds of their own and are made at the one-round step sizes, with which that
+schedule was fitted (ZsRE, 256 held-out edits: 70.3 % said at the one-round ×3 against 46.5 % at the two-round ×2).
 """
 
 from __future__ import annotations
@@ -78,7 +81,8 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--rounds", default="1", metavar="K[,K...]",
                    help="the rounds a single edit is made in, each after the first made on the model the earlier ones edited; "
                         "several: each is tried with every multiplier (and weight) and the best kept, fewer on a tie; saved with "
-                        "the calibrated editor (queries.edit_rounds: apply, edit and evaluate make its edits so; default 1)")
+                        "the calibrated editor (queries.edit_rounds: apply, edit and evaluate make its edits so; default 1); when more "
+                        "than one round wins, the one-round multiplier is saved for many edits in one call (queries.many_edit_scale)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_calibrate)

@@ -252,21 +252,22 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
-    from instructedit.editors.learned import schedule_for
-
-    n_rounds, weight = (1, None) if args.sequential else \
-        schedule_for(editor.editor_for(model, tok), len(edits), args.rounds, args.sample_weight, editor.edit_rounds)
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
-          else editor.apply(model, edits, tok, rounds=n_rounds, sample_weight=weight, progress=True)) as edited:
+          else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True)) as edited:
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
-    made = 1 if args.sequential else edited.rounds_made
+    # how the call was made (``apply``'s schedule: rounds, the sample's weight, the step sizes' multiplier)
+    n_rounds, made = (1, 1) if args.sequential else (edited.how["rounds"], edited.rounds_made)
+    weight = None if args.sequential or isinstance(edited.how["sample_weight"], str) else edited.how["sample_weight"]
+    scale = 1.0 if args.sequential else edited.how["step_scale"]
     rounds = "" if n_rounds == 1 else f", {n_rounds} rounds" if made == n_rounds else \
         f", {made} of {n_rounds} rounds (round {made + 1} raised the edits' loss and was undone)"
     if weight is not None:
         rounds += f", preservation sample weighted {weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
-    if args.rounds == "auto" and (n_rounds != 1 or weight is not None):
+    if scale != 1.0:
+        rounds += f", step sizes x {scale:g} (the editor's many-edit multiplier)"
+    if args.rounds == "auto" and (n_rounds != 1 or weight is not None or scale != 1.0):
         rounds += ": --rounds auto"
     refused = edited.how.get("refused", []) if args.sequential else []
     if refused:  # lines whose update would have wrecked the model (editors/base.py OutlierEdits): not kept, each warned about

@@ -18,7 +18,7 @@ import math
 import numbers
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -330,14 +330,36 @@ def check_edit_rounds(value: Any, where: str) -> int:
     return int(value)
 
 
+class Schedule(NamedTuple):
+    """How a call of N edits is made (``schedule_for``): its rounds, its preservation sample's weight (None: as calibrated,
+    or no sample) and the multiplier of the editor's step sizes in it (``scaled_step_sizes``)."""
+
+    rounds: int
+    sample_weight: float | None
+    step_scale: float = 1.0
+
+
+def check_many_edit_scale(value: Any, where: str) -> float:
+    """An editor's step-size multiplier for many edits in one call (``queries.many_edit_scale``): a finite number > 0;
+    else a ValueError naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+        raise ValueError(f"{where}: the step-size multiplier of many edits in one call must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight: float | None = None,
-                 single_rounds: int = 1) -> tuple[int, float | None]:
-    """The (rounds, sample weight) a call of ``n_edits`` edits is made with: ``rounds`` and ``sample_weight`` as asked,
-    except ``rounds="auto"``: for a least-squares editor with a preservation sample of its own and more than
-    ``AUTO_AS_SINGLE`` edits, ⌈√N / 2⌉ rounds with the sample counted as √N × its calibrated weight (``sample_weight``, if
-    given, instead); otherwise ``single_rounds`` (one edit, or a few, as the editor makes one: the rounds its calibration
-    chose, ``queries.edit_rounds``, 1 unless ``calibrate --rounds`` chose more; any editor but a learned one: 1, rounds
-    were not measured to help it).
+                 single_rounds: int = 1, many_edit_scale: float = 1.0) -> Schedule:
+    """How a call of ``n_edits`` edits is made (``Schedule``): ``rounds`` and ``sample_weight`` as asked, except
+    ``rounds="auto"``: for a least-squares editor with a preservation sample of its own and more than ``AUTO_AS_SINGLE``
+    edits, ⌈√N / 2⌉ rounds with the sample counted as √N × its calibrated weight (``sample_weight``, if given, instead);
+    otherwise ``single_rounds`` (one edit, or a few, as the editor makes one: the rounds its calibration chose,
+    ``queries.edit_rounds``, 1 unless ``calibrate --rounds`` chose more; any editor but a learned one: 1, rounds were not
+    measured to help it).
+
+    The step sizes: a learned editor's × ``many_edit_scale`` (its ``queries.many_edit_scale``) in a call of more than
+    ``AUTO_AS_SINGLE`` edits, whatever its rounds; as they are in a call of fewer. An editor calibrated to make single edits
+    in several rounds at smaller step sizes makes many edits at its one-round calibration's step sizes, with which the
+    many-edit schedules (this rule, and the rounds and weights of ``results/analysis/ls-keys/rounds/``) were measured.
 
     Measured on ZsRE's train split with the recommended editor (``results/analysis/ls-keys/rounds/README.md``, "auto"),
     against one round at the calibrated weight: N = 16, 2 rounds would gain nothing (the same 86.4 / 62.5 % said);
@@ -347,19 +369,21 @@ def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight
     against 85.2 / 46.9 at 88.3 / 89.1 against 84.0 / 84.4; N = 256, 91.5 / 70.3 against 72.0 / 22.7 at 83.1 / 78.9
     against 76.9 / 81.6. Each round after the first costs its edited blocks' forward and backward, the network and the
     solve, not the blocks below (``apply``: one prefix pass for all rounds): 32 rounds of 256 edits, 152 s on two threads."""
+    many_edit_scale = check_many_edit_scale(many_edit_scale, "many_edit_scale")
+    if n_edits < 1:
+        raise ValueError(f"a call needs at least one edit, got {n_edits}")
+    scale = many_edit_scale if n_edits > AUTO_AS_SINGLE and isinstance(editor, LearnedEditor) else 1.0
     if rounds != AUTO_ROUNDS:
         if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral):
             raise ValueError(f"rounds must be a whole number >= 1 or {AUTO_ROUNDS!r}, got {rounds!r}")
-        return int(rounds), sample_weight
-    if n_edits < 1:
-        raise ValueError(f"a call needs at least one edit, got {n_edits}")
+        return Schedule(int(rounds), sample_weight, scale)
     own = getattr(editor, "preservation", None)
     if n_edits <= AUTO_AS_SINGLE:
-        return (check_edit_rounds(single_rounds, "single_rounds") if isinstance(editor, LearnedEditor) else 1), sample_weight
+        return Schedule(check_edit_rounds(single_rounds, "single_rounds") if isinstance(editor, LearnedEditor) else 1, sample_weight)
     if own is None or getattr(getattr(editor, "config", None), "aggregation", None) != "least_squares":
-        return 1, sample_weight
+        return Schedule(1, sample_weight, scale)
     root = math.sqrt(n_edits)
-    return math.ceil(root / 2), sample_weight if sample_weight is not None else own.text_weight * root
+    return Schedule(math.ceil(root / 2), sample_weight if sample_weight is not None else own.text_weight * root, scale)
 
 
 def check_sample_weight(editor: Any, weight: float | None) -> None:
@@ -403,11 +427,31 @@ def sample_weighted(editor: Any, weight: float | None) -> Iterator[None]:
         sample.text_weight = calibrated
 
 
+@contextlib.contextmanager
+def scaled_step_sizes(editor: Any, scale: float) -> Iterator[Any]:
+    """The editor with its step sizes α (a MEND editor's ``edit_lrs``) multiplied by ``scale`` inside the block, restored
+    bit for bit after it (``scale`` 1: untouched, any editor)."""
+    if scale == 1.0:
+        yield editor
+        return
+    lrs = getattr(editor, "edit_lrs", None)
+    if not isinstance(lrs, torch.Tensor):
+        raise ValueError(f"step sizes x {scale:g}: {type(editor).__name__} has no learned step sizes (edit_lrs) to scale")
+    original = lrs.detach().clone()
+    with torch.no_grad():
+        lrs.mul_(scale)
+    try:
+        yield editor
+    finally:
+        with torch.no_grad():
+            lrs.copy_(original)
+
+
 def apply_in_rounds(editor: Any, model: nn.Module, batch: TokenBatch, rounds: int = 1, sample_weight: float | None = None,
-                    progress: bool = False) -> Any:
+                    progress: bool = False, step_scale: float = 1.0) -> Any:
     """``editor.apply(model, batch)``, in ``rounds`` rounds where that is not 1 (``check_rounds``; ``progress``: a bar over
-    them), with the editor's own preservation sample counted as ``sample_weight`` tokens if given (``sample_weighted``);
-    returns its undo handle."""
+    them), with the editor's own preservation sample counted as ``sample_weight`` tokens if given (``sample_weighted``)
+    and its step sizes × ``step_scale`` (``scaled_step_sizes``); returns its undo handle."""
     check_rounds(editor, rounds)
-    with sample_weighted(editor, sample_weight):
+    with sample_weighted(editor, sample_weight), scaled_step_sizes(editor, step_scale):
         return editor.apply(model, batch) if rounds == 1 else editor.apply(model, batch, rounds=rounds, progress=progress)

@@ -13,38 +13,20 @@ generation reliability whose generation locality stays at or above a floor, on v
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.base import EditResult
-from instructedit.editors.learned import rounds_result
+from instructedit.editors.learned import rounds_result, scaled_step_sizes
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, same_answer
 from instructedit.models.architectures import transposed_of
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
-
-
-@contextmanager
-def scaled_step_sizes(editor: MENDEditor, scale: float) -> Iterator[MENDEditor]:
-    """The editor with its step sizes α multiplied by ``scale`` inside the block, restored bit for bit after it."""
-    if scale == 1.0:
-        yield editor
-        return
-    original = editor.edit_lrs.detach().clone()
-    with torch.no_grad():
-        editor.edit_lrs.mul_(scale)
-    try:
-        yield editor
-    finally:
-        with torch.no_grad():
-            editor.edit_lrs.copy_(original)
 
 
 CASES_TOGETHER = 8  # records whose edits are held at once; their queries decode in one batch, each row with its own edit
