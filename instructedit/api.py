@@ -31,7 +31,7 @@ from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
 from instructedit.records import SENTIMENTS, TASKS, ConvSentExtras, EditRecord, TokenBatch
 from instructedit.runs import EDITOR_CONFIG
-from instructedit.tasks.collate import ANSWER_STOPS, Collator, check_edit_forms
+from instructedit.tasks.collate import ANSWER_STOPS, Collator, chat_query, check_edit_forms
 from instructedit.tasks.instructions import InstructionPool
 
 logger = logging.getLogger(__name__)
@@ -381,6 +381,14 @@ class InstructEditor:
         if self.instruction is None or self.pool is None:
             return text
         return self.pool.render(edit.record(), text, self.instruction)
+
+    def asked(self, edit: Edit, tokenizer: PreTrainedTokenizerBase) -> dict[str, str]:
+        """The edit's question in each form a user may ask it (``generation_probes.QUERY_FORMS``): "wrapped" (in this
+        editor's instruction, as edited), "plain" (the bare prompt) and, where the tokenizer has a chat template, "chat"
+        (the question as the user turn, the assistant's turn opened)."""
+        forms = {"wrapped": self.wrap(edit), "plain": edit.prompt}
+        chat = chat_query(tokenizer, edit.prompt)
+        return forms | ({"chat": chat} if chat is not None else {})
 
     def edit_batch(self, edits: Sequence[Edit], tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH_CAP) -> TokenBatch:
         """Per edit, its prompt in each edit form (wrapped; the chat question) + target (+ the stop token), labels on the

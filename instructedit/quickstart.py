@@ -33,7 +33,7 @@ from instructedit.models.architectures import is_conv1d
 from instructedit.models.loading import cache_dir, load_model, resolve_device
 from instructedit.records import TokenBatch
 from instructedit.runs import BEST
-from instructedit.tasks.collate import Collator, chat_query
+from instructedit.tasks.collate import Collator
 
 logger = logging.getLogger(__name__)
 
@@ -222,9 +222,9 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     pre_ids = _answer_argmax(model, probe_batch)
     probe_budgets = [answer_budget(tokenizer, a) for _, a in probes]
     budgets = [answer_budget(tokenizer, edit.target) for edit in edits]
-    wrapped = [editor.wrap(edit) for edit in edits]
     # what each edit is asked before and after it: the wrapped prompt, the plain one and (a chat template) the chat question
-    asks = [[w, edit.prompt, *([chat] if (chat := chat_query(tokenizer, edit.prompt)) else [])] for w, edit in zip(wrapped, edits)]
+    asks = [list(editor.asked(edit, tokenizer).values()) for edit in edits]
+    wrapped = [ask[0] for ask in asks]
     n_ask = len(asks[0])
     deltas: list[dict[str, torch.Tensor] | None] = []
     after, locality, said_after = {}, {}, {}

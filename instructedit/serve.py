@@ -23,7 +23,7 @@ from instructedit.api import (
     REPHRASE_ALIAS, Edit, EditedModel, InstructEditor, answer, generate, max_input_length, rephrase_key, score_target, top_predictions,
 )
 from instructedit.records import SENTIMENTS, TASKS
-from instructedit.tasks.collate import chat_query, encode_answer
+from instructedit.tasks.collate import encode_answer
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -199,9 +199,9 @@ class EditSession:
     def _says(self, edit: Edit) -> list[dict[str, str]]:
         """The greedy answers (first line) the headline shows: the edit prompt as the editor wraps it, the paraphrase, and
         (a model with a chat template) the question as a chat user turn."""
-        asked = [("edit prompt", self.editor.wrap(edit))] + [("paraphrase", self.editor.wrap(edit, r)) for r in edit.rephrase]
-        chat = chat_query(self.tokenizer, edit.prompt)
-        asked += [("chat question", chat)] if chat else []
+        forms = self.editor.asked(edit, self.tokenizer)
+        asked = [("edit prompt", forms["wrapped"])] + [("paraphrase", self.editor.wrap(edit, r)) for r in edit.rephrase]
+        asked += [("chat question", forms["chat"])] if "chat" in forms else []
         return [{"query": name, "prompt": prompt, "answer": answer(self.model, self.tokenizer, prompt, self.limits.max_new_tokens)}
                 for name, prompt in asked]
 

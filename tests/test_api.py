@@ -180,6 +180,16 @@ def test_instruction_setting_follows_the_training_config(tiny_gpt2_dir: Path, tm
     assert load_editor(best, instruction=None).wrap(FRANCE) == FRANCE.prompt
     with pytest.raises(ValueError, match="is not 'seen', 'unseen'"):
         load_editor(best, instruction="first")
+    # the forms a user asks an edit in: wrapped as edited, the bare prompt, and the chat turn where there is a template
+    from instructedit.tasks.collate import chat_query
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    assert not getattr(tok, "chat_template", None)
+    assert load_editor(best).asked(FRANCE, tok) == {"wrapped": load_editor(best).wrap(FRANCE), "plain": FRANCE.prompt}
+    tok.chat_template = "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    asked = plain.asked(FRANCE, tok)
+    assert asked == {"wrapped": FRANCE.prompt, "plain": FRANCE.prompt, "chat": chat_query(tok, FRANCE.prompt)}
+    assert asked["chat"] == f"User: {FRANCE.prompt}\nAssistant:"
 
 
 def test_registry_methods_load_by_name(tiny_gpt2_dir: Path) -> None:

@@ -73,7 +73,6 @@ def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, generate, score_target, top_predictions
     from instructedit.evaluation.generation import shown
     from instructedit.models.loading import resolve_device
-    from instructedit.tasks.collate import chat_query
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
@@ -114,8 +113,8 @@ def run_edit(args: argparse.Namespace) -> int:
     check_key_memory_arguments(args, needs="--file EDITS.jsonl --sequential --key-memory")
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
     editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
-    wrapped = editor.wrap(edit)
-    chat = chat_query(tok, edit.prompt)  # the question as a chat user turn (None: the tokenizer has no chat template)
+    asked = editor.asked(edit, tok)  # wrapped, plain and (a chat template) the question as a chat user turn
+    wrapped, chat = asked["wrapped"], asked.get("chat")
     _check_fits(model, tok, editor, [edit], ["--prompt"], args)  # before the model runs
     vocab = model.get_output_embeddings().weight.shape[0]
     if args.top_k > vocab:
@@ -233,15 +232,14 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     from instructedit.api import answer, score_target
     from instructedit.evaluation.generation import exact_match, shown
     from instructedit.io import atomic_write
-    from instructedit.tasks.collate import chat_query
 
     edits = [e for _, e in numbered]
     _check_fits(model, tok, editor, edits, [f"{args.file} line {n}" for n, _ in numbered], args)
-    wrapped = [editor.wrap(e) for e in edits]
     # each edit is asked instruction-wrapped (its row names the edit) and in the other forms the editor makes it in: an
     # editor made for the bare question and the chat turn is read there too
     forms = ["wrapped", *(f for f in editor.edit_forms if f != "wrapped")]
-    asked = [{"wrapped": w, "plain": e.prompt, "chat": chat_query(tok, e.prompt)} for w, e in zip(wrapped, edits)]
+    asked = [editor.asked(e, tok) for e in edits]
+    wrapped = [prompts["wrapped"] for prompts in asked]
 
     def snapshot(m: Any) -> list[tuple[dict[str, str], float]]:  # per edit: greedy answer per form, target-token accuracy (wrapped)
         return [({f: answer(m, tok, prompts[f], args.max_new_tokens) for f in forms}, score_target(m, tok, w, e.target).accuracy)
