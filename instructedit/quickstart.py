@@ -38,7 +38,7 @@ from instructedit.tasks.collate import Collator
 logger = logging.getLogger(__name__)
 
 CONFIG_RESOURCE = "quickstart.yaml"  # package data: the quickstart's config, budget included
-MARKER = "quickstart.json"  # in the run folder: {"config_hash", "complete"}; written before training starts
+MARKER = "quickstart.json"  # in the run folder: {"config_hash", "complete", "calibration"}; written before training starts
 
 # Facts the default model knows (its top-1 answer in the comment), each replaced by a counterfactual,
 # plus a recent-style new fact and a ConvSent opinion.
@@ -145,7 +145,8 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
     least-squares editor (the packaged config's), calibrated (``calibrate_quickstart``: ``run_dir/calibrated``).
 
     Returns the editor folder and, when it was trained now, the model and tokenizer the trainer loaded.
-    The marker file claims the folder for this config before training starts.
+    The marker file claims the folder for this config before training starts, and records the calibration made: a
+    finished run calibrated otherwise than ``CALIBRATION`` now asks (an older version's) is calibrated again, not retrained.
     """
     from instructedit.experiments.reuse import train_or_reuse
 
@@ -165,14 +166,18 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
     if not complete:
         write_json(run_dir / MARKER, {"config_hash": digest, "complete": False})
     summary, trainer = train_or_reuse(config, run_dir, progress=show_progress)
+    calibration = calibration_key() if least_squares else None
     if trainer is None and complete and editor_dir.is_dir():
-        logger.info("reusing the quickstart editor %s (pass --retrain to train it again)", editor_dir)
-        return editor_dir, None, None
+        if marker.get("calibration") == calibration:
+            logger.info("reusing the quickstart editor %s (pass --retrain to train it again)", editor_dir)
+            return editor_dir, None, None
+        logger.info("%s was calibrated otherwise than the quickstart's calibration now asks: calibrating it again", editor_dir)
     write_model_card(run_dir / BEST, run_dir)
     if least_squares:
         calibrate_quickstart(run_dir, config.training.device, *((trainer.model, trainer.tokenizer) if trainer else ()),
                              progress=show_progress)
-    write_json(run_dir / MARKER, {"config_hash": digest, "complete": True, "steps": summary["steps"], "best_step": summary["best_step"]})
+    write_json(run_dir / MARKER, {"config_hash": digest, "complete": True, "steps": summary["steps"], "best_step": summary["best_step"],
+                                  "calibration": calibration})
     return editor_dir, (trainer.model if trainer else None), (trainer.tokenizer if trainer else None)
 
 
@@ -180,6 +185,11 @@ CALIBRATED = "calibrated"
 # the recommended calibration (results/table3-generation-smollm2/ls-calibration.json: 400 records, weight 1000) on fewer
 # validation records, so that it takes well under a minute
 CALIBRATION = {"scales": (2.0, 3.0), "preserve": 400, "preserve_weights": (1000.0,), "val_size": 40, "locality_floor": 0.9}
+
+
+def calibration_key() -> dict:
+    """``CALIBRATION`` as the marker file records it (JSON: lists for tuples)."""
+    return json.loads(json.dumps(CALIBRATION))
 
 
 def calibrate_quickstart(run_dir: Path, device: str = "auto", model: nn.Module | None = None,

@@ -81,6 +81,16 @@ def test_quickstart_trains_caches_and_reuses(tiny_gpt2_dir: Path, tmp_path: Path
     # the headline is what the model says, above the teacher-forced scores
     assert report.index("the model says before -> after") < report.index("Teacher-forced scores")
     assert shown(second.outcomes[0].said_after) in report and "generation locality" in report
+    # a cached run calibrated otherwise (an older version's calibration) is calibrated again, not retrained
+    import instructedit.quickstart as quickstart
+
+    assert json.loads((first.run_dir / MARKER).read_text())["calibration"] == quickstart.calibration_key()
+    monkeypatch.setitem(quickstart.CALIBRATION, "scales", (2.0,))
+    weights = (first.run_dir / "best" / "editor.safetensors").read_bytes()
+    third = run_quickstart(model_name=str(tiny_gpt2_dir), overrides=TINY, budget_steps=2, show_progress=False)
+    assert not third.trained and (first.run_dir / "best" / "editor.safetensors").read_bytes() == weights
+    assert json.loads((third.editor_dir / "calibration.json").read_text())["chosen"] == 2.0
+    assert json.loads((first.run_dir / MARKER).read_text())["calibration"]["scales"] == [2.0]
 
 
 def test_output_folder_retrain_and_protection(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
