@@ -25,7 +25,9 @@ from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, Editor, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence,
 )
 from instructedit.editors.card import POOL_COPY, training_config
-from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_many_edit_scale, schedule_for
+from instructedit.editors.learned import (
+    LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, scaled_step_sizes, schedule_for,
+)
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
@@ -445,7 +447,8 @@ class InstructEditor:
 
         Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
         returned ``EditedModel`` undoes all of them bit for bit (``rollback()``), or those after the
-        first ``k`` (``rollback_to(k)``).
+        first ``k`` (``rollback_to(k)``). Each edit is made in one round, at the step sizes × ``many_edit_scale`` (an
+        editor calibrated for single edits in rounds: its one-round calibration's step sizes; ``how["step_scale"]``).
 
         What the kept edits cost (weight editors: MEND, FT-L): one copy of each edited weight as it
         was before the sequence, whatever the number of edits (about 30 MiB for MEND on the default
@@ -469,12 +472,13 @@ class InstructEditor:
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
+        scale = self.many_edit_scale if isinstance(editor, LearnedEditor) else 1.0  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
-        weights = SequentialWeightEdits(model, editor)
+        weights = SequentialWeightEdits(model, editor, scale)
         refused: list[int] = []
         outliers = OutlierEdits(outlier_factor) if outlier_factor is not None else None
         try:
-            with remembering(editor, memory):
+            with remembering(editor, memory), scaled_step_sizes(editor, scale):
                 for i, edit in enumerate(edits):
                     batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
                     if not keep_in_sequence(weights, handles, editor.apply(model, batch), batch, outliers,
@@ -490,7 +494,7 @@ class InstructEditor:
         not_kept = set(refused)
         kept = [edit for i, edit in enumerate(edits) if i not in not_kept]
         edited = EditedModel(model, tokenizer, handles or [weights], kept,
-                             {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused})
+                             {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused, "step_scale": scale})
         if keep:
             edited.keep()
         return edited

@@ -573,6 +573,7 @@ def test_edits_made_in_the_wrapped_and_the_chat_form(tiny_chat_llama_dir: Path, 
     write_report_json(both, path)
     assert cached_report(path, both.settings) is not None
     assert cached_report(path, dataclasses.replace(both.settings, edit_forms=["wrapped"])) is None  # made otherwise: evaluated again
+    assert cached_report(path, dataclasses.replace(both.settings, step_scale=1.5)) is None  # at other step sizes: again
     template, tokenizer.chat_template = tokenizer.chat_template, None
     try:
         with pytest.raises(ValueError, match="edit form 'chat' needs a tokenizer with a chat template"):

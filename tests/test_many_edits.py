@@ -671,7 +671,8 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     saved = json.loads((tmp_path / "together" / EDITS_FILE).read_text())
     assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None,
                                                       "step_scale": 1.0}
-    assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False, "refused": []}
+    assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False, "refused": [],
+                                                                                         "step_scale": 1.0}
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
     assert "in one call (aggregation sum, 2 rounds)" in capsys.readouterr().out
@@ -1024,3 +1025,53 @@ def test_a_study_of_one_size_draws_error_bars_and_its_legend_under_the_panel(tmp
     ax = figures[1].axes[0]
     assert not [c for c in ax.containers if isinstance(c, ErrorbarContainer)] and ax.collections  # the band
     assert ax.get_legend().get_bbox_to_anchor().transformed(ax.transAxes.inverted()).y0 == pytest.approx(0)
+
+
+def test_sequential_edits_at_the_many_edit_step_sizes(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """An editor saved with queries.many_edit_scale (calibrate --rounds chose two rounds at smaller step sizes) keeps edits
+    one after another at its one-round step sizes: apply_sequential (and its rollback_to, which re-applies them),
+    evaluate(sequential=True, step_scale=...) and sequential_study each equal the same editor with its step sizes scaled
+    by hand; the step sizes are restored afterwards and every run ends with the weights bit for bit."""
+    from instructedit.api import Edit, load_editor
+
+    model, tok = load_model(str(tiny_llama_dir))
+    folder = _saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares", step=-0.002)
+    scaled = load_editor(folder).editor_for(model, tok).save_pretrained(tmp_path / "scaled", extra={"queries": {"edit_rounds": 2,
+                                                                                                              "many_edit_scale": 1.5}})
+    editor, by_hand = load_editor(scaled), load_editor(folder)
+    inner, hand = editor.editor_for(model, tok), by_hand.editor_for(model, tok)
+    lrs = inner.edit_lrs.detach().clone()
+    with torch.no_grad():
+        hand.edit_lrs.mul_(1.5)
+    edits = [Edit(prompt=r.prompt, target=r.target_new, task="zsre") for r in many_records(3)]
+    before = _state(model)
+    with by_hand.apply_sequential(model, edits, tok) as expected:
+        want = _state(model)
+        expected.rollback_to(1)
+        want_one = _state(model)
+    with editor.apply_sequential(model, edits, tok) as edited:
+        assert edited.how["step_scale"] == 1.5 and torch.equal(inner.edit_lrs, lrs)
+        assert all(torch.equal(want[k], v) for k, v in _state(model).items())
+        assert any(not torch.equal(want[k], before[k]) for k in want)
+        edited.rollback_to(1)  # re-applies the first edit at the step sizes it was made at (else its CRC check fails)
+        assert all(torch.equal(want_one[k], v) for k, v in _state(model).items())
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+    with by_hand.apply_sequential(model, edits, tok) as plain:
+        assert plain.how["step_scale"] == 1.0
+
+    records = many_records(8)
+    kwargs = dict(progress=False, protocol="teacher_forced", answer_stop="none", sequential=True)
+    report = evaluate(model, tok, inner, records[:3], POOL, 0, step_scale=1.5, **kwargs)
+    reference = evaluate(model, tok, hand, records[:3], POOL, 0, **kwargs)
+    assert [c.post for c in report.cases] == [c.post for c in reference.cases]
+    assert report.settings.step_scale == 1.5 and reference.settings.step_scale == 1.0 and torch.equal(inner.edit_lrs, lrs)
+    from instructedit.evaluation.report import markdown_report
+
+    assert "at step sizes x 1.5" in markdown_report([report]) and "at step sizes x" not in markdown_report([reference])
+    collator = Collator(tok, 256, POOL)
+    study = sequential_study(model, tok, inner, collator, records[:4], records[4:], 0, edits=4, generation=False, progress=False,
+                             step_scale=1.5)
+    twin = sequential_study(model, tok, hand, collator, records[:4], records[4:], 0, edits=4, generation=False, progress=False)
+    assert [p["reliability"] for p in study["points"]] == [p["reliability"] for p in twin["points"]]
+    assert study["step_scale"] == 1.5 and torch.equal(inner.edit_lrs, lrs)
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.config import PRESERVE_ANSWERS
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, OutlierEdits, SequentialWeightEdits, keep_in_sequence
-from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, schedule_for
+from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, scaled_step_sizes, schedule_for
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -310,9 +310,10 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
                      records: Sequence[EditRecord], held_out: Sequence[EditRecord], instruction: int | None, edits: int,
                      batch: int = 1, generation: bool = True, batch_size: int = 16, progress: bool = True,
                      on_point: Callable[[dict], None] | None = None, scored: Collection[int] = (),
-                     memory: KeyMemory | None = None) -> dict:
+                     memory: KeyMemory | None = None, step_scale: float = 1.0) -> dict:
     """Lifelong editing: ``edits`` cases edited ``batch`` per call, scored after 1, 2, 4, ... and ``edits``
-    (``sequential_schedule``); see the module docstring.
+    (``sequential_schedule``); see the module docstring. Every call is made in one round at the editor's step sizes ×
+    ``step_scale`` (the editor's ``queries.many_edit_scale``, as ``apply_sequential`` makes them).
 
     ``held_out``: cases never edited; their locality prompt + answer form the perplexity sample.
     ``on_point``: called with each scored point (to save partial results of a long run).
@@ -335,13 +336,13 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
     base_ppl = perplexity(model, collator, texts, batch_size)
     # Weight edits are kept as ONE sequence holding one copy of the original weights (not one copy per call:
     # 1,000 MEND edits of the default model would hold 30 GiB); editors that add hooks keep a handle per call.
-    weights, handles, points, done = SequentialWeightEdits(model, editor), [], [], 0
+    weights, handles, points, done = SequentialWeightEdits(model, editor, step_scale), [], [], 0
     refused: list[int] = []  # edits not kept: their update would have wrecked the model (``OutlierEdits``)
     outliers = OutlierEdits()
     marks = sequential_schedule(edits)
     bar = tqdm(total=edits, desc="sequential edits", disable=not progress)
     try:
-        with remembering(editor, memory):
+        with remembering(editor, memory), scaled_step_sizes(editor, step_scale):
             while done < edits:
                 upto = min(done + batch, edits, next(m for m in marks if m > done))
                 edit_batch = _edit_batch(collator, records[done:upto], instruction).to(device)
@@ -365,5 +366,5 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
             handle.rollback()
         weights.rollback()
     guard.verify(full=True, where=f"after rolling back the sequential edit calls of {done} edits")
-    return {"base_perplexity": base_ppl, "perplexity_texts": len(texts), "batch": batch, "points": points, "refused": refused,
-            "rolled_back_bitwise": True}
+    return {"base_perplexity": base_ppl, "perplexity_texts": len(texts), "batch": batch, "step_scale": step_scale, "points": points,
+            "refused": refused, "rolled_back_bitwise": True}

@@ -359,6 +359,10 @@ def run_sequential(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         loaded = _load(args, path, label)
         entry = loaded.entry
+        if before is not None and before.get("calibrated_many_edit_scale", 1.0) != entry["calibrated_many_edit_scale"]:
+            raise ValueError(f"{output}: {label}'s edits were made at step sizes x {before.get('calibrated_many_edit_scale', 1.0):g}, "
+                             f"the editor now makes them at x {entry['calibrated_many_edit_scale']:g} (queries.many_edit_scale); "
+                             "pass --restart to start over")
         entry["points"] = list(before["points"]) if before is not None else []
         result["editors"].append(entry)
         if entry["points"]:
@@ -375,7 +379,7 @@ def run_sequential(args: argparse.Namespace) -> int:
         out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
                                args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,
                                progress=not args.no_progress, on_point=on_point, scored={p["n_edits"] for p in entry["points"]},
-                               memory=memory)
+                               memory=memory, step_scale=entry["calibrated_many_edit_scale"])
         if memory is not None:
             entry["memory"] = memory.state()
         entry.update({k: v for k, v in out.items() if k != "points"})  # base perplexity, texts, rolled_back_bitwise (checked)

@@ -205,7 +205,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
                       sequential=args.sequential, progress=not args.no_progress, settings=settings, protocol=args.protocol,
                       answer_stop=answer_stop, edit_forms=edit_forms, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge,
-                      memory=memory, edit_rounds=edit_rounds)
+                      memory=memory, edit_rounds=edit_rounds,
+                      step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
     report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
     markdown = write_markdown([report], output.with_suffix(".md"))

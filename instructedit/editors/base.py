@@ -247,12 +247,13 @@ class SequentialWeightEdits(EditHandle):
     kilobytes per edit, not a copy of the edited weights. ``rollback_to(k)`` writes the originals back
     and re-applies the first ``k`` edits with the editor (``k`` edit computations: float addition is
     not invertible, so later updates cannot be subtracted), checking each re-applied weight against
-    the CRC-32 recorded when the edit was first made.
+    the CRC-32 recorded when the edit was first made, at the step sizes × ``step_scale`` the edits were made at (a learned
+    editor's many-edit multiplier, ``editors.learned.scaled_step_sizes``).
     """
 
-    def __init__(self, model: nn.Module, editor: Editor) -> None:
+    def __init__(self, model: nn.Module, editor: Editor, step_scale: float = 1.0) -> None:
         super().__init__()
-        self.model, self.editor = model, editor
+        self.model, self.editor, self.step_scale = model, editor, step_scale
         self._originals: dict[str, torch.Tensor] = {}
         self._batches: list[TokenBatch] = []
         self._digests: list[dict[str, int]] = []  # per edit: weight it wrote -> CRC-32 right after it
@@ -280,12 +281,15 @@ class SequentialWeightEdits(EditHandle):
         if k == 0:
             self.rollback()
             return
+        from instructedit.editors.learned import scaled_step_sizes
+
         batches, digests = self._batches[:k], self._digests[:k]
         self._restore()
         self._batches, self._digests = [], []
         for j, (batch, expected) in enumerate(zip(batches, digests), start=1):
             try:
-                self.editor.apply(self.model, batch).keep()
+                with scaled_step_sizes(self.editor, self.step_scale):
+                    self.editor.apply(self.model, batch).keep()
             except BaseException:
                 self.rollback()
                 raise

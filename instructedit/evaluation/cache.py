@@ -26,9 +26,9 @@ from instructedit.tasks.instructions import InstructionPool
 logger = logging.getLogger(__name__)
 
 # What makes two evaluations the same question: which editor (weights, options), model, records, instruction, protocol,
-# and how the edits are made (their answer stop, forms and rounds).
+# and how the edits are made (their answer stop, forms, rounds and step sizes).
 IDENTITY = ("task", "method_options", "editor_sha256", "model_name", "limit", "split", "split_seed", "instruction",
-            "instruction_source", "protocol", "answer_stop", "edit_forms", "edit_rounds")
+            "instruction_source", "protocol", "answer_stop", "edit_forms", "edit_rounds", "step_scale")
 
 
 def cached_report(path: str | Path, wanted: EvalSettings) -> EvalReport | None:
@@ -50,13 +50,14 @@ def evaluate_cached(path: str | Path, model: nn.Module, tokenizer: Any, load_edi
     """``evaluate`` (``options``: its keyword arguments) the editor ``load_editor()`` gives, unless ``path`` caches the same evaluation.
 
     ``settings`` name the task and the editor (``editor_sha256`` or ``method_options``); what ``evaluate``
-    fills in itself (model name, instruction, protocol, answer stop, edit forms and rounds) is completed here the same way before comparing.
+    fills in itself (model name, instruction, protocol, answer stop, edit forms, rounds and step sizes) is completed here the same way before comparing.
     """
     wanted = dataclasses.replace(
         settings, model_name=settings.model_name or str(getattr(model, "name_or_path", "")), instruction=instruction,
         instruction_source=pool.source if pool is not None and instruction is not None else None,
         protocol=options.get("protocol", "both"), answer_stop=options.get("answer_stop", "none"),
-        edit_forms=list(check_edit_forms(options.get("edit_forms", ("wrapped",)))), edit_rounds=options.get("edit_rounds", 1))
+        edit_forms=list(check_edit_forms(options.get("edit_forms", ("wrapped",)))), edit_rounds=options.get("edit_rounds", 1),
+        step_scale=options.get("step_scale", 1.0))
     report = cached_report(path, wanted)
     if report is None:
         report = evaluate(model, tokenizer, load_editor(), records, pool, instruction, settings=settings, **options)

@@ -59,6 +59,7 @@ class EvalSettings:
     answer_stop: str = "none"  # what the edit input's answer ends with (the collator's answer_stop)
     edit_forms: list[str] = field(default_factory=lambda: ["wrapped"])  # the forms each edit is made in (wrapped, chat)
     edit_rounds: int = 1  # the rounds each edit is made in (the editor's queries.edit_rounds; calibrate --rounds)
+    step_scale: float = 1.0  # the editor's step sizes x this in every edit (sequential: its queries.many_edit_scale)
     queries: list[str] = field(default_factory=list)  # forms of the edit prompt asked by the generation protocol
     generation_margin: int | None = None  # answer tokens allowed beyond the target's length
     judge: str | None = None  # the LLM judge of gen_reliability_judge, if any
@@ -335,7 +336,7 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
         lines += [f"- **{s.label}** on {s.task}: model `{s.model_name}`, {len(report.cases)} cases "
                   f"({len(report.skipped)} skipped{f': {loader} by the data loader' if loader else ''}), data {_source(s)}, instructions from {s.instruction_source or '—'}"
                   f"{f' ({s.instruction_reason})' if s.instruction_reason else ''}, "
-                  f"protocol {s.protocol}, answer stop {s.answer_stop}, edits made in {' + '.join(s.edit_forms)}{f' in {s.edit_rounds} rounds' if s.edit_rounds != 1 else ''}{f', judge {s.judge}' if s.judge else ''}, "
+                  f"protocol {s.protocol}, answer stop {s.answer_stop}, edits made in {' + '.join(s.edit_forms)}{f' in {s.edit_rounds} rounds' if s.edit_rounds != 1 else ''}{f' at step sizes x {s.step_scale:g}' if s.step_scale != 1 else ''}{f', judge {s.judge}' if s.judge else ''}, "
                   f"{report.timing.get('cases_per_s', 0):.2f} cases/s", ""]
         lines += _details(report)
         lines += _sample_answers(report)

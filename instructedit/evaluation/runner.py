@@ -35,7 +35,7 @@ from instructedit.editors.aggregation import KeyMemory, check_remembers, remembe
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
 )
-from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_rounds
+from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds, scaled_step_sizes
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
@@ -318,6 +318,7 @@ def evaluate(
     outlier_factor: float | None = OUTLIER_FACTOR,
     memory: KeyMemory | None = None,
     edit_rounds: int = 1,
+    step_scale: float = 1.0,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -329,7 +330,9 @@ def evaluate(
     ``protocol``: teacher_forced, generation or both. ``answer_stop``: what the edit input's answer
     ends with (as the editor was trained; the collator's ``answer_stop``). ``edit_forms``: the forms each edit is made
     in, solved together (the editor's ``queries.edit_forms``: the wrapped prompt; the chat question). ``edit_rounds``: the
-    rounds each single edit is made in (the editor's ``queries.edit_rounds``; a learned editor; not ``sequential``). ``queries``: forms of the
+    rounds each single edit is made in (the editor's ``queries.edit_rounds``; a learned editor; not ``sequential``). ``step_scale``:
+    every edit is made at the editor's step sizes × this (a learned editor; ``sequential``: the editor's
+    ``queries.many_edit_scale``, as ``apply_sequential`` makes them; restored afterwards). ``queries``: forms of the
     edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
     batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``. ``cases_together``:
     MEND's answers of this many cases decode in one batch, pre- and post-edit sharing the prefill below the
@@ -349,6 +352,7 @@ def evaluate(
     if edit_rounds > 1 and sequential:
         raise ValueError(f"edit_rounds={edit_rounds}: sequential evaluation keeps one-round edits (pass edit_rounds=1)")
     check_rounds(editor, edit_rounds)
+    step_scale = check_many_edit_scale(step_scale, "step_scale")
     if batch_size < 1 or generation_batch_size < 1:
         raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
     if protocol not in PROTOCOL_CHOICES:
@@ -379,7 +383,8 @@ def evaluate(
 
     curve: list[SequentialPoint] = []
     run_start = time.perf_counter()
-    with fast_linears(model):  # passes without gradients through oneDNN where it is faster than BLAS here
+    # passes without gradients through oneDNN where it is faster than BLAS here
+    with fast_linears(model), scaled_step_sizes(editor, step_scale):
         if generation is not None and not _decodes_together(fast_path, generation, cases_together):
             for case, said in zip(cases, generation.answer_unedited(model, [c.queries for c in cases])):
                 case.pre_answers = said  # decoded together, cases get theirs with their post-edit answers (one prefill)
@@ -408,7 +413,7 @@ def evaluate(
                                     outlier_factor=outlier_factor if sequential else None,
                                     key_memory=memory.state() if memory is not None else None, batch_size=batch_size,
                                     convsent_pairs=convsent_pairs, max_length=max_length, fast_path=fast_path, packed_rows=packed,
-                                    device=str(device), protocol=protocol, answer_stop=answer_stop, edit_rounds=edit_rounds,
+                                    device=str(device), protocol=protocol, answer_stop=answer_stop, edit_rounds=edit_rounds, step_scale=step_scale,
                                     edit_forms=list(collator.edit_forms), queries=forms,
                                     generation_margin=ANSWER_MARGIN if generation is not None else None,
                                     judge=judge.name if judge is not None and generation is not None else None),
