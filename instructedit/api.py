@@ -22,11 +22,11 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from instructedit.config import DEFAULT_MODEL
 from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import (
-    OUTLIER_FACTOR, EditHandle, Editor, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence,
+    OUTLIER_FACTOR, EditHandle, Editor, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence, scaled_step_sizes,
 )
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import (
-    LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, scaled_step_sizes, schedule_for,
+    LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, schedule_for,
 )
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids

@@ -75,7 +75,8 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     from instructedit.analysis.many_edits import key_memory
     from instructedit.api import query_setup
     from instructedit.config import check_edit_forms, load_config
-    from instructedit.editors.learned import check_edit_rounds, scaled_step_sizes
+    from instructedit.editors.base import scaled_step_sizes
+    from instructedit.editors.learned import check_edit_rounds
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import generation_scores, selection_score
     from instructedit.models.loading import load_model, resolve_device

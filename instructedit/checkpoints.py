@@ -22,7 +22,7 @@ from torch.amp import GradScaler
 from instructedit.config import Config, save_config
 from instructedit.editors.card import write_model_card
 from instructedit.editors.learned import LearnedEditor, nonfinite_tensors
-from instructedit.editors.learned import scaled_step_sizes
+from instructedit.editors.base import scaled_step_sizes
 from instructedit.io import atomic_write, write_json
 from instructedit.runs import BEST, CHECKPOINTS, CONFIG, DATA, EDITOR_CONFIG, LAST, METRICS, SUMMARY
 from instructedit.train_state import TrainState

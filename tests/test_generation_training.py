@@ -174,7 +174,7 @@ def test_choose_scale_prefers_reliability_above_the_locality_floor() -> None:
 
 
 def test_scaled_step_sizes_restore_bitwise(tiny_llama_dir: Path) -> None:
-    from instructedit.editors.learned import scaled_step_sizes
+    from instructedit.editors.base import scaled_step_sizes
     from instructedit.editors.registry import build_editor
 
     model, _ = load_model(str(tiny_llama_dir))
@@ -354,7 +354,7 @@ def test_a_resume_may_change_the_selection_but_not_the_recipe(tiny_llama_dir: Pa
 def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from instructedit.editors.base import apply_in_place
     from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer
-    from instructedit.editors.learned import scaled_step_sizes
+    from instructedit.editors.base import scaled_step_sizes
     from instructedit.evaluation.generation_check import generation_scores
 
     config = load_config(TINY, [f"model.name={tiny_llama_dir}", f"data.template={json.dumps(PREFIX_TEMPLATE)}", "training.answer_stop=newline"])

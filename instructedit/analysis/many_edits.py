@@ -27,8 +27,8 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.config import PRESERVE_ANSWERS
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
-from instructedit.editors.base import Editor, OutlierEdits, SequentialWeightEdits, keep_in_sequence
-from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, scaled_step_sizes, schedule_for
+from instructedit.editors.base import Editor, OutlierEdits, SequentialWeightEdits, keep_in_sequence, scaled_step_sizes
+from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, schedule_for
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard

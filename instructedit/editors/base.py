@@ -8,6 +8,7 @@ the model is edited in place and the handle restores it exactly (``rollback()``,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import zlib
@@ -281,8 +282,6 @@ class SequentialWeightEdits(EditHandle):
         if k == 0:
             self.rollback()
             return
-        from instructedit.editors.learned import scaled_step_sizes
-
         batches, digests = self._batches[:k], self._digests[:k]
         self._restore()
         self._batches, self._digests = [], []
@@ -351,3 +350,23 @@ class FunctionalEditor(Editor, Protocol):
 
     def train(self, mode: bool = True) -> Any:
         ...
+
+
+@contextlib.contextmanager
+def scaled_step_sizes(editor: Any, scale: float) -> Iterator[Any]:
+    """The editor with its step sizes α (a MEND editor's ``edit_lrs``) multiplied by ``scale`` inside the block, restored
+    bit for bit after it (``scale`` 1: untouched, any editor)."""
+    if scale == 1.0:
+        yield editor
+        return
+    lrs = getattr(editor, "edit_lrs", None)
+    if not isinstance(lrs, torch.Tensor):
+        raise ValueError(f"step sizes x {scale:g}: {type(editor).__name__} has no learned step sizes (edit_lrs) to scale")
+    original = lrs.detach().clone()
+    with torch.no_grad():
+        lrs.mul_(scale)
+    try:
+        yield editor
+    finally:
+        with torch.no_grad():
+            lrs.copy_(original)

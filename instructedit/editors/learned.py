@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from instructedit.config import EditorConfig, ModelConfig
-from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place, write_weights
+from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place, scaled_step_sizes, write_weights
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import atomic_write, write_json
 from instructedit.losses import masked_nll
@@ -425,26 +425,6 @@ def sample_weighted(editor: Any, weight: float | None) -> Iterator[None]:
         yield
     finally:
         sample.text_weight = calibrated
-
-
-@contextlib.contextmanager
-def scaled_step_sizes(editor: Any, scale: float) -> Iterator[Any]:
-    """The editor with its step sizes α (a MEND editor's ``edit_lrs``) multiplied by ``scale`` inside the block, restored
-    bit for bit after it (``scale`` 1: untouched, any editor)."""
-    if scale == 1.0:
-        yield editor
-        return
-    lrs = getattr(editor, "edit_lrs", None)
-    if not isinstance(lrs, torch.Tensor):
-        raise ValueError(f"step sizes x {scale:g}: {type(editor).__name__} has no learned step sizes (edit_lrs) to scale")
-    original = lrs.detach().clone()
-    with torch.no_grad():
-        lrs.mul_(scale)
-    try:
-        yield editor
-    finally:
-        with torch.no_grad():
-            lrs.copy_(original)
 
 
 def apply_in_rounds(editor: Any, model: nn.Module, batch: TokenBatch, rounds: int = 1, sample_weight: float | None = None,

@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.editors.base import EditResult
-from instructedit.editors.learned import rounds_result, scaled_step_sizes
+from instructedit.editors.base import EditResult, scaled_step_sizes
+from instructedit.editors.learned import rounds_result
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, same_answer

@@ -34,8 +34,9 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
+    scaled_step_sizes,
 )
-from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds, scaled_step_sizes
+from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
