@@ -338,8 +338,8 @@ class InstructEditor:
     as the editor was trained or calibrated. ``edit_forms``: the forms each edit is made in, solved together ("wrapped":
     the instruction-wrapped prompt; "plain": the bare question; "chat": the question as a chat user turn).
     ``edit_rounds``: the rounds a call of a few edits is made in (``rounds="auto"``; ``calibrate --rounds`` chooses it).
-    ``many_edit_scale``: the step-size multiplier of a call of many edits (``rounds="auto"``, more than 16 edits;
-    ``calibrate --rounds`` saves it: the one-round multiplier over the chosen one).
+    ``many_edit_scale``: the step-size multiplier of many edits, more than 16 in one call or kept one after another
+    (``calibrate --rounds`` saves it: the one-round multiplier over the chosen one).
     """
 
     def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,
@@ -415,9 +415,9 @@ class InstructEditor:
         in this call's solves instead of its calibrated weight (restored afterwards); a heavier sample holds more of the
         model's other answers, more rounds buy the edits back. The default ``rounds="auto"``
         (``editors.learned.schedule_for``): for such an editor and more than 16 edits, ⌈√N / 2⌉ rounds with the sample
-        weighted √N × (8 rounds at 16× for 256 edits) and the step sizes × ``many_edit_scale``, else ``edit_rounds`` as
-        calibrated (README, "Many edits"). ``progress``: a bar over the rounds. The returned model's ``how`` records the
-        call's rounds, sample weight and step-size multiplier.
+        weighted √N × (8 rounds at 16× for 256 edits), else ``edit_rounds`` as calibrated (README, "Many edits"). A call
+        of more than 16 edits is made at the step sizes × ``many_edit_scale``, whatever its rounds. ``progress``: a bar
+        over the rounds. The returned model's ``how`` records the call's rounds, sample weight and step-size multiplier.
 
         The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
         from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
@@ -544,7 +544,8 @@ def untrained_queries() -> dict[str, Any]:
 def query_setup(editor_dir: str | Path) -> dict[str, Any]:
     """How a saved editor's edits are queried and made: its template (None: the pool's), answer stop, edit forms, edit
     rounds (how many rounds a single edit is made in: 1 unless ``calibrate --rounds`` chose more) and the step-size
-    multiplier of many edits in one call (``many_edit_scale``: 1 unless ``calibrate --rounds`` chose more than one round).
+    multiplier of many edits, in one call or one after another (``many_edit_scale``: 1 unless ``calibrate --rounds`` chose
+    more than one round).
 
     Read from ``editor_config.json`` (``queries``, written since the generation protocol) or else
     from the training config saved with the editor; older editors get the paper's template and no stop.

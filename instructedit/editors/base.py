@@ -249,7 +249,7 @@ class SequentialWeightEdits(EditHandle):
     and re-applies the first ``k`` edits with the editor (``k`` edit computations: float addition is
     not invertible, so later updates cannot be subtracted), checking each re-applied weight against
     the CRC-32 recorded when the edit was first made, at the step sizes × ``step_scale`` the edits were made at (a learned
-    editor's many-edit multiplier, ``editors.learned.scaled_step_sizes``).
+    editor's many-edit multiplier, ``scaled_step_sizes``).
     """
 
     def __init__(self, model: nn.Module, editor: Editor, step_scale: float = 1.0) -> None:
