@@ -847,7 +847,7 @@ def test_auto_rounds_schedule_many_edits_by_their_number(tiny_llama_dir: Path, t
     with pytest.raises(ValueError, match="at least one edit"):
         schedule_for(carrier, 0, "auto")
     for bad in (0, -1.0, float("inf"), "1.5", True):
-        with pytest.raises(ValueError, match="many_edit_scale: the step-size multiplier of many edits in one call must be a finite number > 0"):
+        with pytest.raises(ValueError, match="many_edit_scale: the step-size multiplier of many edits must be a finite number > 0"):
             schedule_for(carrier, 256, "auto", many_edit_scale=bad)
 
     folder = carrier.save_pretrained(tmp_path / "carrier")

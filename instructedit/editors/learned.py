@@ -340,10 +340,10 @@ class Schedule(NamedTuple):
 
 
 def check_many_edit_scale(value: Any, where: str) -> float:
-    """An editor's step-size multiplier for many edits in one call (``queries.many_edit_scale``): a finite number > 0;
+    """An editor's step-size multiplier for many edits (``queries.many_edit_scale``): a finite number > 0;
     else a ValueError naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
-        raise ValueError(f"{where}: the step-size multiplier of many edits in one call must be a finite number > 0, got {value!r}")
+        raise ValueError(f"{where}: the step-size multiplier of many edits must be a finite number > 0, got {value!r}")
     return float(value)
 
 
