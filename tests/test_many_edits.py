@@ -1075,3 +1075,22 @@ def test_sequential_edits_at_the_many_edit_step_sizes(tiny_llama_dir: Path, tmp_
     assert [p["reliability"] for p in study["points"]] == [p["reliability"] for p in twin["points"]]
     assert study["step_scale"] == 1.5 and torch.equal(inner.edit_lrs, lrs)
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_batch_study_makes_its_single_edits_without_the_calls_key_memory(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """analyze batch --key-memory: the N-edit calls solve with the memory's sample held still; the single edits they are
+    compared with are made as the editor makes them (its own sample and weight), the same with or without the memory."""
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.editors.mend import MENDEditor
+
+    model, tok = load_model(str(tiny_llama_dir))
+    editor = MENDEditor.from_pretrained(_saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares", step=-50.0)).eval()
+    collator = Collator(tok, 256, POOL)
+    records = many_records(4)
+    memory = key_memory(editor, model, collator, locality_texts(many_records(12)[4:]), past_weight=0.0, text_weight=1e6)
+    kwargs = dict(generation=False, progress=False, singles=True)
+    held = batch_study(model, tok, editor, collator, records, 0, [4], memory=memory, **kwargs)
+    plain = batch_study(model, tok, editor, collator, records, 0, [4], **kwargs)
+    for key in ("reliability", "generalization", "locality"):  # the reference: single edits as the editor makes them
+        assert held["single"][key] == plain["single"][key]
+    assert any(held["points"][0][k] != plain["points"][0][k] for k in ("reliability", "locality"))  # the call holds the sample still

@@ -132,8 +132,9 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
                 many_edit_scale: float = 1.0) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
-    ``memory``: every call solves with its keys held still (a least-squares editor and a preservation sample; give it
-    ``past_weight`` 0: the calls are rolled back, so no earlier edit stays). ``singles``: also edit each of the first
+    ``memory``: every N-edit call solves with its keys held still (a least-squares editor and a preservation sample; give
+    it ``past_weight`` 0: the calls are rolled back, so no earlier edit stays); the single edits are made without it.
+    ``singles``: also edit each of the first
     max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
     single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
     (``single_same_cases``) and its reliability over theirs (``kept_of_single``, per protocol). ``rounds``: every N-edit
@@ -205,22 +206,22 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
             points.append({"n_edits": n, "rounds": schedules[n].rounds, "rounds_made": made, "sample_weight": schedules[n].sample_weight,
                            "step_scale": schedules[n].step_scale, "seconds": seconds,
                            "seconds_per_edit": seconds / n, **_aggregate(tf, gen), **also})
-        if singles:
-            tf, gen, total = [], [] if asker is not None else None, 0.0
-            for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
-                seconds, case_tf, case_gen, _ = edited(c, c + 1, probes.of(c), single_rounds)
-                guard.verify(where=f"after single edit {c}")
-                total += seconds
-                tf.extend(case_tf)
-                if gen is not None:
-                    gen.extend(case_gen)
-            guard.verify(full=True, where="after the single edits")
-            out["single"] = {"n_edits": 1, "n_cases": len(records), "rounds": single_rounds, "seconds_per_edit": total / len(records),
-                             **_aggregate(tf, gen)}
-            for p in points:  # the N-edit call against the single edits of the same N cases
-                n = p["n_edits"]
-                p["single_same_cases"] = _aggregate(tf[:n], None if gen is None else gen[:n])
-                p["kept_of_single"] = _kept(p, p["single_same_cases"])
+    if singles:  # as the editor makes them: its own sample and weight, not the calls' key memory
+        tf, gen, total = [], [] if asker is not None else None, 0.0
+        for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
+            seconds, case_tf, case_gen, _ = edited(c, c + 1, probes.of(c), single_rounds)
+            guard.verify(where=f"after single edit {c}")
+            total += seconds
+            tf.extend(case_tf)
+            if gen is not None:
+                gen.extend(case_gen)
+        guard.verify(full=True, where="after the single edits")
+        out["single"] = {"n_edits": 1, "n_cases": len(records), "rounds": single_rounds, "seconds_per_edit": total / len(records),
+                         **_aggregate(tf, gen)}
+        for p in points:  # the N-edit call against the single edits of the same N cases
+            n = p["n_edits"]
+            p["single_same_cases"] = _aggregate(tf[:n], None if gen is None else gen[:n])
+            p["kept_of_single"] = _kept(p, p["single_same_cases"])
     out["points"] = points
     return out
 
