@@ -35,7 +35,7 @@ Grid = dict[int, dict[float | None, dict[float, dict[str, Any]]]]  # rounds -> p
 
 
 def one_round_scale(grid: Grid, rounds: int, weight: float | None, chosen: float, locality_floor: float) -> float:
-    """The step sizes of many edits in one call relative to the ``chosen`` multiplier (``queries.many_edit_scale``): where
+    """The step sizes of many edits (in one call or one after another) relative to the ``chosen`` multiplier (``queries.many_edit_scale``): where
     ``rounds`` > 1 won and one round was tried, the one-round choice at the same ``weight`` (``choose_scale``) over
     ``chosen``; else 1."""
     from instructedit.evaluation.generation_check import choose_scale
@@ -64,8 +64,9 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     made on the model the earlier ones edited, from the gradient left (``LearnedEditor.apply``). The chosen number is
     saved as ``queries.edit_rounds``: ``apply`` (``rounds="auto"``), ``edit`` and ``evaluate`` make the editor's edits so.
     Where more than one round is chosen and one round was tried, the one-round choice (at the chosen weight) over the
-    chosen multiplier is saved as ``queries.many_edit_scale``: a call of many edits (``rounds="auto"``, more than 16) makes
-    its own rounds (``editors.learned.schedule_for``), a rule fitted with one-round step sizes, and is made at those.
+    chosen multiplier is saved as ``queries.many_edit_scale``: a call of more than 16 edits makes rounds of its own
+    (``editors.learned.schedule_for``, a rule fitted with one-round step sizes) and edits kept one after another are made
+    in one round each, so both are made at the one-round step sizes.
 
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
     ``progress``: a progress bar while each multiplier's answers are decoded."""
@@ -183,7 +184,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
               f"{_rate(v, 'gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"
           f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''}"
-          f"{f'; many edits in one call at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''})")
+          f"{f'; many edits (more than 16 in one call, or one after another) at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''})")
 
 
 def _rate(scores: dict, key: str) -> str:

@@ -21,9 +21,9 @@ with the editor (``queries.edit_forms``).
 ``--rounds 1,2`` also tries each edit made in two rounds, the second on the model the first edited, from the gradient
 left: it buys back answer tokens the first round's edit left short (results/analysis/edit-rounds/). The chosen number is
 saved (``queries.edit_rounds``) and used wherever the editor makes a single edit. When more than one round wins, the
-one-round choice is saved too, as a multiplier of the chosen step sizes (``queries.many_edit_scale``): many edits in one
-call (more than 16, ``--rounds auto``) make rounds of their own and are made at the one-round step sizes, with which that
-schedule was fitted (ZsRE, 256 held-out edits: 70.3 % said at the one-round ×3 against 46.5 % at the two-round ×2).
+one-round choice is saved too, as a multiplier of the chosen step sizes (``queries.many_edit_scale``): many edits (more
+than 16 in one call, which make rounds of their own, or edits kept one after another) are made at the one-round step
+sizes, with which those schedules were fitted (ZsRE, 256 held-out edits: 70.3 % said at the one-round ×3 against 46.5 % at the two-round ×2).
 """
 
 from __future__ import annotations
