@@ -1079,7 +1079,8 @@ def test_sequential_edits_at_the_many_edit_step_sizes(tiny_llama_dir: Path, tmp_
 
 def test_batch_study_makes_its_single_edits_without_the_calls_key_memory(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """analyze batch --key-memory: the N-edit calls solve with the memory's sample held still; the single edits they are
-    compared with are made as the editor makes them (its own sample and weight), the same with or without the memory."""
+    compared with are made as the editor makes them: with its own sample (calibrate --preserve), the same with or without
+    the memory; an editor without one makes them with the memory, the sample the study gives it."""
     from instructedit.analysis.many_edits import key_memory, locality_texts
     from instructedit.editors.mend import MENDEditor
 
@@ -1089,8 +1090,13 @@ def test_batch_study_makes_its_single_edits_without_the_calls_key_memory(tiny_ll
     records = many_records(4)
     memory = key_memory(editor, model, collator, locality_texts(many_records(12)[4:]), past_weight=0.0, text_weight=1e6)
     kwargs = dict(generation=False, progress=False, singles=True)
+    bare = batch_study(model, tok, editor, collator, records, 0, [4], memory=memory, **kwargs)  # no sample of its own
+    editor.set_preservation(key_memory(editor, model, collator, locality_texts(many_records(6)), past_weight=0.0, text_weight=5.0),
+                            "6 records")
     held = batch_study(model, tok, editor, collator, records, 0, [4], memory=memory, **kwargs)
     plain = batch_study(model, tok, editor, collator, records, 0, [4], **kwargs)
-    for key in ("reliability", "generalization", "locality"):  # the reference: single edits as the editor makes them
-        assert held["single"][key] == plain["single"][key]
-    assert any(held["points"][0][k] != plain["points"][0][k] for k in ("reliability", "locality"))  # the call holds the sample still
+    keys = ("reliability", "generalization", "locality")
+    assert all(held["single"][k] == plain["single"][k] for k in keys)  # the reference: single edits as the editor makes them
+    assert any(held["points"][0][k] != plain["points"][0][k] for k in keys)  # the call holds the study's sample still
+    assert any(bare["single"][k] != plain["single"][k] for k in keys)  # no sample of its own: made with the study's
+    assert all(bare["points"][0][k] == held["points"][0][k] for k in keys)  # the memory replaces an own sample in the calls

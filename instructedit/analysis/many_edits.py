@@ -133,7 +133,9 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every N-edit call solves with its keys held still (a least-squares editor and a preservation sample; give
-    it ``past_weight`` 0: the calls are rolled back, so no earlier edit stays); the single edits are made without it.
+    it ``past_weight`` 0: the calls are rolled back, so no earlier edit stays). The single edits are made with it only
+    when the editor has no preservation sample of its own (the memory is then the editor's sample in this study); an
+    editor with one (``calibrate --preserve``) makes them with its own, as it makes them outside the study.
     ``singles``: also edit each of the first
     max(``sizes``) cases alone and score it the same way (``single``): the reference "N edits keep X % of the
     single-edit reliability" is measured against; each point then also holds the single edits of its own N cases
@@ -206,15 +208,16 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
             points.append({"n_edits": n, "rounds": schedules[n].rounds, "rounds_made": made, "sample_weight": schedules[n].sample_weight,
                            "step_scale": schedules[n].step_scale, "seconds": seconds,
                            "seconds_per_edit": seconds / n, **_aggregate(tf, gen), **also})
-    if singles:  # as the editor makes them: its own sample and weight, not the calls' key memory
+    if singles:  # as the editor makes them: its own sample if it has one, else the study's memory as its sample
         tf, gen, total = [], [] if asker is not None else None, 0.0
-        for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
-            seconds, case_tf, case_gen, _ = edited(c, c + 1, probes.of(c), single_rounds)
-            guard.verify(where=f"after single edit {c}")
-            total += seconds
-            tf.extend(case_tf)
-            if gen is not None:
-                gen.extend(case_gen)
+        with remembering(editor, memory if getattr(editor, "preservation", None) is None else None):
+            for c in tqdm(range(len(records)), desc="single edits", unit="edit", disable=not progress):
+                seconds, case_tf, case_gen, _ = edited(c, c + 1, probes.of(c), single_rounds)
+                guard.verify(where=f"after single edit {c}")
+                total += seconds
+                tf.extend(case_tf)
+                if gen is not None:
+                    gen.extend(case_gen)
         guard.verify(full=True, where="after the single edits")
         out["single"] = {"n_edits": 1, "n_cases": len(records), "rounds": single_rounds, "seconds_per_edit": total / len(records),
                          **_aggregate(tf, gen)}
