@@ -100,6 +100,7 @@ class QuickstartResult:
     train_s: float
     demo_s: float
     total_s: float
+    calibrated_again: bool = False  # reused, but calibrated again now (the cached calibration was not the one asked for)
 
     def mean(self, field: str) -> float:
         values = [getattr(o, field) for o in self.outcomes]
@@ -140,11 +141,13 @@ def _marker(run_dir: Path) -> dict | None:
         return None
 
 
-def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_progress: bool = True) -> tuple[Path, nn.Module | None, PreTrainedTokenizerBase | None]:
+def prepare_editor(config: Config, run_dir: Path, retrain: bool = False,
+                   show_progress: bool = True) -> tuple[Path, nn.Module | None, PreTrainedTokenizerBase | None, bool]:
     """The trained editor folder of ``run_dir``: reused when finished, else trained (an interrupted run resumes) and, for a
     least-squares editor (the packaged config's), calibrated (``calibrate_quickstart``: ``run_dir/calibrated``).
 
-    Returns the editor folder and, when it was trained now, the model and tokenizer the trainer loaded.
+    Returns the editor folder, when it was trained now the model and tokenizer the trainer loaded, and whether it was
+    trained or calibrated now (False: reused as it was).
     The marker file claims the folder for this config before training starts, and records the calibration made: a
     finished run calibrated otherwise than ``CALIBRATION`` now asks (an older version's) is calibrated again, not retrained.
     """
@@ -170,7 +173,7 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
     if trainer is None and complete and editor_dir.is_dir():
         if marker.get("calibration") == calibration:
             logger.info("reusing the quickstart editor %s (pass --retrain to train it again)", editor_dir)
-            return editor_dir, None, None
+            return editor_dir, None, None, False
         logger.info("%s was calibrated otherwise than the quickstart's calibration now asks: calibrating it again", editor_dir)
     write_model_card(run_dir / BEST, run_dir)
     if least_squares:
@@ -178,7 +181,7 @@ def prepare_editor(config: Config, run_dir: Path, retrain: bool = False, show_pr
                              progress=show_progress)
     write_json(run_dir / MARKER, {"config_hash": digest, "complete": True, "steps": summary["steps"], "best_step": summary["best_step"],
                                   "calibration": calibration})
-    return editor_dir, (trainer.model if trainer else None), (trainer.tokenizer if trainer else None)
+    return editor_dir, (trainer.model if trainer else None), (trainer.tokenizer if trainer else None), True
 
 
 CALIBRATED = "calibrated"
@@ -303,6 +306,7 @@ def run_quickstart(model_name: str | None = None, overrides: Sequence[str] = (),
     start = time.perf_counter()
     config = quickstart_config(model_name, overrides, budget_steps)
     model = tokenizer = None
+    fresh = False  # trained or calibrated now
     if editor is not None:
         from instructedit.editors.learned import read_editor_config
 
@@ -312,7 +316,7 @@ def run_quickstart(model_name: str | None = None, overrides: Sequence[str] = (),
         digest = ""
     else:
         run_dir = Path(output) if output is not None else default_run_dir(config)
-        editor_dir, model, tokenizer = prepare_editor(config, run_dir, retrain, show_progress)
+        editor_dir, model, tokenizer, fresh = prepare_editor(config, run_dir, retrain, show_progress)
         digest = config_hash(config)
     trained = model is not None
     train_s = time.perf_counter() - start
@@ -323,7 +327,7 @@ def run_quickstart(model_name: str | None = None, overrides: Sequence[str] = (),
     outcomes = run_demo(wrapper, model, tokenizer, edits, probes)
     now = time.perf_counter()
     return QuickstartResult(run_dir, editor_dir, trained, digest, config.model.name, wrapper.instruction, outcomes,
-                            train_s, now - demo_start, now - start)
+                            train_s, now - demo_start, now - start, calibrated_again=fresh and not trained)
 
 
 def _clip(text: str, width: int) -> str:
@@ -360,8 +364,9 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
 
 def format_report(result: QuickstartResult) -> str:
     """What the model says before and after each edit (the headline), then the teacher-forced scores, as plain text."""
-    how = (f"trained now in {duration(result.train_s)}" if result.trained else "reused from the cache" if result.config_hash
-           else "given with --editor")
+    how = (f"trained now in {duration(result.train_s)}" if result.trained else
+           f"reused from the cache, calibrated again in {duration(result.train_s)}" if result.calibrated_again else
+           "reused from the cache" if result.config_hash else "given with --editor")
     wrap = f"seen description #{result.instruction}" if result.instruction is not None else "none"
     chat = all(o.chat_exact_after is not None for o in result.outcomes)  # the model has a chat template
     said: list[str] = []

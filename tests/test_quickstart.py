@@ -89,6 +89,7 @@ def test_quickstart_trains_caches_and_reuses(tiny_gpt2_dir: Path, tmp_path: Path
     weights = (first.run_dir / "best" / "editor.safetensors").read_bytes()
     third = run_quickstart(model_name=str(tiny_gpt2_dir), overrides=TINY, budget_steps=2, show_progress=False)
     assert not third.trained and (first.run_dir / "best" / "editor.safetensors").read_bytes() == weights
+    assert third.calibrated_again and not second.calibrated_again and "reused from the cache, calibrated again in" in format_report(third)
     assert json.loads((third.editor_dir / "calibration.json").read_text())["chosen"] == 2.0
     assert json.loads((first.run_dir / MARKER).read_text())["calibration"]["scales"] == [2.0]
 
