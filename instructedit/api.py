@@ -26,7 +26,7 @@ from instructedit.editors.base import (
 )
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import (
-    LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, schedule_for,
+    apply_in_rounds, check_edit_rounds, check_many_edit_scale, many_edit_step_scale, schedule_for,
 )
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids
@@ -472,7 +472,7 @@ class InstructEditor:
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
-        scale = self.many_edit_scale if isinstance(editor, LearnedEditor) else 1.0  # many edits: at the one-round step sizes
+        scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
         weights = SequentialWeightEdits(model, editor, scale)
         refused: list[int] = []

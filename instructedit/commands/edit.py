@@ -259,19 +259,19 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     n_rounds, made = (1, 1) if args.sequential else (edited.how["rounds"], edited.rounds_made)
     weight = None if args.sequential or isinstance(edited.how["sample_weight"], str) else edited.how["sample_weight"]
     scale = edited.how["step_scale"]
+    scaled = f", step sizes x {scale:g} (the editor's many-edit multiplier)" if scale != 1.0 else ""
     rounds = "" if n_rounds == 1 else f", {n_rounds} rounds" if made == n_rounds else \
         f", {made} of {n_rounds} rounds (round {made + 1} raised the edits' loss and was undone)"
     if weight is not None:
         rounds += f", preservation sample weighted {weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
-    if scale != 1.0:
-        rounds += f", step sizes x {scale:g} (the editor's many-edit multiplier)"
-    if args.rounds == "auto" and (n_rounds != 1 or weight is not None or scale != 1.0):
+    rounds += scaled
+    if args.rounds == "auto" and (n_rounds != 1 or weight is not None or scaled):
         rounds += ": --rounds auto"
     refused = edited.how.get("refused", []) if args.sequential else []
     if refused:  # lines whose update would have wrecked the model (editors/base.py OutlierEdits): not kept, each warned about
         kept += f"; {len(refused)} not kept (line(s) {', '.join(str(numbered[i][0]) for i in refused)}: each update would have wrecked the model)"
-    if args.sequential and scale != 1.0:
-        kept += f", step sizes x {scale:g} (the editor's many-edit multiplier)"
+    if args.sequential:
+        kept += scaled
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     several = len(forms) > 1

@@ -347,6 +347,12 @@ def check_many_edit_scale(value: Any, where: str) -> float:
     return float(value)
 
 
+def many_edit_step_scale(editor: Any, many_edit_scale: float) -> float:
+    """The step-size multiplier ``editor`` makes many edits at (more than ``AUTO_AS_SINGLE`` in one call, or kept one after
+    another): ``many_edit_scale`` for a learned editor, 1 for any other (no learned step sizes to scale)."""
+    return check_many_edit_scale(many_edit_scale, "many_edit_scale") if isinstance(editor, LearnedEditor) else 1.0
+
+
 def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight: float | None = None,
                  single_rounds: int = 1, many_edit_scale: float = 1.0) -> Schedule:
     """How a call of ``n_edits`` edits is made (``Schedule``): ``rounds`` and ``sample_weight`` as asked, except
@@ -369,10 +375,10 @@ def schedule_for(editor: Any, n_edits: int, rounds: int | str = 1, sample_weight
     against 85.2 / 46.9 at 88.3 / 89.1 against 84.0 / 84.4; N = 256, 91.5 / 70.3 against 72.0 / 22.7 at 83.1 / 78.9
     against 76.9 / 81.6. Each round after the first costs its edited blocks' forward and backward, the network and the
     solve, not the blocks below (``apply``: one prefix pass for all rounds): 32 rounds of 256 edits, 152 s on two threads."""
-    many_edit_scale = check_many_edit_scale(many_edit_scale, "many_edit_scale")
+    check_many_edit_scale(many_edit_scale, "many_edit_scale")
     if n_edits < 1:
         raise ValueError(f"a call needs at least one edit, got {n_edits}")
-    scale = many_edit_scale if n_edits > AUTO_AS_SINGLE and isinstance(editor, LearnedEditor) else 1.0
+    scale = many_edit_step_scale(editor, many_edit_scale) if n_edits > AUTO_AS_SINGLE else 1.0
     if rounds != AUTO_ROUNDS:
         if isinstance(rounds, bool) or not isinstance(rounds, numbers.Integral):
             raise ValueError(f"rounds must be a whole number >= 1 or {AUTO_ROUNDS!r}, got {rounds!r}")
