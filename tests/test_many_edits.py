@@ -401,6 +401,32 @@ def test_analyze_batch_scores_the_locality_of_unedited_records(tiny_gpt2_dir: Pa
     assert f"--sizes 4 with --unedited-locality 3 needs 7 records but {data} has 6" in caplog.text
 
 
+def test_analyze_batch_start_edits_a_later_block_of_records(tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """--start K edits records K..K+N-1 (the same records as a file that begins at K), scores the unedited locality of the
+    records after them, records K in the JSON, and names the shortfall when the split is too short."""
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 7)
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps(json.loads(data.read_text())[3:6]))
+    editor = _saved_editor(tiny_gpt2_dir, tmp_path / "ls", "least_squares")
+    base = ["analyze", "batch", "--editor", str(editor), "--task", "zsre", "--device", "cpu", "--no-progress", "--protocol",
+            "teacher_forced", "--sizes", "2"]
+    assert main([*base, "--data", str(data), "--start", "3", "--unedited-locality", "1", "--output", str(tmp_path / "block.json")]) == 0
+    assert main([*base, "--data", str(later), "--unedited-locality", "1", "--output", str(tmp_path / "file.json")]) == 0
+    block, file = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("block", "file"))
+    assert block["start"] == 3 and "start" not in file
+    assert block["unedited_locality"] == "the locality prompts of records 5..5, never edited"
+    ours, theirs = block["editors"][0]["points"][0], file["editors"][0]["points"][0]
+    for key in ("reliability", "generalization", "locality"):
+        assert ours[key]["mean"] == theirs[key]["mean"]
+    assert ours["unedited"]["locality"]["mean"] == theirs["unedited"]["locality"]["mean"]
+    assert main([*base, "--data", str(data), "--start", "6", "--output", str(tmp_path / "short.json")]) == 2
+    assert f"--start 6 --sizes 2 needs 8 records but {data} has 7" in caplog.text
+    assert main([*base, "--data", str(data), "--start", "-1", "--output", str(tmp_path / "short.json")]) == 2
+    assert "--start must be >= 0, got -1" in caplog.text
+
+
 def test_analyze_batch_single_edit_reference_answer_keys_and_preservation(tiny_gpt2_dir: Path, tmp_path: Path,
                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """--singles edits each record alone; --ls-keys answer and a preservation sample change the least-squares shift."""

@@ -54,6 +54,10 @@ def add_edit_studies(studies: Any) -> None:
     b.add_argument("--distinct-subjects", action="store_true",
                    help="edit only the first record of each subject (records that share a subject can ask one call for "
                         "contradictory answers to one question, e.g. two architects of one building): the first N such records")
+    b.add_argument("--start", type=int, default=0, metavar="K",
+                   help="begin at record K of the split or --data (default 0): the calls edit records K..K+N-1 and "
+                        "--unedited-locality scores the records after them; the records before K are neither edited nor scored "
+                        "(another block of the same split: several blocks measure one configuration on more cases)")
     b.add_argument("--unedited-locality", type=int, default=0, metavar="K",
                    help="also score every N-edit call's locality (both protocols) on the locality prompts of the K records after "
                         "the first max(--sizes), which no call edits (JSON: each point's 'unedited'): a larger locality sample than "
@@ -249,9 +253,15 @@ def run_batch(args: argparse.Namespace) -> int:
     output = _output(args, "batch", labels)
     if args.unedited_locality < 0:
         raise ValueError(f"--unedited-locality must be >= 0, got {args.unedited_locality}")
+    if args.start < 0:
+        raise ValueError(f"--start must be >= 0, got {args.start}")
     wanted = max(args.sizes) + args.unedited_locality
-    option = f"--sizes {max(args.sizes)}" + (f" with --unedited-locality {args.unedited_locality}" if args.unedited_locality else "")
-    records, where = _records(args, args.data, 0 if args.distinct_subjects else wanted, option)
+    option = (f"--start {args.start} " if args.start else "") + f"--sizes {max(args.sizes)}" + (
+        f" with --unedited-locality {args.unedited_locality}" if args.unedited_locality else "")
+    records, where = _records(args, args.data, 0 if args.distinct_subjects else args.start + wanted, option)
+    if args.start:
+        records = records[args.start :]
+        where = {**where, "start": args.start}
     if args.distinct_subjects:
         from instructedit.analysis.many_edits import distinct_subjects
 
@@ -259,12 +269,13 @@ def run_batch(args: argparse.Namespace) -> int:
         if len(kept) < wanted:
             raise ValueError(f"--distinct-subjects {option}: the {len(records)} records have {len(kept)} distinct subjects")
         scanned = records.index(kept[max(args.sizes) - 1]) + 1
-        where = {**where, "distinct_subjects": f"the first record of each subject: {max(args.sizes)} of the first {scanned} records"}
+        span = f"the first {scanned} records" if not args.start else f"records {args.start}..{args.start + scanned - 1}"
+        where = {**where, "distinct_subjects": f"the first record of each subject: {max(args.sizes)} of {span}"}
         records = kept
     unedited = records[max(args.sizes) : wanted]
     if unedited:
         which = (f"the {len(unedited)} distinct-subject records after the edited ones" if args.distinct_subjects
-                 else f"records {max(args.sizes)}..{wanted - 1}")
+                 else f"records {args.start + max(args.sizes)}..{args.start + wanted - 1}")
         where = {**where, "unedited_locality": f"the locality prompts of {which}, never edited"}
     preserve = _preservation_texts(args, records[:wanted])
     if args.key_memory and not preserve:
