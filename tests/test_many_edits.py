@@ -840,6 +840,74 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     assert "for the many edits of a --file made in one call" in caplog.text
 
 
+def test_a_key_memory_in_one_call_holds_its_sample_in_every_round(tiny_llama_dir: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """InstructEditor.apply(memory=KeyMemory(past_weight=0, text_weight=W)) and edit --file --key-memory --preserve-data F
+    --rounds K: the call's solves hold the memory's sample still (what ``analyze batch --key-memory`` measures), a heavier
+    sample moves the weights less, the saved model is the API's call, the weights come back bit for bit, and what one
+    call cannot use is refused before anything is edited."""
+    from transformers import AutoModelForCausalLM
+
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.api import EDITS_FILE, load_editor
+    from instructedit.cli import main
+    from instructedit.commands.common import load_eval_records
+    from instructedit.commands.edit import read_edits
+    from instructedit.editors.aggregation import KeyMemory
+
+    folder = _saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares", step=-5.0)
+    data = _zsre_file(tmp_path / "zsre.json", 6)
+    edits_file = _edits_file(tmp_path / "edits.jsonl", EDIT_LINES)
+    edits = [e for _, e in read_edits(str(edits_file), "counterfact")]
+    model, tok = load_model(str(tiny_llama_dir))
+    loaded = load_editor(folder)
+    editor = loaded.editor_for(model, tok)
+    before = _state(model)
+
+    def memory(weight: float) -> KeyMemory:
+        return key_memory(editor, model, Collator(tok, 64), locality_texts(load_eval_records("zsre", str(data), None, "test", 0)[0][:5]),
+                          past_weight=0.0, text_weight=weight)
+
+    def edited_state(**options) -> tuple[dict[str, torch.Tensor], dict]:
+        with loaded.apply(model, edits, tok, **options) as edited:
+            state, how = _state(model), edited.how
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # rolled back bit for bit
+        return state, how
+
+    plain, _ = edited_state(rounds=2)
+    light, how = edited_state(rounds=2, memory=memory(1e-3))
+    heavy, _ = edited_state(rounds=2, memory=memory(1e4))
+    assert how["key_memory"]["text_weight"] == 1e-3 and how["key_memory"]["text_tokens"] > 0 and how["sample_weight"] == 1e-3
+    changed = [k for k, v in before.items() if not torch.equal(v, plain[k])]
+    moved = {name: sum(float((state[k] - before[k]).norm()) for k in changed) for name, state in (("light", light), ("heavy", heavy))}
+    assert changed and moved["heavy"] < moved["light"]  # the sample holds the shift nearer zero
+    assert editor.memory is None  # the memory is the call's only
+    for options, message in (({"rounds": "auto"}, "give rounds=K"), ({"rounds": 2, "sample_weight": 5.0}, "memory's replaces"),
+                             ({"rounds": 2, "memory": KeyMemory(past_weight=0.0, text_weight=5.0)}, "no preservation sample")):
+        with pytest.raises(ValueError, match=message):
+            loaded.apply(model, edits, tok, **({"memory": memory(5.0)} | options))
+    with pytest.raises(ValueError, match="past_weight 1 would hold"):
+        own = memory(5.0)
+        own.past_weight = 1.0
+        loaded.apply(model, edits, tok, rounds=2, memory=own)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    # the CLI: the saved model is the API's call with the same sample
+    base = ["edit", "--editor", str(folder), "--file", str(edits_file), "--device", "cpu", "--max-new-tokens", "4", "--key-memory",
+            "--preserve-data", str(data), "--preserve", "5"]
+    assert main([*base, "--preserve-weight", "1e4", "--rounds", "2", "--save", str(tmp_path / "saved")]) == 0
+    assert f"2 rounds, holding 5 preserved texts of {data} still, weighted 10000 (--key-memory)" in capsys.readouterr().out
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").state_dict()
+    assert all(torch.allclose(heavy[k], saved[k], atol=1e-6) for k in changed)
+    applied = json.loads((tmp_path / "saved" / EDITS_FILE).read_text())["applied"]
+    assert applied["key_memory"]["text_weight"] == 1e4 and applied["rounds"] == 2
+    for extra, message in ((["--rounds", "auto"], "give --rounds K"), (["--rounds", "2", "--past-weight", "1"], "one call holds only"),
+                           (["--rounds", "2", "--sample-weight", "5"], "give --preserve-weight")):
+        assert main([*base, *extra]) == 2
+        assert message in caplog.text
+
+
 def test_auto_rounds_schedule_many_edits_by_their_number(tiny_llama_dir: Path, tmp_path: Path) -> None:
     """rounds="auto" (the API's and edit --file's default): a least-squares editor with a sample of its own makes more than 16
     edits in ceil(sqrt(N)/2) rounds with the sample weighted sqrt(N) times, fewer as one edit; any other editor one round.

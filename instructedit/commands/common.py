@@ -148,14 +148,14 @@ def aggregation(editor: Any) -> str:
 PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 1000.0  # the preservation sample's defaults (results/analysis/lifelong-memory-dev/)
 
 
-def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: bool = True) -> None:
+def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: bool = True, also: str = "") -> None:
     """``--key-memory`` and the options that shape it, as ``edit --sequential`` and ``analyze sequential`` take them;
     ``what``: which solves hold the earlier keys still. ``past=False``: calls that are rolled back (``analyze batch``)
     leave no earlier keys, so the memory is the preservation sample alone and there is no ``--past-weight``.
-    ``check_key_memory_arguments`` checks and completes them."""
+    ``also``: appended to ``--key-memory``'s help. ``check_key_memory_arguments`` checks and completes them."""
     held = "the keys of the edits made before it" if past else "the keys of a preservation sample (--preserve-data)"
     parser.add_argument("--key-memory", action="store_true",
-                        help=f"{'lifelong least-squares editing: ' if past else ''}{what} holds {held} still "
+                        help=f"{'lifelong least-squares editing: ' if past else ''}{what} holds {held} still{also} "
                              "(editors/aggregation.py KeyMemory; least_squares editors only)")
     if past:
         parser.add_argument("--past-weight", type=float, default=None, metavar="W", help="--key-memory: weight of the earlier edits' keys (default 1)")

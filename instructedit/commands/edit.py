@@ -40,7 +40,9 @@ def add_edit_parser(subparsers: Any) -> None:
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
     add_rounds_arguments(edit, "--file in one call", "auto")
-    add_key_memory_arguments(edit, "--sequential: each edit's solve")
+    add_key_memory_arguments(edit, "--sequential: each edit's solve",
+                             also="; a --file in one call (with --preserve-data and --rounds K): the call's solves hold the "
+                                  "sample still instead of the editor's own (hundreds of edits keep more unrelated answers)")
     edit.add_argument("--task", default="counterfact", choices=TASKS,
                       help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
     edit.add_argument("--subject", default="", help="the entity the edit is about (optional)")
@@ -91,7 +93,21 @@ def run_edit(args: argparse.Namespace) -> int:
         if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
             raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
                              "one call that makes the edits of a --file, not --sequential")
-        check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
+        if args.key_memory and not args.sequential:  # one call: the memory is a preservation sample its solves hold still
+            if args.preserve_data is None:
+                raise ValueError("--key-memory holds earlier edits still while edits are kept one after another: add --sequential; "
+                                 "or, in one call, a preservation sample: add --preserve-data FILE and --rounds K")
+            if args.past_weight is not None:
+                raise ValueError("--past-weight: earlier edits' keys, for --sequential; one call holds only the --preserve-data sample")
+            if args.rounds == "auto":
+                raise ValueError("--key-memory in one call: give --rounds K (auto is fitted to the editor's own sample; measured: "
+                                 "256 edits, --rounds 32 --preserve-weight 128000, results/analysis/edit-rounds/blocks/)")
+            if args.sample_weight is not None:
+                raise ValueError("--sample-weight weighs the editor's own sample, which --key-memory's replaces: give --preserve-weight")
+            check_key_memory_arguments(args)
+            args.past_weight = 0.0
+        else:
+            check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         if args.output and Path(args.output).is_dir():
             raise ValueError(f"--output {args.output} is a folder; name the JSON Lines file to write")
@@ -246,12 +262,12 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
                 for prompts, w, e in zip(asked, wrapped, edits)]
 
     before = snapshot(model)
-    memory, kept = None, ""
+    memory, kept, n_texts = None, "", 0
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
-          else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True)) as edited:
+          else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory)) as edited:
         after = snapshot(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
@@ -262,7 +278,9 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     scaled = f", step sizes x {scale:g} (the editor's many-edit multiplier)" if scale != 1.0 else ""
     rounds = "" if n_rounds == 1 else f", {n_rounds} rounds" if made == n_rounds else \
         f", {made} of {n_rounds} rounds (round {made + 1} raised the edits' loss and was undone)"
-    if weight is not None:
+    if memory is not None and not args.sequential:
+        rounds += f", holding {n_texts} preserved texts of {args.preserve_data} still, weighted {memory.text_weight:g} (--key-memory)"
+    elif weight is not None:
         rounds += f", preservation sample weighted {weight:g} (calibrated {editor.editor.preservation.text_weight:g})"
     rounds += scaled
     if args.rounds == "auto" and (n_rounds != 1 or weight is not None or scaled):
