@@ -438,8 +438,10 @@ class InstructEditor:
         rounds, sample_weight, step_scale = schedule_for(editor, len(edits), rounds, sample_weight, self.edit_rounds,
                                                          self.many_edit_scale)
         if len(edits) > 1:
+            weight = (f"{memory.text_weight:g} (the memory's sample)" if memory is not None
+                      else "as calibrated" if sample_weight is None else f"{sample_weight:g}")
             logger.info("%d edits in one call: %d round(s), preservation sample weight %s, step sizes x %g", len(edits), rounds,
-                        "as calibrated" if sample_weight is None else f"{sample_weight:g}", step_scale)
+                        weight, step_scale)
         with remembering(editor, memory):
             handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, progress, step_scale)
         edited = EditedModel(model, tokenizer, [handle], edits,
