@@ -82,6 +82,7 @@ class Case:
     record: EditRecord
     probes: list[Probe]  # the edit rows first (without a stop token, the reliability probe is one of them), then the others
     edit: TokenBatch  # the edit input on its own, for ``editor.apply``
+    n_edit_rows: int  # the edit rows the layouts begin with (0: none that is no probe, ``prepare_cases(edit_rows=False)``)
     padded: Layout  # at most batch_size rows per chunk; the first chunk holds every edit row
     targets: torch.Tensor  # (n_positions,) gold tokens, probe by probe (the same in both layouts)
     rows: torch.Tensor  # (n_positions,) probe index of each position
@@ -95,7 +96,7 @@ class Case:
         if not packed:
             return self.padded
         if self.packed is None:
-            n_edit = self.edit.input_ids.shape[0]
+            n_edit = self.n_edit_rows
             chunks, positions, owners = [], [], []
             for c, chunk in enumerate(self.padded.chunks):
                 shareable = shareable_rows(chunk.input_ids.shape[0], n_edit if c == 0 else 0)  # the edit rows are in chunk 0
@@ -108,27 +109,35 @@ class Case:
 
 
 def prepare_cases(collator: Collator, records: Sequence[EditRecord], instruction: int | None, batch_size: int,
-             device: torch.device) -> tuple[list[Case], list[dict[str, str]]]:
+             device: torch.device, edit_rows: bool = True) -> tuple[list[Case], list[dict[str, str]]]:
+    """Each record as a ``Case``: its probes in chunks of at most ``batch_size`` rows, the edit rows first.
+
+    ``edit_rows=False``: the layouts hold no edit row that is no probe (an edit made from ``Case.edit`` alone, as
+    ``apply`` makes one in several rounds, ``score_functional(rounds > 1)``): those rows would pass the model for nothing
+    (ZsRE with an answer stop: 15 % of a case's packed tokens)."""
     cases, skipped = [], []
     for index, record in enumerate(records):
         pairs = collator.edit_pairs(record, instruction)
         # An edit row that ends in a stop token is no teacher-forced probe (those score the answer alone): its own row.
         probes = edit_rows_first(case_probes(collator, record, instruction), pairs, match=not collator.stop_ids)
-        bounds = [0, *range(max(batch_size, len(pairs)), len(probes), batch_size), len(probes)]
+        n_edit = len(pairs)
+        if not edit_rows:  # the probes stay, an edit row among them (no stop token) scored as any probe
+            probes, n_edit = [p for p in probes if p.family != "edit"], 0
+        bounds = [0, *range(max(batch_size, n_edit), len(probes), batch_size), len(probes)]
         try:
             chunks = [collator.qa_batch([(p.prompt, p.answer) for p in probes[lo:hi]], record.source,
-                                        stop=[i < len(pairs) for i in range(lo, hi)]).to(device)
+                                        stop=[i < n_edit for i in range(lo, hi)]).to(device)
                       for lo, hi in zip(bounds, bounds[1:])]
             edit = collator.qa_batch(pairs, record.source, stop=True).to(device)
         except PromptTooLongError as err:
             skipped.append({"source": record.source, "reason": str(err)})
             continue
         first = chunks[0]
-        not_edit = torch.arange(first.input_ids.shape[0], device=device)[:, None] >= len(pairs)  # (rows, 1)
+        not_edit = torch.arange(first.input_ids.shape[0], device=device)[:, None] >= n_edit  # (rows, 1)
         padded = Layout(chunks, [None] * len(chunks), TokenBatch(first.input_ids, first.attention_mask, first.labels.masked_fill(not_edit, IGNORE)))
         targets = torch.cat([c.labels[c.label_mask] for c in chunks])
         rows = torch.cat([c.label_mask.nonzero()[:, 0] + lo for c, lo in zip(chunks, bounds)])
-        cases.append(Case(index, record, probes, edit, padded, targets, rows))
+        cases.append(Case(index, record, probes, edit, n_edit, padded, targets, rows))
     if skipped:
         logger.warning("skipped %d of %d records that exceed max_length=%d tokens (e.g. %s)", len(skipped), len(records),
                        collator.max_length, skipped[0]["source"])

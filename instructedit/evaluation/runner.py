@@ -367,7 +367,8 @@ def evaluate(
     device = next(model.parameters()).device
     max_length = max_length or max_input_length(model)
     collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop, edit_forms=edit_forms)
-    cases, skipped = prepare_cases(collator, records, instruction, batch_size, device)
+    # an edit made in rounds is made from the case's edit input alone (``rounds_result``): no edit rows in its passes
+    cases, skipped = prepare_cases(collator, records, instruction, batch_size, device, edit_rows=edit_rounds == 1)
     if not cases:
         raise ValueError(f"none of the {len(records)} records fits max_length={max_length} tokens")
     functional = editor if isinstance(editor, FunctionalEditor) else None  # scored on cached prefix states, weights never written
