@@ -3,8 +3,9 @@
 Such an edit is made from the case's edit input alone (``packing.score_functional(rounds > 1)``, ``rounds_result``), so
 the edit rows a case's layout began with (``prepare_cases(edit_rows=True)``, what a one-round edit is taken from)
 passed the model for nothing; ``evaluate`` now builds them only for one-round edits. Both layouts are timed side by
-side in one process (interleaved repetitions, teacher-forced and both protocols), and their reports compared: the
-answers must be the same and the teacher-forced scores equal to float rounding.
+side in one process (interleaved repetitions, teacher-forced and both protocols), the operations of each counted once
+(``count_flops.counted``: a ratio this machine's ±20 % speed drift does not move), and their reports compared: the JSON
+records whether the greedy answers are the same and the largest teacher-forced score difference.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_edit_rows.py --editor runs/ls8-answer/calibrated-r2 --task zsre --threads 2
 """
