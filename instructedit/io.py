@@ -1,7 +1,8 @@
-"""Atomic file writes (results and checkpoints are never left half-written) and file fingerprints."""
+"""Atomic file writes (results and checkpoints are never left half-written), JSON that may be gzipped, file fingerprints."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
@@ -29,9 +30,32 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
     return path
 
 
+GZ = ".gz"  # a JSON path ending so is written and read gzipped: per-case reports of hundreds of cases shrink ~13x
+
+
 def write_json(path: str | Path, data: Any) -> Path:
-    """Atomically write ``data`` as indented JSON."""
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2, default=str) + "\n"))
+    """Atomically write ``data`` as indented JSON; gzipped when ``path`` ends in .gz (no name or time in the gzip
+    header, so the same data gives the same bytes)."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    if str(path).endswith(GZ):
+        return atomic_write(path, lambda tmp: Path(tmp).write_bytes(gzip.compress(text.encode(), mtime=0)))
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON in ``path``, gunzipped first when it is a gzip file (by its first bytes, whatever its name)."""
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
+
+
+def json_stem(path: str | Path) -> Path:
+    """``path`` without its .json or .json.gz ending: where a report's Markdown (``.md``) and figures go beside it."""
+    path = Path(path)
+    name = path.name
+    for ending in (".json" + GZ, ".json"):
+        if name.endswith(ending):
+            return path.with_name(name[: -len(ending)])
+    raise ValueError(f"{path}: a JSON path must end in .json or .json.gz")
 
 
 def file_sha256(path: str | Path) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import gzip
 import math
 import json
 import threading
@@ -32,6 +33,7 @@ from instructedit.evaluation.judge import LLMJudge, parse_verdict
 from instructedit.evaluation.report import EvalReport, load_report_json, markdown_report, write_report_json
 from instructedit.evaluation.packing import prepare_cases
 from instructedit.evaluation.runner import evaluate
+from instructedit.io import read_json
 from instructedit.models.loading import load_model
 from instructedit.records import ConvSentExtras, EditRecord, QAItem, TokenBatch
 from instructedit.tasks.collate import Collator
@@ -602,6 +604,10 @@ def test_report_tags_protocols_with_intervals_and_reads_old_reports(tiny_gpt2_di
     (tmp_path / "r.json").write_text(json.dumps(data))
     again = load_report_json(tmp_path / "r.json")
     assert again.aggregates == report.aggregates and again.cases == report.cases and again.settings == report.settings
+    zipped = write_report_json(report, tmp_path / "r.json.gz")  # gzipped by its name, the same bytes each time
+    assert zipped.read_bytes() == write_report_json(report, tmp_path / "again.json.gz").read_bytes()
+    assert gzip.decompress(zipped.read_bytes()) == write_report_json(report, tmp_path / "plain.json").read_bytes()
+    assert load_report_json(zipped).cases == report.cases
 
     old = json.loads(json.dumps(data))
     old["aggregates"] = {"counterfact": {"post": {"reliability": {"mean": 0.5, "n": 2}}}}
@@ -706,11 +712,13 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
     data = knowedit_file(tmp_path / "cf.json")
     common = ["evaluate", "--editor", str(folder), "--task", "counterfact", "--data", str(data), "--no-progress", "--device", "cpu"]
     runs = {}
-    for protocol in ("teacher_forced", "both"):
-        out = tmp_path / f"{protocol}.json"
+    for protocol, ending in (("teacher_forced", ".json"), ("both", ".json.gz")):  # .json.gz: written gzipped, Markdown as FILE.md
+        out = tmp_path / f"{protocol}{ending}"
         args = parser().parse_args([*common, "--protocol", protocol, "--answer-stop", "none", "--output", str(out)])
         assert args.func(args) == 0
-        runs[protocol] = json.loads(out.read_text())
+        runs[protocol] = read_json(out)
+        assert out.read_bytes()[:2] == (b"\x1f\x8b" if ending == ".json.gz" else b"{\n") and (tmp_path / f"{protocol}.md").is_file()
+    assert load_report_json(tmp_path / "both.json.gz").to_dict() == runs["both"]
     tf, both = runs["teacher_forced"]["aggregates"]["counterfact"], runs["both"]["aggregates"]["counterfact"]
     assert set(tf) == {"pre", "post"} and set(both) == {"pre", "post", "gen_pre", "gen_post"}
     assert {k: v["mean"] for k, v in tf["post"].items()} == {k: v["mean"] for k, v in both["post"].items()}

@@ -22,6 +22,7 @@ from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES
 from instructedit.evaluation.report import EvalReport, interval_cell
+from instructedit.io import json_stem
 from instructedit.records import TASKS
 from instructedit.runs import EDITOR_WEIGHTS, editor_sha256
 from instructedit.tasks.collate import ANSWER_STOPS, check_edit_forms
@@ -73,7 +74,8 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="most probe rows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="split seed (and torch seed)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
-    p.add_argument("--output", required=True, metavar="FILE.json", help="report path; the Markdown table goes beside it as FILE.md")
+    p.add_argument("--output", required=True, metavar="FILE.json",
+                   help="report path (FILE.json.gz: gzipped, ~13x smaller for hundreds of cases); the Markdown table goes beside it as FILE.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 
@@ -152,8 +154,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
     check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
     output = Path(args.output)
-    if output.suffix != ".json":
-        raise ValueError(f"--output {output} must end in .json (the Markdown goes beside it as {output.with_suffix('.md').name})")
+    if not output.name.endswith((".json", ".json.gz")):
+        raise ValueError(f"--output {output} must end in .json, or .json.gz for a gzipped report (the Markdown goes beside it "
+                         f"as FILE.md)")
     options = parse_options(args.method_option)
     editor_path = args.editor or options.get("path")
     if args.editor:
@@ -209,7 +212,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
     report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
-    markdown = write_markdown([report], output.with_suffix(".md"))
+    markdown = write_markdown([report], json_stem(output).with_suffix(".md"))
     print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {report.timing['cases_per_s']:.2f} cases/s; "
           "after each edit, % (mean [95 % bootstrap interval], n cases):")
     print("\n".join(headline(report, args.task)))

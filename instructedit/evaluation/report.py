@@ -8,14 +8,13 @@ protocol). Phases: ``pre`` / ``post`` for the teacher-forced protocol (the paper
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from instructedit.evaluation.metrics import FAMILIES, MARGIN, MetricSummary, task_average
-from instructedit.io import atomic_write, write_json
+from instructedit.io import atomic_write, read_json, write_json
 
 COLUMNS = {"reliability": "Rel.", "generalization": "Gen.", "locality": "Loc.", "portability": "Port."}
 PRE_FAMILIES = ("reliability", "generalization", "portability")  # pre-edit locality is 100% by definition
@@ -173,7 +172,7 @@ def write_report_json(report: EvalReport, path: str | Path) -> Path:
 
 
 def load_report_json(path: str | Path) -> EvalReport:
-    return EvalReport.from_dict(json.loads(Path(path).read_text()))
+    return EvalReport.from_dict(read_json(path))
 
 
 # --- Markdown ----------------------------------------------------------------------------------

@@ -6,11 +6,10 @@ question); writes subsets.json beside this script.
     .venv/bin/python results/recommended-zsre-smollm2/subsets.py
 """
 
-import json
 from pathlib import Path
 
 from instructedit.evaluation.generation import bootstrap_ci, normalize_answer, same_answer
-from instructedit.io import write_json
+from instructedit.io import read_json, write_json
 
 HERE = Path(__file__).resolve().parent
 METRICS = [("generation", "gen_post", "gen_reliability"), ("generation", "gen_post", "gen_reliability_plain"),
@@ -22,7 +21,7 @@ METRICS = [("generation", "gen_post", "gen_reliability"), ("generation", "gen_po
 def main() -> None:
     out = {}
     for name in ("ctx1", "paper"):
-        cases = json.loads((HERE / f"{name}-zsre-all.json").read_text())["cases"]
+        cases = read_json(HERE / f"{name}-zsre-all.json.gz")["cases"]
         out[name] = {}
         for label, lo, hi in (("cases 0-299", 0, 300), ("cases 300-1036", 300, len(cases)), ("all", 0, len(cases))):
             row = {}

@@ -8,14 +8,13 @@ generation locality split by whether the unedited answer has words; writes summa
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from instructedit.evaluation.generation import bootstrap_ci, normalize_answer, same_answer
-from instructedit.io import write_json
+from instructedit.io import read_json, write_json
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("zsre-0-300.json", "zsre-300-669.json", "zsre-669-1037.json")
+PARTS = ("zsre-0-300.json.gz", "zsre-300-669.json.gz", "zsre-669-1037.json.gz")
 METRICS = [("generation", "gen_post", "gen_reliability"), ("generation", "gen_post", "gen_reliability_plain"),
            ("generation", "gen_post", "gen_reliability_chat"), ("generation", "gen_post", "gen_generalization"),
            ("generation", "gen_post", "gen_locality"), ("teacher_forced", "post", "reliability"),
@@ -28,7 +27,7 @@ def main() -> None:
     parser.add_argument("--output", default=str(HERE / "summary.json"))
     args = parser.parse_args()
     parts = [Path(p) for p in args.parts] or [HERE / part for part in PARTS]
-    cases = [case for part in parts for case in json.loads(part.read_text())["cases"]]
+    cases = [case for part in parts for case in read_json(part)["cases"]]
     out = {"cases": len(cases), "parts": [p.name for p in parts]}
     for label, lo, hi in (("cases 0-299", 0, 300), ("cases 300-1036", 300, len(cases)), ("all", 0, len(cases))):
         row = {}
