@@ -89,7 +89,9 @@ def read_checkpoint(folder: Path, editor: LearnedEditor, optimizers: Optimizers,
     editor.load_state_dict(type(editor).from_pretrained(folder, device=device).state_dict())
     raw = json.loads((folder / TRAINER_STATE).read_text())
     groups = raw.pop("param_groups")
-    tensors = load_file(str(folder / OPTIMIZER_STATE), device=str(device))
+    # read on the CPU: ``load_state_dict`` moves each state to its parameter's device and dtype, but keeps Adam's ``step``
+    # where it is given (a fresh optimizer's is a CPU scalar; one on a GPU costs a device sync per parameter and step)
+    tensors = load_file(str(folder / OPTIMIZER_STATE), device="cpu")
     for key, opt in optimizers.items():
         if opt is None:
             continue

@@ -201,6 +201,9 @@ class KeyMemory:
             terms.append(self.past_weight * self.past[name])
         if self.text_weight and name in self.text:
             terms.append(self.text_weight * self.text[name])
+        # the sample may have been taken on another device than the edits' keys (an editor moved to the model's GPU after
+        # ``preserve_text``): summed where the first term lives (the caller moves the sum to the solve's device)
+        terms = [t.to(terms[0].device) for t in terms]
         return sum(terms[1:], terms[0]) if terms else None
 
     def remember(self, grams: dict[str, torch.Tensor]) -> None:
@@ -210,7 +213,7 @@ class KeyMemory:
         if self.past_weight:
             for name, gram in grams.items():
                 gram = gram.detach()
-                self.past[name] = gram.clone() if name not in self.past else self.past[name] + gram
+                self.past[name] = gram.clone() if name not in self.past else self.past[name].to(gram.device) + gram
         self.calls += 1
 
     def forget_last(self) -> None:

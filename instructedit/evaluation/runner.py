@@ -36,7 +36,7 @@ from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
     scaled_step_sizes,
 )
-from instructedit.editors.learned import apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
+from instructedit.editors.learned import LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
@@ -365,6 +365,11 @@ def evaluate(
     forms = gen.check_forms(queries)
     start = time.perf_counter()
     device = next(model.parameters()).device
+    if isinstance(editor, LearnedEditor):
+        # beside the weights it edits, as ``InstructEditor.apply`` puts it: an editor loaded on the CPU for a model on a GPU
+        # would hand the decoding hooks (``row_edits``) CPU factors to add to GPU rows
+        edited = dict(model.named_parameters()).get(editor.weights[0].name)
+        editor.to(edited.device if edited is not None else device)
     max_length = max_length or max_input_length(model)
     collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop, edit_forms=edit_forms)
     # an edit made in rounds is made from the case's edit input alone (``rounds_result``): no edit rows in its passes
