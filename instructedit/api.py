@@ -475,7 +475,8 @@ class InstructEditor:
         the keys of the memory's earlier edits (and of its preservation text) still, then adds its own, so
         later edits disturb earlier ones and the rest of the model less (lifelong editing). Pass the same
         memory to later calls to go on from there. ``rollback_to(k)`` re-applies the first ``k`` edits
-        without it.
+        holding what each held (a copy of the memory as the call found it, plus the kept edits before it); rollbacks leave
+        the memory as the call left it.
 
         An edit that would move a weight by more than ``outlier_factor`` (default ``OUTLIER_FACTOR``, 50; None: no
         check) times the median change of the edits kept before it (relative to the weight's norm; once 8 are kept), or to
@@ -488,7 +489,7 @@ class InstructEditor:
         editor = self.editor_for(model, tokenizer)
         scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
-        weights = SequentialWeightEdits(model, editor, scale)
+        weights = SequentialWeightEdits(model, editor, scale, memory)
         refused: list[int] = []
         outliers = OutlierEdits(outlier_factor) if outlier_factor is not None else None
         try:

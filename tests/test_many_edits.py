@@ -1212,3 +1212,31 @@ def test_batch_study_makes_its_single_edits_without_the_calls_key_memory(tiny_ll
     assert any(held["points"][0][k] != plain["points"][0][k] for k in keys)  # the call holds the study's sample still
     assert any(bare["single"][k] != plain["single"][k] for k in keys)  # no sample of its own: made with the study's
     assert all(bare["points"][0][k] == held["points"][0][k] for k in keys)  # the memory replaces an own sample in the calls
+
+
+def test_rollback_to_re_applies_edits_made_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """apply_sequential(memory=...) then rollback_to(k): the first k edits are made again holding the keys they were made
+    holding (the memory as it was when the sequence began, plus the kept edits before each), so they come back bit for bit,
+    equal to a sequence of those k edits alone; the caller's memory is left as the sequence left it."""
+    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.api import Edit, load_editor
+
+    model, tok = load_model(str(tiny_llama_dir))
+    loaded = load_editor(_saved_editor(tiny_llama_dir, tmp_path / "ls", "least_squares", step=-0.002))
+    editor = loaded.editor_for(model, tok)
+    edits = [Edit(prompt=r.prompt, target=r.target_new, task="zsre") for r in many_records(3)]
+
+    def memory():
+        return key_memory(editor, model, Collator(tok, 64), locality_texts(many_records(6)[3:]), past_weight=1.0, text_weight=10.0)
+
+    before = _state(model)
+    with loaded.apply_sequential(model, edits[:2], tok, memory=memory()):
+        want_two = _state(model)
+    held = memory()
+    with loaded.apply_sequential(model, edits, tok, memory=held) as edited:
+        remembered = (dict(held.past), held.calls)
+        assert any(not torch.equal(want_two[k], v) for k, v in _state(model).items())
+        edited.rollback_to(2)
+        assert all(torch.equal(want_two[k], v) for k, v in _state(model).items())
+        assert held.calls == remembered[1] == 3 and all(held.past[k] is v for k, v in remembered[0].items())
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items())

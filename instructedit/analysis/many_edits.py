@@ -340,7 +340,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
     base_ppl = perplexity(model, collator, texts, batch_size)
     # Weight edits are kept as ONE sequence holding one copy of the original weights (not one copy per call:
     # 1,000 MEND edits of the default model would hold 30 GiB); editors that add hooks keep a handle per call.
-    weights, handles, points, done = SequentialWeightEdits(model, editor, step_scale), [], [], 0
+    weights, handles, points, done = SequentialWeightEdits(model, editor, step_scale, memory), [], [], 0
     refused: list[int] = []  # edits not kept: their update would have wrecked the model (``OutlierEdits``)
     outliers = OutlierEdits()
     marks = sequential_schedule(edits)

@@ -9,6 +9,7 @@ the model is edited in place and the handle restores it exactly (``rollback()``,
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import zlib
@@ -249,12 +250,16 @@ class SequentialWeightEdits(EditHandle):
     and re-applies the first ``k`` edits with the editor (``k`` edit computations: float addition is
     not invertible, so later updates cannot be subtracted), checking each re-applied weight against
     the CRC-32 recorded when the edit was first made, at the step sizes × ``step_scale`` the edits were made at (a learned
-    editor's many-edit multiplier, ``scaled_step_sizes``).
+    editor's many-edit multiplier, ``scaled_step_sizes``) and, for edits made with a key memory (``memory``), holding
+    what they held: the memory as the sequence found it, plus the keys of the kept edits before each (a copy; the
+    caller's memory is left as the sequence left it, by this as by ``rollback``).
     """
 
-    def __init__(self, model: nn.Module, editor: Editor, step_scale: float = 1.0) -> None:
+    def __init__(self, model: nn.Module, editor: Editor, step_scale: float = 1.0, memory: KeyMemory | None = None) -> None:
         super().__init__()
         self.model, self.editor, self.step_scale = model, editor, step_scale
+        # the memory's sums are replaced, never written in place: references keep its state as the sequence found it
+        self._memory, self._memory_start = memory, (dict(memory.past), memory.calls) if memory is not None else None
         self._originals: dict[str, torch.Tensor] = {}
         self._batches: list[TokenBatch] = []
         self._digests: list[dict[str, int]] = []  # per edit: weight it wrote -> CRC-32 right after it
@@ -285,9 +290,14 @@ class SequentialWeightEdits(EditHandle):
         batches, digests = self._batches[:k], self._digests[:k]
         self._restore()
         self._batches, self._digests = [], []
+        replay = None
+        if self._memory is not None:
+            replay = copy.copy(self._memory)
+            replay.past, replay.calls = dict(self._memory_start[0]), self._memory_start[1]
         for j, (batch, expected) in enumerate(zip(batches, digests), start=1):
             try:
-                with scaled_step_sizes(self.editor, self.step_scale):
+                remembering = self.editor.remembering(replay) if replay is not None else contextlib.nullcontext()
+                with remembering, scaled_step_sizes(self.editor, self.step_scale):
                     self.editor.apply(self.model, batch).keep()
             except BaseException:
                 self.rollback()
