@@ -595,8 +595,9 @@ def greedy_loop(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, budgets
             is_blank = torch.isin(nxt, blank)
             stop = (torch.isin(nxt, newline) & (started | ~is_blank)) | is_eos
             started |= ~is_blank
+            said = nxt.tolist()  # one device-to-host copy a step (int(nxt[r]) per row syncs a GPU once per row)
             for r in (~done & ~is_eos).nonzero()[:, 0].tolist():
-                tokens[active[r]].append(int(nxt[r]))  # a newline token is kept: text before its newline belongs to the answer
+                tokens[active[r]].append(said[r])  # a newline token is kept: text before its newline belongs to the answer
             done |= stop | (step + 1 >= limit)
             if bool(done.all()):
                 break

@@ -219,7 +219,8 @@ def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torc
         pair: list[Seed] = []
         for logits, ids, edited in ((pre[at], pre_ids[at], False), (post[at], post_ids[at], True)):
             j, limit = 0, min(len(targets), query.budget) - 1  # the seed's logits give one more token
-            while j < limit and int(ids[j]) == targets[j] and targets[j] not in stops:
+            ids = ids.tolist()  # one device-to-host copy (int(ids[j]) per token syncs a GPU once per token)
+            while j < limit and ids[j] == targets[j] and targets[j] not in stops:
                 j += 1
             keep = index[: prompt_length + j]
             layers = [after.layers[l] if edited and l >= first_edited else layer for l, layer in enumerate(before.layers)]
