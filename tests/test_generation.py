@@ -857,3 +857,23 @@ def test_prefill_groups_the_prompts_it_prefills_where_a_shared_start_pays():
     # the short prompts prefill together in one pass (before, the seeded twin made the first plain prompt a group of its
     # own, one pass for one row); the templated ones in one with their 30 tokens passed once; the seeded one last
     assert chunks == [([3, 4, 5, 0, 1, 2], 0), (list(range(6, 12)), 30), ([12], None)]
+
+
+def test_evaluate_and_edit_a_bfloat16_model(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--dtype bfloat16 loads the model to edit in bfloat16 (the editor stays float32): evaluate with both protocols and a
+    single edit run on it, the report records the precision, and the weights come back bit for bit."""
+    from instructedit.cli import main
+
+    _, _, editor = setup(tiny_llama_dir)
+    folder = editor.save_pretrained(tmp_path / "editor")
+    data = knowedit_file(tmp_path / "cf.json")
+    out = tmp_path / "bf16.json"
+    assert main(["evaluate", "--editor", str(folder), "--model", str(tiny_llama_dir), "--task", "counterfact", "--data", str(data),
+                 "--device", "cpu", "--dtype", "bfloat16", "--no-progress", "--output", str(out)]) == 0
+    report = load_report_json(out)
+    assert report.settings.model_dtype == "bfloat16" and report.restoration["verified"]
+    post = report.aggregates["counterfact"]
+    assert 0 <= post["post"]["reliability"].mean <= 1 and 0 <= post["gen_post"]["gen_locality"].mean <= 1
+    assert main(["edit", "--editor", str(folder), "--model", str(tiny_llama_dir), "--device", "cpu", "--dtype", "bfloat16",
+                 "--prompt", "The capital of France is", "--target", "Rome"]) == 0
+    assert "restored" in capsys.readouterr().out

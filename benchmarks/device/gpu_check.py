@@ -20,7 +20,8 @@ Stages, in order of what matters most:
 - ``batch_edit`` (issue "Many edits": seconds per edit at N = 256 at most 1/20 of a single edit's):
   benchmarks/bench_batch_edit.py on CUDA, single edits as a user makes them against 256 held-out ZsRE edits in one call
   at 1, 8 and 32 rounds, holding the NQ sample still as the best held-out call does.
-- ``evaluate``: 64 held-out ZsRE cases teacher-forced and with both protocols (cases per second, the two side by side).
+- ``evaluate``: 64 held-out ZsRE cases teacher-forced and with both protocols (cases per second, the two side by side),
+  and with both protocols on a bfloat16 model (``--dtype bfloat16``).
 - ``api``: benchmarks/device/api_check.py: ``apply``, ``apply_sequential`` with a key memory, ``rollback_to`` and the
   evaluation runner from Python, with editors loaded on the CPU as ``load_editor`` loads them by default.
 - ``edit``: ``instructedit edit`` on CUDA, what the model says before and after.
@@ -207,16 +208,17 @@ class Check:
 
     def stage_evaluate(self) -> dict:
         found, runs = {}, []
-        for protocol in ("teacher_forced", "both"):
-            output = self.out / f"eval-{protocol}.json"
+        for protocol, dtype in (("teacher_forced", "float32"), ("both", "float32"), ("both", "bfloat16")):
+            label = protocol if dtype == "float32" else f"{protocol}-{dtype}"
+            output = self.out / f"eval-{label}.json"
             record = self.sh([*CLI, "evaluate", "--editor", str(self.editor), "--model", str(self.model), "--task", "zsre",
-                              "--limit", str(self.cases), "--protocol", protocol, "--device", self.device, "--no-progress",
-                              "--output", str(output)], 120)
+                              "--limit", str(self.cases), "--protocol", protocol, "--dtype", dtype, "--device", self.device,
+                              "--no-progress", "--output", str(output)], 120)
             runs.append(record)
             if output.is_file():
                 report = json.loads(output.read_text())
-                found[protocol] = report["timing"]
-                (self.out / f"eval-{protocol}.md").unlink(missing_ok=True)  # at most 8 files come back
+                found[label] = report["timing"]
+                (self.out / f"eval-{label}.md").unlink(missing_ok=True)  # at most 8 files come back
         result = {"runs": runs, "found": found}
         if any(r.get("status") for r in runs):
             result["status"] = "failed"

@@ -116,19 +116,29 @@ def load_editor_model(editor_dir: str, model: str | None, device: str) -> tuple[
     return m, tok, name
 
 
-def load_editor_and_model(source: str, model: str | None, instruction: str | None, device: str) -> tuple[Any, Any, Any, str]:
+def load_editor_and_model(source: str, model: str | None, instruction: str | None, device: str,
+                          dtype: str = "float32") -> tuple[Any, Any, Any, str]:
     """A trained editor (``api.load_editor``: instruction, template and answer stop as it was trained) and the model to edit.
 
-    The model is the one ``--model`` names, else the one the editor was trained for, else the default;
-    returned with its tokenizer and name: ``(editor, model, tokenizer, name)``.
+    The model is the one ``--model`` names, else the one the editor was trained for, else the default, loaded in
+    ``dtype`` (``--dtype``); returned with its tokenizer and name: ``(editor, model, tokenizer, name)``.
     """
     from instructedit.api import load_editor
     from instructedit.models.loading import load_model
 
     editor = load_editor(source, instruction=instruction, device=device)
     name = model or editor.model_name or DEFAULT_MODEL
-    m, tok = load_model(name, device=device)
+    m, tok = load_model(name, dtype=dtype, device=device)
     return editor, m, tok, name
+
+
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dtype``: the precision the model to edit is loaded in (the editor's own weights stay float32)."""
+    from instructedit.models.loading import DTYPES
+
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="precision of the model's weights (default float32; bfloat16 halves a large model's memory on a "
+                             "GPU; the editor stays float32 and each edit is added in float32, then rounded once)")
 
 
 def per_editor(values: list[str], editors: list[str], flag: str, default: Any) -> list[Any]:

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_from_arguments,
-    load_editor_and_model,
+    add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments,
+    key_memory_from_arguments, load_editor_and_model,
 )
 from instructedit.records import SENTIMENTS, TASKS
 
@@ -56,6 +56,7 @@ def add_edit_parser(subparsers: Any) -> None:
     edit.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="length of the greedy continuation (default 20)")
     edit.add_argument("--top-k", type=int, default=5, metavar="K", help="next-token predictions to show (default 5)")
     edit.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    add_dtype_argument(edit)
     edit.set_defaults(func=run_edit)
 
 
@@ -111,7 +112,7 @@ def run_edit(args: argparse.Namespace) -> int:
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         if args.output and Path(args.output).is_dir():
             raise ValueError(f"--output {args.output} is a folder; name the JSON Lines file to write")
-        editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
+        editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
         if args.sample_weight is not None and getattr(editor.editor, "preservation", None) is None:
             raise ValueError(f"--sample-weight: {args.editor} has no preservation sample of its own (instructedit calibrate --preserve "
                              "saves one)")
@@ -128,7 +129,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise ValueError("--key-memory holds earlier edits still while editing a --file one after another; a single --prompt edit has none")
     check_key_memory_arguments(args, needs="--file EDITS.jsonl --sequential --key-memory")
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
-    editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device))
+    editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
     asked = editor.asked(edit, tok)  # wrapped, plain and (a chat template) the question as a chat user turn
     wrapped, chat = asked["wrapped"], asked.get("chat")
     _check_fits(model, tok, editor, [edit], ["--prompt"], args)  # before the model runs

@@ -13,7 +13,7 @@ import yaml
 
 from instructedit.api import instruction_setup, query_setup, untrained_queries
 from instructedit.commands.common import (
-    add_key_memory_arguments, check_key_memory_arguments, key_memory_from_arguments, load_eval_records,
+    add_dtype_argument, add_key_memory_arguments, check_key_memory_arguments, key_memory_from_arguments, load_eval_records,
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
@@ -74,6 +74,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=int, default=16, metavar="N", help="most probe rows per forward pass")
     p.add_argument("--seed", type=int, default=0, help="split seed (and torch seed)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    add_dtype_argument(p)
     p.add_argument("--output", required=True, metavar="FILE.json",
                    help="report path (FILE.json.gz: gzipped, ~13x smaller for hundreds of cases); the Markdown table goes beside it as FILE.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -191,7 +192,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    model, tokenizer = load_model(model_name, device=device)
+    model, tokenizer = load_model(model_name, dtype=args.dtype, device=device)
     editor = make_editor(method, model, tokenizer, options)
     memory = None
     if args.key_memory:  # the sample leaves out the locality prompts this run scores

@@ -63,6 +63,7 @@ class EvalSettings:
     generation_margin: int | None = None  # answer tokens allowed beyond the target's length
     judge: str | None = None  # the LLM judge of gen_reliability_judge, if any
     device: str = ""
+    model_dtype: str = ""  # the model's weights' precision (evaluate --dtype); "" in reports from before it was recorded
     torch_version: str = ""
     date: str = ""
 
