@@ -20,7 +20,7 @@ import platform
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plain-kernels-too", action="store_true",
                         help="also time both protocols and the teacher-forced one with BLAS linears and PyTorch's fused attention only "
                              "($INSTRUCTEDIT_FAST_KERNELS=0), interleaved: what fast_linears and decode_attention save")
+    parser.add_argument("--bfloat16-too", action="store_true",
+                        help="also time both protocols and the teacher-forced one on the model loaded in bfloat16 (evaluate "
+                             "--dtype bfloat16), interleaved: what half precision saves on this CPU, and how many answers it changes")
     parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -149,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     def naive() -> tuple[float, float, list]:
         return timed(lambda: naive_evaluate(model, tokenizer, editor, records, pool, instruction))
 
+    half = replace(setup, model=load_model(args.model, dtype="bfloat16")[0]) if args.bfloat16_too else None
     logger.info("warm-up")
     setup.evaluate("both", records[:3])
+    if half is not None:
+        half.evaluate("both", records[:3])
     if not args.no_naive:
         naive_evaluate(model, tokenizer, editor, records[:3], pool, instruction)
     times: dict[str, list[float]] = {"batched": [], "naive": [], "batched_cpu": [], "naive_cpu": [], "both": [], "both_cpu": []}
@@ -175,6 +181,12 @@ def main(argv: list[str] | None = None) -> int:
             if answers(plain) != answers(both):
                 logger.warning("the plain kernels gave other answers than the fast ones (float rounding at a near tie)")
             times.setdefault("plain_kernels_same_answers", []).append(answers(plain) == answers(both))
+        if half is not None:
+            for key, protocol in (("batched_bfloat16", "teacher_forced"), ("both_bfloat16", "both")):
+                wall, cpu, halved = timed(lambda: half.evaluate(protocol))
+                times.setdefault(key, []).append(wall), times.setdefault(f"{key}_cpu", []).append(cpu)
+            pairs = zip((x for case in answers(halved) for x in case), (x for case in answers(both) for x in case))
+            times["bfloat16_answers_differing"] = [sum(a != b for a, b in pairs)]  # (before, after) answer pairs
         if not args.no_naive:
             wall, cpu, naive_results = naive()
             times["naive"].append(wall), times["naive_cpu"].append(cpu)
@@ -244,6 +256,15 @@ def protocol_summary(tf_report, both_report, times: dict[str, list[float]]) -> d
                               "teacher_forced_over_fast": statistics.median(times["batched_plain_kernels"]) / tf_s,
                               "same_answers": all(times["plain_kernels_same_answers"])}}
            if "both_plain_kernels" in times else {}),
+        **({"bfloat16": {"teacher_forced_seconds": times["batched_bfloat16"], "both_seconds": times["both_bfloat16"],
+                         "teacher_forced_cases_per_s": n / statistics.median(times["batched_bfloat16"]),
+                         "both_cases_per_s": n / statistics.median(times["both_bfloat16"]),
+                         "cost_of_generation": statistics.median(times["both_bfloat16"]) / statistics.median(times["batched_bfloat16"]),
+                         "both_over_float32": statistics.median(times["both_bfloat16"]) / both_s,
+                         "teacher_forced_over_float32": statistics.median(times["batched_bfloat16"]) / tf_s,
+                         "answer_pairs_differing_from_float32": times["bfloat16_answers_differing"][0],  # last repeat's
+                         "answer_pairs": sum(len(c.answers) for c in both_report.cases)}}
+           if "both_bfloat16" in times else {}),
         "post_edit_generation": {k: s.mean for k, s in gen_post.items() if "/" not in k},
     }
 
