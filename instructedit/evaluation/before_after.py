@@ -29,7 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -320,8 +320,11 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     per_loop = max(batch_size, (decode_rows or decode_rows_for(model)) // (variants + 1))  # prompts decoded in one loop
     checked = getattr(model, _REPLAY_CHECKED, False)  # once per model: the check costs a replay of the edited blocks
     starts: dict[tuple[int, ...], _SharedStart] = {}  # leading tokens of several batches: they pass the model once
-    # an earlier call's cache memory (no page faults); prefills too through oneDNN where it is faster (``fast_linears``)
-    with DecodeMemory.for_model(model).claim() as memory, fast_linears(model):
+    # an earlier call's cache memory (no page faults; on a GPU the caching allocator reuses freed memory, and a block kept
+    # with the model would hold gigabytes between calls, through training too); prefills too through oneDNN where it is
+    # faster (``fast_linears``)
+    kept = DecodeMemory.for_model(model).claim() if next(model.parameters()).device.type == "cpu" else nullcontext()
+    with kept as memory, fast_linears(model):
         while chunks:
             group: list[tuple[list[int], int | None]] = []
             while chunks and (not group or sum(len(r) for r, _ in group) + len(chunks[0][0]) <= per_loop):
