@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
@@ -76,14 +77,17 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     try:
         for start in tqdm(range(0, len(cases), CASES_TOGETHER), desc="generation at each multiplier", unit="group", disable=not progress):
             group = range(start, min(start + CASES_TOGETHER, len(cases)))
-            if rounds == 1:  # the update is linear in α: one per record, which each multiplier scales
-                updates = [[_detached(editor.edit(model, cases[i][2].to(device))) for i in group]] * len(scales)
-                variant_scales = scales
-            else:  # in rounds: made anew at each multiplier
-                updates, variant_scales = [], None
-                for scale in scales:
-                    with scaled_step_sizes(editor, scale):
-                        updates.append([_detached(rounds_result(editor, model, cases[i][2].to(device), rounds)) for i in group])
+            # edits made as evaluate and apply make them, without gradients: a least-squares editor's thin float64 solve
+            # (with gradients on, its dense float32 d_in-sized one, and a graph kept until _detached)
+            with torch.no_grad():
+                if rounds == 1:  # the update is linear in α: one per record, which each multiplier scales
+                    updates = [[_detached(editor.edit(model, cases[i][2].to(device))) for i in group]] * len(scales)
+                    variant_scales = scales
+                else:  # in rounds: made anew at each multiplier
+                    updates, variant_scales = [], None
+                    for scale in scales:
+                        with scaled_step_sizes(editor, scale):
+                            updates.append([_detached(rounds_result(editor, model, cases[i][2].to(device), rounds)) for i in group])
             records = [cases[i][0] for i in group]
             prompts = [q for i in group for q in (*cases[i][1], cases[i][0].locality[0].prompt)]
             budgets = [answer_budget(tokenizer, a) for r in records for a in ((r.target_new,) * len(forms) + (r.locality[0].answer,))]
