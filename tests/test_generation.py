@@ -752,6 +752,8 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
     assert report["settings"]["judge"] == "judge:openai:fake" and report["settings"]["protocol"] == "generation"
     post = report["aggregates"]["counterfact"]["gen_post"]
     assert post["gen_reliability_judge"]["mean"] == 0.0 and post["gen_reliability_judge"]["protocol"] == "generation"
+    args = parser().parse_args([*common, "--protocol", "teacher_forced", "--output", str(tmp_path / "x-1.5.json.gz")])
+    assert args.func(args) == 0 and (tmp_path / "x-1.5.md").is_file()  # the Markdown keeps the name's own dots
 
 
 def test_prefill_batches_are_cut_where_padding_costs_more_than_a_pass():
