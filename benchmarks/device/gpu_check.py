@@ -47,6 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 KIT = ROOT / ".device"  # filled by prepare.sh
 CLI = [sys.executable, "-m", "instructedit.cli"]
+# what a GPU or bfloat16 may show first (AUDIT.md beside this script): the fast paths' checks falling back, rollback's check
+FALLBACKS = ("does not reproduce", "packed rows differ", "packed inputs do not reproduce", "not deterministic", "Traceback")
 STAGES = ("env", "model", "train", "calibrate", "batch_edit", "evaluate", "api", "edit", "train_bf16", "resume")
 
 
@@ -127,6 +129,9 @@ class Check:
             text = (stopped.stdout or b"").decode(errors="replace") + (stopped.stderr or b"").decode(errors="replace")
         record = {"command": " ".join(str(c) for c in command), "rc": code, "wall_s": round(time.monotonic() - began, 1),
                   "limit_s": round(limit), "output_tail": text[-2500:]}
+        flagged = [line[:300] for line in text.splitlines() if any(f in line for f in FALLBACKS)]
+        if flagged:  # anywhere in the output, not only its tail
+            record["flagged_lines"] = flagged[:20]
         if code != 0:
             record["status"] = "failed" if code != "timeout" else "timeout"
         return record
