@@ -155,9 +155,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
     check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
     output = Path(args.output)
-    if not output.name.endswith((".json", ".json.gz")):
-        raise ValueError(f"--output {output} must end in .json, or .json.gz for a gzipped report (the Markdown goes beside it "
-                         "as FILE.md)")
+    try:
+        markdown_path = Path(f"{json_stem(output)}.md")  # not with_suffix: a name like x-1.5 keeps its ".5"
+    except ValueError as error:
+        raise ValueError(f"--output {error} (.json.gz: a gzipped report; the Markdown goes beside it as FILE.md)") from None
     options = parse_options(args.method_option)
     editor_path = args.editor or options.get("path")
     if args.editor:
@@ -213,7 +214,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                       step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
     report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
     write_report_json(report, output)
-    markdown = write_markdown([report], f"{json_stem(output)}.md")  # not with_suffix: a name like x-1.5 keeps its ".5"
+    markdown = write_markdown([report], markdown_path)
     print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {report.timing['cases_per_s']:.2f} cases/s; "
           "after each edit, % (mean [95 % bootstrap interval], n cases):")
     print("\n".join(headline(report, args.task)))

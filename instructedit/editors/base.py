@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from instructedit.editors.aggregation import remembering
 from instructedit.records import TokenBatch
 
 if TYPE_CHECKING:
@@ -296,8 +297,7 @@ class SequentialWeightEdits(EditHandle):
             replay.past, replay.calls = dict(self._memory_start[0]), self._memory_start[1]
         for j, (batch, expected) in enumerate(zip(batches, digests), start=1):
             try:
-                remembering = self.editor.remembering(replay) if replay is not None else contextlib.nullcontext()
-                with remembering, scaled_step_sizes(self.editor, self.step_scale):
+                with remembering(self.editor, replay), scaled_step_sizes(self.editor, self.step_scale):
                     self.editor.apply(self.model, batch).keep()
             except BaseException:
                 self.rollback()
