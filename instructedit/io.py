@@ -48,6 +48,15 @@ def read_json(path: str | Path) -> Any:
     return json.loads(gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw)
 
 
+def append_jsonl(path: str | Path, entry: Any) -> None:
+    """Append ``entry`` to ``path`` as one JSON line, in one write, flushed to the disk before returning: a crash leaves at
+    most the last line cut short, which a reader can tell and drop."""
+    with open(path, "a") as f:
+        f.write(json.dumps(entry, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def json_stem(path: str | Path) -> Path:
     """``path`` without its .json or .json.gz ending: where a report's Markdown (``.md``) and figures go beside it."""
     path = Path(path)

@@ -458,6 +458,90 @@ def test_cases_answered_together_equal_one_case_at_a_time(tiny_model_dir: Path) 
     assert {name: p._version for name, p in model.named_parameters()} == versions  # weights never written
 
 
+class Interrupted(Exception):
+    """Stands for Ctrl-C or a killed process, right after some results were saved."""
+
+
+@pytest.mark.parametrize(("protocol", "together"), [("both", 4), ("teacher_forced", 32)])
+def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_report(tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       protocol: str, together: int) -> None:
+    from instructedit.evaluation.cache import PartialEvaluation, evaluate_resuming, partial_path
+    from instructedit.evaluation.report import EvalSettings
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    many = records() * 3  # nine cases: with answers, groups of four, four and one; teacher-forced only, one case at a time
+    options = {"protocol": protocol, "cases_together": together, "progress": False}
+    settings = EvalSettings(task="mixed", method="mend", editor_sha256="0" * 64)
+    whole = evaluate_resuming(tmp_path / "whole.json", model, tokenizer, editor, many, POOL, 0, settings, **options)
+    assert not partial_path(tmp_path / "whole.json").exists() and "resumed_cases" not in whole.timing
+
+    saved: list[int] = []
+    real_append = PartialEvaluation.append
+
+    def append_then_stop(self, results):
+        real_append(self, results)
+        saved.append(len(results))
+        if len(saved) == 2:
+            raise Interrupted
+
+    out = tmp_path / "eval.json.gz"
+    monkeypatch.setattr(PartialEvaluation, "append", append_then_stop)
+    with pytest.raises(Interrupted):
+        evaluate_resuming(out, model, tokenizer, editor, many, POOL, 0, settings, **options)
+    first = sum(saved)
+    assert first == (8 if protocol == "both" else 2) and not out.exists()
+    lines = partial_path(out).read_text().splitlines()
+    assert json.loads(lines[0])["partial_evaluation"]["protocol"] == protocol and len(lines) == 3
+    monkeypatch.setattr(PartialEvaluation, "append", real_append)
+
+    scored: list[int] = []
+    real_evaluate = evaluate
+    import instructedit.evaluation.cache as cache
+    monkeypatch.setattr(cache, "evaluate", lambda *a, **k: scored.append(len(k["done"])) or real_evaluate(*a, **k))
+    resumed = evaluate_resuming(out, model, tokenizer, editor, many, POOL, 0, settings, **options)
+    assert scored == [first] and resumed.timing["resumed_cases"] == first
+    assert [c.index for c in resumed.cases] == list(range(9))
+    assert resumed.cases == whole.cases  # every number and answer, the saved ones and those scored now, to the bit
+    assert resumed.aggregates == whole.aggregates
+    assert not partial_path(out).exists() and read_json(out)["timing"]["resumed_cases"] == first
+
+
+def test_a_partial_evaluation_of_another_question_is_refused_and_a_cut_line_dropped(tiny_model_dir: Path, tmp_path: Path,
+                                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.evaluation.cache import PartialEvaluation, evaluate_resuming, partial_path
+    from instructedit.evaluation.report import EvalSettings
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    settings = EvalSettings(task="mixed", method="mend", editor_sha256="0" * 64)
+    out = tmp_path / "eval.json"
+    evaluate_resuming(out, model, tokenizer, editor, records(), POOL, 0, settings, progress=False, protocol="teacher_forced")
+    report = load_report_json(out)
+    path = partial_path(out)
+    identity = {"protocol": "both", "cases_together": 32}
+    partial = PartialEvaluation(path, identity)
+    assert partial.resume() == [] and path.is_file()
+    partial.append(report.cases[:2])
+    with open(path, "a") as f:
+        f.write('{"cases": [{"index": 2, "sou')  # the run was killed while writing its next group
+    with caplog.at_level("WARNING"):
+        assert PartialEvaluation(path, identity).resume() == report.cases[:2]
+    assert "line 3 was cut short" in caplog.text and len(path.read_text().splitlines()) == 2  # rewritten whole
+    other = PartialEvaluation(path, identity | {"protocol": "teacher_forced"})
+    with pytest.raises(ValueError, match=r"unfinished evaluation with different protocol \(e.g. protocol: 'both' there, "
+                                         r"'teacher_forced' now\); pass --restart"):
+        other.resume()
+    assert other.resume(restart=True) == [] and len(path.read_text().splitlines()) == 1
+    path.write_text("not json\n{}\n")
+    with pytest.raises(ValueError, match=r"eval.partial.jsonl, line 1: not JSON"):
+        PartialEvaluation(path, identity).resume()
+    # results that are not this evaluation's cases (another data file under the same name) are refused by the runner
+    stranger = dataclasses.replace(report.cases[0], source="other.json#0")
+    with pytest.raises(ValueError, match=r"not one of this evaluation's cases: it is for other.json#0 \(counterfact\) at index 0"):
+        evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, done=[stranger])
+    with pytest.raises(ValueError, match="sequential evaluation keeps every edit"):
+        evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, sequential=True, done=report.cases[:1])
+
+
 def test_progress_bar_counts_cases_and_says_when_a_group_decodes(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The bar does not sit silently at a group's end: while its answers decode it says so, then clears the note."""
     from instructedit.evaluation import runner

@@ -344,6 +344,46 @@ def test_evaluate_command_writes_json_and_markdown(tiny_llama_dir: Path, tmp_pat
     assert "| method |" in md and "counterfact Rel." in md
 
 
+def test_evaluate_command_resumes_an_interrupted_run(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from instructedit.evaluation.cache import PartialEvaluation
+
+    _, _, editor = setup(tiny_llama_dir)
+    editor.save_pretrained(tmp_path / "editor")
+    data = knowedit_file(tmp_path / "cf.json")
+    argv = ["evaluate", "--editor", str(tmp_path / "editor"), "--task", "counterfact", "--data", str(data), "--no-progress",
+            "--device", "cpu", "--protocol", "teacher_forced"]
+    whole = parser().parse_args([*argv, "--output", str(tmp_path / "whole.json")])
+    assert whole.func(whole) == 0
+    out = tmp_path / "eval.json"
+    real_append = PartialEvaluation.append
+
+    def append_then_stop(self, results):  # killed right after the first case was saved
+        real_append(self, results)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PartialEvaluation, "append", append_then_stop)
+    def run(*more: str) -> int:  # parsed anew each time: a run fills in the key memory's defaults
+        args = parser().parse_args([*argv, "--output", str(out), *more])
+        return args.func(args)
+
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    assert not out.exists() and (tmp_path / "eval.partial.jsonl").is_file()
+    monkeypatch.setattr(PartialEvaluation, "append", real_append)
+    capsys.readouterr()
+    assert run() == 0
+    assert "2 cases, " in (said := capsys.readouterr().out) and "over the 1 scored now, 1 resumed from an interrupted run" in said
+    resumed, first = json.loads(out.read_text()), json.loads((tmp_path / "whole.json").read_text())
+    assert resumed["timing"]["resumed_cases"] == 1 and resumed["cases"] == first["cases"] and resumed["aggregates"] == first["aggregates"]
+    assert not (tmp_path / "eval.partial.jsonl").exists()
+    # a partial file left by another question is not taken over, nor silently overwritten
+    (tmp_path / "eval.partial.jsonl").write_text(json.dumps({"partial_evaluation": {"protocol": "both"}}) + "\n")
+    with pytest.raises(ValueError, match="holds an unfinished evaluation with different .*pass --restart"):
+        run()
+    assert run("--restart") == 0 and "resumed_cases" not in json.loads(out.read_text())["timing"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

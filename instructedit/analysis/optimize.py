@@ -21,7 +21,7 @@ from typing import Any
 
 from instructedit.analysis import plots
 from instructedit.analysis.proposers import MAX_CHARS, PLACEHOLDER_TASKS, Message, Proposer, parse_candidates
-from instructedit.io import write_json
+from instructedit.io import append_jsonl, write_json
 from instructedit.records import TASKS, EditRecord
 from instructedit.tasks.instructions import InstructionPool
 
@@ -180,7 +180,7 @@ def optimize_instructions(proposer: Proposer, scorer: Scorer, settings: Optimize
 
     if settings.baseline and base_descriptions:
         record(0, score_all(base_descriptions, "base pool"), [], None)
-        _append(log_path, rounds[-1] | {"stale_rounds": 0})
+        append_jsonl(log_path, rounds[-1] | {"stale_rounds": 0})
     for round_no in range(1, settings.rounds + 1):
         messages = build_messages(task, pool.template, scored, base_descriptions, settings.candidates, settings)
         raw = proposer.complete(messages, settings.candidates)
@@ -190,7 +190,7 @@ def optimize_instructions(proposer: Proposer, scorer: Scorer, settings: Optimize
             logger.warning("round %d: the proposer's answer held no usable candidate (%d lines rejected)", round_no, len(rejected))
         improved = record(round_no, score_all(candidates, f"round {round_no}"), rejected, raw)
         stale = 0 if improved else stale + 1
-        _append(log_path, rounds[-1] | {"messages": messages, "stale_rounds": stale})
+        append_jsonl(log_path, rounds[-1] | {"messages": messages, "stale_rounds": stale})
         best = scored[0] if scored else None
         logger.info("round %d: %d candidates, best %s (%d round(s) without improvement)", round_no, len(candidates),
                     _fmt(best["metrics"]) if best else "–", stale)
@@ -215,11 +215,6 @@ def optimize_instructions(proposer: Proposer, scorer: Scorer, settings: Optimize
     }
     write_json(output / "optimize.json", summary)
     return summary
-
-
-def _append(path: Path, entry: Mapping[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(entry, default=str) + "\n")
 
 
 # --- the trial editor as scorer ------------------------------------------------------------------------

@@ -77,6 +77,9 @@ def add_evaluate_parser(subparsers: Any) -> None:
     add_dtype_argument(p)
     p.add_argument("--output", required=True, metavar="FILE.json",
                    help="report path (FILE.json.gz: gzipped, ~13x smaller for hundreds of cases); the Markdown table goes beside it as FILE.md")
+    p.add_argument("--restart", action="store_true",
+                   help="score every case again, ignoring the cases an interrupted run of the same evaluation kept in FILE.partial.jsonl "
+                        "(by default the run resumes from them; --sequential always starts over)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 
@@ -140,8 +143,8 @@ def make_judge(args: argparse.Namespace) -> LLMJudge:
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from instructedit.editors.registry import EDITORS, make_editor, saved_method
-    from instructedit.evaluation.report import EvalSettings, write_markdown, write_report_json
-    from instructedit.evaluation.runner import evaluate
+    from instructedit.evaluation.cache import evaluate_resuming
+    from instructedit.evaluation.report import EvalSettings, write_markdown
     from instructedit.models.loading import load_model, resolve_device
 
     # Everything that can be checked without loading a model fails first.
@@ -207,15 +210,19 @@ def run_evaluate(args: argparse.Namespace) -> int:
         editor_sha256=editor_sha256(editor_path) if weights is not None and weights.is_file() else None,
         model_name=model_name, limit=args.limit, **where,
     )
-    report = evaluate(model, tokenizer, editor, records, pool, instruction, batch_size=args.batch_size,
-                      sequential=args.sequential, progress=not args.no_progress, settings=settings, protocol=args.protocol,
-                      answer_stop=answer_stop, edit_forms=edit_forms, queries=forms, generation_batch_size=args.generation_batch_size, judge=judge,
-                      memory=memory, edit_rounds=edit_rounds,
-                      step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
-    report.skipped = [*load_skipped, *report.skipped]  # the loader's skips beside the runner's (records too long)
-    write_report_json(report, output)
+    # written to --output as it ends (the loader's skips beside the runner's); meanwhile every finished case is kept in
+    # FILE.partial.jsonl, from which a rerun resumes
+    report = evaluate_resuming(output, model, tokenizer, editor, records, pool, instruction, settings, restart=args.restart,
+                               load_skipped=load_skipped, batch_size=args.batch_size, sequential=args.sequential,
+                               progress=not args.no_progress, protocol=args.protocol, answer_stop=answer_stop, edit_forms=edit_forms,
+                               queries=forms, generation_batch_size=args.generation_batch_size, judge=judge, memory=memory,
+                               edit_rounds=edit_rounds,
+                               step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
     markdown = write_markdown([report], markdown_path)
-    print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {report.timing['cases_per_s']:.2f} cases/s; "
+    resumed = int(report.timing.get("resumed_cases", 0))
+    speed = f"{report.timing['cases_per_s']:.2f} cases/s" + (f" over the {len(report.cases) - resumed} scored now, {resumed} resumed "
+                                                             "from an interrupted run" if resumed else "")
+    print(f"{report.settings.label} on {args.task}: {len(report.cases)} cases, {speed}; "
           "after each edit, % (mean [95 % bootstrap interval], n cases):")
     print("\n".join(headline(report, args.task)))
     if report.sequential:  # what is left of every edit after the last one (the Markdown has the whole curve)

@@ -1,23 +1,28 @@
-"""Evaluations cached as report JSON: the one rule for when a cached report still answers the question asked.
+"""Evaluations cached as report JSON: the one rule for when a cached report still answers the question asked; and
+evaluations that resume where an interruption stopped them.
 
 The quickstart, the Table 3 experiment and the studies evaluate many (editor, task) pairs and are
 rerun after an interruption; a report whose identifying settings (``IDENTITY``) equal the wanted
-ones is read back instead of evaluating again.
+ones is read back instead of evaluating again. While an evaluation runs, its finished cases are appended to
+``FILE.partial.jsonl`` beside the report it will write (``PartialEvaluation``); a rerun of the same evaluation (the
+same identity, and its run options) scores only the cases left, and the finished report replaces the partial file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from instructedit.editors.base import Editor
-from instructedit.evaluation.report import EvalReport, EvalSettings, load_report_json, write_report_json
+from instructedit.evaluation.report import CaseResult, EvalReport, EvalSettings, load_report_json, write_report_json
 from instructedit.evaluation.runner import evaluate
+from instructedit.io import append_jsonl, atomic_write, json_stem
 from instructedit.records import EditRecord
 from instructedit.runs import EDITOR_WEIGHTS, editor_sha256
 from instructedit.tasks.collate import check_edit_forms
@@ -45,23 +50,137 @@ def cached_report(path: str | Path, wanted: EvalSettings) -> EvalReport | None:
     return report
 
 
-def evaluate_cached(path: str | Path, model: nn.Module, tokenizer: Any, load_editor: Callable[[], Editor], records: Sequence[EditRecord],
-                    pool: InstructionPool | None, instruction: int | None, settings: EvalSettings, **options: Any) -> EvalReport:
-    """``evaluate`` (``options``: its keyword arguments) the editor ``load_editor()`` gives, unless ``path`` caches the same evaluation.
-
-    ``settings`` name the task and the editor (``editor_sha256`` or ``method_options``); what ``evaluate``
-    fills in itself (model name, instruction, protocol, answer stop, edit forms, rounds and step sizes) is completed here the same way before comparing.
-    """
-    wanted = dataclasses.replace(
+def wanted_settings(settings: EvalSettings, model: nn.Module, pool: InstructionPool | None, instruction: int | None,
+                    options: Mapping[str, Any]) -> EvalSettings:
+    """``settings`` (the task, the editor: ``editor_sha256`` or ``method_options``) completed with what ``evaluate`` fills in
+    itself from its arguments (model name, instruction, protocol, answer stop, edit forms, rounds and step sizes; ``options``:
+    its keyword arguments), as its report will hold them."""
+    return dataclasses.replace(
         settings, model_name=settings.model_name or str(getattr(model, "name_or_path", "")), instruction=instruction,
         instruction_source=pool.source if pool is not None and instruction is not None else None,
         protocol=options.get("protocol", "both"), answer_stop=options.get("answer_stop", "none"),
         edit_forms=list(check_edit_forms(options.get("edit_forms", ("wrapped",)))), edit_rounds=options.get("edit_rounds", 1),
         step_scale=options.get("step_scale", 1.0))
-    report = cached_report(path, wanted)
+
+
+def evaluate_cached(path: str | Path, model: nn.Module, tokenizer: Any, load_editor: Callable[[], Editor], records: Sequence[EditRecord],
+                    pool: InstructionPool | None, instruction: int | None, settings: EvalSettings, **options: Any) -> EvalReport:
+    """``evaluate`` (``options``: its keyword arguments) the editor ``load_editor()`` gives, unless ``path`` caches the same
+    evaluation (``wanted_settings``); an interrupted one resumes (``evaluate_resuming``)."""
+    report = cached_report(path, wanted_settings(settings, model, pool, instruction, options))
     if report is None:
-        report = evaluate(model, tokenizer, load_editor(), records, pool, instruction, settings=settings, **options)
-        write_report_json(report, path)
+        report = evaluate_resuming(path, model, tokenizer, load_editor(), records, pool, instruction, settings, **options)
+    return report
+
+
+PARTIAL = ".partial.jsonl"
+# evaluate's options that change a case's numbers (padding, grouping, precision of float rounding) or what is asked, beside
+# IDENTITY: a partial file resumes only a run made with the same ones
+RUN_OPTIONS = ("batch_size", "convsent_pairs", "max_length", "fast", "pack_rows", "queries", "generation_batch_size", "cases_together")
+
+
+def partial_path(report: str | Path) -> Path:
+    """Where the finished cases of the evaluation that will write ``report`` (FILE.json or FILE.json.gz) are kept meanwhile."""
+    return Path(f"{json_stem(report)}{PARTIAL}")
+
+
+def run_identity(wanted: EvalSettings, model: nn.Module, options: Mapping[str, Any]) -> dict[str, Any]:
+    """What two runs of an evaluation must share for one to go on with the other's cases: ``IDENTITY``, the method, the data
+    file, the model's precision and device, the judge and ``RUN_OPTIONS`` (as JSON holds them)."""
+    judge = options.get("judge")
+    parameter = next(model.parameters())
+    identity = {k: getattr(wanted, k) for k in (*IDENTITY, "method", "data_file")} | {k: options[k] for k in RUN_OPTIONS if k in options}
+    identity |= {"model_dtype": str(parameter.dtype).removeprefix("torch."), "device": parameter.device.type,
+                 "judge": getattr(judge, "name", None) if judge is not None else None}
+    return json.loads(json.dumps(identity, default=str))
+
+
+class PartialEvaluation:
+    """The finished cases of an evaluation under way, kept in ``path`` (``partial_path``) so that an interrupted run resumes.
+
+    Line 1: ``{"partial_evaluation": identity}``; then per group of cases as ``evaluate`` hands them over (``on_results``)
+    ``{"cases": [CaseResult, ...]}``, appended in one write and flushed to the disk. A line cut short by a crash is
+    dropped when read (its cases run again); a file of a different evaluation (another identity) is an error, not
+    silently overwritten.
+    """
+
+    def __init__(self, path: str | Path, identity: Mapping[str, Any]) -> None:
+        self.path = Path(path)
+        self.identity = dict(identity)
+
+    def resume(self, restart: bool = False) -> list[CaseResult]:
+        """The cases an interrupted run of this evaluation saved (none if there is no file or ``restart``); from here on
+        the file is this run's."""
+        if restart or not self.path.is_file():
+            self._start()
+            return []
+        lines = self.path.read_text().split("\n")
+        entries, cut = [], None
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if any(rest.strip() for rest in lines[number:]):
+                    raise ValueError(f"{self.path}, line {number}: not JSON ({e}); move the file away or pass --restart") from None
+                cut = number  # the last line, cut short by the crash that stopped the run
+        if not entries or "partial_evaluation" not in entries[0]:
+            raise ValueError(f"{self.path} is not a partial evaluation (its first line has no \"partial_evaluation\"); move it away "
+                             "or pass --restart")
+        theirs = entries[0]["partial_evaluation"]
+        differ = [k for k in sorted(set(theirs) | set(self.identity)) if theirs.get(k) != self.identity.get(k)]
+        if differ:
+            k = differ[0]
+            raise ValueError(f"{self.path} holds an unfinished evaluation with different {', '.join(differ)} (e.g. {k}: "
+                             f"{theirs.get(k)!r} there, {self.identity.get(k)!r} now); pass --restart to start over, or write "
+                             "the report elsewhere")
+        try:
+            done = [CaseResult(**case) for entry in entries[1:] for case in entry["cases"]]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{self.path}: a saved group of cases does not read back ({type(e).__name__}: {e}); move the file "
+                             "away or pass --restart") from None
+        if cut is not None:
+            logger.warning("%s: line %d was cut short (the run stopped while writing it); its cases run again", self.path, cut)
+            keep = [json.dumps(entry, default=str) + "\n" for entry in entries]
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(keep)))  # later groups append on a clean line
+        return done
+
+    def _start(self) -> None:
+        header = json.dumps({"partial_evaluation": self.identity}) + "\n"
+        atomic_write(self.path, lambda tmp: Path(tmp).write_text(header))
+
+    def append(self, results: Sequence[CaseResult]) -> None:
+        """Save finished cases (``evaluate``'s ``on_results``)."""
+        append_jsonl(self.path, {"cases": [dataclasses.asdict(r) for r in results]})
+
+    def remove(self) -> None:
+        """The report is written: the partial file is no longer needed."""
+        self.path.unlink(missing_ok=True)
+
+
+def evaluate_resuming(path: str | Path, model: nn.Module, tokenizer: Any, editor: Editor, records: Sequence[EditRecord],
+                      pool: InstructionPool | None, instruction: int | None, settings: EvalSettings, *, restart: bool = False,
+                      load_skipped: Sequence[dict[str, Any]] = (), **options: Any) -> EvalReport:
+    """``evaluate`` (``options``: its keyword arguments) and write its report to ``path``, keeping every finished case in
+    ``partial_path(path)`` meanwhile: after an interruption, the same call scores only the cases left (``restart``: all of
+    them again). ``load_skipped``: records the data loader skipped, listed first among the report's skips. A sequential
+    evaluation (every edit kept) is not resumed: it runs from the start."""
+    if options.get("sequential"):
+        report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, **options)
+    else:
+        partial = PartialEvaluation(partial_path(path),
+                                    run_identity(wanted_settings(settings, model, pool, instruction, options), model, options))
+        done = partial.resume(restart)
+        if done:
+            logger.info("%s: resuming an interrupted evaluation, %d of %d records already scored (%s)", path, len(done), len(records),
+                        partial.path)
+        report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, done=done,
+                          on_results=partial.append, **options)
+    report.skipped = [*load_skipped, *report.skipped]
+    write_report_json(report, path)
+    if not options.get("sequential"):
+        partial.remove()
     return report
 
 

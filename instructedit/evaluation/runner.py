@@ -23,7 +23,7 @@ from __future__ import annotations
 import datetime
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
 import torch
@@ -177,9 +177,12 @@ def _decodes_together(fast_path: bool, generation: gen.GenerationRun | None, cas
 
 def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: WeightGuard, generation: gen.GenerationRun | None,
                 teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool,
-                cases_together: int = 1, rounds: int = 1) -> tuple[list[CaseResult], bool]:
+                cases_together: int = 1, rounds: int = 1, on_results: Callable[[list[CaseResult]], None] | None = None,
+                done: Collection[int] = ()) -> tuple[list[CaseResult], bool]:
     """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds; returns the results and whether
-    rows were packed.
+    rows were packed. ``on_results`` is handed each case's result as it is final (the cases decoded together: as a group);
+    ``done``: indices of cases an earlier run scored, not run again (the packing check still looks at every case, and the
+    cases left are grouped as they would have been if ``done`` is whole groups from the start: the same numbers).
 
     MEND (fast path): the answers of ``cases_together`` cases are decoded in one batch, before and after
     the edit from one prefill (``before_after``), each post-edit row with its own case's weight update
@@ -193,22 +196,31 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list]] = []  # case, pre, post, ΔW, seeds
     stops = generation.stop_ids if together else set()  # tokens a seed's given answer tokens stop before
 
-    bar = tqdm(total=len(cases), desc="evaluate", unit="case", disable=not progress)
+    bar = tqdm(total=len(cases), initial=len(done), desc="evaluate", unit="case", disable=not progress)
+
+    def finished(new: list[CaseResult]) -> None:
+        results.extend(new)
+        if on_results is not None:
+            on_results(new)
 
     def flush() -> None:
         bar.set_postfix_str(f"greedy answers of {len(pending)} cases before and after their edits", refresh=True)
         before, answers = generation.answer_before_after(model, editor.split(model), [c.queries for c, *_ in pending],
                                                          [p[3] for p in pending], transposed_of(editor.weights),
                                                          [p[4] for p in pending])
+        group = []
         for (case, pre, post, *_), unedited, said in zip(pending, before, answers, strict=True):
             case.pre_answers = unedited
             guard.verify(where=f"case {case.index} ({case.record.source})")
-            results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), said,
-                                        generation, teacher_forced))
+            group.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), said,
+                                      generation, teacher_forced))
         pending.clear()
+        finished(group)
         bar.set_postfix_str("", refresh=True)
 
     for case in cases:
+        if case.index in done:
+            continue
         ask = _asker(model, generation, case)
         if fast_path:
             layout = case.layout(packed, dtype)
@@ -225,8 +237,8 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
         else:
             pre, post, answers = _score_in_place(model, editor, case, ask, rounds)
         guard.verify(where=f"case {case.index} ({case.record.source})")
-        results.append(_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), answers,
-                                    generation, teacher_forced))
+        finished([_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), answers,
+                               generation, teacher_forced)])
         bar.update()
     if pending:
         flush()
@@ -320,6 +332,8 @@ def evaluate(
     memory: KeyMemory | None = None,
     edit_rounds: int = 1,
     step_scale: float = 1.0,
+    done: Sequence[CaseResult] = (),
+    on_results: Callable[[list[CaseResult]], None] | None = None,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -344,7 +358,16 @@ def evaluate(
     on the model without it and marked ``refused``. ``memory`` (``sequential``, a least-squares MEND editor;
     ``instructedit.KeyMemory``): lifelong editing, every edit's solve holds the keys of the edits kept before it (and the
     memory's preservation text) still; the memory goes on holding the kept edits' keys after the call.
+
+    Resuming (single edits, not ``sequential``): ``on_results`` is handed every case's result as soon as it is final (cases
+    decoded together: their group at once), e.g. to append them to a file (``evaluation.cache.PartialEvaluation``);
+    ``done``: the results an interrupted run of the same evaluation handed it. Those cases are not run again and
+    their results join the report in the records' order; ``timing["resumed_cases"]`` counts them, ``cases_per_s`` the
+    cases run in this call. Results saved whole groups at a time, as ``on_results`` hands them, are the ones an
+    uninterrupted run gives, to the bit.
     """
+    if (done or on_results is not None) and sequential:
+        raise ValueError("a sequential evaluation keeps every edit, so it is not resumed from saved results (done, on_results)")
     if memory is not None and not sequential:
         raise ValueError("a key memory holds earlier edits still while edits are kept one after another: pass sequential=True")
     if memory is not None:
@@ -376,6 +399,7 @@ def evaluate(
     cases, skipped = prepare_cases(collator, records, instruction, batch_size, device, edit_rows=edit_rounds == 1)
     if not cases:
         raise ValueError(f"none of the {len(records)} records fits max_length={max_length} tokens")
+    earlier = _done_by_index(done, cases)
     functional = editor if isinstance(editor, FunctionalEditor) else None  # scored on cached prefix states, weights never written
     fast_path = fast and not sequential and functional is not None
     watch = [w.name for w in functional.weights] if functional is not None else []
@@ -393,7 +417,8 @@ def evaluate(
     # passes without gradients through oneDNN where it is faster than BLAS here
     with fast_linears(model), scaled_step_sizes(editor, step_scale):
         if generation is not None and not _decodes_together(fast_path, generation, cases_together):
-            for case, said in zip(cases, generation.answer_unedited(model, [c.queries for c in cases])):
+            left = [c for c in cases if c.index not in earlier]
+            for case, said in zip(left, generation.answer_unedited(model, [c.queries for c in left])):
                 case.pre_answers = said  # decoded together, cases get theirs with their post-edit answers (one prefill)
         teacher_forced = protocol != "generation"
         packed = False
@@ -402,17 +427,22 @@ def evaluate(
                                              outlier_factor, memory)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
-                                          cases_together, edit_rounds)
+                                          cases_together, edit_rounds, on_results, earlier.keys())
     run_s = time.perf_counter() - run_start
+    ran = len(results)
+    if earlier:  # every case's result in the records' order, the earlier run's and this one's
+        now = {r.index: r for r in results}
+        results = [earlier[c.index] if c.index in earlier else now[c.index] for c in cases]
     per_case_checks = guard.verified
     verify_start = time.perf_counter()
     checked = guard.verify(full=True, where="end of evaluation")
     verify_s = time.perf_counter() - verify_start
 
     total_s = time.perf_counter() - start
-    n = len(results)
     timing = {"setup_s": setup_s, "run_s": run_s, "verify_s": verify_s, "total_s": total_s,
-              "cases_per_s": n / run_s if run_s > 0 else float("inf"), "cases_per_s_total": n / total_s}
+              "cases_per_s": ran / run_s if run_s > 0 else float("inf"), "cases_per_s_total": ran / total_s}
+    if earlier:
+        timing["resumed_cases"] = len(earlier)
     if generation is not None:
         timing |= {f"generation_{stage}_s": seconds for stage, seconds in generation.seconds.items()}
     return EvalReport(
@@ -434,6 +464,23 @@ def evaluate(
                      "mode": _restoration_mode(sequential, fast_path, generation is not None, cases_together > 1, edit_rounds)},
         sequential=curve,
     )
+
+
+def _done_by_index(done: Sequence[CaseResult], cases: Sequence[Case]) -> dict[int, CaseResult]:
+    """``evaluate``'s ``done`` by case index, checked to be results of these cases (same index, source and task)."""
+    ours = {c.index: c for c in cases}
+    earlier: dict[int, CaseResult] = {}
+    for r in done:
+        case = ours.get(r.index)
+        if case is None or (case.record.source, case.record.task) != (r.source, r.task):
+            what = f"case {case.index} is {case.record.source} ({case.record.task})" if case is not None else \
+                f"no case has index {r.index} ({len(cases)} cases)"
+            raise ValueError(f"a saved result is not one of this evaluation's cases: it is for {r.source} ({r.task}) at index "
+                             f"{r.index}, and {what}")
+        if r.index in earlier:
+            raise ValueError(f"case {r.index} ({r.source}) has two saved results")
+        earlier[r.index] = r
+    return earlier
 
 
 def _aggregates(results: Sequence[CaseResult], phases: Sequence[str]) -> dict[str, dict[str, dict[str, MetricSummary]]]:
