@@ -10,14 +10,17 @@ a least-squares editor can also be given a preservation sample (see ``commands/c
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from instructedit.io import write_json
+from instructedit.io import read_json, write_json
 from instructedit.records import EditRecord
-from instructedit.runs import CONFIG, EDITOR_CONFIG
+from instructedit.runs import CONFIG, EDITOR_CONFIG, editor_sha256
+
+PARTIAL = ".partial.json"  # beside the output folder: the grid's finished cells while a calibration runs
 
 
 def preservation_texts(records: list[EditRecord], count: int, where: str) -> list[tuple[str, str]]:
@@ -49,7 +52,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
               val_data: str | Path | None = None, answer_stop: str | None = None, model: Any = None, tokenizer: Any = None,
-              progress: bool = True, rounds: Sequence[int] = (1,)) -> None:
+              progress: bool = True, rounds: Sequence[int] = (1,), restart: bool = False) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
 
@@ -69,9 +72,12 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     in one round each, so both are made at the one-round step sizes.
 
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
-    ``progress``: a progress bar while each multiplier's answers are decoded."""
+    ``progress``: a progress bar while each multiplier's answers are decoded.
+
+    Each finished (rounds, weight) cell of the grid is kept in ``OUTPUT.partial.json`` until the editor is written: a rerun
+    of the same calibration (``calibration_identity``) takes those cells from it instead of scoring them again
+    (``restart``: scores them all again)."""
     import dataclasses
-    import json
 
     from instructedit.analysis.many_edits import key_memory
     from instructedit.api import query_setup
@@ -131,6 +137,12 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
             raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
         described = f"the first {len(records)} records with a locality prompt of {val_data}"
         instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(records)
+    partial = PartialGrid(output.with_name(output.name + PARTIAL), {
+        "editor_sha256": editor_sha256(source), "scales": list(scales), "records": described, "sources": [r.source for r in records],
+        "edit_forms": list(data.collator.edit_forms), "answer_stop": data.collator.answer_stop,
+        "preservation": editor.preservation_source if preserve is not None else None,
+        "model": config.model.name, "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": device.type})
+    kept = partial.resume(restart)
     grid: Grid = {r: {} for r in rounds}
     for weight in preserve_weights if preserve is not None else [None]:
         if weight is not None:
@@ -139,8 +151,13 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         for r in rounds:
             if len(rounds) > 1:
                 print(f"edits made in {r} round{'s' if r != 1 else ''}:")
+            if (r, weight) in kept:
+                grid[r][weight] = kept[r, weight]
+                print(f"  scored before the run was interrupted: kept from {partial.path}")
+                continue
             grid[r][weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales,
                                                 progress=progress, intervals=True, rounds=r)
+            partial.save(kept | {(rr, w): per for rr, per_weight in grid.items() for w, per in per_weight.items()})
     cells = {(r, w, sc): v for r, per_weight in grid.items() for w, per in per_weight.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie fewer rounds, then the smaller multiplier, then the larger
     # preservation weight
@@ -175,6 +192,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     output.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(output, ignore_errors=True)
     tmp.rename(output)
+    partial.path.unlink(missing_ok=True)
     for (r, w, sc), v in cells.items():
         mark = "  <- chosen" if (r, w, sc) == (chosen_rounds, chosen_weight, chosen) else ""
         weight = "" if w is None else f"preservation weight {w:g}, "
@@ -185,6 +203,36 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"
           f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''}"
           f"{f'; many edits (more than 16 in one call, or one after another) at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''})")
+
+
+class PartialGrid:
+    """The finished cells of a calibration's grid, ``{(rounds, weight): {multiplier: scores}}``, kept in ``path`` (rewritten
+    atomically after each cell) with the identity of the calibration that scored them; ``resume`` hands them to a rerun of
+    the same calibration, and refuses a file of another one (another editor, multipliers, records, forms, sample or model)."""
+
+    def __init__(self, path: Path, identity: dict[str, Any]) -> None:
+        self.path, self.identity = path, json.loads(json.dumps(identity))
+
+    def resume(self, restart: bool = False) -> dict[tuple[int, float | None], dict[float, dict]]:
+        if restart or not self.path.is_file():
+            return {}
+        try:
+            saved = read_json(self.path)
+            theirs = saved["partial_calibration"]
+            cells = {(int(c["rounds"]), c["weight"]): {float(k): v for k, v in c["scales"].items()} for c in saved["cells"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{self.path} is not a partial calibration ({type(e).__name__}: {e}); move it away or pass --restart") from None
+        differ = [k for k in sorted(set(theirs) | set(self.identity)) if theirs.get(k) != self.identity.get(k)]
+        if differ:
+            raise ValueError(f"{self.path} holds the cells of an interrupted calibration with different {', '.join(differ)}; "
+                             "pass --restart to score them again, or choose another --output")
+        if cells:
+            print(f"resuming an interrupted calibration: {len(cells)} cell{'s' if len(cells) != 1 else ''} of its grid kept in {self.path}")
+        return cells
+
+    def save(self, cells: dict[tuple[int, float | None], dict[float, dict]]) -> None:
+        write_json(self.path, {"partial_calibration": self.identity, "cells": [
+            {"rounds": r, "weight": w, "scales": {repr(sc): v for sc, v in per.items()}} for (r, w), per in cells.items()]})
 
 
 def _rate(scores: dict, key: str) -> str:

@@ -268,6 +268,46 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     assert "--val-data" in caplog.text and "missing.json: no such file" in caplog.text
 
 
+def test_an_interrupted_calibration_resumes_from_the_cells_it_finished(tiny_llama_dir: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.cli import main
+    from instructedit.evaluation import generation_check
+
+    config = load_config(TINY, [f"model.name={tiny_llama_dir}", "training.max_steps=2", "training.val_every=2"])
+    Trainer(config, tmp_path / "run", show_progress=False).run()
+    base = ["calibrate", "--run", str(tmp_path / "run"), "--scales", "1,2", "--rounds", "1,2", "--locality-floor", "0",
+            "--device", "cpu", "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "whole")]) == 0
+    real, scored = generation_check.generation_scores, []
+
+    def score_then_stop(*args, **kwargs):
+        if len(scored) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the second cell (two rounds) is scored
+        scored.append(kwargs["rounds"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generation_check, "generation_scores", score_then_stop)
+    out = tmp_path / "calibrated"
+    assert main([*base, "--output", str(out)]) == 130
+    partial = tmp_path / "calibrated.partial.json"
+    assert not out.exists() and [c["rounds"] for c in json.loads(partial.read_text())["cells"]] == [1]
+    scored.clear()
+    monkeypatch.setattr(generation_check, "generation_scores", lambda *a, **k: scored.append(k["rounds"]) or real(*a, **k))
+    capsys.readouterr()
+    assert main([*base, "--output", str(out)]) == 0
+    assert scored == [2] and "1 cell of its grid kept in" in capsys.readouterr().out  # only the cell left was scored
+    assert json.loads((out / "calibration.json").read_text()) == json.loads((tmp_path / "whole" / "calibration.json").read_text())
+    assert not partial.exists()
+    # the cells of another calibration (other multipliers) are not taken over; --restart scores every cell again
+    other = tmp_path / "other.partial.json"
+    other.write_text(json.dumps({"partial_calibration": {"scales": [3.0]}, "cells": []}))
+    assert main([*base, "--output", str(tmp_path / "other")]) == 2
+    assert "holds the cells of an interrupted calibration with different" in caplog.text and "pass --restart" in caplog.text
+    scored.clear()
+    assert main([*base, "--output", str(tmp_path / "other"), "--restart"]) == 0 and scored == [1, 2] and not other.exists()
+
+
 def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llama_dir: Path, shared_data_dir: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     from instructedit.analysis.many_edits import key_memory, locality_texts

@@ -84,6 +84,9 @@ def add_calibrate_parser(subparsers: Any) -> None:
                         "the calibrated editor (queries.edit_rounds: apply, edit and evaluate make its edits so; default 1); when more "
                         "than one round wins, the one-round multiplier is saved for many edits in one call (queries.many_edit_scale)")
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    p.add_argument("--restart", action="store_true",
+                   help="score every cell of the grid again, ignoring those an interrupted run of the same calibration kept in "
+                        "OUTPUT.partial.json (by default the run resumes from them)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_calibrate)
 
@@ -138,5 +141,5 @@ def run_calibrate(args: argparse.Namespace) -> int:
     calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
               preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
               edit_forms=args.edit_forms, device=args.device, val_data=args.val_data, answer_stop=args.answer_stop,
-              progress=not args.no_progress, rounds=parse_rounds(args.rounds))
+              progress=not args.no_progress, rounds=parse_rounds(args.rounds), restart=args.restart)
     return 0
