@@ -397,6 +397,49 @@ def test_analyze_batch_compares_editors_in_one_json_and_png(tiny_gpt2_dir: Path,
         main([*args, "--sizes", "1,x"])
 
 
+def test_an_interrupted_batch_study_resumes_with_the_calls_it_made(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    from instructedit.analysis import many_edits
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 8)
+    editors = [_saved_editor(tiny_gpt2_dir, tmp_path / name, aggregation) for name, aggregation in (("sum", "sum"), ("ls", "least_squares"))]
+    out = tmp_path / "batch.json"
+    args = ["analyze", "batch", "--editor", str(editors[0]), "--editor", str(editors[1]), "--task", "zsre", "--data", str(data),
+            "--sizes", "1,4,8", "--singles", "--device", "cpu", "--no-progress", "--protocol", "teacher_forced", "--output", str(out)]
+    assert main([*args[:-1], str(tmp_path / "whole.json")]) == 0
+    whole = json.loads((tmp_path / "whole.json").read_text())
+    calls: list[int] = []
+    real = many_edits.apply_in_rounds
+
+    def counting(editor, model, batch, *rest, **kwargs):
+        calls.append(batch.input_ids.shape[0])
+        if len(calls) == 1 + 3 + 8 + 1 + 3:  # the first editor (warm-up, 3 calls, 8 singles), the second's warm-up, 2 calls and the 8-edit one
+            raise KeyboardInterrupt
+        return real(editor, model, batch, *rest, **kwargs)
+
+    monkeypatch.setattr(many_edits, "apply_in_rounds", counting)
+    assert main(args) == 130
+    unfinished = json.loads(out.read_text())
+    assert not unfinished["complete"] and [len(e["points"]) for e in unfinished["editors"]] == [3, 2]
+    calls.clear()
+    monkeypatch.setattr(many_edits, "apply_in_rounds", lambda editor, model, batch, *r, **k: calls.append(batch.input_ids.shape[0]) or
+                        real(editor, model, batch, *r, **k))
+    assert main(args) == 0
+    assert calls == [1, 8, *[1] * 8]  # only what was left: the second editor's warm-up, its 8-edit call and its single edits
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["resumed"]["date"] == unfinished["date"]
+    drop = ("seconds", "seconds_per_edit")  # the rest of every point is the uninterrupted study's
+    assert [[{k: v for k, v in p.items() if k not in drop} for p in e["points"]] for e in result["editors"]] == \
+        [[{k: v for k, v in p.items() if k not in drop} for p in e["points"]] for e in whole["editors"]]
+    assert [e["single"]["reliability"] for e in result["editors"]] == [e["single"]["reliability"] for e in whole["editors"]]
+    # an unfinished study made otherwise is not taken over
+    unfinished["rounds"] = 2
+    out.write_text(json.dumps(unfinished))
+    assert main(args) == 2 and "unfinished batch study with different rounds" in caplog.text
+    assert main([*args, "--restart"]) == 0 and "resumed" not in json.loads(out.read_text())
+
+
 def test_analyze_batch_scores_the_locality_of_unedited_records(tiny_gpt2_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
     from instructedit.cli import main

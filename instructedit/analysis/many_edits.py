@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -129,7 +129,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
                 instruction: int | None, sizes: Sequence[int], generation: bool = True, batch_size: int = 16,
                 progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int | str = 1,
                 sample_weight: float | None = None, unedited: Sequence[EditRecord] = (), single_rounds: int = 1,
-                many_edit_scale: float = 1.0) -> dict:
+                many_edit_scale: float = 1.0, scored: Mapping[int, dict] | None = None,
+                on_point: Callable[[dict], None] | None = None) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every N-edit call solves with its keys held still (a least-squares editor and a preservation sample; give
@@ -147,6 +148,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     the editor's ``queries.edit_rounds``; also what "auto" gives calls of up to 16 edits).
     ``unedited``: records no call edits whose locality prompts every N-edit call is also scored on (each point's
     ``unedited``: teacher-forced and generation locality over them): a larger locality sample than the N cases' own.
+    ``on_point``: handed each N's point as soon as it is scored (to save it); ``scored``: points by N that an interrupted
+    run of the same study scored, taken as they are instead of being made again (the single edits are made again).
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -202,12 +205,17 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     out: dict = {"pre": _aggregate(pre, None)}
     with remembering(editor, memory):
         for n in tqdm(sizes, desc="batch sizes", disable=not progress):
+            if scored and n in scored:
+                points.append(dict(scored[n]))
+                continue
             also: dict = {}
             seconds, tf, gen, made = edited(0, n, probes.upto(n), *schedules[n], also=also)
             guard.verify(full=True, where=f"after the {n}-edit call")
             points.append({"n_edits": n, "rounds": schedules[n].rounds, "rounds_made": made, "sample_weight": schedules[n].sample_weight,
                            "step_scale": schedules[n].step_scale, "seconds": seconds,
                            "seconds_per_edit": seconds / n, **_aggregate(tf, gen), **also})
+            if on_point is not None:
+                on_point(points[-1])
     if singles:  # as the editor makes them: its own sample if it has one, else the study's memory as its sample
         tf, gen, total = [], [] if asker is not None else None, 0.0
         with remembering(editor, memory if getattr(editor, "preservation", None) is None else None):

@@ -64,6 +64,9 @@ def add_edit_studies(studies: Any) -> None:
                         "the N edited records' own (default 0: none)")
     add_rounds_arguments(b, "every N-edit call (the --singles are made as the editor makes them: its calibrated weight and rounds)", 1)
     add_key_memory_arguments(b, "every call's solve", past=False)
+    b.add_argument("--restart", action="store_true",
+                   help="ignore an unfinished FILE.json of the same study (by default the run resumes it: the N-edit calls it "
+                        "holds are kept, not made again; the --singles are made again)")
     b.set_defaults(func=run_batch)
 
     s = studies.add_parser("sequential", help="lifelong editing: reliability of all edits so far, locality and perplexity against edits",
@@ -177,6 +180,11 @@ def _write(path: Path, result: dict[str, Any], panels: tuple[tuple[str, str], ..
 ANSWERS_SAID = {"data": "answers", "model": "the unedited model's greedy answers",  # --preserve-answers, in a result's words
                 "both": "answers and (again) the unedited model's greedy answers"}
 RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", "seed", "edits", "batch", "held_out", "memory")
+BATCH_RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "start", "distinct_subjects", "unedited_locality", "protocol",
+                     "seed", "singles", "rounds", "memory")
+# an editor's entry in a batch study: what its points depend on beside the study's settings (a resumed run must load it so)
+ENTRY_KEYS = ("aggregation", "model", "instruction", "answer_stop", "edit_forms", "calibrated_edit_rounds", "calibrated_many_edit_scale",
+              "ls_keys", "preservation")
 
 
 def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) -> list[tuple[str, str]]:
@@ -195,8 +203,10 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
     return without_measured(texts, set(locality_texts(held_out)), args.preserve_data, "the study")
 
 
-def _unfinished(output: Path, result: dict[str, Any], editors: list[str], labels: list[str]) -> dict[str, Any]:
-    """The unfinished results of the same study in ``output`` (to resume), {} when there are none.
+def _unfinished(output: Path, result: dict[str, Any], editors: list[str], labels: list[str],
+                keys: tuple[str, ...] = RESUME_KEYS) -> dict[str, Any]:
+    """The unfinished results of the same study in ``output`` (to resume), {} when there are none; ``keys``: the settings
+    that must be the same.
 
     ValueError when ``output`` holds an unfinished run of a different study (it would be overwritten)."""
     import json
@@ -209,13 +219,13 @@ def _unfinished(output: Path, result: dict[str, Any], editors: list[str], labels
         raise ValueError(f"{output} exists but is not readable JSON ({exc}); move it away or pass --restart") from exc
     if not isinstance(earlier, dict) or earlier.get("complete", True):
         return {}  # a finished study is simply redone
-    differ = [k for k in RESUME_KEYS if earlier.get(k) != result.get(k)]
+    differ = [k for k in keys if earlier.get(k) != result.get(k)]
     ours = list(zip(map(str, editors), labels))
     theirs = [(e.get("editor"), e.get("label")) for e in earlier.get("editors", [])]
     if theirs != ours[: len(theirs)]:
         differ.append("editors")
     if differ:
-        raise ValueError(f"{output} holds an unfinished sequential study with different {', '.join(differ)} "
+        raise ValueError(f"{output} holds an unfinished {result['study']} study with different {', '.join(differ)} "
                          f"(e.g. {differ[0]}: {earlier.get(differ[0])!r}); pass --restart to overwrite it or --output another file")
     return earlier
 
@@ -289,7 +299,16 @@ def run_batch(args: argparse.Namespace) -> int:
                                                    "keys": args.preserve_keys,
                                                    "text": f"the locality prompts + {ANSWERS_SAID[args.preserve_answers]} of records "
                                                    f"{args.preserve_start}..{args.preserve_start + args.preserve - 1} of {args.preserve_data}"}}
+    earlier = {} if args.restart else _unfinished(output, result, args.editor, labels, BATCH_RESUME_KEYS)
+    if earlier:
+        result["resumed"] = {"date": earlier["date"], "command": earlier["command"]}
+    title = f"{args.task}: N edits in one call"
     for path, label in zip(args.editor, labels):
+        before = next((e for e in earlier.get("editors", ()) if (e["editor"], e["label"]) == (str(path), label)), None)
+        if before is not None and "rolled_back_bitwise" in before:  # this editor had finished
+            result["editors"].append(before)
+            _print_batch(label, before)
+            continue
         torch.manual_seed(args.seed)
         loaded = _load(args, path, label)
         if args.ls_keys is not None:
@@ -303,29 +322,51 @@ def run_batch(args: argparse.Namespace) -> int:
                 raise ValueError(f"--sample-weight: {path} has no preservation sample of its own (instructedit calibrate --preserve "
                                  "saves one); --key-memory --preserve-data FILE --preserve-weight W brings one")
             loaded.entry["preservation"]["weight_in_calls"] = args.sample_weight
+        entry = loaded.entry
+        if before is not None:
+            differ = [k for k in ENTRY_KEYS if before.get(k) != entry.get(k)]
+            if differ:
+                raise ValueError(f"{output}: {label}'s calls were made with another {', '.join(differ)} (e.g. {differ[0]}: "
+                                 f"{before.get(differ[0])!r} then, {entry.get(differ[0])!r} now); pass --restart to start over")
+            entry["points"] = list(before["points"])
+            logger.info("%s: resuming %s, the calls of %s edits kept (not made again)", label, output,
+                        ", ".join(str(p["n_edits"]) for p in entry["points"]) or "no")
+        result["editors"].append(entry)
+
+        def on_point(point: dict[str, Any], entry: dict[str, Any] = entry) -> None:
+            entry["points"].append(point)
+            _write(output, result, BATCH_PANELS, title)  # a long study keeps the calls it has made
+
         memory = key_memory(loaded.editor, loaded.model, loaded.collator, preserve, 0.0, args.preserve_weight, args.batch_size,
                             args.preserve_answers, args.preserve_keys) if preserve else None
         out = batch_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, loaded.instruction, args.sizes,
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
                           memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight, unedited=unedited,
-                          single_rounds=loaded.entry["calibrated_edit_rounds"], many_edit_scale=loaded.entry["calibrated_many_edit_scale"])
-        result["editors"].append({**loaded.entry, **out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
-        if "single" in out:
-            print(_line(f"{label} (each edit alone)", out["single"]))
-        for p in out["points"]:
-            print(_line(label, p))
-            if "unedited" in p:
-                u = p["unedited"]
-                print(f"  locality on {u['n_prompts']} prompts of {u['n_cases']} unedited records: "
-                      f"{_pct(u.get('locality'))}/{_pct(u.get('gen_locality'))} (teacher-forced/generation %)")
-            if any(v is not None for v in p.get("kept_of_single", {}).values()):
-                kept = ", ".join(f"{'generation' if k.startswith('gen_') else 'teacher-forced'} {100 * v:.0f} %"
-                                 for k, v in p["kept_of_single"].items() if v is not None)
-                print(f"  kept of the same {p['n_edits']} cases' single-edit reliability: {kept}")
+                          single_rounds=entry["calibrated_edit_rounds"], many_edit_scale=entry["calibrated_many_edit_scale"],
+                          scored={p["n_edits"]: p for p in entry["points"]}, on_point=on_point)
+        entry.update({**out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
+        _write(output, result, BATCH_PANELS, title)
+        _print_batch(label, entry)
     result["complete"] = True
-    _write(output, result, BATCH_PANELS, f"{args.task}: N edits in one call")
+    _write(output, result, BATCH_PANELS, title)
     print(f"wrote {output} and {output.with_suffix('.png')}")
     return 0
+
+
+def _print_batch(label: str, entry: dict[str, Any]) -> None:
+    """An editor's batch-study results, a line per N (and its single edits)."""
+    if "single" in entry:
+        print(_line(f"{label} (each edit alone)", entry["single"]))
+    for p in entry["points"]:
+        print(_line(label, p))
+        if "unedited" in p:
+            u = p["unedited"]
+            print(f"  locality on {u['n_prompts']} prompts of {u['n_cases']} unedited records: "
+                  f"{_pct(u.get('locality'))}/{_pct(u.get('gen_locality'))} (teacher-forced/generation %)")
+        if any(v is not None for v in p.get("kept_of_single", {}).values()):
+            kept = ", ".join(f"{'generation' if k.startswith('gen_') else 'teacher-forced'} {100 * v:.0f} %"
+                             for k, v in p["kept_of_single"].items() if v is not None)
+            print(f"  kept of the same {p['n_edits']} cases' single-edit reliability: {kept}")
 
 
 def run_sequential(args: argparse.Namespace) -> int:
