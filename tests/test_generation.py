@@ -506,6 +506,27 @@ def test_an_interrupted_evaluation_resumes_to_the_uninterrupted_report(tiny_mode
     assert not partial_path(out).exists() and read_json(out)["timing"]["resumed_cases"] == first
 
 
+def test_an_evaluation_stopped_after_its_last_case_writes_its_report_without_scoring_again(tiny_model_dir: Path, tmp_path: Path,
+                                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from instructedit.evaluation import cache
+    from instructedit.evaluation.report import EvalSettings
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    settings = EvalSettings(task="mixed", method="mend", editor_sha256="0" * 64)
+    out = tmp_path / "eval.json"
+    real_write = cache.write_report_json
+    monkeypatch.setattr(cache, "write_report_json", lambda *a: (_ for _ in ()).throw(Interrupted()))  # killed before the report
+    with pytest.raises(Interrupted):
+        cache.evaluate_resuming(out, model, tokenizer, editor, records(), POOL, 0, settings, progress=False)
+    monkeypatch.setattr(cache, "write_report_json", real_write)
+    from instructedit.evaluation import runner  # no case is scored again: no answers decoded (only the packing check's pass runs)
+
+    monkeypatch.setattr(runner.gen.GenerationRun, "answer_before_after", lambda *a, **k: pytest.fail("a saved case was scored again"))
+    report = cache.evaluate_resuming(out, model, tokenizer, editor, records(), POOL, 0, settings, progress=False)
+    assert report.timing["resumed_cases"] == 3 and [c.index for c in report.cases] == [0, 1, 2] and report.settings.packed_rows
+    assert load_report_json(out).cases == report.cases and not cache.partial_path(out).exists()
+
+
 def test_a_partial_evaluation_of_another_question_is_refused_and_a_cut_line_dropped(tiny_model_dir: Path, tmp_path: Path,
                                                                                   caplog: pytest.LogCaptureFixture) -> None:
     from instructedit.evaluation.cache import PartialEvaluation, evaluate_resuming, partial_path
