@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import secrets
+import shutil
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
@@ -198,12 +200,41 @@ def tokenizer_for(model: nn.Module) -> PreTrainedTokenizerBase:
     return prepare_tokenizer(tokenizer)
 
 
-def save_edited_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> Path:
-    """Write ``model`` (with whatever edits it carries) and ``tokenizer`` as a plain Hugging Face folder."""
+def check_save_folder(directory: str | Path) -> Path:
+    """``directory`` as a place ``save_edited_model`` may write: new, empty, or an earlier save (it holds ``EDITS_FILE``);
+    ValueError for a file or a folder holding anything else."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is an existing file; name a folder for the edited model")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / EDITS_FILE).is_file():
+        raise ValueError(f"{directory} already holds files that no earlier save of an edited model wrote (no {EDITS_FILE}); "
+                         "name a new or empty folder")
+    return directory
+
+
+def save_edited_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, directory: str | Path,
+                      about: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model`` (with whatever edits it carries) and ``tokenizer`` as a plain Hugging Face folder, whole or not at all:
+    into a new folder beside ``directory`` that then takes its place (an interrupted save leaves ``directory`` as it was).
+    ``about``: written beside them as ``EDITS_FILE`` (which edits it carries; None: not recorded). ``directory`` may be new,
+    empty, or an earlier save, which is replaced (``check_save_folder``): a folder holding anything else is refused, not
+    mixed with the model's files."""
+    directory = check_save_folder(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / EDITS_FILE, dict(about) if about is not None else {"applied": None, "edits": None})  # None: not recorded
+        if directory.is_dir():  # an empty folder, or an earlier save: out of the way first, removed once the new one is in
+            old = directory.with_name(f".{directory.name}.{secrets.token_hex(6)}.old")
+            directory.rename(old)
+            tmp.rename(directory)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("saved the edited model to %s", directory)
     return directory
 
@@ -320,9 +351,7 @@ class EditedModel:
         if hooked:
             raise ValueError(f"edits held by {hooked} live in hooks or added modules, which save_pretrained does not keep; "
                              "only weight editors (mend, ft) can be saved as a plain Hugging Face folder")
-        directory = save_edited_model(self.model, self.tokenizer, directory)
-        write_json(directory / EDITS_FILE, {"applied": self.how, "edits": [asdict(e) for e in self.edits]})
-        return directory
+        return save_edited_model(self.model, self.tokenizer, directory, {"applied": self.how, "edits": [asdict(e) for e in self.edits]})
 
 
 # -- the editor -----------------------------------------------------------------------------------------

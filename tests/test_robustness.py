@@ -316,6 +316,44 @@ def test_edit_refuses_to_save_onto_a_file(tiny_gpt2_dir: Path, gpt2_editor: Path
     assert f"--save {target} is an existing file" in caplog.text and target.read_text() == "mine"
 
 
+def test_edit_refuses_to_save_into_a_folder_of_other_files(tiny_gpt2_dir: Path, gpt2_editor: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("mine")
+    assert edit_cli(gpt2_editor, tiny_gpt2_dir, "--device", "cpu", "--save", str(folder)) == 2
+    assert "already holds files that no earlier save of an edited model wrote" in caplog.text
+    assert [f.name for f in folder.iterdir()] == ["thesis.tex"]
+
+
+def test_an_edited_model_is_saved_whole_or_not_at_all(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Written into a folder beside the target that then takes its place: a save that fails half way leaves an earlier
+    save as it was (and no temporary folder); a later save replaces it whole (no file of the earlier one left over)."""
+    from transformers import AutoModelForCausalLM
+
+    from instructedit.api import EDITS_FILE, save_edited_model
+    from instructedit.models.loading import load_model
+
+    model, tokenizer = load_model(str(tiny_gpt2_dir))
+    out = tmp_path / "edited"
+    save_edited_model(model, tokenizer, out, {"edits": ["first"]})
+    (out / "stale.bin").write_text("from the earlier save")
+    first = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tokenizer, "save_pretrained", broken)  # the model's weights are written, then it fails
+    with pytest.raises(OSError, match="disk full"):
+        save_edited_model(model, tokenizer, out, {"edits": ["second"]})
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == first and sorted(p.name for p in tmp_path.iterdir()) == ["edited"]
+    monkeypatch.undo()
+    save_edited_model(model, tokenizer, out, {"edits": ["second"]})
+    assert not (out / "stale.bin").exists() and json.loads((out / EDITS_FILE).read_text()) == {"edits": ["second"]}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edited"]
+    assert AutoModelForCausalLM.from_pretrained(out).config.n_layer == model.config.n_layer
+
+
 def test_edit_top_k_above_the_vocabulary(tiny_gpt2_dir: Path, gpt2_editor: Path, caplog: pytest.LogCaptureFixture) -> None:
     assert edit_cli(gpt2_editor, tiny_gpt2_dir, "--device", "cpu", "--top-k", "100000") == 2
     assert "--top-k 100000 is more than the model's vocabulary" in caplog.text

@@ -73,14 +73,17 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 
 
 def run_edit(args: argparse.Namespace) -> int:
-    from instructedit.api import Edit, answer, generate, score_target, top_predictions
+    from instructedit.api import Edit, answer, check_save_folder, generate, score_target, top_predictions
     from instructedit.evaluation.generation import shown
     from instructedit.models.loading import resolve_device
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
-    if args.save and Path(args.save).exists() and not Path(args.save).is_dir():
-        raise ValueError(f"--save {args.save} is an existing file; name a folder for the edited model")
+    if args.save:  # before the model loads: where the edited model goes must be free for it
+        try:
+            check_save_folder(args.save)
+        except ValueError as e:
+            raise ValueError(f"--save {e}") from None
     if args.file is not None:
         single = [flag for flag, value in (("--target", args.target), ("--subject", args.subject or None), ("--label", args.label),
                                            ("--topic", args.topic)) if value is not None]
