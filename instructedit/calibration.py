@@ -75,7 +75,8 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     ``progress``: a progress bar while each multiplier's answers are decoded.
 
     Each finished (rounds, weight) cell of the grid is kept in ``OUTPUT.partial.json`` until the editor is written: a rerun
-    of the same calibration (``calibration_identity``) takes those cells from it instead of scoring them again
+    of the same calibration (``PartialGrid``: the same editor, multipliers, records, forms, sample and model) takes those
+    cells from it instead of scoring them again
     (``restart``: scores them all again)."""
     import dataclasses
 
