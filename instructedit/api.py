@@ -229,7 +229,11 @@ def save_edited_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase, dire
         if directory.is_dir():  # an empty folder, or an earlier save: out of the way first, removed once the new one is in
             old = directory.with_name(f".{directory.name}.{secrets.token_hex(6)}.old")
             directory.rename(old)
-            tmp.rename(directory)
+            try:
+                tmp.rename(directory)
+            except OSError:
+                old.rename(directory)  # the earlier save back in its place
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(directory)
