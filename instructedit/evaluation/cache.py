@@ -166,20 +166,17 @@ def evaluate_resuming(path: str | Path, model: nn.Module, tokenizer: Any, editor
     ``partial_path(path)`` meanwhile: after an interruption, the same call scores only the cases left (``restart``: all of
     them again). ``load_skipped``: records the data loader skipped, listed first among the report's skips. A sequential
     evaluation (every edit kept) is not resumed: it runs from the start."""
-    if options.get("sequential"):
-        report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, **options)
-    else:
-        partial = PartialEvaluation(partial_path(path),
-                                    run_identity(wanted_settings(settings, model, pool, instruction, options), model, options))
-        done = partial.resume(restart)
-        if done:
-            logger.info("%s: resuming an interrupted evaluation, %d of %d records already scored (%s)", path, len(done), len(records),
-                        partial.path)
-        report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, done=done,
-                          on_results=partial.append, **options)
+    partial = None if options.get("sequential") else PartialEvaluation(
+        partial_path(path), run_identity(wanted_settings(settings, model, pool, instruction, options), model, options))
+    done = partial.resume(restart) if partial is not None else []
+    if done:
+        logger.info("%s: resuming an interrupted evaluation, %d of %d records already scored (%s)", path, len(done), len(records),
+                    partial.path)
+    report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, done=done,
+                      on_results=partial.append if partial is not None else None, **options)
     report.skipped = [*load_skipped, *report.skipped]
     write_report_json(report, path)
-    if not options.get("sequential"):
+    if partial is not None:
         partial.remove()
     return report
 
