@@ -138,6 +138,7 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
     back and leaves the weights bit for bit; schedule_for, the API and evaluate make its few edits so; evaluate's
     functional path scores them as editing in place does; a damaged value fails naming the file."""
     from instructedit.api import Edit, load_editor, query_setup
+    from instructedit.editors.base import ThinUpdates
     from instructedit.editors.learned import rounds_result, schedule_for
 
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
@@ -151,7 +152,11 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
     with editor.apply(model, batch, rounds=2):
         for name, new in result.new_params.items():
             assert torch.equal(new, model.get_parameter(name))
-            assert torch.equal(result.updates[name], new - before[name])
+            # the rounds' thin factors side by side: the written shift up to each round's float rounding of W + ΔW
+            assert torch.allclose(result.updates[name], new - before[name], atol=1e-6)
+            left, right = result.low_rank[name]
+            assert left.shape[1] == right.shape[0] > 0
+    assert isinstance(result.updates, ThinUpdates)
     one_round = editor.edit(model, batch)
     assert any(not torch.allclose(result.updates[k], one_round.updates[k]) for k in result.updates)
 
@@ -268,6 +273,15 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
     with editor.apply(model, batch, rounds=rose) as handle:  # the round that raised it is the last: checked all the same
         assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
         assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())
+    from instructedit.editors.learned import rounds_result
+
+    for rounds in (4, rose):  # read back as the evaluation scores it: the kept rounds' weights, and their factors only
+        result = rounds_result(editor, model, batch, rounds)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        for name, new in result.new_params.items():
+            assert torch.equal(new, states[rose - 2][name])
+            shift = new.float() - before[name].float()
+            assert torch.allclose(result.updates[name], shift, atol=1e-5 * float(shift.abs().max()))
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     from instructedit.commands.analyze_edits import _line  # what analyze batch prints of such a call, with a sample weight too
 

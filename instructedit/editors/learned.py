@@ -27,11 +27,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from instructedit.config import EditorConfig, ModelConfig
-from instructedit.editors.base import EditResult, WeightEditHandle, apply_in_place, scaled_step_sizes, write_weights
+from instructedit.editors.base import EditResult, ThinUpdates, WeightEditHandle, apply_in_place, scaled_step_sizes, write_weights
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import atomic_write, write_json
 from instructedit.losses import masked_nll
-from instructedit.models.architectures import ArchSpec, EditableWeight, arch_spec, resolve_editable_weights
+from instructedit.models.architectures import ArchSpec, EditableWeight, arch_spec, resolve_editable_weights, transposed_of
 from instructedit.models.split import ChunkStates, PrefixState, SplitModel
 from instructedit.records import TokenBatch
 from instructedit.runs import EDITOR_CONFIG, EDITOR_WEIGHTS
@@ -165,6 +165,14 @@ class LearnedEditor(nn.Module):
         ``anchored`` (least-squares editors with preserved keys): each later round's solve holds the preserved keys'
         outputs to the original weights' rather than to the last round's (``MENDEditor.anchor``), so rounds
         that each move them a little cannot add up to a large move; without preserved keys it changes nothing."""
+        return self._apply_rounds(model, batch, rounds, progress, anchored)[0]
+
+    @torch.no_grad()
+    def _apply_rounds(self, model: nn.Module, batch: TokenBatch, rounds: int = 1, progress: bool = False,
+                      anchored: bool = False) -> tuple[WeightEditHandle, dict[str, torch.Tensor], list[dict | None]]:
+        """``apply``, and what its kept rounds wrote: the tensors the model's edited weights now equal (the last kept
+        round's ``new_params``, not the parameters themselves) and each kept round's thin factors (``EditResult.low_rank``,
+        None where a round had none), for ``rounds_result``."""
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         if anchored and not hasattr(self, "anchor"):
@@ -184,6 +192,7 @@ class LearnedEditor(nn.Module):
                     # the edits' loss before the round written last, and the weights it wrote over (the first round stays:
                     # it is the one-round edit); those weights are the round before's new_params, held, not copied
                     before, undo, written = None, None, result.new_params
+                    kept = [result.low_rank]  # each kept round's thin factors
                     unedited = float(result.pre_edit_loss)  # the edits' loss on the model as the call found it
 
                     def undone(after: torch.Tensor | None) -> bool:
@@ -195,7 +204,10 @@ class LearnedEditor(nn.Module):
                         limit = unedited if anchored else float(before)
                         if float(after) <= limit:  # NaN compares False: undone
                             return False
+                        nonlocal written
                         write_weights(model, undo)
+                        written = undo
+                        kept.pop()
                         handle.rounds_made -= 1
                         logger.warning("edit round %d raised the edits' loss from %.4g to %.4g%s: undone, the edits are made in "
                                        "%d round(s) of %d", handle.rounds_made + 1, float(before), float(after),
@@ -211,6 +223,7 @@ class LearnedEditor(nn.Module):
                         if undone(result.pre_edit_loss):
                             break
                         before, undo, written = result.pre_edit_loss, written, result.new_params
+                        kept.append(result.low_rank)
                         write_weights(model, written)
                         handle.rounds_made += 1
                         bar.update()
@@ -224,7 +237,7 @@ class LearnedEditor(nn.Module):
             self.train(was_training)
             if anchored:
                 self.anchor = outer
-        return handle
+        return handle, written, kept
 
     # -- persistence ---------------------------------------------------------------------------
     def editor_config(self) -> dict:
@@ -405,15 +418,22 @@ def check_sample_weight(editor: Any, weight: float | None) -> None:
 def rounds_result(editor: "LearnedEditor", model: nn.Module, batch: TokenBatch, rounds: int) -> EditResult:
     """The edit ``editor.apply(model, batch, rounds=rounds)`` makes (its rules: a round that raises the edits' loss is
     undone), as an ``EditResult`` against the model's weights as found: the rounds are written into the model, read
-    back and rolled back bit for bit before this returns. ``updates`` are the dense shifts (every round's together)."""
-    handle = editor.apply(model, batch, rounds=rounds)
+    back and rolled back bit for bit before this returns. ``new_params`` are the tensors the last kept round wrote (no
+    copy of the model's); where every kept round has thin factors, ``low_rank`` holds them side by side (x · ΔW of the
+    rounds together: equal to the weights written up to the float rounding of each round's W + ΔW) and ``updates``
+    forms them densely only where read (``ThinUpdates``); otherwise ``updates`` are the dense shifts, written minus
+    original weights."""
+    handle, written, kept = editor._apply_rounds(model, batch, rounds=rounds)
     try:
         originals = handle.originals()
-        new_params = {name: model.get_parameter(name).detach().clone() for name in originals}
-        updates = {name: new_params[name] - originals[name] for name in originals}
+        new_params = {name: written[name] for name in originals}
+        if all(factors is not None for factors in kept):
+            low_rank = {name: (torch.cat([f[name][0] for f in kept], dim=1), torch.cat([f[name][1] for f in kept], dim=0))
+                        for name in originals}
+            return EditResult(new_params=new_params, updates=ThinUpdates(low_rank, transposed_of(editor.weights)), low_rank=low_rank)
+        return EditResult(new_params=new_params, updates={name: new_params[name] - originals[name] for name in originals})
     finally:
         handle.rollback()
-    return EditResult(new_params=new_params, updates=updates)
 
 
 @contextlib.contextmanager
