@@ -559,8 +559,72 @@ def test_a_partial_evaluation_of_another_question_is_refused_and_a_cut_line_drop
     stranger = dataclasses.replace(report.cases[0], source="other.json#0")
     with pytest.raises(ValueError, match=r"not one of this evaluation's cases: it is for other.json#0 \(counterfact\) at index 0"):
         evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, done=[stranger])
-    with pytest.raises(ValueError, match="sequential evaluation keeps every edit"):
-        evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, sequential=True, done=report.cases[:1])
+    with pytest.raises(ValueError, match="done_points and on_point are the points of a sequential evaluation's curve"):
+        evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, on_point=print)
+
+
+def test_an_interrupted_sequential_evaluation_makes_its_saved_edits_again_and_ends_as_the_uninterrupted_one(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every edit kept: the saved cases and curve points are not scored again, but their edits are made again in order
+    (the edited weights were not saved), so the cases scored after resuming and the curve are the uninterrupted run's to
+    the bit; a saved edit that is now refused (or kept) where it was not is an error; a single-edit run's partial file
+    is not taken for a sequential one's."""
+    from instructedit.evaluation import cache, runner
+    from instructedit.evaluation.report import EvalSettings
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    many = records() * 2  # six cases: curve points after 1, 2, 4 and 6 edits
+    options = {"protocol": "both", "progress": False, "sequential": True}
+    settings = EvalSettings(task="mixed", method="mend", editor_sha256="0" * 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    whole = cache.evaluate_resuming(tmp_path / "whole.json", model, tokenizer, editor, many, POOL, 0, settings, **options)
+    assert [p.edits for p in whole.sequential] == [1, 2, 4, 6]
+
+    saved: list[int] = []
+    real_append = cache.PartialEvaluation.append
+
+    def append_then_stop(self, results):
+        real_append(self, results)
+        saved.append(len(results))
+        if len(saved) == 3:  # after the third edit's case, before the curve's point at 4
+            raise Interrupted
+
+    out = tmp_path / "seq.json"
+    monkeypatch.setattr(cache.PartialEvaluation, "append", append_then_stop)
+    with pytest.raises(Interrupted):
+        cache.evaluate_resuming(out, model, tokenizer, editor, many, POOL, 0, settings, **options)
+    monkeypatch.setattr(cache.PartialEvaluation, "append", real_append)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the interrupted run restored the model
+    entries = [json.loads(line) for line in cache.partial_path(out).read_text().splitlines()]
+    assert entries[0]["partial_evaluation"]["sequential"] is True
+    assert [len(e["cases"]) if "cases" in e else e["point"]["edits"] for e in entries[1:]] == [1, 1, 1, 2, 1]  # case 1, point 1, case 2, point 2, case 3
+
+    # a single-edit evaluation under the same name is another question
+    with pytest.raises(ValueError, match=r"unfinished evaluation with different outlier_factor, sequential \(e.g. outlier_factor: 50.0 there, None now\)"):
+        cache.evaluate_resuming(out, model, tokenizer, editor, many, POOL, 0, settings, protocol="both", progress=False)
+
+    scored: list[str] = []
+    real_asker = runner._asker
+    monkeypatch.setattr(runner, "_asker", lambda model, generation, case: scored.append(case.record.source) or real_asker(model, generation, case))
+    resumed = cache.evaluate_resuming(out, model, tokenizer, editor, many, POOL, 0, settings, **options)
+    assert len(scored) == 3 and resumed.timing["resumed_cases"] == 3  # only the three cases left were asked after their edit
+    assert resumed.cases == whole.cases and resumed.sequential == whole.sequential and resumed.aggregates == whole.aggregates
+    assert not cache.partial_path(out).exists() and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    # an edit the interrupted run refused is kept when made again: that run's model cannot be rebuilt
+    monkeypatch.setattr(cache.PartialEvaluation, "append", append_then_stop)
+    saved.clear()
+    with pytest.raises(Interrupted):
+        cache.evaluate_resuming(out, model, tokenizer, editor, many, POOL, 0, settings, **options)
+    monkeypatch.setattr(cache.PartialEvaluation, "append", real_append)
+    lines = cache.partial_path(out).read_text().splitlines()
+    second = json.loads(lines[3])
+    second["cases"][0]["refused"] = True
+    lines[3] = json.dumps(second)
+    cache.partial_path(out).write_text("\n".join(lines) + "\n")
+    with pytest.raises(RuntimeError, match=r"edit 2 \(.*\) was refused by the interrupted run and is kept now.*--restart"):
+        cache.evaluate_resuming(out, model, tokenizer, editor, many, POOL, 0, settings, **options)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
 
 def test_progress_bar_counts_cases_and_says_when_a_group_decodes(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

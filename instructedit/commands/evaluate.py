@@ -79,7 +79,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
                    help="report path (FILE.json.gz: gzipped, ~13x smaller for hundreds of cases); the Markdown table goes beside it as FILE.md")
     p.add_argument("--restart", action="store_true",
                    help="score every case again, ignoring the cases an interrupted run of the same evaluation kept in FILE.partial.jsonl "
-                        "(by default the run resumes from them; --sequential always starts over)")
+                        "(by default the run resumes from them; --sequential makes their edits again, unscored, then goes on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_evaluate)
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from torch import nn
 
-from instructedit.editors.base import Editor
-from instructedit.evaluation.report import CaseResult, EvalReport, EvalSettings, load_report_json, write_report_json
+from instructedit.editors.base import OUTLIER_FACTOR, Editor
+from instructedit.evaluation.report import CaseResult, EvalReport, EvalSettings, SequentialPoint, load_report_json, write_report_json
 from instructedit.evaluation.runner import evaluate
 from instructedit.io import append_jsonl, atomic_write, json_stem
 from instructedit.records import EditRecord
@@ -90,6 +90,10 @@ def run_identity(wanted: EvalSettings, model: nn.Module, options: Mapping[str, A
     judge = options.get("judge")
     parameter = next(model.parameters())
     identity = {k: getattr(wanted, k) for k in (*IDENTITY, "method", "data_file")} | {k: options[k] for k in RUN_OPTIONS if k in options}
+    if options.get("sequential"):  # every edit kept: how edits are refused, and the key memory the first one finds
+        memory = options.get("memory")
+        identity |= {"sequential": True, "outlier_factor": options.get("outlier_factor", OUTLIER_FACTOR),
+                     "key_memory": memory.state() if memory is not None else None}
     identity |= {"model_dtype": str(parameter.dtype).removeprefix("torch."), "device": parameter.device.type,
                  "judge": getattr(judge, "name", None) if judge is not None else None}
     return json.loads(json.dumps(identity, default=str))
@@ -99,14 +103,15 @@ class PartialEvaluation:
     """The finished cases of an evaluation under way, kept in ``path`` (``partial_path``) so that an interrupted run resumes.
 
     Line 1: ``{"partial_evaluation": identity}``; then per group of cases as ``evaluate`` hands them over (``on_results``)
-    ``{"cases": [CaseResult, ...]}``, appended in one write and flushed to the disk. A line cut short by a crash is
-    dropped when read (its cases run again); a file of a different evaluation (another identity) is an error, not
-    silently overwritten.
+    ``{"cases": [CaseResult, ...]}``, and a sequential evaluation's curve points (``on_point``) as ``{"point":
+    SequentialPoint}``, each appended in one write and flushed to the disk. A line cut short by a crash is dropped when
+    read (its cases run again); a file of a different evaluation (another identity) is an error, not silently overwritten.
     """
 
     def __init__(self, path: str | Path, identity: Mapping[str, Any]) -> None:
         self.path = Path(path)
         self.identity = dict(identity)
+        self.points: list[SequentialPoint] = []  # a sequential evaluation's curve points, as ``resume`` read them
 
     def resume(self, restart: bool = False) -> list[CaseResult]:
         """The cases an interrupted run of this evaluation saved (none if there is no file or ``restart``); from here on
@@ -136,10 +141,11 @@ class PartialEvaluation:
                              f"{theirs.get(k)!r} there, {self.identity.get(k)!r} now); pass --restart to start over, or write "
                              "the report elsewhere")
         try:
-            done = [CaseResult(**case) for entry in entries[1:] for case in entry["cases"]]
+            done = [CaseResult(**case) for entry in entries[1:] if "point" not in entry for case in entry["cases"]]
+            self.points = [SequentialPoint(**entry["point"]) for entry in entries[1:] if "point" in entry]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"{self.path}: a saved group of cases does not read back ({type(e).__name__}: {e}); move the file "
-                             "away or pass --restart") from None
+            raise ValueError(f"{self.path}: a saved group of cases or curve point does not read back ({type(e).__name__}: {e}); "
+                             "move the file away or pass --restart") from None
         if cut is not None:
             logger.warning("%s: line %d was cut short (the run stopped while writing it); its cases run again", self.path, cut)
             keep = [json.dumps(entry, default=str) + "\n" for entry in entries]
@@ -147,12 +153,17 @@ class PartialEvaluation:
         return done
 
     def _start(self) -> None:
+        self.points = []
         header = json.dumps({"partial_evaluation": self.identity}) + "\n"
         atomic_write(self.path, lambda tmp: Path(tmp).write_text(header))
 
     def append(self, results: Sequence[CaseResult]) -> None:
         """Save finished cases (``evaluate``'s ``on_results``)."""
         append_jsonl(self.path, {"cases": [dataclasses.asdict(r) for r in results]})
+
+    def append_point(self, point: SequentialPoint) -> None:
+        """Save a sequential evaluation's curve point (``evaluate``'s ``on_point``)."""
+        append_jsonl(self.path, {"point": dataclasses.asdict(point)})
 
     def remove(self) -> None:
         """The report is written: the partial file is no longer needed."""
@@ -165,19 +176,19 @@ def evaluate_resuming(path: str | Path, model: nn.Module, tokenizer: Any, editor
     """``evaluate`` (``options``: its keyword arguments) and write its report to ``path``, keeping every finished case in
     ``partial_path(path)`` meanwhile: after an interruption, the same call scores only the cases left (``restart``: all of
     them again). ``load_skipped``: records the data loader skipped, listed first among the report's skips. A sequential
-    evaluation (every edit kept) is not resumed: it runs from the start."""
-    partial = None if options.get("sequential") else PartialEvaluation(
-        partial_path(path), run_identity(wanted_settings(settings, model, pool, instruction, options), model, options))
-    done = partial.resume(restart) if partial is not None else []
+    evaluation (every edit kept) keeps its curve's points too, and on resuming makes the saved cases' edits again, unscored."""
+    partial = PartialEvaluation(partial_path(path), run_identity(wanted_settings(settings, model, pool, instruction, options), model, options))
+    done = partial.resume(restart)
     if done:
-        logger.info("%s: resuming an interrupted evaluation, %d of %d records already scored (%s)", path, len(done), len(records),
-                    partial.path)
-    report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, done=done,
-                      on_results=partial.append if partial is not None else None, **options)
+        again = ("; their edits are made again, unscored, to edit the model as that run had" if options.get("sequential") else "")
+        logger.info("%s: resuming an interrupted evaluation, %d of %d records already scored (%s)%s", path, len(done), len(records),
+                    partial.path, again)
+    curve = dict(done_points=partial.points, on_point=partial.append_point) if options.get("sequential") else {}
+    report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, done=done, on_results=partial.append,
+                      **curve, **options)
     report.skipped = [*load_skipped, *report.skipped]
     write_report_json(report, path)
-    if partial is not None:
-        partial.remove()
+    partial.remove()
     return report
 
 

@@ -249,7 +249,9 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
 def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases: list[Case], guard: WeightGuard, batch_size: int,
                     generation: gen.GenerationRun | None, teacher_forced: bool, progress: bool,
                     outlier_factor: float | None = OUTLIER_FACTOR, memory: KeyMemory | None = None,
-                    ) -> tuple[list[CaseResult], list[SequentialPoint]]:
+                    earlier: dict[int, CaseResult] | None = None, earlier_points: Sequence[SequentialPoint] = (),
+                    on_results: Callable[[list[CaseResult]], None] | None = None,
+                    on_point: Callable[[SequentialPoint], None] | None = None) -> tuple[list[CaseResult], list[SequentialPoint]]:
     """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end.
 
     ``memory`` (a least-squares editor): every edit's solve holds its keys still, then adds its own (``remembering``);
@@ -258,7 +260,14 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model. A weight
     edit that would wreck the model (``editors.base.OutlierEdits`` with ``outlier_factor``; None: every edit is kept) is
     undone, as ``apply_sequential`` does: its case is scored on the model without it and marked ``refused``.
+
+    Resuming: the cases of ``earlier`` (by index: an interrupted run's results) and the curve's ``earlier_points`` are not
+    scored again, but their edits are made again (the model's edited weights were not saved; an edit is a function of
+    the model it finds, so the same edits in the same order give the same weights), each checked to be kept or refused
+    as it was. ``on_results`` / ``on_point``: handed each case's result and each curve point as soon as they are final.
     """
+    earlier = earlier or {}
+    saved_points = {p.edits: p for p in earlier_points}
     outliers = OutlierEdits(outlier_factor) if outlier_factor is not None else None
     for case in tqdm(cases, desc="pre-edit", unit="case", disable=not progress):
         logits = layout_logits(model, case.padded)
@@ -276,13 +285,29 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                     handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
                 elif kept:
                     held.append(handle)
-                post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
-                ask = _asker(model, generation, case)
-                results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation, teacher_forced),
-                                       refused=not kept))
+                saved = earlier.get(case.index)
+                if saved is not None:  # made again on resuming, to edit the model as the interrupted run had; not scored
+                    if saved.refused == kept:
+                        raise RuntimeError(f"resuming a sequential evaluation: edit {k} ({case.record.source}) was "
+                                           f"{'refused' if saved.refused else 'kept'} by the interrupted run and is "
+                                           f"{'kept' if kept else 'refused'} now, so the edits made again do not give its model; "
+                                           "start over (--restart)")
+                    results.append(saved)
+                else:
+                    post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
+                    ask = _asker(model, generation, case)
+                    results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation,
+                                                        teacher_forced), refused=not kept))
+                    if on_results is not None:
+                        on_results(results[-1:])
                 if k in schedule:
-                    curve.append(replace(_rescore(model, collator, cases[:k], batch_size, k, generation),
-                                         refused=sum(r.refused for r in results)))
+                    point = saved_points.get(k)
+                    if point is None:
+                        point = replace(_rescore(model, collator, cases[:k], batch_size, k, generation),
+                                        refused=sum(r.refused for r in results))
+                        if on_point is not None:
+                            on_point(point)
+                    curve.append(point)
     finally:
         for handle in reversed(held):
             handle.rollback()
@@ -334,6 +359,8 @@ def evaluate(
     step_scale: float = 1.0,
     done: Sequence[CaseResult] = (),
     on_results: Callable[[list[CaseResult]], None] | None = None,
+    done_points: Sequence[SequentialPoint] = (),
+    on_point: Callable[[SequentialPoint], None] | None = None,
 ) -> EvalReport:
     """Edit each record in turn and score it before and after (DESIGN.md §5); the model ends as it began.
 
@@ -359,15 +386,16 @@ def evaluate(
     ``instructedit.KeyMemory``): lifelong editing, every edit's solve holds the keys of the edits kept before it (and the
     memory's preservation text) still; the memory goes on holding the kept edits' keys after the call.
 
-    Resuming (single edits, not ``sequential``): ``on_results`` is handed every case's result as soon as it is final (cases
-    decoded together: their group at once), e.g. to append them to a file (``evaluation.cache.PartialEvaluation``);
-    ``done``: the results an interrupted run of the same evaluation handed it. Those cases are not run again and
-    their results join the report in the records' order; ``timing["resumed_cases"]`` counts them, ``cases_per_s`` the
-    cases run in this call. Results saved whole groups at a time, as ``on_results`` hands them, are the ones an
-    uninterrupted run gives, to the bit.
+    Resuming: ``on_results`` is handed every case's result as soon as it is final (cases decoded together: their group
+    at once), e.g. to append them to a file (``evaluation.cache.PartialEvaluation``); ``done``: the results an interrupted
+    run of the same evaluation handed it. Those cases are not run again and their results join the report in the
+    records' order; ``timing["resumed_cases"]`` counts them, ``cases_per_s`` the cases run in this call. Results saved
+    whole groups at a time, as ``on_results`` hands them, are the ones an uninterrupted run gives, to the bit.
+    ``sequential``: ``on_point`` is handed each point of the curve too, ``done_points`` are the interrupted run's, and the
+    saved cases' edits are made again, in order, unscored (``_run_sequential``): the edited weights were not saved.
     """
-    if (done or on_results is not None) and sequential:
-        raise ValueError("a sequential evaluation keeps every edit, so it is not resumed from saved results (done, on_results)")
+    if (done_points or on_point is not None) and not sequential:
+        raise ValueError("done_points and on_point are the points of a sequential evaluation's curve: pass sequential=True")
     if memory is not None and not sequential:
         raise ValueError("a key memory holds earlier edits still while edits are kept one after another: pass sequential=True")
     if memory is not None:
@@ -417,19 +445,20 @@ def evaluate(
     # passes without gradients through oneDNN where it is faster than BLAS here
     with fast_linears(model), scaled_step_sizes(editor, step_scale):
         if generation is not None and not _decodes_together(fast_path, generation, cases_together):
-            left = [c for c in cases if c.index not in earlier]
+            # the curve's points ask every case edited so far, a resumed one too, and compare with its unedited answers
+            left = cases if sequential else [c for c in cases if c.index not in earlier]
             for case, said in zip(left, generation.answer_unedited(model, [c.queries for c in left])):
                 case.pre_answers = said  # decoded together, cases get theirs with their post-edit answers (one prefill)
         teacher_forced = protocol != "generation"
         packed = False
         if sequential:
             results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress,
-                                             outlier_factor, memory)
+                                             outlier_factor, memory, earlier, done_points, on_results, on_point)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
                                           cases_together, edit_rounds, on_results, earlier.keys())
     run_s = time.perf_counter() - run_start
-    ran = len(results)
+    ran = len(results) - (len(earlier) if sequential else 0)  # a resumed sequential run hands the saved cases back in order
     if earlier:  # every case's result in the records' order, the earlier run's and this one's
         now = {r.index: r for r in results}
         results = [earlier[c.index] if c.index in earlier else now[c.index] for c in cases]
