@@ -118,3 +118,22 @@ def test_argmax_ids_is_argmax_with_ties_and_nan() -> None:
     logits[2] = 0.0  # all equal: index 0
     assert torch.equal(argmax_ids(logits), logits.argmax(-1))
     assert argmax_ids(logits)[0].tolist() == [7] * 5 and int(argmax_ids(logits)[1, 2]) == 250 and argmax_ids(logits)[2].eq(0).all()
+
+
+def test_paired_differences_compares_two_reports_case_by_case() -> None:
+    """b − a per case with its bootstrap interval, over the cases both score; other cases are refused."""
+    from instructedit.evaluation.report import paired_differences
+
+    def report(said: list[float | None], loc: list[float]) -> dict:
+        return {"cases": [{"source": f"f.json#{i}", "gen_post": {"gen_reliability": s}, "post": {"locality": l}}
+                          for i, (s, l) in enumerate(zip(said, loc))]}
+
+    a, b = report([0.0, 1.0, 0.0, None], [1.0, 1.0, 0.5, 1.0]), report([1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 0.5, 1.0])
+    out = paired_differences(a, b, (("gen_reliability", "gen_post"), ("locality", "post"), ("absent", "post")), labels=("x", "y"))
+    said = out["gen_reliability"]
+    assert said["n"] == 3 and said["x"] == pytest.approx(1 / 3) and said["y"] == 1.0 and said["cases_differing"] == 2
+    assert said["difference"] == pytest.approx(2 / 3) and said["ci_low"] <= 2 / 3 <= said["ci_high"] and said["protocol"] == "generation"
+    assert out["locality"]["difference"] == pytest.approx(-0.125) and out["locality"]["protocol"] == "teacher_forced"
+    assert "absent" not in out
+    with pytest.raises(ValueError, match="do not hold the same cases"):
+        paired_differences(a, report([1.0], [1.0]), (("locality", "post"),))

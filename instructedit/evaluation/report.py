@@ -359,3 +359,28 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
 def write_markdown(reports: Sequence[EvalReport], path: str | Path) -> Path:
     text = markdown_report(reports)
     return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def paired_differences(a: dict[str, Any], b: dict[str, Any], metrics: Sequence[tuple[str, str]],
+                       labels: tuple[str, str] = ("a", "b"), difference: str = "difference") -> dict[str, dict[str, Any]]:
+    """Two reports' JSON (``read_json`` of what ``write_report_json`` wrote) of the same cases, compared case by case: per
+    (metric, phase) of ``metrics`` (e.g. ``("gen_reliability", "gen_post")``), each report's mean over the cases both
+    score, the paired difference b − a with its 95 % bootstrap interval (``difference``, ``ci_low``, ``ci_high``), the
+    protocol, n and how many cases differ. ``labels``: the keys the two means go under. The reports must hold the same
+    cases in the same order (a ValueError otherwise)."""
+    from instructedit.evaluation.generation import bootstrap_ci
+
+    if [c["source"] for c in a["cases"]] != [c["source"] for c in b["cases"]]:
+        raise ValueError("paired_differences: the two reports do not hold the same cases in the same order")
+    out: dict[str, dict[str, Any]] = {}
+    for metric, phase in metrics:
+        both = [(x[phase][metric], y[phase][metric]) for x, y in zip(a["cases"], b["cases"])
+                if x[phase].get(metric) is not None and y[phase].get(metric) is not None]
+        if not both:
+            continue
+        xs, ys = zip(*both)
+        ci = bootstrap_ci([y - x for x, y in both])
+        out[metric] = {labels[0]: sum(xs) / len(xs), labels[1]: sum(ys) / len(ys), difference: ci.mean, "ci_low": ci.low,
+                       "ci_high": ci.high, "n": len(both), "protocol": "generation" if phase.startswith("gen") else "teacher_forced",
+                       "cases_differing": sum(x != y for x, y in both)}
+    return out

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructedit.evaluation.generation import bootstrap_ci
+from instructedit.evaluation.report import paired_differences
 from instructedit.io import read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -23,17 +23,9 @@ def main() -> None:
     pairs = [(p, q) for x, y in zip(a, b) for p, q in zip(x["answers"], y["answers"], strict=True)]
     out["answers"] = {"pairs": len(pairs), "pre_differ": sum(p["pre_text"] != q["pre_text"] for p, q in pairs),
                       "post_differ": sum(p["post_text"] != q["post_text"] for p, q in pairs)}
-    for metric, phase in (("gen_reliability", "gen_post"), ("gen_generalization", "gen_post"), ("gen_locality", "gen_post"),
-                          ("reliability", "post"), ("locality", "post")):
-        xs = [c[phase][metric] for c in a if c[phase].get(metric) is not None]
-        ys = [c[phase][metric] for c in b if c[phase].get(metric) is not None]
-        diff = [y - x for x, y in zip(xs, ys)]
-        interval = bootstrap_ci(diff)
-        mean, low, high = interval.mean, interval.low, interval.high
-        out[metric] = {"float32": sum(xs) / len(xs), "bfloat16": sum(ys) / len(ys), "bfloat16_minus_float32": mean,
-                       "ci_low": low, "ci_high": high, "n": len(diff),
-                       "protocol": "generation" if phase.startswith("gen") else "teacher_forced",
-                       "cases_differing": sum(x != y for x, y in zip(xs, ys))}
+    out |= paired_differences(runs["float32"], runs["bfloat16"], (("gen_reliability", "gen_post"), ("gen_generalization", "gen_post"),
+                              ("gen_locality", "gen_post"), ("reliability", "post"), ("locality", "post")),
+                              labels=("float32", "bfloat16"), difference="bfloat16_minus_float32")
     write_json(HERE / "agreement.json", out)
     for key, value in out.items():
         if isinstance(value, dict) and "bfloat16_minus_float32" in value:

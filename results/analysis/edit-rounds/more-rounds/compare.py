@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructedit.evaluation.generation import bootstrap_ci
+from instructedit.evaluation.report import paired_differences
 from instructedit.io import read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -28,22 +28,11 @@ def main() -> None:
         if not all(p.is_file() for p in paths):
             continue
         a, b = (read_json(p) for p in paths)
-        assert [c["source"] for c in a["cases"]] == [c["source"] for c in b["cases"]], task
         entry: dict = {"n_cases": len(a["cases"]), "files": [str(p.relative_to(HERE.parents[2])) for p in paths],
                        "editors": [r["settings"]["editor_sha256"] for r in (a, b)],
                        "edit_rounds": [r["settings"]["edit_rounds"] for r in (a, b)],
                        "cases_per_s": [r["timing"]["cases_per_s"] for r in (a, b)]}
-        for metric, phase in METRICS:
-            both = [(x[phase][metric], y[phase][metric]) for x, y in zip(a["cases"], b["cases"])
-                    if x[phase].get(metric) is not None and y[phase].get(metric) is not None]
-            if not both:
-                continue
-            xs, ys = zip(*both)
-            ci = bootstrap_ci([y - x for x, y in both])
-            entry[metric] = {"two_rounds": sum(xs) / len(xs), "four_rounds": sum(ys) / len(ys), "difference": ci.mean,
-                             "ci_low": ci.low, "ci_high": ci.high, "n": len(both),
-                             "protocol": "generation" if phase.startswith("gen") else "teacher_forced",
-                             "cases_differing": sum(x != y for x, y in both)}
+        entry |= paired_differences(a, b, METRICS, labels=("two_rounds", "four_rounds"))
         out[task] = entry
         for metric, v in entry.items():
             if isinstance(v, dict):
