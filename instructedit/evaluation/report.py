@@ -368,7 +368,7 @@ def paired_differences(a: dict[str, Any], b: dict[str, Any], metrics: Sequence[t
     score, the paired difference b − a with its 95 % bootstrap interval (``difference``, ``ci_low``, ``ci_high``), the
     protocol, n and how many cases differ. ``labels``: the keys the two means go under. The reports must hold the same
     cases in the same order (a ValueError otherwise)."""
-    from instructedit.evaluation.generation import bootstrap_ci
+    from instructedit.evaluation.generation import bootstrap_ci  # here: reading and writing reports needs no torch
 
     if [c["source"] for c in a["cases"]] != [c["source"] for c in b["cases"]]:
         raise ValueError("paired_differences: the two reports do not hold the same cases in the same order")

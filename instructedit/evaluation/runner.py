@@ -264,7 +264,8 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     Resuming: the cases of ``earlier`` (by index: an interrupted run's results) and the curve's ``earlier_points`` are not
     scored again, but their edits are made again (the model's edited weights were not saved; an edit is a function of
     the model it finds, so the same edits in the same order give the same weights), each checked to be kept or refused
-    as it was. ``on_results`` / ``on_point``: handed each case's result and each curve point as soon as they are final.
+    as it was; the results returned are the cases scored now (``evaluate`` puts the earlier ones in their place).
+    ``on_results`` / ``on_point``: handed each case's result and each curve point as soon as they are final.
     """
     earlier = earlier or {}
     saved_points = {p.edits: p for p in earlier_points}
@@ -275,6 +276,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     schedule = set(sequential_schedule(len(cases)))
     held: list[EditHandle] = []  # editors that add modules/hooks: undone last-in first-out at the end
     results, curve = [], []
+    refusals: list[bool] = []  # per edit made so far, a resumed one too: whether it was refused
     try:
         with remembering(editor, memory):  # every solve holds the kept edits' keys still, then adds its own
             for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
@@ -285,6 +287,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                     handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
                 elif kept:
                     held.append(handle)
+                refusals.append(not kept)
                 saved = earlier.get(case.index)
                 if saved is not None:  # made again on resuming, to edit the model as the interrupted run had; not scored
                     if saved.refused == kept:
@@ -292,7 +295,6 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                                            f"{'refused' if saved.refused else 'kept'} by the interrupted run and is "
                                            f"{'kept' if kept else 'refused'} now, so the edits made again do not give its model; "
                                            "start over (--restart)")
-                    results.append(saved)
                 else:
                     post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
                     ask = _asker(model, generation, case)
@@ -303,8 +305,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                 if k in schedule:
                     point = saved_points.get(k)
                     if point is None:
-                        point = replace(_rescore(model, collator, cases[:k], batch_size, k, generation),
-                                        refused=sum(r.refused for r in results))
+                        point = replace(_rescore(model, collator, cases[:k], batch_size, k, generation), refused=sum(refusals))
                         if on_point is not None:
                             on_point(point)
                     curve.append(point)
@@ -458,7 +459,7 @@ def evaluate(
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
                                           cases_together, edit_rounds, on_results, earlier.keys())
     run_s = time.perf_counter() - run_start
-    ran = len(results) - (len(earlier) if sequential else 0)  # a resumed sequential run hands the saved cases back in order
+    ran = len(results)
     if earlier:  # every case's result in the records' order, the earlier run's and this one's
         now = {r.index: r for r in results}
         results = [earlier[c.index] if c.index in earlier else now[c.index] for c in cases]
