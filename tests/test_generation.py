@@ -20,7 +20,7 @@ from torch import nn
 from instructedit.analysis.proposers import OpenAIProposer
 from instructedit.api import query_setup
 from instructedit.config import load_config
-from instructedit.editors.base import EditHandle, EditResult, ThinUpdates, WeightEditHandle
+from instructedit.editors.base import EditHandle, EditResult, ThinParams, ThinUpdates, WeightEditHandle
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
 from instructedit.commands.evaluate import add_evaluate_parser
@@ -289,6 +289,7 @@ def test_a_mend_edits_low_rank_factors_add_what_its_dense_update_adds(tiny_model
         result = editor.edit(model, collator.qa_batch([("The capital of France is", "Rome")]))
     assert result.low_rank is not None and set(result.low_rank) == set(result.updates)
     assert isinstance(result.updates, ThinUpdates) and not result.updates._formed  # without gradients: ΔW formed when read
+    assert isinstance(result.new_params, ThinParams) and not result.new_params._formed  # and W + ΔW
     for w in editor.weights:  # x · left · right equals x times the update in the weight's orientation (Conv1D or Linear)
         left, right = result.low_rank[w.name]
         dense = result.updates[w.name] if w.transposed else result.updates[w.name].T
@@ -429,6 +430,39 @@ def test_generation_locality_is_one_for_a_no_op_edit_and_drops_for_a_big_one(tin
     noisy = evaluate(model, tokenizer, NoiseEditor(), records(), POOL, 0, progress=False, sequential=sequential)
     assert noisy.aggregates["counterfact"]["gen_post"]["gen_locality"].mean < 1.0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rolled back bitwise (and verified per case)
+
+
+def test_a_one_round_edit_is_scored_through_its_factors_and_forms_its_weights_only_where_read(tiny_model_dir: Path) -> None:
+    from instructedit.evaluation.packing import score_functional
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    case = prepare_cases(Collator(tokenizer, 256, POOL), records()[:1], 0, 8, torch.device("cpu"))[0][0]
+    for layout in (case.padded, case.layout(True, torch.float32)):
+        pre, post, result, _ = score_functional(editor, model, layout)
+        # scored with x · left · right added by hooks: the edited weights were never formed
+        assert isinstance(result.new_params, ThinParams) and not result.new_params._formed
+        split = editor.split(model)
+        with torch.no_grad():  # the same logits as running W + ΔW functionally, to float rounding
+            dense = torch.cat([split.logits_at(split.suffix(split.prefix(chunk) if pos is None else _prefix_at(split, chunk, pos),
+                                                            dict(result.new_params)), chunk.label_mask)
+                               for chunk, pos in zip(layout.chunks, layout.positions)])
+        torch.testing.assert_close(post, dense, rtol=1e-4, atol=1e-5)
+        assert not torch.equal(post, pre)
+    result = score_functional(editor, model, case.padded)[2]
+    name = editor.weights[0].name
+    formed = result.new_params[name]  # read before the model changes: formed, and kept
+    with torch.no_grad():
+        model.get_parameter(editor.weights[1].name).add_(1.0)
+    assert result.new_params[name] is formed
+    with pytest.raises(RuntimeError, match=f"{editor.weights[1].name} was written to after this edit"):
+        result.new_params[editor.weights[1].name]
+
+
+def _prefix_at(split, chunk: TokenBatch, positions: torch.Tensor):
+    from instructedit.models.packing import positions_fed
+
+    with positions_fed(split.model, positions):
+        return split.prefix(chunk)
 
 
 def test_mend_fast_path_edits_once_per_case_and_restores(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

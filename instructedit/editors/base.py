@@ -45,11 +45,11 @@ class EditResult:
     """Edited weights, to be used functionally (``torch.func.functional_call``) or applied in place.
 
     ``new_params`` maps full parameter names to the edited tensors (the base weights are not
-    touched); ``updates`` holds the added deltas; ``pre_edit_loss`` is the edit NLL before the edit; ``low_rank``
+    touched; an edit made without gradients forms them only where read: ``ThinParams``); ``updates`` holds the added deltas; ``pre_edit_loss`` is the edit NLL before the edit; ``low_rank``
     the deltas as factors (adding a row's update by hooks then costs a fraction of a dense product: ``row_edits``).
     """
 
-    new_params: dict[str, torch.Tensor]
+    new_params: Mapping[str, torch.Tensor]
     updates: Mapping[str, torch.Tensor] = field(default_factory=dict)
     pre_edit_loss: torch.Tensor | None = None
     # the same deltas as low-rank factors, when the editor has them (MEND's summed update: rank <= edit tokens):
@@ -88,6 +88,39 @@ def thin_edited(param: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor],
     base = param.float()
     out = torch.addmm(base, left, right) if transposed else torch.addmm(base, right.T, left.T)
     return out.to(param.dtype)
+
+
+class ThinParams(Mapping[str, torch.Tensor]):
+    """W + ΔW per edited weight from ΔW's thin factors (``thin_edited``), each formed the first time it is read.
+
+    An edit's product is its update; the edited weights are a third copy of them that only some callers need: writing
+    the edit into the model (``apply``) reads them, a functional pass of a float32 model adds x · left · right by hooks
+    instead (``evaluation.packing.score_functional``, as meta-training and generation do). Forming all nine on the
+    default model (a copy of W and a product each) cost ~14 ms of a one-record edit's ~155 ms (one thread, 2026-12-06).
+    Each value is formed from the weight as it was when the edit was made: reading one after the model's weight has
+    been written to raises instead of forming it from the new weight.
+    """
+
+    def __init__(self, model: nn.Module, low_rank: Mapping[str, tuple[torch.Tensor, torch.Tensor]], transposed: Mapping[str, bool]) -> None:
+        self.low_rank, self.transposed = low_rank, transposed
+        self._params = {name: model.get_parameter(name) for name in low_rank}
+        self._versions = {name: param._version for name, param in self._params.items()}
+        self._formed: dict[str, torch.Tensor] = {}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._formed:
+            param = self._params[name]
+            if param._version != self._versions[name]:
+                raise RuntimeError(f"the model's weight {name} was written to after this edit was made: its edited value "
+                                   "(W + ΔW) can no longer be formed; read EditResult.new_params before changing the model")
+            self._formed[name] = thin_edited(param.detach(), self.low_rank[name], self.transposed[name])
+        return self._formed[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.low_rank)
+
+    def __len__(self) -> int:
+        return len(self.low_rank)
 
 
 class EditHandle:

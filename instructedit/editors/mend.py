@@ -21,12 +21,13 @@ from torch import nn
 
 from instructedit.config import PRESERVE_KEYS, EditorConfig
 from instructedit.editors.aggregation import KeyMemory, NormalEquations, base_inverse, check_remembers, value_differences
-from instructedit.editors.base import EditResult, ThinUpdates, thin_edited
+from instructedit.editors.base import EditResult, ThinParams, ThinUpdates
 from instructedit.editors.hooks import Factors, capture_factors
 # CONFIG_NAME, WEIGHTS_NAME and nonfinite_tensors are imported from here by older modules: they live in editors/learned.py
 from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEditor, nonfinite_tensors, read_editor_config  # noqa: F401
 from instructedit.io import atomic_write
 from instructedit.losses import per_row_nll
+from instructedit.models import precision
 from instructedit.models.architectures import ArchSpec, EditableWeight, transposed_of
 from instructedit.models.split import ChunkStates, PrefixState, SplitModel
 from instructedit.records import TokenBatch
@@ -125,8 +126,9 @@ class GradientTransform(nn.Module):
             self.merge_statistics(everyone[: rank + 1])
             h = self._normalized(u, delta)
             self.merge_statistics(everyone[rank + 1 :])
-        for layer in self.layers:
-            h = layer(h, mode)
+        with precision.network(h.device):  # bfloat16 products in a meta-training step with ``training.step_precision``
+            for layer in self.layers:
+                h = layer(h, mode)
         return h[:, : self.d_in], h[:, self.d_in :]
 
     def _normalized(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -440,8 +442,8 @@ class MENDEditor(LearnedEditor):
         else:
             factors, loss = self.edit_factors(split, batch, state)
             updates, low_rank = self.transform(factors, with_factors=True)
-        if isinstance(updates, ThinUpdates):  # no gradients, thin factors: W + ΔW from them, ΔW formed only if read
-            new_params = {w.name: thin_edited(split.model.get_parameter(w.name), low_rank[w.name], w.transposed) for w in self.weights}
+        if isinstance(updates, ThinUpdates):  # no gradients, thin factors: W + ΔW and ΔW formed only where read
+            new_params = ThinParams(split.model, low_rank, updates.transposed)
             return EditResult(new_params=new_params, updates=updates, pre_edit_loss=loss.detach(), low_rank=low_rank)
         return EditResult(new_params=self.edited_params(split, updates), updates=updates, pre_edit_loss=loss.detach(), low_rank=low_rank)
 

@@ -8,6 +8,7 @@ since an architecture may ignore 4-D attention masks.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,12 +17,13 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from instructedit.editors.base import EditResult, FunctionalEditor
+from instructedit.editors.base import EditResult, FunctionalEditor, ThinParams
 from instructedit.editors.learned import rounds_result
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.before_after import Seed
 from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
 from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
+from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.losses import argmax_ids
 from instructedit.models.packing import pack, positions_fed, shareable_rows
 from instructedit.records import EditRecord, TokenBatch
@@ -182,8 +184,16 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
         editor.train(was_training)
     pre = [split.logits_at(state.final_hidden, chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
     edited = [DynamicCache() if keep_cache else None for _ in states]  # lazily grown: only the edited blocks' layers fill
-    post = [split.logits_at(split.suffix(state.with_cache(cache) if keep_cache else state, result.new_params), chunk.label_mask)
-            for state, chunk, cache in zip(recorded, layout.chunks, edited)]
+    # An edit made once, as thin factors, of float32 weights: the post-edit passes add x · left · right by hooks
+    # (``row_edits``, as generation adds it) and W + ΔW is never formed. Else (rounds: the weights they wrote; a half-
+    # precision model: W + ΔW rounded to its dtype, as the edit is used) the edited weights run functionally.
+    hooked = isinstance(result.new_params, ThinParams) and result.low_rank is not None and all(
+        model.get_parameter(name).dtype == torch.float32 for name in result.low_rank)
+    params = None if hooked else result.new_params
+    with per_row_updates(model, [result.low_rank] * max(c.input_ids.shape[0] for c in layout.chunks),
+                         result.new_params.transposed) if hooked else contextlib.nullcontext():
+        post = [split.logits_at(split.suffix(state.with_cache(cache) if keep_cache else state, params), chunk.label_mask)
+                for state, chunk, cache in zip(recorded, layout.chunks, edited)]
     return torch.cat(pre), torch.cat(post), result, list(zip(kv, edited)) if keep_cache else None
 
 
