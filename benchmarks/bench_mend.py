@@ -3,16 +3,16 @@
 Config: configs/smollm2-135m/instructedit.yaml (the editor trained on the default model).
 (a) one plain forward pass over the edit example (full vocabulary logits: the floor),
 (b) one MEND edit of that example (frozen prefix once, gradient factors, MEND network, the update as thin factors; the
-    edited weights W + ΔW are formed where read, ``editors.base.ThinParams``: (b') times the edit with all nine formed),
+    edited weights W + ΔW are formed where read, ``editors.base.ThinParams``: (b') times the edit with all nine formed, as
+    writing it into the model reads them),
 (c) one meta-training step (edit + edit loss + locality, backward into MEND) — what training runs (its inputs packed
-    into one row, as the Trainer runs them where the packed loss equals the padded one; its MEND network and scored-row
-    projections in bfloat16 where the Trainer runs them so, ``training.step_precision``: (c') times the step in float32),
+    into one row, as the Trainer runs them where the packed loss equals the padded one),
 (d) the same step computed naively, as the reference implementation does: full forward passes of
     the whole model for the pre-edit locality, the edit gradient and each post-edit input, logits at
     every position, and full backward passes: the reference leaves the base model's parameters
     requiring gradients, so both its gradient pass and its meta-loss backward run through every
     block down to the embeddings and fill a gradient for every base weight.
-Medians over --reps repetitions after warm-up: (a)-(c') interleaved in one loop, (d) interleaved with (c) in a second
+Medians over --reps repetitions after warm-up: (a)-(c) and (b') interleaved in one loop, (d) interleaved with (c) in a second
 (c_over_d from that loop; d_over_a across the two): the naive step's memory churn slowed whatever ran after it. Peak RSS of training is measured in a separate
 process that only trains (model + editor + optimizers, --rss-steps steps).
 
@@ -43,7 +43,6 @@ from instructedit.editors.learned import LearnedEditor
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import write_json
 from instructedit.losses import locality_kl, masked_nll
-from instructedit.models.precision import bf16_step, bf16_step_wanted
 from instructedit.objective import meta_loss, packing_matches
 from instructedit.records import EditRecord, MetaBatch, TokenBatch
 from instructedit.training import Trainer
@@ -115,12 +114,10 @@ class Example:
     record: EditRecord
     batch: MetaBatch
     packed: bool  # the step's inputs run as one packed row, as the Trainer decides
-    bf16_step: bool  # the step's network and scored-row projections in bfloat16, as the Trainer decides
     forward: Callable[[], None]
-    edit: Callable[[], None]
+    edit: Callable[[], EditResult]
     edit_formed: Callable[[], None]
     step: Callable[[], None]
-    step_float32: Callable[[], None]
     naive: Callable[[], None]
 
 
@@ -141,16 +138,14 @@ def example(threads: int) -> Example:
             return editor.edit(split, batch.edit_inner)
 
     def edit_formed() -> None:
-        dict(edit().new_params)  # W + ΔW of every edited weight, as writing the edit into the model reads them
+        dict(edit().new_params)  # W + ΔW of every edited weight
 
     packed = packing_matches(editor, split, batch)  # as the Trainer decides: the step's inputs in one packed row
-    half = bf16_step_wanted(config.training.step_precision, torch.device("cpu"), model.get_output_embeddings().weight.dtype)
 
-    def step(in_bf16: bool = half) -> None:
+    def step() -> None:
         editor.train()
-        with bf16_step(in_bf16):
-            loss, _ = meta_loss(editor, split, batch, c_edit, c_loc, packed=packed)
-            loss.backward()
+        loss, _ = meta_loss(editor, split, batch, c_edit, c_loc, packed=packed)
+        loss.backward()
         editor.zero_grad(set_to_none=True)
 
     def naive() -> None:
@@ -158,7 +153,7 @@ def example(threads: int) -> Example:
         naive_step(editor, model, batch, c_edit, c_loc)
         editor.zero_grad(set_to_none=True)
 
-    return Example(config, editor, record, batch, packed, half, forward, edit, edit_formed, step, lambda: step(False), naive)
+    return Example(config, editor, record, batch, packed, forward, edit, edit_formed, step, naive)
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -193,8 +188,7 @@ def main() -> None:
     # base weight); interleaved with the others, the allocator hands that memory back to the system and the next edit
     # takes it again page by page: the edit measured 1.44x a forward pass that way against 1.17x with the naive step
     # apart (one thread, 2026-12-04), an artefact of the benchmark, not a cost an edit has in use.
-    results = interleaved({"forward": ex.forward, "edit": ex.edit, "edit_formed": ex.edit_formed, "step": ex.step,
-                           "step_float32": ex.step_float32}, args.reps)
+    results = interleaved({"forward": ex.forward, "edit": ex.edit, "edit_formed": ex.edit_formed, "step": ex.step}, args.reps)
     against_naive = interleaved({"step": ex.step, "naive_step": ex.naive}, args.reps)
     results["naive_step"] = against_naive["naive_step"]
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -213,14 +207,12 @@ def main() -> None:
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_name(),
-        "bf16_step": ex.bf16_step,
         "median_s": {"a_forward": med["forward"], "b_edit": med["edit"], "b_edit_weights_formed": med["edit_formed"],
-                     "c_train_step": med["step"], "c_train_step_float32": med["step_float32"], "d_naive_train_step": med["naive_step"]},
+                     "c_train_step": med["step"], "d_naive_train_step": med["naive_step"]},
         "ratios": {
             "b_over_a": med["edit"] / med["forward"],
             "b_formed_over_a": med["edit_formed"] / med["forward"],
             "c_over_a": med["step"] / med["forward"],
-            "c_float32_over_a": med["step_float32"] / med["forward"],
             "c_over_d": step_beside_naive / med["naive_step"],  # both from the second loop
             "d_over_a": med["naive_step"] / med["forward"],
         },

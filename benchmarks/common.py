@@ -19,7 +19,7 @@ from instructedit.api import query_setup, untrained_queries
 from instructedit.config import DEFAULT_MODEL, Config, load_config
 from instructedit.editors.learned import LearnedEditor
 from instructedit.editors.registry import build_editor
-from instructedit.models.precision import BF16_FLAGS
+from instructedit.evaluation.greedy_head import BF16_FLAGS
 from instructedit.models.loading import load_model
 from instructedit.models.split import SplitModel
 from instructedit.tasks.instructions import InstructionPool

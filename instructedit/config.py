@@ -60,9 +60,6 @@ YAMLLoader.add_implicit_resolver(
 )
 
 
-STEP_PRECISIONS = ("auto", "bfloat16", "float32")  # training.step_precision
-
-
 def _check(cond: bool, field_name: str, message: str) -> None:
     if not cond:
         raise ValueError(f"config field '{field_name}': {message}")
@@ -226,10 +223,6 @@ class TrainingConfig:
     checkpoint_every: int = 500
     seed: int = 0
     device: str = "auto"
-    # A step's MEND network and scored-row vocabulary projections in bfloat16 products (models/precision.py): "auto" =
-    # "bfloat16" on a CPU with bfloat16 units (AMX, AVX512-BF16) and a float32 model, else "float32". Validation and every
-    # edit stay float32.
-    step_precision: str = "auto"
     tensorboard: bool = False
     max_bad_steps: int = 50  # consecutive NaN/Inf losses before training gives up
     activation_checkpointing: bool = False  # recompute the edited blocks in backward instead of keeping their activations
@@ -264,8 +257,6 @@ class TrainingConfig:
         _check(forms_ok, "training.edit_forms", f"{self.edit_forms!r} must be distinct forms out of {list(EDIT_FORMS)}")
         _check(self.answer_margin_cap > 0, "training.answer_margin_cap", "must be > 0")
         _check(self.select_on in ("loss", "generation"), "training.select_on", f"{self.select_on!r} is not 'loss' or 'generation'")
-        _check(self.step_precision in STEP_PRECISIONS, "training.step_precision",
-               f"{self.step_precision!r} is not 'auto', 'bfloat16' or 'float32'")
         _check(0 <= self.locality_floor <= 1, "training.locality_floor", "must be in [0, 1]")
         _check(len(self.edit_scales) > 0 and all(s > 0 for s in self.edit_scales), "training.edit_scales", "needs positive multipliers (e.g. [1.0])")
         _check(self.val_size >= 1, "training.val_size", f"{self.val_size}: validation needs at least 1 record")
@@ -418,7 +409,7 @@ def save_config(config: Config, path: str | Path) -> None:
 # What may differ between a run folder's saved config and the config that resumes it: the budget and
 # patience, checkpoint cadence, placement and logging. Everything else changes what is trained.
 SELECTION_FIELDS = ("locality_floor", "edit_scales")  # how best/ is chosen; greedy validation leaves the training path unchanged
-RESUMABLE_CHANGES = {"training": ("max_steps", "early_stop_patience", "checkpoint_every", "device", "step_precision", "tensorboard", "log_every",
+RESUMABLE_CHANGES = {"training": ("max_steps", "early_stop_patience", "checkpoint_every", "device", "tensorboard", "log_every",
                                   *SELECTION_FIELDS)}
 
 

@@ -30,7 +30,6 @@ from instructedit.editors.registry import build_editor
 from instructedit.evaluation.generation_check import validation_scores
 from instructedit.memory import log_estimate
 from instructedit.models.loading import load_model
-from instructedit.models.precision import bf16_step, bf16_step_wanted
 from instructedit.models.split import CheckpointedSplitModel
 from instructedit.objective import batched_meta_loss, many_edits_loss, meta_loss, packing_matches, per_record_meta_loss
 from instructedit.records import EditRecord, MetaBatch
@@ -82,8 +81,6 @@ class Trainer:
         self.optimizers = {"opt": self.opt, "lr_opt": self.lr_opt}  # their names in the checkpoint
         # float16 base models: a dynamic loss scale keeps the gradients flowing back through the model from underflowing
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.model.dtype == "float16")
-        # the step's MEND network and scored-row projections in bfloat16 where the CPU has bfloat16 units (precision.py)
-        self.bf16_step = bf16_step_wanted(t.step_precision, self.device, model.get_output_embeddings().weight.dtype)
         self.state = TrainState()
         self.show_progress = show_progress and self.dist.is_main
         self.log = MetricsLog(self.output, enabled=self.dist.is_main)
@@ -106,10 +103,6 @@ class Trainer:
         self.dist.broadcast_module(self.editor)  # identical by construction; this makes it certain
         if self.dist.is_main:
             log_estimate(self.config, self.model, "cuda" if self.device.type == "cuda" else "cpu")
-            if self.bf16_step:
-                logger.info("meta-training steps run the MEND network and the scored rows' vocabulary projections in bfloat16 "
-                            "products (training.step_precision=%s%s); validation and edits stay float32", t.step_precision,
-                            ": this CPU has bfloat16 units" if t.step_precision == "auto" else "")
             if self.dist.enabled:
                 logger.info("data parallel over %d processes: %d records per optimizer step", self.dist.world_size, self.records_per_step)
         if not resumed:
@@ -165,14 +158,13 @@ class Trainer:
             objective = self._objective(batch)
             context = ({"c_context": t.c_loc_context * w} if t.c_loc_context else {}) | (  # meta_loss only (config.py checks n_edits)
                 {"loc_scale": t.locality_scale} if t.locality_scale != 1 else {})
-            with bf16_step(self.bf16_step):
-                loss, metrics = objective(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin,
-                                          t.answer_margin_cap, **context)
-                if not torch.isfinite(loss):
-                    counts["nonfinite"] += 1
-                    logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
-                    continue
-                self.scaler.scale(loss / t.grad_accumulation).backward()
+            loss, metrics = objective(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin, t.answer_margin_cap,
+                                      **context)
+            if not torch.isfinite(loss):
+                counts["nonfinite"] += 1
+                logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
+                continue
+            self.scaler.scale(loss / t.grad_accumulation).backward()
             counts["used"] += 1
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v

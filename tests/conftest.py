@@ -18,7 +18,6 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from instructedit.config import load_config
 from instructedit.editors.registry import build_editor
-from instructedit.models import precision
 from instructedit.models.loading import load_model
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
@@ -157,13 +156,6 @@ def wreck_edit(monkeypatch: pytest.MonkeyPatch) -> Callable[[object, int], list]
         return calls
 
     return wreck
-
-
-@pytest.fixture(autouse=True)
-def float32_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``training.step_precision: auto`` resolves to float32 steps on every machine the tests run on (a CPU with bfloat16 units
-    would round differently): the tests that exercise bfloat16 steps set "on"."""
-    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
 
 
 @pytest.fixture

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from instructedit.evaluation.generation import DecodeMemory, greedy_generate, projected_into
-from instructedit.evaluation.greedy_head import TOP, HalfHead, bf16_head_wanted, greedy_logits
-from instructedit.models.precision import has_bf16_units
+from instructedit.evaluation.greedy_head import TOP, HalfHead, bf16_head_wanted, greedy_logits, has_bf16_units
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import load_model
 

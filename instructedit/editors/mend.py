@@ -27,7 +27,6 @@ from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.editors.learned import CONFIG_NAME, WEIGHTS_NAME, LearnedEditor, nonfinite_tensors, read_editor_config  # noqa: F401
 from instructedit.io import atomic_write
 from instructedit.losses import per_row_nll
-from instructedit.models import precision
 from instructedit.models.architectures import ArchSpec, EditableWeight, transposed_of
 from instructedit.models.split import ChunkStates, PrefixState, SplitModel
 from instructedit.records import TokenBatch
@@ -126,9 +125,8 @@ class GradientTransform(nn.Module):
             self.merge_statistics(everyone[: rank + 1])
             h = self._normalized(u, delta)
             self.merge_statistics(everyone[rank + 1 :])
-        with precision.network(h.device):  # bfloat16 products in a meta-training step with ``training.step_precision``
-            for layer in self.layers:
-                h = layer(h, mode)
+        for layer in self.layers:
+            h = layer(h, mode)
         return h[:, : self.d_in], h[:, self.d_in :]
 
     def _normalized(self, u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

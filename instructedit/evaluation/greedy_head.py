@@ -19,18 +19,33 @@ bfloat16's resolution, NaN rows).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from instructedit.models.precision import cpu_has_bf16_units
-
 ROWS_PER_CHUNK = 64  # rows whose float32 bookkeeping (bounds, top-k) runs at a time, in cache; the bfloat16 product is one
 TOP = 16  # tokens per row whose float32 logit is computed (a row whose bound leaves more candidates: projected whole)
 _UNIT = 2.0**-8
-BF16_HEAD_ENV = "INSTRUCTEDIT_BF16_HEAD"  # "0": never, "1": whenever the head qualifies (any CPU); unset: a CPU with bfloat16 units only (precision.BF16_FLAGS)
+BF16_HEAD_ENV = "INSTRUCTEDIT_BF16_HEAD"  # "0": never, "1": whenever the head qualifies (any CPU); unset: BF16_FLAGS only
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU flags under which a bfloat16 product is faster than a float32 one
+
+
+def has_bf16_units(cpuinfo: str) -> bool:
+    """Whether a ``/proc/cpuinfo`` text lists a flag of ``BF16_FLAGS`` (without them, a bfloat16 product is emulated and
+    slower than float32)."""
+    return any(line.startswith("flags") and set(line.split(":", 1)[-1].split()) & set(BF16_FLAGS) for line in cpuinfo.splitlines())
+
+
+@functools.cache
+def _cpu_has_bf16_units() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return has_bf16_units(f.read())
+    except OSError:
+        return False
 
 
 def env_switch(name: str) -> bool | None:
@@ -45,9 +60,9 @@ def env_switch(name: str) -> bool | None:
 
 def bf16_head_wanted() -> bool:
     """Whether greedy decoding on a CPU projects in bfloat16: ``$INSTRUCTEDIT_BF16_HEAD`` ("0" or "1") if set, else
-    whether the CPU has bfloat16 units (``precision.has_bf16_units``)."""
+    whether the CPU has bfloat16 units (``has_bf16_units``)."""
     switch = env_switch(BF16_HEAD_ENV)
-    return cpu_has_bf16_units() if switch is None else switch
+    return _cpu_has_bf16_units() if switch is None else switch
 
 
 @dataclass

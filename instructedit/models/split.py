@@ -25,7 +25,6 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache
 
-from instructedit.models import precision
 from instructedit.models.architectures import ArchSpec
 from instructedit.records import TokenBatch
 
@@ -293,12 +292,8 @@ class SplitModel:
 
     def project(self, rows: torch.Tensor) -> torch.Tensor:
         """``head(rows)`` for (n, d_model) rows; a few rows on a CPU as (W · rowsᵀ)ᵀ where that is faster (``weight_on_left``),
-        their backward with the grad padded to more rows where that is faster (``backward_rows``); in a meta-training step
-        with ``training.step_precision``, in bfloat16 products (``precision.project_rows``)."""
+        their backward with the grad padded to more rows where that is faster (``backward_rows``)."""
         head = self.head
-        if (precision.active() and isinstance(head, nn.Linear) and head.bias is None and not head.weight.requires_grad
-                and head.weight.dtype == rows.dtype == torch.float32):
-            return precision.project_rows(rows, head.weight)  # a meta-training step's rows in bfloat16 (``bf16_step``)
         if (rows.device.type == "cpu" and rows.dim() == 2 and rows.shape[0] <= FEW_ROWS and isinstance(head, nn.Linear)
                 and head.bias is None and not head.weight.requires_grad and head.weight.dtype == rows.dtype):
             n = rows.shape[0]
