@@ -44,9 +44,10 @@ OUTLIER_HISTORY = 8  # kept edits before the median is trusted
 class EditResult:
     """Edited weights, to be used functionally (``torch.func.functional_call``) or applied in place.
 
-    ``new_params`` maps full parameter names to the edited tensors (the base weights are not
-    touched; an edit made without gradients forms them only where read: ``ThinParams``); ``updates`` holds the added deltas; ``pre_edit_loss`` is the edit NLL before the edit; ``low_rank``
-    the deltas as factors (adding a row's update by hooks then costs a fraction of a dense product: ``row_edits``).
+    ``new_params`` maps full parameter names to the edited tensors (the base weights are not touched; an edit made
+    without gradients forms each only where read: ``ThinParams``); ``updates`` holds the added deltas; ``pre_edit_loss``
+    is the edit NLL before the edit; ``low_rank`` the deltas as factors (adding a row's update by hooks then costs a
+    fraction of a dense product: ``row_edits``).
     """
 
     new_params: Mapping[str, torch.Tensor]
