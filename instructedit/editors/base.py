@@ -58,21 +58,19 @@ class EditResult:
     low_rank: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
-class ThinUpdates(Mapping[str, torch.Tensor]):
-    """Dense updates ΔW (storage orientation) of thin factors, each formed the first time it is read.
-
-    An edit without gradients writes W + ΔW straight from the factors (``thin_edited``); the dense ΔW (9 × 3.5 MB on
-    the default model) is then read only by callers that want it (a dense hook, an analysis), not formed for every edit.
-    """
+class _FormedWhereRead(Mapping[str, torch.Tensor]):
+    """A dense tensor per edited weight from ΔW's thin factors, each formed (``_form``) the first time it is read."""
 
     def __init__(self, low_rank: Mapping[str, tuple[torch.Tensor, torch.Tensor]], transposed: Mapping[str, bool]) -> None:
         self.low_rank, self.transposed = low_rank, transposed
         self._formed: dict[str, torch.Tensor] = {}
 
+    def _form(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self._formed:
-            left, right = self.low_rank[name]  # x · left · right = x · ΔW in Conv1D orientation (d_in, d_out)
-            self._formed[name] = left @ right if self.transposed[name] else right.T @ left.T
+            self._formed[name] = self._form(name)
         return self._formed[name]
 
     def __iter__(self) -> Iterator[str]:
@@ -80,6 +78,19 @@ class ThinUpdates(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.low_rank)
+
+
+class ThinUpdates(_FormedWhereRead):
+    """Dense updates ΔW (storage orientation) of thin factors, each formed the first time it is read.
+
+    An edit without gradients keeps its update as the factors (and its edited weights W + ΔW unformed: ``ThinParams``);
+    the dense ΔW (9 × 3.5 MB on the default model) is read only by callers that want it (a dense hook, an analysis),
+    not formed for every edit.
+    """
+
+    def _form(self, name: str) -> torch.Tensor:
+        left, right = self.low_rank[name]  # x · left · right = x · ΔW in Conv1D orientation (d_in, d_out)
+        return left @ right if self.transposed[name] else right.T @ left.T
 
 
 def thin_edited(param: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor], transposed: bool) -> torch.Tensor:
@@ -91,7 +102,7 @@ def thin_edited(param: torch.Tensor, factors: tuple[torch.Tensor, torch.Tensor],
     return out.to(param.dtype)
 
 
-class ThinParams(Mapping[str, torch.Tensor]):
+class ThinParams(_FormedWhereRead):
     """W + ΔW per edited weight from ΔW's thin factors (``thin_edited``), each formed the first time it is read.
 
     An edit's product is its update; the edited weights are a third copy of them that only some callers need: writing
@@ -103,25 +114,16 @@ class ThinParams(Mapping[str, torch.Tensor]):
     """
 
     def __init__(self, model: nn.Module, low_rank: Mapping[str, tuple[torch.Tensor, torch.Tensor]], transposed: Mapping[str, bool]) -> None:
-        self.low_rank, self.transposed = low_rank, transposed
+        super().__init__(low_rank, transposed)
         self._params = {name: model.get_parameter(name) for name in low_rank}
         self._versions = {name: param._version for name, param in self._params.items()}
-        self._formed: dict[str, torch.Tensor] = {}
 
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self._formed:
-            param = self._params[name]
-            if param._version != self._versions[name]:
-                raise RuntimeError(f"the model's weight {name} was written to after this edit was made: its edited value "
-                                   "(W + ΔW) can no longer be formed; read EditResult.new_params before changing the model")
-            self._formed[name] = thin_edited(param.detach(), self.low_rank[name], self.transposed[name])
-        return self._formed[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.low_rank)
-
-    def __len__(self) -> int:
-        return len(self.low_rank)
+    def _form(self, name: str) -> torch.Tensor:
+        param = self._params[name]
+        if param._version != self._versions[name]:
+            raise RuntimeError(f"the model's weight {name} was written to after this edit was made: its edited value "
+                               "(W + ΔW) can no longer be formed; read EditResult.new_params before changing the model")
+        return thin_edited(param.detach(), self.low_rank[name], self.transposed[name])
 
 
 class EditHandle:

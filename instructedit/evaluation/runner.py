@@ -192,8 +192,8 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     together = _decodes_together(fast_path, generation, cases_together)
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
     packed, first_scores = check_packing(editor, model, probe_case, dtype, together, rounds) if fast_path and pack_rows else (False, None)
-    if first_scores is not None:  # its edited weights are read at its case's turn, after earlier cases wrote and restored
-        first_scores[2].new_params = dict(first_scores[2].new_params)  # the model's (``ThinParams`` forms them from now)
+    if first_scores is not None and not together:  # its edited weights are written for its answers at its case's turn,
+        first_scores[2].new_params = dict(first_scores[2].new_params)  # after earlier cases wrote and restored the model's
     results: list[CaseResult] = []
     pending: list[tuple[Case, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], list]] = []  # case, pre, post, ΔW, seeds
     stops = generation.stop_ids if together else set()  # tokens a seed's given answer tokens stop before
