@@ -5,14 +5,20 @@ Config: configs/smollm2-135m/instructedit.yaml (the editor trained on the defaul
 (b) one MEND edit of that example (frozen prefix once, gradient factors, MEND network, the update as thin factors; the
     edited weights W + ΔW are formed where read, ``editors.base.ThinParams``: (b') times the edit with all nine formed, as
     writing it into the model reads them),
-(c) one meta-training step (edit + edit loss + locality, backward into MEND) — what training runs (its inputs packed
-    into one row, as the Trainer runs them where the packed loss equals the padded one),
+(c) one meta-training step per record (edit + edit loss + locality, backward into MEND) — what training runs: the
+    recipe's micro-batch of ``training.batch_size`` records in one pass (each its inputs packed into one row, as the
+    Trainer runs them where the packed loss equals the padded one; the lower blocks passing each record's tokens after
+    its task instruction, kept from earlier steps: ``models.split.StartCache``), against (a') a forward pass over each
+    of those records' edit inputs; (c') the step with every term of the recipe as the Trainer weighs them at its start
+    (DESIGN.md §4's two plus the locality margin, the answer margin and the locality KL on the locality prompt's
+    positions: more rows scored); (c_before) the step as it ran before 2026-12-06: its records one at a time, the lower
+    blocks passing every token,
 (d) the same step computed naively, as the reference implementation does: full forward passes of
     the whole model for the pre-edit locality, the edit gradient and each post-edit input, logits at
     every position, and full backward passes: the reference leaves the base model's parameters
     requiring gradients, so both its gradient pass and its meta-loss backward run through every
     block down to the embeddings and fill a gradient for every base weight.
-Medians over --reps repetitions after warm-up: (a)-(c) and (b') interleaved in one loop, (d) interleaved with (c) in a second
+Medians over --reps repetitions after warm-up: (a)-(c), (a'), (b'), (c') and (c_before) interleaved in one loop, (d) interleaved with (c) in a second
 (c_over_d from that loop; d_over_a across the two): the naive step's memory churn slowed whatever ran after it. Peak RSS of training is measured in a separate
 process that only trains (model + editor + optimizers, --rss-steps steps).
 
@@ -42,8 +48,9 @@ from instructedit.editors.base import EditResult
 from instructedit.editors.learned import LearnedEditor
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import write_json
+from instructedit.models.split import StartCache
 from instructedit.losses import locality_kl, masked_nll
-from instructedit.objective import meta_loss, packing_matches
+from instructedit.objective import batched_meta_loss, meta_loss, packing_matches
 from instructedit.records import EditRecord, MetaBatch, TokenBatch
 from instructedit.training import Trainer
 
@@ -107,7 +114,7 @@ def rss_only(steps: int, threads: int) -> None:
 
 @dataclass
 class Example:
-    """The benchmark's example (a CounterFact training record of the recipe) and the four things it times on it."""
+    """The benchmark's example (a CounterFact training record of the recipe) and the calls it times on it."""
 
     config: Config
     editor: LearnedEditor
@@ -115,22 +122,44 @@ class Example:
     batch: MetaBatch
     packed: bool  # the step's inputs run as one packed row, as the Trainer decides
     forward: Callable[[], None]
+    forward_step: Callable[[], None]  # a forward pass over each record's edit input of the step's micro-batch
     edit: Callable[[], EditResult]
     edit_formed: Callable[[], None]
     step: Callable[[], None]
+    step_before: Callable[[], None]
+    recipe_step: Callable[[], None]
     naive: Callable[[], None]
 
 
 def example(threads: int) -> Example:
-    """The recipe's model and a fresh editor on ``threads`` threads, the example batch, and (a)-(d) as calls."""
+    """The recipe's model and a fresh editor on ``threads`` threads, the example batch, and (a)-(d) as calls.
+
+    The step trains the recipe's micro-batch (``training.batch_size`` CounterFact records, the first of them the edit
+    example) as the Trainer does: several records in one pass (``batched_meta_loss``), one packed (``meta_loss``); its
+    forward (``forward_step``) is a forward pass over each of those records' edit inputs. Before it is timed, the lower
+    blocks' kept starts (``models.split.StartCache``) hold the records' task instructions, as they do in training once an
+    instruction came twice: other records with the same instructions are run first."""
     config, model, tok, data, editor, split = recipe_setup(CONFIG, threads)
-    record = next(r for r in data.train if r.task == "counterfact")
-    batch = data.collator.meta_batch([record], [data.pool.training_index(record, 0)], "rephrase")
-    c_edit, c_loc = config.training.c_edit, config.training.c_loc
+    t = config.training
+    counterfact = [r for r in data.train if r.task == "counterfact"]
+    records = counterfact[: t.batch_size]
+    record = records[0]
+
+    def meta_batch(r: EditRecord, instruction_of: EditRecord) -> MetaBatch:
+        return data.collator.meta_batch([r], [data.pool.training_index(instruction_of, 0)], "rephrase")
+
+    batches = [meta_batch(r, r) for r in records]
+    batch = batches[0]
+    c_edit, c_loc = t.c_edit, t.c_loc
 
     def forward() -> None:
         with torch.no_grad():
             _full_logits(model, batch.edit_inner)
+
+    def forward_step() -> None:
+        with torch.no_grad():
+            for b in batches:
+                _full_logits(model, b.edit_inner)
 
     def edit() -> EditResult:
         editor.eval()
@@ -141,19 +170,46 @@ def example(threads: int) -> Example:
         dict(edit().new_params)  # W + ΔW of every edited weight
 
     packed = packing_matches(editor, split, batch)  # as the Trainer decides: the step's inputs in one packed row
+    terms = {"c_margin": t.c_margin, "c_answer": t.c_answer_margin, "answer_cap": t.answer_margin_cap, "c_context": t.c_loc_context}
+
+    def objective(these: list[MetaBatch], **kwargs: float) -> torch.Tensor:
+        if len(these) > 1 and packed and editor.config.aggregation == "sum":
+            return batched_meta_loss(editor, split, these, c_edit, c_loc, **kwargs)[0]
+        return torch.stack([meta_loss(editor, split, b, c_edit, c_loc, packed=packed, **kwargs)[0] for b in these]).mean()
 
     def step() -> None:
         editor.train()
-        loss, _ = meta_loss(editor, split, batch, c_edit, c_loc, packed=packed)
-        loss.backward()
+        objective(batches).backward()
+        editor.zero_grad(set_to_none=True)
+
+    def step_before() -> None:  # the step as it ran before 2026-12-06 (session 50): one record at a time, whole passes
+        editor.train()
+        kept, split.starts = split.starts, StartCache()
+        split.starts.usable = False
+        try:
+            for b in batches:
+                (meta_loss(editor, split, b, c_edit, c_loc, packed=packed)[0] / len(batches)).backward()
+        finally:
+            split.starts = kept
+        editor.zero_grad(set_to_none=True)
+
+    def recipe_step() -> None:  # as Trainer.train_step calls it at its first step (locality weight 1)
+        editor.train()
+        objective(batches, **terms).backward()
         editor.zero_grad(set_to_none=True)
 
     def naive() -> None:
         editor.train()
-        naive_step(editor, model, batch, c_edit, c_loc)
+        for b in batches:
+            naive_step(editor, model, b, c_edit, c_loc)
         editor.zero_grad(set_to_none=True)
 
-    return Example(config, editor, record, batch, packed, forward, edit, edit_formed, step, naive)
+    editor.eval()
+    with torch.no_grad():  # the kept starts: each record's instruction (what another record with it shares)
+        for r, other in zip(records, counterfact[len(records) :], strict=False):
+            for b in (meta_batch(r, r), meta_batch(other, r)):
+                objective([b])
+    return Example(config, editor, record, batch, packed, forward, forward_step, edit, edit_formed, step, step_before, recipe_step, naive)
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, list[float]]:
@@ -188,7 +244,8 @@ def main() -> None:
     # base weight); interleaved with the others, the allocator hands that memory back to the system and the next edit
     # takes it again page by page: the edit measured 1.44x a forward pass that way against 1.17x with the naive step
     # apart (one thread, 2026-12-04), an artefact of the benchmark, not a cost an edit has in use.
-    results = interleaved({"forward": ex.forward, "edit": ex.edit, "edit_formed": ex.edit_formed, "step": ex.step}, args.reps)
+    results = interleaved({"forward": ex.forward, "edit": ex.edit, "edit_formed": ex.edit_formed, "forward_step": ex.forward_step,
+                           "step": ex.step, "step_before": ex.step_before, "recipe_step": ex.recipe_step}, args.reps)
     against_naive = interleaved({"step": ex.step, "naive_step": ex.naive}, args.reps)
     results["naive_step"] = against_naive["naive_step"]
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -201,20 +258,26 @@ def main() -> None:
         "edited_weights": [w.name for w in editor.weights],
         "editor_rank": config.editor.rank,
         "packed_step": packed,
+        "step_records": config.training.batch_size,
+        "step_objective": "batched_meta_loss" if config.training.batch_size > 1 else "meta_loss",
         "example": {"source": record.source, "edit_tokens": int(batch.edit_inner.input_ids.shape[1]), "loc_tokens": int(batch.loc.input_ids.shape[1])},
         "reps": args.reps,
         "threads": args.threads,
         "torch": torch.__version__,
         "machine": platform.processor() or platform.machine(),
         "cpu": cpu_name(),
-        "median_s": {"a_forward": med["forward"], "b_edit": med["edit"], "b_edit_weights_formed": med["edit_formed"],
-                     "c_train_step": med["step"], "d_naive_train_step": med["naive_step"]},
+        "median_s": {"a_forward": med["forward"], "a_forward_step_records": med["forward_step"], "b_edit": med["edit"],
+                     "b_edit_weights_formed": med["edit_formed"],
+                     "c_train_step": med["step"], "c_recipe_train_step": med["recipe_step"],
+                     "c_train_step_before": med["step_before"], "d_naive_train_step": med["naive_step"]},
         "ratios": {
             "b_over_a": med["edit"] / med["forward"],
             "b_formed_over_a": med["edit_formed"] / med["forward"],
-            "c_over_a": med["step"] / med["forward"],
+            "c_over_a": med["step"] / med["forward_step"],  # per record: the step's records' forward passes against their step
+            "c_recipe_over_a": med["recipe_step"] / med["forward_step"],
+            "c_before_over_a": med["step_before"] / med["forward_step"],
             "c_over_d": step_beside_naive / med["naive_step"],  # both from the second loop
-            "d_over_a": med["naive_step"] / med["forward"],
+            "d_over_a": med["naive_step"] / med["forward_step"],
         },
         "targets": {"b_over_a": "<= 1.2 (issue 15; BENCHMARKS.md: 2.0, goal 1.5)", "c_over_a": "<= 1.8 (issue 15)", "c_over_d": "<= 0.5",
                     "peak_rss_train_gib": "<= 1.5 (issue 15; BENCHMARKS.md: < 4)"},

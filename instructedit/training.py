@@ -31,7 +31,7 @@ from instructedit.evaluation.generation_check import validation_scores
 from instructedit.memory import log_estimate
 from instructedit.models.loading import load_model
 from instructedit.models.split import CheckpointedSplitModel
-from instructedit.objective import batched_meta_loss, many_edits_loss, meta_loss, packing_matches, per_record_meta_loss
+from instructedit.objective import batched_meta_loss, many_edits_loss, meta_loss, one_pass, packing_matches, per_record_meta_loss
 from instructedit.records import EditRecord, MetaBatch
 from instructedit.runs import BEST, CONFIG, LAST
 from instructedit.tasks.collate import PromptTooLongError
@@ -132,6 +132,11 @@ class Trainer:
             if self.state.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
+        starts = self.split.starts
+        if starts.reused_tokens:
+            total = starts.reused_tokens + starts.passed_tokens
+            logger.info("the blocks below the edited ones passed %d of the steps' %d tokens: %.0f %% were task instructions they "
+                        "had passed before (models.split.StartCache)", starts.passed_tokens, total, 100 * starts.reused_tokens / total)
         if not t.val_every:  # no validation: the final editor is best/
             self.state.best_step = self.state.step
             self._save_dir(BEST, with_optimizer=False, edit_scale=t.edit_scales[0])
@@ -155,19 +160,22 @@ class Trainer:
             if batch is None:
                 counts["too_long"] += 1
                 continue
-            objective = self._objective(batch)
-            context = ({"c_context": t.c_loc_context * w} if t.c_loc_context else {}) | (  # meta_loss only (config.py checks n_edits)
-                {"loc_scale": t.locality_scale} if t.locality_scale != 1 else {})
-            loss, metrics = objective(self.editor, self.split, batch, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin, t.answer_margin_cap,
-                                      **context)
-            if not torch.isfinite(loss):
-                counts["nonfinite"] += 1
-                logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, records[0].source)
-                continue
-            self.scaler.scale(loss / t.grad_accumulation).backward()
-            counts["used"] += 1
-            for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + v
+            # records whose rows are long run one after another, each forward and backward (batch 1's memory, the same mean)
+            pieces = batch if isinstance(batch, list) and self._objective(batch) is batched_meta_loss and not one_pass(self.split, batch) else [batch]
+            for piece, source in zip(pieces, [r.source for r in records] if len(pieces) > 1 else [records[0].source], strict=True):
+                objective = self._objective(piece)
+                context = ({"c_context": t.c_loc_context * w} if t.c_loc_context else {}) | (  # meta_loss only (config.py checks n_edits)
+                    {"loc_scale": t.locality_scale} if t.locality_scale != 1 else {})
+                loss, metrics = objective(self.editor, self.split, piece, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin,
+                                          t.answer_margin_cap, **context)
+                if not torch.isfinite(loss):
+                    counts["nonfinite"] += 1
+                    logger.warning("non-finite loss at step %d (%s); skipped", self.state.step, source)
+                    continue
+                self.scaler.scale(loss / (t.grad_accumulation * len(pieces))).backward()
+                counts["used"] += 1 / len(pieces)
+                for k, v in metrics.items():
+                    totals[k] = totals.get(k, 0.0) + v / len(pieces)
         self.state.records_seen += self.records_per_step  # consumed even when skipped: a bad record cannot loop forever
         counts, totals = self.dist.sum(counts), self.dist.sum(totals)
         self.state.count_skipped(counts["nonfinite"], counts["too_long"], t, self.output / LAST)

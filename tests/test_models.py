@@ -369,3 +369,98 @@ def test_gguf_conversion_parses_each_file_once_and_restores_the_package(monkeypa
         assert get_tensor_name_map(1, 30) is get_tensor_name_map(1, 30) and get_tensor_name_map(1, 2)["layers"] == 2
     assert built == ["a.gguf", "b.gguf", "map 1 30", "map 1 2"]
     assert gguf.GGUFReader is Reader and gguf.get_tensor_name_map is name_map  # restored
+
+
+def _instruction_row(instruction: list[int], prompt: list[int], answer: list[int], loc: list[int], dtype: torch.dtype):
+    """An edit input (instruction + prompt + answer) and a locality input packed as ONE row, as a meta-training step packs them."""
+    from instructedit.models.packing import pack
+    from instructedit.records import TokenBatch
+    from instructedit.tasks.collate import IGNORE
+
+    rows = [instruction + prompt + answer, loc]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, len(instruction) + len(prompt) : len(rows[0])] = torch.tensor(answer)
+    labels[1, len(loc) - 1] = loc[-1]
+    return pack(TokenBatch(ids, mask, labels), [True, True], dtype)
+
+
+def test_the_lower_blocks_after_a_kept_start_give_the_full_pass_state(tiny_model_dir: Path) -> None:
+    """SplitModel.prefix_after_start: a row whose start (an instruction) was seen passes the lower blocks over the rest
+    only, attending to the kept keys and values, and gets ``prefix``'s state (the edited blocks' output too); the kept
+    starts shrink to what rows with another prompt share and grow by another instruction; two records in one row
+    (``objective._one_row``) each use their own."""
+    from instructedit.models.packing import positions_fed
+    from instructedit.models.split import SplitModel, StartCache
+    from instructedit.objective import _one_row
+
+    model, _ = load_model(str(tiny_model_dir))
+    split = SplitModel(model, arch_spec(model), 1)
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(5, 90, (n,), generator=gen).tolist()
+
+    first, second = ids(12), ids(12)
+    rows = {"a": _instruction_row(first, ids(5), ids(2), ids(6), torch.float32),
+            "a again": _instruction_row(first, ids(4), ids(3), ids(5), torch.float32),  # same instruction, another prompt
+            "b": _instruction_row(second, ids(6), ids(2), ids(4), torch.float32)}
+    starts = StartCache()
+
+    def check(row, positions, segments=(0,)):
+        served = split.prefix_after_start(row, positions, starts, segments)
+        with positions_fed(model, positions):
+            usual = split.prefix(row, final=False)
+        torch.testing.assert_close(served.hidden, usual.hidden, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(split.suffix(served), split.suffix(usual), rtol=1e-4, atol=1e-5)
+
+    row, positions, _ = rows["a"]
+    check(row, positions)  # nothing kept: a whole pass, and its start (instruction + prompt) kept
+    assert starts.checked and starts.usable and [len(k) for k in starts.starts] == [12 + 5]
+    check(row, positions)
+    assert starts.reused_tokens == 17
+    row, positions, _ = rows["a again"]
+    check(row, positions)  # shares the instruction: the kept start shrinks to it
+    assert [len(k) for k in starts.starts] == [12] and starts.reused_tokens == 17 + 12
+    row, positions, _ = rows["b"]
+    check(row, positions)  # another instruction: kept beside it
+    assert sorted(len(k) for k in starts.starts) == [12, 12 + 6]
+    reused = starts.reused_tokens
+    joined, joined_positions, _ = _one_row([rows["a again"][0], rows["b"][0]], [rows["a again"][1], rows["b"][1]])
+    check(joined, joined_positions, (0, rows["a again"][0].input_ids.shape[1]))
+    assert starts.reused_tokens == reused + 12 + 18
+
+
+def test_a_kept_start_that_gives_another_state_is_not_used(tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first row served after a kept start is compared with its whole pass; where they differ (here: wrong block
+    arguments), that row and every later one get the whole pass, with a warning."""
+    from instructedit.models.packing import positions_fed
+    from instructedit.models.split import SplitModel, StartCache
+
+    model, _ = load_model(str(tiny_llama_dir))
+    split = SplitModel(model, arch_spec(model), 1)
+    row, positions, _ = _instruction_row(list(range(10, 22)), [30, 31, 32], [40, 41], [50, 51, 52], torch.float32)
+    starts = StartCache()
+    wrong = split._row_arguments(row, positions * 2)  # rotary embeddings of other positions
+    monkeypatch.setattr(split, "_row_arguments", lambda row, positions: wrong)
+    with positions_fed(model, positions):
+        usual = split.prefix(row, final=False)
+    for _ in range(2):
+        served = split.prefix_after_start(row, positions, starts)
+        torch.testing.assert_close(split.suffix(served), split.suffix(usual))
+    assert starts.checked and not starts.usable
+
+
+def test_start_cache_keeps_the_most_recently_used_starts() -> None:
+    from instructedit.models.split import MIN_START, StartCache, _Start
+
+    cache = StartCache(capacity=2)
+    make = lambda first: _Start(tuple(range(first, first + MIN_START + 2)), [], torch.zeros(1, MIN_START + 2, 4))  # noqa: E731
+    a, b, c = make(0), make(100), make(200)
+    cache.keep(a), cache.keep(b)
+    assert cache.longest(list(range(0, 30)))[1] == MIN_START + 2  # a used: b is now the oldest
+    assert cache.longest(list(range(0, MIN_START - 1)) + [999])[0] is None  # fewer than MIN_START tokens shared
+    cache.keep(c)
+    assert list(cache.starts) == [a.ids, c.ids]

@@ -372,9 +372,12 @@ def test_per_record_edits_in_one_pass_equal_the_mean_of_single_record_steps(tiny
         singles.append((loss.item(), metrics))
     expected = grads()
     trainer.editor.load_state_dict(state)
+    starts = trainer.split.starts
+    reused = starts.reused_tokens
     loss, metrics = batched_meta_loss(trainer.editor, trainer.split, batches, 0.1, 1.0, **terms)
     loss.backward()
     got = grads()
+    assert starts.usable and starts.reused_tokens > reused  # the records' starts kept by the single steps, reused here
     assert loss.item() == pytest.approx(sum(l for l, _ in singles) / 3, rel=1e-4)
     for key in singles[0][1]:
         assert metrics[key] == pytest.approx(sum(m[key] for _, m in singles) / 3, rel=1e-3, abs=1e-6), key
@@ -382,9 +385,11 @@ def test_per_record_edits_in_one_pass_equal_the_mean_of_single_record_steps(tiny
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-5 * max(1.0, float(a.abs().max())))
 
 
-def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """training.batch_size 2 × grad_accumulation 1 consumes the records batch_size 1 × grad_accumulation 2 does, each with
-    its own edit: the same losses, the editor's running statistics included (to float rounding)."""
+    its own edit: the same losses, the editor's running statistics included (to float rounding); so does it where the
+    records' rows are too long for one pass (``objective.one_pass``) and run one after another."""
+    from instructedit import objective as objective_module
     from instructedit.objective import batched_meta_loss
 
     one = Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=1", "training.grad_accumulation=2"), tmp_path / "a",
@@ -398,6 +403,13 @@ def test_batch_size_trains_one_edit_per_record_in_one_pass(tiny_gpt2_dir: Path, 
     assert _train_losses(tmp_path / "b").keys() == _train_losses(tmp_path / "a").keys() == {1, 2, 3}
     for step, loss in _train_losses(tmp_path / "a").items():
         assert _train_losses(tmp_path / "b")[step] == pytest.approx(loss, rel=1e-3), step
+    monkeypatch.setattr(objective_module, "ONE_PASS_TOKENS", 1)
+    monkeypatch.setattr(objective_module, "_record_updates", lambda *a, **k: pytest.fail("ran the records in one pass"))
+    Trainer(_config(tiny_gpt2_dir, "training.max_steps=3", "training.log_every=1", "training.batch_size=2", "training.grad_accumulation=1"),
+            tmp_path / "d", show_progress=False).run()
+    for step, loss in _train_losses(tmp_path / "a").items():
+        assert _train_losses(tmp_path / "d")[step] == pytest.approx(loss, rel=1e-3), step
+    monkeypatch.undo()
     # a least-squares editor: the same records, one meta_loss call each (batched_meta_loss needs a summing editor)
     solving = Trainer(_config(tiny_gpt2_dir, "training.max_steps=1", "training.batch_size=2", "editor.aggregation=least_squares"),
                       tmp_path / "c", show_progress=False)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -23,10 +25,14 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 
 from instructedit.models.architectures import ArchSpec
+from instructedit.models.packing import positions_fed
 from instructedit.records import TokenBatch
+from instructedit.tasks.collate import IGNORE
+
+logger = logging.getLogger(__name__)
 
 
 FEW_ROWS = 8  # up to this many rows, the CPU vocabulary projection may run as (W · rowsᵀ)ᵀ (``weight_on_left``)
@@ -170,6 +176,68 @@ class ChunkStates:
     states: list[PrefixState]
 
 
+MIN_START = 8  # tokens of a kept start a row must begin with for it to be used (every task's instruction begins alike)
+START_CAPACITY = 32  # starts kept (the least recently used dropped first): ~1.5 MB each on the default model
+KEEP_SHARE = 0.6  # a row sharing this much of a kept start (or more) shortens it to what they share (below)
+
+
+@dataclass
+class _Start:
+    ids: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]  # per block below the edited ones, its keys and values over the start
+    hidden: torch.Tensor  # (1, len(ids), d_model): the first edited block's input there
+
+    def cut(self, n: int) -> "_Start":
+        return _Start(self.ids[:n], [(k[:, :, :n].clone(), v[:, :, :n].clone()) for k, v in self.layers], self.hidden[:, :n].clone())
+
+
+class StartCache:
+    """What the unedited blocks below the edited ones make of the starts that many rows begin with (a task instruction):
+    their keys and values there, and the first edited block's input. ``SplitModel.prefix_after_start`` then passes those
+    blocks over the rest of a row only: a meta-training step's edit input begins with one of a few instructions (the 9
+    seen descriptions of each task), most of the tokens its frozen prefix passed.
+
+    A row's start is its tokens before its first label that see only the tokens before them. It uses the kept start with
+    which it shares the most tokens (at least ``MIN_START``: the keys and values of a start's first tokens depend on those
+    alone). Which part of a start is the instruction is found from the rows: a row that shares at least ``KEEP_SHARE``
+    of a kept start (the same instruction, another prompt) shortens it to what they share; a row that shares less (another
+    description of the task), or nothing, is kept as a new start. At most ``capacity`` starts, the least recently used
+    dropped first. ``checked``: whether a row's state was once compared with ``SplitModel.prefix``'s (an architecture whose
+    blocks do not all take the same arguments is not served: ``usable`` is then False)."""
+
+    def __init__(self, capacity: int = START_CAPACITY) -> None:
+        self.starts: OrderedDict[tuple[int, ...], _Start] = OrderedDict()
+        self.capacity = capacity
+        self.checked = False
+        self.usable = True
+        self.reused_tokens = 0  # over the rows served: tokens the lower blocks did not pass again, and those they passed
+        self.passed_tokens = 0
+
+    def longest(self, ids: Sequence[int]) -> tuple[_Start | None, int]:
+        """The kept start sharing the most leading tokens with ``ids``, and how many (at least ``MIN_START``; else None, 0)."""
+        best, length = None, 0
+        for start in self.starts.values():
+            n = 0
+            for a, b in zip(start.ids, ids):
+                if a != b:
+                    break
+                n += 1
+            if n > length:
+                best, length = start, n
+        if length < MIN_START:
+            return None, 0
+        self.starts.move_to_end(best.ids)
+        return best, length
+
+    def keep(self, start: _Start, replaces: _Start | None = None) -> None:
+        if replaces is not None:
+            self.starts.pop(replaces.ids, None)
+        self.starts[start.ids] = start
+        self.starts.move_to_end(start.ids)
+        while len(self.starts) > self.capacity:
+            self.starts.popitem(last=False)
+
+
 class SplitModel:
     """A causal LM viewed as frozen prefix + editable suffix (blocks ``first_layer`` .. end)."""
 
@@ -182,6 +250,7 @@ class SplitModel:
         if not 0 <= first_layer < len(self.layers):
             raise ValueError(f"first edited layer {first_layer} is outside the model's {len(self.layers)} layers")
         self.first_layer = first_layer
+        self.starts = StartCache()  # row starts the lower blocks have passed (``prefix_after_start``)
 
     @property
     def suffix_indices(self) -> range:
@@ -266,6 +335,106 @@ class SplitModel:
             setattr(self.model, _SHARED_ARGS, shared)
         hidden, block_args = self.block_arguments(captured)
         return PrefixState(hidden=hidden, block_args=block_args, final_hidden=final_out[0], batch=batch)
+
+    @torch.no_grad()
+    def prefix_after_start(self, row: TokenBatch, positions: torch.Tensor, starts: StartCache,
+                           segments: Sequence[int] = (0,)) -> PrefixState:
+        """``prefix(row, final=False)`` under ``positions_fed(positions)`` for ONE packed row (a 4-D mask: ``models.packing``),
+        with the blocks below the edited ones passing only the tokens after the longest start that ``starts`` keeps of each
+        of its segments (attending to those starts' kept keys and values): the same state up to float rounding.
+        ``segments``: where the row's segments begin (the records of ``objective.batched_meta_loss``, one after another;
+        no token sees another segment's), each with its own start. ``starts`` learns the segments' starts (``StartCache``).
+        The first row served is also run the usual way and compared (its state and the edited blocks' output); an
+        architecture where they differ is served the usual way from then on."""
+        usual = not starts.usable or row.input_ids.shape[0] != 1 or row.attention_mask.dim() != 4
+        n = row.input_ids.shape[1]
+        bounds = list(zip(segments, [*segments[1:], n]))
+        lengths = [] if usual else [self._start_length(row, positions, lo, hi) for lo, hi in bounds]
+        if usual or max(lengths) < MIN_START or not starts.checked:
+            with positions_fed(self.model, positions):
+                state = self.prefix(row, final=False)
+            if usual or max(lengths) < MIN_START:
+                return state
+        ids = row.input_ids[0].tolist()
+        found = [starts.longest(ids[lo : lo + length]) if length >= MIN_START else (None, 0) for (lo, _), length in zip(bounds, lengths)]
+        device = row.input_ids.device
+        past = torch.cat([torch.arange(lo, lo + reused, device=device) for (lo, _), (_, reused) in zip(bounds, found)])
+        rest = torch.cat([torch.arange(lo + reused, hi, device=device) for (lo, hi), (_, reused) in zip(bounds, found)])
+        kept_layers = [[(k[:, :, :reused], v[:, :, :reused]) for k, v in start.layers] for start, reused in found if start is not None]
+        cache = DynamicCache(ddp_cache_data=[(torch.cat([s[l][0] for s in kept_layers], 2), torch.cat([s[l][1] for s in kept_layers], 2))
+                                             for l in range(self.first_layer)]) if kept_layers else DynamicCache()
+        kept: list[torch.Tensor] = []
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kept.append(args[0] if args else kwargs["hidden_states"])
+            raise _StopForward
+
+        handle = self.layers[self.first_layer].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(input_ids=row.input_ids[:, rest], attention_mask=row.attention_mask[:, :, rest][..., torch.cat([past, rest])],
+                       position_ids=positions[:, rest], use_cache=True, **{cache_argument(self.model): cache})
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        hidden = kept[0].new_empty((1, n, kept[0].shape[-1]))
+        hidden[:, rest] = kept[0]
+        if len(past):
+            hidden[:, past] = torch.cat([start.hidden[:, :reused] for start, reused in found if start is not None], 1)
+        where = torch.empty(n, dtype=torch.long, device=device)  # each position's place in the cache: the starts', then the rest
+        where[torch.cat([past, rest])] = torch.arange(n, device=device)
+        for (lo, _), length, (start, reused) in zip(bounds, lengths, found):
+            if start is not None and reused < len(start.ids) and reused >= KEEP_SHARE * len(start.ids):
+                starts.keep(start.cut(reused), replaces=start)  # the same instruction, another prompt: keep what they share
+            elif length >= MIN_START and (start is None or reused < KEEP_SHARE * len(start.ids)):  # another instruction: a new start
+                at = where[lo : lo + length]
+                layers = [(layer.keys[:, :, at].clone(), layer.values[:, :, at].clone()) for layer in cache.layers[: self.first_layer]]
+                starts.keep(_Start(tuple(ids[lo : lo + length]), layers, hidden[:, lo : lo + length].clone()))
+        served = PrefixState(hidden=hidden, block_args=self._row_arguments(row, positions), final_hidden=None, batch=row)
+        starts.reused_tokens += len(past)
+        starts.passed_tokens += len(rest)
+        if not starts.checked:
+            starts.checked = True
+            expected = self.suffix(state)
+            same = (torch.allclose(served.hidden, state.hidden, atol=1e-4 * max(1.0, float(state.hidden.abs().max())), rtol=0)
+                    and torch.allclose(self.suffix(served), expected, atol=1e-4 * max(1.0, float(expected.abs().max())), rtol=0))
+            if not same:
+                starts.usable = False
+                logger.warning("a row's state from the lower blocks after a kept start differs from its full pass on this "
+                               "architecture; every row passes them whole")
+                return state
+        return served
+
+    @staticmethod
+    def _start_length(row: TokenBatch, positions: torch.Tensor, lo: int, hi: int) -> int:
+        """How many first tokens of the segment ``lo:hi`` of a packed row form a start another row may share: before its
+        first label, each seeing exactly the segment's tokens before it, at positions 0, 1, ..."""
+        labelled = (row.labels[0, lo:hi] != IGNORE).nonzero()
+        limit = int(labelled[0]) if len(labelled) else hi - lo
+        visible = row.attention_mask[0, 0, lo : lo + limit, :] == 0
+        causal = torch.zeros_like(visible)
+        causal[:, lo : lo + limit] = torch.ones((limit, limit), dtype=torch.bool, device=visible.device).tril()
+        plain = (visible == causal).all(1) & (positions[0, lo : lo + limit] == torch.arange(limit, device=positions.device))
+        return int(plain.long().cumprod(0).sum())
+
+    def _row_arguments(self, row: TokenBatch, positions: torch.Tensor) -> BlockArgs:
+        """What the edited blocks are called with on ``row`` (its whole mask, rotary embeddings of its positions): what
+        the model passes its first block, stopped there (no block runs; every block takes the same arguments: checked
+        once by ``prefix_after_start``)."""
+        captured: list[tuple[tuple, dict]] = []
+
+        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            captured.append((args, kwargs))
+            raise _StopForward
+
+        handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(input_ids=row.input_ids, attention_mask=row.attention_mask, position_ids=positions, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return self.block_arguments({i: captured[0] for i in self.suffix_indices})[1]
 
     def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (batch, seq, d_model) with ``params`` (full names) replacing weights."""
