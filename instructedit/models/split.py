@@ -396,8 +396,9 @@ class SplitModel:
         if not starts.checked:
             starts.checked = True
             expected = self.suffix(state)
-            same = (torch.allclose(served.hidden, state.hidden, atol=1e-4 * max(1.0, float(state.hidden.abs().max())), rtol=0)
-                    and torch.allclose(self.suffix(served), expected, atol=1e-4 * max(1.0, float(expected.abs().max())), rtol=0))
+            tol = 1e-4 if state.hidden.dtype == torch.float32 else 5e-2  # float32 rounding ~1e-6; half precision's ~1e-3
+            same = (torch.allclose(served.hidden, state.hidden, atol=tol * max(1.0, float(state.hidden.abs().max())), rtol=0)
+                    and torch.allclose(self.suffix(served), expected, atol=tol * max(1.0, float(expected.abs().max())), rtol=0))
             if not same:
                 starts.usable = False
                 logger.warning("a row's state from the lower blocks after a kept start differs from its full pass on this "
