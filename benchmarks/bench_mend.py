@@ -50,7 +50,7 @@ from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import write_json
 from instructedit.models.split import StartCache
 from instructedit.losses import locality_kl, masked_nll
-from instructedit.objective import batched_meta_loss, meta_loss, packing_matches
+from instructedit.objective import batched_meta_loss, meta_loss, one_pass, packing_matches
 from instructedit.records import EditRecord, MetaBatch, TokenBatch
 from instructedit.training import Trainer
 
@@ -173,7 +173,7 @@ def example(threads: int) -> Example:
     terms = {"c_margin": t.c_margin, "c_answer": t.c_answer_margin, "answer_cap": t.answer_margin_cap, "c_context": t.c_loc_context}
 
     def objective(these: list[MetaBatch], **kwargs: float) -> torch.Tensor:
-        if len(these) > 1 and packed and editor.config.aggregation == "sum":
+        if len(these) > 1 and packed and editor.config.aggregation == "sum" and one_pass(split, these):
             return batched_meta_loss(editor, split, these, c_edit, c_loc, **kwargs)[0]
         return torch.stack([meta_loss(editor, split, b, c_edit, c_loc, packed=packed, **kwargs)[0] for b in these]).mean()
 

@@ -155,18 +155,20 @@ class Trainer:
         self._start_step()
         totals: dict[str, float] = {}
         counts = {"used": 0, "nonfinite": 0, "too_long": 0}
+        context = ({"c_context": t.c_loc_context * w} if t.c_loc_context else {}) | (  # meta_loss only (config.py checks n_edits)
+            {"loc_scale": t.locality_scale} if t.locality_scale != 1 else {})
         for micro in range(t.grad_accumulation):
             records, batch = self._micro_batch(micro)
             if batch is None:
                 counts["too_long"] += 1
                 continue
-            # records whose rows are long run one after another, each forward and backward (batch 1's memory, the same mean)
-            pieces = batch if isinstance(batch, list) and self._objective(batch) is batched_meta_loss and not one_pass(self.split, batch) else [batch]
-            for piece, source in zip(pieces, [r.source for r in records] if len(pieces) > 1 else [records[0].source], strict=True):
-                objective = self._objective(piece)
-                context = ({"c_context": t.c_loc_context * w} if t.c_loc_context else {}) | (  # meta_loss only (config.py checks n_edits)
-                    {"loc_scale": t.locality_scale} if t.locality_scale != 1 else {})
-                loss, metrics = objective(self.editor, self.split, piece, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin,
+            objective = self._objective(batch)
+            pieces = [(objective, batch, records[0].source)]
+            if objective is batched_meta_loss and not one_pass(self.split, batch):
+                # records whose rows are long run one after another, each forward and backward (batch 1's memory, the same mean)
+                pieces = [(self._objective(b), b, r.source) for b, r in zip(batch, records, strict=True)]
+            for loss_of, piece, source in pieces:
+                loss, metrics = loss_of(self.editor, self.split, piece, t.c_edit, t.c_loc * w, t.c_margin * w, t.c_answer_margin,
                                           t.answer_margin_cap, **context)
                 if not torch.isfinite(loss):
                     counts["nonfinite"] += 1

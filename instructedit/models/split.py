@@ -363,22 +363,12 @@ class SplitModel:
         kept_layers = [[(k[:, :, :reused], v[:, :, :reused]) for k, v in start.layers] for start, reused in found if start is not None]
         cache = DynamicCache(ddp_cache_data=[(torch.cat([s[l][0] for s in kept_layers], 2), torch.cat([s[l][1] for s in kept_layers], 2))
                                              for l in range(self.first_layer)]) if kept_layers else DynamicCache()
-        kept: list[torch.Tensor] = []
-
-        def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            kept.append(args[0] if args else kwargs["hidden_states"])
-            raise _StopForward
-
-        handle = self.layers[self.first_layer].register_forward_pre_hook(stop, with_kwargs=True)
-        try:
-            self.model(input_ids=row.input_ids[:, rest], attention_mask=row.attention_mask[:, :, rest][..., torch.cat([past, rest])],
-                       position_ids=positions[:, rest], use_cache=True, **{cache_argument(self.model): cache})
-        except _StopForward:
-            pass
-        finally:
-            handle.remove()
-        hidden = kept[0].new_empty((1, n, kept[0].shape[-1]))
-        hidden[:, rest] = kept[0]
+        args, kwargs = self._inputs_of(self.first_layer, input_ids=row.input_ids[:, rest], position_ids=positions[:, rest],
+                                       attention_mask=row.attention_mask[:, :, rest][..., torch.cat([past, rest])], use_cache=True,
+                                       **{cache_argument(self.model): cache})
+        after = args[0] if args else kwargs["hidden_states"]  # the rest's input of the first edited block
+        hidden = after.new_empty((1, n, after.shape[-1]))
+        hidden[:, rest] = after
         if len(past):
             hidden[:, past] = torch.cat([start.hidden[:, :reused] for start, reused in found if start is not None], 1)
         where = torch.empty(n, dtype=torch.long, device=device)  # each position's place in the cache: the starts', then the rest
@@ -422,20 +412,26 @@ class SplitModel:
         """What the edited blocks are called with on ``row`` (its whole mask, rotary embeddings of its positions): what
         the model passes its first block, stopped there (no block runs; every block takes the same arguments: checked
         once by ``prefix_after_start``)."""
+        first = self._inputs_of(0, input_ids=row.input_ids, attention_mask=row.attention_mask, position_ids=positions, use_cache=False)
+        return self.block_arguments({i: first for i in self.suffix_indices})[1]
+
+    def _inputs_of(self, index: int, **inputs: Any) -> tuple[tuple, dict]:
+        """The arguments (args, kwargs) the model calls block ``index`` with on ``inputs`` (its forward's keyword
+        arguments); the pass stops there."""
         captured: list[tuple[tuple, dict]] = []
 
         def stop(module: nn.Module, args: tuple, kwargs: dict) -> None:
             captured.append((args, kwargs))
             raise _StopForward
 
-        handle = self.layers[0].register_forward_pre_hook(stop, with_kwargs=True)
+        handle = self.layers[index].register_forward_pre_hook(stop, with_kwargs=True)
         try:
-            self.model(input_ids=row.input_ids, attention_mask=row.attention_mask, position_ids=positions, use_cache=False)
+            self.model(**inputs)
         except _StopForward:
             pass
         finally:
             handle.remove()
-        return self.block_arguments({i: captured[0] for i in self.suffix_indices})[1]
+        return captured[0]
 
     def suffix(self, state: PrefixState, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Final hidden states (batch, seq, d_model) with ``params`` (full names) replacing weights."""
