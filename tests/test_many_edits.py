@@ -202,24 +202,35 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
         assert a.post == pytest.approx(b.post, abs=1e-5) and a.gen_post == b.gen_post
     assert len(made) <= 5  # one-round evaluation makes no rounds
     assert fast.settings.edit_rounds == 2 and once.settings.edit_rounds == 1 and "2 rounds" in fast.restoration["mode"]
-    # an edit made in rounds comes from the case's edit input alone: its passes hold no edit rows (with an answer stop,
-    # none is a probe), and the scores and answers are those of layouts that still carry them
+    # an edit made in rounds comes from the case's edit input alone; one row, it is carried first in the probe pass and
+    # the rounds start from its state there (no pass of their own: round_state is not called). The scores and answers are
+    # those of layouts without it (edit_rows=0), whose rounds pass the edit input themselves
     import instructedit.evaluation.runner as runner
     from instructedit.evaluation.packing import prepare_cases
 
-    rows: list[bool] = []
-    monkeypatch.setattr(runner, "prepare_cases", lambda *a, **k: rows.append(k["edit_rows"]) or prepare_cases(*a, **{**k, "edit_rows": True}))
-    carried = evaluate(model, tokenizer, editor, records, POOL, 0, edit_rounds=2, **kwargs)
+    rows: list[int | None] = []
+    passes: list[int] = []
+    real_state = type(editor).round_state
+    monkeypatch.setattr(type(editor), "round_state", lambda self, *a: passes.append(1) or real_state(self, *a))
+    again = evaluate(model, tokenizer, editor, records, POOL, 0, edit_rounds=2, **kwargs)
+    assert passes == []
+    monkeypatch.setattr(runner, "prepare_cases", lambda *a, **k: rows.append(k["edit_rows"]) or prepare_cases(*a, **{**k, "edit_rows": 0}))
+    own = evaluate(model, tokenizer, editor, records, POOL, 0, edit_rounds=2, **kwargs)
     monkeypatch.setattr(runner, "prepare_cases", prepare_cases)
-    assert rows == [False]
-    for a, b in zip(fast.cases, carried.cases):
+    assert rows == [1] and len(passes) >= len(records)  # the packing check's case may be edited twice
+    for a, b, c in zip(fast.cases, own.cases, again.cases):
         assert a.pre == pytest.approx(b.pre, abs=1e-5) and a.post == pytest.approx(b.post, abs=1e-5) and a.gen_post == b.gen_post
+        assert (a.pre, a.post, a.gen_post) == (c.pre, c.post, c.gen_post)  # and the same run again: to the bit
     stopped = Collator(tokenizer, 128, POOL, answer_stop="newline")
-    lean, _ = prepare_cases(stopped, records, 0, 16, torch.device("cpu"), edit_rows=False)
+    lean, _ = prepare_cases(stopped, records, 0, 16, torch.device("cpu"), edit_rows=0)
     full, _ = prepare_cases(stopped, records, 0, 16, torch.device("cpu"))
     for a, b in zip(lean, full):
         assert [p for p in b.probes if p.family != "edit"] == a.probes and a.n_edit_rows == 0 and b.n_edit_rows == b.edit.input_ids.shape[0]
         assert torch.equal(a.targets, b.targets[b.targets.shape[0] - a.targets.shape[0]:])  # the edit rows' targets came first
+    one, _ = prepare_cases(stopped, records, 0, 16, torch.device("cpu"), edit_rows=1)  # one edit row: carried
+    two, _ = prepare_cases(Collator(tokenizer, 128, POOL, answer_stop="newline", edit_forms=("wrapped", "plain")), records, 0, 16,
+                           torch.device("cpu"), edit_rows=1)  # two (an edit in two forms): left out
+    assert all(c.n_edit_rows == 1 for c in one) and all(c.n_edit_rows == 0 and c.edit.input_ids.shape[0] == 2 for c in two)
     from instructedit.evaluation.report import markdown_report
 
     assert "in 2 rounds" in markdown_report([fast]) and "in 1 rounds" not in markdown_report([once])

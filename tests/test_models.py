@@ -453,6 +453,38 @@ def test_a_kept_start_that_gives_another_state_is_not_used(tiny_llama_dir: Path,
     assert starts.checked and not starts.usable
 
 
+def test_a_rows_state_read_from_a_packed_pass_is_its_own_pass_state(tiny_model_dir: Path) -> None:
+    """SplitModel.row_state: the state of one row (an edit input) read from a pass over a packed row that holds it after a
+    shared start (an evaluated case's probe rows) is ``prefix``'s over that row alone (the edited blocks' output too); a
+    model not yet known to call every edited block with the same arguments gives None (the caller passes the row itself)."""
+    from instructedit.models.packing import pack, positions_fed
+    from instructedit.models.split import SplitModel
+    from instructedit.records import TokenBatch
+    from instructedit.tasks.collate import IGNORE
+    from transformers.cache_utils import DynamicCache
+
+    model, _ = load_model(str(tiny_model_dir))
+    split = SplitModel(model, arch_spec(model), 1)
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randint(5, 90, (10,), generator=gen).tolist()
+    edit, probe = start + torch.randint(5, 90, (7,), generator=gen).tolist(), start + torch.randint(5, 90, (5,), generator=gen).tolist()
+    ids = torch.tensor([edit, probe + [0] * 2])
+    mask = torch.tensor([[1] * 17, [1] * 15 + [0] * 2])
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, 14:17], labels[1, 13:15] = ids[0, 14:17], ids[1, 13:15]
+    row, positions, owner = pack(TokenBatch(ids, mask, labels), [True, True], torch.float32)
+    assert int((owner == -1).sum()) == 10  # the start held once
+    edit_batch = TokenBatch(ids[:1], mask[:1], labels[:1])
+    with positions_fed(model, positions):
+        packed = split.prefix(row, DynamicCache())  # with keys and values kept, as an evaluation with generation runs it
+    index = torch.cat([(owner == -1).nonzero()[:, 0], (owner == 0).nonzero()[:, 0]])
+    assert split.row_state(packed, 0, index, edit_batch) is None  # not yet known: only a pass without a cache records it
+    alone = split.prefix(edit_batch)  # records that every edited block takes the same arguments
+    read = split.row_state(packed, 0, index, edit_batch)
+    torch.testing.assert_close(read.hidden, alone.hidden, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(split.suffix(read), split.suffix(alone), rtol=1e-4, atol=1e-5)
+
+
 def test_start_cache_keeps_the_most_recently_used_starts() -> None:
     from instructedit.models.split import MIN_START, StartCache, _Start
 

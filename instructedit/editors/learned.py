@@ -169,10 +169,11 @@ class LearnedEditor(nn.Module):
 
     @torch.no_grad()
     def _apply_rounds(self, model: nn.Module, batch: TokenBatch, rounds: int = 1, progress: bool = False,
-                      anchored: bool = False) -> tuple[WeightEditHandle, dict[str, torch.Tensor], list[dict | None]]:
+                      anchored: bool = False, state: PrefixState | None = None) -> tuple[WeightEditHandle, dict[str, torch.Tensor], list[dict | None]]:
         """``apply``, and what its kept rounds wrote: the tensors the model's edited weights now equal (the last kept
         round's ``new_params``, not the parameters themselves) and each kept round's thin factors (``EditResult.low_rank``,
-        None where a round had none), for ``rounds_result``."""
+        None where a round had none), for ``rounds_result``. ``state``: ``round_state(split, batch)``, where a caller has
+        it already."""
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         if anchored and not hasattr(self, "anchor"):
@@ -184,7 +185,8 @@ class LearnedEditor(nn.Module):
         try:
             with tqdm(total=rounds, desc="edit rounds", unit="round", disable=not progress or rounds == 1) as bar:
                 # the blocks below the edited ones pass over the edit inputs once: every round starts from that pass
-                state = self.round_state(self.split(model), batch) if rounds > 1 else None
+                if state is None and rounds > 1:
+                    state = self.round_state(self.split(model), batch)
                 result = self.edit(model, batch, state)
                 handle = apply_in_place(model, result)
                 bar.update()
@@ -415,15 +417,16 @@ def check_sample_weight(editor: Any, weight: float | None) -> None:
         raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
 
 
-def rounds_result(editor: "LearnedEditor", model: nn.Module, batch: TokenBatch, rounds: int) -> EditResult:
+def rounds_result(editor: "LearnedEditor", model: nn.Module, batch: TokenBatch, rounds: int, state: PrefixState | None = None) -> EditResult:
     """The edit ``editor.apply(model, batch, rounds=rounds)`` makes (its rules: a round that raises the edits' loss is
     undone), as an ``EditResult`` against the model's weights as found: the rounds are written into the model, read
     back and rolled back bit for bit before this returns. ``new_params`` are the tensors the last kept round wrote (no
     copy of the model's); where every kept round has thin factors, ``low_rank`` holds them side by side (x · ΔW of the
     rounds together: equal to the weights written up to the float rounding of each round's W + ΔW) and ``updates``
     forms them densely only where read (``ThinUpdates``); otherwise ``updates`` are the dense shifts, written minus
-    original weights."""
-    handle, written, kept = editor._apply_rounds(model, batch, rounds=rounds)
+    original weights. ``state``: the blocks below the edited ones' pass over ``batch`` (``round_state``), where the caller
+    has it (an evaluation's pass over a case's probe rows holds its edit row: ``SplitModel.row_state``)."""
+    handle, written, kept = editor._apply_rounds(model, batch, rounds=rounds, state=state)
     try:
         originals = handle.originals()
         new_params = {name: written[name] for name in originals}

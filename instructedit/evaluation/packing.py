@@ -26,6 +26,7 @@ from instructedit.evaluation.probes import Probe, case_probes, edit_rows_first
 from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.losses import argmax_ids
 from instructedit.models.packing import pack, positions_fed, shareable_rows
+from instructedit.models.split import PrefixState, SplitModel
 from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
 
@@ -84,7 +85,7 @@ class Case:
     record: EditRecord
     probes: list[Probe]  # the edit rows first (without a stop token, the reliability probe is one of them), then the others
     edit: TokenBatch  # the edit input on its own, for ``editor.apply``
-    n_edit_rows: int  # the edit rows the layouts begin with (0: none that is no probe, ``prepare_cases(edit_rows=False)``)
+    n_edit_rows: int  # the edit rows the layouts begin with (0: none that is no probe, ``prepare_cases(edit_rows=0)``)
     padded: Layout  # at most batch_size rows per chunk; the first chunk holds every edit row
     targets: torch.Tensor  # (n_positions,) gold tokens, probe by probe (the same in both layouts)
     rows: torch.Tensor  # (n_positions,) probe index of each position
@@ -111,19 +112,21 @@ class Case:
 
 
 def prepare_cases(collator: Collator, records: Sequence[EditRecord], instruction: int | None, batch_size: int,
-             device: torch.device, edit_rows: bool = True) -> tuple[list[Case], list[dict[str, str]]]:
+             device: torch.device, edit_rows: int | None = None) -> tuple[list[Case], list[dict[str, str]]]:
     """Each record as a ``Case``: its probes in chunks of at most ``batch_size`` rows, the edit rows first.
 
-    ``edit_rows=False``: the layouts hold no edit row that is no probe (an edit made from ``Case.edit`` alone, as
-    ``apply`` makes one in several rounds, ``score_functional(rounds > 1)``): those rows would pass the model for nothing
-    (ZsRE with an answer stop: 15 % of a case's packed tokens)."""
+    ``edit_rows``: the layouts hold a case's edit rows that are no probe only where it has at most this many (None: always;
+    0: never). An edit made in several rounds (``score_functional(rounds > 1)``, as ``apply`` makes one) is made from
+    ``Case.edit``; where that is one row it reads the probe pass's state of its row, first in the layout
+    (``_edit_state``), instead of a pass of its own; more rows would pass the model for nothing (ZsRE with an answer stop:
+    15 % of a case's packed tokens)."""
     cases, skipped = [], []
     for index, record in enumerate(records):
         pairs = collator.edit_pairs(record, instruction)
         # An edit row that ends in a stop token is no teacher-forced probe (those score the answer alone): its own row.
         probes = edit_rows_first(case_probes(collator, record, instruction), pairs, match=not collator.stop_ids)
         n_edit = len(pairs)
-        if not edit_rows:  # the probes stay, an edit row among them (no stop token) scored as any probe
+        if edit_rows is not None and n_edit > edit_rows:  # the probes stay, an edit row among them (no stop token) scored as any probe
             probes, n_edit = [p for p in probes if p.family != "edit"], 0
         bounds = [0, *range(max(batch_size, n_edit), len(probes), batch_size), len(probes)]
         try:
@@ -179,7 +182,8 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
     was_training = editor.training
     editor.eval()
     try:
-        result = editor.edit(split, layout.edit_view, states[0]) if rounds == 1 else rounds_result(editor, model, edit, rounds)
+        result = editor.edit(split, layout.edit_view, states[0]) if rounds == 1 else \
+            rounds_result(editor, model, edit, rounds, _edit_state(split, layout, recorded[0], edit))
     finally:
         editor.train(was_training)
     pre = [split.logits_at(state.final_hidden, chunk.label_mask) for state, chunk in zip(states, layout.chunks)]
@@ -195,6 +199,18 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
         post = [split.logits_at(split.suffix(state.with_cache(cache) if keep_cache else state, params), chunk.label_mask)
                 for state, chunk, cache in zip(recorded, layout.chunks, edited)]
     return torch.cat(pre), torch.cat(post), result, list(zip(kv, edited)) if keep_cache else None
+
+
+def _edit_state(split: SplitModel, layout: Layout, first: PrefixState, edit: TokenBatch) -> PrefixState | None:
+    """The state an edit made in rounds starts from (``LearnedEditor.round_state``: the blocks below the edited ones over
+    ``edit``), read from the pass over the layout's first chunk ``first`` where its first row is the edit input (one row,
+    no padding; ``prepare_cases``): no pass of its own (the same state up to float rounding). None: not so."""
+    if edit.input_ids.shape[0] != 1 or not bool(edit.attention_mask.all()):
+        return None
+    row, index = layout.row_tokens(0, 0)
+    if len(index) != edit.input_ids.shape[1] or not torch.equal(layout.chunks[0].input_ids[row, index], edit.input_ids[0]):
+        return None
+    return split.row_state(first, row, index, edit)
 
 
 def case_seeds(case: Case, layout: Layout, kv: KV, pre: torch.Tensor, post: torch.Tensor, first_edited: int,

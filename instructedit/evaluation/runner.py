@@ -426,8 +426,9 @@ def evaluate(
         editor.to(edited.device if edited is not None else device)
     max_length = max_length or max_input_length(model)
     collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop, edit_forms=edit_forms)
-    # an edit made in rounds is made from the case's edit input alone (``rounds_result``): no edit rows in its passes
-    cases, skipped = prepare_cases(collator, records, instruction, batch_size, device, edit_rows=edit_rounds == 1)
+    # an edit made in rounds is made from the case's edit input alone (``rounds_result``), which the probe pass passes too
+    # where it is one row (its state read from there); more rows would pass for nothing
+    cases, skipped = prepare_cases(collator, records, instruction, batch_size, device, edit_rows=None if edit_rounds == 1 else 1)
     if not cases:
         raise ValueError(f"none of the {len(records)} records fits max_length={max_length} tokens")
     earlier = _done_by_index(done, cases)

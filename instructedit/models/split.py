@@ -336,6 +336,17 @@ class SplitModel:
         hidden, block_args = self.block_arguments(captured)
         return PrefixState(hidden=hidden, block_args=block_args, final_hidden=final_out[0], batch=batch)
 
+    def row_state(self, state: PrefixState, row: int, index: torch.Tensor, batch: TokenBatch) -> PrefixState | None:
+        """What ``prefix(batch, final=False)`` gives for ``batch``, one row whose tokens are those at ``index`` of row ``row``
+        of the pass ``state`` was taken on (the blocks below the edited ones saw the same tokens before each there: a row
+        of a packed pass with its shared start, or a padded one): their hidden states, and the edited blocks' arguments
+        for ``batch`` alone (``_row_arguments``). None where this model's edited blocks are not known to all take the
+        same arguments (``prefix`` records it on a pass without a cache)."""
+        if not getattr(self.model, _SHARED_ARGS, {}).get(self.first_layer, False):
+            return None
+        return PrefixState(hidden=state.hidden[row : row + 1, index], block_args=self._row_arguments(batch, None),
+                           final_hidden=None, batch=batch)
+
     @torch.no_grad()
     def prefix_after_start(self, row: TokenBatch, positions: torch.Tensor, starts: StartCache,
                            segments: Sequence[int] = (0,)) -> PrefixState:
