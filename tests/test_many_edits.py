@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -148,14 +149,27 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
     batch = collator.qa_batch(collator.edit_pairs(records[0], 0), "edit input", stop=True)
     before = _state(model)
     result = rounds_result(editor, model, batch, 2)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # read back, rolled back bitwise
+    formed = dict(result.new_params)  # W + ΔW, formed from the weights as found
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # never written
     with editor.apply(model, batch, rounds=2):
-        for name, new in result.new_params.items():
-            assert torch.equal(new, model.get_parameter(name))
-            # the rounds' thin factors side by side: the written shift up to each round's float rounding of W + ΔW
+        for name, new in formed.items():
+            # each round made with the rounds before it added by hooks: the written rounds' weights up to float rounding
+            torch.testing.assert_close(new, model.get_parameter(name).detach(), atol=1e-6, rtol=0)
             assert torch.allclose(result.updates[name], new - before[name], atol=1e-6)
             left, right = result.low_rank[name]
             assert left.shape[1] == right.shape[0] > 0
+    from instructedit.editors import learned
+
+    # a round without thin factors (or a half-precision model): the rounds are written, read back, rolled back bitwise
+    real_add = learned._Hooked.add
+    monkeypatch.setattr(learned._Hooked, "add", lambda self, r: real_add(self, replace(r, low_rank=None)))
+    written = rounds_result(editor, model, batch, 2)
+    monkeypatch.setattr(learned._Hooked, "add", real_add)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    with editor.apply(model, batch, rounds=2):
+        for name, new in written.new_params.items():
+            assert torch.equal(new, model.get_parameter(name))
+            torch.testing.assert_close(new, formed[name], atol=1e-6, rtol=0)
     assert isinstance(result.updates, ThinUpdates)
     one_round = editor.edit(model, batch)
     assert any(not torch.allclose(result.updates[k], one_round.updates[k]) for k in result.updates)
