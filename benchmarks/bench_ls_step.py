@@ -8,7 +8,11 @@ editor state (its statistics restored), interleaved repetitions:
 (b) the step as the code before 2026-12-03 ran it (``reference_means``: the scored inputs padded, and each chunk's
     checkpoint segment holding the frozen prefix too, so backward ran all 30 blocks again),
 (c) the step padded (the frozen prefix once per chunk, outside the checkpoint),
-(d) the step packed, as the Trainer runs it where packing gives the padded loss (``packing_matches(many=True)``).
+(d) the step packed, as the Trainer runs it where packing gives the padded loss (``packing_matches(many=True)``): since
+    2026-12-06 (session 51) the lower blocks pass each packed row's edit inputs and scored rows after the task
+    instructions they keep (``models.split.StartCache``; kept after the warm-up, as in training once an instruction
+    came twice),
+(e) the step packed as before that: every token through the lower blocks (the split model's kept starts switched off).
 Medians per step and their ratios; the losses of (b)-(d) are reported beside (equal up to float rounding).
 
     .venv/bin/python benchmarks/bench_ls_step.py [--reps 3] [--steps 4] [--threads 1]
@@ -30,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from instructedit import objective
 from instructedit.io import write_json
+from instructedit.models.split import StartCache
 from instructedit.training import record_at
 
 from common import recipe_setup  # benchmarks/common.py
@@ -58,6 +63,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="training batches, each timed --reps times per variant")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--no-reference", action="store_true", help="skip (b), the slowest")
     args = parser.parse_args()
     config, model, tok, data, editor, split = recipe_setup(CONFIG, args.threads)
     t = config.training
@@ -68,17 +74,22 @@ def main() -> None:
     packs = objective.packing_matches(editor, split, batches[0], many=True)
     state = copy.deepcopy(editor.state_dict())
     current = objective._scored_means
-    losses: dict[str, list[float]] = {"reference": [], "padded": [], "packed": []}
+    losses: dict[str, list[float]] = {"reference": [], "padded": [], "packed": [], "packed_whole": []}
+    kept_starts, no_starts = split.starts, StartCache()
+    no_starts.usable = False  # every row passed whole (``prefix_after_start``'s usual pass)
 
     def step(variant: str, batch) -> None:
         editor.load_state_dict(state)  # every step from the same editor (its statistics would move)
         editor.train()
         objective._scored_means = reference_means if variant == "reference" else current
+        split.starts = no_starts if variant == "packed_whole" else kept_starts
         try:
             loss, _ = objective.many_edits_loss(editor, split, batch, t.c_edit, t.c_loc, t.c_margin, t.c_answer_margin,
-                                                t.answer_margin_cap, chunk=config.editor.chunk_edits, packed=variant == "packed" and packs)
+                                                t.answer_margin_cap, chunk=config.editor.chunk_edits,
+                                                packed=variant.startswith("packed") and packs)
         finally:
             objective._scored_means = current
+            split.starts = kept_starts
         loss.backward()
         editor.zero_grad(set_to_none=True)
         losses[variant].append(float(loss.detach()))
@@ -87,8 +98,12 @@ def main() -> None:
         with torch.no_grad():
             model(input_ids=batch.edit_inner.input_ids, attention_mask=batch.edit_inner.attention_mask)
 
-    fns = {"a_forward": forward, **{name: (lambda b, v=v: step(v, b)) for name, v in
-                                     (("b_reference_step", "reference"), ("c_padded_step", "padded"), ("d_packed_step", "packed"))}}
+    variants = (("b_reference_step", "reference"), ("c_padded_step", "padded"), ("d_packed_step", "packed"),
+                ("e_packed_whole_step", "packed_whole"))
+    fns = {"a_forward": forward, **{name: (lambda b, v=v: step(v, b)) for name, v in variants
+                                     if not (args.no_reference and v == "reference")}}
+    for batch in batches:  # the kept instructions, as in training once each came twice
+        step("packed", batch)
     for fn in fns.values():
         fn(batches[0])  # warm-up
     for kept in losses.values():
@@ -118,9 +133,13 @@ def main() -> None:
                                                                                  (b.edit_inner, b.edit_outer, b.loc, b.unlikely) if x is not None))}
                             for b in batches],
         "median_s": med,
-        "ratios": {"b_over_a": med["b_reference_step"] / med["a_forward"], "c_over_a": med["c_padded_step"] / med["a_forward"],
-                   "d_over_a": med["d_packed_step"] / med["a_forward"], "d_over_b": med["d_packed_step"] / med["b_reference_step"],
-                   "c_over_b": med["c_padded_step"] / med["b_reference_step"]},
+        "ratios": {"c_over_a": med["c_padded_step"] / med["a_forward"], "d_over_a": med["d_packed_step"] / med["a_forward"],
+                   "e_over_a": med["e_packed_whole_step"] / med["a_forward"], "d_over_e": med["d_packed_step"] / med["e_packed_whole_step"],
+                   **({} if args.no_reference else {"b_over_a": med["b_reference_step"] / med["a_forward"],
+                                                     "d_over_b": med["d_packed_step"] / med["b_reference_step"],
+                                                     "c_over_b": med["c_padded_step"] / med["b_reference_step"]})},
+        "kept_starts": {"reused_tokens": kept_starts.reused_tokens, "passed_tokens": kept_starts.passed_tokens,
+                        "starts": len(kept_starts.starts)},
         "first_losses": {k: v[: args.steps] for k, v in losses.items()},
         "all_times_s": times,
     }

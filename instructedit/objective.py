@@ -428,7 +428,8 @@ def _scored_means(split: SplitModel, batch: TokenBatch, params: dict, terms: Ter
     """``terms`` averaged over all scored positions of ``batch``, accuracies over its rows; run ``chunk`` rows at a time
     (``packed``: several rows packed into one, ``_pieces``).
 
-    The unedited model passes over each piece once (``split.prefix``, no gradients: its weights are frozen). Under
+    The unedited model passes over each piece once (``split.prefix``, no gradients: its weights are frozen; a packed
+    piece's rows after the starts the lower blocks keep of them, ``SplitModel.prefix_after_start``). Under
     autograd, when ``batch`` takes several pieces, the rest of each (post-edit suffix, logits, terms) is one checkpoint
     segment, which backward recomputes, so what is kept between forward and backward is the pieces' prefix states (the
     hidden states entering the edited blocks and leaving the unedited model), not their activations or vocabulary
@@ -441,8 +442,12 @@ def _scored_means(split: SplitModel, batch: TokenBatch, params: dict, terms: Ter
     pieces = _pieces(batch, chunk, packed, dtype)
     segments = torch.is_grad_enabled() and len(pieces) > 1
     for piece, positions in pieces:
-        with torch.no_grad(), positions_fed(split.model, positions):
-            state = split.prefix(piece)
+        with torch.no_grad():
+            if positions is not None:  # a packed piece: the lower blocks pass each row after the start kept of it
+                state = split.prefix_after_start(piece, positions, split.starts, segments_of(positions))
+                state.final_hidden = split.suffix(state)
+            else:
+                state = split.prefix(piece)
         sums = (checkpoint(_chunk_sums, split, piece, params, terms, state, use_reentrant=False) if segments
                 else _chunk_sums(split, piece, params, terms, state))
         totals = {k: totals[k] + v for k, v in sums.items()} if totals else sums
@@ -459,8 +464,13 @@ def _many_edit(editor: MENDEditor, split: SplitModel, inner: TokenBatch, packed:
     if not packed or not one_chunk or tokens > PACKED_EDIT_TOKENS:
         return editor.edit(split, inner)
     row, positions, _ = pack(inner, [False] * inner.n_rows, next(split.model.parameters()).dtype)
-    with positions_fed(split.model, positions):
-        return editor.edit(split, row)
+    # the lower blocks pass each edit input after the task instruction kept of it (``SplitModel.prefix_after_start``)
+    return editor.edit(split, row, split.prefix_after_start(row, positions, split.starts, segments_of(positions)))
+
+
+def segments_of(positions: torch.Tensor) -> list[int]:
+    """Where each row of a packed row without a shared start begins (``pack(shareable=[False, ...])``): its position 0."""
+    return (positions[0] == 0).nonzero()[:, 0].tolist()
 
 
 def many_edits_loss(editor: MENDEditor, split: SplitModel, batch: MetaBatch, c_edit: float, c_loc: float, c_margin: float = 0.0,

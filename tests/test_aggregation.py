@@ -642,6 +642,32 @@ def test_many_edits_loss_packed_equals_padded(tiny_model_dir: Path, aggregation:
     assert objective.packing_matches(editor, split, batch, many=True)
 
 
+@pytest.mark.parametrize("aggregation", ["sum", "least_squares"])
+def test_a_packed_many_edit_step_passes_kept_instructions_once(tiny_model_dir: Path, aggregation: str) -> None:
+    """A packed many-edit step's edit inputs and rephrases all begin with an instruction: once rows began with it twice,
+    the lower blocks keep it (``StartCache``) and pass only each row's rest; the loss, metrics and gradients are the
+    padded step's."""
+    model, tok = load_model(str(tiny_model_dir))
+    editor = _editor(model, tiny_model_dir, aggregation=aggregation, chunk_edits=8).eval()
+    instruction = "Task: counterfact. Description: replace a stored fact about an entity with another one. Input: "
+    records = [EditRecord(task="counterfact", prompt=instruction + p, target_new=t, rephrase=(f"{instruction}{p} indeed",),
+                          locality=(QAItem(PAIRS[(i + 2) % len(PAIRS)][0], PAIRS[(i + 2) % len(PAIRS)][1]),), source=f"test#{i}")
+               for i, (p, t) in enumerate(_many_pairs(6))]
+    batch = Collator(tok, max_length=96).meta_batch(records, [None] * 6)  # type: ignore[arg-type]
+    split = editor.split(model)
+
+    def step(packed: bool) -> Callable[[], tuple]:
+        return lambda: many_edits_loss(editor, split, batch, 0.1, 1.0, c_margin=0.5, c_answer=0.2, chunk=4, packed=packed)
+
+    step(True)()
+    assert split.starts.starts and split.starts.checked and split.starts.usable
+    kept = len(tok(instruction)["input_ids"]) - 2  # about the instruction's tokens (its last may merge with the prompt)
+    assert any(kept <= len(ids) <= kept + 3 for ids in split.starts.starts)  # the instruction, not the prompts after it
+    reused = split.starts.reused_tokens
+    _assert_same_steps(editor, step(False), step(True))
+    assert split.starts.reused_tokens >= reused + 12 * kept  # every edit input and rephrase passed after it
+
+
 def test_many_edits_loss_backward_reruns_only_the_edited_blocks(tiny_model_dir: Path) -> None:
     """Backward recomputes each chunk's post-edit suffix (the checkpoint), never the frozen blocks below it."""
     model, tok = load_model(str(tiny_model_dir))

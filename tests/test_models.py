@@ -417,15 +417,19 @@ def test_the_lower_blocks_after_a_kept_start_give_the_full_pass_state(tiny_model
         torch.testing.assert_close(split.suffix(served), split.suffix(usual), rtol=1e-4, atol=1e-5)
 
     row, positions, _ = rows["a"]
-    check(row, positions)  # nothing kept: a whole pass, and its start (instruction + prompt) kept
-    assert starts.checked and starts.usable and [len(k) for k in starts.starts] == [12 + 5]
+    check(row, positions)  # nothing kept: a whole pass; no row began like it before, so its start is not kept yet
+    assert starts.checked and starts.usable and not starts.starts
+    check(row, positions)  # now one did: its start (instruction + prompt) kept
+    assert [len(k) for k in starts.starts] == [12 + 5] and starts.reused_tokens == 0
     check(row, positions)
     assert starts.reused_tokens == 17
     row, positions, _ = rows["a again"]
     check(row, positions)  # shares the instruction: the kept start shrinks to it
     assert [len(k) for k in starts.starts] == [12] and starts.reused_tokens == 17 + 12
     row, positions, _ = rows["b"]
-    check(row, positions)  # another instruction: kept beside it
+    check(row, positions)  # another instruction, the first row to begin so: not kept
+    assert [len(k) for k in starts.starts] == [12]
+    check(row, positions)  # the second: kept beside it
     assert sorted(len(k) for k in starts.starts) == [12, 12 + 6]
     reused = starts.reused_tokens
     joined, joined_positions, _ = _one_row([rows["a again"][0], rows["b"][0]], [rows["a again"][1], rows["b"][1]])

@@ -179,6 +179,7 @@ class ChunkStates:
 MIN_START = 8  # tokens of a kept start a row must begin with for it to be used (every task's instruction begins alike)
 START_CAPACITY = 32  # starts kept (the least recently used dropped first): ~1.5 MB each on the default model
 KEEP_SHARE = 0.6  # a row sharing this much of a kept start (or more) shortens it to what they share (below)
+SEEN_CAPACITY = 1024  # first tokens of rows remembered, for a start to be kept only once another row began alike
 
 
 @dataclass
@@ -201,8 +202,9 @@ class StartCache:
     which it shares the most tokens (at least ``MIN_START``: the keys and values of a start's first tokens depend on those
     alone). Which part of a start is the instruction is found from the rows: a row that shares at least ``KEEP_SHARE``
     of a kept start (the same instruction, another prompt) shortens it to what they share; a row that shares less (another
-    description of the task), or nothing, is kept as a new start. At most ``capacity`` starts, the least recently used
-    dropped first. ``checked``: whether a row's state was once compared with ``SplitModel.prefix``'s (an architecture whose
+    description of the task), or nothing, is kept as a new start once a row before it began with the same ``MIN_START``
+    tokens (``admits``: a prompt no other row begins like, a locality prompt, is not kept). At most ``capacity`` starts,
+    the least recently used dropped first. ``checked``: whether a row's state was once compared with ``SplitModel.prefix``'s (an architecture whose
     blocks do not all take the same arguments is not served: ``usable`` is then False)."""
 
     def __init__(self, capacity: int = START_CAPACITY) -> None:
@@ -212,6 +214,18 @@ class StartCache:
         self.usable = True
         self.reused_tokens = 0  # over the rows served: tokens the lower blocks did not pass again, and those they passed
         self.passed_tokens = 0
+        self.seen: OrderedDict[tuple[int, ...], None] = OrderedDict()  # the first MIN_START tokens of rows served
+
+    def admits(self, ids: Sequence[int]) -> bool:
+        """Whether a start ``ids`` not kept is kept now: a row served before began with the same first ``MIN_START`` tokens
+        (the ``SEEN_CAPACITY`` most recent are remembered). Every call remembers ``ids``' first tokens."""
+        key = tuple(ids[:MIN_START])
+        known = key in self.seen
+        self.seen[key] = None
+        self.seen.move_to_end(key)
+        while len(self.seen) > SEEN_CAPACITY:
+            self.seen.popitem(last=False)
+        return known
 
     def longest(self, ids: Sequence[int]) -> tuple[_Start | None, int]:
         """The kept start sharing the most leading tokens with ``ids``, and how many (at least ``MIN_START``; else None, 0)."""
@@ -384,10 +398,13 @@ class SplitModel:
             hidden[:, past] = torch.cat([start.hidden[:, :reused] for start, reused in found if start is not None], 1)
         where = torch.empty(n, dtype=torch.long, device=device)  # each position's place in the cache: the starts', then the rest
         where[torch.cat([past, rest])] = torch.arange(n, device=device)
-        for (lo, _), length, (start, reused) in zip(bounds, lengths, found):
+        for (lo, _), length in zip(bounds, lengths):
+            if length < MIN_START:
+                continue
+            start, reused = starts.longest(ids[lo : lo + length])  # with what the segments before it kept
             if start is not None and reused < len(start.ids) and reused >= KEEP_SHARE * len(start.ids):
                 starts.keep(start.cut(reused), replaces=start)  # the same instruction, another prompt: keep what they share
-            elif length >= MIN_START and (start is None or reused < KEEP_SHARE * len(start.ids)):  # another instruction: a new start
+            elif (start is None or reused < KEEP_SHARE * len(start.ids)) and starts.admits(ids[lo : lo + length]):  # another one
                 at = where[lo : lo + length]
                 layers = [(layer.keys[:, :, at].clone(), layer.values[:, :, at].clone()) for layer in cache.layers[: self.first_layer]]
                 starts.keep(_Start(tuple(ids[lo : lo + length]), layers, hidden[:, lo : lo + length].clone()))
