@@ -140,7 +140,8 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
     functional path scores them as editing in place does; a damaged value fails naming the file."""
     from instructedit.api import Edit, load_editor, query_setup
     from instructedit.editors.base import ThinUpdates
-    from instructedit.editors.learned import rounds_result, schedule_for
+    from instructedit.editors.learned import schedule_for
+    from instructedit.editors.rounds import rounds_result
 
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
     with torch.no_grad():  # descending steps: no round is undone
@@ -158,13 +159,13 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
             assert torch.allclose(result.updates[name], new - before[name], atol=1e-6)
             left, right = result.low_rank[name]
             assert left.shape[1] == right.shape[0] > 0
-    from instructedit.editors import learned
+    from instructedit.editors import rounds as made_in_rounds
 
     # a round without thin factors (or a half-precision model): the rounds are written, read back, rolled back bitwise
-    real_add = learned._Hooked.add
-    monkeypatch.setattr(learned._Hooked, "add", lambda self, r: real_add(self, replace(r, low_rank=None)))
+    real_add = made_in_rounds.HookedRounds.add
+    monkeypatch.setattr(made_in_rounds.HookedRounds, "add", lambda self, r: real_add(self, replace(r, low_rank=None)))
     written = rounds_result(editor, model, batch, 2)
-    monkeypatch.setattr(learned._Hooked, "add", real_add)
+    monkeypatch.setattr(made_in_rounds.HookedRounds, "add", real_add)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     with editor.apply(model, batch, rounds=2):
         for name, new in written.new_params.items():
@@ -298,7 +299,7 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
     with editor.apply(model, batch, rounds=rose) as handle:  # the round that raised it is the last: checked all the same
         assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
         assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())
-    from instructedit.editors.learned import rounds_result
+    from instructedit.editors.rounds import rounds_result
 
     for rounds in (4, rose):  # read back as the evaluation scores it: the kept rounds' weights, and their factors only
         result = rounds_result(editor, model, batch, rounds)

@@ -27,7 +27,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from instructedit.config import EditorConfig, ModelConfig
-from instructedit.editors.base import EditResult, ThinParams, ThinUpdates, WeightEditHandle, apply_in_place, scaled_step_sizes, write_weights
+from instructedit.editors.base import EditResult, WeightEditHandle, scaled_step_sizes
+from instructedit.editors.rounds import HookedRounds, WrittenRounds
 from instructedit.editors.hooks import Factors, capture_factors
 from instructedit.io import atomic_write, write_json
 from instructedit.losses import masked_nll
@@ -165,14 +166,14 @@ class LearnedEditor(nn.Module):
         ``anchored`` (least-squares editors with preserved keys): each later round's solve holds the preserved keys'
         outputs to the original weights' rather than to the last round's (``MENDEditor.anchor``), so rounds
         that each move them a little cannot add up to a large move; without preserved keys it changes nothing."""
-        return self._apply_rounds(model, batch, rounds, progress, anchored).handle
+        return self.edit_in_rounds(model, batch, rounds, progress, anchored).handle
 
     @torch.no_grad()
-    def _apply_rounds(self, model: nn.Module, batch: TokenBatch, rounds: int = 1, progress: bool = False,
-                      anchored: bool = False, state: PrefixState | None = None, hooked: bool = False) -> "_Written | _Hooked":
-        """``apply``'s rounds, and what they made: where they were written (``_Written``: its handle, the tensors the
-        model's edited weights now equal, each kept round's thin factors) or, ``hooked``, kept beside the model
-        (``_Hooked``, for ``rounds_result``). ``state``: ``round_state(split, batch)``, where a caller has it already."""
+    def edit_in_rounds(self, model: nn.Module, batch: TokenBatch, rounds: int = 1, progress: bool = False,
+                      anchored: bool = False, state: PrefixState | None = None, hooked: bool = False) -> WrittenRounds | HookedRounds:
+        """``apply``'s rounds, and what they made (``editors.rounds``): written into the model (``WrittenRounds``: its
+        handle, the tensors the model's edited weights now equal, each kept round's thin factors) or, ``hooked``, kept
+        beside it (``HookedRounds``, for ``rounds_result``). ``state``: ``round_state(split, batch)``, where a caller has it."""
         if rounds < 1:
             raise ValueError(f"rounds must be >= 1, got {rounds}")
         if anchored and not hasattr(self, "anchor"):
@@ -189,7 +190,8 @@ class LearnedEditor(nn.Module):
                 if state is None and rounds > 1:
                     state = self.round_state(self.split(model), batch)
                 result = self.edit(model, batch, state)
-                made = _Hooked(model, result, batch.input_ids.shape[0], transposed_of(self.weights)) if hooked else _Written(model, result)
+                made = (HookedRounds(model, result, batch.input_ids.shape[0], transposed_of(self.weights)) if hooked
+                        else WrittenRounds(model, result))
                 bar.update()
                 try:
                     before = None  # the edits' loss before the round made last (the first round stays: it is the one-round edit)
@@ -409,115 +411,6 @@ def check_sample_weight(editor: Any, weight: float | None) -> None:
         raise ValueError(f"sample_weight must be a positive number, got {weight}")
     if getattr(editor, "preservation", None) is None:
         raise ValueError("sample_weight: the editor has no preservation sample of its own (instructedit calibrate --preserve saves one)")
-
-
-class _Written:
-    """An edit's rounds written into the model one after another (``apply``): the handle that undoes them all, the tensors
-    the edited weights now equal (``written``: the last kept round's ``new_params``, held, not copied) and the ones
-    before (the round before's: what undoing the last round writes back), each kept round's thin factors (``kept``)."""
-
-    def __init__(self, model: nn.Module, first: EditResult) -> None:
-        self.model, self.handle = model, apply_in_place(model, first)
-        self.written, self.undo = first.new_params, None
-        self.kept = [first.low_rank]
-
-    @property
-    def rounds_made(self) -> int:
-        return self.handle.rounds_made
-
-    def running(self) -> contextlib.AbstractContextManager:
-        """The model as the kept rounds edited it, for the next round: the model itself."""
-        return contextlib.nullcontext()
-
-    def add(self, result: EditResult) -> None:
-        self.undo, self.written = self.written, result.new_params
-        self.kept.append(result.low_rank)
-        write_weights(self.model, self.written)
-        self.handle.rounds_made += 1
-
-    def drop_last(self) -> None:
-        write_weights(self.model, self.undo)
-        self.written = self.undo
-        self.kept.pop()
-        self.handle.rounds_made -= 1
-
-    def rollback(self) -> None:
-        self.handle.rollback()
-
-
-class _NoFactors(Exception):
-    """A round's update came without thin factors: the rounds cannot be kept beside the model (``_Hooked``)."""
-
-
-class _Hooked:
-    """An edit's rounds kept as their thin factors beside the model, which is never written: each round after the first
-    is made with the kept rounds' factors added by hooks (``evaluation.row_edits.per_row_updates``, on every row of the
-    edit batch: x · W + x · ΔW, the written weights' x · (W + ΔW) up to float rounding)."""
-
-    def __init__(self, model: nn.Module, first: EditResult, rows: int, transposed: dict[str, bool]) -> None:
-        self.model, self.rows, self.transposed = model, rows, transposed
-        self.kept = []
-        self.add(first)
-
-    @property
-    def rounds_made(self) -> int:
-        return len(self.kept)
-
-    def factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The kept rounds' factors side by side: x · left · right = the sum of their x · ΔW."""
-        return {name: (torch.cat([f[name][0] for f in self.kept], dim=1), torch.cat([f[name][1] for f in self.kept], dim=0))
-                for name in self.kept[0]}
-
-    def running(self) -> contextlib.AbstractContextManager:
-        from instructedit.evaluation.row_edits import per_row_updates  # (evaluation imports this module)
-
-        return per_row_updates(self.model, [self.factors()] * self.rows, self.transposed)
-
-    def add(self, result: EditResult) -> None:
-        if result.low_rank is None:
-            raise _NoFactors
-        self.kept.append(result.low_rank)
-
-    def drop_last(self) -> None:
-        self.kept.pop()
-
-    def rollback(self) -> None:
-        """Nothing was written."""
-
-
-def rounds_result(editor: "LearnedEditor", model: nn.Module, batch: TokenBatch, rounds: int, state: PrefixState | None = None) -> EditResult:
-    """The edit ``editor.apply(model, batch, rounds=rounds)`` makes (its rules: a round that raises the edits' loss is
-    undone), as an ``EditResult`` against the model's weights as found. ``state``: the blocks below the edited ones' pass
-    over ``batch`` (``round_state``), where the caller has it (an evaluation's pass over a case's probe rows holds its
-    edit row: ``SplitModel.row_state``).
-
-    Where every round's update comes as thin factors of float32 weights (a least-squares or summing MEND editor without
-    gradients), nothing is written: each round is made with the rounds before it added by hooks (``_Hooked``: equal to
-    writing them up to float rounding), and ``low_rank`` holds every kept round's factors side by side, ``new_params``
-    forms W + ΔW only where read (``ThinParams``), ``updates`` ΔW (``ThinUpdates``). Otherwise (a round without factors,
-    a half-precision model) the rounds are written into the model, read back and rolled back bit for bit before this
-    returns: ``new_params`` are the tensors the last kept round wrote (no copy of the model's), ``updates`` the written
-    minus the original weights, and ``low_rank`` the kept rounds' factors side by side where each had them."""
-    transposed = transposed_of(editor.weights)
-    if all(model.get_parameter(w.name).dtype == torch.float32 for w in editor.weights):
-        try:
-            low_rank = editor._apply_rounds(model, batch, rounds=rounds, state=state, hooked=True).factors()
-        except _NoFactors:
-            pass  # the rounds are made again, written
-        else:
-            return EditResult(new_params=ThinParams(model, low_rank, transposed), updates=ThinUpdates(low_rank, transposed),
-                              low_rank=low_rank)
-    written = editor._apply_rounds(model, batch, rounds=rounds, state=state)
-    try:
-        originals = written.handle.originals()
-        new_params = {name: written.written[name] for name in originals}
-        if all(factors is not None for factors in written.kept):
-            low_rank = {name: (torch.cat([f[name][0] for f in written.kept], dim=1), torch.cat([f[name][1] for f in written.kept], dim=0))
-                        for name in originals}
-            return EditResult(new_params=new_params, updates=ThinUpdates(low_rank, transposed), low_rank=low_rank)
-        return EditResult(new_params=new_params, updates={name: new_params[name] - originals[name] for name in originals})
-    finally:
-        written.rollback()
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.base import EditResult, scaled_step_sizes
-from instructedit.editors.learned import rounds_result
+from instructedit.editors.rounds import rounds_result
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, same_answer
@@ -49,9 +49,9 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     prefill (``before_after``), every row with its own record's scaled update added by hooks
     (``row_edits``); the model's weights are never written.
 
-    ``rounds`` > 1: each edit is made in that many rounds (``editors.learned.rounds_result``, as ``apply`` makes them:
-    written into the weights and rolled back at once), once per multiplier: later rounds start from the earlier ones'
-    weights, so the update is no longer linear in α.
+    ``rounds`` > 1: each edit is made in that many rounds (``editors.rounds.rounds_result``, as ``apply`` makes them, each
+    round with the rounds before it added by hooks), once per multiplier: later rounds start from the earlier ones'
+    edits, so the update is no longer linear in α.
     """
     cases = []
     forms = collator.edit_forms

@@ -18,7 +18,7 @@ from torch import nn
 from transformers.cache_utils import DynamicCache
 
 from instructedit.editors.base import EditResult, FunctionalEditor, ThinParams
-from instructedit.editors.learned import rounds_result
+from instructedit.editors.rounds import rounds_result
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.before_after import Seed
 from instructedit.evaluation.metrics import answer_accuracy, unchanged_tokens
@@ -166,7 +166,7 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
     exactly zero output gradient, so their tokens drop out of the gradient factors. ``keep_cache``:
     also returns the passes' keys and values (``KV``), from which ``case_seeds`` begins the
     generation protocol's answers. ``rounds`` > 1 (a learned editor): the edit is made from ``edit`` (the case's edit
-    batch) in that many rounds, as ``apply`` makes them (``editors.learned.rounds_result``: written into the model and
+    batch) in that many rounds, as ``apply`` makes them (``editors.rounds.rounds_result``: written into the model and
     rolled back bit for bit before the scoring), instead of once from the layout's edit rows.
     """
     split = editor.split(model)

@@ -525,9 +525,10 @@ def _aggregates(results: Sequence[CaseResult], phases: Sequence[str]) -> dict[st
 def _restoration_mode(sequential: bool, fast_path: bool, generation: bool, together: bool = False, rounds: int = 1) -> str:
     if sequential:
         return "sequential: kept, restored at the end"
-    if fast_path and rounds > 1:  # the rounds are written to be made (``rounds_result``), then the case is scored functionally
-        return (f"each edit made in {rounds} rounds written into the weights and rolled back at once; functional scoring"
-                f"{', post-edit answers decoded with per-row weight updates' if together else ''}")
+    if fast_path and rounds > 1:  # the rounds are made beside the model or written and rolled back (``rounds_result``)
+        return (f"each edit made in {rounds} rounds, each with the rounds before it added by hooks (written into the weights "
+                f"and rolled back at once where a round has no thin factors or the weights are half precision); functional "
+                f"scoring{', post-edit answers decoded with per-row weight updates' if together else ''}")
     if fast_path and together:
         return "functional (weights never written; post-edit answers decoded with per-row weight updates)"
     if fast_path:

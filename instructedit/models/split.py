@@ -204,8 +204,9 @@ class StartCache:
     of a kept start (the same instruction, another prompt) shortens it to what they share; a row that shares less (another
     description of the task), or nothing, is kept as a new start once a row before it began with the same ``MIN_START``
     tokens (``admits``: a prompt no other row begins like, a locality prompt, is not kept). At most ``capacity`` starts,
-    the least recently used dropped first. ``checked``: whether a row's state was once compared with ``SplitModel.prefix``'s (an architecture whose
-    blocks do not all take the same arguments is not served: ``usable`` is then False)."""
+    the least recently used dropped first. ``checked``: whether a row's state was once compared with
+    ``SplitModel.prefix``'s (an architecture whose blocks do not all take the same arguments is not served: ``usable`` is
+    then False)."""
 
     def __init__(self, capacity: int = START_CAPACITY) -> None:
         self.starts: OrderedDict[tuple[int, ...], _Start] = OrderedDict()
