@@ -36,6 +36,7 @@ from torch import nn
 from instructedit.config import DEFAULT_MODEL, Config, load_config
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
+from instructedit.objective import ONE_PASS_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -176,14 +177,22 @@ def estimate_memory(config: Config, model: nn.Module | None = None, device: str 
     )
 
 
-def _rows(config: Config) -> tuple[int, int]:
-    """(edit-input rows, post-edit rows kept for backward) per micro-batch.
+def _rows(config: Config) -> tuple[float, float]:
+    """(edit-input rows, post-edit rows kept for backward) of a micro-batch's records in memory at once, each row at
+    ``model.max_length`` tokens.
 
     ConvSent records bring 2 edit responses, 2 held-out (outer) + 2 opposite (unlikely) responses and 1
-    locality input; the other tasks 1 edit input, 1 outer and 1 locality input.
+    locality input; the other tasks 1 edit input, 1 outer and 1 locality input. A summing editor's records
+    (``training.batch_size`` > 1, one edit each) share one pass only while their rows hold at most ``ONE_PASS_TOKENS``
+    tokens together, else run one after another (``objective.one_pass``): at once, at most one record's rows at full
+    length, or that many tokens.
     """
     convsent = "convsent" in config.data.tasks
-    return config.training.batch_size * (2 if convsent else 1), config.training.batch_size * (5 if convsent else 2)
+    edit_rows, kept_rows = (2, 5) if convsent else (1, 2)
+    records = float(config.training.batch_size)
+    if records > 1 and config.editor.aggregation == "sum" and config.training.n_edits == 1:
+        records = min(records, max(1.0, ONE_PASS_TOKENS / (kept_rows * config.model.max_length)))
+    return records * edit_rows, records * kept_rows
 
 
 def _edit_tensor_bytes(config: Config, editor: MENDEditor) -> int:
@@ -200,7 +209,7 @@ def _edit_tensor_bytes(config: Config, editor: MENDEditor) -> int:
         dim = ws[0].shape[0] + ws[0].shape[1]
         per_row = (config.editor.n_hidden + 1) * (3 * dim + min(config.editor.rank, dim)) + dim  # per layer: input, scaled, low-rank, output
         network += len(ws) * edit_rows * config.model.max_length * per_row * 4
-    return matrices + network
+    return int(matrices + network)
 
 
 def _activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> int:
@@ -219,7 +228,7 @@ def _activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> i
     scored = int(kept_rows * m.max_length * SCORED_SHARE)
     logits = scored * model.config.vocab_size * (b + 8)  # head output + float32 log-softmax kept for backward
     prefix = 4 * t.batch_size * m.max_length * 2 * hidden * b  # hidden entering the suffix + final hidden, per input
-    return blocks + logits + prefix
+    return int(blocks + logits + prefix)
 
 
 def markdown_table(paths: list[Path]) -> str:

@@ -59,6 +59,26 @@ def test_activation_checkpointing_lowers_the_activation_term() -> None:
     assert checkpointed.activations < plain.activations and checkpointed.peak < plain.peak
 
 
+def test_a_summing_editors_records_share_a_pass_only_while_their_rows_are_short() -> None:
+    """objective.one_pass: records run together while their rows hold at most ONE_PASS_TOKENS tokens, else one after
+    another, so at full length two ConvSent records hold what one does; short rows, or a least-squares editor's
+    records (not run so), hold twice what one does."""
+    from instructedit.objective import ONE_PASS_TOKENS
+
+    recipe = REPO / "configs" / "smollm2-135m" / "instructedit.yaml"  # summing, ConvSent among its tasks
+
+    def activations(*overrides: str) -> int:
+        return estimate_memory(load_config(recipe, ["training.grad_accumulation=1", *overrides])).activations
+
+    long = "model.max_length=160"  # a ConvSent record's 5 rows: 800 tokens at full length
+    short = f"model.max_length={ONE_PASS_TOKENS // 10}"  # two records' 10 rows: ONE_PASS_TOKENS tokens
+    one, two = activations(long, "training.batch_size=1"), activations(long, "training.batch_size=2")
+    assert one < two < 1.05 * one  # one record at a time (the second's hand-over states aside)
+    assert activations(short, "training.batch_size=2") == pytest.approx(2 * activations(short, "training.batch_size=1"), rel=1e-6)
+    least = ("editor.aggregation=least_squares", long)
+    assert activations(*least, "training.batch_size=2") == pytest.approx(2 * activations(*least, "training.batch_size=1"), rel=1e-6)
+
+
 @pytest.mark.parametrize("path", PRESETS, ids=[p.stem for p in PRESETS])
 def test_presets_are_estimated_offline_and_their_comment_is_current(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
