@@ -231,8 +231,11 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
     assert passes == []
     monkeypatch.setattr(runner, "prepare_cases", lambda *a, **k: rows.append(k["edit_rows"]) or prepare_cases(*a, **{**k, "edit_rows": 0}))
     own = evaluate(model, tokenizer, editor, records, POOL, 0, edit_rounds=2, **kwargs)
-    monkeypatch.setattr(runner, "prepare_cases", prepare_cases)
     assert rows == [1] and len(passes) >= len(records)  # the packing check's case may be edited twice
+    monkeypatch.setattr(runner, "prepare_cases", lambda *a, **k: rows.append(k["edit_rows"]) or prepare_cases(*a, **k))
+    evaluate(model, tokenizer, editor, records[:1], POOL, 0, edit_rounds=2, fast=False, **kwargs)
+    assert rows == [1, 0]  # edited in place, not from a probe pass: no edit row in its passes
+    monkeypatch.setattr(runner, "prepare_cases", prepare_cases)
     for a, b, c in zip(fast.cases, own.cases, again.cases):
         assert a.pre == pytest.approx(b.pre, abs=1e-5) and a.post == pytest.approx(b.post, abs=1e-5) and a.gen_post == b.gen_post
         assert (a.pre, a.post, a.gen_post) == (c.pre, c.post, c.gen_post)  # and the same run again: to the bit

@@ -426,14 +426,15 @@ def evaluate(
         editor.to(edited.device if edited is not None else device)
     max_length = max_length or max_input_length(model)
     collator = Collator(tokenizer, max_length, pool, convsent_pairs=convsent_pairs, answer_stop=answer_stop, edit_forms=edit_forms)
-    # an edit made in rounds is made from the case's edit input alone (``rounds_result``), which the probe pass passes too
-    # where it is one row (its state read from there); more rows would pass for nothing
-    cases, skipped = prepare_cases(collator, records, instruction, batch_size, device, edit_rows=None if edit_rounds == 1 else 1)
+    functional = editor if isinstance(editor, FunctionalEditor) else None  # scored on cached prefix states, weights never written
+    fast_path = fast and not sequential and functional is not None
+    # an edit made in rounds is made from the case's edit input alone (``rounds_result``), which the fast path's probe pass
+    # passes too where it is one row (its state read from there); more rows, or another path, would pass it for nothing
+    cases, skipped = prepare_cases(collator, records, instruction, batch_size, device,
+                                   edit_rows=None if edit_rounds == 1 else int(fast_path))
     if not cases:
         raise ValueError(f"none of the {len(records)} records fits max_length={max_length} tokens")
     earlier = _done_by_index(done, cases)
-    functional = editor if isinstance(editor, FunctionalEditor) else None  # scored on cached prefix states, weights never written
-    fast_path = fast and not sequential and functional is not None
     watch = [w.name for w in functional.weights] if functional is not None else []
     if sequential and not watch:  # unknown editor: restoring needs a copy of every parameter
         watch = [name for name, _ in model.named_parameters()]
