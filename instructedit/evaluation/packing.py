@@ -166,8 +166,10 @@ def score_functional(editor: FunctionalEditor, model: nn.Module, layout: Layout,
     exactly zero output gradient, so their tokens drop out of the gradient factors. ``keep_cache``:
     also returns the passes' keys and values (``KV``), from which ``case_seeds`` begins the
     generation protocol's answers. ``rounds`` > 1 (a learned editor): the edit is made from ``edit`` (the case's edit
-    batch) in that many rounds, as ``apply`` makes them (``editors.rounds.rounds_result``: written into the model and
-    rolled back bit for bit before the scoring), instead of once from the layout's edit rows.
+    batch) in that many rounds, as ``apply`` makes them (``editors.rounds.rounds_result``: each round with the rounds
+    before it added by hooks, or written into the model and rolled back bit for bit before the scoring), starting from
+    the edit row's state in the first chunk's pass where the layout begins with it (``_edit_state``), instead of once
+    from the layout's edit rows.
     """
     split = editor.split(model)
     if rounds > 1 and edit is None:

@@ -316,7 +316,7 @@ class SplitModel:
         block with the same arguments (checked on the model's first full pass: a causal mask, rotary embeddings;
         not so for an architecture whose blocks alternate attention kinds), and ``final_hidden`` is None."""
         final_out: list[torch.Tensor] = []
-        early = not final and cache is None and getattr(self.model, _SHARED_ARGS, {}).get(self.first_layer, False)
+        early = not final and cache is None and self._blocks_share_arguments()
 
         def stop(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             final_out.append(output)
@@ -351,13 +351,18 @@ class SplitModel:
         hidden, block_args = self.block_arguments(captured)
         return PrefixState(hidden=hidden, block_args=block_args, final_hidden=final_out[0], batch=batch)
 
+    def _blocks_share_arguments(self) -> bool:
+        """Whether this model is known to call every edited block with the same arguments (recorded by ``prefix`` on its
+        first pass without a cache)."""
+        return getattr(self.model, _SHARED_ARGS, {}).get(self.first_layer, False)
+
     def row_state(self, state: PrefixState, row: int, index: torch.Tensor, batch: TokenBatch) -> PrefixState | None:
         """What ``prefix(batch, final=False)`` gives for ``batch``, one row whose tokens are those at ``index`` of row ``row``
         of the pass ``state`` was taken on (the blocks below the edited ones saw the same tokens before each there: a row
         of a packed pass with its shared start, or a padded one): their hidden states, and the edited blocks' arguments
         for ``batch`` alone (``_row_arguments``). None where this model's edited blocks are not known to all take the
         same arguments (``prefix`` records it on a pass without a cache)."""
-        if not getattr(self.model, _SHARED_ARGS, {}).get(self.first_layer, False):
+        if not self._blocks_share_arguments():
             return None
         return PrefixState(hidden=state.hidden[row : row + 1, index], block_args=self._row_arguments(batch, None),
                            final_hidden=None, batch=batch)
