@@ -11,7 +11,11 @@ The terms follow what a training step keeps alive (training.py, objective.py, ed
 - **activations**: the edited blocks for every post-edit input (edit_outer and loc, plus ConvSent's
   unlikely responses) at ``max_length`` tokens — only the blocks' input with activation
   checkpointing — and vocabulary logits at the scored positions; the prefix runs without grad and
-  keeps only the hidden states entering the edited blocks;
+  keeps only the hidden states entering the edited blocks. A many-edit step (``training.n_edits`` > 1,
+  ``objective.many_edits_loss``) holds the larger of its edit pass (every edit input of a chunk through
+  the edited blocks with gradients, and their factors) and one packed piece of its scored inputs (more
+  pieces are recomputed in backward), plus every scored row's hand-over states; its MEND network keeps
+  its activations on every edit's key tokens;
 - **optimizer step**: temporaries of the Adam update (foreach on GPUs: one copy of every trainable
   tensor; per tensor on CPUs);
 - **runtime**: the CUDA context on a GPU; the interpreter with torch and transformers on a CPU.
@@ -36,7 +40,7 @@ from torch import nn
 from instructedit.config import DEFAULT_MODEL, Config, load_config
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
-from instructedit.objective import ONE_PASS_TOKENS
+from instructedit.objective import ONE_PASS_TOKENS, PACKED_ROW_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -181,18 +185,65 @@ def _rows(config: Config) -> tuple[float, float]:
     """(edit-input rows, post-edit rows kept for backward) of a micro-batch's records in memory at once, each row at
     ``model.max_length`` tokens.
 
-    ConvSent records bring 2 edit responses, 2 held-out (outer) + 2 opposite (unlikely) responses and 1
-    locality input; the other tasks 1 edit input, 1 outer and 1 locality input. A summing editor's records
+    Rows per record: ``_record_rows``; a many-edit step holds its ``training.n_edits`` records. A summing editor's records
     (``training.batch_size`` > 1, one edit each) share one pass only while their rows hold at most ``ONE_PASS_TOKENS``
     tokens together, else run one after another (``objective.one_pass``): at once, at most one record's rows at full
     length, or that many tokens.
     """
-    convsent = "convsent" in config.data.tasks
-    edit_rows, kept_rows = (2, 5) if convsent else (1, 2)
-    records = float(config.training.batch_size)
+    edit_rows, kept_rows = _record_rows(config)
+    records = float(config.training.batch_size * config.training.n_edits)
     if records > 1 and config.editor.aggregation == "sum" and config.training.n_edits == 1:
         records = min(records, max(1.0, ONE_PASS_TOKENS / (kept_rows * config.model.max_length)))
     return records * edit_rows, records * kept_rows
+
+
+def _record_rows(config: Config) -> tuple[float, float]:
+    """(edit-input rows, post-edit rows) of one record: ConvSent's 2 edit responses and 2 held-out + 2 opposite
+    responses + 1 locality input, the other tasks' 1 edit input and 1 outer + 1 locality input.
+
+    One record may be a ConvSent one: its rows. The ``training.n_edits`` records of a many-edit step are drawn from
+    the task mixture, so they bring its mean rows per record: with ``data.balance`` ConvSent is at most as large as
+    the largest other task, so at most half the records; without it, or with ConvSent oversampled, all may be."""
+    d = config.data
+    if "convsent" not in d.tasks:
+        return 1, 2
+    if config.training.n_edits == 1 or not d.balance or len(d.tasks) == 1 or d.oversample.get("convsent", 1) > 1:
+        return 2, 5
+    return 1.5, 3.5
+
+
+def _network_rows(config: Config) -> float:
+    """Rows (tokens, each at ``max_length`` per input) the MEND network runs on with its activations kept: every edit
+    token of the micro-batch; a least-squares editor with ``editor.ls_keys: answer`` only the scored share of them."""
+    edit_rows, _ = _rows(config)
+    answer_keys = config.editor.aggregation == "least_squares" and config.editor.ls_keys == "answer"
+    return edit_rows * config.model.max_length * (SCORED_SHARE if answer_keys else 1.0)
+
+
+def _many_edit_activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> int:
+    """``_activation_bytes`` of a many-edit step (``objective.many_edits_loss``, ``training.n_edits`` > 1).
+
+    The edit pass runs the edited blocks with gradients over one chunk of edit inputs at a time (least squares:
+    ``editor.chunk_edits``; a sum: all of them) and captures every token's factors; it is over before the scored inputs
+    run. Those run in packed pieces of at most ``PACKED_ROW_TOKENS`` tokens (``objective._pieces``): one piece keeps its
+    activations and logits, several are recomputed one at a time in backward, and every scored row keeps its hand-over
+    states (the hidden states entering the edited blocks and leaving the model)."""
+    m, n = config.model, config.training.n_edits
+    b = DTYPE_BYTES[m.dtype]
+    hidden = model.config.hidden_size
+    inner = max(max(w.shape) for w in editor.weights)
+    n_blocks = len(editor.split(model).suffix_indices)
+    per_token_block = (10 * hidden + 4 * inner) * b
+    edit_rows, kept_rows = _record_rows(config)
+    chunk = min(n, config.editor.chunk_edits) if config.editor.aggregation == "least_squares" else n
+    edit_tokens = chunk * edit_rows * m.max_length
+    factors = sum(w.shape[0] + w.shape[1] for w in editor.weights) * b  # u and δ of every edited weight, per token
+    edit_pass = edit_tokens * (n_blocks * per_token_block + factors)
+    scored_tokens = n * kept_rows * m.max_length
+    piece = min(scored_tokens, PACKED_ROW_TOKENS)
+    scored = piece * n_blocks * per_token_block + int(piece * SCORED_SHARE) * model.config.vocab_size * (b + 8)
+    hand_over = scored_tokens * 2 * hidden * b
+    return int(max(edit_pass, scored) + hand_over)
 
 
 def _edit_tensor_bytes(config: Config, editor: MENDEditor) -> int:
@@ -203,17 +254,18 @@ def _edit_tensor_bytes(config: Config, editor: MENDEditor) -> int:
     matrices = sum(sizes) * (4 + 4 + 2 * b) + max(sizes) * 8
     # every edit token up to the last target has a non-zero gradient (attention carries it back):
     # one row of width d_in + d_out per token and edited weight
-    edit_rows, _ = _rows(config)
     network = 0
     for ws in editor.groups.values():
         dim = ws[0].shape[0] + ws[0].shape[1]
         per_row = (config.editor.n_hidden + 1) * (3 * dim + min(config.editor.rank, dim)) + dim  # per layer: input, scaled, low-rank, output
-        network += len(ws) * edit_rows * config.model.max_length * per_row * 4
+        network += len(ws) * _network_rows(config) * per_row * 4
     return int(matrices + network)
 
 
 def _activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> int:
     """The edited blocks' activations kept for backward, the scored logits, the prefix's hand-over states."""
+    if config.training.n_edits > 1:
+        return _many_edit_activation_bytes(config, model, editor)
     m, t = config.model, config.training
     b = DTYPE_BYTES[m.dtype]
     hidden = model.config.hidden_size
