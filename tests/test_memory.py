@@ -132,8 +132,8 @@ def test_memory_command(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [None, "configs/smollm2-135m/least-squares.yaml"], ids=["default", "many-edit-recipe"])
 def test_estimate_within_30_percent_of_measured_peak_rss_on_the_default_model(config: str | None) -> None:
-    """The default config, and the recommended recipe (8 edits solved together per step: measured 1.93 GiB for 8 steps on
-    two threads; 1.43 / 2.22 / 3.02 GiB at 1 / 16 / 32 edits against estimates of 1.47 / 2.54 / 3.87)."""
+    """The default config, and the recommended recipe (8 edits solved together per step; at 1 / 8 / 16 / 32 edits,
+    estimated 1.47 / 1.87 / 2.54 / 3.87 GiB against 1.43 / 1.92 / 2.17 / 3.08 measured: benchmarks/results/memory-many-edit/)."""
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "bench_memory.py"), "--measure", "--steps", "3", *(["--config", config] if config else [])],
         capture_output=True, text=True, timeout=900, cwd=REPO,
