@@ -220,6 +220,13 @@ def _network_rows(config: Config) -> float:
     return edit_rows * config.model.max_length * (SCORED_SHARE if answer_keys else 1.0)
 
 
+def _edited_blocks_per_token(config: Config, model: nn.Module, editor: MENDEditor) -> int:
+    """What the edited blocks keep for backward per token: per block ~10 hidden-wide and 4 MLP-wide values."""
+    inner = max(max(w.shape) for w in editor.weights)  # the MLP width
+    n_blocks = len(editor.split(model).suffix_indices)
+    return (10 * model.config.hidden_size + 4 * inner) * DTYPE_BYTES[config.model.dtype] * n_blocks
+
+
 def _many_edit_activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> int:
     """``_activation_bytes`` of a many-edit step (``objective.many_edits_loss``, ``training.n_edits`` > 1).
 
@@ -231,17 +238,15 @@ def _many_edit_activation_bytes(config: Config, model: nn.Module, editor: MENDEd
     m, n = config.model, config.training.n_edits
     b = DTYPE_BYTES[m.dtype]
     hidden = model.config.hidden_size
-    inner = max(max(w.shape) for w in editor.weights)
-    n_blocks = len(editor.split(model).suffix_indices)
-    per_token_block = (10 * hidden + 4 * inner) * b
+    per_token = _edited_blocks_per_token(config, model, editor)
     edit_rows, kept_rows = _record_rows(config)
     chunk = min(n, config.editor.chunk_edits) if config.editor.aggregation == "least_squares" else n
     edit_tokens = chunk * edit_rows * m.max_length
     factors = sum(w.shape[0] + w.shape[1] for w in editor.weights) * b  # u and δ of every edited weight, per token
-    edit_pass = edit_tokens * (n_blocks * per_token_block + factors)
+    edit_pass = edit_tokens * (per_token + factors)
     scored_tokens = n * kept_rows * m.max_length
     piece = min(scored_tokens, PACKED_ROW_TOKENS)
-    scored = piece * n_blocks * per_token_block + int(piece * SCORED_SHARE) * model.config.vocab_size * (b + 8)
+    scored = piece * per_token + int(piece * SCORED_SHARE) * model.config.vocab_size * (b + 8)
     hand_over = scored_tokens * 2 * hidden * b
     return int(max(edit_pass, scored) + hand_over)
 
@@ -269,14 +274,12 @@ def _activation_bytes(config: Config, model: nn.Module, editor: MENDEditor) -> i
     m, t = config.model, config.training
     b = DTYPE_BYTES[m.dtype]
     hidden = model.config.hidden_size
-    inner = max(max(w.shape) for w in editor.weights)  # the MLP width
-    n_blocks = len(editor.split(model).suffix_indices)
     edit_rows, kept_rows = _rows(config)
-    per_token_block = (10 * hidden + 4 * inner) * b  # what one block keeps for backward, per token
+    per_token = _edited_blocks_per_token(config, model, editor)
     if t.activation_checkpointing:  # one input's suffix recomputed at a time; the (unchecked) edit pass is as large
-        blocks = edit_rows * m.max_length * n_blocks * per_token_block
+        blocks = edit_rows * m.max_length * per_token
     else:
-        blocks = kept_rows * m.max_length * n_blocks * per_token_block
+        blocks = kept_rows * m.max_length * per_token
     scored = int(kept_rows * m.max_length * SCORED_SHARE)
     logits = scored * model.config.vocab_size * (b + 8)  # head output + float32 log-softmax kept for backward
     prefix = 4 * t.batch_size * m.max_length * 2 * hidden * b  # hidden entering the suffix + final hidden, per input
