@@ -11,6 +11,7 @@ a least-squares editor can also be given a preservation sample (see ``commands/c
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -46,6 +47,18 @@ def one_round_scale(grid: Grid, rounds: int, weight: float | None, chosen: float
     if rounds == 1 or 1 not in grid or weight not in grid[1]:
         return 1.0
     return choose_scale(grid[1][weight], locality_floor) / chosen
+
+
+Cell = tuple[int, float | None, float]  # (rounds, preservation weight, multiplier)
+
+
+def near_floor(cells: dict[Cell, dict[str, Any]], chosen: Cell, locality_floor: float) -> list[Cell]:
+    """The cells that said more than ``chosen`` and missed the locality floor by at most one validation case's share
+    (1 / ``gen_n``): a choice one case could turn (``calibrate`` names them, most said first)."""
+    said = cells[chosen]["gen_reliability"]
+    near = [k for k, v in cells.items() if v.get("gen_n") and v["gen_reliability"] > said
+            and locality_floor - 1 / v["gen_n"] <= v["gen_locality"] < locality_floor]
+    return sorted(near, key=lambda k: -cells[k]["gen_reliability"])
 
 
 def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, checkpoint: str = "best", locality_floor: float = 0.9,
@@ -165,6 +178,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     chosen_rounds, chosen_weight, chosen = max(cells, key=lambda k: (selection_score(cells[k], locality_floor), -k[0], -k[2], k[1] or 0))
     per_scale = grid[chosen_rounds][chosen_weight]
     many_edit_scale = one_round_scale(grid, chosen_rounds, chosen_weight, chosen, locality_floor)
+    missed = near_floor(cells, (chosen_rounds, chosen_weight, chosen), locality_floor)
     if chosen_weight is not None:
         memory.text_weight = chosen_weight
     saved = json.loads((source / EDITOR_CONFIG).read_text())
@@ -176,7 +190,10 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                             "rounds": chosen_rounds, "many_edit_scale": many_edit_scale,
                             "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
                                                       for w, per in per_weight.items()} for r, per_weight in grid.items()},
-                            "locality_floor": locality_floor, "edit_forms": list(data.collator.edit_forms),
+                            "locality_floor": locality_floor,
+                            "near_floor": [{"rounds": r, "weight": w, "scale": sc, **{k: cells[r, w, sc][k] for k in ("gen_reliability", "gen_locality")}}
+                                           for r, w, sc in missed],
+                            "edit_forms": list(data.collator.edit_forms),
                             "answer_stop": data.collator.answer_stop, "records": described,
                             "preservation": None if editor.preservation is None else
                             {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
@@ -204,6 +221,12 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"
           f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''}"
           f"{f'; many edits (more than 16 in one call, or one after another) at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''})")
+    for r, w, sc in missed:  # one validation case from another choice
+        v = cells[r, w, sc]
+        print(f"note: {r} round{'s' if r != 1 else ''}{'' if w is None else f', preservation weight {w:g}'}, α × {sc:g} said more "
+              f"({v['gen_reliability']:.3f} against {cells[chosen_rounds, chosen_weight, chosen]['gen_reliability']:.3f}) and kept "
+              f"{v['gen_locality']:.3f}, within one of {v['gen_n']} validation cases of the {locality_floor:g} floor: another run "
+              f"of the same recipe may choose it; --locality-floor {math.floor(v['gen_locality'] * 100) / 100:g} would admit it")
 
 
 class PartialGrid:

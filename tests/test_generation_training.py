@@ -173,6 +173,22 @@ def test_choose_scale_prefers_reliability_above_the_locality_floor() -> None:
     assert choose_scale(tie, 0.9) == 1.0  # the smaller step on ties
 
 
+def test_calibration_names_the_cells_one_validation_case_from_the_floor() -> None:
+    """The recommended recipe retrained: four rounds at x1.5 said 0.835 and kept 169 of 188 (0.899), one case under the
+    0.9 floor, so three rounds (0.782 said) won; calibrate names such cells, most said first."""
+    from instructedit.calibration import near_floor
+
+    n = 188
+    cells = {(3, 1000.0, 1.5): {"gen_reliability": 0.782, "gen_locality": 173 / n, "gen_n": n},
+             (4, 1000.0, 1.5): {"gen_reliability": 0.835, "gen_locality": 169 / n, "gen_n": n},  # one case short
+             (4, 1000.0, 2.0): {"gen_reliability": 0.899, "gen_locality": 163 / n, "gen_n": n},  # seven short
+             (2, 1000.0, 2.0): {"gen_reliability": 0.761, "gen_locality": 169 / n, "gen_n": n},  # one short, says less
+             (1, 1000.0, 3.0): {"gen_reliability": 0.900, "gen_locality": 0.9 - 0.5 / n, "gen_n": n},  # half a case short
+             (1, 1000.0, 4.0): {"gen_reliability": 0.950, "gen_locality": 0.5, "gen_n": 0}}  # scored nothing
+    assert near_floor(cells, (3, 1000.0, 1.5), 0.9) == [(1, 1000.0, 3.0), (4, 1000.0, 1.5)]
+    assert near_floor(cells, (3, 1000.0, 1.5), 0.89) == []  # at or above the floor they are admitted, not near it
+
+
 def test_scaled_step_sizes_restore_bitwise(tiny_llama_dir: Path) -> None:
     from instructedit.editors.base import scaled_step_sizes
     from instructedit.editors.registry import build_editor
