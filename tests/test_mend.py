@@ -103,6 +103,48 @@ def test_identity_initialized_network_returns_its_input(tiny_model_dir: Path) ->
         assert torch.equal(h, x), key
 
 
+def test_network_in_place_equals_autograd_path_bit_for_bit(tiny_model_dir: Path) -> None:
+    """An edit runs the network without gradients in place (``GradientTransform.forward_in_place``): the same bits as
+    ``forward`` on the concatenated rows, for a trained-looking network (random A, scales, shifts, statistics), modes of
+    unequal and zero row counts, and both with and without statistics (fewer than two rows seen)."""
+    model, _, _, weights, batch = _setup(tiny_model_dir)
+    torch.manual_seed(0)
+    editor = MENDEditor(weights, EditorConfig(rank=8)).eval()
+    for key, transform in editor.transforms.items():
+        for seen in (0, 50):
+            if seen:
+                transform.norm_u.update(torch.randn(seen, transform.d_in) * 3 + 1)
+                transform.norm_delta.update(torch.randn(seen, transform.d_out) * 1e-3)
+            with torch.no_grad():
+                for layer in transform.layers:
+                    for p in (layer.A, layer.bias, layer.shift):
+                        p.normal_(0, 0.3)
+                    layer.scale.normal_(1, 0.2)
+            n_modes = transform.layers[0].scale.shape[0]
+            counts = [(7, 0, 3)[i % 3] for i in range(n_modes)]
+            us = [torch.randn(c, transform.d_in) for c in counts]
+            deltas = [torch.randn(c, transform.d_out) * 1e-3 for c in counts]
+            mode = torch.repeat_interleave(torch.arange(n_modes), torch.tensor(counts))
+            with torch.no_grad():
+                expected = transform(torch.cat(us), torch.cat(deltas), mode)
+                got = transform.forward_in_place(us, deltas)
+            for e, g in zip(expected, got):
+                assert g.shape == e.shape and torch.equal(g, e), (key, seen)
+                assert not torch.equal(e, torch.cat(us if e.shape[1] == transform.d_in else deltas)), key  # not the identity
+    # and through an edit: network_outputs takes the in-place path without gradients in eval mode
+    factors = editor.edit_factors(editor.split(model), batch)[0]
+    with torch.no_grad():
+        fast = {w.name: (u_t, d_t) for _, w, _, u_t, d_t in editor.network_outputs(factors)}
+    for key, ws in editor.groups.items():
+        transform = editor.transforms[key]
+        counts = [factors[w.name].u.shape[0] for w in ws]
+        mode = torch.repeat_interleave(torch.arange(len(ws)), torch.tensor(counts))
+        with torch.no_grad():
+            u_t, d_t = transform(torch.cat([factors[w.name].u for w in ws]), torch.cat([factors[w.name].delta for w in ws]), mode)
+        for w, u_w, d_w in zip(ws, u_t.split(counts), d_t.split(counts)):
+            assert torch.equal(fast[w.name][0], u_w) and torch.equal(fast[w.name][1], d_w), w.name
+
+
 def test_fresh_editor_update_is_alpha_times_gradient(tiny_model_dir: Path) -> None:
     """With identity network and untouched statistics (mean 0, no std), the update is α ∇W."""
     model, _, _, weights, batch = _setup(tiny_model_dir)
