@@ -28,6 +28,15 @@ def _setup(model_dir: Path, last_n: int = 2):
     return model, tok, spec, weights, batch
 
 
+def test_factors_select_keeps_all_without_a_copy() -> None:
+    from instructedit.editors.hooks import Factors
+
+    f = Factors(torch.randn(4, 3), torch.randn(4, 5), torch.zeros(4, dtype=torch.long), torch.arange(4))
+    assert f.select(torch.ones(4, dtype=torch.bool)) is f
+    some = f.select(torch.tensor([True, False, True, False]))
+    assert torch.equal(some.u, f.u[[0, 2]]) and torch.equal(some.delta, f.delta[[0, 2]]) and some.positions.tolist() == [0, 2]
+
+
 def test_factors_reproduce_autograd_gradient(tiny_model_dir: Path) -> None:
     model, _, _, weights, batch = _setup(tiny_model_dir)
     for w in weights:

@@ -27,7 +27,10 @@ class Factors:
     positions: torch.Tensor | None = None  # (n_tokens,): its position in that row
 
     def select(self, keep: torch.Tensor) -> Factors:
-        """The tokens where ``keep`` (n_tokens,) is true, every field alike."""
+        """The tokens where ``keep`` (n_tokens,) is true, every field alike; ``self`` where every token is kept (no copy:
+        nothing changes a factor in place; an edit's lower edited blocks keep all their tokens)."""
+        if bool(keep.all()):
+            return self
         return Factors(self.u[keep], self.delta[keep], None if self.rows is None else self.rows[keep],
                        None if self.positions is None else self.positions[keep])
 
