@@ -1,6 +1,7 @@
 """The three-form-trained editor with each edit in up to four rounds (this folder) against the same recipe's editor of
 2026-12-05 with each edit in one round (``..``), case by case on the whole held-out ZsRE file (n = 1,037) and on the
-CounterFact test split (n = 143); writes paired.json beside this script.
+CounterFact test split (n = 143); and, on ZsRE 0-299, the same editor with the chat edit's answer ending the assistant's
+turn (``--answer-stop newline+turn``) against a newline; writes paired.json beside this script.
 
 The one-round editor's ZsRE report is in two parts (cases 0-299 of the held-out file, and 300-1036 evaluated from a copy
 of them, ``zsre-300-1037.json``): they are joined, the second part's sources named as in the whole file.
@@ -41,6 +42,15 @@ def main() -> None:
         for metric, v in entry.items():
             print(f"{task} {metric} ({v['protocol']}, n={v['n']}): one round {100 * v[LABELS[0]]:.1f}, rounds {100 * v[LABELS[1]]:.1f}, "
                   f"difference {100 * v['rounds_minus_one_round']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]")
+    # the chat edit's answer ending the assistant's turn (newline+turn) against a newline, both 3 rounds at x2: cases 0-299
+    newline = read_json(HERE / "zsre-all-three-r3.json.gz")
+    newline = {"cases": newline["cases"][:300]}
+    entry = paired_differences(newline, read_json(HERE / "zsre-0-300-three-turn-r3.json.gz"), METRICS, labels=("newline", "newline_turn"),
+                               difference="turn_minus_newline")
+    out["zsre_0_299_answer_stop"] = entry
+    for metric, v in entry.items():
+        print(f"zsre 0-299 {metric} ({v['protocol']}, n={v['n']}): newline {100 * v['newline']:.1f}, newline+turn {100 * v['newline_turn']:.1f}, "
+              f"difference {100 * v['turn_minus_newline']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]")
     write_json(HERE / "paired.json", out)
 
 
