@@ -97,7 +97,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     from instructedit.api import query_setup
     from instructedit.config import check_edit_forms, load_config
     from instructedit.editors.base import scaled_step_sizes
-    from instructedit.editors.learned import check_edit_rounds
+    from instructedit.editors.learned import check_edit_rounds, undone_rounds_counted
     from instructedit.editors.mend import MENDEditor
     from instructedit.evaluation.generation_check import generation_scores, selection_score
     from instructedit.models.loading import load_model, resolve_device
@@ -169,8 +169,12 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                 grid[r][weight] = kept[r, weight]
                 print(f"  scored before the run was interrupted: kept from {partial.path}")
                 continue
-            grid[r][weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales,
-                                                progress=progress, intervals=True, rounds=r)
+            with undone_rounds_counted() as undone:
+                grid[r][weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales,
+                                                    progress=progress, intervals=True, rounds=r)
+            if undone.edits:
+                print(f"  {undone.edits} edit{'s' if undone.edits != 1 else ''} had a round undone (it raised the edits' loss): "
+                      "made in fewer rounds")
             partial.save(kept | {(rr, w): per for rr, per_weight in grid.items() for w, per in per_weight.items()})
     cells = {(r, w, sc): v for r, per_weight in grid.items() for w, per in per_weight.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie fewer rounds, then the smaller multiplier, then the larger

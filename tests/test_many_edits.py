@@ -299,6 +299,11 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
         assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
         assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())  # the rounds kept, bit for bit
     caplog.clear()
+    from instructedit.editors.learned import undone_rounds_counted
+
+    with undone_rounds_counted() as undone, editor.apply(model, batch, rounds=4) as handle:  # a run of many edits: counted, not warned
+        assert handle.rounds_made == rose - 1 and undone.edits == 1 and "raised the edits' loss" not in caplog.text
+    caplog.clear()
     with editor.apply(model, batch, rounds=rose) as handle:  # the round that raised it is the last: checked all the same
         assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
         assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())

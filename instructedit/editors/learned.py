@@ -38,6 +38,28 @@ from instructedit.records import TokenBatch
 from instructedit.runs import EDITOR_CONFIG, EDITOR_WEIGHTS
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class UndoneRounds:
+    """What ``undone_rounds_counted`` counts: the ``apply`` calls that undid a round (it raised the edits' loss)."""
+
+    edits: int = 0
+
+
+_COUNTING: list[UndoneRounds] = []  # the innermost active count takes what ``apply`` would otherwise warn of, one by one
+
+
+@contextlib.contextmanager
+def undone_rounds_counted() -> Iterator[UndoneRounds]:
+    """Within: an ``apply`` that undoes a round counts it here (logged at DEBUG) instead of warning; for runs of many edits
+    (``calibrate``, ``evaluate``), which then say how many in one line. Outside, each such edit warns (the API, one edit)."""
+    count = UndoneRounds()
+    _COUNTING.append(count)
+    try:
+        yield count
+    finally:
+        _COUNTING.remove(count)
 CONFIG_NAME, WEIGHTS_NAME = EDITOR_CONFIG, EDITOR_WEIGHTS  # the names older modules import from editors/mend.py
 
 E = TypeVar("E", bound="LearnedEditor")
@@ -206,9 +228,12 @@ class LearnedEditor(nn.Module):
                         if float(after) <= limit:  # NaN compares False: undone
                             return False
                         made.drop_last()
-                        logger.warning("edit round %d raised the edits' loss from %.4g to %.4g%s: undone, the edits are made in "
-                                       "%d round(s) of %d", made.rounds_made + 1, float(before), float(after),
-                                       f", above the {limit:.4g} before the call" if anchored else "", made.rounds_made, rounds)
+                        if _COUNTING:
+                            _COUNTING[-1].edits += 1
+                        (logger.debug if _COUNTING else logger.warning)(
+                            "edit round %d raised the edits' loss from %.4g to %.4g%s: undone, the edits are made in %d round(s) of %d",
+                            made.rounds_made + 1, float(before), float(after),
+                            f", above the {limit:.4g} before the call" if anchored else "", made.rounds_made, rounds)
                         return True
 
                     originals = made.handle.originals() if anchored else None
