@@ -60,6 +60,8 @@ def undone_rounds_counted() -> Iterator[UndoneRounds]:
         yield count
     finally:
         _COUNTING.remove(count)
+
+
 CONFIG_NAME, WEIGHTS_NAME = EDITOR_CONFIG, EDITOR_WEIGHTS  # the names older modules import from editors/mend.py
 
 E = TypeVar("E", bound="LearnedEditor")
