@@ -173,8 +173,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                 grid[r][weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales,
                                                     progress=progress, intervals=True, rounds=r)
             if undone.edits:
-                print(f"  {undone.edits} edit{'s' if undone.edits != 1 else ''} had a round undone (it raised the edits' loss): "
-                      "made in fewer rounds")
+                print(f"  {undone}")
             partial.save(kept | {(rr, w): per for rr, per_weight in grid.items() for w, per in per_weight.items()})
     cells = {(r, w, sc): v for r, per_weight in grid.items() for w, per in per_weight.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie fewer rounds, then the smaller multiplier, then the larger

@@ -267,7 +267,8 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
         evaluate(model, tokenizer, object(), records, POOL, 0, edit_rounds=2, **kwargs)
 
 
-def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_model_dir: Path, caplog: pytest.LogCaptureFixture,
+                                                                          tmp_path: Path) -> None:
     """Rounds that overshoot (step sizes far too large) raise the edits' own loss: the round that did is undone and the
     rounds stop, with a warning; the weights are those of the rounds kept, the handle says how many, rollback is bitwise."""
     model, tokenizer, editor, collator = _setup(tiny_model_dir)
@@ -316,6 +317,17 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
             assert torch.equal(new, states[rose - 2][name])
             shift = new.float() - before[name].float()
             assert torch.allclose(result.updates[name], shift, atol=1e-5 * float(shift.abs().max()))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    from instructedit.evaluation.cache import evaluate_resuming
+    from instructedit.evaluation.report import EvalSettings
+
+    caplog.clear()  # an evaluation of such edits says how many had a round undone in one warning, not one per edit
+    records = many_records(3)
+    evaluate_resuming(tmp_path / "rounds.json", model, tokenizer, editor, records, POOL, 0, EvalSettings(task="zsre", method="mend"),
+                      edit_rounds=4, progress=False, protocol="teacher_forced", answer_stop="newline")
+    summary = [r.getMessage() for r in caplog.records if "had a round undone" in r.getMessage()]
+    assert len(summary) == 1 and summary[0].startswith(f"{tmp_path / 'rounds.json'}: ") and "raised the edits' loss from" not in caplog.text
+    assert 1 <= int(summary[0].split(": ", 1)[1].split()[0]) <= len(records) + 1  # the packing check may edit the first case twice
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     from instructedit.commands.analyze_edits import _line  # what analyze batch prints of such a call, with a sample weight too
 

@@ -17,7 +17,7 @@ from instructedit.commands.common import (
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
-from instructedit.editors.learned import check_edit_rounds, undone_rounds_counted
+from instructedit.editors.learned import check_edit_rounds
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES
@@ -212,13 +212,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     # written to --output as it ends (the loader's skips beside the runner's); meanwhile every finished case is kept in
     # FILE.partial.jsonl, from which a rerun resumes
-    with undone_rounds_counted() as undone:  # one line at the end, not a warning per edit
-        report = evaluate_resuming(output, model, tokenizer, editor, records, pool, instruction, settings, restart=args.restart,
-                                   load_skipped=load_skipped, batch_size=args.batch_size, sequential=args.sequential,
-                                   progress=not args.no_progress, protocol=args.protocol, answer_stop=answer_stop, edit_forms=edit_forms,
-                                   queries=forms, generation_batch_size=args.generation_batch_size, judge=judge, memory=memory,
-                                   edit_rounds=edit_rounds,
-                                   step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
+    report = evaluate_resuming(output, model, tokenizer, editor, records, pool, instruction, settings, restart=args.restart,
+                               load_skipped=load_skipped, batch_size=args.batch_size, sequential=args.sequential,
+                               progress=not args.no_progress, protocol=args.protocol, answer_stop=answer_stop, edit_forms=edit_forms,
+                               queries=forms, generation_batch_size=args.generation_batch_size, judge=judge, memory=memory,
+                               edit_rounds=edit_rounds,
+                               step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
     markdown = write_markdown([report], markdown_path)
     resumed = int(report.timing.get("resumed_cases", 0))
     speed = f"{report.timing['cases_per_s']:.2f} cases/s" + (f" over the {len(report.cases) - resumed} scored now, {resumed} resumed "
@@ -238,8 +237,5 @@ def run_evaluate(args: argparse.Namespace) -> int:
         print(f"{len(refused)} of {len(report.cases)} sequential edits not kept (each would have moved a weight more than "
               f"{report.settings.outlier_factor:g}× the median change of the edits before it): {', '.join(refused[:10])}"
               f"{', ...' if len(refused) > 10 else ''}")
-    if undone.edits:
-        print(f"{undone.edits} edit{'s' if undone.edits != 1 else ''} had a round undone (it raised the edits' loss): made in "
-              f"fewer rounds than {edit_rounds}")
     print(f"wrote {output} and {markdown}")
     return 0

@@ -46,6 +46,9 @@ class UndoneRounds:
 
     edits: int = 0
 
+    def __str__(self) -> str:
+        return f"{self.edits} edit{'s' if self.edits != 1 else ''} had a round undone (it raised the edits' loss): made in fewer rounds"
+
 
 _COUNTING: list[UndoneRounds] = []  # the innermost active count takes what ``apply`` would otherwise warn of, one by one
 
@@ -53,7 +56,8 @@ _COUNTING: list[UndoneRounds] = []  # the innermost active count takes what ``ap
 @contextlib.contextmanager
 def undone_rounds_counted() -> Iterator[UndoneRounds]:
     """Within: an ``apply`` that undoes a round counts it here (logged at DEBUG) instead of warning; for runs of many edits
-    (``calibrate``, ``evaluate``), which then say how many in one line. Outside, each such edit warns (the API, one edit)."""
+    (``calibrate``, ``evaluation.cache.evaluate_resuming``), which then say how many in one line (``str`` of the count).
+    Outside, each such edit warns (the API, one edit)."""
     count = UndoneRounds()
     _COUNTING.append(count)
     try:

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from instructedit.editors.base import OUTLIER_FACTOR, Editor
+from instructedit.editors.learned import undone_rounds_counted
 from instructedit.evaluation.report import CaseResult, EvalReport, EvalSettings, SequentialPoint, load_report_json, write_report_json
 from instructedit.evaluation.runner import evaluate
 from instructedit.io import append_jsonl, atomic_write, json_stem
@@ -184,8 +185,11 @@ def evaluate_resuming(path: str | Path, model: nn.Module, tokenizer: Any, editor
         logger.info("%s: resuming an interrupted evaluation, %d of %d records already scored (%s)%s", path, len(done), len(records),
                     partial.path, again)
     curve = dict(done_points=partial.points, on_point=partial.append_point) if options.get("sequential") else {}
-    report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, done=done, on_results=partial.append,
-                      **curve, **options)
+    with undone_rounds_counted() as undone:  # one line for the run, not a warning per edit
+        report = evaluate(model, tokenizer, editor, records, pool, instruction, settings=settings, done=done, on_results=partial.append,
+                          **curve, **options)
+    if undone.edits:
+        logger.warning("%s: %s", path, undone)
     report.skipped = [*load_skipped, *report.skipped]
     write_report_json(report, path)
     partial.remove()
