@@ -32,27 +32,27 @@ def joined_zsre() -> dict:
     return {"cases": first["cases"] + renamed}
 
 
-def main() -> None:
-    pairs = {"zsre": (joined_zsre(), read_json(HERE / "zsre-all-three-r3.json.gz")),
-             "counterfact": (read_json(ONE_ROUND / "counterfact-test.json.gz"), read_json(HERE / "counterfact-test-three-r3.json.gz"))}
-    out: dict = {}
-    for task, (one, rounds) in pairs.items():
-        entry = paired_differences(one, rounds, METRICS, labels=LABELS, difference="rounds_minus_one_round")
-        out[task] = entry
-        for metric, v in entry.items():
-            print(f"{task} {metric} ({v['protocol']}, n={v['n']}): one round {100 * v[LABELS[0]]:.1f}, rounds {100 * v[LABELS[1]]:.1f}, "
-                  f"difference {100 * v['rounds_minus_one_round']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]")
-    # the chat edit's answer ending the assistant's turn (newline+turn) against a newline, both 3 rounds at x2: cases 0-299
-    newline = read_json(HERE / "zsre-all-three-r3.json.gz")
-    newline = {"cases": newline["cases"][:300]}
-    entry = paired_differences(newline, read_json(HERE / "zsre-0-300-three-turn-r3.json.gz"), METRICS, labels=("newline", "newline_turn"),
-                               difference="turn_minus_newline")
-    out["zsre_0_299_answer_stop"] = entry
+def compared(title: str, a: dict, b: dict, labels: tuple[str, str], difference: str) -> dict:
+    """``paired_differences`` of two reports of the same cases, each metric printed as one line under ``title``."""
+    entry = paired_differences(a, b, METRICS, labels=labels, difference=difference)
     for metric, v in entry.items():
-        print(f"zsre 0-299 {metric} ({v['protocol']}, n={v['n']}): newline {100 * v['newline']:.1f}, newline+turn {100 * v['newline_turn']:.1f}, "
-              f"difference {100 * v['turn_minus_newline']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]")
-    write_json(HERE / "paired.json", out)
+        print(f"{title} {metric} ({v['protocol']}, n={v['n']}): {labels[0]} {100 * v[labels[0]]:.1f}, {labels[1]} {100 * v[labels[1]]:.1f}, "
+              f"difference {100 * v[difference]:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]")
+    return entry
 
+
+def main() -> None:
+    rounds_zsre = read_json(HERE / "zsre-all-three-r3.json.gz")
+    out = {
+        "zsre": compared("zsre", joined_zsre(), rounds_zsre, LABELS, "rounds_minus_one_round"),
+        "counterfact": compared("counterfact", read_json(ONE_ROUND / "counterfact-test.json.gz"),
+                                read_json(HERE / "counterfact-test-three-r3.json.gz"), LABELS, "rounds_minus_one_round"),
+        # the chat edit's answer ending the assistant's turn (newline+turn) against a newline, both 3 rounds at x2: cases 0-299
+        "zsre_0_299_answer_stop": compared("zsre 0-299", {"cases": rounds_zsre["cases"][:300]},
+                                           read_json(HERE / "zsre-0-300-three-turn-r3.json.gz"), ("newline", "newline_turn"),
+                                           "turn_minus_newline"),
+    }
+    write_json(HERE / "paired.json", out)
 
 if __name__ == "__main__":
     main()
