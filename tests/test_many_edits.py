@@ -305,6 +305,20 @@ def test_a_round_that_raises_the_edits_loss_is_undone_and_the_rounds_stop(tiny_m
     with undone_rounds_counted() as undone, editor.apply(model, batch, rounds=4) as handle:  # a run of many edits: counted, not warned
         assert handle.rounds_made == rose - 1 and undone.edits == 1 and "raised the edits' loss" not in caplog.text
     caplog.clear()
+    import threading
+
+    made: list[int] = []
+
+    def apply_elsewhere() -> None:  # another thread's edit while this one counts: it warns, this count does not take it
+        with editor.apply(model, batch, rounds=4) as handle:
+            made.append(handle.rounds_made)
+
+    with undone_rounds_counted() as undone:
+        thread = threading.Thread(target=apply_elsewhere)
+        thread.start()
+        thread.join()
+    assert made == [rose - 1] and undone.edits == 0 and f"edit round {rose} raised the edits' loss" in caplog.text
+    caplog.clear()
     with editor.apply(model, batch, rounds=rose) as handle:  # the round that raised it is the last: checked all the same
         assert handle.rounds_made == rose - 1 and f"edit round {rose} raised the edits' loss" in caplog.text
         assert all(torch.equal(states[rose - 2][k], v) for k, v in model.state_dict().items())

@@ -11,6 +11,7 @@ and implements ``edit(model, batch, state) -> EditResult`` (functional: the mode
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import logging
@@ -50,20 +51,23 @@ class UndoneRounds:
         return f"{self.edits} edit{'s' if self.edits != 1 else ''} had a round undone (it raised the edits' loss): made in fewer rounds"
 
 
-_COUNTING: list[UndoneRounds] = []  # the innermost active count takes what ``apply`` would otherwise warn of, one by one
+# The counts active in this thread (a context variable: another thread's edits are not counted here); the innermost
+# takes what ``apply`` would otherwise warn of, one by one
+_COUNTING: contextvars.ContextVar[tuple[UndoneRounds, ...]] = contextvars.ContextVar("instructedit_undone_rounds", default=())
 
 
 @contextlib.contextmanager
 def undone_rounds_counted() -> Iterator[UndoneRounds]:
     """Within: an ``apply`` that undoes a round counts it here (logged at DEBUG) instead of warning; for runs of many edits
     (``calibrate``, ``evaluation.cache.evaluate_resuming``), which then say how many in one line (``str`` of the count).
-    Outside, each such edit warns (the API, one edit)."""
+    Outside, each such edit warns (the API, one edit). The count is this thread's: an edit another thread makes meanwhile
+    warns as usual."""
     count = UndoneRounds()
-    _COUNTING.append(count)
+    token = _COUNTING.set((*_COUNTING.get(), count))
     try:
         yield count
     finally:
-        _COUNTING.remove(count)
+        _COUNTING.reset(token)
 
 
 CONFIG_NAME, WEIGHTS_NAME = EDITOR_CONFIG, EDITOR_WEIGHTS  # the names older modules import from editors/mend.py
@@ -234,9 +238,10 @@ class LearnedEditor(nn.Module):
                         if float(after) <= limit:  # NaN compares False: undone
                             return False
                         made.drop_last()
-                        if _COUNTING:
-                            _COUNTING[-1].edits += 1
-                        (logger.debug if _COUNTING else logger.warning)(
+                        counting = _COUNTING.get()
+                        if counting:
+                            counting[-1].edits += 1
+                        (logger.debug if counting else logger.warning)(
                             "edit round %d raised the edits' loss from %.4g to %.4g%s: undone, the edits are made in %d round(s) of %d",
                             made.rounds_made + 1, float(before), float(after),
                             f", above the {limit:.4g} before the call" if anchored else "", made.rounds_made, rounds)
