@@ -1,7 +1,8 @@
-"""The recommended (wrapped-only) editor with every edit made in the three forms and in rounds (this folder), case by case
-against the editor meta-trained for the three forms, in rounds (``../trained-three-loss/more-rounds/``), and against the
-recommended editor as it is used by default (wrapped only, four rounds: ``../../edit-rounds/more-rounds/``), on the whole
-held-out ZsRE file (n = 1,037) and CounterFact's test split (n = 143); writes paired.json beside this script.
+"""The recommended (wrapped-only) run with every edit made in the three forms and in four rounds (this folder: at ×1.25,
+the 0.9 locality floor's choice, and at ×1, the 0.93 floor's), case by case against the editor meta-trained for the three
+forms, in rounds (``../trained-three-loss/more-rounds/``), and against the recommended editor as it is used by default
+(wrapped only, four rounds: ``../../edit-rounds/more-rounds/``), on the whole held-out ZsRE file (n = 1,037) and
+CounterFact's test split (n = 143); writes paired.json beside this script.
 
     .venv/bin/python results/analysis/plain-edit-row/more-rounds/compare.py
 """
@@ -31,12 +32,18 @@ def compared(title: str, a: dict, b: dict, labels: tuple[str, str]) -> dict:
 
 def main() -> None:
     ours = {"zsre": read_json(HERE / "zsre-all-three-at-use.json.gz"), "counterfact": read_json(HERE / "counterfact-test-three-at-use.json.gz")}
+    floor93 = {"zsre": read_json(HERE / "zsre-all-three-at-use-floor93.json.gz"),
+               "counterfact": read_json(HERE / "counterfact-test-three-at-use-floor93.json.gz")}
     trained = {"zsre": read_json(TRAINED / "zsre-all-three-r3.json.gz"), "counterfact": read_json(TRAINED / "counterfact-test-three-r3.json.gz")}
     wrapped = {"zsre": read_json(WRAPPED / "zsre-all-r4.json.gz"), "counterfact": read_json(WRAPPED / "counterfact-r4.json.gz")}
-    out = {f"{task}_vs_trained_three_forms": compared(f"{task} vs trained three-form", trained[task], ours[task],
-                                                      ("trained_three_forms", "three_forms_at_use")) for task in ours}
-    out |= {f"{task}_vs_wrapped_only": compared(f"{task} vs wrapped only", wrapped[task], ours[task], ("wrapped_only", "three_forms_at_use"))
-            for task in ours}
+    out = {}
+    for task in ours:
+        out[f"{task}_vs_trained_three_forms"] = compared(f"{task} vs trained three-form", trained[task], ours[task],
+                                                         ("trained_three_forms", "three_forms_at_use"))
+        out[f"{task}_vs_wrapped_only"] = compared(f"{task} vs wrapped only", wrapped[task], ours[task], ("wrapped_only", "three_forms_at_use"))
+        out[f"{task}_x1_vs_trained_three_forms"] = compared(f"{task} x1 vs trained three-form", trained[task], floor93[task],
+                                                            ("trained_three_forms", "three_forms_at_use_x1"))
+        out[f"{task}_x1_vs_x1.25"] = compared(f"{task} x1 vs x1.25", ours[task], floor93[task], ("three_forms_at_use", "three_forms_at_use_x1"))
     write_json(HERE / "paired.json", out)
 
 
