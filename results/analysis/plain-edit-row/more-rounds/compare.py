@@ -30,12 +30,16 @@ def compared(title: str, a: dict, b: dict, labels: tuple[str, str]) -> dict:
     return entry
 
 
+def reports(folder: Path, zsre: str, counterfact: str) -> dict[str, dict]:
+    """An editor's two reports in ``folder``, by task."""
+    return {"zsre": read_json(folder / zsre), "counterfact": read_json(folder / counterfact)}
+
+
 def main() -> None:
-    ours = {"zsre": read_json(HERE / "zsre-all-three-at-use.json.gz"), "counterfact": read_json(HERE / "counterfact-test-three-at-use.json.gz")}
-    floor93 = {"zsre": read_json(HERE / "zsre-all-three-at-use-floor93.json.gz"),
-               "counterfact": read_json(HERE / "counterfact-test-three-at-use-floor93.json.gz")}
-    trained = {"zsre": read_json(TRAINED / "zsre-all-three-r3.json.gz"), "counterfact": read_json(TRAINED / "counterfact-test-three-r3.json.gz")}
-    wrapped = {"zsre": read_json(WRAPPED / "zsre-all-r4.json.gz"), "counterfact": read_json(WRAPPED / "counterfact-r4.json.gz")}
+    ours = reports(HERE, "zsre-all-three-at-use.json.gz", "counterfact-test-three-at-use.json.gz")
+    floor93 = reports(HERE, "zsre-all-three-at-use-floor93.json.gz", "counterfact-test-three-at-use-floor93.json.gz")
+    trained = reports(TRAINED, "zsre-all-three-r3.json.gz", "counterfact-test-three-r3.json.gz")
+    wrapped = reports(WRAPPED, "zsre-all-r4.json.gz", "counterfact-r4.json.gz")
     out = {}
     for task in ours:
         out[f"{task}_vs_trained_three_forms"] = compared(f"{task} vs trained three-form", trained[task], ours[task],
