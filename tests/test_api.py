@@ -276,6 +276,10 @@ def test_edit_command_asks_the_chat_question_and_makes_the_edit_in_the_editors_f
 
     assert set(STOP_WORDS) == set(ANSWER_STOPS)  # every stop an editor can carry is said in words
     assert out.index("plain prompt:") < out.index("chat question (user turn):") < out.index("top-5 next tokens")
+    args = parser().parse_args(["edit", "--editor", str(editor_dir), "--prompt", "The capital of France is", "--target", "Rome",
+                                "--max-new-tokens", "4", "--device", "cpu", "--answer-stop", "newline+turn"])
+    assert args.func(args) == 0  # the answer stop asked for replaces the saved one
+    assert f"(made in the forms wrapped + chat, solved together; {STOP_WORDS['newline+turn']})" in capsys.readouterr().out
     config["queries"]["edit_forms"] = ["wrapped", "shouted"]  # a bad saved setup is named, file and field
     (editor_dir / "editor_config.json").write_text(json.dumps(config))
     from instructedit.api import load_editor

@@ -12,6 +12,7 @@ from instructedit.commands.common import (
     add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments,
     key_memory_from_arguments, load_editor_and_model,
 )
+from instructedit.config import ANSWER_STOPS
 from instructedit.records import SENTIMENTS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,16 @@ EDIT_KEYS = ("prompt", "target", "task", "subject", "rephrase", "label", "topic"
 STOP_WORDS = {"none": "no stop after the answer", "newline": "each answer ending with a newline", "eos": "each answer ending with EOS",
               "newline+turn": "the wrapped and bare answers ending with a newline, the chat answer with the end of the turn",
               "newline+end": "the wrapped and bare answers ending with a newline and EOS, the chat answer with the end of the turn"}
+
+
+def _loaded(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
+    """(editor, model, tokenizer, model name) as the arguments ask, the editor making its edits with ``--answer-stop`` if given."""
+    from instructedit.models.loading import resolve_device
+
+    editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
+    if args.answer_stop is not None:
+        editor.answer_stop = args.answer_stop
+    return editor, model, tok, model_name
 
 
 def add_edit_parser(subparsers: Any) -> None:
@@ -49,6 +60,10 @@ def add_edit_parser(subparsers: Any) -> None:
     edit.add_argument("--label", default=None, choices=SENTIMENTS, help="convsent: the sentiment of the target response")
     edit.add_argument("--topic", default=None, help="convsent: the entity the opinion is about (default: --subject)")
     edit.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none'")
+    edit.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
+                      help="what each edit input's answer ends with (default: the editor's answer_stop from its editor_config.json); "
+                           "newline+turn ends the chat form's answer with the end of the turn, so that an edited chat reply stops "
+                           "after the answer (results/analysis/plain-edit-row/more-rounds/)")
     edit.add_argument("--save", metavar="DIR", default=None, help="also write the edited model here (a plain Hugging Face folder)")
     edit.add_argument("--output", metavar="FILE.jsonl", default=None,
                       help="--file: also write one JSON line per edit with its answers before and after in full, whether each "
@@ -75,7 +90,6 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, check_save_folder, generate, score_target, top_predictions
     from instructedit.evaluation.generation import shown
-    from instructedit.models.loading import resolve_device
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
@@ -115,7 +129,7 @@ def run_edit(args: argparse.Namespace) -> int:
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         if args.output and Path(args.output).is_dir():
             raise ValueError(f"--output {args.output} is a folder; name the JSON Lines file to write")
-        editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
+        editor, model, tok, model_name = _loaded(args)
         if args.sample_weight is not None and getattr(editor.editor, "preservation", None) is None:
             raise ValueError(f"--sample-weight: {args.editor} has no preservation sample of its own (instructedit calibrate --preserve "
                              "saves one)")
@@ -132,7 +146,7 @@ def run_edit(args: argparse.Namespace) -> int:
         raise ValueError("--key-memory holds earlier edits still while editing a --file one after another; a single --prompt edit has none")
     check_key_memory_arguments(args, needs="--file EDITS.jsonl --sequential --key-memory")
     edit = Edit(prompt=args.prompt, target=args.target, task=args.task, subject=args.subject, label=args.label, topic=args.topic)
-    editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
+    editor, model, tok, model_name = _loaded(args)
     asked = editor.asked(edit, tok)  # wrapped, plain and (a chat template) the question as a chat user turn
     wrapped, chat = asked["wrapped"], asked.get("chat")
     _check_fits(model, tok, editor, [edit], ["--prompt"], args)  # before the model runs
