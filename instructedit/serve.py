@@ -216,7 +216,7 @@ class EditSession:
     # -- the operations the web app exposes ---------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {"tasks": list(TASKS), "sentiments": list(SENTIMENTS), "limits": asdict(self.limits), "max_tokens": self.max_tokens,
-                "instruction": self.editor.instruction}
+                "instruction": self.editor.instruction, "edit_forms": list(self.editor.edit_forms), "answer_stop": self.editor.answer_stop}
 
     def predict(self, prompt: str) -> dict[str, Any]:
         with self.lock:

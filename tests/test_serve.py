@@ -270,7 +270,10 @@ def test_serve_command_binds_and_warns_off_loopback(host: str, tiny_gpt2_dir: Pa
     warned = "not a loopback address" in caplog.text
     assert warned is (host == "0.0.0.0")
     http = TestClient(started["app"], base_url="http://127.0.0.1:8123")
-    assert ok(http.get("/api/info"))["model"] == str(tiny_gpt2_dir)  # the editor's model_name
+    info = ok(http.get("/api/info"))
+    assert info["model"] == str(tiny_gpt2_dir) and info["answer_stop"] == "none"  # the editor's model_name and answer stop
+    assert main(["serve", "--editor", str(gpt2_editor), "--host", host, "--port", "8123", "--device", "cpu", "--answer-stop", "eos"]) == 0
+    assert ok(TestClient(started["app"], base_url="http://127.0.0.1:8123").get("/api/info"))["answer_stop"] == "eos"  # asked for
     # bound to loopback, the server answers only loopback Host headers (no DNS rebinding)
     rebound = TestClient(started["app"], base_url="http://attacker.example:8123").get("/api/info")
     assert rebound.status_code == (400 if host == "127.0.0.1" else 200)

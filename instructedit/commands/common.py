@@ -132,6 +132,16 @@ def load_editor_and_model(source: str, model: str | None, instruction: str | Non
     return editor, m, tok, name
 
 
+def add_answer_stop_argument(parser: argparse.ArgumentParser) -> None:
+    """``--answer-stop``: what each edit input's answer ends with, in place of the editor's saved ``answer_stop``."""
+    from instructedit.config import ANSWER_STOPS
+
+    parser.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
+                        help="what each edit input's answer ends with (default: the editor's answer_stop from its editor_config.json); "
+                             "newline+turn ends the chat form's answer with the end of the turn, so that an edited chat reply stops "
+                             "after the answer (results/analysis/plain-edit-row/more-rounds/)")
+
+
 def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
     """``--dtype``: the precision the model to edit is loaded in (the editor's own weights stay float32)."""
     from instructedit.models.loading import DTYPES

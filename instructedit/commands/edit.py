@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments,
-    key_memory_from_arguments, load_editor_and_model,
+    add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation,
+    check_key_memory_arguments, key_memory_from_arguments, load_editor_and_model,
 )
-from instructedit.config import ANSWER_STOPS
 from instructedit.records import SENTIMENTS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -29,10 +28,10 @@ def _loaded(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
     """(editor, model, tokenizer, model name) as the arguments ask, the editor making its edits with ``--answer-stop`` if given."""
     from instructedit.models.loading import resolve_device
 
-    editor, model, tok, model_name = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
+    loaded = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
     if args.answer_stop is not None:
-        editor.answer_stop = args.answer_stop
-    return editor, model, tok, model_name
+        loaded[0].answer_stop = args.answer_stop
+    return loaded
 
 
 def add_edit_parser(subparsers: Any) -> None:
@@ -60,10 +59,7 @@ def add_edit_parser(subparsers: Any) -> None:
     edit.add_argument("--label", default=None, choices=SENTIMENTS, help="convsent: the sentiment of the target response")
     edit.add_argument("--topic", default=None, help="convsent: the entity the opinion is about (default: --subject)")
     edit.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none'")
-    edit.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
-                      help="what each edit input's answer ends with (default: the editor's answer_stop from its editor_config.json); "
-                           "newline+turn ends the chat form's answer with the end of the turn, so that an edited chat reply stops "
-                           "after the answer (results/analysis/plain-edit-row/more-rounds/)")
+    add_answer_stop_argument(edit)
     edit.add_argument("--save", metavar="DIR", default=None, help="also write the edited model here (a plain Hugging Face folder)")
     edit.add_argument("--output", metavar="FILE.jsonl", default=None,
                       help="--file: also write one JSON line per edit with its answers before and after in full, whether each "

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from instructedit.commands.common import add_dtype_argument, add_editor_arguments
+from instructedit.commands.common import add_answer_stop_argument, add_dtype_argument, add_editor_arguments
 from instructedit.config import DEFAULT_MODEL
 from instructedit.models.loading import resolve_device
 from instructedit.serve import INSTALL_HINT, LOOPBACK_HOSTS, create_app, is_loopback
@@ -26,6 +26,7 @@ def add_serve_parser(subparsers: Any) -> None:
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument("--instruction", default="seen", help="'seen' (default), 'unseen', a description index, or 'none'")
     serve.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
+    add_answer_stop_argument(serve)
     add_dtype_argument(serve)
     serve.set_defaults(func=run_serve)
 
@@ -46,6 +47,8 @@ def run_serve(args: argparse.Namespace) -> int:
                        "authentication; use --host 127.0.0.1 unless you mean it", args.host, args.port)
     device = resolve_device(args.device)
     editor = load_editor(args.editor, instruction=args.instruction, device=device)
+    if args.answer_stop is not None:
+        editor.answer_stop = args.answer_stop
     model_name = args.model or editor.model_name or DEFAULT_MODEL
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=device)
     app = create_app(editor, model, tokenizer, model_name=model_name, editor_name=str(args.editor),
