@@ -117,8 +117,9 @@ def load_editor_model(editor_dir: str, model: str | None, device: str) -> tuple[
 
 
 def load_editor_and_model(source: str, model: str | None, instruction: str | None, device: str,
-                          dtype: str = "float32") -> tuple[Any, Any, Any, str]:
-    """A trained editor (``api.load_editor``: instruction, template and answer stop as it was trained) and the model to edit.
+                          dtype: str = "float32", answer_stop: str | None = None) -> tuple[Any, Any, Any, str]:
+    """A trained editor (``api.load_editor``: instruction, template and answer stop as it was trained; ``answer_stop``, from
+    ``--answer-stop``: its edits made with this one instead) and the model to edit.
 
     The model is the one ``--model`` names, else the one the editor was trained for, else the default, loaded in
     ``dtype`` (``--dtype``); returned with its tokenizer and name: ``(editor, model, tokenizer, name)``.
@@ -127,6 +128,8 @@ def load_editor_and_model(source: str, model: str | None, instruction: str | Non
     from instructedit.models.loading import load_model
 
     editor = load_editor(source, instruction=instruction, device=device)
+    if answer_stop is not None:
+        editor.answer_stop = answer_stop
     name = model or editor.model_name or DEFAULT_MODEL
     m, tok = load_model(name, dtype=dtype, device=device)
     return editor, m, tok, name

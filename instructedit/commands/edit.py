@@ -25,13 +25,10 @@ STOP_WORDS = {"none": "no stop after the answer", "newline": "each answer ending
 
 
 def _loaded(args: argparse.Namespace) -> tuple[Any, Any, Any, str]:
-    """(editor, model, tokenizer, model name) as the arguments ask, the editor making its edits with ``--answer-stop`` if given."""
+    """(editor, model, tokenizer, model name) as the arguments ask (``load_editor_and_model``)."""
     from instructedit.models.loading import resolve_device
 
-    loaded = load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype)
-    if args.answer_stop is not None:
-        loaded[0].answer_stop = args.answer_stop
-    return loaded
+    return load_editor_and_model(args.editor, args.model, args.instruction, resolve_device(args.device), args.dtype, args.answer_stop)
 
 
 def add_edit_parser(subparsers: Any) -> None:

@@ -6,8 +6,7 @@ import argparse
 import logging
 from typing import Any
 
-from instructedit.commands.common import add_answer_stop_argument, add_dtype_argument, add_editor_arguments
-from instructedit.config import DEFAULT_MODEL
+from instructedit.commands.common import add_answer_stop_argument, add_dtype_argument, add_editor_arguments, load_editor_and_model
 from instructedit.models.loading import resolve_device
 from instructedit.serve import INSTALL_HINT, LOOPBACK_HOSTS, create_app, is_loopback
 
@@ -32,9 +31,6 @@ def add_serve_parser(subparsers: Any) -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from instructedit.api import load_editor
-    from instructedit.models.loading import load_model
-
     try:
         import uvicorn
     except ModuleNotFoundError:
@@ -46,11 +42,8 @@ def run_serve(args: argparse.Namespace) -> int:
         logger.warning("--host %s is not a loopback address: anyone who can reach port %d can edit this model, and there is no "
                        "authentication; use --host 127.0.0.1 unless you mean it", args.host, args.port)
     device = resolve_device(args.device)
-    editor = load_editor(args.editor, instruction=args.instruction, device=device)
-    if args.answer_stop is not None:
-        editor.answer_stop = args.answer_stop
-    model_name = args.model or editor.model_name or DEFAULT_MODEL
-    model, tokenizer = load_model(model_name, dtype=args.dtype, device=device)
+    editor, model, tokenizer, model_name = load_editor_and_model(args.editor, args.model, args.instruction, device, args.dtype,
+                                                                 args.answer_stop)
     app = create_app(editor, model, tokenizer, model_name=model_name, editor_name=str(args.editor),
                      allowed_hosts=[*LOOPBACK_HOSTS, args.host.lower()] if loopback else None)
     shown = f"[{args.host}]" if ":" in args.host else args.host
