@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from instructedit.io import write_json
 
+from bench_mend import interleaved  # benchmarks/bench_mend.py
 from common import cpu_name  # benchmarks/common.py
 
 RESULTS = Path(__file__).resolve().parent / "results" / "head-loss-one-pass.json"
@@ -59,18 +59,9 @@ def one_pass(rows: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ch
     return loss, weighted / total - gold
 
 
-def median_ms(calls: dict[str, Callable[[], object]], reps: int, before: Callable[[], None]) -> dict[str, float]:
-    """Median milliseconds of each call, the calls interleaved, ``before()`` run before each (untimed)."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for name, call in calls.items():  # warm-up
-        call()
-    for _ in range(reps):
-        for name, call in calls.items():
-            before()
-            start = time.perf_counter()
-            call()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+def median_ms(calls: dict[str, Callable[[], object]], reps: int, before: Callable[[], object] | None = None) -> dict[str, float]:
+    """Median milliseconds of each call, the calls interleaved (``bench_mend.interleaved``), ``before()`` run untimed before each."""
+    return {name: 1e3 * statistics.median(t) for name, t in interleaved(calls, reps, before=before).items()}
 
 
 def main() -> None:
@@ -93,7 +84,7 @@ def main() -> None:
     calls = {"two_pass": lambda: two_pass(rows, weight, targets)} | {
         f"one_pass_{chunk}": (lambda chunk=chunk: one_pass(rows, weight, targets, chunk)) for chunk in CHUNKS}
     evict = torch.empty(100_000_000)  # 400 MB, more than the last-level cache
-    hot = median_ms(calls, args.reps, lambda: None)
+    hot = median_ms(calls, args.reps)
     cold = median_ms(calls, max(20, args.reps // 2), lambda: evict.add_(1.0))
     result = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "cpu": cpu_name(), "threads": args.threads,
               "torch": torch.__version__, "rows": args.rows, "vocab": VOCAB, "d_model": D_MODEL, "reps": args.reps,

@@ -212,14 +212,18 @@ def example(threads: int) -> Example:
     return Example(config, editor, record, batch, packed, forward, forward_step, edit, edit_formed, step, step_before, recipe_step, naive)
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Wall seconds of ``reps`` rounds of every call in ``fns`` in turn (after ``warmup`` calls each)."""
+def interleaved(fns: dict[str, Callable[[], Any]], reps: int, warmup: int = 3,
+                before: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+    """Wall seconds of ``reps`` rounds of every call in ``fns`` in turn (after ``warmup`` calls each); ``before``: run,
+    untimed, before each timed call (e.g. evicting the caches)."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
+            if before is not None:
+                before()
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
