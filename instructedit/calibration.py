@@ -93,7 +93,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     (``restart``: scores them all again)."""
     import dataclasses
 
-    from instructedit.analysis.many_edits import key_memory
+    from instructedit.analysis.many_edits import key_memory, locality_texts, without_measured
     from instructedit.api import query_setup
     from instructedit.config import check_edit_forms, load_config
     from instructedit.editors.base import scaled_step_sizes
@@ -130,17 +130,6 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     device = next(model.parameters()).device
     data = prepare_data(config, tokenizer)
     editor = MENDEditor.from_pretrained(source, device=device).eval()
-    if preserve is not None:
-        if preserve_data is not None:
-            where = f"--preserve-data {preserve_data}"
-            texts = preservation_texts(load_records(Path(preserve_data)).records, preserve, where)
-        else:
-            where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
-            texts = preservation_texts(data.train, preserve, where)
-        memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=preserve_weights[0])
-        editor.set_preservation(memory, f"the locality prompts + answers of the first {preserve} records with one of {where} "
-                                        f"({len(texts)} texts, {memory.text_tokens} tokens)")
-        print(f"preservation sample: {editor.preservation_source}")
     if val_data is None:
         records, described = data.val, f"the first {config.training.val_size} records of the run's validation split"
         instructions = data.instructions(records, config.data.instruction_seed)
@@ -151,6 +140,19 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
             raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
         described = f"the first {len(records)} records with a locality prompt of {val_data}"
         instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(records)
+    if preserve is not None:
+        if preserve_data is not None:
+            where = f"--preserve-data {preserve_data}"
+            texts = preservation_texts(load_records(Path(preserve_data)).records, preserve, where)
+        else:
+            where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
+            texts = preservation_texts(data.train, preserve, where)
+        # the validation records' own locality prompts are what the calibration measures: holding them still would flatter it
+        texts = without_measured(texts, set(locality_texts(records)), where, "the calibration")
+        memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=preserve_weights[0])
+        editor.set_preservation(memory, f"the locality prompts + answers of the first {preserve} records with one of {where} "
+                                        f"({len(texts)} texts, {memory.text_tokens} tokens)")
+        print(f"preservation sample: {editor.preservation_source}")
     partial = PartialGrid(output.with_name(output.name + PARTIAL), {
         "editor_sha256": editor_sha256(source), "scales": list(scales), "records": described, "sources": [r.source for r in records],
         "edit_forms": list(data.collator.edit_forms), "answer_stop": data.collator.answer_stop,

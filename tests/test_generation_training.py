@@ -359,6 +359,18 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
         assert calibrated.preservation.text_weight == weight
         for weight, covariance in rebuilt.text.items():
             torch.testing.assert_close(calibrated.preservation.text[weight], covariance)
+    # a sample from the file the calibration measures leaves out the validation records' own locality prompts
+    val_texts = locality_texts([r for r in load_records(data).records if r.locality and r.convsent is None][:2])
+    sample = locality_texts([r for r in load_records(data).records if r.locality][:3])
+    kept = [t for t in sample if t not in set(val_texts)]
+    assert 0 < len(kept) < len(sample)
+    with caplog.at_level("WARNING"):
+        assert main([*base[:-2], "--val-size", "2", "--val-data", str(data), "--preserve", "3", "--preserve-weight", "50",
+                     "--preserve-data", str(data), "--output", str(tmp_path / "same-file")]) == 0
+    assert f"left out {len(sample) - len(kept)} of its {len(sample)} texts that the calibration also measures" in caplog.text
+    assert f"({len(kept)} texts, " in json.loads((tmp_path / "same-file" / "calibration.json").read_text())["preservation"]["source"]
+    rebuilt = key_memory(source, trainer.model, trainer.data.collator, kept, past_weight=0.0, text_weight=50.0)
+    assert MENDEditor.from_pretrained(tmp_path / "same-file").preservation.text_tokens == rebuilt.text_tokens
     # the options are checked before anything is loaded
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-weight", "3"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve", "3", "--preserve-weight", "5,x"]) == 2

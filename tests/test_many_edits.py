@@ -471,6 +471,52 @@ def test_analyze_batch_compares_editors_in_one_json_and_png(tiny_gpt2_dir: Path,
         main([*args, "--sizes", "1,x"])
 
 
+def test_analyze_batch_makes_its_calls_in_the_edit_forms_given_and_asks_the_forms_given(tiny_chat_llama_dir: Path, tiny_llama_dir: Path,
+                                                                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                                      capsys: pytest.CaptureFixture[str],
+                                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """--edit-forms: each call holds every edit in those forms (rows = forms × N); --ask-forms: generation also asks the
+    bare and the chat question (gen_reliability_plain / _chat, n = N each); the JSON says what was made and asked."""
+    from instructedit.analysis import many_edits
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 4)
+    editor = _saved_editor(tiny_chat_llama_dir, tmp_path / "ls", "least_squares")
+    rows: list[int] = []
+    real = many_edits.apply_in_rounds
+    monkeypatch.setattr(many_edits, "apply_in_rounds", lambda editor, model, batch, *r, **k: rows.append(batch.input_ids.shape[0]) or
+                        real(editor, model, batch, *r, **k))
+    base = ["analyze", "batch", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--sizes", "1,4", "--device", "cpu",
+            "--no-progress"]
+    assert main([*base, "--output", str(tmp_path / "default.json")]) == 0
+    assert rows == [1, 1, 4]  # the untimed warm-up edit, then N = 1 and 4, in the wrapped form the editor was made with
+    default = json.loads((tmp_path / "default.json").read_text())["editors"][0]
+    assert default["edit_forms"] == ["wrapped"] and default["asked_forms"] == ["wrapped"] and "calibrated_edit_forms" not in default
+    assert all("gen_reliability_plain" not in p and "gen_reliability_chat" not in p for p in default["points"])
+    rows.clear()
+    capsys.readouterr()
+    out = tmp_path / "forms.json"
+    assert main([*base, "--edit-forms", "plain,wrapped", "--ask-forms", "chat,plain", "--output", str(out)]) == 0
+    assert rows == [2, 2, 8]
+    entry = json.loads(out.read_text())["editors"][0]
+    assert entry["edit_forms"] == ["wrapped", "plain"] and entry["calibrated_edit_forms"] == ["wrapped"]
+    assert entry["asked_forms"] == ["wrapped", "plain", "chat"]
+    for point in entry["points"]:
+        for key in ("gen_reliability", "gen_reliability_plain", "gen_reliability_chat"):
+            assert point[key]["n"] == point["n_edits"] and point[key]["protocol"] == "generation"
+            assert point[key]["ci_low"] <= point[key]["mean"] <= point[key]["ci_high"]
+    # the wrapped answers and the teacher-forced probes are the same questions as before; the calls differ
+    assert [p["gen_reliability"]["n"] for p in entry["points"]] == [p["gen_reliability"]["n"] for p in default["points"]]
+    assert entry["points"][1]["locality"] != default["points"][1]["locality"]
+    printed = capsys.readouterr().out
+    assert "(said, generation: plain " in printed or all(p["gen_reliability_plain"]["mean"] == 0 for p in entry["points"])
+    with pytest.raises(SystemExit):
+        main([*base, "--edit-forms", "wrapped,shouted"])
+    unchatty = _saved_editor(tiny_llama_dir, tmp_path / "plain-ls", "least_squares")
+    assert main([*base[:3], str(unchatty), *base[4:], "--ask-forms", "chat", "--output", str(tmp_path / "x.json")]) == 2
+    assert "--ask-forms chat: " in caplog.text and "has no chat template" in caplog.text
+
+
 def test_an_interrupted_batch_study_resumes_with_the_calls_it_made(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                       caplog: pytest.LogCaptureFixture) -> None:
     from instructedit.analysis import many_edits

@@ -15,6 +15,7 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -39,7 +40,10 @@ from instructedit.losses import masked_nll
 from instructedit.records import EditRecord, TokenBatch
 from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
 
+logger = logging.getLogger(__name__)
+
 FAMILIES = ("reliability", "generalization", "locality")
+OTHER_FORMS = ("gen_reliability_plain", "gen_reliability_chat")  # the edit prompt asked bare / as a chat turn
 GEN_BATCH = 32
 
 
@@ -84,7 +88,8 @@ def _summary(values: Sequence[float], protocol: str) -> dict[str, float | int | 
 
 
 def _aggregate(tf: Sequence[dict[str, list[float]]], gen: Sequence[dict[str, float]] | None) -> dict[str, dict | None]:
-    """Mean over cases (each case's mean over its probes) with 95 % intervals, per family and protocol."""
+    """Mean over cases (each case's mean over its probes) with 95 % intervals, per family and protocol; where the edit
+    prompt was also asked bare or as a chat turn, ``gen_reliability_plain`` / ``_chat`` too."""
     out: dict[str, dict | None] = {}
     for family in FAMILIES:
         out[family] = _summary([sum(v[family]) / len(v[family]) for v in tf if v.get(family)], "teacher_forced")
@@ -92,6 +97,9 @@ def _aggregate(tf: Sequence[dict[str, list[float]]], gen: Sequence[dict[str, flo
         for family in FAMILIES:
             key = f"gen_{family}"
             out[key] = _summary([g[key] for g in gen if key in g], "generation")
+        for key in OTHER_FORMS:
+            if any(key in g for g in gen):
+                out[key] = _summary([g[key] for g in gen if key in g], "generation")
     return out
 
 
@@ -105,12 +113,12 @@ def _kept(point: dict, single: dict) -> dict[str, float | None]:
 
 
 class _Generation:
-    """Greedy answers (wrapped edit prompt, rephrases, locality) of some cases, before and after edits."""
+    """Greedy answers (the edit prompt in ``forms``, rephrases, locality) of some cases, before and after edits."""
 
     def __init__(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, collator: Collator, records: Sequence[EditRecord],
-                 instruction: int | None, families: Collection[str] = FAMILIES) -> None:
+                 instruction: int | None, families: Collection[str] = FAMILIES, forms: Sequence[str] = ("wrapped",)) -> None:
         self.model, self.tokenizer = model, tokenizer
-        self.queries = [[q for q in case_queries(collator, r, instruction, ("wrapped",)) if q.family in families] for r in records]
+        self.queries = [[q for q in case_queries(collator, r, instruction, forms) if q.family in families] for r in records]
         self.pre = answer_all(model, tokenizer, self.queries, GEN_BATCH, collator.max_length)
 
     def scores(self, cases: Sequence[int] | None = None) -> list[dict[str, float]]:
@@ -130,7 +138,7 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
                 progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int | str = 1,
                 sample_weight: float | None = None, unedited: Sequence[EditRecord] = (), single_rounds: int = 1,
                 many_edit_scale: float = 1.0, scored: Mapping[int, dict] | None = None,
-                on_point: Callable[[dict], None] | None = None) -> dict:
+                on_point: Callable[[dict], None] | None = None, ask_forms: Sequence[str] = ("wrapped",)) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every N-edit call solves with its keys held still (a least-squares editor and a preservation sample; give
@@ -150,6 +158,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     ``unedited``: teacher-forced and generation locality over them): a larger locality sample than the N cases' own.
     ``on_point``: handed each N's point as soon as it is scored (to save it); ``scored``: points by N that an interrupted
     run of the same study scored, taken as they are instead of being made again (the single edits are made again).
+    ``ask_forms``: the forms the edit prompt is asked in under generation ("wrapped": ``gen_reliability``; "plain", "chat":
+    ``gen_reliability_plain`` / ``_chat``); the edits are made in ``collator.edit_forms``.
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -164,7 +174,7 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     records = list(records[: sizes[-1]])
     probes = _probes(collator, records, instruction)
     pre = _score(model, collator, probes, batch_size)
-    asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
+    asker = _Generation(model, tokenizer, collator, records, instruction, forms=ask_forms) if generation else None
     others = _Probes([item for item in _probes(collator, unedited, instruction).items if item[1] == "locality"]) if unedited else None
     if others is not None:
         if not others.items:
@@ -254,6 +264,20 @@ def distinct_subjects(records: Sequence[EditRecord]) -> list[EditRecord]:
 def locality_texts(records: Sequence[EditRecord]) -> list[tuple[str, str]]:
     """The (prompt, answer) pairs of the records' locality prompts: the perplexity and preservation samples."""
     return [(q.prompt, q.answer) for r in records for q in r.locality]
+
+
+def without_measured(texts: list[tuple[str, str]], measured: set[tuple[str, str]], source: str, by: str) -> list[tuple[str, str]]:
+    """A preservation sample's (prompt, answer) ``texts`` (from ``source``, e.g. "--preserve-data FILE") without those
+    ``by`` (the study, this run, the calibration) also scores (holding them still would flatter the score): left out with a
+    warning; all of them: an error."""
+    kept = [t for t in texts if t not in measured]
+    if not kept:
+        raise ValueError(f"{source}: all {len(texts)} of its texts are among those {by} measures; "
+                         "preserve other records (--preserve-start, or another file)")
+    if len(kept) < len(texts):
+        logger.warning("%s: left out %d of its %d texts that %s also measures (e.g. %r)",
+                       source, len(texts) - len(kept), len(texts), by, next(t for t in texts if t in measured)[0])
+    return kept
 
 
 def key_memory(editor: Editor, model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], past_weight: float = 1.0,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_eval_records, per_editor, without_measured,
+    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_eval_records, per_editor,
 )
 from instructedit.config import LS_KEYS
 from instructedit.records import TASKS, EditRecord
@@ -63,6 +63,13 @@ def add_edit_studies(studies: Any) -> None:
                         "the first max(--sizes), which no call edits (JSON: each point's 'unedited'): a larger locality sample than "
                         "the N edited records' own (default 0: none)")
     add_rounds_arguments(b, "every N-edit call (the --singles are made as the editor makes them: its calibrated weight and rounds)", 1)
+    b.add_argument("--edit-forms", type=_forms_argument, default=None, metavar="F,F",
+                   help="make every call's edits in these forms of the edit prompt, solved together (wrapped, plain, chat; "
+                        "default: the forms the editor was calibrated with, its edit_forms)")
+    b.add_argument("--ask-forms", type=_forms_argument, default=(), metavar="F,F",
+                   help="under generation, ask each edit prompt in these forms (wrapped, plain: the bare question, chat: the "
+                        "question as a chat user turn; JSON gen_reliability, gen_reliability_plain, gen_reliability_chat); "
+                        "wrapped is always asked (default: the forms the editor makes its edits in as calibrated)")
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.add_argument("--restart", action="store_true",
                    help="ignore an unfinished FILE.json of the same study (by default the run resumes it: the N-edit calls it "
@@ -86,6 +93,16 @@ def add_edit_studies(studies: Any) -> None:
                    help="ignore an unfinished FILE.json of the same study (by default the run resumes it: the edits are replayed, "
                         "the points it holds are kept, not scored again)")
     s.set_defaults(func=run_sequential)
+
+
+def _forms_argument(value: str) -> tuple[str, ...]:
+    """``wrapped,chat`` -> ("wrapped", "chat") in ``EDIT_FORMS`` order (an argparse ``type``)."""
+    from instructedit.config import check_edit_forms
+
+    try:
+        return check_edit_forms(value, "forms")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _study_arguments(p: argparse.ArgumentParser, study: str) -> None:
@@ -123,15 +140,23 @@ class _Loaded:
 def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
     """The editor with the instruction, template, answer stop and edit forms it was trained with, and its model (``--model`` or its own)."""
     from instructedit.commands.common import load_editor_and_model
+    from instructedit.config import check_edit_forms
     from instructedit.models.loading import max_input_length, resolve_device
     from instructedit.tasks.collate import Collator
 
     wrapper, model, tokenizer, name = load_editor_and_model(path, args.model, args.instruction, resolve_device(args.device))
     editor = wrapper.editor_for(model, tokenizer)
-    collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop, edit_forms=wrapper.edit_forms)
+    forms = getattr(args, "edit_forms", None) or wrapper.edit_forms  # analyze batch --edit-forms
+    collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop, edit_forms=forms)
     entry = {"label": label, "editor": str(path), "aggregation": aggregation(editor), "model": name, "instruction": wrapper.instruction,
-             "answer_stop": wrapper.answer_stop, "edit_forms": list(wrapper.edit_forms), "calibrated_edit_rounds": wrapper.edit_rounds,
+             "answer_stop": wrapper.answer_stop, "edit_forms": list(forms), "calibrated_edit_rounds": wrapper.edit_rounds,
              "calibrated_many_edit_scale": wrapper.many_edit_scale, "points": []}
+    if list(forms) != list(wrapper.edit_forms):
+        entry["calibrated_edit_forms"] = list(wrapper.edit_forms)
+    if getattr(args, "ask_forms", None) is not None:  # analyze batch: the wrapped prompt is always asked
+        entry["asked_forms"] = list(check_edit_forms(["wrapped", *(f for f in args.ask_forms or wrapper.edit_forms if f != "wrapped")]))
+        if "chat" in entry["asked_forms"] and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"--ask-forms chat: {name}'s tokenizer has no chat template to ask the question in")
     own = getattr(editor, "preservation", None)
     if own is not None:  # the editor's own preservation sample (instructedit calibrate --preserve): every solve holds it still
         entry["preservation"] = {"weight": own.text_weight, "source": editor.preservation_source}
@@ -183,14 +208,14 @@ RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", 
 BATCH_RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "start", "distinct_subjects", "unedited_locality", "protocol",
                      "seed", "singles", "rounds", "memory")
 # an editor's entry in a batch study: what its points depend on beside the study's settings (a resumed run must load it so)
-ENTRY_KEYS = ("aggregation", "model", "instruction", "answer_stop", "edit_forms", "calibrated_edit_rounds", "calibrated_many_edit_scale",
-              "ls_keys", "preservation")
+ENTRY_KEYS = ("aggregation", "model", "instruction", "answer_stop", "edit_forms", "asked_forms", "calibrated_edit_rounds",
+              "calibrated_many_edit_scale", "ls_keys", "preservation")
 
 
 def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) -> list[tuple[str, str]]:
     """The (prompt, answer) texts whose keys --key-memory holds still (--preserve-data), without those of ``held_out``'s
     locality prompts (what the study measures: the perplexity sample, the edited records' locality)."""
-    from instructedit.analysis.many_edits import locality_texts
+    from instructedit.analysis.many_edits import locality_texts, without_measured
 
     check_key_memory_arguments(args)
     if args.preserve_data is None:
@@ -200,7 +225,7 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
     texts = locality_texts(records)
     if not texts:
         raise ValueError(f"records {args.preserve_start}..{end - 1} of --preserve-data {args.preserve_data} have no locality prompts")
-    return without_measured(texts, set(locality_texts(held_out)), args.preserve_data, "the study")
+    return without_measured(texts, set(locality_texts(held_out)), f"--preserve-data {args.preserve_data}", "the study")
 
 
 def _unfinished(output: Path, result: dict[str, Any], editors: list[str], labels: list[str],
@@ -236,6 +261,9 @@ def _pct(summary: dict[str, Any] | None) -> str:
 
 def _line(label: str, p: dict[str, Any]) -> str:
     scores = ", ".join(f"{k} {_pct(p.get(k))}/{_pct(p.get('gen_' + k))}" for k in ("reliability", "generalization", "locality"))
+    asked = [f"{form} {_pct(p[f'gen_reliability_{form}'])}" for form in ("plain", "chat") if p.get(f"gen_reliability_{form}")]
+    if asked:
+        scores += f" (said, generation: {', '.join(asked)})"
     extra = f"{p['seconds_per_edit']:.4f} s/edit" if "seconds_per_edit" in p else f"perplexity ×{p['perplexity_ratio']:.3f}"
     rounds = p.get("rounds", 1)
     kept = p.get("rounds_made", rounds)
@@ -343,7 +371,8 @@ def run_batch(args: argparse.Namespace) -> int:
                           generation=args.protocol == "both", batch_size=args.batch_size, progress=not args.no_progress,
                           memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight, unedited=unedited,
                           single_rounds=entry["calibrated_edit_rounds"], many_edit_scale=entry["calibrated_many_edit_scale"],
-                          scored={p["n_edits"]: p for p in entry["points"]}, on_point=on_point)
+                          scored={p["n_edits"]: p for p in entry["points"]}, on_point=on_point,
+                          ask_forms=entry["asked_forms"])
         entry.update({**out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
         _write(output, result, BATCH_PANELS, title)
         _print_batch(label, entry)

@@ -38,19 +38,6 @@ def add_rounds_arguments(parser: argparse.ArgumentParser, calls: str, default: i
                              "model's other answers; more --rounds buy the edits back)")
 
 
-def without_measured(texts: list[tuple[str, str]], measured: set[tuple[str, str]], source: str, by: str) -> list[tuple[str, str]]:
-    """A preservation sample's (prompt, answer) ``texts`` from ``--preserve-data source`` without those ``by`` (the study,
-    this run) also scores (holding them still would flatter the score): left out with a warning; all of them: an error."""
-    kept = [t for t in texts if t not in measured]
-    if not kept:
-        raise ValueError(f"--preserve-data {source}: all {len(texts)} of its texts are among those {by} measures; "
-                         "preserve other records (--preserve-start, or another file)")
-    if len(kept) < len(texts):
-        logger.warning("--preserve-data %s: left out %d of its %d texts that %s also measures (e.g. %r)",
-                       source, len(texts) - len(kept), len(texts), by, next(t for t in texts if t in measured)[0])
-    return kept
-
-
 def load_eval_records(task: str, data: str | None, data_dir: str | None, split: str,
                       seed: int) -> tuple[list[EditRecord], dict[str, Any], list[dict[str, Any]]]:
     """Records of ``--data FILE`` (format auto-detected, records labelled ``task``) or of the task's split.
@@ -83,7 +70,7 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
     sample's text count. ``editor``: the least-squares editor whose solves hold it. ``measured``: (prompt, answer) texts
     the caller scores locality on; the sample leaves them out (with a warning), since holding them still would flatter
     the score."""
-    from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.analysis.many_edits import key_memory, locality_texts, without_measured
     from instructedit.models.loading import max_input_length
     from instructedit.tasks.collate import Collator
 
@@ -94,7 +81,7 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
         texts = locality_texts(records)
         if not texts:
             raise ValueError(f"--preserve-data {args.preserve_data}: its records {args.preserve_start}..{end - 1} have no locality prompts")
-        texts = without_measured(texts, measured or set(), args.preserve_data, "this run")
+        texts = without_measured(texts, measured or set(), f"--preserve-data {args.preserve_data}", "this run")
     memory = key_memory(editor, model, Collator(tokenizer, max_input_length(model)), texts, args.past_weight,
                         args.preserve_weight if texts else 0.0, answers=args.preserve_answers, keys=args.preserve_keys)
     return memory, len(texts)
