@@ -22,13 +22,14 @@ from torch import nn
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL
+from instructedit.config import many_edit_forms as default_many_edit_forms
 from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, Editor, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence, scaled_step_sizes,
 )
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import (
-    AUTO_ROUNDS, apply_in_rounds, check_edit_rounds, check_many_edit_scale, many_edit_step_scale, schedule_for,
+    AUTO_AS_SINGLE, AUTO_ROUNDS, apply_in_rounds, check_edit_rounds, check_many_edit_scale, many_edit_step_scale, schedule_for,
 )
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids
@@ -372,12 +373,14 @@ class InstructEditor:
     the instruction-wrapped prompt; "plain": the bare question; "chat": the question as a chat user turn).
     ``edit_rounds``: the rounds a call of a few edits is made in (``rounds="auto"``; ``calibrate --rounds`` chooses it).
     ``many_edit_scale``: the step-size multiplier of many edits, more than 16 in one call or kept one after another
-    (``calibrate --rounds`` saves it: the one-round multiplier over the chosen one).
+    (``calibrate --rounds`` saves it: the one-round multiplier over the chosen one). ``many_edit_forms``: the forms many
+    edits are made in (default ``config.many_edit_forms``: ``edit_forms`` without the bare question where another remains).
     """
 
     def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,
                  factory: EditorFactory | None = None, name: str = "", model_name: str = "", answer_stop: str = "none",
-                 edit_forms: Sequence[str] = ("wrapped",), edit_rounds: int = 1, many_edit_scale: float = 1.0) -> None:
+                 edit_forms: Sequence[str] = ("wrapped",), edit_rounds: int = 1, many_edit_scale: float = 1.0,
+                 many_edit_forms: Sequence[str] | None = None) -> None:
         if (editor is None) == (factory is None):
             raise ValueError("InstructEditor needs exactly one of editor= and factory=")
         if instruction is not None and pool is None:
@@ -388,6 +391,7 @@ class InstructEditor:
         self.name, self.model_name = name, model_name
         self.answer_stop = answer_stop
         self.edit_forms = check_edit_forms(edit_forms)
+        self.many_edit_forms = check_edit_forms(many_edit_forms) if many_edit_forms is not None else default_many_edit_forms(edit_forms)
         self.edit_rounds = check_edit_rounds(edit_rounds, "edit_rounds")
         self.many_edit_scale = check_many_edit_scale(many_edit_scale, "many_edit_scale")
 
@@ -425,10 +429,11 @@ class InstructEditor:
         chat = chat_query(tokenizer, edit.prompt)
         return forms | ({"chat": chat} if chat is not None else {})
 
-    def edit_batch(self, edits: Sequence[Edit], tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH_CAP) -> TokenBatch:
-        """Per edit, its prompt in each edit form (wrapped; the chat question) + target (+ the stop token), labels on the
-        target tokens (what the editor learns from)."""
-        collator = Collator(tokenizer, max_length, self.pool, answer_stop=self.answer_stop, edit_forms=self.edit_forms)
+    def edit_batch(self, edits: Sequence[Edit], tokenizer: PreTrainedTokenizerBase, max_length: int = MAX_LENGTH_CAP,
+                   forms: Sequence[str] | None = None) -> TokenBatch:
+        """Per edit, its prompt in each edit form (``forms``, default ``edit_forms``: wrapped; the chat question) + target
+        (+ the stop token), labels on the target tokens (what the editor learns from)."""
+        collator = Collator(tokenizer, max_length, self.pool, answer_stop=self.answer_stop, edit_forms=forms or self.edit_forms)
         instruction = self.instruction if self.pool is not None else None
         pairs = [pair for e in edits for pair in collator.edit_pairs(e.record(), instruction)]
         return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
@@ -449,8 +454,9 @@ class InstructEditor:
         model's other answers, more rounds buy the edits back. The default ``rounds="auto"``
         (``editors.learned.schedule_for``): for such an editor and more than 16 edits, ⌈√N / 2⌉ rounds with the sample
         weighted √N × (8 rounds at 16× for 256 edits), else ``edit_rounds`` as calibrated (README, "Many edits"). A call
-        of more than 16 edits is made at the step sizes × ``many_edit_scale``, whatever its rounds. ``progress``: a bar
-        over the rounds. The returned model's ``how`` records the call's rounds, sample weight and step-size multiplier.
+        of more than 16 edits is made at the step sizes × ``many_edit_scale``, whatever its rounds, in ``many_edit_forms``.
+        ``progress``: a bar over the rounds. The returned model's ``how`` records the call's rounds, sample weight, step-size
+        multiplier and edit forms.
 
         ``memory`` (a least-squares MEND editor only): a ``KeyMemory(past_weight=0, text_weight=W)`` with a preservation
         sample (``editor.editor.preserve_text``) that this call's solves hold still instead of the editor's own sample,
@@ -467,21 +473,22 @@ class InstructEditor:
         editor = self.editor_for(model, tokenizer)
         if memory is not None:
             _check_call_memory(memory, rounds, sample_weight)
-        batch = self.edit_batch(edits, tokenizer, max_input_length(model)).to(_device(model))
+        forms = self.many_edit_forms if len(edits) > AUTO_AS_SINGLE else self.edit_forms
+        batch = self.edit_batch(edits, tokenizer, max_input_length(model), forms).to(_device(model))
         rounds, sample_weight, step_scale = schedule_for(editor, len(edits), rounds, sample_weight, self.edit_rounds,
                                                          self.many_edit_scale)
         if len(edits) > 1:
             weight = (f"{memory.text_weight:g} (the memory's sample)" if memory is not None
                       else "as calibrated" if sample_weight is None else f"{sample_weight:g}")
-            logger.info("%d edits in one call: %d round(s), preservation sample weight %s, step sizes x %g", len(edits), rounds,
-                        weight, step_scale)
+            logger.info("%d edits in one call: %d round(s), preservation sample weight %s, step sizes x %g, made in %s", len(edits),
+                        rounds, weight, step_scale, " + ".join(forms))
         with remembering(editor, memory):
             handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, progress, step_scale)
         edited = EditedModel(model, tokenizer, [handle], edits,
                              {"call": "apply", "rounds": rounds,  # the sample's weight; None: the editor holds no sample
                               "sample_weight": memory.text_weight if memory is not None else sample_weight if sample_weight is not None
                               else "as calibrated" if getattr(editor, "preservation", None) is not None else None,
-                              "step_scale": step_scale, **({"key_memory": {"text_weight": memory.text_weight, "text_tokens": memory.text_tokens}}
+                              "step_scale": step_scale, "edit_forms": list(forms), **({"key_memory": {"text_weight": memory.text_weight, "text_tokens": memory.text_tokens}}
                                                           if memory is not None else {})})
         if keep:
             edited.keep()
@@ -495,7 +502,8 @@ class InstructEditor:
         Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
         returned ``EditedModel`` undoes all of them bit for bit (``rollback()``), or those after the
         first ``k`` (``rollback_to(k)``). Each edit is made in one round, at the step sizes × ``many_edit_scale`` (an
-        editor calibrated for single edits in rounds: its one-round calibration's step sizes; ``how["step_scale"]``).
+        editor calibrated for single edits in rounds: its one-round calibration's step sizes; ``how["step_scale"]``), in
+        ``many_edit_forms`` (``how["edit_forms"]``).
 
         What the kept edits cost (weight editors: MEND, FT-L): one copy of each edited weight as it
         was before the sequence, whatever the number of edits (about 30 MiB for MEND on the default
@@ -528,7 +536,7 @@ class InstructEditor:
         try:
             with remembering(editor, memory), scaled_step_sizes(editor, scale):
                 for i, edit in enumerate(edits):
-                    batch = self.edit_batch([edit], tokenizer, max_input_length(model)).to(_device(model))
+                    batch = self.edit_batch([edit], tokenizer, max_input_length(model), self.many_edit_forms).to(_device(model))
                     if not keep_in_sequence(weights, handles, editor.apply(model, batch), batch, outliers,
                                             where=f"sequential edit {i} ({edit.prompt[:40]!r} -> {edit.target[:20]!r})", memory=memory):
                         refused.append(i)
@@ -542,7 +550,8 @@ class InstructEditor:
         not_kept = set(refused)
         kept = [edit for i, edit in enumerate(edits) if i not in not_kept]
         edited = EditedModel(model, tokenizer, handles or [weights], kept,
-                             {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused, "step_scale": scale})
+                             {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused, "step_scale": scale,
+                              "edit_forms": list(self.many_edit_forms)})
         if keep:
             edited.keep()
         return edited
@@ -602,14 +611,16 @@ def instruction_setup(editor_dir: str | Path) -> tuple[bool | None, InstructionP
 def untrained_queries() -> dict[str, Any]:
     """``query_setup``'s answer where there is no saved editor (a registry method): the pool's template, no answer stop,
     the wrapped form, one round, the step sizes as they are."""
-    return {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1, "many_edit_scale": 1.0}
+    return {"template": None, "answer_stop": "none", "edit_forms": ["wrapped"], "edit_rounds": 1, "many_edit_scale": 1.0,
+            "many_edit_forms": ["wrapped"]}
 
 
 def query_setup(editor_dir: str | Path) -> dict[str, Any]:
     """How a saved editor's edits are queried and made: its template (None: the pool's), answer stop, edit forms, edit
     rounds (how many rounds a single edit is made in: 1 unless ``calibrate --rounds`` chose more) and the step-size
     multiplier of many edits, in one call or one after another (``many_edit_scale``: 1 unless ``calibrate --rounds`` chose
-    more than one round).
+    more than one round), and the forms many edits are made in (``many_edit_forms``: as saved, else
+    ``config.many_edit_forms`` of the edit forms).
 
     Read from ``editor_config.json`` (``queries``, written since the generation protocol) or else
     from the training config saved with the editor; older editors get the paper's template and no stop.
@@ -622,15 +633,17 @@ def query_setup(editor_dir: str | Path) -> dict[str, Any]:
     if isinstance(saved, dict):
         setup = {"template": saved.get("template"), "answer_stop": saved.get("answer_stop") or "none",
                  "edit_forms": saved.get("edit_forms") or ["wrapped"], "edit_rounds": saved.get("edit_rounds", 1),
-                 "many_edit_scale": saved.get("many_edit_scale", 1.0)}
+                 "many_edit_scale": saved.get("many_edit_scale", 1.0), "many_edit_forms": saved.get("many_edit_forms")}
     else:
         config = training_config(editor_dir) or {}
         training = config.get("training") or {}
         setup = {"template": (config.get("data") or {}).get("template"), "answer_stop": training.get("answer_stop") or "none",
-                 "edit_forms": training.get("edit_forms") or ["wrapped"], "edit_rounds": 1, "many_edit_scale": 1.0}
+                 "edit_forms": training.get("edit_forms") or ["wrapped"], "edit_rounds": 1, "many_edit_scale": 1.0, "many_edit_forms": None}
     if setup["answer_stop"] not in ANSWER_STOPS:
         raise ValueError(f"{editor_dir}: answer_stop {setup['answer_stop']!r} is not one of {list(ANSWER_STOPS)}")
     setup["edit_forms"] = list(check_edit_forms(setup["edit_forms"], f"{editor_dir / EDITOR_CONFIG}: queries.edit_forms"))
+    setup["many_edit_forms"] = list(check_edit_forms(setup["many_edit_forms"], f"{editor_dir / EDITOR_CONFIG}: queries.many_edit_forms")
+                                    if setup["many_edit_forms"] is not None else default_many_edit_forms(setup["edit_forms"]))
     setup["edit_rounds"] = check_edit_rounds(setup["edit_rounds"], f"{editor_dir / EDITOR_CONFIG}: queries.edit_rounds")
     setup["many_edit_scale"] = check_many_edit_scale(setup["many_edit_scale"], f"{editor_dir / EDITOR_CONFIG}: queries.many_edit_scale")
     return setup
@@ -688,4 +701,4 @@ def load_editor(source: str | Path | None = None, instruction: str | int | None 
         chosen = dataclasses.replace(chosen, template=queries["template"])  # the template it was trained with
     return InstructEditor(editor, chosen if index is not None else None, index, name=str(source), model_name=editor.model_name,
                           answer_stop=queries["answer_stop"], edit_forms=queries["edit_forms"], edit_rounds=queries["edit_rounds"],
-                          many_edit_scale=queries["many_edit_scale"])
+                          many_edit_scale=queries["many_edit_scale"], many_edit_forms=queries["many_edit_forms"])

@@ -95,7 +95,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
 
     from instructedit.analysis.many_edits import key_memory, locality_texts, without_measured
     from instructedit.api import query_setup
-    from instructedit.config import check_edit_forms, load_config
+    from instructedit.config import check_edit_forms, load_config, many_edit_forms
     from instructedit.editors.base import scaled_step_sizes
     from instructedit.editors.learned import check_edit_rounds, undone_rounds_counted
     from instructedit.editors.mend import MENDEditor
@@ -190,7 +190,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms),
                         "answer_stop": data.collator.answer_stop, "edit_rounds": chosen_rounds,  # how its edits are made
-                        "many_edit_scale": many_edit_scale}
+                        "many_edit_scale": many_edit_scale, "many_edit_forms": list(many_edit_forms(data.collator.edit_forms))}
     extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
                             "rounds": chosen_rounds, "many_edit_scale": many_edit_scale,
                             "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
@@ -223,9 +223,12 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         forms = "".join(f", {k[len('gen_reliability_'):]} {_rate(v, k)}" for k in v if k.startswith("gen_reliability_"))
         print(f"{made}{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
               f"{_rate(v, 'gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
+    many = extra["queries"]["many_edit_forms"]
+    many_forms = f"; many edits made in {' + '.join(many)}" if many != list(data.collator.edit_forms) else ""
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"
           f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''}"
-          f"{f'; many edits (more than 16 in one call, or one after another) at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''})")
+          f"{f'; many edits (more than 16 in one call, or one after another) at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''}"
+          f"{many_forms})")
     for r, w, sc in missed:  # one validation case from another choice
         v = cells[r, w, sc]
         print(f"note: {r} round{'s' if r != 1 else ''}{'' if w is None else f', preservation weight {w:g}'}, α × {sc:g} said more "

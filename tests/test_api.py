@@ -378,3 +378,51 @@ def test_outlier_edits_are_judged_against_the_median_of_those_kept(tiny_gpt2_dir
     assert len(outliers.changes) == OUTLIER_HISTORY + 1  # the kept edit joined the history
     with pytest.raises(ValueError, match="> 1"):
         OutlierEdits(factor=1.0)
+
+
+def test_many_edits_leave_the_bare_question_out(tiny_chat_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                save_tiny_editor: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """An editor that makes a single edit in the three forms makes a call of more than 16 edits, and edits kept one after
+    another, without the bare question (``many_edit_forms``), as its editor_config.json says or, where it says nothing,
+    by ``config.many_edit_forms``; a few edits in one call keep the three."""
+    from instructedit import api
+    from instructedit.config import many_edit_forms
+
+    assert many_edit_forms(["chat", "plain", "wrapped"]) == ("wrapped", "chat")
+    assert many_edit_forms(["plain"]) == ("plain",) and many_edit_forms(["wrapped"]) == ("wrapped",)
+    editor_dir = save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor")
+    config = json.loads((editor_dir / "editor_config.json").read_text())
+    config["queries"] = {"instructions": True, "template": None, "answer_stop": "none", "edit_forms": ["wrapped", "plain", "chat"]}
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    editor = load_editor(editor_dir)
+    assert editor.edit_forms == ("wrapped", "plain", "chat") and editor.many_edit_forms == ("wrapped", "chat")
+    rows: list[int] = []
+    real = api.apply_in_rounds
+    monkeypatch.setattr(api, "apply_in_rounds", lambda e, m, batch, *r, **k: rows.append(batch.input_ids.shape[0]) or real(e, m, batch, *r, **k))
+    model, tok = load_model(str(tiny_chat_llama_dir))
+    edits = [Edit(prompt=f"The capital of land {i} is", target=f"city {i}") for i in range(17)]
+    with editor.apply(model, edits[:16], tok) as few:
+        assert few.how["edit_forms"] == ["wrapped", "plain", "chat"]
+    with editor.apply(model, edits, tok) as many:
+        assert many.how["edit_forms"] == ["wrapped", "chat"]
+    assert rows == [3 * 16, 2 * 17]
+    batches: list[int] = []
+    usual = editor.editor.apply
+    monkeypatch.setattr(editor.editor, "apply", lambda m, batch, *r, **k: batches.append(batch.input_ids.shape[0]) or usual(m, batch, *r, **k))
+    with editor.apply_sequential(model, edits[:3], tok) as one_by_one:
+        assert one_by_one.how["edit_forms"] == ["wrapped", "chat"]
+    assert batches == [2, 2, 2]
+    lines = tmp_path / "edits.jsonl"  # edit --file says how its call was made
+    lines.write_text("".join(json.dumps({"prompt": e.prompt, "target": e.target}) + "\n" for e in edits))
+    args = parser().parse_args(["edit", "--editor", str(editor_dir), "--file", str(lines), "--max-new-tokens", "2", "--device", "cpu"])
+    assert args.func(args) == 0
+    assert ("each asked in the forms wrapped + plain + chat (made in wrapped + chat: the editor makes its edits in wrapped + plain + "
+            "chat, many edits without the bare question)") in capsys.readouterr().out
+    config["queries"]["many_edit_forms"] = ["wrapped"]  # as saved, when saved
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    assert load_editor(editor_dir).many_edit_forms == ("wrapped",)
+    config["queries"]["many_edit_forms"] = ["bare"]
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"editor_config.json: queries.many_edit_forms: \['bare'\] must be distinct forms"):
+        load_editor(editor_dir)
+    assert InstructEditor(editor.editor, edit_forms=("wrapped", "plain"), many_edit_forms=("plain",)).many_edit_forms == ("plain",)

@@ -500,6 +500,9 @@ def test_edits_made_in_both_forms_are_trained_saved_loaded_and_calibrated(tiny_c
     assert main(["calibrate", "--run", str(run), "--scales", "1", "--locality-floor", "0", "--edit-forms", "plain,wrapped", "--output",
                  str(bare), "--device", "cpu", "--val-size", "4"]) == 0
     assert query_setup(bare)["edit_forms"] == ["wrapped", "plain"]
+    saved = json.loads((bare / "editor_config.json").read_text())["queries"]  # many edits leave the bare question out, said in the file
+    assert saved["many_edit_forms"] == query_setup(bare)["many_edit_forms"] == ["wrapped"]
+    assert json.loads((out / "editor_config.json").read_text())["queries"]["many_edit_forms"] == ["chat"]
     scores = json.loads((bare / "calibration.json").read_text())["scales"]["1"]
     assert scores["gen_reliability"] == pytest.approx((scores["gen_reliability_wrapped"] + scores["gen_reliability_plain"]) / 2)
     assert set(scores["ci"]) == {"gen_reliability", "gen_reliability_wrapped", "gen_reliability_plain", "gen_locality"}

@@ -499,7 +499,8 @@ def test_analyze_batch_makes_its_calls_in_the_edit_forms_given_and_asks_the_form
     assert main([*base, "--edit-forms", "plain,wrapped", "--ask-forms", "chat,plain", "--output", str(out)]) == 0
     assert rows == [2, 2, 8]
     entry = json.loads(out.read_text())["editors"][0]
-    assert entry["edit_forms"] == ["wrapped", "plain"] and entry["calibrated_edit_forms"] == ["wrapped"]
+    assert entry["edit_forms"] == entry["many_edit_forms"] == ["wrapped", "plain"]
+    assert entry["calibrated_edit_forms"] == {"edit_forms": ["wrapped"], "many_edit_forms": ["wrapped"]}
     assert entry["asked_forms"] == ["wrapped", "plain", "chat"]
     for point in entry["points"]:
         for key in ("gen_reliability", "gen_reliability_plain", "gen_reliability_chat"):
@@ -877,9 +878,9 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert changed and any(not torch.equal(together[k], sequential[k]) for k in changed)
     saved = json.loads((tmp_path / "together" / EDITS_FILE).read_text())
     assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None,
-                                                      "step_scale": 1.0}
+                                                      "step_scale": 1.0, "edit_forms": ["wrapped"]}
     assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False, "refused": [],
-                                                                                         "step_scale": 1.0}
+                                                                                         "step_scale": 1.0, "edit_forms": ["wrapped"]}
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
     assert "in one call (aggregation sum, 2 rounds)" in capsys.readouterr().out
@@ -896,7 +897,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     rounds = AutoModelForCausalLM.from_pretrained(tmp_path / "rounds").state_dict()
     assert all(torch.equal(by_api[k], rounds[k]) for k in changed) and any(not torch.equal(together[k], rounds[k]) for k in changed)
     applied = json.loads((tmp_path / "rounds" / EDITS_FILE).read_text())["applied"]
-    assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": None, "step_scale": 1.0}
+    assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": None, "step_scale": 1.0, "edit_forms": ["wrapped"]}
     assert main([*base, "--sequential", "--rounds", "2"]) == 2
     assert "not --sequential" in caplog.text
 
@@ -1006,7 +1007,7 @@ def test_sample_weight_weighs_the_editors_own_sample_in_one_call_and_restores_it
     assert applied["sample_weight"] == 5e4 and applied["rounds"] == 2
     with loaded.apply(model, edits, tok, rounds=1) as as_calibrated:
         assert as_calibrated.how == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": "as calibrated",
-                                     "step_scale": 1.0}
+                                     "step_scale": 1.0, "edit_forms": ["wrapped"]}
     assert main([*base, "--rounds", "auto"]) == 0  # three edits: made as one edit is
     assert "in one call (aggregation least_squares)\n" in capsys.readouterr().out
     with pytest.raises(SystemExit):
@@ -1403,3 +1404,21 @@ def test_rollback_to_re_applies_edits_made_with_a_key_memory(tiny_llama_dir: Pat
         assert all(torch.equal(want_two[k], v) for k, v in _state(model).items())
         assert held.calls == remembered[1] == 3 and all(held.past[k] is v for k, v in remembered[0].items())
     assert all(torch.equal(before[k], v) for k, v in _state(model).items())
+
+
+def test_evaluate_sequential_makes_its_edits_in_the_many_edit_forms(tiny_chat_llama_dir: Path, tmp_path: Path) -> None:
+    """An editor that makes a single edit in the three forms is evaluated on single edits in them, and kept one after another
+    (``--sequential``) without the bare question (``queries.many_edit_forms``), as ``apply_sequential`` makes them."""
+    from instructedit.cli import main
+
+    data = _zsre_file(tmp_path / "zsre.json", 3)
+    editor = _saved_editor(tiny_chat_llama_dir, tmp_path / "ls", "least_squares")
+    config = json.loads((editor / "editor_config.json").read_text())
+    config["queries"] = {"instructions": True, "template": None, "answer_stop": "none", "edit_forms": ["wrapped", "plain", "chat"]}
+    (editor / "editor_config.json").write_text(json.dumps(config))
+    base = ["evaluate", "--editor", str(editor), "--task", "zsre", "--data", str(data), "--device", "cpu", "--no-progress",
+            "--protocol", "teacher_forced"]
+    assert main([*base, "--output", str(tmp_path / "single.json")]) == 0
+    assert main([*base, "--sequential", "--output", str(tmp_path / "sequential.json")]) == 0
+    single, sequential = (json.loads((tmp_path / f"{name}.json").read_text())["settings"] for name in ("single", "sequential"))
+    assert single["edit_forms"] == ["wrapped", "plain", "chat"] and sequential["edit_forms"] == ["wrapped", "chat"]

@@ -16,6 +16,7 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 from __future__ import annotations
 
 import logging
+import copy
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -26,10 +27,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.config import PRESERVE_ANSWERS
+from instructedit.config import PRESERVE_ANSWERS, check_edit_forms
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, OutlierEdits, SequentialWeightEdits, keep_in_sequence, scaled_step_sizes
-from instructedit.editors.learned import apply_in_rounds, check_rounds, check_sample_weight, schedule_for
+from instructedit.editors.learned import AUTO_AS_SINGLE, apply_in_rounds, check_rounds, check_sample_weight, schedule_for
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -128,7 +129,11 @@ class _Generation:
         return [answer_scores(q, a, reference=self.pre[c]) for c, q, a in zip(cases, queries, post, strict=True)]
 
 
-def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: int | None):
+def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: int | None, forms: Sequence[str] | None = None):
+    """The records' edit inputs, each in ``forms`` (default: ``collator.edit_forms``)."""
+    if forms is not None and tuple(forms) != collator.edit_forms:
+        collator = copy.copy(collator)
+        collator.edit_forms = check_edit_forms(forms)
     pairs = [pair for r in records for pair in collator.edit_pairs(r, instruction)]
     return collator.qa_batch(pairs, "edit inputs", stop=True)
 
@@ -138,7 +143,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
                 progress: bool = True, memory: KeyMemory | None = None, singles: bool = False, rounds: int | str = 1,
                 sample_weight: float | None = None, unedited: Sequence[EditRecord] = (), single_rounds: int = 1,
                 many_edit_scale: float = 1.0, scored: Mapping[int, dict] | None = None,
-                on_point: Callable[[dict], None] | None = None, ask_forms: Sequence[str] = ("wrapped",)) -> dict:
+                on_point: Callable[[dict], None] | None = None, ask_forms: Sequence[str] = ("wrapped",),
+                many_forms: Sequence[str] | None = None) -> dict:
     """Quality and cost of N edits in one call, per N in ``sizes`` (the first N of ``records``); see the module docstring.
 
     ``memory``: every N-edit call solves with its keys held still (a least-squares editor and a preservation sample; give
@@ -159,7 +165,8 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
     ``on_point``: handed each N's point as soon as it is scored (to save it); ``scored``: points by N that an interrupted
     run of the same study scored, taken as they are instead of being made again (the single edits are made again).
     ``ask_forms``: the forms the edit prompt is asked in under generation ("wrapped": ``gen_reliability``; "plain", "chat":
-    ``gen_reliability_plain`` / ``_chat``); the edits are made in ``collator.edit_forms``.
+    ``gen_reliability_plain`` / ``_chat``); the edits are made in ``collator.edit_forms``, in a call of more than 16
+    (``AUTO_AS_SINGLE``) in ``many_forms`` (default: the same; the editor's ``queries.many_edit_forms``).
     """
     sizes = sorted(set(sizes))
     if not sizes or sizes[0] < 1 or sizes[-1] > len(records):
@@ -194,7 +201,7 @@ def batch_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: Ed
         """Cases lo..hi-1 edited in one call (of ``rounds`` rounds) and scored (``scored``: their probes); (seconds of the
         call, teacher-forced scores, generation scores, rounds made), at the step sizes × ``step_scale``. Rolled back afterwards. ``also``: receives the
         unedited records' locality (``unedited``) before the rollback."""
-        batch = _edit_batch(collator, records[lo:hi], instruction).to(device)
+        batch = _edit_batch(collator, records[lo:hi], instruction, many_forms if hi - lo > AUTO_AS_SINGLE else None).to(device)
         start = time.perf_counter()
         handle = apply_in_rounds(editor, model, batch, rounds, sample_weight, step_scale=step_scale)
         seconds = time.perf_counter() - start
@@ -346,10 +353,12 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
                      records: Sequence[EditRecord], held_out: Sequence[EditRecord], instruction: int | None, edits: int,
                      batch: int = 1, generation: bool = True, batch_size: int = 16, progress: bool = True,
                      on_point: Callable[[dict], None] | None = None, scored: Collection[int] = (),
-                     memory: KeyMemory | None = None, step_scale: float = 1.0) -> dict:
+                     memory: KeyMemory | None = None, step_scale: float = 1.0, forms: Sequence[str] | None = None,
+                     ask_forms: Sequence[str] = ("wrapped",)) -> dict:
     """Lifelong editing: ``edits`` cases edited ``batch`` per call, scored after 1, 2, 4, ... and ``edits``
     (``sequential_schedule``); see the module docstring. Every call is made in one round at the editor's step sizes ×
-    ``step_scale`` (the editor's ``queries.many_edit_scale``, as ``apply_sequential`` makes them).
+    ``step_scale`` (the editor's ``queries.many_edit_scale``, as ``apply_sequential`` makes them), in ``forms`` (default
+    ``collator.edit_forms``; the editor's ``queries.many_edit_forms``); ``ask_forms`` as ``batch_study``'s.
 
     ``held_out``: cases never edited; their locality prompt + answer form the perplexity sample.
     ``on_point``: called with each scored point (to save partial results of a long run).
@@ -367,7 +376,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
         raise ValueError("the held-out cases have no locality prompts to measure perplexity on")
     probes = _probes(collator, records, instruction)
     _score(model, collator, probes, batch_size)  # pre-edit argmax ids, for locality
-    asker = _Generation(model, tokenizer, collator, records, instruction) if generation else None
+    asker = _Generation(model, tokenizer, collator, records, instruction, forms=ask_forms) if generation else None
     guard = WeightGuard(model)
     base_ppl = perplexity(model, collator, texts, batch_size)
     # Weight edits are kept as ONE sequence holding one copy of the original weights (not one copy per call:
@@ -381,7 +390,7 @@ def sequential_study(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edito
         with remembering(editor, memory), scaled_step_sizes(editor, step_scale):
             while done < edits:
                 upto = min(done + batch, edits, next(m for m in marks if m > done))
-                edit_batch = _edit_batch(collator, records[done:upto], instruction).to(device)
+                edit_batch = _edit_batch(collator, records[done:upto], instruction, forms).to(device)
                 if not keep_in_sequence(weights, handles, editor.apply(model, edit_batch), edit_batch, outliers,
                                         where=f"edit call {done + 1}-{upto} of {edits}", memory=memory):
                     refused += range(done, upto)  # scored like every other edit: the model does not hold them

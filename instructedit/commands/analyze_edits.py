@@ -63,13 +63,6 @@ def add_edit_studies(studies: Any) -> None:
                         "the first max(--sizes), which no call edits (JSON: each point's 'unedited'): a larger locality sample than "
                         "the N edited records' own (default 0: none)")
     add_rounds_arguments(b, "every N-edit call (the --singles are made as the editor makes them: its calibrated weight and rounds)", 1)
-    b.add_argument("--edit-forms", type=_forms_argument, default=None, metavar="F,F",
-                   help="make every call's edits in these forms of the edit prompt, solved together (wrapped, plain, chat; "
-                        "default: the forms the editor was calibrated with, its edit_forms)")
-    b.add_argument("--ask-forms", type=_forms_argument, default=(), metavar="F,F",
-                   help="under generation, ask each edit prompt in these forms (wrapped, plain: the bare question, chat: the "
-                        "question as a chat user turn; JSON gen_reliability, gen_reliability_plain, gen_reliability_chat); "
-                        "wrapped is always asked (default: the forms the editor makes its edits in as calibrated)")
     add_key_memory_arguments(b, "every call's solve", past=False)
     b.add_argument("--restart", action="store_true",
                    help="ignore an unfinished FILE.json of the same study (by default the run resumes it: the N-edit calls it "
@@ -122,6 +115,14 @@ def _study_arguments(p: argparse.ArgumentParser, study: str) -> None:
     p.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     p.add_argument("--output", default=None, metavar="FILE.json",
                    help=f"results file (default results/analysis/{study}-<label>.json); the figure goes beside it as FILE.png")
+    p.add_argument("--edit-forms", type=_forms_argument, default=None, metavar="F,F",
+                   help="make every call's edits in these forms of the edit prompt, solved together (wrapped, plain, chat; "
+                        "default: as the editor makes them, in its edit_forms, and in its many_edit_forms in calls of more than "
+                        "16 edits and edits kept one after another)")
+    p.add_argument("--ask-forms", type=_forms_argument, default=(), metavar="F,F",
+                   help="under generation, ask each edit prompt in these forms (wrapped, plain: the bare question, chat: the "
+                        "question as a chat user turn; JSON gen_reliability, gen_reliability_plain, gen_reliability_chat); "
+                        "wrapped is always asked (default: the editor's edit_forms)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -146,17 +147,17 @@ def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
 
     wrapper, model, tokenizer, name = load_editor_and_model(path, args.model, args.instruction, resolve_device(args.device))
     editor = wrapper.editor_for(model, tokenizer)
-    forms = getattr(args, "edit_forms", None) or wrapper.edit_forms  # analyze batch --edit-forms
+    forms = args.edit_forms or wrapper.edit_forms
     collator = Collator(tokenizer, max_input_length(model), wrapper.pool, answer_stop=wrapper.answer_stop, edit_forms=forms)
     entry = {"label": label, "editor": str(path), "aggregation": aggregation(editor), "model": name, "instruction": wrapper.instruction,
              "answer_stop": wrapper.answer_stop, "edit_forms": list(forms), "calibrated_edit_rounds": wrapper.edit_rounds,
-             "calibrated_many_edit_scale": wrapper.many_edit_scale, "points": []}
-    if list(forms) != list(wrapper.edit_forms):
-        entry["calibrated_edit_forms"] = list(wrapper.edit_forms)
-    if getattr(args, "ask_forms", None) is not None:  # analyze batch: the wrapped prompt is always asked
-        entry["asked_forms"] = list(check_edit_forms(["wrapped", *(f for f in args.ask_forms or wrapper.edit_forms if f != "wrapped")]))
-        if "chat" in entry["asked_forms"] and not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"--ask-forms chat: {name}'s tokenizer has no chat template to ask the question in")
+             "many_edit_forms": list(args.edit_forms or wrapper.many_edit_forms), "calibrated_many_edit_scale": wrapper.many_edit_scale,
+             "points": []}
+    if args.edit_forms:
+        entry["calibrated_edit_forms"] = {"edit_forms": list(wrapper.edit_forms), "many_edit_forms": list(wrapper.many_edit_forms)}
+    entry["asked_forms"] = list(check_edit_forms(["wrapped", *(f for f in args.ask_forms or wrapper.edit_forms if f != "wrapped")]))
+    if "chat" in entry["asked_forms"] and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"--ask-forms chat: {name}'s tokenizer has no chat template to ask the question in")
     own = getattr(editor, "preservation", None)
     if own is not None:  # the editor's own preservation sample (instructedit calibrate --preserve): every solve holds it still
         entry["preservation"] = {"weight": own.text_weight, "source": editor.preservation_source}
@@ -207,8 +208,10 @@ ANSWERS_SAID = {"data": "answers", "model": "the unedited model's greedy answers
 RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "protocol", "seed", "edits", "batch", "held_out", "memory")
 BATCH_RESUME_KEYS = ("study", "task", "data_file", "split", "split_seed", "start", "distinct_subjects", "unedited_locality", "protocol",
                      "seed", "singles", "rounds", "memory")
+# an editor's entry in a sequential study: what its edits depend on beside the study's settings
+SEQUENTIAL_ENTRY_KEYS = ("calibrated_many_edit_scale", "many_edit_forms", "asked_forms")
 # an editor's entry in a batch study: what its points depend on beside the study's settings (a resumed run must load it so)
-ENTRY_KEYS = ("aggregation", "model", "instruction", "answer_stop", "edit_forms", "asked_forms", "calibrated_edit_rounds",
+ENTRY_KEYS = ("aggregation", "model", "instruction", "answer_stop", "edit_forms", "many_edit_forms", "asked_forms", "calibrated_edit_rounds",
               "calibrated_many_edit_scale", "ls_keys", "preservation")
 
 
@@ -372,7 +375,7 @@ def run_batch(args: argparse.Namespace) -> int:
                           memory=memory, singles=args.singles, rounds=args.rounds, sample_weight=args.sample_weight, unedited=unedited,
                           single_rounds=entry["calibrated_edit_rounds"], many_edit_scale=entry["calibrated_many_edit_scale"],
                           scored={p["n_edits"]: p for p in entry["points"]}, on_point=on_point,
-                          ask_forms=entry["asked_forms"])
+                          ask_forms=entry["asked_forms"], many_forms=entry["many_edit_forms"])
         entry.update({**out, "rolled_back_bitwise": True})  # batch_study verifies it after every N
         _write(output, result, BATCH_PANELS, title)
         _print_batch(label, entry)
@@ -440,10 +443,12 @@ def run_sequential(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         loaded = _load(args, path, label)
         entry = loaded.entry
-        if before is not None and before.get("calibrated_many_edit_scale", 1.0) != entry["calibrated_many_edit_scale"]:
-            raise ValueError(f"{output}: {label}'s edits were made at step sizes x {before.get('calibrated_many_edit_scale', 1.0):g}, "
-                             f"the editor now makes them at x {entry['calibrated_many_edit_scale']:g} (queries.many_edit_scale); "
-                             "pass --restart to start over")
+        # a file from before a key was recorded made its edits at step sizes x 1 in its edit forms and asked the wrapped prompt
+        old = {"calibrated_many_edit_scale": 1.0, "many_edit_forms": (before or {}).get("edit_forms", ["wrapped"]), "asked_forms": ["wrapped"]}
+        differ = [k for k in SEQUENTIAL_ENTRY_KEYS if before is not None and before.get(k, old[k]) != entry[k]]
+        if differ:
+            raise ValueError(f"{output}: {label}'s edits were made with another {', '.join(differ)} (e.g. {differ[0]}: "
+                             f"{before.get(differ[0])!r} then, {entry[differ[0]]!r} now); pass --restart to start over")
         entry["points"] = list(before["points"]) if before is not None else []
         result["editors"].append(entry)
         if entry["points"]:
@@ -460,7 +465,8 @@ def run_sequential(args: argparse.Namespace) -> int:
         out = sequential_study(loaded.model, loaded.tokenizer, loaded.editor, loaded.collator, records, held_out, loaded.instruction,
                                args.edits, batch=args.batch, generation=args.protocol == "both", batch_size=args.batch_size,
                                progress=not args.no_progress, on_point=on_point, scored={p["n_edits"] for p in entry["points"]},
-                               memory=memory, step_scale=entry["calibrated_many_edit_scale"])
+                               memory=memory, step_scale=entry["calibrated_many_edit_scale"], forms=entry["many_edit_forms"],
+                               ask_forms=entry["asked_forms"])
         if memory is not None:
             entry["memory"] = memory.state()
         entry.update({k: v for k, v in out.items() if k != "points"})  # base perplexity, texts, rolled_back_bitwise (checked)

@@ -304,11 +304,13 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     several = len(forms) > 1
+    made_in = f"the editor makes its edits in {' + '.join(editor.edit_forms)}"
+    if edited.how["edit_forms"] != list(editor.edit_forms):  # many edits: its many_edit_forms
+        made_in = f"made in {' + '.join(edited.how['edit_forms'])}: {made_in}, many edits without the bare question"
     form_cell = (lambda f: f"  {f:<7}") if several else (lambda f: "")
     lines = [f"editor: {args.editor}   model: {model_name}   instruction: {instruction}",
              f"{len(edits)} edits from {args.file}, applied {how}"
-             + (f"; each asked in the forms {' + '.join(forms)} (the editor makes its edits in {' + '.join(editor.edit_forms)})"
-                if several else ""), "",
+             + (f"; each asked in the forms {' + '.join(forms)} ({made_in})" if several else ""), "",
              f"{'line':>5}  {'prompt':<40}  {'target':<18}{form_cell('form')}  {'answer before':<{ANSWER_WIDTH}}  {'answer after':<{ANSWER_WIDTH}}  accuracy"]
     for (number, e), (says, acc), (says_after, acc_after) in zip(numbered, before, after):
         for k, f in enumerate(forms):  # the wrapped form's row names the edit and carries its teacher-forced accuracy

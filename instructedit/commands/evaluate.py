@@ -59,7 +59,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--edit-forms", default=None, metavar="FORMS",
                    help="comma-separated forms each edit is made in, solved together: wrapped (the instruction-wrapped prompt), plain "
                         "(the bare question), chat (the question as a chat user turn) (default: the editor's edit_forms from its "
-                        "editor_config.json, else wrapped)")
+                        "editor_config.json, else wrapped; --sequential: its many_edit_forms, which leave the bare question out)")
     p.add_argument("--edit-rounds", type=int, default=None, metavar="K",
                    help="the rounds each edit is made in, each on the model the earlier ones edited (a learned editor; default: the "
                         "editor's edit_rounds from its editor_config.json, chosen by calibrate --rounds, else 1; --sequential: 1)")
@@ -174,7 +174,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                     "--edit-rounds")
     if edit_rounds != 1 and args.sequential:
         raise ValueError(f"--edit-rounds {edit_rounds}: --sequential keeps one-round edits")
-    edit_forms = check_edit_forms(args.edit_forms or trained["edit_forms"], "--edit-forms")
+    edit_forms = check_edit_forms(args.edit_forms or (trained["many_edit_forms"] if args.sequential else trained["edit_forms"]), "--edit-forms")
     judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
     which, why = args.instruction, "given with --instruction"
