@@ -148,10 +148,12 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
             where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
             texts = preservation_texts(data.train, preserve, where)
         # the validation records' own locality prompts are what the calibration measures: holding them still would flatter it
+        sampled = len(texts)
         texts = without_measured(texts, set(locality_texts(records)), where, "the calibration")
         memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=preserve_weights[0])
+        left_out = f", without the {sampled - len(texts)} the calibration measures" if len(texts) < sampled else ""
         editor.set_preservation(memory, f"the locality prompts + answers of the first {preserve} records with one of {where} "
-                                        f"({len(texts)} texts, {memory.text_tokens} tokens)")
+                                        f"({len(texts)} texts{left_out}, {memory.text_tokens} tokens)")
         print(f"preservation sample: {editor.preservation_source}")
     partial = PartialGrid(output.with_name(output.name + PARTIAL), {
         "editor_sha256": editor_sha256(source), "scales": list(scales), "records": described, "sources": [r.source for r in records],

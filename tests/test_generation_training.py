@@ -368,7 +368,8 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
         assert main([*base[:-2], "--val-size", "2", "--val-data", str(data), "--preserve", "3", "--preserve-weight", "50",
                      "--preserve-data", str(data), "--output", str(tmp_path / "same-file")]) == 0
     assert f"left out {len(sample) - len(kept)} of its {len(sample)} texts that the calibration also measures" in caplog.text
-    assert f"({len(kept)} texts, " in json.loads((tmp_path / "same-file" / "calibration.json").read_text())["preservation"]["source"]
+    said = json.loads((tmp_path / "same-file" / "calibration.json").read_text())["preservation"]["source"]
+    assert f"({len(kept)} texts, without the {len(sample) - len(kept)} the calibration measures, " in said
     rebuilt = key_memory(source, trainer.model, trainer.data.collator, kept, past_weight=0.0, text_weight=50.0)
     assert MENDEditor.from_pretrained(tmp_path / "same-file").preservation.text_tokens == rebuilt.text_tokens
     # the options are checked before anything is loaded
