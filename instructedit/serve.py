@@ -161,7 +161,7 @@ class EditSession:
     """One model, one editor and the stack of edits applied to the model, newest last.
 
     Edits are applied one after another (each computed on the model as the earlier ones left it,
-    like ``apply_sequential``) and stay in the model. Rolling back edit ``i`` undoes it and every
+    like ``apply_sequential``, in the editor's ``many_edit_forms``) and stay in the model. Rolling back edit ``i`` undoes it and every
     newer edit, newest first, so the weights return bit for bit to their state before ``i``. The
     handles are never ``keep()``-ed: they hold the original weights until rolled back.
     Every model or tokenizer access holds ``lock`` (the web app serves requests from a threadpool).
@@ -216,7 +216,7 @@ class EditSession:
     # -- the operations the web app exposes ---------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {"tasks": list(TASKS), "sentiments": list(SENTIMENTS), "limits": asdict(self.limits), "max_tokens": self.max_tokens,
-                "instruction": self.editor.instruction, "edit_forms": list(self.editor.edit_forms), "answer_stop": self.editor.answer_stop}
+                "instruction": self.editor.instruction, "edit_forms": list(self.editor.many_edit_forms), "answer_stop": self.editor.answer_stop}
 
     def predict(self, prompt: str) -> dict[str, Any]:
         with self.lock:
@@ -230,7 +230,9 @@ class EditSession:
                 raise TooManyEditsError(f"{len(self._stack)} edits are active, the most this server keeps; roll some back first")
             self._check_edit_fits(edit)
             before = self._snapshot(edit)
-            handle = self.editor.apply(self.model, [edit], self.tokenizer)
+            # kept on top of the others: in the forms many edits are made in (no bare question: stacked bare-question edits
+            # broke most other answers, results/analysis/plain-edit-row/many-edit-forms/)
+            handle = self.editor.apply(self.model, [edit], self.tokenizer, forms=self.editor.many_edit_forms)
             try:
                 after = self._snapshot(edit)
             except BaseException:

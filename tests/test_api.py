@@ -405,7 +405,11 @@ def test_many_edits_leave_the_bare_question_out(tiny_chat_llama_dir: Path, tmp_p
         assert few.how["edit_forms"] == ["wrapped", "plain", "chat"]
     with editor.apply(model, edits, tok) as many:
         assert many.how["edit_forms"] == ["wrapped", "chat"]
-    assert rows == [3 * 16, 2 * 17]
+    with editor.apply(model, edits[:1], tok, forms=editor.many_edit_forms) as stacked:  # as the demo server keeps its edits
+        assert stacked.how["edit_forms"] == ["wrapped", "chat"]
+    assert rows == [3 * 16, 2 * 17, 2]
+    with pytest.raises(ValueError, match="must be distinct forms"):
+        editor.apply(model, edits[:1], tok, forms=["bare"])
     batches: list[int] = []
     usual = editor.editor.apply
     monkeypatch.setattr(editor.editor, "apply", lambda m, batch, *r, **k: batches.append(batch.input_ids.shape[0]) or usual(m, batch, *r, **k))

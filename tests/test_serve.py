@@ -287,3 +287,27 @@ def test_the_headline_asks_the_chat_question_where_the_model_has_a_chat_template
     says = {s["query"]: s for s in result["after"]["says"]}
     assert list(says) == ["edit prompt", "chat question"]
     assert says["chat question"]["prompt"] == f"User: {EDIT['prompt']}\nAssistant:"
+
+
+def test_edits_kept_on_top_of_each_other_are_made_without_the_bare_question(tiny_chat_llama_dir: Path, tmp_path: Path,
+                                                                            save_tiny_editor: Callable[..., Path],
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server keeps its edits one on top of another: an editor calibrated for the three forms makes them in its
+    many_edit_forms (wrapped + chat), and /api/info says so."""
+    import json
+
+    from instructedit import api
+
+    editor_dir = save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor")
+    config = json.loads((editor_dir / "editor_config.json").read_text())
+    config["queries"] = {"instructions": True, "template": None, "answer_stop": "none", "edit_forms": ["wrapped", "plain", "chat"]}
+    (editor_dir / "editor_config.json").write_text(json.dumps(config))
+    rows: list[int] = []
+    real = api.apply_in_rounds
+    monkeypatch.setattr(api, "apply_in_rounds", lambda e, m, batch, *r, **k: rows.append(batch.input_ids.shape[0]) or real(e, m, batch, *r, **k))
+    test_client, _ = serve(tiny_chat_llama_dir, editor_dir)
+    with test_client as http:
+        assert ok(http.get("/api/info"))["edit_forms"] == ["wrapped", "chat"]
+        ok(http.post("/api/edits", json=EDIT))
+        ok(http.post("/api/edits", json={**EDIT, "target": "Oslo"}))
+    assert rows == [2, 2]  # each edit's prompt wrapped and as a chat turn, not bare
