@@ -14,7 +14,7 @@ from typing import Any
 from instructedit.commands.common import (
     add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_eval_records, per_editor,
 )
-from instructedit.config import LS_KEYS
+from instructedit.config import LS_KEYS, check_edit_forms
 from instructedit.records import TASKS, EditRecord
 
 logger = logging.getLogger(__name__)
@@ -90,8 +90,6 @@ def add_edit_studies(studies: Any) -> None:
 
 def _forms_argument(value: str) -> tuple[str, ...]:
     """``wrapped,chat`` -> ("wrapped", "chat") in ``EDIT_FORMS`` order (an argparse ``type``)."""
-    from instructedit.config import check_edit_forms
-
     try:
         return check_edit_forms(value, "forms")
     except ValueError as exc:
@@ -141,7 +139,6 @@ class _Loaded:
 def _load(args: argparse.Namespace, path: str, label: str) -> _Loaded:
     """The editor with the instruction, template, answer stop and edit forms it was trained with, and its model (``--model`` or its own)."""
     from instructedit.commands.common import load_editor_and_model
-    from instructedit.config import check_edit_forms
     from instructedit.models.loading import max_input_length, resolve_device
     from instructedit.tasks.collate import Collator
 
