@@ -5,7 +5,6 @@ them, weighted W (0: the editor's own sample alone). Also the raw locality promp
     .venv/bin/python results/analysis/plain-edit-row/many-edit-forms/in_frame_sample.py EDITOR W N
 """
 import sys
-import torch
 import instructedit
 from instructedit.api import Edit
 from instructedit.analysis.many_edits import key_memory
