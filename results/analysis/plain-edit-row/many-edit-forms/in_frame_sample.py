@@ -1,8 +1,9 @@
 """A lead for in-frame locality: ``in_frame_locality.py``'s measurement, with the editor's preservation sample extended by
 the first 400 ZsRE training questions asked in the instruction's frame, continued with what the unedited model says to
 them, weighted W (0: the editor's own sample alone). Also the raw locality prompts of held-out records 64..127.
+SCALE (default 1): the editor's step sizes × SCALE.
 
-    .venv/bin/python results/analysis/plain-edit-row/many-edit-forms/in_frame_sample.py EDITOR W N
+    .venv/bin/python results/analysis/plain-edit-row/many-edit-forms/in_frame_sample.py EDITOR W N [SCALE]
 """
 import sys
 import instructedit
@@ -17,6 +18,7 @@ from instructedit.tasks.loaders import load_records
 from pathlib import Path
 
 editor = instructedit.load_editor(sys.argv[1]); new_weight = float(sys.argv[2]); n = int(sys.argv[3])
+scale = float(sys.argv[4]) if len(sys.argv) > 4 else 1.0
 model, tok = instructedit.load_model("smollm2-135m-instruct")
 mend = editor.editor
 own = mend.preservation
@@ -40,8 +42,10 @@ def answers(m):
     return out
 before = answers(model)
 kept = {f: [] for f in (*forms, "raw")}; took = {f: [] for f in forms}; said = {f: [] for f in forms}
+from instructedit.editors.base import scaled_step_sizes
+
 for edit in edits:
-    with editor.apply(model, [edit], tok) as edited:
+    with scaled_step_sizes(mend, scale), editor.apply(model, [edit], tok) as edited:
         after = answers(edited.model)
         for f in (*forms, "raw"):
             kept[f].append(sum(same_answer(a, b) for a, b in zip(after[f], before[f])) / len(after[f]))
@@ -49,7 +53,7 @@ for edit in edits:
             took[f].append(sum(exact_match(a, edit.target) for a in after[f]) / len(others))
             said[f].append(exact_match(first_line(greedy_generate(edited.model, tok, [editor.asked(edit, tok)[f]], [answer_budget(tok, edit.target)])[0]), edit.target))
 r = lambda v: (lambda c: f"{100*c.mean:.1f} [{100*c.low:.1f}, {100*c.high:.1f}]")(bootstrap_ci(v))
-print(f"{sys.argv[1]} + wrapped sample x{new_weight:g}, {n} edits")
+print(f"{sys.argv[1]} + wrapped sample x{new_weight:g}, {n} edits" + (f", step sizes x {scale:g}" if scale != 1 else ""))
 for f in forms:
     print(f"  {f:<8} said {r(said[f])}; others unchanged {r(kept[f])}; saying target {r(took[f])}")
 print(f"  raw locality prompts (records 64..127) unchanged {r(kept['raw'])}")
