@@ -433,9 +433,9 @@ class InstructEditor:
                    forms: Sequence[str] | None = None) -> TokenBatch:
         """Per edit, its prompt in each edit form (``forms``, default ``edit_forms``: wrapped; the chat question) + target
         (+ the stop token), labels on the target tokens (what the editor learns from)."""
-        collator = Collator(tokenizer, max_length, self.pool, answer_stop=self.answer_stop, edit_forms=forms or self.edit_forms)
+        collator = Collator(tokenizer, max_length, self.pool, answer_stop=self.answer_stop, edit_forms=self.edit_forms)
         instruction = self.instruction if self.pool is not None else None
-        pairs = [pair for e in edits for pair in collator.edit_pairs(e.record(), instruction)]
+        pairs = [pair for e in edits for pair in collator.edit_pairs(e.record(), instruction, forms)]
         return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,

@@ -16,7 +16,6 @@ prompts and answers of cases not edited). Rolled back at the end, bit for bit (c
 from __future__ import annotations
 
 import logging
-import copy
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -27,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.config import PRESERVE_ANSWERS, check_edit_forms
+from instructedit.config import PRESERVE_ANSWERS
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import Editor, OutlierEdits, SequentialWeightEdits, keep_in_sequence, scaled_step_sizes
 from instructedit.editors.learned import AUTO_AS_SINGLE, apply_in_rounds, check_rounds, check_sample_weight, schedule_for
@@ -131,10 +130,7 @@ class _Generation:
 
 def _edit_batch(collator: Collator, records: Sequence[EditRecord], instruction: int | None, forms: Sequence[str] | None = None):
     """The records' edit inputs, each in ``forms`` (default: ``collator.edit_forms``)."""
-    if forms is not None and tuple(forms) != collator.edit_forms:
-        collator = copy.copy(collator)
-        collator.edit_forms = check_edit_forms(forms)
-    pairs = [pair for r in records for pair in collator.edit_pairs(r, instruction)]
+    pairs = [pair for r in records for pair in collator.edit_pairs(r, instruction, forms)]
     return collator.qa_batch(pairs, "edit inputs", stop=True)
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 from typing import Any
 
 from instructedit.config import DEFAULT_MODEL, PRESERVE_ANSWERS, PRESERVE_KEYS
 from instructedit.records import EditRecord
 
-logger = logging.getLogger(__name__)
 
 
 def rounds_argument(text: str) -> int | str:

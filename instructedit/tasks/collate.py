@@ -151,13 +151,14 @@ class Collator:
             raise ValueError("an instruction index was given but the collator has no instruction pool")
         return self.pool.render(record, prompt, instruction)
 
-    def edit_pairs(self, record: EditRecord, instruction: int | None) -> list[tuple[str, str]]:
-        """The edit inputs (edit_inner) of ``record``, one per edit form: the wrapped prompt + target (ConvSent: the first k
-        target responses, the wrapped form only: it has no single answer), the bare prompt + target (without an
-        instruction it is the wrapped input, made once) and the chat form of the prompt + target."""
+    def edit_pairs(self, record: EditRecord, instruction: int | None, forms: Sequence[str] | None = None) -> list[tuple[str, str]]:
+        """The edit inputs (edit_inner) of ``record``, one per edit form (``forms``, default ``edit_forms``): the wrapped
+        prompt + target (ConvSent: the first k target responses, the wrapped form only: it has no single answer), the bare
+        prompt + target (without an instruction it is the wrapped input, made once) and the chat form of the prompt + target."""
         if record.convsent is not None:
             return [(self.wrap(record, record.prompt, instruction), r) for r in record.convsent.target_responses[: self.convsent_pairs]]
-        prompts = [self.form_prompt(record, form, instruction) for form in self.edit_forms]
+        forms = self.edit_forms if forms is None else check_edit_forms(forms)
+        prompts = [self.form_prompt(record, form, instruction) for form in forms]
         return [(prompt, record.target_new) for prompt in dict.fromkeys(prompts)]
 
     def form_prompt(self, record: EditRecord, form: str, instruction: int | None) -> str:
