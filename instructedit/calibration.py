@@ -35,10 +35,21 @@ def preservation_texts(records: list[EditRecord], count: int, where: str) -> lis
     return texts
 
 
+def in_frame_texts(records: list[EditRecord], instructions: list[int | None], collator: Any, count: int, measured: set[str],
+                   where: str) -> list[tuple[str, str]]:
+    """The in-frame preservation sample's (prompt, answer) pairs: the questions of the first ``count`` single-answer records
+    whose question the calibration does not ask (``measured``), each in every edit form of ``collator`` (the wrapped one in
+    the record's instruction), as the editor's users ask them; ``where`` names the records in an error."""
+    chosen = [(r, i) for r, i in zip(records, instructions, strict=True) if r.convsent is None and r.prompt not in measured][:count]
+    if not chosen:
+        raise ValueError(f"{where}: no single-answer record whose question the calibration does not ask itself")
+    return list(dict.fromkeys((collator.form_prompt(r, form, i), r.target_new) for r, i in chosen for form in collator.edit_forms))
+
+
 Grid = dict[int, dict[float | None, dict[float, dict[str, Any]]]]  # rounds -> preservation weight (None: none) -> multiplier -> scores
 
 
-def one_round_scale(grid: Grid, rounds: int, weight: float | None, chosen: float, locality_floor: float) -> float:
+def one_round_scale(grid: Grid, rounds: int, weight: float | None, chosen: float, locality_floor: float, in_frame_floor: float = 0.0) -> float:
     """The step sizes of many edits (in one call or one after another) relative to the ``chosen`` multiplier (``queries.many_edit_scale``): where
     ``rounds`` > 1 won and one round was tried, the one-round choice at the same ``weight`` (``choose_scale``) over
     ``chosen``; else 1."""
@@ -46,18 +57,18 @@ def one_round_scale(grid: Grid, rounds: int, weight: float | None, chosen: float
 
     if rounds == 1 or 1 not in grid or weight not in grid[1]:
         return 1.0
-    return choose_scale(grid[1][weight], locality_floor) / chosen
+    return choose_scale(grid[1][weight], locality_floor, in_frame_floor) / chosen
 
 
 Cell = tuple[int, float | None, float]  # (rounds, preservation weight, multiplier)
 
 
-def near_floor(cells: dict[Cell, dict[str, Any]], chosen: Cell, locality_floor: float) -> list[Cell]:
+def near_floor(cells: dict[Cell, dict[str, Any]], chosen: Cell, locality_floor: float, in_frame_floor: float = 0.0) -> list[Cell]:
     """The cells that said more than ``chosen`` and missed the locality floor by at most one validation case's share
-    (1 / ``gen_n``): a choice one case could turn (``calibrate`` names them, most said first)."""
+    (1 / ``gen_n``), at or above the in-frame floor: a choice one case could turn (``calibrate`` names them, most said first)."""
     said = cells[chosen]["gen_reliability"]
     near = [k for k, v in cells.items() if v.get("gen_n") and v["gen_reliability"] > said
-            and locality_floor - 1 / v["gen_n"] <= v["gen_locality"] < locality_floor]
+            and locality_floor - 1 / v["gen_n"] <= v["gen_locality"] < locality_floor and v.get("gen_locality_in_frame", 1.0) >= in_frame_floor]
     return sorted(near, key=lambda k: -cells[k]["gen_reliability"])
 
 
@@ -65,7 +76,8 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
               val_size: int | None = None, preserve: int | None = None, preserve_weights: Sequence[float] = (1000.0,),
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
               val_data: str | Path | None = None, answer_stop: str | None = None, model: Any = None, tokenizer: Any = None,
-              progress: bool = True, rounds: Sequence[int] = (1,), restart: bool = False) -> None:
+              progress: bool = True, rounds: Sequence[int] = (1,), restart: bool = False, in_frame_floor: float = 0.0,
+              in_frame: int | None = None, in_frame_weight: float = 500.0, in_frame_data: str | Path | None = None) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
 
@@ -83,6 +95,14 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     chosen multiplier is saved as ``queries.many_edit_scale``: a call of more than 16 edits makes rounds of its own
     (``editors.learned.schedule_for``, a rule fitted with one-round step sizes) and edits kept one after another are made
     in one round each, so both are made at the one-round step sizes.
+
+    Every cell also measures in-frame locality (``generation_scores(in_frame=True)``: another validation record's question
+    asked in the edit's forms and frame keeps its answer); ``in_frame_floor`` is the lowest accepted, as ``locality_floor``
+    is for the raw locality prompts (default 0: measured and reported only). ``in_frame`` records: the preservation sample
+    (which it needs) also holds still the keys of the questions of that many records asked in the editor's edit forms
+    (``in_frame_texts``), continued with what the unedited model says to them, counted as ``in_frame_weight`` tokens at
+    every preservation weight: of the run's training split, or of ``in_frame_data``, never the questions the calibration
+    asks (results/analysis/in-frame-locality/).
 
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
     ``progress``: a progress bar while each multiplier's answers are decoded.
@@ -106,6 +126,11 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
 
     if not 0 <= locality_floor <= 1:
         raise ValueError(f"--locality-floor must be in [0, 1], got {locality_floor}")
+    if not 0 <= in_frame_floor <= 1:
+        raise ValueError(f"--in-frame-floor must be in [0, 1], got {in_frame_floor}")
+    if in_frame is not None and (preserve is None or in_frame < 1 or in_frame_weight <= 0):
+        raise ValueError("--in-frame-preserve N (>= 1) joins the preservation sample: it needs --preserve (or --preserve-data) and "
+                         f"a positive --in-frame-weight, got N={in_frame}, weight {in_frame_weight:g}")
     rounds = sorted({check_edit_rounds(r, "--rounds") for r in rounds})
     if not rounds:
         raise ValueError("--rounds: give at least one number of rounds")
@@ -152,9 +177,32 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         texts = without_measured(texts, set(locality_texts(records)), where, "the calibration")
         memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=preserve_weights[0])
         left_out = f", without the {sampled - len(texts)} the calibration measures" if len(texts) < sampled else ""
-        editor.set_preservation(memory, f"the locality prompts + answers of the first {preserve} records with one of {where} "
-                                        f"({len(texts)} texts{left_out}, {memory.text_tokens} tokens)")
+        source_text = (f"the locality prompts + answers of the first {preserve} records with one of {where} "
+                       f"({len(texts)} texts{left_out}, {memory.text_tokens} tokens)")
+        own = memory.text
+        if in_frame is not None:
+            if in_frame_data is not None:
+                frame_records = load_records(Path(in_frame_data)).records
+                frame_where = f"--in-frame-data {in_frame_data}"
+                frame_instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(frame_records)
+            else:
+                frame_records, frame_where = data.train, f"the training split of {run}"
+                frame_instructions = data.instructions(frame_records, config.data.instruction_seed)
+            asked = {r.prompt for r in records}  # the calibration asks these questions in frame: holding them would flatter it
+            frame_texts = in_frame_texts(frame_records, frame_instructions, data.collator, in_frame, asked, frame_where)
+            framed = key_memory(editor, model, data.collator, frame_texts, 0.0, 1.0, answers="model", keys="all")
+            memory.text_tokens += framed.text_tokens
+            source_text += (f" + the questions of the first {in_frame} single-answer records of {frame_where} not asked by the "
+                            f"calibration, in the edit forms ({len(frame_texts)} texts, {framed.text_tokens} tokens, continued "
+                            f"with the unedited model's answers), counted as {in_frame_weight:g} tokens")
+        editor.set_preservation(memory, source_text)
         print(f"preservation sample: {editor.preservation_source}")
+
+    def weigh(weight: float) -> None:  # the covariance is the sample's; the weight only scales it. The in-frame sample keeps
+        memory.text_weight = weight   # its own: w·C + w_frame·C_frame = w·(C + w_frame/w·C_frame)
+        if in_frame is not None:
+            memory.text = {k: own[k] + in_frame_weight / weight * framed.text[k].to(own[k].device) for k in own}
+
     partial = PartialGrid(output.with_name(output.name + PARTIAL), {
         "editor_sha256": editor_sha256(source), "scales": list(scales), "records": described, "sources": [r.source for r in records],
         "edit_forms": list(data.collator.edit_forms), "answer_stop": data.collator.answer_stop,
@@ -164,7 +212,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     grid: Grid = {r: {} for r in rounds}
     for weight in preserve_weights if preserve is not None else [None]:
         if weight is not None:
-            memory.text_weight = weight  # the covariance is the sample's; the weight only scales it
+            weigh(weight)
             print(f"preservation weight {weight:g}:")
         for r in rounds:
             if len(rounds) > 1:
@@ -175,19 +223,20 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                 continue
             with undone_rounds_counted() as undone:
                 grid[r][weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales,
-                                                    progress=progress, intervals=True, rounds=r)
+                                                    progress=progress, intervals=True, rounds=r, in_frame=True)
             if undone.edits:
                 print(f"  {undone}")
             partial.save(kept | {(rr, w): per for rr, per_weight in grid.items() for w, per in per_weight.items()})
     cells = {(r, w, sc): v for r, per_weight in grid.items() for w, per in per_weight.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie fewer rounds, then the smaller multiplier, then the larger
     # preservation weight
-    chosen_rounds, chosen_weight, chosen = max(cells, key=lambda k: (selection_score(cells[k], locality_floor), -k[0], -k[2], k[1] or 0))
+    chosen_rounds, chosen_weight, chosen = max(cells, key=lambda k: (selection_score(cells[k], locality_floor, in_frame_floor),
+                                                                      -k[0], -k[2], k[1] or 0))
     per_scale = grid[chosen_rounds][chosen_weight]
-    many_edit_scale = one_round_scale(grid, chosen_rounds, chosen_weight, chosen, locality_floor)
-    missed = near_floor(cells, (chosen_rounds, chosen_weight, chosen), locality_floor)
+    many_edit_scale = one_round_scale(grid, chosen_rounds, chosen_weight, chosen, locality_floor, in_frame_floor)
+    missed = near_floor(cells, (chosen_rounds, chosen_weight, chosen), locality_floor, in_frame_floor)
     if chosen_weight is not None:
-        memory.text_weight = chosen_weight
+        weigh(chosen_weight)
     saved = json.loads((source / EDITOR_CONFIG).read_text())
     extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
     extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms),
@@ -197,7 +246,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                             "rounds": chosen_rounds, "many_edit_scale": many_edit_scale,
                             "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
                                                       for w, per in per_weight.items()} for r, per_weight in grid.items()},
-                            "locality_floor": locality_floor,
+                            "locality_floor": locality_floor, "in_frame_floor": in_frame_floor,
                             "near_floor": [{"rounds": r, "weight": w, "scale": sc, **{k: cells[r, w, sc][k] for k in ("gen_reliability", "gen_locality")}}
                                            for r, w, sc in missed],
                             "edit_forms": list(data.collator.edit_forms),
@@ -205,7 +254,9 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                             "preservation": None if editor.preservation is None else
                             {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
                              "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
-                                               for w, per in grid[chosen_rounds].items()}}}
+                                               for w, per in grid[chosen_rounds].items()},
+                             "in_frame": None if in_frame is None else {"records": in_frame, "weight": in_frame_weight,
+                                                                        "data": None if in_frame_data is None else str(in_frame_data)}}}
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with scaled_step_sizes(editor, chosen):
@@ -223,8 +274,10 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         weight = "" if w is None else f"preservation weight {w:g}, "
         made = f"{r} rounds, " if len(rounds) > 1 or r != 1 else ""
         forms = "".join(f", {k[len('gen_reliability_'):]} {_rate(v, k)}" for k in v if k.startswith("gen_reliability_"))
+        framed_rate = (f", in the edit's frame {_rate(v, 'gen_locality_in_frame')} (saying the target {_rate(v, 'gen_in_frame_target')})"
+                       if "gen_locality_in_frame" in v else "")
         print(f"{made}{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
-              f"{_rate(v, 'gen_locality')} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
+              f"{_rate(v, 'gen_locality')}{framed_rate} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
     many = extra["queries"]["many_edit_forms"]
     many_forms = f"; many edits made in {' + '.join(many)}" if many != list(data.collator.edit_forms) else ""
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"

@@ -382,6 +382,15 @@ def test_case_queries_forms(tiny_llama_dir: Path) -> None:
     assert [(q.family, q.form) for q in bare][:2] == [("reliability", "wrapped"), ("generalization", "wrapped")]
     assert bare[0].prompt == cf.prompt  # no instruction: 'wrapped' is the raw prompt, and no separate plain form
     assert all(q.family != "reliability" for q in case_queries(collator, cf, 0, ()))
+    # in-frame locality: another record's question asked in each form the edit prompt is asked in, in the edit's frame
+    cf_loc = records()[1]
+    framed = [q for q in case_queries(collator, cf, 0, ("wrapped", "plain"), in_frame=cf_loc) if q.family == "locality_in_frame"]
+    assert [(q.form, q.prompt) for q in framed] == [("wrapped", collator.wrap(cf, cf_loc.prompt, 0)), ("plain", cf_loc.prompt)]
+    assert [q.metric for q in framed] == ["gen_locality_in_frame", "gen_locality_in_frame_plain"]
+    # the edit's target; room for the other record's answer and for the target
+    assert all(q.target == "Rome" and q.budget == max(answer_budget(tokenizer, "piano"), answer_budget(tokenizer, "Rome")) for q in framed)
+    scores = answer_scores(framed, [" Rome\n", " piano"], reference=[" piano", " piano"])
+    assert scores == {"gen_locality_in_frame": 0.0, "gen_locality_in_frame_plain": 1.0, "gen_in_frame_target": 1.0, "gen_in_frame_target_plain": 0.0}
     fluency = case_queries(collator, cs, 0, ("wrapped",))  # ConvSent: no single answer to match; one response for fluency
     assert [(q.family, q.budget) for q in fluency] == [("fluency", 48)] and fluency[0].prompt.endswith("Input: What do you think of Estero?")
     tokenizer.chat_template = "{{ bos_token }}{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
@@ -421,6 +430,8 @@ def test_generation_locality_is_one_for_a_no_op_edit_and_drops_for_a_big_one(tin
     kept = evaluate(model, tokenizer, NoOpEditor(), records(), POOL, 0, progress=False, sequential=sequential)
     asked = [c for c in kept.cases if c.task == "counterfact"]
     assert [c.gen_post["gen_locality"] for c in asked] == [1.0, 1.0]
+    assert [c.gen_post["gen_locality_in_frame"] for c in asked] == [1.0, 1.0] and kept.settings.in_frame_locality
+    assert {a["question"] for a in asked[0].answers if a["family"] == "locality_in_frame"} == {records()[1].prompt}  # the next CounterFact record's
     assert all(a["pre"] == a["post"] for c in asked for a in c.answers)
     assert all(c.gen_pre["gen_reliability"] == c.gen_post["gen_reliability"] for c in asked)
     # ConvSent: no answer to match; its response is scored for fluency only, the same before and after a no-op edit
@@ -429,6 +440,9 @@ def test_generation_locality_is_one_for_a_no_op_edit_and_drops_for_a_big_one(tin
     before = {k: v.clone() for k, v in model.state_dict().items()}
     noisy = evaluate(model, tokenizer, NoiseEditor(), records(), POOL, 0, progress=False, sequential=sequential)
     assert noisy.aggregates["counterfact"]["gen_post"]["gen_locality"].mean < 1.0
+    assert noisy.aggregates["counterfact"]["gen_post"]["gen_locality_in_frame"].mean < 1.0
+    unframed = evaluate(model, tokenizer, NoOpEditor(), records(), POOL, 0, progress=False, sequential=sequential, in_frame=False)
+    assert not unframed.settings.in_frame_locality and "gen_locality_in_frame" not in unframed.aggregates["counterfact"]["gen_post"]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # rolled back bitwise (and verified per case)
 
 
@@ -477,7 +491,7 @@ def test_mend_fast_path_edits_once_per_case_and_restores(tiny_model_dir: Path, m
     assert report.restoration["per_case_checks"] == 3 and "written for generation" in report.restoration["mode"]
     forms = {(a["family"], a["form"]) for a in report.cases[0].answers}
     assert forms == {("reliability", "wrapped"), ("reliability", "plain"), ("generalization", "wrapped"), ("portability", "wrapped"),
-                     ("locality", "raw")}
+                     ("locality", "raw"), ("locality_in_frame", "wrapped"), ("locality_in_frame", "plain")}
 
 
 def test_cases_answered_together_equal_one_case_at_a_time(tiny_model_dir: Path) -> None:
@@ -708,8 +722,8 @@ def test_answers_begun_from_the_teacher_forced_pass_equal_answers_decoded_from_s
     assert [c.answers for c in together.cases] == [c.answers for c in alone.cases]
     assert [c.gen_post for c in together.cases] == [c.gen_post for c in alone.cases]
     flat = [pair for case in seeds for pair in case]
-    # every query but the plain question and ConvSent's response (scored for fluency, no probe)
-    asked_as_probes = sum(a["form"] != "plain" and a["family"] != "fluency" for c in together.cases for a in c.answers)
+    # every query but the plain question, ConvSent's response (scored for fluency) and the in-frame questions: no probe
+    asked_as_probes = sum(a["form"] != "plain" and a["family"] not in ("fluency", "locality_in_frame") for c in together.cases for a in c.answers)
     assert sum(pair is not None for pair in flat) == asked_as_probes and sum(prefilled) == len(flat) - asked_as_probes
     assert max(len(pair[0].given) for pair in flat if pair is not None) >= 2  # answers begun by several accepted tokens
     stops = set(stop_token_ids(tokenizer)[0].tolist()) | {tokenizer.eos_token_id}

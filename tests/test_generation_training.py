@@ -171,6 +171,20 @@ def test_choose_scale_prefers_reliability_above_the_locality_floor() -> None:
     assert choose_scale({1.0: {"gen_reliability": 0.0, "gen_locality": 0.5}, 2.0: {"gen_reliability": 0.3, "gen_locality": 0.4}}, 0.9) == 1.0
     tie = {1.0: {"gen_reliability": 0.5, "gen_locality": 1.0}, 2.0: {"gen_reliability": 0.5, "gen_locality": 1.0}}
     assert choose_scale(tie, 0.9) == 1.0  # the smaller step on ties
+    # an in-frame floor, where in-frame locality was measured: 2.0 keeps raw prompts but changes other in-frame answers
+    framed = {s: v | {"gen_locality_in_frame": f} for (s, v), f in zip(per_scale.items(), (0.95, 0.6, 0.3))}
+    assert choose_scale(framed, 0.6) == 3.0 and choose_scale(framed, 0.6, in_frame_floor=0.5) == 2.0
+    assert choose_scale(framed, 0.6, in_frame_floor=0.9) == 1.0
+    assert choose_scale(framed, 0.6, in_frame_floor=0.99) == 1.0  # none meets it: the least short of its floors
+    assert choose_scale(per_scale, 0.9, in_frame_floor=0.99) == 2.0  # not measured: not required
+
+
+def test_in_frame_questions_are_the_next_of_the_same_task() -> None:
+    from instructedit.evaluation.generation_probes import in_frame_neighbours
+    from instructedit.records import EditRecord
+
+    records = [EditRecord(task=t, prompt=f"q{i}", target_new="a", source=f"s{i}") for i, t in enumerate("aabab" + "c")]
+    assert in_frame_neighbours(records) == [1, 3, 4, 0, 2, 0]  # c has no other: the next record of any task
 
 
 def test_calibration_names_the_cells_one_validation_case_from_the_floor() -> None:
@@ -327,6 +341,7 @@ def test_an_interrupted_calibration_resumes_from_the_cells_it_finished(tiny_llam
 def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llama_dir: Path, shared_data_dir: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     from instructedit.analysis.many_edits import key_memory, locality_texts
+    from instructedit.calibration import in_frame_texts
     from instructedit.cli import main
     from instructedit.editors.mend import MENDEditor
     from instructedit.tasks.loaders import load_records
@@ -372,7 +387,28 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
     assert f"({len(kept)} texts, without the {len(sample) - len(kept)} the calibration measures, " in said
     rebuilt = key_memory(source, trainer.model, trainer.data.collator, kept, past_weight=0.0, text_weight=50.0)
     assert MENDEditor.from_pretrained(tmp_path / "same-file").preservation.text_tokens == rebuilt.text_tokens
+    # an in-frame sample: the questions of training records asked in the edit forms, held at their own weight beside the sample
+    framed_out = tmp_path / "in-frame"
+    assert main([*base, "--preserve", "3", "--preserve-weight", "50", "--in-frame-preserve", "4", "--in-frame-weight", "20",
+                 "--in-frame-floor", "0.5", "--output", str(framed_out)]) == 0
+    report = json.loads((framed_out / "calibration.json").read_text())
+    assert report["in_frame_floor"] == 0.5 and report["preservation"]["in_frame"] == {"records": 4, "weight": 20.0, "data": None}
+    assert "+ the questions of the first 4 single-answer records of the training split of" in report["preservation"]["source"]
+    assert all("gen_locality_in_frame" in v and "gen_in_frame_target" in v for v in report["scales"].values())
+    asked = {r.prompt for r in trainer.data.val[:5]}
+    questions = in_frame_texts(trainer.data.train, trainer.data.instructions(trainer.data.train, config.data.instruction_seed),
+                               trainer.data.collator, 4, asked, "x")
+    assert len(questions) == 4 and not {q for q, _ in questions} & asked and all(q.startswith("Task: ") for q, _ in questions)
+    own = key_memory(source, trainer.model, trainer.data.collator, samples["train"][1], past_weight=0.0, text_weight=50.0)
+    framed = key_memory(source, trainer.model, trainer.data.collator, questions, 0.0, 1.0, answers="model")
+    calibrated = MENDEditor.from_pretrained(framed_out).eval()
+    assert calibrated.preservation.text_weight == 50.0 and calibrated.preservation.text_tokens == own.text_tokens + framed.text_tokens
+    for weight, covariance in own.text.items():  # 50·C + 20·C_frame, kept as 50·(C + 20/50·C_frame)
+        torch.testing.assert_close(calibrated.preservation.text[weight], covariance + 20 / 50 * framed.text[weight])
     # the options are checked before anything is loaded
+    assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--in-frame-preserve", "3"]) == 2
+    assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve", "3", "--in-frame-data", str(data)]) == 2
+    assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--in-frame-floor", "2"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-weight", "3"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve", "3", "--preserve-weight", "5,x"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-data", str(tmp_path / "none.json")]) == 2
@@ -425,6 +461,7 @@ def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny
     from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, greedy_generate, normalize_answer
     from instructedit.editors.base import scaled_step_sizes
     from instructedit.evaluation.generation_check import generation_scores
+    from instructedit.evaluation.generation_probes import in_frame_neighbours
 
     config = load_config(TINY, [f"model.name={tiny_llama_dir}", f"data.template={json.dumps(PREFIX_TEMPLATE)}", "training.answer_stop=newline"])
     trainer = Trainer(config, tmp_path, show_progress=False)
@@ -435,26 +472,37 @@ def test_generation_scores_with_row_edits_equal_edits_written_one_at_a_time(tiny
     instructions = [0] * len(records)
     scales = (0.01, 0.3, 1.0, 10.0)
 
+    neighbours = in_frame_neighbours(records)
+
     def one_at_a_time(scale: float) -> dict[str, float]:
-        rel, same = [], []
-        for r in records:
+        rel, same, framed, took = [], [], [], []
+        for r, k in zip(records, neighbours):
             prompt = collator.wrap(r, r.prompt, 0)
+            other = collator.wrap(r, records[k].prompt, 0)  # another record's question in this edit's frame
             loc = r.locality[0]
-            before = greedy_generate(model, tok, [loc.prompt], answer_budget(tok, loc.answer))[0]
+            before = greedy_generate(model, tok, [loc.prompt, other], [answer_budget(tok, loc.answer), max(answer_budget(tok, records[k].target_new), answer_budget(tok, r.target_new))])
             with scaled_step_sizes(editor, scale):
                 result = editor.edit(model, collator.qa_batch([(prompt, r.target_new)], r.source, stop=True))
             with apply_in_place(model, result), torch.no_grad():
                 said = greedy_generate(model, tok, [prompt], answer_budget(tok, r.target_new))[0]
-                after = greedy_generate(model, tok, [loc.prompt], answer_budget(tok, loc.answer))[0]
+                after = greedy_generate(model, tok, [loc.prompt, other], [answer_budget(tok, loc.answer), max(answer_budget(tok, records[k].target_new), answer_budget(tok, r.target_new))])
             rel.append(exact_match(first_line(said), r.target_new))
-            same.append(float(normalize_answer(first_line(after)) == normalize_answer(first_line(before))))
+            same.append(float(normalize_answer(first_line(after[0])) == normalize_answer(first_line(before[0]))))
+            framed.append(float(normalize_answer(first_line(after[1])) == normalize_answer(first_line(before[1]))))
+            took.append(exact_match(first_line(after[1]), r.target_new))
         per_case[scale] = {"gen_reliability": rel, "gen_locality": same}
+        in_frame[scale] = {"gen_locality_in_frame": sum(framed) / len(framed), "gen_in_frame_target": sum(took) / len(took)}
         return {"gen_reliability": sum(rel) / len(rel), "gen_locality": sum(same) / len(same), "gen_n": len(rel)}
 
     editor.eval()
     per_case: dict[float, dict[str, list[float]]] = {}
+    in_frame: dict[float, dict[str, float]] = {}
     expected = {scale: one_at_a_time(scale) for scale in scales}
     assert generation_scores(model, tok, editor, collator, records, instructions, scales) == expected
+    # in-frame locality: the neighbour's question asked in the edit's frame, as asked one edit at a time above
+    assert generation_scores(model, tok, editor, collator, records, instructions, scales, in_frame=True) == {
+        scale: expected[scale] | in_frame[scale] for scale in scales}
+    assert len({v["gen_locality_in_frame"] for v in in_frame.values()}) > 1
     # with intervals: the same rates, and each rate's bootstrap interval over the same per-record values
     with_ci = generation_scores(model, tok, editor, collator, records, instructions, scales, intervals=True)
     for scale in scales:

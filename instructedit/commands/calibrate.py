@@ -24,6 +24,13 @@ saved (``queries.edit_rounds``) and used wherever the editor makes a single edit
 one-round choice is saved too, as a multiplier of the chosen step sizes (``queries.many_edit_scale``): many edits (more
 than 16 in one call, which make rounds of their own, or edits kept one after another) are made at the one-round step
 sizes, with which those schedules were fitted (ZsRE, 256 held-out edits: 70.3 % said at the one-round ×3 against 46.5 % at the two-round ×2).
+
+Every cell also measures in-frame locality: another validation record's question, asked in the edit's forms and frame,
+keeps its answer (``--in-frame-floor``: the lowest accepted; by default measured only). An edit made in the
+instruction's frame changes the answers to other questions asked in that frame far more than the raw locality prompts
+show; ``--in-frame-preserve N`` adds such questions (of N training records, or of ``--in-frame-data``, continued with
+the unedited model's answers) to the preservation sample at their own weight (``--in-frame-weight``), so the solve holds
+their keys still (results/analysis/in-frame-locality/).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from instructedit.config import ANSWER_STOPS
 SCALES, PRESERVED_SCALES = "1,1.5,2,3", "2,3,4,5,6"  # multipliers tried without and with a preservation sample
 # the preservation sample's defaults: the recommended editor's (results/least-squares-zsre-smollm2/; weight 1000 chosen)
 PRESERVE_RECORDS, PRESERVE_WEIGHTS = 400, "1000,3000,10000"
+IN_FRAME_WEIGHT = 500.0  # the in-frame sample's (results/analysis/in-frame-locality/)
 
 
 def add_calibrate_parser(subparsers: Any) -> None:
@@ -51,6 +59,19 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--scales", default=None,
                    help=f"comma-separated multipliers to try (default {SCALES}; {PRESERVED_SCALES} with a preservation sample)")
     p.add_argument("--locality-floor", type=float, default=0.9, help="lowest generation locality accepted (default 0.9)")
+    p.add_argument("--in-frame-floor", type=float, default=0.0,
+                   help="lowest in-frame locality accepted: the share of other validation questions, asked in the edit's forms and "
+                        "frame, whose answer the edit leaves alone (always measured and reported; default 0: not required)")
+    p.add_argument("--in-frame-preserve", type=int, default=None, metavar="N",
+                   help="least-squares editors, with --preserve: the preservation sample also holds still the questions of N records "
+                        "asked in the editor's edit forms (the wrapped one in the instruction), continued with the unedited model's "
+                        "answers, so an edit leaves other questions asked in its frame alone; of the run's training split, or of "
+                        "--in-frame-data, never the questions the calibration asks")
+    p.add_argument("--in-frame-weight", type=float, default=IN_FRAME_WEIGHT, metavar="W",
+                   help=f"the in-frame sample's key covariance counted as W tokens at every --preserve-weight (default {IN_FRAME_WEIGHT:g})")
+    p.add_argument("--in-frame-data", default=None, metavar="FILE",
+                   help="take the in-frame sample's questions from FILE (e.g. ZsRE's training file; never the file you evaluate on) "
+                        "instead of the run's training split")
     p.add_argument("--output", required=True, metavar="DIR", help="where to write the calibrated editor (a new folder)")
     p.add_argument("--val-size", type=int, default=None, metavar="N",
                    help="validation records to try the multipliers on (default: the run's training.val_size); ConvSent's have no "
@@ -135,11 +156,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from instructedit.calibration import calibrate
 
     preserve = check_preservation_arguments(args)
-    if args.val_data is not None and not Path(args.val_data).is_file():
-        raise FileNotFoundError(f"--val-data {args.val_data}: no such file")
+    for flag, path in (("--val-data", args.val_data), ("--in-frame-data", args.in_frame_data)):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{flag} {path}: no such file")
+    if args.in_frame_data is not None and args.in_frame_preserve is None:
+        raise ValueError("--in-frame-data: the in-frame sample needs --in-frame-preserve N")
     scales = parse_scales(args.scales if args.scales is not None else PRESERVED_SCALES if preserve else SCALES)
     calibrate(args.run, args.output, scales, checkpoint=args.checkpoint, locality_floor=args.locality_floor, val_size=args.val_size,
               preserve=args.preserve if preserve else None, preserve_weights=args.preserve_weight, preserve_data=args.preserve_data,
               edit_forms=args.edit_forms, device=args.device, val_data=args.val_data, answer_stop=args.answer_stop,
-              progress=not args.no_progress, rounds=parse_rounds(args.rounds), restart=args.restart)
+              progress=not args.no_progress, rounds=parse_rounds(args.rounds), restart=args.restart, in_frame_floor=args.in_frame_floor,
+              in_frame=args.in_frame_preserve, in_frame_weight=args.in_frame_weight, in_frame_data=args.in_frame_data)
     return 0

@@ -65,6 +65,9 @@ def add_evaluate_parser(subparsers: Any) -> None:
                         "editor's edit_rounds from its editor_config.json, chosen by calibrate --rounds, else 1; --sequential: 1)")
     p.add_argument("--queries", default=",".join(QUERY_FORMS), metavar="FORMS",
                    help=f"comma-separated forms of the edit prompt the generation protocol asks (default: {','.join(QUERY_FORMS)})")
+    p.add_argument("--no-in-frame", action="store_true",
+                   help="the generation protocol does not ask each case the next record's question in the case's forms and frame "
+                        "(in-frame locality: gen_locality_in_frame, gen_in_frame_target)")
     p.add_argument("--generation-batch-size", type=int, default=32, metavar="N", help="most queries per greedy generation batch")
     p.add_argument("--judge", action="store_true",
                    help="also ask an LLM judge whether the answer states the target (OpenAI-compatible endpoint from "
@@ -102,6 +105,10 @@ HEADLINE_ROWS = (  # (row label, teacher-forced metric, generation metric)
     ("reliability, judge", None, "gen_reliability_judge"),
     ("generalization", "generalization", "gen_generalization"),
     ("locality", "locality", "gen_locality"),
+    ("locality in the edit's frame", None, "gen_locality_in_frame"),
+    ("  saying the edit's target", None, "gen_in_frame_target"),
+    ("  ... asked bare", None, "gen_locality_in_frame_plain"),
+    ("  ... asked as a chat turn", None, "gen_locality_in_frame_chat"),
     ("portability", "portability", "gen_portability"),
 )
 
@@ -215,7 +222,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_resuming(output, model, tokenizer, editor, records, pool, instruction, settings, restart=args.restart,
                                load_skipped=load_skipped, batch_size=args.batch_size, sequential=args.sequential,
                                progress=not args.no_progress, protocol=args.protocol, answer_stop=answer_stop, edit_forms=edit_forms,
-                               queries=forms, generation_batch_size=args.generation_batch_size, judge=judge, memory=memory,
+                               queries=forms, in_frame=not args.no_in_frame, generation_batch_size=args.generation_batch_size,
+                               judge=judge, memory=memory,
                                edit_rounds=edit_rounds,
                                step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
     markdown = write_markdown([report], markdown_path)

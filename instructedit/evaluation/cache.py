@@ -77,7 +77,8 @@ def evaluate_cached(path: str | Path, model: nn.Module, tokenizer: Any, load_edi
 PARTIAL = ".partial.jsonl"
 # evaluate's options that change a case's numbers (padding, grouping, precision of float rounding) or what is asked, beside
 # IDENTITY: a partial file resumes only a run made with the same ones
-RUN_OPTIONS = ("batch_size", "convsent_pairs", "max_length", "fast", "pack_rows", "queries", "generation_batch_size", "cases_together")
+RUN_OPTIONS = ("batch_size", "convsent_pairs", "max_length", "fast", "pack_rows", "queries", "in_frame", "generation_batch_size",
+               "cases_together")
 
 
 def partial_path(report: str | Path) -> Path:

@@ -25,6 +25,7 @@ from instructedit.editors.rounds import rounds_result
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, same_answer
+from instructedit.evaluation.generation_probes import in_frame_neighbours
 from instructedit.models.architectures import transposed_of
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator, PromptTooLongError
@@ -36,7 +37,7 @@ CASES_TOGETHER = 8  # records whose edits are held at once; their queries decode
 def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,
                       records: Sequence[EditRecord], instructions: Sequence[int | None],
                       scales: Sequence[float] = (1.0,), progress: bool = False, intervals: bool = False,
-                      rounds: int = 1) -> dict[float, dict]:
+                      rounds: int = 1, in_frame: bool = False) -> dict[float, dict]:
     """Per α multiplier: mean generation reliability and generation locality over ``records``, with n; with
     ``intervals``, also ``ci``: each rate's 95 % bootstrap interval over the records, ``{name: [low, high]}``.
 
@@ -52,6 +53,13 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     ``rounds`` > 1: each edit is made in that many rounds (``editors.rounds.rounds_result``, as ``apply`` makes them, each
     round with the rounds before it added by hooks), once per multiplier: later rounds start from the earlier ones'
     edits, so the update is no longer linear in α.
+
+    ``in_frame``: also in-frame locality, ``gen_locality_in_frame``: whether another record's question (the next record of
+    the same task, ``in_frame_neighbours``), asked in each of the edit's forms and frame (wrapped in the edit's
+    instruction), gets the answer it got from the unedited model (the mean of the forms', each reported as
+    ``gen_locality_in_frame_<form>``), and ``gen_in_frame_target``: the share of those answers that now say the edit's
+    target. The paper's locality asks raw locality prompts only; an edit made in the instruction's frame can change the
+    answers to other questions asked in that frame far more (results/analysis/plain-edit-row/many-edit-forms/).
     """
     cases = []
     forms = collator.edit_forms
@@ -63,15 +71,22 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
             batch = collator.qa_batch(pairs, record.source, stop=True)
         except PromptTooLongError:
             continue
-        cases.append((record, [collator.form_prompt(record, form, index) for form in forms], batch))  # one question per form
+        cases.append((record, [collator.form_prompt(record, form, index) for form in forms], batch, index))  # one question per form
     if not cases:
         return {scale: {"gen_n": 0} for scale in scales}
+    neighbours = in_frame_neighbours([case[0] for case in cases]) if in_frame and len(cases) > 1 else None
+    if neighbours is not None:  # each case also asks its neighbour's question in each of its own forms
+        cases = [(record, [*asked, *(collator.form_prompt(record, form, index, cases[k][0].prompt) for form in forms)], batch, index)
+                 for (record, asked, batch, index), k in zip(cases, neighbours, strict=True)]
     device = next(model.parameters()).device
     split = editor.split(model)
     transposed = transposed_of(editor.weights)
-    per_case = len(forms) + 1  # the edit's prompt in each form, then the locality prompt
+    # the edit's prompt in each form, the locality prompt, then (in_frame) the neighbour's question in each form
+    per_case = len(forms) + 1 + (len(forms) if neighbours is not None else 0)
     said_in: dict[float, dict[str, list[float]]] = {scale: {form: [] for form in forms} for scale in scales}
     same: dict[float, list[float]] = {scale: [] for scale in scales}
+    kept_in: dict[float, dict[str, list[float]]] = {scale: {form: [] for form in forms} for scale in scales}
+    took: dict[float, list[float]] = {scale: [] for scale in scales}  # neighbours' answers now saying the edit's target
     was_training = editor.training
     editor.eval()
     try:
@@ -89,8 +104,12 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
                         with scaled_step_sizes(editor, scale):
                             updates.append([_detached(rounds_result(editor, model, cases[i][2].to(device), rounds)) for i in group])
             records = [cases[i][0] for i in group]
-            prompts = [q for i in group for q in (*cases[i][1], cases[i][0].locality[0].prompt)]
-            budgets = [answer_budget(tokenizer, a) for r in records for a in ((r.target_new,) * len(forms) + (r.locality[0].answer,))]
+            prompts = [q for i in group for q in (*cases[i][1][: len(forms)], cases[i][0].locality[0].prompt, *cases[i][1][len(forms) :])]
+            budgets = []
+            for i, record in zip(group, records, strict=True):
+                budgets += [answer_budget(tokenizer, record.target_new)] * len(forms) + [answer_budget(tokenizer, record.locality[0].answer)]
+                if neighbours is not None:  # room for the neighbour's answer and for the edit's target, which it should not now say
+                    budgets += [max(answer_budget(tokenizer, cases[neighbours[i]][0].target_new), answer_budget(tokenizer, record.target_new))] * len(forms)
             before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, lambda variant, row: updates[variant][row // per_case],
                                                 transposed, len(scales), variant_scales=variant_scales)
             for scale, said in zip(scales, after, strict=True):
@@ -98,6 +117,11 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
                     for f, form in enumerate(forms):
                         said_in[scale][form].append(exact_match(first_line(said[per_case * j + f]), record.target_new))
                     same[scale].append(float(same_answer(said[per_case * j + len(forms)], before[per_case * j + len(forms)])))
+                    if neighbours is not None:
+                        rows = range(per_case * j + len(forms) + 1, per_case * (j + 1))
+                        for form, row in zip(forms, rows, strict=True):
+                            kept_in[scale][form].append(float(same_answer(said[row], before[row])))
+                        took[scale].append(sum(exact_match(first_line(said[row]), record.target_new) for row in rows) / len(forms))
     finally:
         editor.train(was_training)
     scores: dict[float, dict[str, float]] = {}
@@ -106,10 +130,20 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
         scores[scale] = {"gen_reliability": sum(by_form.values()) / len(forms), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}
         if len(forms) > 1:  # gen_reliability is their mean
             scores[scale] |= {f"gen_reliability_{form}": v for form, v in by_form.items()}
+        if neighbours is not None:
+            kept_by_form = {form: sum(v) / len(cases) for form, v in kept_in[scale].items()}
+            scores[scale] |= {"gen_locality_in_frame": sum(kept_by_form.values()) / len(forms), "gen_in_frame_target": sum(took[scale]) / len(cases)}
+            if len(forms) > 1:
+                scores[scale] |= {f"gen_locality_in_frame_{form}": v for form, v in kept_by_form.items()}
         if intervals:
             per_case = {"gen_reliability": [sum(v) / len(forms) for v in zip(*said_in[scale].values(), strict=True)], "gen_locality": same[scale]}
             if len(forms) > 1:
                 per_case |= {f"gen_reliability_{form}": v for form, v in said_in[scale].items()}
+            if neighbours is not None:
+                per_case |= {"gen_locality_in_frame": [sum(v) / len(forms) for v in zip(*kept_in[scale].values(), strict=True)],
+                             "gen_in_frame_target": took[scale]}
+                if len(forms) > 1:
+                    per_case |= {f"gen_locality_in_frame_{form}": v for form, v in kept_in[scale].items()}
             scores[scale]["ci"] = {name: [(ci := bootstrap_ci(v)).low, ci.high] for name, v in per_case.items()}
     return scores
 
@@ -121,16 +155,18 @@ def _detached(result: EditResult) -> dict:
     return {k: v.detach() for k, v in result.updates.items()}
 
 
-def selection_score(scores: dict[str, float], locality_floor: float) -> float:
-    """Higher is better: any result at or above the locality floor (1 + reliability) beats any below it (its locality)."""
-    if scores["gen_locality"] >= locality_floor:
-        return 1.0 + scores["gen_reliability"]
-    return scores["gen_locality"]
+def selection_score(scores: dict[str, float], locality_floor: float, in_frame_floor: float = 0.0) -> float:
+    """Higher is better: any result at or above the locality floor (and, where it was measured, the in-frame locality floor:
+    ``gen_locality_in_frame``) scores 1 + reliability and beats any below them, which scores the lowest of the rates that
+    miss their floor."""
+    missed = [rate for rate, floor in ((scores["gen_locality"], locality_floor), (scores.get("gen_locality_in_frame"), in_frame_floor))
+              if rate is not None and rate < floor]
+    return min(missed) if missed else 1.0 + scores["gen_reliability"]
 
 
-def choose_scale(per_scale: dict[float, dict[str, float]], locality_floor: float) -> float:
+def choose_scale(per_scale: dict[float, dict[str, float]], locality_floor: float, in_frame_floor: float = 0.0) -> float:
     """The α multiplier with the best ``selection_score`` (the smallest one on ties)."""
-    return max(sorted(per_scale), key=lambda s: (selection_score(per_scale[s], locality_floor), -s))
+    return max(sorted(per_scale), key=lambda s: (selection_score(per_scale[s], locality_floor, in_frame_floor), -s))
 
 
 def validation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, editor: MENDEditor, collator: Collator,

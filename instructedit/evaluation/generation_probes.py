@@ -7,6 +7,12 @@ are exact match (``gen_reliability``, ...) and token F1 (``gen_reliability_f1``,
 line of the answer against the expected answer; ``gen_locality`` is the share of locality prompts
 whose post-edit answer equals the pre-edit one (after normalization). ConvSent has no single
 answer to match and asks nothing.
+
+In-frame locality (``case_queries(in_frame=...)``): another record's question asked in each form the edit prompt is
+asked in, in the edit's frame (wrapped in its instruction), keeps its pre-edit answer (``gen_locality_in_frame``,
+``_plain``, ``_chat``); ``gen_in_frame_target`` (``_plain``, ``_chat``) is the share of those answers that now say the edit's target. The
+paper's locality asks raw prompts only; an edit can change the answers to other questions asked in its frame far
+more (results/analysis/in-frame-locality/).
 """
 
 from __future__ import annotations
@@ -42,12 +48,12 @@ JUDGE_METRIC = "gen_reliability_judge"
 class Query:
     """One question of a case: its family, form, sub-key, the raw question, the prompt as fed, the expected answer and token budget."""
 
-    family: str  # reliability | generalization | portability | locality
+    family: str  # reliability | generalization | portability | locality | locality_in_frame
     form: str  # wrapped | plain | chat | raw
     kind: str
     question: str
     prompt: str
-    target: str
+    target: str  # locality_in_frame: the edit's target (what the other question should not now say)
     budget: int
 
     @property
@@ -74,8 +80,9 @@ def check_forms(forms: Sequence[str]) -> list[str]:
 
 
 def case_queries(collator: Collator, record: EditRecord, instruction: int | None, forms: Sequence[str],
-                 margin: int = ANSWER_MARGIN) -> list[Query]:
-    """Every query of a record (none for ConvSent), each with its token budget.
+                 margin: int = ANSWER_MARGIN, in_frame: EditRecord | None = None) -> list[Query]:
+    """Every query of a record (none for ConvSent), each with its token budget; ``in_frame``: another record, whose
+    question is also asked in each form the edit prompt is, in the record's frame (in-frame locality).
 
     'plain' is asked only with an instruction (without one it is the 'wrapped' query); 'chat' only
     when the tokenizer has a chat template. A query without room for an answer in
@@ -95,18 +102,32 @@ def case_queries(collator: Collator, record: EditRecord, instruction: int | None
     chat = chat_query(tok, record.prompt) if "chat" in forms else None
     if chat is not None:
         asked.append(("reliability", "chat", "default", record.prompt, chat, target))
+    # (family, form, kind, question, prompt, expected, answers whose length sets the budget: room for the other record's
+    # answer and for the edit's target, which it should not now say)
+    framed = [("locality_in_frame", form, "default", in_frame.prompt, collator.form_prompt(record, form, instruction, in_frame.prompt),
+               target, (in_frame.target_new, target)) for _, form, *_ in asked] if in_frame is not None else []
     asked += [("generalization", "wrapped", "default", r, collator.wrap(record, r, instruction), target) for r in record.rephrase]
     asked += [("portability", "wrapped", q.kind, q.prompt, collator.wrap(record, q.prompt, instruction), q.answer) for q in record.portability]
     asked += [("locality", "raw", q.kind, q.prompt, q.prompt, q.answer) for q in record.locality]
     queries = []
-    for family, form, kind, question, prompt, expected in asked:
+    for family, form, kind, question, prompt, expected, *sized in [*asked, *framed]:
         room = collator.max_length - len(tok(prompt)["input_ids"])
-        budget = min(answer_budget(tok, expected, margin), room)
+        budget = min(max(answer_budget(tok, answer, margin) for answer in (sized[0] if sized else (expected,))), room)
         if budget < 1:
             logger.debug("%s: %s query left out, no room for an answer in %d tokens", record.source, family, collator.max_length)
             continue
         queries.append(Query(family, form, kind, question, prompt, expected, budget))
     return queries
+
+
+def in_frame_neighbours(records: Sequence[EditRecord]) -> list[int]:
+    """Per record, the index of the record whose question it asks in its own frame (``case_queries(in_frame=...)``, ``generation_check.generation_scores(in_frame=True)``):
+    the next one of the same task, cyclically; the next one of any task where its task has no other."""
+    neighbours = []
+    for i, record in enumerate(records):
+        after = [(i + step) % len(records) for step in range(1, len(records))]
+        neighbours.append(next((k for k in after if records[k].task == record.task), after[0]))
+    return neighbours
 
 
 def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, queries: Sequence[Query], batch_size: int,
@@ -142,12 +163,15 @@ def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: S
         if query.family == "fluency":  # ConvSent: n-gram entropy of the response (reported ×100, as the paper does)
             groups.setdefault(query.metric, []).append(ngram_entropy(raw))
             continue
-        if query.family == "locality":
+        if query.family in ("locality", "locality_in_frame"):
             if before is None:  # locality compares post- with pre-edit answers: no pre-edit value
                 continue
             same = float(same_answer(said, before))
             groups.setdefault(query.metric, []).append(same)
-            groups.setdefault(f"{query.metric}/{query.kind}", []).append(same)
+            if query.family == "locality":
+                groups.setdefault(f"{query.metric}/{query.kind}", []).append(same)
+            else:  # another question asked in the edit's frame: does it now say the edit's target? (per form, as the metric)
+                groups.setdefault(query.metric.replace("locality_in_frame", "in_frame_target"), []).append(exact_match(said, query.target))
             continue
         match = exact_match(said, query.target)
         groups.setdefault(query.metric, []).append(match)

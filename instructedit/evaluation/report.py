@@ -19,7 +19,7 @@ from instructedit.io import atomic_write, read_json, write_json
 COLUMNS = {"reliability": "Rel.", "generalization": "Gen.", "locality": "Loc.", "portability": "Port."}
 PRE_FAMILIES = ("reliability", "generalization", "portability")  # pre-edit locality is 100% by definition
 GEN_COLUMNS = {"gen_reliability": "Rel.", "gen_reliability_plain": "Rel. plain", "gen_reliability_chat": "Rel. chat",
-               "gen_generalization": "Gen.", "gen_locality": "Loc.", "gen_portability": "Port.", "gen_reliability_judge": "Rel. judge",
+               "gen_generalization": "Gen.", "gen_locality": "Loc.", "gen_locality_in_frame": "Loc. in frame", "gen_portability": "Port.", "gen_reliability_judge": "Rel. judge",
                "gen_fluency": "Fluency (×100)"}
 PHASES = {"pre": "teacher_forced", "post": "teacher_forced", "gen_pre": "generation", "gen_post": "generation"}  # phase -> protocol
 TITLES = {"teacher_forced": "Teacher-forced", "generation": "Generation (greedy, exact match)"}
@@ -58,6 +58,7 @@ class EvalSettings:
     answer_stop: str = "none"  # what the edit input's answer ends with (the collator's answer_stop)
     edit_forms: list[str] = field(default_factory=lambda: ["wrapped"])  # the forms each edit is made in (wrapped, chat)
     edit_rounds: int = 1  # the rounds each edit is made in (the editor's queries.edit_rounds; calibrate --rounds)
+    in_frame_locality: bool = False  # generation also asked each case another record's question in its frame (gen_locality_in_frame)
     step_scale: float = 1.0  # the editor's step sizes x this in every edit (sequential: its queries.many_edit_scale)
     queries: list[str] = field(default_factory=list)  # forms of the edit prompt asked by the generation protocol
     generation_margin: int | None = None  # answer tokens allowed beyond the target's length

@@ -353,6 +353,7 @@ def evaluate(
     answer_stop: str = "none",
     edit_forms: Sequence[str] = ("wrapped",),
     queries: Sequence[str] = gen.QUERY_FORMS,
+    in_frame: bool = True,
     generation_batch_size: int = 32,
     judge: gen.Judge | None = None,
     cases_together: int = 32,
@@ -379,7 +380,8 @@ def evaluate(
     every edit is made at the editor's step sizes × this (a learned editor; ``sequential``: the editor's
     ``queries.many_edit_scale``, as ``apply_sequential`` makes them; restored afterwards). ``queries``: forms of the
     edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
-    batches of ``generation_batch_size``. ``judge``: adds ``gen_reliability_judge``. ``cases_together``:
+    batches of ``generation_batch_size``. ``in_frame``: the generation protocol also asks each case the question of the
+    next record of its task in those forms and the case's frame (in-frame locality, ``generation_probes``). ``judge``: adds ``gen_reliability_judge``. ``cases_together``:
     MEND's answers of this many cases decode in one batch, pre- and post-edit sharing the prefill below the
     edited blocks (each post-edit row with its own edit added by hooks; equal to one case at a time up to
     float rounding; 1: each case's edit written into the model, pre-edit answers decoded for all cases first).
@@ -441,8 +443,10 @@ def evaluate(
     guard = WeightGuard(model, watch)
     generation = gen.GenerationRun(tokenizer, generation_batch_size, max_length, judge, progress) if protocol != "teacher_forced" else None
     if generation is not None:
-        for case in cases:
-            case.queries = gen.case_queries(collator, case.record, instruction, forms)
+        others = gen.in_frame_neighbours([c.record for c in cases]) if in_frame and len(cases) > 1 else None
+        for i, case in enumerate(cases):
+            case.queries = gen.case_queries(collator, case.record, instruction, forms,
+                                            in_frame=cases[others[i]].record if others is not None else None)
     setup_s = time.perf_counter() - start
 
     curve: list[SequentialPoint] = []
@@ -487,6 +491,7 @@ def evaluate(
                                     device=str(device), model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                                     protocol=protocol, answer_stop=answer_stop, edit_rounds=edit_rounds, step_scale=step_scale,
                                     edit_forms=list(collator.edit_forms), queries=forms,
+                                    in_frame_locality=generation is not None and in_frame and len(cases) > 1,
                                     generation_margin=ANSWER_MARGIN if generation is not None else None,
                                     judge=judge.name if judge is not None and generation is not None else None),
         cases=results,

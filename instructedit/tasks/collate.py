@@ -161,15 +161,16 @@ class Collator:
         prompts = [self.form_prompt(record, form, instruction) for form in forms]
         return [(prompt, record.target_new) for prompt in dict.fromkeys(prompts)]
 
-    def form_prompt(self, record: EditRecord, form: str, instruction: int | None) -> str:
+    def form_prompt(self, record: EditRecord, form: str, instruction: int | None, question: str | None = None) -> str:
         """The edit prompt of ``record`` in edit form ``form`` (``EDIT_FORMS``): wrapped in the instruction, bare, or as a
-        chat user turn."""
+        chat user turn. ``question``: another question asked in ``record``'s frame instead of its prompt (in-frame locality)."""
+        prompt = record.prompt if question is None else question
         if form == "wrapped":
-            return self.wrap(record, record.prompt, instruction)
+            return self.wrap(record, prompt, instruction)
         if form == "plain":
-            return record.prompt
+            return prompt
         if form == "chat":
-            chat = chat_query(self.tokenizer, record.prompt)
+            chat = chat_query(self.tokenizer, prompt)
             if chat is None:
                 raise ValueError(f"edit form 'chat' needs a tokenizer with a chat template ({record.source})")
             return chat
