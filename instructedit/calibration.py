@@ -46,6 +46,17 @@ def in_frame_texts(records: list[EditRecord], instructions: list[int | None], co
     return list(dict.fromkeys((collator.form_prompt(r, form, i), r.target_new) for r, i in chosen for form in collator.edit_forms))
 
 
+IN_FRAME_TRAIN = "train"  # --in-frame-data: the run's training split
+
+
+def in_frame_sources(data: str | Sequence[str] | None) -> list[str]:
+    """``--in-frame-data``: "train" (the run's training split, the default) and/or data files, comma-separated or a list."""
+    names = [IN_FRAME_TRAIN] if data is None else [n.strip() for n in (data.split(",") if isinstance(data, str) else data) if n.strip()]
+    if not names:
+        raise ValueError("--in-frame-data: name the run's training split (train) or data files")
+    return list(dict.fromkeys(names))
+
+
 Grid = dict[int, dict[float | None, dict[float, dict[str, Any]]]]  # rounds -> preservation weight (None: none) -> multiplier -> scores
 
 
@@ -77,7 +88,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
               val_data: str | Path | None = None, answer_stop: str | None = None, model: Any = None, tokenizer: Any = None,
               progress: bool = True, rounds: Sequence[int] = (1,), restart: bool = False, in_frame_floor: float = 0.0,
-              in_frame: int | None = None, in_frame_weight: float = 500.0, in_frame_data: str | Path | None = None) -> None:
+              in_frame: int | None = None, in_frame_weight: float = 500.0, in_frame_data: str | Sequence[str] | None = None) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
 
@@ -101,8 +112,8 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     is for the raw locality prompts (default 0: measured and reported only). ``in_frame`` records: the preservation sample
     (which it needs) also holds still the keys of the questions of that many records asked in the editor's edit forms
     (``in_frame_texts``), continued with what the unedited model says to them, counted as ``in_frame_weight`` tokens at
-    every preservation weight: of the run's training split, or of ``in_frame_data``, never the questions the calibration
-    asks (results/analysis/in-frame-locality/).
+    every preservation weight: of each of ``in_frame_data`` (``in_frame_sources``: the run's training split, "train", by
+    default; data files), never the questions the calibration asks (results/analysis/in-frame-locality/).
 
     ``model``/``tokenizer``: the run's base model already loaded (the quickstart's trainer's), else it is loaded.
     ``progress``: a progress bar while each multiplier's answers are decoded.
@@ -181,15 +192,20 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                        f"({len(texts)} texts{left_out}, {memory.text_tokens} tokens)")
         own = memory.text
         if in_frame is not None:
-            if in_frame_data is not None:
-                frame_records = load_records(Path(in_frame_data)).records
-                frame_where = f"--in-frame-data {in_frame_data}"
-                frame_instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(frame_records)
-            else:
-                frame_records, frame_where = data.train, f"the training split of {run}"
-                frame_instructions = data.instructions(frame_records, config.data.instruction_seed)
-            asked = {r.prompt for r in records}  # the calibration asks these questions in frame: holding them would flatter it
-            frame_texts = in_frame_texts(frame_records, frame_instructions, data.collator, in_frame, asked, frame_where)
+            frame_texts, wheres = [], []
+            for name in in_frame_sources(in_frame_data):
+                if name == IN_FRAME_TRAIN:
+                    frame_records, where_from = data.train, f"the training split of {run}"
+                    frame_instructions = data.instructions(frame_records, config.data.instruction_seed)
+                else:  # a file's questions in the first seen description of their task, as evaluate asks them
+                    frame_records, where_from = load_records(Path(name)).records, name
+                    frame_instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(frame_records)
+                # the calibration asks its records' questions in frame: holding them still would flatter it
+                frame_texts += in_frame_texts(frame_records, frame_instructions, data.collator, in_frame, {r.prompt for r in records},
+                                              f"--in-frame-data {name}")
+                wheres.append(where_from)
+            frame_texts = list(dict.fromkeys(frame_texts))
+            frame_where = " and of ".join(wheres)
             framed = key_memory(editor, model, data.collator, frame_texts, 0.0, 1.0, answers="model", keys="all")
             memory.text_tokens += framed.text_tokens
             source_text += (f" + the questions of the first {in_frame} single-answer records of {frame_where} not asked by the "
@@ -256,7 +272,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                              "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
                                                for w, per in grid[chosen_rounds].items()},
                              "in_frame": None if in_frame is None else {"records": in_frame, "weight": in_frame_weight,
-                                                                        "data": None if in_frame_data is None else str(in_frame_data)}}}
+                                                                        "data": in_frame_sources(in_frame_data)}}}
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with scaled_step_sizes(editor, chosen):

@@ -392,7 +392,7 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
     assert main([*base, "--preserve", "3", "--preserve-weight", "50", "--in-frame-preserve", "4", "--in-frame-weight", "20",
                  "--in-frame-floor", "0.5", "--output", str(framed_out)]) == 0
     report = json.loads((framed_out / "calibration.json").read_text())
-    assert report["in_frame_floor"] == 0.5 and report["preservation"]["in_frame"] == {"records": 4, "weight": 20.0, "data": None}
+    assert report["in_frame_floor"] == 0.5 and report["preservation"]["in_frame"] == {"records": 4, "weight": 20.0, "data": ["train"]}
     assert "+ the questions of the first 4 single-answer records of the training split of" in report["preservation"]["source"]
     assert all("gen_locality_in_frame" in v and "gen_in_frame_target" in v for v in report["scales"].values())
     asked = {r.prompt for r in trainer.data.val[:5]}
@@ -405,10 +405,23 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
     assert calibrated.preservation.text_weight == 50.0 and calibrated.preservation.text_tokens == own.text_tokens + framed.text_tokens
     for weight, covariance in own.text.items():  # 50·C + 20·C_frame, kept as 50·(C + 20/50·C_frame)
         torch.testing.assert_close(calibrated.preservation.text[weight], covariance + 20 / 50 * framed.text[weight])
+    # two sources: N records' questions from each, a file's in the first seen description of their task
+    assert main([*base, "--preserve", "3", "--preserve-weight", "50", "--in-frame-preserve", "2", "--in-frame-data", f"train,{data}",
+                 "--output", str(tmp_path / "two-sources")]) == 0
+    from_file = load_records(data).records
+    both = (in_frame_texts(trainer.data.train, trainer.data.instructions(trainer.data.train, config.data.instruction_seed),
+                           trainer.data.collator, 2, asked, "x")
+            + in_frame_texts(from_file, [trainer.data.pool.evaluation_index("seen")] * len(from_file), trainer.data.collator, 2, asked, "x"))
+    two = MENDEditor.from_pretrained(tmp_path / "two-sources")
+    assert two.preservation.text_tokens == own.text_tokens + key_memory(source, trainer.model, trainer.data.collator, both, 0.0, 1.0,
+                                                                        answers="model").text_tokens
+    assert f"of the training split of {run} and of {data}" in two.preservation_source
     # the options are checked before anything is loaded
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--in-frame-preserve", "3"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve", "3", "--in-frame-data", str(data)]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--in-frame-floor", "2"]) == 2
+    assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve", "3", "--in-frame-preserve", "3",
+                 "--in-frame-data", f"train,{tmp_path / 'none.json'}"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-weight", "3"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve", "3", "--preserve-weight", "5,x"]) == 2
     assert main(["calibrate", "--run", str(run), "--output", str(tmp_path / "x"), "--preserve-data", str(tmp_path / "none.json")]) == 2

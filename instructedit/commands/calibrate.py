@@ -69,9 +69,10 @@ def add_calibrate_parser(subparsers: Any) -> None:
                         "--in-frame-data, never the questions the calibration asks")
     p.add_argument("--in-frame-weight", type=float, default=IN_FRAME_WEIGHT, metavar="W",
                    help=f"the in-frame sample's key covariance counted as W tokens at every --preserve-weight (default {IN_FRAME_WEIGHT:g})")
-    p.add_argument("--in-frame-data", default=None, metavar="FILE",
-                   help="take the in-frame sample's questions from FILE (e.g. ZsRE's training file; never the file you evaluate on) "
-                        "instead of the run's training split")
+    p.add_argument("--in-frame-data", default=None, metavar="SOURCES",
+                   help="comma-separated sources of the in-frame sample's questions, N records from each: train (the run's "
+                        "training split, the default) or data files worded as your users ask (e.g. train,ZsRE's training file; "
+                        "never the file you evaluate on)")
     p.add_argument("--output", required=True, metavar="DIR", help="where to write the calibrated editor (a new folder)")
     p.add_argument("--val-size", type=int, default=None, metavar="N",
                    help="validation records to try the multipliers on (default: the run's training.val_size); ConvSent's have no "
@@ -156,7 +157,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from instructedit.calibration import calibrate
 
     preserve = check_preservation_arguments(args)
-    for flag, path in (("--val-data", args.val_data), ("--in-frame-data", args.in_frame_data)):
+    from instructedit.calibration import IN_FRAME_TRAIN, in_frame_sources
+
+    files = [("--val-data", args.val_data)]
+    if args.in_frame_data is not None:
+        files += [("--in-frame-data", name) for name in in_frame_sources(args.in_frame_data) if name != IN_FRAME_TRAIN]
+    for flag, path in files:
         if path is not None and not Path(path).is_file():
             raise FileNotFoundError(f"{flag} {path}: no such file")
     if args.in_frame_data is not None and args.in_frame_preserve is None:
