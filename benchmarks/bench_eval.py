@@ -104,10 +104,10 @@ class EvalSetup:
         pool, made = trained_queries(editor_dir)  # asked as the editor was trained: its template, answer stop and edit forms
         return cls(model, tokenizer, editor, records, pool, pool.evaluation_index("seen"), made)
 
-    def evaluate(self, protocol: str = "teacher_forced", records: Sequence[EditRecord] | None = None):
-        """The runner's report of ``records`` (default: all of them) under ``protocol``."""
+    def evaluate(self, protocol: str = "teacher_forced", records: Sequence[EditRecord] | None = None, in_frame: bool = True):
+        """The runner's report of ``records`` (default: all of them) under ``protocol`` (``in_frame``: with in-frame locality)."""
         return evaluate(self.model, self.tokenizer, self.editor, self.records if records is None else records, self.pool,
-                        self.instruction, progress=False, protocol=protocol, **self.made)
+                        self.instruction, progress=False, protocol=protocol, in_frame=in_frame, **self.made)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared 2-core machine more threads spin against other processes)")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loop: only teacher-forced vs both protocols")
+    parser.add_argument("--without-in-frame-too", action="store_true",
+                        help="also time both protocols without the in-frame locality questions (evaluate --no-in-frame), "
+                             "interleaved: what they add (before 2026-12-07 the generation protocol did not ask them)")
     parser.add_argument("--float32-head-too", action="store_true",
                         help="also time both protocols with greedy decoding's vocabulary projection in float32 "
                              "($INSTRUCTEDIT_BF16_HEAD=0), interleaved: what the bfloat16 head saves")
@@ -167,6 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         times["batched"].append(wall), times["batched_cpu"].append(cpu)
         wall, cpu, both = batched("both")
         times["both"].append(wall), times["both_cpu"].append(cpu)
+        if args.without_in_frame_too:
+            wall, cpu, _ = timed(lambda: setup.evaluate("both", in_frame=False))
+            times.setdefault("both_without_in_frame", []).append(wall), times.setdefault("both_without_in_frame_cpu", []).append(cpu)
         if args.float32_head_too:
             with float32_head():
                 wall, cpu, both32 = batched("both")
@@ -245,6 +251,11 @@ def protocol_summary(tf_report, both_report, times: dict[str, list[float]]) -> d
         "cost_of_generation": both_s / tf_s,
         "cost_per_repeat": [b / t for b, t in zip(times["both"], times["batched"])],
         "bf16_head": bf16_head_wanted(),  # greedy decoding's vocabulary projection in bfloat16 (greedy_head), this host
+        **({"both_without_in_frame": {"seconds": times["both_without_in_frame"], "cpu_seconds": times["both_without_in_frame_cpu"],
+                                      "cases_per_s": n / statistics.median(times["both_without_in_frame"]),
+                                      "cost_of_generation": statistics.median(times["both_without_in_frame"]) / tf_s,
+                                      "in_frame_adds": both_s / statistics.median(times["both_without_in_frame"]) - 1}}
+           if "both_without_in_frame" in times else {}),
         **({"both_float32_head": {"seconds": times["both_float32_head"], "cpu_seconds": times["both_float32_head_cpu"],
                                   "cases_per_s": n / statistics.median(times["both_float32_head"]),
                                   "cost_of_generation": statistics.median(times["both_float32_head"]) / tf_s,
