@@ -557,7 +557,7 @@ def test_edits_made_in_both_forms_are_trained_saved_loaded_and_calibrated(tiny_c
     assert query_setup(out)["edit_forms"] == ["chat"] and query_setup(out)["answer_stop"] == "newline+turn"
     assert load_editor(out).answer_stop == "newline+turn"  # the chat answers of its edits end the turn (the run's: newline)
     report = json.loads((out / "calibration.json").read_text())
-    assert report["answer_stop"] == "newline+turn" and report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_n", "ci"}
+    assert report["answer_stop"] == "newline+turn" and report["edit_forms"] == ["chat"] and set(report["scales"]["1"]) == {"gen_reliability", "gen_locality", "gen_locality_in_frame", "gen_in_frame_target", "gen_n", "ci"}
     bare = tmp_path / "calibrated-plain"  # the bare question as a second edit input: each form's reliability reported
     assert main(["calibrate", "--run", str(run), "--scales", "1", "--locality-floor", "0", "--edit-forms", "plain,wrapped", "--output",
                  str(bare), "--device", "cpu", "--val-size", "4"]) == 0
@@ -567,7 +567,8 @@ def test_edits_made_in_both_forms_are_trained_saved_loaded_and_calibrated(tiny_c
     assert json.loads((out / "editor_config.json").read_text())["queries"]["many_edit_forms"] == ["chat"]
     scores = json.loads((bare / "calibration.json").read_text())["scales"]["1"]
     assert scores["gen_reliability"] == pytest.approx((scores["gen_reliability_wrapped"] + scores["gen_reliability_plain"]) / 2)
-    assert set(scores["ci"]) == {"gen_reliability", "gen_reliability_wrapped", "gen_reliability_plain", "gen_locality"}
+    assert set(scores["ci"]) == {"gen_reliability", "gen_reliability_wrapped", "gen_reliability_plain", "gen_locality",
+                                 "gen_locality_in_frame", "gen_locality_in_frame_wrapped", "gen_locality_in_frame_plain", "gen_in_frame_target"}
     assert main(["calibrate", "--run", str(run), "--edit-forms", "wrapped,bare", "--output", str(tmp_path / "x"), "--device", "cpu"]) == 2
     assert "--edit-forms: ['wrapped', 'bare'] must be distinct forms" in caplog.text
     # a tokenizer without a chat template cannot make chat edits: said before any training step
