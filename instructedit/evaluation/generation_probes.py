@@ -10,9 +10,9 @@ answer to match and asks nothing.
 
 In-frame locality (``case_queries(in_frame=...)``): another record's question asked in each form the edit prompt is
 asked in, in the edit's frame (wrapped in its instruction), keeps its pre-edit answer (``gen_locality_in_frame``,
-``_plain``, ``_chat``); ``gen_in_frame_target`` (``_plain``, ``_chat``) is the share of those answers that now say the edit's target. The
-paper's locality asks raw prompts only; an edit can change the answers to other questions asked in its frame far
-more (results/analysis/in-frame-locality/).
+``_plain``, ``_chat``); ``gen_in_frame_target`` (``_plain``, ``_chat``) is the share of those answers that now say the
+edit's target. The paper's locality asks raw prompts only; an edit can change the answers to other questions asked in its
+frame far more (results/analysis/in-frame-locality/).
 """
 
 from __future__ import annotations
@@ -121,8 +121,9 @@ def case_queries(collator: Collator, record: EditRecord, instruction: int | None
 
 
 def in_frame_neighbours(records: Sequence[EditRecord]) -> list[int]:
-    """Per record, the index of the record whose question it asks in its own frame (``case_queries(in_frame=...)``, ``generation_check.generation_scores(in_frame=True)``):
-    the next one of the same task, cyclically; the next one of any task where its task has no other."""
+    """Per record, the index of the record whose question it asks in its own frame (``case_queries(in_frame=...)``,
+    ``generation_check.generation_scores(in_frame=True)``): the next one of the same task, cyclically; the next one of any
+    task where its task has no other."""
     neighbours = []
     for i, record in enumerate(records):
         after = [(i + step) % len(records) for step in range(1, len(records))]
