@@ -154,11 +154,9 @@ def check_preservation_arguments(args: argparse.Namespace) -> bool:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from instructedit.calibration import calibrate
+    from instructedit.calibration import IN_FRAME_TRAIN, calibrate, in_frame_sources
 
     preserve = check_preservation_arguments(args)
-    from instructedit.calibration import IN_FRAME_TRAIN, in_frame_sources
-
     files = [("--val-data", args.val_data)]
     if args.in_frame_data is not None:
         files += [("--in-frame-data", name) for name in in_frame_sources(args.in_frame_data) if name != IN_FRAME_TRAIN]
