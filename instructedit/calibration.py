@@ -47,6 +47,7 @@ def in_frame_texts(records: list[EditRecord], instructions: list[int | None], co
 
 
 IN_FRAME_TRAIN = "train"  # --in-frame-data: the run's training split
+IN_FRAME_WEIGHT = 500.0  # the in-frame sample's weight, in tokens (results/analysis/in-frame-locality/)
 
 
 def in_frame_sources(data: str | Sequence[str] | None) -> list[str]:
@@ -88,7 +89,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
               preserve_data: str | Path | None = None, edit_forms: str | Sequence[str] | None = None, device: str = "auto",
               val_data: str | Path | None = None, answer_stop: str | None = None, model: Any = None, tokenizer: Any = None,
               progress: bool = True, rounds: Sequence[int] = (1,), restart: bool = False, in_frame_floor: float = 0.0,
-              in_frame: int | None = None, in_frame_weight: float = 500.0, in_frame_data: str | Sequence[str] | None = None) -> None:
+              in_frame: int | None = None, in_frame_weight: float = IN_FRAME_WEIGHT, in_frame_data: str | Sequence[str] | None = None) -> None:
     """Write ``run``'s ``checkpoint`` editor with its step sizes × the best of ``scales`` (and, with ``preserve`` records, a
     preservation sample at the best of ``preserve_weights``) to ``output``, a new folder; prints every result.
 
@@ -166,6 +167,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     device = next(model.parameters()).device
     data = prepare_data(config, tokenizer)
     editor = MENDEditor.from_pretrained(source, device=device).eval()
+    seen = data.pool.evaluation_index("seen") if data.pool is not None else None  # a file's records: as evaluate asks them
     if val_data is None:
         records, described = data.val, f"the first {config.training.val_size} records of the run's validation split"
         instructions = data.instructions(records, config.data.instruction_seed)
@@ -175,7 +177,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
         if not records:
             raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
         described = f"the first {len(records)} records with a locality prompt of {val_data}"
-        instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(records)
+        instructions = [seen] * len(records)
     if preserve is not None:
         if preserve_data is not None:
             where = f"--preserve-data {preserve_data}"
@@ -199,7 +201,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                     frame_instructions = data.instructions(frame_records, config.data.instruction_seed)
                 else:  # a file's questions in the first seen description of their task, as evaluate asks them
                     frame_records, where_from = load_records(Path(name)).records, name
-                    frame_instructions = [data.pool.evaluation_index("seen") if data.pool is not None else None] * len(frame_records)
+                    frame_instructions = [seen] * len(frame_records)
                 # the calibration asks its records' questions in frame: holding them still would flatter it
                 frame_texts += in_frame_texts(frame_records, frame_instructions, data.collator, in_frame, {r.prompt for r in records},
                                               f"--in-frame-data {name}")

@@ -39,12 +39,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from instructedit.calibration import IN_FRAME_WEIGHT
 from instructedit.config import ANSWER_STOPS
 
 SCALES, PRESERVED_SCALES = "1,1.5,2,3", "2,3,4,5,6"  # multipliers tried without and with a preservation sample
 # the preservation sample's defaults: the recommended editor's (results/least-squares-zsre-smollm2/; weight 1000 chosen)
 PRESERVE_RECORDS, PRESERVE_WEIGHTS = 400, "1000,3000,10000"
-IN_FRAME_WEIGHT = 500.0  # the in-frame sample's (results/analysis/in-frame-locality/)
 
 
 def add_calibrate_parser(subparsers: Any) -> None:

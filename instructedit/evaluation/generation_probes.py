@@ -124,11 +124,9 @@ def in_frame_neighbours(records: Sequence[EditRecord]) -> list[int]:
     """Per record, the index of the record whose question it asks in its own frame (``case_queries(in_frame=...)``,
     ``generation_check.generation_scores(in_frame=True)``): the next one of the same task, cyclically; the next one of any
     task where its task has no other."""
-    neighbours = []
-    for i, record in enumerate(records):
-        after = [(i + step) % len(records) for step in range(1, len(records))]
-        neighbours.append(next((k for k in after if records[k].task == record.task), after[0]))
-    return neighbours
+    n = len(records)
+    return [next((k for k in ((i + step) % n for step in range(1, n)) if records[k].task == record.task), (i + 1) % n)
+            for i, record in enumerate(records)]
 
 
 def answer(model: nn.Module, tokenizer: PreTrainedTokenizerBase, queries: Sequence[Query], batch_size: int,

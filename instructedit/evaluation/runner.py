@@ -442,8 +442,9 @@ def evaluate(
         watch = [name for name, _ in model.named_parameters()]
     guard = WeightGuard(model, watch)
     generation = gen.GenerationRun(tokenizer, generation_batch_size, max_length, judge, progress) if protocol != "teacher_forced" else None
+    asks_in_frame = generation is not None and in_frame and len(cases) > 1  # another case's question to ask in each one's frame
     if generation is not None:
-        others = gen.in_frame_neighbours([c.record for c in cases]) if in_frame and len(cases) > 1 else None
+        others = gen.in_frame_neighbours([c.record for c in cases]) if asks_in_frame else None
         for i, case in enumerate(cases):
             case.queries = gen.case_queries(collator, case.record, instruction, forms,
                                             in_frame=cases[others[i]].record if others is not None else None)
@@ -491,7 +492,7 @@ def evaluate(
                                     device=str(device), model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                                     protocol=protocol, answer_stop=answer_stop, edit_rounds=edit_rounds, step_scale=step_scale,
                                     edit_forms=list(collator.edit_forms), queries=forms,
-                                    in_frame_locality=generation is not None and in_frame and len(cases) > 1,
+                                    in_frame_locality=asks_in_frame,
                                     generation_margin=ANSWER_MARGIN if generation is not None else None,
                                     judge=judge.name if judge is not None and generation is not None else None),
         cases=results,
