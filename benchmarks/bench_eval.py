@@ -31,6 +31,7 @@ from instructedit.config import DEFAULT_MODEL, load_config
 from instructedit.editors.base import Editor
 from instructedit.editors.mend import MENDEditor
 from instructedit.editors.registry import build_editor
+from instructedit.evaluation import before_after
 from instructedit.evaluation.fast_linears import FAST_KERNELS_ENV
 from instructedit.evaluation.greedy_head import BF16_HEAD_ENV, bf16_head_wanted
 from instructedit.evaluation.metrics import aggregate, family_means
@@ -123,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without-in-frame-too", action="store_true",
                         help="also time both protocols without the in-frame locality questions (evaluate --no-in-frame), "
                              "interleaved: what they add (before 2026-12-07 the generation protocol did not ask them)")
+    parser.add_argument("--unshared-prompts-too", action="store_true",
+                        help="also time both protocols with every prompt prefilled and answered unedited on its own row, as "
+                             "before 2026-12-07 (before_after._same_prompts: one row per prompt), interleaved: what sharing "
+                             "the rows of a prompt asked under several edits (the in-frame questions) saves")
     parser.add_argument("--float32-head-too", action="store_true",
                         help="also time both protocols with greedy decoding's vocabulary projection in float32 "
                              "($INSTRUCTEDIT_BF16_HEAD=0), interleaved: what the bfloat16 head saves")
@@ -173,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.without_in_frame_too:
             wall, cpu, _ = timed(lambda: setup.evaluate("both", in_frame=False))
             times.setdefault("both_without_in_frame", []).append(wall), times.setdefault("both_without_in_frame_cpu", []).append(cpu)
+        if args.unshared_prompts_too:
+            with unshared_prompts():
+                wall, cpu, apart = batched("both")
+            times.setdefault("both_unshared_prompts", []).append(wall), times.setdefault("both_unshared_prompts_cpu", []).append(cpu)
+            times.setdefault("unshared_prompts_same_answers", []).append(answers(apart) == answers(both))
+            times.setdefault("generation_s_unshared_prompts", []).append(apart.timing["generation_before_after_s"])
+            times.setdefault("generation_s_shared_prompts", []).append(both.timing["generation_before_after_s"])
         if args.float32_head_too:
             with float32_head():
                 wall, cpu, both32 = batched("both")
@@ -213,6 +225,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{protocols['both']['cases_per_s']:.3f} cases/s ({protocols['cost_of_generation']:.2f}x the time)")
     print(f"wrote {args.output}")
     return 0
+
+
+@contextlib.contextmanager
+def unshared_prompts() -> Iterator[None]:
+    """Within the block, ``greedy_before_after`` prefills and answers unedited every prompt on a row of its own."""
+    shared = before_after._same_prompts
+    before_after._same_prompts = lambda encoded, seeded: {i: [i] for i in range(len(encoded)) if not seeded[i]}
+    try:
+        yield
+    finally:
+        before_after._same_prompts = shared
 
 
 def float32_head() -> contextlib.AbstractContextManager:
@@ -256,6 +279,14 @@ def protocol_summary(tf_report, both_report, times: dict[str, list[float]]) -> d
                                       "cost_of_generation": statistics.median(times["both_without_in_frame"]) / tf_s,
                                       "in_frame_adds": both_s / statistics.median(times["both_without_in_frame"]) - 1}}
            if "both_without_in_frame" in times else {}),
+        **({"both_unshared_prompts": {"seconds": times["both_unshared_prompts"], "cpu_seconds": times["both_unshared_prompts_cpu"],
+                                      "cases_per_s": n / statistics.median(times["both_unshared_prompts"]),
+                                      "shared_over_unshared": both_s / statistics.median(times["both_unshared_prompts"]),
+                                      "shared_over_unshared_per_repeat": [a / b for a, b in zip(times["both"], times["both_unshared_prompts"])],
+                                      "generation_seconds": times["generation_s_unshared_prompts"],
+                                      "generation_seconds_shared": times["generation_s_shared_prompts"],
+                                      "same_answers": all(times["unshared_prompts_same_answers"])}}
+           if "both_unshared_prompts" in times else {}),
         **({"both_float32_head": {"seconds": times["both_float32_head"], "cpu_seconds": times["both_float32_head_cpu"],
                                   "cases_per_s": n / statistics.median(times["both_float32_head"]),
                                   "cost_of_generation": statistics.median(times["both_float32_head"]) / tf_s,

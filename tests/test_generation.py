@@ -278,6 +278,52 @@ def test_answers_before_and_after_from_one_prefill_equal_two_separate_calls(tiny
     assert "decoded separately" in caplog.text
 
 
+def test_a_prompt_asked_under_several_edits_is_prefilled_and_answered_unedited_once(tiny_model_dir: Path,
+                                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The runner asks another case's question in a case's frame: the plain and chat forms of that case's own question, the
+    same tokens under another edit, often with another budget. One prefill row and one unedited row serve them all."""
+    from instructedit.evaluation import before_after
+    from instructedit.evaluation.lower_rows import LowerRows
+    from instructedit.evaluation.row_edits import per_row_updates
+
+    model, tokenizer, editor = setup(tiny_model_dir)
+    split = editor.split(model)
+    template = "Task: zsre\nDescription: Answer the question about the entity with a short phrase.\nInput: {}\nOutput:"
+    asked = template.format("Who founded Rome?")
+    prompts = [asked, template.format("Which river?"), asked, "The capital of France is", asked, "The capital of France is"]
+    budgets = [3, 6, 9, 5, 1, 2]  # the first prompt's unedited row decodes to 9 tokens, its answers cut at 3, 9 and 1
+    transposed = {w.name: w.transposed for w in editor.weights}
+    torch.manual_seed(4)
+    updates = [{w.name: torch.randn_like(model.get_parameter(w.name)) * 0.5 for w in editor.weights} for _ in prompts]
+    updates[4] = None  # asked once more without an edit
+    prefilled, firsts = [], []
+    real_prefill, real_inputs = before_after._Prefill.__init__, LowerRows.inputs
+    monkeypatch.setattr(before_after._Prefill, "__init__", lambda self, model, split, ids, *a, **k: prefilled.append(ids.shape[0])
+                        or real_prefill(self, model, split, ids, *a, **k))
+
+    def inputs(self, ids, done, cache):
+        if not firsts:
+            firsts.append((len(self.lower), self.count))
+        return real_inputs(self, ids, done, cache)
+
+    monkeypatch.setattr(LowerRows, "inputs", inputs)
+    before, (after, half) = before_after.greedy_before_after(model, tokenizer, split, prompts, budgets, lambda v, i: updates[i],
+                                                             transposed, 2, batch_size=4, variant_scales=[1.0, 0.5])
+    assert sum(prefilled) == 3  # three distinct prompts
+    assert firsts[0][1] == 3 < firsts[0][0]  # the 3 unedited rows and the edited ones still decoding read 3 lower rows
+
+    def edited(scale: float):
+        return lambda rows: per_row_updates(model, [None if updates[i] is None else {k: v * scale for k, v in updates[i].items()}
+                                                    for i in rows], transposed)
+
+    assert before == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4)
+    assert before[0] != before[2] and before[2].startswith(before[0])  # one answer, cut to each budget
+    assert after == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=edited(1.0))
+    assert half == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=edited(0.5))
+    assert after[4] == before[4] and after[0] != before[0]
+    assert before_after._same_prompts([[1, 2], [3], [1, 2], [1, 2]], [False, False, True, False]) == {0: [0, 3], 1: [1]}
+
+
 @pytest.mark.parametrize("aggregation", ["sum", "least_squares"])
 def test_a_mend_edits_low_rank_factors_add_what_its_dense_update_adds(tiny_model_dir: Path, aggregation: str) -> None:
     from instructedit.evaluation.row_edits import per_row_updates
@@ -713,7 +759,7 @@ def test_answers_begun_from_the_teacher_forced_pass_equal_answers_decoded_from_s
     cases = own + records()  # with the hand-made ones, whose targets the random model does not say
     seeds, prefilled = [], []
     real_seeds, real_prefill = runner.case_seeds, before_after._Prefill.__init__
-    monkeypatch.setattr(runner, "case_seeds", lambda *a, **k: seeds.append(real_seeds(*a, **k)) or seeds[-1])
+    monkeypatch.setattr(runner, "case_seeds", lambda case, *a, **k: seeds.append((case.queries, real_seeds(case, *a, **k))) or seeds[-1][1])
     monkeypatch.setattr(before_after._Prefill, "__init__", lambda self, model, split, ids, *a, **k: prefilled.append(ids.shape[0])
                         or real_prefill(self, model, split, ids, *a, **k))
     alone = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, cases_together=1)
@@ -721,10 +767,15 @@ def test_answers_begun_from_the_teacher_forced_pass_equal_answers_decoded_from_s
     together = evaluate(model, tokenizer, editor, cases, POOL, 0, progress=False, cases_together=4)
     assert [c.answers for c in together.cases] == [c.answers for c in alone.cases]
     assert [c.gen_post for c in together.cases] == [c.gen_post for c in alone.cases]
-    flat = [pair for case in seeds for pair in case]
+    flat = [pair for _, case in seeds for pair in case]
     # every query but the plain question, ConvSent's response (scored for fluency) and the in-frame questions: no probe
     asked_as_probes = sum(a["form"] != "plain" and a["family"] not in ("fluency", "locality_in_frame") for c in together.cases for a in c.answers)
-    assert sum(pair is not None for pair in flat) == asked_as_probes and sum(prefilled) == len(flat) - asked_as_probes
+    assert sum(pair is not None for pair in flat) == asked_as_probes
+    # the others are prefilled, each prompt once per group of cases decoded together (a plain question is also another
+    # case's in-frame question: one prefill row, one unedited answer)
+    distinct = [{q.prompt for queries, pairs in seeds[g : g + 4] for q, pair in zip(queries, pairs, strict=True) if pair is None}
+                for g in range(0, len(seeds), 4)]
+    assert sum(prefilled) == sum(map(len, distinct)) < len(flat) - asked_as_probes
     assert max(len(pair[0].given) for pair in flat if pair is not None) >= 2  # answers begun by several accepted tokens
     stops = set(stop_token_ids(tokenizer)[0].tolist()) | {tokenizer.eos_token_id}
     assert not any(set(seed.given) & stops for pair in flat if pair is not None for seed in pair)

@@ -28,9 +28,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -154,21 +155,41 @@ class _Prefill:
         self.logits = out.logits[:, -1]
         self.cache = returned_cache(out)
 
-    def replay(self) -> tuple[torch.Tensor, Cache]:
+    def replay(self, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, Cache]:
         """Last-position logits and the cache of the edited blocks re-run on the unedited inputs, with whatever edits are active.
+        ``rows``: the batch rows to re-run, in this order, a row as often as it is listed (one prompt under several edits);
+        None: every row once.
 
         The cache's layers below the first edited one are the unedited cache's own (shared, not copied: nothing
-        writes them before ``_merged`` copies them into the decoding cache)."""
+        writes them before ``_merged`` copies them into the decoding cache), one row per batch row whatever ``rows``."""
         cache = copy.copy(self.cache)
         suffix = set(self.split.suffix_indices)
         cache.layers = [DynamicLayer() if i in suffix else layer for i, layer in enumerate(self.cache.layers)]
+        n = self.mask.shape[0]
         for hidden, recorded in self.stages:  # the shared prefix (if any), then the rows' own tokens
+            if rows is not None:
+                hidden, recorded = hidden.index_select(0, rows), _batch_rows(recorded, rows, n)
             out = self.split.blocks(hidden, with_cache(recorded, cache))
         return self.split.head(out[:, -1]), cache
 
     def replay_matches(self) -> bool:
         """Whether the suffix re-run without edits reproduces the unedited logits."""
         return torch.allclose(self.replay()[0].float(), self.logits.float(), atol=1e-4, rtol=1e-3)
+
+
+def _batch_rows(value: Any, rows: torch.Tensor, n: int) -> Any:
+    """``value`` (block arguments: tuples, lists, dicts of tensors) with every per-row tensor of a batch of ``n`` rows (two
+    or more dimensions, the first ``n`` long: masks, positions, rotary embeddings) taken at ``rows``; a tensor broadcast over
+    the rows (first dimension 1: a shared start's arguments), one of one dimension (cache positions) and a cache as given."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, rows) if value.dim() >= 2 and value.shape[0] == n else value
+    if isinstance(value, tuple):
+        return tuple(_batch_rows(v, rows, n) for v in value)
+    if isinstance(value, list):
+        return [_batch_rows(v, rows, n) for v in value]
+    if isinstance(value, dict):
+        return {k: _batch_rows(v, rows, n) for k, v in value.items()}
+    return value
 
 
 def _merged(sources: Sequence[Source], room: int, split_at: int = 0, lower: Sequence[bool] | None = None,
@@ -193,11 +214,13 @@ def _merged(sources: Sequence[Source], room: int, split_at: int = 0, lower: Sequ
     return cache, torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for _, mask in sources])
 
 
-def _lower_rows(sources: Sequence[Sequence[Source]], split_at: int) -> tuple[list[int], list[bool]]:
+def _lower_rows(sources: Sequence[Sequence[Source]], split_at: int,
+                rows_of: Sequence[list[int] | None] | None = None) -> tuple[list[int], list[bool]]:
     """(per decoding row its lower row, per source whether it enters the lower layers) for ``sources`` per variant (0: the
     unedited), their rows in that order: an edited source whose layers below ``split_at`` are its unedited twin's own
     tensors (the same prompt, the same tokens: a prefill's replay, a seed with the same given tokens) reads the twin's
-    lower rows (``lower_rows.LowerRows``)."""
+    lower rows (``lower_rows.LowerRows``). ``rows_of[s]``: the twin's row each row of source ``s``'s edited sources
+    replays (``_Prefill.replay(rows)``: a prompt under several edits); None: row for row."""
     lower: list[int] = []
     kept: list[bool] = []
     firsts: list[int] = []  # per unedited source, its first lower row
@@ -205,12 +228,13 @@ def _lower_rows(sources: Sequence[Sequence[Source]], split_at: int) -> tuple[lis
     for v, per_variant in enumerate(sources):
         for s, (layers, mask) in enumerate(per_variant):
             n = mask.shape[0]
-            twin = v > 0 and _same_tensors(layers[:split_at], sources[0][s][0][:split_at]) and torch.equal(mask, sources[0][s][1])
+            rows = rows_of[s] if rows_of is not None and rows_of[s] is not None and v > 0 else list(range(n))
+            twin = v > 0 and _same_tensors(layers[:split_at], sources[0][s][0][:split_at]) and torch.equal(mask, sources[0][s][1][rows])
             first = firsts[s] if twin else count
             count += 0 if twin else n
             if v == 0:
                 firsts.append(first)
-            lower += range(first, first + n)
+            lower += [first + r for r in rows] if twin else range(first, first + n)
             kept.append(not twin)
     return lower, kept
 
@@ -221,15 +245,17 @@ def _same_tensors(a: Sequence[tuple[torch.Tensor, torch.Tensor]], b: Sequence[tu
                                     for pa, pb in zip(a, b) for x, y in zip(pa, pb))
 
 
-def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[bool] | None = None) -> list[tuple[list[int], int | None]]:
+def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[bool] | None = None,
+            served: Collection[int] | None = None) -> list[tuple[list[int], int | None]]:
     """Prefill batches in decoding order: the prompts to prefill (not ``seeded``) grouped by the leading tokens they share
     (``group_keys`` among themselves), then by length; at most ``batch_size`` prompts of one group per batch, cut where
     padding costs more than a pass (``_pieces``); each with the number of leading tokens its prompts share. A group whose
     shared start would save fewer tokens than its own passes cost joins the prompts without one (CounterFact: a plain
     question shares its head with a seeded probe or one other question; alone, each was a one-row pass). Then the seeded
-    prompts (no prefill), ``batch_size`` at a time, with None."""
+    prompts (no prefill), ``batch_size`` at a time, with None. ``served``: prompts another prompt's row answers (the same
+    tokens, ``_same_prompts``), in no batch."""
     seeded = seeded or [False] * len(encoded)
-    todo = [i for i in range(len(encoded)) if not seeded[i]]
+    todo = [i for i in range(len(encoded)) if not seeded[i] and (served is None or i not in served)]
     keys = group_keys([encoded[i] for i in todo])
     worth: dict[tuple[int, ...], bool] = {}
     for key in set(keys):
@@ -246,6 +272,19 @@ def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[
     out: list[tuple[list[int], int | None]] = [piece for rows in chunks for piece in _pieces(encoded, rows)]
     with_seed = [i for i in range(len(encoded)) if seeded[i]]
     return out + [(with_seed[k : k + batch_size], None) for k in range(0, len(with_seed), batch_size)]
+
+
+def _same_prompts(encoded: Sequence[Sequence[int]], seeded: Sequence[bool]) -> dict[int, list[int]]:
+    """Per prompt to prefill, the prompts its rows answer: itself, then every later one with the same tokens (not
+    ``seeded``: a seed is a pass of its own). Their unedited answer is one, and their edited rows replay one prefill row,
+    each under its own edit (the evaluation runner asks another case's question in a case's frame: the plain and chat
+    forms of that case's own question)."""
+    first: dict[tuple[int, ...], int] = {}
+    served: dict[int, list[int]] = {}
+    for i, ids in enumerate(encoded):
+        if not seeded[i]:
+            served.setdefault(first.setdefault(tuple(ids), i), []).append(i)
+    return served
 
 
 PREFILL_CALL_TOKENS = 48  # what one more prefill pass costs beyond its tokens (reading the weights: ~55 ms, ~35 tokens here)
@@ -295,6 +334,10 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     ``seeds`` (one variant only): per prompt, None or its (unedited, edited) ``Seed``: the prompt's
     keys and values and the first answer tokens from a teacher-forced pass that already ran (the
     evaluation runner's); it is not prefilled, and its rows decode on from where the seeds end.
+
+    Prompts to prefill with the same tokens (the runner's in-frame questions are other cases' plain and chat questions)
+    are prefilled and answered unedited once, to the largest of their budgets, each answer cut to its own; each prompt's
+    edited rows replay that prefill row under its own edits and share its lower rows (``_same_prompts``).
     """
     budgets, encoded = encode_prompts(tokenizer, prompts, max_new_tokens, max_length)
     if not prompts:
@@ -316,7 +359,13 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
         scales = None if variant_scales is None else [1.0 if o is None else variant_scales[o[0]] for o in owners]
         return per_row_updates(model, [None if o is None else updates(*o) for o in owners], transposed, scales)
 
-    chunks = _chunks(encoded, batch_size, [pair is not None for pair in seeds])
+    seeded = [pair is not None for pair in seeds]
+    served = _same_prompts(encoded, seeded)  # a prompt's unedited row and prefill serve every later one with its tokens
+    chunks = _chunks(encoded, batch_size, seeded, {j for rows in served.values() for j in rows[1:]})
+
+    def asked(chunk: tuple[list[int], int | None]) -> int:  # the prompts a batch answers: its own and those they serve
+        return sum(len(served.get(i, [i])) for i in chunk[0])
+
     per_loop = max(batch_size, (decode_rows or decode_rows_for(model)) // (variants + 1))  # prompts decoded in one loop
     checked = getattr(model, _REPLAY_CHECKED, False)  # once per model: the check costs a replay of the edited blocks
     starts: dict[tuple[int, ...], _SharedStart] = {}  # leading tokens of several batches: they pass the model once
@@ -327,16 +376,20 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     with kept as memory, fast_linears(model):
         while chunks:
             group: list[tuple[list[int], int | None]] = []
-            while chunks and (not group or sum(len(r) for r, _ in group) + len(chunks[0][0]) <= per_loop):
+            while chunks and (not group or sum(map(asked, group)) + asked(chunks[0]) <= per_loop):
                 group.append(chunks.pop(0))
             # per variant (0: unedited), per chunk: next-token logits, and the keys and values of its rows
             logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
             sources: list[list[Source]] = [[] for _ in range(variants + 1)]
+            edited: list[int] = []  # the prompts of the edited rows, per variant in this order
+            rows_of: list[list[int] | None] = []  # per source, the unedited row each edited row replays (None: row for row)
             for rows, shared in group:
                 if shared is None:  # seeded: decoding goes on from the seeds
                     for v in range(2):
                         logits[v].append(torch.stack([seeds[i][v].logits for i in rows]))
                         sources[v] += seed_sources([seeds[i][v] for i in rows])
+                    edited += rows
+                    rows_of += [None] * len(rows)  # a source per seed
                     continue
                 ids, mask = (t.to(device) for t in left_padded([encoded[i][shared:] for i in rows], pad_id(tokenizer)))
                 head = tuple(encoded[rows[0]][:shared])
@@ -355,24 +408,34 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                 checked = True
                 logits[0].append(prefill.logits)
                 sources[0].append(([(layer.keys, layer.values) for layer in prefill.cache.layers], prefill.mask))
+                mine = [j for u in rows for j in served[u]]  # each prompt's edited rows, those of a prompt it serves after it
+                replayed = [k for k, u in enumerate(rows) for _ in served[u]] if len(mine) > len(rows) else None
+                index = None if replayed is None else torch.tensor(replayed, device=device)
                 for v in range(variants):
-                    with rows_context([(v, i) for i in rows]), projected_into(model, None, len(rows), greedy=True):
-                        edited_logits, cache = prefill.replay()
+                    with rows_context([(v, i) for i in mine]), projected_into(model, None, len(mine), greedy=True):
+                        edited_logits, cache = prefill.replay(index)
                     logits[v + 1].append(edited_logits)
-                    sources[v + 1].append(([(layer.keys, layer.values) for layer in cache.layers], prefill.mask))
+                    sources[v + 1].append(([(layer.keys, layer.values) for layer in cache.layers],
+                                           prefill.mask if index is None else prefill.mask[index]))
+                edited += mine
+                rows_of.append(replayed)
             # one decoding loop for all: the unedited rows, then each variant's (each forward reads the weights once)
             rows = [i for r, _ in group for i in r]
-            lower, kept = _lower_rows(sources, split.first_layer)
-            cache, mask = _merged([source for per_variant in sources for source in per_variant], max(budgets[i] for i in rows),
-                                  split.first_layer, kept, memory)
-            n, owners = len(rows), [None] * len(rows) + [(v, i) for v in range(variants) for i in rows]
-            given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, rows * (variants + 1))]
-            tokens = greedy_loop(model, mask, mask, [budgets[i] - len(g) for i, g in zip(rows * (variants + 1), given)], newline, blank, eos,
+            lower, kept = _lower_rows(sources, split.first_layer, rows_of)
+            prompt_of = rows + edited * variants  # per decoding row
+            owners = [None] * len(rows) + [(v, i) for v in range(variants) for i in edited]
+            # an unedited row decodes to the largest budget of the prompts it serves
+            room = [max(budgets[j] for j in served.get(i, [i])) if o is None else budgets[i] for o, i in zip(owners, prompt_of)]
+            cache, mask = _merged([source for per_variant in sources for source in per_variant], max(room), split.first_layer, kept,
+                                  memory)
+            given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, prompt_of)]
+            tokens = greedy_loop(model, mask, mask, [b - len(g) for b, g in zip(room, given)], newline, blank, eos,
                                  start=(torch.cat([t for per_variant in logits for t in per_variant]), cache),  # ids: start holds the prefill
                                  context=lambda active, owners=owners: rows_context([owners[a] for a in active]), given=given,
                                  lower=LowerRows(split.layers, split.first_layer, lower), memory=memory)
             for r, i in enumerate(rows):
-                before[i] = tokenizer.decode(tokens[r], skip_special_tokens=True)
-                for v in range(variants):
-                    after[v][i] = tokenizer.decode(tokens[(v + 1) * n + r], skip_special_tokens=True)
+                for j in served.get(i, [i]):  # cut to each one's budget: what greedy decoding to that budget says
+                    before[j] = tokenizer.decode(tokens[r][: budgets[j]], skip_special_tokens=True)
+            for k, (o, i) in enumerate(zip(owners[len(rows) :], prompt_of[len(rows) :]), start=len(rows)):
+                after[o[0]][i] = tokenizer.decode(tokens[k], skip_special_tokens=True)
     return before, after
