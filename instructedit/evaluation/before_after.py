@@ -363,10 +363,10 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     served = _same_prompts(encoded, seeded)  # a prompt's unedited row and prefill serve every later one with its tokens
     chunks = _chunks(encoded, batch_size, seeded, {j for rows in served.values() for j in rows[1:]})
 
-    def asked(chunk: tuple[list[int], int | None]) -> int:  # the prompts a batch answers: its own and those they serve
-        return sum(len(served.get(i, [i])) for i in chunk[0])
+    def decoded(chunk: tuple[list[int], int | None]) -> int:  # a batch's decoding rows: one unedited per prompt it prefills,
+        return len(chunk[0]) + variants * sum(len(served.get(i, [i])) for i in chunk[0])  # an edited one per prompt answered
 
-    per_loop = max(batch_size, (decode_rows or decode_rows_for(model)) // (variants + 1))  # prompts decoded in one loop
+    per_loop = max(batch_size * (variants + 1), decode_rows or decode_rows_for(model))  # rows decoded in one loop
     checked = getattr(model, _REPLAY_CHECKED, False)  # once per model: the check costs a replay of the edited blocks
     starts: dict[tuple[int, ...], _SharedStart] = {}  # leading tokens of several batches: they pass the model once
     # an earlier call's cache memory (no page faults; on a GPU the caching allocator reuses freed memory, and a block kept
@@ -376,7 +376,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     with kept as memory, fast_linears(model):
         while chunks:
             group: list[tuple[list[int], int | None]] = []
-            while chunks and (not group or sum(map(asked, group)) + asked(chunks[0]) <= per_loop):
+            while chunks and (not group or sum(map(decoded, group)) + decoded(chunks[0]) <= per_loop):
                 group.append(chunks.pop(0))
             # per variant (0: unedited), per chunk: next-token logits, and the keys and values of its rows
             logits: list[list[torch.Tensor]] = [[] for _ in range(variants + 1)]
