@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 def unshared_prompts() -> Iterator[None]:
     """Within the block, ``greedy_before_after`` prefills and answers unedited every prompt on a row of its own."""
     shared = before_after._same_prompts
-    before_after._same_prompts = lambda encoded, seeded: {i: [i] for i in range(len(encoded)) if not seeded[i]}
+    before_after._same_prompts = lambda encoded, seeded: {i: [i] for i in range(len(encoded))}
     try:
         yield
     finally:

@@ -321,7 +321,7 @@ def test_a_prompt_asked_under_several_edits_is_prefilled_and_answered_unedited_o
     assert after == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=edited(1.0))
     assert half == greedy_generate(model, tokenizer, prompts, budgets, batch_size=4, rows_context=edited(0.5))
     assert after[4] == before[4] and after[0] != before[0]
-    assert before_after._same_prompts([[1, 2], [3], [1, 2], [1, 2]], [False, False, True, False]) == {0: [0, 3], 1: [1]}
+    assert before_after._same_prompts([[1, 2], [3], [1, 2], [1, 2]], [False, False, True, False]) == {0: [0, 3], 1: [1], 2: [2]}
 
 
 @pytest.mark.parametrize("aggregation", ["sum", "least_squares"])

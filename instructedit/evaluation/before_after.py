@@ -275,15 +275,14 @@ def _chunks(encoded: Sequence[Sequence[int]], batch_size: int, seeded: Sequence[
 
 
 def _same_prompts(encoded: Sequence[Sequence[int]], seeded: Sequence[bool]) -> dict[int, list[int]]:
-    """Per prompt to prefill, the prompts its rows answer: itself, then every later one with the same tokens (not
-    ``seeded``: a seed is a pass of its own). Their unedited answer is one, and their edited rows replay one prefill row,
-    each under its own edit (the evaluation runner asks another case's question in a case's frame: the plain and chat
-    forms of that case's own question)."""
+    """Per prompt with rows of its own, the prompts they answer: itself, then every later one with the same tokens (a
+    ``seeded`` prompt: itself alone, its seed is a pass of its own). Their unedited answer is one, and their edited rows
+    replay one prefill row, each under its own edit (the evaluation runner asks another case's question in a case's
+    frame: the plain and chat forms of that case's own question)."""
     first: dict[tuple[int, ...], int] = {}
     served: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
-        if not seeded[i]:
-            served.setdefault(first.setdefault(tuple(ids), i), []).append(i)
+        served.setdefault(i if seeded[i] else first.setdefault(tuple(ids), i), []).append(i)
     return served
 
 
@@ -364,7 +363,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
     chunks = _chunks(encoded, batch_size, seeded, {j for rows in served.values() for j in rows[1:]})
 
     def decoded(chunk: tuple[list[int], int | None]) -> int:  # a batch's decoding rows: one unedited per prompt it prefills,
-        return len(chunk[0]) + variants * sum(len(served.get(i, [i])) for i in chunk[0])  # an edited one per prompt answered
+        return len(chunk[0]) + variants * sum(len(served[i]) for i in chunk[0])  # an edited one per prompt answered
 
     per_loop = max(batch_size * (variants + 1), decode_rows or decode_rows_for(model))  # rows decoded in one loop
     checked = getattr(model, _REPLAY_CHECKED, False)  # once per model: the check costs a replay of the edited blocks
@@ -425,7 +424,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
             prompt_of = rows + edited * variants  # per decoding row
             owners = [None] * len(rows) + [(v, i) for v in range(variants) for i in edited]
             # an unedited row decodes to the largest budget of the prompts it serves
-            room = [max(budgets[j] for j in served.get(i, [i])) if o is None else budgets[i] for o, i in zip(owners, prompt_of)]
+            room = [max(budgets[j] for j in served[i]) if o is None else budgets[i] for o, i in zip(owners, prompt_of)]
             cache, mask = _merged([source for per_variant in sources for source in per_variant], max(room), split.first_layer, kept,
                                   memory)
             given = [seeds[i][o is not None].given if seeds[i] is not None else [] for o, i in zip(owners, prompt_of)]
@@ -434,7 +433,7 @@ def greedy_before_after(model: nn.Module, tokenizer: PreTrainedTokenizerBase, sp
                                  context=lambda active, owners=owners: rows_context([owners[a] for a in active]), given=given,
                                  lower=LowerRows(split.layers, split.first_layer, lower), memory=memory)
             for r, i in enumerate(rows):
-                for j in served.get(i, [i]):  # cut to each one's budget: what greedy decoding to that budget says
+                for j in served[i]:  # cut to each one's budget: what greedy decoding to that budget says
                     before[j] = tokenizer.decode(tokens[r][: budgets[j]], skip_special_tokens=True)
             for k, (o, i) in enumerate(zip(owners[len(rows) :], prompt_of[len(rows) :]), start=len(rows)):
                 after[o[0]][i] = tokenizer.decode(tokens[k], skip_special_tokens=True)
