@@ -25,6 +25,7 @@ from instructedit.config import Config, YAMLLoader, config_from_dict
 from instructedit.editors.card import write_model_card
 from instructedit.evaluation.before_after import greedy_before_after
 from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, same_answer, shown
+from instructedit.evaluation.generation_probes import in_frame_neighbours
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.evaluation.row_edits import per_row_updates
 from instructedit.io import write_json
@@ -86,6 +87,14 @@ class EditOutcome:
     chat_said_before: str = ""  # ... to the question as a chat user turn ("" without a chat template)
     chat_said_after: str = ""
     chat_exact_after: float | None = None  # None: the tokenizer has no chat template
+    # another edit's question asked in this edit's frame (wrapped in its instruction; ``frame_questions``; "" for none:
+    # ConvSent), its answers before and after this edit, whether the edit left it as it was and whether it now says this
+    # edit's target (in-frame locality, ``generation_probes``)
+    frame_question: str = ""
+    frame_said_before: str = ""
+    frame_said_after: str = ""
+    frame_kept: float | None = None
+    frame_says_target: float | None = None
 
 
 @dataclass
@@ -103,8 +112,9 @@ class QuickstartResult:
     calibrated_again: bool = False  # reused, but calibrated again now (the cached calibration was not the one asked for)
 
     def mean(self, field: str) -> float:
-        values = [getattr(o, field) for o in self.outcomes]
-        return sum(values) / len(values)
+        """The mean of ``field`` over the edits that have it (not None)."""
+        values = [v for o in self.outcomes if (v := getattr(o, field)) is not None]
+        return sum(values) / len(values) if values else float("nan")
 
 
 def quickstart_config(model_name: str | None = None, overrides: Sequence[str] = (), budget_steps: int | None = None) -> Config:
@@ -220,6 +230,17 @@ def _answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     return [first_line(text) for text in greedy_generate(model, tokenizer, list(prompts), list(budgets))]
 
 
+def frame_questions(editor: InstructEditor, edits: Sequence[Edit]) -> list[tuple[int, str] | None]:
+    """Per edit, (the edit whose question it is, the question) asked in its frame: the next edit's prompt with a single
+    answer (of the same task where there is one, ``generation_probes.in_frame_neighbours``) wrapped in this edit's
+    instruction; None for a ConvSent edit (no single answer) or where no other edit has one."""
+    single = [k for k, edit in enumerate(edits) if edit.task != "convsent"]
+    if len(single) < 2:
+        return [None] * len(edits)
+    nxt = dict(zip(single, (single[j] for j in in_frame_neighbours([edits[k] for k in single]))))
+    return [(nxt[k], editor.wrap(edit, edits[nxt[k]].prompt)) if k in nxt else None for k, edit in enumerate(edits)]
+
+
 def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit] = DEMO_EDITS,
              probes: Sequence[tuple[str, str]] = LOCALITY_PROBES) -> list[EditOutcome]:
     """Apply each edit alone and ask and score it and the locality probes before and after (single, non-sequential edits).
@@ -239,6 +260,9 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     asks = [list(editor.asked(edit, tokenizer).values()) for edit in edits]
     wrapped = [ask[0] for ask in asks]
     n_ask = len(asks[0])
+    # another edit's question in each edit's frame, with room for its own answer and for this edit's target
+    framed = [(k, j, q, max(budgets[j], budgets[k])) for k, f in enumerate(frame_questions(editor, edits)) if f is not None for j, q in [f]]
+    framed_of = {k: i for i, (k, *_) in enumerate(framed)}  # edit -> its in-frame question
     deltas: list[dict[str, torch.Tensor] | None] = []
     after, locality, said_after = {}, {}, {}
     for k, edit in enumerate(edits):  # each edit applied once: what it adds to the weights, or (held in hooks) asked now
@@ -247,7 +271,9 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
             if deltas[-1] is None:
                 after[k] = (edited.score(wrapped[k], edit.target), edited.score(edit.prompt, edit.target))
                 locality[k] = float(unchanged_tokens(pre_ids, _answer_argmax(model, probe_batch), rows, len(probes)).mean())
-                said_after[k] = _answers(model, tokenizer, [*asks[k], *(p for p, _ in probes)], [budgets[k]] * n_ask + probe_budgets)
+                frame = [framed[framed_of[k]]] if k in framed_of else []
+                said_after[k] = _answers(model, tokenizer, [*asks[k], *(p for p, _ in probes), *(q for _, _, q, _ in frame)],
+                                         [budgets[k]] * n_ask + probe_budgets + [b for *_, b in frame])
     transposed = {name: is_conv1d(model.get_submodule(name.rsplit(".", 1)[0])) for d in deltas if d for name in d}
     hooked = [k for k, d in enumerate(deltas) if d is None]
 
@@ -270,6 +296,8 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     # the edited ones run once; without a split model, every row prefilled with its own edit)
     asked = [(q, b) for k in range(len(edits)) for q, b in (*((q, budgets[k]) for q in asks[k]), *zip((p for p, _ in probes), probe_budgets))]
     owners = [None if k in hooked else k for k in range(len(edits)) for _ in range(n_ask + len(probes))]
+    asked += [(q, b) for _, _, q, b in framed]  # then the in-frame questions, each under its frame's edit
+    owners += [None if k in hooked else k for k, *_ in framed]
     split = editor.editor.split(model) if hasattr(editor.editor, "split") else None
     if split is not None:
         said_before, (said_edited,) = greedy_before_after(model, tokenizer, split, [q for q, _ in asked], [b for _, b in asked],
@@ -283,13 +311,20 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     width = n_ask + len(probes)
     probe_said = said_before[n_ask:width]
     unedited = [said_before[k * width : k * width + n_ask] for k in range(len(edits))]
-    said_after |= {k: said_edited[k * width : (k + 1) * width] for k in scored}
+    tail = len(edits) * width  # the in-frame questions' answers follow every edit's block
+    said_after |= {k: said_edited[k * width : (k + 1) * width] + ([said_edited[tail + framed_of[k]]] if k in framed_of else [])
+                   for k in scored}
     outcomes = []
     for k, edit in enumerate(edits):
         (was, plain_was), (now, plain_now), answers = before[2 * k : 2 * k + 2], after[k], said_after[k]
-        same = [same_answer(a, b) for a, b in zip(answers[n_ask:], probe_said)]
+        same = [same_answer(a, b) for a, b in zip(answers[n_ask : width], probe_said)]
         chat = {"chat_said_before": unedited[k][2], "chat_said_after": answers[2], "chat_exact_after": exact_match(answers[2], edit.target)} \
             if n_ask == 3 else {}
+        if k in framed_of:
+            frame_before, frame_after = said_before[tail + framed_of[k]], answers[width]
+            chat |= {"frame_question": edits[framed[framed_of[k]][1]].prompt, "frame_said_before": frame_before,
+                     "frame_said_after": frame_after, "frame_kept": float(same_answer(frame_after, frame_before)),
+                     "frame_says_target": exact_match(frame_after, edit.target)}
         outcomes.append(EditOutcome(edit, unedited[k][0], answers[0], unedited[k][1], answers[1], exact_match(answers[0], edit.target),
                                     exact_match(answers[1], edit.target), sum(same) / len(same), was.top, now.top,
                                     was.probability, now.probability, was.accuracy, now.accuracy, plain_was.accuracy, plain_now.accuracy,
@@ -375,7 +410,9 @@ def format_report(result: QuickstartResult) -> str:
                  f"     instruction-wrapped prompt:  {_said(o.said_before, o.said_after, o.exact_after)}",
                  f"     plain prompt:                {_said(o.plain_said_before, o.plain_said_after, o.plain_exact_after)}",
                  *([f"     chat question (user turn):   {_said(o.chat_said_before, o.chat_said_after, o.chat_exact_after)}"]
-                   if chat else []), ""]
+                   if chat else []),
+                 *([f"     in this frame, {shown(o.frame_question)}:  {_said(o.frame_said_before, o.frame_said_after, None)}"
+                    + ("   (this edit's target)" if o.frame_says_target else "")] if o.frame_question else []), ""]
     forced = _table(("#", "top-1 before -> after", "p(target) before -> after", "accuracy before -> after", "locality"),
                     [(str(i), _clip(f"{shown(o.top_before)} -> {shown(o.top_after)}", 28), f"{_p(o.p_before)} -> {_p(o.p_after)}",
                       f"{o.acc_before:.2f} -> {o.acc_after:.2f}", f"{o.locality:.2f}") for i, o in enumerate(result.outcomes, start=1)])
@@ -387,6 +424,8 @@ def format_report(result: QuickstartResult) -> str:
         f"says the target (exact match), wrapped prompt: {m('exact_after'):.2f}   plain prompt: {m('plain_exact_after'):.2f}"
         + (f"   chat question: {m('chat_exact_after'):.2f}" if chat else ""),
         f"unrelated prompts whose answer is unchanged (generation locality): {m('gen_locality'):.2f}",
+        *([f"another edit's question asked in the edit's frame (\"in this frame\"): answer unchanged {m('frame_kept'):.2f}, "
+           f"says the edit's target {m('frame_says_target'):.2f}"] if any(o.frame_question for o in result.outcomes) else []),
         "", "Teacher-forced scores (the target fed in; the paper's protocol):", "", *forced, "",
         f"reliability (target token accuracy, wrapped prompt): {m('acc_before'):.2f} -> {m('acc_after'):.2f}",
         f"reliability on the plain prompt (no instruction):     {m('plain_acc_before'):.2f} -> {m('plain_acc_after'):.2f}",

@@ -13,11 +13,12 @@ import torch
 import yaml
 
 from instructedit.api import load_editor, score_target
-from instructedit.evaluation.generation import NO_ANSWER, answer_budget, exact_match, first_line, greedy_generate, shown
+from instructedit.evaluation.generation import NO_ANSWER, answer_budget, exact_match, first_line, greedy_generate, same_answer, shown
 from instructedit.config import load_config
 from instructedit.models.loading import load_model
 from instructedit.quickstart import (
-    DEMO_EDITS, LOCALITY_PROBES, MARKER, QuickstartResult, config_hash, default_run_dir, duration, format_report, quickstart_config, run_demo,
+    DEMO_EDITS, LOCALITY_PROBES, MARKER, QuickstartResult, config_hash, default_run_dir, duration, format_report, frame_questions,
+    quickstart_config, run_demo,
     run_quickstart,
 )
 from instructedit.commands.edit import add_edit_parser
@@ -146,7 +147,35 @@ def test_demo_says_and_scores_what_each_edit_written_into_the_model_does(tiny_mo
         assert (outcome.top_before, outcome.top_after) == (before.top, after.top)
         assert outcome.acc_after == pytest.approx(after.accuracy) and outcome.plain_acc_after == pytest.approx(plain_after.accuracy)
         assert outcome.p_after == pytest.approx(after.probability, rel=1e-4, abs=1e-12)
+        # the next edit's question asked in this edit's frame, before and after this edit
+        other = edits[(edits.index(edit) + 1) % len(edits)]
+        framed, room = editor.wrap(edit, other.prompt), max(budget, answer_budget(tok, other.target))
+        assert outcome.frame_question == other.prompt
+        assert outcome.frame_said_before == first_line(greedy_generate(model, tok, [framed], room)[0])
+        with editor.apply(model, [edit], tok):
+            assert outcome.frame_said_after == first_line(greedy_generate(model, tok, [framed], room)[0])
+        assert outcome.frame_kept == float(same_answer(outcome.frame_said_after, outcome.frame_said_before))
+        assert outcome.frame_says_target == exact_match(outcome.frame_said_after, edit.target)
     assert method == "grace" or any(o.said_after != o.said_before for o in outcomes)  # the strong untrained edits change answers
+
+
+def test_each_demo_edit_is_asked_another_edits_question_in_its_frame(tiny_gpt2_dir: Path, tmp_path: Path,
+                                                                       save_tiny_editor: Callable[..., Path]) -> None:
+    """The next edit of its task where there is one, else the next with a single answer; a ConvSent edit (no single
+    answer) asks none and is asked by none; the report shows the question and its answers, and their means."""
+    editor = load_editor(save_tiny_editor(tiny_gpt2_dir, tmp_path / "editor"))
+    frames = frame_questions(editor, DEMO_EDITS)  # four CounterFact edits, a WikiData Recent one, a ConvSent one
+    assert [f[0] if f else None for f in frames] == [1, 2, 3, 0, 0, None]
+    assert frames[4][1] == editor.wrap(DEMO_EDITS[4], DEMO_EDITS[0].prompt) != editor.wrap(DEMO_EDITS[0])  # in its own frame
+    assert frame_questions(editor, DEMO_EDITS[4:]) == [None, None]
+    model, tok = load_model(str(tiny_gpt2_dir))
+    outcomes = run_demo(editor, model, tok, DEMO_EDITS[3:], LOCALITY_PROBES[:1])
+    assert [bool(o.frame_question) for o in outcomes] == [True, True, False] and outcomes[2].frame_kept is None
+    result = QuickstartResult(tmp_path, tmp_path, False, "", "tiny", 0, outcomes, 0.0, 0.0, 0.0)
+    report = format_report(result)
+    assert report.count("in this frame, ") == 2 and f"in this frame, {shown(DEMO_EDITS[4].prompt)}:" in report
+    kept = (outcomes[0].frame_kept + outcomes[1].frame_kept) / 2
+    assert f"answer unchanged {kept:.2f}" in report and result.mean("frame_kept") == kept
 
 
 def test_demo_asks_the_chat_question_where_the_model_has_a_chat_template(tiny_chat_llama_dir: Path, tmp_path: Path,
