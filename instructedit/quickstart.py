@@ -318,17 +318,17 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     for k, edit in enumerate(edits):
         (was, plain_was), (now, plain_now), answers = before[2 * k : 2 * k + 2], after[k], said_after[k]
         same = [same_answer(a, b) for a, b in zip(answers[n_ask : width], probe_said)]
-        chat = {"chat_said_before": unedited[k][2], "chat_said_after": answers[2], "chat_exact_after": exact_match(answers[2], edit.target)} \
+        extra = {"chat_said_before": unedited[k][2], "chat_said_after": answers[2], "chat_exact_after": exact_match(answers[2], edit.target)} \
             if n_ask == 3 else {}
         if k in framed_of:
             frame_before, frame_after = said_before[tail + framed_of[k]], answers[width]
-            chat |= {"frame_question": edits[framed[framed_of[k]][1]].prompt, "frame_said_before": frame_before,
+            extra |= {"frame_question": edits[framed[framed_of[k]][1]].prompt, "frame_said_before": frame_before,
                      "frame_said_after": frame_after, "frame_kept": float(same_answer(frame_after, frame_before)),
                      "frame_says_target": exact_match(frame_after, edit.target)}
         outcomes.append(EditOutcome(edit, unedited[k][0], answers[0], unedited[k][1], answers[1], exact_match(answers[0], edit.target),
                                     exact_match(answers[1], edit.target), sum(same) / len(same), was.top, now.top,
                                     was.probability, now.probability, was.accuracy, now.accuracy, plain_was.accuracy, plain_now.accuracy,
-                                    locality[k], **chat))
+                                    locality[k], **extra))
     return outcomes
 
 
