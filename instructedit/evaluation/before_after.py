@@ -228,13 +228,15 @@ def _lower_rows(sources: Sequence[Sequence[Source]], split_at: int,
     for v, per_variant in enumerate(sources):
         for s, (layers, mask) in enumerate(per_variant):
             n = mask.shape[0]
-            rows = rows_of[s] if rows_of is not None and rows_of[s] is not None and v > 0 else list(range(n))
-            twin = v > 0 and _same_tensors(layers[:split_at], sources[0][s][0][:split_at]) and torch.equal(mask, sources[0][s][1][rows])
+            rows = rows_of[s] if rows_of is not None and v > 0 else None  # None: row for row
+            twin_layers, twin_mask = sources[0][s] if v > 0 else (None, None)
+            twin = v > 0 and _same_tensors(layers[:split_at], twin_layers[:split_at]) and \
+                torch.equal(mask, twin_mask if rows is None else twin_mask[rows])
             first = firsts[s] if twin else count
             count += 0 if twin else n
             if v == 0:
                 firsts.append(first)
-            lower += [first + r for r in rows] if twin else range(first, first + n)
+            lower += [first + r for r in rows] if twin and rows is not None else range(first, first + n)
             kept.append(not twin)
     return lower, kept
 

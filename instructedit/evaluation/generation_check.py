@@ -14,6 +14,7 @@ generation reliability whose generation locality stays at or above a floor, on v
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -127,25 +128,29 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
     scores: dict[float, dict[str, float]] = {}
     for scale in scales:
         by_form = {form: sum(v) / len(cases) for form, v in said_in[scale].items()}
-        scores[scale] = {"gen_reliability": sum(by_form.values()) / len(forms), "gen_locality": sum(same[scale]) / len(cases), "gen_n": len(cases)}
-        if len(forms) > 1:  # gen_reliability is their mean
-            scores[scale] |= {f"gen_reliability_{form}": v for form, v in by_form.items()}
+        scores[scale] = {"gen_reliability": sum(by_form.values()) / len(forms), "gen_locality": sum(same[scale]) / len(cases),
+                         "gen_n": len(cases)} | _each_form("gen_reliability", by_form)
         if neighbours is not None:
             kept_by_form = {form: sum(v) / len(cases) for form, v in kept_in[scale].items()}
-            scores[scale] |= {"gen_locality_in_frame": sum(kept_by_form.values()) / len(forms), "gen_in_frame_target": sum(took[scale]) / len(cases)}
-            if len(forms) > 1:
-                scores[scale] |= {f"gen_locality_in_frame_{form}": v for form, v in kept_by_form.items()}
+            scores[scale] |= {"gen_locality_in_frame": sum(kept_by_form.values()) / len(forms),
+                              "gen_in_frame_target": sum(took[scale]) / len(cases)} | _each_form("gen_locality_in_frame", kept_by_form)
         if intervals:
-            per_case = {"gen_reliability": [sum(v) / len(forms) for v in zip(*said_in[scale].values(), strict=True)], "gen_locality": same[scale]}
-            if len(forms) > 1:
-                per_case |= {f"gen_reliability_{form}": v for form, v in said_in[scale].items()}
+            per_case = {"gen_reliability": _form_means(said_in[scale]), "gen_locality": same[scale]} | _each_form("gen_reliability", said_in[scale])
             if neighbours is not None:
-                per_case |= {"gen_locality_in_frame": [sum(v) / len(forms) for v in zip(*kept_in[scale].values(), strict=True)],
-                             "gen_in_frame_target": took[scale]}
-                if len(forms) > 1:
-                    per_case |= {f"gen_locality_in_frame_{form}": v for form, v in kept_in[scale].items()}
+                per_case |= {"gen_locality_in_frame": _form_means(kept_in[scale]),
+                             "gen_in_frame_target": took[scale]} | _each_form("gen_locality_in_frame", kept_in[scale])
             scores[scale]["ci"] = {name: [(ci := bootstrap_ci(v)).low, ci.high] for name, v in per_case.items()}
     return scores
+
+
+def _each_form(name: str, per_form: dict[str, Any]) -> dict[str, Any]:
+    """``name_<form>`` for each form's value where there are several forms (``name`` is then their mean), else nothing."""
+    return {f"{name}_{form}": v for form, v in per_form.items()} if len(per_form) > 1 else {}
+
+
+def _form_means(per_form: dict[str, list[float]]) -> list[float]:
+    """Per case, the mean of its values over the forms (``per_form``: per form, one value per case)."""
+    return [sum(v) / len(per_form) for v in zip(*per_form.values(), strict=True)]
 
 
 def _detached(result: EditResult) -> dict:
