@@ -26,6 +26,9 @@ ANSWER_STOPS = ("none", "newline", "eos", "newline+turn", "newline+end")  # what
 # what the post-edit (generalization) loss reads (Collator.meta_batch): the wrapped rephrase, the wrapped edit input, or the
 # rephrase and the edit prompt in more forms (the chat user turn; the bare question and the chat turn)
 EDIT_LOSS_ON = ("rephrase", "edit_input", "rephrase+chat", "rephrase+plain+chat")
+# the frames a record's locality question is scored in during meta-training (training.locality_frames): as it is, and in
+# the edit's own instruction frame (Collator.meta_batch)
+LOCALITY_FRAMES = ("raw", "wrapped")
 
 
 def check_edit_forms(forms: typing.Sequence[str] | str, where: str = "edit_forms") -> tuple[str, ...]:
@@ -206,6 +209,10 @@ class TrainingConfig:
     grad_clip: float = 100.0
     max_steps: int = 30000  # optimizer steps
     edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input), "edit_input", "rephrase+chat", "rephrase+plain+chat"
+    # The frames each record's locality question is scored in (LOCALITY_FRAMES): "raw" (DESIGN.md §4: the question
+    # as it is) and "wrapped" (the same question in the edit's own instruction frame, where a user of the editor asks:
+    # the in-frame locality of results/analysis/in-frame-locality/, kept by the locality KL during meta-training too)
+    locality_frames: list[str] = field(default_factory=lambda: ["raw"])
     # Generation (DESIGN.md §5): what an edit input's answer ends with ("newline"/"eos" teach the edited model
     # to stop after the answer; "newline+turn" ends the chat form's answer with the end of the assistant's turn, so a chat
     # answer closes its turn instead of going on line after line; "newline+end" also ends the wrapped and bare answers'
@@ -262,6 +269,9 @@ class TrainingConfig:
         _check(self.grad_accumulation >= 1, "training.grad_accumulation", "must be >= 1")
         _check(self.max_steps >= 1, "training.max_steps", "must be >= 1")
         _check(self.edit_loss_on in EDIT_LOSS_ON, "training.edit_loss_on", f"{self.edit_loss_on!r} is not one of {list(EDIT_LOSS_ON)}")
+        _check(isinstance(self.locality_frames, list) and bool(self.locality_frames) and len(set(self.locality_frames)) == len(self.locality_frames)
+               and set(self.locality_frames) <= set(LOCALITY_FRAMES), "training.locality_frames",
+               f"{self.locality_frames!r} must be distinct frames out of {list(LOCALITY_FRAMES)}")
         _check(self.answer_stop in ANSWER_STOPS, "training.answer_stop", f"{self.answer_stop!r} is not one of {list(ANSWER_STOPS)}")
         try:
             forms_ok = isinstance(self.edit_forms, list) and bool(check_edit_forms(self.edit_forms))

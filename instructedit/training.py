@@ -92,7 +92,7 @@ class Trainer:
 
     def _batch(self, records: list[EditRecord]) -> MetaBatch:
         batch = self.data.collator.meta_batch(records, self.data.instructions(records, self.config.data.instruction_seed),
-                                              self.config.training.edit_loss_on)
+                                              self.config.training.edit_loss_on, self.config.training.locality_frames)
         return batch.to(self.device)
 
     # -- loop ----------------------------------------------------------------------------------

@@ -753,3 +753,30 @@ def test_key_memory_forgets_the_last_call_bit_for_bit() -> None:
         memory.forget_last()
     memory.remember(second)
     assert memory.calls == 2
+
+
+def test_training_scores_locality_in_the_edits_own_frame_too(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """``training.locality_frames: [raw, wrapped]``: each record's locality question is scored as it is and in the
+    record's instruction frame, and the locality KL is the token mean over both."""
+    overrides = [f"model.name={tiny_gpt2_dir}", "editor.aggregation=least_squares", "training.n_edits=3", "training.max_steps=2",
+                 "training.val_every=2", "training.locality_frames=[raw, wrapped]"]
+    trainer = Trainer(load_config(TINY, overrides), tmp_path / "run", show_progress=False)
+    records = [r for r in trainer.data.train if r.task != "convsent"][:3]
+    instructions = trainer.data.instructions(records, trainer.config.data.instruction_seed)
+    assert all(i is not None for i in instructions)
+    batch = trainer._batch(records)
+    assert batch.loc.n_rows == 6  # two rows per record: raw, then wrapped
+    with torch.no_grad():
+        trainer.editor.edit_lrs.fill_(10.0)  # an edit that moves the locality answers
+        scored = {}
+        for frames in (("raw",), ("wrapped",), ("raw", "wrapped")):
+            one = trainer.data.collator.meta_batch(records, instructions, "rephrase", frames)
+            _, metrics = many_edits_loss(trainer.editor, trainer.split, one, 0.1, 1.0, packed=True)
+            scored[frames] = (metrics["l_loc"], int(one.loc.label_mask.sum()))
+    (raw, n_raw), (wrapped, n_wrapped), (both, n_both) = scored.values()
+    assert n_both == n_raw + n_wrapped and raw > 0 and wrapped > 0 and abs(wrapped - raw) > 1e-6
+    assert both == pytest.approx((raw * n_raw + wrapped * n_wrapped) / n_both, rel=1e-4)
+    trainer.run()  # and the training loop trains with it
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "train"] and all(math.isfinite(r["loss"]) for r in rows if r["split"] == "train")
+    assert MENDEditor.from_pretrained(tmp_path / "run" / "last").config.aggregation == "least_squares"

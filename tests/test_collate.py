@@ -361,3 +361,20 @@ def test_meta_batch_too_long_names_the_record(tiny: Tiny) -> None:
 def test_meta_batch_needs_one_instruction_per_record(collator: Collator) -> None:
     with pytest.raises(ValueError):
         collator.meta_batch([cf_record(), cf_record()], [0])
+
+
+def test_locality_frames_add_the_locality_question_in_the_edits_own_frame(collator: Collator) -> None:
+    tok, pool, record = collator.tokenizer, collator.pool, cf_record()
+    raw = collator.meta_batch([record], [3]).loc
+    other = cf_record(source="train_cf.json#2")
+    both = collator.meta_batch([record, other], [3, 5], locality_frames=("raw", "wrapped")).loc
+    # per record: the raw question, then the same question in that record's instruction frame, both with its answer
+    expected = [(LOC.prompt, LOC.answer), (pool.render(record, LOC.prompt, 3), LOC.answer),
+                (LOC.prompt, LOC.answer), (pool.render(other, LOC.prompt, 5), LOC.answer)]
+    assert_same_batch(both, collator.qa_batch(expected))
+    assert_same_batch(collator.meta_batch([record], [3], locality_frames=("raw",)).loc, raw)
+    assert "Task: counterfact" in input_text(tok, both, 1) and "Task:" not in input_text(tok, both, 0)
+    assert labelled_text(tok, both, 1).strip() == LOC.answer
+    # in the edit's frame alone; and without an instruction there is one frame, the raw one
+    assert_same_batch(collator.meta_batch([record], [3], locality_frames=("wrapped",)).loc, collator.qa_batch(expected[1:2]))
+    assert_same_batch(collator.meta_batch([record], [None], locality_frames=("raw", "wrapped")).loc, raw)

@@ -97,6 +97,9 @@ def test_wrong_type_names_the_field(override: str, field: str) -> None:
     ("override", "field", "why"),
     [
         ("training.edit_loss_on=paraphrase", "training.edit_loss_on", "'paraphrase' is not one of ['rephrase', 'edit_input', 'rephrase+chat', 'rephrase+plain+chat']"),
+        ("training.locality_frames=[raw, chat]", "training.locality_frames", "must be distinct frames out of ['raw', 'wrapped']"),
+        ("training.locality_frames=[raw, raw]", "training.locality_frames", "must be distinct frames"),
+        ("training.locality_frames=[]", "training.locality_frames", "must be distinct frames"),
         ("data.tasks=[counterfact, wikipedia]", "data.tasks", "unknown task 'wikipedia'"),
         ("data.split_fractions=[0.8, 0.1, 0.2]", "data.split_fractions", "must sum to 1"),
         ("data.split_fractions=[0.5, 0.5]", "data.split_fractions", "three positive fractions"),

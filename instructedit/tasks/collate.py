@@ -238,12 +238,16 @@ class Collator:
         records: Sequence[EditRecord],
         instructions: Sequence[int | None],
         edit_loss_on: str = "rephrase",
+        locality_frames: Sequence[str] = ("raw",),
     ) -> MetaBatch:
         """edit_inner / edit_outer / loc (and ConvSent's unlikely) inputs for ``records``.
 
         ``edit_loss_on`` (``config.EDIT_LOSS_ON``): edit_outer is the wrapped rephrase (the edit input without one),
         the wrapped edit input, or the rephrase and the edit prompt in more forms (``loss_forms``), so that the edit
-        also holds when the model is asked as a chat assistant, or the question bare."""
+        also holds when the model is asked as a chat assistant, or the question bare.
+        ``locality_frames`` (``config.LOCALITY_FRAMES``): each record's locality question as it is ("raw") and/or in the
+        record's own instruction frame ("wrapped": where a user of the edit asks other questions), one loc row each
+        (a record without an instruction has one frame: its raw row)."""
         inner, outer, loc, unlikely = [], [], [], []
         for record, idx in zip(records, instructions, strict=True):
             wrapped = self.wrap(record, record.prompt, idx)
@@ -261,7 +265,8 @@ class Collator:
             if record.convsent is None:
                 outer += [(prompt, record.target_new) for prompt in self.loss_forms(record, edit_loss_on, idx)]
             item = self.locality_item(record)
-            loc.append((item.prompt, item.answer))  # locality inputs are never wrapped
+            frames = dict.fromkeys(self.wrap(record, item.prompt, idx if frame == "wrapped" else None) for frame in locality_frames)
+            loc += [(prompt, item.answer) for prompt in frames]
         where = ", ".join(r.source for r in records[:3])
         return MetaBatch(
             edit_inner=self.qa_batch(inner, where, stop=True),
