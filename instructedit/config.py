@@ -211,7 +211,9 @@ class TrainingConfig:
     edit_loss_on: str = "rephrase"  # "rephrase" (MEND paper; falls back to the edit input), "edit_input", "rephrase+chat", "rephrase+plain+chat"
     # The frames each record's locality question is scored in (LOCALITY_FRAMES): "raw" (DESIGN.md §4: the question
     # as it is) and "wrapped" (the same question in the edit's own instruction frame, where a user of the editor asks:
-    # the in-frame locality of results/analysis/in-frame-locality/, kept by the locality KL during meta-training too)
+    # the in-frame locality of results/analysis/in-frame-locality/, kept by the locality KL during meta-training too).
+    # Tried on the recommended recipe (run K there): after calibration with a preservation sample, no more in-frame or raw
+    # locality at the same said than without it; calibrate --in-frame-preserve is what holds the frame still
     locality_frames: list[str] = field(default_factory=lambda: ["raw"])
     # Generation (DESIGN.md §5): what an edit input's answer ends with ("newline"/"eos" teach the edited model
     # to stop after the answer; "newline+turn" ends the chat form's answer with the end of the assistant's turn, so a chat
