@@ -131,7 +131,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     from instructedit.editors.base import scaled_step_sizes
     from instructedit.editors.learned import check_edit_rounds, undone_rounds_counted
     from instructedit.editors.mend import MENDEditor
-    from instructedit.evaluation.generation_check import generation_scores, selection_score
+    from instructedit.evaluation.generation_check import floors_missed, generation_scores, selection_score
     from instructedit.models.loading import load_model, resolve_device
     from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
@@ -253,6 +253,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     per_scale = grid[chosen_rounds][chosen_weight]
     many_edit_scale = one_round_scale(grid, chosen_rounds, chosen_weight, chosen, locality_floor, in_frame_floor)
     missed = near_floor(cells, (chosen_rounds, chosen_weight, chosen), locality_floor, in_frame_floor)
+    short = floors_missed(cells[chosen_rounds, chosen_weight, chosen], locality_floor, in_frame_floor)
     if chosen_weight is not None:
         weigh(chosen_weight)
     saved = json.loads((source / EDITOR_CONFIG).read_text())
@@ -264,7 +265,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
                             "rounds": chosen_rounds, "many_edit_scale": many_edit_scale,
                             "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
                                                       for w, per in per_weight.items()} for r, per_weight in grid.items()},
-                            "locality_floor": locality_floor, "in_frame_floor": in_frame_floor,
+                            "locality_floor": locality_floor, "in_frame_floor": in_frame_floor, "floors_met": not short,
                             "near_floor": [{"rounds": r, "weight": w, "scale": sc, **{k: cells[r, w, sc][k] for k in ("gen_reliability", "gen_locality")}}
                                            for r, w, sc in missed],
                             "edit_forms": list(data.collator.edit_forms),
@@ -302,12 +303,22 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
           f"{f', edits made in {chosen_rounds} rounds' if chosen_rounds != 1 else ''}"
           f"{f'; many edits (more than 16 in one call, or one after another) at step sizes × {chosen * many_edit_scale:g}, the one-round choice' if many_edit_scale != 1 else ''}"
           f"{many_forms})")
+    if short:  # no cell met every floor: the choice is the cell least short of them, not one that meets them
+        print(floors_warning(short))
     for r, w, sc in missed:  # one validation case from another choice
         v = cells[r, w, sc]
         print(f"note: {r} round{'s' if r != 1 else ''}{'' if w is None else f', preservation weight {w:g}'}, α × {sc:g} said more "
               f"({v['gen_reliability']:.3f} against {cells[chosen_rounds, chosen_weight, chosen]['gen_reliability']:.3f}) and kept "
               f"{v['gen_locality']:.3f}, within one of {v['gen_n']} validation cases of the {locality_floor:g} floor: another run "
               f"of the same recipe may choose it; --locality-floor {math.floor(v['gen_locality'] * 100) / 100:g} would admit it")
+
+
+def floors_warning(short: dict[str, tuple[float, float]]) -> str:
+    """What ``calibrate`` prints when the chosen cell misses a floor (``floors_missed``): no cell met them all."""
+    names = {"gen_locality": "generation locality", "gen_locality_in_frame": "in-frame locality"}
+    missed = ", ".join(f"{names[name]} {rate:.3f} < {floor:g}" for name, (rate, floor) in short.items())
+    return (f"warning: no cell met every floor; the chosen one is the least short of them ({missed}). Try smaller multipliers "
+            "(--scales), fewer rounds or a heavier preservation sample, or lower the floor.")
 
 
 class PartialGrid:

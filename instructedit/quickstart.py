@@ -128,7 +128,7 @@ def quickstart_config(model_name: str | None = None, overrides: Sequence[str] = 
 
 
 LATER_FIELDS = {("data", "oversample"): {}, ("editor", "aggregation"): "sum", ("editor", "chunk_edits"): 64, ("editor", "ls_keys"): "all", ("training", "n_edits"): 1,
-                ("training", "edit_forms"): ["wrapped"]}
+                ("training", "edit_forms"): ["wrapped"], ("training", "locality_frames"): ["raw"]}
 
 
 def config_hash(config: Config) -> str:

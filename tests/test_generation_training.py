@@ -203,6 +203,21 @@ def test_calibration_names_the_cells_one_validation_case_from_the_floor() -> Non
     assert near_floor(cells, (3, 1000.0, 1.5), 0.89) == []  # at or above the floor they are admitted, not near it
 
 
+def test_calibration_warns_when_no_cell_meets_the_floors() -> None:
+    """No cell meets a floor: the choice is the cell least short of them, and calibrate says so (``floors_warning``)."""
+    from instructedit.calibration import floors_warning
+    from instructedit.evaluation.generation_check import floors_missed
+
+    cell = {"gen_reliability": 0.7, "gen_locality": 0.872, "gen_locality_in_frame": 0.287}
+    assert floors_missed(cell, 0.85, 0.25) == {}
+    assert floors_missed(cell, 0.89) == {"gen_locality": (0.872, 0.89)}
+    assert floors_missed(cell, 0.89, 0.65) == {"gen_locality": (0.872, 0.89), "gen_locality_in_frame": (0.287, 0.65)}
+    assert floors_missed({"gen_reliability": 0.7, "gen_locality": 0.9}, 0.89, 0.65) == {}  # in frame not measured: not required
+    shown = floors_warning(floors_missed(cell, 0.89, 0.65))
+    assert shown.startswith("warning: no cell met every floor") and "generation locality 0.872 < 0.89" in shown
+    assert "in-frame locality 0.287 < 0.65" in shown and "--scales" in shown
+
+
 def test_scaled_step_sizes_restore_bitwise(tiny_llama_dir: Path) -> None:
     from instructedit.editors.base import scaled_step_sizes
     from instructedit.editors.registry import build_editor
@@ -254,6 +269,7 @@ def test_calibrate_command_writes_a_scaled_editor(tiny_llama_dir: Path, shared_d
     assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
     assert json.loads((out / "editor_config.json").read_text())["calibration"]["chosen"] == report["chosen"]
     assert report["rounds"] == 1 and set(report["rounds_tried"]) == {"1"}
+    assert report["floors_met"] is True and "warning: no cell met every floor" not in shown.out  # floor 0: always met
     assert json.loads((out / "editor_config.json").read_text())["queries"]["edit_rounds"] == 1
     # each edit also made in two rounds: every multiplier tried both ways, the rounds chosen saved for apply/edit/evaluate
     from instructedit.api import query_setup

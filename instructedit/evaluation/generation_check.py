@@ -160,13 +160,19 @@ def _detached(result: EditResult) -> dict:
     return {k: v.detach() for k, v in result.updates.items()}
 
 
+def floors_missed(scores: dict[str, float], locality_floor: float, in_frame_floor: float = 0.0) -> dict[str, tuple[float, float]]:
+    """The locality rates of ``scores`` under their floors, ``{name: (rate, floor)}``: ``gen_locality`` under
+    ``locality_floor`` and, where it was measured, ``gen_locality_in_frame`` under ``in_frame_floor`` (empty: both met)."""
+    rates = (("gen_locality", scores["gen_locality"], locality_floor), ("gen_locality_in_frame", scores.get("gen_locality_in_frame"), in_frame_floor))
+    return {name: (rate, floor) for name, rate, floor in rates if rate is not None and rate < floor}
+
+
 def selection_score(scores: dict[str, float], locality_floor: float, in_frame_floor: float = 0.0) -> float:
     """Higher is better: any result at or above the locality floor (and, where it was measured, the in-frame locality floor:
     ``gen_locality_in_frame``) scores 1 + reliability and beats any below them, which scores the lowest of the rates that
     miss their floor."""
-    missed = [rate for rate, floor in ((scores["gen_locality"], locality_floor), (scores.get("gen_locality_in_frame"), in_frame_floor))
-              if rate is not None and rate < floor]
-    return min(missed) if missed else 1.0 + scores["gen_reliability"]
+    missed = floors_missed(scores, locality_floor, in_frame_floor)
+    return min(rate for rate, _ in missed.values()) if missed else 1.0 + scores["gen_reliability"]
 
 
 def choose_scale(per_scale: dict[float, dict[str, float]], locality_floor: float, in_frame_floor: float = 0.0) -> float:
