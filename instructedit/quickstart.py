@@ -24,7 +24,7 @@ from instructedit.api import Edit, InstructEditor, load_editor, score_targets
 from instructedit.config import Config, YAMLLoader, config_from_dict
 from instructedit.editors.card import write_model_card
 from instructedit.evaluation.before_after import greedy_before_after
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, same_answer, shown
+from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, in_frame_budget, same_answer, shown
 from instructedit.evaluation.generation_probes import in_frame_neighbours
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.evaluation.row_edits import per_row_updates
@@ -260,8 +260,9 @@ def run_demo(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedToke
     asks = [list(editor.asked(edit, tokenizer).values()) for edit in edits]
     wrapped = [ask[0] for ask in asks]
     n_ask = len(asks[0])
-    # another edit's question in each edit's frame, with room for its own answer and for this edit's target
-    framed = [(k, j, q, max(budgets[j], budgets[k])) for k, f in enumerate(frame_questions(editor, edits)) if f is not None for j, q in [f]]
+    # another edit's question in each edit's frame (edit, the other edit, the question, its budget)
+    framed = [(k, j, q, in_frame_budget(tokenizer, edits[j].target, edits[k].target))
+              for k, f in enumerate(frame_questions(editor, edits)) if f is not None for j, q in [f]]
     framed_of = {k: i for i, (k, *_) in enumerate(framed)}  # edit -> its in-frame question
     deltas: list[dict[str, torch.Tensor] | None] = []
     after, locality, said_after = {}, {}, {}

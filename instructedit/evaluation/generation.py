@@ -163,6 +163,12 @@ def answer_budget(tokenizer: PreTrainedTokenizerBase, target: str, margin: int =
     return len(tokenizer(" " + target.strip(), add_special_tokens=False)["input_ids"]) + margin
 
 
+def in_frame_budget(tokenizer: PreTrainedTokenizerBase, answer: str, target: str, margin: int = ANSWER_MARGIN) -> int:
+    """``max_new_tokens`` for another question asked in an edit's frame (in-frame locality): room for its own ``answer``
+    and for the edit's ``target``, which it should not now say."""
+    return max(answer_budget(tokenizer, answer, margin), answer_budget(tokenizer, target, margin))
+
+
 MIN_SHARED_PREFIX = 8  # a batch whose prompts share at least this many leading tokens computes them once
 PRUNE_SHARE = 0.05  # finished rows leave the batch once they are this share of it
 

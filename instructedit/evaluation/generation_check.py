@@ -25,7 +25,7 @@ from instructedit.editors.base import EditResult, scaled_step_sizes
 from instructedit.editors.rounds import rounds_result
 from instructedit.editors.mend import MENDEditor
 from instructedit.evaluation.before_after import greedy_before_after
-from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, same_answer
+from instructedit.evaluation.generation import answer_budget, bootstrap_ci, exact_match, first_line, in_frame_budget, same_answer
 from instructedit.evaluation.generation_probes import in_frame_neighbours
 from instructedit.models.architectures import transposed_of
 from instructedit.records import EditRecord
@@ -109,8 +109,8 @@ def generation_scores(model: nn.Module, tokenizer: PreTrainedTokenizerBase, edit
             budgets = []
             for i, record in zip(group, records, strict=True):
                 budgets += [answer_budget(tokenizer, record.target_new)] * len(forms) + [answer_budget(tokenizer, record.locality[0].answer)]
-                if neighbours is not None:  # room for the neighbour's answer and for the edit's target, which it should not now say
-                    budgets += [max(answer_budget(tokenizer, cases[neighbours[i]][0].target_new), answer_budget(tokenizer, record.target_new))] * len(forms)
+                if neighbours is not None:  # the neighbour's question in this edit's frame
+                    budgets += [in_frame_budget(tokenizer, cases[neighbours[i]][0].target_new, record.target_new)] * len(forms)
             before, after = greedy_before_after(model, tokenizer, split, prompts, budgets, lambda variant, row: updates[variant][row // per_case],
                                                 transposed, len(scales), variant_scales=variant_scales)
             for scale, said in zip(scales, after, strict=True):

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.evaluation.before_after import Seed, greedy_before_after
 from instructedit.evaluation.generation import (
-    ANSWER_MARGIN, answer_budget, exact_match, first_line, greedy_generate, ngram_entropy, same_answer, stop_token_ids,
+    ANSWER_MARGIN, answer_budget, exact_match, first_line, greedy_generate, in_frame_budget, ngram_entropy, same_answer, stop_token_ids,
     token_f1,
 )
 from instructedit.evaluation.row_edits import Updates
@@ -102,17 +102,16 @@ def case_queries(collator: Collator, record: EditRecord, instruction: int | None
     chat = chat_query(tok, record.prompt) if "chat" in forms else None
     if chat is not None:
         asked.append(("reliability", "chat", "default", record.prompt, chat, target))
-    # (family, form, kind, question, prompt, expected, answers whose length sets the budget: room for the other record's
-    # answer and for the edit's target, which it should not now say)
+    # (family, form, kind, question, prompt, expected, its budget: ``in_frame_budget``)
     framed = [("locality_in_frame", form, "default", in_frame.prompt, collator.form_prompt(record, form, instruction, in_frame.prompt),
-               target, (in_frame.target_new, target)) for _, form, *_ in asked] if in_frame is not None else []
+               target, in_frame_budget(tok, in_frame.target_new, target, margin)) for _, form, *_ in asked] if in_frame is not None else []
     asked += [("generalization", "wrapped", "default", r, collator.wrap(record, r, instruction), target) for r in record.rephrase]
     asked += [("portability", "wrapped", q.kind, q.prompt, collator.wrap(record, q.prompt, instruction), q.answer) for q in record.portability]
     asked += [("locality", "raw", q.kind, q.prompt, q.prompt, q.answer) for q in record.locality]
     queries = []
     for family, form, kind, question, prompt, expected, *sized in [*asked, *framed]:
         room = collator.max_length - len(tok(prompt)["input_ids"])
-        budget = min(max(answer_budget(tok, answer, margin) for answer in (sized[0] if sized else (expected,))), room)
+        budget = min(sized[0] if sized else answer_budget(tok, expected, margin), room)
         if budget < 1:
             logger.debug("%s: %s query left out, no room for an answer in %d tokens", record.source, family, collator.max_length)
             continue
