@@ -123,180 +123,52 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     of the same calibration (``PartialGrid``: the same editor, multipliers, records, forms, sample and model) takes those
     cells from it instead of scoring them again
     (``restart``: scores them all again)."""
-    import dataclasses
-
-    from instructedit.analysis.many_edits import key_memory, locality_texts, without_measured
-    from instructedit.api import query_setup
-    from instructedit.config import check_edit_forms, load_config, many_edit_forms
-    from instructedit.editors.base import scaled_step_sizes
-    from instructedit.editors.learned import check_edit_rounds, undone_rounds_counted
     from instructedit.editors.mend import MENDEditor
-    from instructedit.evaluation.generation_check import floors_missed, generation_scores, selection_score
+    from instructedit.evaluation.generation_check import floors_missed, selection_score
     from instructedit.models.loading import load_model, resolve_device
-    from instructedit.tasks.loaders import load_records
     from instructedit.tasks.prepare import prepare_data
 
-    if not 0 <= locality_floor <= 1:
-        raise ValueError(f"--locality-floor must be in [0, 1], got {locality_floor}")
-    if not 0 <= in_frame_floor <= 1:
-        raise ValueError(f"--in-frame-floor must be in [0, 1], got {in_frame_floor}")
-    if in_frame is not None and (preserve is None or in_frame < 1 or in_frame_weight <= 0):
-        raise ValueError("--in-frame-preserve N (>= 1) joins the preservation sample: it needs --preserve (or --preserve-data) and "
-                         f"a positive --in-frame-weight, got N={in_frame}, weight {in_frame_weight:g}")
-    rounds = sorted({check_edit_rounds(r, "--rounds") for r in rounds})
-    if not rounds:
-        raise ValueError("--rounds: give at least one number of rounds")
+    rounds = _checked_grid_arguments(locality_floor, in_frame_floor, in_frame, preserve, in_frame_weight, rounds)
     run, output = Path(run), Path(output)
     source = run / checkpoint
-    if not (run / CONFIG).is_file() or not (source / EDITOR_CONFIG).is_file():
-        raise FileNotFoundError(f"--run {run}: needs {CONFIG} and {checkpoint}/{EDITOR_CONFIG} (a training run folder)")
-    if output.exists() and any(output.iterdir()):
-        raise ValueError(f"--output {output} exists and is not empty; choose a new folder")
-    config = load_config(run / CONFIG)
-    if edit_forms is not None:
-        forms = list(check_edit_forms(edit_forms, "--edit-forms"))
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, edit_forms=forms))
-    if answer_stop is not None:  # TrainingConfig checks the value
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, answer_stop=answer_stop))
-    if val_size is not None:
-        if val_size < 1:
-            raise ValueError(f"--val-size must be >= 1, got {val_size}")
-        config = dataclasses.replace(config, training=dataclasses.replace(config.training, val_size=val_size))
+    config = _calibration_config(run, source, checkpoint, output, edit_forms, answer_stop, val_size)
     if model is None or tokenizer is None:
         model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device=resolve_device(device))
     device = next(model.parameters()).device
     data = prepare_data(config, tokenizer)
     editor = MENDEditor.from_pretrained(source, device=device).eval()
     seen = data.pool.evaluation_index("seen") if data.pool is not None else None  # a file's records: as evaluate asks them
-    if val_data is None:
-        records, described = data.val, f"the first {config.training.val_size} records of the run's validation split"
-        instructions = data.instructions(records, config.data.instruction_seed)
-    else:
-        loaded = [r for r in load_records(Path(val_data)).records if r.convsent is None and r.locality]
-        records = loaded[: config.training.val_size]  # --val-size already set it
-        if not records:
-            raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
-        described = f"the first {len(records)} records with a locality prompt of {val_data}"
-        instructions = [seen] * len(records)
+    records, instructions, described = _calibration_records(data, config, val_data, seen)
+    sample = None
     if preserve is not None:
-        if preserve_data is not None:
-            where = f"--preserve-data {preserve_data}"
-            texts = preservation_texts(load_records(Path(preserve_data)).records, preserve, where)
-        else:
-            where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
-            texts = preservation_texts(data.train, preserve, where)
-        # the validation records' own locality prompts are what the calibration measures: holding them still would flatter it
-        sampled = len(texts)
-        texts = without_measured(texts, set(locality_texts(records)), where, "the calibration")
-        memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=preserve_weights[0])
-        left_out = f", without the {sampled - len(texts)} the calibration measures" if len(texts) < sampled else ""
-        source_text = (f"the locality prompts + answers of the first {preserve} records with one of {where} "
-                       f"({len(texts)} texts{left_out}, {memory.text_tokens} tokens)")
-        own = memory.text
-        if in_frame is not None:
-            frame_texts, wheres = [], []
-            for name in in_frame_sources(in_frame_data):
-                if name == IN_FRAME_TRAIN:
-                    frame_records, where_from = data.train, f"the training split of {run}"
-                    frame_instructions = data.instructions(frame_records, config.data.instruction_seed)
-                else:  # a file's questions in the first seen description of their task, as evaluate asks them
-                    frame_records, where_from = load_records(Path(name)).records, name
-                    frame_instructions = [seen] * len(frame_records)
-                # the calibration asks its records' questions in frame: holding them still would flatter it
-                frame_texts += in_frame_texts(frame_records, frame_instructions, data.collator, in_frame, {r.prompt for r in records},
-                                              f"--in-frame-data {name}")
-                wheres.append(where_from)
-            frame_texts = list(dict.fromkeys(frame_texts))
-            frame_where = " and of ".join(wheres)
-            framed = key_memory(editor, model, data.collator, frame_texts, 0.0, 1.0, answers="model", keys="all")
-            memory.text_tokens += framed.text_tokens
-            source_text += (f" + the questions of the first {in_frame} single-answer records of {frame_where} not asked by the "
-                            f"calibration, in the edit forms ({len(frame_texts)} texts, {framed.text_tokens} tokens, continued "
-                            f"with the unedited model's answers), counted as {in_frame_weight:g} tokens")
-        editor.set_preservation(memory, source_text)
+        sample = _preservation_sample(editor, model, data, config, run, records, seen, preserve, preserve_data,
+                                      preserve_weights[0], in_frame, in_frame_weight, in_frame_data)
         print(f"preservation sample: {editor.preservation_source}")
-
-    def weigh(weight: float) -> None:  # the covariance is the sample's; the weight only scales it. The in-frame sample keeps
-        memory.text_weight = weight   # its own: w·C + w_frame·C_frame = w·(C + w_frame/w·C_frame)
-        if in_frame is not None:
-            memory.text = {k: own[k] + in_frame_weight / weight * framed.text[k].to(own[k].device) for k in own}
-
     partial = PartialGrid(output.with_name(output.name + PARTIAL), {
         "editor_sha256": editor_sha256(source), "scales": list(scales), "records": described, "sources": [r.source for r in records],
         "edit_forms": list(data.collator.edit_forms), "answer_stop": data.collator.answer_stop,
         "preservation": editor.preservation_source if preserve is not None else None,
         "model": config.model.name, "model_dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "device": device.type})
-    kept = partial.resume(restart)
-    grid: Grid = {r: {} for r in rounds}
-    for weight in preserve_weights if preserve is not None else [None]:
-        if weight is not None:
-            weigh(weight)
-            print(f"preservation weight {weight:g}:")
-        for r in rounds:
-            if len(rounds) > 1:
-                print(f"edits made in {r} round{'s' if r != 1 else ''}:")
-            if (r, weight) in kept:
-                grid[r][weight] = kept[r, weight]
-                print(f"  scored before the run was interrupted: kept from {partial.path}")
-                continue
-            with undone_rounds_counted() as undone:
-                grid[r][weight] = generation_scores(model, tokenizer, editor, data.collator, records, instructions, scales,
-                                                    progress=progress, intervals=True, rounds=r, in_frame=True)
-            if undone.edits:
-                print(f"  {undone}")
-            partial.save(kept | {(rr, w): per for rr, per_weight in grid.items() for w, per in per_weight.items()})
+    weights = list(preserve_weights) if sample is not None else [None]
+    grid = _score_grid(model, tokenizer, editor, data.collator, records, instructions, scales, rounds, weights, sample, partial,
+                       restart, progress)
     cells = {(r, w, sc): v for r, per_weight in grid.items() for w, per in per_weight.items() for sc, v in per.items()}
     # the selection rule of training validation; on a tie fewer rounds, then the smaller multiplier, then the larger
     # preservation weight
-    chosen_rounds, chosen_weight, chosen = max(cells, key=lambda k: (selection_score(cells[k], locality_floor, in_frame_floor),
-                                                                      -k[0], -k[2], k[1] or 0))
-    per_scale = grid[chosen_rounds][chosen_weight]
+    chosen_cell = max(cells, key=lambda k: (selection_score(cells[k], locality_floor, in_frame_floor), -k[0], -k[2], k[1] or 0))
+    chosen_rounds, chosen_weight, chosen = chosen_cell
     many_edit_scale = one_round_scale(grid, chosen_rounds, chosen_weight, chosen, locality_floor, in_frame_floor)
-    missed = near_floor(cells, (chosen_rounds, chosen_weight, chosen), locality_floor, in_frame_floor)
-    short = floors_missed(cells[chosen_rounds, chosen_weight, chosen], locality_floor, in_frame_floor)
-    if chosen_weight is not None:
-        weigh(chosen_weight)
-    saved = json.loads((source / EDITOR_CONFIG).read_text())
-    extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
-    extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(data.collator.edit_forms),
-                        "answer_stop": data.collator.answer_stop, "edit_rounds": chosen_rounds,  # how its edits are made
-                        "many_edit_scale": many_edit_scale, "many_edit_forms": list(many_edit_forms(data.collator.edit_forms))}
-    extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in per_scale.items()}, "chosen": chosen,
-                            "rounds": chosen_rounds, "many_edit_scale": many_edit_scale,
-                            "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
-                                                      for w, per in per_weight.items()} for r, per_weight in grid.items()},
-                            "locality_floor": locality_floor, "in_frame_floor": in_frame_floor, "floors_met": not short,
-                            "near_floor": [{"rounds": r, "weight": w, "scale": sc, **{k: cells[r, w, sc][k] for k in ("gen_reliability", "gen_locality")}}
-                                           for r, w, sc in missed],
-                            "edit_forms": list(data.collator.edit_forms),
-                            "answer_stop": data.collator.answer_stop, "records": described,
-                            "preservation": None if editor.preservation is None else
-                            {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
-                             "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
-                                               for w, per in grid[chosen_rounds].items()},
-                             "in_frame": None if in_frame is None else {"records": in_frame, "weight": in_frame_weight,
-                                                                        "data": in_frame_sources(in_frame_data)}}}
-    tmp = output.with_name(output.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with scaled_step_sizes(editor, chosen):
-        editor.save_pretrained(tmp, extra=extra)
-    for name in ("README.md", "training_config.yaml"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
-    write_json(tmp / "calibration.json", extra["calibration"])
-    output.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(output, ignore_errors=True)
-    tmp.rename(output)
+    missed = near_floor(cells, chosen_cell, locality_floor, in_frame_floor)
+    short = floors_missed(cells[chosen_cell], locality_floor, in_frame_floor)
+    if sample is not None:
+        sample.weigh(chosen_weight)
+    extra = _saved_config(source, editor, data.collator, grid, cells, chosen_cell, many_edit_scale, missed, short, described,
+                          locality_floor, in_frame_floor,
+                          None if in_frame is None else {"records": in_frame, "weight": in_frame_weight, "data": in_frame_sources(in_frame_data)})
+    _write_editor(editor, source, output, chosen, extra)
     partial.path.unlink(missing_ok=True)
-    for (r, w, sc), v in cells.items():
-        mark = "  <- chosen" if (r, w, sc) == (chosen_rounds, chosen_weight, chosen) else ""
-        weight = "" if w is None else f"preservation weight {w:g}, "
-        made = f"{r} rounds, " if len(rounds) > 1 or r != 1 else ""
-        forms = "".join(f", {k[len('gen_reliability_'):]} {_rate(v, k)}" for k in v if k.startswith("gen_reliability_"))
-        framed_rate = (f", in the edit's frame {_rate(v, 'gen_locality_in_frame')} (saying the target {_rate(v, 'gen_in_frame_target')})"
-                       if "gen_locality_in_frame" in v else "")
-        print(f"{made}{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
-              f"{_rate(v, 'gen_locality')}{framed_rate} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){mark}")
+    for cell, v in cells.items():
+        print(_cell_line(cell, v, len(rounds) > 1, cell == chosen_cell))
     many = extra["queries"]["many_edit_forms"]
     many_forms = f"; many edits made in {' + '.join(many)}" if many != list(data.collator.edit_forms) else ""
     print(f"wrote {output} (step sizes × {chosen:g}{'' if chosen_weight is None else f', preservation weight {chosen_weight:g}'}"
@@ -308,9 +180,220 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     for r, w, sc in missed:  # one validation case from another choice
         v = cells[r, w, sc]
         print(f"note: {r} round{'s' if r != 1 else ''}{'' if w is None else f', preservation weight {w:g}'}, α × {sc:g} said more "
-              f"({v['gen_reliability']:.3f} against {cells[chosen_rounds, chosen_weight, chosen]['gen_reliability']:.3f}) and kept "
+              f"({v['gen_reliability']:.3f} against {cells[chosen_cell]['gen_reliability']:.3f}) and kept "
               f"{v['gen_locality']:.3f}, within one of {v['gen_n']} validation cases of the {locality_floor:g} floor: another run "
               f"of the same recipe may choose it; --locality-floor {math.floor(v['gen_locality'] * 100) / 100:g} would admit it")
+
+
+def _checked_grid_arguments(locality_floor: float, in_frame_floor: float, in_frame: int | None, preserve: int | None,
+                            in_frame_weight: float, rounds: Sequence[int]) -> list[int]:
+    """``calibrate``'s floors and in-frame sample checked; its ``rounds``, each checked, sorted and without repeats."""
+    from instructedit.editors.learned import check_edit_rounds
+
+    if not 0 <= locality_floor <= 1:
+        raise ValueError(f"--locality-floor must be in [0, 1], got {locality_floor}")
+    if not 0 <= in_frame_floor <= 1:
+        raise ValueError(f"--in-frame-floor must be in [0, 1], got {in_frame_floor}")
+    if in_frame is not None and (preserve is None or in_frame < 1 or in_frame_weight <= 0):
+        raise ValueError("--in-frame-preserve N (>= 1) joins the preservation sample: it needs --preserve (or --preserve-data) and "
+                         f"a positive --in-frame-weight, got N={in_frame}, weight {in_frame_weight:g}")
+    checked = sorted({check_edit_rounds(r, "--rounds") for r in rounds})
+    if not checked:
+        raise ValueError("--rounds: give at least one number of rounds")
+    return checked
+
+
+def _calibration_config(run: Path, source: Path, checkpoint: str, output: Path, edit_forms: str | Sequence[str] | None,
+                        answer_stop: str | None, val_size: int | None) -> Any:
+    """The run's config with ``calibrate``'s edit forms, answer stop and validation size in it; the run folder and a new
+    ``output`` checked."""
+    import dataclasses
+
+    from instructedit.config import check_edit_forms, load_config
+
+    if not (run / CONFIG).is_file() or not (source / EDITOR_CONFIG).is_file():
+        raise FileNotFoundError(f"--run {run}: needs {CONFIG} and {checkpoint}/{EDITOR_CONFIG} (a training run folder)")
+    if output.exists() and any(output.iterdir()):
+        raise ValueError(f"--output {output} exists and is not empty; choose a new folder")
+    config = load_config(run / CONFIG)
+    training: dict[str, Any] = {}
+    if edit_forms is not None:
+        training["edit_forms"] = list(check_edit_forms(edit_forms, "--edit-forms"))
+    if answer_stop is not None:  # TrainingConfig checks the value
+        training["answer_stop"] = answer_stop
+    if val_size is not None:
+        if val_size < 1:
+            raise ValueError(f"--val-size must be >= 1, got {val_size}")
+        training["val_size"] = val_size
+    return dataclasses.replace(config, training=dataclasses.replace(config.training, **training)) if training else config
+
+
+def _calibration_records(data: Any, config: Any, val_data: str | Path | None, seen: int | None) -> tuple[list[EditRecord], list[int | None], str]:
+    """The records the multipliers are tried on (the run's validation split, or the first single-answer records with a
+    locality prompt of ``val_data``), the instruction each is asked in, and what they are, in words."""
+    from instructedit.tasks.loaders import load_records
+
+    if val_data is None:
+        records = data.val
+        return records, data.instructions(records, config.data.instruction_seed), f"the first {config.training.val_size} records of the run's validation split"
+    loaded = [r for r in load_records(Path(val_data)).records if r.convsent is None and r.locality]
+    records = loaded[: config.training.val_size]  # --val-size already set it
+    if not records:
+        raise ValueError(f"--val-data {val_data}: no record with a single answer and a locality prompt to calibrate on")
+    return records, [seen] * len(records), f"the first {len(records)} records with a locality prompt of {val_data}"
+
+
+class _Sample:
+    """A calibration's preservation sample, set on the editor (``MENDEditor.set_preservation``): ``memory`` holds the raw
+    sample's covariance ``own``, plus, with an in-frame sample (``framed``), that one at its own weight in tokens."""
+
+    def __init__(self, memory: Any, framed: Any, in_frame_weight: float) -> None:
+        self.memory, self.own, self.framed, self.in_frame_weight = memory, memory.text, framed, in_frame_weight
+
+    def weigh(self, weight: float) -> None:
+        """Count the sample as ``weight`` tokens. The covariance is the sample's; the weight only scales it. The in-frame
+        sample keeps its own: w·C + w_frame·C_frame = w·(C + w_frame/w·C_frame)."""
+        self.memory.text_weight = weight
+        if self.framed is not None:
+            own = self.own
+            self.memory.text = {k: own[k] + self.in_frame_weight / weight * self.framed.text[k].to(own[k].device) for k in own}
+
+
+def _preservation_sample(editor: Any, model: Any, data: Any, config: Any, run: Path, records: list[EditRecord], seen: int | None,
+                         preserve: int, preserve_data: str | Path | None, weight: float, in_frame: int | None,
+                         in_frame_weight: float, in_frame_data: str | Sequence[str] | None) -> _Sample:
+    """The preservation sample ``calibrate --preserve`` gives ``editor`` at ``weight``: the locality prompts + answers of
+    ``preserve`` records of the training split (or of ``preserve_data``), without those of the calibration's ``records``;
+    with ``in_frame`` records, their questions asked in the edit forms (``in_frame_texts``) too."""
+    from instructedit.analysis.many_edits import key_memory, locality_texts, without_measured
+    from instructedit.tasks.loaders import load_records
+
+    if preserve_data is not None:
+        where = f"--preserve-data {preserve_data}"
+        texts = preservation_texts(load_records(Path(preserve_data)).records, preserve, where)
+    else:
+        where = f"the training split of {run} ({', '.join(config.data.tasks)}, split seed {config.data.split_seed})"
+        texts = preservation_texts(data.train, preserve, where)
+    # the validation records' own locality prompts are what the calibration measures: holding them still would flatter it
+    sampled = len(texts)
+    texts = without_measured(texts, set(locality_texts(records)), where, "the calibration")
+    memory = key_memory(editor, model, data.collator, texts, past_weight=0.0, text_weight=weight)
+    left_out = f", without the {sampled - len(texts)} the calibration measures" if len(texts) < sampled else ""
+    source_text = (f"the locality prompts + answers of the first {preserve} records with one of {where} "
+                   f"({len(texts)} texts{left_out}, {memory.text_tokens} tokens)")
+    framed = None
+    if in_frame is not None:
+        frame_texts, wheres = [], []
+        for name in in_frame_sources(in_frame_data):
+            if name == IN_FRAME_TRAIN:
+                frame_records, where_from = data.train, f"the training split of {run}"
+                frame_instructions = data.instructions(frame_records, config.data.instruction_seed)
+            else:  # a file's questions in the first seen description of their task, as evaluate asks them
+                frame_records, where_from = load_records(Path(name)).records, name
+                frame_instructions = [seen] * len(frame_records)
+            # the calibration asks its records' questions in frame: holding them still would flatter it
+            frame_texts += in_frame_texts(frame_records, frame_instructions, data.collator, in_frame, {r.prompt for r in records},
+                                          f"--in-frame-data {name}")
+            wheres.append(where_from)
+        frame_texts = list(dict.fromkeys(frame_texts))
+        framed = key_memory(editor, model, data.collator, frame_texts, 0.0, 1.0, answers="model", keys="all")
+        memory.text_tokens += framed.text_tokens
+        source_text += (f" + the questions of the first {in_frame} single-answer records of {' and of '.join(wheres)} not asked by "
+                        f"the calibration, in the edit forms ({len(frame_texts)} texts, {framed.text_tokens} tokens, continued "
+                        f"with the unedited model's answers), counted as {in_frame_weight:g} tokens")
+    editor.set_preservation(memory, source_text)
+    return _Sample(memory, framed, in_frame_weight)
+
+
+def _score_grid(model: Any, tokenizer: Any, editor: Any, collator: Any, records: list[EditRecord], instructions: list[int | None],
+                scales: Sequence[float], rounds: list[int], weights: list[float | None], sample: _Sample | None,
+                partial: PartialGrid, restart: bool, progress: bool) -> Grid:
+    """Every (rounds, weight) cell's scores at every multiplier (``generation_scores``, in-frame locality too), each cell
+    saved in ``partial`` once scored; cells an interrupted run of the same calibration saved are taken from it."""
+    from instructedit.editors.learned import undone_rounds_counted
+    from instructedit.evaluation.generation_check import generation_scores
+
+    kept = partial.resume(restart)
+    grid: Grid = {r: {} for r in rounds}
+    for weight in weights:
+        if weight is not None and sample is not None:
+            sample.weigh(weight)
+            print(f"preservation weight {weight:g}:")
+        for r in rounds:
+            if len(rounds) > 1:
+                print(f"edits made in {r} round{'s' if r != 1 else ''}:")
+            if (r, weight) in kept:
+                grid[r][weight] = kept[r, weight]
+                print(f"  scored before the run was interrupted: kept from {partial.path}")
+                continue
+            with undone_rounds_counted() as undone:
+                grid[r][weight] = generation_scores(model, tokenizer, editor, collator, records, instructions, scales,
+                                                    progress=progress, intervals=True, rounds=r, in_frame=True)
+            if undone.edits:
+                print(f"  {undone}")
+            partial.save(kept | {(rr, w): per for rr, per_weight in grid.items() for w, per in per_weight.items()})
+    return grid
+
+
+def _saved_config(source: Path, editor: Any, collator: Any, grid: Grid, cells: dict[Cell, dict[str, Any]], chosen_cell: Cell,
+                  many_edit_scale: float, missed: list[Cell], short: dict, described: str, locality_floor: float,
+                  in_frame_floor: float, in_frame: dict[str, Any] | None) -> dict[str, Any]:
+    """What the calibrated editor's ``editor_config.json`` carries beyond the editor's own config: the source's other keys,
+    ``queries`` (how its edits are made) and ``calibration`` (the whole grid and the choice; also ``calibration.json``)."""
+    from instructedit.api import query_setup
+    from instructedit.config import many_edit_forms
+
+    chosen_rounds, chosen_weight, chosen = chosen_cell
+    saved = json.loads((source / EDITOR_CONFIG).read_text())
+    extra = {k: v for k, v in saved.items() if k not in editor.editor_config()}
+    extra["queries"] = {**(extra.get("queries") or query_setup(source)), "edit_forms": list(collator.edit_forms),
+                        "answer_stop": collator.answer_stop, "edit_rounds": chosen_rounds,  # how its edits are made
+                        "many_edit_scale": many_edit_scale, "many_edit_forms": list(many_edit_forms(collator.edit_forms))}
+    extra["calibration"] = {"source": str(source), "scales": {f"{s:g}": v for s, v in grid[chosen_rounds][chosen_weight].items()},
+                            "chosen": chosen, "rounds": chosen_rounds, "many_edit_scale": many_edit_scale,
+                            "rounds_tried": {str(r): {"none" if w is None else f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
+                                                      for w, per in per_weight.items()} for r, per_weight in grid.items()},
+                            "locality_floor": locality_floor, "in_frame_floor": in_frame_floor, "floors_met": not short,
+                            "near_floor": [{"rounds": r, "weight": w, "scale": sc, **{k: cells[r, w, sc][k] for k in ("gen_reliability", "gen_locality")}}
+                                           for r, w, sc in missed],
+                            "edit_forms": list(collator.edit_forms),
+                            "answer_stop": collator.answer_stop, "records": described,
+                            "preservation": None if editor.preservation is None else
+                            {"weight": editor.preservation.text_weight, "source": editor.preservation_source,
+                             "weights_tried": {f"{w:g}": {f"{sc:g}": v for sc, v in per.items()}
+                                               for w, per in grid[chosen_rounds].items()},
+                             "in_frame": in_frame}}
+    return extra
+
+
+def _write_editor(editor: Any, source: Path, output: Path, chosen: float, extra: dict[str, Any]) -> None:
+    """Write ``editor`` at step sizes × ``chosen`` with ``extra`` (and ``calibration.json``, and the source's card and training
+    config) to ``output``, atomically: into a temporary folder, then renamed."""
+    from instructedit.editors.base import scaled_step_sizes
+
+    tmp = output.with_name(output.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with scaled_step_sizes(editor, chosen):
+        editor.save_pretrained(tmp, extra=extra)
+    for name in ("README.md", "training_config.yaml"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, tmp / name)
+    write_json(tmp / "calibration.json", extra["calibration"])
+    output.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
+
+
+def _cell_line(cell: Cell, v: dict[str, Any], several_rounds: bool, chosen: bool) -> str:
+    """One cell of the grid, as ``calibrate`` prints it once the editor is written."""
+    r, w, sc = cell
+    weight = "" if w is None else f"preservation weight {w:g}, "
+    made = f"{r} rounds, " if several_rounds or r != 1 else ""
+    forms = "".join(f", {k[len('gen_reliability_'):]} {_rate(v, k)}" for k in v if k.startswith("gen_reliability_"))
+    framed_rate = (f", in the edit's frame {_rate(v, 'gen_locality_in_frame')} (saying the target {_rate(v, 'gen_in_frame_target')})"
+                   if "gen_locality_in_frame" in v else "")
+    return (f"{made}{weight}α × {sc:g}: generation reliability {_rate(v, 'gen_reliability')}{forms}, generation locality "
+            f"{_rate(v, 'gen_locality')}{framed_rate} (n={v.get('gen_n', 0)}; 95 % bootstrap intervals){'  <- chosen' if chosen else ''}")
 
 
 def floors_warning(short: dict[str, tuple[float, float]]) -> str:
