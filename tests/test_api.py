@@ -250,6 +250,7 @@ def test_edit_command_prints_before_and_after_and_saves(tiny_llama_dir: Path, tm
     out = capsys.readouterr().out
     assert f"model: {tiny_llama_dir}" in out  # the editor's model_name
     assert "top-5 next tokens" in out and "before" in out and "after" in out
+    assert "next tokens after the instruction-wrapped prompt" in out  # where the edit is made, not the plain prompt
     assert "greedy continuation" in out and "instruction-wrapped prompt (reliability)" in out and "plain prompt" in out
     assert out.index("what the model says") < out.index("target accuracy")
     assert len([line for line in out.splitlines() if line.startswith(" " * 24)]) == 5  # five prediction rows

@@ -151,7 +151,7 @@ def run_edit(args: argparse.Namespace) -> int:
         return {"says": shown(answer(m, tok, wrapped, args.max_new_tokens)),
                 "says_plain": shown(answer(m, tok, edit.prompt, args.max_new_tokens)),
                 "says_chat": shown(answer(m, tok, chat, args.max_new_tokens)) if chat else "",
-                "top": _predictions(top_predictions(m, tok, edit.prompt, args.top_k)),
+                "top": _predictions(top_predictions(m, tok, wrapped, args.top_k)),  # where the edit is made
                 "text": shown(generate(m, tok, edit.prompt, args.max_new_tokens)),
                 "wrapped": score_target(m, tok, wrapped, edit.target), "plain": score_target(m, tok, edit.prompt, edit.target)}
 
@@ -173,6 +173,7 @@ def run_edit(args: argparse.Namespace) -> int:
         f"  instruction-wrapped prompt:  {before['says']}  ->  {after['says']}",
         f"  plain prompt:                {before['says_plain']}  ->  {after['says_plain']}",
         *([f"  chat question (user turn):   {before['says_chat']}  ->  {after['says_chat']}"] if chat else []), "",
+        "next tokens after the instruction-wrapped prompt (the edit's own):",
         *_side_by_side(f"top-{args.top_k} next tokens", before["top"], after["top"]), "",
         "greedy continuation of the plain prompt:", f"  before: {before['text']}", f"  after:  {after['text']}", "",
         "target accuracy (teacher-forced token accuracy of the target):",
