@@ -7,7 +7,10 @@ against both behaviours.
 
 from __future__ import annotations
 
+import json
+import threading
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -181,3 +184,49 @@ def point_hub_at(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[s
         monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
 
     return point
+
+
+class FakeOpenAI:
+    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1 (the instruction proposer's, the LLM judge's): the n-th
+    request gets ``answers[n - 1]`` (the last answer from then on); with another ``status`` every request gets that error.
+    Every request is recorded as ``{"path", "auth", "body"}``."""
+
+    def __init__(self, answers: list[str], status: int = 200) -> None:
+        self.answers, self.status, self.requests = answers, status, []
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
+                if fake.status != 200:
+                    payload = b'{"error": {"message": "overloaded"}}'
+                else:
+                    text = fake.answers[min(len(fake.requests), len(fake.answers)) - 1]
+                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
+                self.send_response(fake.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> "FakeOpenAI":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_openai() -> type[FakeOpenAI]:
+    """``FakeOpenAI``, to start as ``with fake_openai(answers) as server:`` (``server.url`` is its base URL)."""
+    return FakeOpenAI

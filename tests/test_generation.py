@@ -8,8 +8,6 @@ import dataclasses
 import gzip
 import math
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -900,44 +898,10 @@ def test_report_tags_protocols_with_intervals_and_reads_old_reports(tiny_gpt2_di
 # --- the command and the judge ------------------------------------------------------------------
 
 
-class FakeJudge:
-    """An OpenAI-compatible chat endpoint on 127.0.0.1 that answers every request with ``reply`` and records the requests."""
-
-    def __init__(self, reply: str, status: int = 200) -> None:
-        self.reply, self.status, self.requests = reply, status, []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                fake.requests.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                body = {"choices": [{"message": {"role": "assistant", "content": fake.reply}}]} if fake.status == 200 else {"error": "down"}
-                payload = json.dumps(body).encode()
-                self.send_response(fake.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeJudge":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_judge_verdicts_through_a_fake_endpoint(tiny_gpt2_dir: Path) -> None:
+def test_judge_verdicts_through_a_fake_endpoint(tiny_gpt2_dir: Path, fake_openai: type) -> None:
     assert (parse_verdict("Yes."), parse_verdict(" no, it names Paris"), parse_verdict("maybe")) == (1.0, 0.0, None)
     model, tokenizer, editor = setup(tiny_gpt2_dir)
-    with FakeJudge("Yes.") as server:
+    with fake_openai(["Yes."]) as server:
         judge = LLMJudge(OpenAIProposer(model="fake-judge", base_url=server.url, temperature=0.0, max_tokens=4, timeout=5))
         report = evaluate(model, tokenizer, editor, records(), POOL, 0, progress=False, protocol="generation", judge=judge)
     asked = [c for c in report.cases if c.task == "counterfact"]
@@ -947,13 +911,13 @@ def test_judge_verdicts_through_a_fake_endpoint(tiny_gpt2_dir: Path) -> None:
         assert case.gen_post["gen_reliability_judge"] == float(bool(normalize_answer(said[1])))
     assert len(server.requests) == judge.calls and judge.failures == 0 and report.settings.judge == "judge:openai:fake-judge"
     assert server.requests  # the tiny models say something: the judge was asked
-    body = server.requests[0]
+    body = server.requests[0]["body"]
     assert body["model"] == "fake-judge" and body["temperature"] == 0.0
     assert "Expected answer: Rome" in body["messages"][1]["content"] or "Expected answer: piano" in body["messages"][1]["content"]
-    with FakeJudge("", status=503) as down:
+    with fake_openai([], status=503) as down:
         failing = LLMJudge(OpenAIProposer(model="fake-judge", base_url=down.url, timeout=5))
         assert failing.verdict("q", "Rome", "Rome") is None and failing.failures == 1  # an endpoint error: no verdict, no crash
-    with FakeJudge("I cannot tell") as vague:
+    with fake_openai(["I cannot tell"]) as vague:
         unclear = LLMJudge(OpenAIProposer(model="fake-judge", base_url=vague.url, timeout=5))
         assert unclear.verdict("q", "Rome", "Rome") is None and unclear.failures == 1
 
@@ -973,7 +937,7 @@ def knowedit_file(path: Path) -> Path:
 
 
 def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                          capsys: pytest.CaptureFixture) -> None:
+                                                          capsys: pytest.CaptureFixture, fake_openai: type) -> None:
     _, _, editor = setup(tiny_llama_dir)
     folder = editor.save_pretrained(tmp_path / "editor", extra={"queries": {"instructions": True, "answer_stop": "newline"}})
     assert query_setup(folder)["answer_stop"] == "newline" and query_setup(tmp_path)["answer_stop"] == "none"
@@ -1004,7 +968,7 @@ def test_evaluate_command_protocols_answer_stop_and_judge(tiny_llama_dir: Path, 
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     monkeypatch.delenv("OPENAI_MODEL", raising=False)
-    with FakeJudge("no") as server:
+    with fake_openai(["no"]) as server:
         monkeypatch.setenv("OPENAI_BASE_URL", server.url)
         out = tmp_path / "judged.json"
         args = parser().parse_args([*common, "--protocol", "generation", "--judge", "--judge-model", "fake", "--output", str(out)])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 
@@ -154,47 +152,10 @@ def test_rounds_without_usable_candidates_count_towards_patience(tmp_path: Path)
 # --- OpenAI-compatible proposer against a fake server -------------------------------------------------------
 
 
-class FakeOpenAI:
-    """A chat-completions endpoint on 127.0.0.1 that returns canned answers and records every request."""
-
-    def __init__(self, answers: list[str], status: int = 200) -> None:
-        self.answers, self.status, self.requests = answers, status, []
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                fake.requests.append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-                if fake.status != 200:
-                    payload = b'{"error": {"message": "overloaded"}}'
-                else:
-                    text = fake.answers[min(len(fake.requests), len(fake.answers)) - 1]
-                    payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}).encode()
-                self.send_response(fake.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> "FakeOpenAI":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def test_openai_proposer_loop_sends_previous_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_openai_proposer_loop_sends_previous_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    fake_openai: type) -> None:
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
-    with FakeOpenAI([scripted_round(r) for r in range(1, 10)]) as server:
+    with fake_openai([scripted_round(r) for r in range(1, 10)]) as server:
         proposer = make_proposer("openai", model="fake-model", base_url=server.url, timeout=5)
         settings = OptimizeSettings(task="counterfact", rounds=9, patience=2, candidates=2, baseline=False)
         result = optimize_instructions(proposer, table_scorer({1: 0.3, 2: 0.5, 3: 0.5, 4: 0.1}), settings, tmp_path)
@@ -208,16 +169,16 @@ def test_openai_proposer_loop_sends_previous_scores(tmp_path: Path, monkeypatch:
     assert "ranked by reliability, ties broken by locality" in prompt
 
 
-def test_openai_proposer_errors_are_clear(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_openai_proposer_errors_are_clear(monkeypatch: pytest.MonkeyPatch, fake_openai: type) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ValueError, match="OPENAI_API_KEY"):
         OpenAIProposer()
-    with FakeOpenAI([], status=503) as server:
+    with fake_openai([], status=503) as server:
         with pytest.raises(ProposerError, match="HTTP 503.*overloaded"):
             OpenAIProposer(base_url=server.url).complete([{"role": "user", "content": "hi"}], 1)
         assert len(server.requests) == 1  # no retries
-    with FakeOpenAI([]) as server:
+    with fake_openai([]) as server:
         dead = server.url
     with pytest.raises(ProposerError, match="cannot reach"):
         OpenAIProposer(base_url=dead, timeout=2).complete([{"role": "user", "content": "hi"}], 1)
@@ -273,11 +234,12 @@ def test_local_proposer_on_a_tiny_model_without_chat_template(tiny_llama_dir: Pa
     assert log[0]["round"] == 0 and log[1]["raw"].startswith("1.")
 
 
-def test_optimize_command_end_to_end_with_a_fake_endpoint(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_optimize_command_end_to_end_with_a_fake_endpoint(tiny_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          fake_openai: type) -> None:
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     best = save_run(tiny_gpt2_dir, tmp_path / "run")
     answer = "1. Make the model say the new object for the subject.\n2. Insert a new fact about the subject into the model."
-    with FakeOpenAI([answer, answer]) as server:
+    with fake_openai([answer, answer]) as server:
         args = parse(["instructions", "optimize", "--task", "counterfact", "--editor", str(best), "--proposer", "openai",
                       "--base-url", server.url, "--proposer-model", "fake", "--rounds", "3", "--patience", "1", "--candidates", "2",
                       "--limit", "2", "--device", "cpu", "--output", str(tmp_path / "out")])
@@ -286,7 +248,7 @@ def test_optimize_command_end_to_end_with_a_fake_endpoint(tiny_gpt2_dir: Path, t
     assert summary["editor"] == str(best) and summary["split"] == "val" and summary["limit"] == 2
     assert summary["rounds_run"] in (1, 2, 3) and (tmp_path / "out" / "descriptions.json").is_file()
     assert server.requests[0]["auth"] is None  # no key needed for a local endpoint
-    with FakeOpenAI([], status=500) as server:
+    with fake_openai([], status=500) as server:
         args = parse(["instructions", "optimize", "--task", "counterfact", "--editor", str(best), "--proposer", "openai",
                       "--base-url", server.url, "--limit", "1", "--rounds", "1", "--no-baseline", "--device", "cpu",
                       "--output", str(tmp_path / "fail")])
