@@ -325,6 +325,50 @@ def test_edit_file_asks_every_edit_in_the_editors_forms(tiny_chat_llama_dir: Pat
             assert form["said_target_after"] == exact_match(form["said_after"], row["target"])
 
 
+def test_edit_command_asks_other_questions_in_every_form(tiny_chat_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        save_tiny_editor: Callable[..., Path]) -> None:
+    """--ask: each other question asked as it is, in the edit's frame and as a chat turn, before and after the edit, with
+    the count of answers the edit left alone; with --file too; an empty or too long question is refused, named."""
+    from instructedit.api import answer
+    from instructedit.evaluation.generation import same_answer, shown
+    from instructedit.tasks.collate import chat_query
+
+    editor_dir = save_tiny_editor(tiny_chat_llama_dir, tmp_path / "editor", edit_lr=1.0)  # a mild edit: some answers change
+    questions = ["The gender of Ingrid is", "BBC One, by"]
+    base = ["edit", "--editor", str(editor_dir), "--max-new-tokens", "4", "--device", "cpu", "--ask", questions[0], "--ask", questions[1]]
+    args = parser().parse_args([*base, "--prompt", "The capital of France is", "--target", "Rome"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    block = out[out.index("other questions (--ask)") : out.index("next tokens after")].splitlines()
+    editor = load_editor(editor_dir)
+    model, tok = load_model(str(tiny_chat_llama_dir))
+    edit = Edit(prompt="The capital of France is", target="Rome")
+    asked = [{"as it is": q, "in the edit's frame": editor.wrap(edit, q), "chat question": chat_query(tok, q)} for q in questions]
+    before = [{f: answer(model, tok, text, 4) for f, text in forms.items()} for forms in asked]
+    with editor.apply(model, [edit], tok) as edited:
+        after = [{f: answer(edited.model, tok, text, 4) for f, text in forms.items()} for forms in asked]
+    rows = [line.strip() for line in block[1:] if line.startswith("    ")]
+    assert [row.split(":")[0] for row in rows] == ["as it is", "in the edit's frame", "chat question"] * 2
+    for row, (said, said_after) in zip(rows, [(b[f], a[f]) for b, a in zip(before, after) for f in ("as it is", "in the edit's frame", "chat question")]):
+        assert f"{shown(said)}  ->  " in row  # the unedited model's answer, asked alone
+        assert row.split("  ->  ", 1)[1].startswith("(as before)" if said_after == said else shown(said_after))
+        assert ("(says the edit's target)" in row) == (said_after.strip() == "Rome")
+    kept = sum(same_answer(a[f], b[f]) for b, a in zip(before, after) for f in a)
+    assert f"answers the edit left alone: {kept} of 6 (generation locality)" in out
+    edits = tmp_path / "edits.jsonl"
+    edits.write_text(json.dumps({"prompt": "The capital of France is", "target": "Rome"}) + "\n"
+                     + json.dumps({"prompt": "The mother tongue of Danielle Darrieux is", "target": "English", "task": "zsre"}) + "\n")
+    args = parser().parse_args([*base, "--file", str(edits)])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert out.index("totals:") < out.index("other questions (--ask)") and "answers the edits left alone: " in out
+    assert "    in the counterfact frame:" in out and "    in the zsre frame:" in out  # one frame per task of the file
+    for bad, message in (("  ", "--ask: an empty question"), ("word " * 3000, "--ask 'word word")):
+        args = parser().parse_args([*base[:-4], "--ask", bad, "--prompt", "The capital of France is", "--target", "Rome"])
+        with pytest.raises(ValueError, match=message):
+            args.func(args)
+
+
 def test_edit_command_convsent_needs_a_label(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     args = parser().parse_args(["edit", "--editor", str(tmp_path), "--prompt", "What do you think of Estero?", "--target", "I like it",
                                 "--task", "convsent", "--topic", "Estero"])

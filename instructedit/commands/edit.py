@@ -61,6 +61,8 @@ def add_edit_parser(subparsers: Any) -> None:
     edit.add_argument("--output", metavar="FILE.jsonl", default=None,
                       help="--file: also write one JSON line per edit with its answers before and after in full, whether each "
                            "is the target (generation protocol) and its target-token accuracy (teacher-forced)")
+    edit.add_argument("--ask", action="append", default=[], metavar="QUESTION",
+                      help="another question to ask before and after the edit(s), repeatable: as it is, in the edit's instruction frame and as a chat turn (where the model has a chat template), each answer marked when the edit left it alone or it now says an edit's target; other questions asked in the frame are where edits leak most (results/analysis/in-frame-locality/)")
     edit.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="length of the greedy continuation (default 20)")
     edit.add_argument("--top-k", type=int, default=5, metavar="K", help="next-token predictions to show (default 5)")
     edit.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
@@ -83,6 +85,7 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
 def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, check_save_folder, generate, score_target, top_predictions
     from instructedit.evaluation.generation import shown
+    from instructedit.models.loading import max_input_length
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
@@ -143,6 +146,7 @@ def run_edit(args: argparse.Namespace) -> int:
     asked = editor.asked(edit, tok)  # wrapped, plain and (a chat template) the question as a chat user turn
     wrapped, chat = asked["wrapped"], asked.get("chat")
     _check_fits(model, tok, editor, [edit], ["--prompt"], args)  # before the model runs
+    others = _ask_forms(editor, tok, [edit], args.ask, max_input_length(model), args.max_new_tokens)
     vocab = model.get_output_embeddings().weight.shape[0]
     if args.top_k > vocab:
         raise ValueError(f"--top-k {args.top_k} is more than the model's vocabulary ({vocab} tokens)")
@@ -153,7 +157,8 @@ def run_edit(args: argparse.Namespace) -> int:
                 "says_chat": shown(answer(m, tok, chat, args.max_new_tokens)) if chat else "",
                 "top": _predictions(top_predictions(m, tok, wrapped, args.top_k)),  # where the edit is made
                 "text": shown(generate(m, tok, edit.prompt, args.max_new_tokens)),
-                "wrapped": score_target(m, tok, wrapped, edit.target), "plain": score_target(m, tok, edit.prompt, edit.target)}
+                "wrapped": score_target(m, tok, wrapped, edit.target), "plain": score_target(m, tok, edit.prompt, edit.target),
+                "asked": [{f: answer(m, tok, text, args.max_new_tokens) for f, text in forms.items()} for forms in others]}
 
     before = snapshot(model)
     with editor.apply(model, [edit], tok) as edited:
@@ -173,6 +178,7 @@ def run_edit(args: argparse.Namespace) -> int:
         f"  instruction-wrapped prompt:  {before['says']}  ->  {after['says']}",
         f"  plain prompt:                {before['says_plain']}  ->  {after['says_plain']}",
         *([f"  chat question (user turn):   {before['says_chat']}  ->  {after['says_chat']}"] if chat else []), "",
+        *(_asked_lines(args.ask, others, before["asked"], after["asked"], [("the edit's target", edit.target)]) if others else []),
         "next tokens after the instruction-wrapped prompt (the edit's own):",
         *_side_by_side(f"top-{args.top_k} next tokens", before["top"], after["top"]), "",
         "greedy continuation of the plain prompt:", f"  before: {before['text']}", f"  after:  {after['text']}", "",
@@ -260,6 +266,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     from instructedit.api import answer, score_target
     from instructedit.evaluation.generation import exact_match, shown
     from instructedit.io import atomic_write
+    from instructedit.models.loading import max_input_length
 
     edits = [e for _, e in numbered]
     _check_fits(model, tok, editor, edits, [f"{args.file} line {n}" for n, _ in numbered], args)
@@ -273,14 +280,19 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         return [({f: answer(m, tok, prompts[f], args.max_new_tokens) for f in forms}, score_target(m, tok, w, e.target).accuracy)
                 for prompts, w, e in zip(asked, wrapped, edits)]
 
-    before = snapshot(model)
+    others = _ask_forms(editor, tok, edits, args.ask, max_input_length(model), args.max_new_tokens)
+
+    def ask(m: Any) -> list[dict[str, str]]:  # --ask: each question's greedy answer per form
+        return [{f: answer(m, tok, text, args.max_new_tokens) for f, text in forms.items()} for forms in others]
+
+    before, asked_before = snapshot(model), ask(model)
     memory, kept, n_texts = None, "", 0
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
           else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory)) as edited:
-        after = snapshot(edited.model)
+        after, asked_after = snapshot(edited.model), ask(edited.model)
         if args.save:
             edited.save_pretrained(args.save)
     # how the call was made (``apply``'s schedule: rounds, the sample's weight, the step sizes' multiplier)
@@ -322,6 +334,9 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     mean = [sum(acc for _, acc in side) / len(edits) for side in (before, after)]
     said = "; ".join(f"{f + ' ' if several else ''}{h[0]:.0f}/{len(edits)} before -> {h[1]:.0f}/{len(edits)} after" for f, h in hits.items())
     lines += ["", f"totals: {len(edits)} edits; answer is the target {said}; mean target-token accuracy {mean[0]:.2f} -> {mean[1]:.2f}"]
+    if others:
+        lines += ["", *_asked_lines(args.ask, others, asked_before, asked_after, [(f"line {n}'s target", e.target) for n, e in numbered],
+                                  "the edits")]
     if args.output:
         rows = [{"line": number, "task": e.task, "prompt": e.prompt, "target": e.target,
                  "said_before": says["wrapped"], "said_after": says_after["wrapped"],  # the greedy answers' first lines, in full
@@ -341,6 +356,52 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     lines.append("the in-memory model was restored after the edits")
     print("\n".join(lines))
     return 0
+
+
+def _ask_forms(editor: Any, tok: Any, edits: list[Any], questions: list[str], limit: int, max_new_tokens: int) -> list[dict[str, str]]:
+    """Each ``--ask`` question in the forms it is asked: as it is, in the instruction frame of each task the ``edits`` are
+    made for, and as a chat user turn (a chat template). A question that does not fit the model with its answer is an error
+    naming it."""
+    from instructedit.tasks.collate import chat_query
+
+    tasks = list(dict.fromkeys(e.task for e in edits))
+    frames = {e.task: e for e in edits}  # one edit per task: its frame is the task's instruction
+    asked = []
+    for question in questions:
+        if not question.strip():
+            raise ValueError("--ask: an empty question")
+        forms = {"as it is": question}
+        for task in tasks:
+            forms["in the edit's frame" if len(tasks) == 1 else f"in the {task} frame"] = editor.wrap(frames[task], question)
+        chat = chat_query(tok, question)
+        forms |= {"chat question": chat} if chat is not None else {}
+        for form, text in forms.items():
+            n = len(tok(text)["input_ids"])
+            if n + max_new_tokens > limit:
+                raise ValueError(f"--ask {question[:40]!r} {form} is {n} tokens; with --max-new-tokens {max_new_tokens} this model "
+                                 f"accepts at most {limit - max_new_tokens}")
+        asked.append(forms)
+    return asked
+
+
+def _asked_lines(questions: list[str], asked: list[dict[str, str]], before: list[dict[str, str]], after: list[dict[str, str]],
+                 targets: list[tuple[str, str]], who: str = "the edit") -> list[str]:
+    """The ``--ask`` block: per question and form, the answer before -> after (greedy, first line), "(as before)" where the
+    edit left it alone, and which edit's target it now says (``targets``: (name, target) per edit)."""
+    from instructedit.evaluation.generation import exact_match, same_answer, shown
+
+    width = max(len(form) for forms in asked for form in forms) + 1
+    lines = ["other questions (--ask), what the model says before -> after (greedy decoding, first line):"]
+    for question, forms, says, says_after in zip(questions, asked, before, after):
+        lines.append(f"  {shown(question)}")
+        for form in forms:
+            hit = [name for name, target in targets if exact_match(says_after[form], target)]
+            mark = f"   (says {' and '.join(hit)})" if hit else ""
+            now = "(as before)" if says_after[form] == says[form] else shown(says_after[form])
+            lines.append(f"    {form + ':':<{width}}  {shown(says[form])}  ->  {now}{mark}")
+    kept = sum(same_answer(a[f], b[f]) for forms, b, a in zip(asked, before, after) for f in forms)
+    total = sum(len(forms) for forms in asked)
+    return [*lines, f"  answers {who} left alone: {kept} of {total} (generation locality)", ""]
 
 
 def _check_fits(model: Any, tok: Any, editor: Any, edits: list[Any], names: list[str], args: argparse.Namespace) -> None:
