@@ -82,6 +82,38 @@ def _side_by_side(label: str, before: list[str], after: list[str]) -> list[str]:
     return lines
 
 
+def _check_file_arguments(args: argparse.Namespace) -> None:
+    """``edit --file``'s options checked (a single edit's refused; rounds, sample weight and key memory as the call is made:
+    in one call or ``--sequential``) and completed, before anything loads."""
+    single = [flag for flag, value in (("--target", args.target), ("--subject", args.subject or None), ("--label", args.label),
+                                       ("--topic", args.topic)) if value is not None]
+    if single:
+        raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
+    if args.sequential and args.rounds == "auto":
+        args.rounds = 1  # the default: --sequential edits one at a time
+    if (isinstance(args.rounds, int) and args.rounds < 1) or (args.rounds != 1 and args.sequential):
+        raise ValueError(f"--rounds {args.rounds}: rounds (>= 1, or auto) are for the edits of a --file made in one call, "
+                         "not --sequential")
+    if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
+        raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
+                         "one call that makes the edits of a --file, not --sequential")
+    if args.key_memory and not args.sequential:  # one call: the memory is a preservation sample its solves hold still
+        if args.preserve_data is None:
+            raise ValueError("--key-memory holds earlier edits still while edits are kept one after another: add --sequential; "
+                             "or, in one call, a preservation sample: add --preserve-data FILE and --rounds K")
+        if args.past_weight is not None:
+            raise ValueError("--past-weight: earlier edits' keys, for --sequential; one call holds only the --preserve-data sample")
+        if args.rounds == "auto":
+            raise ValueError("--key-memory in one call: give --rounds K (auto is fitted to the editor's own sample; measured: "
+                             "256 edits, --rounds 32 --preserve-weight 128000, results/analysis/edit-rounds/blocks/)")
+        if args.sample_weight is not None:
+            raise ValueError("--sample-weight weighs the editor's own sample, which --key-memory's replaces: give --preserve-weight")
+        check_key_memory_arguments(args)
+        args.past_weight = 0.0
+    else:
+        check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
+
+
 def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, check_save_folder, generate, score_target, top_predictions
     from instructedit.evaluation.generation import shown
@@ -95,33 +127,7 @@ def run_edit(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise ValueError(f"--save {e}") from None
     if args.file is not None:
-        single = [flag for flag, value in (("--target", args.target), ("--subject", args.subject or None), ("--label", args.label),
-                                           ("--topic", args.topic)) if value is not None]
-        if single:
-            raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
-        if args.sequential and args.rounds == "auto":
-            args.rounds = 1  # the default: --sequential edits one at a time
-        if (isinstance(args.rounds, int) and args.rounds < 1) or (args.rounds != 1 and args.sequential):
-            raise ValueError(f"--rounds {args.rounds}: rounds (>= 1, or auto) are for the edits of a --file made in one call, "
-                             "not --sequential")
-        if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
-            raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
-                             "one call that makes the edits of a --file, not --sequential")
-        if args.key_memory and not args.sequential:  # one call: the memory is a preservation sample its solves hold still
-            if args.preserve_data is None:
-                raise ValueError("--key-memory holds earlier edits still while edits are kept one after another: add --sequential; "
-                                 "or, in one call, a preservation sample: add --preserve-data FILE and --rounds K")
-            if args.past_weight is not None:
-                raise ValueError("--past-weight: earlier edits' keys, for --sequential; one call holds only the --preserve-data sample")
-            if args.rounds == "auto":
-                raise ValueError("--key-memory in one call: give --rounds K (auto is fitted to the editor's own sample; measured: "
-                                 "256 edits, --rounds 32 --preserve-weight 128000, results/analysis/edit-rounds/blocks/)")
-            if args.sample_weight is not None:
-                raise ValueError("--sample-weight weighs the editor's own sample, which --key-memory's replaces: give --preserve-weight")
-            check_key_memory_arguments(args)
-            args.past_weight = 0.0
-        else:
-            check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
+        _check_file_arguments(args)
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
         if args.output and Path(args.output).is_dir():
             raise ValueError(f"--output {args.output} is a folder; name the JSON Lines file to write")
