@@ -62,7 +62,10 @@ def add_edit_parser(subparsers: Any) -> None:
                       help="--file: also write one JSON line per edit with its answers before and after in full, whether each "
                            "is the target (generation protocol) and its target-token accuracy (teacher-forced)")
     edit.add_argument("--ask", action="append", default=[], metavar="QUESTION",
-                      help="another question to ask before and after the edit(s), repeatable: as it is, in the edit's instruction frame and as a chat turn (where the model has a chat template), each answer marked when the edit left it alone or it now says an edit's target; other questions asked in the frame are where edits leak most (results/analysis/in-frame-locality/)")
+                      help="another question to ask before and after the edit(s), repeatable: as it is, in the edit's instruction "
+                           "frame and as a chat turn (where the model has a chat template), each answer marked when the edit left "
+                           "it alone or it now says an edit's target; other questions asked in the frame are where edits leak most "
+                           "(results/analysis/in-frame-locality/)")
     edit.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="length of the greedy continuation (default 20)")
     edit.add_argument("--top-k", type=int, default=5, metavar="K", help="next-token predictions to show (default 5)")
     edit.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
@@ -164,7 +167,7 @@ def run_edit(args: argparse.Namespace) -> int:
                 "top": _predictions(top_predictions(m, tok, wrapped, args.top_k)),  # where the edit is made
                 "text": shown(generate(m, tok, edit.prompt, args.max_new_tokens)),
                 "wrapped": score_target(m, tok, wrapped, edit.target), "plain": score_target(m, tok, edit.prompt, edit.target),
-                "asked": [{f: answer(m, tok, text, args.max_new_tokens) for f, text in forms.items()} for forms in others]}
+                "asked": _ask_answers(m, tok, others, args.max_new_tokens)}
 
     before = snapshot(model)
     with editor.apply(model, [edit], tok) as edited:
@@ -287,18 +290,14 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
                 for prompts, w, e in zip(asked, wrapped, edits)]
 
     others = _ask_forms(editor, tok, edits, args.ask, max_input_length(model), args.max_new_tokens)
-
-    def ask(m: Any) -> list[dict[str, str]]:  # --ask: each question's greedy answer per form
-        return [{f: answer(m, tok, text, args.max_new_tokens) for f, text in forms.items()} for forms in others]
-
-    before, asked_before = snapshot(model), ask(model)
+    before, asked_before = snapshot(model), _ask_answers(model, tok, others, args.max_new_tokens)
     memory, kept, n_texts = None, "", 0
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
     with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
           else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory)) as edited:
-        after, asked_after = snapshot(edited.model), ask(edited.model)
+        after, asked_after = snapshot(edited.model), _ask_answers(edited.model, tok, others, args.max_new_tokens)
         if args.save:
             edited.save_pretrained(args.save)
     # how the call was made (``apply``'s schedule: rounds, the sample's weight, the step sizes' multiplier)
@@ -388,6 +387,13 @@ def _ask_forms(editor: Any, tok: Any, edits: list[Any], questions: list[str], li
                                  f"accepts at most {limit - max_new_tokens}")
         asked.append(forms)
     return asked
+
+
+def _ask_answers(model: Any, tok: Any, asked: list[dict[str, str]], max_new_tokens: int) -> list[dict[str, str]]:
+    """What ``model`` says to each ``--ask`` question in each of its forms (``_ask_forms``): greedy, the first line."""
+    from instructedit.api import answer
+
+    return [{form: answer(model, tok, text, max_new_tokens) for form, text in forms.items()} for forms in asked]
 
 
 def _asked_lines(questions: list[str], asked: list[dict[str, str]], before: list[dict[str, str]], after: list[dict[str, str]],
