@@ -24,7 +24,9 @@ from instructedit.api import Edit, InstructEditor, load_editor, score_targets
 from instructedit.config import Config, YAMLLoader, config_from_dict
 from instructedit.editors.card import write_model_card
 from instructedit.evaluation.before_after import greedy_before_after
-from instructedit.evaluation.generation import answer_budget, exact_match, first_line, greedy_generate, in_frame_budget, same_answer, shown
+from instructedit.evaluation.generation import (
+    answer_budget, exact_match, first_line, greedy_generate, in_frame_budget, same_answer, shown, shown_change,
+)
 from instructedit.evaluation.generation_probes import in_frame_neighbours
 from instructedit.evaluation.metrics import unchanged_tokens
 from instructedit.evaluation.row_edits import per_row_updates
@@ -372,11 +374,8 @@ def _clip(text: str, width: int) -> str:
 
 
 def _said(before: str, after: str, exact: float | None) -> str:
-    """One query's answers before -> after, in full (JSON-quoted), marked "(as before)" when the edit did not change it
-    (a plain or chat answer that reads oddly is then the model's own, not the edit's doing) and "(the target)" when the
-    edited model says the target."""
-    shown_after = "(as before)" if after == before else shown(after)
-    return f"{shown(before)}  ->  {shown_after}" + ("   (the target)" if exact else "")
+    """One query's answers before -> after (``shown_change``), marked "(the target)" when the edited model says the target."""
+    return shown_change(before, after) + ("   (the target)" if exact else "")
 
 
 def duration(seconds: float) -> str:

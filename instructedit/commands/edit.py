@@ -381,10 +381,7 @@ def _ask_forms(editor: Any, tok: Any, edits: list[Any], questions: list[str], li
         chat = chat_query(tok, question)
         forms |= {"chat question": chat} if chat is not None else {}
         for form, text in forms.items():
-            n = len(tok(text)["input_ids"])
-            if n + max_new_tokens > limit:
-                raise ValueError(f"--ask {question[:40]!r} {form} is {n} tokens; with --max-new-tokens {max_new_tokens} this model "
-                                 f"accepts at most {limit - max_new_tokens}")
+            _check_room(tok, text, f"--ask {question[:40]!r} {form}", max_new_tokens, limit)
         asked.append(forms)
     return asked
 
@@ -400,7 +397,7 @@ def _asked_lines(questions: list[str], asked: list[dict[str, str]], before: list
                  targets: list[tuple[str, str]], who: str = "the edit") -> list[str]:
     """The ``--ask`` block: per question and form, the answer before -> after (greedy, first line), "(as before)" where the
     edit left it alone, and which edit's target it now says (``targets``: (name, target) per edit)."""
-    from instructedit.evaluation.generation import exact_match, same_answer, shown
+    from instructedit.evaluation.generation import exact_match, same_answer, shown, shown_change
 
     width = max(len(form) for forms in asked for form in forms) + 1
     lines = ["other questions (--ask), what the model says before -> after (greedy decoding, first line):"]
@@ -409,8 +406,7 @@ def _asked_lines(questions: list[str], asked: list[dict[str, str]], before: list
         for form in forms:
             hit = [name for name, target in targets if exact_match(says_after[form], target)]
             mark = f"   (says {' and '.join(hit)})" if hit else ""
-            now = "(as before)" if says_after[form] == says[form] else shown(says_after[form])
-            lines.append(f"    {form + ':':<{width}}  {shown(says[form])}  ->  {now}{mark}")
+            lines.append(f"    {form + ':':<{width}}  {shown_change(says[form], says_after[form])}{mark}")
     kept = sum(same_answer(a[f], b[f]) for forms, b, a in zip(asked, before, after) for f in forms)
     total = sum(len(forms) for forms in asked)
     return [*lines, f"  answers {who} left alone: {kept} of {total} (generation locality)", ""]
@@ -424,7 +420,12 @@ def _check_fits(model: Any, tok: Any, editor: Any, edits: list[Any], names: list
     editor.edit_batch(edits, tok, limit)  # PromptTooLongError (a ValueError) names the length and the limit
     for edit, name in zip(edits, names):
         for what, text in ((name, edit.prompt), (f"{name} with the task instruction", editor.wrap(edit))):
-            n = len(tok(text)["input_ids"])
-            if n + args.max_new_tokens > limit:
-                raise ValueError(f"{what} is {n} tokens; with --max-new-tokens {args.max_new_tokens} this model accepts "
-                                 f"at most {limit - args.max_new_tokens}: shorten the prompt or lower --max-new-tokens")
+            _check_room(tok, text, what, args.max_new_tokens, limit)
+
+
+def _check_room(tok: Any, text: str, what: str, max_new_tokens: int, limit: int) -> None:
+    """``text`` with a ``max_new_tokens`` answer fits a model of ``limit`` tokens: ValueError naming ``what`` if not."""
+    n = len(tok(text)["input_ids"])
+    if n + max_new_tokens > limit:
+        raise ValueError(f"{what} is {n} tokens; with --max-new-tokens {max_new_tokens} this model accepts "
+                         f"at most {limit - max_new_tokens}: shorten the prompt or lower --max-new-tokens")

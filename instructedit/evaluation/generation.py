@@ -63,6 +63,12 @@ def shown(answer: str) -> str:
     return json.dumps(answer, ensure_ascii=False) if answer else NO_ANSWER
 
 
+def shown_change(before: str, after: str) -> str:
+    """An answer before -> after, as the demos print it (``shown``), the after side "(as before)" when the edit left it
+    unchanged to the character (a plain or chat answer that reads oddly is then the model's own, not the edit's doing)."""
+    return f"{shown(before)}  ->  {'(as before)' if after == before else shown(after)}"
+
+
 def exact_match(prediction: str, target: str) -> float:
     """1.0 when the normalized prediction equals the normalized target, else 0.0."""
     return float(normalize_answer(prediction) == normalize_answer(target))
