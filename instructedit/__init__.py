@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from instructedit.api import Edit, EditedModel, InstructEditor, TargetScore, load_editor, save_edited_model
     from instructedit.editors.aggregation import KeyMemory
+    from instructedit.editors.neighbours import Neighbours
     from instructedit.hub import push_editor
     from instructedit.models.loading import load_model
 
@@ -17,6 +18,7 @@ _EXPORTS = {
     "EditedModel": "instructedit.api",
     "InstructEditor": "instructedit.api",
     "KeyMemory": "instructedit.editors.aggregation",
+    "Neighbours": "instructedit.editors.neighbours",
     "TargetScore": "instructedit.api",
     "load_editor": "instructedit.api",
     "save_edited_model": "instructedit.api",

@@ -31,6 +31,7 @@ from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import (
     AUTO_AS_SINGLE, AUTO_ROUNDS, apply_in_rounds, check_edit_rounds, check_many_edit_scale, many_edit_step_scale, schedule_for,
 )
+from instructedit.editors.neighbours import NEIGHBOUR_ROUNDS, SUBJECTS_FILE, Neighbours, load_subjects, neighbour_memory, subject_pool
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
@@ -375,12 +376,14 @@ class InstructEditor:
     ``many_edit_scale``: the step-size multiplier of many edits, more than 16 in one call or kept one after another
     (``calibrate --rounds`` saves it: the one-round multiplier over the chosen one). ``many_edit_forms``: the forms many
     edits are made in (default ``config.many_edit_forms``: ``edit_forms`` without the bare question where another remains).
+    ``subjects``: the entity pool ``apply(neighbours=...)`` swaps into an edit's question (saved with the editor by
+    ``calibrate``: its training split's subjects).
     """
 
     def __init__(self, editor: Editor | None = None, pool: InstructionPool | None = None, instruction: int | None = None, *,
                  factory: EditorFactory | None = None, name: str = "", model_name: str = "", answer_stop: str = "none",
                  edit_forms: Sequence[str] = ("wrapped",), edit_rounds: int = 1, many_edit_scale: float = 1.0,
-                 many_edit_forms: Sequence[str] | None = None) -> None:
+                 many_edit_forms: Sequence[str] | None = None, subjects: Sequence[str] | None = None) -> None:
         if (editor is None) == (factory is None):
             raise ValueError("InstructEditor needs exactly one of editor= and factory=")
         if instruction is not None and pool is None:
@@ -394,6 +397,7 @@ class InstructEditor:
         self.many_edit_forms = check_edit_forms(many_edit_forms) if many_edit_forms is not None else default_many_edit_forms(edit_forms)
         self.edit_rounds = check_edit_rounds(edit_rounds, "edit_rounds")
         self.many_edit_scale = check_many_edit_scale(many_edit_scale, "many_edit_scale")
+        self.subjects = subject_pool(subjects) if subjects is not None else None
 
     def __repr__(self) -> str:
         wrap = f"instruction {self.instruction}" if self.instruction is not None else "no instruction"
@@ -440,7 +444,8 @@ class InstructEditor:
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
               keep: bool = False, rounds: int | str = "auto", sample_weight: float | None = None,
-              progress: bool = False, memory: KeyMemory | None = None, forms: Sequence[str] | None = None) -> EditedModel:
+              progress: bool = False, memory: KeyMemory | None = None, forms: Sequence[str] | None = None,
+              neighbours: Neighbours | None = None) -> EditedModel:
         """Batch editing: ONE update computed from all ``edits`` together, as the editor aggregates them.
 
         A MEND editor sums the edits' updates (``editor.aggregation: sum``) or solves one least-squares
@@ -470,14 +475,24 @@ class InstructEditor:
         said 72.9 % of the edits, against 83.0 / 78.5 and 70.3 % with ``rounds="auto"`` (n = 1,024 and 256;
         ``results/analysis/edit-rounds/blocks/``). Earlier edits' keys (``past_weight``) are ``apply_sequential``'s.
 
+        ``neighbours`` (a least-squares MEND editor; ``editors.neighbours``): each edit's question with its subject swapped
+        for ``count`` other entities (``Neighbours.subjects``, default the pool saved with the editor), continued with what
+        the unedited model says, held still beside the editor's own sample at ``weight`` tokens per edit; every edit needs
+        a ``subject`` its prompt names. ``rounds="auto"`` is then twice the calibrated rounds. Other questions of the edit's
+        relation asked in its frame keep their answers (held-out ZsRE, generation: 73.2 against 46.0 % with the in-frame
+        editor, n = 100; 73.0 against 18.5 % with the recommended editor, n = 50) with as many edits said.
+
         The model is edited in place; the returned ``EditedModel`` restores it bit for bit on exit
         from its ``with`` block or on ``rollback()``, unless ``keep=True`` (or ``.keep()``).
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
+        forms = check_edit_forms(forms) if forms is not None else self.many_edit_forms if len(edits) > AUTO_AS_SINGLE else self.edit_forms
+        if neighbours is not None:
+            memory, rounds = self._neighbour_memory(editor, model, tokenizer, edits, forms, neighbours, memory, rounds, sample_weight)
+            sample_weight = None  # the memory's own sample carries it
         if memory is not None:
             _check_call_memory(memory, rounds, sample_weight)
-        forms = check_edit_forms(forms) if forms is not None else self.many_edit_forms if len(edits) > AUTO_AS_SINGLE else self.edit_forms
         batch = self.edit_batch(edits, tokenizer, max_input_length(model), forms).to(_device(model))
         rounds, sample_weight, step_scale = schedule_for(editor, len(edits), rounds, sample_weight, self.edit_rounds,
                                                          self.many_edit_scale)
@@ -493,10 +508,34 @@ class InstructEditor:
                               "sample_weight": memory.text_weight if memory is not None else sample_weight if sample_weight is not None
                               else "as calibrated" if getattr(editor, "preservation", None) is not None else None,
                               "step_scale": step_scale, "edit_forms": list(forms), **({"key_memory": {"text_weight": memory.text_weight, "text_tokens": memory.text_tokens}}
-                                                          if memory is not None else {})})
+                                                          if memory is not None else {}),
+                              **({"neighbours": {"count": neighbours.count, "weight": neighbours.weight, "seed": neighbours.seed}}
+                                 if neighbours is not None else {})})
         if keep:
             edited.keep()
         return edited
+
+    def _neighbour_memory(self, editor: Editor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit],
+                          forms: Sequence[str], neighbours: Neighbours, memory: KeyMemory | None, rounds: int | str,
+                          sample_weight: float | None) -> tuple[KeyMemory, int | str]:
+        """``apply(neighbours=...)``'s memory (``editors.neighbours.neighbour_memory``) and rounds ("auto": twice the
+        calibrated rounds, for a call of up to ``AUTO_AS_SINGLE`` edits)."""
+        if memory is not None:
+            raise ValueError("apply: give memory= or neighbours=, not both (neighbours build the call's memory)")
+        subjects = neighbours.subjects if neighbours.subjects is not None else self.subjects
+        if subjects is None:
+            raise ValueError(f"apply(neighbours=...): {self.name or 'this editor'} has no subject pool saved with it ({SUBJECTS_FILE}); "
+                             "give Neighbours(subjects=...) (edit --subjects FILE)")
+        if rounds == AUTO_ROUNDS:
+            if len(edits) > AUTO_AS_SINGLE:
+                raise ValueError(f"apply(neighbours=...) of {len(edits)} edits: give rounds=K (rounds='auto' with neighbours was "
+                                 f"measured for single edits; up to {AUTO_AS_SINGLE} in one call take twice the calibrated rounds)")
+            rounds = NEIGHBOUR_ROUNDS * self.edit_rounds
+        collator = Collator(tokenizer, max_input_length(model), self.pool, answer_stop=self.answer_stop, edit_forms=self.edit_forms)
+        instruction = self.instruction if self.pool is not None else None
+        built = neighbour_memory(editor, model, collator, [e.record() for e in edits], forms, instruction, neighbours, subjects,
+                                 sample_weight)
+        return built, rounds
 
     def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
                          keep: bool = False, memory: KeyMemory | None = None,
@@ -705,4 +744,5 @@ def load_editor(source: str | Path | None = None, instruction: str | int | None 
         chosen = dataclasses.replace(chosen, template=queries["template"])  # the template it was trained with
     return InstructEditor(editor, chosen if index is not None else None, index, name=str(source), model_name=editor.model_name,
                           answer_stop=queries["answer_stop"], edit_forms=queries["edit_forms"], edit_rounds=queries["edit_rounds"],
-                          many_edit_scale=queries["many_edit_scale"], many_edit_forms=queries["many_edit_forms"])
+                          many_edit_scale=queries["many_edit_scale"], many_edit_forms=queries["many_edit_forms"],
+                          subjects=load_subjects(folder))

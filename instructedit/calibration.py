@@ -165,7 +165,7 @@ def calibrate(run: str | Path, output: str | Path, scales: Sequence[float], *, c
     extra = _saved_config(source, editor, data.collator, grid, cells, chosen_cell, many_edit_scale, missed, short, described,
                           locality_floor, in_frame_floor,
                           None if in_frame is None else {"records": in_frame, "weight": in_frame_weight, "data": in_frame_sources(in_frame_data)})
-    _write_editor(editor, source, output, chosen, extra)
+    _write_editor(editor, source, output, chosen, extra, [r.subject for r in data.train])
     partial.path.unlink(missing_ok=True)
     for cell, v in cells.items():
         print(_cell_line(cell, v, len(rounds) > 1, cell == chosen_cell))
@@ -253,10 +253,11 @@ class _Sample:
     def weigh(self, weight: float) -> None:
         """Count the sample as ``weight`` tokens. The covariance is the sample's; the weight only scales it. The in-frame
         sample keeps its own: w·C + w_frame·C_frame = w·(C + w_frame/w·C_frame)."""
+        from instructedit.editors.aggregation import with_sample
+
         self.memory.text_weight = weight
         if self.framed is not None:
-            own = self.own
-            self.memory.text = {k: own[k] + self.in_frame_weight / weight * self.framed.text[k].to(own[k].device) for k in own}
+            self.memory.text = with_sample(self.own, weight, self.framed.text, self.in_frame_weight)
 
 
 def _preservation_sample(editor: Any, model: Any, data: Any, config: Any, run: Path, records: list[EditRecord], seen: int | None,
@@ -366,16 +367,20 @@ def _saved_config(source: Path, editor: Any, collator: Any, grid: Grid, cells: d
     return extra
 
 
-def _write_editor(editor: Any, source: Path, output: Path, chosen: float, extra: dict[str, Any]) -> None:
-    """Write ``editor`` at step sizes × ``chosen`` with ``extra`` (and ``calibration.json``, and the source's card and training
-    config) to ``output``, atomically: into a temporary folder, then renamed."""
+def _write_editor(editor: Any, source: Path, output: Path, chosen: float, extra: dict[str, Any], subjects: Sequence[str]) -> None:
+    """Write ``editor`` at step sizes × ``chosen`` with ``extra`` (and ``calibration.json``, the source's card, training
+    config and instruction pool, and ``subjects``, the training split's entities that ``apply(neighbours=...)`` swaps in)
+    to ``output``, atomically: into a temporary folder, then renamed."""
     from instructedit.editors.base import scaled_step_sizes
+    from instructedit.editors.card import POOL_COPY
+    from instructedit.editors.neighbours import save_subjects
 
     tmp = output.with_name(output.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with scaled_step_sizes(editor, chosen):
         editor.save_pretrained(tmp, extra=extra)
-    for name in ("README.md", "training_config.yaml"):
+    save_subjects(tmp, subjects)
+    for name in ("README.md", "training_config.yaml", POOL_COPY):
         if (source / name).is_file():
             shutil.copy2(source / name, tmp / name)
     write_json(tmp / "calibration.json", extra["calibration"])

@@ -30,6 +30,7 @@ CHECKPOINTS = (BEST, LAST)
 EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
 EDITOR_WEIGHTS = "editor.safetensors"
 PRESERVATION_WEIGHTS = "preservation.safetensors"  # a least-squares editor's preservation sample (MENDEditor.set_preservation)
+SUBJECTS_FILE = "subjects.json"  # the entity pool an editor swaps into its edits' questions (editors/neighbours.py; calibrate writes it)
 
 
 def editor_sha256(directory: str | Path) -> str:

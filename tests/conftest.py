@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -114,16 +114,17 @@ def shared_data_dir() -> Path:
     return path
 
 
-def _save_tiny_editor(model_dir: Path, out: Path, edit_lr: float = 5.0) -> Path:
+def _save_tiny_editor(model_dir: Path, out: Path, edit_lr: float = 5.0, overrides: Sequence[str] = ()) -> Path:
     """A freshly built (untrained) MEND editor for the tiny model in ``model_dir``, saved like a checkpoint.
 
     Its network starts as the identity, so an edit is ``edit_lr`` times the edit loss's gradient at the
     editable weights: a negative ``edit_lr`` (the sign meta-training learns) makes it a gradient-descent
-    step that moves the prediction towards the target; the config only accepts positive initial values.
+    step that moves the prediction towards the target; the config only accepts positive initial values. ``overrides``:
+    more of the config's ``key=value`` settings (``editor.aggregation=least_squares``).
     """
     model, _ = load_model(str(model_dir))
     torch.manual_seed(0)
-    config = load_config(TINY_CONFIG, [f"model.name={model_dir}", f"editor.init_edit_lr={abs(edit_lr)}"])
+    config = load_config(TINY_CONFIG, [f"model.name={model_dir}", f"editor.init_edit_lr={abs(edit_lr)}", *overrides])
     editor = build_editor(model, config)
     if edit_lr < 0:
         with torch.no_grad():
@@ -134,7 +135,7 @@ def _save_tiny_editor(model_dir: Path, out: Path, edit_lr: float = 5.0) -> Path:
 
 @pytest.fixture(scope="session")
 def save_tiny_editor() -> Callable[..., Path]:
-    """``save_tiny_editor(model_dir, out, edit_lr=5.0) -> out``: see ``_save_tiny_editor``."""
+    """``save_tiny_editor(model_dir, out, edit_lr=5.0, overrides=()) -> out``: see ``_save_tiny_editor``."""
     return _save_tiny_editor
 
 

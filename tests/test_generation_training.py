@@ -360,6 +360,7 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
     from instructedit.calibration import in_frame_texts
     from instructedit.cli import main
     from instructedit.editors.mend import MENDEditor
+    from instructedit.editors.neighbours import load_subjects, subject_pool
     from instructedit.tasks.loaders import load_records
 
     run = tmp_path / "run"
@@ -384,6 +385,8 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
         assert report["records"] == "the first 5 records of the run's validation split"
         calibrated = MENDEditor.from_pretrained(out).eval()
         assert torch.allclose(calibrated.edit_lrs, source.edit_lrs * report["chosen"])
+        # the entities apply(neighbours=...) swaps in: the training split's subjects, shipped with the editor
+        assert load_subjects(out) == subject_pool(r.subject for r in trainer.data.train) and len(load_subjects(out)) > 3
         # the sample rebuilt: the saved covariance is its covariance
         rebuilt = key_memory(source, trainer.model, trainer.data.collator, texts, past_weight=0.0, text_weight=weight)
         assert calibrated.preservation is not None and calibrated.preservation.text_tokens == rebuilt.text_tokens

@@ -230,6 +230,12 @@ class KeyMemory:
                 "calls_remembered": self.calls}
 
 
+def with_sample(text: dict[str, torch.Tensor], weight: float, extra: dict[str, torch.Tensor], extra_weight: float) -> dict[str, torch.Tensor]:
+    """Two preservation samples as one counted as ``weight`` tokens: each is a mean key covariance per weight name, counted
+    as its own weight, so w·C + w_x·C_x = w·(C + w_x/w·C_x) (``extra`` moved to ``text``'s devices)."""
+    return {k: text[k] + extra_weight / weight * extra[k].to(text[k].device) for k in text}
+
+
 def check_remembers(editor: Any) -> None:
     """A key memory is held still by a least-squares MEND editor's solves (``MENDEditor.remembering``); any other editor is
     refused, before any work is done."""

@@ -10,13 +10,17 @@ edited model says the target (the wrapped question and its rephrase), the next r
 
     OMP_NUM_THREADS=2 .venv/bin/python results/analysis/in-frame-locality/relation/neighbours.py \
         --editor runs/ls8-answer/calibrated-r4-in-frame-wide --n 100 --weights 0,1000,4000 --output OUT.json
+
+The neighbours are made by the library (``InstructEditor.apply(neighbours=Neighbours(...))``, ``editors/neighbours.py``):
+``--subjects editor`` swaps in the pool saved with the editor (its training split's subjects), a file another pool
+(ZsRE's training file: the study's first runs). The probes' subjects always come from ``--probe-subjects`` (ZsRE's
+training file), never one held.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -24,13 +28,10 @@ from pathlib import Path
 import torch
 
 import instructedit
-from instructedit import Edit
-from instructedit.analysis.many_edits import key_memory
-from instructedit.editors.aggregation import KeyMemory
+from instructedit import Edit, Neighbours
+from instructedit.editors.neighbours import read_subjects, swapped_questions
 from instructedit.evaluation.generation import bootstrap_ci, exact_match, first_line, greedy_generate, same_answer
 from instructedit.io import write_json
-from instructedit.models.loading import max_input_length
-from instructedit.tasks.collate import Collator
 
 DATA = Path(__file__).resolve().parents[4].parent / "shared" / "data" / "zsre"
 BUDGET = 16  # new tokens per answer, every question alike
@@ -38,10 +39,6 @@ BUDGET = 16  # new tokens per answer, every question alike
 
 def says(model, tok, prompts: list[str]) -> list[str]:
     return [first_line(text) for text in greedy_generate(model, tok, prompts, BUDGET)]
-
-
-def swapped(question: str, subject: str, others: list[str]) -> list[str]:
-    return [question.replace(subject, other) for other in others]
 
 
 def main() -> int:
@@ -52,7 +49,9 @@ def main() -> int:
     parser.add_argument("--probes", type=int, default=4, help="other subject swaps asked after the edit (never held)")
     parser.add_argument("--weights", default="0,1000,4000", help="the neighbours' weight in tokens; 0: none (the editor as it is)")
     parser.add_argument("--rounds", type=int, default=None,
-                        help="rounds of each edit made with neighbours (default: the editor's calibrated edit_rounds)")
+                        help="rounds of each edit made with neighbours (default: apply's auto, twice the editor's calibrated edit_rounds)")
+    parser.add_argument("--subjects", default="editor", help="the pool the neighbours are drawn from: 'editor' (saved with it) or a file")
+    parser.add_argument("--probe-subjects", default=str(DATA / "zsre_mend_train-1k.json"), help="the pool the probes are drawn from")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
@@ -60,36 +59,28 @@ def main() -> int:
     torch.manual_seed(args.seed)
 
     test = json.loads((DATA / "zsre_mend_eval_portability_gpt4.json").read_text())
-    pool = [r["subject"] for r in json.loads((DATA / "zsre_mend_train-1k.json").read_text())]
     editor = instructedit.load_editor(args.editor)
+    pool = editor.subjects if args.subjects == "editor" else read_subjects(args.subjects)
+    if pool is None:
+        raise SystemExit(f"{args.editor} has no subject pool saved with it: give --subjects FILE")
+    probe_pool = read_subjects(args.probe_subjects)
     model, tok = instructedit.load_model(editor.model_name)
-    mend = editor.editor_for(model, tok)
-    own: KeyMemory = mend.preservation
-    collator = Collator(tok, max_input_length(model))
-    rng = random.Random(args.seed)
     cases, start = [], time.perf_counter()
     for i, record in enumerate(test[: args.n]):
         question, subject = record["src"], record["subject"]
         if not subject or subject not in question or i + 1 >= len(test):
             continue
-        others = rng.sample([s for s in pool if s not in question and s != subject], args.held + args.probes)
         edit = Edit(prompt=question, target=record["alt"], task="zsre", subject=subject)
         frame = lambda q: editor.wrap(edit, q)  # noqa: E731
-        held = [frame(q) for q in swapped(question, subject, others[: args.held])]
-        probes = [frame(q) for q in swapped(question, subject, others[args.held :])]
+        held = set(swapped_questions(question, subject, pool, args.held, args.seed))  # what apply(neighbours=...) holds
+        others = [s for s in probe_pool if question.replace(subject, s) not in held]
+        probes = [frame(q) for q in swapped_questions(question, subject, others, args.probes, args.seed + 1)]
         asked = [frame(question), frame(record["rephrase"]), *probes, frame(test[i + 1]["src"]), record["loc"]]
         before = says(model, tok, asked)
         case = {"index": i, "question": question, "target": record["alt"], "probes": probes, "before": before, "after": {}}
         for weight in weights:
-            if weight == 0:
-                memory, rounds = None, "auto"
-            else:
-                near = key_memory(mend, model, collator, [(text, record["alt"]) for text in held], 0.0, 1.0, answers="model")
-                memory = KeyMemory(past_weight=0.0, text_weight=own.text_weight)
-                memory.text = {k: own.text[k] + weight / own.text_weight * near.text[k].to(own.text[k].device) for k in own.text}
-                memory.text_tokens = own.text_tokens + near.text_tokens
-                rounds = args.rounds or editor.edit_rounds
-            with editor.apply(model, [edit], tok, rounds=rounds, memory=memory) as edited:
+            neighbours = Neighbours(args.held, weight, pool, args.seed) if weight else None
+            with editor.apply(model, [edit], tok, rounds=(args.rounds or "auto") if weight else "auto", neighbours=neighbours) as edited:
                 after = says(edited.model, tok, asked)
             n = len(probes)
             case["after"][f"{weight:g}"] = {
@@ -115,7 +106,8 @@ def main() -> int:
                 diff = bootstrap_ci([c["after"][weight][key] - c["after"]["0"][key] for c in cases])
                 summary[weight][key]["minus_none"] = {"mean": diff.mean, "ci95": [diff.low, diff.high]}
     write_json(args.output, {"command": " ".join(sys.argv), "editor": args.editor, "protocol": "generation (greedy, first line)",
-                             "rounds_with_neighbours": args.rounds or editor.edit_rounds, "held": args.held, "probes": args.probes, "budget": BUDGET, "summary": summary, "cases": cases})
+                             "subjects": args.subjects, "subject_pool_size": len(pool), "probe_subjects": args.probe_subjects,
+                             "rounds_with_neighbours": args.rounds or 2 * editor.edit_rounds, "held": args.held, "probes": args.probes, "budget": BUDGET, "summary": summary, "cases": cases})
     for weight, scores in summary.items():
         print(f"weight {weight}: " + ", ".join(f"{k} {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" for k, v in scores.items())
               + f" (n = {scores['said']['n']})")

@@ -1,0 +1,185 @@
+"""Same-relation neighbours held still at edit time (``editors/neighbours.py``, ``InstructEditor.apply(neighbours=...)``,
+``edit --neighbours``), on a tiny random LLaMA reloaded through ``from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+
+from instructedit.models.loading import load_model, max_input_length
+from instructedit.tasks.collate import Collator
+
+POOL = ("Italy", "Spain", "Norway", "Peru", "Chile", "Japan", "Kenya", "Egypt", "Canada", "Brazil")
+SAMPLE = [("The capital of Sweden is", " Stockholm"), ("Water boils at", " one hundred degrees"), ("The sky is", " blue")]
+
+
+def test_swapped_questions_draw_other_entities_by_the_prompt(tmp_path: Path) -> None:
+    """The neighbours: the edit's question with its subject swapped for pool entities that neither are it nor appear in the
+    question, the same draw for the same prompt and seed in any call; what cannot be drawn fails with what is missing."""
+    from instructedit.editors.neighbours import Neighbours, load_subjects, read_subjects, save_subjects, subject_pool, swapped_questions
+
+    pool = [*POOL, "France", "The capital", " Italy ", ""]
+    drawn = swapped_questions("The capital of France is", "France", pool, 4, seed=0)
+    assert len(set(drawn)) == 4 and all(q.startswith("The capital of ") and q.endswith(" is") for q in drawn)
+    assert {q.removeprefix("The capital of ").removesuffix(" is") for q in drawn} <= set(POOL)
+    assert swapped_questions("The capital of France is", "France", pool, 4, seed=0) == drawn  # a fixed draw per prompt
+    assert swapped_questions("The capital of France is", "France", pool, 4, seed=1) != drawn
+    for prompt, subject, count, message in (("The capital of France is", "", 2, "has no subject"),
+                                            ("The capital of France is", "Germany", 2, "does not name 'Germany'"),
+                                            ("The capital of France is", "France", 11, "has only 10 other entities")):
+        with pytest.raises(ValueError, match=message):
+            swapped_questions(prompt, subject, pool, count)
+    assert subject_pool(pool) == (*POOL, "France", "The capital")  # stripped, distinct, in order
+    with pytest.raises(ValueError, match="count must be a whole number"):
+        Neighbours(count=0)
+    with pytest.raises(ValueError, match="weight must be > 0"):
+        Neighbours(weight=0.0)
+    with pytest.raises(ValueError, match="not one string"):
+        Neighbours(subjects="France")  # type: ignore[arg-type]
+
+    assert load_subjects(tmp_path) is None
+    save_subjects(tmp_path, pool)
+    assert load_subjects(tmp_path) == subject_pool(pool)
+    (tmp_path / "subjects.json").write_text(json.dumps(["France"]))
+    with pytest.raises(ValueError, match="subjects.json: expected"):
+        load_subjects(tmp_path)
+    # a pool from a text file (one entity a line) or an edit data file's subjects
+    (tmp_path / "pool.txt").write_text("Italy\n\nSpain\nItaly\n")
+    assert read_subjects(tmp_path / "pool.txt") == ("Italy", "Spain")
+    rows = [{"subject": s, "src": f"What is the capital of {s}?", "alt": "Rome", "answers": ["x"], "rephrase": f"Capital of {s}?",
+             "loc": "nq question: who wrote it?", "loc_ans": "someone"} for s in ("Peru", "Chile")]
+    (tmp_path / "zsre.json").write_text(json.dumps(rows))
+    assert read_subjects(tmp_path / "zsre.json") == ("Peru", "Chile")
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(ValueError, match="empty.txt: no entity names"):
+        read_subjects(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError, match="missing.txt: no such file"):
+        read_subjects(tmp_path / "missing.txt")
+
+
+def _editor_with_sample(model_dir: Path, out: Path, save_tiny_editor: Callable[..., Path]) -> Path:
+    """A tiny least-squares editor (identity network, descending) holding a preservation sample of its own at 50 tokens,
+    as ``calibrate --preserve`` saves one, and the subject pool ``POOL``."""
+    from instructedit.analysis.many_edits import key_memory
+    from instructedit.editors.mend import MENDEditor
+    from instructedit.editors.neighbours import save_subjects
+
+    folder = save_tiny_editor(model_dir, out, -5.0, ["editor.aggregation=least_squares"])
+    model, tok = load_model(str(model_dir))
+    editor = MENDEditor.from_pretrained(folder).eval()
+    editor.set_preservation(key_memory(editor, model, Collator(tok, 64), SAMPLE, past_weight=0.0, text_weight=50.0), "three pairs")
+    editor.save_pretrained(folder)
+    save_subjects(folder, POOL)
+    return folder
+
+
+def test_apply_with_neighbours_holds_their_answers_beside_the_editors_sample(tiny_llama_dir: Path, tmp_path: Path,
+                                                                          save_tiny_editor: Callable[..., Path]) -> None:
+    """apply(neighbours=...): the neighbours, wrapped in the edit's frame and continued with the unedited model's answers,
+    join the editor's own sample in the solves (the same weights as the explicit memory), in twice the calibrated rounds;
+    a heavy weight moves the model's next-token distribution after them far less than the edit alone; the model comes
+    back bit for bit; and what the call cannot do is refused before anything is edited."""
+    from instructedit.analysis.many_edits import key_memory
+    from instructedit.api import Edit, load_editor
+    from instructedit.editors.aggregation import KeyMemory, with_sample
+    from instructedit.editors.neighbours import Neighbours, swapped_questions
+
+    folder = _editor_with_sample(tiny_llama_dir, tmp_path / "ls", save_tiny_editor)
+    loaded = load_editor(folder)
+    assert loaded.subjects == POOL and loaded.edit_rounds == 1
+    model, tok = load_model(str(tiny_llama_dir))
+    editor = loaded.editor_for(model, tok)
+    edit = Edit(prompt="The capital of France is", target="Rome", subject="France")
+    held = [loaded.wrap(edit, q) for q in swapped_questions(edit.prompt, "France", POOL, 4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def next_tokens(m: torch.nn.Module) -> torch.Tensor:  # the next-token distribution after each neighbour
+        with torch.no_grad():
+            return torch.stack([m(**tok(q, return_tensors="pt")).logits[0, -1].log_softmax(-1) for q in held])
+
+    unedited = next_tokens(model)
+
+    def edited(**options) -> tuple[dict[str, torch.Tensor], float, dict]:
+        with loaded.apply(model, [edit], tok, **options) as made:
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            moved = float((next_tokens(model).exp() - unedited.exp()).abs().sum(-1).mean())  # total variation x 2
+            how = made.how
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # rolled back bit for bit
+        return state, moved, how
+
+    alone, moved_alone, _ = edited(rounds=2)
+    near, moved_near, how = edited(neighbours=Neighbours(count=4, weight=1e6))
+    assert how["rounds"] == 2 and how["neighbours"] == {"count": 4, "weight": 1e6, "seed": 0}
+    assert how["key_memory"]["text_weight"] == 50.0  # counted as the editor's own sample's weight, the neighbours beside it
+    assert any(not torch.equal(alone[k], before[k]) for k in before)  # the edit moves the weights
+    assert moved_near < 0.25 * moved_alone, (moved_near, moved_alone)
+
+    # the same call by hand: the neighbours' keys (their unedited answers) at 1e6 tokens beside the sample's at 50
+    own = editor.preservation
+    answers = key_memory(editor, model, Collator(tok, max_input_length(model)), [(q, "Rome") for q in held], 0.0, 1.0, answers="model")
+    memory = KeyMemory(past_weight=0.0, text_weight=50.0)
+    memory.text, memory.text_tokens = with_sample(own.text, 50.0, answers.text, 1e6), own.text_tokens + answers.text_tokens
+    by_hand, _, _ = edited(rounds=2, memory=memory)
+    assert all(torch.allclose(near[k], by_hand[k], atol=1e-6) for k in before)
+    assert how["key_memory"]["text_tokens"] == memory.text_tokens
+
+    # explicit rounds and a pool given with the call; the editor's pool is the default
+    _, _, how = edited(rounds=3, neighbours=Neighbours(count=2, subjects=("Italy", "Spain")))
+    assert how["rounds"] == 3 and how["neighbours"]["count"] == 2
+    many = [Edit(prompt=f"The capital of {s} is", target="Rome", subject=s) for s in POOL] * 2
+    for edits, options, message in (
+            ((edit,), {"neighbours": Neighbours(), "memory": memory, "rounds": 2}, "not both"),
+            ((Edit(prompt="The capital of France is", target="Rome"),), {"neighbours": Neighbours()}, "has no subject"),
+            ((edit,), {"neighbours": Neighbours(count=12)}, "has only 10 other entities"),
+            (tuple(many[:17]), {"neighbours": Neighbours(count=2)}, "of 17 edits: give rounds=K")):
+        with pytest.raises(ValueError, match=message):
+            loaded.apply(model, list(edits), tok, **options)
+    (folder / "subjects.json").unlink()
+    with pytest.raises(ValueError, match=r"has no subject pool saved with it \(subjects.json\); give Neighbours\(subjects=...\)"):
+        load_editor(folder).apply(model, [edit], tok, neighbours=Neighbours())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    summed = save_tiny_editor(tiny_llama_dir, tmp_path / "sum", -5.0)
+    with pytest.raises(ValueError, match="needs a least-squares MEND editor|least_squares"):
+        load_editor(summed).apply(model, [edit], tok, neighbours=Neighbours(subjects=POOL))
+
+
+def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path],
+                                             capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """edit --neighbours [N] (--subjects FILE, --neighbour-weight W): the call is made as apply(neighbours=...) makes it and
+    says so; a --file's edits each hold their own; arguments it cannot use fail before the model loads."""
+    from transformers import AutoModelForCausalLM
+
+    from instructedit.api import EDITS_FILE
+    from instructedit.cli import main
+
+    folder = _editor_with_sample(tiny_llama_dir, tmp_path / "ls", save_tiny_editor)
+    (tmp_path / "pool.txt").write_text("\n".join(POOL[:3]) + "\n")
+    single = ["edit", "--editor", str(folder), "--prompt", "The capital of France is", "--target", "Rome", "--device", "cpu",
+              "--max-new-tokens", "3", "--top-k", "2"]
+    assert main([*single, "--subject", "France", "--neighbours", "--save", str(tmp_path / "saved")]) == 0
+    out = capsys.readouterr().out
+    assert "(made in 2 rounds; holding 8 same-relation neighbours still at 1000 tokens)" in out
+    applied = json.loads((tmp_path / "saved" / EDITS_FILE).read_text())["applied"]
+    assert applied["neighbours"] == {"count": 8, "weight": 1000.0, "seed": 0} and applied["rounds"] == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved") is not None
+    assert main([*single, "--subject", "France", "--neighbours", "3", "--subjects", str(tmp_path / "pool.txt"),
+                 "--neighbour-weight", "50"]) == 0
+    assert "holding 3 same-relation neighbours still at 50 tokens" in capsys.readouterr().out
+    lines = [json.dumps({"prompt": f"The capital of {s} is", "target": t, "subject": s}) for s, t in (("France", "Rome"), ("Peru", "Oslo"))]
+    (tmp_path / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
+                 "--neighbours", "2"]) == 0
+    assert "2 rounds, holding 2 same-relation neighbours per edit still at 1000 tokens (--neighbours)" in capsys.readouterr().out
+    for extra, message in ((["--neighbours"], "give --subject (named in --prompt)"),
+                           (["--subject", "Paris", "--neighbours"], "--subject 'Paris' does not occur in --prompt"),
+                           (["--subject", "France", "--subjects", str(tmp_path / "pool.txt")], "go with --neighbours"),
+                           (["--subject", "France", "--neighbours", "4", "--subjects", str(tmp_path / "pool.txt")],
+                            "has only 3 other entities"),
+                           (["--subject", "France", "--neighbours", "--subjects", str(tmp_path / "none.txt")], "none.txt: no such file")):
+        caplog.clear()
+        assert main([*single, *extra]) == 2
+        assert message in caplog.text, (extra, caplog.text)
