@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -183,3 +183,69 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
         caplog.clear()
         assert main([*single, *extra]) == 2
         assert message in caplog.text, (extra, caplog.text)
+
+
+def _zsre_file(path: Path, subjects: Sequence[str]) -> Path:
+    """ZsRE-format records whose questions name their subjects."""
+    rows = [{"subject": s, "src": f"What is the capital of {s}?", "alt": "Rome", "answers": ["unknown"], "rephrase": f"Which city is the capital of {s}?",
+             "loc": f"nq question: who wrote the anthem of {s}?", "loc_ans": "a poet"} for s in subjects]
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_evaluate_asks_same_relation_questions_and_holds_neighbours(tiny_llama_dir: Path, tmp_path: Path,
+                                                                    save_tiny_editor: Callable[..., Path],
+                                                                    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """evaluate --same-relation K asks each case K questions of its relation about other entities of the file, in its forms
+    and frame (gen_locality_same_relation, gen_same_relation_target); --neighbours holds each edit's neighbours (never one
+    of its probes) in twice the calibrated rounds and records them; the options are checked before anything loads."""
+    from instructedit.cli import main
+    from instructedit.evaluation import runner
+    from instructedit.evaluation.report import load_report_json
+
+    folder = _editor_with_sample(tiny_llama_dir, tmp_path / "ls", save_tiny_editor)
+    data = _zsre_file(tmp_path / "zsre.json", ["France", "Italy", "Spain", "Norway", "Peru", "Chile"])
+    (tmp_path / "pool.txt").write_text("\n".join(["Japan", "Kenya", "Egypt", "Canada", "Brazil", "Chile"]) + "\n")
+    base = ["evaluate", "--editor", str(folder), "--task", "zsre", "--data", str(data), "--protocol", "generation", "--device", "cpu",
+            "--no-progress", "--same-relation", "2"]
+    assert main([*base, "--limit", "4", "--output", str(tmp_path / "plain.json")]) == 0
+    plain = load_report_json(tmp_path / "plain.json")
+    assert plain.settings.same_relation == 2 and plain.settings.neighbours is None and plain.settings.edit_rounds == 1
+    post = plain.aggregates["zsre"]["gen_post"]
+    assert post["gen_locality_same_relation"].n == 4 and "gen_same_relation_target" in post
+    for case in plain.cases:
+        subject = case.answers[0]["question"].removeprefix("What is the capital of ").removesuffix("?")  # the reliability query
+        asked = [a for a in case.answers if a["family"] == "locality_same_relation"]
+        questions = {a["question"] for a in asked}
+        assert len(questions) == 2 and {a["form"] for a in asked} >= {"wrapped", "plain"}
+        # the file's other entities, --limit or not
+        others = {q.removeprefix("What is the capital of ").removesuffix("?") for q in questions}
+        assert others <= {"France", "Italy", "Spain", "Norway", "Peru", "Chile"} - {subject}
+
+    held: list[tuple[str, list[str]]] = []
+    made = runner.neighbour_memory
+    monkeypatch.setattr(runner, "neighbour_memory", lambda editor, model, collator, records, forms, instruction, neighbours, pool:
+                        held.append((records[0].prompt, list(pool))) or made(editor, model, collator, records, forms, instruction, neighbours, pool))
+    assert main([*base, "--limit", "4", "--neighbours", "2", "--neighbour-weight", "1e6", "--subjects", str(tmp_path / "pool.txt"),
+                 "--output", str(tmp_path / "held.json")]) == 0
+    report = load_report_json(tmp_path / "held.json")
+    assert report.settings.edit_rounds == 2 and report.settings.neighbours_held_cases == 4
+    assert report.settings.neighbours["count"] == 2 and report.settings.neighbours["weight"] == 1e6
+    assert report.settings.neighbours["subjects"] == 6
+    assert sorted(p for p, _ in held) == sorted({c.answers[0]["question"] for c in report.cases})  # one memory per case
+    probes = {c.answers[0]["question"]: {a["question"] for a in c.answers if a["family"] == "locality_same_relation"} for c in report.cases}
+    for prompt, pool in held:  # a case's probes are never held still
+        subject = prompt.removeprefix("What is the capital of ").removesuffix("?")
+        assert not {prompt.replace(subject, s) for s in pool} & probes[prompt]
+    assert report.aggregates["zsre"]["gen_post"]["gen_locality_same_relation"].n == 4
+
+    for extra, message in ((["--neighbours", "--sequential"], "not with --sequential"),
+                           (["--subjects", str(tmp_path / "pool.txt")], "go with --neighbours"),
+                           (["--same-relation", "-1"], "--same-relation must be >= 0"),
+                           (["--protocol", "teacher_forced"], "not with --protocol teacher_forced")):
+        caplog.clear()
+        assert main([*base, *extra, "--output", str(tmp_path / "bad.json")]) == 2
+        assert message in caplog.text, (extra, caplog.text)
+    (folder / "subjects.json").unlink()
+    assert main([*base, "--neighbours", "--output", str(tmp_path / "bad.json")]) == 2
+    assert "has no subject pool saved with it; give --subjects FILE" in caplog.text

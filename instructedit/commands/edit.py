@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_rounds_arguments, aggregation,
-    check_key_memory_arguments, key_memory_from_arguments, load_editor_and_model,
+    add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_neighbour_arguments,
+    add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_from_arguments, load_editor_and_model,
+    neighbours_from_arguments,
 )
 from instructedit.records import SENTIMENTS, TASKS
 
@@ -66,16 +67,7 @@ def add_edit_parser(subparsers: Any) -> None:
                            "frame and as a chat turn (where the model has a chat template), each answer marked when the edit left "
                            "it alone or it now says an edit's target; other questions asked in the frame are where edits leak most "
                            "(results/analysis/in-frame-locality/)")
-    edit.add_argument("--neighbours", type=int, nargs="?", const=8, default=None, metavar="N",
-                      help="hold still N questions of the edit's relation (default 8): its question with its subject (--subject; "
-                           "--file: each line's) swapped for other entities, asked in its frame, continued with the unedited model's "
-                           "answers; the edit is made in twice the calibrated rounds. Other questions of the relation then keep their "
-                           "answers in the frame (held-out ZsRE: 73 against 18-46 %%; results/analysis/in-frame-locality/relation/)")
-    edit.add_argument("--neighbour-weight", type=float, default=1000.0, metavar="W",
-                      help="--neighbours: their weight in the solve, in tokens per edit (default 1000)")
-    edit.add_argument("--subjects", metavar="FILE", default=None,
-                      help="--neighbours: the entities swapped in (a text file, one a line, or an edit data file's subjects; "
-                           "default: the pool saved with the editor by calibrate)")
+    add_neighbour_arguments(edit, "the edit's (--subject; --file: each line's)")
     edit.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="length of the greedy continuation (default 20)")
     edit.add_argument("--top-k", type=int, default=5, metavar="K", help="next-token predictions to show (default 5)")
     edit.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
@@ -129,22 +121,13 @@ def _check_file_arguments(args: argparse.Namespace) -> None:
 
 def _neighbours(args: argparse.Namespace) -> Any:
     """``--neighbours``' ``Neighbours`` (None without it), checked before anything loads."""
-    from instructedit.editors.neighbours import Neighbours, read_subjects
-
-    if args.neighbours is None:
-        if args.subjects is not None or args.neighbour_weight != 1000.0:
-            raise ValueError("--subjects and --neighbour-weight go with --neighbours")
-        return None
-    if args.sequential or args.key_memory:
-        raise ValueError("--neighbours: for edits made in one call, not with --sequential or --key-memory")
-    if args.file is None and not args.subject:
-        raise ValueError("--neighbours swaps the edit's subject for other entities: give --subject (named in --prompt)")
-    if args.file is None and args.subject not in args.prompt:
-        raise ValueError(f"--neighbours: --subject {args.subject!r} does not occur in --prompt; the neighbours swap it there")
-    try:
-        return Neighbours(args.neighbours, args.neighbour_weight, read_subjects(args.subjects) if args.subjects else None)
-    except ValueError as e:
-        raise ValueError(f"--neighbours: {e}") from None
+    neighbours = neighbours_from_arguments(args, "for edits made in one call")
+    if neighbours is not None and args.file is None:
+        if not args.subject:
+            raise ValueError("--neighbours swaps the edit's subject for other entities: give --subject (named in --prompt)")
+        if args.subject not in args.prompt:
+            raise ValueError(f"--neighbours: --subject {args.subject!r} does not occur in --prompt; the neighbours swap it there")
+    return neighbours
 
 
 def run_edit(args: argparse.Namespace) -> int:

@@ -13,10 +13,12 @@ import yaml
 
 from instructedit.api import instruction_setup, query_setup, untrained_queries
 from instructedit.commands.common import (
-    add_dtype_argument, add_key_memory_arguments, check_key_memory_arguments, key_memory_from_arguments, load_eval_records,
+    add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, check_key_memory_arguments, key_memory_from_arguments,
+    load_eval_records, neighbours_from_arguments,
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
+from instructedit.editors.neighbours import NEIGHBOUR_ROUNDS
 from instructedit.editors.learned import check_edit_rounds
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
@@ -68,6 +70,14 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--no-in-frame", action="store_true",
                    help="the generation protocol does not ask each case the next record's question in the case's forms and frame "
                         "(in-frame locality: gen_locality_in_frame, gen_in_frame_target)")
+    p.add_argument("--same-relation", type=int, default=0, metavar="K",
+                   help="the generation protocol also asks each case K questions of its relation about other entities (its prompt "
+                        "with its subject swapped) in its forms and frame: gen_locality_same_relation, gen_same_relation_target "
+                        "(default 0: none; the questions an edit leaks into most, results/analysis/in-frame-locality/relation/)")
+    p.add_argument("--same-relation-subjects", metavar="FILE", default=None,
+                   help="--same-relation: the entities swapped in (a text file, one a line, or an edit data file's subjects; "
+                        "default: the subjects of the task's split or --data file, all of them whatever --limit)")
+    add_neighbour_arguments(p, "the case's")
     p.add_argument("--generation-batch-size", type=int, default=32, metavar="N", help="most queries per greedy generation batch")
     p.add_argument("--judge", action="store_true",
                    help="also ask an LLM judge whether the answer states the target (OpenAI-compatible endpoint from "
@@ -109,6 +119,8 @@ HEADLINE_ROWS = (  # (row label, teacher-forced metric, generation metric)
     ("  saying the edit's target", None, "gen_in_frame_target"),
     ("  ... asked bare", None, "gen_locality_in_frame_plain"),
     ("  ... asked as a chat turn", None, "gen_locality_in_frame_chat"),
+    ("same-relation questions in frame", None, "gen_locality_same_relation"),
+    ("  saying the edit's target", None, "gen_same_relation_target"),
     ("portability", "portability", "gen_portability"),
 )
 
@@ -148,6 +160,27 @@ def make_judge(args: argparse.Namespace) -> LLMJudge:
     return LLMJudge(OpenAIProposer(model=args.judge_model, temperature=0.0, max_tokens=4, timeout=args.judge_timeout, seed=0))
 
 
+def _neighbour_arguments(args: argparse.Namespace, method: str) -> tuple[Any, tuple[str, ...] | None]:
+    """``--neighbours`` (with the editor's saved pool unless ``--subjects``) and ``--same-relation``'s subjects, checked
+    before anything loads."""
+    from instructedit.editors.neighbours import load_subjects, read_subjects
+
+    if args.same_relation < 0:
+        raise ValueError(f"--same-relation must be >= 0 questions per case, got {args.same_relation}")
+    if args.same_relation_subjects is not None and not args.same_relation:
+        raise ValueError("--same-relation-subjects goes with --same-relation K")
+    if args.same_relation and args.protocol == "teacher_forced":
+        raise ValueError("--same-relation asks questions of the generation protocol: not with --protocol teacher_forced")
+    probes = read_subjects(args.same_relation_subjects) if args.same_relation_subjects else None
+    neighbours = neighbours_from_arguments(args, "for single edits")
+    if neighbours is not None and neighbours.subjects is None:
+        pool = load_subjects(args.editor) if args.editor else None
+        if pool is None:
+            raise ValueError(f"--neighbours: {args.editor or method} has no subject pool saved with it; give --subjects FILE")
+        neighbours = dataclasses.replace(neighbours, subjects=pool)
+    return neighbours, probes
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from instructedit.editors.registry import EDITORS, make_editor, saved_method
     from instructedit.evaluation.cache import evaluate_resuming
@@ -164,6 +197,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
     check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
+    neighbours, probe_subjects = _neighbour_arguments(args, method)
     output = Path(args.output)
     try:
         markdown_path = Path(f"{json_stem(output)}.md")  # not with_suffix: a name like x-1.5 keeps its ".5"
@@ -177,8 +211,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # how the editor was trained to be asked (its editor_config.json, read once); a registry method: no template or stop
     trained = query_setup(editor_path) if editor_path else untrained_queries()
     answer_stop = args.answer_stop or trained["answer_stop"]
-    edit_rounds = check_edit_rounds(args.edit_rounds if args.edit_rounds is not None else 1 if args.sequential else trained["edit_rounds"],
-                                    "--edit-rounds")
+    default_rounds = 1 if args.sequential else trained["edit_rounds"] * (NEIGHBOUR_ROUNDS if neighbours is not None else 1)
+    edit_rounds = check_edit_rounds(args.edit_rounds if args.edit_rounds is not None else default_rounds, "--edit-rounds")
     if edit_rounds != 1 and args.sequential:
         raise ValueError(f"--edit-rounds {edit_rounds}: --sequential keeps one-round edits")
     edit_forms = check_edit_forms(args.edit_forms or (trained["many_edit_forms"] if args.sequential else trained["edit_forms"]), "--edit-forms")
@@ -197,6 +231,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     instruction = resolve_instruction(which, pool)
     logger.info("instruction: %s (%s)", which, why)
     records, where, load_skipped = load_eval_records(args.task, args.data, args.data_dir, args.split, args.seed)
+    if args.same_relation and probe_subjects is None:  # the file's entities, --limit or not
+        probe_subjects = tuple(r.subject for r in records)
     records = records[: args.limit] if args.limit is not None else records
     if not records:
         raise ValueError(f"no records to evaluate for task {args.task!r} ({args.data or args.split})")
@@ -223,8 +259,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                load_skipped=load_skipped, batch_size=args.batch_size, sequential=args.sequential,
                                progress=not args.no_progress, protocol=args.protocol, answer_stop=answer_stop, edit_forms=edit_forms,
                                queries=forms, in_frame=not args.no_in_frame, generation_batch_size=args.generation_batch_size,
-                               judge=judge, memory=memory,
-                               edit_rounds=edit_rounds,
+                               judge=judge, memory=memory, edit_rounds=edit_rounds,
+                               **({"neighbours": neighbours} if neighbours is not None else {}),
+                               **({"same_relation": args.same_relation, "same_relation_subjects": probe_subjects} if args.same_relation else {}),
                                step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
     markdown = write_markdown([report], markdown_path)
     resumed = int(report.timing.get("resumed_cases", 0))

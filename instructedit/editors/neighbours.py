@@ -17,6 +17,7 @@ said 99.0 % of the edits against 98.0; in 4 rounds they cost 13 points said.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterable, Sequence
@@ -50,6 +51,14 @@ class Neighbours:
             if isinstance(self.subjects, str):
                 raise ValueError("Neighbours: subjects must be a sequence of entity names, not one string")
             object.__setattr__(self, "subjects", subject_pool(self.subjects))
+
+
+    def about(self) -> dict[str, Any]:
+        """What a report records of them (and what makes two evaluations with neighbours the same): count, weight, seed and
+        the pool's size and digest."""
+        pool = self.subjects or ()
+        digest = hashlib.sha256("\n".join(pool).encode()).hexdigest()[:16] if self.subjects is not None else None
+        return {"count": self.count, "weight": self.weight, "seed": self.seed, "subjects": len(pool), "subjects_sha256": digest}
 
 
 def subject_pool(subjects: Iterable[str]) -> tuple[str, ...]:

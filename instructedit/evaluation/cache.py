@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 # What makes two evaluations the same question: which editor (weights, options), model, records, instruction, protocol,
 # and how the edits are made (their answer stop, forms, rounds and step sizes).
 IDENTITY = ("task", "method_options", "editor_sha256", "model_name", "limit", "split", "split_seed", "instruction",
-            "instruction_source", "protocol", "answer_stop", "edit_forms", "edit_rounds", "step_scale")
+            "instruction_source", "protocol", "answer_stop", "edit_forms", "edit_rounds", "step_scale", "neighbours")
 
 
 def cached_report(path: str | Path, wanted: EvalSettings) -> EvalReport | None:
@@ -61,7 +61,8 @@ def wanted_settings(settings: EvalSettings, model: nn.Module, pool: InstructionP
         instruction_source=pool.source if pool is not None and instruction is not None else None,
         protocol=options.get("protocol", "both"), answer_stop=options.get("answer_stop", "none"),
         edit_forms=list(check_edit_forms(options.get("edit_forms", ("wrapped",)))), edit_rounds=options.get("edit_rounds", 1),
-        step_scale=options.get("step_scale", 1.0))
+        step_scale=options.get("step_scale", 1.0),
+        neighbours=options["neighbours"].about() if options.get("neighbours") is not None else None)
 
 
 def evaluate_cached(path: str | Path, model: nn.Module, tokenizer: Any, load_editor: Callable[[], Editor], records: Sequence[EditRecord],
@@ -78,7 +79,7 @@ PARTIAL = ".partial.jsonl"
 # evaluate's options that change a case's numbers (padding, grouping, precision of float rounding) or what is asked, beside
 # IDENTITY: a partial file resumes only a run made with the same ones
 RUN_OPTIONS = ("batch_size", "convsent_pairs", "max_length", "fast", "pack_rows", "queries", "in_frame", "generation_batch_size",
-               "cases_together")
+               "cases_together", "same_relation")
 
 
 def partial_path(report: str | Path) -> Path:

@@ -13,6 +13,11 @@ asked in, in the edit's frame (wrapped in its instruction), keeps its pre-edit a
 ``_plain``, ``_chat``); ``gen_in_frame_target`` (``_plain``, ``_chat``) is the share of those answers that now say the
 edit's target. The paper's locality asks raw prompts only; an edit can change the answers to other questions asked in its
 frame far more (results/analysis/in-frame-locality/).
+
+Same-relation locality (``case_queries(same_relation=...)``): the edit's question with its subject swapped for other
+entities (``evaluation.runner``'s ``same_relation`` probes), asked in each form in the edit's frame, keeps its pre-edit
+answer (``gen_locality_same_relation``, ``_plain``, ``_chat``); ``gen_same_relation_target`` is the share that now say the
+edit's target. These are the questions an edit leaks into most (results/analysis/in-frame-locality/relation/).
 """
 
 from __future__ import annotations
@@ -48,12 +53,12 @@ JUDGE_METRIC = "gen_reliability_judge"
 class Query:
     """One question of a case: its family, form, sub-key, the raw question, the prompt as fed, the expected answer and token budget."""
 
-    family: str  # reliability | generalization | portability | locality | locality_in_frame
+    family: str  # reliability | generalization | portability | locality | locality_in_frame | locality_same_relation
     form: str  # wrapped | plain | chat | raw
     kind: str
     question: str
     prompt: str
-    target: str  # locality_in_frame: the edit's target (what the other question should not now say)
+    target: str  # locality_in_frame, locality_same_relation: the edit's target (what the other question should not now say)
     budget: int
 
     @property
@@ -80,9 +85,10 @@ def check_forms(forms: Sequence[str]) -> list[str]:
 
 
 def case_queries(collator: Collator, record: EditRecord, instruction: int | None, forms: Sequence[str],
-                 margin: int = ANSWER_MARGIN, in_frame: EditRecord | None = None) -> list[Query]:
+                 margin: int = ANSWER_MARGIN, in_frame: EditRecord | None = None, same_relation: Sequence[str] = ()) -> list[Query]:
     """Every query of a record (none for ConvSent), each with its token budget; ``in_frame``: another record, whose
-    question is also asked in each form the edit prompt is, in the record's frame (in-frame locality).
+    question is also asked in each form the edit prompt is, in the record's frame (in-frame locality); ``same_relation``:
+    questions of the edit's relation about other entities, asked likewise (same-relation locality).
 
     'plain' is asked only with an instruction (without one it is the 'wrapped' query); 'chat' only
     when the tokenizer has a chat template. A query without room for an answer in
@@ -105,6 +111,8 @@ def case_queries(collator: Collator, record: EditRecord, instruction: int | None
     # (family, form, kind, question, prompt, expected, its budget: ``in_frame_budget``)
     framed = [("locality_in_frame", form, "default", in_frame.prompt, collator.form_prompt(record, form, instruction, in_frame.prompt),
                target, in_frame_budget(tok, in_frame.target_new, target, margin)) for _, form, *_ in asked] if in_frame is not None else []
+    framed += [("locality_same_relation", form, "default", question, collator.form_prompt(record, form, instruction, question),
+                target, answer_budget(tok, target, margin)) for question in same_relation for _, form, *_ in asked]
     asked += [("generalization", "wrapped", "default", r, collator.wrap(record, r, instruction), target) for r in record.rephrase]
     asked += [("portability", "wrapped", q.kind, q.prompt, collator.wrap(record, q.prompt, instruction), q.answer) for q in record.portability]
     asked += [("locality", "raw", q.kind, q.prompt, q.prompt, q.answer) for q in record.locality]
@@ -161,7 +169,7 @@ def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: S
         if query.family == "fluency":  # ConvSent: n-gram entropy of the response (reported ×100, as the paper does)
             groups.setdefault(query.metric, []).append(ngram_entropy(raw))
             continue
-        if query.family in ("locality", "locality_in_frame"):
+        if query.family in ("locality", "locality_in_frame", "locality_same_relation"):
             if before is None:  # locality compares post- with pre-edit answers: no pre-edit value
                 continue
             same = float(same_answer(said, before))
@@ -169,7 +177,8 @@ def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: S
             if query.family == "locality":
                 groups.setdefault(f"{query.metric}/{query.kind}", []).append(same)
             else:  # another question asked in the edit's frame: does it now say the edit's target? (per form, as the metric)
-                groups.setdefault(query.metric.replace("locality_in_frame", "in_frame_target"), []).append(exact_match(said, query.target))
+                said_target = query.metric.replace("locality_in_frame", "in_frame_target").replace("locality_same_relation", "same_relation_target")
+                groups.setdefault(said_target, []).append(exact_match(said, query.target))
             continue
         match = exact_match(said, query.target)
         groups.setdefault(query.metric, []).append(match)

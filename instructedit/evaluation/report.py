@@ -59,6 +59,9 @@ class EvalSettings:
     edit_forms: list[str] = field(default_factory=lambda: ["wrapped"])  # the forms each edit is made in (wrapped, chat)
     edit_rounds: int = 1  # the rounds each edit is made in (the editor's queries.edit_rounds; calibrate --rounds)
     in_frame_locality: bool = False  # generation also asked each case another record's question in its frame (gen_locality_in_frame)
+    same_relation: int = 0  # generation also asked each case this many questions of its relation about other entities, in its frame
+    neighbours: dict[str, Any] | None = None  # each edit held subject-swapped neighbours still (Neighbours.about())
+    neighbours_held_cases: int = 0  # the cases whose prompt names their subject: those edited with neighbours
     step_scale: float = 1.0  # the editor's step sizes x this in every edit (sequential: its queries.many_edit_scale)
     queries: list[str] = field(default_factory=list)  # forms of the edit prompt asked by the generation protocol
     generation_margin: int | None = None  # answer tokens allowed beyond the target's length

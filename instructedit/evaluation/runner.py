@@ -20,6 +20,7 @@ edit is written into the model.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import time
@@ -37,6 +38,7 @@ from instructedit.editors.base import (
     scaled_step_sizes,
 )
 from instructedit.editors.learned import LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
+from instructedit.editors.neighbours import Neighbours, neighbour_memory, swapped_questions
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
@@ -178,9 +180,9 @@ def _decodes_together(fast_path: bool, generation: gen.GenerationRun | None, cas
 def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: WeightGuard, generation: gen.GenerationRun | None,
                 teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool,
                 cases_together: int = 1, rounds: int = 1, on_results: Callable[[list[CaseResult]], None] | None = None,
-                done: Collection[int] = ()) -> tuple[list[CaseResult], bool]:
-    """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds; returns the results and whether
-    rows were packed. ``on_results`` is handed each case's result as it is final (the cases decoded together: as a group);
+                done: Collection[int] = (), memory_for: Callable[[Case], KeyMemory | None] | None = None) -> tuple[list[CaseResult], bool]:
+    """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds (holding ``memory_for(case)`` still,
+    if given: a least-squares editor); returns the results and whether rows were packed. ``on_results`` is handed each case's result as it is final (the cases decoded together: as a group);
     ``done``: indices of cases an earlier run scored, not run again (the packing check still looks at every case, and the
     cases left are grouped as they would have been if ``done`` is whole groups from the start: the same numbers).
 
@@ -191,7 +193,13 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     dtype = next(model.parameters()).dtype
     together = _decodes_together(fast_path, generation, cases_together)
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
-    packed, first_scores = check_packing(editor, model, probe_case, dtype, together, rounds) if fast_path and pack_rows else (False, None)
+    def held(case: Case) -> contextlib.AbstractContextManager:
+        return remembering(editor, memory_for(case) if memory_for is not None else None)
+
+    packed, first_scores = False, None
+    if fast_path and pack_rows:
+        with held(probe_case):
+            packed, first_scores = check_packing(editor, model, probe_case, dtype, together, rounds)
     if first_scores is not None and not together:  # its edited weights are written for its answers at its case's turn,
         first_scores[2].new_params = dict(first_scores[2].new_params)  # after earlier cases wrote and restored the model's
     results: list[CaseResult] = []
@@ -226,8 +234,11 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
         ask = _asker(model, generation, case)
         if fast_path:
             layout = case.layout(packed, dtype)
-            scores = first_scores if first_scores is not None and case is probe_case else \
-                score_functional(editor, model, layout, together, rounds, case.edit)
+            if first_scores is not None and case is probe_case:
+                scores = first_scores
+            else:
+                with held(case):
+                    scores = score_functional(editor, model, layout, together, rounds, case.edit)
             if together:  # the queries asked as probes begin from the teacher-forced pass (``case_seeds``)
                 seeds = case_seeds(case, layout, scores[3], scores[0], scores[1], editor.split(model).first_layer, stops)
                 pending.append((case, scores[0], scores[1], scores[2].low_rank or scores[2].updates, seeds))
@@ -237,7 +248,8 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
                 continue
             pre, post, answers = scores[0], scores[1], _answer_edited(model, scores[2], ask)
         else:
-            pre, post, answers = _score_in_place(model, editor, case, ask, rounds)
+            with held(case):
+                pre, post, answers = _score_in_place(model, editor, case, ask, rounds)
         guard.verify(where=f"case {case.index} ({case.record.source})")
         finished([_case_result(case, _accuracy_metrics(case, pre), _post_metrics(case, post, argmax_ids(pre)), answers,
                                generation, teacher_forced)])
@@ -359,6 +371,9 @@ def evaluate(
     cases_together: int = 32,
     outlier_factor: float | None = OUTLIER_FACTOR,
     memory: KeyMemory | None = None,
+    neighbours: Neighbours | None = None,
+    same_relation: int = 0,
+    same_relation_subjects: Sequence[str] | None = None,
     edit_rounds: int = 1,
     step_scale: float = 1.0,
     done: Sequence[CaseResult] = (),
@@ -390,6 +405,13 @@ def evaluate(
     on the model without it and marked ``refused``. ``memory`` (``sequential``, a least-squares MEND editor;
     ``instructedit.KeyMemory``): lifelong editing, every edit's solve holds the keys of the edits kept before it (and the
     memory's preservation text) still; the memory goes on holding the kept edits' keys after the call.
+    ``neighbours`` (not ``sequential``; a least-squares MEND editor; its ``subjects`` given): each edit holds its
+    subject-swapped neighbours still beside the editor's own sample (``editors.neighbours``; never one of the case's
+    same-relation probes; give ``edit_rounds``: ``apply``'s default with neighbours is twice the calibrated rounds); a case
+    whose prompt does not name its subject is edited without. ``same_relation``: the generation protocol also asks each
+    case this many questions of its relation about other entities (its prompt with its subject swapped for one of
+    ``same_relation_subjects``, default the evaluated records' subjects) in its forms and frame (``gen_locality_same_relation``,
+    ``gen_same_relation_target``).
 
     Resuming: ``on_results`` is handed every case's result as soon as it is final (cases decoded together: their group
     at once), e.g. to append them to a file (``evaluation.cache.PartialEvaluation``); ``done``: the results an interrupted
@@ -405,6 +427,14 @@ def evaluate(
         raise ValueError("a key memory holds earlier edits still while edits are kept one after another: pass sequential=True")
     if memory is not None:
         check_remembers(editor)
+    if neighbours is not None:
+        if sequential:
+            raise ValueError("neighbours are held by single edits; a sequential evaluation holds earlier edits (memory=)")
+        if neighbours.subjects is None:
+            raise ValueError("evaluate(neighbours=...): give Neighbours(subjects=...), the entities swapped in")
+        check_remembers(editor)
+    if same_relation < 0:
+        raise ValueError(f"same_relation must be >= 0 questions per case, got {same_relation}")
     check_edit_rounds(edit_rounds, "edit_rounds")
     if edit_rounds > 1 and sequential:
         raise ValueError(f"edit_rounds={edit_rounds}: sequential evaluation keeps one-round edits (pass edit_rounds=1)")
@@ -443,11 +473,28 @@ def evaluate(
     guard = WeightGuard(model, watch)
     generation = gen.GenerationRun(tokenizer, generation_batch_size, max_length, judge, progress) if protocol != "teacher_forced" else None
     asks_in_frame = generation is not None and in_frame and len(cases) > 1  # another case's question to ask in each one's frame
+    probes = _same_relation_probes([c.record for c in cases], same_relation if generation is not None else 0,
+                                   same_relation_subjects if same_relation_subjects is not None else [r.subject for r in records])
     if generation is not None:
         others = gen.in_frame_neighbours([c.record for c in cases]) if asks_in_frame else None
         for i, case in enumerate(cases):
             case.queries = gen.case_queries(collator, case.record, instruction, forms,
-                                            in_frame=cases[others[i]].record if others is not None else None)
+                                            in_frame=cases[others[i]].record if others is not None else None, same_relation=probes[i])
+    memory_for, held_cases = None, 0
+    if neighbours is not None:
+        probed = {c.index: set(p) for c, p in zip(cases, probes)}
+        held_cases = sum(_names_subject(c.record) for c in cases)
+
+        def memory_for(case: Case) -> KeyMemory | None:
+            record = case.record
+            if not _names_subject(record):
+                return None
+            pool = [s for s in neighbours.subjects if record.prompt.replace(record.subject, s) not in probed[case.index]]
+            return neighbour_memory(editor, model, collator, [record], collator.edit_forms, instruction, neighbours, pool)
+
+        if held_cases < len(cases):
+            logger.warning("%d of %d cases do not name their subject in their prompt: edited without neighbours",
+                           len(cases) - held_cases, len(cases))
     setup_s = time.perf_counter() - start
 
     curve: list[SequentialPoint] = []
@@ -466,7 +513,7 @@ def evaluate(
                                              outlier_factor, memory, earlier, done_points, on_results, on_point)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
-                                          cases_together, edit_rounds, on_results, earlier.keys())
+                                          cases_together, edit_rounds, on_results, earlier.keys(), memory_for)
     run_s = time.perf_counter() - run_start
     ran = len(results)
     if earlier:  # every case's result in the records' order, the earlier run's and this one's
@@ -492,7 +539,8 @@ def evaluate(
                                     device=str(device), model_dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
                                     protocol=protocol, answer_stop=answer_stop, edit_rounds=edit_rounds, step_scale=step_scale,
                                     edit_forms=list(collator.edit_forms), queries=forms,
-                                    in_frame_locality=asks_in_frame,
+                                    in_frame_locality=asks_in_frame, same_relation=same_relation if generation is not None else 0,
+                                    neighbours=neighbours.about() if neighbours is not None else None, neighbours_held_cases=held_cases,
                                     generation_margin=ANSWER_MARGIN if generation is not None else None,
                                     judge=judge.name if judge is not None and generation is not None else None),
         cases=results,
@@ -504,6 +552,17 @@ def evaluate(
                      "mode": _restoration_mode(sequential, fast_path, generation is not None, cases_together > 1, edit_rounds)},
         sequential=curve,
     )
+
+
+def _names_subject(record: EditRecord) -> bool:
+    """Whether a record's prompt names its subject (no ConvSent): what neighbours and same-relation probes swap."""
+    return record.convsent is None and bool(record.subject) and record.subject in record.prompt
+
+
+def _same_relation_probes(records: Sequence[EditRecord], k: int, subjects: Sequence[str]) -> list[list[str]]:
+    """Per record, ``k`` questions of its relation about other entities of ``subjects`` (its prompt with its subject
+    swapped, ``editors.neighbours.swapped_questions`` at seed 1; none for a record whose prompt does not name its subject)."""
+    return [swapped_questions(r.prompt, r.subject, subjects, k, seed=1) if k and _names_subject(r) else [] for r in records]
 
 
 def _done_by_index(done: Sequence[CaseResult], cases: Sequence[Case]) -> dict[int, CaseResult]:
