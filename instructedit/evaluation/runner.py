@@ -182,7 +182,8 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
                 cases_together: int = 1, rounds: int = 1, on_results: Callable[[list[CaseResult]], None] | None = None,
                 done: Collection[int] = (), memory_for: Callable[[Case], KeyMemory | None] | None = None) -> tuple[list[CaseResult], bool]:
     """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds (holding ``memory_for(case)`` still,
-    if given: a least-squares editor); returns the results and whether rows were packed. ``on_results`` is handed each case's result as it is final (the cases decoded together: as a group);
+    if given: a least-squares editor); returns the results and whether rows were packed. ``on_results`` is handed each
+    case's result as it is final (the cases decoded together: as a group);
     ``done``: indices of cases an earlier run scored, not run again (the packing check still looks at every case, and the
     cases left are grouped as they would have been if ``done`` is whole groups from the start: the same numbers).
 
@@ -193,6 +194,7 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     dtype = next(model.parameters()).dtype
     together = _decodes_together(fast_path, generation, cases_together)
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
+
     def held(case: Case) -> contextlib.AbstractContextManager:
         return remembering(editor, memory_for(case) if memory_for is not None else None)
 
@@ -480,21 +482,7 @@ def evaluate(
         for i, case in enumerate(cases):
             case.queries = gen.case_queries(collator, case.record, instruction, forms,
                                             in_frame=cases[others[i]].record if others is not None else None, same_relation=probes[i])
-    memory_for, held_cases = None, 0
-    if neighbours is not None:
-        probed = {c.index: set(p) for c, p in zip(cases, probes)}
-        held_cases = sum(_names_subject(c.record) for c in cases)
-
-        def memory_for(case: Case) -> KeyMemory | None:
-            record = case.record
-            if not _names_subject(record):
-                return None
-            pool = [s for s in neighbours.subjects if record.prompt.replace(record.subject, s) not in probed[case.index]]
-            return neighbour_memory(editor, model, collator, [record], collator.edit_forms, instruction, neighbours, pool)
-
-        if held_cases < len(cases):
-            logger.warning("%d of %d cases do not name their subject in their prompt: edited without neighbours",
-                           len(cases) - held_cases, len(cases))
+    memory_for, held_cases = _neighbour_memories(editor, model, collator, instruction, cases, probes, neighbours)
     setup_s = time.perf_counter() - start
 
     curve: list[SequentialPoint] = []
@@ -557,6 +545,29 @@ def evaluate(
 def _names_subject(record: EditRecord) -> bool:
     """Whether a record's prompt names its subject (no ConvSent): what neighbours and same-relation probes swap."""
     return record.convsent is None and bool(record.subject) and record.subject in record.prompt
+
+
+def _neighbour_memories(editor: Editor, model: nn.Module, collator: Collator, instruction: int | None, cases: Sequence[Case],
+                        probes: Sequence[Sequence[str]], neighbours: Neighbours | None) -> tuple[Callable[[Case], KeyMemory | None] | None, int]:
+    """``evaluate(neighbours=...)``: the memory each case's edit holds (its neighbours beside the editor's own sample, drawn
+    from the pool without the entities of its same-relation ``probes``; None for a case whose prompt does not name its
+    subject) and how many cases hold one. Built as each case is edited, from the unedited model."""
+    if neighbours is None:
+        return None, 0
+    probed = {c.index: set(p) for c, p in zip(cases, probes)}
+    held_cases = sum(_names_subject(c.record) for c in cases)
+    if held_cases < len(cases):
+        logger.warning("%d of %d cases do not name their subject in their prompt: edited without neighbours",
+                       len(cases) - held_cases, len(cases))
+
+    def memory_for(case: Case) -> KeyMemory | None:
+        record = case.record
+        if not _names_subject(record):
+            return None
+        pool = [s for s in neighbours.subjects or () if record.prompt.replace(record.subject, s) not in probed[case.index]]
+        return neighbour_memory(editor, model, collator, [record], collator.edit_forms, instruction, neighbours, pool)
+
+    return memory_for, held_cases
 
 
 def _same_relation_probes(records: Sequence[EditRecord], k: int, subjects: Sequence[str]) -> list[list[str]]:
