@@ -174,6 +174,9 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                  "--neighbours", "2"]) == 0
     assert "2 rounds, holding 2 same-relation neighbours per edit still at 1000 tokens (--neighbours)" in capsys.readouterr().out
+    (tmp_path / "unnamed.jsonl").write_text(lines[0] + "\n" + json.dumps({"prompt": "The capital of Peru is", "target": "Oslo"}) + "\n")
+    assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "unnamed.jsonl"), "--device", "cpu", "--neighbours"]) == 2
+    assert "unnamed.jsonl line(s) 2 have no subject their prompt names" in caplog.text
     for extra, message in ((["--neighbours"], "give --subject (named in --prompt)"),
                            (["--subject", "Paris", "--neighbours"], "--subject 'Paris' does not occur in --prompt"),
                            (["--subject", "France", "--subjects", str(tmp_path / "pool.txt")], "go with --neighbours"),

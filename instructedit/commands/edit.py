@@ -146,6 +146,10 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.file is not None:
         _check_file_arguments(args)
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
+        unnamed = [n for n, e in numbered if not e.subject or e.subject not in e.prompt]
+        if neighbours is not None and unnamed:
+            raise ValueError(f"--neighbours swaps each edit's subject in its prompt: {args.file} line(s) "
+                             f"{', '.join(map(str, unnamed[:10]))} have no subject their prompt names")
         if args.output and Path(args.output).is_dir():
             raise ValueError(f"--output {args.output} is a folder; name the JSON Lines file to write")
         editor, model, tok, model_name = _loaded(args)
