@@ -252,3 +252,21 @@ def test_evaluate_asks_same_relation_questions_and_holds_neighbours(tiny_llama_d
     (folder / "subjects.json").unlink()
     assert main([*base, "--neighbours", "--output", str(tmp_path / "bad.json")]) == 2
     assert "has no subject pool saved with it; give --subjects FILE" in caplog.text
+
+
+def test_an_evaluation_with_neighbours_is_not_resumed_from_one_without(tiny_llama_dir: Path) -> None:
+    """The resume identity of an evaluation names its neighbours (count, weight, seed, pool digest) and its same-relation
+    questions (how many, about which entities): an interrupted run resumes only the same question."""
+    from instructedit.editors.neighbours import Neighbours
+    from instructedit.evaluation.cache import run_identity, wanted_settings
+    from instructedit.evaluation.report import EvalSettings
+
+    model, _ = load_model(str(tiny_llama_dir))
+    runs = ({}, {"neighbours": Neighbours(subjects=POOL)}, {"neighbours": Neighbours(weight=5.0, subjects=POOL)},
+            {"neighbours": Neighbours(subjects=POOL[:-1])}, {"same_relation": 2}, {"same_relation": 2, "same_relation_subjects": POOL})
+    identities = [json.dumps(run_identity(wanted_settings(EvalSettings(task="zsre"), model, None, None, options), model, options),
+                             sort_keys=True) for options in runs]
+    assert len(set(identities)) == len(runs)
+    again = {"neighbours": Neighbours(subjects=list(POOL))}  # the same pool as another sequence: the same run
+    assert json.dumps(run_identity(wanted_settings(EvalSettings(task="zsre"), model, None, None, again), model, again),
+                      sort_keys=True) == identities[1]

@@ -18,8 +18,8 @@ from instructedit.commands.common import (
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
-from instructedit.editors.neighbours import NEIGHBOUR_ROUNDS
 from instructedit.editors.learned import check_edit_rounds
+from instructedit.editors.neighbours import NEIGHBOUR_ROUNDS
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES

@@ -11,6 +11,7 @@ same identity, and its run options) scores only the cases left, and the finished
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -97,6 +98,8 @@ def run_identity(wanted: EvalSettings, model: nn.Module, options: Mapping[str, A
         memory = options.get("memory")
         identity |= {"sequential": True, "outlier_factor": options.get("outlier_factor", OUTLIER_FACTOR),
                      "key_memory": memory.state() if memory is not None else None}
+    if options.get("same_relation_subjects") is not None:  # the entities a case's same-relation questions are about
+        identity["same_relation_subjects"] = hashlib.sha256("\n".join(options["same_relation_subjects"]).encode()).hexdigest()[:16]
     identity |= {"model_dtype": str(parameter.dtype).removeprefix("torch."), "device": parameter.device.type,
                  "judge": getattr(judge, "name", None) if judge is not None else None}
     return json.loads(json.dumps(identity, default=str))
