@@ -21,8 +21,10 @@ METRICS = (("gen_reliability", "gen_post"), ("gen_generalization", "gen_post"), 
 
 def main() -> None:
     out: dict = {}
-    for editor in ("A", "I", "cf-A"):  # held-out ZsRE with each editor; CounterFact's test split with A
-        paths = {k: HERE / f"{editor}-{k}.json.gz" for k in ("none", "neighbours")}
+    # held-out ZsRE with each editor; CounterFact's test split with A, against its calibrated 4 rounds and against 8 rounds
+    # without neighbours (as many rounds as the neighbours' edits are made in)
+    for editor, none in (("A", "A-none"), ("I", "I-none"), ("cf-A", "cf-A-none"), ("cf-A, 8 rounds without", "cf-A-none-r8")):
+        paths = {"none": HERE / f"{none}.json.gz", "neighbours": HERE / f"{editor.split(',')[0]}-neighbours.json.gz"}
         if not all(p.is_file() for p in paths.values()):
             continue
         runs = {k: read_json(p) for k, p in paths.items()}
