@@ -437,10 +437,15 @@ class InstructEditor:
                    forms: Sequence[str] | None = None) -> TokenBatch:
         """Per edit, its prompt in each edit form (``forms``, default ``edit_forms``: wrapped; the chat question) + target
         (+ the stop token), labels on the target tokens (what the editor learns from)."""
-        collator = Collator(tokenizer, max_length, self.pool, answer_stop=self.answer_stop, edit_forms=self.edit_forms)
-        instruction = self.instruction if self.pool is not None else None
+        collator, instruction = self._collator(tokenizer, max_length)
         pairs = [pair for e in edits for pair in collator.edit_pairs(e.record(), instruction, forms)]
         return collator.qa_batch(pairs, where=", ".join(e.record().source for e in edits[:3]), stop=True)
+
+    def _collator(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> tuple[Collator, int | None]:
+        """The collator this editor's edits are made with (its pool, answer stop and edit forms) and its instruction
+        index (None: no wrapping)."""
+        collator = Collator(tokenizer, max_length, self.pool, answer_stop=self.answer_stop, edit_forms=self.edit_forms)
+        return collator, self.instruction if self.pool is not None else None
 
     def apply(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
               keep: bool = False, rounds: int | str = "auto", sample_weight: float | None = None,
@@ -532,8 +537,7 @@ class InstructEditor:
                 raise ValueError(f"apply(neighbours=...) of {len(edits)} edits: give rounds=K (rounds='auto' with neighbours was "
                                  f"measured for single edits; up to {AUTO_AS_SINGLE} in one call take twice the calibrated rounds)")
             rounds = NEIGHBOUR_ROUNDS * self.edit_rounds
-        collator = Collator(tokenizer, max_input_length(model), self.pool, answer_stop=self.answer_stop, edit_forms=self.edit_forms)
-        instruction = self.instruction if self.pool is not None else None
+        collator, instruction = self._collator(tokenizer, max_input_length(model))
         built = neighbour_memory(editor, model, collator, [e.record() for e in edits], forms, instruction, neighbours, subjects,
                                  sample_weight)
         return built, rounds
