@@ -26,10 +26,10 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from instructedit.config import PRESERVE_ANSWERS
-from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
+from instructedit.editors.aggregation import KeyMemory, remembering
 from instructedit.editors.base import Editor, OutlierEdits, SequentialWeightEdits, keep_in_sequence, scaled_step_sizes
 from instructedit.editors.learned import AUTO_AS_SINGLE, apply_in_rounds, check_rounds, check_sample_weight, schedule_for
+from instructedit.editors.preservation import continuation_batch, key_memory, own_answers  # noqa: F401 (re-exported)
 from instructedit.evaluation.generation import bootstrap_ci
 from instructedit.evaluation.generation_probes import answer_all, answer_scores, case_queries
 from instructedit.evaluation.guard import WeightGuard
@@ -37,8 +37,8 @@ from instructedit.evaluation.packing import probe_scores, scored_logits
 from instructedit.evaluation.probes import case_probes
 from instructedit.evaluation.runner import sequential_schedule
 from instructedit.losses import masked_nll
-from instructedit.records import EditRecord, TokenBatch
-from instructedit.tasks.collate import IGNORE, Collator, PromptTooLongError
+from instructedit.records import EditRecord
+from instructedit.tasks.collate import Collator
 
 logger = logging.getLogger(__name__)
 
@@ -281,54 +281,6 @@ def without_measured(texts: list[tuple[str, str]], measured: set[tuple[str, str]
         logger.warning("%s: left out %d of its %d texts that %s also measures (e.g. %r)",
                        source, len(texts) - len(kept), len(texts), by, next(t for t in texts if t in measured)[0])
     return kept
-
-
-def key_memory(editor: Editor, model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], past_weight: float = 1.0,
-               text_weight: float = 0.0, batch_size: int = 16, answers: str = "data", keys: str = "all") -> KeyMemory:
-    """A ``KeyMemory`` for lifelong editing with ``editor`` (least squares): earlier edits' keys weighted ``past_weight``
-    and, when ``texts`` are given, their (prompt, continuation) keys' mean covariance counted as ``text_weight`` tokens.
-
-    ``answers``: "data" continues each prompt with its answer; "model" with what the unedited ``model`` says to it
-    (``own_answers``: greedy, as generation locality asks), so the keys held still are those its own answers pass;
-    "both": each prompt twice, once with each.
-    ``keys``: "all" holds every position's key still; "answer" only those of the positions that predict the answer
-    (the prompt's last and the answer's but its last), where what the model says is decided."""
-    check_remembers(editor)
-    if answers not in PRESERVE_ANSWERS:
-        raise ValueError(f"answers must be one of {', '.join(PRESERVE_ANSWERS)}, got {answers!r}")
-    memory = KeyMemory(past_weight, text_weight)
-    if texts:
-        device = next(model.parameters()).device
-        batches = []
-        if answers in ("data", "both"):
-            batches += [collator.qa_batch(list(texts[i : i + batch_size])).to(device) for i in range(0, len(texts), batch_size)]
-        if answers in ("model", "both"):
-            said = own_answers(model, collator.tokenizer, texts)
-            batches += [continuation_batch(collator, said[i : i + batch_size]).to(device) for i in range(0, len(said), batch_size)]
-        editor.preserve_text(model, memory, batches, keys)
-    return memory
-
-
-def own_answers(model: nn.Module, tokenizer: PreTrainedTokenizerBase, texts: Sequence[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
-    """(prompt token ids, the token ids ``model`` says to it) per text, decoded as generation locality decodes (greedy,
-    the budget of the text's answer, stopping at EOS, left out, or a newline, kept)."""
-    from instructedit.evaluation.generation import answer_budget, greedy_generate
-
-    prompts = [prompt for prompt, _ in texts]
-    said = greedy_generate(model, tokenizer, prompts, [answer_budget(tokenizer, answer) for _, answer in texts], token_ids=True)
-    return [(tokenizer(prompt)["input_ids"], ids) for prompt, ids in zip(prompts, said, strict=True)]
-
-
-def continuation_batch(collator: Collator, rows: Sequence[tuple[list[int], list[int]]]) -> TokenBatch:
-    """Right-padded (prompt ids, continuation ids) rows (``own_answers``) as the model reads them while it decodes:
-    every token but the continuation's last, labelled with the continuation's tokens; an empty continuation leaves the
-    prompt alone, unlabelled."""
-    for prompt, said in rows:
-        if len(prompt) + len(said) > collator.max_length:
-            raise PromptTooLongError(f"preservation text {collator.tokenizer.decode(prompt)[:50]!r}...: {len(prompt) + len(said)} "
-                                     f"tokens exceed model.max_length={collator.max_length}")
-    return collator.right_padded([((prompt + said)[:-1], [IGNORE] * (len(prompt) - 1) + said) if said else (prompt, [])
-                                  for prompt, said in rows])
 
 
 def perplexity(model: nn.Module, collator: Collator, texts: Sequence[tuple[str, str]], batch_size: int = 16) -> float:

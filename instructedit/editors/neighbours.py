@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.editors.aggregation import KeyMemory, check_remembers, with_sample
+from instructedit.editors.preservation import key_memory
 from instructedit.io import write_json
 from instructedit.runs import SUBJECTS_FILE
 NEIGHBOUR_ROUNDS = 2  # rounds="auto" with neighbours: this many times the editor's calibrated rounds
@@ -126,8 +127,6 @@ def neighbour_memory(editor: Any, model: Any, collator: Any, records: Sequence[A
     """The preservation memory one ``apply`` call holds still with neighbours: the editor's own sample (at
     ``sample_weight`` tokens, default its calibrated weight), plus each edit's neighbours (``swapped_questions``, in each
     of ``forms``, continued with what the unedited ``model`` says) counted as ``neighbours.weight`` tokens per edit."""
-    from instructedit.analysis.many_edits import key_memory
-
     check_remembers(editor)
     texts = [(collator.form_prompt(record, form, instruction, question), record.target_new)
              for record in records
