@@ -121,11 +121,13 @@ def _check_file_arguments(args: argparse.Namespace) -> None:
 
 def _neighbours(args: argparse.Namespace) -> Any:
     """``--neighbours``' ``Neighbours`` (None without it), checked before anything loads."""
+    from instructedit.editors.neighbours import names_subject
+
     neighbours = neighbours_from_arguments(args, "for edits made in one call")
     if neighbours is not None and args.file is None:
         if not args.subject:
             raise ValueError("--neighbours swaps the edit's subject for other entities: give --subject (named in --prompt)")
-        if args.subject not in args.prompt:
+        if not names_subject(args.prompt, args.subject):
             raise ValueError(f"--neighbours: --subject {args.subject!r} does not occur in --prompt; the neighbours swap it there")
     return neighbours
 
@@ -134,6 +136,8 @@ def run_edit(args: argparse.Namespace) -> int:
     from instructedit.api import Edit, answer, check_save_folder, generate, score_target, top_predictions
     from instructedit.evaluation.generation import shown
     from instructedit.models.loading import max_input_length
+
+    from instructedit.editors.neighbours import names_subject
 
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
@@ -146,8 +150,8 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.file is not None:
         _check_file_arguments(args)
         numbered = read_edits(args.file, args.task)  # a bad line fails before the model loads
-        unnamed = [n for n, e in numbered if not e.subject or e.subject not in e.prompt]
-        if neighbours is not None and unnamed:
+        unnamed = [n for n, e in numbered if not names_subject(e.prompt, e.subject)] if neighbours is not None else []
+        if unnamed:
             raise ValueError(f"--neighbours swaps each edit's subject in its prompt: {args.file} line(s) "
                              f"{', '.join(map(str, unnamed[:10]))} have no subject their prompt names")
         if args.output and Path(args.output).is_dir():

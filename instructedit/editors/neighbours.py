@@ -30,6 +30,7 @@ from instructedit.editors.aggregation import KeyMemory, check_remembers, with_sa
 from instructedit.editors.preservation import key_memory
 from instructedit.io import write_json
 from instructedit.runs import SUBJECTS_FILE
+
 NEIGHBOUR_ROUNDS = 2  # rounds="auto" with neighbours: this many times the editor's calibrated rounds
 
 
@@ -54,13 +55,22 @@ class Neighbours:
                 raise ValueError("Neighbours: subjects must be a sequence of entity names, not one string")
             object.__setattr__(self, "subjects", subject_pool(self.subjects))
 
-
     def about(self) -> dict[str, Any]:
         """What a report records of them (and what makes two evaluations with neighbours the same): count, weight, seed and
         the pool's size and digest."""
-        pool = self.subjects or ()
-        digest = hashlib.sha256("\n".join(pool).encode()).hexdigest()[:16] if self.subjects is not None else None
-        return {"count": self.count, "weight": self.weight, "seed": self.seed, "subjects": len(pool), "subjects_sha256": digest}
+        digest = pool_digest(self.subjects) if self.subjects is not None else None
+        return {"count": self.count, "weight": self.weight, "seed": self.seed, "subjects": len(self.subjects or ()),
+                "subjects_sha256": digest}
+
+
+def pool_digest(subjects: Sequence[str]) -> str:
+    """A short fingerprint of an entity pool (its names in order): what tells two runs' pools apart."""
+    return hashlib.sha256("\n".join(subjects).encode()).hexdigest()[:16]
+
+
+def names_subject(prompt: str, subject: str) -> bool:
+    """Whether ``prompt`` names ``subject`` (a non-empty one): what neighbours and same-relation questions swap."""
+    return bool(subject) and subject in prompt
 
 
 def subject_pool(subjects: Iterable[str]) -> tuple[str, ...]:
@@ -113,7 +123,7 @@ def read_subjects(path: str | Path) -> tuple[str, ...]:
 def swapped_questions(prompt: str, subject: str, subjects: Sequence[str], count: int, seed: int = 0) -> list[str]:
     """``prompt`` with ``subject`` replaced by ``count`` entities of ``subjects`` (neither the subject nor one the prompt
     names), drawn by ``seed`` and the prompt."""
-    if not subject or subject not in prompt:
+    if not names_subject(prompt, subject):
         raise ValueError(f"neighbours need the edit's subject, named in its prompt: {prompt[:60]!r} "
                          + ("has no subject (Edit(subject=...), edit --subject)" if not subject else f"does not name {subject!r}"))
     pool = [s for s in subject_pool(subjects) if s != subject and s not in prompt and subject not in s]

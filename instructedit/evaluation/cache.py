@@ -11,7 +11,6 @@ same identity, and its run options) scores only the cases left, and the finished
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -22,6 +21,7 @@ from torch import nn
 
 from instructedit.editors.base import OUTLIER_FACTOR, Editor
 from instructedit.editors.learned import undone_rounds_counted
+from instructedit.editors.neighbours import pool_digest
 from instructedit.evaluation.report import CaseResult, EvalReport, EvalSettings, SequentialPoint, load_report_json, write_report_json
 from instructedit.evaluation.runner import evaluate
 from instructedit.io import append_jsonl, atomic_write, json_stem
@@ -99,7 +99,7 @@ def run_identity(wanted: EvalSettings, model: nn.Module, options: Mapping[str, A
         identity |= {"sequential": True, "outlier_factor": options.get("outlier_factor", OUTLIER_FACTOR),
                      "key_memory": memory.state() if memory is not None else None}
     if options.get("same_relation_subjects") is not None:  # the entities a case's same-relation questions are about
-        identity["same_relation_subjects"] = hashlib.sha256("\n".join(options["same_relation_subjects"]).encode()).hexdigest()[:16]
+        identity["same_relation_subjects"] = pool_digest(options["same_relation_subjects"])
     identity |= {"model_dtype": str(parameter.dtype).removeprefix("torch."), "device": parameter.device.type,
                  "judge": getattr(judge, "name", None) if judge is not None else None}
     return json.loads(json.dumps(identity, default=str))

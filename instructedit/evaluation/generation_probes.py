@@ -47,6 +47,8 @@ FLUENCY_TOKENS = 48  # length of a ConvSent response generated for the fluency s
 QUERY_FORMS = ("wrapped", "plain", "chat")  # forms of the edit prompt; rephrases/portability are wrapped, locality raw
 PREFIX = "gen_"
 JUDGE_METRIC = "gen_reliability_judge"
+# another question asked in the edit's frame (family): the metric of its answers that now say the edit's target
+SAYS_TARGET = {"locality_in_frame": "in_frame_target", "locality_same_relation": "same_relation_target"}
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: S
         if query.family == "fluency":  # ConvSent: n-gram entropy of the response (reported ×100, as the paper does)
             groups.setdefault(query.metric, []).append(ngram_entropy(raw))
             continue
-        if query.family in ("locality", "locality_in_frame", "locality_same_relation"):
+        if query.family == "locality" or query.family in SAYS_TARGET:
             if before is None:  # locality compares post- with pre-edit answers: no pre-edit value
                 continue
             same = float(same_answer(said, before))
@@ -177,8 +179,7 @@ def answer_scores(queries: Sequence[Query], answers: Sequence[str], reference: S
             if query.family == "locality":
                 groups.setdefault(f"{query.metric}/{query.kind}", []).append(same)
             else:  # another question asked in the edit's frame: does it now say the edit's target? (per form, as the metric)
-                said_target = query.metric.replace("locality_in_frame", "in_frame_target").replace("locality_same_relation", "same_relation_target")
-                groups.setdefault(said_target, []).append(exact_match(said, query.target))
+                groups.setdefault(query.metric.replace(query.family, SAYS_TARGET[query.family]), []).append(exact_match(said, query.target))
             continue
         match = exact_match(said, query.target)
         groups.setdefault(query.metric, []).append(match)

@@ -38,7 +38,7 @@ from instructedit.editors.base import (
     scaled_step_sizes,
 )
 from instructedit.editors.learned import LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
-from instructedit.editors.neighbours import Neighbours, neighbour_memory, swapped_questions
+from instructedit.editors.neighbours import Neighbours, names_subject, neighbour_memory, swapped_questions
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
@@ -544,7 +544,7 @@ def evaluate(
 
 def _names_subject(record: EditRecord) -> bool:
     """Whether a record's prompt names its subject (no ConvSent): what neighbours and same-relation probes swap."""
-    return record.convsent is None and bool(record.subject) and record.subject in record.prompt
+    return record.convsent is None and names_subject(record.prompt, record.subject)
 
 
 def _neighbour_memories(editor: Editor, model: nn.Module, collator: Collator, instruction: int | None, cases: Sequence[Case],
