@@ -23,15 +23,18 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from instructedit.config import DEFAULT_MODEL
 from instructedit.config import many_edit_forms as default_many_edit_forms
-from instructedit.editors.aggregation import KeyMemory, remembering
+from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
-    OUTLIER_FACTOR, EditHandle, Editor, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence, scaled_step_sizes,
+    OUTLIER_FACTOR, EditHandle, Editor, Hold, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence,
+    scaled_step_sizes,
 )
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import (
     AUTO_AS_SINGLE, AUTO_ROUNDS, apply_in_rounds, check_edit_rounds, check_many_edit_scale, many_edit_step_scale, schedule_for,
 )
-from instructedit.editors.neighbours import NEIGHBOUR_ROUNDS, SUBJECTS_FILE, Neighbours, load_subjects, neighbour_memory, subject_pool
+from instructedit.editors.neighbours import (
+    NEIGHBOUR_ROUNDS, SUBJECTS_FILE, Neighbours, holding_neighbours, load_subjects, neighbour_memory, subject_pool, swapped_questions,
+)
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids
 from instructedit.models.loading import MAX_LENGTH_CAP, max_input_length
@@ -515,8 +518,7 @@ class InstructEditor:
                               else "as calibrated" if getattr(editor, "preservation", None) is not None else None,
                               "step_scale": step_scale, "edit_forms": list(forms), **({"key_memory": {"text_weight": memory.text_weight, "text_tokens": memory.text_tokens}}
                                                           if memory is not None else {}),
-                              **({"neighbours": {"count": neighbours.count, "weight": neighbours.weight, "seed": neighbours.seed}}
-                                 if neighbours is not None else {})})
+                              **({"neighbours": _neighbours_how(neighbours)} if neighbours is not None else {})})
         if keep:
             edited.keep()
         return edited
@@ -528,10 +530,7 @@ class InstructEditor:
         calibrated rounds, for a call of up to ``AUTO_AS_SINGLE`` edits)."""
         if memory is not None:
             raise ValueError("apply: give memory= or neighbours=, not both (neighbours build the call's memory)")
-        subjects = neighbours.subjects if neighbours.subjects is not None else self.subjects
-        if subjects is None:
-            raise ValueError(f"apply(neighbours=...): {self.name or 'this editor'} has no subject pool saved with it ({SUBJECTS_FILE}); "
-                             "give Neighbours(subjects=...) (edit --subjects FILE)")
+        subjects = self._neighbour_pool(neighbours, "apply")
         if rounds == AUTO_ROUNDS:
             if len(edits) > AUTO_AS_SINGLE:
                 raise ValueError(f"apply(neighbours=...) of {len(edits)} edits: give rounds=K (rounds='auto' with neighbours was "
@@ -542,9 +541,34 @@ class InstructEditor:
                                  sample_weight)
         return built, rounds
 
+    def _neighbour_pool(self, neighbours: Neighbours, call: str) -> tuple[str, ...]:
+        """The entities ``neighbours`` swap in: their own, else the pool saved with this editor."""
+        subjects = neighbours.subjects if neighbours.subjects is not None else self.subjects
+        if subjects is None:
+            raise ValueError(f"{call}(neighbours=...): {self.name or 'this editor'} has no subject pool saved with it ({SUBJECTS_FILE}); "
+                             "give Neighbours(subjects=...) (edit --subjects FILE)")
+        return subjects
+
+    def _sequential_neighbours(self, editor: Editor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit],
+                               neighbours: Neighbours) -> Callable[[Edit], Hold]:
+        """``apply_sequential(neighbours=...)``: per edit, what its solve holds beside the sequence's memory
+        (``editors.neighbours.holding_neighbours``), checked for every edit before the first is made."""
+        check_remembers(editor)
+        subjects = self._neighbour_pool(neighbours, "apply_sequential")
+        for edit in edits:  # the draw's errors (no subject, a pool too small) before any edit is made
+            swapped_questions(edit.prompt, edit.subject, subjects, neighbours.count, neighbours.seed)
+        collator, instruction = self._collator(tokenizer, max_input_length(model))
+        forms = self.many_edit_forms
+
+        def hold_for(edit: Edit) -> Hold:
+            return lambda memory: holding_neighbours(editor, model, collator, edit.record(), forms, instruction, neighbours,
+                                                     subjects, memory)
+
+        return hold_for
+
     def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
                          keep: bool = False, memory: KeyMemory | None = None,
-                         outlier_factor: float | None = OUTLIER_FACTOR) -> EditedModel:
+                         outlier_factor: float | None = OUTLIER_FACTOR, neighbours: Neighbours | None = None) -> EditedModel:
         """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
 
         Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
@@ -573,9 +597,15 @@ class InstructEditor:
         ``how["refused"]`` lists the indices of such edits (a run of the recommended editor with a key memory on held-out
         ZsRE met one at edit 404, which would have wrecked the model: held-out perplexity x10^15). The returned model's
         ``edits`` are the kept ones, and ``rollback_to(k)`` counts them.
+
+        ``neighbours`` (a least-squares MEND editor; ``editors.neighbours``): each edit's solve also holds its
+        subject-swapped questions still (as in ``apply``), continued with what the model says as the edits before it left
+        it, beside the memory's keys (or the editor's own sample); each edit is still made in one round, and
+        ``rollback_to(k)`` holds them again. Every edit needs a ``subject`` its prompt names.
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
+        hold_for = self._sequential_neighbours(editor, model, tokenizer, edits, neighbours) if neighbours is not None else None
         scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
         weights = SequentialWeightEdits(model, editor, scale, memory)
@@ -585,8 +615,11 @@ class InstructEditor:
             with remembering(editor, memory), scaled_step_sizes(editor, scale):
                 for i, edit in enumerate(edits):
                     batch = self.edit_batch([edit], tokenizer, max_input_length(model), self.many_edit_forms).to(_device(model))
-                    if not keep_in_sequence(weights, handles, editor.apply(model, batch), batch, outliers,
-                                            where=f"sequential edit {i} ({edit.prompt[:40]!r} -> {edit.target[:20]!r})", memory=memory):
+                    hold = hold_for(edit) if hold_for is not None else None
+                    with hold(memory) if hold is not None else contextlib.nullcontext():
+                        handle = editor.apply(model, batch)
+                    if not keep_in_sequence(weights, handles, handle, batch, outliers, memory=memory, hold=hold,
+                                            where=f"sequential edit {i} ({edit.prompt[:40]!r} -> {edit.target[:20]!r})"):
                         refused.append(i)
             if handles and len(weights):
                 raise TypeError(f"{type(editor).__name__} returned both weight edits and hook edits; cannot keep them as one sequence")
@@ -599,7 +632,8 @@ class InstructEditor:
         kept = [edit for i, edit in enumerate(edits) if i not in not_kept]
         edited = EditedModel(model, tokenizer, handles or [weights], kept,
                              {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused, "step_scale": scale,
-                              "edit_forms": list(self.many_edit_forms)})
+                              "edit_forms": list(self.many_edit_forms),
+                              **({"neighbours": _neighbours_how(neighbours)} if neighbours is not None else {})})
         if keep:
             edited.keep()
         return edited
@@ -619,6 +653,11 @@ def _check_call_memory(memory: KeyMemory, rounds: int | str, sample_weight: floa
     if rounds == AUTO_ROUNDS:
         raise ValueError("apply(memory=...): give rounds=K; rounds='auto' is fitted to the editor's own sample (measured with a "
                          "memory: 256 edits, 32 rounds at text_weight 128000, results/analysis/edit-rounds/blocks/)")
+
+
+def _neighbours_how(neighbours: Neighbours) -> dict[str, Any]:
+    """What ``EditedModel.how`` records of a call's neighbours."""
+    return {"count": neighbours.count, "weight": neighbours.weight, "seed": neighbours.seed}
 
 
 def _as_edits(edits: Edit | Sequence[Edit]) -> tuple[Edit, ...]:

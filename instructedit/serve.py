@@ -22,6 +22,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.api import (
     REPHRASE_ALIAS, Edit, EditedModel, InstructEditor, answer, generate, max_input_length, rephrase_key, score_target, top_predictions,
 )
+from instructedit.editors.neighbours import Neighbours, names_subject
 from instructedit.records import SENTIMENTS, TASKS
 from instructedit.tasks.collate import encode_answer
 
@@ -165,10 +166,20 @@ class EditSession:
     newer edit, newest first, so the weights return bit for bit to their state before ``i``. The
     handles are never ``keep()``-ed: they hold the original weights until rolled back.
     Every model or tokenizer access holds ``lock`` (the web app serves requests from a threadpool).
+
+    ``neighbours`` (``serve --neighbours``; a least-squares editor with a subject pool, its own or the neighbours'): every
+    edit holds its same-relation neighbours still (``InstructEditor.apply(neighbours=...)``, in twice the calibrated
+    rounds), so other questions of its relation asked in its frame keep their answers; each edit must then name the
+    subject its prompt names.
     """
 
-    def __init__(self, editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, limits: ServeLimits | None = None) -> None:
+    def __init__(self, editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, limits: ServeLimits | None = None,
+                 neighbours: Neighbours | None = None) -> None:
         self.editor, self.model, self.tokenizer = editor, model, tokenizer
+        if neighbours is not None and neighbours.subjects is None and editor.subjects is None:
+            raise ValueError(f"neighbours: {editor.name or 'the editor'} has no subject pool saved with it; give "
+                             "Neighbours(subjects=...) (serve --subjects FILE)")
+        self.neighbours = neighbours
         self.limits = limits or ServeLimits()
         self.max_tokens = max_input_length(model)
         self.lock = threading.Lock()
@@ -183,6 +194,10 @@ class EditSession:
                                        f"accepts at most {self.max_tokens - self.limits.max_new_tokens}")
 
     def _check_edit_fits(self, edit: Edit) -> None:
+        if self.neighbours is not None and not names_subject(edit.prompt, edit.subject):
+            raise InputError("subject", "this server holds each edit's same-relation neighbours still (serve --neighbours): "
+                                        "give the subject, as the prompt names it" + (f"; the prompt does not name {edit.subject!r}"
+                                                                                      if edit.subject else ""))
         self._check_generation_fits(edit.prompt)
         wrapped = self.editor.wrap(edit)
         ids, n_prompt = encode_answer(self.tokenizer, wrapped, edit.target)
@@ -216,7 +231,8 @@ class EditSession:
     # -- the operations the web app exposes ---------------------------------------------------------
     def info(self) -> dict[str, Any]:
         return {"tasks": list(TASKS), "sentiments": list(SENTIMENTS), "limits": asdict(self.limits), "max_tokens": self.max_tokens,
-                "instruction": self.editor.instruction, "edit_forms": list(self.editor.many_edit_forms), "answer_stop": self.editor.answer_stop}
+                "instruction": self.editor.instruction, "edit_forms": list(self.editor.many_edit_forms), "answer_stop": self.editor.answer_stop,
+                "neighbours": {"count": self.neighbours.count, "weight": self.neighbours.weight} if self.neighbours is not None else None}
 
     def predict(self, prompt: str) -> dict[str, Any]:
         with self.lock:
@@ -232,7 +248,7 @@ class EditSession:
             before = self._snapshot(edit)
             # kept on top of the others: in the forms many edits are made in (no bare question: stacked bare-question edits
             # broke most other answers, results/analysis/plain-edit-row/many-edit-forms/)
-            handle = self.editor.apply(self.model, [edit], self.tokenizer, forms=self.editor.many_edit_forms)
+            handle = self.editor.apply(self.model, [edit], self.tokenizer, forms=self.editor.many_edit_forms, neighbours=self.neighbours)
             try:
                 after = self._snapshot(edit)
             except BaseException:
@@ -241,7 +257,7 @@ class EditSession:
             entry = ActiveEdit(next(self._ids), edit, handle, before["top"][0]["token"], after["top"][0]["token"])
             self._stack.append(entry)
             logger.info("applied edit #%d [%s] %r -> %r", entry.id, edit.task, edit.prompt, edit.target)
-            return {"edit": entry.describe(), "before": before, "after": after, "edits": self._describe()}
+            return {"edit": entry.describe(), "before": before, "after": after, "edits": self._describe(), "rounds": handle.how["rounds"]}
 
     def edits(self) -> list[dict[str, Any]]:
         with self.lock:
@@ -275,8 +291,9 @@ def page_html() -> str:
 
 
 def create_app(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, *, model_name: str = "", editor_name: str = "",
-               limits: ServeLimits | None = None, allowed_hosts: Sequence[str] | None = None) -> FastAPI:
-    """The FastAPI app over a new ``EditSession``; ``allowed_hosts`` (None: any) are the Host headers it answers."""
+               limits: ServeLimits | None = None, allowed_hosts: Sequence[str] | None = None, neighbours: Neighbours | None = None) -> FastAPI:
+    """The FastAPI app over a new ``EditSession`` (``neighbours``: see there); ``allowed_hosts`` (None: any) are the Host
+    headers it answers."""
     try:
         from fastapi import Body, FastAPI, Request
         from fastapi.exceptions import RequestValidationError
@@ -285,7 +302,7 @@ def create_app(editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTo
     except ModuleNotFoundError as err:
         raise ValueError(f"{INSTALL_HINT} ({err.name} is missing)") from None
 
-    session = EditSession(editor, model, tokenizer, limits)
+    session = EditSession(editor, model, tokenizer, limits, neighbours)
     html = page_html()
     app = FastAPI(title="instructedit demo", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.session = session

@@ -7,6 +7,7 @@ with Chromium installed), which turns the skip into a failure.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,12 +53,9 @@ def chromium() -> Iterator[Browser]:
             browser.close()
 
 
-@pytest.fixture
-def server(tiny_gpt2_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path]) -> Iterator[str]:
-    """The demo app on a free 127.0.0.1 port in a background thread; yields its base URL."""
-    editor = load_editor(save_tiny_editor(tiny_gpt2_dir, tmp_path / "editor", edit_lr=-1.0))  # a descending step: the edit shows
-    model, tok = load_model(str(tiny_gpt2_dir))
-    app = create_app(editor, model, tok, model_name="tiny-gpt2", editor_name="tiny-editor", allowed_hosts=["127.0.0.1"])
+@contextlib.contextmanager
+def serving(app: object) -> Iterator[str]:
+    """``app`` on a free 127.0.0.1 port in a background thread; yields its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # the port is ours before uvicorn starts: no race for it
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -74,6 +72,15 @@ def server(tiny_gpt2_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., 
         uv.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+@pytest.fixture
+def server(tiny_gpt2_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path]) -> Iterator[str]:
+    """The demo app on a free 127.0.0.1 port in a background thread; yields its base URL."""
+    editor = load_editor(save_tiny_editor(tiny_gpt2_dir, tmp_path / "editor", edit_lr=-1.0))  # a descending step: the edit shows
+    model, tok = load_model(str(tiny_gpt2_dir))
+    with serving(create_app(editor, model, tok, model_name="tiny-gpt2", editor_name="tiny-editor", allowed_hosts=["127.0.0.1"])) as url:
+        yield url
 
 
 def first_token(page: Page, selector: str) -> str:
@@ -146,3 +153,35 @@ def test_user_text_is_shown_as_text_not_markup(chromium: Browser, server: str) -
     page.click("#rollback-all")
     expect(page.locator("#edits li")).to_have_count(0)
     page.close()
+
+
+def test_a_server_holding_neighbours_asks_for_the_subject(chromium: Browser, tiny_gpt2_dir: Path, tmp_path: Path,
+                                                          save_tiny_editor: Callable[..., Path]) -> None:
+    """serve --neighbours: the page says each edit holds its same-relation neighbours, labels the subject as needed, shows
+    the server's refusal of an edit without one, and applies the edit with it."""
+    from instructedit.editors.neighbours import Neighbours, save_subjects
+
+    folder = save_tiny_editor(tiny_gpt2_dir, tmp_path / "ls", -1.0, ["editor.aggregation=least_squares"])
+    save_subjects(folder, ["Italy", "Spain", "Norway", "Peru"])
+    model, tok = load_model(str(tiny_gpt2_dir))
+    app = create_app(load_editor(folder), model, tok, model_name="tiny-gpt2", allowed_hosts=["127.0.0.1"], neighbours=Neighbours(count=2))
+    with serving(app) as url:
+        page = chromium.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        errors: list[str] = []
+        page.on("pageerror", lambda err: errors.append(str(err)))
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        assert "each edit holds 2 same-relation neighbours still (give its subject)" in page.text_content("#info")
+        assert page.text_content("label[for='subject']") == "Subject (named in the prompt)"
+        page.fill("#prompt", PROMPT)
+        page.fill("#target", TARGET)
+        page.click("#apply")
+        page.wait_for_selector("#error:not(:empty)")
+        assert page.text_content("#error").startswith("subject: this server holds each edit's same-relation neighbours still")
+        page.fill("#subject", "France")
+        page.click("#apply")
+        page.wait_for_selector("#edits li")
+        page.wait_for_selector("body[data-busy='0']")
+        assert page.text_content("#error") == "" and errors == []
+        page.close()

@@ -147,6 +147,62 @@ def test_apply_with_neighbours_holds_their_answers_beside_the_editors_sample(tin
         load_editor(summed).apply(model, [edit], tok, neighbours=Neighbours(subjects=POOL))
 
 
+
+def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(tiny_llama_dir: Path, tmp_path: Path,
+                                                                               save_tiny_editor: Callable[..., Path]) -> None:
+    """apply_sequential(neighbours=...): each edit's one-round solve holds its neighbours (continued with what the model
+    says as the edits before it left it) beside the editor's own sample, or beside a key memory's keys, whose sample comes
+    back as it was; the neighbours' next-token distributions move far less than without; rollback_to(k) makes the first k
+    edits again holding what they held (bit for bit, or it raises); an edit the draw cannot serve is refused before the first
+    edit is made."""
+    from instructedit.api import Edit, load_editor
+    from instructedit.editors.aggregation import KeyMemory
+    from instructedit.editors.neighbours import Neighbours, swapped_questions
+
+    loaded = load_editor(_editor_with_sample(tiny_llama_dir, tmp_path / "ls", save_tiny_editor))
+    model, tok = load_model(str(tiny_llama_dir))
+    edits = [Edit(prompt=f"The capital of {s} is", target=t, subject=s) for s, t in (("France", "Rome"), ("Peru", "Oslo"))]
+    held = [loaded.wrap(e, q) for e in edits for q in swapped_questions(e.prompt, e.subject, POOL, 4)]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    near = Neighbours(count=4, weight=1e6)
+
+    def next_tokens() -> torch.Tensor:
+        with torch.no_grad():
+            return torch.stack([model(**tok(q, return_tensors="pt")).logits[0, -1].softmax(-1) for q in held])
+
+    unedited = next_tokens()
+
+    def sequence(edits: Sequence[Edit], **options) -> tuple[dict[str, torch.Tensor], float]:
+        with loaded.apply_sequential(model, edits, tok, **options) as made:
+            state = {k: v.clone() for k, v in model.state_dict().items()}
+            moved = float((next_tokens() - unedited).abs().sum(-1).mean())
+            if len(edits) == 2 and "neighbours" in options:
+                assert made.how["neighbours"] == {"count": 4, "weight": 1e6, "seed": 0}
+                made.rollback_to(1)  # edit 1 made again holding its neighbours: the digests recorded at first must match
+                assert all(torch.equal(v, first[k]) for k, v in model.state_dict().items())
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        return state, moved
+
+    first, _ = sequence(edits[:1], neighbours=near)
+    alone, moved_alone = sequence(edits)
+    both, moved_near = sequence(edits, neighbours=near)
+    assert any(not torch.equal(both[k], first[k]) for k in before)  # the second edit was made on top of the first
+    assert moved_near < 0.25 * moved_alone, (moved_near, moved_alone)
+
+    # beside a key memory: its earlier edits' keys, then its sample put back as it was after each edit
+    memory = KeyMemory(past_weight=1.0)
+    with loaded.apply_sequential(model, edits, tok, memory=memory, neighbours=near):
+        pass
+    assert memory.calls == 2 and memory.past and not memory.text and memory.text_weight == 0.0
+    remembered, _ = sequence(edits, memory=KeyMemory(past_weight=1.0))
+    assert any(not torch.allclose(remembered[k], both[k]) for k in before)
+
+    for edit, message in ((Edit(prompt="The capital of Chile is", target="Rome"), "has no subject"),
+                          (Edit(prompt="The capital of Chile is", target="Rome", subject="Kenya"), "does not name 'Kenya'")):
+        with pytest.raises(ValueError, match=message):
+            loaded.apply_sequential(model, [edits[0], edit], tok, neighbours=near)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # refused before the first edit
+
 def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path],
                                              capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
     """edit --neighbours [N] (--subjects FILE, --neighbour-weight W): the call is made as apply(neighbours=...) makes it and
@@ -174,6 +230,14 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                  "--neighbours", "2"]) == 0
     assert "2 rounds, holding 2 same-relation neighbours per edit still at 1000 tokens (--neighbours)" in capsys.readouterr().out
+    assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
+                 "--neighbours", "2", "--sequential", "--key-memory"]) == 0
+    assert ("one after another (--sequential, with a key memory, each holding 2 same-relation neighbours still at 1000 tokens "
+            "(--neighbours))") in capsys.readouterr().out
+    caplog.clear()
+    assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--neighbours",
+                 "--key-memory", "--preserve-data", str(tmp_path / "edits.jsonl")]) == 2
+    assert "not with --key-memory unless --sequential" in caplog.text
     (tmp_path / "unnamed.jsonl").write_text(lines[0] + "\n" + json.dumps({"prompt": "The capital of Peru is", "target": "Oslo"}) + "\n")
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "unnamed.jsonl"), "--device", "cpu", "--neighbours"]) == 2
     assert "unnamed.jsonl line(s) 2 have no subject their prompt names" in caplog.text
@@ -225,24 +289,36 @@ def test_evaluate_asks_same_relation_questions_and_holds_neighbours(tiny_llama_d
         others = {q.removeprefix("What is the capital of ").removesuffix("?") for q in questions}
         assert others <= {"France", "Italy", "Spain", "Norway", "Peru", "Chile"} - {subject}
 
-    held: list[tuple[str, list[str]]] = []
-    made = runner.neighbour_memory
-    monkeypatch.setattr(runner, "neighbour_memory", lambda editor, model, collator, records, forms, instruction, neighbours, pool:
-                        held.append((records[0].prompt, list(pool))) or made(editor, model, collator, records, forms, instruction, neighbours, pool))
+    held: list[tuple[str, list[str], object]] = []
+    made = runner.holding_neighbours
+    monkeypatch.setattr(runner, "holding_neighbours", lambda editor, model, collator, record, forms, instruction, neighbours, pool, memory:
+                        held.append((record.prompt, list(pool), memory))
+                        or made(editor, model, collator, record, forms, instruction, neighbours, pool, memory))
     assert main([*base, "--limit", "4", "--neighbours", "2", "--neighbour-weight", "1e6", "--subjects", str(tmp_path / "pool.txt"),
                  "--output", str(tmp_path / "held.json")]) == 0
     report = load_report_json(tmp_path / "held.json")
     assert report.settings.edit_rounds == 2 and report.settings.neighbours_held_cases == 4
     assert report.settings.neighbours["count"] == 2 and report.settings.neighbours["weight"] == 1e6
     assert report.settings.neighbours["subjects"] == 6
-    assert sorted(p for p, _ in held) == sorted({c.answers[0]["question"] for c in report.cases})  # one memory per case
+    assert sorted(p for p, _, _ in held) == sorted({c.answers[0]["question"] for c in report.cases})  # one memory per case
+    assert all(memory is None for _, _, memory in held)  # beside the editor's own sample
     probes = {c.answers[0]["question"]: {a["question"] for a in c.answers if a["family"] == "locality_same_relation"} for c in report.cases}
-    for prompt, pool in held:  # a case's probes are never held still
+    for prompt, pool, _ in held:  # a case's probes are never held still
         subject = prompt.removeprefix("What is the capital of ").removesuffix("?")
         assert not {prompt.replace(subject, s) for s in pool} & probes[prompt]
     assert report.aggregates["zsre"]["gen_post"]["gen_locality_same_relation"].n == 4
 
-    for extra, message in ((["--neighbours", "--sequential"], "not with --sequential"),
+    # kept one after another, each edit in one round, beside the sequence's key memory
+    held.clear()
+    assert main([*base, "--limit", "4", "--sequential", "--key-memory", "--neighbours", "2", "--subjects", str(tmp_path / "pool.txt"),
+                 "--output", str(tmp_path / "sequential.json")]) == 0
+    report = load_report_json(tmp_path / "sequential.json")
+    assert report.settings.sequential and report.settings.edit_rounds == 1 and report.settings.neighbours["count"] == 2
+    assert report.settings.key_memory["calls_remembered"] == 4 and len(report.sequential) == 3  # after 1, 2 and 4 edits
+    assert [p for p, _, _ in held] == [c.answers[0]["question"] for c in report.cases]  # in the sequence's order
+    assert len({id(memory) for _, _, memory in held}) == 1 and held[0][2] is not None  # the one key memory, every edit
+
+    for extra, message in ((["--neighbours", "--key-memory"], "add --sequential"),
                            (["--subjects", str(tmp_path / "pool.txt")], "go with --neighbours"),
                            (["--same-relation", "-1"], "--same-relation must be >= 0"),
                            (["--protocol", "teacher_forced"], "not with --protocol teacher_forced")):

@@ -311,3 +311,35 @@ def test_edits_kept_on_top_of_each_other_are_made_without_the_bare_question(tiny
         ok(http.post("/api/edits", json=EDIT))
         ok(http.post("/api/edits", json={**EDIT, "target": "Oslo"}))
     assert rows == [2, 2]  # each edit's prompt wrapped and as a chat turn, not bare
+
+
+def test_serve_neighbours_hold_each_edits_relation_and_need_its_subject(tiny_gpt2_dir: Path, tmp_path: Path,
+                                                                        save_tiny_editor: Callable[..., Path],
+                                                                        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """serve --neighbours [N]: every edit is made as apply(neighbours=...) makes it (twice the calibrated rounds) and rolls
+    back bit for bit; /api/info says so; an edit without the subject its prompt names is a 422 on the subject field; an
+    editor without a subject pool fails before the server starts."""
+    import uvicorn
+
+    from instructedit.editors.neighbours import save_subjects
+
+    editor_dir = save_tiny_editor(tiny_gpt2_dir, tmp_path / "ls", -1.0, ["editor.aggregation=least_squares"])
+    started: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: started.update(app=app, **kwargs))
+    command = ["serve", "--editor", str(editor_dir), "--device", "cpu", "--neighbours", "2"]
+    assert main(command) == 2  # no pool saved with the editor, none given
+    assert "has no subject pool saved with it" in caplog.text and not started
+    save_subjects(editor_dir, ["Italy", "Spain", "Norway", "Peru"])
+    assert main(command) == 0
+    model = started["app"].state.session.model
+    before = weights(model)
+    with TestClient(started["app"], base_url="http://127.0.0.1:8000") as http:
+        assert ok(http.get("/api/info"))["neighbours"] == {"count": 2, "weight": 1000.0}
+        for subject, message in ((None, "give the subject, as the prompt names it"), ("Paris", "the prompt does not name 'Paris'")):
+            response = http.post("/api/edits", json={**EDIT, **({"subject": subject} if subject else {})})
+            assert response.status_code == 422 and response.json()["field"] == "subject"
+            assert message in response.json()["detail"]
+        made = ok(http.post("/api/edits", json={**EDIT, "subject": "France"}))
+        assert made["rounds"] == 2 and not same_weights(before, model)
+        ok(http.delete("/api/edits"))
+    assert same_weights(before, model)

@@ -219,7 +219,8 @@ def add_neighbour_arguments(parser: argparse.ArgumentParser, whose: str) -> None
     parser.add_argument("--neighbours", type=int, nargs="?", const=8, default=None, metavar="N",
                         help=f"hold still N questions of each edit's relation (default 8): its question with {whose} subject swapped "
                              "for other entities, asked in its frame, continued with the unedited model's answers; edits are made in "
-                             "twice the calibrated rounds. Other questions of the relation keep their answers in the frame (held-out "
+                             "twice the calibrated rounds (--sequential: one round each, the neighbours continued with what the model says as the "
+                             "earlier edits left it). Other questions of the relation keep their answers in the frame (held-out "
                              "ZsRE: 82.5 against 18.5 %%), but the subject's other questions and aliases pay on CounterFact "
                              "(results/analysis/in-frame-locality/relation/)")
     parser.add_argument("--neighbour-weight", type=float, default=1000.0, metavar="W",
@@ -229,17 +230,18 @@ def add_neighbour_arguments(parser: argparse.ArgumentParser, whose: str) -> None
                              "default: the pool saved with the editor by calibrate)")
 
 
-def neighbours_from_arguments(args: argparse.Namespace, made: str) -> Any:
+def neighbours_from_arguments(args: argparse.Namespace) -> Any:
     """The ``Neighbours`` of ``add_neighbour_arguments`` (None without ``--neighbours``), checked before anything loads;
-    refused with ``--sequential`` or ``--key-memory`` (neighbours are ``made`` only)."""
+    refused with ``--key-memory`` without ``--sequential`` (one call's preservation sample: ``apply`` holds one or the
+    other)."""
     from instructedit.editors.neighbours import Neighbours, read_subjects
 
     if args.neighbours is None:
         if args.subjects is not None or args.neighbour_weight != 1000.0:
             raise ValueError("--subjects and --neighbour-weight go with --neighbours")
         return None
-    if args.sequential or args.key_memory:
-        raise ValueError(f"--neighbours: {made}, not with --sequential or --key-memory")
+    if getattr(args, "key_memory", False) and not getattr(args, "sequential", False):  # serve has neither
+        raise ValueError("--neighbours build the call's preservation memory: not with --key-memory unless --sequential")
     try:
         return Neighbours(args.neighbours, args.neighbour_weight, read_subjects(args.subjects) if args.subjects else None)
     except ValueError as e:

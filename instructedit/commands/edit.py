@@ -123,7 +123,7 @@ def _neighbours(args: argparse.Namespace) -> Any:
     """``--neighbours``' ``Neighbours`` (None without it), checked before anything loads."""
     from instructedit.editors.neighbours import names_subject
 
-    neighbours = neighbours_from_arguments(args, "for edits made in one call")
+    neighbours = neighbours_from_arguments(args)
     if neighbours is not None and args.file is None:
         if not args.subject:
             raise ValueError("--neighbours swaps the edit's subject for other entities: give --subject (named in --prompt)")
@@ -320,7 +320,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
-    with (editor.apply_sequential(model, edits, tok, memory=memory) if args.sequential
+    with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours) if args.sequential
           else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory,
                             neighbours=neighbours)) as edited:
         after, asked_after = snapshot(edited.model), _ask_answers(edited.model, tok, others, args.max_new_tokens)
@@ -347,6 +347,8 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         kept += f"; {len(refused)} not kept (line(s) {', '.join(str(numbered[i][0]) for i in refused)}: each update would have wrecked the model)"
     if args.sequential:
         kept += scaled
+        if neighbours is not None:
+            kept += f", each holding {neighbours.count} same-relation neighbours still at {neighbours.weight:g} tokens (--neighbours)"
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     several = len(forms) > 1

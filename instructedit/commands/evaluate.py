@@ -172,7 +172,7 @@ def _neighbour_arguments(args: argparse.Namespace, method: str) -> tuple[Any, tu
     if args.same_relation and args.protocol == "teacher_forced":
         raise ValueError("--same-relation asks questions of the generation protocol: not with --protocol teacher_forced")
     probes = read_subjects(args.same_relation_subjects) if args.same_relation_subjects else None
-    neighbours = neighbours_from_arguments(args, "for single edits")
+    neighbours = neighbours_from_arguments(args)
     if neighbours is not None and neighbours.subjects is None:
         pool = load_subjects(args.editor) if args.editor else None
         if pool is None:

@@ -6,7 +6,10 @@ import argparse
 import logging
 from typing import Any
 
-from instructedit.commands.common import add_answer_stop_argument, add_dtype_argument, add_editor_arguments, load_editor_and_model
+from instructedit.commands.common import (
+    add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_neighbour_arguments, load_editor_and_model,
+    neighbours_from_arguments,
+)
 from instructedit.models.loading import resolve_device
 from instructedit.serve import INSTALL_HINT, LOOPBACK_HOSTS, create_app, is_loopback
 
@@ -27,6 +30,7 @@ def add_serve_parser(subparsers: Any) -> None:
     serve.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
     add_answer_stop_argument(serve)
     add_dtype_argument(serve)
+    add_neighbour_arguments(serve, "the edit's (its Subject field, which the prompt must name)")
     serve.set_defaults(func=run_serve)
 
 
@@ -41,11 +45,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if not loopback:
         logger.warning("--host %s is not a loopback address: anyone who can reach port %d can edit this model, and there is no "
                        "authentication; use --host 127.0.0.1 unless you mean it", args.host, args.port)
+    neighbours = neighbours_from_arguments(args)
     device = resolve_device(args.device)
     editor, model, tokenizer, model_name = load_editor_and_model(args.editor, args.model, args.instruction, device, args.dtype,
                                                                  args.answer_stop)
     app = create_app(editor, model, tokenizer, model_name=model_name, editor_name=str(args.editor),
-                     allowed_hosts=[*LOOPBACK_HOSTS, args.host.lower()] if loopback else None)
+                     allowed_hosts=[*LOOPBACK_HOSTS, args.host.lower()] if loopback else None, neighbours=neighbours)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     logger.info("demo page: http://%s:%d/  (Ctrl+C stops the server)", shown, args.port)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -13,7 +13,7 @@ import copy
 import logging
 import math
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -38,6 +38,9 @@ logger = logging.getLogger(__name__)
 # tiny random model's edits move its weights by 10-20× their norm, every one of them.
 OUTLIER_FACTOR = 50.0
 OUTLIER_HISTORY = 8  # kept edits before the median is trusted
+
+# what one edit of a sequence held still beside its key memory: given that memory (None: none), the block its solve ran in
+Hold = Callable[["KeyMemory | None"], contextlib.AbstractContextManager]
 
 
 @dataclass
@@ -262,17 +265,19 @@ def refuse_outlier(handle: EditHandle, outliers: OutlierEdits | None, where: str
 
 
 def keep_in_sequence(weights: SequentialWeightEdits, handles: list[EditHandle], handle: EditHandle, batch: TokenBatch,
-                     outliers: OutlierEdits | None = None, where: str = "", memory: KeyMemory | None = None) -> bool:
+                     outliers: OutlierEdits | None = None, where: str = "", memory: KeyMemory | None = None,
+                     hold: Hold | None = None) -> bool:
     """Keep one more edit of a sequence: a weight edit joins ``weights`` (one copy of the originals for the whole
     sequence, not one per edit) unless hook edits came first; any other edit keeps its own undo handle in ``handles``.
 
     With ``outliers``, a weight edit it does not admit is undone instead (``refuse_outlier``) and False returned: a model
     that many edits have changed can make the editor ask for an update that wrecks it (``OUTLIER_FACTOR``), and every edit
-    after it would be made on the wreck. ``memory``: the key memory the edit's solve remembered its keys in."""
+    after it would be made on the wreck. ``memory``: the key memory the edit's solve remembered its keys in; ``hold``:
+    what else its solve held still (``SequentialWeightEdits.add``)."""
     if refuse_outlier(handle, outliers, where, memory):
         return False
     if isinstance(handle, WeightEditHandle) and not handles:
-        weights.add(handle, batch)
+        weights.add(handle, batch, hold)
     else:
         handles.append(handle)
     return True
@@ -299,17 +304,21 @@ class SequentialWeightEdits(EditHandle):
         self._memory, self._memory_start = memory, (dict(memory.past), memory.calls) if memory is not None else None
         self._originals: dict[str, torch.Tensor] = {}
         self._batches: list[TokenBatch] = []
+        self._holds: list[Hold | None] = []
         self._digests: list[dict[str, int]] = []  # per edit: weight it wrote -> CRC-32 right after it
 
     def __len__(self) -> int:
         return len(self._batches)
 
-    def add(self, handle: WeightEditHandle, batch: TokenBatch) -> None:
-        """Take over ``handle``, the edit the editor made last, from ``batch``."""
+    def add(self, handle: WeightEditHandle, batch: TokenBatch, hold: Hold | None = None) -> None:
+        """Take over ``handle``, the edit the editor made last, from ``batch``; ``hold``: given the memory the edit was made
+        with (None: none), the block its solve ran in beside it (same-relation neighbours, ``editors.neighbours``), entered
+        again when ``rollback_to`` makes the edit again."""
         originals = handle.take_originals()
         for name, original in originals.items():
             self._originals.setdefault(name, original)  # later copies are dropped: only the first is needed
         self._batches.append(batch)
+        self._holds.append(hold)
         self._digests.append(self._weight_digests(originals))
 
     def _weight_digests(self, names: dict[str, torch.Tensor] | list[str]) -> dict[str, int]:
@@ -324,16 +333,17 @@ class SequentialWeightEdits(EditHandle):
         if k == 0:
             self.rollback()
             return
-        batches, digests = self._batches[:k], self._digests[:k]
+        batches, holds, digests = self._batches[:k], self._holds[:k], self._digests[:k]
         self._restore()
-        self._batches, self._digests = [], []
+        self._batches, self._holds, self._digests = [], [], []
         replay = None
         if self._memory is not None:
             replay = copy.copy(self._memory)
             replay.past, replay.calls = dict(self._memory_start[0]), self._memory_start[1]
-        for j, (batch, expected) in enumerate(zip(batches, digests), start=1):
+        for j, (batch, hold, expected) in enumerate(zip(batches, holds, digests), start=1):
             try:
-                with remembering(self.editor, replay), scaled_step_sizes(self.editor, self.step_scale):
+                with (remembering(self.editor, replay), hold(replay) if hold is not None else contextlib.nullcontext(),
+                      scaled_step_sizes(self.editor, self.step_scale)):
                     self.editor.apply(self.model, batch).keep()
             except BaseException:
                 self.rollback()
@@ -343,6 +353,7 @@ class SequentialWeightEdits(EditHandle):
                 raise RuntimeError(f"re-applying kept edit {j} of {k} did not give the same weights bit for bit (the editor is "
                                    "not deterministic on this device); the model was reset to its weights before the first edit")
             self._batches.append(batch)
+            self._holds.append(hold)
             self._digests.append(expected)
 
     def rollback(self) -> None:
@@ -355,6 +366,7 @@ class SequentialWeightEdits(EditHandle):
     def _forget(self) -> None:
         self._originals.clear()
         self._batches.clear()
+        self._holds.clear()
         self._digests.clear()
 
 

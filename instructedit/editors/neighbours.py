@@ -18,15 +18,16 @@ frame against 18.5 % (+64.0 [+59.4, +68.0]), 74.0 against 44.0 % of the next rec
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from instructedit.editors.aggregation import KeyMemory, check_remembers, with_sample
+from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering, with_sample
 from instructedit.editors.preservation import key_memory
 from instructedit.io import write_json
 from instructedit.runs import SUBJECTS_FILE
@@ -132,23 +133,56 @@ def swapped_questions(prompt: str, subject: str, subjects: Sequence[str], count:
     return [prompt.replace(subject, other) for other in random.Random(f"{seed}\n{prompt}").sample(pool, count)]
 
 
-def neighbour_memory(editor: Any, model: Any, collator: Any, records: Sequence[Any], forms: Sequence[str], instruction: int | None,
-                     neighbours: Neighbours, subjects: Sequence[str], sample_weight: float | None = None) -> KeyMemory:
-    """The preservation memory one ``apply`` call holds still with neighbours: the editor's own sample (at
-    ``sample_weight`` tokens, default its calibrated weight), plus each edit's neighbours (``swapped_questions``, in each
-    of ``forms``, continued with what the unedited ``model`` says) counted as ``neighbours.weight`` tokens per edit."""
+def neighbour_sample(editor: Any, model: Any, collator: Any, records: Sequence[Any], forms: Sequence[str], instruction: int | None,
+                     neighbours: Neighbours, subjects: Sequence[str]) -> KeyMemory:
+    """The neighbours' keys alone: each record's ``swapped_questions``, in each of ``forms``, continued with what ``model``
+    says to them as it is now, as a memory whose sample is their mean key covariance counted as ``neighbours.weight``
+    tokens per record."""
     check_remembers(editor)
     texts = [(collator.form_prompt(record, form, instruction, question), record.target_new)
              for record in records
              for question in swapped_questions(record.prompt, record.subject, subjects, neighbours.count, neighbours.seed)
              for form in forms]
-    near = key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=1.0, answers="model")
-    held = neighbours.weight * len(records)
-    own: KeyMemory | None = getattr(editor, "preservation", None)
-    memory = KeyMemory(past_weight=0.0, text_weight=held)
-    memory.text, memory.text_tokens = near.text, near.text_tokens
-    if own is not None and own.text_weight:
-        memory.text_weight = own.text_weight if sample_weight is None else float(sample_weight)
-        memory.text = with_sample(own.text, memory.text_weight, near.text, held)
-        memory.text_tokens = own.text_tokens + near.text_tokens
+    return key_memory(editor, model, collator, texts, past_weight=0.0, text_weight=neighbours.weight * len(records), answers="model")
+
+
+def _hold_beside(memory: KeyMemory, base: KeyMemory | None, near: KeyMemory, base_weight: float | None = None) -> None:
+    """Set ``memory``'s sample to ``base``'s (at ``base_weight`` tokens, default its own weight; none where ``base`` holds
+    no sample) and ``near``'s counted together (``with_sample``)."""
+    if base is not None and base.text_weight and base.text:
+        weight = base.text_weight if base_weight is None else float(base_weight)
+        text, tokens = with_sample(base.text, weight, near.text, near.text_weight), base.text_tokens + near.text_tokens
+        memory.text, memory.text_weight, memory.text_tokens = text, weight, tokens
+    else:
+        memory.text, memory.text_weight, memory.text_tokens = near.text, near.text_weight, near.text_tokens
+
+
+def neighbour_memory(editor: Any, model: Any, collator: Any, records: Sequence[Any], forms: Sequence[str], instruction: int | None,
+                     neighbours: Neighbours, subjects: Sequence[str], sample_weight: float | None = None) -> KeyMemory:
+    """The preservation memory one ``apply`` call holds still with neighbours: the editor's own sample (at
+    ``sample_weight`` tokens, default its calibrated weight), plus each edit's neighbours (``neighbour_sample``, continued
+    with what the unedited ``model`` says) counted as ``neighbours.weight`` tokens per edit."""
+    near = neighbour_sample(editor, model, collator, records, forms, instruction, neighbours, subjects)
+    memory = KeyMemory(past_weight=0.0)
+    _hold_beside(memory, getattr(editor, "preservation", None), near, sample_weight)
     return memory
+
+
+@contextlib.contextmanager
+def holding_neighbours(editor: Any, model: Any, collator: Any, record: Any, forms: Sequence[str], instruction: int | None,
+                       neighbours: Neighbours, subjects: Sequence[str], memory: KeyMemory | None = None) -> Iterator[None]:
+    """Inside the block, the editor's solves hold ``record``'s neighbours still, continued with what ``model`` says as it
+    is now (one edit of a sequence: as the edits before it left it). ``memory`` (a sequence's key memory, active in the
+    editor): beside its earlier edits' keys and its sample (the editor's own sample where the memory has none), its
+    sample put back on exit; without one, beside the editor's own sample (``neighbour_memory``)."""
+    if memory is None:
+        with remembering(editor, neighbour_memory(editor, model, collator, [record], forms, instruction, neighbours, subjects)):
+            yield
+        return
+    near = neighbour_sample(editor, model, collator, [record], forms, instruction, neighbours, subjects)
+    saved = memory.text, memory.text_weight, memory.text_tokens
+    _hold_beside(memory, memory if memory.text_weight and memory.text else getattr(editor, "preservation", None), near)
+    try:
+        yield
+    finally:
+        memory.text, memory.text_weight, memory.text_tokens = saved

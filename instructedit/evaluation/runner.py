@@ -34,11 +34,11 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
-    OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, OutlierEdits, WeightEditHandle, apply_in_place, refuse_outlier,
-    scaled_step_sizes,
+    OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, Hold, OutlierEdits, WeightEditHandle, apply_in_place,
+    refuse_outlier, scaled_step_sizes,
 )
 from instructedit.editors.learned import LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
-from instructedit.editors.neighbours import Neighbours, names_subject, neighbour_memory, swapped_questions
+from instructedit.editors.neighbours import Neighbours, holding_neighbours, names_subject, swapped_questions
 from instructedit.evaluation import generation_probes as gen
 from instructedit.evaluation.fast_linears import fast_linears
 from instructedit.evaluation.generation import ANSWER_MARGIN, bootstrap_ci
@@ -180,9 +180,9 @@ def _decodes_together(fast_path: bool, generation: gen.GenerationRun | None, cas
 def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: WeightGuard, generation: gen.GenerationRun | None,
                 teacher_forced: bool, fast_path: bool, pack_rows: bool, progress: bool,
                 cases_together: int = 1, rounds: int = 1, on_results: Callable[[list[CaseResult]], None] | None = None,
-                done: Collection[int] = (), memory_for: Callable[[Case], KeyMemory | None] | None = None) -> tuple[list[CaseResult], bool]:
-    """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds (holding ``memory_for(case)`` still,
-    if given: a least-squares editor); returns the results and whether rows were packed. ``on_results`` is handed each
+                done: Collection[int] = (), hold_for: Callable[[Case], Hold | None] | None = None) -> tuple[list[CaseResult], bool]:
+    """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds (inside ``hold_for(case)(None)``,
+    if given: a least-squares editor holding the case's neighbours); returns the results and whether rows were packed. ``on_results`` is handed each
     case's result as it is final (the cases decoded together: as a group);
     ``done``: indices of cases an earlier run scored, not run again (the packing check still looks at every case, and the
     cases left are grouped as they would have been if ``done`` is whole groups from the start: the same numbers).
@@ -196,7 +196,8 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
     probe_case = min(cases, key=lambda c: sum(chunk.input_ids.numel() for chunk in c.padded.chunks))  # cheapest to check
 
     def held(case: Case) -> contextlib.AbstractContextManager:
-        return remembering(editor, memory_for(case) if memory_for is not None else None)
+        hold = hold_for(case) if hold_for is not None else None
+        return hold(None) if hold is not None else contextlib.nullcontext()
 
     packed, first_scores = False, None
     if fast_path and pack_rows:
@@ -267,11 +268,13 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                     outlier_factor: float | None = OUTLIER_FACTOR, memory: KeyMemory | None = None,
                     earlier: dict[int, CaseResult] | None = None, earlier_points: Sequence[SequentialPoint] = (),
                     on_results: Callable[[list[CaseResult]], None] | None = None,
-                    on_point: Callable[[SequentialPoint], None] | None = None) -> tuple[list[CaseResult], list[SequentialPoint]]:
+                    on_point: Callable[[SequentialPoint], None] | None = None,
+                    hold_for: Callable[[Case], Hold | None] | None = None) -> tuple[list[CaseResult], list[SequentialPoint]]:
     """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end.
 
     ``memory`` (a least-squares editor): every edit's solve holds its keys still, then adds its own (``remembering``);
-    a refused edit's keys leave it again.
+    a refused edit's keys leave it again. ``hold_for`` (``_neighbour_holds``): what else a case's solve holds, given
+    ``memory``.
 
     A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model. A weight
     edit that would wreck the model (``editors.base.OutlierEdits`` with ``outlier_factor``; None: every edit is kept) is
@@ -296,7 +299,9 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     try:
         with remembering(editor, memory):  # every solve holds the kept edits' keys still, then adds its own
             for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
-                handle = editor.apply(model, case.edit)
+                hold = hold_for(case) if hold_for is not None else None
+                with hold(memory) if hold is not None else contextlib.nullcontext():
+                    handle = editor.apply(model, case.edit)
                 # a refused edit is undone: the model is as the edits before it left it
                 kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})", memory=memory)
                 if kept and isinstance(handle, WeightEditHandle):
@@ -407,8 +412,8 @@ def evaluate(
     on the model without it and marked ``refused``. ``memory`` (``sequential``, a least-squares MEND editor;
     ``instructedit.KeyMemory``): lifelong editing, every edit's solve holds the keys of the edits kept before it (and the
     memory's preservation text) still; the memory goes on holding the kept edits' keys after the call.
-    ``neighbours`` (not ``sequential``; a least-squares MEND editor; its ``subjects`` given): each edit holds its
-    subject-swapped neighbours still beside the editor's own sample (``editors.neighbours``; never one of the case's
+    ``neighbours`` (a least-squares MEND editor; its ``subjects`` given): each edit holds its subject-swapped neighbours
+    still beside the editor's own sample or, ``sequential``, the key memory (``editors.neighbours``; never one of the case's
     same-relation probes; give ``edit_rounds``: ``apply``'s default with neighbours is twice the calibrated rounds); a case
     whose prompt does not name its subject is edited without. ``same_relation``: the generation protocol also asks each
     case this many questions of its relation about other entities (its prompt with its subject swapped for one of
@@ -430,8 +435,6 @@ def evaluate(
     if memory is not None:
         check_remembers(editor)
     if neighbours is not None:
-        if sequential:
-            raise ValueError("neighbours are held by single edits; a sequential evaluation holds earlier edits (memory=)")
         if neighbours.subjects is None:
             raise ValueError("evaluate(neighbours=...): give Neighbours(subjects=...), the entities swapped in")
         check_remembers(editor)
@@ -482,7 +485,7 @@ def evaluate(
         for i, case in enumerate(cases):
             case.queries = gen.case_queries(collator, case.record, instruction, forms,
                                             in_frame=cases[others[i]].record if others is not None else None, same_relation=probes[i])
-    memory_for, held_cases = _neighbour_memories(editor, model, collator, instruction, cases, probes, neighbours)
+    hold_for, held_cases = _neighbour_holds(editor, model, collator, instruction, cases, probes, neighbours)
     setup_s = time.perf_counter() - start
 
     curve: list[SequentialPoint] = []
@@ -498,10 +501,10 @@ def evaluate(
         packed = False
         if sequential:
             results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress,
-                                             outlier_factor, memory, earlier, done_points, on_results, on_point)
+                                             outlier_factor, memory, earlier, done_points, on_results, on_point, hold_for)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
-                                          cases_together, edit_rounds, on_results, earlier.keys(), memory_for)
+                                          cases_together, edit_rounds, on_results, earlier.keys(), hold_for)
     run_s = time.perf_counter() - run_start
     ran = len(results)
     if earlier:  # every case's result in the records' order, the earlier run's and this one's
@@ -547,11 +550,12 @@ def _names_subject(record: EditRecord) -> bool:
     return record.convsent is None and names_subject(record.prompt, record.subject)
 
 
-def _neighbour_memories(editor: Editor, model: nn.Module, collator: Collator, instruction: int | None, cases: Sequence[Case],
-                        probes: Sequence[Sequence[str]], neighbours: Neighbours | None) -> tuple[Callable[[Case], KeyMemory | None] | None, int]:
-    """``evaluate(neighbours=...)``: the memory each case's edit holds (its neighbours beside the editor's own sample, drawn
-    from the pool without the entities of its same-relation ``probes``; None for a case whose prompt does not name its
-    subject) and how many cases hold one. Built as each case is edited, from the unedited model."""
+def _neighbour_holds(editor: Editor, model: nn.Module, collator: Collator, instruction: int | None, cases: Sequence[Case],
+                     probes: Sequence[Sequence[str]], neighbours: Neighbours | None) -> tuple[Callable[[Case], Hold | None] | None, int]:
+    """``evaluate(neighbours=...)``: what each case's edit holds (``editors.neighbours.holding_neighbours``: its
+    neighbours, drawn from the pool without the entities of its same-relation ``probes``, beside the editor's own sample
+    or a sequence's key memory; None for a case whose prompt does not name its subject) and how many cases hold them.
+    Built as each case is edited, from the model as it is then (a sequence: as the earlier edits left it)."""
     if neighbours is None:
         return None, 0
     probed = {c.index: set(p) for c, p in zip(cases, probes)}
@@ -560,14 +564,15 @@ def _neighbour_memories(editor: Editor, model: nn.Module, collator: Collator, in
         logger.warning("%d of %d cases do not name their subject in their prompt: edited without neighbours",
                        len(cases) - held_cases, len(cases))
 
-    def memory_for(case: Case) -> KeyMemory | None:
+    def hold_for(case: Case) -> Hold | None:
         record = case.record
         if not _names_subject(record):
             return None
         pool = [s for s in neighbours.subjects or () if record.prompt.replace(record.subject, s) not in probed[case.index]]
-        return neighbour_memory(editor, model, collator, [record], collator.edit_forms, instruction, neighbours, pool)
+        return lambda memory: holding_neighbours(editor, model, collator, record, collator.edit_forms, instruction, neighbours,
+                                                 pool, memory)
 
-    return memory_for, held_cases
+    return hold_for, held_cases
 
 
 def _same_relation_probes(records: Sequence[EditRecord], k: int, subjects: Sequence[str]) -> list[list[str]]:
