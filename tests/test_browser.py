@@ -83,6 +83,17 @@ def server(tiny_gpt2_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., 
         yield url
 
 
+def open_page(chromium: Browser, url: str) -> tuple[Page, list[str]]:
+    """The demo page at ``url``, loaded and ready; the list collects the page's JavaScript errors."""
+    page = chromium.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(url)
+    page.wait_for_selector("body[data-ready='1']")
+    return page, errors
+
+
 def first_token(page: Page, selector: str) -> str:
     return json.loads(page.text_content(f"{selector} li:first-child .token") or "null")
 
@@ -94,12 +105,7 @@ def test_edit_predict_and_roll_back_in_the_browser(chromium: Browser, server: st
     assert original != " guitar" and edited["after"]["top"][0]["token"] == " guitar"
     assert httpx.delete(f"{server}/api/edits").json()["rolled_back"] == [1]
 
-    page = chromium.new_page()
-    page.set_default_timeout(TIMEOUT_MS)
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(server)
-    page.wait_for_selector("body[data-ready='1']")
+    page, errors = open_page(chromium, server)
     assert "tiny-gpt2" in page.text_content("#info")
     assert page.locator("#task option").all_text_contents() == ["counterfact", "wikirecent", "convsent", "zsre"]
     assert page.locator("#edits li").count() == 0
@@ -166,12 +172,7 @@ def test_a_server_holding_neighbours_asks_for_the_subject(chromium: Browser, tin
     model, tok = load_model(str(tiny_gpt2_dir))
     app = create_app(load_editor(folder), model, tok, model_name="tiny-gpt2", allowed_hosts=["127.0.0.1"], neighbours=Neighbours(count=2))
     with serving(app) as url:
-        page = chromium.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        errors: list[str] = []
-        page.on("pageerror", lambda err: errors.append(str(err)))
-        page.goto(url)
-        page.wait_for_selector("body[data-ready='1']")
+        page, errors = open_page(chromium, url)
         assert "each edit holds 2 same-relation neighbours still (give its subject)" in page.text_content("#info")
         assert page.text_content("label[for='subject']") == "Subject (named in the prompt)"
         page.fill("#prompt", PROMPT)
