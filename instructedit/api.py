@@ -26,11 +26,12 @@ from instructedit.config import many_edit_forms as default_many_edit_forms
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, Editor, Hold, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence,
-    scaled_step_sizes,
+    scaled_step_sizes, sequence_edit,
 )
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import (
-    AUTO_AS_SINGLE, AUTO_ROUNDS, apply_in_rounds, check_edit_rounds, check_many_edit_scale, many_edit_step_scale, schedule_for,
+    AUTO_AS_SINGLE, AUTO_ROUNDS, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds, many_edit_step_scale,
+    schedule_for,
 )
 from instructedit.editors.neighbours import (
     NEIGHBOUR_ROUNDS, SUBJECTS_FILE, Neighbours, holding_neighbours, load_subjects, neighbour_memory, subject_pool, swapped_questions,
@@ -568,12 +569,13 @@ class InstructEditor:
 
     def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
                          keep: bool = False, memory: KeyMemory | None = None,
-                         outlier_factor: float | None = OUTLIER_FACTOR, neighbours: Neighbours | None = None) -> EditedModel:
+                         outlier_factor: float | None = OUTLIER_FACTOR, neighbours: Neighbours | None = None,
+                         rounds: int = 1) -> EditedModel:
         """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
 
         Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
         returned ``EditedModel`` undoes all of them bit for bit (``rollback()``), or those after the
-        first ``k`` (``rollback_to(k)``). Each edit is made in one round, at the step sizes × ``many_edit_scale`` (an
+        first ``k`` (``rollback_to(k)``). Each edit is made in ``rounds`` rounds (default one), at the step sizes × ``many_edit_scale`` (an
         editor calibrated for single edits in rounds: its one-round calibration's step sizes; ``how["step_scale"]``), in
         ``many_edit_forms`` (``how["edit_forms"]``).
 
@@ -600,15 +602,18 @@ class InstructEditor:
 
         ``neighbours`` (a least-squares MEND editor; ``editors.neighbours``): each edit's solve also holds its
         subject-swapped questions still (as in ``apply``), continued with what the model says as the edits before it left
-        it, beside the memory's keys (or the editor's own sample); each edit is still made in one round, and
-        ``rollback_to(k)`` holds them again. Every edit needs a ``subject`` its prompt names.
+        it, beside the memory's keys (or the editor's own sample); ``rollback_to(k)`` holds them again. Every edit needs a
+        ``subject`` its prompt names. ``rounds`` (a learned editor): each edit made in this many rounds (with a memory, its
+        keys remembered once, ``KeyMemory.as_one_call``).
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
         hold_for = self._sequential_neighbours(editor, model, tokenizer, edits, neighbours) if neighbours is not None else None
         scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
-        weights = SequentialWeightEdits(model, editor, scale, memory)
+        rounds = check_edit_rounds(rounds, "rounds")
+        check_rounds(editor, rounds)
+        weights = SequentialWeightEdits(model, editor, scale, memory, rounds)
         refused: list[int] = []
         outliers = OutlierEdits(outlier_factor) if outlier_factor is not None else None
         try:
@@ -616,8 +621,7 @@ class InstructEditor:
                 for i, edit in enumerate(edits):
                     batch = self.edit_batch([edit], tokenizer, max_input_length(model), self.many_edit_forms).to(_device(model))
                     hold = hold_for(edit) if hold_for is not None else None
-                    with hold(memory) if hold is not None else contextlib.nullcontext():
-                        handle = editor.apply(model, batch)
+                    handle = sequence_edit(editor, model, batch, memory, hold, rounds)
                     if not keep_in_sequence(weights, handles, handle, batch, outliers, memory=memory, hold=hold,
                                             where=f"sequential edit {i} ({edit.prompt[:40]!r} -> {edit.target[:20]!r})"):
                         refused.append(i)
@@ -632,6 +636,7 @@ class InstructEditor:
         kept = [edit for i, edit in enumerate(edits) if i not in not_kept]
         edited = EditedModel(model, tokenizer, handles or [weights], kept,
                              {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused, "step_scale": scale,
+                              "rounds": rounds,
                               "edit_forms": list(self.many_edit_forms),
                               **({"neighbours": _neighbours_how(neighbours)} if neighbours is not None else {})})
         if keep:

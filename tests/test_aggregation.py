@@ -755,6 +755,27 @@ def test_key_memory_forgets_the_last_call_bit_for_bit() -> None:
     assert memory.calls == 2
 
 
+def test_an_edit_made_in_rounds_is_one_call_of_the_key_memory() -> None:
+    """``KeyMemory.as_one_call``: the solves inside (an edit's rounds) see the past as the block found it and only the last
+    one's keys are remembered, once, at the end (then forgettable); a block that raises remembers nothing; blocks do not nest."""
+    memory = KeyMemory(past_weight=1.0)
+    first, rounds = {"w": torch.randn(4, 4)}, [{"w": torch.randn(4, 4)} for _ in range(3)]
+    memory.remember(first)
+    with memory.as_one_call():
+        for grams in rounds:
+            memory.remember(grams)
+            assert torch.equal(memory.past["w"], first["w"]) and memory.calls == 1  # each round holds only the earlier call
+        with pytest.raises(RuntimeError, match="already inside one"), memory.as_one_call():
+            pass
+    assert torch.equal(memory.past["w"], first["w"] + rounds[-1]["w"]) and memory.calls == 2
+    memory.forget_last()
+    assert torch.equal(memory.past["w"], first["w"]) and memory.calls == 1
+    with pytest.raises(ValueError, match="refused"), memory.as_one_call():
+        memory.remember(rounds[0])
+        raise ValueError("refused")
+    assert torch.equal(memory.past["w"], first["w"]) and memory.calls == 1
+
+
 def test_training_scores_locality_in_the_edits_own_frame_too(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
     """``training.locality_frames: [raw, wrapped]``: each record's locality question is scored as it is and in the
     record's instruction frame, and the locality KL is the token mean over both."""

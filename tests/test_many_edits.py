@@ -261,8 +261,8 @@ def test_single_edits_in_the_editors_calibrated_rounds(tiny_model_dir: Path, tmp
                         rounds="auto", single_rounds=2)
     assert calls == [1, 2, 2, 2, 2]  # the untimed warm-up, the 3-edit call ("auto": as a few edits, 2 rounds), 3 singles
     assert study["single"]["rounds"] == 2 and study["points"][0]["rounds"] == 2
-    with pytest.raises(ValueError, match="sequential evaluation keeps one-round edits"):
-        evaluate(model, tokenizer, editor, records, POOL, 0, sequential=True, edit_rounds=2, **kwargs)
+    kept = evaluate(model, tokenizer, editor, records, POOL, 0, sequential=True, edit_rounds=2, **kwargs)  # each kept edit in 2
+    assert kept.settings.edit_rounds == 2 and kept.settings.sequential
     with pytest.raises(ValueError, match="only a learned editor"):
         evaluate(model, tokenizer, object(), records, POOL, 0, edit_rounds=2, **kwargs)
 
@@ -880,7 +880,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None,
                                                       "step_scale": 1.0, "edit_forms": ["wrapped"]}
     assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False, "refused": [],
-                                                                                         "step_scale": 1.0, "edit_forms": ["wrapped"]}
+                                                                                         "step_scale": 1.0, "rounds": 1, "edit_forms": ["wrapped"]}
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
     assert "in one call (aggregation sum, 2 rounds)" in capsys.readouterr().out
@@ -898,8 +898,8 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert all(torch.equal(by_api[k], rounds[k]) for k in changed) and any(not torch.equal(together[k], rounds[k]) for k in changed)
     applied = json.loads((tmp_path / "rounds" / EDITS_FILE).read_text())["applied"]
     assert applied == {"call": "apply", "rounds": 2, "rounds_made": made, "sample_weight": None, "step_scale": 1.0, "edit_forms": ["wrapped"]}
-    assert main([*base, "--sequential", "--rounds", "2"]) == 2
-    assert "not --sequential" in caplog.text
+    assert main([*base, "--sequential", "--rounds", "2"]) == 0  # each edit of the sequence in two rounds
+    assert "one after another (--sequential, each edit in 2 rounds)" in capsys.readouterr().out
 
 
 def test_edit_file_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],

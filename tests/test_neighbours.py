@@ -189,11 +189,14 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
     assert any(not torch.equal(both[k], first[k]) for k in before)  # the second edit was made on top of the first
     assert moved_near < 0.25 * moved_alone, (moved_near, moved_alone)
 
-    # beside a key memory: its earlier edits' keys, then its sample put back as it was after each edit
+    # beside a key memory: its earlier edits' keys, then its sample put back as it was after each edit; in two rounds each,
+    # an edit's keys remembered once (its second round does not hold its first's still), and made again so on rollback_to
     memory = KeyMemory(past_weight=1.0)
-    with loaded.apply_sequential(model, edits, tok, memory=memory, neighbours=near):
-        pass
-    assert memory.calls == 2 and memory.past and not memory.text and memory.text_weight == 0.0
+    with loaded.apply_sequential(model, edits, tok, memory=memory, neighbours=near, rounds=2) as made:
+        assert made.how["rounds"] == 2 and memory.calls == 2 and memory.past and not memory.text and memory.text_weight == 0.0
+        twice = {k: v.clone() for k, v in model.state_dict().items()}
+        made.rollback_to(1)
+    assert any(not torch.allclose(twice[k], both[k]) for k in before)
     remembered, _ = sequence(edits, memory=KeyMemory(past_weight=1.0))
     assert any(not torch.allclose(remembered[k], both[k]) for k in before)
 

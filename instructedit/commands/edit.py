@@ -47,7 +47,7 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase (or paraphrase)")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
-    add_rounds_arguments(edit, "--file in one call", "auto")
+    add_rounds_arguments(edit, "--file in one call, or each --sequential edit (there default 1)", "auto")
     add_key_memory_arguments(edit, "--sequential: each edit's solve",
                              also="; a --file in one call (with --preserve-data and --rounds K): the call's solves hold the "
                                   "sample still instead of the editor's own (hundreds of edits keep more unrelated answers)")
@@ -96,9 +96,8 @@ def _check_file_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
     if args.sequential and args.rounds == "auto":
         args.rounds = 1  # the default: --sequential edits one at a time
-    if (isinstance(args.rounds, int) and args.rounds < 1) or (args.rounds != 1 and args.sequential):
-        raise ValueError(f"--rounds {args.rounds}: rounds (>= 1, or auto) are for the edits of a --file made in one call, "
-                         "not --sequential")
+    if isinstance(args.rounds, int) and args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: rounds are >= 1, or auto")
     if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
         raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
                          "one call that makes the edits of a --file, not --sequential")
@@ -320,14 +319,14 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
-    with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours) if args.sequential
+    with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours, rounds=args.rounds) if args.sequential
           else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory,
                             neighbours=neighbours)) as edited:
         after, asked_after = snapshot(edited.model), _ask_answers(edited.model, tok, others, args.max_new_tokens)
         if args.save:
             edited.save_pretrained(args.save)
     # how the call was made (``apply``'s schedule: rounds, the sample's weight, the step sizes' multiplier)
-    n_rounds, made = (1, 1) if args.sequential else (edited.how["rounds"], edited.rounds_made)
+    n_rounds, made = (args.rounds, args.rounds) if args.sequential else (edited.how["rounds"], edited.rounds_made)
     weight = None if args.sequential or isinstance(edited.how["sample_weight"], str) else edited.how["sample_weight"]
     scale = edited.how["step_scale"]
     scaled = f", step sizes x {scale:g} (the editor's many-edit multiplier)" if scale != 1.0 else ""
@@ -347,6 +346,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         kept += f"; {len(refused)} not kept (line(s) {', '.join(str(numbered[i][0]) for i in refused)}: each update would have wrecked the model)"
     if args.sequential:
         kept += scaled
+        kept += f", each edit in {n_rounds} rounds" if n_rounds != 1 else ""
         if neighbours is not None:
             kept += f", each holding {neighbours.count} same-relation neighbours still at {neighbours.weight:g} tokens (--neighbours)"
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"

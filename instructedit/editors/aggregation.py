@@ -54,6 +54,7 @@ through the solve.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -190,6 +191,7 @@ class KeyMemory:
         self.past: dict[str, torch.Tensor] = {}
         self.text: dict[str, torch.Tensor] = {}
         self._before_last: tuple[dict[str, torch.Tensor], int] | None = None  # what ``forget_last`` puts back
+        self._deferred: list[dict[str, torch.Tensor]] | None = None  # inside ``as_one_call``: the last solve's keys
         self.calls = 0
         self.text_tokens = 0
 
@@ -208,13 +210,32 @@ class KeyMemory:
 
     def remember(self, grams: dict[str, torch.Tensor]) -> None:
         """Add one edit call's KᵀK per weight (detached: earlier edits are fixed); at ``past_weight`` 0 only the call is counted
-        (no solve reads the sum: ``analyze batch`` rolls every call back)."""
+        (no solve reads the sum: ``analyze batch`` rolls every call back). Inside ``as_one_call``: kept for its end."""
+        if self._deferred is not None:
+            self._deferred[:] = [grams]
+            return
         self._before_last = (dict(self.past), self.calls)  # the sums are replaced, never written in place: references suffice
         if self.past_weight:
             for name, gram in grams.items():
                 gram = gram.detach()
                 self.past[name] = gram.clone() if name not in self.past else self.past[name].to(gram.device) + gram
         self.calls += 1
+
+    @contextlib.contextmanager
+    def as_one_call(self) -> Iterator[KeyMemory]:
+        """Inside the block, the solves count as one edit call (an edit made in rounds): each holds the earlier calls'
+        keys as the block found them, not its own earlier rounds' (which it would hold still against itself), and the last
+        solve's keys are remembered once, at the block's end (``forget_last`` then forgets them); nothing if it raises."""
+        if self._deferred is not None:
+            raise RuntimeError("KeyMemory.as_one_call: already inside one")
+        self._deferred = []
+        try:
+            yield self
+            grams = self._deferred
+        finally:
+            self._deferred = None
+        if grams:
+            self.remember(grams[0])
 
     def forget_last(self) -> None:
         """Undo the last ``remember`` (an edit call that was not kept: its keys are not the model's to hold), bit for bit;

@@ -297,9 +297,10 @@ class SequentialWeightEdits(EditHandle):
     caller's memory is left as the sequence left it, by this as by ``rollback``).
     """
 
-    def __init__(self, model: nn.Module, editor: Editor, step_scale: float = 1.0, memory: KeyMemory | None = None) -> None:
+    def __init__(self, model: nn.Module, editor: Editor, step_scale: float = 1.0, memory: KeyMemory | None = None,
+                 rounds: int = 1) -> None:
         super().__init__()
-        self.model, self.editor, self.step_scale = model, editor, step_scale
+        self.model, self.editor, self.step_scale, self.rounds = model, editor, step_scale, rounds
         # the memory's sums are replaced, never written in place: references keep its state as the sequence found it
         self._memory, self._memory_start = memory, (dict(memory.past), memory.calls) if memory is not None else None
         self._originals: dict[str, torch.Tensor] = {}
@@ -342,9 +343,8 @@ class SequentialWeightEdits(EditHandle):
             replay.past, replay.calls = dict(self._memory_start[0]), self._memory_start[1]
         for j, (batch, hold, expected) in enumerate(zip(batches, holds, digests), start=1):
             try:
-                with (remembering(self.editor, replay), hold(replay) if hold is not None else contextlib.nullcontext(),
-                      scaled_step_sizes(self.editor, self.step_scale)):
-                    self.editor.apply(self.model, batch).keep()
+                with remembering(self.editor, replay), scaled_step_sizes(self.editor, self.step_scale):
+                    sequence_edit(self.editor, self.model, batch, replay, hold, self.rounds).keep()
             except BaseException:
                 self.rollback()
                 raise
@@ -368,6 +368,15 @@ class SequentialWeightEdits(EditHandle):
         self._batches.clear()
         self._holds.clear()
         self._digests.clear()
+
+
+def sequence_edit(editor: Editor, model: nn.Module, batch: TokenBatch, memory: KeyMemory | None = None, hold: Hold | None = None,
+                  rounds: int = 1) -> EditHandle:
+    """One edit of a sequence (``editor.apply``), inside ``hold(memory)`` if given, in ``rounds`` rounds (a learned editor;
+    with ``memory``, the sequence's key memory active in the editor, the rounds count as one call: ``KeyMemory.as_one_call``)."""
+    with (hold(memory) if hold is not None else contextlib.nullcontext(),
+          memory.as_one_call() if memory is not None and rounds > 1 else contextlib.nullcontext()):
+        return editor.apply(model, batch) if rounds == 1 else editor.apply(model, batch, rounds=rounds)  # type: ignore[call-arg]
 
 
 def apply_in_place(model: nn.Module, result: EditResult) -> WeightEditHandle:

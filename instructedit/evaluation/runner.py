@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, Hold, OutlierEdits, WeightEditHandle, apply_in_place,
-    refuse_outlier, scaled_step_sizes,
+    refuse_outlier, scaled_step_sizes, sequence_edit,
 )
 from instructedit.editors.learned import LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
 from instructedit.editors.neighbours import Neighbours, holding_neighbours, names_subject, swapped_questions
@@ -269,12 +269,12 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                     earlier: dict[int, CaseResult] | None = None, earlier_points: Sequence[SequentialPoint] = (),
                     on_results: Callable[[list[CaseResult]], None] | None = None,
                     on_point: Callable[[SequentialPoint], None] | None = None,
-                    hold_for: Callable[[Case], Hold | None] | None = None) -> tuple[list[CaseResult], list[SequentialPoint]]:
+                    hold_for: Callable[[Case], Hold | None] | None = None, rounds: int = 1) -> tuple[list[CaseResult], list[SequentialPoint]]:
     """Keep every edit; pre-edit values come from the unedited model; the model is restored at the end.
 
     ``memory`` (a least-squares editor): every edit's solve holds its keys still, then adds its own (``remembering``);
     a refused edit's keys leave it again. ``hold_for`` (``_neighbour_holds``): what else a case's solve holds, given
-    ``memory``.
+    ``memory``. ``rounds``: each edit made in this many (``editors.base.sequence_edit``).
 
     A case's post-edit answers are asked right after its own edit, with every earlier edit still in the model. A weight
     edit that would wreck the model (``editors.base.OutlierEdits`` with ``outlier_factor``; None: every edit is kept) is
@@ -300,8 +300,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
         with remembering(editor, memory):  # every solve holds the kept edits' keys still, then adds its own
             for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
                 hold = hold_for(case) if hold_for is not None else None
-                with hold(memory) if hold is not None else contextlib.nullcontext():
-                    handle = editor.apply(model, case.edit)
+                handle = sequence_edit(editor, model, case.edit, memory, hold, rounds)
                 # a refused edit is undone: the model is as the edits before it left it
                 kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})", memory=memory)
                 if kept and isinstance(handle, WeightEditHandle):
@@ -398,7 +397,7 @@ def evaluate(
     ``protocol``: teacher_forced, generation or both. ``answer_stop``: what the edit input's answer
     ends with (as the editor was trained; the collator's ``answer_stop``). ``edit_forms``: the forms each edit is made
     in, solved together (the editor's ``queries.edit_forms``: the wrapped prompt; the chat question). ``edit_rounds``: the
-    rounds each single edit is made in (the editor's ``queries.edit_rounds``; a learned editor; not ``sequential``). ``step_scale``:
+    rounds each edit is made in (the editor's ``queries.edit_rounds``; a learned editor; ``sequential``: each kept edit). ``step_scale``:
     every edit is made at the editor's step sizes × this (a learned editor; ``sequential``: the editor's
     ``queries.many_edit_scale``, as ``apply_sequential`` makes them; restored afterwards). ``queries``: forms of the
     edit prompt the generation protocol asks (``generation_probes.QUERY_FORMS``), answered in
@@ -441,8 +440,6 @@ def evaluate(
     if same_relation < 0:
         raise ValueError(f"same_relation must be >= 0 questions per case, got {same_relation}")
     check_edit_rounds(edit_rounds, "edit_rounds")
-    if edit_rounds > 1 and sequential:
-        raise ValueError(f"edit_rounds={edit_rounds}: sequential evaluation keeps one-round edits (pass edit_rounds=1)")
     check_rounds(editor, edit_rounds)
     step_scale = check_many_edit_scale(step_scale, "step_scale")
     if batch_size < 1 or generation_batch_size < 1:
@@ -501,7 +498,7 @@ def evaluate(
         packed = False
         if sequential:
             results, curve = _run_sequential(model, editor, collator, cases, guard, batch_size, generation, teacher_forced, progress,
-                                             outlier_factor, memory, earlier, done_points, on_results, on_point, hold_for)
+                                             outlier_factor, memory, earlier, done_points, on_results, on_point, hold_for, edit_rounds)
         else:
             results, packed = _run_single(model, editor, cases, guard, generation, teacher_forced, fast_path, pack_rows, progress,
                                           cases_together, edit_rounds, on_results, earlier.keys(), hold_for)
