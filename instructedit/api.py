@@ -570,12 +570,13 @@ class InstructEditor:
     def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
                          keep: bool = False, memory: KeyMemory | None = None,
                          outlier_factor: float | None = OUTLIER_FACTOR, neighbours: Neighbours | None = None,
-                         rounds: int = 1) -> EditedModel:
+                         rounds: int | str = AUTO_ROUNDS) -> EditedModel:
         """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
 
         Later edits can disturb earlier ones (unlike ``apply``, where all are solved at once). The
         returned ``EditedModel`` undoes all of them bit for bit (``rollback()``), or those after the
-        first ``k`` (``rollback_to(k)``). Each edit is made in ``rounds`` rounds (default one), at the step sizes × ``many_edit_scale`` (an
+        first ``k`` (``rollback_to(k)``). Each edit is made in ``rounds`` rounds ("auto": one, two with ``neighbours``), at the
+        step sizes × ``many_edit_scale`` (an
         editor calibrated for single edits in rounds: its one-round calibration's step sizes; ``how["step_scale"]``), in
         ``many_edit_forms`` (``how["edit_forms"]``).
 
@@ -604,14 +605,18 @@ class InstructEditor:
         subject-swapped questions still (as in ``apply``), continued with what the model says as the edits before it left
         it, beside the memory's keys (or the editor's own sample); ``rollback_to(k)`` holds them again. Every edit needs a
         ``subject`` its prompt names. ``rounds`` (a learned editor): each edit made in this many rounds (with a memory, its
-        keys remembered once, ``KeyMemory.as_one_call``).
+        keys remembered once, ``KeyMemory.as_one_call``); "auto" is two with neighbours (``NEIGHBOUR_ROUNDS`` × one). 64
+        held-out ZsRE edits kept so with the recommended editor: each said 85.9 against 73.4 % without neighbours in one
+        round, 37.9 against 13.7 % of other same-relation questions asked in the frame kept, and after the 64th edit the model
+        still says 67.2 against 40.6 % of them (generation, n = 64;
+        ``results/analysis/in-frame-locality/sequential/neighbours/``).
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
         hold_for = self._sequential_neighbours(editor, model, tokenizer, edits, neighbours) if neighbours is not None else None
         scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
-        rounds = check_edit_rounds(rounds, "rounds")
+        rounds = check_edit_rounds((NEIGHBOUR_ROUNDS if neighbours is not None else 1) if rounds == AUTO_ROUNDS else rounds, "rounds")
         check_rounds(editor, rounds)
         weights = SequentialWeightEdits(model, editor, scale, memory, rounds)
         refused: list[int] = []

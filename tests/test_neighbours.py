@@ -178,6 +178,7 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
             moved = float((next_tokens() - unedited).abs().sum(-1).mean())
             if len(edits) == 2 and "neighbours" in options:
                 assert made.how["neighbours"] == {"count": 4, "weight": 1e6, "seed": 0}
+                assert made.how["rounds"] == 2  # "auto" with neighbours: two rounds each
                 made.rollback_to(1)  # edit 1 made again holding its neighbours: the digests recorded at first must match
                 assert all(torch.equal(v, first[k]) for k, v in model.state_dict().items())
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
@@ -196,7 +197,8 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
         assert made.how["rounds"] == 2 and memory.calls == 2 and memory.past and not memory.text and memory.text_weight == 0.0
         twice = {k: v.clone() for k, v in model.state_dict().items()}
         made.rollback_to(1)
-    assert any(not torch.allclose(twice[k], both[k]) for k in before)
+    with loaded.apply_sequential(model, edits, tok, memory=KeyMemory(past_weight=1.0), neighbours=near, rounds=1):
+        assert any(not torch.allclose(twice[k], v) for k, v in model.state_dict().items())
     remembered, _ = sequence(edits, memory=KeyMemory(past_weight=1.0))
     assert any(not torch.allclose(remembered[k], both[k]) for k in before)
 
@@ -235,7 +237,7 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     assert "2 rounds, holding 2 same-relation neighbours per edit still at 1000 tokens (--neighbours)" in capsys.readouterr().out
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                  "--neighbours", "2", "--sequential", "--key-memory"]) == 0
-    assert ("one after another (--sequential, with a key memory, each holding 2 same-relation neighbours still at 1000 tokens "
+    assert ("one after another (--sequential, with a key memory, each edit in 2 rounds, each holding 2 same-relation neighbours still at 1000 tokens "
             "(--neighbours))") in capsys.readouterr().out
     caplog.clear()
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--neighbours",
@@ -311,12 +313,12 @@ def test_evaluate_asks_same_relation_questions_and_holds_neighbours(tiny_llama_d
         assert not {prompt.replace(subject, s) for s in pool} & probes[prompt]
     assert report.aggregates["zsre"]["gen_post"]["gen_locality_same_relation"].n == 4
 
-    # kept one after another, each edit in one round, beside the sequence's key memory
+    # kept one after another, each edit in two rounds (with neighbours), beside the sequence's key memory
     held.clear()
     assert main([*base, "--limit", "4", "--sequential", "--key-memory", "--neighbours", "2", "--subjects", str(tmp_path / "pool.txt"),
                  "--output", str(tmp_path / "sequential.json")]) == 0
     report = load_report_json(tmp_path / "sequential.json")
-    assert report.settings.sequential and report.settings.edit_rounds == 1 and report.settings.neighbours["count"] == 2
+    assert report.settings.sequential and report.settings.edit_rounds == 2 and report.settings.neighbours["count"] == 2  # twice 1
     assert report.settings.key_memory["calls_remembered"] == 4 and len(report.sequential) == 3  # after 1, 2 and 4 edits
     assert [p for p, _, _ in held] == [c.answers[0]["question"] for c in report.cases]  # in the sequence's order
     assert len({id(memory) for _, _, memory in held}) == 1 and held[0][2] is not None  # the one key memory, every edit

@@ -219,8 +219,8 @@ def add_neighbour_arguments(parser: argparse.ArgumentParser, whose: str) -> None
     parser.add_argument("--neighbours", type=int, nargs="?", const=8, default=None, metavar="N",
                         help=f"hold still N questions of each edit's relation (default 8): its question with {whose} subject swapped "
                              "for other entities, asked in its frame, continued with the unedited model's answers; edits are made in "
-                             "twice the calibrated rounds (--sequential: in the sequence's rounds, default one, the neighbours continued with "
-                             "what the model says as the earlier edits left it). Other questions of the relation keep their answers in the frame (held-out "
+                             "twice the calibrated rounds (--sequential: two rounds each, the neighbours continued with what the model says as "
+                             "the earlier edits left it). Other questions of the relation keep their answers in the frame (held-out "
                              "ZsRE: 82.5 against 18.5 %%), but the subject's other questions and aliases pay on CounterFact "
                              "(results/analysis/in-frame-locality/relation/)")
     parser.add_argument("--neighbour-weight", type=float, default=1000.0, metavar="W",

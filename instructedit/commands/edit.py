@@ -47,7 +47,7 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase (or paraphrase)")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
-    add_rounds_arguments(edit, "--file in one call, or each --sequential edit (there default 1)", "auto")
+    add_rounds_arguments(edit, "--file in one call, or each --sequential edit (there auto is 1, 2 with --neighbours)", "auto")
     add_key_memory_arguments(edit, "--sequential: each edit's solve",
                              also="; a --file in one call (with --preserve-data and --rounds K): the call's solves hold the "
                                   "sample still instead of the editor's own (hundreds of edits keep more unrelated answers)")
@@ -94,8 +94,6 @@ def _check_file_arguments(args: argparse.Namespace) -> None:
                                        ("--topic", args.topic)) if value is not None]
     if single:
         raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
-    if args.sequential and args.rounds == "auto":
-        args.rounds = 1  # the default: --sequential edits one at a time
     if isinstance(args.rounds, int) and args.rounds < 1:
         raise ValueError(f"--rounds {args.rounds}: rounds are >= 1, or auto")
     if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
@@ -326,7 +324,7 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         if args.save:
             edited.save_pretrained(args.save)
     # how the call was made (``apply``'s schedule: rounds, the sample's weight, the step sizes' multiplier)
-    n_rounds, made = (args.rounds, args.rounds) if args.sequential else (edited.how["rounds"], edited.rounds_made)
+    n_rounds, made = (edited.how["rounds"],) * 2 if args.sequential else (edited.how["rounds"], edited.rounds_made)
     weight = None if args.sequential or isinstance(edited.how["sample_weight"], str) else edited.how["sample_weight"]
     scale = edited.how["step_scale"]
     scaled = f", step sizes x {scale:g} (the editor's many-edit multiplier)" if scale != 1.0 else ""

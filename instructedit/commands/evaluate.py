@@ -64,7 +64,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
                         "editor_config.json, else wrapped; --sequential: its many_edit_forms, which leave the bare question out)")
     p.add_argument("--edit-rounds", type=int, default=None, metavar="K",
                    help="the rounds each edit is made in, each on the model the earlier ones edited (a learned editor; default: the "
-                        "editor's edit_rounds from its editor_config.json, chosen by calibrate --rounds, else 1; --neighbours: twice that; --sequential: 1)")
+                        "editor's edit_rounds from its editor_config.json, chosen by calibrate --rounds, else 1; --sequential: 1; --neighbours: twice that)")
     p.add_argument("--queries", default=",".join(QUERY_FORMS), metavar="FORMS",
                    help=f"comma-separated forms of the edit prompt the generation protocol asks (default: {','.join(QUERY_FORMS)})")
     p.add_argument("--no-in-frame", action="store_true",
@@ -211,7 +211,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # how the editor was trained to be asked (its editor_config.json, read once); a registry method: no template or stop
     trained = query_setup(editor_path) if editor_path else untrained_queries()
     answer_stop = args.answer_stop or trained["answer_stop"]
-    default_rounds = 1 if args.sequential else trained["edit_rounds"] * (NEIGHBOUR_ROUNDS if neighbours is not None else 1)
+    default_rounds = (1 if args.sequential else trained["edit_rounds"]) * (NEIGHBOUR_ROUNDS if neighbours is not None else 1)
     edit_rounds = check_edit_rounds(args.edit_rounds if args.edit_rounds is not None else default_rounds, "--edit-rounds")
     edit_forms = check_edit_forms(args.edit_forms or (trained["many_edit_forms"] if args.sequential else trained["edit_forms"]), "--edit-forms")
     judge = make_judge(args) if args.judge else None
