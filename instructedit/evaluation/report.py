@@ -8,7 +8,7 @@ protocol). Phases: ``pre`` / ``post`` for the teacher-forced protocol (the paper
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,3 +388,11 @@ def paired_differences(a: dict[str, Any], b: dict[str, Any], metrics: Sequence[t
                        "ci_high": ci.high, "n": len(both), "protocol": "generation" if phase.startswith("gen") else "teacher_forced",
                        "cases_differing": sum(x != y for x, y in both)}
     return out
+
+
+def paired_lines(differences: Mapping[str, Any], labels: tuple[str, str] = ("a", "b"), difference: str = "difference") -> list[str]:
+    """``paired_differences``' metrics as lines a script prints: "metric (protocol): a -> b, b − a [low, high]", in points."""
+    a, b = labels
+    return [f"{key} ({v['protocol']}): {100 * v[a]:.1f} -> {100 * v[b]:.1f}, {100 * v[difference]:+.1f} "
+            f"[{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]"
+            for key, v in differences.items() if isinstance(v, dict) and difference in v]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructedit.evaluation.report import paired_differences
+from instructedit.evaluation.report import paired_differences, paired_lines
 from instructedit.io import read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -38,10 +38,8 @@ def main() -> None:
                                     difference="neighbours_minus_none")
         out[editor] = entry
         print(f"{editor} (n = {n}; {entry['cases_per_s']['none']:.2f} / {entry['cases_per_s']['neighbours']:.2f} cases/s):")
-        for key, v in entry.items():
-            if isinstance(v, dict) and "neighbours_minus_none" in v:
-                print(f"  {key} ({v['protocol']}): {100 * v['none']:.1f} -> {100 * v['neighbours']:.1f}, "
-                      f"{100 * v['neighbours_minus_none']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]")
+        for line in paired_lines(entry, ("none", "neighbours"), "neighbours_minus_none"):
+            print(f"  {line}")
     write_json(HERE / "paired.json", out)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from instructedit.evaluation.report import paired_differences
+from instructedit.evaluation.report import paired_differences, paired_lines
 from instructedit.io import read_json, write_json
 
 HERE = Path(__file__).resolve().parent
@@ -17,6 +17,8 @@ METRICS = (("gen_reliability", "gen_post"), ("gen_generalization", "gen_post"), 
            ("gen_locality_in_frame", "gen_post"), ("gen_in_frame_target", "gen_post"),
            ("gen_locality_same_relation", "gen_post"), ("gen_same_relation_target", "gen_post"),
            ("reliability", "post"), ("generalization", "post"), ("locality", "post"))
+SETTINGS = ("editor_path", "sequential", "key_memory", "neighbours", "neighbours_held_cases", "same_relation", "step_scale",
+            "edit_rounds")
 BLOCKS = ((0, 8), (8, 16), (16, 32), (32, 64))
 PAIRS = (("A", "seq64-A-none", "seq64-A-neighbours"), ("A, key memory", "seq64-A-memory-none", "seq64-A-memory-neighbours"),
          ("A, 2 rounds each", "seq64-A-r2-none", "seq64-A-r2-neighbours"),
@@ -41,20 +43,15 @@ def main() -> None:
         if not all(p.is_file() for p in paths.values()):
             continue
         runs = {k: read_json(p) for k, p in paths.items()}
-        entry = {"n_cases": len(runs["none"]["cases"]), "cases_per_s": {k: r["timing"]["cases_per_s"] for k, r in runs.items()},
-                 "settings": {k: {s: r["settings"][s] for s in ("editor_path", "sequential", "key_memory", "neighbours",
-                                                                 "neighbours_held_cases", "same_relation", "step_scale")}
-                              for k, r in runs.items()},
-                 "after_last_edit": {k: r["sequential"][-1] for k, r in runs.items()},
-                 "blocks": {k: blocks(r) for k, r in runs.items()}}
-        entry |= paired_differences(runs["none"], runs["neighbours"], METRICS, labels=("none", "neighbours"),
+        paired = paired_differences(runs["none"], runs["neighbours"], METRICS, labels=("none", "neighbours"),
                                     difference="neighbours_minus_none")
-        out[name] = entry
-        print(f"{name} (n = {entry['n_cases']}; {entry['cases_per_s']['none']:.2f} / {entry['cases_per_s']['neighbours']:.2f} cases/s):")
-        for key, v in entry.items():
-            if isinstance(v, dict) and "neighbours_minus_none" in v:
-                print(f"  {key} ({v['protocol']}): {100 * v['none']:.1f} -> {100 * v['neighbours']:.1f}, "
-                      f"{100 * v['neighbours_minus_none']:+.1f} [{100 * v['ci_low']:+.1f}, {100 * v['ci_high']:+.1f}]")
+        speed = {k: r["timing"]["cases_per_s"] for k, r in runs.items()}
+        print(f"{name} (n = {len(runs['none']['cases'])}; {speed['none']:.2f} / {speed['neighbours']:.2f} cases/s):")
+        print("\n".join(f"  {line}" for line in paired_lines(paired, ("none", "neighbours"), "neighbours_minus_none")))
+        entry = out[name] = {"n_cases": len(runs["none"]["cases"]), "cases_per_s": speed,
+                             "settings": {k: {s: r["settings"][s] for s in SETTINGS} for k, r in runs.items()},
+                             "after_last_edit": {k: r["sequential"][-1] for k, r in runs.items()},
+                             "blocks": {k: blocks(r) for k, r in runs.items()}} | paired
         for k, b in entry["blocks"].items():
             print(f"  {k} by block: " + "; ".join(f"{span}: frame {100 * v['gen_locality_in_frame']:.1f}, same relation "
                                                   f"{100 * v['gen_locality_same_relation']:.1f}, said {100 * v['gen_reliability']:.1f}"
