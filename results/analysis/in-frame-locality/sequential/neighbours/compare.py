@@ -15,14 +15,16 @@ from instructedit.io import read_json, write_json
 HERE = Path(__file__).resolve().parent
 METRICS = (("gen_reliability", "gen_post"), ("gen_generalization", "gen_post"), ("gen_locality", "gen_post"),
            ("gen_locality_in_frame", "gen_post"), ("gen_in_frame_target", "gen_post"),
-           ("gen_locality_same_relation", "gen_post"), ("gen_same_relation_target", "gen_post"),
+           ("gen_locality_same_relation", "gen_post"), ("gen_same_relation_target", "gen_post"), ("gen_portability", "gen_post"),
            ("reliability", "post"), ("generalization", "post"), ("locality", "post"))
 SETTINGS = ("editor_path", "sequential", "key_memory", "neighbours", "neighbours_held_cases", "same_relation", "step_scale",
             "edit_rounds")
 BLOCKS = ((0, 8), (8, 16), (16, 32), (32, 64))
 PAIRS = (("A", "seq64-A-none", "seq64-A-neighbours"), ("A, key memory", "seq64-A-memory-none", "seq64-A-memory-neighbours"),
          ("A, 2 rounds each", "seq64-A-r2-none", "seq64-A-r2-neighbours"),
-         ("A: neighbours in 2 rounds against the sequence as it is (1 round, none)", "seq64-A-none", "seq64-A-r2-neighbours"))
+         ("A: neighbours in 2 rounds against the sequence as it is (1 round, none)", "seq64-A-none", "seq64-A-r2-neighbours"),
+         ("CounterFact test, A: neighbours in 2 rounds against 1 round, none", "cf-seq64-A-none", "cf-seq64-A-r2-neighbours"),
+         ("CounterFact test, A: one round", "cf-seq64-A-none", "cf-seq64-A-neighbours"))
 
 
 def blocks(report: dict) -> dict[str, dict[str, float]]:
