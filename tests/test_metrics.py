@@ -121,8 +121,8 @@ def test_argmax_ids_is_argmax_with_ties_and_nan() -> None:
 
 
 def test_paired_differences_compares_two_reports_case_by_case() -> None:
-    """b − a per case with its bootstrap interval, over the cases both score; other cases are refused."""
-    from instructedit.evaluation.report import paired_differences
+    """b − a per case with its bootstrap interval, over the cases both score; other cases are refused; paired_lines prints them."""
+    from instructedit.evaluation.report import paired_differences, paired_lines
 
     def report(said: list[float | None], loc: list[float]) -> dict:
         return {"cases": [{"source": f"f.json#{i}", "gen_post": {"gen_reliability": s}, "post": {"locality": l}}
@@ -137,3 +137,7 @@ def test_paired_differences_compares_two_reports_case_by_case() -> None:
     assert "absent" not in out
     with pytest.raises(ValueError, match="do not hold the same cases"):
         paired_differences(a, report([1.0], [1.0]), (("locality", "post"),))
+    lines = paired_lines({"n_cases": 4, **out}, ("x", "y"))  # what a results script prints: one line per metric, in points
+    assert lines[1] == "locality (teacher_forced): 87.5 -> 75.0, -12.5 [{:+.1f}, {:+.1f}]".format(
+        100 * out["locality"]["ci_low"], 100 * out["locality"]["ci_high"])
+    assert len(lines) == 2 and lines[0].startswith("gen_reliability (generation): 33.3 -> 100.0, +66.7 [")
