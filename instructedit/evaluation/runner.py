@@ -182,8 +182,8 @@ def _run_single(model: nn.Module, editor: Editor, cases: list[Case], guard: Weig
                 cases_together: int = 1, rounds: int = 1, on_results: Callable[[list[CaseResult]], None] | None = None,
                 done: Collection[int] = (), hold_for: Callable[[Case], Hold | None] | None = None) -> tuple[list[CaseResult], bool]:
     """Edit, score and roll back each case in turn, each edit made in ``rounds`` rounds (inside ``hold_for(case)(None)``,
-    if given: a least-squares editor holding the case's neighbours); returns the results and whether rows were packed. ``on_results`` is handed each
-    case's result as it is final (the cases decoded together: as a group);
+    if given: a least-squares editor holding the case's neighbours); returns the results and whether rows were packed.
+    ``on_results`` is handed each case's result as it is final (the cases decoded together: as a group);
     ``done``: indices of cases an earlier run scored, not run again (the packing check still looks at every case, and the
     cases left are grouped as they would have been if ``done`` is whole groups from the start: the same numbers).
 
