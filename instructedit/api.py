@@ -531,7 +531,7 @@ class InstructEditor:
         calibrated rounds, for a call of up to ``AUTO_AS_SINGLE`` edits)."""
         if memory is not None:
             raise ValueError("apply: give memory= or neighbours=, not both (neighbours build the call's memory)")
-        subjects = self._neighbour_pool(neighbours, "apply")
+        subjects = self.neighbour_pool(neighbours, "apply")
         if rounds == AUTO_ROUNDS:
             if len(edits) > AUTO_AS_SINGLE:
                 raise ValueError(f"apply(neighbours=...) of {len(edits)} edits: give rounds=K (rounds='auto' with neighbours was "
@@ -542,12 +542,13 @@ class InstructEditor:
                                  sample_weight)
         return built, rounds
 
-    def _neighbour_pool(self, neighbours: Neighbours, call: str) -> tuple[str, ...]:
-        """The entities ``neighbours`` swap in: their own, else the pool saved with this editor."""
+    def neighbour_pool(self, neighbours: Neighbours, call: str) -> tuple[str, ...]:
+        """The entities ``neighbours`` swap in: their own, else the pool saved with this editor; a ValueError naming
+        ``call`` where there is neither."""
         subjects = neighbours.subjects if neighbours.subjects is not None else self.subjects
         if subjects is None:
             raise ValueError(f"{call}(neighbours=...): {self.name or 'this editor'} has no subject pool saved with it ({SUBJECTS_FILE}); "
-                             "give Neighbours(subjects=...) (edit --subjects FILE)")
+                             "give Neighbours(subjects=...) (--subjects FILE)")
         return subjects
 
     def _sequential_neighbours(self, editor: Editor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, edits: Sequence[Edit],
@@ -555,7 +556,7 @@ class InstructEditor:
         """``apply_sequential(neighbours=...)``: per edit, what its solve holds beside the sequence's memory
         (``editors.neighbours.holding_neighbours``), checked for every edit before the first is made."""
         check_remembers(editor)
-        subjects = self._neighbour_pool(neighbours, "apply_sequential")
+        subjects = self.neighbour_pool(neighbours, "apply_sequential")
         for edit in edits:  # the draw's errors (no subject, a pool too small) before any edit is made
             swapped_questions(edit.prompt, edit.subject, subjects, neighbours.count, neighbours.seed)
         collator, instruction = self._collator(tokenizer, max_input_length(model))

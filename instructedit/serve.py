@@ -176,9 +176,8 @@ class EditSession:
     def __init__(self, editor: InstructEditor, model: nn.Module, tokenizer: PreTrainedTokenizerBase, limits: ServeLimits | None = None,
                  neighbours: Neighbours | None = None) -> None:
         self.editor, self.model, self.tokenizer = editor, model, tokenizer
-        if neighbours is not None and neighbours.subjects is None and editor.subjects is None:
-            raise ValueError(f"neighbours: {editor.name or 'the editor'} has no subject pool saved with it; give "
-                             "Neighbours(subjects=...) (serve --subjects FILE)")
+        if neighbours is not None:
+            editor.neighbour_pool(neighbours, "serve")  # no pool: refused before the server starts
         self.neighbours = neighbours
         self.limits = limits or ServeLimits()
         self.max_tokens = max_input_length(model)
