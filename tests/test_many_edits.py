@@ -808,10 +808,14 @@ def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: P
     assert first["edits"] == 1 and first["gen_reliability_n"] == 1 and first["gen_locality_n"] == 1
     assert (first["gen_reliability"], first["gen_locality"]) == (case["gen_post"]["gen_reliability"], case["gen_post"]["gen_locality"])
     assert all(p["gen_reliability_n"] == p["reliability_n"] for p in both["sequential"])
-    for p in both["sequential"]:  # every curve value with its 95 % interval around it
+    for p in both["sequential"]:  # every curve value with its 95 % interval around it, and each case's value behind it
         for metric in ("reliability", "locality", "gen_reliability", "gen_locality"):
             low, high = p["intervals"][metric]
             assert low <= p[metric] <= high
+            values = [v[metric] for v in p["cases"].values() if metric in v]
+            assert len(values) == p[f"{metric}_n"] and sum(values) / len(values) == pytest.approx(p[metric])
+        assert sorted(p["cases"], key=int) == [str(c["index"]) for c in both["cases"][: p["edits"]]]
+    assert first["cases"]["0"]["gen_reliability"] == case["gen_post"]["gen_reliability"]
     assert "said (all edited)" in (tmp_path / "x.md").read_text()
     single = [a for a in base if a != "--sequential"]
     assert main([*single, "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2

@@ -141,3 +141,32 @@ def test_paired_differences_compares_two_reports_case_by_case() -> None:
     assert lines[1] == "locality (teacher_forced): 87.5 -> 75.0, -12.5 [{:+.1f}, {:+.1f}]".format(
         100 * out["locality"]["ci_low"], 100 * out["locality"]["ci_high"])
     assert len(lines) == 2 and lines[0].startswith("gen_reliability (generation): 33.3 -> 100.0, +66.7 [")
+
+
+def test_paired_point_compares_two_sequences_case_by_case_at_a_point_of_their_curves() -> None:
+    """The last point by default, or the one after ``edits``; each side's cases' values paired; a curve without per-case
+    values (a report from before) or without the point is refused by name."""
+    from instructedit.evaluation.report import paired_point
+
+    def report(last: list[float], at2: list[float]) -> dict:
+        cases = [{"source": f"f.json#{i}"} for i in range(len(last))]
+        return {"cases": cases, "sequential": [
+            {"edits": 2, "cases": {str(i): {"gen_reliability": v, "locality": 1.0} for i, v in enumerate(at2)}},
+            {"edits": len(last), "cases": {str(i): {"gen_reliability": v, "locality": 0.5} for i, v in enumerate(last)}}]}
+
+    a, b = report([0.0, 0.0, 1.0, 0.0], [1.0, 1.0]), report([1.0, 1.0, 1.0, 0.0], [1.0, 0.0])
+    out = paired_point(a, b, labels=("x", "y"))
+    assert out["gen_reliability"]["x"] == 0.25 and out["gen_reliability"]["y"] == 0.75 and out["gen_reliability"]["n"] == 4
+    assert out["gen_reliability"]["difference"] == pytest.approx(0.5) and out["gen_reliability"]["cases_differing"] == 2
+    assert out["gen_reliability"]["protocol"] == "generation" and out["locality"]["protocol"] == "teacher_forced"
+    assert out["locality"]["difference"] == 0.0 and set(out) == {"gen_reliability", "locality"}
+    early = paired_point(a, b, edits=2)["gen_reliability"]
+    assert (early["a"], early["b"], early["n"]) == (1.0, 0.5, 2)
+    with pytest.raises(ValueError, match="report 'a' has no per-case values at a point after 3 edits"):
+        paired_point(a, b, edits=3, labels=("a", "b"))
+    old = report([1.0, 1.0, 1.0, 1.0], [1.0, 1.0])
+    del old["sequential"][-1]["cases"]
+    with pytest.raises(ValueError, match="report 'b' has no per-case values at its last point"):
+        paired_point(a, old)
+    with pytest.raises(ValueError, match="do not hold the same cases"):
+        paired_point(a, report([1.0], [1.0, 1.0]))

@@ -113,6 +113,9 @@ class SequentialPoint:
     # per metric above (reliability, locality, gen_reliability, gen_locality): its 95 % bootstrap interval [low, high]
     # over the cases (reports from before intervals: none)
     intervals: dict[str, list[float]] = field(default_factory=dict)
+    # per case edited so far, by its index (a string: JSON's keys): its value of each metric above, what pairs two
+    # sequences' points case by case (``paired_point``; reports from before: none)
+    cases: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -372,22 +375,53 @@ def paired_differences(a: dict[str, Any], b: dict[str, Any], metrics: Sequence[t
     score, the paired difference b − a with its 95 % bootstrap interval (``difference``, ``ci_low``, ``ci_high``), the
     protocol, n and how many cases differ. ``labels``: the keys the two means go under. The reports must hold the same
     cases in the same order (a ValueError otherwise)."""
-    from instructedit.evaluation.generation import bootstrap_ci  # here: reading and writing reports needs no torch
-
     if [c["source"] for c in a["cases"]] != [c["source"] for c in b["cases"]]:
         raise ValueError("paired_differences: the two reports do not hold the same cases in the same order")
     out: dict[str, dict[str, Any]] = {}
     for metric, phase in metrics:
         both = [(x[phase][metric], y[phase][metric]) for x, y in zip(a["cases"], b["cases"])
                 if x[phase].get(metric) is not None and y[phase].get(metric) is not None]
-        if not both:
-            continue
-        xs, ys = zip(*both)
-        ci = bootstrap_ci([y - x for x, y in both])
-        out[metric] = {labels[0]: sum(xs) / len(xs), labels[1]: sum(ys) / len(ys), difference: ci.mean, "ci_low": ci.low,
-                       "ci_high": ci.high, "n": len(both), "protocol": "generation" if phase.startswith("gen") else "teacher_forced",
-                       "cases_differing": sum(x != y for x, y in both)}
+        if both:
+            out[metric] = _paired(both, labels, difference, "generation" if phase.startswith("gen") else "teacher_forced")
     return out
+
+
+def paired_point(a: dict[str, Any], b: dict[str, Any], edits: int | None = None,
+                 metrics: Sequence[str] = ("gen_reliability", "gen_locality", "reliability", "locality"),
+                 labels: tuple[str, str] = ("a", "b"), difference: str = "difference") -> dict[str, dict[str, Any]]:
+    """Two sequential evaluations' reports (JSON) of the same cases, compared case by case at one point of their curves
+    (``edits``: after that many edits; None: the last, every case edited): per metric of ``metrics``, as
+    ``paired_differences`` gives them. A ValueError where either curve lacks the point or its per-case values (a report
+    from before they were recorded)."""
+    if [c["source"] for c in a["cases"]] != [c["source"] for c in b["cases"]]:
+        raise ValueError("paired_point: the two reports do not hold the same cases in the same order")
+    points = []
+    for name, report in zip(labels, (a, b)):
+        curve = report.get("sequential") or []
+        point = curve[-1] if edits is None and curve else next((p for p in curve if p["edits"] == edits), None)
+        if point is None or not point.get("cases"):
+            where = "its last point" if edits is None else f"a point after {edits} edits"
+            raise ValueError(f"paired_point: report {name!r} has no per-case values at {where} of a sequential curve")
+        points.append(point["cases"])
+    if (edits is None) and (set(points[0]) != set(points[1])):
+        raise ValueError("paired_point: the two curves' last points score different cases")
+    out: dict[str, dict[str, Any]] = {}
+    for metric in metrics:
+        both = [(points[0][k][metric], points[1][k][metric]) for k in points[0]
+                if k in points[1] and metric in points[0][k] and metric in points[1][k]]
+        if both:
+            out[metric] = _paired(both, labels, difference, "generation" if metric.startswith("gen") else "teacher_forced")
+    return out
+
+
+def _paired(both: Sequence[tuple[float, float]], labels: tuple[str, str], difference: str, protocol: str) -> dict[str, Any]:
+    """Paired values (a, b): each side's mean, b − a with its 95 % bootstrap interval, n, the protocol, how many differ."""
+    from instructedit.evaluation.generation import bootstrap_ci  # here: reading and writing reports needs no torch
+
+    xs, ys = zip(*both)
+    ci = bootstrap_ci([y - x for x, y in both])
+    return {labels[0]: sum(xs) / len(xs), labels[1]: sum(ys) / len(ys), difference: ci.mean, "ci_low": ci.low, "ci_high": ci.high,
+            "n": len(both), "protocol": protocol, "cases_differing": sum(x != y for x, y in both)}
 
 
 def paired_lines(differences: Mapping[str, Any], labels: tuple[str, str] = ("a", "b"), difference: str = "difference") -> list[str]:

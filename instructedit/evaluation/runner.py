@@ -132,19 +132,21 @@ def _rescore(model: nn.Module, collator: Collator, cases: Sequence[Case], batch_
     for (c, i), a, u in zip(items, acc, same, strict=True):
         family = c.probes[i].family
         per_case.setdefault(c.index, {}).setdefault(family, []).append(a if family == "reliability" else u)
-    rel = [sum(v["reliability"]) / len(v["reliability"]) for v in per_case.values() if "reliability" in v]
-    loc = [sum(v["locality"]) / len(v["locality"]) for v in per_case.values() if "locality" in v]
+    by_case = {str(index): {family: sum(v) / len(v) for family, v in families.items()} for index, families in per_case.items()}
+    rel = [v["reliability"] for v in by_case.values() if "reliability" in v]
+    loc = [v["locality"] for v in by_case.values() if "locality" in v]
     point = SequentialPoint(edits, sum(rel) / len(rel), len(rel), sum(loc) / len(loc) if loc else None, len(loc),
-                            intervals=_intervals(reliability=rel, locality=loc))
+                            intervals=_intervals(reliability=rel, locality=loc), cases=by_case)
     if generation is None:
         return point
     asked = [(c, [i for i, q in enumerate(c.queries) if (q.family, q.form) == ("reliability", "wrapped") or q.family == "locality"])
              for c in cases if c.queries]
     said = iter(generation.answer_edited(model, [c.queries[i] for c, picked in asked for i in picked]))
-    scores = [gen.answer_scores([c.queries[i] for i in picked], [next(said) for _ in picked], [c.pre_answers[i] for i in picked])
-              for c, picked in asked]
-    rel_said = [s["gen_reliability"] for s in scores if "gen_reliability" in s]
-    kept = [s["gen_locality"] for s in scores if "gen_locality" in s]
+    for c, picked in asked:
+        scores = gen.answer_scores([c.queries[i] for i in picked], [next(said) for _ in picked], [c.pre_answers[i] for i in picked])
+        by_case.setdefault(str(c.index), {}).update({k: scores[k] for k in ("gen_reliability", "gen_locality") if k in scores})
+    rel_said = [v["gen_reliability"] for v in by_case.values() if "gen_reliability" in v]
+    kept = [v["gen_locality"] for v in by_case.values() if "gen_locality" in v]
     return replace(point, gen_reliability=sum(rel_said) / len(rel_said) if rel_said else None, gen_reliability_n=len(rel_said),
                    gen_locality=sum(kept) / len(kept) if kept else None, gen_locality_n=len(kept),
                    intervals=point.intervals | _intervals(gen_reliability=rel_said, gen_locality=kept))
