@@ -816,6 +816,7 @@ def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: P
             assert len(values) == p[f"{metric}_n"] and sum(values) / len(values) == pytest.approx(p[metric])
         assert sorted(p["cases"], key=int) == [str(c["index"]) for c in both["cases"][: p["edits"]]]
     assert first["cases"]["0"]["gen_reliability"] == case["gen_post"]["gen_reliability"]
+    assert all(c["weight_change"] > 0 for c in both["cases"]) and "Each edit's largest change of one weight" in (tmp_path / "x.md").read_text()
     assert "said (all edited)" in (tmp_path / "x.md").read_text()
     single = [a for a in base if a != "--sequential"]
     assert main([*single, "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2

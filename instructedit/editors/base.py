@@ -244,13 +244,15 @@ class OutlierEdits:
         return math.isfinite(change) and change <= self.limit()
 
 
-def refuse_outlier(handle: EditHandle, outliers: OutlierEdits | None, where: str = "", memory: KeyMemory | None = None) -> bool:
+def refuse_outlier(handle: EditHandle, outliers: OutlierEdits | None, where: str = "", memory: KeyMemory | None = None,
+                   change: tuple[str, float] | None = None) -> bool:
     """Whether ``outliers`` refuses ``handle``'s edit (a weight edit only; not kept yet): then it is undone, with a warning
     naming the weight (``where``: which edit it was), and its keys leave ``memory`` (``KeyMemory.forget_last``: they are not
-    in the model, so later solves need not hold them). An admitted edit's change joins ``outliers``' history."""
+    in the model, so later solves need not hold them). An admitted edit's change joins ``outliers``' history.
+    ``change``: the edit's ``largest_change``, where the caller has it already."""
     if not isinstance(handle, WeightEditHandle) or outliers is None:
         return False
-    name, change = largest_change(handle)
+    name, change = change or largest_change(handle)
     if outliers.admits(change):
         outliers.changes.append(change)
         return False

@@ -92,6 +92,9 @@ class CaseResult:
     gen_post: dict[str, float] = field(default_factory=dict)
     answers: list[dict[str, str]] = field(default_factory=list)  # per query: family, form, question, target, pre, post, ...
     refused: bool = False  # sequential: the edit would have wrecked the model and was not kept (scored without it)
+    # sequential, a weight edit: the most it moved one weight, ‖W_after − W_before‖ / ‖W_before‖ (``editors.base.largest_change``;
+    # a refused edit: what it would have moved)
+    weight_change: float | None = None
 
 
 @dataclass
@@ -360,6 +363,12 @@ def markdown_report(reports: Sequence[EvalReport]) -> str:
             lines += ["", "Teacher-forced: reliability and locality as above, over every case edited so far (95 % bootstrap intervals)"
                          + ("; generation: the greedy answer to each case's wrapped edit prompt is its target (said), and to "
                             "each locality prompt the unedited model's (answers kept)." if said else "."), ""]
+            moved = [(c.weight_change, k) for k, c in enumerate(report.cases, start=1) if c.weight_change is not None]
+            if moved:
+                ordered = sorted(m for m, _ in moved)
+                top, at = max(moved)
+                lines += [f"Each edit's largest change of one weight (‖ΔW‖ / ‖W‖): median {ordered[len(ordered) // 2]:.3g}, largest "
+                          f"{top:.3g} (edit {at} of {len(report.cases)}; a refused edit's counts too).", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
     OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, Hold, OutlierEdits, WeightEditHandle, apply_in_place,
-    refuse_outlier, scaled_step_sizes, sequence_edit,
+    largest_change, refuse_outlier, scaled_step_sizes, sequence_edit,
 )
 from instructedit.editors.learned import LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
 from instructedit.editors.neighbours import Neighbours, holding_neighbours, names_subject, swapped_questions
@@ -303,8 +303,10 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
             for k, case in enumerate(tqdm(cases, desc="sequential edits", unit="edit", disable=not progress), start=1):
                 hold = hold_for(case) if hold_for is not None else None
                 handle = sequence_edit(editor, model, case.edit, memory, hold, rounds)
+                change = largest_change(handle) if isinstance(handle, WeightEditHandle) else None
                 # a refused edit is undone: the model is as the edits before it left it
-                kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})", memory=memory)
+                kept = not refuse_outlier(handle, outliers, where=f"edit {k} of {len(cases)} ({case.record.source})", memory=memory,
+                                          change=change)
                 if kept and isinstance(handle, WeightEditHandle):
                     handle.keep()  # the guard's copies restore the weights; per-edit copies would cost memory
                 elif kept:
@@ -321,7 +323,7 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                     post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
                     ask = _asker(model, generation, case)
                     results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation,
-                                                        teacher_forced), refused=not kept))
+                                                        teacher_forced), refused=not kept, weight_change=change and change[1]))
                     if on_results is not None:
                         on_results(results[-1:])
                 if k in schedule:
