@@ -644,7 +644,7 @@ class InstructEditor:
         kept = [edit for i, edit in enumerate(edits) if i not in not_kept]
         edited = EditedModel(model, tokenizer, handles or [weights], kept,
                              {"call": "apply_sequential", "key_memory": memory is not None, "refused": refused, "step_scale": scale,
-                              "rounds": rounds,
+                              "rounds": rounds, "outlier_factor": outlier_factor,
                               "edit_forms": list(self.many_edit_forms),
                               **({"neighbours": _neighbours_how(neighbours)} if neighbours is not None else {})})
         if keep:

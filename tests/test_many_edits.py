@@ -818,7 +818,10 @@ def test_evaluate_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: P
     assert first["cases"]["0"]["gen_reliability"] == case["gen_post"]["gen_reliability"]
     assert all(c["weight_change"] > 0 for c in both["cases"]) and "Each edit's largest change of one weight" in (tmp_path / "x.md").read_text()
     assert "said (all edited)" in (tmp_path / "x.md").read_text()
+    assert main([*base, "--output", str(tmp_path / "guard.json"), "--outlier-factor", "4"]) == 0
+    assert json.loads((tmp_path / "guard.json").read_text())["settings"]["outlier_factor"] == 4.0
     single = [a for a in base if a != "--sequential"]
+    assert main([*single, "--output", str(tmp_path / "x.json"), "--outlier-factor", "4"]) == 2 and "add --sequential" in caplog.text
     assert main([*single, "--output", str(tmp_path / "x.json"), "--key-memory"]) == 2
     assert "add --sequential" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--preserve-weight", "5"]) == 2
@@ -885,7 +888,18 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert len(saved["edits"]) == 3 and saved["applied"] == {"call": "apply", "rounds": 1, "rounds_made": 1, "sample_weight": None,
                                                       "step_scale": 1.0, "edit_forms": ["wrapped"]}
     assert json.loads((tmp_path / "sequential" / EDITS_FILE).read_text())["applied"] == {"call": "apply_sequential", "key_memory": False, "refused": [],
-                                                                                         "step_scale": 1.0, "rounds": 1, "edit_forms": ["wrapped"]}
+                                                                                         "step_scale": 1.0, "rounds": 1, "outlier_factor": 50.0,
+                                                                                         "edit_forms": ["wrapped"]}
+    # every edit kept whatever it moves (three edits: fewer than the eight the median needs, so the same weights)
+    assert main([*base, "--sequential", "--outlier-factor", "none", "--save", str(tmp_path / "unguarded")]) == 0
+    assert json.loads((tmp_path / "unguarded" / EDITS_FILE).read_text())["applied"]["outlier_factor"] is None
+    unguarded = AutoModelForCausalLM.from_pretrained(tmp_path / "unguarded").state_dict()
+    assert all(torch.equal(sequential[k], unguarded[k]) for k in changed)
+    for bad, why in ((["--outlier-factor", "5"], "--outlier-factor: refuses edits that would wreck a model edited one edit after "
+                                                 "another; add --sequential"),
+                     (["--sequential", "--outlier-factor", "1"], "--outlier-factor '1': a number > 1 (times the median change), or none"),
+                     (["--sequential", "--outlier-factor", "many"], "--outlier-factor 'many': a number > 1")):
+        assert main([*base, *bad]) == 2 and why in caplog.text
     # in two rounds: the API's apply(rounds=2), what the saved model holds
     assert main([*base, "--rounds", "2", "--save", str(tmp_path / "rounds")]) == 0
     assert "in one call (aggregation sum, 2 rounds)" in capsys.readouterr().out

@@ -213,6 +213,35 @@ def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-mem
         raise ValueError(f"--preserve must be >= 1 and --preserve-start >= 0, got {args.preserve} and {args.preserve_start}")
 
 
+def add_outlier_argument(parser: argparse.ArgumentParser) -> None:
+    """``--outlier-factor F|none`` (``editors.base.OutlierEdits``): how far an edit kept after others may move a weight;
+    ``outlier_factor_from_arguments`` reads it."""
+    from instructedit.editors.base import OUTLIER_FACTOR
+
+    parser.add_argument("--outlier-factor", default=None, metavar="F",
+                        help=f"--sequential: an edit that would move a weight by more than F times the median change of the edits "
+                             f"kept before it (once 8 are) is not kept (default {OUTLIER_FACTOR:g}; none: every edit is kept)")
+
+
+def outlier_factor_from_arguments(args: argparse.Namespace) -> float | None:
+    """``--outlier-factor``'s factor (None: ``none``), checked: only with ``--sequential``, a number > 1 or none."""
+    from instructedit.editors.base import OUTLIER_FACTOR
+
+    if args.outlier_factor is None:
+        return OUTLIER_FACTOR
+    if not args.sequential:
+        raise ValueError("--outlier-factor: refuses edits that would wreck a model edited one edit after another; add --sequential")
+    if args.outlier_factor.strip().lower() == "none":
+        return None
+    try:
+        factor = float(args.outlier_factor)
+    except ValueError:
+        factor = float("nan")
+    if not factor > 1 or factor == float("inf"):
+        raise ValueError(f"--outlier-factor {args.outlier_factor!r}: a number > 1 (times the median change), or none")
+    return factor
+
+
 def add_neighbour_arguments(parser: argparse.ArgumentParser, whose: str) -> None:
     """``--neighbours [N]``, ``--neighbour-weight W``, ``--subjects FILE`` (``editors.neighbours``): the subject of
     ``whose`` edit is swapped for other entities."""

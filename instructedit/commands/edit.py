@@ -10,8 +10,8 @@ from typing import Any
 
 from instructedit.commands.common import (
     add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_neighbour_arguments,
-    add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_from_arguments, load_editor_and_model,
-    neighbours_from_arguments,
+    add_outlier_argument, add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_from_arguments,
+    load_editor_and_model, neighbours_from_arguments, outlier_factor_from_arguments,
 )
 from instructedit.records import SENTIMENTS, TASKS
 
@@ -68,6 +68,7 @@ def add_edit_parser(subparsers: Any) -> None:
                            "it alone or it now says an edit's target; other questions asked in the frame are where edits leak most "
                            "(results/analysis/in-frame-locality/)")
     add_neighbour_arguments(edit, "the edit's (--subject; --file: each line's)")
+    add_outlier_argument(edit)
     edit.add_argument("--max-new-tokens", type=int, default=20, metavar="N", help="length of the greedy continuation (default 20)")
     edit.add_argument("--top-k", type=int, default=5, metavar="K", help="next-token predictions to show (default 5)")
     edit.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', ...")
@@ -139,6 +140,7 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.max_new_tokens < 1:
         raise ValueError("--top-k and --max-new-tokens must be >= 1")
     neighbours = _neighbours(args)
+    args.outlier_factor = outlier_factor_from_arguments(args)
     if args.save:  # before the model loads: where the edited model goes must be free for it
         try:
             check_save_folder(args.save)
@@ -317,7 +319,8 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
-    with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours, rounds=args.rounds) if args.sequential
+    with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours, rounds=args.rounds,
+                                  outlier_factor=args.outlier_factor) if args.sequential
           else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory,
                             neighbours=neighbours)) as edited:
         after, asked_after = snapshot(edited.model), _ask_answers(edited.model, tok, others, args.max_new_tokens)

@@ -13,8 +13,8 @@ import yaml
 
 from instructedit.api import instruction_setup, query_setup, untrained_queries
 from instructedit.commands.common import (
-    add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, check_key_memory_arguments, key_memory_from_arguments,
-    load_eval_records, neighbours_from_arguments,
+    add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, add_outlier_argument, check_key_memory_arguments,
+    key_memory_from_arguments, load_eval_records, neighbours_from_arguments, outlier_factor_from_arguments,
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
@@ -54,6 +54,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--model", default=None, help=f"model (default: the editor's model_name, else {DEFAULT_MODEL})")
     p.add_argument("--sequential", action="store_true", help="keep every edit and report how earlier edits decay")
     add_key_memory_arguments(p, "--sequential: each edit's solve")
+    add_outlier_argument(p)
     p.add_argument("--protocol", default="both", choices=PROTOCOL_CHOICES,
                    help="teacher_forced (the paper's token accuracies), generation (greedy answers, exact match) or both (default)")
     p.add_argument("--answer-stop", default=None, choices=ANSWER_STOPS,
@@ -197,6 +198,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
     check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
+    outlier_factor = outlier_factor_from_arguments(args)
     neighbours, probe_subjects = _neighbour_arguments(args, method)
     output = Path(args.output)
     try:
@@ -257,7 +259,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                                load_skipped=load_skipped, batch_size=args.batch_size, sequential=args.sequential,
                                progress=not args.no_progress, protocol=args.protocol, answer_stop=answer_stop, edit_forms=edit_forms,
                                queries=forms, in_frame=not args.no_in_frame, generation_batch_size=args.generation_batch_size,
-                               judge=judge, memory=memory, edit_rounds=edit_rounds,
+                               judge=judge, memory=memory, edit_rounds=edit_rounds, outlier_factor=outlier_factor,
                                **({"neighbours": neighbours} if neighbours is not None else {}),
                                **({"same_relation": args.same_relation, "same_relation_subjects": probe_subjects} if args.same_relation else {}),
                                step_scale=trained["many_edit_scale"] if args.sequential else 1.0)  # kept one after another: as apply_sequential
