@@ -611,8 +611,10 @@ class InstructEditor:
         round, 37.9 against 13.7 % of other same-relation questions asked in the frame kept, and after the 64th edit the model
         still says 67.2 against 40.6 % of them (generation, n = 64;
         ``results/analysis/in-frame-locality/sequential/neighbours/``). On CounterFact, whose relations repeat with
-        conflicting targets, such a sequence was broken by its 64th edit (5.5 % of unrelated answers kept); in one round
-        each (``rounds=1``) it was not (21.9 % of the 64 said after the last, 3.1 without neighbours).
+        conflicting targets, such sequences are unstable: in some reruns one edit moved a weight 8-13 times the median and
+        the model broke by the 64th; ``outlier_factor=5`` refused that edit (after 64: 45.3 and 31.2 % said, 3.1 without
+        neighbours), and one round each (``rounds=1``) never broke (21.9 and 37.5 %;
+        ``results/analysis/in-frame-locality/sequential/neighbours/rerun/``).
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)

@@ -284,8 +284,9 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
 
     Resuming: the cases of ``earlier`` (by index: an interrupted run's results) and the curve's ``earlier_points`` are not
     scored again, but their edits are made again (the model's edited weights were not saved; an edit is a function of
-    the model it finds, so the same edits in the same order give the same weights), each checked to be kept or refused
-    as it was; the results returned are the cases scored now (``evaluate`` puts the earlier ones in their place).
+    the model it finds, so the same edits in the same order give the same weights, up to last-bit differences between
+    processes, which a long sequence can grow: results/analysis/in-frame-locality/sequential/neighbours/rerun/), each
+    checked to be kept or refused as it was; the results returned are the cases scored now (``evaluate`` puts the earlier ones in their place).
     ``on_results`` / ``on_point``: handed each case's result and each curve point as soon as they are final.
     """
     earlier = earlier or {}
