@@ -256,6 +256,27 @@ def test_cached_load_is_fast(default_model: tuple[PreTrainedModel, PreTrainedTok
     assert model.config.num_hidden_layers == 30
 
 
+def test_no_product_is_chosen_by_timing_with_fast_kernels_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$INSTRUCTEDIT_FAST_KERNELS=0``: a head big enough to be timed is projected the usual way and its backward not
+    padded, without timing anything (timings taken under load can differ between processes, and with them the last
+    bits of long sequences); on, the choices are timed once per key and kept."""
+    from instructedit.models import split as split_module
+
+    head = torch.zeros((2**22 // 64, 64))  # TIMED_HEAD_SIZE elements
+    timed: list[int] = []
+    monkeypatch.setattr(split_module, "_best_of", lambda product, repeats=3: timed.append(1) or float(len(timed)))
+    monkeypatch.setattr(split_module, "_LEFT_FASTER", {})
+    monkeypatch.setattr(split_module, "_BACKWARD_ROWS", {})
+    monkeypatch.setenv(split_module.FAST_KERNELS_ENV, "0")
+    assert not split_module.fast_kernels_wanted()
+    assert split_module.weight_on_left(3, head) is False and split_module.backward_rows(3, head) == 3 and not timed
+    monkeypatch.setenv(split_module.FAST_KERNELS_ENV, "1")
+    assert split_module.weight_on_left(3, head) is True  # timed: the left product (1 s) faster than 0.8 x the usual (2 s)
+    assert len(timed) == 2 and split_module.weight_on_left(3, head) is True and len(timed) == 2  # kept for the key
+    from instructedit.evaluation import fast_linears
+    assert fast_linears.fast_kernels_wanted is split_module.fast_kernels_wanted  # one switch for every timed choice
+
+
 def test_a_few_rows_project_onto_the_vocabulary_as_the_head_does(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """SplitModel.project: a few rows on a CPU take (W · rowsᵀ)ᵀ where ``weight_on_left`` says so, and a backward padded
     to more rows where ``backward_rows`` says so; more rows the head itself; the same logits and gradients either way."""

@@ -14,7 +14,7 @@ row range (up to ``FEW_ROWS`` rows: at ``FEW_ROWS``; more: at ``MANY_ROWS``), ov
 that shape to pass ``TIMED_BYTES`` (so the timing reads them from memory as a pass does), and taken only when more than
 ``1 / MARGIN`` times faster. The outputs equal BLAS's up to float32 rounding (another summation order). Calls with
 gradients, other dtypes and devices, and a PyTorch without oneDNN run as before. ``$INSTRUCTEDIT_FAST_KERNELS=0`` switches
-this and ``decode_attention`` off (``fast_kernels_wanted``)."""
+this, ``decode_attention`` and the head's timed products off (``models.split.fast_kernels_wanted``)."""
 
 from __future__ import annotations
 
@@ -26,8 +26,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from instructedit.evaluation.greedy_head import env_switch
-from instructedit.models.split import _best_of  # best of 3 after a warm-up, as the head's products are timed
+# best of 3 after a warm-up, as the head's products are timed; one switch for every product chosen by timing
+from instructedit.models.split import FAST_KERNELS_ENV, _best_of, fast_kernels_wanted  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +37,6 @@ MARGIN = 0.9  # oneDNN only where timed this much faster (a near tie keeps BLAS)
 TIMED_SIZE = 2**18  # smaller weights (a tiny test model's) keep BLAS: microseconds either way
 TIMED_BYTES = 48 * 2**20  # the timing passes over this much of the model's weights of a shape (or all of them)
 _FASTER: dict[tuple, bool] = {}  # (weight shape, dtype, threads, timed rows) -> whether oneDNN was the faster
-FAST_KERNELS_ENV = "INSTRUCTEDIT_FAST_KERNELS"  # "0": BLAS and PyTorch's fused attention only; "1" or unset: as timed
-
-
-def fast_kernels_wanted() -> bool:
-    """Whether ``fast_linears`` and ``decode_attention.decode_attention`` route anything: ``$INSTRUCTEDIT_FAST_KERNELS``
-    "0" switches both off ("1" or unset: on)."""
-    return env_switch(FAST_KERNELS_ENV) is not False
-
-
 @functools.cache
 def onednn_available() -> bool:
     """Whether this PyTorch has oneDNN's linear (x86 and ARM wheels do) and it gives F.linear's numbers."""

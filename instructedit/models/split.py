@@ -27,6 +27,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache
 
+from instructedit.evaluation.greedy_head import env_switch
 from instructedit.models.architectures import ArchSpec
 from instructedit.models.packing import positions_fed
 from instructedit.records import TokenBatch
@@ -40,8 +41,18 @@ TIMED_HEAD_SIZE = 2**22  # a smaller head (a tiny test model) is projected the u
 LEFT_MARGIN = 0.8  # (W · rowsᵀ)ᵀ, or a padded backward, is taken only when it is timed this much faster: a near tie keeps the usual product
 PADDED_ROWS = (4, FEW_ROWS)  # row counts a few rows' backward product may be padded to (``backward_rows``)
 
+FAST_KERNELS_ENV = "INSTRUCTEDIT_FAST_KERNELS"  # "0": no product chosen by timing (BLAS's own, as PyTorch calls it); "1" or unset: as timed
 _LEFT_FASTER: dict[tuple, bool] = {}  # (rows, weight shape, dtype, threads) -> whether (W · rowsᵀ)ᵀ was the faster
 _BACKWARD_ROWS: dict[tuple, int] = {}  # (rows, weight shape, dtype, threads) -> rows the backward's grad · W is padded to
+
+
+def fast_kernels_wanted() -> bool:
+    """Whether products may be chosen by timing them (``weight_on_left``, ``backward_rows``, ``evaluation.fast_linears``,
+    ``evaluation.decode_attention``): ``$INSTRUCTEDIT_FAST_KERNELS`` "0" switches them all off ("1" or unset: on). The
+    timings are taken once per process and can come out either way under load, so two processes can multiply the same
+    numbers in another order and differ in the last bits, which a long sequence of kept edits grows
+    (results/analysis/in-frame-locality/sequential/neighbours/rerun/); with "0" reruns give the same weights to the bit."""
+    return env_switch(FAST_KERNELS_ENV) is not False
 
 
 def _timing_key(rows: int, weight: torch.Tensor) -> tuple:
@@ -54,9 +65,10 @@ def weight_on_left(rows: int, weight: torch.Tensor) -> bool:
     Which orientation CPU BLAS runs near memory speed for a few rows depends on the CPU: 3 rows × 49,152 × 576, one
     thread, took 20 ms as rows · Wᵀ and 6 ms as (W · rowsᵀ)ᵀ on one machine of this project's type, and 9 against 23 ms
     on another (2026-12-02). Both are timed once per process for each row count, weight shape, dtype and thread count
-    (best of 3, ~0.1 s), and (W · rowsᵀ)ᵀ is taken where it is more than ``1 / LEFT_MARGIN`` times faster.
+    (best of 3, ~0.1 s), and (W · rowsᵀ)ᵀ is taken where it is more than ``1 / LEFT_MARGIN`` times faster (never with
+    ``$INSTRUCTEDIT_FAST_KERNELS=0``, ``fast_kernels_wanted``).
     """
-    if rows > FEW_ROWS or weight.numel() < TIMED_HEAD_SIZE:
+    if rows > FEW_ROWS or weight.numel() < TIMED_HEAD_SIZE or not fast_kernels_wanted():
         return False
     key = _timing_key(rows, weight)
     if key not in _LEFT_FASTER:
@@ -74,8 +86,9 @@ def backward_rows(rows: int, weight: torch.Tensor) -> int:
 
     Some CPU BLAS builds take a slow path for two or three rows: grad · W for 3 rows × 49,152 × 576 took 34 ms, for 4
     rows 16 ms (AMD EPYC Zen 4, one thread, 2026-12-04), a third of a one-record edit's time on the default model.
-    Timed once per process for each row count, weight shape, dtype and thread count (best of 3, ~0.1 s per count)."""
-    if rows > FEW_ROWS or weight.numel() < TIMED_HEAD_SIZE:
+    Timed once per process for each row count, weight shape, dtype and thread count (best of 3, ~0.1 s per count); never
+    padded with ``$INSTRUCTEDIT_FAST_KERNELS=0``."""
+    if rows > FEW_ROWS or weight.numel() < TIMED_HEAD_SIZE or not fast_kernels_wanted():
         return rows
     key = _timing_key(rows, weight)
     if key not in _BACKWARD_ROWS:
