@@ -891,7 +891,9 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
                                                                                          "step_scale": 1.0, "rounds": 1, "outlier_factor": 50.0,
                                                                                          "edit_forms": ["wrapped"]}
     # every edit kept whatever it moves (three edits: fewer than the eight the median needs, so the same weights)
+    capsys.readouterr()
     assert main([*base, "--sequential", "--outlier-factor", "none", "--save", str(tmp_path / "unguarded")]) == 0
+    assert "one after another (--sequential, every edit kept (--outlier-factor none))" in capsys.readouterr().out
     assert json.loads((tmp_path / "unguarded" / EDITS_FILE).read_text())["applied"]["outlier_factor"] is None
     unguarded = AutoModelForCausalLM.from_pretrained(tmp_path / "unguarded").state_dict()
     assert all(torch.equal(sequential[k], unguarded[k]) for k in changed)
