@@ -412,7 +412,7 @@ def paired_point(a: dict[str, Any], b: dict[str, Any], edits: int | None = None,
             where = "its last point" if edits is None else f"a point after {edits} edits"
             raise ValueError(f"paired_point: report {name!r} has no per-case values at {where} of a sequential curve")
         points.append(point["cases"])
-    if (edits is None) and (set(points[0]) != set(points[1])):
+    if edits is None and set(points[0]) != set(points[1]):
         raise ValueError("paired_point: the two curves' last points score different cases")
     out: dict[str, dict[str, Any]] = {}
     for metric in metrics:
