@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,11 @@ def test_report_has_per_task_and_subkey_metrics_with_n(tiny_llama_dir: Path, tmp
     assert (s.instruction, s.task, s.method, s.sequential) == (9, "counterfact,convsent", "mend", False)
     assert s.instruction_source == "instructedit default descriptions" and s.torch_version == torch.__version__
     assert report.timing["cases_per_s"] > 0
+    assert s.fast_kernels is (os.environ.get("INSTRUCTEDIT_FAST_KERNELS", "") != "0")  # whether reruns match to the bit
+    from instructedit.evaluation.runner import _complete_settings
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("INSTRUCTEDIT_FAST_KERNELS", "0")
+        assert _complete_settings(None, model, editor, records(), None, None).fast_kernels is False
 
     data = report.to_dict()
     assert set(data) == {"settings", "aggregates", "timing", "restoration", "sequential", "skipped", "cases"}

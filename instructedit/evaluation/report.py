@@ -69,6 +69,9 @@ class EvalSettings:
     device: str = ""
     model_dtype: str = ""  # the model's weights' precision (evaluate --dtype); "" in reports from before it was recorded
     torch_version: str = ""
+    # products chosen by timing on the CPU (INSTRUCTEDIT_FAST_KERNELS unset or 1; models.split.fast_kernels_wanted), which
+    # can differ between processes in the last bits; False: reruns give the same numbers to the bit; None: from before
+    fast_kernels: bool | None = None
     date: str = ""
 
     @property

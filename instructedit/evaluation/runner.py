@@ -55,6 +55,7 @@ from instructedit.evaluation.report import PHASES, CaseResult, EvalReport, EvalS
 from instructedit.losses import argmax_ids
 from instructedit.models.architectures import transposed_of
 from instructedit.models.loading import max_input_length
+from instructedit.models.split import fast_kernels_wanted
 from instructedit.records import EditRecord
 from instructedit.tasks.collate import Collator
 from instructedit.tasks.instructions import InstructionPool
@@ -352,7 +353,8 @@ def _complete_settings(settings: EvalSettings | None, model: nn.Module, editor: 
         base, task=base.task or ",".join(tasks), method=base.method or (editor.method if isinstance(editor, FunctionalEditor) else type(editor).__name__),
         model_name=base.model_name or str(getattr(model, "name_or_path", "")), instruction=instruction, instruction_text=text,
         instruction_source=pool.source if pool is not None and instruction is not None else None,
-        torch_version=torch.__version__, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **values,
+        torch_version=torch.__version__, fast_kernels=fast_kernels_wanted(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **values,
     )
 
 
