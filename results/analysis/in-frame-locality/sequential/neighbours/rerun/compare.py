@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 # (sample, run without neighbours, runs to compare with it)
 GROUPS = (("CounterFact test 0-63", "cf-none", ("cf-r1n", "cf-r2n", "cf-r2n-w900", "cf-r2n-w1100", "cf-r2n-o5", "cf-r2n-w1100-o5")),
           ("CounterFact validation 0-63", "val-none", ("val-r1n", "val-r2n", "val-r2n-o5")),
-          ("ZsRE held-out 0-63", "zsre-none", ("zsre-r2n", "zsre-r2n-o5")))
+          ("ZsRE held-out 0-63", "zsre-none", ("zsre-r2n", "zsre-r2n-o5", "zsre-memory-r2n", "zsre-memory-r2n-o5")))
 SETTINGS = ("editor_sha256", "split", "edit_rounds", "neighbours", "outlier_factor", "step_scale")
 
 
