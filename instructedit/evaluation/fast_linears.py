@@ -37,6 +37,8 @@ MARGIN = 0.9  # oneDNN only where timed this much faster (a near tie keeps BLAS)
 TIMED_SIZE = 2**18  # smaller weights (a tiny test model's) keep BLAS: microseconds either way
 TIMED_BYTES = 48 * 2**20  # the timing passes over this much of the model's weights of a shape (or all of them)
 _FASTER: dict[tuple, bool] = {}  # (weight shape, dtype, threads, timed rows) -> whether oneDNN was the faster
+
+
 @functools.cache
 def onednn_available() -> bool:
     """Whether this PyTorch has oneDNN's linear (x86 and ARM wheels do) and it gives F.linear's numbers."""

@@ -387,8 +387,7 @@ def paired_differences(a: dict[str, Any], b: dict[str, Any], metrics: Sequence[t
     score, the paired difference b − a with its 95 % bootstrap interval (``difference``, ``ci_low``, ``ci_high``), the
     protocol, n and how many cases differ. ``labels``: the keys the two means go under. The reports must hold the same
     cases in the same order (a ValueError otherwise)."""
-    if [c["source"] for c in a["cases"]] != [c["source"] for c in b["cases"]]:
-        raise ValueError("paired_differences: the two reports do not hold the same cases in the same order")
+    _check_same_cases(a, b, "paired_differences")
     out: dict[str, dict[str, Any]] = {}
     for metric, phase in metrics:
         both = [(x[phase][metric], y[phase][metric]) for x, y in zip(a["cases"], b["cases"])
@@ -405,8 +404,7 @@ def paired_point(a: dict[str, Any], b: dict[str, Any], edits: int | None = None,
     (``edits``: after that many edits; None: the last, every case edited): per metric of ``metrics``, as
     ``paired_differences`` gives them. A ValueError where either curve lacks the point or its per-case values (a report
     from before they were recorded)."""
-    if [c["source"] for c in a["cases"]] != [c["source"] for c in b["cases"]]:
-        raise ValueError("paired_point: the two reports do not hold the same cases in the same order")
+    _check_same_cases(a, b, "paired_point")
     points = []
     for name, report in zip(labels, (a, b)):
         curve = report.get("sequential") or []
@@ -424,6 +422,12 @@ def paired_point(a: dict[str, Any], b: dict[str, Any], edits: int | None = None,
         if both:
             out[metric] = _paired(both, labels, difference, "generation" if metric.startswith("gen") else "teacher_forced")
     return out
+
+
+def _check_same_cases(a: dict[str, Any], b: dict[str, Any], call: str) -> None:
+    """A ValueError naming ``call`` unless two reports (JSON) hold the same cases (by source) in the same order."""
+    if [c["source"] for c in a["cases"]] != [c["source"] for c in b["cases"]]:
+        raise ValueError(f"{call}: the two reports do not hold the same cases in the same order")
 
 
 def _paired(both: Sequence[tuple[float, float]], labels: tuple[str, str], difference: str, protocol: str) -> dict[str, Any]:

@@ -287,7 +287,8 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
     scored again, but their edits are made again (the model's edited weights were not saved; an edit is a function of
     the model it finds, so the same edits in the same order give the same weights, up to last-bit differences between
     processes, which a long sequence can grow: results/analysis/in-frame-locality/sequential/neighbours/rerun/), each
-    checked to be kept or refused as it was; the results returned are the cases scored now (``evaluate`` puts the earlier ones in their place).
+    checked to be kept or refused as it was; the results returned are the cases scored now (``evaluate`` puts the earlier
+    ones in their place).
     ``on_results`` / ``on_point``: handed each case's result and each curve point as soon as they are final.
     """
     earlier = earlier or {}
@@ -325,7 +326,8 @@ def _run_sequential(model: nn.Module, editor: Editor, collator: Collator, cases:
                     post = _post_metrics(case, layout_logits(model, case.padded), case.pre_argmax)
                     ask = _asker(model, generation, case)
                     results.append(replace(_case_result(case, case.pre, post, ask() if ask is not None else [], generation,
-                                                        teacher_forced), refused=not kept, weight_change=change and change[1]))
+                                                        teacher_forced), refused=not kept,
+                                           weight_change=change[1] if change is not None else None))
                     if on_results is not None:
                         on_results(results[-1:])
                 if k in schedule:
