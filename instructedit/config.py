@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -469,3 +470,13 @@ def check_resumable(config: Config, run_dir: str | Path) -> None:
     if diffs:
         raise ValueError(f"{run_dir} holds a run with a different configuration ({'; '.join(diffs[:3])}); "
                          "use another --output folder or delete that run")
+
+
+def env_switch(name: str) -> bool | None:
+    """An on/off switch in the environment: ``$name`` "1" True, "0" False, unset or empty None; any other value raises."""
+    value = os.environ.get(name, "").strip()
+    if value in ("0", "1"):
+        return value == "1"
+    if value:
+        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
+    return None

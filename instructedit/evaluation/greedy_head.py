@@ -20,11 +20,12 @@ bfloat16's resolution, NaN rows).
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from instructedit.config import env_switch
 
 ROWS_PER_CHUNK = 64  # rows whose float32 bookkeeping (bounds, top-k) runs at a time, in cache; the bfloat16 product is one
 TOP = 16  # tokens per row whose float32 logit is computed (a row whose bound leaves more candidates: projected whole)
@@ -46,16 +47,6 @@ def _cpu_has_bf16_units() -> bool:
             return has_bf16_units(f.read())
     except OSError:
         return False
-
-
-def env_switch(name: str) -> bool | None:
-    """An on/off switch in the environment: ``$name`` "1" True, "0" False, unset or empty None; any other value raises."""
-    value = os.environ.get(name, "").strip()
-    if value in ("0", "1"):
-        return value == "1"
-    if value:
-        raise ValueError(f"${name} must be 0 or 1, got {value!r}")
-    return None
 
 
 def bf16_head_wanted() -> bool:

@@ -27,7 +27,7 @@ from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint
 from transformers.cache_utils import Cache, DynamicCache
 
-from instructedit.evaluation.greedy_head import env_switch
+from instructedit.config import env_switch
 from instructedit.models.architectures import ArchSpec
 from instructedit.models.packing import positions_fed
 from instructedit.records import TokenBatch
