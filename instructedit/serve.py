@@ -211,10 +211,12 @@ class EditSession:
                 "continuation": generate(self.model, self.tokenizer, prompt, self.limits.max_new_tokens)}
 
     def _says(self, edit: Edit) -> list[dict[str, str]]:
-        """The greedy answers (first line) the headline shows: the edit prompt as the editor wraps it, the paraphrase, and
-        (a model with a chat template) the question as a chat user turn."""
+        """The greedy answers (first line) the headline shows: the edit prompt as the editor wraps it, the prompt as written
+        (where the editor wraps it in an instruction; the next-token list and continuation beside them are this one's), the
+        paraphrase, and (a model with a chat template) the question as a chat user turn."""
         forms = self.editor.asked(edit, self.tokenizer)
-        asked = [("edit prompt", forms["wrapped"])] + [("paraphrase", self.editor.wrap(edit, r)) for r in edit.rephrase]
+        asked = [("edit prompt", forms["wrapped"])] + ([("as written", forms["plain"])] if forms["plain"] != forms["wrapped"] else [])
+        asked += [("paraphrase", self.editor.wrap(edit, r)) for r in edit.rephrase]
         asked += [("chat question", forms["chat"])] if "chat" in forms else []
         return [{"query": name, "prompt": prompt, "answer": answer(self.model, self.tokenizer, prompt, self.limits.max_new_tokens)}
                 for name, prompt in asked]

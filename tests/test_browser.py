@@ -125,6 +125,9 @@ def test_edit_predict_and_roll_back_in_the_browser(chromium: Browser, server: st
     assert first_token(page, "#before-top") == original
     assert first_token(page, "#after-top") == " guitar"
     assert page.text_content("#after-says li").startswith("The model says (edit prompt): ")  # the greedy answer, the headline
+    assert page.locator("#after-says li").nth(1).text_content().startswith("The model says (as written): ")
+    assert "the prompt as written" in page.text_content("#result")  # which prompt the next-token list is for
+    assert "top next token, as written: " in page.text_content("#edits li")
     assert page.locator("#edits li").count() == 1
     assert f"{PROMPT} → {TARGET}" in page.text_content("#edits li")
 

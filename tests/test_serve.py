@@ -86,10 +86,12 @@ def test_apply_changes_the_prediction_and_rollback_restores_bitwise(client: tupl
     assert before["top"][0]["token"] != " guitar" and after["top"][0]["token"] == " guitar"
     assert after["target"]["probability"] > before["target"]["probability"] and after["target"]["accuracy"] == 1.0
     assert "target_with_instruction" in after and isinstance(after["continuation"], str)
-    assert [s["query"] for s in after["says"]] == ["edit prompt"] and "\n" not in after["says"][0]["answer"]
+    # the wrapped prompt, then the prompt as written (the one the next-token list is for)
+    assert [s["query"] for s in after["says"]] == ["edit prompt", "as written"] and "\n" not in after["says"][0]["answer"]
+    assert after["says"][1]["prompt"] == PROMPT and after["says"][0]["prompt"] != PROMPT
     with_paraphrase = ok(http.post("/api/edits", json={**EDIT, "paraphrase": "Toko Yasuda plays the"}))
-    assert [s["query"] for s in with_paraphrase["after"]["says"]] == ["edit prompt", "paraphrase"]
-    assert with_paraphrase["after"]["says"][1]["prompt"].endswith("Toko Yasuda plays the")
+    assert [s["query"] for s in with_paraphrase["after"]["says"]] == ["edit prompt", "as written", "paraphrase"]
+    assert with_paraphrase["after"]["says"][2]["prompt"].endswith("Toko Yasuda plays the")
     ok(http.delete("/api/edits/2"))
     spelt = ok(http.post("/api/edits", json={**EDIT, "rephrase": "Toko Yasuda plays the"}))  # Edit's and edit --file's spelling
     assert spelt["after"]["says"] == with_paraphrase["after"]["says"]
@@ -285,7 +287,7 @@ def test_the_headline_asks_the_chat_question_where_the_model_has_a_chat_template
     with test_client as http:
         result = ok(http.post("/api/edits", json=EDIT))
     says = {s["query"]: s for s in result["after"]["says"]}
-    assert list(says) == ["edit prompt", "chat question"]
+    assert list(says) == ["edit prompt", "as written", "chat question"]
     assert says["chat question"]["prompt"] == f"User: {EDIT['prompt']}\nAssistant:"
 
 
