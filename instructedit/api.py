@@ -25,8 +25,8 @@ from instructedit.config import DEFAULT_MODEL
 from instructedit.config import many_edit_forms as default_many_edit_forms
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
-    OUTLIER_FACTOR, EditHandle, Editor, Hold, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence,
-    scaled_step_sizes, sequence_edit,
+    AUTO_OUTLIER_FACTOR, EditHandle, Editor, Hold, OutlierEdits, SequentialWeightEdits, WeightEditHandle, keep_in_sequence,
+    outlier_factor_for, scaled_step_sizes, sequence_edit,
 )
 from instructedit.editors.card import POOL_COPY, training_config
 from instructedit.editors.learned import (
@@ -570,7 +570,7 @@ class InstructEditor:
 
     def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
                          keep: bool = False, memory: KeyMemory | None = None,
-                         outlier_factor: float | None = OUTLIER_FACTOR, neighbours: Neighbours | None = None,
+                         outlier_factor: float | str | None = AUTO_OUTLIER_FACTOR, neighbours: Neighbours | None = None,
                          rounds: int | str = AUTO_ROUNDS) -> EditedModel:
         """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
 
@@ -595,8 +595,9 @@ class InstructEditor:
         holding what each held (a copy of the memory as the call found it, plus the kept edits before it); rollbacks leave
         the memory as the call left it.
 
-        An edit that would move a weight by more than ``outlier_factor`` (default ``OUTLIER_FACTOR``, 50; None: no
-        check) times the median change of the edits kept before it (relative to the weight's norm; once 8 are kept), or to
+        An edit that would move a weight by more than ``outlier_factor`` ("auto": ``NEIGHBOUR_OUTLIER_FACTOR``, 6, with
+        ``neighbours``, else ``OUTLIER_FACTOR``, 50; None: no check; ``how["outlier_factor"]``) times the median change of
+        the edits kept before it (relative to the weight's norm; once 8 are kept), or to
         values that are not finite, is not kept: a warning names it, the next edit goes on from the model as it was, and
         ``how["refused"]`` lists the indices of such edits (a run of the recommended editor with a key memory on held-out
         ZsRE met one at edit 404, which would have wrecked the model: held-out perplexity x10^15). The returned model's
@@ -612,8 +613,8 @@ class InstructEditor:
         still says 67.2 against 40.6 % of them (generation, n = 64;
         ``results/analysis/in-frame-locality/sequential/neighbours/``). On CounterFact, whose relations repeat with
         conflicting targets, such sequences are unstable: in some reruns one edit moved a weight 8-13 times the median and
-        the model broke by the 64th; ``outlier_factor=5`` refused that edit (after 64: 45.3 and 31.2 % said, 3.1 without
-        neighbours), and one round each (``rounds=1``) never broke (21.9 and 37.5 %;
+        the model broke by the 64th; a factor of 5 (the default with neighbours is 6) refused that edit (after 64: 45.3 and
+        31.2 % said, 3.1 without neighbours), and one round each (``rounds=1``) never broke (21.9 and 37.5 %;
         ``results/analysis/in-frame-locality/sequential/neighbours/rerun/``).
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
@@ -625,6 +626,7 @@ class InstructEditor:
         check_rounds(editor, rounds)
         weights = SequentialWeightEdits(model, editor, scale, memory, rounds)
         refused: list[int] = []
+        outlier_factor = outlier_factor_for(outlier_factor, neighbours is not None)
         outliers = OutlierEdits(outlier_factor) if outlier_factor is not None else None
         try:
             with remembering(editor, memory), scaled_step_sizes(editor, scale):

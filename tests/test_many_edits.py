@@ -899,7 +899,7 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert all(torch.equal(sequential[k], unguarded[k]) for k in changed)
     for bad, why in ((["--outlier-factor", "5"], "--outlier-factor: refuses edits that would wreck a model edited one edit after "
                                                  "another; add --sequential"),
-                     (["--sequential", "--outlier-factor", "1"], "--outlier-factor '1': a number > 1 (times the median change), or none"),
+                     (["--sequential", "--outlier-factor", "1"], "--outlier-factor '1': a number > 1 (times the median change), auto or none"),
                      (["--sequential", "--outlier-factor", "many"], "--outlier-factor 'many': a number > 1")):
         assert main([*base, *bad]) == 2 and why in caplog.text
     # in two rounds: the API's apply(rounds=2), what the saved model holds

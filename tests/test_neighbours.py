@@ -176,6 +176,8 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
         with loaded.apply_sequential(model, edits, tok, **options) as made:
             state = {k: v.clone() for k, v in model.state_dict().items()}
             moved = float((next_tokens() - unedited).abs().sum(-1).mean())
+            # outlier_factor "auto": the tighter factor where neighbours are held, the lifelong one without
+            assert made.how["outlier_factor"] == (6.0 if "neighbours" in options else 50.0)
             if len(edits) == 2 and "neighbours" in options:
                 assert made.how["neighbours"] == {"count": 4, "weight": 1e6, "seed": 0}
                 assert made.how["rounds"] == 2  # "auto" with neighbours: two rounds each
@@ -230,6 +232,11 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     assert main([*single, "--subject", "France", "--neighbours", "3", "--subjects", str(tmp_path / "pool.txt"),
                  "--neighbour-weight", "50"]) == 0
     assert "holding 3 same-relation neighbours still at 50 tokens" in capsys.readouterr().out
+    # another draw of the entities (--neighbour-seed): recorded, and the edit holds other questions, so other weights
+    assert main([*single, "--subject", "France", "--neighbours", "--neighbour-seed", "3", "--save", str(tmp_path / "seed3")]) == 0
+    assert json.loads((tmp_path / "seed3" / EDITS_FILE).read_text())["applied"]["neighbours"] == {"count": 8, "weight": 1000.0, "seed": 3}
+    saved, seed3 = (AutoModelForCausalLM.from_pretrained(tmp_path / d).state_dict() for d in ("saved", "seed3"))
+    assert any(not torch.equal(saved[k], seed3[k]) for k in saved)
     lines = [json.dumps({"prompt": f"The capital of {s} is", "target": t, "subject": s}) for s, t in (("France", "Rome"), ("Peru", "Oslo"))]
     (tmp_path / "edits.jsonl").write_text("\n".join(lines) + "\n")
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
@@ -238,7 +245,7 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                  "--neighbours", "2", "--sequential", "--key-memory"]) == 0
     assert ("one after another (--sequential, with a key memory, each edit in 2 rounds, each holding 2 same-relation neighbours still at 1000 tokens "
-            "(--neighbours))") in capsys.readouterr().out
+            "(--neighbours), an edit moving a weight more than 6x the median change not kept (--outlier-factor auto))") in capsys.readouterr().out
     caplog.clear()
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--neighbours",
                  "--key-memory", "--preserve-data", str(tmp_path / "edits.jsonl")]) == 2
@@ -249,6 +256,7 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     for extra, message in ((["--neighbours"], "give --subject (named in --prompt)"),
                            (["--subject", "Paris", "--neighbours"], "--subject 'Paris' does not occur in --prompt"),
                            (["--subject", "France", "--subjects", str(tmp_path / "pool.txt")], "go with --neighbours"),
+                           (["--subject", "France", "--neighbour-seed", "1"], "--neighbour-seed go with --neighbours"),
                            (["--subject", "France", "--neighbours", "4", "--subjects", str(tmp_path / "pool.txt")],
                             "has only 3 other entities"),
                            (["--subject", "France", "--neighbours", "--subjects", str(tmp_path / "none.txt")], "none.txt: no such file")):
@@ -319,6 +327,7 @@ def test_evaluate_asks_same_relation_questions_and_holds_neighbours(tiny_llama_d
                  "--output", str(tmp_path / "sequential.json")]) == 0
     report = load_report_json(tmp_path / "sequential.json")
     assert report.settings.sequential and report.settings.edit_rounds == 2 and report.settings.neighbours["count"] == 2  # twice 1
+    assert report.settings.outlier_factor == 6.0  # "auto" with neighbours
     assert report.settings.key_memory["calls_remembered"] == 4 and len(report.sequential) == 3  # after 1, 2 and 4 edits
     assert [p for p, _, _ in held] == [c.answers[0]["question"] for c in report.cases]  # in the sequence's order
     assert len({id(memory) for _, _, memory in held}) == 1 and held[0][2] is not None  # the one key memory, every edit

@@ -308,6 +308,8 @@ def test_sequential_mode_refuses_an_edit_that_would_wreck_the_model(tiny_model_d
     assert kept.cases[:9] == report.cases[:9]
     assert kept.cases[10].answers != report.cases[10].answers  # the wreck, kept, changed what the model says after it
     assert_same_state(before, model)
+    with pytest.raises(ValueError, match="outlier_factor must be a number > 1, None or 'auto', got 'tight'"):
+        evaluate(model, tokenizer, editor, cases, InstructionPool.default(), 0, progress=False, sequential=True, outlier_factor="tight")
 
 
 # --- the command --------------------------------------------------------------------------------

@@ -214,31 +214,34 @@ def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-mem
 
 
 def add_outlier_argument(parser: argparse.ArgumentParser) -> None:
-    """``--outlier-factor F|none`` (``editors.base.OutlierEdits``): how far an edit kept after others may move a weight;
+    """``--outlier-factor F|auto|none`` (``editors.base.OutlierEdits``): how far an edit kept after others may move a weight;
     ``outlier_factor_from_arguments`` reads it."""
-    from instructedit.editors.base import OUTLIER_FACTOR
+    from instructedit.editors.base import NEIGHBOUR_OUTLIER_FACTOR, OUTLIER_FACTOR
 
     parser.add_argument("--outlier-factor", default=None, metavar="F",
                         help=f"--sequential: an edit that would move a weight by more than F times the median change of the edits "
-                             f"kept before it (once 8 are) is not kept (default {OUTLIER_FACTOR:g}; none: every edit is kept)")
+                             f"kept before it (once 8 are) is not kept (default auto: {NEIGHBOUR_OUTLIER_FACTOR:g} with --neighbours, "
+                             f"else {OUTLIER_FACTOR:g}; none: every edit is kept)")
 
 
-def outlier_factor_from_arguments(args: argparse.Namespace) -> float | None:
-    """``--outlier-factor``'s factor (None: ``none``), checked: only with ``--sequential``, a number > 1 or none."""
-    from instructedit.editors.base import OUTLIER_FACTOR
+def outlier_factor_from_arguments(args: argparse.Namespace) -> float | str | None:
+    """``--outlier-factor``'s factor ("auto" unless given; None: ``none``), checked: only with ``--sequential``, a number > 1,
+    auto or none."""
+    from instructedit.editors.base import AUTO_OUTLIER_FACTOR
 
     if args.outlier_factor is None:
-        return OUTLIER_FACTOR
+        return AUTO_OUTLIER_FACTOR
     if not args.sequential:
         raise ValueError("--outlier-factor: refuses edits that would wreck a model edited one edit after another; add --sequential")
-    if args.outlier_factor.strip().lower() == "none":
-        return None
+    given = args.outlier_factor.strip().lower()
+    if given in ("none", AUTO_OUTLIER_FACTOR):
+        return None if given == "none" else AUTO_OUTLIER_FACTOR
     try:
         factor = float(args.outlier_factor)
     except ValueError:
         factor = float("nan")
     if not factor > 1 or factor == float("inf"):
-        raise ValueError(f"--outlier-factor {args.outlier_factor!r}: a number > 1 (times the median change), or none")
+        raise ValueError(f"--outlier-factor {args.outlier_factor!r}: a number > 1 (times the median change), auto or none")
     return factor
 
 
@@ -257,6 +260,9 @@ def add_neighbour_arguments(parser: argparse.ArgumentParser, whose: str) -> None
     parser.add_argument("--subjects", metavar="FILE", default=None,
                         help="--neighbours: the entities swapped in (a text file, one a line, or an edit data file's subjects; "
                              "default: the pool saved with the editor by calibrate)")
+    parser.add_argument("--neighbour-seed", type=int, default=0, metavar="S",
+                        help="--neighbours: which entities are drawn for each edit (a draw depends on S and the edit's prompt only; "
+                             "default 0): another seed, another draw, e.g. to see how much a result depends on it")
 
 
 def neighbours_from_arguments(args: argparse.Namespace) -> Any:
@@ -266,12 +272,13 @@ def neighbours_from_arguments(args: argparse.Namespace) -> Any:
     from instructedit.editors.neighbours import Neighbours, read_subjects
 
     if args.neighbours is None:
-        if args.subjects is not None or args.neighbour_weight != 1000.0:
-            raise ValueError("--subjects and --neighbour-weight go with --neighbours")
+        if args.subjects is not None or args.neighbour_weight != 1000.0 or args.neighbour_seed != 0:
+            raise ValueError("--subjects, --neighbour-weight and --neighbour-seed go with --neighbours")
         return None
     if getattr(args, "key_memory", False) and not getattr(args, "sequential", False):  # serve has neither
         raise ValueError("--neighbours build the call's preservation memory: not with --key-memory unless --sequential")
     try:
-        return Neighbours(args.neighbours, args.neighbour_weight, read_subjects(args.subjects) if args.subjects else None)
+        return Neighbours(args.neighbours, args.neighbour_weight, read_subjects(args.subjects) if args.subjects else None,
+                          args.neighbour_seed)
     except ValueError as e:
         raise ValueError(f"--neighbours: {e}") from None

@@ -350,11 +350,13 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
         kept += f", each edit in {n_rounds} rounds" if n_rounds != 1 else ""
         if neighbours is not None:
             kept += f", each holding {neighbours.count} same-relation neighbours still at {neighbours.weight:g} tokens (--neighbours)"
-        from instructedit.editors.base import OUTLIER_FACTOR
+        from instructedit.editors.base import AUTO_OUTLIER_FACTOR, OUTLIER_FACTOR
 
-        if args.outlier_factor != OUTLIER_FACTOR:
-            kept += (", every edit kept (--outlier-factor none)" if args.outlier_factor is None else
-                     f", an edit moving a weight more than {args.outlier_factor:g}x the median change not kept (--outlier-factor)")
+        factor = edited.how["outlier_factor"]
+        if factor != OUTLIER_FACTOR:
+            kept += (", every edit kept (--outlier-factor none)" if factor is None else
+                     f", an edit moving a weight more than {factor:g}x the median change not kept (--outlier-factor"
+                     f"{' auto' if args.outlier_factor == AUTO_OUTLIER_FACTOR else ''})")
     how = f"one after another (--sequential{kept})" if args.sequential else f"in one call (aggregation {aggregation(editor.editor)}{rounds})"
     instruction = f"description #{editor.instruction} of each edit's task" if editor.instruction is not None else "none"
     several = len(forms) > 1

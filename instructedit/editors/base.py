@@ -38,6 +38,22 @@ logger = logging.getLogger(__name__)
 # tiny random model's edits move its weights by 10-20× their norm, every one of them.
 OUTLIER_FACTOR = 50.0
 OUTLIER_HISTORY = 8  # kept edits before the median is trusted
+# ... and with same-relation neighbours held by every edit (``editors.neighbours``). Such sequences of 64 CounterFact edits
+# (relations that repeat with conflicting targets) broke the model in some reruns at one edit moving a weight 8.1 and
+# 13.5× the median, where the largest harmless edit of 16 such 64-edit sequences (CounterFact and ZsRE, with and
+# without neighbours or a key memory) moved 4.9× (``results/analysis/in-frame-locality/sequential/neighbours/rerun/``).
+NEIGHBOUR_OUTLIER_FACTOR = 6.0
+AUTO_OUTLIER_FACTOR = "auto"  # NEIGHBOUR_OUTLIER_FACTOR with neighbours, else OUTLIER_FACTOR
+
+
+def outlier_factor_for(factor: float | str | None, neighbours: bool) -> float | None:
+    """The factor a sequence refuses an edit by (``OutlierEdits``; None: none): ``factor``, or for "auto" the default for a
+    sequence with (``neighbours``) or without same-relation neighbours held by its edits."""
+    if factor == AUTO_OUTLIER_FACTOR:
+        return NEIGHBOUR_OUTLIER_FACTOR if neighbours else OUTLIER_FACTOR
+    if isinstance(factor, str):
+        raise ValueError(f"outlier_factor must be a number > 1, None or {AUTO_OUTLIER_FACTOR!r}, got {factor!r}")
+    return factor
 
 # what one edit of a sequence held still beside its key memory: given that memory (None: none), the block its solve ran in
 Hold = Callable[["KeyMemory | None"], contextlib.AbstractContextManager]

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from instructedit.editors.base import OUTLIER_FACTOR, Editor
+from instructedit.editors.base import AUTO_OUTLIER_FACTOR, Editor, outlier_factor_for
 from instructedit.editors.learned import undone_rounds_counted
 from instructedit.editors.neighbours import pool_digest
 from instructedit.evaluation.report import CaseResult, EvalReport, EvalSettings, SequentialPoint, load_report_json, write_report_json
@@ -96,7 +96,8 @@ def run_identity(wanted: EvalSettings, model: nn.Module, options: Mapping[str, A
     identity = {k: getattr(wanted, k) for k in (*IDENTITY, "method", "data_file")} | {k: options[k] for k in RUN_OPTIONS if k in options}
     if options.get("sequential"):  # every edit kept: how edits are refused, and the key memory the first one finds
         memory = options.get("memory")
-        identity |= {"sequential": True, "outlier_factor": options.get("outlier_factor", OUTLIER_FACTOR),
+        factor = outlier_factor_for(options.get("outlier_factor", AUTO_OUTLIER_FACTOR), options.get("neighbours") is not None)
+        identity |= {"sequential": True, "outlier_factor": factor,
                      "key_memory": memory.state() if memory is not None else None}
     if options.get("same_relation_subjects") is not None:  # the entities a case's same-relation questions are about
         identity["same_relation_subjects"] = pool_digest(options["same_relation_subjects"])

@@ -34,8 +34,8 @@ from transformers import PreTrainedTokenizerBase
 
 from instructedit.editors.aggregation import KeyMemory, check_remembers, remembering
 from instructedit.editors.base import (
-    OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, Hold, OutlierEdits, WeightEditHandle, apply_in_place,
-    largest_change, refuse_outlier, scaled_step_sizes, sequence_edit,
+    AUTO_OUTLIER_FACTOR, OUTLIER_FACTOR, EditHandle, EditResult, Editor, FunctionalEditor, Hold, OutlierEdits, WeightEditHandle,
+    apply_in_place, largest_change, outlier_factor_for, refuse_outlier, scaled_step_sizes, sequence_edit,
 )
 from instructedit.editors.learned import LearnedEditor, apply_in_rounds, check_edit_rounds, check_many_edit_scale, check_rounds
 from instructedit.editors.neighbours import Neighbours, holding_neighbours, names_subject, swapped_questions
@@ -384,7 +384,7 @@ def evaluate(
     generation_batch_size: int = 32,
     judge: gen.Judge | None = None,
     cases_together: int = 32,
-    outlier_factor: float | None = OUTLIER_FACTOR,
+    outlier_factor: float | str | None = AUTO_OUTLIER_FACTOR,
     memory: KeyMemory | None = None,
     neighbours: Neighbours | None = None,
     same_relation: int = 0,
@@ -416,7 +416,8 @@ def evaluate(
     edited blocks (each post-edit row with its own edit added by hooks; equal to one case at a time up to
     float rounding; 1: each case's edit written into the model, pre-edit answers decoded for all cases first).
     ``outlier_factor`` (``sequential``): an edit that would move a weight by more than this many times the median change
-    of the edits kept before it is not kept (``editors.base.OutlierEdits``; None: every edit is kept); its case is scored
+    of the edits kept before it is not kept (``editors.base.OutlierEdits``; None: every edit is kept; "auto", as
+    ``apply_sequential``: 6 with ``neighbours``, else 50; ``settings.outlier_factor``: the factor used); its case is scored
     on the model without it and marked ``refused``. ``memory`` (``sequential``, a least-squares MEND editor;
     ``instructedit.KeyMemory``): lifelong editing, every edit's solve holds the keys of the edits kept before it (and the
     memory's preservation text) still; the memory goes on holding the kept edits' keys after the call.
@@ -451,6 +452,7 @@ def evaluate(
     check_edit_rounds(edit_rounds, "edit_rounds")
     check_rounds(editor, edit_rounds)
     step_scale = check_many_edit_scale(step_scale, "step_scale")
+    outlier_factor = outlier_factor_for(outlier_factor, neighbours is not None)
     if batch_size < 1 or generation_batch_size < 1:
         raise ValueError(f"batch_size and generation_batch_size must be >= 1, got {batch_size} and {generation_batch_size}")
     if protocol not in PROTOCOL_CHOICES:
