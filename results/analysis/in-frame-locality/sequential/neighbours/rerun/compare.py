@@ -38,6 +38,21 @@ def summary(report: dict) -> dict:
             "weight_change_max": changes[top], "weight_change_max_edit": top + 1, "cases_per_s": report["timing"]["cases_per_s"]}
 
 
+def print_group(sample: str, n: int, runs: dict[str, dict]) -> None:
+    """One sample's runs (``summary`` each, the first without neighbours), and each other's paired difference after all."""
+    print(f"{sample} (n = {n}, generation, 95 % intervals):")
+    for name, s in runs.items():
+        a, iv = s["after_all"], s["after_all_intervals"]
+        print(f"  {name:18s} right after: said {100 * s['right_after']['gen_reliability']:.1f}, kept "
+              f"{100 * s['right_after']['gen_locality']:.1f}, same relation {100 * s['right_after']['gen_locality_same_relation']:.1f}"
+              f" | after all {a['edits']}: said {100 * a['gen_reliability']:.1f} {[round(100 * x, 1) for x in iv['gen_reliability']]}, "
+              f"kept {100 * a['gen_locality']:.1f} {[round(100 * x, 1) for x in iv['gen_locality']]}, refused {a['refused']}"
+              f" | weight change median {s['weight_change_median']:.3f}, max {s['weight_change_max']:.3f} (edit {s['weight_change_max_edit']})"
+              f", factor {s['settings']['outlier_factor']}")
+        if "after_all_paired" in s:
+            print("\n".join(f"      {line}" for line in paired_lines(s["after_all_paired"], ("none", name))))
+
+
 def main() -> None:
     out: dict = {}
     for sample, base, others in GROUPS:
@@ -50,16 +65,7 @@ def main() -> None:
                 continue
             run = read_json(HERE / f"{name}.json.gz")
             out[sample][name] = summary(run) | {"after_all_paired": paired_point(none, run, labels=("none", name), difference="difference")}
-        print(f"{sample} (n = {len(none['cases'])}, generation, 95 % intervals):")
-        for name, s in out[sample].items():
-            a, iv = s["after_all"], s["after_all_intervals"]
-            print(f"  {name:14s} right after: said {100 * s['right_after']['gen_reliability']:.1f}, kept "
-                  f"{100 * s['right_after']['gen_locality']:.1f}, same relation {100 * s['right_after']['gen_locality_same_relation']:.1f}"
-                  f" | after all {a['edits']}: said {100 * a['gen_reliability']:.1f} {[round(100 * x, 1) for x in iv['gen_reliability']]}, "
-                  f"kept {100 * a['gen_locality']:.1f} {[round(100 * x, 1) for x in iv['gen_locality']]}, refused {a['refused']}"
-                  f" | weight change median {s['weight_change_median']:.3f}, max {s['weight_change_max']:.3f} (edit {s['weight_change_max_edit']})")
-            if "after_all_paired" in s:
-                print("\n".join(f"      {line}" for line in paired_lines(s["after_all_paired"], ("none", name))))
+        print_group(sample, len(none["cases"]), out[sample])
     write_json(HERE / "summary.json", out)
 
 
