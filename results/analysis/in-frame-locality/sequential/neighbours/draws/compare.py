@@ -10,9 +10,11 @@ summary.json beside this script.
 from __future__ import annotations
 
 import importlib.util
+import math
 import statistics
 from pathlib import Path
 
+import scipy.stats
 from instructedit.evaluation.report import paired_point
 from instructedit.io import read_json, write_json
 
@@ -38,6 +40,17 @@ def report(name: str) -> dict | None:
     return None
 
 
+def over_draws(values: list[float]) -> dict[str, float | int]:
+    """The mean over draws and its 95 % t interval (n = draws: the spread between draws, not between cases)."""
+    mean = statistics.fmean(values)
+    half = scipy.stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else math.nan
+    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": len(values)}
+
+
+def shown(summary: dict) -> str:
+    return f"mean {summary['mean']:.1f} [{summary['ci_low']:.1f}, {summary['ci_high']:.1f}] (n = {summary['n']} draws)"
+
+
 def main() -> None:
     out: dict = {"groups": {}, "draws": {}}
     for sample, base, others in GROUPS:
@@ -51,13 +64,14 @@ def main() -> None:
                                                                                                  difference="difference")}
         rerun.print_group(sample, len(none["cases"]), out["groups"][sample])
     for setting, names in DRAWS.items():
-        runs = [r for r in map(report, names) if r is not None]
-        said = [100 * r["sequential"][-1]["gen_reliability"] for r in runs]
-        kept = [100 * r["sequential"][-1]["gen_locality"] for r in runs]
-        out["draws"][setting] = {"runs": [n for n in names if report(n) is not None], "after_all_said": said, "after_all_kept": kept,
-                                 "refused": [r["sequential"][-1]["refused"] for r in runs]}
-        print(f"{setting}: after all 64, said {', '.join(f'{x:.1f}' for x in said)} (mean {statistics.fmean(said):.1f}); "
-              f"kept {', '.join(f'{x:.1f}' for x in kept)}; refused {out['draws'][setting]['refused']}")
+        runs = {n: r for n, r in zip(names, map(report, names)) if r is not None}
+        said = [100 * r["sequential"][-1]["gen_reliability"] for r in runs.values()]
+        kept = [100 * r["sequential"][-1]["gen_locality"] for r in runs.values()]
+        out["draws"][setting] = {"runs": list(runs), "after_all_said": said, "after_all_kept": kept,
+                                 "refused": [r["sequential"][-1]["refused"] for r in runs.values()],
+                                 "said_over_draws": over_draws(said), "kept_over_draws": over_draws(kept)}
+        print(f"{setting} ({len(runs)} draws): after all 64, said {', '.join(f'{x:.1f}' for x in said)}: {shown(over_draws(said))}; "
+              f"kept {', '.join(f'{x:.1f}' for x in kept)}: {shown(over_draws(kept))}; refused {out['draws'][setting]['refused']}")
     write_json(HERE / "summary.json", out)
 
 
