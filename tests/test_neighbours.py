@@ -149,12 +149,15 @@ def test_apply_with_neighbours_holds_their_answers_beside_the_editors_sample(tin
 
 
 def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(tiny_llama_dir: Path, tmp_path: Path,
-                                                                               save_tiny_editor: Callable[..., Path]) -> None:
+                                                                               save_tiny_editor: Callable[..., Path],
+                                                                               monkeypatch: pytest.MonkeyPatch,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
     """apply_sequential(neighbours=...): each edit's one-round solve holds its neighbours (continued with what the model
     says as the edits before it left it) beside the editor's own sample, or beside a key memory's keys, whose sample comes
     back as it was; the neighbours' next-token distributions move far less than without; rollback_to(k) makes the first k
     edits again holding what they held (bit for bit, or it raises); an edit the draw cannot serve is refused before the first
     edit is made."""
+    from instructedit import api
     from instructedit.api import Edit, load_editor
     from instructedit.editors.aggregation import KeyMemory
     from instructedit.editors.neighbours import Neighbours, swapped_questions
@@ -202,6 +205,16 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
     with loaded.apply_sequential(model, edits, tok, memory=KeyMemory(past_weight=1.0), neighbours=near, rounds=1):
         assert any(not torch.allclose(twice[k], v) for k, v in model.state_dict().items())
     remembered, _ = sequence(edits, memory=KeyMemory(past_weight=1.0))
+    # a long sequence with neighbours and no key memory is warned about (CounterFact sequences broke so), with one it is not
+    monkeypatch.setattr(api, "LONG_SEQUENCE", 1)
+    caplog.clear()
+    with loaded.apply_sequential(model, edits, tok, neighbours=near):
+        pass
+    assert "2 edits kept one after another with neighbours and no key memory" in caplog.text
+    caplog.clear()
+    with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=KeyMemory(past_weight=1.0)):
+        pass
+    assert "no key memory" not in caplog.text
     assert any(not torch.allclose(remembered[k], both[k]) for k in before)
 
     for edit, message in ((Edit(prompt="The capital of Chile is", target="Rome"), "has no subject"),
