@@ -34,7 +34,8 @@ from instructedit.editors.learned import (
     schedule_for,
 )
 from instructedit.editors.neighbours import (
-    LONG_SEQUENCE, NEIGHBOUR_ROUNDS, SUBJECTS_FILE, Neighbours, holding_neighbours, load_subjects, neighbour_memory, subject_pool, swapped_questions,
+    LONG_SEQUENCE, NEIGHBOUR_ROUNDS, SUBJECTS_FILE, Neighbours, holding_neighbours, load_subjects, neighbour_memory, subject_pool,
+    swapped_questions,
 )
 from instructedit.io import write_json
 from instructedit.losses import argmax_ids
