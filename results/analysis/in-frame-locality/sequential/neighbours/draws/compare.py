@@ -26,8 +26,8 @@ _spec.loader.exec_module(rerun)  # its per-run summary, the same numbers for bot
 
 # (sample, run without neighbours (../rerun), runs to compare with it: here, or ../rerun for seed 0)
 GROUPS = (("CounterFact test 0-63", "cf-none", ("cf-memory", "cf-memory-r2n-o6", "cf-memory-r2n-s1", "cf-memory-r2n-s2",
-                                              "cf-memory-r2n-w300", "cf-r2n-s1", "cf-r2n-s2", "cf-r2n-s3")),
-          ("CounterFact validation 0-63", "val-none", ("val-memory", "val-memory-r2n-o6", "val-memory-r2n-w300")),
+                                              "cf-memory-r2n-w300", "cf-memory-r1n", "cf-r2n-s1", "cf-r2n-s2", "cf-r2n-s3")),
+          ("CounterFact validation 0-63", "val-none", ("val-memory", "val-memory-r2n-o6", "val-memory-r2n-w300", "val-memory-r1n")),
           ("ZsRE held-out 0-63", "zsre-none", ("zsre-memory-r2n", "zsre-memory-r2n-s1", "zsre-memory-r2n-s2", "zsre-memory-r2n-s3")))
 # the draws of one setting: seed 0 (../rerun or here) and seeds 1-3 (here)
 DRAWS = {"ZsRE, neighbours + key memory, two rounds": ("zsre-memory-r2n", "zsre-memory-r2n-s1", "zsre-memory-r2n-s2", "zsre-memory-r2n-s3"),
