@@ -895,6 +895,9 @@ def test_edit_file_applies_many_edits_in_one_call_or_in_sequence(tiny_llama_dir:
     assert main([*base, "--sequential", "--outlier-factor", "none", "--save", str(tmp_path / "unguarded")]) == 0
     assert "one after another (--sequential, every edit kept (--outlier-factor none))" in capsys.readouterr().out
     assert json.loads((tmp_path / "unguarded" / EDITS_FILE).read_text())["applied"]["outlier_factor"] is None
+    # auto, given as the default is: 50 without neighbours
+    assert main([*base, "--sequential", "--outlier-factor", "auto", "--save", str(tmp_path / "auto")]) == 0
+    assert json.loads((tmp_path / "auto" / EDITS_FILE).read_text())["applied"]["outlier_factor"] == 50.0
     unguarded = AutoModelForCausalLM.from_pretrained(tmp_path / "unguarded").state_dict()
     assert all(torch.equal(sequential[k], unguarded[k]) for k in changed)
     for bad, why in ((["--outlier-factor", "5"], "--outlier-factor: refuses edits that would wreck a model edited one edit after "

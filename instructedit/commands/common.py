@@ -234,8 +234,10 @@ def outlier_factor_from_arguments(args: argparse.Namespace) -> float | str | Non
     if not args.sequential:
         raise ValueError("--outlier-factor: refuses edits that would wreck a model edited one edit after another; add --sequential")
     given = args.outlier_factor.strip().lower()
-    if given in ("none", AUTO_OUTLIER_FACTOR):
-        return None if given == "none" else AUTO_OUTLIER_FACTOR
+    if given == "none":
+        return None
+    if given == AUTO_OUTLIER_FACTOR:
+        return AUTO_OUTLIER_FACTOR
     try:
         factor = float(args.outlier_factor)
     except ValueError:
