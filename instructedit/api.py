@@ -52,6 +52,7 @@ EditorFactory = Callable[[nn.Module, PreTrainedTokenizerBase], Editor]
 
 
 REPHRASE_ALIAS = "paraphrase"  # the demo page's name for Edit.rephrase, accepted wherever an edit is read from JSON
+AUTO_MEMORY = "auto"  # apply_sequential(memory=...): a new KeyMemory with neighbours, none without
 
 
 def rephrase_key(fields: Mapping[str, Any]) -> str | None:
@@ -264,6 +265,9 @@ class EditedModel:
         self._handles = list(handles)
         self._kept = False
         self._how = dict(how or {})
+        # ``apply_sequential``'s key memory (the one passed, or the one it made for a sequence with neighbours): pass it to
+        # a later call to go on holding these edits' keys still
+        self.memory: KeyMemory | None = None
 
     @property
     def how(self) -> dict[str, Any]:
@@ -521,6 +525,7 @@ class InstructEditor:
                               "step_scale": step_scale, "edit_forms": list(forms), **({"key_memory": {"text_weight": memory.text_weight, "text_tokens": memory.text_tokens}}
                                                           if memory is not None else {}),
                               **({"neighbours": _neighbours_how(neighbours)} if neighbours is not None else {})})
+        edited.memory = memory
         if keep:
             edited.keep()
         return edited
@@ -570,7 +575,7 @@ class InstructEditor:
         return hold_for
 
     def apply_sequential(self, model: nn.Module, edits: Edit | Sequence[Edit], tokenizer: PreTrainedTokenizerBase | None = None,
-                         keep: bool = False, memory: KeyMemory | None = None,
+                         keep: bool = False, memory: KeyMemory | str | None = AUTO_MEMORY,
                          outlier_factor: float | str | None = AUTO_OUTLIER_FACTOR, neighbours: Neighbours | None = None,
                          rounds: int | str = AUTO_ROUNDS) -> EditedModel:
         """Sequential editing: one update per edit, each computed on the model as the earlier ones left it.
@@ -594,7 +599,8 @@ class InstructEditor:
         later edits disturb earlier ones and the rest of the model less (lifelong editing). Pass the same
         memory to later calls to go on from there. ``rollback_to(k)`` re-applies the first ``k`` edits
         holding what each held (a copy of the memory as the call found it, plus the kept edits before it); rollbacks leave
-        the memory as the call left it.
+        the memory as the call left it. "auto" (the default): a new ``KeyMemory()`` with ``neighbours`` (see below), none
+        without; ``EditedModel.memory`` is the memory the call held (None without one).
 
         An edit that would move a weight by more than ``outlier_factor`` ("auto": ``NEIGHBOUR_OUTLIER_FACTOR``, 6, with
         ``neighbours``, else ``OUTLIER_FACTOR``, 50; None: no check; ``how["outlier_factor"]``) times the median change of
@@ -619,16 +625,22 @@ class InstructEditor:
         ``results/analysis/in-frame-locality/sequential/neighbours/rerun/``). Over four draws of the swapped-in entities
         (``Neighbours(seed=...)``) two such sequences broke all the same (4.7 and 7.8 % said after 64) where a key memory
         beside the neighbours held in three of three (68.8, 76.6, 68.8 %; ZsRE 70.3-75.0 % in four;
-        ``results/analysis/in-frame-locality/sequential/neighbours/draws/``): give ``memory`` with ``neighbours``; more
-        than ``LONG_SEQUENCE`` (16) edits with neighbours and no memory get a warning.
+        ``results/analysis/in-frame-locality/sequential/neighbours/draws/``): so ``memory="auto"`` gives a sequence with
+        ``neighbours`` a new memory, and more than ``LONG_SEQUENCE`` (16) edits with neighbours and ``memory=None`` get a
+        warning.
         """
         edits, tokenizer = _as_edits(edits), tokenizer or tokenizer_for(model)
         editor = self.editor_for(model, tokenizer)
         hold_for = self._sequential_neighbours(editor, model, tokenizer, edits, neighbours) if neighbours is not None else None
+        if isinstance(memory, str):
+            if memory != AUTO_MEMORY:
+                raise ValueError(f"memory must be a KeyMemory, None or {AUTO_MEMORY!r}, got {memory!r}")
+            memory = KeyMemory() if neighbours is not None else None
         if neighbours is not None and memory is None and len(edits) > LONG_SEQUENCE:
-            logger.warning("%d edits kept one after another with neighbours and no key memory: on CounterFact such sequences broke in "
-                           "some draws (after 64 edits 5-8 %% said); with a key memory (memory=KeyMemory(), edit --key-memory) they "
-                           "held (69-77 %%): results/analysis/in-frame-locality/sequential/neighbours/draws/", len(edits))
+            logger.warning("%d edits kept one after another with neighbours and no key memory (memory=None): on CounterFact such "
+                           "sequences broke in some draws (after 64 edits 5-8 %% said); with a key memory (the default, "
+                           "memory='auto') they held (69-77 %%): results/analysis/in-frame-locality/sequential/neighbours/draws/",
+                           len(edits))
         scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
         rounds = check_edit_rounds((NEIGHBOUR_ROUNDS if neighbours is not None else 1) if rounds == AUTO_ROUNDS else rounds, "rounds")
@@ -660,6 +672,7 @@ class InstructEditor:
                               "rounds": rounds, "outlier_factor": outlier_factor,
                               "edit_forms": list(self.many_edit_forms),
                               **({"neighbours": _neighbours_how(neighbours)} if neighbours is not None else {})})
+        edited.memory = memory
         if keep:
             edited.keep()
         return edited

@@ -205,17 +205,34 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
     with loaded.apply_sequential(model, edits, tok, memory=KeyMemory(past_weight=1.0), neighbours=near, rounds=1):
         assert any(not torch.allclose(twice[k], v) for k, v in model.state_dict().items())
     remembered, _ = sequence(edits, memory=KeyMemory(past_weight=1.0))
-    # a long sequence with neighbours and no key memory is warned about (CounterFact sequences broke so), with one it is not
+    assert any(not torch.allclose(remembered[k], both[k]) for k in before)
+    # memory="auto" (the default): a sequence with neighbours gets a new key memory (the same weights as KeyMemory() given),
+    # which made.memory hands on to a later call; without neighbours none; memory=None leaves it out
+    with loaded.apply_sequential(model, edits, tok, neighbours=near) as made:
+        assert isinstance(made.memory, KeyMemory) and made.memory.calls == 2 and made.memory.past and made.how["key_memory"]
+        assert all(torch.equal(v, both[k]) for k, v in model.state_dict().items())
+    with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=KeyMemory()) as made:
+        assert all(torch.equal(v, both[k]) for k, v in model.state_dict().items())
+    with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=None) as made:
+        assert made.memory is None and not made.how["key_memory"]
+        assert any(not torch.equal(v, both[k]) for k, v in model.state_dict().items())
+    with loaded.apply_sequential(model, edits, tok) as made:
+        assert made.memory is None and not made.how["key_memory"]
+    with pytest.raises(ValueError, match="memory must be a KeyMemory, None or 'auto'"):
+        loaded.apply_sequential(model, edits, tok, neighbours=near, memory="yes")
+    # a long sequence with neighbours and no key memory (memory=None) is warned about (CounterFact sequences broke so);
+    # with one, the default's or given, it is not
     monkeypatch.setattr(api, "LONG_SEQUENCE", 1)
+    caplog.clear()
+    with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=None):
+        pass
+    assert "2 edits kept one after another with neighbours and no key memory (memory=None)" in caplog.text
     caplog.clear()
     with loaded.apply_sequential(model, edits, tok, neighbours=near):
         pass
-    assert "2 edits kept one after another with neighbours and no key memory" in caplog.text
-    caplog.clear()
     with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=KeyMemory(past_weight=1.0)):
         pass
     assert "no key memory" not in caplog.text
-    assert any(not torch.allclose(remembered[k], both[k]) for k in before)
 
     for edit, message in ((Edit(prompt="The capital of Chile is", target="Rome"), "has no subject"),
                           (Edit(prompt="The capital of Chile is", target="Rome", subject="Kenya"), "does not name 'Kenya'")):
@@ -255,10 +272,19 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                  "--neighbours", "2"]) == 0
     assert "2 rounds, holding 2 same-relation neighbours per edit still at 1000 tokens (--neighbours)" in capsys.readouterr().out
-    assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
-                 "--neighbours", "2", "--sequential", "--key-memory"]) == 0
-    assert ("one after another (--sequential, with a key memory, each edit in 2 rounds, each holding 2 same-relation neighbours still at 1000 tokens "
-            "(--neighbours), an edit moving a weight more than 6x the median change not kept (--outlier-factor auto))") in capsys.readouterr().out
+    # --sequential --neighbours: with a key memory unless --no-key-memory (sequences without one broke on CounterFact)
+    sequence = ["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
+                "--neighbours", "2", "--sequential"]
+    assert main(sequence) == 0
+    assert ("one after another (--sequential, with a key memory (the default with --neighbours; --no-key-memory leaves it out), "
+            "each edit in 2 rounds, each holding 2 same-relation neighbours still at 1000 tokens (--neighbours), an edit moving a "
+            "weight more than 6x the median change not kept (--outlier-factor auto))") in capsys.readouterr().out
+    assert main([*sequence, "--key-memory"]) == 0
+    assert "one after another (--sequential, with a key memory, each edit in 2 rounds" in capsys.readouterr().out
+    assert main([*sequence, "--no-key-memory"]) == 0
+    assert "one after another (--sequential, each edit in 2 rounds, each holding 2" in capsys.readouterr().out
+    assert main([*sequence, "--no-key-memory", "--preserve-data", str(tmp_path / "edits.jsonl")]) == 2
+    assert "--preserve-data: shapes the key memory; add --key-memory --sequential" in caplog.text
     caplog.clear()
     assert main(["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--neighbours",
                  "--key-memory", "--preserve-data", str(tmp_path / "edits.jsonl")]) == 2
@@ -334,9 +360,10 @@ def test_evaluate_asks_same_relation_questions_and_holds_neighbours(tiny_llama_d
         assert not {prompt.replace(subject, s) for s in pool} & probes[prompt]
     assert report.aggregates["zsre"]["gen_post"]["gen_locality_same_relation"].n == 4
 
-    # kept one after another, each edit in two rounds (with neighbours), beside the sequence's key memory
+    # kept one after another, each edit in two rounds (with neighbours), beside the sequence's key memory (made by default
+    # with --sequential --neighbours)
     held.clear()
-    assert main([*base, "--limit", "4", "--sequential", "--key-memory", "--neighbours", "2", "--subjects", str(tmp_path / "pool.txt"),
+    assert main([*base, "--limit", "4", "--sequential", "--neighbours", "2", "--subjects", str(tmp_path / "pool.txt"),
                  "--output", str(tmp_path / "sequential.json")]) == 0
     report = load_report_json(tmp_path / "sequential.json")
     assert report.settings.sequential and report.settings.edit_rounds == 2 and report.settings.neighbours["count"] == 2  # twice 1

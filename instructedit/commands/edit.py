@@ -10,8 +10,8 @@ from typing import Any
 
 from instructedit.commands.common import (
     add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_neighbour_arguments,
-    add_outlier_argument, add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_from_arguments,
-    load_editor_and_model, neighbours_from_arguments, outlier_factor_from_arguments,
+    add_outlier_argument, add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_by_default,
+    key_memory_from_arguments, load_editor_and_model, neighbours_from_arguments, outlier_factor_from_arguments,
 )
 from instructedit.records import SENTIMENTS, TASKS
 
@@ -50,7 +50,8 @@ def add_edit_parser(subparsers: Any) -> None:
     add_rounds_arguments(edit, "--file in one call, or each --sequential edit (there auto is 1, 2 with --neighbours)", "auto")
     add_key_memory_arguments(edit, "--sequential: each edit's solve",
                              also="; a --file in one call (with --preserve-data and --rounds K): the call's solves hold the "
-                                  "sample still instead of the editor's own (hundreds of edits keep more unrelated answers)")
+                                  "sample still instead of the editor's own (hundreds of edits keep more unrelated answers)",
+                             with_neighbours=True)
     edit.add_argument("--task", default="counterfact", choices=TASKS,
                       help="which task's instruction wraps the prompt (default: counterfact; --file: for lines without a task)")
     edit.add_argument("--subject", default="", help="the entity the edit is about (optional)")
@@ -97,6 +98,7 @@ def _check_file_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"{', '.join(single)}: for a single --prompt edit only; with --file put them on the file's lines")
     if isinstance(args.rounds, int) and args.rounds < 1:
         raise ValueError(f"--rounds {args.rounds}: rounds are >= 1, or auto")
+    key_memory_by_default(args, args.sequential)
     if args.sample_weight is not None and (args.sequential or not args.sample_weight > 0):
         raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
                          "one call that makes the edits of a --file, not --sequential")
@@ -319,6 +321,8 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
+        if args.key_memory_default:
+            kept += " (the default with --neighbours; --no-key-memory leaves it out)"
     with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours, rounds=args.rounds,
                                   outlier_factor=args.outlier_factor) if args.sequential
           else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory,

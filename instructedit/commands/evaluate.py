@@ -14,7 +14,7 @@ import yaml
 from instructedit.api import instruction_setup, query_setup, untrained_queries
 from instructedit.commands.common import (
     add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, add_outlier_argument, check_key_memory_arguments,
-    key_memory_from_arguments, load_eval_records, neighbours_from_arguments, outlier_factor_from_arguments,
+    key_memory_by_default, key_memory_from_arguments, load_eval_records, neighbours_from_arguments, outlier_factor_from_arguments,
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
@@ -53,7 +53,7 @@ def add_evaluate_parser(subparsers: Any) -> None:
     p.add_argument("--instruction-pool", metavar="FILE", default=None, help="instruction pool JSON (default: the project's descriptions)")
     p.add_argument("--model", default=None, help=f"model (default: the editor's model_name, else {DEFAULT_MODEL})")
     p.add_argument("--sequential", action="store_true", help="keep every edit and report how earlier edits decay")
-    add_key_memory_arguments(p, "--sequential: each edit's solve")
+    add_key_memory_arguments(p, "--sequential: each edit's solve", with_neighbours=True)
     add_outlier_argument(p)
     p.add_argument("--protocol", default="both", choices=PROTOCOL_CHOICES,
                    help="teacher_forced (the paper's token accuracies), generation (greedy answers, exact match) or both (default)")
@@ -197,6 +197,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {args.limit}")
     forms = check_forms([f.strip() for f in args.queries.split(",") if f.strip()])
+    key_memory_by_default(args, args.sequential)
     check_key_memory_arguments(args, needs="--key-memory --sequential", sequential=args.sequential)
     outlier_factor = outlier_factor_from_arguments(args)
     neighbours, probe_subjects = _neighbour_arguments(args, method)
