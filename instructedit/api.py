@@ -265,8 +265,8 @@ class EditedModel:
         self._handles = list(handles)
         self._kept = False
         self._how = dict(how or {})
-        # ``apply_sequential``'s key memory (the one passed, or the one it made for a sequence with neighbours): pass it to
-        # a later call to go on holding these edits' keys still
+        # the call's key memory (``apply``'s preservation sample; ``apply_sequential``'s, passed or made for a sequence
+        # with neighbours, which a later call given it goes on from)
         self.memory: KeyMemory | None = None
 
     @property
