@@ -276,7 +276,7 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     sequence = ["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                 "--neighbours", "2", "--sequential"]
     assert main(sequence) == 0
-    assert ("one after another (--sequential, with a key memory (the default with --neighbours; --no-key-memory leaves it out), "
+    assert ("one after another (--sequential, with a key memory (the default with --neighbours, --no-key-memory leaves it out), "
             "each edit in 2 rounds, each holding 2 same-relation neighbours still at 1000 tokens (--neighbours), an edit moving a "
             "weight more than 6x the median change not kept (--outlier-factor auto))") in capsys.readouterr().out
     assert main([*sequence, "--key-memory"]) == 0

@@ -320,9 +320,10 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     memory, kept, n_texts = None, "", 0
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
-        kept = f", with a key memory ({n_texts} preserved texts)" if n_texts else ", with a key memory"
+        notes = [f"{n_texts} preserved texts"] if n_texts else []
         if args.key_memory_default:
-            kept += " (the default with --neighbours; --no-key-memory leaves it out)"
+            notes.append("the default with --neighbours, --no-key-memory leaves it out")
+        kept = ", with a key memory" + (f" ({'; '.join(notes)})" if notes else "")
     with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours, rounds=args.rounds,
                                   outlier_factor=args.outlier_factor) if args.sequential
           else editor.apply(model, edits, tok, rounds=args.rounds, sample_weight=args.sample_weight, progress=True, memory=memory,
