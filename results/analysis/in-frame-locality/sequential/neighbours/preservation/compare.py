@@ -34,9 +34,9 @@ rerun = draws.rerun  # its per-run summary and print_group, the same numbers for
 GROUPS = (("CounterFact test 0-63", "cf-none", "cf-memory-r2n-o6",
            ("cf-mem-r2n-pcf1000", "cf-mem-r2n-pcf4000", "cf-mem-r2n-pcf1000-model", "cf-mem-r2n-pcf4000-model",
             "cf-mem-r2n-pcf4000-both", "cf-mem-r2n-pcf4000-model-s1", "cf-mem-r2n-prome4000-model", "cf-mem-r4n-pcf4000-model",
-            "cf-mem-r4n-pcf4000-model-s1")),
+            "cf-mem-r4n-pcf4000-model-s1", "cf-mem-r4n-pcf4000-model-s2")),
           ("CounterFact validation 0-63", "val-none", "val-memory-r2n-o6", ("val-mem-r2n-pcf4000-model", "val-mem-r4n-pcf4000-model")),
-          ("ZsRE held-out 0-63", "zsre-none", "zsre-memory-r2n", ("zsre-mem-r2n-pzsre4000-model",)))
+          ("ZsRE held-out 0-63", "zsre-none", "zsre-memory-r2n", ("zsre-mem-r2n-pzsre4000-model", "zsre-mem-r4n-pzsre4000-model")))
 
 
 def report(name: str) -> dict | None:
