@@ -34,7 +34,7 @@ from instructedit.editors.learned import (
     schedule_for,
 )
 from instructedit.editors.neighbours import (
-    LONG_SEQUENCE, NEIGHBOUR_ROUNDS, SUBJECTS_FILE, Neighbours, holding_neighbours, load_subjects, neighbour_memory, subject_pool,
+    LONG_SEQUENCE, NEIGHBOUR_ROUNDS, SEQUENCE_EVIDENCE, SUBJECTS_FILE, Neighbours, holding_neighbours, load_subjects, neighbour_memory, subject_pool,
     swapped_questions,
 )
 from instructedit.io import write_json
@@ -641,9 +641,8 @@ class InstructEditor:
             memory = KeyMemory() if neighbours is not None else None
         if neighbours is not None and memory is None and len(edits) > LONG_SEQUENCE:
             logger.warning("%d edits kept one after another with neighbours and no key memory (memory=None): on CounterFact such "
-                           "sequences broke in some draws (after 64 edits 5-8 %% said); with a key memory (the default, "
-                           "memory='auto') they held (69-77 %%): results/analysis/in-frame-locality/sequential/neighbours/draws/",
-                           len(edits))
+                           "sequences broke in some draws without one and held with one (the default, memory='auto'): "
+                           + SEQUENCE_EVIDENCE, len(edits))
         scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
         rounds = check_edit_rounds((NEIGHBOUR_ROUNDS if neighbours is not None else 1) if rounds == AUTO_ROUNDS else rounds, "rounds")

@@ -164,6 +164,8 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
     ``also``: appended to ``--key-memory``'s help. ``with_neighbours``: the command also takes ``--neighbours``, and
     ``--key-memory`` is on by default for ``--sequential --neighbours`` (``--no-key-memory`` leaves it out;
     ``key_memory_by_default`` decides). ``check_key_memory_arguments`` checks and completes them."""
+    from instructedit.editors.neighbours import SEQUENCE_EVIDENCE
+
     held = "the keys of the edits made before it" if past else "the keys of a preservation sample (--preserve-data)"
     default = ("; on by default with --sequential --neighbours, which without one broke on CounterFact in some draws "
                f"({SEQUENCE_EVIDENCE}; --no-key-memory leaves it out)") if with_neighbours else ""
@@ -191,16 +193,12 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
                              "those that predict the answer (answer: the prompt's last and the answer's)")
 
 
-SEQUENCE_EVIDENCE = "64 edits, after all 64: 5-8 %% said in two draws of four, 69-77 %% with a memory in three of three; " \
-    "results/analysis/in-frame-locality/sequential/neighbours/draws/"
-
-
 def key_memory_by_default(args: argparse.Namespace, sequential: bool) -> None:
     """``--key-memory`` left unsaid (None) decided: on for edits kept one after another with neighbours
     (``--sequential --neighbours``), off otherwise; ``args.key_memory_default`` says whether it was so decided."""
     args.key_memory_default = args.key_memory is None
     if args.key_memory is None:
-        args.key_memory = bool(sequential and getattr(args, "neighbours", None) is not None)
+        args.key_memory = sequential and args.neighbours is not None
 
 
 def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-memory", sequential: bool | None = None) -> None:
