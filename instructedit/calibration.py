@@ -302,7 +302,7 @@ def _preservation_sample(editor: Any, model: Any, data: Any, config: Any, run: P
         source_text += (f" + the questions of the first {in_frame} single-answer records of {' and of '.join(wheres)} not asked by "
                         f"the calibration, in the edit forms ({len(frame_texts)} texts, {framed.text_tokens} tokens, continued "
                         f"with the unedited model's answers), counted as {in_frame_weight:g} tokens")
-    editor.set_preservation(memory, source_text)
+    editor.set_preservation(memory, source_text, texts)
     return _Sample(memory, framed, in_frame_weight)
 
 

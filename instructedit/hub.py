@@ -11,13 +11,13 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
 from instructedit.editors.card import CARD_NAME, POOL_COPY, TRAINING_CONFIG, write_model_card
-from instructedit.runs import EDITOR_CONFIG, EDITOR_WEIGHTS, PRESERVATION_WEIGHTS, SUBJECTS_FILE
+from instructedit.runs import EDITOR_CONFIG, EDITOR_WEIGHTS, PRESERVATION_TEXTS, PRESERVATION_WEIGHTS, SUBJECTS_FILE
 from instructedit.models.hub_access import hub_fetch, hub_offline, hub_reachable, hub_timeouts, timed_out, unreachable
 
 logger = logging.getLogger(__name__)
 
 # What a shared editor consists of; a training checkpoint's optimizer state stays local.
-SHARED_FILES = (EDITOR_CONFIG, EDITOR_WEIGHTS, PRESERVATION_WEIGHTS, CARD_NAME, TRAINING_CONFIG, POOL_COPY, SUBJECTS_FILE)
+SHARED_FILES = (EDITOR_CONFIG, EDITOR_WEIGHTS, PRESERVATION_WEIGHTS, PRESERVATION_TEXTS, CARD_NAME, TRAINING_CONFIG, POOL_COPY, SUBJECTS_FILE)
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 

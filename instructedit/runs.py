@@ -8,7 +8,8 @@ A training run folder (``instructedit train --output RUN``)::
     RUN/summary.json       written when training ends: steps, best step, stopped early, ...
     RUN/best/  RUN/last/   saved editors (``editor_config.json`` + ``editor.safetensors``); last/ also the trainer state
 
-A saved least-squares editor may also hold ``preservation.safetensors`` (the key covariance its solves keep still).
+A saved least-squares editor may also hold ``preservation.safetensors`` (the key covariance its solves keep still) and
+``preservation_texts.json`` (the texts it was made of).
 
 A leaf module: everything that reads or writes these names imports them from here.
 """
@@ -30,6 +31,7 @@ CHECKPOINTS = (BEST, LAST)
 EDITOR_CONFIG = "editor_config.json"  # written by MENDEditor.save_pretrained
 EDITOR_WEIGHTS = "editor.safetensors"
 PRESERVATION_WEIGHTS = "preservation.safetensors"  # a least-squares editor's preservation sample (MENDEditor.set_preservation)
+PRESERVATION_TEXTS = "preservation_texts.json"  # the (prompt, answer) texts of that sample (calibrate writes it beside it)
 SUBJECTS_FILE = "subjects.json"  # the entity pool an editor swaps into its edits' questions (editors/neighbours.py; calibrate writes it)
 
 

@@ -396,7 +396,8 @@ def test_preserve_text_is_the_mean_key_covariance_of_the_sample(tiny_model_dir: 
 
 def test_an_editor_saved_with_a_preservation_sample_solves_as_remembering_it(tiny_model_dir: Path, tmp_path: Path) -> None:
     """set_preservation: every solve holds the sample still, as ``remembering`` a memory with the same sample does; it is
-    saved beside the editor and loaded with it; a memory with its own sample replaces it; a damaged file is named."""
+    saved beside the editor (with its texts) and loaded with it; a memory with its own sample replaces it; a damaged or
+    missing file is named."""
     from instructedit.analysis.many_edits import key_memory
 
     model, tok = load_model(str(tiny_model_dir))
@@ -407,14 +408,15 @@ def test_an_editor_saved_with_a_preservation_sample_solves_as_remembering_it(tin
     memory = key_memory(editor, model, collator, sample, past_weight=0.0, text_weight=50.0)
     with editor.remembering(memory):
         held = editor.edit(model, batch).updates
-    editor.set_preservation(memory, "three pairs")
+    editor.set_preservation(memory, "three pairs", sample)
     for name, update in editor.edit(model, batch).updates.items():
         torch.testing.assert_close(update, held[name])
         assert (update - plain[name]).norm() > 1e-3 * plain[name].norm()  # the sample changed the solve
     editor.save_pretrained(tmp_path / "e")
     loaded = MENDEditor.from_pretrained(tmp_path / "e").eval()
     about = json.loads((tmp_path / "e" / CONFIG_NAME).read_text())["preservation"]
-    assert about == {"weight": 50.0, "tokens": memory.text_tokens, "source": "three pairs"}
+    assert about == {"weight": 50.0, "tokens": memory.text_tokens, "source": "three pairs", "texts": len(sample)}
+    assert loaded.preservation_texts == sample  # what a key memory can hold again (edit --preserve-data editor)
     with_sample = editor_sha256(tmp_path / "e")  # what cached evaluations are keyed on: the sample is part of the editor
     assert with_sample != file_sha256(tmp_path / "e" / "editor.safetensors")
     for name, update in loaded.edit(model, batch).updates.items():
@@ -428,13 +430,23 @@ def test_an_editor_saved_with_a_preservation_sample_solves_as_remembering_it(tin
     for name, update in replaced.items():
         torch.testing.assert_close(update, alone[name])
     editor.set_preservation(None)
+    assert editor.preservation_texts == []
     editor.save_pretrained(tmp_path / "e", extra={"preservation": about})  # a stale entry is not kept
     assert "preservation" not in json.loads((tmp_path / "e" / CONFIG_NAME).read_text())
     assert not (tmp_path / "e" / "preservation.safetensors").exists()
+    assert not (tmp_path / "e" / "preservation_texts.json").exists()
     assert editor_sha256(tmp_path / "e") == file_sha256(tmp_path / "e" / "editor.safetensors") != with_sample
     for name, update in MENDEditor.from_pretrained(tmp_path / "e").eval().edit(model, batch).updates.items():
         torch.testing.assert_close(update, plain[name])
     loaded.save_pretrained(tmp_path / "f")
+    texts = (tmp_path / "f" / "preservation_texts.json").read_text()
+    (tmp_path / "f" / "preservation_texts.json").write_text('{"texts": [["a prompt", 3]]}')
+    with pytest.raises(ValueError, match=r"preservation_texts.json: text 0 is not a \(non-empty prompt, answer\) pair"):
+        MENDEditor.from_pretrained(tmp_path / "f")
+    (tmp_path / "f" / "preservation_texts.json").unlink()
+    with pytest.raises(ValueError, match="names 3 preservation texts but .*preservation_texts.json is missing"):
+        MENDEditor.from_pretrained(tmp_path / "f")
+    (tmp_path / "f" / "preservation_texts.json").write_text(texts)
     (tmp_path / "f" / "preservation.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="names a preservation sample but .*preservation.safetensors cannot be read"):
         MENDEditor.from_pretrained(tmp_path / "f")

@@ -391,6 +391,7 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
         rebuilt = key_memory(source, trainer.model, trainer.data.collator, texts, past_weight=0.0, text_weight=weight)
         assert calibrated.preservation is not None and calibrated.preservation.text_tokens == rebuilt.text_tokens
         assert calibrated.preservation.text_weight == weight
+        assert calibrated.preservation_texts == texts  # saved with it: a key memory can hold them again (--preserve-data editor)
         for weight, covariance in rebuilt.text.items():
             torch.testing.assert_close(calibrated.preservation.text[weight], covariance)
     # a sample from the file the calibration measures leaves out the validation records' own locality prompts
@@ -406,6 +407,7 @@ def test_calibrate_with_a_preservation_sample_saves_it_with_the_editor(tiny_llam
     assert f"({len(kept)} texts, without the {len(sample) - len(kept)} the calibration measures, " in said
     rebuilt = key_memory(source, trainer.model, trainer.data.collator, kept, past_weight=0.0, text_weight=50.0)
     assert MENDEditor.from_pretrained(tmp_path / "same-file").preservation.text_tokens == rebuilt.text_tokens
+    assert MENDEditor.from_pretrained(tmp_path / "same-file").preservation_texts == kept
     # an in-frame sample: the questions of training records asked in the edit forms, held at their own weight beside the sample
     framed_out = tmp_path / "in-frame"
     assert main([*base, "--preserve", "3", "--preserve-weight", "50", "--in-frame-preserve", "4", "--in-frame-weight", "20",

@@ -63,7 +63,7 @@ def test_swapped_questions_draw_other_entities_by_the_prompt(tmp_path: Path) -> 
 
 def _editor_with_sample(model_dir: Path, out: Path, save_tiny_editor: Callable[..., Path]) -> Path:
     """A tiny least-squares editor (identity network, descending) holding a preservation sample of its own at 50 tokens,
-    as ``calibrate --preserve`` saves one, and the subject pool ``POOL``."""
+    as ``calibrate --preserve`` saves one (with its texts), and the subject pool ``POOL``."""
     from instructedit.analysis.many_edits import key_memory
     from instructedit.editors.mend import MENDEditor
     from instructedit.editors.neighbours import save_subjects
@@ -71,7 +71,8 @@ def _editor_with_sample(model_dir: Path, out: Path, save_tiny_editor: Callable[.
     folder = save_tiny_editor(model_dir, out, -5.0, ["editor.aggregation=least_squares"])
     model, tok = load_model(str(model_dir))
     editor = MENDEditor.from_pretrained(folder).eval()
-    editor.set_preservation(key_memory(editor, model, Collator(tok, 64), SAMPLE, past_weight=0.0, text_weight=50.0), "three pairs")
+    editor.set_preservation(key_memory(editor, model, Collator(tok, 64), SAMPLE, past_weight=0.0, text_weight=50.0), "three pairs",
+                            SAMPLE)
     editor.save_pretrained(folder)
     save_subjects(folder, POOL)
     return folder
@@ -302,6 +303,48 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
         caplog.clear()
         assert main([*single, *extra]) == 2
         assert message in caplog.text, (extra, caplog.text)
+
+
+def test_preserve_data_editor_holds_the_editors_own_texts(tiny_llama_dir: Path, tmp_path: Path, save_tiny_editor: Callable[..., Path],
+                                                          capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture) -> None:
+    """--preserve-data editor: the key memory's sample is the texts saved with the editor's own sample, continued as
+    --preserve-answers says (the same covariance as key_memory of those texts), less those the run scores; an editor
+    without saved texts, and --preserve / --preserve-start with it, are refused by name."""
+    import argparse
+
+    from instructedit.analysis.many_edits import key_memory
+    from instructedit.cli import main
+    from instructedit.commands.common import key_memory_from_arguments
+    from instructedit.editors.mend import MENDEditor
+
+    folder = _editor_with_sample(tiny_llama_dir, tmp_path / "ls", save_tiny_editor)
+    model, tok = load_model(str(tiny_llama_dir))
+    editor = MENDEditor.from_pretrained(folder).eval()
+    assert editor.preservation_texts == SAMPLE
+    args = argparse.Namespace(preserve_data="editor", editor=str(folder), past_weight=1.0, preserve_weight=400.0,
+                              preserve_answers="model", preserve_keys="all")
+    memory, n = key_memory_from_arguments(args, editor, model, tok, measured={SAMPLE[1]})
+    expected = key_memory(editor, model, Collator(tok, max_input_length(model)), [SAMPLE[0], SAMPLE[2]], 1.0, 400.0, answers="model")
+    assert n == 2 and memory.text_weight == 400.0 and memory.text_tokens == expected.text_tokens
+    for name, c in expected.text.items():
+        torch.testing.assert_close(memory.text[name], c)
+    other = key_memory(editor, model, Collator(tok, max_input_length(model)), [SAMPLE[0], SAMPLE[2]], 1.0, 400.0, answers="data")
+    assert any(not torch.allclose(memory.text[k], other.text[k]) for k in other.text)  # the model's answers, not the data's
+
+    lines = [json.dumps({"prompt": f"The capital of {s} is", "target": t, "subject": s}) for s, t in (("France", "Rome"), ("Peru", "Oslo"))]
+    (tmp_path / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    sequence = ["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
+                "--neighbours", "2", "--sequential"]
+    assert main([*sequence, "--preserve-data", "editor", "--preserve-answers", "model"]) == 0
+    assert "with a key memory (3 preserved texts; the default with --neighbours" in capsys.readouterr().out
+    assert main([*sequence, "--preserve-data", "editor", "--preserve", "2"]) == 2
+    assert "--preserve: chooses records of a --preserve-data FILE; --preserve-data editor holds every text" in caplog.text
+    editor.set_preservation(editor.preservation, editor.preservation_source)  # as calibrated before texts were saved
+    editor.save_pretrained(folder)
+    assert not (folder / "preservation_texts.json").exists()
+    caplog.clear()
+    assert main([*sequence, "--preserve-data", "editor"]) == 2
+    assert "has no preservation texts saved with it (preservation_texts.json: calibrate --preserve writes them)" in caplog.text
 
 
 def _zsre_file(path: Path, subjects: Sequence[str]) -> Path:

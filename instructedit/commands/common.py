@@ -8,6 +8,7 @@ from typing import Any
 
 from instructedit.config import DEFAULT_MODEL, PRESERVE_ANSWERS, PRESERVE_KEYS
 from instructedit.records import EditRecord
+from instructedit.runs import PRESERVATION_TEXTS
 
 
 
@@ -64,7 +65,8 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
                               measured: set[tuple[str, str]] | None = None) -> tuple[Any, int]:
     """The ``KeyMemory`` that ``--key-memory`` and its options (``check_key_memory_arguments``, already run) ask for, as
     ``edit --sequential`` and ``evaluate --sequential`` build it: earlier edits' keys at ``--past-weight`` and, with
-    ``--preserve-data``, the locality prompts of its records ``--preserve-start``.. as the preservation sample; also the
+    ``--preserve-data``, the locality prompts of its records ``--preserve-start``.. as the preservation sample (``editor``:
+    the texts saved with the editor's own sample, ``MENDEditor.preservation_texts``); also the
     sample's text count. ``editor``: the least-squares editor whose solves hold it. ``measured``: (prompt, answer) texts
     the caller scores locality on; the sample leaves them out (with a warning), since holding them still would flatter
     the score."""
@@ -73,7 +75,13 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
     from instructedit.tasks.collate import Collator
 
     texts: list[tuple[str, str]] = []
-    if args.preserve_data:
+    if args.preserve_data == EDITOR_TEXTS:
+        texts = list(getattr(editor, "preservation_texts", []))
+        if not texts:
+            raise ValueError(f"--preserve-data {EDITOR_TEXTS}: {args.editor} has no preservation texts saved with it "
+                             f"({PRESERVATION_TEXTS}: calibrate --preserve writes them); give --preserve-data FILE")
+        texts = without_measured(texts, measured or set(), f"the preservation texts of {args.editor}", "this run")
+    elif args.preserve_data:
         end = args.preserve_start + args.preserve
         records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][args.preserve_start : end]
         texts = locality_texts(records)
@@ -154,6 +162,7 @@ def aggregation(editor: Any) -> str:
 
 
 PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 1000.0  # the preservation sample's defaults (results/analysis/lifelong-memory-dev/)
+EDITOR_TEXTS = "editor"  # --preserve-data editor: the texts of the editor's own preservation sample (calibrate --preserve)
 
 
 def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: bool = True, also: str = "",
@@ -179,7 +188,8 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
         parser.set_defaults(past_weight=None)
     parser.add_argument("--preserve-data", default=None, metavar="FILE",
                         help="--key-memory: also hold still the keys of a preservation sample, the locality prompts + answers of "
-                             "--preserve records of FILE (a data file of --task's format) from --preserve-start")
+                             "--preserve records of FILE (a data file of --task's format) from --preserve-start; "
+                             f"'{EDITOR_TEXTS}': the texts of the editor's own sample (calibrate --preserve saves them)")
     parser.add_argument("--preserve", type=int, default=None, metavar="N", help=f"records of --preserve-data (default {PRESERVE_RECORDS})")
     parser.add_argument("--preserve-start", type=int, default=None, metavar="K", help="skip the first K records of --preserve-data (default 0)")
     parser.add_argument("--preserve-weight", type=float, default=None, metavar="W",
@@ -217,6 +227,10 @@ def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-mem
     sample = [flag for flag in ("--preserve", "--preserve-start", "--preserve-weight", "--preserve-answers", "--preserve-keys") if flag in given]
     if sample and args.preserve_data is None:
         raise ValueError(f"{', '.join(sample)}: the preservation sample needs --preserve-data FILE")
+    records = [flag for flag in ("--preserve", "--preserve-start") if flag in given]
+    if records and args.preserve_data == EDITOR_TEXTS:
+        raise ValueError(f"{', '.join(records)}: choose{'s' if len(records) == 1 else ''} records of a --preserve-data FILE; "
+                         f"--preserve-data {EDITOR_TEXTS} holds every text of the editor's own sample")
     args.past_weight = 1.0 if args.past_weight is None else args.past_weight
     args.preserve = PRESERVE_RECORDS if args.preserve is None else args.preserve
     args.preserve_start = 0 if args.preserve_start is None else args.preserve_start

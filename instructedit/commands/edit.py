@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_neighbour_arguments,
+    EDITOR_TEXTS, add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_neighbour_arguments,
     add_outlier_argument, add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_by_default,
     key_memory_from_arguments, load_editor_and_model, neighbours_from_arguments, outlier_factor_from_arguments,
 )
@@ -339,7 +339,8 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     rounds = "" if n_rounds == 1 else f", {n_rounds} rounds" if made == n_rounds else \
         f", {made} of {n_rounds} rounds (round {made + 1} raised the edits' loss and was undone)"
     if memory is not None and not args.sequential:
-        rounds += f", holding {n_texts} preserved texts of {args.preserve_data} still, weighted {memory.text_weight:g} (--key-memory)"
+        where = "the editor's own sample" if args.preserve_data == EDITOR_TEXTS else args.preserve_data
+        rounds += f", holding {n_texts} preserved texts of {where} still, weighted {memory.text_weight:g} (--key-memory)"
     elif neighbours is not None:
         rounds += f", holding {neighbours.count} same-relation neighbours per edit still at {neighbours.weight:g} tokens (--neighbours)"
     elif weight is not None:

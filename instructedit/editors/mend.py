@@ -31,7 +31,7 @@ from instructedit.losses import per_row_nll
 from instructedit.models.architectures import ArchSpec, EditableWeight, transposed_of
 from instructedit.models.split import ChunkStates, PrefixState, SplitModel
 from instructedit.records import TokenBatch
-from instructedit.runs import PRESERVATION_WEIGHTS
+from instructedit.runs import PRESERVATION_TEXTS, PRESERVATION_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,30 @@ def _shape_key(weight: EditableWeight) -> str:
     return f"{weight.shape[0]}x{weight.shape[1]}"
 
 
+def read_preservation_texts(directory: str | Path, count: int | None) -> list[tuple[str, str]]:
+    """The (prompt, answer) texts of a saved editor's preservation sample (``PRESERVATION_TEXTS``); none where the folder
+    has no such file and its config names none (``count``: the number it names; editors calibrated before texts were saved
+    name none)."""
+    from instructedit.io import read_json
+
+    path = Path(directory) / PRESERVATION_TEXTS
+    if not path.is_file():
+        if count:
+            raise ValueError(f"{directory} holds an incomplete editor: its {CONFIG_NAME} names {count} preservation texts but "
+                             f"{path} is missing")
+        return []
+    try:
+        texts = [(prompt, answer) for prompt, answer in read_json(path)["texts"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: expected {{\"texts\": [[prompt, answer], ...]}} ({type(e).__name__}: {e})") from None
+    bad = next((i for i, (p, a) in enumerate(texts) if not isinstance(p, str) or not isinstance(a, str) or not p), None)
+    if bad is not None:
+        raise ValueError(f"{path}: text {bad} is not a (non-empty prompt, answer) pair of strings: {texts[bad]!r}")
+    if count is not None and len(texts) != count:
+        raise ValueError(f"{path}: {len(texts)} texts where its {CONFIG_NAME} names {count}")
+    return texts
+
+
 class MENDEditor(LearnedEditor):
     """Turns one forward/backward on an edit example into functional weight updates."""
 
@@ -197,6 +221,9 @@ class MENDEditor(LearnedEditor):
         # (``set_preservation``); a ``remembering`` memory with its own sample replaces it
         self.preservation: KeyMemory | None = None
         self.preservation_source = ""
+        # the sample's (prompt, answer) texts where they were saved with it: a key memory can hold them again, continued
+        # with what the model says (``edit --preserve-data editor``)
+        self.preservation_texts: list[tuple[str, str]] = []
         self._base_inverses: dict[str, tuple[tuple, torch.Tensor | None]] = {}  # weight name -> (what it was made from, B⁻¹)
         # least_squares: weight name -> the shift already made to it since the model was last as it should be kept
         # (storage orientation: earlier rounds of ``apply(anchored=True)``, earlier edits of an anchored sequence); every
@@ -338,9 +365,10 @@ class MENDEditor(LearnedEditor):
             self._base_inverses[name] = cached
         return cached[1]
 
-    def set_preservation(self, memory: KeyMemory | None, source: str = "") -> None:
+    def set_preservation(self, memory: KeyMemory | None, source: str = "", texts: Sequence[tuple[str, str]] = ()) -> None:
         """Make every solve hold ``memory``'s preservation sample still (``key_memory(..., past_weight=0, text_weight=W)``),
-        also after ``save_pretrained`` / ``from_pretrained``; ``source`` says what the sample is. None removes it."""
+        also after ``save_pretrained`` / ``from_pretrained``; ``source`` says what the sample is, ``texts`` the (prompt,
+        answer) texts it was made of (saved too: ``preservation_texts``). None removes it."""
         if memory is not None:
             if self.config.aggregation != "least_squares":
                 raise ValueError(f"a preservation sample needs an editor with editor.aggregation least_squares; this one is {self.config.aggregation!r}")
@@ -350,19 +378,28 @@ class MENDEditor(LearnedEditor):
             if problems:
                 raise ValueError(f"set_preservation takes a memory holding only a preservation sample: {'; '.join(problems)}")
         self.preservation, self.preservation_source = memory, source if memory is not None else ""
+        self.preservation_texts = [(str(p), str(a)) for p, a in texts] if memory is not None else []
         self._base_inverses.clear()
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> Path:
-        """``LearnedEditor.save_pretrained``, plus ``preservation.safetensors`` when the editor holds a preservation sample."""
+        """``LearnedEditor.save_pretrained``, plus ``preservation.safetensors`` (and ``preservation_texts.json``, where it
+        has them) when the editor holds a preservation sample."""
+        from instructedit.io import write_json
+
         directory = Path(directory)
         own = self.preservation
-        if own is None:  # nor a stale file or entry from a folder or config it was loaded from
+        if own is None or not self.preservation_texts:  # nor a stale file or entry from a folder or config it was loaded from
+            (directory / PRESERVATION_TEXTS).unlink(missing_ok=True)
+        if own is None:
             (directory / PRESERVATION_WEIGHTS).unlink(missing_ok=True)
             return super().save_pretrained(directory, {k: v for k, v in (extra or {}).items() if k != "preservation"})
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: c.detach().cpu().contiguous() for name, c in own.text.items()}
         atomic_write(directory / PRESERVATION_WEIGHTS, lambda tmp: save_file(tensors, tmp))
-        about = {"weight": own.text_weight, "tokens": own.text_tokens, "source": self.preservation_source}
+        if self.preservation_texts:
+            write_json(directory / PRESERVATION_TEXTS, {"texts": [list(t) for t in self.preservation_texts]})
+        about = {"weight": own.text_weight, "tokens": own.text_tokens, "source": self.preservation_source,
+                 **({"texts": len(self.preservation_texts)} if self.preservation_texts else {})}
         return super().save_pretrained(directory, (extra or {}) | {"preservation": about})
 
     @classmethod
@@ -380,8 +417,9 @@ class MENDEditor(LearnedEditor):
             raise ValueError(f"{directory} holds an incomplete or corrupt editor: its {CONFIG_NAME} names a preservation sample "
                              f"but {path} cannot be read ({type(e).__name__}: {e})") from None
         memory.text, memory.text_tokens = {name: t.float() for name, t in tensors.items()}, int(about.get("tokens", 0))
+        texts = read_preservation_texts(directory, about.get("texts"))
         try:
-            editor.set_preservation(memory, str(about.get("source", "")))
+            editor.set_preservation(memory, str(about.get("source", "")), texts)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
         logger.info("%s: every edit holds a preservation sample still (weight %g): %s", directory, memory.text_weight, editor.preservation_source)
