@@ -759,6 +759,8 @@ def test_analyze_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: Pa
     assert "add --key-memory" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5"]) == 2
     assert "needs --preserve-data FILE" in caplog.text
+    assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-data", "editor"]) == 2
+    assert "--preserve-data editor: edit and evaluate take it; analyze's sample is a data FILE's locality prompts" in caplog.text
     assert main([*base, "--output", str(tmp_path / "x.json"), "--key-memory", "--preserve-weight", "5", "--preserve-data", str(data),
                  "--preserve-start", "4", "--preserve", "6"]) == 2
     assert "all 6 of its texts are among those the study measures" in caplog.text
@@ -939,7 +941,8 @@ def test_edit_file_sequential_with_a_key_memory(tiny_llama_dir: Path, tmp_path: 
     assert main([*base, "--save", str(tmp_path / "plain")]) == 0
     capsys.readouterr()
     assert main([*base, "--key-memory", "--preserve-data", str(data), "--preserve", "5", "--save", str(tmp_path / "kept")]) == 0
-    assert "one after another (--sequential, with a key memory (5 preserved texts))" in capsys.readouterr().out
+    assert (f"one after another (--sequential, with a key memory (5 preserved texts of {data} continued with the data's answers "
+            "at 1000 tokens))") in capsys.readouterr().out
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain").state_dict()
     kept = AutoModelForCausalLM.from_pretrained(tmp_path / "kept").state_dict()
     assert any(not torch.equal(plain[k], kept[k]) for k in plain)

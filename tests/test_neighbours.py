@@ -159,11 +159,13 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
     edits again holding what they held (bit for bit, or it raises); an edit the draw cannot serve is refused before the first
     edit is made."""
     from instructedit import api
+    from instructedit.analysis.many_edits import key_memory
     from instructedit.api import Edit, load_editor
     from instructedit.editors.aggregation import KeyMemory
     from instructedit.editors.neighbours import Neighbours, swapped_questions
 
     loaded = load_editor(_editor_with_sample(tiny_llama_dir, tmp_path / "ls", save_tiny_editor))
+    texts, loaded.editor.preservation_texts = loaded.editor.preservation_texts, []  # as calibrated before texts were saved
     model, tok = load_model(str(tiny_llama_dir))
     edits = [Edit(prompt=f"The capital of {s} is", target=t, subject=s) for s, t in (("France", "Rome"), ("Peru", "Oslo"))]
     held = [loaded.wrap(e, q) for e in edits for q in swapped_questions(e.prompt, e.subject, POOL, 4)]
@@ -207,13 +209,26 @@ def test_sequential_edits_hold_their_neighbours_and_make_them_again_on_rollback(
         assert any(not torch.allclose(twice[k], v) for k, v in model.state_dict().items())
     remembered, _ = sequence(edits, memory=KeyMemory(past_weight=1.0))
     assert any(not torch.allclose(remembered[k], both[k]) for k in before)
-    # memory="auto" (the default): a sequence with neighbours gets a new key memory (the same weights as KeyMemory() given),
-    # which made.memory hands on to a later call; without neighbours none; memory=None leaves it out
+    # memory="auto" (the default): a sequence with neighbours gets a new key memory (for an editor without saved texts the
+    # same weights as KeyMemory() given), which made.memory hands on to a later call; without neighbours none; memory=None
+    # leaves it out
     with loaded.apply_sequential(model, edits, tok, neighbours=near) as made:
         assert isinstance(made.memory, KeyMemory) and made.memory.calls == 2 and made.memory.past and made.how["key_memory"]
+        assert not made.memory.text and made.how["rounds"] == 2
         assert all(torch.equal(v, both[k]) for k, v in model.state_dict().items())
     with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=KeyMemory()) as made:
         assert all(torch.equal(v, both[k]) for k, v in model.state_dict().items())
+    # an editor with its sample's texts saved: the memory holds them continued with what the model says, at 4000 tokens,
+    # and each edit is made in four rounds: the same weights as that memory given
+    loaded.editor.preservation_texts = texts
+    with loaded.apply_sequential(model, edits, tok, neighbours=near) as made:
+        assert made.memory.text_weight == 4000.0 and made.memory.calls == 2 and made.how["rounds"] == 4
+        sampled = {k: v.clone() for k, v in model.state_dict().items()}
+        assert any(not torch.equal(v, both[k]) for k, v in sampled.items())
+    given = key_memory(loaded.editor, model, Collator(tok, max_input_length(model)), texts, 1.0, 4000.0, answers="model")
+    with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=given) as made:
+        assert made.how["rounds"] == 4  # "auto" with neighbours and a memory holding a sample of its own
+        assert all(torch.equal(v, sampled[k]) for k, v in model.state_dict().items())
     with loaded.apply_sequential(model, edits, tok, neighbours=near, memory=None) as made:
         assert made.memory is None and not made.how["key_memory"]
         assert any(not torch.equal(v, both[k]) for k, v in model.state_dict().items())
@@ -277,11 +292,14 @@ def test_edit_command_holds_neighbours_still(tiny_llama_dir: Path, tmp_path: Pat
     sequence = ["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                 "--neighbours", "2", "--sequential"]
     assert main(sequence) == 0
-    assert ("one after another (--sequential, with a key memory (the default with --neighbours, --no-key-memory leaves it out), "
-            "each edit in 2 rounds, each holding 2 same-relation neighbours still at 1000 tokens (--neighbours), an edit moving a "
-            "weight more than 6x the median change not kept (--outlier-factor auto))") in capsys.readouterr().out
+    assert ("one after another (--sequential, with a key memory (3 preserved texts of the editor's own sample continued with the "
+            "model's answers at 4000 tokens; the default with --neighbours, --no-key-memory leaves it out), each edit in 4 rounds, "
+            "each holding 2 same-relation neighbours still at 1000 tokens (--neighbours), an edit moving a weight more than 6x the "
+            "median change not kept (--outlier-factor auto))") in capsys.readouterr().out
     assert main([*sequence, "--key-memory"]) == 0
-    assert "one after another (--sequential, with a key memory, each edit in 2 rounds" in capsys.readouterr().out
+    assert ("one after another (--sequential, with a key memory (3 preserved texts of the editor's own sample continued with the "
+            "model's answers at 4000 tokens; the default with --neighbours, --preserve-data FILE another), each edit in 4 rounds"
+            ) in capsys.readouterr().out
     assert main([*sequence, "--no-key-memory"]) == 0
     assert "one after another (--sequential, each edit in 2 rounds, each holding 2" in capsys.readouterr().out
     assert main([*sequence, "--no-key-memory", "--preserve-data", str(tmp_path / "edits.jsonl")]) == 2
@@ -336,15 +354,30 @@ def test_preserve_data_editor_holds_the_editors_own_texts(tiny_llama_dir: Path, 
     sequence = ["edit", "--editor", str(folder), "--file", str(tmp_path / "edits.jsonl"), "--device", "cpu", "--max-new-tokens", "3",
                 "--neighbours", "2", "--sequential"]
     assert main([*sequence, "--preserve-data", "editor", "--preserve-answers", "model"]) == 0
-    assert "with a key memory (3 preserved texts; the default with --neighbours" in capsys.readouterr().out
+    assert ("with a key memory (3 preserved texts of the editor's own sample continued with the model's answers at 1000 tokens; "
+            "the default with --neighbours, --no-key-memory leaves it out), each edit in 4 rounds") in capsys.readouterr().out
     assert main([*sequence, "--preserve-data", "editor", "--preserve", "2"]) == 2
     assert "--preserve: chooses records of a --preserve-data FILE; --preserve-data editor holds every text" in caplog.text
+    # --preserve-data none: the memory holds no sample of its own (earlier edits beside the editor's sample), in two rounds
+    assert main([*sequence, "--preserve-data", "none"]) == 0
+    assert ("one after another (--sequential, with a key memory (the default with --neighbours, --no-key-memory leaves it out), "
+            "each edit in 2 rounds") in capsys.readouterr().out
+    none = argparse.Namespace(preserve_data="none", editor=str(folder), past_weight=1.0, preserve_weight=1000.0,
+                              preserve_answers="data", preserve_keys="all")
+    memory, n = key_memory_from_arguments(none, editor, model, tok)
+    assert n == 0 and not memory.text and memory.text_weight == 0.0
+    caplog.clear()
+    assert main([*sequence, "--preserve-data", "none", "--preserve-weight", "10"]) == 2
+    assert "--preserve-weight: shapes a preservation sample, which --preserve-data none leaves out" in caplog.text
     editor.set_preservation(editor.preservation, editor.preservation_source)  # as calibrated before texts were saved
     editor.save_pretrained(folder)
     assert not (folder / "preservation_texts.json").exists()
     caplog.clear()
     assert main([*sequence, "--preserve-data", "editor"]) == 2
     assert "has no preservation texts saved with it (preservation_texts.json: calibrate --preserve writes them)" in caplog.text
+    assert main(sequence) == 0  # by default: a memory beside the editor's own sample, in two rounds
+    assert ("one after another (--sequential, with a key memory (the default with --neighbours, --no-key-memory leaves it out), "
+            "each edit in 2 rounds") in capsys.readouterr().out
 
 
 def _zsre_file(path: Path, subjects: Sequence[str]) -> Path:
@@ -403,17 +436,24 @@ def test_evaluate_asks_same_relation_questions_and_holds_neighbours(tiny_llama_d
         assert not {prompt.replace(subject, s) for s in pool} & probes[prompt]
     assert report.aggregates["zsre"]["gen_post"]["gen_locality_same_relation"].n == 4
 
-    # kept one after another, each edit in two rounds (with neighbours), beside the sequence's key memory (made by default
-    # with --sequential --neighbours)
+    # kept one after another with neighbours, beside the sequence's key memory (made by default with --sequential
+    # --neighbours)
     held.clear()
     assert main([*base, "--limit", "4", "--sequential", "--neighbours", "2", "--subjects", str(tmp_path / "pool.txt"),
                  "--output", str(tmp_path / "sequential.json")]) == 0
     report = load_report_json(tmp_path / "sequential.json")
-    assert report.settings.sequential and report.settings.edit_rounds == 2 and report.settings.neighbours["count"] == 2  # twice 1
+    # the memory holds the editor's own texts continued with the model's answers, and each edit is made in four rounds
+    assert report.settings.sequential and report.settings.edit_rounds == 4 and report.settings.neighbours["count"] == 2
+    assert report.settings.key_memory["text_weight"] == 4000.0 and report.settings.key_memory["text_tokens"] > 0
     assert report.settings.outlier_factor == 6.0  # "auto" with neighbours
     assert report.settings.key_memory["calls_remembered"] == 4 and len(report.sequential) == 3  # after 1, 2 and 4 edits
     assert [p for p, _, _ in held] == [c.answers[0]["question"] for c in report.cases]  # in the sequence's order
     assert len({id(memory) for _, _, memory in held}) == 1 and held[0][2] is not None  # the one key memory, every edit
+    # --preserve-data none: a memory without a sample of its own, and two rounds (twice 1) as without one
+    assert main([*base, "--limit", "2", "--sequential", "--neighbours", "2", "--subjects", str(tmp_path / "pool.txt"),
+                 "--preserve-data", "none", "--output", str(tmp_path / "none.json")]) == 0
+    report = load_report_json(tmp_path / "none.json")
+    assert report.settings.edit_rounds == 2 and report.settings.key_memory["text_weight"] == 0.0
 
     for extra, message in ((["--neighbours", "--key-memory"], "add --sequential"),
                            (["--subjects", str(tmp_path / "pool.txt")], "go with --neighbours"),

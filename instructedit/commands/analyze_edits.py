@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_eval_records, per_editor,
+    EDITOR_TEXTS, NO_TEXTS, add_key_memory_arguments, add_rounds_arguments, aggregation, check_key_memory_arguments, load_eval_records, per_editor,
 )
 from instructedit.config import LS_KEYS, check_edit_forms
 from instructedit.records import TASKS, EditRecord
@@ -220,6 +220,9 @@ def _preservation_texts(args: argparse.Namespace, held_out: list[EditRecord]) ->
     check_key_memory_arguments(args)
     if args.preserve_data is None:
         return []
+    if args.preserve_data in (EDITOR_TEXTS, NO_TEXTS):
+        raise ValueError(f"--preserve-data {args.preserve_data}: edit and evaluate take it; analyze's sample is a data FILE's "
+                         "locality prompts")
     end = args.preserve_start + args.preserve
     records = _records(args, args.preserve_data, end, f"--preserve-start {args.preserve_start} --preserve {args.preserve}")[0][args.preserve_start : end]
     texts = locality_texts(records)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ from instructedit.config import DEFAULT_MODEL, PRESERVE_ANSWERS, PRESERVE_KEYS
 from instructedit.records import EditRecord
 from instructedit.runs import PRESERVATION_TEXTS
 
+logger = logging.getLogger(__name__)
 
 
 def rounds_argument(text: str) -> int | str:
@@ -77,20 +79,41 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
     texts: list[tuple[str, str]] = []
     if args.preserve_data == EDITOR_TEXTS:
         texts = list(getattr(editor, "preservation_texts", []))
+        if not texts and getattr(args, "sample_default", False):  # the default sample, which an older editor lacks
+            from instructedit.editors.aggregation import KeyMemory
+
+            logger.info("%s has no preservation texts saved with it (%s): the key memory holds earlier edits beside its own "
+                        "sample", args.editor, PRESERVATION_TEXTS)
+            return KeyMemory(args.past_weight), 0
         if not texts:
             raise ValueError(f"--preserve-data {EDITOR_TEXTS}: {args.editor} has no preservation texts saved with it "
                              f"({PRESERVATION_TEXTS}: calibrate --preserve writes them); give --preserve-data FILE")
         texts = without_measured(texts, measured or set(), f"the preservation texts of {args.editor}", "this run")
-    elif args.preserve_data:
+    elif args.preserve_data and args.preserve_data != NO_TEXTS:
         end = args.preserve_start + args.preserve
         records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][args.preserve_start : end]
         texts = locality_texts(records)
         if not texts:
             raise ValueError(f"--preserve-data {args.preserve_data}: its records {args.preserve_start}..{end - 1} have no locality prompts")
         texts = without_measured(texts, measured or set(), f"--preserve-data {args.preserve_data}", "this run")
+    bar = None if getattr(args, "no_progress", False) else f"the key memory's sample: the model's answers to {len(texts)} texts"
     memory = key_memory(editor, model, Collator(tokenizer, max_input_length(model)), texts, args.past_weight,
-                        args.preserve_weight if texts else 0.0, answers=args.preserve_answers, keys=args.preserve_keys)
+                        args.preserve_weight if texts else 0.0, answers=args.preserve_answers, keys=args.preserve_keys, progress=bar)
     return memory, len(texts)
+
+
+def saved_texts(editor_dir: str | Path | None) -> int:
+    """How many preservation texts a saved editor folder holds (``editor_config.json``'s ``preservation.texts``; 0 for
+    none, or for a folder that is not here)."""
+    from instructedit.editors.learned import read_editor_config
+
+    if editor_dir is None or not Path(editor_dir).is_dir():
+        return 0
+    try:
+        about = read_editor_config(editor_dir).get("preservation") or {}
+    except (OSError, ValueError):
+        return 0
+    return int(about.get("texts") or 0)
 
 
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:
@@ -163,6 +186,7 @@ def aggregation(editor: Any) -> str:
 
 PRESERVE_RECORDS, PRESERVE_WEIGHT = 400, 1000.0  # the preservation sample's defaults (results/analysis/lifelong-memory-dev/)
 EDITOR_TEXTS = "editor"  # --preserve-data editor: the texts of the editor's own preservation sample (calibrate --preserve)
+NO_TEXTS = "none"  # --preserve-data none: the key memory holds no sample of its own (earlier edits, beside the editor's sample)
 
 
 def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: bool = True, also: str = "",
@@ -173,11 +197,13 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
     ``also``: appended to ``--key-memory``'s help. ``with_neighbours``: the command also takes ``--neighbours``, and
     ``--key-memory`` is on by default for ``--sequential --neighbours`` (``--no-key-memory`` leaves it out;
     ``key_memory_by_default`` decides). ``check_key_memory_arguments`` checks and completes them."""
-    from instructedit.editors.neighbours import SEQUENCE_EVIDENCE
+    from instructedit.editors.neighbours import SEQUENCE_EVIDENCE, SEQUENCE_SAMPLE_ANSWERS, SEQUENCE_SAMPLE_WEIGHT
 
     held = "the keys of the edits made before it" if past else "the keys of a preservation sample (--preserve-data)"
     default = ("; on by default with --sequential --neighbours, which without one broke on CounterFact in some draws "
-               f"({SEQUENCE_EVIDENCE}; --no-key-memory leaves it out)") if with_neighbours else ""
+               f"({SEQUENCE_EVIDENCE}; --no-key-memory leaves it out), and then, with no --preserve-* option, holding the "
+               f"editor's own texts continued with the model's answers (--preserve-data {EDITOR_TEXTS} --preserve-answers "
+               f"{SEQUENCE_SAMPLE_ANSWERS} --preserve-weight {SEQUENCE_SAMPLE_WEIGHT:g})") if with_neighbours else ""
     parser.add_argument("--key-memory", action=argparse.BooleanOptionalAction if with_neighbours else "store_true",
                         default=None if with_neighbours else False,
                         help=f"{'lifelong least-squares editing: ' if past else ''}{what} holds {held} still{also}{default} "
@@ -189,7 +215,8 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
     parser.add_argument("--preserve-data", default=None, metavar="FILE",
                         help="--key-memory: also hold still the keys of a preservation sample, the locality prompts + answers of "
                              "--preserve records of FILE (a data file of --task's format) from --preserve-start; "
-                             f"'{EDITOR_TEXTS}': the texts of the editor's own sample (calibrate --preserve saves them)")
+                             f"'{EDITOR_TEXTS}': the texts of the editor's own sample (calibrate --preserve saves them); "
+                             f"'{NO_TEXTS}': no sample of its own (the earlier edits' keys beside the editor's own sample)")
     parser.add_argument("--preserve", type=int, default=None, metavar="N", help=f"records of --preserve-data (default {PRESERVE_RECORDS})")
     parser.add_argument("--preserve-start", type=int, default=None, metavar="K", help="skip the first K records of --preserve-data (default 0)")
     parser.add_argument("--preserve-weight", type=float, default=None, metavar="W",
@@ -205,10 +232,21 @@ def add_key_memory_arguments(parser: argparse.ArgumentParser, what: str, past: b
 
 def key_memory_by_default(args: argparse.Namespace, sequential: bool) -> None:
     """``--key-memory`` left unsaid (None) decided: on for edits kept one after another with neighbours
-    (``--sequential --neighbours``), off otherwise; ``args.key_memory_default`` says whether it was so decided."""
+    (``--sequential --neighbours``), off otherwise; ``args.key_memory_default`` says whether it was so decided.
+
+    Such a memory with no preservation sample named (no ``--preserve-*`` option) holds the editor's own texts continued
+    with what the model says, as ``apply_sequential(memory="auto")`` does: ``--preserve-data editor --preserve-answers
+    model --preserve-weight 4000``; ``args.sample_default`` says so (an editor without saved texts then holds none:
+    ``key_memory_from_arguments``)."""
+    from instructedit.editors.neighbours import SEQUENCE_SAMPLE_ANSWERS, SEQUENCE_SAMPLE_WEIGHT
+
     args.key_memory_default = args.key_memory is None
     if args.key_memory is None:
         args.key_memory = sequential and args.neighbours is not None
+    named = (args.preserve_data, args.preserve, args.preserve_start, args.preserve_weight, args.preserve_answers, args.preserve_keys)
+    args.sample_default = bool(args.key_memory and sequential and args.neighbours is not None and all(v is None for v in named))
+    if args.sample_default:
+        args.preserve_data, args.preserve_answers, args.preserve_weight = EDITOR_TEXTS, SEQUENCE_SAMPLE_ANSWERS, SEQUENCE_SAMPLE_WEIGHT
 
 
 def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-memory", sequential: bool | None = None) -> None:
@@ -227,6 +265,9 @@ def check_key_memory_arguments(args: argparse.Namespace, needs: str = "--key-mem
     sample = [flag for flag in ("--preserve", "--preserve-start", "--preserve-weight", "--preserve-answers", "--preserve-keys") if flag in given]
     if sample and args.preserve_data is None:
         raise ValueError(f"{', '.join(sample)}: the preservation sample needs --preserve-data FILE")
+    if sample and args.preserve_data == NO_TEXTS:
+        raise ValueError(f"{', '.join(sample)}: shape{'s' if len(sample) == 1 else ''} a preservation sample, which --preserve-data "
+                         f"{NO_TEXTS} leaves out")
     records = [flag for flag in ("--preserve", "--preserve-start") if flag in given]
     if records and args.preserve_data == EDITOR_TEXTS:
         raise ValueError(f"{', '.join(records)}: choose{'s' if len(records) == 1 else ''} records of a --preserve-data FILE; "

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from instructedit.commands.common import (
-    EDITOR_TEXTS, add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_neighbour_arguments,
+    EDITOR_TEXTS, NO_TEXTS, add_answer_stop_argument, add_dtype_argument, add_editor_arguments, add_key_memory_arguments, add_neighbour_arguments,
     add_outlier_argument, add_rounds_arguments, aggregation, check_key_memory_arguments, key_memory_by_default,
     key_memory_from_arguments, load_editor_and_model, neighbours_from_arguments, outlier_factor_from_arguments,
 )
@@ -47,7 +47,8 @@ def add_edit_parser(subparsers: Any) -> None:
     which.add_argument("--file", metavar="EDITS.jsonl", help="many edits, one JSON object a line: prompt, target, optional task, subject, rephrase (or paraphrase)")
     edit.add_argument("--target", help="the new continuation (with --prompt)")
     edit.add_argument("--sequential", action="store_true", help="--file: apply the edits one after another, not in one call")
-    add_rounds_arguments(edit, "--file in one call, or each --sequential edit (there auto is 1, 2 with --neighbours)", "auto")
+    add_rounds_arguments(edit, "--file in one call, or each --sequential edit (there auto is 1, 2 with --neighbours, "
+                        "4 with a key memory holding a preservation sample, as --neighbours makes by default)", "auto")
     add_key_memory_arguments(edit, "--sequential: each edit's solve",
                              also="; a --file in one call (with --preserve-data and --rounds K): the call's solves hold the "
                                   "sample still instead of the editor's own (hundreds of edits keep more unrelated answers)",
@@ -103,7 +104,7 @@ def _check_file_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--sample-weight {args.sample_weight:g}: a positive weight of the editor's preservation sample in the "
                          "one call that makes the edits of a --file, not --sequential")
     if args.key_memory and not args.sequential:  # one call: the memory is a preservation sample its solves hold still
-        if args.preserve_data is None:
+        if args.preserve_data in (None, NO_TEXTS):
             raise ValueError("--key-memory holds earlier edits still while edits are kept one after another: add --sequential; "
                              "or, in one call, a preservation sample: add --preserve-data FILE and --rounds K")
         if args.past_weight is not None:
@@ -320,9 +321,14 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     memory, kept, n_texts = None, "", 0
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
-        notes = [f"{n_texts} preserved texts"] if n_texts else []
+        said = "the model's answers" if args.preserve_answers == "model" else "the data's answers" if args.preserve_answers == "data" else \
+            "the data's and the model's answers"
+        where = "the editor's own sample" if args.preserve_data == EDITOR_TEXTS else args.preserve_data
+        notes = [f"{n_texts} preserved texts of {where} continued with {said} at {memory.text_weight:g} tokens"] if n_texts else []
         if args.key_memory_default:
             notes.append("the default with --neighbours, --no-key-memory leaves it out")
+        elif args.sample_default and n_texts:
+            notes.append("the default with --neighbours, --preserve-data FILE another")
         kept = ", with a key memory" + (f" ({'; '.join(notes)})" if notes else "")
     with (editor.apply_sequential(model, edits, tok, memory=memory, neighbours=neighbours, rounds=args.rounds,
                                   outlier_factor=args.outlier_factor) if args.sequential

@@ -13,13 +13,14 @@ import yaml
 
 from instructedit.api import instruction_setup, query_setup, untrained_queries
 from instructedit.commands.common import (
-    add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, add_outlier_argument, check_key_memory_arguments,
+    EDITOR_TEXTS, NO_TEXTS, add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, add_outlier_argument, check_key_memory_arguments,
     key_memory_by_default, key_memory_from_arguments, load_eval_records, neighbours_from_arguments, outlier_factor_from_arguments,
+    saved_texts,
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
 from instructedit.editors.learned import check_edit_rounds
-from instructedit.editors.neighbours import NEIGHBOUR_ROUNDS
+from instructedit.editors.neighbours import NEIGHBOUR_ROUNDS, SAMPLE_ROUNDS
 from instructedit.evaluation.generation_probes import QUERY_FORMS, check_forms
 from instructedit.evaluation.judge import LLMJudge
 from instructedit.evaluation.metrics import PROTOCOL_CHOICES
@@ -65,7 +66,8 @@ def add_evaluate_parser(subparsers: Any) -> None:
                         "editor_config.json, else wrapped; --sequential: its many_edit_forms, which leave the bare question out)")
     p.add_argument("--edit-rounds", type=int, default=None, metavar="K",
                    help="the rounds each edit is made in, each on the model the earlier ones edited (a learned editor; default: the "
-                        "editor's edit_rounds from its editor_config.json, chosen by calibrate --rounds, else 1; --sequential: 1; --neighbours: twice that)")
+                        "editor's edit_rounds from its editor_config.json, chosen by calibrate --rounds, else 1; --sequential: 1; --neighbours: twice that; "
+                        f"--sequential --neighbours with a key memory holding a preservation sample, the default: {SAMPLE_ROUNDS})")
     p.add_argument("--queries", default=",".join(QUERY_FORMS), metavar="FORMS",
                    help=f"comma-separated forms of the edit prompt the generation protocol asks (default: {','.join(QUERY_FORMS)})")
     p.add_argument("--no-in-frame", action="store_true",
@@ -214,7 +216,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # how the editor was trained to be asked (its editor_config.json, read once); a registry method: no template or stop
     trained = query_setup(editor_path) if editor_path else untrained_queries()
     answer_stop = args.answer_stop or trained["answer_stop"]
-    default_rounds = (1 if args.sequential else trained["edit_rounds"]) * (NEIGHBOUR_ROUNDS if neighbours is not None else 1)
+    # a sequence with neighbours whose key memory holds a sample of its own (by default the editor's saved texts, where it
+    # has them): SAMPLE_ROUNDS, as apply_sequential(rounds="auto")
+    sampled = args.sequential and args.key_memory and args.preserve_data not in (None, NO_TEXTS) and (
+        args.preserve_data != EDITOR_TEXTS or saved_texts(editor_path) > 0)
+    default_rounds = SAMPLE_ROUNDS if neighbours is not None and sampled else \
+        (1 if args.sequential else trained["edit_rounds"]) * (NEIGHBOUR_ROUNDS if neighbours is not None else 1)
     edit_rounds = check_edit_rounds(args.edit_rounds if args.edit_rounds is not None else default_rounds, "--edit-rounds")
     edit_forms = check_edit_forms(args.edit_forms or (trained["many_edit_forms"] if args.sequential else trained["edit_forms"]), "--edit-forms")
     judge = make_judge(args) if args.judge else None

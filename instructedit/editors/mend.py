@@ -446,9 +446,10 @@ class MENDEditor(LearnedEditor):
         sums: dict[str, torch.Tensor] = {}
         tokens = 0
         device = self.edit_lrs.device
+        body = getattr(model, "base_model", model)  # the layers alone: the keys are their inputs, the logits not needed
         with capture_factors(model, self.weights) as capture:
             for batch in batches:
-                model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+                body(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
                 keep = (batch.attention_mask.bool() if positions == "all" else batch.label_mask).reshape(-1)
                 for w in self.weights:
                     keys = capture.inputs[w.name].reshape(-1, capture.inputs[w.name].shape[-1])[keep].to(device, torch.float32)

@@ -38,6 +38,12 @@ NEIGHBOUR_ROUNDS = 2  # rounds="auto" with neighbours: this many times the edito
 LONG_SEQUENCE = 16
 SEQUENCE_EVIDENCE = "64 edits, after all 64: 5-8 %% said in two draws of four, 69-77 %% with a memory in three of three; " \
     "results/analysis/in-frame-locality/sequential/neighbours/draws/"
+# a sequence with neighbours whose key memory is made for it (apply_sequential(memory="auto"), edit/evaluate --sequential
+# --neighbours) holds the texts of the editor's own preservation sample (calibrate --preserve saves them) continued with
+# what the unedited model says, counted as this many tokens (results/analysis/in-frame-locality/sequential/neighbours/preservation/)
+SEQUENCE_SAMPLE_WEIGHT = 4000.0
+SEQUENCE_SAMPLE_ANSWERS = "model"
+SAMPLE_ROUNDS = 4  # rounds="auto" for a sequence with neighbours whose memory holds a preservation sample of its own
 
 
 @dataclass(frozen=True)
