@@ -34,9 +34,19 @@ rerun = draws.rerun  # its per-run summary and print_group, the same numbers for
 GROUPS = (("CounterFact test 0-63", "cf-none", "cf-memory-r2n-o6",
            ("cf-mem-r2n-pcf1000", "cf-mem-r2n-pcf4000", "cf-mem-r2n-pcf1000-model", "cf-mem-r2n-pcf4000-model",
             "cf-mem-r2n-pcf4000-both", "cf-mem-r2n-pcf4000-model-s1", "cf-mem-r2n-prome4000-model", "cf-mem-r4n-pcf4000-model",
-            "cf-mem-r4n-pcf4000-model-s1", "cf-mem-r4n-pcf4000-model-s2")),
-          ("CounterFact validation 0-63", "val-none", "val-memory-r2n-o6", ("val-mem-r2n-pcf4000-model", "val-mem-r4n-pcf4000-model")),
-          ("ZsRE held-out 0-63", "zsre-none", "zsre-memory-r2n", ("zsre-mem-r2n-pzsre4000-model", "zsre-mem-r4n-pzsre4000-model")))
+            "cf-mem-r4n-pcf4000-model-s1", "cf-mem-r4n-pcf4000-model-s2", "cf-mem-r4n-peditor4000-model",
+            "cf-mem-r4n-peditor4000-model-s1")),
+          ("CounterFact validation 0-63", "val-none", "val-memory-r2n-o6", ("val-mem-r2n-pcf4000-model", "val-mem-r4n-pcf4000-model",
+                                                                                       "val-mem-default")),
+          ("ZsRE held-out 0-63", "zsre-none", "zsre-memory-r2n", ("zsre-mem-r2n-pzsre4000-model", "zsre-mem-r4n-pzsre4000-model",
+                                                          "zsre-mem-r4n-peditor4000-model", "zsre-mem-default-s1")))
+
+
+# runs on another draw of the neighbours (--neighbour-seed S) -> the no-sample run of the same draw (../draws/), which they
+# are also paired against (the group's no-sample run is seed 0's)
+SAME_DRAW = {"cf-mem-r2n-pcf4000-model-s1": "cf-memory-r2n-s1", "cf-mem-r4n-pcf4000-model-s1": "cf-memory-r2n-s1",
+             "cf-mem-r4n-pcf4000-model-s2": "cf-memory-r2n-s2", "cf-mem-r4n-peditor4000-model-s1": "cf-memory-r2n-s1",
+             "zsre-mem-default-s1": "zsre-memory-r2n-s1"}
 
 
 def report(name: str) -> dict | None:
@@ -74,11 +84,18 @@ def main() -> None:
                 "after_all_paired": paired_point(none, run, labels=("none", name), difference="difference"),
                 "after_all_paired_vs_no_sample": paired_point(without_sample, run, labels=(beside, name), difference="difference"),
                 "answer_kinds": answer_kinds(run)}
+            if name in SAME_DRAW:
+                group[name]["same_draw_no_sample"] = SAME_DRAW[name]
+                group[name]["after_all_paired_vs_same_draw"] = paired_point(report(SAME_DRAW[name]), run, labels=(SAME_DRAW[name], name),
+                                                                            difference="difference")
         rerun.print_group(sample, len(none["cases"]), {k: v for k, v in group.items() if k != beside} | {beside: group[beside]})
         for name, s in group.items():
             if "after_all_paired_vs_no_sample" in s:
                 print(f"  {name} against {beside}:")
                 print("\n".join(f"      {line}" for line in paired_lines(s["after_all_paired_vs_no_sample"], (beside, name))))
+            if "after_all_paired_vs_same_draw" in s:
+                print(f"  {name} against {s['same_draw_no_sample']} (the same draw):")
+                print("\n".join(f"      {line}" for line in paired_lines(s["after_all_paired_vs_same_draw"], (s["same_draw_no_sample"], name))))
         for name, s in group.items():
             print(f"  right after, unrelated answers kept by kind, {name}: "
                   + "; ".join(f"{kind} {v['kept']}/{v['n']}" for kind, v in s["answer_kinds"].items()))
