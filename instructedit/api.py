@@ -393,6 +393,14 @@ def holds_sample(memory: KeyMemory | None) -> bool:
     return memory is not None and memory.text_weight > 0 and bool(memory.text)
 
 
+def sequence_rounds(neighbours: bool, memory: KeyMemory | None) -> int:
+    """``apply_sequential(rounds="auto")``: one round per edit; with neighbours ``NEIGHBOUR_ROUNDS``, or ``SAMPLE_ROUNDS``
+    where the memory holds a sample of its own (``evaluate --sequential`` decides its default so too)."""
+    if not neighbours:
+        return 1
+    return SAMPLE_ROUNDS if holds_sample(memory) else NEIGHBOUR_ROUNDS
+
+
 class InstructEditor:
     """An editor plus the task instruction its edit prompts are wrapped in (``instruction`` None: no wrapping).
 
@@ -670,9 +678,7 @@ class InstructEditor:
                            + SEQUENCE_EVIDENCE, len(edits))
         scale = many_edit_step_scale(editor, self.many_edit_scale)  # many edits: at the one-round step sizes
         handles: list[EditHandle] = []  # editors that add hooks or modules: one handle per edit
-        if rounds == AUTO_ROUNDS:
-            rounds = (SAMPLE_ROUNDS if holds_sample(memory) else NEIGHBOUR_ROUNDS) if neighbours is not None else 1
-        rounds = check_edit_rounds(rounds, "rounds")
+        rounds = check_edit_rounds(sequence_rounds(neighbours is not None, memory) if rounds == AUTO_ROUNDS else rounds, "rounds")
         check_rounds(editor, rounds)
         weights = SequentialWeightEdits(model, editor, scale, memory, rounds)
         refused: list[int] = []

@@ -79,16 +79,14 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
     texts: list[tuple[str, str]] = []
     if args.preserve_data == EDITOR_TEXTS:
         texts = list(getattr(editor, "preservation_texts", []))
-        if not texts and getattr(args, "sample_default", False):  # the default sample, which an older editor lacks
-            from instructedit.editors.aggregation import KeyMemory
-
-            logger.info("%s has no preservation texts saved with it (%s): the key memory holds earlier edits beside its own "
-                        "sample", args.editor, PRESERVATION_TEXTS)
-            return KeyMemory(args.past_weight), 0
-        if not texts:
+        if not texts and not getattr(args, "sample_default", False):
             raise ValueError(f"--preserve-data {EDITOR_TEXTS}: {args.editor} has no preservation texts saved with it "
                              f"({PRESERVATION_TEXTS}: calibrate --preserve writes them); give --preserve-data FILE")
-        texts = without_measured(texts, measured or set(), f"the preservation texts of {args.editor}", "this run")
+        if texts:
+            texts = without_measured(texts, measured or set(), f"the preservation texts of {args.editor}", "this run")
+        else:  # the default sample, which an older editor lacks: the memory holds no sample of its own
+            logger.info("%s has no preservation texts saved with it (%s): the key memory holds earlier edits beside its own "
+                        "sample", args.editor, PRESERVATION_TEXTS)
     elif args.preserve_data and args.preserve_data != NO_TEXTS:
         end = args.preserve_start + args.preserve
         records = load_eval_records(args.task, args.preserve_data, None, "test", 0)[0][args.preserve_start : end]
@@ -100,20 +98,6 @@ def key_memory_from_arguments(args: argparse.Namespace, editor: Any, model: Any,
     memory = key_memory(editor, model, Collator(tokenizer, max_input_length(model)), texts, args.past_weight,
                         args.preserve_weight if texts else 0.0, answers=args.preserve_answers, keys=args.preserve_keys, progress=bar)
     return memory, len(texts)
-
-
-def saved_texts(editor_dir: str | Path | None) -> int:
-    """How many preservation texts a saved editor folder holds (``editor_config.json``'s ``preservation.texts``; 0 for
-    none, or for a folder that is not here)."""
-    from instructedit.editors.learned import read_editor_config
-
-    if editor_dir is None or not Path(editor_dir).is_dir():
-        return 0
-    try:
-        about = read_editor_config(editor_dir).get("preservation") or {}
-    except (OSError, ValueError):
-        return 0
-    return int(about.get("texts") or 0)
 
 
 def add_editor_arguments(parser: argparse.ArgumentParser) -> None:

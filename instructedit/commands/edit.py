@@ -319,11 +319,11 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     others = _ask_forms(editor, tok, edits, args.ask, max_input_length(model), args.max_new_tokens)
     before, asked_before = snapshot(model), _ask_answers(model, tok, others, args.max_new_tokens)
     memory, kept, n_texts = None, "", 0
+    where = "the editor's own sample" if args.preserve_data == EDITOR_TEXTS else args.preserve_data  # the memory's sample
     if args.key_memory:
         memory, n_texts = key_memory_from_arguments(args, editor.editor_for(model, tok), model, tok)
         said = "the model's answers" if args.preserve_answers == "model" else "the data's answers" if args.preserve_answers == "data" else \
             "the data's and the model's answers"
-        where = "the editor's own sample" if args.preserve_data == EDITOR_TEXTS else args.preserve_data
         notes = [f"{n_texts} preserved texts of {where} continued with {said} at {memory.text_weight:g} tokens"] if n_texts else []
         if args.key_memory_default:
             notes.append("the default with --neighbours, --no-key-memory leaves it out")
@@ -345,7 +345,6 @@ def _edit_many(args: argparse.Namespace, numbered: list[tuple[int, Any]], editor
     rounds = "" if n_rounds == 1 else f", {n_rounds} rounds" if made == n_rounds else \
         f", {made} of {n_rounds} rounds (round {made + 1} raised the edits' loss and was undone)"
     if memory is not None and not args.sequential:
-        where = "the editor's own sample" if args.preserve_data == EDITOR_TEXTS else args.preserve_data
         rounds += f", holding {n_texts} preserved texts of {where} still, weighted {memory.text_weight:g} (--key-memory)"
     elif neighbours is not None:
         rounds += f", holding {neighbours.count} same-relation neighbours per edit still at {neighbours.weight:g} tokens (--neighbours)"

@@ -11,11 +11,10 @@ from typing import Any
 import torch
 import yaml
 
-from instructedit.api import instruction_setup, query_setup, untrained_queries
+from instructedit.api import instruction_setup, query_setup, sequence_rounds, untrained_queries
 from instructedit.commands.common import (
-    EDITOR_TEXTS, NO_TEXTS, add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, add_outlier_argument, check_key_memory_arguments,
+    add_dtype_argument, add_key_memory_arguments, add_neighbour_arguments, add_outlier_argument, check_key_memory_arguments,
     key_memory_by_default, key_memory_from_arguments, load_eval_records, neighbours_from_arguments, outlier_factor_from_arguments,
-    saved_texts,
 )
 from instructedit.config import DEFAULT_MODEL, YAMLLoader
 from instructedit.editors.card import editor_model_name
@@ -216,13 +215,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     # how the editor was trained to be asked (its editor_config.json, read once); a registry method: no template or stop
     trained = query_setup(editor_path) if editor_path else untrained_queries()
     answer_stop = args.answer_stop or trained["answer_stop"]
-    # a sequence with neighbours whose key memory holds a sample of its own (by default the editor's saved texts, where it
-    # has them): SAMPLE_ROUNDS, as apply_sequential(rounds="auto")
-    sampled = args.sequential and args.key_memory and args.preserve_data not in (None, NO_TEXTS) and (
-        args.preserve_data != EDITOR_TEXTS or saved_texts(editor_path) > 0)
-    default_rounds = SAMPLE_ROUNDS if neighbours is not None and sampled else \
-        (1 if args.sequential else trained["edit_rounds"]) * (NEIGHBOUR_ROUNDS if neighbours is not None else 1)
-    edit_rounds = check_edit_rounds(args.edit_rounds if args.edit_rounds is not None else default_rounds, "--edit-rounds")
+    # unsaid, decided once the key memory is made (a sequence's rounds depend on whether it holds a sample of its own)
+    edit_rounds = check_edit_rounds(args.edit_rounds, "--edit-rounds") if args.edit_rounds is not None else None
     edit_forms = check_edit_forms(args.edit_forms or (trained["many_edit_forms"] if args.sequential else trained["edit_forms"]), "--edit-forms")
     judge = make_judge(args) if args.judge else None
     pool = InstructionPool.from_file(args.instruction_pool) if args.instruction_pool else InstructionPool.default()
@@ -253,6 +247,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.key_memory:  # the sample leaves out the locality prompts this run scores
         measured = {(q.prompt, q.answer) for r in records for q in r.locality}
         memory = key_memory_from_arguments(args, editor, model, tokenizer, measured)[0]
+    if edit_rounds is None:  # as apply_sequential(rounds="auto") decides, or twice the calibrated rounds with neighbours
+        edit_rounds = sequence_rounds(neighbours is not None, memory) if args.sequential else \
+            trained["edit_rounds"] * (NEIGHBOUR_ROUNDS if neighbours is not None else 1)
     weights = Path(editor_path) / EDITOR_WEIGHTS if editor_path else None
     settings = EvalSettings(
         instruction_reason=why,
